@@ -1,0 +1,141 @@
+"""Command line: `mnemosyne generate ...` (and, later, `serve` and `bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.errors import MnemosyneError
+from mnemosyne.sampling_params import SamplingParams
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineArgs()
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb)
+    g.add_argument("--seed", type=int, default=d.seed, help="engine seed (model init RNG)")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model,
+        dtype=ns.dtype,
+        device=ns.device,
+        max_model_len=ns.max_model_len,
+        block_size=ns.block_size,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_num_seqs=ns.max_num_seqs,
+        chunk_size=ns.chunk_size,
+        kv_cache_memory_gb=ns.kv_cache_memory_gb,
+        seed=ns.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnemosyne", description="Exact long-context LLM inference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: a short greeting)")
+    src.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
+    )
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--no-progress", action="store_true", help="hide the prefill progress bar")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _read_prompt(ns: argparse.Namespace) -> str:
+    if ns.prompt_file == "-":
+        return sys.stdin.read()
+    if ns.prompt_file:
+        with open(ns.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    return ns.prompt if ns.prompt is not None else "Hello! Tell me about the Greek goddess Mnemosyne."
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from mnemosyne.engine.llm_engine import LLMEngine
+    from mnemosyne.llm import LLM
+
+    params = SamplingParams(
+        max_tokens=ns.max_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        min_p=ns.min_p,
+        seed=ns.sampling_seed,
+        stop=ns.stop,
+        ignore_eos=ns.ignore_eos,
+    )
+    engine = LLMEngine.from_args(engine_args_from(ns))
+    text = _read_prompt(ns)
+    prompt: str | list[int] = text
+    if ns.chat:
+        llm = LLM.__new__(LLM)
+        llm.engine = engine
+        prompt = llm.apply_chat_template([{"role": "user", "content": text}])
+    request_id = engine.add_request(prompt, params)
+    bar = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != request_id:
+                continue
+            num_prompt = len(out.prompt_token_ids)
+            if (
+                bar is None
+                and not ns.no_progress
+                and not out.token_ids
+                and out.num_computed_tokens < num_prompt
+            ):
+                bar = tqdm(total=num_prompt, unit="tok", desc="prefill", file=sys.stderr, leave=False)
+            if bar is not None:
+                bar.update(min(out.num_computed_tokens, num_prompt) - bar.n)
+                if out.token_ids:
+                    bar.close()
+                    bar = None
+            if out.delta_text:
+                sys.stdout.write(out.delta_text)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except MnemosyneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Typed, frozen configuration objects.
+
+Every component receives only the config it needs. `EngineConfig` bundles them
+for the engine; nothing reads a global.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mnemosyne.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind` is one of "default", "linear", "llama3"."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a Llama-family decoder, parsed from an HF config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 always; others with attention_bias
+    o_bias: bool  # attention_bias on Llama/Mistral/Qwen3 also biases o_proj
+    qk_norm: bool  # Qwen3
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict, dtype: torch.dtype) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {arch!r} (model_type={cfg.get('model_type')!r}); "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        sliding = cfg.get("sliding_window")
+        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(_rope_theta(cfg)),
+            rope_scaling=_parse_rope_scaling(cfg),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias")),
+            o_bias=arch != "Qwen2ForCausalLM" and bool(cfg.get("attention_bias")),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"model directory {model_dir} has no config.json")
+        return cls.from_hf_dict(json.loads(path.read_text()), dtype)
+
+
+def _rope_params(cfg: dict) -> dict:
+    # transformers 5 moved rope settings into `rope_parameters`; 4.x used `rope_scaling`.
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+
+
+def _rope_theta(cfg: dict) -> float:
+    return cfg.get("rope_theta") or _rope_params(cfg).get("rope_theta") or 10000.0
+
+
+def _parse_rope_scaling(cfg: dict) -> RopeScaling:
+    rs = _rope_params(cfg)
+    kind = rs.get("rope_type") or rs.get("type") or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise ConfigError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+    if kind == "default":
+        return RopeScaling()
+    return RopeScaling(
+        kind=kind,
+        factor=float(rs.get("factor", 1.0)),
+        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache geometry.
+
+    `num_blocks_per_group[g]` is the block count of KVP group g's pool (one group
+    until the parallel runtime lands). `max_tokens_per_kvp_group` bounds how many
+    tokens of one request a group holds before the next group is onboarded.
+    """
+
+    block_size: int
+    num_blocks_per_group: tuple[int, ...]
+    max_tokens_per_kvp_group: int | None = None
+
+    @property
+    def num_kvp_groups(self) -> int:
+        return len(self.num_blocks_per_group)
+
+    @property
+    def total_num_blocks(self) -> int:
+        return sum(self.num_blocks_per_group)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_model_len: int
+    max_num_batched_tokens: int
+    max_num_seqs: int = 256
+    chunk_size: int | None = None  # None: whole remaining prompt, within the token budget
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    spp: int = 1
+    kvp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.spp * self.kvp
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "cpu"
+    seed: int = 0

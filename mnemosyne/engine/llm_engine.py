@@ -1,0 +1,186 @@
+"""The engine: add requests, step, abort. One step is schedule -> execute -> process.
+
+Request lifecycle::
+
+    add_request ──validate──> WAITING ──schedule──> RUNNING ──┬─ eos / stop ids / stop string ─> FINISHED_STOPPED
+         │ (bad input:              ^                │        ├─ max_tokens / max_model_len ───> FINISHED_LENGTH
+         │  InvalidRequestError,    └── preempted ───┘        └─ abort ────────────────────────> FINISHED_ABORTED
+         │  nothing enqueued)         (KV freed, recomputed later)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.chunking import FixedChunkPolicy
+from mnemosyne.engine.detokenizer import IncrementalDetokenizer
+from mnemosyne.engine.scheduler import Scheduler
+from mnemosyne.engine.scheduler_output import SchedulerOutput
+from mnemosyne.errors import InvalidRequestError
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.layers.attention.reference import TorchReferenceBackend
+from mnemosyne.models.loader import load_model
+from mnemosyne.outputs import RequestOutput, RequestTiming
+from mnemosyne.request import Request, RequestStatus
+from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+
+def load_tokenizer(model_dir: str | Path):  # -> PreTrainedTokenizerBase | None
+    """The HF tokenizer of a model directory, or None when it ships none."""
+    path = Path(model_dir)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.kv_manager = KVCacheManager(config.cache)
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_manager, FixedChunkPolicy(config.scheduler.chunk_size)
+        )
+        torch.manual_seed(config.seed)
+        model = load_model(config.model_dir, config.model, TorchReferenceBackend(), config.device)
+        self.runner = ModelRunner(model, config.model, config.cache, config.device)
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> LLMEngine:
+        config = args.create_engine_config()
+        return cls(config, load_tokenizer(config.model_dir))
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass prompt token ids")
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validate and enqueue. Raises InvalidRequestError (nothing enqueued) on bad input."""
+        params = params or SamplingParams()
+        params.validate()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        vocab = self.config.model.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        eos = () if params.ignore_eos else self.config.model.eos_token_ids
+        if self.tokenizer is not None and not params.ignore_eos and self.tokenizer.eos_token_id is not None:
+            eos = tuple(dict.fromkeys((*eos, self.tokenizer.eos_token_id)))
+        req = Request(request_id, token_ids, params, eos_token_ids=eos)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        self.scheduler.add_request(req)  # raises on over-long / empty prompts
+        self._requests[request_id] = req
+        self._prompts[request_id] = prompt if isinstance(prompt, str) else None
+        self._generators[request_id] = self._make_generator(params)
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer.for_prompt(
+                self.tokenizer, token_ids, params.skip_special_tokens, params.stop
+            )
+        return request_id
+
+    def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.greedy or params.seed is None:
+            return None
+        return torch.Generator(device=self.config.device).manual_seed(params.seed)
+
+    def abort(self, request_id: str) -> None:
+        req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        if req is not None:
+            self._forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the step ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        pieces = [self.kv_manager.pieces(c.request.request_id) for c in sched.chunks]
+        result = self.runner.execute(sched, pieces, self._generators)
+        return self._process(sched, result)
+
+    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        now = time.monotonic()
+        for request_id, (first_pos, entries) in result.prompt_logprobs.items():
+            req = self._requests[request_id]
+            req.prompt_logprobs.extend(entries)
+            req.num_prompt_logprobs_done = first_pos + len(entries)
+        for request_id, lp in result.logprobs.items():
+            self._requests[request_id].logprobs.append(lp)
+        self.scheduler.update_from_output(sched, result.sampled_token_ids)
+
+        outputs: list[RequestOutput] = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            new_ids: list[int] = []
+            if chunk.sample and req.request_id in result.sampled_token_ids:
+                new_ids = [req.output_token_ids[-1]]
+                req.token_times.append(now)
+                req.first_token_time = req.first_token_time or now
+                detok = self._detok.get(req.request_id)
+                if detok is not None and detok.add_token(new_ids[0]) and not req.status.finished:
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(self._make_output(req, new_ids, now))
+            if req.status.finished:
+                self._forget(req.request_id)
+        return outputs
+
+    def _make_output(self, req: Request, new_ids: list[int], now: float) -> RequestOutput:
+        finished = req.status.finished
+        detok = self._detok.get(req.request_id)
+        params = req.sampling_params
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=self._prompts.get(req.request_id),
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=detok.text if detok is not None else "",
+            finished=finished,
+            finish_reason=req.status.finish_reason,
+            logprobs=list(req.logprobs) if params.logprobs is not None else None,
+            prompt_logprobs=list(req.prompt_logprobs) if params.prompt_logprobs is not None else None,
+            timing=RequestTiming(
+                arrival_time=req.arrival_time,
+                first_token_time=req.first_token_time,
+                token_times=list(req.token_times),
+                finished_time=now if finished else None,
+            ),
+            delta_text=detok.take_delta(finished) if detok is not None else "",
+            delta_token_ids=new_ids,
+            num_preemptions=req.num_preemptions,
+            num_computed_tokens=req.num_computed_tokens,
+        )
+
+    def _forget(self, request_id: str) -> None:
+        for table in (self._requests, self._detok, self._generators, self._prompts):
+            table.pop(request_id, None)

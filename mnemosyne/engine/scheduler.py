@@ -1,0 +1,254 @@
+"""Token-budget scheduler (vLLM-v1 / Sarathi-Serve style): no prefill or decode phases.
+
+One step, with budget = max_num_batched_tokens::
+
+    running, by priority
+      (a) decodes first   (num_tokens - num_computed_tokens == 1)
+      (b) partial prefills
+          allocation fails -> preempt the lowest-priority running request not yet
+          scheduled this step (possibly the failing one itself) and retry
+    waiting, by priority  (skipped if anything was preempted this step)
+      (c) admit while budget > 0 and len(running) < max_num_seqs; stop at the first
+          one the KV cache cannot take (new arrivals never preempt)
+
+    for each request:  n = chunk_policy.chunk_size(req, num_pending, budget_left)
+                       n = min(n, kv.max_chunk_tokens(id, num_dispatched))   # never straddle a group
+                       kv.allocate_slots(id, num_dispatched + n)
+                       chunk = [num_dispatched, num_dispatched + n), sample iff it reaches num_tokens
+                       num_dispatched += n; budget -= n
+
+`update_from_output` then sets num_computed_tokens = chunk.end, appends the sampled
+token of every sampling chunk and applies the stop rules.
+
+Invariants between calls:
+    * every known request is in exactly one of waiting / running; finished ones are
+      dropped (the caller keeps the Request object);
+    * waiting requests hold no KV and have num_computed == num_dispatched == 0
+      (preemption frees the KV and resets both);
+    * running requests hold slots for [0, num_dispatched_tokens) in the KV manager;
+    * num_computed_tokens <= num_dispatched_tokens <= num_tokens;
+    * per step: a request appears at most once, sum of chunk sizes <= budget,
+      len(running) <= max_num_seqs.
+Preemption is by recompute: output_token_ids are kept and recomputed as part of
+the prompt on readmission.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+
+from mnemosyne.config import SchedulerConfig
+from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
+from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
+from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from mnemosyne.errors import InvalidRequestError
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        chunk_policy: ChunkPolicy | None = None,
+        priority: PriorityPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kv_manager = kv_manager
+        self.chunk_policy: ChunkPolicy = chunk_policy or FixedChunkPolicy(config.chunk_size)
+        self.priority: PriorityPolicy = priority or FCFSPriority()
+        self._clock = clock
+        self._requests: dict[str, Request] = {}
+        self._waiting: dict[str, Request] = {}  # insertion-ordered; sorted by priority each step
+        self._running: dict[str, Request] = {}
+        self._admission_seq: dict[str, int] = {}
+        self._seq_counter = itertools.count()
+        self._num_preemptions = 0
+
+    # ---- requests in ------------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Validate and enqueue as WAITING; raises InvalidRequestError if it can never be served."""
+        p, m = req.num_prompt_tokens, req.sampling_params.max_tokens
+        if p == 0:
+            raise InvalidRequestError(f"request {req.request_id!r}: prompt is empty (0 tokens, need >= 1)")
+        total = p + m
+        if total > self.config.max_model_len:
+            raise InvalidRequestError(
+                f"request {req.request_id!r}: prompt ({p} tokens) + max_tokens ({m}) = {total} "
+                f"exceeds max_model_len ({self.config.max_model_len})"
+            )
+        capacity = self.kv_manager.capacity_tokens_per_request
+        if total > capacity:
+            raise InvalidRequestError(
+                f"request {req.request_id!r}: prompt ({p} tokens) + max_tokens ({m}) = {total} "
+                f"exceeds the KV cache capacity for one request ({capacity} tokens)"
+            )
+        if req.request_id in self._requests:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        req.status = RequestStatus.WAITING
+        self._requests[req.request_id] = req
+        self._waiting[req.request_id] = req
+        self._admission_seq[req.request_id] = next(self._seq_counter)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        scheduled: set[str] = set()
+        budget = self.config.max_num_batched_tokens
+        now = self._clock()
+
+        running = self._sorted(self._running.values(), now)
+        decodes = [r for r in running if not r.is_prefill]
+        prefills = [r for r in running if r.is_prefill]
+        for req in decodes + prefills:
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING or req.num_pending_tokens == 0:
+                continue  # preempted earlier in this step, or its last chunk is still in flight
+            while True:
+                n = self._chunk_len(req, budget)
+                if n == 0:
+                    break
+                if self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
+                    budget -= self._emit(out, scheduled, req, n)
+                    break
+                victim = self._lowest_priority_unscheduled(scheduled, now)
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+
+        if not out.preempted_ids:
+            for req in self._sorted(self._waiting.values(), now):
+                if budget <= 0 or len(self._running) >= self.config.max_num_seqs:
+                    break
+                n = self._chunk_len(req, budget)
+                if n == 0:
+                    continue
+                if not self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
+                    break
+                del self._waiting[req.request_id]
+                self._running[req.request_id] = req
+                budget -= self._emit(out, scheduled, req, n)
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Record a finished step; returns the requests that finished in this call.
+
+        A chunk is applied only if its request is still RUNNING here and the chunk
+        continues its computed prefix (start == num_computed_tokens); chunks of
+        requests finished, aborted or preempted since scheduling are dropped.
+        """
+        finished: list[Request] = []
+        for chunk in out.chunks:
+            req = chunk.request
+            rid = req.request_id
+            if self._running.get(rid) is not req or chunk.start != req.num_computed_tokens:
+                continue
+            if chunk.sample and rid not in sampled_token_ids:
+                raise KeyError(f"no sampled token for request {rid!r}, whose chunk ends at {chunk.end}")
+            req.num_computed_tokens = chunk.end
+            if not chunk.sample:
+                continue
+            token = sampled_token_ids[rid]
+            req.output_token_ids.append(token)
+            status = self._stop_status(req, token)
+            if status is not None:
+                self._finish(req, status)
+                finished.append(req)
+        return finished
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish from outside (abort, stop string): frees its KV. Unknown ids return None."""
+        if not status.finished:
+            raise ValueError(f"finish_request needs a finished status, got {status}")
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, status)
+        return req
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._num_preemptions
+
+    def get_request(self, request_id: str) -> Request | None:
+        """A waiting or running request; None once finished or if unknown."""
+        return self._requests.get(request_id)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _sorted(self, reqs: Iterable[Request], now: float) -> list[Request]:
+        return sorted(reqs, key=lambda r: (*self.priority.key(r, now), self._admission_seq[r.request_id]))
+
+    def _chunk_len(self, req: Request, budget: int) -> int:
+        n = self.chunk_policy.chunk_size(req, req.num_pending_tokens, budget)
+        n = max(0, min(n, req.num_pending_tokens, budget))
+        limit = self.kv_manager.max_chunk_tokens(req.request_id, req.num_dispatched_tokens)
+        if limit is not None:
+            n = min(n, limit)
+        return n
+
+    def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:
+        start = req.num_dispatched_tokens
+        out.chunks.append(
+            ScheduledChunk(request=req, start=start, num_tokens=n, sample=start + n == req.num_tokens)
+        )
+        req.num_dispatched_tokens += n
+        req.status = RequestStatus.RUNNING
+        scheduled.add(req.request_id)
+        return n
+
+    def _lowest_priority_unscheduled(self, scheduled: set[str], now: float) -> Request:
+        candidates = [r for r in self._running.values() if r.request_id not in scheduled]
+        return self._sorted(candidates, now)[-1]
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.kv_manager.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_dispatched_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self._num_preemptions += 1
+        del self._running[req.request_id]
+        self._waiting[req.request_id] = req
+        out.preempted_ids.append(req.request_id)
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        if token in req.eos_token_ids and not sp.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if token in sp.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        rid = req.request_id
+        self._waiting.pop(rid, None)
+        self._running.pop(rid, None)
+        self._requests.pop(rid, None)
+        self._admission_seq.pop(rid, None)
+        self.kv_manager.free(rid)
+        req.status = status

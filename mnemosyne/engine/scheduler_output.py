@@ -1,0 +1,44 @@
+"""The scheduler's plan for one step: a plain dataclass the model runner (or the simulator) consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mnemosyne.request import Request
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of one request, run in this step.
+
+    `sample` is True when the chunk reaches the request's last known token, so the
+    logits of its final position pick the next output token. A decode is a chunk
+    with num_tokens == 1 and sample == True.
+    """
+
+    request: Request
+    start: int
+    num_tokens: int
+    sample: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start == self.request.num_tokens - 1
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes first, then prefill chunks
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks

@@ -1,0 +1,17 @@
+"""Exception types. Every user-facing error names the offending value and the limit."""
+
+
+class MnemosyneError(Exception):
+    """Base class for errors raised by Mnemosyne."""
+
+
+class ConfigError(MnemosyneError, ValueError):
+    """An impossible or unsupported configuration (model, layout, memory budget)."""
+
+
+class InvalidRequestError(MnemosyneError, ValueError):
+    """A request that can never be served: bad parameters, empty or over-long prompt."""
+
+
+class ModelLoadError(MnemosyneError, FileNotFoundError):
+    """A model directory or file that is missing or unreadable."""

@@ -1,0 +1,223 @@
+"""Which KV slots each request owns, across KVP groups.
+
+Layout of one request (see `pieces.py`), with T = max_tokens_per_kvp_group and
+B = block_size::
+
+    global tokens:  0 ........ T ........ 2T ..... token_end
+    pieces:         [ group a )[ group b  )[ group c  )     a, b, c distinct
+    blocks:         T/B blocks  T/B blocks  ceil((token_end - 2T) / B) blocks
+
+Invariants (checked by `check_integrity`), besides those of `pieces.py`:
+    * pieces[0].token_start == 0, pieces[i].token_end == pieces[i+1].token_start;
+    * every piece is non-empty and len(block_ids) == blocks_needed(num_tokens);
+    * a request uses each group at most once;
+    * with T set (a multiple of B): every piece but the newest holds exactly T
+      tokens and the newest at most T, so piece k covers [k*T, (k+1)*T) -- group
+      boundaries sit at multiples of T, which is what `max_chunk_tokens` relies on;
+    * each block's ref count equals the number of pieces that list it (1 today).
+
+Reserved slots only grow until `free`; a request never shrinks in place.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mnemosyne.config import CacheConfig
+from mnemosyne.errors import ConfigError
+from mnemosyne.kv_cache.block_pool import BlockPool, KVCacheIntegrityError
+from mnemosyne.kv_cache.pieces import KVPiece
+
+
+class KVCacheManager:
+    def __init__(self, cache_config: CacheConfig) -> None:
+        b = cache_config.block_size
+        if b <= 0:
+            raise ConfigError(f"block_size must be positive, got {b}")
+        if not cache_config.num_blocks_per_group or min(cache_config.num_blocks_per_group) <= 0:
+            raise ConfigError(
+                f"every KVP group needs at least one block, got {cache_config.num_blocks_per_group}"
+            )
+        t = cache_config.max_tokens_per_kvp_group
+        if t is not None and (t <= 0 or t % b):
+            raise ConfigError(
+                f"max_tokens_per_kvp_group ({t}) must be a positive multiple of block_size ({b})"
+            )
+        self.cache_config = cache_config
+        self.block_size = b
+        self.max_tokens_per_kvp_group = t
+        self._pools = [BlockPool(n) for n in cache_config.num_blocks_per_group]
+        self._pieces: dict[str, list[KVPiece]] = {}
+
+    # ---- geometry -------------------------------------------------------------------------------
+
+    @property
+    def num_kvp_groups(self) -> int:
+        return len(self._pools)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Token slots over all groups."""
+        return sum(p.num_blocks for p in self._pools) * self.block_size
+
+    @property
+    def capacity_tokens_per_request(self) -> int:
+        """The most tokens one request can ever hold (in an otherwise empty cache).
+
+        T unbounded: a request stays on one group, so the largest group's capacity.
+        T set: a request fills T tokens per group before onboarding the next; on an
+        empty cache it visits groups largest first, so the sum of T over groups with
+        at least T slots, plus the capacity of the first smaller group (where it then
+        gets stuck).
+        """
+        caps = sorted((p.num_blocks * self.block_size for p in self._pools), reverse=True)
+        t = self.max_tokens_per_kvp_group
+        if t is None:
+            return caps[0]
+        total = 0
+        for cap in caps:
+            if cap < t:
+                return total + cap
+            total += t
+        return total
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- allocation -----------------------------------------------------------------------------
+
+    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
+        """Reserve slots for global tokens [0, num_tokens) of the request; all or nothing.
+
+        Grows the newest piece up to T tokens, then onboards new pieces, each on the
+        group with the most free blocks that the request does not use yet (ties: the
+        lowest group index). Returns False, changing nothing, when some block cannot
+        be had or no unused group is left.
+        """
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        pieces = self._pieces.get(request_id, [])
+        if num_tokens <= (pieces[-1].token_end if pieces else 0):
+            return True
+        t = self.max_tokens_per_kvp_group
+        free = [p.num_free_blocks for p in self._pools]
+        used_groups = {p.group for p in pieces}
+
+        # Plan without touching anything.
+        grow_end, grow_blocks, pos = 0, 0, 0
+        if pieces:
+            newest = pieces[-1]
+            grow_end = num_tokens if t is None else min(num_tokens, newest.token_start + t)
+            pos = max(grow_end, newest.token_end)
+            if grow_end > newest.token_end:
+                grow_blocks = self.blocks_needed(grow_end - newest.token_start) - len(newest.block_ids)
+                if grow_blocks > free[newest.group]:
+                    return False
+                free[newest.group] -= grow_blocks
+        new_pieces: list[tuple[int, int, int]] = []  # (group, token_start, token_end)
+        while pos < num_tokens:
+            candidates = [g for g in range(self.num_kvp_groups) if g not in used_groups]
+            if not candidates:
+                return False
+            g = max(candidates, key=lambda g: (free[g], -g))
+            end = num_tokens if t is None else min(num_tokens, pos + t)
+            n = self.blocks_needed(end - pos)
+            if n > free[g]:
+                return False
+            free[g] -= n
+            used_groups.add(g)
+            new_pieces.append((g, pos, end))
+            pos = end
+
+        # Commit: every allocation below is known to succeed.
+        if pieces and grow_end > pieces[-1].token_end:
+            newest = pieces[-1]
+            newest.block_ids.extend(self._pools[newest.group].allocate(grow_blocks))
+            newest.token_end = grow_end
+        for g, start, end in new_pieces:
+            blocks = self._pools[g].allocate(self.blocks_needed(end - start))
+            pieces.append(KVPiece(group=g, token_start=start, token_end=end, block_ids=blocks))
+        self._pieces[request_id] = pieces
+        return True
+
+    def max_chunk_tokens(self, request_id: str, start: int) -> int | None:
+        """How many tokens from global position `start` fit before the next group boundary.
+
+        None when pieces are unbounded. Always >= 1: at a boundary it measures the
+        next piece (which `allocate_slots` onboards). Boundaries sit at multiples of
+        T for every request (see the module invariants), with or without pieces yet.
+        """
+        del request_id  # boundaries are request-independent while pieces are T-aligned
+        t = self.max_tokens_per_kvp_group
+        if t is None:
+            return None
+        return t - start % t
+
+    def free(self, request_id: str) -> None:
+        """Release all of the request's blocks. Unknown ids are a no-op."""
+        for piece in self._pieces.pop(request_id, []):
+            self._pools[piece.group].free(piece.block_ids)
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    def pieces(self, request_id: str) -> list[KVPiece]:
+        """The request's pieces, oldest first (a new list; do not mutate the pieces)."""
+        return list(self._pieces.get(request_id, []))
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._pieces
+
+    def num_free_blocks(self, group: int = 0) -> int:
+        return self._pools[group].num_free_blocks
+
+    def num_used_blocks(self, group: int = 0) -> int:
+        return self._pools[group].num_used_blocks
+
+    def usage(self) -> list[float]:
+        """Fraction of blocks in use, per group."""
+        return [p.num_used_blocks / p.num_blocks for p in self._pools]
+
+    def check_integrity(self) -> None:
+        for pool in self._pools:
+            pool.check_integrity()
+        refs = [Counter[int]() for _ in self._pools]
+        t = self.max_tokens_per_kvp_group
+        for rid, pieces in self._pieces.items():
+            if not pieces:
+                raise KVCacheIntegrityError(f"request {rid!r} has an empty piece list")
+            if pieces[0].token_start != 0:
+                raise KVCacheIntegrityError(
+                    f"request {rid!r}: first piece starts at {pieces[0].token_start}, not 0"
+                )
+            groups = [p.group for p in pieces]
+            if len(set(groups)) != len(groups):
+                raise KVCacheIntegrityError(f"request {rid!r} uses a group twice: {groups}")
+            for i, p in enumerate(pieces):
+                if not 0 <= p.group < self.num_kvp_groups:
+                    raise KVCacheIntegrityError(f"request {rid!r}: piece on unknown group {p.group}")
+                if p.num_tokens <= 0:
+                    raise KVCacheIntegrityError(f"request {rid!r}: empty piece {p}")
+                if len(p.block_ids) != self.blocks_needed(p.num_tokens):
+                    raise KVCacheIntegrityError(
+                        f"request {rid!r}: piece [{p.token_start}, {p.token_end}) holds "
+                        f"{len(p.block_ids)} blocks, needs {self.blocks_needed(p.num_tokens)}"
+                    )
+                is_newest = i == len(pieces) - 1
+                if not is_newest and pieces[i + 1].token_start != p.token_end:
+                    raise KVCacheIntegrityError(
+                        f"request {rid!r}: pieces not contiguous at {p.token_end} / "
+                        f"{pieces[i + 1].token_start}"
+                    )
+                if t is not None and (p.num_tokens > t or (not is_newest and p.num_tokens != t)):
+                    raise KVCacheIntegrityError(
+                        f"request {rid!r}: piece [{p.token_start}, {p.token_end}) breaks the "
+                        f"{t}-token group boundary"
+                    )
+                refs[p.group].update(p.block_ids)
+        for g, pool in enumerate(self._pools):
+            for b in range(pool.num_blocks):
+                if pool.ref_count(b) != refs[g][b]:
+                    raise KVCacheIntegrityError(
+                        f"group {g} block {b}: ref count {pool.ref_count(b)} but "
+                        f"{refs[g][b]} piece(s) reference it"
+                    )

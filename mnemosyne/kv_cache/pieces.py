@@ -1,0 +1,36 @@
+"""Where a request's KV lives: a list of contiguous token ranges, one per KVP group.
+
+::
+
+    request tokens:  0 ............................................ num_tokens
+    pieces:          [ group 0: 0 .. T ) [ group 1: T .. 2T ) [ group 2: 2T .. n )
+                                                                 ^ newest piece: the only one written
+
+    piece.block_ids[j] holds tokens [token_start + j*B, token_start + (j+1)*B) of the
+    request (B = block_size); only the newest piece may end mid-block.
+    Global token t of the piece sits in slot
+        block_ids[(t - token_start) // B] * B + (t - token_start) % B
+    of its group's cache.
+
+With one KVP group (the default), a request has exactly one piece starting at 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class KVPiece:
+    group: int  # KVP group that owns this range
+    token_start: int  # first global token position held here
+    token_end: int  # one past the last token position with a reserved slot
+    block_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+    def slot(self, pos: int, block_size: int) -> int:
+        off = pos - self.token_start
+        return self.block_ids[off // block_size] * block_size + off % block_size

@@ -1,0 +1,33 @@
+"""The attention backend interface: paged KV write plus attention returning the LSE."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from mnemosyne.layers.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+    ) -> None: ...
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (out [num_tokens, num_heads, head_dim] in query dtype,
+        lse [num_tokens, num_heads] float32, natural log; -inf where a row sees no key)."""
+        ...

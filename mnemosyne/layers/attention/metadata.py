@@ -1,0 +1,88 @@
+"""Batch description for attention over the paged KV cache.
+
+One entry per sequence of the (sub-)batch a device runs. Query tokens of all
+sequences are packed along dim 0; sequence i owns rows
+[query_start_loc[i], query_start_loc[i+1]).
+
+Global positions, for sequence i (KV range held on this device)::
+
+    keys held here:   kv_start[i] ....................... kv_start[i] + kv_lens[i]
+    queries:                         q_pos_start[i] .. q_pos_start[i] + query_lens[i]
+
+    query at global position p sees key at global position t  iff  t <= p
+                                      (and p - t < sliding_window, when set)
+
+Keys of sequence i live in its block table: key kv_start[i] + j is in slot
+block_tables[i, j // B] * B + j % B of this device's cache (B = block_size).
+The new K/V of packed query row r go to slot_mapping[r] (-1: not written here;
+under KV-cache parallelism only the newest group writes).
+
+Invariants: for a single-device run, kv_start == 0 and
+kv_lens == q_pos_start + query_lens (the new keys are written before attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
+    q_pos_start: torch.Tensor  # [num_seqs] int64, global position of each sequence's first query
+    kv_start: torch.Tensor  # [num_seqs] int64, global position of the first key held here
+    kv_lens: torch.Tensor  # [num_seqs] int32, number of keys held here (after this step's write)
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not write
+    # Host copies of the per-sequence lengths (avoid device syncs in Python loops).
+    query_lens_cpu: list[int]
+    q_pos_start_cpu: list[int]
+    kv_start_cpu: list[int]
+    kv_lens_cpu: list[int]
+    max_query_len: int
+    max_kv_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens_cpu)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        q_pos_start: list[int],
+        kv_start: list[int],
+        kv_lens: list[int],
+        block_tables: list[list[int]],
+        slot_mapping: list[int],
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        num_seqs = len(query_lens)
+        max_blocks = max((len(b) for b in block_tables), default=0)
+        bt = torch.zeros((num_seqs, max(max_blocks, 1)), dtype=torch.int32)
+        for i, blocks in enumerate(block_tables):
+            if blocks:
+                bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
+        if num_seqs:
+            qsl[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
+        return cls(
+            query_start_loc=qsl.to(device),
+            q_pos_start=torch.tensor(q_pos_start, dtype=torch.int64, device=device),
+            kv_start=torch.tensor(kv_start, dtype=torch.int64, device=device),
+            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
+            block_tables=bt.to(device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            query_lens_cpu=list(query_lens),
+            q_pos_start_cpu=list(q_pos_start),
+            kv_start_cpu=list(kv_start),
+            kv_lens_cpu=list(kv_lens),
+            max_query_len=max(query_lens, default=0),
+            max_kv_len=max(kv_lens, default=0),
+        )

@@ -1,0 +1,148 @@
+"""Token sampling from logits: greedy, temperature, top-k, top-p, min-p, plus logprobs.
+
+Filtering is vectorised over the batch (per-row parameters become tensors).
+Random draws use the exponential race: for probabilities p and i.i.d.
+q_j ~ Exp(1), argmax_j p_j / q_j is distributed as Categorical(p). Each row draws
+its own noise vector from its own generator, so a seeded row yields the same
+token whatever else is in the batch and in whatever order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mnemosyne.request import TokenLogprobs
+from mnemosyne.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # [num_seqs]
+    logprobs: list[TokenLogprobs | None]  # [num_seqs]; None where params.logprobs is None
+
+
+class Sampler:
+    """Stateless sampler; call with the logits of the last position of each sequence."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab], any float dtype
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> SamplerOutput:
+        num_seqs, vocab = logits.shape
+        if len(params) != num_seqs or len(generators) != num_seqs:
+            raise ValueError(
+                f"got {num_seqs} logit rows, {len(params)} params and {len(generators)} generators"
+            )
+        if num_seqs == 0:
+            return SamplerOutput(token_ids=[], logprobs=[])
+        logits = logits.float()  # [num_seqs, vocab]
+        tokens = torch.argmax(logits, dim=-1)  # [num_seqs]; greedy rows keep this
+
+        sample_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sample_rows:
+            rows = torch.tensor(sample_rows, device=logits.device)
+            sub = [params[i] for i in sample_rows]
+            probs = _filtered_probs(logits.index_select(0, rows), sub)  # [num_sample, vocab]
+            noise = torch.stack(
+                [_exponential(vocab, generators[i], logits.device) for i in sample_rows]
+            )  # [num_sample, vocab]
+            tokens[rows] = torch.argmax(probs / noise, dim=-1)
+
+        token_list: list[int] = tokens.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * num_seqs
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            rows = torch.tensor(want, device=logits.device)
+            ks = [params[i].logprobs or 0 for i in want]
+            dicts = _logprob_dicts(logits.index_select(0, rows), tokens.index_select(0, rows), ks)
+            for i, d in zip(want, dicts):
+                logprobs[i] = d
+        return SamplerOutput(token_ids=token_list, logprobs=logprobs)
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor,  # [n, vocab]
+    target_ids: torch.Tensor,  # [n]
+    k: int,
+) -> list[TokenLogprobs]:
+    """Log-prob of target_ids[i] under log_softmax(logits[i]), plus the top-k entries of row i."""
+    n = logits.shape[0]
+    if n == 0:
+        return []
+    return _logprob_dicts(logits.float(), target_ids.to(logits.device).long(), [k] * n)
+
+
+def _logprob_dicts(
+    logits: torch.Tensor,  # [n, vocab] float32
+    chosen: torch.Tensor,  # [n] int64
+    ks: list[int],  # top-k count per row
+) -> list[TokenLogprobs]:
+    """{chosen: logprob, top-1: logprob, ..., top-k: logprob} per row, raw distribution."""
+    logp = torch.log_softmax(logits, dim=-1)  # [n, vocab]
+    chosen_lp = logp.gather(1, chosen.view(-1, 1)).squeeze(1).tolist()  # [n]
+    chosen_ids = chosen.tolist()
+    k_max = min(max(ks), logits.shape[1])
+    if k_max > 0:
+        top_lp, top_ids = torch.topk(logp, k_max, dim=-1)  # [n, k_max]
+        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    out: list[TokenLogprobs] = []
+    for r, k in enumerate(ks):
+        d: TokenLogprobs = {int(chosen_ids[r]): float(chosen_lp[r])}
+        for j in range(min(k, k_max)):
+            d.setdefault(int(top_ids_l[r][j]), float(top_lp_l[r][j]))
+        out.append(d)
+    return out
+
+
+def _exponential(vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [vocab] drawn on the generator's own device (default RNG of `device` if None)."""
+    gen_device = generator.device if generator is not None else device
+    q = torch.empty(vocab, dtype=torch.float32, device=gen_device).exponential_(generator=generator)
+    # Exp(1) may round to 0; a tiny floor keeps p / q finite (and 0 / q == 0 for filtered tokens).
+    return q.clamp_min_(torch.finfo(torch.float32).tiny).to(device)  # [vocab]
+
+
+def _filtered_probs(
+    logits: torch.Tensor,  # [n, vocab] float32
+    params: list[SamplingParams],
+) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; returns renormalised probabilities [n, vocab]."""
+    n, vocab = logits.shape
+    dev = logits.device
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)  # [n]
+    x = logits / temp[:, None]  # [n, vocab]
+
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if not any(top_k) and all(tp >= 1.0 for tp in top_p) and not any(min_p):
+        return torch.softmax(x, dim=-1)
+
+    # Stable descending sort: among equal logits the lowest token id ranks first.
+    sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # [n, vocab]
+    rank = torch.arange(vocab, device=dev)  # [vocab]
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+
+    if any(top_k):
+        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=dev)  # [n]
+        sorted_x = torch.where(rank[None, :] < k[:, None], sorted_x, neg_inf)
+
+    if any(tp < 1.0 for tp in top_p):
+        tp = torch.tensor(top_p, dtype=torch.float32, device=dev)  # [n]
+        probs = torch.softmax(sorted_x, dim=-1)  # [n, vocab]
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # [n, vocab]; mass of higher ranks
+        keep = (mass_before < tp[:, None]) | (rank[None, :] == 0) | (tp[:, None] >= 1.0)
+        sorted_x = torch.where(keep, sorted_x, neg_inf)
+
+    if any(min_p):
+        mp = torch.tensor(min_p, dtype=torch.float32, device=dev)  # [n]
+        probs = torch.softmax(sorted_x, dim=-1)  # [n, vocab]; column 0 holds the max
+        keep = probs >= mp[:, None] * probs[:, :1]
+        sorted_x = torch.where(keep, sorted_x, neg_inf)
+
+    filtered = torch.full_like(x, float("-inf")).scatter_(1, order, sorted_x)  # [n, vocab]
+    return torch.softmax(filtered, dim=-1)

@@ -1,0 +1,101 @@
+"""The offline Python API: `LLM(...).generate(prompts, params)` and `.chat(messages, params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.errors import InvalidRequestError
+from mnemosyne.outputs import RequestOutput
+from mnemosyne.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        chunk_size: int | None = 512,
+        kv_cache_memory_gb: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        args = EngineArgs(
+            model=model,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            chunk_size=chunk_size,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            seed=seed,
+        )
+        self.engine = LLMEngine.from_args(args)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs come back in prompt order. Every prompt is
+        validated before any is enqueued, so a bad one raises without side effects."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompts):
+                raise InvalidRequestError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        for p in params_list:
+            p.validate()
+        ids = [self._add(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="requests", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [finished[i] for i in ids]
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        return self.engine.add_request(prompt, params)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(conv) for conv in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, params)
+
+    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None or getattr(tok, "chat_template", None) is None:
+            raise InvalidRequestError("this model has no chat template")
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)

@@ -1,0 +1,38 @@
+"""What the engine returns for each request, after every step that touched it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mnemosyne.request import TokenLogprobs
+
+
+@dataclass
+class RequestTiming:
+    arrival_time: float
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per output token
+    finished_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    logprobs: list[TokenLogprobs] | None
+    prompt_logprobs: list[TokenLogprobs | None] | None
+    timing: RequestTiming
+    # What this step added, for streaming callers.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    num_computed_tokens: int = 0  # prefill progress: tokens whose KV is in the cache

@@ -1,0 +1,118 @@
+"""Request state shared by the scheduler, the engine and the output processor.
+
+Token bookkeeping of one request (positions are global token indices)::
+
+    all_token_ids = prompt_token_ids + output_token_ids
+    |<------------------ num_tokens ------------------>|
+    [ p0 p1 ... p(P-1) | o0 o1 ... o(k-1) ]
+    |<-- num_computed_tokens -->|                         KV written for these
+    |<----- num_dispatched_tokens ----->|                 sent into the pipeline
+
+    invariant: num_computed_tokens <= num_dispatched_tokens <= num_tokens
+
+A step schedules tokens [num_dispatched_tokens, num_dispatched_tokens + n). When
+the tokens up to num_tokens have all been computed, the last position's logits
+sample the next output token. A decode is simply n == 1. Without a pipeline,
+dispatched == computed between steps; sequence pipeline parallelism lets
+dispatched run ahead. Preemption by recompute resets both counters to 0 and keeps
+output_token_ids, which are recomputed as part of the "prompt".
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from mnemosyne.sampling_params import SamplingParams
+
+# One position's log-probabilities: {token_id: logprob}; holds the chosen token plus the top-k.
+TokenLogprobs = dict[int, float]
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASON.get(self)
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
+}
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_dispatched_tokens: int = 0
+    num_preemptions: int = 0
+    # Prompt positions whose prompt logprobs were already produced (not redone after preemption).
+    num_prompt_logprobs_done: int = 0
+
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens not yet dispatched into the model."""
+        return self.num_tokens - self.num_dispatched_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True while more than the newest token still needs computing."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.sampling_params.max_tokens
+
+    def token_id_at(self, pos: int) -> int:
+        p = self.num_prompt_tokens
+        return self.prompt_token_ids[pos] if pos < p else self.output_token_ids[pos - p]
