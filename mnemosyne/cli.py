@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import MnemosyneError
@@ -31,18 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=ns.model,
-        dtype=ns.dtype,
-        device=ns.device,
-        max_model_len=ns.max_model_len,
-        block_size=ns.block_size,
-        max_num_batched_tokens=ns.max_num_batched_tokens,
-        max_num_seqs=ns.max_num_seqs,
-        chunk_size=ns.chunk_size,
-        kv_cache_memory_gb=ns.kv_cache_memory_gb,
-        seed=ns.seed,
-    )
+    """Every EngineArgs field has a same-named (dashed) CLI flag in add_engine_args."""
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in fields(EngineArgs) if hasattr(ns, f.name)})
 
 
 def build_parser() -> argparse.ArgumentParser:

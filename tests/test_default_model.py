@@ -120,6 +120,49 @@ def test_foreign_directory_is_not_taken_for_a_conversion(
         resolve_default_model(torch.float16)
 
 
+def fake_convert(gguf: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """Stands in for the slow real conversion in the caching tests."""
+    (out_dir / "model.safetensors").write_text("stub")
+
+
+def test_failed_conversion_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def crash(gguf: Path, out_dir: Path, dtype: torch.dtype) -> None:
+        fake_convert(gguf, out_dir, dtype)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setenv("MNEMOSYNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(default_model, "convert_gguf", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        resolve_default_model(torch.float16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outdated_conversion_is_replaced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MNEMOSYNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(default_model, "convert_gguf", fake_convert)
+    final = resolve_default_model(torch.float16)
+    marker = json.loads((final / MARKER_FILE).read_text())
+    (final / MARKER_FILE).write_text(json.dumps({**marker, "source_bytes": 1}))
+    assert resolve_default_model(torch.float16) == final
+    assert json.loads((final / MARKER_FILE).read_text()) == marker
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_losing_a_conversion_race_keeps_the_winner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MNEMOSYNE_CACHE_DIR", str(tmp_path))
+
+    def racing_convert(gguf: Path, out_dir: Path, dtype: torch.dtype) -> None:
+        fake_convert(gguf, out_dir, dtype)
+        with monkeypatch.context() as inner:  # another process finishes first
+            inner.setattr(default_model, "convert_gguf", fake_convert)
+            resolve_default_model(dtype)
+
+    monkeypatch.setattr(default_model, "convert_gguf", racing_convert)
+    final = resolve_default_model(torch.float16)
+    assert (final / MARKER_FILE).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
 # ---- the converted directory -----------------------------------------------------------------
 
 
@@ -183,8 +226,12 @@ def test_greedy_matches_hf(hf_model, hf_tokenizer, prompts: list[str]) -> None:
     from mnemosyne import LLM, SamplingParams
 
     expected = [hf_greedy(hf_model, hf_tokenizer, p) for p in prompts]
-    llm = LLM(model=None, dtype="float32")
+    # A small KV budget keeps the CPU run short (2 GiB is the CPU default); it holds ~2300 tokens.
+    llm = LLM(model=None, dtype="float32", kv_cache_memory_gb=0.1)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS))
     for out, (prompt_ids, new_ids) in zip(outs, expected, strict=True):
         assert out.prompt_token_ids == prompt_ids
         assert out.token_ids == new_ids  # both include the final eos when generation stopped on it
+    eos = hf_tokenizer.eos_token_id
+    assert expected[2][1][-1] == eos and eos not in expected[2][1][:-1]  # the chat answer ends on eos
+    assert outs[2].finish_reason == "stop"

@@ -116,15 +116,14 @@ class ModelRunner:
 
         # Rows whose logits are needed: prompt-logprob rows, then sample rows.
         plp_rows: list[int] = []
-        plp_spans: list[tuple[str, int, int, int]] = []  # (request_id, first_pos, row_lo, k)
+        plp_spans: list[tuple[ScheduledChunk, range, int]] = []  # (chunk, positions, first row)
         sample_rows: list[int] = []
         sample_chunks: list[ScheduledChunk] = []
         offset = 0
         for chunk in sched.chunks:
             positions = prompt_logprob_positions(chunk)
             if len(positions):
-                k = chunk.request.sampling_params.prompt_logprobs or 0
-                plp_spans.append((chunk.request.request_id, positions.start, len(plp_rows), k))
+                plp_spans.append((chunk, positions, len(plp_rows)))
                 plp_rows.extend(offset + p - chunk.start for p in positions)
             if chunk.sample:
                 sample_rows.append(offset + chunk.num_tokens - 1)
@@ -135,16 +134,17 @@ class ModelRunner:
         rows = torch.tensor(plp_rows + sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[rows]).float()  # [num_rows, vocab_size]
 
-        for request_id, first_pos, row_lo, k in plp_spans:
-            req_chunk = next(c for c in sched.chunks if c.request.request_id == request_id)
-            n = len(prompt_logprob_positions(req_chunk))
+        for chunk, positions, row_lo in plp_spans:
+            req = chunk.request
+            n = len(positions)
             targets = torch.tensor(
-                req_chunk.request.prompt_token_ids[first_pos + 1 : first_pos + 1 + n],
+                req.prompt_token_ids[positions.start + 1 : positions.stop + 1],
                 dtype=torch.long,
                 device=self.device,
             )
+            k = req.sampling_params.prompt_logprobs or 0
             entries = compute_prompt_logprobs(logits[row_lo : row_lo + n], targets, k)
-            out.prompt_logprobs[request_id] = (first_pos, entries)
+            out.prompt_logprobs[req.request_id] = (positions.start, entries)
 
         if sample_chunks:
             params = [c.request.sampling_params for c in sample_chunks]
