@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
+
+# The engine's device in tests: "cpu" in CI; set MNEMOSYNE_TEST_DEVICE=cuda on a GPU machine.
+TEST_DEVICE = os.environ.get("MNEMOSYNE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

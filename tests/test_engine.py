@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TEST_DEVICE
 
 from mnemosyne import LLM, ConfigError, InvalidRequestError, ModelLoadError, SamplingParams
 from mnemosyne.engine.args import EngineArgs
@@ -18,7 +19,7 @@ def engine(tiny_model_dir) -> LLMEngine:
     args = EngineArgs(
         model=str(tiny_model_dir("llama")),
         dtype="float32",
-        device="cpu",
+        device=TEST_DEVICE,
         max_model_len=128,
         block_size=4,
         chunk_size=8,
@@ -121,7 +122,9 @@ def test_stop_token_ids_and_length(engine):
 
 
 def test_eos_stops_unless_ignored(tiny_model_dir):
-    llm = LLM(model=str(tiny_model_dir("llama")), dtype="float32", device="cpu", kv_cache_memory_gb=0.001)
+    llm = LLM(
+        model=str(tiny_model_dir("llama")), dtype="float32", device=TEST_DEVICE, kv_cache_memory_gb=0.001
+    )
     toks = llm.generate([PROMPT], greedy(8))[0].token_ids
     eos_tok = toks[2]  # pretend the third greedy token is the end-of-sequence token
     req_id = llm.engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=8))
@@ -132,12 +135,12 @@ def test_eos_stops_unless_ignored(tiny_model_dir):
 
 def test_unknown_model_path_and_architecture(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        LLM(model=str(tmp_path / "nope"), device="cpu")
+        LLM(model=str(tmp_path / "nope"), device=TEST_DEVICE)
     bad = tmp_path / "gpt2"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="unsupported architecture 'GPT2LMHeadModel'"):
-        LLM(model=str(bad), device="cpu")
+        LLM(model=str(bad), device=TEST_DEVICE)
     no_weights = tmp_path / "noweights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(
@@ -153,14 +156,14 @@ def test_unknown_model_path_and_architecture(tmp_path):
         )
     )
     with pytest.raises(ModelLoadError, match="safetensors"):
-        LLM(model=str(no_weights), device="cpu", kv_cache_memory_gb=0.001)
+        LLM(model=str(no_weights), device=TEST_DEVICE, kv_cache_memory_gb=0.001)
 
 
 def test_request_larger_than_kv_capacity_is_rejected(tiny_model_dir):
     llm = LLM(
         model=str(tiny_model_dir("llama")),
         dtype="float32",
-        device="cpu",
+        device=TEST_DEVICE,
         block_size=4,
         kv_cache_memory_gb=8 * 4 * 768 / 2**30,
     )  # 8 blocks of 4 tokens = 32 tokens

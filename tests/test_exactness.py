@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 from tiny_models import TINY_MODELS, load_hf
 
 from mnemosyne import LLM, SamplingParams
@@ -46,7 +47,7 @@ def hf_reference(name: str, model_dir) -> list[tuple[list[int], torch.Tensor]]:
 
 def check_against_hf(name: str, model_dir, **llm_kwargs) -> list:
     refs = hf_reference(name, model_dir)
-    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", **llm_kwargs)
+    llm = LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, **llm_kwargs)
     prompts = make_prompts(llm.engine.config.model.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     outs = llm.generate(prompts, params)
@@ -88,7 +89,9 @@ def test_chunk_sizes_match_hf(chunk_size, tiny_model_dir):
 def test_preemption_matches_hf(tiny_model_dir):
     """A KV budget too small for all four requests forces recompute preemption."""
     name = "qwen3"
-    llm_probe = LLM(model=str(tiny_model_dir(name)), dtype="float32", device="cpu", kv_cache_memory_gb=0.01)
+    llm_probe = LLM(
+        model=str(tiny_model_dir(name)), dtype="float32", device=TEST_DEVICE, kv_cache_memory_gb=0.01
+    )
     bytes_per_block = 4 * llm_probe.engine.config.model.kv_bytes_per_token
     num_blocks = (max(PROMPT_LENS) + NUM_NEW) // 4 + 2
     outs = check_against_hf(

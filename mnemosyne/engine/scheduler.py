@@ -9,7 +9,8 @@ One step, with budget = max_num_batched_tokens::
           scheduled this step (possibly the failing one itself) and retry
     waiting, by priority  (skipped if anything was preempted this step)
       (c) admit while budget > 0 and len(running) < max_num_seqs; stop at the first
-          one the KV cache cannot take (new arrivals never preempt)
+          one whose whole prompt the free blocks cannot hold (new arrivals never
+          preempt, and a prefill is not started only to be preempted mid-way)
 
     for each request:  n = chunk_policy.chunk_size(req, num_pending, budget_left)
                        n = min(n, kv.max_chunk_tokens(id, num_dispatched))   # never straddle a group
@@ -130,6 +131,8 @@ class Scheduler:
                 n = self._chunk_len(req, budget)
                 if n == 0:
                     continue
+                if not self._can_hold_whole_prompt(req):
+                    break  # admitting it would only lead to preempting it again mid-prefill
                 if not self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
                     break
                 del self._waiting[req.request_id]
@@ -206,6 +209,11 @@ class Scheduler:
         if limit is not None:
             n = min(n, limit)
         return n
+
+    def _can_hold_whole_prompt(self, req: Request) -> bool:
+        kv = self.kv_manager
+        num_free = sum(kv.num_free_blocks(g) for g in range(kv.num_kvp_groups))
+        return kv.blocks_needed(req.num_tokens) <= num_free
 
     def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:
         start = req.num_dispatched_tokens
