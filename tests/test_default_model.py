@@ -235,3 +235,36 @@ def test_greedy_matches_hf(hf_model, hf_tokenizer, prompts: list[str]) -> None:
     eos = hf_tokenizer.eos_token_id
     assert expected[2][1][-1] == eos and eos not in expected[2][1][:-1]  # the chat answer ends on eos
     assert outs[2].finish_reason == "stop"
+
+
+def test_stop_strings_chat_and_streaming(converted: Path) -> None:
+    from mnemosyne import LLM, SamplingParams
+
+    llm = LLM(model=None, dtype="float32", kv_cache_memory_gb=0.05)
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16, stop=["."]))[
+        0
+    ]
+    assert out.text == " Paris" and out.finish_reason == "stop"
+    chat = llm.chat(CHAT_MESSAGES, SamplingParams(temperature=0, max_tokens=24))[0]
+    assert "4" in chat.text and chat.finish_reason == "stop"
+
+    engine = llm.engine  # streaming: the deltas add up to the final text
+    params = SamplingParams(temperature=0, max_tokens=20, stop=["answer"])
+    rid = engine.add_request("The capital of France is", params)
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            deltas.append(o.delta_text)
+            final = o
+    assert final is not None and final.request_id == rid and final.finished
+    assert "".join(deltas) == final.text and "answer" not in final.text
+
+
+def test_cli_generate(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mnemosyne.cli import main
+
+    argv = ["generate", "--prompt", "The capital of France is", "--max-tokens", "6"]
+    assert main([*argv, "--kv-cache-memory-gb", "0.05", "--no-progress"]) == 0
+    assert "Paris" in capsys.readouterr().out
+    assert main(["generate", "--model", "/no/such/dir"]) == 2
+    assert "does not exist" in capsys.readouterr().err

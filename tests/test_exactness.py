@@ -103,3 +103,27 @@ def test_preemption_matches_hf(tiny_model_dir):
         kv_cache_memory_gb=num_blocks * bytes_per_block / 2**30,
     )
     assert sum(o.num_preemptions for o in outs) > 0, "the tiny KV budget should have forced a preemption"
+
+
+def test_sharded_checkpoint_and_half_precision(tiny_model_dir, tmp_path):
+    """A checkpoint split over several safetensors files with an index loads identically;
+    bfloat16 and float16 engines track the float32 HF reference within half-precision noise."""
+    sharded = tmp_path / "qwen2_sharded"
+    load_hf(tiny_model_dir("qwen2")).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    check_against_hf("qwen2", sharded, chunk_size=16)
+
+    refs = hf_reference("qwen2", tiny_model_dir("qwen2"))
+    for dtype in ("bfloat16", "float16"):
+        llm = LLM(model=str(sharded), dtype=dtype, device=TEST_DEVICE, kv_cache_memory_gb=0.01)
+        prompts = make_prompts(llm.engine.config.model.vocab_size)
+        outs = llm.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
+        )
+        errs = [
+            abs(out.prompt_logprobs[pos][prompt[pos]] - ref_logp[pos - 1, prompt[pos]].item())
+            for prompt, out, (_, ref_logp) in zip(prompts, outs, refs, strict=True)
+            for pos in range(1, len(prompt))
+        ]
+        assert sum(errs) / len(errs) < 0.02 and max(errs) < 0.1, (dtype, sum(errs) / len(errs), max(errs))
