@@ -50,7 +50,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, FixedChunkPolicy(config.scheduler.chunk_size)
         )
-        torch.manual_seed(config.seed)
+        # Unseeded sampling draws from one engine-owned stream (no global RNG state).
+        self._rng = torch.Generator(device=config.device).manual_seed(config.seed)
         model = load_model(config.model_dir, config.model, TorchReferenceBackend(), config.device)
         self.runner = ModelRunner(model, config.model, config.cache, config.device)
         self._requests: dict[str, Request] = {}
@@ -109,8 +110,10 @@ class LLMEngine:
         return request_id
 
     def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.greedy or params.seed is None:
+        if params.greedy:
             return None
+        if params.seed is None:
+            return self._rng
         return torch.Generator(device=self.config.device).manual_seed(params.seed)
 
     def abort(self, request_id: str) -> None:
