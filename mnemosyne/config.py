@@ -83,6 +83,21 @@ class ModelConfig:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
+    @property
+    def num_params(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * d
+        attn = h * qkv + self.num_heads * d * h
+        attn += qkv * self.qkv_bias + h * self.o_bias + 2 * d * self.qk_norm
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * per_layer + h + head
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * torch.tensor([], dtype=self.dtype).element_size()
+
     @classmethod
     def from_hf_dict(cls, cfg: dict, dtype: torch.dtype) -> ModelConfig:
         archs = cfg.get("architectures") or []

@@ -127,3 +127,13 @@ def test_sharded_checkpoint_and_half_precision(tiny_model_dir, tmp_path):
             for pos in range(1, len(prompt))
         ]
         assert sum(errs) / len(errs) < 0.02 and max(errs) < 0.1, (dtype, sum(errs) / len(errs), max(errs))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_param_count_matches_hf(name, tiny_model_dir):
+    """ModelConfig.num_params sizes the weights when the KV budget is set from free memory."""
+    from mnemosyne.config import ModelConfig
+
+    model_dir = tiny_model_dir(name)
+    cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
+    assert cfg.num_params == sum(p.numel() for p in load_hf(model_dir).parameters())

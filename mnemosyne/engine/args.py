@@ -12,6 +12,7 @@ from mnemosyne.errors import ConfigError
 from mnemosyne.models.loader import check_model_dir
 
 _DEFAULT_CPU_KV_GB = 2.0
+_CUDA_RESERVE_BYTES = 1 << 30  # allocator fragmentation, CUDA context growth, sampler buffers
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,10 @@ class EngineArgs:
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
 
-    def create_engine_config(self, model_bytes_on_device: int = 0) -> EngineConfig:
+    def create_engine_config(self) -> EngineConfig:
         """Resolve defaults. KV capacity: kv_cache_memory_gb if set; otherwise a fraction
-        of free CUDA memory (measured after loading `model_bytes_on_device` worth of weights
-        is accounted for by the caller) or 2 GiB on CPU."""
+        of the CUDA memory left free once the weights and an activation reserve are
+        subtracted, or 2 GiB on CPU."""
         self.validate()
         device = self.resolve_device()
         dtype = self.resolve_dtype(device)
@@ -72,7 +73,7 @@ class EngineArgs:
         if max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {max_model_len}")
         bytes_per_block = self.block_size * model_cfg.kv_bytes_per_token
-        budget = self._kv_budget_bytes(device, model_bytes_on_device)
+        budget = self._kv_budget_bytes(device, model_cfg)
         num_blocks = int(budget // bytes_per_block)
         if num_blocks < 1:
             raise ConfigError(
@@ -93,10 +94,13 @@ class EngineArgs:
             seed=self.seed,
         )
 
-    def _kv_budget_bytes(self, device: str, model_bytes_on_device: int) -> float:
+    def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig) -> float:
         if self.kv_cache_memory_gb is not None:
             return self.kv_cache_memory_gb * 2**30
         if device.startswith("cuda"):
             free, _total = torch.cuda.mem_get_info(torch.device(device))
-            return max(0.0, free - model_bytes_on_device) * self.kv_cache_memory_fraction
+            # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
+            per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
+            reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
+            return max(0.0, free - model_cfg.weight_bytes - reserve) * self.kv_cache_memory_fraction
         return _DEFAULT_CPU_KV_GB * 2**30

@@ -25,10 +25,6 @@ class ScheduledChunk:
     def end(self) -> int:
         return self.start + self.num_tokens
 
-    @property
-    def is_decode(self) -> bool:
-        return self.num_tokens == 1 and self.start == self.request.num_tokens - 1
-
 
 @dataclass
 class SchedulerOutput:
