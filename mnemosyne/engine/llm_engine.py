@@ -85,8 +85,6 @@ class LLMEngine:
         params = params or SamplingParams()
         params.validate()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
         vocab = self.config.model.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
