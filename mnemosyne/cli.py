@@ -28,12 +28,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--chunk-size", type=int, default=d.chunk_size)
     g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb)
+    g.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        default=d.kv_cache_memory_fraction,
+        help="fraction of free CUDA memory for the KV cache when --kv-cache-memory-gb is unset",
+    )
     g.add_argument("--seed", type=int, default=d.seed, help="engine seed (model init RNG)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     """Every EngineArgs field has a same-named (dashed) CLI flag in add_engine_args."""
-    return EngineArgs(**{f.name: getattr(ns, f.name) for f in fields(EngineArgs) if hasattr(ns, f.name)})
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in fields(EngineArgs)})
 
 
 def build_parser() -> argparse.ArgumentParser:

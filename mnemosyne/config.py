@@ -80,8 +80,7 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def num_params(self) -> int:
@@ -96,7 +95,7 @@ class ModelConfig:
 
     @property
     def weight_bytes(self) -> int:
-        return self.num_params * torch.tensor([], dtype=self.dtype).element_size()
+        return self.num_params * self.dtype.itemsize
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, dtype: torch.dtype) -> ModelConfig:

@@ -29,6 +29,7 @@ class LLM:
         max_num_seqs: int = 256,
         chunk_size: int | None = 512,
         kv_cache_memory_gb: float | None = None,
+        kv_cache_memory_fraction: float = 0.85,
         seed: int = 0,
     ) -> None:
         args = EngineArgs(
@@ -41,6 +42,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             chunk_size=chunk_size,
             kv_cache_memory_gb=kv_cache_memory_gb,
+            kv_cache_memory_fraction=kv_cache_memory_fraction,
             seed=seed,
         )
         self.engine = LLMEngine.from_args(args)

@@ -59,6 +59,10 @@ class EngineArgs:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )
 
     def create_engine_config(self) -> EngineConfig:
         """Resolve defaults. KV capacity: kv_cache_memory_gb if set; otherwise a fraction

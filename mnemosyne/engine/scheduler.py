@@ -211,9 +211,7 @@ class Scheduler:
         return n
 
     def _can_hold_whole_prompt(self, req: Request) -> bool:
-        kv = self.kv_manager
-        num_free = sum(kv.num_free_blocks(g) for g in range(kv.num_kvp_groups))
-        return kv.blocks_needed(req.num_tokens) <= num_free
+        return self.kv_manager.blocks_needed(req.num_tokens) <= self.kv_manager.num_free_blocks_total
 
     def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:
         start = req.num_dispatched_tokens

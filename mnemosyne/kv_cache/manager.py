@@ -170,6 +170,11 @@ class KVCacheManager:
     def num_free_blocks(self, group: int = 0) -> int:
         return self._pools[group].num_free_blocks
 
+    @property
+    def num_free_blocks_total(self) -> int:
+        """Free blocks summed over every KVP group."""
+        return sum(self.num_free_blocks(g) for g in range(self.num_kvp_groups))
+
     def num_used_blocks(self, group: int = 0) -> int:
         return self._pools[group].num_used_blocks
 
