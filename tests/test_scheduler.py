@@ -292,3 +292,18 @@ def test_finish_request_frees_blocks_and_drops_stale_chunks():
     with pytest.raises(ValueError):
         s.finish_request("w", RequestStatus.RUNNING)
     run_all(s)
+
+
+def test_waiting_prompt_is_admitted_only_when_its_whole_kv_fits():
+    """A 40-token prompt needs 10 blocks; with 8 free it waits (FCFS: the short one behind it
+    waits too) instead of starting a prefill that would be preempted mid-way."""
+    s = make_sched(budget=8, chunk_size=8, blocks=(12,))
+    s.add_request(make_req("holder", 12, max_tokens=4))
+    check_step(s, s.schedule())  # holder takes 2 blocks for its first chunk, then 3 in total
+    s.add_request(make_req("long", 40, max_tokens=1))
+    s.add_request(make_req("short", 4, max_tokens=1))
+    out = s.schedule()
+    check_step(s, out)
+    assert [c.request.request_id for c in out.chunks] == ["holder"]
+    assert s.kv_manager.num_free_blocks_total < s.kv_manager.blocks_needed(40)
+    assert s.num_waiting == 2
