@@ -6,10 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import MnemosyneError
 from mnemosyne.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from mnemosyne.engine.llm_engine import LLMEngine
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +38,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.kv_cache_memory_fraction,
         help="fraction of free CUDA memory for the KV cache when --kv-cache-memory-gb is unset",
     )
-    g.add_argument("--seed", type=int, default=d.seed, help="engine seed (model init RNG)")
+    g.add_argument("--seed", type=int, default=d.seed, help="engine seed (unseeded sampling RNG)")
+    par = p.add_argument_group("parallelism (one worker process per device: tp x spp x kvp)")
+    par.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks per stage")
+    par.add_argument("--spp", type=int, default=d.spp, help="sequence-pipeline stages")
+    par.add_argument("--kvp", type=int, default=d.kvp, help="KV-cache-parallel groups")
+    par.add_argument(
+        "--max-tokens-per-kvp-group",
+        type=int,
+        default=d.max_tokens_per_kvp_group,
+        help="tokens of one request a KVP group holds before the next is onboarded",
+    )
+    par.add_argument(
+        "--pipeline-depth", type=int, default=d.pipeline_depth, help="micro-batches in flight (default: spp)"
+    )
+    par.add_argument(
+        "--driver-address",
+        default=d.driver_address,
+        help="bind here (tcp://HOST:PORT) and wait for workers started by torchrun instead of local ones",
+    )
+    par.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -76,10 +99,7 @@ def _read_prompt(ns: argparse.Namespace) -> str:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from mnemosyne.engine.llm_engine import LLMEngine
-    from mnemosyne.llm import LLM
 
     params = SamplingParams(
         max_tokens=ns.max_tokens,
@@ -91,7 +111,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         stop=ns.stop,
         ignore_eos=ns.ignore_eos,
     )
-    engine = LLMEngine.from_args(engine_args_from(ns))
+    with LLMEngine.from_args(engine_args_from(ns)) as engine:
+        return _stream_one(engine, ns, params)
+
+
+def _stream_one(engine: LLMEngine, ns: argparse.Namespace, params: SamplingParams) -> int:
+    from tqdm.auto import tqdm
+
+    from mnemosyne.llm import LLM
+
     text = _read_prompt(ns)
     prompt: str | list[int] = text
     if ns.chat:

@@ -202,13 +202,28 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """The 3D layout (rank table in `parallel/groups.py`) and how its workers are run.
+
+    `pipeline_depth` bounds the micro-batches in flight (None: spp, one per stage).
+    `driver_address` set: bind there and wait for externally launched workers
+    (torchrun on several machines) instead of starting them locally.
+    `timeout_s` bounds every collective and every wait for a worker's reply.
+    """
+
     tp: int = 1
     spp: int = 1
     kvp: int = 1
+    pipeline_depth: int | None = None
+    driver_address: str | None = None
+    timeout_s: float = 600.0
 
     @property
     def world_size(self) -> int:
         return self.tp * self.spp * self.kvp
+
+    @property
+    def max_inflight(self) -> int:
+        return self.pipeline_depth or self.spp
 
 
 @dataclass(frozen=True)

@@ -15,3 +15,7 @@ class InvalidRequestError(MnemosyneError, ValueError):
 
 class ModelLoadError(MnemosyneError, FileNotFoundError):
     """A model directory or file that is missing or unreadable."""
+
+
+class WorkerError(MnemosyneError, RuntimeError):
+    """A worker process failed, died or stopped answering; the engine cannot continue."""

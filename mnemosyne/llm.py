@@ -31,7 +31,16 @@ class LLM:
         kv_cache_memory_gb: float | None = None,
         kv_cache_memory_fraction: float = 0.85,
         seed: int = 0,
+        tp: int = 1,
+        spp: int = 1,
+        kvp: int = 1,
+        max_tokens_per_kvp_group: int | None = None,
+        pipeline_depth: int | None = None,
+        driver_address: str | None = None,
+        worker_timeout_s: float = 600.0,
     ) -> None:
+        """See `EngineArgs` for every option. With tp * spp * kvp > 1, one worker process
+        per device is started; call `shutdown()` (or use `with LLM(...) as llm:`) to stop them."""
         args = EngineArgs(
             model=model,
             dtype=dtype,
@@ -44,8 +53,24 @@ class LLM:
             kv_cache_memory_gb=kv_cache_memory_gb,
             kv_cache_memory_fraction=kv_cache_memory_fraction,
             seed=seed,
+            tp=tp,
+            spp=spp,
+            kvp=kvp,
+            max_tokens_per_kvp_group=max_tokens_per_kvp_group,
+            pipeline_depth=pipeline_depth,
+            driver_address=driver_address,
+            worker_timeout_s=worker_timeout_s,
         )
         self.engine = LLMEngine.from_args(args)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from mnemosyne.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
 from mnemosyne.errors import ConfigError
 from mnemosyne.models.loader import check_model_dir
 
@@ -28,6 +35,13 @@ class EngineArgs:
     kv_cache_memory_gb: float | None = None
     kv_cache_memory_fraction: float = 0.85  # of free device memory, CUDA only
     seed: int = 0
+    tp: int = 1  # tensor-parallel ranks per pipeline stage
+    spp: int = 1  # sequence-pipeline stages
+    kvp: int = 1  # KV-cache-parallel groups (model replicas holding disjoint KV ranges)
+    max_tokens_per_kvp_group: int | None = None  # default with kvp > 1: one group's whole capacity
+    pipeline_depth: int | None = None  # micro-batches in flight; default spp
+    driver_address: str | None = None  # e.g. tcp://0.0.0.0:5570: wait for torchrun-launched workers
+    worker_timeout_s: float = 600.0  # collectives and worker replies
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -59,52 +73,104 @@ class EngineArgs:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        for name in ("tp", "spp", "kvp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pipeline_depth is not None and self.pipeline_depth < 1:
+            raise ConfigError(f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
+        if self.worker_timeout_s <= 0:
+            raise ConfigError(f"worker_timeout_s must be positive, got {self.worker_timeout_s}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
 
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(
+            tp=self.tp,
+            spp=self.spp,
+            kvp=self.kvp,
+            pipeline_depth=self.pipeline_depth,
+            driver_address=self.driver_address,
+            timeout_s=self.worker_timeout_s,
+        )
+
     def create_engine_config(self) -> EngineConfig:
-        """Resolve defaults. KV capacity: kv_cache_memory_gb if set; otherwise a fraction
-        of the CUDA memory left free once the weights and an activation reserve are
-        subtracted, or 2 GiB on CPU."""
+        """Resolve defaults and check the layout (before any worker starts).
+
+        KV capacity, per device: kv_cache_memory_gb if set; otherwise on CUDA a
+        fraction of the memory left free once this device's weight shard and an
+        activation reserve are subtracted, and on CPU 2 GiB split over the devices.
+        Every KVP group gets the same number of blocks."""
         self.validate()
         device = self.resolve_device()
         dtype = self.resolve_dtype(device)
         model_dir = self.resolve_model_dir(dtype)
         model_cfg = ModelConfig.from_pretrained(model_dir, dtype)
+        parallel = self.parallel_config()
+        from mnemosyne.parallel.validate import check_layout
+
+        local_devices = torch.cuda.device_count() if device.startswith("cuda") else None
+        check_layout(model_cfg, parallel, None if self.driver_address else local_devices)
         max_model_len = self.max_model_len or model_cfg.max_position_embeddings
         if max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {max_model_len}")
-        bytes_per_block = self.block_size * model_cfg.kv_bytes_per_token
-        budget = self._kv_budget_bytes(device, model_cfg)
+        bytes_per_block = self.block_size * kv_bytes_per_token_per_device(model_cfg, parallel)
+        budget = self._kv_budget_bytes(device, model_cfg, parallel)
         num_blocks = int(budget // bytes_per_block)
         if num_blocks < 1:
             raise ConfigError(
-                f"KV cache budget of {budget / 2**30:.3f} GiB holds no block of {bytes_per_block} bytes "
-                f"(block_size {self.block_size} x {model_cfg.kv_bytes_per_token} bytes/token)"
+                f"KV cache budget of {budget / 2**30:.3f} GiB per device holds no block of "
+                f"{bytes_per_block} bytes (block_size {self.block_size})"
             )
+        max_tokens_per_group = self.max_tokens_per_kvp_group
+        if max_tokens_per_group is None and self.kvp > 1:
+            max_tokens_per_group = num_blocks * self.block_size
         return EngineConfig(
             model_dir=str(model_dir),
             model=model_cfg,
-            cache=CacheConfig(block_size=self.block_size, num_blocks_per_group=(num_blocks,)),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                num_blocks_per_group=(num_blocks,) * self.kvp,
+                max_tokens_per_kvp_group=max_tokens_per_group,
+            ),
             scheduler=SchedulerConfig(
                 max_model_len=max_model_len,
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_num_seqs=self.max_num_seqs,
                 chunk_size=self.chunk_size,
             ),
+            parallel=parallel,
             device=device,
             seed=self.seed,
         )
 
-    def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig) -> float:
+    def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig, parallel: ParallelConfig) -> float:
         if self.kv_cache_memory_gb is not None:
             return self.kv_cache_memory_gb * 2**30
         if device.startswith("cuda"):
-            free, _total = torch.cuda.mem_get_info(torch.device(device))
+            num_local = min(parallel.world_size, torch.cuda.device_count())
+            free = min(torch.cuda.mem_get_info(torch.device("cuda", i))[0] for i in range(num_local))
             # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
-            return max(0.0, free - model_cfg.weight_bytes - reserve) * self.kv_cache_memory_fraction
-        return _DEFAULT_CPU_KV_GB * 2**30
+            weights = weight_bytes_per_device(model_cfg, parallel)
+            return max(0.0, free - weights - reserve) * self.kv_cache_memory_fraction
+        return _DEFAULT_CPU_KV_GB * 2**30 / parallel.world_size
+
+
+def kv_bytes_per_token_per_device(model_cfg: ModelConfig, parallel: ParallelConfig) -> int:
+    """KV bytes one token costs on the busiest device: the first (longest) stage's layers,
+    this rank's KV heads (one replicated head when tp > num_kv_heads)."""
+    num_layers = -(-model_cfg.num_layers // parallel.spp)
+    num_kv_heads = max(1, model_cfg.num_kv_heads // parallel.tp)
+    return 2 * num_layers * num_kv_heads * model_cfg.head_dim * model_cfg.dtype.itemsize
+
+
+def weight_bytes_per_device(model_cfg: ModelConfig, parallel: ParallelConfig) -> int:
+    """An upper bound on one device's weight shard: the longest stage plus embedding and head."""
+    h, v = model_cfg.hidden_size, model_cfg.vocab_size
+    embed_and_head = v * h * (1 if model_cfg.tie_word_embeddings and parallel.spp == 1 else 2)
+    per_layer = (model_cfg.num_params - v * h * (1 if model_cfg.tie_word_embeddings else 2)) / model_cfg.num_layers
+    num_layers = -(-model_cfg.num_layers // parallel.spp)
+    return int((per_layer * num_layers + embed_and_head) / parallel.tp * model_cfg.dtype.itemsize)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from pathlib import Path
-
-import torch
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.args import EngineArgs
@@ -22,14 +21,13 @@ from mnemosyne.engine.chunking import FixedChunkPolicy
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
+from mnemosyne.engine.step_plan import PlanBuilder, StepResult
 from mnemosyne.errors import InvalidRequestError
+from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.layers.attention.reference import TorchReferenceBackend
-from mnemosyne.models.loader import load_model
 from mnemosyne.outputs import RequestOutput, RequestTiming
 from mnemosyne.request import Request, RequestStatus
 from mnemosyne.sampling_params import SamplingParams
-from mnemosyne.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 
 def load_tokenizer(model_dir: str | Path):  # -> PreTrainedTokenizerBase | None
@@ -43,6 +41,13 @@ def load_tokenizer(model_dir: str | Path):  # -> PreTrainedTokenizerBase | None
 
 
 class LLMEngine:
+    """Schedules on the driver; runs micro-batches through an `Executor`.
+
+    With a pipeline (spp > 1) up to `parallel.max_inflight` micro-batches are in
+    flight: the next chunk of a prompt is scheduled while earlier ones are still
+    in later stages, and results come back in order.
+    """
+
     def __init__(self, config: EngineConfig, tokenizer=None) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -50,13 +55,11 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, FixedChunkPolicy(config.scheduler.chunk_size)
         )
-        # Unseeded sampling draws from one engine-owned stream (no global RNG state).
-        self._rng = torch.Generator(device=config.device).manual_seed(config.seed)
-        model = load_model(config.model_dir, config.model, TorchReferenceBackend(), config.device)
-        self.runner = ModelRunner(model, config.model, config.cache, config.device)
+        self.planner = PlanBuilder(self.scheduler, self.kv_manager)
+        self.executor: Executor = make_executor(config)
+        self._inflight: deque[SchedulerOutput] = deque()
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._generators: dict[str, torch.Generator | None] = {}
         self._prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
 
@@ -100,19 +103,11 @@ class LLMEngine:
         self.scheduler.add_request(req)  # raises on over-long / empty prompts
         self._requests[request_id] = req
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
-        self._generators[request_id] = self._make_generator(params)
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer.for_prompt(
                 self.tokenizer, token_ids, params.skip_special_tokens, params.stop
             )
         return request_id
-
-    def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.greedy:
-            return None
-        if params.seed is None:
-            return self._rng
-        return torch.Generator(device=self.config.device).manual_seed(params.seed)
 
     def abort(self, request_id: str) -> None:
         req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
@@ -125,23 +120,40 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        pieces = [self.kv_manager.pieces(c.request.request_id) for c in sched.chunks]
-        result = self.runner.execute(sched, pieces, self._generators)
-        return self._process(sched, result)
+        """Fill the pipeline with newly scheduled micro-batches, then finish the oldest."""
+        while len(self._inflight) < self.config.parallel.max_inflight:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                break
+            self.executor.submit(self.planner.build(sched))
+            self._inflight.append(sched)
+        if not self._inflight:
+            return []
+        result = self.executor.get_result()
+        return self._process(self._inflight.popleft(), result)
 
-    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+    @property
+    def inflight(self) -> tuple[SchedulerOutput, ...]:
+        """Micro-batches submitted and not yet processed, oldest first."""
+        return tuple(self._inflight)
+
+    def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.monotonic()
-        for request_id, (first_pos, entries) in result.prompt_logprobs.items():
-            req = self._requests[request_id]
-            req.prompt_logprobs.extend(entries)
-            req.num_prompt_logprobs_done = first_pos + len(entries)
-        for request_id, lp in result.logprobs.items():
-            self._requests[request_id].logprobs.append(lp)
+        current = [c for c in sched.chunks if self.scheduler.is_current(c)]
+        for chunk in current:
+            req = chunk.request
+            rid = req.request_id
+            if rid in result.prompt_logprobs:
+                first_pos, entries = result.prompt_logprobs[rid]
+                if first_pos == req.num_prompt_logprobs_done:
+                    req.prompt_logprobs.extend(entries)
+                    req.num_prompt_logprobs_done = first_pos + len(entries)
+            if chunk.sample and rid in result.logprobs:
+                req.logprobs.append(result.logprobs[rid])
         self.scheduler.update_from_output(sched, result.sampled_token_ids)
 
         outputs: list[RequestOutput] = []
-        for chunk in sched.chunks:
+        for chunk in current:
             req = chunk.request
             new_ids: list[int] = []
             if chunk.sample and req.request_id in result.sampled_token_ids:
@@ -183,5 +195,17 @@ class LLMEngine:
         )
 
     def _forget(self, request_id: str) -> None:
-        for table in (self._requests, self._detok, self._generators, self._prompts):
+        for table in (self._requests, self._detok, self._prompts):
             table.pop(request_id, None)
+
+    # ---- lifetime ---------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the workers (a no-op on one device). The engine is unusable afterwards."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -143,15 +143,17 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
         """Record a finished step; returns the requests that finished in this call.
 
-        A chunk is applied only if its request is still RUNNING here and the chunk
-        continues its computed prefix (start == num_computed_tokens); chunks of
-        requests finished, aborted or preempted since scheduling are dropped.
+        A chunk is applied only if its request is still RUNNING here, in the epoch it
+        was scheduled in, and the chunk continues its computed prefix (start ==
+        num_computed_tokens); chunks of requests finished, aborted or preempted
+        since scheduling are dropped (with a pipeline, several chunks of one request
+        are in flight and complete in order).
         """
         finished: list[Request] = []
         for chunk in out.chunks:
             req = chunk.request
             rid = req.request_id
-            if self._running.get(rid) is not req or chunk.start != req.num_computed_tokens:
+            if not self.is_current(chunk):
                 continue
             if chunk.sample and rid not in sampled_token_ids:
                 raise KeyError(f"no sampled token for request {rid!r}, whose chunk ends at {chunk.end}")
@@ -165,6 +167,15 @@ class Scheduler:
                 self._finish(req, status)
                 finished.append(req)
         return finished
+
+    def is_current(self, chunk: ScheduledChunk) -> bool:
+        """Would `update_from_output` apply this chunk's result now?"""
+        req = chunk.request
+        return (
+            self._running.get(req.request_id) is req
+            and chunk.epoch == req.num_preemptions
+            and chunk.start == req.num_computed_tokens
+        )
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish from outside (abort, stop string): frees its KV. Unknown ids return None."""
@@ -216,7 +227,13 @@ class Scheduler:
     def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:
         start = req.num_dispatched_tokens
         out.chunks.append(
-            ScheduledChunk(request=req, start=start, num_tokens=n, sample=start + n == req.num_tokens)
+            ScheduledChunk(
+                request=req,
+                start=start,
+                num_tokens=n,
+                sample=start + n == req.num_tokens,
+                epoch=req.num_preemptions,
+            )
         )
         req.num_dispatched_tokens += n
         req.status = RequestStatus.RUNNING

@@ -13,13 +13,15 @@ class ScheduledChunk:
 
     `sample` is True when the chunk reaches the request's last known token, so the
     logits of its final position pick the next output token. A decode is a chunk
-    with num_tokens == 1 and sample == True.
+    with num_tokens == 1 and sample == True. `epoch` is the request's preemption
+    count when scheduled: a result for an older epoch is stale and dropped.
     """
 
     request: Request
     start: int
     num_tokens: int
     sample: bool
+    epoch: int = 0
 
     @property
     def end(self) -> int:

@@ -3,11 +3,25 @@
 They differ only in flags of `ModelConfig` (qkv_bias, qk_norm, sliding_window,
 rope scaling, tied embeddings), so one implementation serves them all. Inputs are
 flat: all tokens of the batch packed along dim 0, with their global positions.
+
+Under the 3D layout (see `mnemosyne/parallel/groups.py`) one instance is one rank's
+part of the model:
+
+    stage s (spp_rank) builds decoder layers stage_layers(num_layers, spp, s) only;
+    the embedding lives on the first stage, the final norm and LM head on the last;
+    every linear is split over the TP group (num_heads / tp query heads per rank,
+    KV heads split or replicated, see `layers/linear.py`); PagedAttention merges
+    partials over the KVP group.
+
+    stage 0:       input_ids ─> embed ─> layers[a0:b0) ─> residual stream ──┐
+    stage 1:                 ┌───────────────────────────────────────────────┘
+                             └─> layers[a1:b1) ─> ... ─> last stage: norm ─> hidden ─> compute_logits
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,33 +31,58 @@ from mnemosyne.config import ModelConfig
 from mnemosyne.layers.attention.backend import AttentionBackend
 from mnemosyne.layers.attention.layer import PagedAttention
 from mnemosyne.layers.attention.metadata import AttentionMetadata
-from mnemosyne.layers.linear import Linear, MergedLinear
+from mnemosyne.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    num_kv_heads_per_rank,
+)
 from mnemosyne.layers.norm import RMSNorm
 from mnemosyne.layers.rotary import RotaryEmbedding
+from mnemosyne.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from mnemosyne.parallel.groups import GroupHandle, ProcessGroups, stage_layers
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+WeightLoader = Callable[[torch.Tensor], None]
+
+
+def _replicated(param: nn.Parameter) -> WeightLoader:
+    """Loader of a parameter every rank holds whole (norms)."""
+
+    def load(tensor: torch.Tensor) -> None:
+        if tensor.shape != param.shape:
+            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+        param.data.copy_(tensor)
+
+    return load
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, tp_group: GroupHandle, kvp_group: GroupHandle
+    ) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, cfg.dtype, tp_group
+        )
+        self.num_heads = self.qkv_proj.num_local_heads  # on this TP rank
+        self.num_kv_heads = self.qkv_proj.num_local_kv_heads  # on this TP rank
         self.head_dim = cfg.head_dim
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.qkv_bias, cfg.dtype)
-        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_bias, cfg.dtype)
+        q_size = cfg.num_heads * cfg.head_dim
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, cfg.o_bias, cfg.dtype, tp_group)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, backend, cfg.sliding_window)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, cfg.head_dim, backend, cfg.sliding_window, kvp_group=kvp_group
+        )
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
-        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
+        qkv = self.qkv_proj(x)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], local heads
+        q, k, v = qkv.split(self.qkv_proj.local_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -51,28 +90,53 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, kv_cache, meta)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return self.o_proj(out.reshape(num_tokens, -1))  # [num_tokens, hidden_size]
+
+    def weight_loaders(self) -> dict[str, WeightLoader]:
+        """Checkpoint name (relative to `self_attn.`) -> loader of this rank's part."""
+        loaders: dict[str, WeightLoader] = {}
+        for leaf in ("weight", "bias"):
+            if getattr(self.qkv_proj, leaf) is not None:
+                for shard, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                    loaders[f"{proj}.{leaf}"] = partial(self.qkv_proj.load_shard, shard, leaf)
+            if getattr(self.o_proj, leaf) is not None:
+                loaders[f"o_proj.{leaf}"] = partial(self.o_proj.load, leaf)
+        if self.q_norm is not None and self.k_norm is not None:
+            loaders["q_norm.weight"] = _replicated(self.q_norm.weight)
+            loaders["k_norm.weight"] = _replicated(self.k_norm.weight)
+        return loaders
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp_group: GroupHandle) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [inter, inter], False, cfg.dtype)
-        self.down_proj = Linear(inter, cfg.hidden_size, False, cfg.dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [inter, inter], False, cfg.dtype, tp_group
+        )
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, cfg.dtype, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x [num_tokens, intermediate_size / tp]
+        return self.down_proj(F.silu(gate) * up)  # [num_tokens, hidden_size]
+
+    def weight_loaders(self) -> dict[str, WeightLoader]:
+        return {
+            "gate_proj.weight": partial(self.gate_up_proj.load_shard, 0, "weight"),
+            "up_proj.weight": partial(self.gate_up_proj.load_shard, 1, "weight"),
+            "down_proj.weight": partial(self.down_proj.load, "weight"),
+        }
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, tp_group: GroupHandle, kvp_group: GroupHandle
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = LlamaAttention(cfg, backend)
+        self.self_attn = LlamaAttention(cfg, backend, tp_group, kvp_group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, tp_group)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -80,90 +144,141 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def weight_loaders(self) -> dict[str, WeightLoader]:
+        loaders = {
+            "input_layernorm.weight": _replicated(self.input_layernorm.weight),
+            "post_attention_layernorm.weight": _replicated(self.post_attention_layernorm.weight),
+        }
+        loaders.update({f"self_attn.{k}": v for k, v in self.self_attn.weight_loaders().items()})
+        loaders.update({f"mlp.{k}": v for k, v in self.mlp.weight_loaders().items()})
+        return loaders
+
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder stack plus LM head. `layer_range` selects the layers this process owns
-    (all of them on one device; a contiguous slice per pipeline stage later)."""
+    """One rank's part of the model: the decoder layers of its pipeline stage
+    (`layer_range`), TP-sharded; the embedding on the first stage; the final norm and
+    LM head on the last. `pg=None` is a single device: the whole model, unsharded."""
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, pg: ProcessGroups | None = None) -> None:
         super().__init__()
+        pg = pg or ProcessGroups.single()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        if cfg.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, cfg.dtype)
+        self.pg = pg
+        self.layer_range = stage_layers(cfg.num_layers, pg.parallel.spp, pg.coords.spp_rank)
+        self.num_local_heads = cfg.num_heads // pg.tp.size  # query heads per layer on this TP rank
+        # KV heads per layer on this TP rank: the KV cache is [num_blocks, block_size, this, head_dim]
+        self.num_local_kv_heads = num_kv_heads_per_rank(cfg.num_kv_heads, pg.tp.size)
+        if not self.layer_range:
+            raise ValueError(
+                f"pipeline stage {pg.coords.spp_rank} of {pg.parallel.spp} has no layers "
+                f"(model has {cfg.num_layers})"
+            )
+        self.embed_tokens = (
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.dtype, pg.tp)
+            if pg.is_first_stage
+            else None
+        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, pg.tp, pg.kvp) for _ in self.layer_range)
+        self.norm: RMSNorm | None = None
+        self.lm_head: ParallelLMHead | None = None
+        if pg.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+            # Tied: share the embedding's shard when it is on this stage, else hold a copy.
+            tied_to = self.embed_tokens if cfg.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype, pg.tp, tied_to=tied_to)
+        self._top_level_keys = frozenset(k for k in self._weight_loaders() if not k.startswith("layers."))
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.embed_tokens is not None
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.lm_head is not None
+
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.layer_range)
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # [num_tokens]
+        input_ids_or_hidden: torch.Tensor,  # first stage: [num_tokens] ids; else [num_tokens, hidden_size]
         positions: torch.Tensor,  # [num_tokens] global positions
-        kv_caches: list[KVCache],  # one per layer
+        kv_caches: list[KVCache],  # one per local layer
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        """Last stage: final-normed hidden states; other stages: the residual stream for
+        the next stage. Either way [num_tokens, hidden_size]."""
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(input_ids_or_hidden)  # [num_tokens, hidden_size]
+        else:
+            x = input_ids_or_hidden
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(positions, x, kv_cache, meta)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)  # [num_rows, vocab_size]
+        """[num_rows, hidden_size] -> [num_rows, vocab_size], the full vocabulary on every TP rank."""
+        if self.lm_head is None:
+            raise RuntimeError(f"compute_logits on pipeline stage {self.pg.coords.spp_rank}, not the last")
+        return self.lm_head.compute_logits(hidden)
 
     # ---- weight loading -------------------------------------------------------------
+    # Keys are checkpoint names without the leading "model." ("layers.7.mlp.up_proj.weight").
 
-    _MERGED = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    def _weight_loaders(self) -> dict[str, WeightLoader]:
+        """Every checkpoint tensor this rank needs -> the loader slicing it for this rank."""
+        loaders: dict[str, WeightLoader] = {}
+        if self.embed_tokens is not None:
+            loaders["embed_tokens.weight"] = self.embed_tokens.load_weight
+        for idx, layer in zip(self.layer_range, self.layers, strict=True):
+            loaders.update({f"layers.{idx}.{k}": v for k, v in layer.weight_loaders().items()})
+        if self.norm is not None and self.lm_head is not None:
+            loaders["norm.weight"] = _replicated(self.norm.weight)
+            if not self.config.tie_word_embeddings:
+                loaders["lm_head.weight"] = self.lm_head.load_weight
+            elif self.embed_tokens is None:
+                # Tied, embedding on another stage: this stage's copy of the head.
+                loaders["embed_tokens.weight"] = self.lm_head.load_weight
+        return loaders
+
+    def _skips(self, name: str) -> bool:
+        """A valid checkpoint tensor this rank does not hold (or nobody needs)."""
+        if "rotary_emb.inv_freq" in name:
+            return True
+        if name in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
+            # Other stages' tensors; lm_head.weight of a tied model is never used.
+            return name not in self._top_level_keys
+        parts = name.split(".")
+        if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
+            idx = int(parts[1])
+            return idx < self.config.num_layers and idx not in self.layer_range
+        return False
+
+    def wants_weight(self, hf_name: str) -> bool:
+        """False for checkpoint tensors this rank skips, so the loader need not read them."""
+        return not self._skips(hf_name.removeprefix("model."))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (HF names) into place, one at a time. Returns the
-        set of parameter names that were written."""
-        params = dict(self.named_parameters())
+        """Copy FULL checkpoint tensors (HF names) into place, one at a time, each sliced
+        for this rank; tensors of other stages are skipped. Returns the keys loaded
+        (compare with `expected_weight_keys`)."""
+        loaders = self._weight_loaders()
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
+            if self._skips(name):
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding is the head
-            module_path, _, leaf = name.rpartition(".")
-            parent, _, proj = module_path.rpartition(".")
-            if proj in self._MERGED:
-                merged, shard = self._MERGED[proj]
-                target = self.get_submodule(f"{parent}.{merged}")
-                assert isinstance(target, MergedLinear)
-                target.load_shard(shard, leaf, tensor)
-                loaded.add(f"{parent}.{merged}.{leaf}#{shard}")
-                continue
-            if name not in params:
+            loader = loaders.get(name)
+            if loader is None:
                 raise KeyError(f"checkpoint tensor {hf_name!r} has no matching parameter")
-            param = params[name]
-            if param.shape != tensor.shape:
-                raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
-            param.data.copy_(tensor)
+            try:
+                loader(tensor)
+            except ValueError as e:
+                raise ValueError(f"{hf_name}: {e}") from e
             loaded.add(name)
         return loaded
 
     def expected_weight_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for name, module in self.named_modules():
-            if isinstance(module, MergedLinear):
-                for leaf in ("weight", "bias"):
-                    if getattr(module, leaf) is not None:
-                        keys.update(f"{name}.{leaf}#{i}" for i in range(len(module.out_sizes)))
-        merged_params = {
-            f"{n}.{leaf}"
-            for n, m in self.named_modules()
-            if isinstance(m, MergedLinear)
-            for leaf in ("weight", "bias")
-        }
-        keys.update(n for n, _ in self.named_parameters() if n not in merged_params)
-        return keys
+        """The checkpoint tensors (names without "model.") this rank must load."""
+        return set(self._weight_loaders())

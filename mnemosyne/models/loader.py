@@ -2,13 +2,14 @@
 
 Tensors stream from the *.safetensors files one at a time straight into the
 parameters that were allocated (uninitialised) on the target device, so the peak
-host memory is one tensor, not a second copy of the model.
+host memory is one tensor, not a second copy of the model. Under a parallel layout
+each rank reads only the tensors of its pipeline stage and keeps its TP slice.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from mnemosyne.config import ModelConfig
 from mnemosyne.errors import ModelLoadError
 from mnemosyne.layers.attention.backend import AttentionBackend
 from mnemosyne.models.llama import LlamaForCausalLM
+from mnemosyne.parallel.groups import ProcessGroups
 
 # Every supported architecture is served by the same implementation; the
 # differences are flags in ModelConfig.
@@ -53,22 +55,33 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(
+    files: list[Path], wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in `files` for which `wanted(name)` holds (all by
+    default); the others are never read from disk."""
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                if wanted is None or wanted(name):
+                    yield name, f.get_tensor(name)
 
 
 def load_model(
-    model_dir: str | Path, cfg: ModelConfig, backend: AttentionBackend, device: torch.device | str
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    backend: AttentionBackend,
+    device: torch.device | str,
+    pg: ProcessGroups | None = None,
 ) -> LlamaForCausalLM:
+    """Build this rank's part of the model (`pg=None`: a single device, the whole model)
+    and stream in the checkpoint tensors it needs, each sliced for its TP rank."""
     path = check_model_dir(model_dir)
     files = safetensors_files(path)
     model_cls = MODEL_CLASSES[cfg.architecture]
     with torch.device(device):
-        model = model_cls(cfg, backend)
-    loaded = model.load_weights(iter_safetensors(files))
+        model = model_cls(cfg, backend, pg)
+    loaded = model.load_weights(iter_safetensors(files, model.wants_weight))
     missing = model.expected_weight_keys() - loaded
     if missing:
         raise ModelLoadError(

@@ -1,4 +1,5 @@
-"""The attention layer used by models: write the new K/V, attend over the paged cache."""
+"""The attention layer used by models: write the new K/V, attend over the paged cache,
+merge partials across KVP groups (`kvp_merge.py`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import torch
 from torch import nn
 
 from mnemosyne.layers.attention.backend import AttentionBackend
+from mnemosyne.layers.attention.kvp_merge import merge_across_kvp_groups
 from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.parallel.groups import GroupHandle
 
 
 class PagedAttention(nn.Module):
@@ -17,6 +20,7 @@ class PagedAttention(nn.Module):
         head_dim: int,
         backend: AttentionBackend,
         sliding_window: int | None = None,
+        kvp_group: GroupHandle | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -27,6 +31,7 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
         self.backend = backend
+        self.kvp_group = kvp_group or GroupHandle.trivial()
 
     def forward(
         self,
@@ -38,5 +43,5 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out, _lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return out  # [num_tokens, num_heads, head_dim]
+        out, lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        return merge_across_kvp_groups(out, lse, meta.kvp_merge, self.kvp_group)  # [num_tokens, H, D]

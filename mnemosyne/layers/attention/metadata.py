@@ -19,6 +19,9 @@ under KV-cache parallelism only the newest group writes).
 
 Invariants: for a single-device run, kv_start == 0 and
 kv_lens == q_pos_start + query_lens (the new keys are written before attention).
+Under KVP, a group holding an older piece of a request has kv_start = piece start,
+kv_lens = piece length (all keys before the queries) and slot_mapping -1 for the
+request's rows; `kvp_merge` says which rows are merged across groups.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from mnemosyne.layers.attention.kvp_merge import KVPMergeIndex
 
 
 @dataclass
@@ -43,6 +48,7 @@ class AttentionMetadata:
     kv_lens_cpu: list[int]
     max_query_len: int
     max_kv_len: int
+    kvp_merge: KVPMergeIndex | None = None  # rows merged across KVP groups (None: none)
 
     @property
     def num_seqs(self) -> int:
@@ -62,6 +68,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         slot_mapping: list[int],
         device: torch.device | str,
+        kvp_merge: KVPMergeIndex | None = None,
     ) -> AttentionMetadata:
         num_seqs = len(query_lens)
         max_blocks = max((len(b) for b in block_tables), default=0)
@@ -85,4 +92,5 @@ class AttentionMetadata:
             kv_lens_cpu=list(kv_lens),
             max_query_len=max(query_lens, default=0),
             max_kv_len=max(kv_lens, default=0),
+            kvp_merge=kvp_merge,
         )

@@ -1,0 +1,201 @@
+"""What the driver sends every worker for one micro-batch, and what comes back.
+
+The scheduler's `SchedulerOutput` refers to live `Request` objects; a `StepPlan` is
+its plain-data, picklable form. One plan is built per scheduled micro-batch and
+sent, unchanged, to every rank; each rank picks the part of its KVP group.
+
+Workers mirror the block tables of their own group (see `worker/block_table.py`)
+and receive only what changed, so a 1M-token request does not resend 60K block
+ids every step::
+
+    plan k:   freed_kv ──> drop the mirror of preempted / finished requests
+              finished ──> forget their sampling parameters too
+              new_requests ──> remember sampling parameters (every rank)
+              chunks[i].pieces[j] ──> group j' blocks: mirror[num_known_blocks:] = new_block_ids
+
+    Every rank applies plan k's updates when it starts plan k, in plan order, so a
+    stage still busy with plan k-1 never sees plan k's blocks early. Block ids
+    freed by a preemption may be reused in the very next plan: stages run plans in
+    order, so the old owner's in-flight writes land before the new owner writes.
+
+`ChunkPlan.pieces` lists every piece holding keys of [0, chunk.end); the last one
+is the owner (it holds the chunk's own positions, writes their K/V and samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mnemosyne.engine.scheduler import Scheduler
+from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.request import Request, TokenLogprobs
+from mnemosyne.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    request_id: str
+    sampling_params: SamplingParams
+
+
+@dataclass(frozen=True)
+class PieceSpec:
+    group: int  # KVP group holding keys [token_start, token_end)
+    token_start: int
+    token_end: int  # reserved slots end when the plan was built
+    num_known_blocks: int  # blocks of this piece the group's workers already mirror
+    new_block_ids: tuple[int, ...]  # appended to the mirror
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    request_id: str
+    start: int
+    num_tokens: int
+    sample: bool
+    token_ids: tuple[int, ...]  # tokens [start, end)
+    pieces: tuple[PieceSpec, ...]  # oldest first; the last one owns [start, end)
+    prompt_logprob_start: int  # positions [start', start' + len(targets)) are scored
+    prompt_logprob_targets: tuple[int, ...]  # target of position p is prompt token p + 1
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def owner_group(self) -> int:
+        return self.pieces[-1].group
+
+    @property
+    def is_shared(self) -> bool:
+        """True when more than one KVP group holds keys this chunk attends to."""
+        return len(self.pieces) > 1
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    chunks: tuple[ChunkPlan, ...]
+    new_requests: tuple[NewRequest, ...] = ()
+    freed_kv: tuple[str, ...] = ()
+    finished: tuple[str, ...] = ()
+
+    @property
+    def num_shared_tokens(self) -> int:
+        """Query tokens whose attention partials are merged across KVP groups this step."""
+        return sum(c.num_tokens for c in self.chunks if c.is_shared)
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens and logprobs of one micro-batch (merged over KVP groups)."""
+
+    step_id: int
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request_id -> (first prompt position p, entries for positions p+1, p+2, ...)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+    def update(self, other: StepResult) -> None:
+        self.sampled_token_ids.update(other.sampled_token_ids)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
+
+
+def prompt_logprob_positions(chunk: ScheduledChunk) -> range:
+    """Prompt positions p in this chunk whose logits score prompt token p + 1."""
+    req = chunk.request
+    if req.sampling_params.prompt_logprobs is None:
+        return range(0)
+    lo = max(chunk.start, req.num_prompt_logprobs_done)
+    hi = min(chunk.end, req.num_prompt_tokens - 1)
+    return range(lo, max(lo, hi))
+
+
+class PlanBuilder:
+    """Driver side: turns SchedulerOutputs into StepPlans, tracking what workers know.
+
+    Per request it remembers the epoch (preemption count) and, per KVP group, how
+    many block ids were sent. A request that the scheduler no longer knows is
+    `finished`; one whose epoch changed, or that went back to waiting, is in
+    `freed_kv` and resent from scratch when it runs again.
+    """
+
+    def __init__(self, scheduler: Scheduler, kv_manager: KVCacheManager) -> None:
+        self.scheduler = scheduler
+        self.kv_manager = kv_manager
+        self._next_step_id = 0
+        self._known: dict[str, Request] = {}  # sampling parameters sent
+        self._epoch: dict[str, int] = {}  # request id -> epoch of the mirrored blocks
+        self._sent_blocks: dict[str, dict[int, int]] = {}  # request id -> group -> blocks sent
+
+    def build(self, sched: SchedulerOutput) -> StepPlan:
+        finished, freed = self._retire()
+        new_requests: list[NewRequest] = []
+        chunks: list[ChunkPlan] = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            rid = req.request_id
+            if self._known.get(rid) is not req:
+                self._known[rid] = req
+                new_requests.append(NewRequest(rid, req.sampling_params))
+            if rid not in self._sent_blocks:
+                self._sent_blocks[rid] = {}
+                self._epoch[rid] = req.num_preemptions
+            chunks.append(self._chunk_plan(chunk))
+        plan = StepPlan(
+            step_id=self._next_step_id,
+            chunks=tuple(chunks),
+            new_requests=tuple(new_requests),
+            freed_kv=tuple(freed),
+            finished=tuple(finished),
+        )
+        self._next_step_id += 1
+        return plan
+
+    def _retire(self) -> tuple[list[str], list[str]]:
+        finished = [rid for rid, req in self._known.items() if self.scheduler.get_request(rid) is not req]
+        for rid in finished:
+            del self._known[rid]
+        freed: list[str] = []
+        for rid in list(self._sent_blocks):
+            req = self.scheduler.get_request(rid)
+            if (
+                req is None
+                or req is not self._known.get(rid)
+                or req.num_preemptions != self._epoch[rid]
+                or not self.kv_manager.has_request(rid)
+            ):
+                freed.append(rid)
+                del self._sent_blocks[rid]
+                del self._epoch[rid]
+        return finished, freed
+
+    def _chunk_plan(self, chunk: ScheduledChunk) -> ChunkPlan:
+        req = chunk.request
+        sent = self._sent_blocks[req.request_id]
+        pieces: list[PieceSpec] = []
+        for piece in self.kv_manager.pieces(req.request_id):
+            if piece.token_start >= chunk.end:
+                break
+            known = sent.get(piece.group, 0)
+            new = tuple(piece.block_ids[known:])
+            sent[piece.group] = len(piece.block_ids)
+            pieces.append(PieceSpec(piece.group, piece.token_start, piece.token_end, known, new))
+        if not pieces or not pieces[-1].token_start <= chunk.start < chunk.end <= pieces[-1].token_end:
+            raise AssertionError(
+                f"chunk [{chunk.start}, {chunk.end}) of {req.request_id!r} is not inside its newest "
+                f"KV piece {pieces[-1:]}"
+            )
+        plp = prompt_logprob_positions(chunk)
+        return ChunkPlan(
+            request_id=req.request_id,
+            start=chunk.start,
+            num_tokens=chunk.num_tokens,
+            sample=chunk.sample,
+            token_ids=tuple(req.token_id_at(p) for p in range(chunk.start, chunk.end)),
+            pieces=tuple(pieces),
+            prompt_logprob_start=plp.start,
+            prompt_logprob_targets=tuple(req.prompt_token_ids[plp.start + 1 : plp.stop + 1]),
+        )

@@ -1,0 +1,29 @@
+"""Executors run StepPlans: in this process (one device) or on worker processes (3D layouts)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.step_plan import StepPlan, StepResult
+
+
+class Executor(Protocol):
+    def submit(self, plan: StepPlan) -> None:
+        """Start running `plan` (may return before it finishes)."""
+
+    def get_result(self) -> StepResult:
+        """The result of the oldest unfinished plan (blocks until it is done)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    if config.parallel.world_size == 1 and config.parallel.driver_address is None:
+        from mnemosyne.executor.uniproc import UniProcExecutor
+
+        return UniProcExecutor(config)
+    from mnemosyne.executor.multiproc import MultiProcExecutor
+
+    return MultiProcExecutor(config)

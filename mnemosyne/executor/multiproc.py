@@ -1,0 +1,168 @@
+"""Run plans on worker processes, one per device (TP x SPP x KVP layouts).
+
+    submit(plan)   -> RunStep(plan) to every rank (ranks run plans in order)
+    get_result()   -> wait for the oldest plan's StepDone from the reporting rank of
+                      every KVP group (last stage, tp rank 0) and merge them
+
+Liveness: while waiting, the driver polls the channel in short slices; a
+`WorkerFailed` message, a local worker that exited, or no reply within
+`parallel.timeout_s` raises `WorkerError` (and the workers are stopped) rather
+than hanging the engine.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import deque
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.step_plan import StepPlan, StepResult
+from mnemosyne.errors import WorkerError
+from mnemosyne.parallel.groups import rank_of
+from mnemosyne.parallel.launch import LocalWorkers, launch_local_workers
+from mnemosyne.parallel.messages import (
+    InitWorker,
+    RunStep,
+    Shutdown,
+    StepDone,
+    WorkerFailed,
+    WorkerHello,
+    WorkerMessage,
+    WorkerReady,
+)
+from mnemosyne.parallel.transport import DriverChannel
+
+_POLL_S = 0.2
+_SHUTDOWN_WAIT_S = 15.0
+
+
+class MultiProcExecutor:
+    def __init__(self, config: EngineConfig) -> None:
+        p = config.parallel
+        self.config = config
+        self.world_size = p.world_size
+        self.ranks = list(range(self.world_size))
+        self.reporting_ranks = [rank_of(p, g, p.spp - 1, 0) for g in range(p.kvp)]
+        self.timeout_s = p.timeout_s
+        self.channel = DriverChannel(p.driver_address or "tcp://127.0.0.1:0")
+        self.local: LocalWorkers | None = None
+        if p.driver_address is None:
+            self.local = launch_local_workers(self.world_size, self.channel.address)
+        self._finalizer = weakref.finalize(self, _kill, self.channel, self.local)
+        self._inflight: deque[int] = deque()  # step ids, oldest first
+        self._done: dict[int, dict[int, StepResult]] = {}  # step id -> reporting rank -> result
+        self._closed = False
+        try:
+            self._handshake()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _handshake(self) -> None:
+        hello: dict[int, WorkerHello] = {}
+        while len(hello) < self.world_size:
+            msg = self._recv(f"{len(hello)}/{self.world_size} workers connected")
+            if not isinstance(msg, WorkerHello) or not 0 <= msg.rank < self.world_size or msg.rank in hello:
+                raise WorkerError(f"unexpected message while waiting for workers: {msg!r}")
+            hello[msg.rank] = msg
+        self.channel.broadcast(self.ranks, InitWorker(self.config))
+        ready: set[int] = set()
+        while len(ready) < self.world_size:
+            msg = self._recv(f"{len(ready)}/{self.world_size} workers loaded the model")
+            if not isinstance(msg, WorkerReady):
+                raise WorkerError(f"unexpected message while workers load the model: {msg!r}")
+            ready.add(msg.rank)
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    def submit(self, plan: StepPlan) -> None:
+        self._check_open()
+        self.channel.broadcast(self.ranks, RunStep(plan))
+        self._inflight.append(plan.step_id)
+        self._done[plan.step_id] = {}
+
+    def get_result(self) -> StepResult:
+        self._check_open()
+        step_id = self._inflight[0]
+        parts = self._done[step_id]
+        while len(parts) < len(self.reporting_ranks):
+            msg = self._recv(f"step {step_id}: {len(parts)}/{len(self.reporting_ranks)} KVP groups reported")
+            if not isinstance(msg, StepDone) or msg.rank not in self.reporting_ranks:
+                raise WorkerError(f"unexpected message from a worker: {msg!r}")
+            self._done[msg.result.step_id][msg.rank] = msg.result
+        self._inflight.popleft()
+        del self._done[step_id]
+        merged = StepResult(step_id)
+        for r in self.reporting_ranks:
+            merged.update(parts[r])
+        return merged
+
+    def _recv(self, waiting_for: str) -> WorkerMessage:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            msg = self.channel.recv(_POLL_S)
+            if isinstance(msg, WorkerFailed):
+                self._fail(self._dead_prefix() + f"worker rank {msg.rank} failed:\n{msg.error}")
+            if msg is not None:
+                return msg
+            local_dead = self.local is not None and self.local.dead()
+            if local_dead or self.channel.num_disconnects:
+                self._fail_on_death(waiting_for)
+            if time.monotonic() > deadline:
+                self._fail(f"no reply from the workers within {self.timeout_s:.0f} s ({waiting_for})")
+
+    def _fail_on_death(self, waiting_for: str) -> None:
+        """A worker process is gone: report its own error if it sent one, else who died."""
+        deadline = time.monotonic() + 2.0  # a dying worker's WorkerFailed may still be in flight
+        while time.monotonic() < deadline:
+            msg = self.channel.recv(_POLL_S)
+            if isinstance(msg, WorkerFailed):
+                self._fail(self._dead_prefix() + f"worker rank {msg.rank} failed:\n{msg.error}")
+        if self.local is not None and self.local.dead():
+            self._fail(self._dead_prefix() + f"({waiting_for})")
+        self._fail(f"a worker process disconnected from the driver ({waiting_for})")
+
+    def _dead_prefix(self) -> str:
+        """'worker process died: rank r (exit code c); ' for local workers that exited."""
+        if self.local is None:
+            return ""
+        time.sleep(_POLL_S)  # a peer's error often arrives just before the dead rank is reaped
+        dead = self.local.dead()
+        if not dead:
+            return ""
+        return "worker process died: " + ", ".join(f"rank {r} (exit code {c})" for r, c in dead) + "; "
+
+    def _fail(self, message: str) -> None:
+        self.shutdown(graceful=False)
+        raise WorkerError(message)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise WorkerError("the engine's workers are stopped (an earlier failure or shutdown)")
+
+    # ---- shutdown ---------------------------------------------------------------------------
+
+    def shutdown(self, graceful: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if graceful:
+            try:
+                self.channel.broadcast(self.ranks, Shutdown())
+            except Exception:  # a worker that never connected cannot be addressed
+                graceful = False
+        if self.local is not None:
+            if graceful:
+                self.local.wait(_SHUTDOWN_WAIT_S)
+            else:
+                self.local.kill()
+        self._finalizer.detach()
+        self.channel.close()
+
+
+def _kill(channel: DriverChannel, local: LocalWorkers | None) -> None:
+    """Last resort at garbage collection / interpreter exit: no process outlives the engine."""
+    if local is not None:
+        local.kill()
+    channel.close()

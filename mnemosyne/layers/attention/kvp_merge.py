@@ -1,0 +1,63 @@
+"""Exact attention across KV-cache-parallel (KVP) groups: one all-gather per layer.
+
+A request whose KV spans several KVP groups appears in the sub-batch of each of
+them with the same query tokens. Per layer, each group attends its queries to the
+keys it holds and gets a partial (out_g, lse_g). Because the key sets of the
+groups are disjoint and cover [0, position], merging the partials by online
+softmax (`merge.py`) gives exactly the attention over all keys.
+
+What crosses the KVP process group per layer (ranks with equal spp and tp rank):
+
+    shared buffer  [N_s, num_local_heads, head_dim + w]   (w = 4 / itemsize: the fp32 LSE packed
+                                                           into the output dtype)
+    N_s = tokens of this step's chunks held by more than one group (StepPlan.num_shared_tokens),
+          the same on every group; a group fills the rows of the requests it holds and leaves
+          the others at out = 0, lse = -inf (weight 0 in the merge)
+
+    all_gather -> [kvp, N_s, ...] -> every group merges the same partials in the same order
+    -> identical merged rows on every group, written back over its own partial rows.
+
+Unshared requests (all their keys on one group) never cross. With N_s == 0, or one
+KVP group, nothing is sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mnemosyne.layers.attention.merge import merge_attn_partials
+from mnemosyne.parallel.comm import all_gather_stacked
+from mnemosyne.parallel.groups import GroupHandle
+
+
+@dataclass
+class KVPMergeIndex:
+    num_shared_tokens: int  # N_s, equal on every KVP group of the step
+    local_rows: torch.Tensor  # [num_local_shared] int64, rows of this sub-batch that are shared
+    shared_rows: torch.Tensor  # [num_local_shared] int64, their rows in the step-wide shared buffer
+
+
+def merge_across_kvp_groups(
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim], this group's partial
+    lse: torch.Tensor,  # [num_tokens, num_heads] float32
+    index: KVPMergeIndex | None,
+    group: GroupHandle,
+) -> torch.Tensor:
+    """Replace the shared rows of `out` by the merge over every KVP group; returns out."""
+    if group.size == 1 or index is None or index.num_shared_tokens == 0:
+        return out
+    n, (_, num_heads, head_dim) = index.num_shared_tokens, out.shape
+    width = 4 // out.element_size()  # fp32 LSE as `width` elements of out's dtype
+    packed = out.new_zeros(n, num_heads, head_dim + width)  # [N_s, H, D + w]
+    lse_buf = torch.full((n, num_heads), float("-inf"), dtype=torch.float32, device=out.device)
+    packed[index.shared_rows, :, :head_dim] = out[index.local_rows]
+    lse_buf[index.shared_rows] = lse[index.local_rows].float()
+    packed[:, :, head_dim:] = lse_buf.view(out.dtype).view(n, num_heads, width)
+    gathered = all_gather_stacked(packed, group)  # [kvp, N_s, H, D + w]
+    outs = gathered[..., :head_dim]  # [kvp, N_s, H, D]
+    lses = gathered[..., head_dim:].contiguous().view(torch.float32).squeeze(-1)  # [kvp, N_s, H]
+    merged, _ = merge_attn_partials(list(outs.unbind(0)), list(lses.unbind(0)))  # [N_s, H, D]
+    out[index.local_rows] = merged[index.shared_rows]
+    return out

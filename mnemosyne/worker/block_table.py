@@ -1,0 +1,70 @@
+"""A worker's mirror of the block tables of the requests that hold KV on its KVP group.
+
+The driver's `KVCacheManager` is the source of truth; each plan carries only the
+block ids appended since the last plan (`PieceSpec.new_block_ids`). On group g::
+
+    driver:   request r, piece on group g:  token_start = S, block_ids = [b0 b1 ... bn]
+    worker:   mirror[r] = MirroredPiece(token_start=S, block_ids=[b0 b1 ... bn])
+
+    key at global position t (S <= t < token_end) sits in slot
+        block_ids[(t - S) // B] * B + (t - S) % B          (B = block_size)
+
+Invariant (checked on every update): before appending, the mirror holds exactly
+`num_known_blocks` ids and starts at the same token as the driver's piece; a
+mismatch means a lost or reordered plan and raises at once instead of reading
+another request's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mnemosyne.engine.step_plan import PieceSpec
+from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
+
+
+@dataclass
+class MirroredPiece:
+    token_start: int
+    block_ids: list[int] = field(default_factory=list)
+
+    def slot(self, pos: int, block_size: int) -> int:
+        off = pos - self.token_start
+        return self.block_ids[off // block_size] * block_size + off % block_size
+
+
+class BlockTableMirror:
+    def __init__(self, group: int, num_blocks: int) -> None:
+        self.group = group
+        self.num_blocks = num_blocks
+        self._pieces: dict[str, MirroredPiece] = {}
+
+    def drop(self, request_id: str) -> None:
+        self._pieces.pop(request_id, None)
+
+    def update(self, request_id: str, spec: PieceSpec) -> MirroredPiece:
+        """Apply one piece update of this group; returns the mirrored piece."""
+        if spec.group != self.group:
+            raise ValueError(f"piece of group {spec.group} sent to the mirror of group {self.group}")
+        piece = self._pieces.get(request_id)
+        if piece is None:
+            piece = self._pieces[request_id] = MirroredPiece(spec.token_start)
+        if piece.token_start != spec.token_start or len(piece.block_ids) != spec.num_known_blocks:
+            raise KVCacheIntegrityError(
+                f"group {self.group}, request {request_id!r}: mirror starts at {piece.token_start} with "
+                f"{len(piece.block_ids)} blocks, driver says {spec.token_start} with {spec.num_known_blocks}"
+            )
+        bad = [b for b in spec.new_block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise KVCacheIntegrityError(f"group {self.group}: block ids {bad[:4]} outside [0, {self.num_blocks})")
+        piece.block_ids.extend(spec.new_block_ids)
+        return piece
+
+    def get(self, request_id: str) -> MirroredPiece:
+        return self._pieces[request_id]
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._pieces
+
+    def __len__(self) -> int:
+        return len(self._pieces)

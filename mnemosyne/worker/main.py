@@ -1,0 +1,98 @@
+"""Worker process entry point: `python -m mnemosyne.worker --driver tcp://HOST:PORT`.
+
+The same entry point serves both launchers:
+
+* the engine on one machine starts `world_size` of these as subprocesses, with
+  RANK / WORLD_SIZE / LOCAL_RANK in their environment and a file:// rendezvous;
+* `torchrun` starts them on every machine (env:// rendezvous from MASTER_ADDR and
+  MASTER_PORT), pointed at a driver started with `--driver-address`.
+
+The worker connects to the driver, receives the engine config, joins the process
+groups (NCCL on CUDA, gloo on CPU), loads its model shard and runs plans until
+told to stop. Any exception is reported to the driver (`WorkerFailed`) before
+the process exits, so the driver raises instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import threading
+import traceback
+
+import torch
+
+from mnemosyne.parallel.messages import (
+    InitWorker,
+    RunStep,
+    Shutdown,
+    StepDone,
+    WorkerFailed,
+    WorkerHello,
+    WorkerReady,
+)
+from mnemosyne.parallel.transport import WorkerChannel
+
+_TEARDOWN_TIMEOUT_S = 10.0
+
+
+def run_worker(driver: str, rank: int, local_rank: int, local_world_size: int, init_method: str) -> int:
+    channel = WorkerChannel(driver, rank)
+    worker = None
+    try:
+        channel.send(WorkerHello(rank, socket.gethostname(), os.getpid()))
+        init = channel.recv()
+        if not isinstance(init, InitWorker):
+            return 0  # the driver gave up before starting us (Shutdown)
+        config = init.config
+        if config.device.startswith("cuda"):
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+        from mnemosyne.parallel.groups import init_distributed
+        from mnemosyne.worker.worker import Worker
+
+        pg = init_distributed(config.parallel, rank, device, init_method, config.parallel.timeout_s)
+        worker = Worker(config, pg, device)
+        channel.send(WorkerReady(rank))
+        while True:
+            msg = channel.recv()
+            if isinstance(msg, Shutdown):
+                break
+            assert isinstance(msg, RunStep), f"unexpected driver message {type(msg).__name__}"
+            result = worker.execute(msg.plan)
+            if result is not None:
+                channel.send(StepDone(rank, result))
+        worker.shutdown()
+        return 0
+    except BaseException:
+        channel.send(WorkerFailed(rank, traceback.format_exc()))
+        return 1
+    finally:
+        _teardown()
+        channel.close()
+
+
+def _teardown() -> None:
+    """Destroy the process group, but never hang on it (a peer may be gone)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    t = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    t.start()
+    t.join(_TEARDOWN_TIMEOUT_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mnemosyne.worker", description=__doc__.splitlines()[0])
+    ap.add_argument("--driver", required=True, help="driver address, tcp://HOST:PORT")
+    ap.add_argument("--init-method", default="env://", help="torch.distributed rendezvous (default env://)")
+    ns = ap.parse_args(argv)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return run_worker(ns.driver, rank, local_rank, local_world, ns.init_method)

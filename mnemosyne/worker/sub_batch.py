@@ -1,0 +1,108 @@
+"""The part of a StepPlan that one KVP group runs: its sub-batch.
+
+Group g runs every chunk whose request holds keys on g (a piece with group == g
+that starts before the chunk's end). For chunk c and g's piece [S, E)::
+
+    queries:   all of c's tokens, positions [c.start, c.end)     (the same on every group)
+    keys:      kv_start = S,  kv_len = min(E, c.end) - S          (this group's range only)
+    writes:    slots of [c.start, c.end) if g owns c (c lies in the newest piece), else -1
+    samples:   only if g owns c
+
+Rows are packed in plan order. Shared chunks (keys on several groups) also get a
+row range in the step-wide shared buffer, in plan order over *all* shared chunks,
+so every group agrees on it without talking (see `layers/attention/kvp_merge.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mnemosyne.engine.step_plan import ChunkPlan, StepPlan
+from mnemosyne.layers.attention.kvp_merge import KVPMergeIndex
+from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.worker.block_table import BlockTableMirror
+
+
+@dataclass
+class SubBatch:
+    chunks: list[ChunkPlan]  # in plan order
+    owned: list[bool]  # per chunk: this group writes its K/V and samples it
+    row_starts: list[int]  # per chunk: first packed row
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_sub_batch(
+    plan: StepPlan, mirror: BlockTableMirror, block_size: int, device: torch.device
+) -> SubBatch:
+    """Apply this group's block-table updates from `plan` and build its sub-batch."""
+    group = mirror.group
+    chunks: list[ChunkPlan] = []
+    owned: list[bool] = []
+    row_starts: list[int] = []
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    kv_start: list[int] = []
+    kv_lens: list[int] = []
+    block_tables: list[list[int]] = []
+    local_rows: list[int] = []
+    shared_rows: list[int] = []
+    num_shared = 0
+    for chunk in plan.chunks:
+        shared_base = num_shared
+        if chunk.is_shared:
+            num_shared += chunk.num_tokens
+        spec = next((p for p in chunk.pieces if p.group == group), None)
+        if spec is None:
+            continue
+        piece = mirror.update(chunk.request_id, spec)
+        is_owner = chunk.owner_group == group
+        row = len(token_ids)
+        chunks.append(chunk)
+        owned.append(is_owner)
+        row_starts.append(row)
+        token_ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.start, chunk.end))
+        if is_owner:
+            slots.extend(piece.slot(p, block_size) for p in range(chunk.start, chunk.end))
+        else:
+            slots.extend([-1] * chunk.num_tokens)
+        kv_start.append(spec.token_start)
+        kv_lens.append(min(spec.token_end, chunk.end) - spec.token_start)
+        block_tables.append(piece.block_ids)
+        if chunk.is_shared:
+            local_rows.extend(range(row, row + chunk.num_tokens))
+            shared_rows.extend(range(shared_base, shared_base + chunk.num_tokens))
+    merge = None
+    if num_shared:
+        merge = KVPMergeIndex(
+            num_shared_tokens=num_shared,
+            local_rows=torch.tensor(local_rows, dtype=torch.long, device=device),
+            shared_rows=torch.tensor(shared_rows, dtype=torch.long, device=device),
+        )
+    meta = AttentionMetadata.build(
+        query_lens=[c.num_tokens for c in chunks],
+        q_pos_start=[c.start for c in chunks],
+        kv_start=kv_start,
+        kv_lens=kv_lens,
+        block_tables=block_tables,
+        slot_mapping=slots,
+        device=device,
+        kvp_merge=merge,
+    )
+    return SubBatch(
+        chunks=chunks,
+        owned=owned,
+        row_starts=row_starts,
+        input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        meta=meta,
+    )

@@ -1,0 +1,159 @@
+"""One rank's share of the model: run StepPlans in order, stage by stage.
+
+Per plan, on rank (kvp_rank g, spp_rank s, tp_rank t)::
+
+    apply plan updates (forget finished, drop freed KV, remember new sampling params)
+    sub-batch of group g  (worker/sub_batch.py)
+    s == 0 ?  x = input ids  :  x = recv hidden states from stage s-1 of group g
+    hidden = this stage's layers (TP all-reduces inside; KVP merge inside attention)
+    s < last ?  isend hidden to stage s+1 of group g  -> None
+              :  logits of the rows group g owns -> sample (tp rank 0 reports a StepResult)
+
+Every rank runs every plan, in plan order, even with an empty sub-batch, whenever
+the plan has shared tokens: the per-layer KVP all-gather needs all groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.step_plan import StepPlan, StepResult
+from mnemosyne.layers.attention.reference import TorchReferenceBackend
+from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
+from mnemosyne.models.llama import KVCache, LlamaForCausalLM
+from mnemosyne.models.loader import load_model
+from mnemosyne.parallel.comm import recv_from_stage, send_to_stage
+from mnemosyne.parallel.groups import ProcessGroups
+from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.worker.block_table import BlockTableMirror
+from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
+
+_SEED_MIX = 1_000_003
+
+
+def sampling_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    """The generator of a seeded request's token at `position`: a function of (seed, position)
+    only, so a seed gives the same tokens on any layout, batch or preemption history."""
+    return torch.Generator(device=device).manual_seed((seed * _SEED_MIX + position) % (1 << 63))
+
+
+def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[KVCache]:
+    """One (K, V) pair per local layer: 2 x [num_blocks, block_size, num_local_kv_heads, head_dim]."""
+    cfg = model.config
+    shape = (num_blocks, block_size, model.num_local_kv_heads, cfg.head_dim)
+    device = next(model.parameters()).device
+    return [
+        (torch.zeros(shape, dtype=cfg.dtype, device=device), torch.zeros(shape, dtype=cfg.dtype, device=device))
+        for _ in range(model.num_local_layers)
+    ]
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, pg: ProcessGroups, device: torch.device) -> None:
+        self.config = config
+        self.pg = pg
+        self.device = device
+        self.group = pg.coords.kvp_rank
+        self.block_size = config.cache.block_size
+        num_blocks = config.cache.num_blocks_per_group[self.group]
+        self.model = load_model(config.model_dir, config.model, TorchReferenceBackend(), device, pg)
+        self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
+        self.mirror = BlockTableMirror(self.group, num_blocks)
+        self.params: dict[str, SamplingParams] = {}
+        self.sampler = Sampler()
+        # Unseeded sampling: one stream per KVP group (each group samples its own requests).
+        self.rng = torch.Generator(device=device).manual_seed(config.seed + _SEED_MIX * self.group)
+        self._pending_send: tuple[dist.Work, torch.Tensor] | None = None
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run this rank's part of `plan`. Returns the group's StepResult on the reporting
+        rank (last stage, tp rank 0), None elsewhere."""
+        for rid in plan.finished:
+            self.params.pop(rid, None)
+            self.mirror.drop(rid)
+        for rid in plan.freed_kv:
+            self.mirror.drop(rid)
+        for new in plan.new_requests:
+            self.params[new.request_id] = new.sampling_params
+        batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
+        result = StepResult(plan.step_id) if self.pg.is_driver_peer else None
+        if batch.num_tokens == 0 and plan.num_shared_tokens == 0:
+            return result  # nothing for this group, and no merge to take part in
+
+        if self.pg.is_first_stage:
+            x = batch.input_ids
+        else:
+            assert self.pg.prev_stage_rank is not None
+            shape = (batch.num_tokens, self.config.model.hidden_size)
+            x = recv_from_stage(shape, self.config.model.dtype, self.device, self.pg.prev_stage_rank)
+        hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)  # [num_tokens, hidden]
+        if not self.pg.is_last_stage:
+            assert self.pg.next_stage_rank is not None
+            self._wait_pending_send()
+            work = send_to_stage(hidden, self.pg.next_stage_rank)
+            self._pending_send = (work, hidden) if work is not None else None
+            return None
+        return self._sample(batch, hidden, result)
+
+    def _wait_pending_send(self) -> None:
+        if self._pending_send is not None:
+            self._pending_send[0].wait()
+            self._pending_send = None
+
+    def _sample(self, batch: SubBatch, hidden: torch.Tensor, result: StepResult | None) -> StepResult | None:
+        """Logits of the owned rows (prompt-logprob rows, then sample rows) and sampling.
+
+        Every TP rank computes the logits (the vocab-parallel head all-gathers them);
+        only the reporting rank samples."""
+        plp_rows: list[int] = []
+        plp_spans: list[tuple[int, int, int]] = []  # (chunk index, first position, first row)
+        sample_rows: list[int] = []
+        sample_chunks: list[int] = []
+        for i, (chunk, row0) in enumerate(zip(batch.chunks, batch.row_starts, strict=True)):
+            if not batch.owned[i]:
+                continue
+            n = len(chunk.prompt_logprob_targets)
+            if n:
+                p0 = chunk.prompt_logprob_start
+                plp_spans.append((i, p0, len(plp_rows)))
+                plp_rows.extend(row0 + p - chunk.start for p in range(p0, p0 + n))
+            if chunk.sample:
+                sample_rows.append(row0 + chunk.num_tokens - 1)
+                sample_chunks.append(i)
+        if not plp_rows and not sample_rows:
+            return result
+        rows = torch.tensor(plp_rows + sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows]).float()  # [num_rows, vocab_size]
+        if result is None:
+            return None
+
+        for i, p0, row_lo in plp_spans:
+            chunk = batch.chunks[i]
+            targets = torch.tensor(chunk.prompt_logprob_targets, dtype=torch.long, device=self.device)
+            k = self.params[chunk.request_id].prompt_logprobs or 0
+            entries = compute_prompt_logprobs(logits[row_lo : row_lo + len(targets)], targets, k)
+            result.prompt_logprobs[chunk.request_id] = (p0, entries)
+
+        if sample_chunks:
+            chunks = [batch.chunks[i] for i in sample_chunks]
+            params = [self.params[c.request_id] for c in chunks]
+            gens = [self._generator(p, c.end) for p, c in zip(params, chunks, strict=True)]
+            sampled = self.sampler(logits[len(plp_rows) :], params, gens)
+            for chunk, tok, lp in zip(chunks, sampled.token_ids, sampled.logprobs, strict=True):
+                result.sampled_token_ids[chunk.request_id] = tok
+                if lp is not None:
+                    result.logprobs[chunk.request_id] = lp
+        return result
+
+    def _generator(self, params: SamplingParams, position: int) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        if params.seed is None:
+            return self.rng
+        return sampling_generator(params.seed, position, self.device)
+
+    def shutdown(self) -> None:
+        self._wait_pending_send()
