@@ -268,3 +268,18 @@ def test_cli_generate(converted: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "Paris" in capsys.readouterr().out
     assert main(["generate", "--model", "/no/such/dir"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_generate_tensor_parallel_matches_one_device(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--tp 3` (SmolLM2 has 9 query and 3 KV heads) starts 3 gloo workers and prints the
+    single-device text."""
+    from mnemosyne.cli import main
+
+    argv = ["generate", "--chat", "--prompt", "Name three colors.", "--max-tokens", "12", "--device", "cpu"]
+    argv += ["--kv-cache-memory-gb", "0.05", "--no-progress"]
+    assert main(argv) == 0
+    one_device = capsys.readouterr().out
+    assert main([*argv, "--tp", "3"]) == 0
+    assert capsys.readouterr().out == one_device
+    assert main([*argv, "--tp", "2"]) == 2  # 9 heads over 2 ranks
+    assert "num_heads" in capsys.readouterr().err

@@ -107,8 +107,23 @@ class ParallelLMHead(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden_size] -> [num_rows, vocab_size], identical on every TP rank
-        logits = F.linear(hidden, self.weight)  # [num_rows, padded_vocab_size / tp]
+        logits = _logits_fp32(hidden, self.weight)  # [num_rows, padded_vocab_size / tp] float32
         if self.tp_group.size == 1:
             return logits
         logits = all_gather(logits, self.tp_group, dim=-1)  # [num_rows, padded_vocab_size]
         return logits[:, : self.shard.vocab_size]
+
+
+def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T with float32 output. On CUDA, half-precision inputs accumulate in
+    float32 and are *not* rounded back to bf16/fp16: bf16 logits tie at the top of a 128K
+    vocabulary often enough to flip greedy picks between layouts (one bf16 step at |logit|
+    in [4, 8) is 1/32)."""
+    if weight.dtype == torch.float32:
+        return F.linear(hidden, weight)
+    if hidden.is_cuda:
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # torch without mm(out_dtype=)
+            pass
+    return F.linear(hidden, weight).float()

@@ -4,7 +4,8 @@ Per plan, on rank (kvp_rank g, spp_rank s, tp_rank t)::
 
     apply plan updates (forget finished, drop freed KV, remember new sampling params)
     sub-batch of group g  (worker/sub_batch.py)
-    s == 0 ?  x = input ids  :  x = recv hidden states from stage s-1 of group g
+    s == 0 ?  x = input ids  :  x = recv hidden states from stage s-1 of group g (1/tp slice,
+                                  all-gathered over TP)
     hidden = this stage's layers (TP all-reduces inside; KVP merge inside attention)
     s < last ?  isend hidden to stage s+1 of group g  -> None
               :  logits of the rows group g owns -> sample (tp rank 0 reports a StepResult)
@@ -24,7 +25,7 @@ from mnemosyne.layers.attention.reference import TorchReferenceBackend
 from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.models.loader import load_model
-from mnemosyne.parallel.comm import recv_from_stage, send_to_stage
+from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
 from mnemosyne.parallel.groups import ProcessGroups
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.worker.block_table import BlockTableMirror
@@ -83,20 +84,40 @@ class Worker:
         if batch.num_tokens == 0 and plan.num_shared_tokens == 0:
             return result  # nothing for this group, and no merge to take part in
 
-        if self.pg.is_first_stage:
-            x = batch.input_ids
-        else:
-            assert self.pg.prev_stage_rank is not None
-            shape = (batch.num_tokens, self.config.model.hidden_size)
-            x = recv_from_stage(shape, self.config.model.dtype, self.device, self.pg.prev_stage_rank)
+        x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)  # [num_tokens, hidden]
         if not self.pg.is_last_stage:
-            assert self.pg.next_stage_rank is not None
-            self._wait_pending_send()
-            work = send_to_stage(hidden, self.pg.next_stage_rank)
-            self._pending_send = (work, hidden) if work is not None else None
+            self._send_hidden(hidden)
             return None
         return self._sample(batch, hidden, result)
+
+    # ---- stage to stage ---------------------------------------------------------------------
+    # The residual stream is identical on the TP ranks of a stage, so each TP rank sends only
+    # its 1/tp slice of the hidden dim to its peer in the next stage, which all-gathers it
+    # over TP: P2P bytes per stage boundary fall by tp.
+
+    def _hidden_slice(self) -> tuple[int, int]:
+        h, tp = self.config.model.hidden_size, self.pg.tp.size
+        if h % tp:
+            return 0, h
+        return self.pg.tp.rank_in_group * (h // tp), h // tp
+
+    def _send_hidden(self, hidden: torch.Tensor) -> None:
+        assert self.pg.next_stage_rank is not None
+        self._wait_pending_send()
+        start, size = self._hidden_slice()
+        part = hidden.narrow(1, start, size).contiguous()  # [num_tokens, hidden / tp]
+        work = send_to_stage(part, self.pg.next_stage_rank)
+        self._pending_send = (work, part) if work is not None else None
+
+    def _recv_hidden(self, num_tokens: int) -> torch.Tensor:
+        assert self.pg.prev_stage_rank is not None
+        h = self.config.model.hidden_size
+        _, size = self._hidden_slice()
+        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, self.pg.prev_stage_rank)
+        if size == h or num_tokens == 0:
+            return part if size == h else part.new_empty(0, h)
+        return all_gather(part, self.pg.tp, dim=1)  # [num_tokens, hidden]
 
     def _wait_pending_send(self) -> None:
         if self._pending_send is not None:

@@ -1,0 +1,1 @@
+"""Benchmarks and evidence scripts: `python -m benchmarks.<name>`."""
