@@ -307,3 +307,19 @@ def test_waiting_prompt_is_admitted_only_when_its_whole_kv_fits():
     assert [c.request.request_id for c in out.chunks] == ["holder"]
     assert s.kv_manager.num_free_blocks_total < s.kv_manager.blocks_needed(40)
     assert s.num_waiting == 2
+
+
+def test_preemption_picks_a_victim_on_the_group_that_is_short():
+    """Two KVP groups, both full: a's decode needs a block on group 0, so c (lowest priority
+    on group 0) is preempted, not d (lowest overall, but on group 1)."""
+    s = make_sched(budget=64, block_size=4, blocks=(4, 4))
+    reqs = [make_req(r, 8, max_tokens=6) for r in "abcd"]
+    for r in reqs:
+        s.add_request(r)
+    step(s)  # a, c on group 0; b, d on group 1 (2 blocks each): both groups full
+    assert [s.kv_manager.groups_of(r) for r in "abcd"] == [{0}, {1}, {0}, {1}]
+    out, _ = step(s)
+    assert out.preempted_ids == ["c", "d"]
+    assert [c.request.request_id for c in out.chunks] == ["a", "b"]
+    run_all(s)
+    assert all(r.num_output_tokens == 6 for r in reqs)

@@ -6,7 +6,8 @@ One step, with budget = max_num_batched_tokens::
       (a) decodes first   (num_tokens - num_computed_tokens == 1)
       (b) partial prefills
           allocation fails -> preempt the lowest-priority running request not yet
-          scheduled this step (possibly the failing one itself) and retry
+          scheduled this step that holds blocks on a KVP group the failing one
+          needs (possibly the failing one itself) and retry
     waiting, by priority  (skipped if anything was preempted this step)
       (c) admit while budget > 0 and len(running) < max_num_seqs; stop at the first
           one whose whole prompt the free blocks cannot hold (new arrivals never
@@ -119,7 +120,7 @@ class Scheduler:
                 if self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
                     budget -= self._emit(out, scheduled, req, n)
                     break
-                victim = self._lowest_priority_unscheduled(scheduled, now)
+                victim = self._choose_victim(req, scheduled, now)
                 self._preempt(victim, out)
                 if victim is req:
                     break
@@ -240,9 +241,16 @@ class Scheduler:
         scheduled.add(req.request_id)
         return n
 
-    def _lowest_priority_unscheduled(self, scheduled: set[str], now: float) -> Request:
-        candidates = [r for r in self._running.values() if r.request_id not in scheduled]
-        return self._sorted(candidates, now)[-1]
+    def _choose_victim(self, req: Request, scheduled: set[str], now: float) -> Request:
+        """The lowest-priority running request not scheduled this step that holds blocks on a
+        KVP group `req` needs (`groups_to_grow`); `req` itself when none ranks below it.
+        Never a request of higher priority than `req`. With one group every victim helps."""
+        candidates = self._sorted([r for r in self._running.values() if r.request_id not in scheduled], now)
+        needed = self.kv_manager.groups_to_grow(req.request_id)
+        for victim in reversed(candidates):
+            if victim is req or self.kv_manager.groups_of(victim.request_id) & needed:
+                return victim
+        return req
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv_manager.free(req.request_id)

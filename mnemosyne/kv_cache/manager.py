@@ -153,6 +153,18 @@ class KVCacheManager:
             return None
         return t - start % t
 
+    def groups_to_grow(self, request_id: str) -> set[int]:
+        """KVP groups where freed blocks would let the request grow: its newest piece's group
+        while that piece is below T, else every group it does not use yet (onboarding)."""
+        pieces = self._pieces.get(request_id, [])
+        t = self.max_tokens_per_kvp_group
+        if pieces and (t is None or pieces[-1].num_tokens < t):
+            return {pieces[-1].group}
+        return set(range(self.num_kvp_groups)) - {p.group for p in pieces}
+
+    def groups_of(self, request_id: str) -> set[int]:
+        return {p.group for p in self._pieces.get(request_id, [])}
+
     def free(self, request_id: str) -> None:
         """Release all of the request's blocks. Unknown ids are a no-op."""
         for piece in self._pieces.pop(request_id, []):
