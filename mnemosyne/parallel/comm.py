@@ -40,16 +40,23 @@ def all_gather_stacked(x: torch.Tensor, h: GroupHandle) -> torch.Tensor:
     return out
 
 
-def send_to_stage(x: torch.Tensor, dst: int) -> dist.Work | None:
-    """Start sending `x` to world rank `dst`; keep `x` alive until the returned work completes."""
+def send_to_stage(x: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None) -> dist.Work | None:
+    """Start sending `x` to world rank `dst` (over `group` if given); keep `x` alive until the
+    returned work completes."""
     if x.numel() == 0:
         return None
-    return dist.isend(x.contiguous(), dst=dst)
+    return dist.isend(x.contiguous(), dst=dst, group=group)
 
 
-def recv_from_stage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
-    """Receive a tensor of a known shape from world rank `src` (blocking)."""
+def recv_from_stage(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    src: int,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Receive a tensor of a known shape from world rank `src` (over `group` if given)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if out.numel() > 0:
-        dist.recv(out, src=src)
+        dist.recv(out, src=src, group=group)
     return out

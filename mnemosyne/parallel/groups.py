@@ -9,7 +9,8 @@ Rank table, rank = (kvp_rank * spp + spp_rank) * tp + tp_rank. Example tp=2, spp
                  └ TP ─┘       └ TP ─┘            └ TP ─┘       └ TP ─┘
 
     TP group      (kvp_rank, spp_rank) fixed, tp_rank varies:   {0,1} {2,3} {4,5} {6,7}
-    pipeline      (kvp_rank, tp_rank) fixed, spp_rank varies:   0->2, 1->3, 4->6, 5->7  (P2P sends)
+    pipeline      (kvp_rank, tp_rank) fixed, spp_rank varies:   0->2, 1->3, 4->6, 5->7  (P2P sends,
+                                                                 one two-rank group per link)
     KVP group     (spp_rank, tp_rank) fixed, kvp_rank varies:   {0,4} {1,5} {2,6} {3,7}
 
 * A KVP group (the word used for a *replica* in the docs: `kvp_rank` g) is a full
@@ -99,6 +100,10 @@ class ProcessGroups:
     kvp: GroupHandle
     prev_stage_rank: int | None  # world rank sending this stage its input hidden states
     next_stage_rank: int | None  # world rank this stage sends its output to
+    # Two-rank groups of those pipeline links, so stage sends never queue behind other
+    # collectives on the world group (None: send over the world group).
+    prev_stage_group: dist.ProcessGroup | None = None
+    next_stage_group: dist.ProcessGroup | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -133,7 +138,17 @@ class ProcessGroups:
         next_rank = (
             rank_of(parallel, c.kvp_rank, c.spp_rank + 1, c.tp_rank) if c.spp_rank < parallel.spp - 1 else None
         )
-        return cls(parallel, rank, c, tp, kvp, prev_rank, next_rank)
+        links: dict[tuple[int, int], dist.ProcessGroup] = {}
+        for g in range(parallel.kvp):
+            for t in range(parallel.tp):
+                for s in range(parallel.spp - 1):
+                    a, b = rank_of(parallel, g, s, t), rank_of(parallel, g, s + 1, t)
+                    group = dist.new_group([a, b])
+                    if rank in (a, b):
+                        links[(a, b)] = group
+        prev_group = links.get((prev_rank, rank)) if prev_rank is not None else None
+        next_group = links.get((rank, next_rank)) if next_rank is not None else None
+        return cls(parallel, rank, c, tp, kvp, prev_rank, next_rank, prev_group, next_group)
 
 
 def _make_groups(all_ranks: list[list[int]], rank: int) -> GroupHandle:

@@ -52,6 +52,9 @@ def run_worker(driver: str, rank: int, local_rank: int, local_world_size: int, i
         else:
             device = torch.device("cpu")
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+        # Stage sends use dedicated two-rank groups (parallel/groups.py), so NCCL's eager-init
+        # note that P2P ops are serialized with the other ops of their group does not apply.
+        os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
         from mnemosyne.parallel.groups import init_distributed
         from mnemosyne.worker.worker import Worker
 

@@ -107,14 +107,15 @@ class Worker:
         self._wait_pending_send()
         start, size = self._hidden_slice()
         part = hidden.narrow(1, start, size).contiguous()  # [num_tokens, hidden / tp]
-        work = send_to_stage(part, self.pg.next_stage_rank)
+        work = send_to_stage(part, self.pg.next_stage_rank, self.pg.next_stage_group)
         self._pending_send = (work, part) if work is not None else None
 
     def _recv_hidden(self, num_tokens: int) -> torch.Tensor:
         assert self.pg.prev_stage_rank is not None
         h = self.config.model.hidden_size
         _, size = self._hidden_slice()
-        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, self.pg.prev_stage_rank)
+        src, group = self.pg.prev_stage_rank, self.pg.prev_stage_group
+        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, src, group)
         if size == h or num_tokens == 0:
             return part if size == h else part.new_empty(0, h)
         return all_gather(part, self.pg.tp, dim=1)  # [num_tokens, hidden]
