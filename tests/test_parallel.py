@@ -212,9 +212,29 @@ def _children(pid: int) -> list[int]:
     return sorted(int(x) for x in out.split())
 
 
-def test_local_worker_death_raises(tiny_model_dir):
+def test_abort_in_flight_then_local_worker_death_raises(tiny_model_dir):
+    """spp=2, depth 3: aborting a prompt with chunks in the pipeline frees its blocks and
+    spares the others; then a killed stage makes the engine raise, naming the rank."""
     model_dir = tiny_model_dir("llama")
-    with LLM(model=str(model_dir), **ENGINE, spp=2) as llm:
+    ref = reference("llama", model_dir)
+    prompts = make_prompts()
+    with LLM(model=str(model_dir), **ENGINE, spp=2, pipeline_depth=3) as llm:
+        engine = llm.engine
+        ids = [engine.add_request(p, GREEDY) for p in prompts]
+        engine.step()
+        victim = ids[2]  # the 64-token prompt: still prefilling, chunks in flight
+        assert any(c.request.request_id == victim for s in engine.inflight for c in s.chunks)
+        engine.abort(victim)
+        assert not engine.kv_manager.has_request(victim)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        engine.kv_manager.check_integrity()
+        assert engine.kv_manager.num_free_blocks_total == sum(engine.config.cache.num_blocks_per_group)
+        assert victim not in done
+        for i in (0, 1, 3):
+            assert done[ids[i]].token_ids == ref[i].token_ids
+
         llm.engine.executor.local.procs[1].kill()
         llm.engine.add_request(make_prompts()[2], GREEDY)
         with pytest.raises(WorkerError, match="rank 1"):
@@ -233,3 +253,19 @@ def test_local_worker_death_raises(tiny_model_dir):
 def test_bad_layouts_fail_before_any_worker_starts(layout, match, tiny_model_dir):
     with pytest.raises(ConfigError, match=match):
         LLM(model=str(tiny_model_dir("llama")), **ENGINE, **layout)
+
+
+def test_engine_config_of_a_layout(tiny_model_dir):
+    """Per-device KV sizing: the longest stage's layers and one TP rank's KV heads; every
+    KVP group gets the same pool, and T defaults to one group's whole capacity."""
+    from mnemosyne import EngineArgs
+
+    model_dir = str(tiny_model_dir("llama"))  # 3 layers, 2 KV heads of 16 dims, float32
+    gb = 0.001
+    cfg = EngineArgs(model=model_dir, dtype="float32", device="cpu", block_size=4, kv_cache_memory_gb=gb,
+                     tp=2, spp=2, kvp=3).create_engine_config()
+    per_token = 2 * 2 * 1 * 16 * 4  # K and V, 2 layers on stage 0, 1 KV head per TP rank, fp32
+    num_blocks = int(gb * 2**30 // (4 * per_token))
+    assert cfg.cache.num_blocks_per_group == (num_blocks,) * 3
+    assert cfg.cache.max_tokens_per_kvp_group == num_blocks * 4
+    assert cfg.parallel.world_size == 12 and cfg.parallel.max_inflight == 2
