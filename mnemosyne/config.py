@@ -225,6 +225,16 @@ class ParallelConfig:
     def max_inflight(self) -> int:
         return self.pipeline_depth or self.spp
 
+    def validate(self) -> None:
+        """The layout's own sanity (what it needs from the model: `parallel/validate.py`)."""
+        for name, size in (("tp", self.tp), ("spp", self.spp), ("kvp", self.kvp)):
+            if size < 1:
+                raise ConfigError(f"{name} must be >= 1, got {size}")
+        if self.pipeline_depth is not None and self.pipeline_depth < 1:
+            raise ConfigError(f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"worker_timeout_s must be positive, got {self.timeout_s}")
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -16,7 +16,9 @@ from mnemosyne.config import (
     parse_dtype,
 )
 from mnemosyne.errors import ConfigError
+from mnemosyne.layers.linear import num_kv_heads_per_rank
 from mnemosyne.models.loader import check_model_dir
+from mnemosyne.parallel.groups import stage_layers
 
 _DEFAULT_CPU_KV_GB = 2.0
 _CUDA_RESERVE_BYTES = 1 << 30  # allocator fragmentation, CUDA context growth, sampler buffers
@@ -73,13 +75,7 @@ class EngineArgs:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
-        for name in ("tp", "spp", "kvp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pipeline_depth is not None and self.pipeline_depth < 1:
-            raise ConfigError(f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
-        if self.worker_timeout_s <= 0:
-            raise ConfigError(f"worker_timeout_s must be positive, got {self.worker_timeout_s}")
+        self.parallel_config().validate()
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
@@ -159,11 +155,15 @@ class EngineArgs:
         return _DEFAULT_CPU_KV_GB * 2**30 / parallel.world_size
 
 
+def _num_layers_longest_stage(model_cfg: ModelConfig, parallel: ParallelConfig) -> int:
+    return len(stage_layers(model_cfg.num_layers, parallel.spp, 0))  # stage 0 is never shorter
+
+
 def kv_bytes_per_token_per_device(model_cfg: ModelConfig, parallel: ParallelConfig) -> int:
     """KV bytes one token costs on the busiest device: the first (longest) stage's layers,
     this rank's KV heads (one replicated head when tp > num_kv_heads)."""
-    num_layers = -(-model_cfg.num_layers // parallel.spp)
-    num_kv_heads = max(1, model_cfg.num_kv_heads // parallel.tp)
+    num_layers = _num_layers_longest_stage(model_cfg, parallel)
+    num_kv_heads = num_kv_heads_per_rank(model_cfg.num_kv_heads, parallel.tp)
     return 2 * num_layers * num_kv_heads * model_cfg.head_dim * model_cfg.dtype.itemsize
 
 
@@ -172,5 +172,5 @@ def weight_bytes_per_device(model_cfg: ModelConfig, parallel: ParallelConfig) ->
     h, v = model_cfg.hidden_size, model_cfg.vocab_size
     embed_and_head = v * h * (1 if model_cfg.tie_word_embeddings and parallel.spp == 1 else 2)
     per_layer = (model_cfg.num_params - v * h * (1 if model_cfg.tie_word_embeddings else 2)) / model_cfg.num_layers
-    num_layers = -(-model_cfg.num_layers // parallel.spp)
+    num_layers = _num_layers_longest_stage(model_cfg, parallel)
     return int((per_layer * num_layers + embed_and_head) / parallel.tp * model_cfg.dtype.itemsize)

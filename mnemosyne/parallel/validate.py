@@ -10,9 +10,7 @@ from mnemosyne.errors import ConfigError
 def check_layout(model_cfg: ModelConfig, parallel: ParallelConfig, num_devices: int | None) -> None:
     """Raise `ConfigError` when `parallel` cannot serve `model_cfg`, or needs more than
     `num_devices` devices (None: do not check the device count, e.g. on CPU)."""
-    for name, size in (("tp", parallel.tp), ("spp", parallel.spp), ("kvp", parallel.kvp)):
-        if size < 1:
-            raise ConfigError(f"{name} must be >= 1, got {size}")
+    parallel.validate()
     tp = parallel.tp
     if model_cfg.num_heads % tp:
         raise ConfigError(f"num_heads {model_cfg.num_heads} is not divisible by tensor parallel size tp={tp}")

@@ -116,8 +116,10 @@ class Worker:
         _, size = self._hidden_slice()
         src, group = self.pg.prev_stage_rank, self.pg.prev_stage_group
         part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, src, group)
-        if size == h or num_tokens == 0:
-            return part if size == h else part.new_empty(0, h)
+        if size == h:
+            return part  # the whole hidden state was sent (hidden_size % tp != 0)
+        if num_tokens == 0:
+            return part.new_empty(0, h)  # nothing to gather (every TP rank skips it alike)
         return all_gather(part, self.pg.tp, dim=1)  # [num_tokens, hidden]
 
     def _wait_pending_send(self) -> None:

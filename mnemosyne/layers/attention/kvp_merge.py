@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mnemosyne.layers.attention.merge import merge_attn_partials
+from mnemosyne.layers.attention.merge import merge_attn_stacked
 from mnemosyne.parallel.comm import all_gather_stacked
 from mnemosyne.parallel.groups import GroupHandle
 
@@ -58,6 +58,6 @@ def merge_across_kvp_groups(
     gathered = all_gather_stacked(packed, group)  # [kvp, N_s, H, D + w]
     outs = gathered[..., :head_dim]  # [kvp, N_s, H, D]
     lses = gathered[..., head_dim:].contiguous().view(torch.float32).squeeze(-1)  # [kvp, N_s, H]
-    merged, _ = merge_attn_partials(list(outs.unbind(0)), list(lses.unbind(0)))  # [N_s, H, D]
+    merged, _ = merge_attn_stacked(outs, lses)  # [N_s, H, D]
     out[index.local_rows] = merged[index.shared_rows]
     return out

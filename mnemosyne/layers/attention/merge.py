@@ -84,3 +84,11 @@ def merge_attn_partials(
     if len(outs) == 1:
         return outs[0], lses[0].float()
     return _merge_stacked(torch.stack(list(outs)), torch.stack(list(lses)), outs[0].dtype)
+
+
+def merge_attn_stacked(
+    outs: torch.Tensor,  # [num_partials, num_tokens, num_heads, head_dim]
+    lses: torch.Tensor,  # [num_partials, num_tokens, num_heads]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_attn_partials` for partials already stacked along dim 0 (e.g. an all-gather)."""
+    return _merge_stacked(outs, lses, outs.dtype)
