@@ -34,7 +34,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+for _k, _v in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ[_k] = _v  # no NVLink multicast; workers inherit the environment
 os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")  # one per SPP step
 
@@ -49,17 +53,45 @@ NUM_NEW = 32
 ROPE = dict(rope_type="llama3", rope_theta=500000.0, low_freq_factor=1.0, high_freq_factor=4.0, factor=32.0)
 SHAPES: dict[str, dict] = {
     "1b": dict(
-        hf=dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=64, intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
-                rope_parameters={**ROPE, "original_max_position_embeddings": 8192},
-                bos_token_id=128000, eos_token_id=128001, initializer_range=0.02),
-        prompt_lens=(700, 300, 1500, 57), chunk_size=256, max_num_batched_tokens=1024, max_token_id=128000),
+        hf=dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            intermediate_size=8192,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_parameters={**ROPE, "original_max_position_embeddings": 8192},
+            bos_token_id=128000,
+            eos_token_id=128001,
+            initializer_range=0.02,
+        ),
+        prompt_lens=(700, 300, 1500, 57),
+        chunk_size=256,
+        max_num_batched_tokens=1024,
+        max_token_id=128000,
+    ),
     "tiny": dict(
-        hf=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                head_dim=8, intermediate_size=128, vocab_size=320, max_position_embeddings=2048,
-                rope_parameters={**ROPE, "original_max_position_embeddings": 64},
-                bos_token_id=1, eos_token_id=2, initializer_range=0.1),
-        prompt_lens=(150, 60, 300, 11), chunk_size=32, max_num_batched_tokens=96, max_token_id=320),
+        hf=dict(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=8,
+            intermediate_size=128,
+            vocab_size=320,
+            max_position_embeddings=2048,
+            rope_parameters={**ROPE, "original_max_position_embeddings": 64},
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.1,
+        ),
+        prompt_lens=(150, 60, 300, 11),
+        chunk_size=32,
+        max_num_batched_tokens=96,
+        max_token_id=320,
+    ),
 }
 BLOCK_SIZE = 16
 
@@ -100,8 +132,10 @@ def _free() -> None:
 
 def make_prompts(shape: str, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed + 1)
-    return [torch.randint(3, SHAPES[shape]["max_token_id"], (n,), generator=g).tolist()
-            for n in SHAPES[shape]["prompt_lens"]]
+    return [
+        torch.randint(3, SHAPES[shape]["max_token_id"], (n,), generator=g).tolist()
+        for n in SHAPES[shape]["prompt_lens"]
+    ]
 
 
 def parse_layout(name: str) -> dict[str, int]:
@@ -115,17 +149,32 @@ def parse_layout(name: str) -> dict[str, int]:
     return sizes
 
 
-def run_mnemosyne(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, layout: dict[str, int],
-                  kvp_tokens: int | None) -> tuple[Run, float, float]:
+def run_mnemosyne(
+    model_dir: Path,
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+    layout: dict[str, int],
+    kvp_tokens: int | None,
+) -> tuple[Run, float, float]:
     """One LLM: (outputs, startup seconds, generate seconds); the workers are stopped on return."""
     shape = SHAPES[args.shape]
     t0 = time.perf_counter()
-    with LLM(model=str(model_dir), dtype=args.dtype, device=args.device, block_size=BLOCK_SIZE,
-             chunk_size=shape["chunk_size"], max_num_batched_tokens=shape["max_num_batched_tokens"],
-             kv_cache_memory_gb=args.kv_cache_gb, max_tokens_per_kvp_group=kvp_tokens,
-             worker_timeout_s=args.worker_timeout, **layout) as llm:
+    with LLM(
+        model=str(model_dir),
+        dtype=args.dtype,
+        device=args.device,
+        block_size=BLOCK_SIZE,
+        chunk_size=shape["chunk_size"],
+        max_num_batched_tokens=shape["max_num_batched_tokens"],
+        kv_cache_memory_gb=args.kv_cache_gb,
+        max_tokens_per_kvp_group=kvp_tokens,
+        worker_timeout_s=args.worker_timeout,
+        **layout,
+    ) as llm:
         t1 = time.perf_counter()
-        params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=2, prompt_logprobs=0)
+        params = SamplingParams(
+            temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=2, prompt_logprobs=0
+        )
         outs = llm.generate(prompts, params)
         t2 = time.perf_counter()
     _free()
@@ -158,7 +207,9 @@ def run_hf(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) 
         rows = []
         for i, tok in enumerate(seq[n:]):
             top = logp[n + i - 1].topk(2)
-            rows.append({**dict(zip(top.indices.tolist(), top.values.tolist())), tok: logp[n + i - 1, tok].item()})
+            rows.append(
+                {**dict(zip(top.indices.tolist(), top.values.tolist())), tok: logp[n + i - 1, tok].item()}
+            )
         run.gen_lp.append(rows)
     del hf
     _free()
@@ -180,12 +231,25 @@ def compare(ref: Run, got: Run) -> dict:
                 gen_diffs.append(abs(ref.gen_lp[p][i][rt[i]] - got.gen_lp[p][i][rt[i]]))
         if d is not None:
             (t1, l1), (t2, l2) = _top2(ref.gen_lp[p][d])
-            divergences.append(dict(prompt=p, position=d, ref_token=rt[d], got_token=gt[d], ref_top2_gap=l1 - l2,
-                                    got_is_ref_second=gt[d] == t2, near_tie=l1 - l2 < NEAR_TIE))
+            divergences.append(
+                dict(
+                    prompt=p,
+                    position=d,
+                    ref_token=rt[d],
+                    got_token=gt[d],
+                    ref_top2_gap=l1 - l2,
+                    got_is_ref_second=gt[d] == t2,
+                    near_tie=l1 - l2 < NEAR_TIE,
+                )
+            )
     stats = dict(
-        tokens_identical=not divergences, divergences=divergences,
-        prompt_lp_max=max(prompt_diffs, default=0.0), prompt_lp_mean=_mean(prompt_diffs),
-        gen_lp_max=max(gen_diffs, default=0.0), gen_lp_mean=_mean(gen_diffs), gen_lp_count=len(gen_diffs),
+        tokens_identical=not divergences,
+        divergences=divergences,
+        prompt_lp_max=max(prompt_diffs, default=0.0),
+        prompt_lp_mean=_mean(prompt_diffs),
+        gen_lp_max=max(gen_diffs, default=0.0),
+        gen_lp_mean=_mean(gen_diffs),
+        gen_lp_count=len(gen_diffs),
     )
     ok = all(d["near_tie"] for d in divergences)
     for k in ("prompt_lp", "gen_lp"):
@@ -222,13 +286,20 @@ def summary(meta: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         if r.get("skipped") or r.get("error"):
-            lines.append(f"| {r['layout']:<20} | {r['devices']} | | | | | | | | "
-                         f"{'SKIP: ' + r['skipped'] if r.get('skipped') else 'FAIL (error)'} |")
+            lines.append(
+                f"| {r['layout']:<20} | {r['devices']} | | | | | | | | "
+                f"{'SKIP: ' + r['skipped'] if r.get('skipped') else 'FAIL (error)'} |"
+            )
             continue
         divs = r["divergences"]
         toks = "identical" if not divs else f"{len(divs)}/{len(meta['prompt_lens'])} differ"
-        first = "; ".join(f"{d['prompt']}@{d['position']}: {d['ref_top2_gap']:.3f}{'*' if d['got_is_ref_second'] else ''}"
-                          for d in divs) or "-"
+        first = (
+            "; ".join(
+                f"{d['prompt']}@{d['position']}: {d['ref_top2_gap']:.3f}{'*' if d['got_is_ref_second'] else ''}"
+                for d in divs
+            )
+            or "-"
+        )
         kvp_t = r.get("max_tokens_per_kvp_group") or "-"
         lines.append(
             f"| {r['layout']:<20} | {r['devices']} | {kvp_t} | {r.get('startup_s', 0):.1f} | {r['generate_s']:.2f} "
@@ -236,8 +307,10 @@ def summary(meta: dict, rows: list[dict]) -> str:
             f"| {r['gen_lp_max']:.2e} / {r['gen_lp_mean']:.2e} | {r['verdict']} |"
         )
     notes = [r["note"] for r in rows if r.get("note")]
-    notes.append("first diff: prompt@position of the first differing new token, the reference's top-2 logprob "
-                 "gap there; * = the layout picked the reference's second choice")
+    notes.append(
+        "first diff: prompt@position of the first differing new token, the reference's top-2 logprob "
+        "gap there; * = the layout picked the reference's second choice"
+    )
     errors = [f"{r['layout']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes] + [f"- ERROR {e}" for e in errors])
 
@@ -249,12 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="comma-separated, e.g. tp4,tp2xspp2")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None, help="default: on for 1b")
-    ap.add_argument("--workdir", type=Path, default=None, help="where the random model is saved (default: tmp)")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="where the random model is saved (default: tmp)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embed-std", type=float, default=None, help="re-draw the tied embedding with this std")
-    ap.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache per device (8 on CUDA, 0.25 on CPU)")
+    ap.add_argument(
+        "--kv-cache-gb", type=float, default=None, help="KV cache per device (8 on CUDA, 0.25 on CPU)"
+    )
     ap.add_argument("--worker-timeout", type=float, default=300.0)
-    ap.add_argument("--out", type=Path, default=None, help="JSON results (a .log summary is written beside it)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON results (a .log summary is written beside it)"
+    )
     args = ap.parse_args(argv)
     if args.kv_cache_gb is None:
         args.kv_cache_gb = 8.0 if args.device.startswith("cuda") else 0.25
@@ -273,31 +352,66 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {model_dir} in {time.perf_counter() - t0:.1f} s", flush=True)
     cfg = transformers.LlamaConfig.from_pretrained(model_dir)
     v, h = cfg.vocab_size, cfg.hidden_size
-    num_params = v * h + cfg.num_hidden_layers * (
-        2 * h * cfg.head_dim * (cfg.num_attention_heads + cfg.num_key_value_heads) + 3 * h * cfg.intermediate_size
-        + 2 * h) + h
+    num_params = (
+        v * h
+        + cfg.num_hidden_layers
+        * (
+            2 * h * cfg.head_dim * (cfg.num_attention_heads + cfg.num_key_value_heads)
+            + 3 * h * cfg.intermediate_size
+            + 2 * h
+        )
+        + h
+    )
     prompts = make_prompts(args.shape, args.seed)
     longest = max(len(p) for p in prompts) + NUM_NEW
     meta = dict(
-        command="python -m benchmarks.parallel_exactness " + shlex.join(sys.argv[1:] if argv is None else argv),
-        shape=args.shape, dtype=args.dtype, device=args.device, device_name=device_name,
-        device_count=num_devices or 1, torch=torch.__version__, transformers=transformers.__version__,
-        python=sys.version.split()[0], date=date, seed=args.seed, num_params=num_params,
-        prompt_lens=[len(p) for p in prompts], num_new=NUM_NEW, block_size=BLOCK_SIZE,
-        chunk_size=shape["chunk_size"], max_num_batched_tokens=shape["max_num_batched_tokens"],
-        kv_cache_gb=args.kv_cache_gb, model_config=cfg.to_dict(),
+        command="python -m benchmarks.parallel_exactness "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        shape=args.shape,
+        dtype=args.dtype,
+        device=args.device,
+        device_name=device_name,
+        device_count=num_devices or 1,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=sys.version.split()[0],
+        date=date,
+        seed=args.seed,
+        num_params=num_params,
+        prompt_lens=[len(p) for p in prompts],
+        num_new=NUM_NEW,
+        block_size=BLOCK_SIZE,
+        chunk_size=shape["chunk_size"],
+        max_num_batched_tokens=shape["max_num_batched_tokens"],
+        kv_cache_gb=args.kv_cache_gb,
+        model_config=cfg.to_dict(),
         tolerance=dict(mean=MEAN_TOL, max=MAX_TOL, near_tie=NEAR_TIE),
     )
     rows: list[dict] = []
     print("reference: Mnemosyne on 1 device ...", flush=True)
     ref, ref_start, ref_gen = run_mnemosyne(model_dir, prompts, args, {}, None)
-    rows.append(dict(layout="reference tp1", devices=1, startup_s=ref_start, generate_s=ref_gen,
-                     **{**compare(ref, ref), "verdict": "(reference)"}))
+    rows.append(
+        dict(
+            layout="reference tp1",
+            devices=1,
+            startup_s=ref_start,
+            generate_s=ref_gen,
+            **{**compare(ref, ref), "verdict": "(reference)"},
+        )
+    )
     if args.hf if args.hf is not None else args.shape == "1b":
         print("HF transformers generate on 1 device ...", flush=True)
         hf_run, hf_time = run_hf(model_dir, prompts, args)
-        rows.append(dict(layout="HF generate (info)", devices=1, startup_s=0.0, generate_s=hf_time,
-                         **compare(ref, hf_run), tokens=hf_run.tokens))
+        rows.append(
+            dict(
+                layout="HF generate (info)",
+                devices=1,
+                startup_s=0.0,
+                generate_s=hf_time,
+                **compare(ref, hf_run),
+                tokens=hf_run.tokens,
+            )
+        )
     for name, layout in layouts:
         world = layout["tp"] * layout["spp"] * layout["kvp"]
         row: dict = dict(layout=name, devices=world, **layout)
@@ -311,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             kvp_tokens = math.ceil(longest / layout["kvp"] / BLOCK_SIZE) * BLOCK_SIZE
             assert (layout["kvp"] - 1) * kvp_tokens < longest <= layout["kvp"] * kvp_tokens
             row["max_tokens_per_kvp_group"] = kvp_tokens
-            row["note"] = (f"{name}: max_tokens_per_kvp_group={kvp_tokens}, so the longest request "
-                           f"({longest} tokens) spans all {layout['kvp']} KVP groups")
+            row["note"] = (
+                f"{name}: max_tokens_per_kvp_group={kvp_tokens}, so the longest request "
+                f"({longest} tokens) spans all {layout['kvp']} KVP groups"
+            )
         print(f"{name} ...", flush=True)
         try:
             run, start_s, gen_s = run_mnemosyne(model_dir, prompts, args, layout, kvp_tokens)

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         bars = ax.bar(xs, means, width, yerr=[[0] * len(errs), errs], capsize=3, label=label)
         for x, m, e, f in zip(xs, means, errs, flips, strict=True):
             if f:
-                ax.text(x, (m + e) * 1.3, "tokens\ndiffer", ha="center", fontsize=7, color=bars[0].get_facecolor())
+                ax.text(
+                    x, (m + e) * 1.3, "tokens\ndiffer", ha="center", fontsize=7, color=bars[0].get_facecolor()
+                )
     ax.set_yscale("log")
     ax.set_ylim(top=1.0)
     ax.set_xticks(range(len(layouts)), layouts, rotation=20)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
+from mnemosyne.config import AttentionBackendKind, LoadFormat
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import MnemosyneError
 from mnemosyne.sampling_params import SamplingParams
@@ -39,6 +40,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="fraction of free CUDA memory for the KV cache when --kv-cache-memory-gb is unset",
     )
     g.add_argument("--seed", type=int, default=d.seed, help="engine seed (unseeded sampling RNG)")
+    g.add_argument(
+        "--attention-backend",
+        default=d.attention_backend,
+        choices=[k.value for k in AttentionBackendKind],
+        help="auto: Triton/cuDNN kernels on CUDA, the torch reference on CPU",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument(
+        "--load-format",
+        default=d.load_format,
+        choices=[k.value for k in LoadFormat],
+        help="dummy: random weights from config.json alone (benchmarks)",
+    )
     par = p.add_argument_group("parallelism (one worker process per device: tp x spp x kvp)")
     par.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks per stage")
     par.add_argument("--spp", type=int, default=d.spp, help="sequence-pipeline stages")

@@ -6,6 +6,7 @@ for the engine; nothing reads a global.
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,33 @@ class ParallelConfig:
             raise ConfigError(f"worker_timeout_s must be positive, got {self.timeout_s}")
 
 
+class AttentionBackendKind(enum.Enum):
+    """AUTO: the kernels (Triton + cuDNN) on CUDA, the torch reference on CPU. KERNELS on
+    CPU runs the Triton kernels in the interpreter (TRITON_INTERPRET=1; tests only)."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    KERNELS = "kernels"
+
+
+class LoadFormat(enum.Enum):
+    """SAFETENSORS: the checkpoint in the model directory. DUMMY: only config.json is read
+    and every weight is drawn at random on the device (benchmarks of real shapes, no download)."""
+
+    SAFETENSORS = "safetensors"
+    DUMMY = "dummy"
+
+
+def parse_enum(kind: type[enum.Enum], value: str | enum.Enum, option: str):  # -> instance of kind
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ConfigError(f"{option} must be one of {choices}; got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: str
@@ -245,3 +273,6 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
     seed: int = 0
+    attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    load_format: LoadFormat = LoadFormat.SAFETENSORS

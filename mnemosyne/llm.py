@@ -38,6 +38,9 @@ class LLM:
         pipeline_depth: int | None = None,
         driver_address: str | None = None,
         worker_timeout_s: float = 600.0,
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
+        load_format: str = "safetensors",
     ) -> None:
         """See `EngineArgs` for every option. With tp * spp * kvp > 1, one worker process
         per device is started; call `shutdown()` (or use `with LLM(...) as llm:`) to stop them."""
@@ -60,6 +63,9 @@ class LLM:
             pipeline_depth=pipeline_depth,
             driver_address=driver_address,
             worker_timeout_s=worker_timeout_s,
+            attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
+            load_format=load_format,
         )
         self.engine = LLMEngine.from_args(args)
 

@@ -270,7 +270,9 @@ def test_cli_generate(converted: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_cli_generate_tensor_parallel_matches_one_device(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_generate_tensor_parallel_matches_one_device(
+    converted: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`--tp 3` (SmolLM2 has 9 query and 3 KV heads) starts 3 gloo workers and prints the
     single-device text."""
     from mnemosyne.cli import main

@@ -74,6 +74,20 @@ def test_architectures_match_hf(name, tiny_model_dir):
     check_against_hf(name, tiny_model_dir(name), chunk_size=7, max_num_batched_tokens=16, block_size=4)
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral_sliding"])
+def test_kernel_backend_matches_hf(name, tiny_model_dir):
+    """The Triton kernels through the whole engine (in Triton's interpreter on CPU): decode
+    kernel, prefill tiles and the fused KV write, GQA and a sliding window."""
+    check_against_hf(
+        name,
+        tiny_model_dir(name),
+        chunk_size=7,
+        max_num_batched_tokens=16,
+        block_size=4,
+        attention_backend="kernels",
+    )
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
 def test_chunk_sizes_match_hf(chunk_size, tiny_model_dir):
     budget = 4 if chunk_size == 1 else 256

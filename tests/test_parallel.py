@@ -164,7 +164,9 @@ def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
     with LLM(model=str(model_dir), **single) as llm:
         ref = run(llm, prompts, params).outputs
     layout = dict(spp=2, kvp=2, max_tokens_per_kvp_group=tokens_per_group(2))
-    with LLM(model=str(model_dir), **dict(single, kv_cache_memory_gb=20 * BLOCK * 512 / 2**30), **layout) as llm:
+    with LLM(
+        model=str(model_dir), **dict(single, kv_cache_memory_gb=20 * BLOCK * 512 / 2**30), **layout
+    ) as llm:
         stats = run(llm, prompts, params)
         assert llm.engine.scheduler.num_preemptions > 0, "the test meant to force preemption"
     for r, g in zip(ref, stats.outputs, strict=True):
@@ -262,8 +264,16 @@ def test_engine_config_of_a_layout(tiny_model_dir):
 
     model_dir = str(tiny_model_dir("llama"))  # 3 layers, 2 KV heads of 16 dims, float32
     gb = 0.001
-    cfg = EngineArgs(model=model_dir, dtype="float32", device="cpu", block_size=4, kv_cache_memory_gb=gb,
-                     tp=2, spp=2, kvp=3).create_engine_config()
+    cfg = EngineArgs(
+        model=model_dir,
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        kv_cache_memory_gb=gb,
+        tp=2,
+        spp=2,
+        kvp=3,
+    ).create_engine_config()
     per_token = 2 * 2 * 1 * 16 * 4  # K and V, 2 layers on stage 0, 1 KV head per TP rank, fp32
     num_blocks = int(gb * 2**30 // (4 * per_token))
     assert cfg.cache.num_blocks_per_group == (num_blocks,) * 3

@@ -8,12 +8,15 @@ from pathlib import Path
 import torch
 
 from mnemosyne.config import (
+    AttentionBackendKind,
     CacheConfig,
     EngineConfig,
+    LoadFormat,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
     parse_dtype,
+    parse_enum,
 )
 from mnemosyne.errors import ConfigError
 from mnemosyne.layers.linear import num_kv_heads_per_rank
@@ -22,6 +25,7 @@ from mnemosyne.parallel.groups import stage_layers
 
 _DEFAULT_CPU_KV_GB = 2.0
 _CUDA_RESERVE_BYTES = 1 << 30  # allocator fragmentation, CUDA context growth, sampler buffers
+_DENSE_SEGMENT_TOKENS = 1 << 17  # KernelBackend.dense_segment_tokens
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class EngineArgs:
     pipeline_depth: int | None = None  # micro-batches in flight; default spp
     driver_address: str | None = None  # e.g. tcp://0.0.0.0:5570: wait for torchrun-launched workers
     worker_timeout_s: float = 600.0  # collectives and worker replies
+    attention_backend: str | AttentionBackendKind = "auto"  # auto | reference | kernels
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    load_format: str | LoadFormat = "safetensors"  # safetensors | dummy (random weights, config.json only)
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -76,6 +83,8 @@ class EngineArgs:
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
         self.parallel_config().validate()
+        parse_enum(AttentionBackendKind, self.attention_backend, "attention_backend")
+        parse_enum(LoadFormat, self.load_format, "load_format")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
@@ -139,6 +148,9 @@ class EngineArgs:
             parallel=parallel,
             device=device,
             seed=self.seed,
+            attention_backend=parse_enum(AttentionBackendKind, self.attention_backend, "attention_backend"),
+            enforce_eager=self.enforce_eager,
+            load_format=parse_enum(LoadFormat, self.load_format, "load_format"),
         )
 
     def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig, parallel: ParallelConfig) -> float:
@@ -150,6 +162,8 @@ class EngineArgs:
             # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
+            # Kernel temporaries: a gathered K/V segment of the cuDNN prefill path per layer.
+            reserve += 2 * _DENSE_SEGMENT_TOKENS * model_cfg.num_kv_heads * model_cfg.head_dim * 2
             weights = weight_bytes_per_device(model_cfg, parallel)
             return max(0.0, free - weights - reserve) * self.kv_cache_memory_fraction
         return _DEFAULT_CPU_KV_GB * 2**30 / parallel.world_size
@@ -171,6 +185,8 @@ def weight_bytes_per_device(model_cfg: ModelConfig, parallel: ParallelConfig) ->
     """An upper bound on one device's weight shard: the longest stage plus embedding and head."""
     h, v = model_cfg.hidden_size, model_cfg.vocab_size
     embed_and_head = v * h * (1 if model_cfg.tie_word_embeddings and parallel.spp == 1 else 2)
-    per_layer = (model_cfg.num_params - v * h * (1 if model_cfg.tie_word_embeddings else 2)) / model_cfg.num_layers
+    per_layer = (
+        model_cfg.num_params - v * h * (1 if model_cfg.tie_word_embeddings else 2)
+    ) / model_cfg.num_layers
     num_layers = _num_layers_longest_stage(model_cfg, parallel)
     return int((per_layer * num_layers + embed_and_head) / parallel.tp * model_cfg.dtype.itemsize)

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mnemosyne.config import ModelConfig
+from mnemosyne.config import LoadFormat, ModelConfig
 from mnemosyne.errors import ModelLoadError
 from mnemosyne.layers.attention.backend import AttentionBackend
+from mnemosyne.models.dummy_weights import iter_dummy_weights
 from mnemosyne.models.llama import LlamaForCausalLM
 from mnemosyne.parallel.groups import ProcessGroups
 
@@ -73,15 +74,21 @@ def load_model(
     backend: AttentionBackend,
     device: torch.device | str,
     pg: ProcessGroups | None = None,
+    load_format: LoadFormat = LoadFormat.SAFETENSORS,
+    seed: int = 0,
 ) -> LlamaForCausalLM:
     """Build this rank's part of the model (`pg=None`: a single device, the whole model)
-    and stream in the checkpoint tensors it needs, each sliced for its TP rank."""
+    and stream in the checkpoint tensors it needs, each sliced for its TP rank
+    (`LoadFormat.DUMMY`: random tensors drawn on the device, `models/dummy_weights.py`)."""
     path = check_model_dir(model_dir)
-    files = safetensors_files(path)
     model_cls = MODEL_CLASSES[cfg.architecture]
     with torch.device(device):
         model = model_cls(cfg, backend, pg)
-    loaded = model.load_weights(iter_safetensors(files, model.wants_weight))
+    if load_format == LoadFormat.DUMMY:
+        weights = iter_dummy_weights(cfg, device, model.wants_weight, seed)
+    else:
+        weights = iter_safetensors(safetensors_files(path), model.wants_weight)
+    loaded = model.load_weights(weights)
     missing = model.expected_weight_keys() - loaded
     if missing:
         raise ModelLoadError(

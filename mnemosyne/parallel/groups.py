@@ -136,7 +136,9 @@ class ProcessGroups:
         )
         prev_rank = rank_of(parallel, c.kvp_rank, c.spp_rank - 1, c.tp_rank) if c.spp_rank > 0 else None
         next_rank = (
-            rank_of(parallel, c.kvp_rank, c.spp_rank + 1, c.tp_rank) if c.spp_rank < parallel.spp - 1 else None
+            rank_of(parallel, c.kvp_rank, c.spp_rank + 1, c.tp_rank)
+            if c.spp_rank < parallel.spp - 1
+            else None
         )
         links: dict[tuple[int, int], dist.ProcessGroup] = {}
         for g in range(parallel.kvp):

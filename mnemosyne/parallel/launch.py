@@ -56,6 +56,14 @@ def launch_local_workers(world_size: int, driver_address: str) -> LocalWorkers:
             WORLD_SIZE=str(world_size),
             LOCAL_WORLD_SIZE=str(world_size),
         )
-        cmd = [sys.executable, "-m", "mnemosyne.worker", "--driver", driver_address, "--init-method", init_method]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mnemosyne.worker",
+            "--driver",
+            driver_address,
+            "--init-method",
+            init_method,
+        ]
         procs.append(subprocess.Popen(cmd, env=env))
     return LocalWorkers(procs, tmpdir)

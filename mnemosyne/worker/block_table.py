@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 from mnemosyne.engine.step_plan import PieceSpec
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
+from mnemosyne.layers.attention.metadata import leading_run
 
 
 @dataclass
 class MirroredPiece:
     token_start: int
     block_ids: list[int] = field(default_factory=list)
+    run: tuple[int, int] = (0, 0)  # block_ids[:n] == [b0, b0+1, ..., b0+n-1], kept up to date on append
 
     def slot(self, pos: int, block_size: int) -> int:
         off = pos - self.token_start
@@ -56,8 +58,12 @@ class BlockTableMirror:
             )
         bad = [b for b in spec.new_block_ids if not 0 <= b < self.num_blocks]
         if bad:
-            raise KVCacheIntegrityError(f"group {self.group}: block ids {bad[:4]} outside [0, {self.num_blocks})")
+            raise KVCacheIntegrityError(
+                f"group {self.group}: block ids {bad[:4]} outside [0, {self.num_blocks})"
+            )
         piece.block_ids.extend(spec.new_block_ids)
+        if spec.new_block_ids and piece.run[1] == len(piece.block_ids) - len(spec.new_block_ids):
+            piece.run = leading_run(piece.block_ids, known=piece.run[1])  # O(new ids)
         return piece
 
     def get(self, request_id: str) -> MirroredPiece:

@@ -53,6 +53,7 @@ def build_sub_batch(
     kv_start: list[int] = []
     kv_lens: list[int] = []
     block_tables: list[list[int]] = []
+    block_runs: list[tuple[int, int]] = []
     local_rows: list[int] = []
     shared_rows: list[int] = []
     num_shared = 0
@@ -78,6 +79,7 @@ def build_sub_batch(
         kv_start.append(spec.token_start)
         kv_lens.append(min(spec.token_end, chunk.end) - spec.token_start)
         block_tables.append(piece.block_ids)
+        block_runs.append(piece.run)
         if chunk.is_shared:
             local_rows.extend(range(row, row + chunk.num_tokens))
             shared_rows.extend(range(shared_base, shared_base + chunk.num_tokens))
@@ -97,6 +99,7 @@ def build_sub_batch(
         slot_mapping=slots,
         device=device,
         kvp_merge=merge,
+        block_runs=block_runs,
     )
     return SubBatch(
         chunks=chunks,

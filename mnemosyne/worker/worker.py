@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.step_plan import StepPlan, StepResult
-from mnemosyne.layers.attention.reference import TorchReferenceBackend
+from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.models.loader import load_model
@@ -29,6 +29,7 @@ from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
 from mnemosyne.parallel.groups import ProcessGroups
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.worker.block_table import BlockTableMirror
+from mnemosyne.worker.cuda_graph import DecodeGraphs
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
 
 _SEED_MIX = 1_000_003
@@ -46,7 +47,10 @@ def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int
     shape = (num_blocks, block_size, model.num_local_kv_heads, cfg.head_dim)
     device = next(model.parameters()).device
     return [
-        (torch.zeros(shape, dtype=cfg.dtype, device=device), torch.zeros(shape, dtype=cfg.dtype, device=device))
+        (
+            torch.zeros(shape, dtype=cfg.dtype, device=device),
+            torch.zeros(shape, dtype=cfg.dtype, device=device),
+        )
         for _ in range(model.num_local_layers)
     ]
 
@@ -59,8 +63,12 @@ class Worker:
         self.group = pg.coords.kvp_rank
         self.block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks_per_group[self.group]
-        self.model = load_model(config.model_dir, config.model, TorchReferenceBackend(), device, pg)
+        backend = make_attention_backend(config.attention_backend, config.model, pg.tp.size, device)
+        self.model = load_model(
+            config.model_dir, config.model, backend, device, pg, config.load_format, config.seed
+        )
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
+        self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device)
         self.mirror = BlockTableMirror(self.group, num_blocks)
         self.params: dict[str, SamplingParams] = {}
         self.sampler = Sampler()
@@ -85,7 +93,10 @@ class Worker:
             return result  # nothing for this group, and no merge to take part in
 
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
-        hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)  # [num_tokens, hidden]
+        if self.graphs is not None and self.graphs.can_run(batch.meta):
+            hidden = self.graphs.run(x, batch.positions, batch.meta)  # [num_tokens, hidden]
+        else:
+            hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)  # [num_tokens, hidden]
         if not self.pg.is_last_stage:
             self._send_hidden(hidden)
             return None
@@ -181,3 +192,6 @@ class Worker:
 
     def shutdown(self) -> None:
         self._wait_pending_send()
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None

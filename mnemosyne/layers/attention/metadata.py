@@ -22,6 +22,12 @@ kv_lens == q_pos_start + query_lens (the new keys are written before attention).
 Under KVP, a group holding an older piece of a request has kv_start = piece start,
 kv_lens = piece length (all keys before the queries) and slot_mapping -1 for the
 request's rows; `kvp_merge` says which rows are merged across groups.
+
+`block_runs_cpu[i] = (b0, n)`: the first n blocks of sequence i are b0, b0+1, ..., b0+n-1
+(a fresh pool hands out ascending ids, so a long request's blocks are mostly one run).
+Keys [kv_start, kv_start + n*B) are then one strided view of the cache, which dense
+kernels read without a gather. `backend_plan` is what the attention backend derived
+from the host lists once per step (`AttentionBackend.plan`), shared by every layer.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class AttentionMetadata:
     max_query_len: int
     max_kv_len: int
     kvp_merge: KVPMergeIndex | None = None  # rows merged across KVP groups (None: none)
+    block_runs_cpu: list[tuple[int, int]] | None = None  # per seq: (first block id, leading run length)
+    backend_plan: object | None = None  # set by the worker: AttentionBackend.plan(meta)
 
     @property
     def num_seqs(self) -> int:
@@ -69,6 +77,7 @@ class AttentionMetadata:
         slot_mapping: list[int],
         device: torch.device | str,
         kvp_merge: KVPMergeIndex | None = None,
+        block_runs: list[tuple[int, int]] | None = None,
     ) -> AttentionMetadata:
         num_seqs = len(query_lens)
         max_blocks = max((len(b) for b in block_tables), default=0)
@@ -93,4 +102,15 @@ class AttentionMetadata:
             max_query_len=max(query_lens, default=0),
             max_kv_len=max(kv_lens, default=0),
             kvp_merge=kvp_merge,
+            block_runs_cpu=block_runs if block_runs is not None else [leading_run(b) for b in block_tables],
         )
+
+
+def leading_run(block_ids: list[int], known: int = 0) -> tuple[int, int]:
+    """(b0, n): the first n ids are b0, b0+1, ..., b0+n-1; `known` ids are already known to be."""
+    if not block_ids:
+        return 0, 0
+    b0, n = block_ids[0], max(known, 1)
+    while n < len(block_ids) and block_ids[n] == b0 + n:
+        n += 1
+    return b0, n

@@ -1,0 +1,181 @@
+"""Mnemosyne on one GPU with a random-weight model of a real shape: TTFT and TBT vs context.
+
+Measured three ways, all on the same engine (load_format=dummy, bf16, the kernel backend):
+
+  end to end   requests through LLMEngine.step (scheduler, plans, kernels, sampling, detok),
+               at the contexts given by --e2e (a real prefill of the whole prompt)
+  decode step  one decode at position L through the worker's CUDA graph + LM head + argmax,
+               over a KV of L keys (a synthetic block table; decode cost does not depend
+               on the cached values), for every context up to the cache capacity
+  chunk step   one prefill chunk of c tokens after a prefix of P keys (eager, cuDNN path)
+
+TTFT at contexts beyond --e2e is the sum of the chunk steps of the whole prompt, with
+t(P) interpolated linearly between the measured prefixes (attention grows linearly in P
+for a fixed chunk; the end-to-end runs check the estimate). Floors:
+
+  decode step  (weight bytes + KV bytes of L tokens) / 4.2 TB/s
+  chunk step   2 * (params - embedding) * c / 800 TFLOP/s + 4 H D layers (c P + c(c+1)/2) / 590 TFLOP/s
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mnemosyne import SamplingParams
+from mnemosyne.config import ModelConfig
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.layers.attention.metadata import AttentionMetadata
+
+COPY_BPS = 4.2e12
+MATMUL_FLOPS = 800e12
+ATTN_FLOPS = 590e12
+
+
+def decode_floor_s(cfg: ModelConfig, ctx: int) -> float:
+    return (cfg.weight_bytes + ctx * cfg.kv_bytes_per_token) / COPY_BPS
+
+
+def chunk_floor_s(cfg: ModelConfig, chunk: int, prefix: int) -> float:
+    linear = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * chunk
+    attn = 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * (chunk * prefix + chunk * (chunk + 1) / 2)
+    return linear / MATMUL_FLOPS + attn / ATTN_FLOPS
+
+
+def ttft_floor_s(cfg: ModelConfig, ctx: int, chunk: int) -> float:
+    return sum(chunk_floor_s(cfg, min(chunk, ctx - p), p) for p in range(0, ctx, chunk))
+
+
+def random_prompt(n: int, seed: int = 0, max_id: int = 128000) -> list[int]:
+    return torch.randint(0, max_id, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _meta(query_len: int, prefix: int, block_size: int) -> AttentionMetadata:
+    """One sequence: query_len queries after `prefix` keys, blocks 0, 1, 2, ... (one run)."""
+    total = prefix + query_len
+    nb = -(-total // block_size)
+    return AttentionMetadata.build(
+        query_lens=[query_len],
+        q_pos_start=[prefix],
+        kv_start=[0],
+        kv_lens=[total],
+        block_tables=[list(range(nb))],
+        slot_mapping=list(range(prefix, total)),
+        device="cuda",
+        block_runs=[(0, nb)],
+    )
+
+
+def _median_s(fn, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def run(model_dir: Path, chunk: int, e2e: list[int], num_decode: int, kv_fraction: float) -> dict:
+    args = EngineArgs(
+        model=str(model_dir), load_format="dummy", dtype="bfloat16", chunk_size=chunk,
+        max_num_batched_tokens=chunk, max_num_seqs=8, kv_cache_memory_fraction=kv_fraction,
+    )  # fmt: skip
+    engine = LLMEngine.from_args(args)
+    cfg, cache = engine.config.model, engine.config.cache
+    capacity = cache.num_blocks_per_group[0] * cache.block_size
+    res: dict = {"kv_capacity_tokens": capacity, "max_model_len": engine.config.scheduler.max_model_len}
+    res["weight_bytes"], res["kv_bytes_per_token"] = cfg.weight_bytes, cfg.kv_bytes_per_token
+    print("capacity", capacity, flush=True)
+
+    # ---- end to end through the engine --------------------------------------------------
+    res["e2e"] = []
+    for ctx in e2e:
+        params = SamplingParams(temperature=0, max_tokens=num_decode + 1, ignore_eos=True)
+        rid = engine.add_request(random_prompt(ctx), params)
+        out = None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.request_id == rid:
+                    out = o
+        assert out is not None and out.finished
+        gaps = [b - a for a, b in zip(out.timing.token_times, out.timing.token_times[1:], strict=False)]
+        entry = {
+            "ctx": ctx, "ttft_s": out.timing.ttft, "tbt_median_s": statistics.median(gaps),
+            "ttft_floor_s": ttft_floor_s(cfg, ctx, chunk), "tbt_floor_s": decode_floor_s(cfg, ctx),
+            "first_tokens": out.token_ids[:8],
+        }  # fmt: skip
+        print(entry, flush=True)
+        res["e2e"].append(entry)
+
+    # ---- worker level: decode steps and chunk steps over synthetic block tables --------
+    worker = engine.executor.worker
+    model, bs = worker.model, cache.block_size
+    ids1 = torch.ones(1, dtype=torch.long, device="cuda")
+    top = capacity - chunk - bs
+    ctxs = sorted({c for c in (1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 786432, top) if c <= top})
+    res["decode"] = []
+    for ctx in ctxs:
+        meta = _meta(1, ctx, bs)
+        pos = torch.tensor([ctx], device="cuda")
+
+        def graph_step(pos: torch.Tensor = pos, meta: AttentionMetadata = meta) -> int:
+            return int(model.compute_logits(worker.graphs.run(ids1, pos, meta)).argmax(-1)[0])
+
+        def eager_step(pos: torch.Tensor = pos, meta: AttentionMetadata = meta) -> int:
+            return int(model.compute_logits(model(ids1, pos, worker.kv_caches, meta)).argmax(-1)[0])
+
+        entry = {"ctx": ctx, "graph_s": _median_s(graph_step, 20), "floor_s": decode_floor_s(cfg, ctx)}
+        if ctx in (1 << 15, 1 << 17):
+            entry["eager_s"] = _median_s(eager_step, 10)
+        entry["ratio_to_floor"] = entry["graph_s"] / entry["floor_s"]
+        print(entry, flush=True)
+        res["decode"].append(entry)
+
+    res["chunks"] = []
+    ids = torch.ones(chunk, dtype=torch.long, device="cuda")
+    prefixes = sorted(
+        {p for p in (0, 1 << 15, 1 << 17, 1 << 18, 1 << 19, 786432, top - chunk) if 0 <= p <= top - chunk}
+    )
+    for prefix in prefixes:
+        meta = _meta(chunk, prefix, bs)
+        pos = torch.arange(prefix, prefix + chunk, device="cuda")
+
+        def chunk_step(pos: torch.Tensor = pos, meta: AttentionMetadata = meta) -> int:
+            hidden = model(ids, pos, worker.kv_caches, meta)
+            return int(model.compute_logits(hidden[-1:]).argmax(-1)[0])
+
+        t = _median_s(chunk_step, 2)
+        floor = chunk_floor_s(cfg, chunk, prefix)
+        entry = {"prefix": prefix, "chunk": chunk, "s": t, "floor_s": floor, "ratio_to_floor": t / floor,
+                 "tokens_per_s": chunk / t, "floor_tokens_per_s": chunk / floor}  # fmt: skip
+        print(entry, flush=True)
+        res["chunks"].append(entry)
+
+    # ---- TTFT estimate from the chunk steps --------------------------------------------
+    pts = [(c["prefix"], c["s"]) for c in res["chunks"]]
+
+    def t_at(p: int) -> float:
+        for (p0, t0), (p1, t1) in zip(pts, pts[1:], strict=False):
+            if p <= p1:
+                return t0 + (t1 - t0) * (p - p0) / (p1 - p0)
+        (p0, t0), (p1, t1) = pts[-2], pts[-1]
+        return t1 + (t1 - t0) * (p - p1) / (p1 - p0)
+
+    res["ttft_estimate"] = [
+        {
+            "ctx": ctx,
+            "ttft_s": sum(t_at(p) for p in range(0, ctx, chunk)),
+            "floor_s": ttft_floor_s(cfg, ctx, chunk),
+        }
+        for ctx in sorted({*ctxs, *e2e})
+    ]
+    engine.shutdown()
+    return res

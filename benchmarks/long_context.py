@@ -1,0 +1,154 @@
+"""Long-context benchmark on one GPU, against the hardware floor and Hugging Face transformers.
+
+    python -m benchmarks.long_context --out benchmarks/results/long_context_h200_DATE.json
+
+Builds a random-weight model of a real architecture's shape (default Llama-3-8B; no
+download: config.json only, weights drawn on the GPU) and runs, each part in its own
+process so that each starts with the whole GPU:
+
+  kernels  attention kernel throughput vs floor (benchmarks/lc_kernels.py)
+  hf       HF transformers, same weights: TTFT/TBT at --hf-contexts, peak memory, OOM point
+  engine   Mnemosyne: end-to-end TTFT/TBT at --e2e, decode steps up to the KV capacity,
+           prefill chunk steps, TTFT vs context (benchmarks/lc_engine.py)
+
+Writes one JSON (every figure beside its floor) and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+for _k, _v in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
+    os.environ[_k] = _v
+
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+SHAPES: dict[str, dict] = {
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+        rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 8.0,
+                         "original_max_position_embeddings": 8192},
+    ),
+    "llama3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 32.0,
+                         "original_max_position_embeddings": 8192},
+    ),
+}  # fmt: skip
+
+
+def write_model_dir(shape: str, root: Path, max_positions: int = 1 << 21) -> Path:
+    """A model directory with only config.json (load it with load_format=dummy)."""
+    path = root / shape
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,
+        "max_position_embeddings": max_positions, "bos_token_id": 128000, "eos_token_id": 128001,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16",
+        **SHAPES[shape],
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def _part(ns: argparse.Namespace, model_dir: Path) -> dict:
+    if ns.part == "kernels":
+        from benchmarks.lc_kernels import run_all
+
+        return {"results": run_all()}
+    if ns.part == "hf":
+        from benchmarks.lc_hf import run
+
+        return run(model_dir, ns.hf_contexts, ns.num_decode, progress=ns.part_out)
+    from benchmarks.lc_engine import run
+
+    return run(model_dir, ns.chunk, ns.e2e, ns.num_decode, ns.kv_fraction)
+
+
+def _device() -> dict:
+    import torch
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(), "count": torch.cuda.device_count(),
+        "torch": torch.__version__, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--parts", default="kernels,hf,engine")
+    ap.add_argument("--part", choices=["kernels", "hf", "engine"], help=argparse.SUPPRESS)
+    ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (and token budget)")
+    ap.add_argument("--e2e", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072])
+    ap.add_argument(
+        "--hf-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072, 524288]
+    )
+    ap.add_argument("--num-decode", type=int, default=16)
+    ap.add_argument("--kv-fraction", type=float, default=0.97)
+    ap.add_argument("--part-timeout", type=float, default=400.0)
+    ap.add_argument("--out", type=Path, default=None)
+    ns = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(ns.shape, Path(tmp))
+        if ns.part:  # a child process: one part
+            ns.part_out.write_text(json.dumps(_part(ns, model_dir), indent=1))
+            return 0
+        result: dict = {
+            "benchmark": "long_context", "shape": ns.shape, "config": SHAPES[ns.shape],
+            "date": datetime.date.today().isoformat(), "device": _device(),
+            "command": "python -m benchmarks.long_context " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "floors": {"copy_TBps": 4.2, "matmul_TFLOPs": 800, "attention_TFLOPs": 590},
+        }  # fmt: skip
+        for part in ns.parts.split(","):
+            part_out = Path(tmp) / f"{part}.json"
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.long_context",
+                "--part",
+                part,
+                "--part-out",
+                str(part_out),
+            ]
+            cmd += [a for a in (argv if argv is not None else sys.argv[1:])]
+            print(f"== {part}", flush=True)
+            try:
+                proc = subprocess.run(cmd, timeout=ns.part_timeout)
+                result[part] = (
+                    json.loads(part_out.read_text())
+                    if part_out.exists()
+                    else {"error": f"exit {proc.returncode}"}
+                )
+            except subprocess.TimeoutExpired:
+                result[part] = {"error": f"did not finish within {ns.part_timeout} s"}
+        text = json.dumps(result, indent=1)
+        if ns.out is not None:
+            ns.out.parent.mkdir(parents=True, exist_ok=True)
+            ns.out.write_text(text)
+            from benchmarks.plot_long_context import plot
+
+            plot(result, ns.out.with_suffix(".png"))
+        else:
+            print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels for attention over the paged KV cache."""

@@ -1,0 +1,168 @@
+"""The fast attention backend: Triton kernels over the paged cache, cuDNN for long chunks.
+
+Once per step (`plan`, from the host lists of the metadata) every sequence of the batch
+goes to exactly one kernel, and every kernel writes only its own rows of one shared
+(out, lse) pair::
+
+    query_len == 1                          -> split-KV decode kernel (kernels/decode_attention.py)
+    query_len >= dense_min_queries, bf16/fp16, no sliding window, keys = prefix (+ own keys)
+                                            -> cuDNN fused attention (kernels/cudnn_prefill.py)
+    anything else                           -> Triton paged prefill kernel (kernels/paged_prefill.py)
+
+K/V are written by one fused Triton kernel (kernels/kv_write.py). The decode split count
+is fixed by the plan; the decode kernel reads every length from device tensors, so a
+decode step replays as a CUDA graph (`worker/cuda_graph.py`) with a plan built once per
+padded batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention, fits
+from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from mnemosyne.kernels.kv_write import write_kv_cache
+from mnemosyne.kernels.paged_prefill import default_block_q, paged_prefill_attention, plan_query_tiles
+from mnemosyne.layers.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class KernelPlan:
+    """Which kernel runs which sequence of one step (shared by every layer)."""
+
+    decode_seq_ids: torch.Tensor | None = None  # [num_decode] int32
+    num_splits: int = 1
+    tile_seq: torch.Tensor | None = None  # [num_tiles] int32, Triton prefill tiles
+    tile_q_offset: torch.Tensor | None = None  # [num_tiles] int32
+    block_q: int = 16
+    dense: list[DenseChunk] = field(default_factory=list)
+
+
+class KernelBackend:
+    """See the module docstring. One instance per worker; `num_heads_per_kv` and the
+    model dtype fix the tile shapes."""
+
+    def __init__(
+        self,
+        num_heads_per_kv: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        dense_min_queries: int = 256,
+        dense_segment_tokens: int = 1 << 17,
+        use_cudnn: bool | None = None,
+    ) -> None:
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self.block_q = default_block_q(num_heads_per_kv, dtype)
+        self.dense_min_queries = dense_min_queries
+        self.dense_segment_tokens = dense_segment_tokens
+        self.use_cudnn = device.type == "cuda" if use_cudnn is None else use_cudnn
+        self.num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        )
+
+    # ---- once per step ------------------------------------------------------------------
+
+    def plan(
+        self,
+        meta: AttentionMetadata,
+        num_kv_heads: int,
+        sliding_window: int | None,
+        max_kv_len: int | None = None,
+    ) -> KernelPlan:
+        """Assign every sequence to a kernel. `max_kv_len` bounds the decode keys for the
+        split count (a CUDA graph passes the largest it may see; eager uses the batch's)."""
+        plan = KernelPlan(block_q=self.block_q)
+        decode: list[int] = []
+        tiled: list[int] = []
+        row = 0
+        runs = meta.block_runs_cpu or [(0, 0)] * meta.num_seqs
+        for i, q_len in enumerate(meta.query_lens_cpu):
+            chunk = None
+            if self.use_cudnn and q_len > 1:
+                chunk = fits(
+                    q_len,
+                    meta.q_pos_start_cpu[i],
+                    meta.kv_start_cpu[i],
+                    meta.kv_lens_cpu[i],
+                    self.dtype,
+                    self.head_dim,
+                    sliding_window,
+                    self.dense_min_queries,
+                )
+            if q_len == 1:
+                decode.append(i)
+            elif chunk is not None:
+                plan.dense.append(
+                    DenseChunk(i, row, chunk.num_queries, chunk.num_prefix, chunk.has_own_keys, runs[i])
+                )
+            elif q_len > 0:
+                tiled.append(i)
+            row += q_len
+        if decode:
+            plan.decode_seq_ids = torch.tensor(decode, dtype=torch.int32, device=self.device)
+            bound = max_kv_len if max_kv_len is not None else max(meta.kv_lens_cpu[i] for i in decode)
+            plan.num_splits = choose_num_splits(len(decode), num_kv_heads, bound, self.num_sms)
+        if tiled:
+            seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, self.block_q)
+            plan.tile_seq = torch.tensor(seqs, dtype=torch.int32, device=self.device)
+            plan.tile_q_offset = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+        return plan
+
+    # ---- every layer --------------------------------------------------------------------
+
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+    ) -> None:
+        if key.shape[0]:
+            write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = meta.backend_plan
+        if not isinstance(plan, KernelPlan):
+            plan = meta.backend_plan = self.plan(meta, k_cache.shape[2], sliding_window)
+        num_tokens, num_heads, _ = query.shape
+        out = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]; every row is written below
+        lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=query.device)
+        lengths = (meta.query_start_loc, meta.q_pos_start, meta.kv_start, meta.kv_lens, meta.block_tables)
+        if plan.decode_seq_ids is not None:
+            paged_decode_attention(
+                query, k_cache, v_cache, *lengths, plan.decode_seq_ids, out, lse, scale, sliding_window,
+                plan.num_splits,
+            )  # fmt: skip
+        if plan.tile_seq is not None and plan.tile_q_offset is not None:
+            paged_prefill_attention(
+                query, k_cache, v_cache, *lengths, plan.tile_seq, plan.tile_q_offset, out, lse, scale,
+                sliding_window, block_q=plan.block_q,
+            )  # fmt: skip
+        for chunk in plan.dense:
+            rows = slice(chunk.row0, chunk.row0 + chunk.num_queries)
+            o, s = dense_chunk_attention(
+                query[rows],
+                k_cache,
+                v_cache,
+                meta.block_tables[chunk.seq],
+                chunk,
+                scale,
+                self.dense_segment_tokens,
+            )
+            out[rows] = o
+            lse[rows] = s
+        return out, lse

@@ -1,0 +1,181 @@
+"""CUDA graphs of one stage's forward for decode-only sub-batches.
+
+An eager decode step launches a dozen small kernels per layer and is bound by launch
+latency at small batches; a graph replays them all at once. Per step::
+
+    copy the inputs into static buffers (rows [0, n)) -> pad rows [n, bs) -> replay graph[bs]
+    -> output rows [0, n)
+
+Static buffers, max_batch rows (bs = the padded batch size: 1, 2, 4, 8, then multiples of 8)::
+
+    input_ids | hidden   [max_batch] | [max_batch, hidden]   pad 0
+    positions            [max_batch]     also q_pos_start (a decode's query sits at its position)
+    kv_start, kv_lens    [max_batch]     pad kv_len 0 -> the row sees no key: out 0, lse -inf
+    slot_mapping         [max_batch]     pad -1 -> no KV write
+    block_tables         [max_batch, max_blocks]; columns past a sequence's blocks are never read
+    query_start_loc      [max_batch + 1] = 0, 1, ..., max_batch (one query per row), fixed
+
+The attention plan of a graph (decode kernel, split count for `max_blocks * block_size`
+keys) is built once, at capture; the decode kernel reads the lengths from the static
+tensors, so one graph serves every context length.
+
+Graphs are captured lazily, one per padded size, after an eager warm-up run on the real
+inputs (which also produces a correct result; its KV write is repeated by the replay,
+with the same values). Every TP rank runs the same plan, so all of them capture the same
+size at the same step, and the TP all-reduces inside the layers are recorded into the
+graph (NCCL supports capture). Stage-to-stage sends and receives stay outside it. A
+sub-batch with rows merged across KVP groups runs eagerly: the merge's all-gather size
+and the other groups' batches vary from step to step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.models.llama import KVCache, LlamaForCausalLM
+
+if TYPE_CHECKING:  # the kernels import Triton, which CPU-only installs may lack
+    from mnemosyne.layers.attention.kernel_backend import KernelBackend
+
+_MAX_GRAPH_BATCH = 256
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch + 8, 8))
+    return [b for b in sizes if b < max_batch] + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        backend: KernelBackend,
+        max_batch: int,
+        max_blocks: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks
+        self.block_size = block_size
+        self.sizes = graph_batch_sizes(max_batch)
+        self.sliding_window = cfg.sliding_window
+        self.num_kv_heads = model.num_local_kv_heads
+        with torch.device(device):
+            if model.is_first_stage:
+                self.input_ids = torch.zeros(max_batch, dtype=torch.long)
+            else:
+                self.hidden = torch.zeros(max_batch, cfg.hidden_size, dtype=cfg.dtype)
+            self.positions = torch.zeros(max_batch, dtype=torch.long)
+            self.kv_start = torch.zeros(max_batch, dtype=torch.long)
+            self.kv_lens = torch.zeros(max_batch, dtype=torch.int32)
+            self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.long)
+            self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32)
+            self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.metas: dict[int, AttentionMetadata] = {}
+        self.pool: tuple[int, int] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        config: EngineConfig,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        backend: object,
+        device: torch.device,
+    ) -> DecodeGraphs | None:
+        """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
+        if device.type != "cuda" or config.enforce_eager:
+            return None
+        from mnemosyne.layers.attention.kernel_backend import KernelBackend
+
+        if not isinstance(backend, KernelBackend):
+            return None
+        block_size = config.cache.block_size
+        num_blocks = kv_caches[0][0].shape[0] if kv_caches else 1
+        max_blocks = min(-(-config.scheduler.max_model_len // block_size), num_blocks)
+        max_batch = min(config.scheduler.max_num_seqs, _MAX_GRAPH_BATCH)
+        return cls(model, kv_caches, backend, max_batch, max_blocks, block_size, device)
+
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return (
+            0 < meta.num_seqs <= self.max_batch
+            and meta.num_tokens == meta.num_seqs  # every sequence has one query: a decode
+            and meta.kvp_merge is None
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def run(
+        self,
+        x: torch.Tensor,  # first stage: [n] token ids; else [n, hidden]
+        positions: torch.Tensor,  # [n]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The stage's output for the n decode rows: [n, hidden_size]."""
+        n = meta.num_seqs
+        bs = next(b for b in self.sizes if b >= n)
+        inp = self.input_ids if self.model.is_first_stage else self.hidden
+        inp[:n].copy_(x)
+        inp[n:bs].zero_()
+        self.positions[:n].copy_(positions)
+        self.positions[n:bs].zero_()
+        self.kv_start[:n].copy_(meta.kv_start)
+        self.kv_lens[:n].copy_(meta.kv_lens)
+        self.kv_lens[n:bs].zero_()
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if bs not in self.graphs:
+            self._capture(bs)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        meta = AttentionMetadata(
+            query_start_loc=self.query_start_loc[: bs + 1],
+            q_pos_start=self.positions[:bs],
+            kv_start=self.kv_start[:bs],
+            kv_lens=self.kv_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            query_lens_cpu=[1] * bs,
+            q_pos_start_cpu=[0] * bs,  # host lengths are not used by the decode kernel
+            kv_start_cpu=[0] * bs,
+            kv_lens_cpu=[0] * bs,
+            max_query_len=1,
+            max_kv_len=self.max_blocks * self.block_size,
+        )
+        meta.backend_plan = self.backend.plan(
+            meta, self.num_kv_heads, self.sliding_window, max_kv_len=self.max_blocks * self.block_size
+        )
+        return meta
+
+    def _capture(self, bs: int) -> None:
+        meta = self.metas[bs] = self._meta(bs)
+        inp = (self.input_ids if self.model.is_first_stage else self.hidden)[:bs]
+        positions = self.positions[:bs]
+        self.model(inp, positions, self.kv_caches, meta)  # warm-up: compiles kernels, inits handles
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[bs] = self.model(inp, positions, self.kv_caches, meta)
+        self.pool = graph.pool()
+        self.graphs[bs] = graph
+
+    def close(self) -> None:
+        """Drop the graphs (before the process group is destroyed)."""
+        torch.cuda.synchronize()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.metas.clear()

@@ -1,0 +1,117 @@
+"""KernelBackend (decode kernel + Triton prefill tiles + cuDNN chunks) against the reference.
+
+One batch mixes every path: decodes, short chunks (Triton tiles), long chunks (cuDNN on
+CUDA in bf16/fp16; Triton elsewhere), a KVP group's older piece (keys all before the
+queries), contiguous and shuffled blocks. On CPU the Triton kernels run in the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention  # noqa: E402
+from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
+from mnemosyne.layers.attention.reference import TorchReferenceBackend  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _batch(
+    seqs: list[tuple[int, int, int, int]],  # (query_len, q_pos_start, kv_start, kv_len)
+    h: int,
+    hkv: int,
+    d: int,
+    block: int,
+    dtype: torch.dtype,
+    shuffled: bool,
+    seed: int = 0,
+):
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-kv_len // block) for *_, kv_len in seqs]
+    num_blocks = sum(blocks_per_seq) + 3
+    ids = torch.randperm(num_blocks, generator=g) if shuffled else torch.arange(num_blocks)
+    tables, at = [], 0
+    for n in blocks_per_seq:
+        tables.append(ids[at : at + n].tolist())
+        at += n
+    k_cache = torch.randn(num_blocks, block, hkv, d, generator=g).to(dtype).to(DEVICE)
+    v_cache = torch.randn(num_blocks, block, hkv, d, generator=g).to(dtype).to(DEVICE)
+    num_tokens = sum(s[0] for s in seqs)
+    query = torch.randn(num_tokens, h, d, generator=g).to(dtype).to(DEVICE)
+    meta = AttentionMetadata.build(
+        query_lens=[s[0] for s in seqs],
+        q_pos_start=[s[1] for s in seqs],
+        kv_start=[s[2] for s in seqs],
+        kv_lens=[s[3] for s in seqs],
+        block_tables=tables,
+        slot_mapping=[-1] * num_tokens,
+        device=DEVICE,
+    )
+    return query, k_cache, v_cache, meta
+
+
+def _reference(query, k_cache, v_cache, meta, scale, window):
+    ref_meta = AttentionMetadata(**{**meta.__dict__, "backend_plan": None})
+    return TorchReferenceBackend().forward(
+        query.float(), k_cache.float(), v_cache.float(), ref_meta, scale, window
+    )
+
+
+MIXED = [
+    (1, 40, 0, 41),  # decode
+    (7, 13, 0, 20),  # short chunk: Triton tiles
+    (300, 100, 0, 400),  # long chunk after a prefix (cuDNN on CUDA half precision)
+    (1, 63, 0, 64),  # decode at a block boundary
+    (260, 500, 0, 240),  # an older KVP piece: keys [0, 240) all before the queries
+    (17, 0, 0, 17),  # a first chunk
+    (1, 90, 32, 59),  # decode on a newer KVP piece (kv_start > 0)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shuffled", [False, True])
+@pytest.mark.parametrize("window", [None, 37])
+def test_mixed_batch_matches_reference(dtype, shuffled, window):
+    h, hkv, d, block = 8, 2, 64, 16
+    query, k_cache, v_cache, meta = _batch(MIXED, h, hkv, d, block, dtype, shuffled)
+    backend = KernelBackend(h // hkv, d, dtype, DEVICE, dense_min_queries=256, dense_segment_tokens=128)
+    scale = d**-0.5
+    out, lse = backend.forward(query, k_cache, v_cache, meta, scale, window)
+    plan = meta.backend_plan
+    assert plan.decode_seq_ids is not None and plan.tile_seq is not None
+    if DEVICE.type == "cuda" and dtype != torch.float32 and window is None:
+        assert [c.seq for c in plan.dense] == [2, 4]  # both long chunks take cuDNN
+    else:
+        assert not plan.dense
+    ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, scale, window)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(seen, torch.isfinite(lse))
+    torch.testing.assert_close(lse[seen], ref_lse[seen], atol=atol * 10, rtol=0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_cudnn_chunk_segments_and_runs(shuffled):
+    """A 2000-token chunk after 5000 keys, read in segments of 1024 keys, some in the
+    leading run of blocks (views), the rest gathered."""
+    h, hkv, d, block = 32, 8, 128, 16
+    seqs = [(2000, 5000, 0, 7000)]
+    query, k_cache, v_cache, meta = _batch(seqs, h, hkv, d, block, torch.bfloat16, shuffled)
+    table = meta.block_tables[0]
+    run = (int(table[0]), 200) if not shuffled else (int(table[0]), 1)
+    chunk = DenseChunk(0, 0, 2000, 5000, True, run)
+    out, lse = dense_chunk_attention(query, k_cache, v_cache, table, chunk, d**-0.5, segment_tokens=1024)
+    ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, d**-0.5, None)
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
