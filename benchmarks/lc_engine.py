@@ -95,6 +95,14 @@ def run(model_dir: Path, chunk: int, e2e: list[int], num_decode: int, kv_fractio
     res["weight_bytes"], res["kv_bytes_per_token"] = cfg.weight_bytes, cfg.kv_bytes_per_token
     print("capacity", capacity, flush=True)
 
+    # ---- warm-up (not measured): Triton JIT, cuDNN plans, the batch-1 decode graph, as a
+    # server does before taking traffic ----------------------------------------------------
+    engine.add_request(
+        random_prompt(3000, seed=1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    )
+    while engine.has_unfinished_requests():
+        engine.step()
+
     # ---- end to end through the engine --------------------------------------------------
     res["e2e"] = []
     for ctx in e2e:

@@ -41,6 +41,9 @@ def run(model_dir: Path, contexts: list[int], num_decode: int, progress: Path | 
     """`progress`: rewritten after every context (a later context may run past the time limit)."""
     model = build_hf(model_dir)
     res: dict = {"transformers": transformers.__version__, "attn_implementation": "sdpa", "runs": []}
+    warm = model(input_ids=torch.tensor([random_prompt(3000, seed=1)], device="cuda"), use_cache=True)
+    model(input_ids=warm.logits[:, -1:].argmax(-1), past_key_values=warm.past_key_values, use_cache=True)
+    del warm  # warm-up (not measured), as for Mnemosyne
     for ctx in contexts:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

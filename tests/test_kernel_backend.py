@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention  # noqa: E402
+from mnemosyne.kernels.merge_attn import merge_attn_states_into  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.merge import merge_attn_states  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 from mnemosyne.layers.attention.reference import TorchReferenceBackend  # noqa: E402
 
@@ -111,7 +113,34 @@ def test_cudnn_chunk_segments_and_runs(shuffled):
     table = meta.block_tables[0]
     run = (int(table[0]), 200) if not shuffled else (int(table[0]), 1)
     chunk = DenseChunk(0, 0, 2000, 5000, True, run)
-    out, lse = dense_chunk_attention(query, k_cache, v_cache, table, chunk, d**-0.5, segment_tokens=1024)
+    out, lse = torch.full_like(query, float("nan")), torch.full((2000, h), float("nan"), device=DEVICE)
+    dense_chunk_attention(query, k_cache, v_cache, table, chunk, d**-0.5, 1024, out, lse)
     ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, d**-0.5, None)
     torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.float32),
+                                    (torch.bfloat16,) * 3])  # fmt: skip
+def test_fused_merge_matches_torch_merge(dtypes):
+    """merge_attn_states_into vs merge_attn_states: -inf rows on one side and both sides,
+    strided (permuted) inputs, in place into the first operand."""
+    dt_a, dt_b, dt_out = dtypes
+    g = torch.Generator().manual_seed(3)
+    n, h, d = 9, 6, 48
+    a = torch.randn(n, h, d, generator=g).to(dt_a).to(DEVICE)
+    b = torch.randn(h, n, d, generator=g).to(dt_b).to(DEVICE).permute(1, 0, 2)  # strided
+    la, lb = torch.randn(n, h, generator=g).to(DEVICE), torch.randn(n, h, generator=g).to(DEVICE)
+    la[0], lb[1] = float("-inf"), float("-inf")
+    la[2, :3], lb[2, :3] = float("-inf"), float("-inf")
+    b[1] = float("nan")  # zero weight must zero a non-finite partial
+    ref_out, ref_lse = merge_attn_states(a.float(), la, b.float(), lb)
+    if dt_out == dt_a:
+        out, lse = a, la.clone()
+        merge_attn_states_into(out, lse, a, la, b, lb)  # in place
+    else:
+        out, lse = torch.empty(n, h, d, dtype=dt_out, device=DEVICE), torch.empty(n, h, device=DEVICE)
+        merge_attn_states_into(out, lse, a, la, b, lb)
+    atol = 1e-6 if dtypes == (torch.float32,) * 3 else 2e-2
+    torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)

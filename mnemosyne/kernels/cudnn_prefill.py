@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mnemosyne.layers.attention.merge import merge_attn_states
+from mnemosyne.kernels.merge_attn import merge_attn_states_into
 
 _aten = torch.ops.aten
 
@@ -100,37 +100,52 @@ def dense_chunk_attention(
     chunk: DenseChunk,
     scale: float,
     segment_tokens: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of one chunk: (out [c, H, D] in query dtype, lse [c, H] float32)."""
+    out: torch.Tensor,  # [c, num_heads, head_dim] query dtype, written
+    lse: torch.Tensor,  # [c, num_heads] float32, written
+) -> None:
+    """Exact attention of one chunk into (out, lse). The partials (prefix segments, then the
+    own keys) are merged by one fused kernel each into a float32 accumulator; the last merge
+    writes `out` directly."""
     c, num_heads, d = query.shape
     hkv = k_cache.shape[2]
     group = num_heads // hkv
-    out: torch.Tensor | None = None
-    lse: torch.Tensor | None = None
-
-    def add(o: torch.Tensor, s: torch.Tensor) -> None:
-        nonlocal out, lse
-        out, lse = (o, s) if out is None or lse is None else merge_attn_states(out, lse, o, s)
-
-    if chunk.num_prefix > 0:
-        # [c, Hkv*G, D] -> [1, Hkv, G*c, D]: row g*c + i is query i of head kv*G + g
-        q_fold = query.view(c, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * c, d)
-        for s0 in range(0, chunk.num_prefix, segment_tokens):
-            s1 = min(chunk.num_prefix, s0 + segment_tokens)
-            k = _keys(k_cache, block_table, chunk.run, s0, s1)
-            v = _keys(v_cache, block_table, chunk.run, s0, s1)
-            o, s = _cudnn(q_fold, k, v, False, scale)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
-            add(
-                o.view(hkv, group, c, d).permute(2, 0, 1, 3).reshape(c, num_heads, d),
-                s.view(hkv, group, c).permute(2, 0, 1).reshape(c, num_heads),
-            )
+    parts: list[tuple[int, int, bool]] = [  # (first local key, end, causal)
+        (s0, min(chunk.num_prefix, s0 + segment_tokens), False)
+        for s0 in range(0, chunk.num_prefix, segment_tokens)
+    ]
     if chunk.has_own_keys:
-        q = query.permute(1, 0, 2).unsqueeze(0)  # [1, H, c, D]
-        p0 = chunk.num_prefix
-        k = _keys(k_cache, block_table, chunk.run, p0, p0 + c).repeat_interleave(group, dim=1)  # [1, H, c, D]
-        v = _keys(v_cache, block_table, chunk.run, p0, p0 + c).repeat_interleave(group, dim=1)
-        o, s = _cudnn(q, k, v, True, scale)
-        add(o[0].permute(1, 0, 2), s[0].permute(1, 0))
-    if out is None or lse is None:  # no key at all
-        return torch.zeros_like(query), query.new_full((c, num_heads), float("-inf"), dtype=torch.float32)
-    return out, lse
+        parts.append((chunk.num_prefix, chunk.num_prefix + c, True))
+    if not parts:  # no key at all
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    q_fold = None
+    if chunk.num_prefix > 0:  # [c, Hkv*G, D] -> [1, Hkv, G*c, D]: row g*c + i is query i of head kv*G + g
+        q_fold = query.view(c, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * c, d)
+    acc: tuple[torch.Tensor, torch.Tensor] | None = None
+    for n, (k0, k1, causal) in enumerate(parts):
+        k = _keys(k_cache, block_table, chunk.run, k0, k1)  # [1, Hkv, n, D]
+        v = _keys(v_cache, block_table, chunk.run, k0, k1)
+        if causal:  # the own keys: square causal, KV heads repeated for the query heads
+            o, s = _cudnn(query.permute(1, 0, 2).unsqueeze(0), k.repeat_interleave(group, dim=1),
+                          v.repeat_interleave(group, dim=1), True, scale)  # fmt: skip
+            o, s = o[0].permute(1, 0, 2), s[0].permute(1, 0)  # [c, H, D], [c, H] (views)
+        else:
+            assert q_fold is not None
+            o, s = _cudnn(q_fold, k, v, False, scale)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
+            o = o.view(hkv, group, c, d).permute(2, 0, 1, 3).reshape(c, num_heads, d)  # a view
+            s = s.view(hkv, group, c).permute(2, 0, 1).reshape(c, num_heads)
+        if acc is None:  # the first partial
+            if n == len(parts) - 1:
+                out.copy_(o)
+                lse.copy_(s)
+            acc = (o, s)
+        elif n == len(parts) - 1:  # the last merge writes the result
+            merge_attn_states_into(out, lse, acc[0], acc[1], o, s)
+        else:
+            dst = acc if acc[0].dtype == torch.float32 else (
+                torch.empty(c, num_heads, d, dtype=torch.float32, device=query.device),
+                torch.empty(c, num_heads, dtype=torch.float32, device=query.device),
+            )  # fmt: skip
+            merge_attn_states_into(dst[0], dst[1], acc[0], acc[1], o, s)
+            acc = dst

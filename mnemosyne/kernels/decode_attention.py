@@ -43,8 +43,11 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
-DEFAULT_BLOCK_N = 64
-DEFAULT_NUM_WARPS = 4  # 8 for fp32 inputs (the IEEE fp32 dot spills with 4)
+# Tuned on H200 (benchmarks/results/probes/decode_tuning_h200_2026-11-21.json): within 2% of
+# the best of 96 configurations for 1x128K, 1x1M and 8x128K keys, 32/8 heads, head dim 128.
+DEFAULT_BLOCK_N = 128  # 16-bit inputs; fp32 uses 64 (register pressure of the IEEE fp32 dot)
+DEFAULT_WAVES = 2
+DEFAULT_NUM_WARPS = 8
 DEFAULT_NUM_STAGES = 2
 MAX_SPLITS = 256
 # Decided when the kernels are decorated, like triton.jit itself.
@@ -57,7 +60,7 @@ def choose_num_splits(
     max_kv_len: int,
     num_sms: int,
     block_n: int = DEFAULT_BLOCK_N,
-    waves: int = 4,
+    waves: int = DEFAULT_WAVES,
     max_splits: int = MAX_SPLITS,
 ) -> int:
     """Splits along the KV length so that num_seqs * num_kv_heads * splits programs fill
@@ -247,7 +250,7 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None,
     num_splits: int,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = DEFAULT_NUM_STAGES,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -256,7 +259,7 @@ def paged_decode_attention(
     num_splits, head_dim] fp32, partial lse [num_decode, num_heads, num_splits] fp32),
     allocated here when None (unused when num_splits == 1). Launch only: no host sync,
     capturable in a CUDA graph. Tunables (sm_90, from ptxas reports: no spills, pipelined
-    cp.async loads): block_n 64, num_stages 2, num_warps 4 (8 for fp32 inputs)."""
+    cp.async loads; H200 sweep): block_n 128 (64 for fp32 inputs), num_stages 2, num_warps 8."""
     num_decode = seq_ids.shape[0]
     _, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, kv_dim = k_cache.shape
@@ -264,6 +267,8 @@ def paged_decode_attention(
         raise ValueError(f"bad shapes: query {tuple(query.shape)}, k/v cache {tuple(k_cache.shape)}")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if block_n is None:
+        block_n = 64 if query.dtype == torch.float32 else DEFAULT_BLOCK_N
     if num_splits < 1 or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"need num_splits >= 1, block_n a power of two >= 16: {num_splits}, {block_n}")
     for t in (query, k_cache, v_cache, out):
@@ -275,7 +280,7 @@ def paged_decode_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     direct = num_splits == 1
     if num_warps is None:
-        num_warps = 8 if query.dtype == torch.float32 else DEFAULT_NUM_WARPS
+        num_warps = DEFAULT_NUM_WARPS
     if direct:
         o_ws, l_ws = out, lse
         o_strides, l_strides = (*out.stride()[:2], 0), (*lse.stride(), 0)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from mnemosyne.engine.step_plan import PieceSpec
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
 from mnemosyne.layers.attention.metadata import leading_run
@@ -29,10 +31,26 @@ class MirroredPiece:
     token_start: int
     block_ids: list[int] = field(default_factory=list)
     run: tuple[int, int] = (0, 0)  # block_ids[:n] == [b0, b0+1, ..., b0+n-1], kept up to date on append
+    # The same ids as an int32 tensor (capacity doubling), so a step copies a 1M-token
+    # request's 64K ids with one memcpy instead of converting a Python list.
+    _array: torch.Tensor = field(default_factory=lambda: torch.empty(16, dtype=torch.int32))
 
     def slot(self, pos: int, block_size: int) -> int:
         off = pos - self.token_start
         return self.block_ids[off // block_size] * block_size + off % block_size
+
+    def append(self, new_ids: list[int]) -> None:
+        n0, n1 = len(self.block_ids), len(self.block_ids) + len(new_ids)
+        if n1 > self._array.numel():
+            grown = torch.empty(max(n1, 2 * self._array.numel()), dtype=torch.int32)
+            grown[:n0] = self._array[:n0]
+            self._array = grown
+        self._array[n0:n1] = torch.tensor(new_ids, dtype=torch.int32)
+        self.block_ids.extend(new_ids)
+
+    def table(self) -> torch.Tensor:
+        """[num_blocks] int32 (CPU), a view of the block ids."""
+        return self._array[: len(self.block_ids)]
 
 
 class BlockTableMirror:
@@ -61,7 +79,7 @@ class BlockTableMirror:
             raise KVCacheIntegrityError(
                 f"group {self.group}: block ids {bad[:4]} outside [0, {self.num_blocks})"
             )
-        piece.block_ids.extend(spec.new_block_ids)
+        piece.append(spec.new_block_ids)
         if spec.new_block_ids and piece.run[1] == len(piece.block_ids) - len(spec.new_block_ids):
             piece.run = leading_run(piece.block_ids, known=piece.run[1])  # O(new ids)
         return piece

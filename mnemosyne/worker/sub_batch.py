@@ -52,7 +52,7 @@ def build_sub_batch(
     slots: list[int] = []
     kv_start: list[int] = []
     kv_lens: list[int] = []
-    block_tables: list[list[int]] = []
+    block_tables: list[torch.Tensor] = []
     block_runs: list[tuple[int, int]] = []
     local_rows: list[int] = []
     shared_rows: list[int] = []
@@ -78,7 +78,7 @@ def build_sub_batch(
             slots.extend([-1] * chunk.num_tokens)
         kv_start.append(spec.token_start)
         kv_lens.append(min(spec.token_end, chunk.end) - spec.token_start)
-        block_tables.append(piece.block_ids)
+        block_tables.append(piece.table())
         block_runs.append(piece.run)
         if chunk.is_shared:
             local_rows.extend(range(row, row + chunk.num_tokens))

@@ -73,7 +73,7 @@ class AttentionMetadata:
         q_pos_start: list[int],
         kv_start: list[int],
         kv_lens: list[int],
-        block_tables: list[list[int]],
+        block_tables: list[list[int]] | list[torch.Tensor],  # per sequence: ids, or an int32 tensor
         slot_mapping: list[int],
         device: torch.device | str,
         kvp_merge: KVPMergeIndex | None = None,
@@ -83,8 +83,8 @@ class AttentionMetadata:
         max_blocks = max((len(b) for b in block_tables), default=0)
         bt = torch.zeros((num_seqs, max(max_blocks, 1)), dtype=torch.int32)
         for i, blocks in enumerate(block_tables):
-            if blocks:
-                bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            if len(blocks):
+                bt[i, : len(blocks)] = blocks if isinstance(blocks, torch.Tensor) else torch.tensor(blocks)
         qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
         if num_seqs:
             qsl[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
@@ -102,7 +102,7 @@ class AttentionMetadata:
             max_query_len=max(query_lens, default=0),
             max_kv_len=max(kv_lens, default=0),
             kvp_merge=kvp_merge,
-            block_runs_cpu=block_runs if block_runs is not None else [leading_run(b) for b in block_tables],
+            block_runs_cpu=block_runs if block_runs is not None else [leading_run(list(b)) for b in block_tables],
         )
 
 

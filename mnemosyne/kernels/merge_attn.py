@@ -1,0 +1,76 @@
+"""Fused exact merge of two attention partials over disjoint key sets (one kernel).
+
+The same math as `mnemosyne.layers.attention.merge` (see its docstring), per row and head::
+
+    m = max(lse_a, lse_b)   (0 when both are -inf)
+    w_x = exp(lse_x - m);   out = (w_a out_a + w_b out_b) / (w_a + w_b);   lse = m + log(w_a + w_b)
+    both -inf -> out 0, lse -inf;  a zero weight zeroes its partial even if it is not finite
+
+Grid (num_tokens, cdiv(num_heads, BLOCK_H)); each program reads its rows of both partials
+before writing, so `out` may be `out_a` (an in-place accumulation). Inputs and output may
+have different dtypes (e.g. a float32 accumulator merged with a bf16 partial) and any
+strides, with a contiguous last dim. No host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _merge_kernel(
+    o_ptr, l_ptr, a_ptr, la_ptr, b_ptr, lb_ptr, num_heads,
+    so_t, so_h, sl_t, sl_h, sa_t, sa_h, sla_t, sla_h, sb_t, sb_h, slb_t, slb_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    mask_h = heads < num_heads
+    mask = mask_h[:, None] & (dims[None, :] < HEAD_DIM)
+    la = tl.load(la_ptr + t * sla_t + heads * sla_h, mask=mask_h, other=float("-inf"))
+    lb = tl.load(lb_ptr + t * slb_t + heads * slb_h, mask=mask_h, other=float("-inf"))
+    a = tl.load(a_ptr + t * sa_t + heads[:, None] * sa_h + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + t * sb_t + heads[:, None] * sb_h + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    m = tl.maximum(la, lb)
+    m_safe = tl.where(m > float("-inf"), m, 0.0)
+    wa = tl.exp(la - m_safe)  # [BLOCK_H]
+    wb = tl.exp(lb - m_safe)
+    denom = wa + wb
+    num = tl.where(wa[:, None] > 0, wa[:, None] * a, 0.0) + tl.where(wb[:, None] > 0, wb[:, None] * b, 0.0)
+    safe = tl.where(denom > 0, denom, 1.0)
+    out = num / safe[:, None]  # [BLOCK_H, BLOCK_D]
+    lse = tl.where(denom > 0, m_safe + tl.log(safe), float("-inf"))
+    tl.store(
+        o_ptr + t * so_t + heads[:, None] * so_h + dims[None, :], out.to(o_ptr.dtype.element_ty), mask=mask
+    )
+    tl.store(l_ptr + t * sl_t + heads * sl_h, lse, mask=mask_h)
+
+
+def merge_attn_states_into(
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written (may be out_a)
+    lse: torch.Tensor,  # [num_tokens, num_heads] float32, written (may be lse_a)
+    out_a: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    lse_a: torch.Tensor,  # [num_tokens, num_heads] float32
+    out_b: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    lse_b: torch.Tensor,  # [num_tokens, num_heads] float32
+) -> None:
+    num_tokens, num_heads, head_dim = out.shape
+    if out_a.shape != out.shape or out_b.shape != out.shape:
+        raise ValueError(f"shape mismatch: {tuple(out.shape)}, {tuple(out_a.shape)}, {tuple(out_b.shape)}")
+    if lse.shape != (num_tokens, num_heads) or lse_a.shape != lse.shape or lse_b.shape != lse.shape:
+        raise ValueError(f"lse shapes {tuple(lse.shape)}, {tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
+    if any(x.stride(-1) != 1 for x in (out, out_a, out_b)):
+        raise ValueError("the last dim of every output must be contiguous")
+    if num_tokens == 0:
+        return
+    block_h = min(triton.next_power_of_2(num_heads), 8)
+    _merge_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
+        out, lse, out_a, lse_a, out_b, lse_b, num_heads,
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        out_a.stride(0), out_a.stride(1), lse_a.stride(0), lse_a.stride(1),
+        out_b.stride(0), out_b.stride(1), lse_b.stride(0), lse_b.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
+    )  # fmt: skip
