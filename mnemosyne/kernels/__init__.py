@@ -1,1 +1,15 @@
-"""Triton kernels for attention over the paged KV cache."""
+"""Triton kernels: attention over the paged KV cache, fused elementwise ops."""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+
+@functools.cache
+def load_fused_ops() -> ModuleType:
+    """`mnemosyne.kernels.fused_ops`, imported on first use: it needs Triton, which CPU-only
+    installs may lack, and only CUDA tensors take it."""
+    from mnemosyne.kernels import fused_ops
+
+    return fused_ops

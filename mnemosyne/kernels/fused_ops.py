@@ -12,7 +12,8 @@ Products and sums of two dtype values are taken in fp32 and rounded once, as tor
 Differences from torch: the fp32 sum of squares is reduced in another order (last-bit
 differences of the rsqrt), and RoPE's `q * cos + rotate_half(q) * sin` is computed in
 fp32 from the dtype-rounded cos/sin and rounded once (torch rounds each product). On CUDA
-cos/sin/exp are libdevice's (torch's CUDA functions), not Triton's fast approximations.
+cos/sin/exp are libdevice's `__nv_cosf`/`__nv_sinf`/`__nv_expf` (what torch's CUDA ops call;
+Triton lowers tl.cos/tl.sin to them, tl.exp to a bare ex2.approx, so exp is called explicitly).
 
 No host syncs (the launches are CUDA-graph capturable); num_tokens == 0 launches nothing.
 """
@@ -165,7 +166,7 @@ def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, inv_freq_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
     # Program (token, head block): head blocks of q first, then those of k.
     tok = tl.program_id(0).to(tl.int64)
@@ -174,15 +175,9 @@ def _rotary_kernel(
     d_mask = offs_d < HALF
     inv_freq = tl.load(inv_freq_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     freqs = tl.load(pos_ptr + tok).to(tl.float32) * inv_freq  # [BLOCK_HALF] fp32
-    if PRECISE:
-        cos = libdevice.cos(freqs)
-        sin = libdevice.sin(freqs)
-    else:
-        cos = tl.cos(freqs)
-        sin = tl.sin(freqs)
     dtype = q_ptr.dtype.element_ty
-    cos = cos.to(dtype).to(tl.float32)[None, :]  # [1, BLOCK_HALF], rounded like torch's table
-    sin = sin.to(dtype).to(tl.float32)[None, :]
+    cos = tl.cos(freqs).to(dtype).to(tl.float32)[None, :]  # [1, BLOCK_HALF], rounded like torch's table
+    sin = tl.sin(freqs).to(dtype).to(tl.float32)[None, :]
     q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
     if hb < q_blocks:
         _rotate_heads(q_ptr + tok * stride_qt, stride_qh, hb * BLOCK_H, NUM_Q_HEADS,
@@ -203,7 +198,9 @@ def apply_rotary(
     num_kv_heads = k.shape[1]
     half = head_dim // 2
     if head_dim % 2 or k.shape != (num_tokens, num_kv_heads, head_dim) or inv_freq.shape != (half,):
-        raise ValueError(f"bad shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, inv_freq {tuple(inv_freq.shape)}")
+        raise ValueError(
+            f"bad shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, inv_freq {tuple(inv_freq.shape)}"
+        )
     if positions.shape != (num_tokens,):
         raise ValueError(f"positions {tuple(positions.shape)} do not match {num_tokens} tokens")
     if q.dtype != k.dtype or q.stride(-1) != 1 or k.stride(-1) != 1:
@@ -217,7 +214,7 @@ def apply_rotary(
         q, k, positions, inv_freq.contiguous(),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         NUM_Q_HEADS=num_heads, NUM_K_HEADS=num_kv_heads, HALF=half,
-        BLOCK_H=block_h, BLOCK_HALF=block_half, PRECISE=_precise(q), num_warps=4,
+        BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
     )  # fmt: skip
     return q, k
 

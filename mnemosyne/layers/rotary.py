@@ -1,7 +1,9 @@
 """Rotary position embeddings (non-interleaved, "rotate half") with default, linear and llama3 scaling.
 
 cos/sin are computed per step from the global positions of the batch's tokens, so
-no table proportional to the context length is kept (contexts reach millions).
+no table proportional to the context length is kept (contexts reach millions). CUDA
+tensors take one fused Triton kernel (`mnemosyne/kernels/fused_ops.py`, which rotates q
+and k in place); CPU tensors the torch code below.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from mnemosyne.config import RopeScaling
+from mnemosyne.kernels import load_fused_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -50,6 +53,8 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:  # in place: q and k are usually views of the qkv projection's output
+            return load_fused_ops().apply_rotary(q, k, positions, self.inv_freq)
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [num_tokens, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos().to(q.dtype)[:, None, :]  # [num_tokens, 1, head_dim]

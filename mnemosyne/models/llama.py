@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mnemosyne.config import ModelConfig
+from mnemosyne.layers.activation import silu_and_mul
 from mnemosyne.layers.attention.backend import AttentionBackend
 from mnemosyne.layers.attention.layer import PagedAttention
 from mnemosyne.layers.attention.metadata import AttentionMetadata
@@ -117,8 +117,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, cfg.dtype, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x [num_tokens, intermediate_size / tp]
-        return self.down_proj(F.silu(gate) * up)  # [num_tokens, hidden_size]
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size / tp]: [gate | up]
+        return self.down_proj(silu_and_mul(gate_up))  # [num_tokens, hidden_size]
 
     def weight_loaders(self) -> dict[str, WeightLoader]:
         return {
@@ -139,10 +139,24 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, tp_group)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        positions: torch.Tensor,  # [num_tokens]
+        x: torch.Tensor,  # [num_tokens, hidden_size]
+        residual: torch.Tensor | None,  # [num_tokens, hidden_size]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream enters as x + residual (x alone when residual is None) and
+        leaves as mlp_out + new_residual, returned unsummed so that the next layer's norm
+        fuses the add. The roundings are those of `x = x + attn(norm1(x)); x = x + mlp(norm2(x))`:
+        each sum is one add of two tensors of the model's dtype."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual=residual)  # residual = x + residual
+        a = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(a, residual=residual)  # residual += attn out
+        return self.mlp(h), residual
 
     def weight_loaders(self) -> dict[str, WeightLoader]:
         loaders = {
@@ -213,9 +227,13 @@ class LlamaForCausalLM(nn.Module):
             x = self.embed_tokens(input_ids_or_hidden)  # [num_tokens, hidden_size]
         else:
             x = input_ids_or_hidden
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(positions, x, kv_cache, meta)
-        return x if self.norm is None else self.norm(x)
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        assert residual is not None  # every stage has layers
+        if self.norm is None:
+            return x + residual
+        return self.norm(x, residual=residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> [num_rows, vocab_size], the full vocabulary on every TP rank."""

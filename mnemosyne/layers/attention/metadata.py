@@ -102,7 +102,9 @@ class AttentionMetadata:
             max_query_len=max(query_lens, default=0),
             max_kv_len=max(kv_lens, default=0),
             kvp_merge=kvp_merge,
-            block_runs_cpu=block_runs if block_runs is not None else [leading_run(list(b)) for b in block_tables],
+            block_runs_cpu=block_runs
+            if block_runs is not None
+            else [leading_run(list(b)) for b in block_tables],
         )
 
 
