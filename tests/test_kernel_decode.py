@@ -167,7 +167,8 @@ def test_decode_no_sequences():
 def test_choose_num_splits():
     assert choose_num_splits(1, 8, 1_000_000, 132, block_n=64) == 33  # 2 waves of 132 SMs
     assert choose_num_splits(1, 8, 100, 132, block_n=64) == 2  # capped by the tiles
-    assert choose_num_splits(64, 8, 100_000, 132) == 1
+    assert choose_num_splits(64, 8, 100_000, 132) == 2  # more programs than SMs: 4 waves
+    assert choose_num_splits(1, 8, 1_000_000, 132, head_dim=64) == 66  # small head dim: 4 waves
     assert choose_num_splits(512, 8, 100_000, 132) == 1
     assert choose_num_splits(1, 1, 10**8, 1000) == 256
     assert choose_num_splits(3, 8, 0, 132) == 1

@@ -45,9 +45,12 @@ LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 # Tuned on H200 (benchmarks/results/probes/decode_tuning_h200_2026-11-21.json): within 2% of
 # the best of 96 configurations for 1x128K, 1x1M and 8x128K keys, 32/8 heads, head dim 128.
-DEFAULT_BLOCK_N = 128  # 16-bit inputs; fp32 uses 64 (register pressure of the IEEE fp32 dot)
-DEFAULT_WAVES = 2
-DEFAULT_NUM_WARPS = 8
+# Head dim <= 64 (half the bytes per tile) and many sequences (more programs than SMs before
+# splitting) keep the earlier setting: block_n 64, 4 warps, 4 waves (3.8 / 4.1 TB/s measured
+# for 1x1M keys at head dim 64 and 64x16K keys at head dim 128).
+DEFAULT_BLOCK_N = 128  # 16-bit inputs, head dim > 64; otherwise 64 (fp32: register pressure)
+DEFAULT_WAVES = 2  # few sequences, head dim > 64; otherwise 4
+DEFAULT_NUM_WARPS = 8  # head dim > 64; otherwise 4
 DEFAULT_NUM_STAGES = 2
 MAX_SPLITS = 256
 # Decided when the kernels are decorated, like triton.jit itself.
@@ -60,12 +63,15 @@ def choose_num_splits(
     max_kv_len: int,
     num_sms: int,
     block_n: int = DEFAULT_BLOCK_N,
-    waves: int = DEFAULT_WAVES,
+    waves: int | None = None,
     max_splits: int = MAX_SPLITS,
+    head_dim: int = 128,
 ) -> int:
     """Splits along the KV length so that num_seqs * num_kv_heads * splits programs fill
     about `waves` waves of num_sms, never more than ceil(max_kv_len / block_n), at least 1."""
     programs = max(1, num_seqs * num_kv_heads)
+    if waves is None:
+        waves = DEFAULT_WAVES if head_dim > 64 and programs < num_sms else 4
     want = -(-waves * num_sms // programs)
     tiles = -(-max_kv_len // block_n)
     return max(1, min(want, tiles, max_splits))
@@ -268,7 +274,7 @@ def paged_decode_attention(
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if block_n is None:
-        block_n = 64 if query.dtype == torch.float32 else DEFAULT_BLOCK_N
+        block_n = 64 if query.dtype == torch.float32 or query.shape[2] <= 64 else DEFAULT_BLOCK_N
     if num_splits < 1 or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"need num_splits >= 1, block_n a power of two >= 16: {num_splits}, {block_n}")
     for t in (query, k_cache, v_cache, out):
@@ -280,7 +286,7 @@ def paged_decode_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     direct = num_splits == 1
     if num_warps is None:
-        num_warps = DEFAULT_NUM_WARPS
+        num_warps = DEFAULT_NUM_WARPS if query.shape[2] > 64 or query.dtype == torch.float32 else 4
     if direct:
         o_ws, l_ws = out, lse
         o_strides, l_strides = (*out.stride()[:2], 0), (*lse.stride(), 0)

@@ -106,7 +106,9 @@ class KernelBackend:
         if decode:
             plan.decode_seq_ids = torch.tensor(decode, dtype=torch.int32, device=self.device)
             bound = max_kv_len if max_kv_len is not None else max(meta.kv_lens_cpu[i] for i in decode)
-            plan.num_splits = choose_num_splits(len(decode), num_kv_heads, bound, self.num_sms)
+            plan.num_splits = choose_num_splits(
+                len(decode), num_kv_heads, bound, self.num_sms, head_dim=self.head_dim
+            )
         if tiled:
             seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, self.block_q)
             plan.tile_seq = torch.tensor(seqs, dtype=torch.int32, device=self.device)
@@ -154,15 +156,8 @@ class KernelBackend:
             )  # fmt: skip
         for chunk in plan.dense:
             rows = slice(chunk.row0, chunk.row0 + chunk.num_queries)
-            o, s = dense_chunk_attention(
-                query[rows],
-                k_cache,
-                v_cache,
-                meta.block_tables[chunk.seq],
-                chunk,
-                scale,
-                self.dense_segment_tokens,
-            )
-            out[rows] = o
-            lse[rows] = s
+            dense_chunk_attention(
+                query[rows], k_cache, v_cache, meta.block_tables[chunk.seq], chunk, scale,
+                self.dense_segment_tokens, out[rows], lse[rows],
+            )  # fmt: skip
         return out, lse
