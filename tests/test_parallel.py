@@ -129,11 +129,14 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("name,model,layout", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_layout_matches_single_process(name, model, layout, tiny_model_dir):
-    world = layout.get("tp", 1) * layout.get("spp", 1) * layout.get("kvp", 1)
+def skip_without_gpus(world: int) -> None:
     if TEST_DEVICE.startswith("cuda") and world > torch.cuda.device_count():
         pytest.skip(f"needs {world} GPUs")
+
+
+@pytest.mark.parametrize("name,model,layout", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_layout_matches_single_process(name, model, layout, tiny_model_dir):
+    skip_without_gpus(layout.get("tp", 1) * layout.get("spp", 1) * layout.get("kvp", 1))
     model_dir = tiny_model_dir(model)
     ref = reference(model, model_dir)
     kvp = layout.get("kvp", 1)
@@ -151,6 +154,7 @@ def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
     """spp=2 x kvp=2 with a KV cache too small for all requests at once: preemption and
     recompute; seeded random sampling gives the single-process tokens (seeds depend only
     on (seed, position), never on the layout or on preemption)."""
+    skip_without_gpus(4)
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
     params = [
