@@ -192,3 +192,19 @@ def test_manager_capacity_exhaustion_and_integrity_errors():
     m._pieces["b"][0].block_ids.pop()  # a block leaked
     with pytest.raises(KVCacheIntegrityError):
         m.check_integrity()
+
+
+def test_mirrored_piece_tracks_its_leading_block_run():
+    """The worker's mirror keeps (first block, run length) of the ascending run that starts a
+    piece, extended only while appended ids continue it (the cuDNN path reads it as a view)."""
+    from mnemosyne.worker.block_table import MirroredPiece
+
+    piece = MirroredPiece(0)
+    piece.append([])
+    assert piece.run == (0, 0)
+    piece.append([5, 6, 7])
+    assert piece.run == (5, 3)
+    piece.append([8, 20])
+    assert piece.run == (5, 4)
+    piece.append([21])
+    assert piece.run == (5, 4) and piece.table().tolist() == [5, 6, 7, 8, 20, 21]

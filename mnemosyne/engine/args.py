@@ -19,13 +19,13 @@ from mnemosyne.config import (
     parse_enum,
 )
 from mnemosyne.errors import ConfigError
+from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
 from mnemosyne.layers.linear import num_kv_heads_per_rank
 from mnemosyne.models.loader import check_model_dir
 from mnemosyne.parallel.groups import stage_layers
 
 _DEFAULT_CPU_KV_GB = 2.0
 _CUDA_RESERVE_BYTES = 1 << 30  # allocator fragmentation, CUDA context growth, sampler buffers
-_DENSE_SEGMENT_TOKENS = 1 << 17  # KernelBackend.dense_segment_tokens
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class EngineArgs:
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
             # Kernel temporaries: a gathered K/V segment of the cuDNN prefill path per layer.
-            reserve += 2 * _DENSE_SEGMENT_TOKENS * model_cfg.num_kv_heads * model_cfg.head_dim * 2
+            reserve += 2 * DENSE_SEGMENT_TOKENS * model_cfg.num_kv_heads * model_cfg.head_dim * 2
             weights = weight_bytes_per_device(model_cfg, parallel)
             return max(0.0, free - weights - reserve) * self.kv_cache_memory_fraction
         return _DEFAULT_CPU_KV_GB * 2**30 / parallel.world_size

@@ -27,3 +27,4 @@ class UniProcExecutor:
 
     def shutdown(self) -> None:
         self._results.clear()
+        self.worker.shutdown()

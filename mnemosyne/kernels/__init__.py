@@ -5,6 +5,10 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+# Prefix keys per cuDNN call of the long-chunk path (`cudnn_prefill.py`): bounds its
+# gathered K/V temporaries, which the engine reserves memory for (`engine/args.py`).
+DENSE_SEGMENT_TOKENS = 1 << 17
+
 
 @functools.cache
 def load_fused_ops() -> ModuleType:

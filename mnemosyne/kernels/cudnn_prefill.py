@@ -43,6 +43,9 @@ class DenseChunk:
 
 
 def fits(
+    seq: int,
+    row0: int,
+    run: tuple[int, int],
     q_len: int,
     q0: int,
     kv0: int,
@@ -52,16 +55,17 @@ def fits(
     sliding_window: int | None,
     min_queries: int,
 ) -> DenseChunk | None:
-    """The chunk's split into prefix / own keys, or None when cuDNN cannot take it."""
+    """Sequence `seq` (rows [row0, row0 + q_len), leading block run `run`) split into
+    prefix / own keys, or None when cuDNN cannot take it."""
     if q_len < min_queries or sliding_window is not None or dtype not in (torch.bfloat16, torch.float16):
         return None
     if head_dim % 8 or head_dim > 128:
         return None
     kv_end = kv0 + kv_len
     if kv_end <= q0:  # an older KVP piece: every key precedes every query
-        return DenseChunk(-1, -1, q_len, kv_len, False, (0, 0))
+        return DenseChunk(seq, row0, q_len, kv_len, False, run)
     if kv_end == q0 + q_len and kv0 <= q0:
-        return DenseChunk(-1, -1, q_len, q0 - kv0, True, (0, 0))
+        return DenseChunk(seq, row0, q_len, q0 - kv0, True, run)
     return None
 
 

@@ -47,6 +47,8 @@ class MirroredPiece:
             self._array = grown
         self._array[n0:n1] = torch.tensor(new_ids, dtype=torch.int32)
         self.block_ids.extend(new_ids)
+        if new_ids and self.run[1] == n0:  # the run reached the old end: extend it, O(new ids)
+            self.run = leading_run(self.block_ids, known=n0)
 
     def table(self) -> torch.Tensor:
         """[num_blocks] int32 (CPU), a view of the block ids."""
@@ -80,8 +82,6 @@ class BlockTableMirror:
                 f"group {self.group}: block ids {bad[:4]} outside [0, {self.num_blocks})"
             )
         piece.append(spec.new_block_ids)
-        if spec.new_block_ids and piece.run[1] == len(piece.block_ids) - len(spec.new_block_ids):
-            piece.run = leading_run(piece.block_ids, known=piece.run[1])  # O(new ids)
         return piece
 
     def get(self, request_id: str) -> MirroredPiece:

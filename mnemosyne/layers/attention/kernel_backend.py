@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention, fits
 from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from mnemosyne.kernels.kv_write import write_kv_cache
@@ -51,7 +52,7 @@ class KernelBackend:
         dtype: torch.dtype,
         device: torch.device,
         dense_min_queries: int = 256,
-        dense_segment_tokens: int = 1 << 17,
+        dense_segment_tokens: int = DENSE_SEGMENT_TOKENS,
         use_cudnn: bool | None = None,
     ) -> None:
         self.head_dim = head_dim
@@ -85,6 +86,9 @@ class KernelBackend:
             chunk = None
             if self.use_cudnn and q_len > 1:
                 chunk = fits(
+                    i,
+                    row,
+                    runs[i],
                     q_len,
                     meta.q_pos_start_cpu[i],
                     meta.kv_start_cpu[i],
@@ -97,9 +101,7 @@ class KernelBackend:
             if q_len == 1:
                 decode.append(i)
             elif chunk is not None:
-                plan.dense.append(
-                    DenseChunk(i, row, chunk.num_queries, chunk.num_prefix, chunk.has_own_keys, runs[i])
-                )
+                plan.dense.append(chunk)
             elif q_len > 0:
                 tiled.append(i)
             row += q_len

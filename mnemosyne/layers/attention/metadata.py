@@ -27,7 +27,7 @@ request's rows; `kvp_merge` says which rows are merged across groups.
 (a fresh pool hands out ascending ids, so a long request's blocks are mostly one run).
 Keys [kv_start, kv_start + n*B) are then one strided view of the cache, which dense
 kernels read without a gather. `backend_plan` is what the attention backend derived
-from the host lists once per step (`AttentionBackend.plan`), shared by every layer.
+from the host lists once per step (`KernelBackend.plan`), shared by every layer.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class AttentionMetadata:
     max_kv_len: int
     kvp_merge: KVPMergeIndex | None = None  # rows merged across KVP groups (None: none)
     block_runs_cpu: list[tuple[int, int]] | None = None  # per seq: (first block id, leading run length)
-    backend_plan: object | None = None  # set by the worker: AttentionBackend.plan(meta)
+    backend_plan: object | None = None  # the backend's per-step plan: set by its first layer's call
+    # (KernelBackend.forward), or once per graph by DecodeGraphs
 
     @property
     def num_seqs(self) -> int:
