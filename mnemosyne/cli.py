@@ -1,8 +1,9 @@
-"""Command line: `mnemosyne generate ...` (and, later, `serve` and `bench`)."""
+"""Command line: `mnemosyne generate`, `mnemosyne serve` and `mnemosyne bench serve`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from mnemosyne.config import AttentionBackendKind, LoadFormat
 from mnemosyne.engine.args import EngineArgs
-from mnemosyne.errors import MnemosyneError
+from mnemosyne.errors import ConfigError, MnemosyneError
 from mnemosyne.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -100,6 +101,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="hide the prefill progress bar")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
+    s = srv.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("MNEMOSYNE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $MNEMOSYNE_API_KEY; unset = no key)",
+    )
+    s.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
+    s.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=1024,
+        help="requests waiting for admission beyond this get 503",
+    )
+    s.add_argument("--shutdown-timeout-s", type=float, default=30.0, help="drain time on shutdown")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--no-access-log", action="store_true")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    bench_serve = bench_sub.add_parser("serve", help="load generator against a running server")
+    from mnemosyne.bench.serve import add_bench_serve_args
+
+    add_bench_serve_args(bench_serve)
+    bench_serve.set_defaults(func=cmd_bench_serve)
     return parser
 
 
@@ -164,6 +195,30 @@ def _stream_one(engine: LLMEngine, ns: argparse.Namespace, params: SamplingParam
                 sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from mnemosyne.server.launch import ServerArgs, serve
+
+    if ns.max_waiting_requests < 0:
+        raise ConfigError(f"--max-waiting-requests must be >= 0, got {ns.max_waiting_requests}")
+    server_args = ServerArgs(
+        host=ns.host,
+        port=ns.port,
+        api_key=ns.api_key or None,
+        served_model_name=ns.served_model_name,
+        max_waiting_requests=ns.max_waiting_requests,
+        shutdown_timeout_s=ns.shutdown_timeout_s,
+        log_level=ns.log_level,
+        access_log=not ns.no_access_log,
+    )
+    return serve(engine_args_from(ns), server_args)
+
+
+def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    from mnemosyne.bench.serve import run_bench_serve
+
+    return run_bench_serve(ns)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,10 @@ class InvalidRequestError(MnemosyneError, ValueError):
     """A request that can never be served: bad parameters, empty or over-long prompt."""
 
 
+class ContextLengthError(InvalidRequestError):
+    """A prompt plus its requested output tokens exceed the context limit or the KV capacity."""
+
+
 class ModelLoadError(MnemosyneError, FileNotFoundError):
     """A model directory or file that is missing or unreadable."""
 

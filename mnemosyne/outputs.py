@@ -36,3 +36,13 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     num_computed_tokens: int = 0  # prefill progress: tokens whose KV is in the cache
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for metrics and admission control."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # since the engine started
+    kv_cache_usage: tuple[float, ...]  # fraction of blocks in use, per KVP group

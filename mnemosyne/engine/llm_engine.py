@@ -25,7 +25,7 @@ from mnemosyne.engine.step_plan import PlanBuilder, StepResult
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.outputs import RequestOutput, RequestTiming
+from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming
 from mnemosyne.request import Request, RequestStatus
 from mnemosyne.sampling_params import SamplingParams
 
@@ -116,6 +116,14 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_cache_usage=tuple(self.kv_manager.usage()),
+        )
 
     # ---- the step ---------------------------------------------------------------------
 

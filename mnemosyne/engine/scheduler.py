@@ -45,7 +45,7 @@ from mnemosyne.config import SchedulerConfig
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
-from mnemosyne.errors import InvalidRequestError
+from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.request import Request, RequestStatus
 
@@ -80,13 +80,13 @@ class Scheduler:
             raise InvalidRequestError(f"request {req.request_id!r}: prompt is empty (0 tokens, need >= 1)")
         total = p + m
         if total > self.config.max_model_len:
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"request {req.request_id!r}: prompt ({p} tokens) + max_tokens ({m}) = {total} "
                 f"exceeds max_model_len ({self.config.max_model_len})"
             )
         capacity = self.kv_manager.capacity_tokens_per_request
         if total > capacity:
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"request {req.request_id!r}: prompt ({p} tokens) + max_tokens ({m}) = {total} "
                 f"exceeds the KV cache capacity for one request ({capacity} tokens)"
             )

@@ -1,0 +1,1 @@
+"""Benchmarks against a running OpenAI-compatible server (`mnemosyne bench serve`)."""

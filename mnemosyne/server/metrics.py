@@ -1,0 +1,114 @@
+"""Prometheus metrics of the server (prometheus-client, one registry per server).
+
+Request latencies are observed on the engine thread from each `RequestOutput`'s
+timing (stamped when the step that sampled the token was processed):
+
+    arrival ──── TTFT ────> token 0 ── TBT ──> token 1 ── TBT ──> ... token n-1 ──> finished
+    |<──────────────────────────── e2e latency ───────────────────────────────────>|
+
+Gauges (running/waiting requests, KV-cache use per KVP group) are refreshed after
+every engine step. Counters only grow; `requests_finished_total{reason}` counts
+stop / length / abort / error, `requests_rejected_total{code}` counts admissions
+refused (400 invalid, 400 context length, 503 queue full).
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mnemosyne.outputs import EngineStats, RequestOutput
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+)  # fmt: skip
+_TBT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+PREFIX = "mnemosyne:"
+prometheus_client.disable_created_metrics()  # no *_created series next to every counter
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, num_kvp_groups: int) -> None:
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, {"model_name": model_name}
+        self._labels = labels
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, (*labels, *extra), registry=r)
+
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time to first token.", labels, registry=r,
+            buckets=_LATENCY_BUCKETS,
+        ).labels(**labels)  # fmt: skip
+        self.tbt = Histogram(
+            PREFIX + "time_between_tokens_seconds", "Time between consecutive output tokens.", labels,
+            registry=r, buckets=_TBT_BUCKETS,
+        ).labels(**labels)  # fmt: skip
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Arrival to last token of finished requests.", labels,
+            registry=r, buckets=_LATENCY_BUCKETS,
+        ).labels(**labels)  # fmt: skip
+        self.running = Gauge(PREFIX + "num_requests_running", "Requests running.", labels, registry=r)
+        self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting.", labels, registry=r)
+        self.kv_usage = Gauge(
+            PREFIX + "kv_cache_usage_ratio",
+            "Fraction of KV blocks in use.",
+            (*labels, "kvp_group"),
+            registry=r,
+        )
+        self.preemptions = counter("num_preemptions", "Preemptions by recompute.").labels(**labels)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.").labels(**labels)
+        self.generation_tokens = counter("generation_tokens", "Output tokens generated.").labels(**labels)
+        self.finished = counter("requests_finished", "Requests finished, by reason.", ("reason",))
+        self.rejected = counter("requests_rejected", "Requests refused at admission, by code.", ("code",))
+        self._num_preemptions = 0
+        for g in range(num_kvp_groups):
+            self.kv_usage.labels(**labels, kvp_group=str(g)).set(0.0)
+        for reason in ("stop", "length", "abort", "error"):
+            self.finished.labels(**labels, reason=reason)
+
+    # ---- engine thread ----------------------------------------------------------------
+
+    def on_admitted(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def on_rejected(self, code: str) -> None:
+        self.rejected.labels(**self._labels, code=code).inc()
+
+    def on_output(self, out: RequestOutput) -> None:
+        n = len(out.delta_token_ids)
+        if n:
+            self.generation_tokens.inc(n)
+            times = out.timing.token_times
+            first = len(times) - n
+            for i in range(first, len(times)):
+                if i == 0:
+                    self.ttft.observe(times[0] - out.timing.arrival_time)
+                else:
+                    self.tbt.observe(times[i] - times[i - 1])
+        if out.finished:
+            self.on_finished(out.finish_reason or "error")
+            if out.timing.finished_time is not None and out.finish_reason in ("stop", "length"):
+                self.e2e.observe(out.timing.finished_time - out.timing.arrival_time)
+
+    def on_finished(self, reason: str) -> None:
+        self.finished.labels(**self._labels, reason=reason).inc()
+
+    def on_stats(self, stats: EngineStats) -> None:
+        self.running.labels(**self._labels).set(stats.num_running)
+        self.waiting.labels(**self._labels).set(stats.num_waiting)
+        for g, used in enumerate(stats.kv_cache_usage):
+            self.kv_usage.labels(**self._labels, kvp_group=str(g)).set(used)
+        if stats.num_preemptions > self._num_preemptions:
+            self.preemptions.inc(stats.num_preemptions - self._num_preemptions)
+            self._num_preemptions = stats.num_preemptions
+
+    # ---- HTTP -------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,175 @@
+"""What the completion and chat handlers share: the serving context (engine,
+tokenizer, limits), sub-request ids, logprob formatting, usage and SSE framing.
+
+Sub-requests of one API call (`n` samples of each of `P` prompts)::
+
+    choice index  c = p * n + i          request id  f"{call_id}-{p}-{i}"
+    sample seed   seed + i               (when the call gives a seed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from mnemosyne.errors import ContextLengthError, InvalidRequestError
+from mnemosyne.request import TokenLogprobs
+from mnemosyne.server.async_engine import AsyncEngine
+from mnemosyne.server.errors import APIError
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncEngine
+    tokenizer: Any  # a transformers tokenizer owned by the event loop thread (the engine has its own)
+    model_name: str
+    max_model_len: int
+    max_request_tokens: int  # min(max_model_len, KV capacity of one request)
+    vocab_size: int
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                HTTPStatus.NOT_FOUND,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def check_token_ids(self, ids: list[int]) -> list[int]:
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise InvalidRequestError(f"token ids must be integers in [0, {self.vocab_size})")
+        return ids
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, kwargs: dict[str, Any] | None
+    ) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequestError("this model has no chat template: use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **(kwargs or {})
+            )
+        except Exception as e:  # template errors (e.g. role order a template forbids) are the caller's
+            raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
+        return self.encode(text, add_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def default_max_tokens(self, num_prompt_tokens: int) -> int:
+        """Chat without max_tokens: whatever room the context leaves."""
+        room = self.max_request_tokens - num_prompt_tokens
+        if room <= 0:
+            raise ContextLengthError(
+                f"the prompt has {num_prompt_tokens} tokens, which leaves no room to generate within "
+                f"this server's limit of {self.max_request_tokens} tokens per request"
+            )
+        return room
+
+
+def new_call_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sub_request_id(call_id: str, prompt_index: int, sample_index: int) -> str:
+    return f"{call_id}-{prompt_index}-{sample_index}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
+
+
+def top_entries(entry: TokenLogprobs, k: int) -> list[tuple[int, float]]:
+    """The k most likely of one position's logprobs (the entry holds the top-k plus the chosen token)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs(
+    ctx: ServingContext,
+    token_ids: list[int],
+    entries: list[TokenLogprobs | None],
+    k: int,
+    text_offset: int,
+) -> dict[str, list]:
+    """OpenAI's completions `logprobs` object; a None entry (first prompt token) has no logprob."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for tid, entry in zip(token_ids, entries, strict=True):
+        text = ctx.token_text(tid)
+        tokens.append(text)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        if entry is None:
+            token_logprobs.append(None)
+            tops.append(None)
+        else:
+            token_logprobs.append(entry[tid])
+            tops.append({ctx.token_text(t): lp for t, lp in top_entries(entry, k)})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[TokenLogprobs], k: int) -> dict:
+    """OpenAI's chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def item(tid: int, lp: float) -> dict[str, Any]:
+        text = ctx.token_text(tid)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for tid, entry in zip(token_ids, entries, strict=True):
+        content.append(
+            {**item(tid, entry[tid]), "top_logprobs": [item(t, lp) for t, lp in top_entries(entry, k)]}
+        )
+    return {"content": content}
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def until_disconnect(raw: Request, work: Awaitable[T]) -> T | None:
+    """Await `work` unless the client disconnects first (then cancel it, return None).
+    Used by non-streaming calls; streaming ones are cancelled by Starlette itself."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let its cleanup (abort) run
+    return None if task.cancelled() else task.result()

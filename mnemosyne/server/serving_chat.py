@@ -1,0 +1,137 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, `n` samples, streamed as
+`chat.completion.chunk` events or returned whole.
+
+Stream of one call (c = choice index)::
+
+    {delta: {role: assistant, content: ""}}         once per choice, right after admission
+    {delta: {content: "..."}}                        as tokens are sampled (held-back text waits)
+    {delta: {}, finish_reason: "stop" | "length"}    when the choice ends
+    {choices: [], usage: {...}}                      with stream_options.include_usage
+    [DONE]
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mnemosyne.outputs import RequestOutput
+from mnemosyne.server.async_engine import RequestHandle, SubRequest
+from mnemosyne.server.errors import APIError, error_body
+from mnemosyne.server.protocol import ChatCompletionRequest
+from mnemosyne.server.serving import (
+    SSE_DONE,
+    ServingContext,
+    chat_logprobs,
+    new_call_id,
+    now_s,
+    sse,
+    sub_request_id,
+    until_disconnect,
+    usage,
+)
+
+
+async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext, raw: Request) -> Response:
+    req.check()
+    ctx.check_model(req.model)
+    prompt_ids = ctx.apply_chat_template(
+        req.template_messages(), req.add_generation_prompt, req.chat_template_kwargs
+    )
+    max_tokens = req.requested_max_tokens()
+    if max_tokens is None:
+        max_tokens = ctx.default_max_tokens(len(prompt_ids))
+    top_k = (req.top_logprobs or 0) if req.logprobs else None
+    call_id = new_call_id("chatcmpl")
+    subs = [
+        SubRequest(
+            sub_request_id(call_id, 0, i),
+            prompt_ids,
+            req.sampling_params(max_tokens=max_tokens, logprobs=top_k, prompt_logprobs=None, i=i),
+        )
+        for i in range(req.n)
+    ]
+    index = {s.request_id: c for c, s in enumerate(subs)}
+    handle = await ctx.engine.add(subs)
+    if req.stream:
+        stream = _stream(req, ctx, handle, call_id, index, len(prompt_ids), top_k)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    outputs: list[RequestOutput | None] = [None] * len(subs)
+    done = await until_disconnect(raw, _collect(handle, index, outputs))
+    if done is None:
+        return Response(status_code=499)  # client closed the request; nobody reads this
+    choices = []
+    for c, out in enumerate(outputs):
+        assert out is not None
+        logprobs = None
+        if top_k is not None:
+            logprobs = chat_logprobs(ctx, out.token_ids, list(out.logprobs or []), top_k)
+        choices.append(
+            {
+                "index": c,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": logprobs,
+                "finish_reason": out.finish_reason,
+            }
+        )
+    body = {
+        "id": call_id,
+        "object": "chat.completion",
+        "created": now_s(),
+        "model": ctx.model_name,
+        "choices": choices,
+        "usage": usage(len(prompt_ids), sum(len(o.token_ids) for o in outputs if o is not None)),
+    }
+    return JSONResponse(body)
+
+
+async def _collect(handle: RequestHandle, index: dict[str, int], outputs: list[RequestOutput | None]) -> bool:
+    try:
+        async for out in handle:
+            outputs[index[out.request_id]] = out
+    finally:
+        handle.close()
+    return True
+
+
+async def _stream(
+    req: ChatCompletionRequest,
+    ctx: ServingContext,
+    handle: RequestHandle,
+    call_id: str,
+    index: dict[str, int],
+    num_prompt_tokens: int,
+    top_k: int | None,
+) -> AsyncIterator[str]:
+    head = {"id": call_id, "object": "chat.completion.chunk", "created": now_s(), "model": ctx.model_name}
+    extra = {"usage": None} if req.include_usage else {}
+
+    def chunk(c: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+        choice = {"index": c, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse({**head, "choices": [choice], **extra})
+
+    num_sent = [0] * len(index)
+    num_out = [0] * len(index)
+    try:
+        for c in range(len(index)):
+            yield chunk(c, {"role": "assistant", "content": ""})
+        async for out in handle:
+            c = index[out.request_id]
+            new_ids = out.token_ids[num_sent[c] :]
+            logprobs = None
+            if top_k is not None and new_ids:
+                logprobs = chat_logprobs(ctx, new_ids, list((out.logprobs or [])[num_sent[c] :]), top_k)
+            num_sent[c] = num_out[c] = len(out.token_ids)
+            if out.delta_text or logprobs is not None:
+                yield chunk(c, {"content": out.delta_text}, logprobs)
+            if out.finished:
+                yield chunk(c, {}, None, out.finish_reason)
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(num_prompt_tokens, sum(num_out))})
+    except APIError as e:  # the engine stopped mid-stream: tell the client in-band
+        yield sse(error_body(e.message, e.type, e.param, e.code))
+    finally:
+        handle.close()
+    yield SSE_DONE

@@ -1,0 +1,165 @@
+"""POST /v1/completions: one or more prompts (text or token ids), `n` samples each,
+streamed as server-sent events or returned whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mnemosyne.outputs import RequestOutput
+from mnemosyne.server.async_engine import RequestHandle, SubRequest
+from mnemosyne.server.errors import APIError, error_body
+from mnemosyne.server.protocol import CompletionRequest
+from mnemosyne.server.serving import (
+    SSE_DONE,
+    ServingContext,
+    completion_logprobs,
+    new_call_id,
+    now_s,
+    sse,
+    sub_request_id,
+    until_disconnect,
+    usage,
+)
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: str  # for echo
+
+
+@dataclass
+class _Choice:
+    """Progress of one choice while streaming."""
+
+    prompt: _Prompt
+    num_tokens_sent: int = 0
+    text_sent: int = 0  # characters streamed, for logprobs' text_offset
+    echoed: bool = False
+    output: RequestOutput | None = None
+
+
+async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Request) -> Response:
+    req.check()
+    ctx.check_model(req.model)
+    prompts = [_tokenize(ctx, p) for p in req.prompts()]
+    n = req.n
+    call_id = new_call_id("cmpl")
+    subs = [
+        SubRequest(
+            sub_request_id(call_id, p, i),
+            prompt.token_ids,
+            req.sampling_params(
+                max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+                logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                i=i,
+            ),
+        )
+        for p, prompt in enumerate(prompts)
+        for i in range(n)
+    ]
+    index = {s.request_id: c for c, s in enumerate(subs)}
+    num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    handle = await ctx.engine.add(subs)
+    choices = [_Choice(prompts[c // n]) for c in range(len(subs))]
+    if req.stream:
+        stream = _stream(req, ctx, handle, call_id, index, choices, num_prompt_tokens)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    done = await until_disconnect(raw, _collect(handle, index, choices))
+    if done is None:
+        return Response(status_code=499)  # client closed the request; nobody reads this
+    body = {
+        "id": call_id,
+        "object": "text_completion",
+        "created": now_s(),
+        "model": ctx.model_name,
+        "choices": [_final_choice(req, ctx, c, ch) for c, ch in enumerate(choices)],
+        "usage": usage(
+            num_prompt_tokens,
+            sum(len(ch.output.token_ids) for ch in choices if ch.output is not None),
+        ),
+    }
+    return JSONResponse(body)
+
+
+def _tokenize(ctx: ServingContext, prompt: str | list[int]) -> _Prompt:
+    if isinstance(prompt, str):
+        return _Prompt(ctx.encode(prompt), prompt)
+    ids = ctx.check_token_ids(list(prompt))
+    return _Prompt(ids, ctx.tokenizer.decode(ids))
+
+
+def _prompt_entries(out: RequestOutput, prompt: _Prompt) -> list:
+    """Prompt logprobs for echo: None for the first token (it has no prefix)."""
+    entries = list(out.prompt_logprobs or [])
+    return entries + [None] * (len(prompt.token_ids) - len(entries))
+
+
+async def _collect(handle: RequestHandle, index: dict[str, int], choices: list[_Choice]) -> bool:
+    try:
+        async for out in handle:
+            choices[index[out.request_id]].output = out
+    finally:
+        handle.close()
+    return True
+
+
+def _final_choice(req: CompletionRequest, ctx: ServingContext, c: int, ch: _Choice) -> dict:
+    out = ch.output
+    assert out is not None
+    prefix = ch.prompt.text if req.echo else ""
+    logprobs = None
+    if req.logprobs is not None:
+        ids, entries = list(out.token_ids), list(out.logprobs or [])
+        if req.echo:
+            ids = ch.prompt.token_ids + ids
+            entries = _prompt_entries(out, ch.prompt) + entries
+        logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, 0)
+    return {"index": c, "text": prefix + out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+
+
+async def _stream(
+    req: CompletionRequest,
+    ctx: ServingContext,
+    handle: RequestHandle,
+    call_id: str,
+    index: dict[str, int],
+    choices: list[_Choice],
+    num_prompt_tokens: int,
+) -> AsyncIterator[str]:
+    head = {"id": call_id, "object": "text_completion", "created": now_s(), "model": ctx.model_name}
+    extra = {"usage": None} if req.include_usage else {}
+    try:
+        async for out in handle:
+            if not out.delta_token_ids and not out.delta_text and not out.finished:
+                continue  # prefill progress
+            c = index[out.request_id]
+            ch = choices[c]
+            ch.output = out
+            text, new_ids = out.delta_text, out.token_ids[ch.num_tokens_sent :]
+            entries: list = list((out.logprobs or [])[ch.num_tokens_sent :])
+            if req.echo and not ch.echoed:  # the first token: prompt logprobs are complete
+                text = ch.prompt.text + text
+                new_ids = ch.prompt.token_ids + new_ids
+                entries = _prompt_entries(out, ch.prompt) + entries
+                ch.echoed = True
+            logprobs = None
+            if req.logprobs is not None and new_ids:
+                logprobs = completion_logprobs(ctx, new_ids, entries, req.logprobs, ch.text_sent)
+            ch.num_tokens_sent = len(out.token_ids)
+            ch.text_sent += len(text)
+            choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            yield sse({**head, "choices": [choice], **extra})
+        if req.include_usage:
+            num_out = sum(len(ch.output.token_ids) for ch in choices if ch.output is not None)
+            yield sse({**head, "choices": [], "usage": usage(num_prompt_tokens, num_out)})
+    except APIError as e:  # the engine stopped mid-stream: tell the client in-band
+        yield sse(error_body(e.message, e.type, e.param, e.code))
+    finally:
+        handle.close()
+    yield SSE_DONE

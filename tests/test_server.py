@@ -1,0 +1,457 @@
+"""The OpenAI-compatible server, end to end on 127.0.0.1: the official `openai` client
+against greedy `LLM.generate`, every error class, aborts on disconnect with KV checks,
+64 concurrent streams, Prometheus counts, `mnemosyne bench serve`, and `mnemosyne serve`
+with worker processes started and stopped by a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import TEST_DEVICE
+from tiny_models import build_tiny_chat_model
+
+from mnemosyne import LLM, EngineArgs, SamplingParams
+from mnemosyne.server.launch import BackgroundServer, ServerArgs, free_port
+
+MAX_TOKENS = 12
+PROMPTS = ["the capital of France is", "hello there, how are you", "memory goddess of", "one two"]
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the capital?"}]
+
+
+def engine_args(model_dir: Path, **kw) -> EngineArgs:
+    base = dict(model=str(model_dir), device=TEST_DEVICE, kv_cache_memory_gb=0.05, chunk_size=64)
+    return EngineArgs(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("server_model"))
+
+
+@pytest.fixture(scope="module")
+def llm(chat_model: Path):
+    with LLM(model=str(chat_model), device=TEST_DEVICE, kv_cache_memory_gb=0.05, chunk_size=64) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def server(chat_model: Path):
+    with BackgroundServer(
+        engine_args(chat_model), ServerArgs(port=0, access_log=False, log_level="warning")
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def model_name(server: BackgroundServer) -> str:
+    return httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+
+
+def greedy(n: int = MAX_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, **kw)
+
+
+def scrape(server: BackgroundServer) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}, model_name label dropped."""
+    text = httpx.get(server.url + "/metrics").text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            key = re.sub(r',?model_name="[^"]*"', "", key).replace("{,", "{").replace("{}", "")
+            out[key] = float(value)
+    return out
+
+
+def wait_idle(server: BackgroundServer, timeout_s: float = 30.0) -> None:
+    """Until no request is running or waiting, then check the KV cache on the engine thread."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = server.async_engine.call(lambda e: e.stats())
+        if stats.num_running == stats.num_waiting == 0:
+            break
+        assert time.monotonic() < deadline, f"engine still busy: {stats}"
+        time.sleep(0.02)
+    server.async_engine.call(lambda e: e.kv_manager.check_integrity())
+    assert server.async_engine.call(lambda e: e.kv_manager.usage()) == [0.0]
+
+
+# ---- the happy path ------------------------------------------------------------------------
+
+
+def test_models_health_tokenize(server: BackgroundServer, llm: LLM) -> None:
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    assert len(cards) == 1 and cards[0]["max_model_len"] == 1024
+    assert httpx.get(server.url + "/health").status_code == 200
+    tok = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[0]}).json()
+    assert tok["tokens"] == llm.tokenizer.encode(PROMPTS[0]) and tok["count"] == len(tok["tokens"])
+    back = httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert back["prompt"] == PROMPTS[0]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": CHAT}).json()
+    assert chat["tokens"] == llm.apply_chat_template(CHAT)
+
+
+def test_completions_match_llm_generate(server: BackgroundServer, client: openai.OpenAI, llm: LLM) -> None:
+    expected = llm.generate(PROMPTS, greedy())
+    name = model_name(server)
+    res = client.completions.create(model=name, prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.text for c in sorted(res.choices, key=lambda c: c.index)] == [e.text for e in expected]
+    assert [c.finish_reason for c in res.choices] == [e.finish_reason for e in expected]
+    assert res.usage.prompt_tokens == sum(len(e.prompt_token_ids) for e in expected)
+    assert res.usage.completion_tokens == sum(len(e.token_ids) for e in expected)
+    assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+
+    for prompt, exp in zip(PROMPTS, expected, strict=True):
+        stream = client.completions.create(
+            model=name,
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == exp.text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == exp.finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(exp.token_ids)
+        assert chunks[-1].usage.prompt_tokens == len(exp.prompt_token_ids)
+    # A prompt given as token ids gives the same text.
+    ids = llm.tokenizer.encode(PROMPTS[1])
+    res = client.completions.create(model=name, prompt=ids, max_tokens=MAX_TOKENS, temperature=0)
+    assert res.choices[0].text == expected[1].text
+
+
+def test_chat_matches_llm_chat(server: BackgroundServer, client: openai.OpenAI, llm: LLM) -> None:
+    exp = llm.chat(CHAT, greedy(16))[0]
+    res = client.chat.completions.create(
+        model=model_name(server), messages=CHAT, max_tokens=16, temperature=0
+    )
+    assert res.choices[0].message.role == "assistant"
+    assert res.choices[0].message.content == exp.text
+    assert res.choices[0].finish_reason == exp.finish_reason
+    assert res.usage.prompt_tokens == len(exp.prompt_token_ids)
+    assert res.usage.completion_tokens == len(exp.token_ids)
+    chunks = list(
+        client.chat.completions.create(
+            model=model_name(server),
+            messages=CHAT,
+            max_completion_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == exp.text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [exp.finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(exp.token_ids)
+
+
+def test_sampling_parameters(server: BackgroundServer, client: openai.OpenAI, llm: LLM) -> None:
+    name = model_name(server)
+    # n samples with a seed: reproducible, and seed s gives samples seeds s, s+1.
+    kw = dict(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7)
+    a = client.completions.create(n=2, **kw, extra_body={"top_k": 50, "min_p": 0.01})
+    b = client.completions.create(n=2, **kw, extra_body={"top_k": 50, "min_p": 0.01})
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 2
+    ref = llm.generate(
+        PROMPTS[0], SamplingParams(max_tokens=8, temperature=1.0, seed=8, top_k=50, min_p=0.01)
+    )
+    assert a.choices[1].text == ref[0].text
+    # logprobs: the chosen token's logprob matches the engine's, top entries sorted.
+    exp = llm.generate(PROMPTS[2], greedy(6, logprobs=3))[0]
+    res = client.completions.create(model=name, prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=3)
+    lp = res.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(
+        [e[t] for e, t in zip(exp.logprobs, exp.token_ids, strict=True)]
+    )
+    assert all(len(top) <= 3 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+    # echo with logprobs: the prompt comes first, its first token has no logprob.
+    res = client.completions.create(
+        model=name, prompt=PROMPTS[2], max_tokens=2, temperature=0, echo=True, logprobs=1
+    )
+    num_prompt = len(exp.prompt_token_ids)
+    assert res.choices[0].text.startswith(PROMPTS[2])
+    assert res.choices[0].logprobs.token_logprobs[0] is None
+    assert len(res.choices[0].logprobs.tokens) == num_prompt + 2
+    # chat logprobs.
+    res = client.chat.completions.create(
+        model=name, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = res.choices[0].logprobs.content
+    assert len(content) == res.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    # stop strings cut the text; ignore_eos and max_tokens give exactly max_tokens tokens.
+    full = llm.generate(PROMPTS[3], greedy(10))[0].text
+    stop = full[3:5]
+    res = client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=10, temperature=0, stop=[stop])
+    assert res.choices[0].text == full[: full.index(stop)] and res.choices[0].finish_reason == "stop"
+    res = client.completions.create(
+        model=name, prompt=PROMPTS[3], max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert res.usage.completion_tokens == 20 and res.choices[0].finish_reason == "length"
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_every_error_class_leaves_the_engine_serving(server: BackgroundServer, llm: LLM) -> None:
+    url, name = server.url, model_name(server)
+
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(url + path, json=body, timeout=30)
+
+    base = {"model": name, "prompt": PROMPTS[0], "max_tokens": 4}
+    for bad, param in [
+        ({"temperature": -1}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"top_p": 0}, "top_p"),
+        ({"prompt": [1, 2, 10**9]}, None),
+        ({"presence_penalty": 0.5}, None),
+        ({"stop": [""]}, None),
+    ]:
+        err = _error(post("/v1/completions", {**base, **bad}), 400)
+        assert param is None or err["param"] == param
+    err = _error(
+        post("/v1/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "x"}]}), 400
+    )
+    assert "role" in err["param"]
+    _error(
+        post("/v1/chat/completions", {"model": name, "messages": CHAT, "tools": [{"type": "function"}]}), 400
+    )
+    # Over the context limit: the message names both numbers.
+    err = _error(post("/v1/completions", {**base, "max_tokens": 5000}), 400)
+    assert err["code"] == "context_length_exceeded" and "5000" in err["message"] and "1024" in err["message"]
+    long_chat = [{"role": "user", "content": "word " * 1100}]
+    err = _error(post("/v1/chat/completions", {"model": name, "messages": long_chat}), 400)
+    assert err["code"] == "context_length_exceeded"
+    err = _error(post("/v1/completions", {**base, "model": "gpt-4"}), 404)
+    assert err["code"] == "model_not_found" and "gpt-4" in err["message"]
+    _error(httpx.post(url + "/v1/completions", content=b"{not json", timeout=30), 400)
+    _error(httpx.get(url + "/v1/nothing-here"), 404)
+    # Still serving, with the exact greedy text, and nothing leaked.
+    res = post("/v1/completions", {**base, "temperature": 0, "max_tokens": MAX_TOKENS}).json()
+    assert res["choices"][0]["text"] == llm.generate(PROMPTS[0], greedy())[0].text
+    wait_idle(server)
+
+
+def test_api_key_and_full_queue(chat_model: Path) -> None:
+    args = ServerArgs(port=0, api_key="sekret", max_waiting_requests=1, access_log=False, log_level="warning")
+    with BackgroundServer(engine_args(chat_model, max_num_seqs=1), args) as srv:
+        ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0)
+        name = ok.models.list().data[0].id
+        for key in ("wrong", None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
+            assert _error(r, 401)["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+        assert httpx.get(srv.url + "/health").status_code == 200  # no key needed
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+
+        # One running (max_num_seqs=1), one waiting (the limit): the third is refused with 503.
+        async def run() -> list[int]:
+            headers = {"Authorization": "Bearer sekret"}
+            body = {
+                "model": name,
+                "prompt": PROMPTS[0],
+                "max_tokens": 200,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            async with httpx.AsyncClient(base_url=srv.url, headers=headers, timeout=60) as c:
+                first = asyncio.create_task(c.post("/v1/completions", json=body))
+                while srv.async_engine.stats.num_running == 0:
+                    await asyncio.sleep(0.01)
+                second = asyncio.create_task(c.post("/v1/completions", json=body))
+                while srv.async_engine.stats.num_waiting == 0:
+                    await asyncio.sleep(0.01)
+                third = await c.post("/v1/completions", json=body)
+                assert _error(third, 503)["code"] == "queue_full"
+                return [(await first).status_code, (await second).status_code]
+
+        assert asyncio.run(run()) == [200, 200]
+        assert scrape(srv)['mnemosyne:requests_rejected_total{code="queue_full"}'] == 1
+        wait_idle(srv)
+
+
+def test_engine_failure_fails_requests_with_503(chat_model: Path) -> None:
+    with BackgroundServer(engine_args(chat_model)) as srv:
+        engine = srv.async_engine.engine
+
+        def boom() -> list:
+            raise RuntimeError("simulated worker crash")
+
+        engine.step = boom  # the engine thread looks the method up every step
+        with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert "simulated worker crash" in events[0] and events[-1] == "data: [DONE]"
+        assert _error(httpx.get(srv.url + "/health"), 503)["type"] == "engine_unavailable"
+        assert _error(httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}), 503)
+
+
+# ---- load, disconnects, metrics -----------------------------------------------------------
+
+
+def test_64_concurrent_streams_with_disconnects(server: BackgroundServer, llm: LLM) -> None:
+    """Every 4th client hangs up after two chunks; the others get the exact greedy text."""
+    num_clients, num_tokens = 64, 16
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(num_clients)]
+    expected = [o.text for o in llm.generate(prompts, greedy(num_tokens, ignore_eos=True))]
+    quitters = set(range(3, num_clients, 4))
+    before = scrape(server)
+    name = model_name(server)
+
+    async def one(c: httpx.AsyncClient, i: int) -> tuple[str, int | None]:
+        body = {"model": name, "prompt": prompts[i], "max_tokens": num_tokens, "temperature": 0}
+        body.update(stream=True, ignore_eos=True, stream_options={"include_usage": True})
+        text, usage, num_chunks = "", None, 0
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = httpx.Response(200, content=line[6:]).json()
+                if chunk["choices"]:
+                    text += chunk["choices"][0]["text"]
+                    num_chunks += 1
+                    if i in quitters and num_chunks == 2:
+                        return text, None  # leaving the block closes the connection mid-stream
+                else:
+                    usage = chunk["usage"]["completion_tokens"]
+        return text, usage
+
+    async def run() -> list[tuple[str, int | None]]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(num_clients)))
+
+    results = asyncio.run(run())
+    for i, (text, usage) in enumerate(results):
+        if i not in quitters:
+            assert text == expected[i] and usage == num_tokens, i
+    wait_idle(server)  # aborted streams freed their blocks; the integrity check passes
+
+    after = scrape(server)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    num_done = num_clients - len(quitters)
+    assert delta('mnemosyne:requests_finished_total{reason="length"}') == num_done
+    assert delta('mnemosyne:requests_finished_total{reason="abort"}') == len(quitters)
+    assert delta("mnemosyne:prompt_tokens_total") == sum(len(llm.tokenizer.encode(p)) for p in prompts)
+    assert delta("mnemosyne:e2e_request_latency_seconds_count") == num_done
+    assert delta("mnemosyne:time_to_first_token_seconds_count") == num_clients
+    generated = delta("mnemosyne:generation_tokens_total")
+    assert num_done * num_tokens + 2 * len(quitters) <= generated <= num_clients * num_tokens
+    assert delta("mnemosyne:time_between_tokens_seconds_count") == generated - num_clients
+    assert after["mnemosyne:num_requests_running"] == after["mnemosyne:num_requests_waiting"] == 0
+    assert after['mnemosyne:kv_cache_usage_ratio{kvp_group="0"}'] == 0
+
+
+def test_non_streaming_disconnect_aborts(server: BackgroundServer) -> None:
+    """A client that gives up on a long non-streaming call: the request is aborted, KV freed."""
+    before = scrape(server)
+    body = {"model": model_name(server), "prompt": PROMPTS[1], "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    wait_idle(server)
+    after = scrape(server)
+    key = 'mnemosyne:requests_finished_total{reason="abort"}'
+    assert after[key] - before.get(key, 0) == 1
+
+
+def test_bench_serve_prints_the_table(server: BackgroundServer, tmp_path: Path, capsys) -> None:
+    from mnemosyne.cli import main
+
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "serve", "--base-url", server.url, "--num-prompts", "12", "--input-len", "24"]
+    argv += ["--output-len", "8", "--request-rate", "50", "--slo-ttft-ms", "2000", "--slo-tbt-ms", "500"]
+    argv += ["--no-progress", "--result-json", str(out_json)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    for row in ("TTFT", "TBT", "E2E", "Request throughput", "goodput"):
+        assert row.lower() in table.lower(), row
+    import json
+
+    summary = json.loads(out_json.read_text())["summary"]
+    assert summary["completed"] == 12 and summary["failed"] == 0
+    assert summary["total_output_tokens"] == 12 * 8
+    wait_idle(server)
+
+
+# ---- the command, with worker processes ---------------------------------------------------
+
+
+def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) -> None:
+    """`mnemosyne serve --tp 2`: answers like one device, and Ctrl-C stops it and its workers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(chat_model), "--port", str(port)]
+    cmd += ["--device", TEST_DEVICE, "--tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers
+        body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+        res = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        assert res["choices"][0]["text"] == llm.generate(PROMPTS[0], greedy())[0].text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers left running: {workers}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split()[2] == "Z")
