@@ -84,7 +84,9 @@ MIXED = [
 def test_mixed_batch_matches_reference(dtype, shuffled, window):
     h, hkv, d, block = 8, 2, 64, 16
     query, k_cache, v_cache, meta = _batch(MIXED, h, hkv, d, block, dtype, shuffled)
-    backend = KernelBackend(h // hkv, d, dtype, DEVICE, dense_min_queries=256, dense_segment_tokens=128)
+    backend = KernelBackend(
+        h // hkv, d, dtype, DEVICE, dense_min_queries=256, dense_min_keys=0, dense_segment_tokens=128
+    )
     scale = d**-0.5
     out, lse = backend.forward(query, k_cache, v_cache, meta, scale, window)
     plan = meta.backend_plan

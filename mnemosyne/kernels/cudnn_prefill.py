@@ -14,18 +14,26 @@ in segments of at most `segment_tokens` keys. A segment inside the sequence's le
 run of consecutive blocks (`AttentionMetadata.block_runs_cpu`) is a strided view of the
 cache (no copy); any other segment is gathered block by block first.
 
-Only bf16/fp16 on CUDA, without a sliding window (`fits`); everything else goes to the
-Triton kernels. Measured on H200 (benchmarks/results/probes): 640 TFLOP/s for a 4096-token
+Only bf16/fp16 on CUDA, without a sliding window, with enough keys (`fits`); everything
+else goes to the Triton kernels. Inputs are in BSHD memory so cuDNN's ragged path serves
+every length with one graph (see `TORCH_CUDNN_SDPA_AVOID_RECOMPILE` below). Measured on H200 (benchmarks/results/probes): 640 TFLOP/s for a 4096-token
 chunk after a 128K prefix, 32 query / 8 KV heads, head dim 128, strided view or copy alike.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from mnemosyne.kernels.merge_attn import merge_attn_states_into
+
+# cuDNN compiles one graph per (query length, key length) by default: ~30 ms each, paid on
+# almost every step of a serving workload (chunk lengths vary with the decodes sharing the
+# budget; the prefix grows with every chunk). With this opt-in, BSHD-layout inputs go
+# through the ragged path and one graph serves all lengths (benchmarks/results/probes).
+os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
 
 _aten = torch.ops.aten
 
@@ -54,10 +62,16 @@ def fits(
     head_dim: int,
     sliding_window: int | None,
     min_queries: int,
+    min_keys: int = 0,
 ) -> DenseChunk | None:
     """Sequence `seq` (rows [row0, row0 + q_len), leading block run `run`) split into
     prefix / own keys, or None when cuDNN cannot take it."""
-    if q_len < min_queries or sliding_window is not None or dtype not in (torch.bfloat16, torch.float16):
+    if (
+        q_len < min_queries
+        or kv_len < min_keys
+        or sliding_window is not None
+        or dtype not in (torch.bfloat16, torch.float16)
+    ):
         return None
     if head_dim % 8 or head_dim > 128:
         return None
@@ -67,6 +81,12 @@ def fits(
     if kv_end == q0 + q_len and kv0 <= q0:
         return DenseChunk(seq, row0, q_len, q0 - kv0, True, run)
     return None
+
+
+def _bshd(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, D] memory seen as [B, H, S, D]: the layout cuDNN's ragged path takes, so one
+    compiled graph serves every sequence length (`TORCH_CUDNN_SDPA_AVOID_RECOMPILE`)."""
+    return t.transpose(1, 2)
 
 
 def _keys(
@@ -85,7 +105,7 @@ def _keys(
     else:
         blocks = cache.index_select(0, block_table[b_lo:b_hi].long())
     flat = blocks.view(-1, hkv, d)[start - b_lo * bs : end - b_lo * bs]  # [n, Hkv, D]
-    return flat.permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, n, D]
+    return _bshd(flat.unsqueeze(0))  # [1, Hkv, n, D]
 
 
 def _cudnn(
@@ -93,7 +113,16 @@ def _cudnn(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[1, H, nq, D] x [1, H, nk, D] -> out [1, H, nq, D], lse [1, H, nq] float32 (natural log)."""
     res = _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
-    return res[0], res[1].reshape(q.shape[0], q.shape[1], q.shape[2])
+    lse = res[1]
+    if lse.dim() == 4:  # [B, H, S, 1]
+        lse = lse.squeeze(-1)
+    assert lse.shape == q.shape[:3], (lse.shape, q.shape)
+    return res[0], lse
+
+
+def _repeat_heads(kv: torch.Tensor, group: int) -> torch.Tensor:
+    """[1, Hkv, n, D] -> [1, Hkv*G, n, D] in BSHD memory (head kv*G + g reads KV head kv)."""
+    return _bshd(kv.transpose(1, 2).repeat_interleave(group, dim=2))
 
 
 def dense_chunk_attention(
@@ -125,20 +154,20 @@ def dense_chunk_attention(
         return
     q_fold = None
     if chunk.num_prefix > 0:  # [c, Hkv*G, D] -> [1, Hkv, G*c, D]: row g*c + i is query i of head kv*G + g
-        q_fold = query.view(c, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * c, d)
+        q_fold = _bshd(query.view(c, hkv, group, d).permute(2, 0, 1, 3).reshape(1, group * c, hkv, d))
     acc: tuple[torch.Tensor, torch.Tensor] | None = None
     for n, (k0, k1, causal) in enumerate(parts):
         k = _keys(k_cache, block_table, chunk.run, k0, k1)  # [1, Hkv, n, D]
         v = _keys(v_cache, block_table, chunk.run, k0, k1)
         if causal:  # the own keys: square causal, KV heads repeated for the query heads
-            o, s = _cudnn(query.permute(1, 0, 2).unsqueeze(0), k.repeat_interleave(group, dim=1),
-                          v.repeat_interleave(group, dim=1), True, scale)  # fmt: skip
-            o, s = o[0].permute(1, 0, 2), s[0].permute(1, 0)  # [c, H, D], [c, H] (views)
+            o, s = _cudnn(_bshd(query.contiguous().unsqueeze(0)), _repeat_heads(k, group), _repeat_heads(v, group),
+                          True, scale)  # fmt: skip
+            o, s = o[0].transpose(0, 1), s[0].transpose(0, 1)  # [c, H, D], [c, H] (views)
         else:
             assert q_fold is not None
             o, s = _cudnn(q_fold, k, v, False, scale)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
-            o = o.view(hkv, group, c, d).permute(2, 0, 1, 3).reshape(c, num_heads, d)  # a view
-            s = s.view(hkv, group, c).permute(2, 0, 1).reshape(c, num_heads)
+            o = o[0].unflatten(1, (group, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
+            s = s[0].unflatten(1, (group, c)).permute(2, 0, 1).reshape(c, num_heads)
         if acc is None:  # the first partial
             if n == len(parts) - 1:
                 out.copy_(o)

@@ -5,7 +5,8 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
 (out, lse) pair::
 
     query_len == 1                          -> split-KV decode kernel (kernels/decode_attention.py)
-    query_len >= dense_min_queries, bf16/fp16, no sliding window, keys = prefix (+ own keys)
+    query_len >= dense_min_queries, keys >= dense_min_keys, bf16/fp16, no sliding window,
+    keys = prefix (+ own keys)
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
     anything else                           -> Triton paged prefill kernel (kernels/paged_prefill.py)
 
@@ -52,6 +53,7 @@ class KernelBackend:
         dtype: torch.dtype,
         device: torch.device,
         dense_min_queries: int = 256,
+        dense_min_keys: int = 8192,
         dense_segment_tokens: int = DENSE_SEGMENT_TOKENS,
         use_cudnn: bool | None = None,
     ) -> None:
@@ -60,6 +62,9 @@ class KernelBackend:
         self.device = device
         self.block_q = default_block_q(num_heads_per_kv, dtype)
         self.dense_min_queries = dense_min_queries
+        # Below this many keys the attention is cheap and cuDNN's per-call host cost (~0.3 ms,
+        # three calls per chunk per layer) would bound the step: the Triton kernel takes it.
+        self.dense_min_keys = dense_min_keys
         self.dense_segment_tokens = dense_segment_tokens
         self.use_cudnn = device.type == "cuda" if use_cudnn is None else use_cudnn
         self.num_sms = (
@@ -97,6 +102,7 @@ class KernelBackend:
                     self.head_dim,
                     sliding_window,
                     self.dense_min_queries,
+                    self.dense_min_keys,
                 )
             if q_len == 1:
                 decode.append(i)
