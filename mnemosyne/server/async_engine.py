@@ -244,7 +244,7 @@ class AsyncEngine:
             self.metrics.on_finished("abort")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        items: list[tuple[_Stream, RequestOutput | BaseException]] = []
         for out in outputs:
             self.metrics.on_output(out)
             stream = self._streams.get(out.request_id)
@@ -252,19 +252,18 @@ class AsyncEngine:
                 continue  # aborted by the client while this step ran
             if out.finished:
                 del self._streams[out.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            _post(loop, items)
+            items.append((stream, out))
+        _post(items)
 
     def _fail_all(self, err: BaseException) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        items: list[tuple[_Stream, RequestOutput | BaseException]] = []
         for rid, stream in list(self._streams.items()):
             self.metrics.on_finished("error")
             try:
                 self.engine.abort(rid)
             except Exception:  # the engine may be broken; the request is dropped either way
                 pass
-            by_loop.setdefault(stream.loop, []).append((stream, err))
+            items.append((stream, err))
         self._streams.clear()
         while True:  # admissions that raced the failure
             try:
@@ -273,8 +272,7 @@ class AsyncEngine:
                 break
             if isinstance(cmd, _Add | _Call) and cmd.done.set_running_or_notify_cancel():
                 cmd.done.set_exception(err)
-        for loop, items in by_loop.items():
-            _post(loop, items)
+        _post(items)
 
     def _refresh_stats(self) -> None:
         self._stats = self.engine.stats()
@@ -287,14 +285,18 @@ class AsyncEngine:
             logger.exception("engine shutdown failed")
 
 
-def _post(
-    loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestOutput | BaseException]]
-) -> None:
-    def put_all() -> None:
-        for stream, item in items:
-            stream.queue.put_nowait(item)
+def _post(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    """Hand items to their streams: one thread-safe callback per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+    for stream, item in items:
+        by_loop.setdefault(stream.loop, []).append((stream, item))
+    for loop, group in by_loop.items():
 
-    try:
-        loop.call_soon_threadsafe(put_all)
-    except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-        pass
+        def put_all(group: list[tuple[_Stream, RequestOutput | BaseException]] = group) -> None:
+            for stream, item in group:
+                stream.queue.put_nowait(item)
+
+        try:
+            loop.call_soon_threadsafe(put_all)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass

@@ -33,9 +33,12 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == HTTPStatus.UNAUTHORIZED else None
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers)
+        return JSONResponse(self.body(), self.status, headers)
 
 
 class ServerOverloadedError(APIError):

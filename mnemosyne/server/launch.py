@@ -9,6 +9,7 @@ worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -93,7 +94,7 @@ class BackgroundServer:
     def __init__(self, engine_args: EngineArgs, server_args: ServerArgs | None = None) -> None:
         args = server_args or ServerArgs(port=0, access_log=False, log_level="warning")
         if args.port == 0:
-            args = ServerArgs(**{**args.__dict__, "port": free_port(args.host)})
+            args = dataclasses.replace(args, port=free_port(args.host))
         self.args = args
         self.app, self.async_engine = build_server(engine_args, args)
         self._server = uvicorn.Server(_uvicorn_config(self.app, args))

@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
+from mnemosyne.outputs import RequestOutput
 from mnemosyne.request import TokenLogprobs
-from mnemosyne.server.async_engine import AsyncEngine
+from mnemosyne.server.async_engine import AsyncEngine, RequestHandle
 from mnemosyne.server.errors import APIError
 
 T = TypeVar("T")
@@ -152,7 +153,35 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-SSE_DONE = "data: [DONE]\n\n"
+async def sse_stream(handle: RequestHandle, payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events of a call's chunks, then `data: [DONE]`. If the engine stops
+    mid-stream the client gets the error in-band; the handle is closed either way (a
+    cancelled stream aborts what is unfinished)."""
+    try:
+        async for payload in payloads:
+            yield sse(payload)
+    except APIError as e:
+        yield sse(e.body())
+    finally:
+        handle.close()
+    yield "data: [DONE]\n\n"
+
+
+async def collect(raw: Request, handle: RequestHandle, index: dict[str, int]) -> list[RequestOutput] | None:
+    """The final output of every sub-request, in choice order (`index`: request id ->
+    choice), or None if the client disconnected first (the handle then aborts them)."""
+    outputs: list[RequestOutput | None] = [None] * len(index)
+
+    async def run() -> list[RequestOutput]:
+        try:
+            async for out in handle:
+                outputs[index[out.request_id]] = out
+        finally:
+            handle.close()
+        assert all(o is not None for o in outputs)
+        return outputs  # type: ignore[return-value]
+
+    return await until_disconnect(raw, run())
 
 
 async def until_disconnect(raw: Request, work: Awaitable[T]) -> T | None:

@@ -17,19 +17,16 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from mnemosyne.outputs import RequestOutput
 from mnemosyne.server.async_engine import RequestHandle, SubRequest
-from mnemosyne.server.errors import APIError, error_body
 from mnemosyne.server.protocol import ChatCompletionRequest
 from mnemosyne.server.serving import (
-    SSE_DONE,
     ServingContext,
     chat_logprobs,
+    collect,
     new_call_id,
     now_s,
-    sse,
+    sse_stream,
     sub_request_id,
-    until_disconnect,
     usage,
 )
 
@@ -56,15 +53,13 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext
     index = {s.request_id: c for c, s in enumerate(subs)}
     handle = await ctx.engine.add(subs)
     if req.stream:
-        stream = _stream(req, ctx, handle, call_id, index, len(prompt_ids), top_k)
-        return StreamingResponse(stream, media_type="text/event-stream")
-    outputs: list[RequestOutput | None] = [None] * len(subs)
-    done = await until_disconnect(raw, _collect(handle, index, outputs))
-    if done is None:
+        chunks = _chunks(req, ctx, handle, call_id, index, len(prompt_ids), top_k)
+        return StreamingResponse(sse_stream(handle, chunks), media_type="text/event-stream")
+    outputs = await collect(raw, handle, index)
+    if outputs is None:
         return Response(status_code=499)  # client closed the request; nobody reads this
     choices = []
     for c, out in enumerate(outputs):
-        assert out is not None
         logprobs = None
         if top_k is not None:
             logprobs = chat_logprobs(ctx, out.token_ids, list(out.logprobs or []), top_k)
@@ -82,21 +77,12 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext
         "created": now_s(),
         "model": ctx.model_name,
         "choices": choices,
-        "usage": usage(len(prompt_ids), sum(len(o.token_ids) for o in outputs if o is not None)),
+        "usage": usage(len(prompt_ids), sum(len(out.token_ids) for out in outputs)),
     }
     return JSONResponse(body)
 
 
-async def _collect(handle: RequestHandle, index: dict[str, int], outputs: list[RequestOutput | None]) -> bool:
-    try:
-        async for out in handle:
-            outputs[index[out.request_id]] = out
-    finally:
-        handle.close()
-    return True
-
-
-async def _stream(
+async def _chunks(
     req: ChatCompletionRequest,
     ctx: ServingContext,
     handle: RequestHandle,
@@ -104,34 +90,27 @@ async def _stream(
     index: dict[str, int],
     num_prompt_tokens: int,
     top_k: int | None,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[dict]:
     head = {"id": call_id, "object": "chat.completion.chunk", "created": now_s(), "model": ctx.model_name}
     extra = {"usage": None} if req.include_usage else {}
 
-    def chunk(c: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+    def chunk(c: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
         choice = {"index": c, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return sse({**head, "choices": [choice], **extra})
+        return {**head, "choices": [choice], **extra}
 
-    num_sent = [0] * len(index)
-    num_out = [0] * len(index)
-    try:
-        for c in range(len(index)):
-            yield chunk(c, {"role": "assistant", "content": ""})
-        async for out in handle:
-            c = index[out.request_id]
-            new_ids = out.token_ids[num_sent[c] :]
-            logprobs = None
-            if top_k is not None and new_ids:
-                logprobs = chat_logprobs(ctx, new_ids, list((out.logprobs or [])[num_sent[c] :]), top_k)
-            num_sent[c] = num_out[c] = len(out.token_ids)
-            if out.delta_text or logprobs is not None:
-                yield chunk(c, {"content": out.delta_text}, logprobs)
-            if out.finished:
-                yield chunk(c, {}, None, out.finish_reason)
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(num_prompt_tokens, sum(num_out))})
-    except APIError as e:  # the engine stopped mid-stream: tell the client in-band
-        yield sse(error_body(e.message, e.type, e.param, e.code))
-    finally:
-        handle.close()
-    yield SSE_DONE
+    num_sent = [0] * len(index)  # output tokens streamed, per choice
+    for c in range(len(index)):
+        yield chunk(c, {"role": "assistant", "content": ""})
+    async for out in handle:
+        c = index[out.request_id]
+        new_ids = out.token_ids[num_sent[c] :]
+        logprobs = None
+        if top_k is not None and new_ids:
+            logprobs = chat_logprobs(ctx, new_ids, list((out.logprobs or [])[num_sent[c] :]), top_k)
+        num_sent[c] = len(out.token_ids)
+        if out.delta_text or logprobs is not None:
+            yield chunk(c, {"content": out.delta_text}, logprobs)
+        if out.finished:
+            yield chunk(c, {}, None, out.finish_reason)
+    if req.include_usage:
+        yield {**head, "choices": [], "usage": usage(num_prompt_tokens, sum(num_sent))}

@@ -11,17 +11,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mnemosyne.outputs import RequestOutput
 from mnemosyne.server.async_engine import RequestHandle, SubRequest
-from mnemosyne.server.errors import APIError, error_body
 from mnemosyne.server.protocol import CompletionRequest
 from mnemosyne.server.serving import (
-    SSE_DONE,
     ServingContext,
+    collect,
     completion_logprobs,
     new_call_id,
     now_s,
-    sse,
+    sse_stream,
     sub_request_id,
-    until_disconnect,
     usage,
 )
 
@@ -40,7 +38,6 @@ class _Choice:
     num_tokens_sent: int = 0
     text_sent: int = 0  # characters streamed, for logprobs' text_offset
     echoed: bool = False
-    output: RequestOutput | None = None
 
 
 async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Request) -> Response:
@@ -64,25 +61,25 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Re
         for i in range(n)
     ]
     index = {s.request_id: c for c, s in enumerate(subs)}
+    choice_prompts = [prompts[c // n] for c in range(len(subs))]
     num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
     handle = await ctx.engine.add(subs)
-    choices = [_Choice(prompts[c // n]) for c in range(len(subs))]
     if req.stream:
-        stream = _stream(req, ctx, handle, call_id, index, choices, num_prompt_tokens)
-        return StreamingResponse(stream, media_type="text/event-stream")
-    done = await until_disconnect(raw, _collect(handle, index, choices))
-    if done is None:
+        chunks = _chunks(req, ctx, handle, call_id, index, choice_prompts, num_prompt_tokens)
+        return StreamingResponse(sse_stream(handle, chunks), media_type="text/event-stream")
+    outputs = await collect(raw, handle, index)
+    if outputs is None:
         return Response(status_code=499)  # client closed the request; nobody reads this
     body = {
         "id": call_id,
         "object": "text_completion",
         "created": now_s(),
         "model": ctx.model_name,
-        "choices": [_final_choice(req, ctx, c, ch) for c, ch in enumerate(choices)],
-        "usage": usage(
-            num_prompt_tokens,
-            sum(len(ch.output.token_ids) for ch in choices if ch.output is not None),
-        ),
+        "choices": [
+            _final_choice(req, ctx, c, prompt, out)
+            for c, (prompt, out) in enumerate(zip(choice_prompts, outputs, strict=True))
+        ],
+        "usage": usage(num_prompt_tokens, sum(len(out.token_ids) for out in outputs)),
     }
     return JSONResponse(body)
 
@@ -100,66 +97,51 @@ def _prompt_entries(out: RequestOutput, prompt: _Prompt) -> list:
     return entries + [None] * (len(prompt.token_ids) - len(entries))
 
 
-async def _collect(handle: RequestHandle, index: dict[str, int], choices: list[_Choice]) -> bool:
-    try:
-        async for out in handle:
-            choices[index[out.request_id]].output = out
-    finally:
-        handle.close()
-    return True
-
-
-def _final_choice(req: CompletionRequest, ctx: ServingContext, c: int, ch: _Choice) -> dict:
-    out = ch.output
-    assert out is not None
-    prefix = ch.prompt.text if req.echo else ""
+def _final_choice(
+    req: CompletionRequest, ctx: ServingContext, c: int, prompt: _Prompt, out: RequestOutput
+) -> dict:
+    text = prompt.text + out.text if req.echo else out.text
     logprobs = None
     if req.logprobs is not None:
         ids, entries = list(out.token_ids), list(out.logprobs or [])
         if req.echo:
-            ids = ch.prompt.token_ids + ids
-            entries = _prompt_entries(out, ch.prompt) + entries
+            ids = prompt.token_ids + ids
+            entries = _prompt_entries(out, prompt) + entries
         logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, 0)
-    return {"index": c, "text": prefix + out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+    return {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
 
 
-async def _stream(
+async def _chunks(
     req: CompletionRequest,
     ctx: ServingContext,
     handle: RequestHandle,
     call_id: str,
     index: dict[str, int],
-    choices: list[_Choice],
+    choice_prompts: list[_Prompt],
     num_prompt_tokens: int,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[dict]:
     head = {"id": call_id, "object": "text_completion", "created": now_s(), "model": ctx.model_name}
     extra = {"usage": None} if req.include_usage else {}
-    try:
-        async for out in handle:
-            if not out.delta_token_ids and not out.delta_text and not out.finished:
-                continue  # prefill progress
-            c = index[out.request_id]
-            ch = choices[c]
-            ch.output = out
-            text, new_ids = out.delta_text, out.token_ids[ch.num_tokens_sent :]
-            entries: list = list((out.logprobs or [])[ch.num_tokens_sent :])
-            if req.echo and not ch.echoed:  # the first token: prompt logprobs are complete
-                text = ch.prompt.text + text
-                new_ids = ch.prompt.token_ids + new_ids
-                entries = _prompt_entries(out, ch.prompt) + entries
-                ch.echoed = True
-            logprobs = None
-            if req.logprobs is not None and new_ids:
-                logprobs = completion_logprobs(ctx, new_ids, entries, req.logprobs, ch.text_sent)
-            ch.num_tokens_sent = len(out.token_ids)
-            ch.text_sent += len(text)
-            choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-            yield sse({**head, "choices": [choice], **extra})
-        if req.include_usage:
-            num_out = sum(len(ch.output.token_ids) for ch in choices if ch.output is not None)
-            yield sse({**head, "choices": [], "usage": usage(num_prompt_tokens, num_out)})
-    except APIError as e:  # the engine stopped mid-stream: tell the client in-band
-        yield sse(error_body(e.message, e.type, e.param, e.code))
-    finally:
-        handle.close()
-    yield SSE_DONE
+    choices = [_Choice(p) for p in choice_prompts]
+    async for out in handle:
+        if not out.delta_token_ids and not out.delta_text and not out.finished:
+            continue  # prefill progress
+        c = index[out.request_id]
+        ch = choices[c]
+        text, new_ids = out.delta_text, out.token_ids[ch.num_tokens_sent :]
+        entries: list = list((out.logprobs or [])[ch.num_tokens_sent :])
+        if req.echo and not ch.echoed:  # the first token: prompt logprobs are complete
+            text = ch.prompt.text + text
+            new_ids = ch.prompt.token_ids + new_ids
+            entries = _prompt_entries(out, ch.prompt) + entries
+            ch.echoed = True
+        logprobs = None
+        if req.logprobs is not None and new_ids:
+            logprobs = completion_logprobs(ctx, new_ids, entries, req.logprobs, ch.text_sent)
+        ch.num_tokens_sent = len(out.token_ids)
+        ch.text_sent += len(text)
+        choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        yield {**head, "choices": [choice], **extra}
+    if req.include_usage:
+        num_out = sum(ch.num_tokens_sent for ch in choices)
+        yield {**head, "choices": [], "usage": usage(num_prompt_tokens, num_out)}
