@@ -46,6 +46,7 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
             "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
         },
     ),
+    "llama_hd80": ("LlamaConfig", {"head_dim": 80, "rope_theta": 10000.0}),
     "mistral": ("MistralConfig", {"sliding_window": None, "head_dim": 16}),
     "mistral_sliding": ("MistralConfig", {"sliding_window": 8, "head_dim": 16}),
     "qwen2": ("Qwen2Config", {"use_sliding_window": False}),

@@ -235,6 +235,15 @@ class LlamaForCausalLM(nn.Module):
             return x + residual
         return self.norm(x, residual=residual)[0]
 
+    def run_idle(self, num_shared_tokens: int) -> None:
+        """This rank's KVP group has no tokens in a step where other groups merge
+        `num_shared_tokens` shared rows: no compute, only an empty contribution to each local
+        layer's KVP all-gather, in the order a busy forward runs them (`kvp_merge.py`).
+        TP all-reduces and stage sends are skipped alike by every rank of the idle group."""
+        device = next(self.parameters()).device
+        for layer in self.layers:
+            layer.self_attn.attn.join_idle(num_shared_tokens, self.config.dtype, device)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> [num_rows, vocab_size], the full vocabulary on every TP rank."""
         if self.lm_head is None:

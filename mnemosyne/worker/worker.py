@@ -10,8 +10,11 @@ Per plan, on rank (kvp_rank g, spp_rank s, tp_rank t)::
     s < last ?  isend hidden to stage s+1 of group g  -> None
               :  logits of the rows group g owns -> sample (tp rank 0 reports a StepResult)
 
-Every rank runs every plan, in plan order, even with an empty sub-batch, whenever
-the plan has shared tokens: the per-layer KVP all-gather needs all groups.
+Every rank takes every plan, in plan order. A group with an empty sub-batch returns at
+once when the plan has no shared tokens; when it has (with kvp >= 3 a request can span
+some groups and not others), the group is idle: no compute, no stage send, but each rank
+joins its layers' KVP all-gathers with an empty contribution (`LlamaForCausalLM.run_idle`),
+since the collective needs every group.
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ class Worker:
             self.params[new.request_id] = new.sampling_params
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
         result = StepResult(plan.step_id) if self.pg.is_driver_peer else None
-        if batch.num_tokens == 0 and plan.num_shared_tokens == 0:
-            return result  # nothing for this group, and no merge to take part in
+        if batch.num_tokens == 0:
+            self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
+            return result  # the reporting rank's empty result; None elsewhere
 
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         if self.graphs is not None and self.graphs.can_run(batch.meta):

@@ -19,6 +19,12 @@ What crosses the KVP process group per layer (ranks with equal spp and tp rank):
 
 Unshared requests (all their keys on one group) never cross. With N_s == 0, or one
 KVP group, nothing is sent.
+
+An idle group (none of the step's chunks has keys on it, yet N_s > 0 because other groups
+share chunks: with kvp >= 3 a request may span groups 0 and 1 while group 2 holds nothing)
+runs no model compute but still joins each layer's all-gather, in the same layer order, with
+an all-empty buffer: every row out = 0, lse = -inf. Its partial has weight exp(-inf - m) = 0
+in every merge, so the merged rows are those of the busy groups alone: still exact.
 """
 
 from __future__ import annotations
@@ -49,15 +55,39 @@ def merge_across_kvp_groups(
     if group.size == 1 or index is None or index.num_shared_tokens == 0:
         return out
     n, (_, num_heads, head_dim) = index.num_shared_tokens, out.shape
-    width = 4 // out.element_size()  # fp32 LSE as `width` elements of out's dtype
-    packed = out.new_zeros(n, num_heads, head_dim + width)  # [N_s, H, D + w]
     lse_buf = torch.full((n, num_heads), float("-inf"), dtype=torch.float32, device=out.device)
-    packed[index.shared_rows, :, :head_dim] = out[index.local_rows]
     lse_buf[index.shared_rows] = lse[index.local_rows].float()
-    packed[:, :, head_dim:] = lse_buf.view(out.dtype).view(n, num_heads, width)
+    packed = _pack(lse_buf, head_dim, out.dtype)  # [N_s, H, D + w]
+    packed[index.shared_rows, :, :head_dim] = out[index.local_rows]
     gathered = all_gather_stacked(packed, group)  # [kvp, N_s, H, D + w]
     outs = gathered[..., :head_dim]  # [kvp, N_s, H, D]
     lses = gathered[..., head_dim:].contiguous().view(torch.float32).squeeze(-1)  # [kvp, N_s, H]
     merged, _ = merge_attn_stacked(outs, lses)  # [N_s, H, D]
     out[index.local_rows] = merged[index.shared_rows]
     return out
+
+
+def join_kvp_merge_idle(
+    num_shared_tokens: int,
+    num_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    group: GroupHandle,
+) -> None:
+    """An idle group's part in one layer's merge: the all-gather of `merge_across_kvp_groups`
+    with every row empty (out = 0, lse = -inf), so the busy groups' merge is unchanged."""
+    if group.size == 1 or num_shared_tokens == 0:
+        return
+    lse_buf = torch.full((num_shared_tokens, num_heads), float("-inf"), dtype=torch.float32, device=device)
+    all_gather_stacked(_pack(lse_buf, head_dim, dtype), group)
+
+
+def _pack(lse: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N_s, H] float32 LSE -> [N_s, H, D + w] buffer of `dtype`: out = 0, then the LSE's bytes
+    as w = 4 / itemsize trailing elements."""
+    n, num_heads = lse.shape
+    width = 4 // dtype.itemsize
+    packed = torch.zeros(n, num_heads, head_dim + width, dtype=dtype, device=lse.device)
+    packed[:, :, head_dim:] = lse.view(dtype).view(n, num_heads, width)
+    return packed

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mnemosyne.layers.attention.backend import AttentionBackend
-from mnemosyne.layers.attention.kvp_merge import merge_across_kvp_groups
+from mnemosyne.layers.attention.kvp_merge import join_kvp_merge_idle, merge_across_kvp_groups
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.parallel.groups import GroupHandle
 
@@ -45,3 +45,8 @@ class PagedAttention(nn.Module):
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out, lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return merge_across_kvp_groups(out, lse, meta.kvp_merge, self.kvp_group)  # [num_tokens, H, D]
+
+    def join_idle(self, num_shared_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
+        """This group has no tokens in the step: no write, no attention, only its (empty) part
+        in the KVP all-gather that the busy groups' forward runs at this layer."""
+        join_kvp_merge_idle(num_shared_tokens, self.num_heads, self.head_dim, dtype, device, self.kvp_group)
