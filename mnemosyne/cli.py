@@ -1,4 +1,4 @@
-"""Command line: `mnemosyne generate`, `mnemosyne serve` and `mnemosyne bench serve`."""
+"""Command line: `mnemosyne generate`, `mnemosyne serve`, `mnemosyne profile` and `mnemosyne bench serve`."""
 
 from __future__ import annotations
 
@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-access-log", action="store_true")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    prof = sub.add_parser("profile", help="measure step times and fit the latency model (adaptive chunking)")
+    from mnemosyne.profiling.command import add_profile_args, cmd_profile
+
+    add_profile_args(prof)
+    add_engine_args(prof)
+    prof.set_defaults(func=cmd_profile)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
