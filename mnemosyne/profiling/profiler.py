@@ -23,7 +23,7 @@ from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.policies import profile_key
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.fitted import fit_latency_model
-from mnemosyne.latency.profile_store import LatencyProfile
+from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
 from mnemosyne.profiling.synthetic import SyntheticPlanner, SyntheticSeq
 
@@ -119,45 +119,52 @@ def grid_points(
 
 
 def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProfile:
+    """Start an engine sized for the grid, profile it, stop it."""
     from mnemosyne.engine.llm_engine import LLMEngine
 
     grid = GRIDS[grid_kind]
-    max_chunk = max(grid.chunk_sizes)
     max_seqs = max(grid.decode_batches) + 1
     args = replace(
         args,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, max_chunk + max_seqs),
+        max_num_batched_tokens=max(args.max_num_batched_tokens, max(grid.chunk_sizes) + max_seqs),
         max_num_seqs=max(args.max_num_seqs, max_seqs),
         chunk_policy="fixed",
         scheduling_policy="fcfs",
     )
-    t_start = time.monotonic()
     engine = LLMEngine.from_args(args)
     try:
-        config = engine.config
-        key = profile_key(config)
-        cache = config.cache
-        roofline = RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name))
-        planner = SyntheticPlanner(
-            cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group
-        )
-        capacity = min(cache.num_blocks_per_group) * cache.block_size * len(cache.num_blocks_per_group)
-        capacity -= cache.block_size * max_seqs  # room for partial blocks
-        points = [
-            p
-            for p in grid_points(grid, capacity, max_seqs)
-            if roofline.step_time_s(planner.composition(list(p))) <= grid.max_step_s
-        ]
-        log(f"profiling {len(points)} steps on {key.device_name} (KV capacity {capacity} tokens)")
-        samples = [measure(engine.executor, planner, list(p), grid.repeats) for p in points]
-        engine.executor.submit(planner.retire_plan())
-        engine.executor.get_result()
+        return profile_engine(engine, grid_kind, log)
     finally:
         engine.shutdown()
-    pairs = [(m.composition, m.measured_s) for m in samples]
-    busiest = [
-        max(range(len(c.groups)), key=lambda g, c=c: roofline.stage_time_s(c.groups[g])) for c, _ in pairs
+
+
+def synthetic_setup(engine) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
+    """The key, roofline and synthetic planner of an idle engine, and the KV tokens one step may use."""
+    config = engine.config
+    key = profile_key(config)
+    cache = config.cache
+    roofline = RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name))
+    planner = SyntheticPlanner(cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group)
+    capacity = min(cache.num_blocks_per_group) * cache.block_size * len(cache.num_blocks_per_group)
+    capacity -= cache.block_size * config.scheduler.max_num_seqs  # room for partial blocks
+    return key, roofline, planner, capacity
+
+
+def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
+    """Profile an idle engine (no requests in flight; it must allow the grid's batch sizes)."""
+    t_start = time.monotonic()
+    grid = GRIDS[grid_kind]
+    key, roofline, planner, capacity = synthetic_setup(engine)
+    max_seqs = min(engine.config.scheduler.max_num_seqs, max(grid.decode_batches) + 1)
+    points = [
+        p
+        for p in grid_points(grid, capacity, max_seqs)
+        if roofline.step_time_s(planner.composition(list(p))) <= grid.max_step_s
     ]
+    log(f"profiling {len(points)} steps on {key.device_name} (KV capacity {capacity} tokens)")
+    samples = measure_all(engine.executor, planner, points, grid.repeats)
+    pairs = [(m.composition, m.measured_s) for m in samples]
+    busiest = [max(range(len(c.groups)), key=lambda g, c=c: roofline.stage_time_s(c.groups[g])) for c, _ in pairs]
     spec = roofline.device
     knee = max(1, round(spec.matmul_flops_per_s * key.shape.dtype_bytes / (2 * spec.memory_bytes_per_s)))
     model = fit_latency_model(pairs, key.layout, knee, busiest)
@@ -172,15 +179,19 @@ def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProf
             "p95_rel": errors[min(len(errors) - 1, int(0.95 * len(errors)))],
         },
         "samples": [
-            {
-                "seqs": [[s.num_tokens, s.start] for s in m.seqs],
-                "measured_s": m.measured_s,
-                "predicted_s": model.step_time_s(m.composition),
-            }  # fmt: skip
+            {"seqs": [[s.num_tokens, s.start] for s in m.seqs], "measured_s": m.measured_s,
+             "predicted_s": model.step_time_s(m.composition)}  # fmt: skip
             for m in samples
         ],
     }
     return LatencyProfile(key, model, info)
+
+
+def measure_all(executor, planner: SyntheticPlanner, points, repeats: int) -> list[Measurement]:
+    samples = [measure(executor, planner, list(p), repeats) for p in points]
+    executor.submit(planner.retire_plan())
+    executor.get_result()
+    return samples
 
 
 def measure(executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repeats: int) -> Measurement:
