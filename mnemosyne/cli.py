@@ -1,4 +1,4 @@
-"""Command line: `mnemosyne generate`, `mnemosyne serve` and `mnemosyne bench serve`."""
+"""Command line: `mnemosyne generate`, `mnemosyne serve`, `mnemosyne profile` and `mnemosyne bench serve`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from mnemosyne.config import AttentionBackendKind, LoadFormat
+from mnemosyne.config import AttentionBackendKind, ChunkPolicyKind, LoadFormat, SchedulingPolicyKind
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import ConfigError, MnemosyneError
 from mnemosyne.sampling_params import SamplingParams
@@ -54,6 +54,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=[k.value for k in LoadFormat],
         help="dummy: random weights from config.json alone (benchmarks)",
     )
+    add_policy_args(p, d)
     par = p.add_argument_group("parallelism (one worker process per device: tp x spp x kvp)")
     par.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks per stage")
     par.add_argument("--spp", type=int, default=d.spp, help="sequence-pipeline stages")
@@ -73,6 +74,33 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="bind here (tcp://HOST:PORT) and wait for workers started by torchrun instead of local ones",
     )
     par.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s)
+
+
+def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
+    pol = p.add_argument_group("scheduling policy (chunk sizes and order)")
+    pol.add_argument(
+        "--chunk-policy",
+        default=d.chunk_policy,
+        choices=[k.value for k in ChunkPolicyKind],
+        help="fixed: --chunk-size; adaptive: the largest chunk whose predicted step time fits --tbt-slo-ms",
+    )
+    pol.add_argument(
+        "--scheduling-policy",
+        default=d.scheduling_policy,
+        choices=[k.value for k in SchedulingPolicyKind],
+        help="fcfs: by arrival; lars: least relative slack first, with space sharing for long prefills",
+    )
+    pol.add_argument("--tbt-slo-ms", type=float, default=d.tbt_slo_ms, help="time-between-tokens target")
+    pol.add_argument(
+        "--latency-profile",
+        default=d.latency_profile,
+        help="profile JSON from `mnemosyne profile` (default: the cached one for this setup, else roofline)",
+    )
+    pol.add_argument("--long-prefill-threshold", type=int, default=d.long_prefill_threshold)
+    pol.add_argument("--deadline-factor", type=float, default=d.deadline_factor)
+    pol.add_argument("--min-deadline-s", type=float, default=d.min_deadline_s)
+    pol.add_argument("--chunk-granularity", type=int, default=d.chunk_granularity)
+    pol.add_argument("--min-chunk-tokens", type=int, default=d.min_chunk_tokens)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -123,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-access-log", action="store_true")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    prof = sub.add_parser("profile", help="measure step times and fit the latency model (adaptive chunking)")
+    from mnemosyne.profiling.command import add_profile_args, cmd_profile
+
+    add_profile_args(prof)
+    add_engine_args(prof)
+    prof.set_defaults(func=cmd_profile)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)

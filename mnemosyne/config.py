@@ -254,6 +254,46 @@ class LoadFormat(enum.Enum):
     DUMMY = "dummy"
 
 
+class ChunkPolicyKind(enum.Enum):
+    """FIXED: at most `chunk_size` tokens per chunk. ADAPTIVE: the largest chunk whose predicted
+    step time stays within the TBT target (`engine/adaptive_chunking.py`)."""
+
+    FIXED = "fixed"
+    ADAPTIVE = "adaptive"
+
+
+class SchedulingPolicyKind(enum.Enum):
+    """FCFS: by arrival. LARS: least relative slack first, with space sharing (`engine/priority.py`)."""
+
+    FCFS = "fcfs"
+    LARS = "lars"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How chunks are sized and ordered. Times in seconds, sizes in tokens."""
+
+    chunk_policy: ChunkPolicyKind = ChunkPolicyKind.FIXED
+    scheduling_policy: SchedulingPolicyKind = SchedulingPolicyKind.FCFS
+    tbt_slo_s: float = 0.030  # step-time target of adaptive chunking
+    latency_profile: str | None = None  # None: the cached profile matching this setup, else the roofline
+    long_prefill_threshold_tokens: int = 262144  # processed tokens past which a prefill is "long"
+    deadline_factor: float = 1.5  # LARS deadline = max(factor * predicted prefill, min_deadline_s)
+    min_deadline_s: float = 0.5
+    chunk_granularity_tokens: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
+    min_chunk_tokens: int = 32  # progress of the first prefill of a step even over the target
+
+    def validate(self) -> None:
+        for name in ("tbt_slo_s", "deadline_factor"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.min_deadline_s < 0:
+            raise ConfigError(f"min_deadline_s must be >= 0, got {self.min_deadline_s}")
+        for name in ("long_prefill_threshold_tokens", "chunk_granularity_tokens", "min_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 def parse_enum(kind: type[enum.Enum], value: str | enum.Enum, option: str):  # -> instance of kind
     if isinstance(value, kind):
         return value
@@ -276,3 +316,4 @@ class EngineConfig:
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     load_format: LoadFormat = LoadFormat.SAFETENSORS
+    policy: PolicyConfig = field(default_factory=PolicyConfig)

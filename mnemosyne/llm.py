@@ -41,6 +41,15 @@ class LLM:
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         load_format: str = "safetensors",
+        chunk_policy: str = "fixed",
+        scheduling_policy: str = "fcfs",
+        tbt_slo_ms: float = 30.0,
+        latency_profile: str | None = None,
+        long_prefill_threshold: int = 262144,
+        deadline_factor: float = 1.5,
+        min_deadline_s: float = 0.5,
+        chunk_granularity: int = 32,
+        min_chunk_tokens: int = 32,
     ) -> None:
         """See `EngineArgs` for every option. With tp * spp * kvp > 1, one worker process
         per device is started; call `shutdown()` (or use `with LLM(...) as llm:`) to stop them."""
@@ -66,6 +75,15 @@ class LLM:
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
             load_format=load_format,
+            chunk_policy=chunk_policy,
+            scheduling_policy=scheduling_policy,
+            tbt_slo_ms=tbt_slo_ms,
+            latency_profile=latency_profile,
+            long_prefill_threshold=long_prefill_threshold,
+            deadline_factor=deadline_factor,
+            min_deadline_s=min_deadline_s,
+            chunk_granularity=chunk_granularity,
+            min_chunk_tokens=min_chunk_tokens,
         )
         self.engine = LLMEngine.from_args(args)
 

@@ -13,6 +13,7 @@ class RequestTiming:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # one per output token
     finished_time: float | None = None
+    ttft_deadline_s: float | None = None  # the TTFT SLO of this request (LARS deadline)
 
     @property
     def ttft(self) -> float | None:
@@ -46,3 +47,12 @@ class EngineStats:
     num_waiting: int
     num_preemptions: int  # since the engine started
     kv_cache_usage: tuple[float, ...]  # fraction of blocks in use, per KVP group
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One processed micro-batch: its predicted and measured time, and its prefill chunk sizes."""
+
+    predicted_s: float
+    actual_s: float  # submit to result (with a pipeline, including waits behind earlier micro-batches)
+    chunk_sizes: tuple[int, ...]  # tokens of each prefill chunk (decodes excluded)

@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from mnemosyne.config import CacheConfig, SchedulerConfig
+from mnemosyne.engine.chunking import FixedChunkPolicy
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
 from mnemosyne.errors import InvalidRequestError
@@ -122,7 +123,7 @@ def test_budget_and_chunk_sizes_follow_policy():
     run_all(s)
 
 
-class ThreePolicy:
+class ThreePolicy(FixedChunkPolicy):
     def chunk_size(self, request: Request, num_pending: int, budget_left: int) -> int:
         return min(3, num_pending, budget_left)
 

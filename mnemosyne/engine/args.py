@@ -10,11 +10,14 @@ import torch
 from mnemosyne.config import (
     AttentionBackendKind,
     CacheConfig,
+    ChunkPolicyKind,
     EngineConfig,
     LoadFormat,
     ModelConfig,
     ParallelConfig,
+    PolicyConfig,
     SchedulerConfig,
+    SchedulingPolicyKind,
     parse_dtype,
     parse_enum,
 )
@@ -51,6 +54,16 @@ class EngineArgs:
     attention_backend: str | AttentionBackendKind = "auto"  # auto | reference | kernels
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     load_format: str | LoadFormat = "safetensors"  # safetensors | dummy (random weights, config.json only)
+    # ---- chunk sizing and ordering (PolicyConfig) ----
+    chunk_policy: str | ChunkPolicyKind = "fixed"  # fixed (chunk_size) | adaptive (latency model, tbt_slo_ms)
+    scheduling_policy: str | SchedulingPolicyKind = "fcfs"  # fcfs | lars (least relative slack, space sharing)
+    tbt_slo_ms: float = 30.0  # step-time target of adaptive chunking
+    latency_profile: str | None = None  # profile JSON; None: cached profile for this setup, else roofline
+    long_prefill_threshold: int = 262144  # tokens processed past which a prefill is long (space sharing)
+    deadline_factor: float = 1.5  # LARS deadline = max(factor * predicted prefill time, min_deadline_s)
+    min_deadline_s: float = 0.5
+    chunk_granularity: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
+    min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -85,10 +98,24 @@ class EngineArgs:
         self.parallel_config().validate()
         parse_enum(AttentionBackendKind, self.attention_backend, "attention_backend")
         parse_enum(LoadFormat, self.load_format, "load_format")
+        self.policy_config().validate()
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            chunk_policy=parse_enum(ChunkPolicyKind, self.chunk_policy, "chunk_policy"),
+            scheduling_policy=parse_enum(SchedulingPolicyKind, self.scheduling_policy, "scheduling_policy"),
+            tbt_slo_s=self.tbt_slo_ms / 1000.0,
+            latency_profile=self.latency_profile,
+            long_prefill_threshold_tokens=self.long_prefill_threshold,
+            deadline_factor=self.deadline_factor,
+            min_deadline_s=self.min_deadline_s,
+            chunk_granularity_tokens=self.chunk_granularity,
+            min_chunk_tokens=self.min_chunk_tokens,
+        )
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(
@@ -151,6 +178,7 @@ class EngineArgs:
             attention_backend=parse_enum(AttentionBackendKind, self.attention_backend, "attention_backend"),
             enforce_eager=self.enforce_eager,
             load_format=parse_enum(LoadFormat, self.load_format, "load_format"),
+            policy=self.policy_config(),
         )
 
     def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig, parallel: ParallelConfig) -> float:

@@ -1,13 +1,13 @@
 """How many tokens of a request to run in one step.
 
-The scheduler asks the policy once per request per step and then clips the answer
-to the KV group boundary (`KVCacheManager.max_chunk_tokens`). A policy must return
-a value in [0, min(num_pending, budget_left)], and >= 1 whenever both are >= 1, so
-every scheduled request makes progress.
+Per step the scheduler calls `begin_step(now)`, then asks the policy once per
+request (in its order: decodes, then prefills) and clips the answer to the KV group
+boundary (`KVCacheManager.max_chunk_tokens`); every chunk it emits is reported with
+`on_scheduled`. A policy returns a value in [0, min(num_pending, budget_left)]; 0
+means "not this step" (the request keeps its place).
 
-`FixedChunkPolicy` is Sarathi-Serve's fixed chunk. An adaptive policy, driven by a
-latency model (pick the largest chunk whose predicted step time stays within a
-target), will implement the same `ChunkPolicy` protocol later.
+`FixedChunkPolicy` is Sarathi-Serve's fixed chunk (never 0 while budget is left).
+`AdaptiveChunkPolicy` (`adaptive_chunking.py`) sizes chunks by a latency model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ from mnemosyne.request import Request
 
 
 class ChunkPolicy(Protocol):
+    def begin_step(self, now: float) -> None:
+        """A new step is being scheduled at time `now` (seconds, the scheduler's clock)."""
+        ...
+
+    def on_scheduled(self, request: Request, start: int, num_tokens: int, sample: bool) -> None:
+        """The scheduler emitted tokens [start, start + num_tokens) of `request` this step."""
+        ...
+
     def chunk_size(self, request: Request, num_pending: int, budget_left: int) -> int:
         """Tokens of `request` to run now, out of `num_pending`, within `budget_left`."""
         ...
@@ -30,6 +38,12 @@ class FixedChunkPolicy:
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
         self.max_chunk_tokens = chunk_size
+
+    def begin_step(self, now: float) -> None:
+        pass
+
+    def on_scheduled(self, request: Request, start: int, num_tokens: int, sample: bool) -> None:
+        pass
 
     def chunk_size(self, request: Request, num_pending: int, budget_left: int) -> int:
         n = min(num_pending, budget_left)

@@ -17,15 +17,17 @@ from pathlib import Path
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.args import EngineArgs
-from mnemosyne.engine.chunking import FixedChunkPolicy
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
+from mnemosyne.engine.policies import make_policies
+from mnemosyne.engine.priority import ttft_deadline_s
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
+from mnemosyne.engine.step_load import StepLoadBuilder
 from mnemosyne.engine.step_plan import PlanBuilder, StepResult
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming
+from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepStats
 from mnemosyne.request import Request, RequestStatus
 from mnemosyne.sampling_params import SamplingParams
 
@@ -52,12 +54,15 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.kv_manager = KVCacheManager(config.cache)
+        self.policies = make_policies(config, self.kv_manager)
         self.scheduler = Scheduler(
-            config.scheduler, self.kv_manager, FixedChunkPolicy(config.scheduler.chunk_size)
+            config.scheduler, self.kv_manager, self.policies.chunk_policy, self.policies.priority
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
         self._inflight: deque[SchedulerOutput] = deque()
+        self._inflight_timing: deque[tuple[float, float]] = deque()  # (predicted_s, submit time)
+        self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
@@ -133,12 +138,42 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
+            predicted_s = self.predict_step_s(sched)
+            self._inflight_timing.append((predicted_s, time.monotonic()))
             self.executor.submit(self.planner.build(sched))
             self._inflight.append(sched)
         if not self._inflight:
             return []
         result = self.executor.get_result()
-        return self._process(self._inflight.popleft(), result)
+        sched = self._inflight.popleft()
+        predicted_s, submitted = self._inflight_timing.popleft()
+        chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
+        self._step_stats.append(StepStats(predicted_s, time.monotonic() - submitted, chunk_sizes))
+        del self._step_stats[:-1024]  # nobody reading: keep the newest only
+        return self._process(sched, result)
+
+    def predict_step_s(self, sched: SchedulerOutput) -> float:
+        """The latency model's prediction for a scheduled step (its KV already allocated)."""
+        load = StepLoadBuilder(self.kv_manager)
+        for chunk in sched.chunks:
+            load.add(chunk.request, chunk.start, chunk.num_tokens, chunk.sample)
+        return self.policies.latency_model.step_time_s(load.composition())
+
+    def take_step_stats(self) -> list[StepStats]:
+        """Steps processed since the last call (at most the newest 1024), oldest first."""
+        stats, self._step_stats = self._step_stats, []
+        return stats
+
+    def predicted_remaining_prefill_s(self, request_id: str) -> float | None:
+        """Predicted seconds until the request's prefill completes alone; None if unknown."""
+        req = self.scheduler.get_request(request_id)
+        if req is None:
+            return None
+        return self.policies.prefill_time.remaining_s(req.num_tokens, req.num_computed_tokens)
+
+    def ttft_deadline_s(self, num_prompt_tokens: int) -> float:
+        pc = self.config.policy
+        return ttft_deadline_s(self.policies.prefill_time, num_prompt_tokens, pc.deadline_factor, pc.min_deadline_s)
 
     @property
     def inflight(self) -> tuple[SchedulerOutput, ...]:
@@ -195,6 +230,7 @@ class LLMEngine:
                 first_token_time=req.first_token_time,
                 token_times=list(req.token_times),
                 finished_time=now if finished else None,
+                ttft_deadline_s=self.ttft_deadline_s(req.num_prompt_tokens),
             ),
             delta_text=detok.take_delta(finished) if detok is not None else "",
             delta_token_ids=new_ids,

@@ -12,6 +12,10 @@ One step, with budget = max_num_batched_tokens::
       (c) admit while budget > 0 and len(running) < max_num_seqs; stop at the first
           one whose whole prompt the free blocks cannot hold (new arrivals never
           preempt, and a prefill is not started only to be preempted mid-way)
+    with `priority.interleaves_waiting` (LARS), (b) and (c) are one order by priority,
+    so a waiting short request can take budget before a running long prefill.
+
+    chunk_policy.begin_step(now) starts the step; on_scheduled(...) reports each chunk.
 
     for each request:  n = chunk_policy.chunk_size(req, num_pending, budget_left)
                        n = min(n, kv.max_chunk_tokens(id, num_dispatched))   # never straddle a group
@@ -104,13 +108,28 @@ class Scheduler:
         scheduled: set[str] = set()
         budget = self.config.max_num_batched_tokens
         now = self._clock()
+        self.chunk_policy.begin_step(now)
 
         running = self._sorted(self._running.values(), now)
         decodes = [r for r in running if not r.is_prefill]
         prefills = [r for r in running if r.is_prefill]
-        for req in decodes + prefills:
+        waiting = self._sorted(self._waiting.values(), now)
+        if self.priority.interleaves_waiting:  # one order: a waiting request may overtake a prefill
+            order = decodes + self._sorted([*prefills, *waiting], now)
+        else:
+            order = decodes + prefills + waiting
+        waiting_ids = {r.request_id for r in waiting}
+        admitting = True
+        for req in order:
             if budget <= 0:
                 break
+            if req.request_id in waiting_ids:
+                if out.preempted_ids or len(self._running) >= self.config.max_num_seqs:
+                    admitting = False
+                if admitting:
+                    admitting, used = self._admit(req, budget, out, scheduled)
+                    budget -= used
+                continue
             if req.status is not RequestStatus.RUNNING or req.num_pending_tokens == 0:
                 continue  # preempted earlier in this step, or its last chunk is still in flight
             while True:
@@ -124,22 +143,20 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is req:
                     break
-
-        if not out.preempted_ids:
-            for req in self._sorted(self._waiting.values(), now):
-                if budget <= 0 or len(self._running) >= self.config.max_num_seqs:
-                    break
-                n = self._chunk_len(req, budget)
-                if n == 0:
-                    continue
-                if not self._can_hold_whole_prompt(req):
-                    break  # admitting it would only lead to preempting it again mid-prefill
-                if not self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
-                    break
-                del self._waiting[req.request_id]
-                self._running[req.request_id] = req
-                budget -= self._emit(out, scheduled, req, n)
         return out
+
+    def _admit(self, req: Request, budget: int, out: SchedulerOutput, scheduled: set[str]) -> tuple[bool, int]:
+        """Start a waiting request: (admission still open this step, tokens scheduled)."""
+        n = self._chunk_len(req, budget)
+        if n == 0:
+            return True, 0
+        if not self._can_hold_whole_prompt(req):
+            return False, 0  # admitting it would only lead to preempting it again mid-prefill
+        if not self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
+            return False, 0
+        del self._waiting[req.request_id]
+        self._running[req.request_id] = req
+        return True, self._emit(out, scheduled, req, n)
 
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
         """Record a finished step; returns the requests that finished in this call.
@@ -239,6 +256,7 @@ class Scheduler:
         req.num_dispatched_tokens += n
         req.status = RequestStatus.RUNNING
         scheduled.add(req.request_id)
+        self.chunk_policy.on_scheduled(req, start, n, start + n == req.num_tokens)
         return n
 
     def _choose_victim(self, req: Request, scheduled: set[str], now: float) -> Request:

@@ -31,6 +31,7 @@ from mnemosyne.outputs import EngineStats, RequestOutput
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.server.errors import EngineDeadError, ServerOverloadedError, to_api_error
 from mnemosyne.server.metrics import ServerMetrics
+from mnemosyne.server.prefill_progress import PrefillProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._dead: str | None = None
         self._stats = engine.stats()
+        self._progress = PrefillProgressLog(engine.predicted_remaining_prefill_s)
         self._thread = threading.Thread(target=self._run, name="mnemosyne-engine", daemon=True)
         self._thread.start()
 
@@ -247,6 +249,7 @@ class AsyncEngine:
         items: list[tuple[_Stream, RequestOutput | BaseException]] = []
         for out in outputs:
             self.metrics.on_output(out)
+            self._progress.on_output(out)
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted by the client while this step ran
@@ -277,6 +280,7 @@ class AsyncEngine:
     def _refresh_stats(self) -> None:
         self._stats = self.engine.stats()
         self.metrics.on_stats(self._stats)
+        self.metrics.on_steps(self.engine.take_step_stats())
 
     def _shutdown_engine(self) -> None:
         try:

@@ -47,7 +47,7 @@ def build_server(engine_args: EngineArgs, server_args: ServerArgs) -> tuple[Fast
     engine = LLMEngine.from_args(engine_args)
     cfg = engine.config
     name = server_args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
-    metrics = ServerMetrics(name, engine.kv_manager.num_kvp_groups)
+    metrics = ServerMetrics(name, engine.kv_manager.num_kvp_groups, engine.config.policy.tbt_slo_s)
     async_engine = AsyncEngine(engine, metrics, server_args.max_waiting_requests)
     tokenizer = load_tokenizer(cfg.model_dir)  # the loop's own instance: HF tokenizers are not thread-safe
     ctx = ServingContext(

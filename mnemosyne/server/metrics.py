@@ -10,6 +10,11 @@ Gauges (running/waiting requests, KV-cache use per KVP group) are refreshed afte
 every engine step. Counters only grow; `requests_finished_total{reason}` counts
 stop / length / abort / error, `requests_rejected_total{code}` counts admissions
 refused (400 invalid, 400 context length, 503 queue full).
+
+Scheduling: `step_time_predicted_over_actual` (the latency model's accuracy, per step),
+`prefill_chunk_tokens` (chunk sizes), `tbt_slo_total{met}` (each gap between tokens
+against --tbt-slo-ms) and `ttft_slo_total{met}` (each first token against its request's
+LARS deadline, max(deadline_factor * predicted prefill, min_deadline_s)).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mnemosyne.outputs import EngineStats, RequestOutput
+from mnemosyne.outputs import EngineStats, RequestOutput, StepStats
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -28,12 +33,15 @@ _TBT_BUCKETS = (
     0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
 )  # fmt: skip
 
+_RATIO_BUCKETS = (0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 4.0)
+_CHUNK_BUCKETS = (1, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
+
 PREFIX = "mnemosyne:"
 prometheus_client.disable_created_metrics()  # no *_created series next to every counter
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, num_kvp_groups: int) -> None:
+    def __init__(self, model_name: str, num_kvp_groups: int, tbt_slo_s: float = 0.030) -> None:
         self.registry = CollectorRegistry()
         r, labels = self.registry, {"model_name": model_name}
         self._labels = labels
@@ -66,7 +74,21 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Output tokens generated.").labels(**labels)
         self.finished = counter("requests_finished", "Requests finished, by reason.", ("reason",))
         self.rejected = counter("requests_rejected", "Requests refused at admission, by code.", ("code",))
+        self.step_time_ratio = Histogram(
+            PREFIX + "step_time_predicted_over_actual", "Latency model's predicted / measured step time.",
+            labels, registry=r, buckets=_RATIO_BUCKETS,
+        ).labels(**labels)  # fmt: skip
+        self.chunk_size = Histogram(
+            PREFIX + "prefill_chunk_tokens", "Tokens per prefill chunk.", labels, registry=r,
+            buckets=_CHUNK_BUCKETS,
+        ).labels(**labels)  # fmt: skip
+        self.tbt_slo = counter("tbt_slo", "Gaps between tokens, by whether they met the TBT SLO.", ("met",))
+        self.ttft_slo = counter("ttft_slo", "First tokens, by whether they met their TTFT deadline.", ("met",))
+        self._tbt_slo_s = tbt_slo_s
         self._num_preemptions = 0
+        for met in ("true", "false"):
+            self.tbt_slo.labels(**labels, met=met)
+            self.ttft_slo.labels(**labels, met=met)
         for g in range(num_kvp_groups):
             self.kv_usage.labels(**labels, kvp_group=str(g)).set(0.0)
         for reason in ("stop", "length", "abort", "error"):
@@ -88,13 +110,26 @@ class ServerMetrics:
             first = len(times) - n
             for i in range(first, len(times)):
                 if i == 0:
-                    self.ttft.observe(times[0] - out.timing.arrival_time)
+                    ttft = times[0] - out.timing.arrival_time
+                    self.ttft.observe(ttft)
+                    deadline = out.timing.ttft_deadline_s
+                    if deadline is not None:
+                        self.ttft_slo.labels(**self._labels, met=str(ttft <= deadline).lower()).inc()
                 else:
-                    self.tbt.observe(times[i] - times[i - 1])
+                    gap = times[i] - times[i - 1]
+                    self.tbt.observe(gap)
+                    self.tbt_slo.labels(**self._labels, met=str(gap <= self._tbt_slo_s).lower()).inc()
         if out.finished:
             self.on_finished(out.finish_reason or "error")
             if out.timing.finished_time is not None and out.finish_reason in ("stop", "length"):
                 self.e2e.observe(out.timing.finished_time - out.timing.arrival_time)
+
+    def on_steps(self, steps: list[StepStats]) -> None:
+        for st in steps:
+            if st.actual_s > 0:
+                self.step_time_ratio.observe(st.predicted_s / st.actual_s)
+            for n in st.chunk_sizes:
+                self.chunk_size.observe(n)
 
     def on_finished(self, reason: str) -> None:
         self.finished.labels(**self._labels, reason=reason).inc()

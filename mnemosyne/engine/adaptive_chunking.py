@@ -1,0 +1,133 @@
+"""Adaptive chunk sizes: the largest chunk whose predicted step time stays within the target.
+
+Per step (the scheduler asks in its order: decodes first, then prefills by priority)::
+
+    decode                  always 1 token; its predicted cost joins the step's load
+    prefill chunk           cap  = min(num_pending, budget_left, tokens to the KVP group boundary)
+                            sizes: multiples of the granularity up to cap, plus cap itself when it
+                                   ends the prompt or sits on the group boundary (the remainder)
+                            n    = the largest size with step_time(load + chunk(n)) <= allowed_s,
+                                   by binary search (step time grows with n)
+                            n = 0 when none fits, except for the step's first prefill, which gets
+                                min(min_chunk_tokens, cap) so nothing starves
+    allowed_s               target_step_s (the TBT SLO). With SPP the step time is the time to
+                            cross all stages, i.e. a per-stage budget of target / spp; with KVP the
+                            busiest group's sub-batch sets it (`latency/model.py`).
+    space sharing (LARS)    a prefill with >= long_prefill_threshold_tokens computed is long: at most
+                            one long prefill per KVP group (its owner group) per step, and it may
+                            use only share = 1 - min(max(slack fraction, 0), 0.5) of the time left:
+                            allowed_s = now_s + share * (target_step_s - now_s), now_s the load so far
+
+The policy only predicts and counts; the scheduler still owns the KV allocation.
+"""
+
+from __future__ import annotations
+
+from mnemosyne.engine.priority import LARSPriority
+from mnemosyne.engine.step_load import StepLoadBuilder
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.model import LatencyModel
+from mnemosyne.request import Request
+
+MAX_LONG_SHARE_SLACK = 0.5  # a long prefill with slack to spare yields at most half of the step
+
+
+class AdaptiveChunkPolicy:
+    def __init__(
+        self,
+        model: LatencyModel,
+        kv_manager: KVCacheManager,
+        target_step_s: float,
+        granularity_tokens: int = 32,
+        min_chunk_tokens: int = 32,
+        lars: LARSPriority | None = None,
+        long_prefill_threshold_tokens: int = 262144,
+    ) -> None:
+        if target_step_s <= 0:
+            raise ValueError(f"target_step_s must be positive, got {target_step_s}")
+        if granularity_tokens < 1 or min_chunk_tokens < 1:
+            raise ValueError(
+                f"granularity and min chunk must be >= 1, got {granularity_tokens}, {min_chunk_tokens}"
+            )
+        self.model = model
+        self.kv_manager = kv_manager
+        self.target_step_s = target_step_s
+        self.granularity_tokens = granularity_tokens
+        self.min_chunk_tokens = min_chunk_tokens
+        self.lars = lars  # None: no space sharing
+        self.long_prefill_threshold_tokens = long_prefill_threshold_tokens
+        self._now = 0.0
+        self._load = StepLoadBuilder(kv_manager)
+        self._any_prefill = False
+        self._long_groups: set[int] = set()
+
+    # ---- ChunkPolicy -------------------------------------------------------------------
+
+    def begin_step(self, now: float) -> None:
+        self._now = now
+        self._load = StepLoadBuilder(self.kv_manager)
+        self._any_prefill = False
+        self._long_groups = set()
+
+    def on_scheduled(self, request: Request, start: int, num_tokens: int, sample: bool) -> None:
+        self._load.add(request, start, num_tokens, sample)
+        if request.is_prefill:
+            self._any_prefill = True
+            if self.is_long(request):
+                self._long_groups.add(self._load.owner_group(request, start))
+
+    def chunk_size(self, request: Request, num_pending: int, budget_left: int) -> int:
+        start = request.num_dispatched_tokens
+        boundary = self.kv_manager.max_chunk_tokens(request.request_id, start)
+        cap = min(num_pending, budget_left, boundary if boundary is not None else num_pending)
+        if cap <= 0:
+            return 0
+        if not request.is_prefill:
+            return 1  # a decode: always packed
+        allowed_s = self.target_step_s
+        if self.lars is not None and self.is_long(request):
+            if self._load.owner_group(request, start) in self._long_groups:
+                return 0  # one long prefill per KVP group per step
+            allowed_s = self._long_allowed_s(request)
+        ends_piece = cap == num_pending or cap == boundary
+        n = self._largest_fitting(request, start, cap, ends_piece, num_pending, allowed_s)
+        if n == 0 and not self._any_prefill:
+            n = min(self.min_chunk_tokens, cap)
+        return n
+
+    # ---- queries (metrics, tests) ------------------------------------------------------
+
+    def is_long(self, request: Request) -> bool:
+        return request.num_computed_tokens >= self.long_prefill_threshold_tokens
+
+    def predicted_step_s(self) -> float:
+        """The predicted time of what was scheduled so far this step."""
+        return self.model.step_time_s(self._load.composition())
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _long_allowed_s(self, request: Request) -> float:
+        assert self.lars is not None
+        slack = self.lars.slack_fraction(request, self._now)
+        share = 1.0 - min(max(slack, 0.0), MAX_LONG_SHARE_SLACK)
+        so_far = self.predicted_step_s()
+        return so_far + share * max(0.0, self.target_step_s - so_far)
+
+    def _fits(self, request: Request, start: int, n: int, num_pending: int, allowed_s: float) -> bool:
+        sample = n == num_pending
+        return self.model.step_time_s(self._load.with_chunk(request, start, n, sample)) <= allowed_s
+
+    def _largest_fitting(
+        self, request: Request, start: int, cap: int, ends_piece: bool, num_pending: int, allowed_s: float
+    ) -> int:
+        g = self.granularity_tokens
+        if ends_piece and cap % g and self._fits(request, start, cap, num_pending, allowed_s):
+            return cap  # the remainder (or the piece's tail) is the largest size
+        lo, hi = 0, cap // g  # granules; lo always fits (0 tokens = nothing added)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._fits(request, start, mid * g, num_pending, allowed_s):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * g

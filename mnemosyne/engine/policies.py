@@ -1,0 +1,112 @@
+"""Build the scheduler's chunk and priority policies, and the latency model they share.
+
+latency model:  PolicyConfig.latency_profile (a file; its shape, layout and dtype must
+                match) > the cached profile with this exact key (`mnemosyne profile`)
+                > the roofline model of the device
+chunk policy:   FIXED -> FixedChunkPolicy(chunk_size); ADAPTIVE -> AdaptiveChunkPolicy
+priority:       FCFS -> FCFSPriority; LARS -> LARSPriority (+ space sharing when adaptive)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnemosyne.config import ChunkPolicyKind, EngineConfig, SchedulingPolicyKind
+from mnemosyne.engine.adaptive_chunking import AdaptiveChunkPolicy
+from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
+from mnemosyne.engine.prefill_time import PrefillTimeTable
+from mnemosyne.engine.priority import FCFSPriority, LARSPriority, PriorityPolicy
+from mnemosyne.errors import ConfigError
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.model import LatencyModel
+from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
+from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
+from mnemosyne.latency.shape import Layout, ModelShape
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulingPolicies:
+    chunk_policy: ChunkPolicy
+    priority: PriorityPolicy
+    latency_model: LatencyModel
+    latency_source: str  # "roofline" or the profile's path
+    prefill_time: PrefillTimeTable
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def profile_key(config: EngineConfig) -> ProfileKey:
+    p = config.parallel
+    return ProfileKey(
+        device_name=device_name(config.device),
+        shape=ModelShape.from_model_config(config.model),
+        layout=Layout(p.tp, p.spp, p.kvp),
+        dtype=str(config.model.dtype).removeprefix("torch."),
+    )
+
+
+def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -> tuple[LatencyModel, str]:
+    key = profile_key(config)
+    explicit = config.policy.latency_profile
+    if explicit is not None:
+        profile = load_profile(explicit)
+        mine, theirs = key.to_dict(), profile.key.to_dict()
+        for field in ("shape", "layout", "dtype"):
+            if mine[field] != theirs[field]:
+                raise ConfigError(
+                    f"latency profile {explicit} was measured for {field} {theirs[field]}, "
+                    f"but this engine has {mine[field]}"
+                )
+        if key.device_name != profile.key.device_name:
+            logger.warning("latency profile %s was measured on %s, running on %s", explicit,
+                           profile.key.device_name, key.device_name)  # fmt: skip
+        return profile.model, str(explicit)
+    if cache_dir is None:
+        from mnemosyne.models.default_model import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir()
+    cached = find_cached_profile(cache_dir, key)
+    if cached is not None:
+        return cached.model, f"cached profile for {key.device_name}"
+    return RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name)), "roofline"
+
+
+def make_policies(config: EngineConfig, kv_manager: KVCacheManager) -> SchedulingPolicies:
+    pc = config.policy
+    model, source = resolve_latency_model(config)
+    prefill_time = PrefillTimeTable(
+        model,
+        pc.tbt_slo_s,
+        num_groups=kv_manager.num_kvp_groups,
+        max_tokens_per_group=kv_manager.max_tokens_per_kvp_group,
+        granularity_tokens=pc.chunk_granularity_tokens,
+    )
+    priority: PriorityPolicy = FCFSPriority()
+    lars: LARSPriority | None = None
+    if pc.scheduling_policy is SchedulingPolicyKind.LARS:
+        lars = LARSPriority(prefill_time, pc.deadline_factor, pc.min_deadline_s)
+        priority = lars
+    chunk_policy: ChunkPolicy
+    if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
+        chunk_policy = AdaptiveChunkPolicy(
+            model,
+            kv_manager,
+            pc.tbt_slo_s,
+            granularity_tokens=pc.chunk_granularity_tokens,
+            min_chunk_tokens=pc.min_chunk_tokens,
+            lars=lars,
+            long_prefill_threshold_tokens=pc.long_prefill_threshold_tokens,
+        )
+    else:
+        chunk_policy = FixedChunkPolicy(config.scheduler.chunk_size)
+    return SchedulingPolicies(chunk_policy, priority, model, source, prefill_time)

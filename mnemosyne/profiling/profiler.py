@@ -1,0 +1,207 @@
+"""Measure step times over a grid through the real executor, fit a `FittedLatencyModel`.
+
+grid points   single chunks (c, P), decode batches (B, L), mixed steps (B decodes + a chunk)
+              P, L up to the KV capacity; points whose roofline time exceeds max_step_s
+              are skipped (they bound the run time and lie far past any step target)
+one point     warm-up run (JIT, cuDNN plans, CUDA graph capture), then `repeats` timed
+              runs of submit -> result (host + device), median
+fit           weighted NNLS (`latency/fitted.py`); each KVP sample is keyed by the group
+              the roofline calls busiest
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import random
+import statistics
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.policies import profile_key
+from mnemosyne.latency.composition import StepComposition
+from mnemosyne.latency.fitted import fit_latency_model
+from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey
+from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
+from mnemosyne.profiling.synthetic import SyntheticPlanner, SyntheticSeq
+
+
+class GridKind(enum.Enum):
+    TINY = "tiny"  # CPU tests: a few points on a tiny model
+    QUICK = "quick"  # about 2 minutes for the 8B shape on one H200
+    DEFAULT = "default"  # at most about 10 minutes
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    chunk_sizes: tuple[int, ...]
+    prefix_fractions: tuple[float, ...]  # of the KV capacity
+    decode_batches: tuple[int, ...]
+    decode_kv_fractions: tuple[float, ...]
+    num_mixed: int
+    repeats: int
+    max_step_s: float
+
+
+GRIDS = {
+    GridKind.TINY: ProfileGrid((4, 16), (0.0, 0.5), (1, 4), (0.1,), 4, 1, 10.0),
+    GridKind.QUICK: ProfileGrid(
+        (32, 128, 512, 2048, 8192),
+        (0.0, 0.01, 0.08, 0.3, 0.9),
+        (1, 8, 32, 128),
+        (0.001, 0.04, 0.3),
+        40,
+        3,
+        0.4,
+    ),
+    GridKind.DEFAULT: ProfileGrid(
+        (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+        (0.0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9),
+        (1, 4, 16, 32, 64, 128, 256),
+        (0.001, 0.01, 0.04, 0.1, 0.3, 0.9),
+        200,
+        5,
+        1.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    seqs: tuple[SyntheticSeq, ...]
+    composition: StepComposition
+    measured_s: float
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "triton", "transformers", "mnemosyne"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    import torch
+
+    if torch.backends.cudnn.is_available():
+        out["cudnn"] = str(torch.backends.cudnn.version())
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def grid_points(
+    grid: ProfileGrid, capacity: int, max_seqs: int, seed: int = 0
+) -> list[tuple[SyntheticSeq, ...]]:
+    """Every step of the grid, in tokens (capacity = KV tokens one synthetic step may use)."""
+    points: list[tuple[SyntheticSeq, ...]] = []
+    for c in grid.chunk_sizes:
+        for f in grid.prefix_fractions:
+            p = int(f * capacity)
+            if p + c <= capacity:
+                points.append((SyntheticSeq(c, p),))
+    for b in grid.decode_batches:
+        for f in grid.decode_kv_fractions:
+            kv = max(1, int(f * capacity / b))
+            if b <= max_seqs and b * (kv + 1) <= capacity:
+                points.append(tuple(SyntheticSeq(1, kv) for _ in range(b)))
+    rng = random.Random(seed)
+    for _ in range(grid.num_mixed):
+        b = rng.choice([0, *grid.decode_batches])
+        b = min(b, max_seqs - 1)
+        c = rng.choice(grid.chunk_sizes)
+        left = capacity - c
+        decode_kv = [rng.randint(1, max(1, left // (2 * max(b, 1)))) for _ in range(b)]
+        p = rng.randint(0, max(0, left - sum(decode_kv) - b))
+        points.append((*(SyntheticSeq(1, kv) for kv in decode_kv), SyntheticSeq(c, p)))
+    return points
+
+
+def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProfile:
+    """Start an engine sized for the grid, profile it, stop it."""
+    from mnemosyne.engine.llm_engine import LLMEngine
+
+    grid = GRIDS[grid_kind]
+    max_seqs = max(grid.decode_batches) + 1
+    args = replace(
+        args,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, max(grid.chunk_sizes) + max_seqs),
+        max_num_seqs=max(args.max_num_seqs, max_seqs),
+        chunk_policy="fixed",
+        scheduling_policy="fcfs",
+    )
+    engine = LLMEngine.from_args(args)
+    try:
+        return profile_engine(engine, grid_kind, log)
+    finally:
+        engine.shutdown()
+
+
+def synthetic_setup(engine) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
+    """The key, roofline and synthetic planner of an idle engine, and the KV tokens one step may use."""
+    config = engine.config
+    key = profile_key(config)
+    cache = config.cache
+    roofline = RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name))
+    planner = SyntheticPlanner(cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group)
+    capacity = min(cache.num_blocks_per_group) * cache.block_size * len(cache.num_blocks_per_group)
+    capacity -= cache.block_size * config.scheduler.max_num_seqs  # room for partial blocks
+    return key, roofline, planner, capacity
+
+
+def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
+    """Profile an idle engine (no requests in flight; it must allow the grid's batch sizes)."""
+    t_start = time.monotonic()
+    grid = GRIDS[grid_kind]
+    key, roofline, planner, capacity = synthetic_setup(engine)
+    max_seqs = min(engine.config.scheduler.max_num_seqs, max(grid.decode_batches) + 1)
+    points = [
+        p
+        for p in grid_points(grid, capacity, max_seqs)
+        if roofline.step_time_s(planner.composition(list(p))) <= grid.max_step_s
+    ]
+    log(f"profiling {len(points)} steps on {key.device_name} (KV capacity {capacity} tokens)")
+    samples = measure_all(engine.executor, planner, points, grid.repeats)
+    pairs = [(m.composition, m.measured_s) for m in samples]
+    busiest = [max(range(len(c.groups)), key=lambda g, c=c: roofline.stage_time_s(c.groups[g])) for c, _ in pairs]
+    spec = roofline.device
+    knee = max(1, round(spec.matmul_flops_per_s * key.shape.dtype_bytes / (2 * spec.memory_bytes_per_s)))
+    model = fit_latency_model(pairs, key.layout, knee, busiest)
+    errors = sorted(abs(model.step_time_s(c) / t - 1) for c, t in pairs)
+    info = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        "grid": grid_kind.value,
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "fit_error": {
+            "median_rel": statistics.median(errors),
+            "p95_rel": errors[min(len(errors) - 1, int(0.95 * len(errors)))],
+        },
+        "samples": [
+            {"seqs": [[s.num_tokens, s.start] for s in m.seqs], "measured_s": m.measured_s,
+             "predicted_s": model.step_time_s(m.composition)}  # fmt: skip
+            for m in samples
+        ],
+    }
+    return LatencyProfile(key, model, info)
+
+
+def measure_all(executor, planner: SyntheticPlanner, points, repeats: int) -> list[Measurement]:
+    samples = [measure(executor, planner, list(p), repeats) for p in points]
+    executor.submit(planner.retire_plan())
+    executor.get_result()
+    return samples
+
+
+def measure(executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repeats: int) -> Measurement:
+    """Median seconds of submit -> result for one synthetic step (after one warm-up run)."""
+    times = []
+    for i in range(repeats + 1):
+        plan = planner.plan(seqs)
+        t0 = time.perf_counter()
+        executor.submit(plan)
+        executor.get_result()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return Measurement(tuple(seqs), planner.composition(seqs), statistics.median(times))
