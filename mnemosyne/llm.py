@@ -41,6 +41,7 @@ class LLM:
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         load_format: str = "safetensors",
+        enable_prefix_caching: bool = True,
     ) -> None:
         """See `EngineArgs` for every option. With tp * spp * kvp > 1, one worker process
         per device is started; call `shutdown()` (or use `with LLM(...) as llm:`) to stop them."""
@@ -66,6 +67,7 @@ class LLM:
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
             load_format=load_format,
+            enable_prefix_caching=enable_prefix_caching,
         )
         self.engine = LLMEngine.from_args(args)
 

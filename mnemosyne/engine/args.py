@@ -51,6 +51,7 @@ class EngineArgs:
     attention_backend: str | AttentionBackendKind = "auto"  # auto | reference | kernels
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     load_format: str | LoadFormat = "safetensors"  # safetensors | dummy (random weights, config.json only)
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -138,6 +139,8 @@ class EngineArgs:
                 block_size=self.block_size,
                 num_blocks_per_group=(num_blocks,) * self.kvp,
                 max_tokens_per_kvp_group=max_tokens_per_group,
+                enable_prefix_caching=self.enable_prefix_caching,
+                prefix_cache_salt=f"{model_dir}|{dtype}|{self.load_format}|{self.seed}",
             ),
             scheduler=SchedulerConfig(
                 max_model_len=max_model_len,

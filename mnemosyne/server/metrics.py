@@ -6,8 +6,9 @@ timing (stamped when the step that sampled the token was processed):
     arrival ──── TTFT ────> token 0 ── TBT ──> token 1 ── TBT ──> ... token n-1 ──> finished
     |<──────────────────────────── e2e latency ───────────────────────────────────>|
 
-Gauges (running/waiting requests, KV-cache use per KVP group) are refreshed after
-every engine step. Counters only grow; `requests_finished_total{reason}` counts
+Gauges (running/waiting requests, KV-cache use per KVP group, where cached blocks
+nobody references count as free, and blocks in the prefix cache) are refreshed after
+every engine step. Prefix-cache queries and hits count prompt tokens of admitted requests. Counters only grow; `requests_finished_total{reason}` counts
 stop / length / abort / error, `requests_rejected_total{code}` counts admissions
 refused (400 invalid, 400 context length, 503 queue full).
 """
@@ -66,7 +67,19 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Output tokens generated.").labels(**labels)
         self.finished = counter("requests_finished", "Requests finished, by reason.", ("reason",))
         self.rejected = counter("requests_rejected", "Requests refused at admission, by code.", ("code",))
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache at admission."
+        ).labels(**labels)
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache (KV reused, not computed)."
+        ).labels(**labels)
+        self.cached_blocks = Gauge(
+            PREFIX + "prefix_cache_blocks", "KV blocks holding reusable prefix content, all KVP groups.",
+            labels, registry=r,
+        ).labels(**labels)  # fmt: skip
         self._num_preemptions = 0
+        self._prefix_cache_queries = 0
+        self._prefix_cache_hits = 0
         for g in range(num_kvp_groups):
             self.kv_usage.labels(**labels, kvp_group=str(g)).set(0.0)
         for reason in ("stop", "length", "abort", "error"):
@@ -107,6 +120,11 @@ class ServerMetrics:
         if stats.num_preemptions > self._num_preemptions:
             self.preemptions.inc(stats.num_preemptions - self._num_preemptions)
             self._num_preemptions = stats.num_preemptions
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries - self._prefix_cache_queries)
+        self._prefix_cache_queries = stats.prefix_cache_queries
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits - self._prefix_cache_hits)
+        self._prefix_cache_hits = stats.prefix_cache_hits
+        self.cached_blocks.set(stats.num_cached_blocks)
 
     # ---- HTTP -------------------------------------------------------------------------
 
