@@ -303,6 +303,24 @@ class KVCacheManager:
             )
         self._num_hashed[request_id] = n
 
+    def check_writable(self, request_id: str, start: int, end: int) -> None:
+        """Raise unless the slots of [start, end) lie in the newest piece, in blocks that cache no
+        content: K/V written there could change what another request reads."""
+        pieces = self._pieces.get(request_id)
+        newest = pieces[-1] if pieces else None
+        if newest is None or not newest.token_start <= start < end <= newest.token_end:
+            raise KVCacheIntegrityError(
+                f"request {request_id!r}: [{start}, {end}) is not inside its newest piece"
+            )
+        lo = (start - newest.token_start) // self.block_size
+        hi = (end - 1 - newest.token_start) // self.block_size
+        pool = self._pools[newest.group]
+        cached = [b for b in newest.block_ids[lo : hi + 1] if pool.block_hash(b) is not None]
+        if cached:
+            raise KVCacheIntegrityError(
+                f"request {request_id!r}: writing [{start}, {end}) would overwrite cached blocks {cached[:4]}"
+            )
+
     def _hit_pieces(self, hit: PrefixHit) -> list[KVPiece]:
         t = self.max_tokens_per_kvp_group
         pieces: list[KVPiece] = []
