@@ -312,3 +312,13 @@ def test_abort_storm_keeps_ref_counts_hashes_and_outputs(blocks, t):
     both = plain.keys() & cached.keys()
     assert len(both) > 10 and num_hits > 0 and num_preemptions > 0
     assert all(plain[r] == cached[r] for r in both)
+
+
+def test_cli_flags_toggle_prefix_caching():
+    from mnemosyne.cli import build_parser, engine_args_from
+
+    parser = build_parser()
+    for cmd in ("generate", "serve"):
+        assert engine_args_from(parser.parse_args([cmd])).enable_prefix_caching
+        assert engine_args_from(parser.parse_args([cmd, "--enable-prefix-caching"])).enable_prefix_caching
+        assert not engine_args_from(parser.parse_args([cmd, "--no-enable-prefix-caching"])).enable_prefix_caching
