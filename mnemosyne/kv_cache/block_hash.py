@@ -35,9 +35,7 @@ class BlockHasher:
         """The hash of one full block given its parent's hash (None for block 0)."""
         if len(token_ids) != self.block_size:
             raise ValueError(f"a block holds {self.block_size} tokens, got {len(token_ids)}")
-        h = hashlib.sha256(self.root if parent is None else parent)
-        h.update(array("q", token_ids).tobytes())  # int64 ids; hashes never leave this process
-        return h.digest()
+        return hashlib.sha256((self.root if parent is None else parent) + array("q", token_ids).tobytes()).digest()
 
     def extend(self, hashes: list[BlockHash], prompt: Sequence[int], outputs: Sequence[int] = ()) -> None:
         """Append to `hashes` the hashes of the full blocks of `prompt + outputs` it lacks.
@@ -47,10 +45,14 @@ class BlockHasher:
         The concatenation is never built, so a decode step costs O(1) until a block fills.
         """
         b, p = self.block_size, len(prompt)
-        for i in range(len(hashes), (p + len(outputs)) // b):
-            lo, hi = i * b, (i + 1) * b
-            if hi <= p:
-                ids = prompt[lo:hi]
-            else:
-                ids = list(prompt[lo:p]) + list(outputs[max(lo - p, 0) : hi - p])
-            hashes.append(self.hash_block(hashes[-1] if hashes else None, ids))
+        first, end = len(hashes), (p + len(outputs)) // b
+        if end <= first:
+            return
+        lo, hi = first * b, end * b
+        ids = list(prompt[lo:hi]) + list(outputs[max(lo - p, 0) : max(hi - p, 0)])
+        raw = array("q", ids).tobytes()  # int64 ids of the new blocks; hashes never leave this process
+        step = 8 * b
+        parent = hashes[-1] if hashes else self.root
+        for j in range(end - first):
+            parent = hashlib.sha256(parent + raw[j * step : (j + 1) * step]).digest()
+            hashes.append(parent)
