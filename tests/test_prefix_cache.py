@@ -321,4 +321,6 @@ def test_cli_flags_toggle_prefix_caching():
     for cmd in ("generate", "serve"):
         assert engine_args_from(parser.parse_args([cmd])).enable_prefix_caching
         assert engine_args_from(parser.parse_args([cmd, "--enable-prefix-caching"])).enable_prefix_caching
-        assert not engine_args_from(parser.parse_args([cmd, "--no-enable-prefix-caching"])).enable_prefix_caching
+        assert not engine_args_from(
+            parser.parse_args([cmd, "--no-enable-prefix-caching"])
+        ).enable_prefix_caching

@@ -35,7 +35,9 @@ class BlockHasher:
         """The hash of one full block given its parent's hash (None for block 0)."""
         if len(token_ids) != self.block_size:
             raise ValueError(f"a block holds {self.block_size} tokens, got {len(token_ids)}")
-        return hashlib.sha256((self.root if parent is None else parent) + array("q", token_ids).tobytes()).digest()
+        return hashlib.sha256(
+            (self.root if parent is None else parent) + array("q", token_ids).tobytes()
+        ).digest()
 
     def extend(self, hashes: list[BlockHash], prompt: Sequence[int], outputs: Sequence[int] = ()) -> None:
         """Append to `hashes` the hashes of the full blocks of `prompt + outputs` it lacks.
