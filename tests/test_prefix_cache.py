@@ -324,3 +324,50 @@ def test_cli_flags_toggle_prefix_caching():
         assert not engine_args_from(
             parser.parse_args([cmd, "--no-enable-prefix-caching"])
         ).enable_prefix_caching
+
+
+def test_worker_mirrors_share_cached_blocks_and_write_only_fresh_slots():
+    """Plans of two requests sharing cached blocks: each group's mirror holds the shared ids in
+    both block tables, the newcomer's first plan sends its cached pieces whole, and its rows
+    write only slots of its own fresh blocks (never a cached one)."""
+    import torch
+
+    from mnemosyne.engine.step_plan import PlanBuilder
+    from mnemosyne.worker.block_table import BlockTableMirror
+    from mnemosyne.worker.sub_batch import build_sub_batch
+
+    s = _sched((12, 12), t=8, budget=64, chunk=64)
+    planner = PlanBuilder(s, s.kv_manager)
+    mirrors = [BlockTableMirror(g, 12) for g in range(2)]
+    doc = list(range(40, 52))  # 12 tokens: pieces [0, 8) and [8, 12) on the two groups
+
+    def run_step():
+        sched = s.schedule()
+        plan = planner.build(sched)
+        batches = [build_sub_batch(plan, m, 4, torch.device("cpu")) for m in mirrors]
+        s.update_from_output(sched, {c.request.request_id: 7 for c in sched.chunks if c.sample})
+        s.kv_manager.check_integrity()
+        return plan, batches
+
+    s.add_request(_req("a", doc, max_tokens=4, ignore_eos=True))
+    run_step()
+    run_step()  # a's second piece: its 12 prompt tokens are computed and cached
+    s.add_request(_req("b", doc + [1, 2, 3], max_tokens=1, ignore_eos=True))
+    plan, batches = run_step()
+    b_chunk = next(c for c in plan.chunks if c.request_id == "b")
+    assert (b_chunk.start, b_chunk.num_tokens) == (12, 3)  # 12 cached tokens (3 blocks)
+    assert [(p.token_start, p.num_known_blocks, len(p.new_block_ids)) for p in b_chunk.pieces] == [
+        (0, 0, 2),
+        (8, 0, 2),
+    ]
+    kv = s.kv_manager
+    for g, (mirror, batch) in enumerate(zip(mirrors, batches, strict=True)):
+        a_ids, b_ids = mirror.get("a").block_ids, mirror.get("b").block_ids
+        shared = 2 if g == 0 else 1
+        assert b_ids[:shared] == a_ids[:shared] and kv.pool(g).block_hash(a_ids[0]) is not None
+        row = batch.row_starts[[c.request_id for c in batch.chunks].index("b")]
+        slots = batch.meta.slot_mapping[row : row + 3].tolist()
+        if g == b_chunk.owner_group:
+            assert {x // 4 for x in slots} == {b_ids[-1]} and kv.pool(g).block_hash(b_ids[-1]) is None
+        else:
+            assert slots == [-1, -1, -1]
