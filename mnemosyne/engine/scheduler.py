@@ -53,7 +53,7 @@ from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.kv_cache.pieces import PrefixHit
+from mnemosyne.kv_cache.prefix_hit import PrefixHit
 from mnemosyne.request import Request, RequestStatus
 
 

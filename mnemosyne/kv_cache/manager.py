@@ -49,7 +49,8 @@ from mnemosyne.config import CacheConfig
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.block_hash import BlockHash, BlockHasher
 from mnemosyne.kv_cache.block_pool import BlockPool, KVCacheIntegrityError
-from mnemosyne.kv_cache.pieces import KVPiece, PrefixHit
+from mnemosyne.kv_cache.pieces import KVPiece
+from mnemosyne.kv_cache.prefix_hit import PrefixHit, longest_cached_prefix
 
 
 @dataclass
@@ -233,49 +234,14 @@ class KVCacheManager:
     # ---- prefix cache ---------------------------------------------------------------------------
 
     def find_cached_prefix(self, block_hashes: Sequence[BlockHash], num_tokens: int) -> PrefixHit:
-        """The longest run of the request's leading full blocks cached now; changes nothing.
+        """The cached blocks the request can take over now (`prefix_hit.py`); changes nothing.
 
-        `block_hashes`: the hashes of the request's full blocks (`hasher.extend`);
-        `num_tokens`: its length. At most num_tokens - 1 tokens are hit, so at least
-        the last token is computed for its logits. Piece k is looked up on every group
-        the request does not use yet; the group with the longest run wins (ties: the
-        lowest index), and the next piece is looked up only after a whole T-token piece.
-        """
+        `block_hashes`: the hashes of its full blocks (`hasher.extend`); `num_tokens`: its
+        length. An empty hit when caching is off."""
         if not self.enable_prefix_caching:
             return PrefixHit(num_query_tokens=num_tokens, block_size=self.block_size)
-        b, t = self.block_size, self.max_tokens_per_kvp_group
-        max_blocks = min(len(block_hashes), max(num_tokens - 1, 0) // b)
-        per_piece = max_blocks if t is None else t // b
-        pieces: list[tuple[int, tuple[int, ...]]] = []
-        num_free = 0
-        start = 0
-        while start < max_blocks:
-            end = min(max_blocks, start + per_piece)
-            best: tuple[int, list[int]] = (-1, [])
-            for g in range(self.num_kvp_groups):
-                if any(g == pg for pg, _ in pieces):
-                    continue
-                run: list[int] = []
-                for i in range(start, end):
-                    block = self._pools[g].lookup(block_hashes[i])
-                    if block is None:
-                        break
-                    run.append(block)
-                if len(run) > len(best[1]):
-                    best = (g, run)
-            g, run = best
-            if not run:
-                break
-            pieces.append((g, tuple(run)))
-            num_free += sum(self._pools[g].ref_count(x) == 0 for x in run)
-            start += len(run)
-            if start < end:
-                break  # the piece is not whole: the chain ends here
-        return PrefixHit(
-            num_query_tokens=num_tokens,
-            block_size=b,
-            pieces=tuple(pieces),
-            num_free_blocks=num_free,
+        return longest_cached_prefix(
+            self._pools, self.block_size, self.max_tokens_per_kvp_group, block_hashes, num_tokens
         )
 
     def cache_blocks(

@@ -34,28 +34,3 @@ class KVPiece:
     def slot(self, pos: int, block_size: int) -> int:
         off = pos - self.token_start
         return self.block_ids[off // block_size] * block_size + off % block_size
-
-
-@dataclass(frozen=True)
-class PrefixHit:
-    """The cached full blocks a new request can take over (`KVCacheManager.find_cached_prefix`).
-
-    ::
-
-        pieces[k] = (group, block ids):  tokens [k*T, k*T + len(ids)*B)   every piece but
-                                                                          the last holds T tokens
-        num_tokens = B * (total blocks):  the request computes from here on
-    """
-
-    num_query_tokens: int  # the request's length when it asked
-    block_size: int
-    pieces: tuple[tuple[int, tuple[int, ...]], ...] = ()
-    num_free_blocks: int = 0  # hit blocks nobody references now (counted as free until taken)
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(len(ids) for _, ids in self.pieces)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_blocks * self.block_size
