@@ -55,6 +55,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="dummy: random weights from config.json alone (benchmarks)",
     )
     add_policy_args(p, d)
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_prefix_caching,
+        help="reuse the KV of full blocks shared with earlier requests' prefixes (default: on)",
+    )
     par = p.add_argument_group("parallelism (one worker process per device: tp x spp x kvp)")
     par.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel ranks per stage")
     par.add_argument("--spp", type=int, default=d.spp, help="sequence-pipeline stages")

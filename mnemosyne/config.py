@@ -175,14 +175,19 @@ def _parse_rope_scaling(cfg: dict) -> RopeScaling:
 class CacheConfig:
     """Paged KV cache geometry.
 
-    `num_blocks_per_group[g]` is the block count of KVP group g's pool (one group
-    until the parallel runtime lands). `max_tokens_per_kvp_group` bounds how many
-    tokens of one request a group holds before the next group is onboarded.
+    `num_blocks_per_group[g]` is the block count of KVP group g's pool.
+    `max_tokens_per_kvp_group` bounds how many tokens of one request a group holds
+    before the next group is onboarded. `enable_prefix_caching` reuses the full KV
+    blocks of earlier requests with the same prefix (`kv_cache/block_hash.py`); the
+    salt names the model so that no other model's KV ever matches. Off here so that
+    low-level tests opt in; `EngineArgs` turns it on by default.
     """
 
     block_size: int
     num_blocks_per_group: tuple[int, ...]
     max_tokens_per_kvp_group: int | None = None
+    enable_prefix_caching: bool = False
+    prefix_cache_salt: str = ""
 
     @property
     def num_kvp_groups(self) -> int:

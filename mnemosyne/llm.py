@@ -50,6 +50,7 @@ class LLM:
         min_deadline_s: float = 0.5,
         chunk_granularity: int = 32,
         min_chunk_tokens: int = 32,
+        enable_prefix_caching: bool = True,
     ) -> None:
         """See `EngineArgs` for every option. With tp * spp * kvp > 1, one worker process
         per device is started; call `shutdown()` (or use `with LLM(...) as llm:`) to stop them."""
@@ -84,6 +85,7 @@ class LLM:
             min_deadline_s=min_deadline_s,
             chunk_granularity=chunk_granularity,
             min_chunk_tokens=min_chunk_tokens,
+            enable_prefix_caching=enable_prefix_caching,
         )
         self.engine = LLMEngine.from_args(args)
 

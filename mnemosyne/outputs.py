@@ -37,6 +37,7 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     num_computed_tokens: int = 0  # prefill progress: tokens whose KV is in the cache
+    num_cached_tokens: int = 0  # prompt tokens whose KV was taken from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_preemptions: int  # since the engine started
-    kv_cache_usage: tuple[float, ...]  # fraction of blocks in use, per KVP group
+    kv_cache_usage: tuple[float, ...]  # fraction of blocks in use, per KVP group (cached but free: free)
+    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens found cached
+    num_cached_blocks: int = 0  # blocks holding reusable prefix KV now, every group
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ the tokens up to num_tokens have all been computed, the last position's logits
 sample the next output token. A decode is simply n == 1. Without a pipeline,
 dispatched == computed between steps; sequence pipeline parallelism lets
 dispatched run ahead. Preemption by recompute resets both counters to 0 and keeps
-output_token_ids, which are recomputed as part of the "prompt".
+output_token_ids, which are recomputed as part of the "prompt". A prefix-cache hit
+of h tokens (a multiple of the block size) starts both counters at h instead of 0.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class Request:
     num_preemptions: int = 0
     # Prompt positions whose prompt logprobs were already produced (not redone after preemption).
     num_prompt_logprobs_done: int = 0
+    # Prefix cache: hashes of the full blocks of all_token_ids (grown as tokens come), and the
+    # tokens taken from the cache when first admitted (None until then).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int | None = None
 
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

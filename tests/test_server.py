@@ -374,6 +374,37 @@ def test_64_concurrent_streams_with_disconnects(server: BackgroundServer, llm: L
     assert after['mnemosyne:kv_cache_usage_ratio{kvp_group="0"}'] == 0
 
 
+def test_prefix_cache_usage_and_metrics(server: BackgroundServer, client: openai.OpenAI, llm: LLM) -> None:
+    """A second question about the same document reports its reused prompt tokens in usage
+    (whole 16-token blocks) and in /metrics; cached blocks left free count as free."""
+    wait_idle(server)
+    doc = " ".join(PROMPTS * 6) + " memory"
+    name, before = model_name(server), scrape(server)
+    first = client.completions.create(model=name, prompt=doc + " one", max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    stream = client.completions.create(
+        model=name,
+        prompt=doc + " two",
+        max_tokens=2,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    cached = list(stream)[-1].usage.prompt_tokens_details.cached_tokens
+    num_doc = len(llm.tokenizer.encode(doc))
+    assert cached == num_doc // 16 * 16 > 0
+    wait_idle(server)
+    after = scrape(server)
+    queries = first.usage.prompt_tokens + len(llm.tokenizer.encode(doc + " two"))
+    assert (
+        after["mnemosyne:prefix_cache_queries_total"] - before["mnemosyne:prefix_cache_queries_total"]
+        == queries
+    )
+    assert after["mnemosyne:prefix_cache_hits_total"] - before["mnemosyne:prefix_cache_hits_total"] == cached
+    assert after["mnemosyne:prefix_cache_blocks"] >= num_doc // 16
+    assert after['mnemosyne:kv_cache_usage_ratio{kvp_group="0"}'] == 0
+
+
 def test_non_streaming_disconnect_aborts(server: BackgroundServer) -> None:
     """A client that gives up on a long non-streaming call: the request is aborted, KV freed."""
     before = scrape(server)

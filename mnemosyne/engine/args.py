@@ -64,6 +64,7 @@ class EngineArgs:
     min_deadline_s: float = 0.5
     chunk_granularity: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
     min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -165,6 +166,8 @@ class EngineArgs:
                 block_size=self.block_size,
                 num_blocks_per_group=(num_blocks,) * self.kvp,
                 max_tokens_per_kvp_group=max_tokens_per_group,
+                enable_prefix_caching=self.enable_prefix_caching,
+                prefix_cache_salt=f"{model_dir}|{dtype}|{self.load_format}|{self.seed}",
             ),
             scheduler=SchedulerConfig(
                 max_model_len=max_model_len,

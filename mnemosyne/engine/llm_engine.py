@@ -128,6 +128,9 @@ class LLMEngine:
             num_waiting=self.scheduler.num_waiting,
             num_preemptions=self.scheduler.num_preemptions,
             kv_cache_usage=tuple(self.kv_manager.usage()),
+            prefix_cache_queries=self.kv_manager.prefix_cache_stats.num_query_tokens,
+            prefix_cache_hits=self.kv_manager.prefix_cache_stats.num_hit_tokens,
+            num_cached_blocks=self.kv_manager.num_cached_blocks,
         )
 
     # ---- the step ---------------------------------------------------------------------
@@ -236,6 +239,7 @@ class LLMEngine:
             delta_token_ids=new_ids,
             num_preemptions=req.num_preemptions,
             num_computed_tokens=req.num_computed_tokens,
+            num_cached_tokens=req.num_cached_tokens or 0,
         )
 
     def _forget(self, request_id: str) -> None:

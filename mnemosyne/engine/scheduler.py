@@ -11,7 +11,12 @@ One step, with budget = max_num_batched_tokens::
     waiting, by priority  (skipped if anything was preempted this step)
       (c) admit while budget > 0 and len(running) < max_num_seqs; stop at the first
           one whose whole prompt the free blocks cannot hold (new arrivals never
-          preempt, and a prefill is not started only to be preempted mid-way)
+          preempt, and a prefill is not started only to be preempted mid-way).
+          With prefix caching, a request first takes over the longest cached run of
+          its full blocks (at most num_tokens - 1 tokens) and starts at
+          num_computed == num_dispatched == hit tokens; only the rest needs new
+          blocks. Requests asking for prompt_logprobs skip the lookup (those
+          positions' logits are needed) but their blocks are cached for others.
     with `priority.interleaves_waiting` (LARS), (b) and (c) are one order by priority,
     so a waiting short request can take budget before a running long prefill.
 
@@ -23,14 +28,15 @@ One step, with budget = max_num_batched_tokens::
                        chunk = [num_dispatched, num_dispatched + n), sample iff it reaches num_tokens
                        num_dispatched += n; budget -= n
 
-`update_from_output` then sets num_computed_tokens = chunk.end, appends the sampled
-token of every sampling chunk and applies the stop rules.
+`update_from_output` then sets num_computed_tokens = chunk.end, offers the request's
+newly computed full blocks to the prefix cache, appends the sampled token of every
+sampling chunk and applies the stop rules.
 
 Invariants between calls:
     * every known request is in exactly one of waiting / running; finished ones are
       dropped (the caller keeps the Request object);
     * waiting requests hold no KV and have num_computed == num_dispatched == 0
-      (preemption frees the KV and resets both);
+      (preemption frees the KV and resets both; cached blocks stay in the prefix cache);
     * running requests hold slots for [0, num_dispatched_tokens) in the KV manager;
     * num_computed_tokens <= num_dispatched_tokens <= num_tokens;
     * per step: a request appears at most once, sum of chunk sizes <= budget,
@@ -51,6 +57,7 @@ from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.kv_cache.prefix_hit import PrefixHit
 from mnemosyne.request import Request, RequestStatus
 
 
@@ -146,14 +153,21 @@ class Scheduler:
         return out
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput, scheduled: set[str]) -> tuple[bool, int]:
-        """Start a waiting request: (admission still open this step, tokens scheduled)."""
+        """Start a waiting request: (admission still open this step, tokens scheduled).
+        It first takes over its longest cached prefix (if any) and starts after it."""
+        hit = self._find_cached_prefix(req)
+        req.num_computed_tokens = req.num_dispatched_tokens = hit.num_tokens if hit else 0
         n = self._chunk_len(req, budget)
-        if n == 0:
-            return True, 0
-        if not self._can_hold_whole_prompt(req):
-            return False, 0  # admitting it would only lead to preempting it again mid-prefill
-        if not self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
-            return False, 0
+        open_ = n == 0  # nothing fits this step: later (smaller) requests may still be admitted
+        if (
+            n == 0
+            or not self._can_hold_whole_prompt(req, hit)  # else it would be preempted mid-prefill
+            or not self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n, hit)
+        ):
+            req.num_computed_tokens = req.num_dispatched_tokens = 0  # waiting requests hold nothing
+            return open_, 0
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed_tokens
         del self._waiting[req.request_id]
         self._running[req.request_id] = req
         return True, self._emit(out, scheduled, req, n)
@@ -176,6 +190,7 @@ class Scheduler:
             if chunk.sample and rid not in sampled_token_ids:
                 raise KeyError(f"no sampled token for request {rid!r}, whose chunk ends at {chunk.end}")
             req.num_computed_tokens = chunk.end
+            self._cache_blocks(req)
             if not chunk.sample:
                 continue
             token = sampled_token_ids[rid]
@@ -239,8 +254,26 @@ class Scheduler:
             n = min(n, limit)
         return n
 
-    def _can_hold_whole_prompt(self, req: Request) -> bool:
-        return self.kv_manager.blocks_needed(req.num_tokens) <= self.kv_manager.num_free_blocks_total
+    def _can_hold_whole_prompt(self, req: Request, hit: PrefixHit | None) -> bool:
+        if hit is None:
+            return self.kv_manager.blocks_needed(req.num_tokens) <= self.kv_manager.num_free_blocks_total
+        # Hit blocks are not allocated, and those nobody references stop counting as free.
+        needed = self.kv_manager.blocks_needed(req.num_tokens) - hit.num_blocks
+        return needed <= self.kv_manager.num_free_blocks_total - hit.num_free_blocks
+
+    def _find_cached_prefix(self, req: Request) -> PrefixHit | None:
+        """The request's cached prefix; None when caching is off or it wants prompt logprobs."""
+        if not self.kv_manager.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
+            return None
+        self.kv_manager.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids)
+        return self.kv_manager.find_cached_prefix(req.block_hashes, req.num_tokens)
+
+    def _cache_blocks(self, req: Request) -> None:
+        """Offer the request's computed full blocks to the prefix cache."""
+        kv = self.kv_manager
+        if kv.enable_prefix_caching and req.num_computed_tokens // kv.block_size > len(req.block_hashes):
+            kv.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids)
+        kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
 
     def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:
         start = req.num_dispatched_tokens

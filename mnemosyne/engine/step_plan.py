@@ -20,6 +20,9 @@ ids every step::
 
 `ChunkPlan.pieces` lists every piece holding keys of [0, chunk.end); the last one
 is the owner (it holds the chunk's own positions, writes their K/V and samples).
+With prefix caching the leading blocks of a request may be another request's cached
+blocks: the same block id then sits in both requests' mirrors, and the workers only
+read it. A chunk's written slots never fall in a cached block (`check_writable`).
 """
 
 from __future__ import annotations
@@ -188,6 +191,7 @@ class PlanBuilder:
                 f"chunk [{chunk.start}, {chunk.end}) of {req.request_id!r} is not inside its newest "
                 f"KV piece {pieces[-1:]}"
             )
+        self.kv_manager.check_writable(req.request_id, chunk.start, chunk.end)  # never into cached blocks
         plp = prompt_logprob_positions(chunk)
         return ChunkPlan(
             request_id=req.request_id,

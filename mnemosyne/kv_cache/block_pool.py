@@ -1,16 +1,25 @@
-"""A pool of fixed-size KV blocks for one KVP group, with reference counts.
+"""A pool of fixed-size KV blocks for one KVP group: ref counts and the prefix cache.
 
 ::
 
-    block ids:   0 1 2 3 4 5 6 7          (num_blocks = 8)
-    ref counts:  1 0 2 0 1 0 0 1
-    free list:   deque([3, 5, 1, 6])      FIFO: allocate() pops the left end,
-                                          free() appends at the right end
+    block ids:    0   1   2   3   4   5   6   7          (num_blocks = 8)
+    ref counts:   1   0   2   0   1   0   0   0
+    hash:         h0  h1  h2  -   -   h5  -   -          full blocks registered by `cache_block`
+    free list:    deque([3, 6, 7])                       ref 0, no hash: handed out first, FIFO
+    evictable:    OrderedDict([5, 1])                    ref 0, hashed: least recently freed first
+    cached:       {h0: 0, h1: 1, h2: 2, h5: 5}           hash -> block (one block per hash)
+
+`allocate` takes blocks from the free list, then evicts from the evictable end
+(least recently used first), dropping their hashes. `touch` takes a reference to a
+cached block (a prefix-cache hit), taking it off the evictable list. `free` drops
+references; a block reaching 0 goes to the evictable list if it is hashed (its
+content stays reusable until the pool needs room), else to the free list.
 
 Invariants (checked by `check_integrity`):
-    * a block is on the free list  <=>  its ref count is 0;
-    * the free list holds no block twice;
-    * num_free_blocks + num_used_blocks == num_blocks.
+    * ref count 0  <=>  on exactly one of the free list / evictable list;
+    * no block is listed twice; free-list blocks have no hash, evictable ones have one;
+    * cached[h] == b  <=>  hash(b) == h: the hash map and the per-block hashes agree;
+    * num_free_blocks (free + evictable) + num_used_blocks == num_blocks.
 
 A block id is an index into the group's cache tensor; the pool only hands out
 ids, it never touches memory.
@@ -18,8 +27,10 @@ ids, it never touches memory.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
+
+from mnemosyne.kv_cache.block_hash import BlockHash
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -36,41 +47,77 @@ class BlockPool:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
         self._ref_counts: list[int] = [0] * num_blocks
+        self._hash_of: list[BlockHash | None] = [None] * num_blocks
+        self._cached: dict[BlockHash, int] = {}
+        self.num_evictions = 0  # cached blocks whose content was dropped to make room
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks nobody references: never-hashed ones plus cached ones that may be evicted."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks whose content is registered in the prefix cache (referenced or not)."""
+        return len(self._cached)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self._evictable)
 
     def ref_count(self, block_id: int) -> int:
         self._check_id(block_id)
         return self._ref_counts[block_id]
 
+    def block_hash(self, block_id: int) -> BlockHash | None:
+        self._check_id(block_id)
+        return self._hash_of[block_id]
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        """The block caching this content, or None."""
+        return self._cached.get(block_hash)
+
+    def evictable_order(self) -> list[int]:
+        """Evictable blocks, the next one to be evicted first."""
+        return list(self._evictable)
+
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self.num_free_blocks
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Take `num_blocks` free blocks (ref count 1 each); all or nothing.
 
-        Raises NoFreeBlocksError, changing nothing, when fewer are free.
+        Never-hashed blocks first, then cached ones, least recently freed first
+        (their content is dropped). Raises NoFreeBlocksError, changing nothing,
+        when fewer are free.
         """
         if num_blocks < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
-        if num_blocks > len(self._free):
+        if num_blocks > self.num_free_blocks:
             raise NoFreeBlocksError(
-                f"requested {num_blocks} blocks but only {len(self._free)} of {self.num_blocks} are free"
+                f"requested {num_blocks} blocks but only {self.num_free_blocks} of {self.num_blocks} are free"
             )
-        block_ids = [self._free.popleft() for _ in range(num_blocks)]
+        block_ids: list[int] = []
+        while len(block_ids) < num_blocks and self._free:
+            block_ids.append(self._free.popleft())
+        while len(block_ids) < num_blocks:
+            b, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of[b]]  # type: ignore[arg-type]  # evictable => hashed
+            self._hash_of[b] = None
+            self.num_evictions += 1
+            block_ids.append(b)
         for b in block_ids:
             self._ref_counts[b] = 1
         return block_ids
 
     def incref(self, block_ids: Iterable[int]) -> None:
-        """Add one reference to each (already allocated) block."""
+        """Add one reference to each (already referenced) block."""
         block_ids = list(block_ids)
         for b in block_ids:
             self._check_id(b)
@@ -79,38 +126,91 @@ class BlockPool:
         for b in block_ids:
             self._ref_counts[b] += 1
 
+    def touch(self, block_ids: Iterable[int]) -> None:
+        """Add one reference to each cached block (a prefix-cache hit); an unreferenced one
+        leaves the evictable list. Validates first: an uncached block changes nothing."""
+        block_ids = list(block_ids)
+        for b in block_ids:
+            self._check_id(b)
+            if self._hash_of[b] is None:
+                raise KVCacheIntegrityError(f"touch of block {b}, which caches no content")
+        for b in block_ids:
+            if self._ref_counts[b] == 0:
+                del self._evictable[b]
+            self._ref_counts[b] += 1
+
+    def cache_block(self, block_id: int, block_hash: BlockHash) -> bool:
+        """Register a referenced, fully computed block under its content hash.
+
+        Returns False (and leaves the block uncached) when another block already
+        caches this content: two requests computed the same prefix at once.
+        """
+        self._check_id(block_id)
+        if self._ref_counts[block_id] == 0:
+            raise KVCacheIntegrityError(f"caching free block {block_id}")
+        old = self._hash_of[block_id]
+        if old is not None:
+            if old != block_hash:
+                raise KVCacheIntegrityError(f"block {block_id} is cached under another hash")
+            return True
+        if block_hash in self._cached:
+            return False
+        self._hash_of[block_id] = block_hash
+        self._cached[block_hash] = block_id
+        return True
+
     def free(self, block_ids: Iterable[int]) -> None:
-        """Drop one reference per listed occurrence; blocks reaching 0 return to the free list.
+        """Drop one reference per listed occurrence, in list order; blocks reaching 0 go to
+        the evictable list (hashed: most recently used end) or the free list.
 
         Validates the whole list first, so a bad id or a double free changes nothing.
         """
-        counts = Counter(block_ids)
-        for b, n in counts.items():
+        block_ids = list(block_ids)
+        for b, n in Counter(block_ids).items():
             self._check_id(b)
             if self._ref_counts[b] < n:
                 raise KVCacheIntegrityError(
                     f"freeing block {b} {n} time(s) but its ref count is {self._ref_counts[b]}"
                 )
-        for b, n in counts.items():
-            self._ref_counts[b] -= n
+        for b in block_ids:
+            self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
-                self._free.append(b)
+                if self._hash_of[b] is None:
+                    self._free.append(b)
+                else:
+                    self._evictable[b] = None
 
     def check_integrity(self) -> None:
         free_set = set(self._free)
         if len(free_set) != len(self._free):
             dup = [b for b, n in Counter(self._free).items() if n > 1]
             raise KVCacheIntegrityError(f"free list holds blocks {dup} more than once")
+        both = free_set & self._evictable.keys()
+        if both:
+            raise KVCacheIntegrityError(f"blocks {sorted(both)[:4]} are on the free and evictable lists")
         for b, rc in enumerate(self._ref_counts):
             if rc < 0:
                 raise KVCacheIntegrityError(f"block {b} has negative ref count {rc}")
-            if (b in free_set) != (rc == 0):
-                where = "on" if b in free_set else "off"
+            listed = b in free_set or b in self._evictable
+            if listed != (rc == 0):
+                where = "on" if listed else "off"
                 raise KVCacheIntegrityError(f"block {b} is {where} the free list with ref count {rc}")
-        num_used = sum(1 for rc in self._ref_counts if rc > 0)
-        if num_used + len(self._free) != self.num_blocks:
+            h = self._hash_of[b]
+            if b in free_set and h is not None:
+                raise KVCacheIntegrityError(f"block {b} on the free list still caches content")
+            if b in self._evictable and h is None:
+                raise KVCacheIntegrityError(f"evictable block {b} caches no content")
+            if h is not None and self._cached.get(h) != b:
+                raise KVCacheIntegrityError(f"block {b}'s hash maps to block {self._cached.get(h)}")
+        if sum(h is not None for h in self._hash_of) != len(self._cached):
             raise KVCacheIntegrityError(
-                f"{len(self._free)} free + {num_used} used != {self.num_blocks} blocks"
+                f"{len(self._cached)} hashes cached but {sum(h is not None for h in self._hash_of)} "
+                "blocks carry one"
+            )
+        num_used = sum(1 for rc in self._ref_counts if rc > 0)
+        if num_used + self.num_free_blocks != self.num_blocks:
+            raise KVCacheIntegrityError(
+                f"{self.num_free_blocks} free + {num_used} used != {self.num_blocks} blocks"
             )
 
     def _check_id(self, block_id: int) -> None:

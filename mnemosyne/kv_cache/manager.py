@@ -14,19 +14,51 @@ Invariants (checked by `check_integrity`), besides those of `pieces.py`:
     * with T set (a multiple of B): every piece but the newest holds exactly T
       tokens and the newest at most T, so piece k covers [k*T, (k+1)*T) -- group
       boundaries sit at multiples of T, which is what `max_chunk_tokens` relies on;
-    * each block's ref count equals the number of pieces that list it (1 today).
+    * each block's ref count equals the number of pieces that list it; a block listed
+      by more than one piece caches content (only prefix-cache hits are shared).
 
 Reserved slots only grow until `free`; a request never shrinks in place.
+
+Prefix caching (`enable_prefix_caching`): once a request has computed a full block,
+`cache_blocks` registers it in its group's pool under the block's chained content
+hash (`block_hash.py`). A new request asks `find_cached_prefix` for the longest run
+of its full blocks already cached and passes the `PrefixHit` to `allocate_slots`,
+which references those blocks (ref count + 1) instead of allocating, so the request
+computes only from `hit.num_tokens` on. Placement follows the cache::
+
+    cached request A:  [ group 1: 0 .. T ) [ group 0: T .. 2T ) [ group 2: 2T .. 2T+5B )
+    new request R:     [ group 1: hit    ) [ group 0: hit     ) [ group 2: hit 3 blocks | new ...
+                         piece k of R goes to the group holding block k*T/B of the chain,
+                         else (no hit) to the group with the most free blocks, as without caching
+
+Piece boundaries sit at multiples of T for every request, so the hash of block
+k*T/B (which names the whole prefix) is found exactly on the group that holds piece
+k of an earlier request with that prefix. At most (num_tokens - 1) tokens are taken
+from the cache: the last prompt token is always computed, for its logits. Cached
+blocks are full and below the request's first computed position, so no worker ever
+writes into them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mnemosyne.config import CacheConfig
 from mnemosyne.errors import ConfigError
+from mnemosyne.kv_cache.block_hash import BlockHash, BlockHasher
 from mnemosyne.kv_cache.block_pool import BlockPool, KVCacheIntegrityError
 from mnemosyne.kv_cache.pieces import KVPiece
+from mnemosyne.kv_cache.prefix_hit import PrefixHit, longest_cached_prefix
+
+
+@dataclass
+class PrefixCacheStats:
+    """Cumulative prefix-cache lookups of admitted requests, in tokens."""
+
+    num_query_tokens: int = 0
+    num_hit_tokens: int = 0
 
 
 class KVCacheManager:
@@ -48,6 +80,10 @@ class KVCacheManager:
         self.max_tokens_per_kvp_group = t
         self._pools = [BlockPool(n) for n in cache_config.num_blocks_per_group]
         self._pieces: dict[str, list[KVPiece]] = {}
+        self.enable_prefix_caching = cache_config.enable_prefix_caching
+        self.hasher = BlockHasher(b, cache_config.prefix_cache_salt)
+        self.prefix_cache_stats = PrefixCacheStats()
+        self._num_hashed: dict[str, int] = {}  # request id -> leading blocks offered to the cache
 
     # ---- geometry -------------------------------------------------------------------------------
 
@@ -86,21 +122,33 @@ class KVCacheManager:
 
     # ---- allocation -----------------------------------------------------------------------------
 
-    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
+    def allocate_slots(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Reserve slots for global tokens [0, num_tokens) of the request; all or nothing.
 
-        Grows the newest piece up to T tokens, then onboards new pieces, each on the
-        group with the most free blocks that the request does not use yet (ties: the
-        lowest group index). Returns False, changing nothing, when some block cannot
-        be had or no unused group is left.
+        `hit` (a request holding nothing yet): first take over the cached blocks of
+        `find_cached_prefix` as its leading pieces. Then grows the newest piece up to T
+        tokens, then onboards new pieces, each on the group with the most free blocks
+        that the request does not use yet (ties: the lowest group index). Returns
+        False, changing nothing, when some block cannot be had or no unused group is left.
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        pieces = self._pieces.get(request_id, [])
-        if num_tokens <= (pieces[-1].token_end if pieces else 0):
-            return True
-        t = self.max_tokens_per_kvp_group
         free = [p.num_free_blocks for p in self._pools]
+        if hit is not None and hit.num_tokens:
+            if request_id in self._pieces:
+                raise ValueError(f"request {request_id!r} already holds KV; a prefix hit needs a new one")
+            if num_tokens <= hit.num_tokens:
+                raise ValueError(
+                    f"a prefix hit of {hit.num_tokens} tokens leaves none of {num_tokens} to compute"
+                )
+            pieces = self._hit_pieces(hit)
+            for p in pieces:  # referencing an unreferenced cached block takes it off the free count
+                free[p.group] -= sum(self._pools[p.group].ref_count(b) == 0 for b in p.block_ids)
+        else:
+            pieces = self._pieces.get(request_id, [])
+            if num_tokens <= (pieces[-1].token_end if pieces else 0):
+                return True
+        t = self.max_tokens_per_kvp_group
         used_groups = {p.group for p in pieces}
 
         # Plan without touching anything.
@@ -129,7 +177,15 @@ class KVCacheManager:
             new_pieces.append((g, pos, end))
             pos = end
 
-        # Commit: every allocation below is known to succeed.
+        # Commit: every allocation below is known to succeed. Hit blocks are referenced
+        # first, so that no allocation evicts them.
+        if hit is not None and hit.num_tokens:
+            for p in pieces:
+                self._pools[p.group].touch(p.block_ids)
+            self._num_hashed[request_id] = hit.num_blocks
+            self.prefix_cache_stats.num_hit_tokens += hit.num_tokens
+        if hit is not None:
+            self.prefix_cache_stats.num_query_tokens += hit.num_query_tokens
         if pieces and grow_end > pieces[-1].token_end:
             newest = pieces[-1]
             newest.block_ids.extend(self._pools[newest.group].allocate(grow_blocks))
@@ -166,9 +222,82 @@ class KVCacheManager:
         return {p.group for p in self._pieces.get(request_id, [])}
 
     def free(self, request_id: str) -> None:
-        """Release all of the request's blocks. Unknown ids are a no-op."""
-        for piece in self._pieces.pop(request_id, []):
-            self._pools[piece.group].free(piece.block_ids)
+        """Release all of the request's blocks. Unknown ids are a no-op.
+
+        Newest block first: cached blocks deeper in the prefix reach the evictable
+        list before their parents, so they are evicted first (an evicted parent would
+        leave its children unreachable anyway)."""
+        self._num_hashed.pop(request_id, None)
+        for piece in reversed(self._pieces.pop(request_id, [])):
+            self._pools[piece.group].free(reversed(piece.block_ids))
+
+    # ---- prefix cache ---------------------------------------------------------------------------
+
+    def find_cached_prefix(self, block_hashes: Sequence[BlockHash], num_tokens: int) -> PrefixHit:
+        """The cached blocks the request can take over now (`prefix_hit.py`); changes nothing.
+
+        `block_hashes`: the hashes of its full blocks (`hasher.extend`); `num_tokens`: its
+        length. An empty hit when caching is off."""
+        if not self.enable_prefix_caching:
+            return PrefixHit(num_query_tokens=num_tokens, block_size=self.block_size)
+        return longest_cached_prefix(
+            self._pools, self.block_size, self.max_tokens_per_kvp_group, block_hashes, num_tokens
+        )
+
+    def cache_blocks(
+        self, request_id: str, block_hashes: Sequence[BlockHash], num_computed_tokens: int
+    ) -> None:
+        """Register the request's full blocks below `num_computed_tokens` (their K/V is written
+        at every layer) under `block_hashes`. Blocks offered before are skipped; a no-op
+        when prefix caching is off or the request holds no KV."""
+        pieces = self._pieces.get(request_id)
+        if not self.enable_prefix_caching or not pieces:
+            return
+        b = self.block_size
+        done = self._num_hashed.get(request_id, 0)
+        n = min(len(block_hashes), num_computed_tokens // b)
+        if n <= done:
+            return
+        k = 0
+        for i in range(done, n):
+            pos = i * b
+            while pieces[k].token_end <= pos:
+                k += 1
+            piece = pieces[k]
+            self._pools[piece.group].cache_block(
+                piece.block_ids[(pos - piece.token_start) // b], block_hashes[i]
+            )
+        self._num_hashed[request_id] = n
+
+    def check_writable(self, request_id: str, start: int, end: int) -> None:
+        """Raise unless the slots of [start, end) lie in the newest piece, in blocks that cache no
+        content: K/V written there could change what another request reads."""
+        pieces = self._pieces.get(request_id)
+        newest = pieces[-1] if pieces else None
+        if newest is None or not newest.token_start <= start < end <= newest.token_end:
+            raise KVCacheIntegrityError(
+                f"request {request_id!r}: [{start}, {end}) is not inside its newest piece"
+            )
+        lo = (start - newest.token_start) // self.block_size
+        hi = (end - 1 - newest.token_start) // self.block_size
+        pool = self._pools[newest.group]
+        cached = [b for b in newest.block_ids[lo : hi + 1] if pool.block_hash(b) is not None]
+        if cached:
+            raise KVCacheIntegrityError(
+                f"request {request_id!r}: writing [{start}, {end}) would overwrite cached blocks {cached[:4]}"
+            )
+
+    def _hit_pieces(self, hit: PrefixHit) -> list[KVPiece]:
+        t = self.max_tokens_per_kvp_group
+        pieces: list[KVPiece] = []
+        pos = 0
+        for k, (g, block_ids) in enumerate(hit.pieces):
+            if t is not None and pos != k * t:
+                raise ValueError(f"prefix hit piece {k} starts at {pos}, not at a {t}-token group boundary")
+            end = pos + len(block_ids) * self.block_size
+            pieces.append(KVPiece(group=g, token_start=pos, token_end=end, block_ids=list(block_ids)))
+            pos = end
+        return pieces
 
     # ---- queries --------------------------------------------------------------------------------
 
@@ -191,8 +320,17 @@ class KVCacheManager:
         return self._pools[group].num_used_blocks
 
     def usage(self) -> list[float]:
-        """Fraction of blocks in use, per group."""
+        """Fraction of blocks in use, per group (cached blocks nobody references count as free)."""
         return [p.num_used_blocks / p.num_blocks for p in self._pools]
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache, over every group (referenced or not)."""
+        return sum(p.num_cached_blocks for p in self._pools)
+
+    def pool(self, group: int = 0) -> BlockPool:
+        """Group `group`'s pool (read it; only the manager changes it)."""
+        return self._pools[group]
 
     def check_integrity(self) -> None:
         for pool in self._pools:
@@ -238,3 +376,10 @@ class KVCacheManager:
                         f"group {g} block {b}: ref count {pool.ref_count(b)} but "
                         f"{refs[g][b]} piece(s) reference it"
                     )
+                if refs[g][b] > 1 and pool.block_hash(b) is None:
+                    raise KVCacheIntegrityError(
+                        f"group {g} block {b} is shared by {refs[g][b]} pieces but caches no content"
+                    )
+        stale = self._num_hashed.keys() - self._pieces.keys()
+        if stale:
+            raise KVCacheIntegrityError(f"cache progress kept for requests without KV: {sorted(stale)[:4]}")

@@ -90,7 +90,9 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, kv_cache, meta)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, -1))  # [num_tokens, hidden_size]
+        return self.o_proj(
+            out.reshape(num_tokens, self.num_heads * self.head_dim)
+        )  # [num_tokens, hidden_size]
 
     def weight_loaders(self) -> dict[str, WeightLoader]:
         """Checkpoint name (relative to `self_attn.`) -> loader of this rank's part."""

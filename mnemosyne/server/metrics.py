@@ -6,8 +6,9 @@ timing (stamped when the step that sampled the token was processed):
     arrival ──── TTFT ────> token 0 ── TBT ──> token 1 ── TBT ──> ... token n-1 ──> finished
     |<──────────────────────────── e2e latency ───────────────────────────────────>|
 
-Gauges (running/waiting requests, KV-cache use per KVP group) are refreshed after
-every engine step. Counters only grow; `requests_finished_total{reason}` counts
+Gauges (running/waiting requests, KV-cache use per KVP group, where cached blocks
+nobody references count as free, and blocks in the prefix cache) are refreshed after
+every engine step. Prefix-cache queries and hits count prompt tokens of admitted requests. Counters only grow; `requests_finished_total{reason}` counts
 stop / length / abort / error, `requests_rejected_total{code}` counts admissions
 refused (400 invalid, 400 context length, 503 queue full).
 
@@ -74,6 +75,19 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Output tokens generated.").labels(**labels)
         self.finished = counter("requests_finished", "Requests finished, by reason.", ("reason",))
         self.rejected = counter("requests_rejected", "Requests refused at admission, by code.", ("code",))
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache at admission."
+        ).labels(**labels)
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache (KV reused, not computed)."
+        ).labels(**labels)
+        self.cached_blocks = Gauge(
+            PREFIX + "prefix_cache_blocks", "KV blocks holding reusable prefix content, all KVP groups.",
+            labels, registry=r,
+        ).labels(**labels)  # fmt: skip
+        self._num_preemptions = 0
+        self._prefix_cache_queries = 0
+        self._prefix_cache_hits = 0
         self.step_time_ratio = Histogram(
             PREFIX + "step_time_predicted_over_actual", "Latency model's predicted / measured step time.",
             labels, registry=r, buckets=_RATIO_BUCKETS,
@@ -85,7 +99,6 @@ class ServerMetrics:
         self.tbt_slo = counter("tbt_slo", "Gaps between tokens, by whether they met the TBT SLO.", ("met",))
         self.ttft_slo = counter("ttft_slo", "First tokens, by whether they met their TTFT deadline.", ("met",))
         self._tbt_slo_s = tbt_slo_s
-        self._num_preemptions = 0
         for met in ("true", "false"):
             self.tbt_slo.labels(**labels, met=met)
             self.ttft_slo.labels(**labels, met=met)
@@ -142,6 +155,11 @@ class ServerMetrics:
         if stats.num_preemptions > self._num_preemptions:
             self.preemptions.inc(stats.num_preemptions - self._num_preemptions)
             self._num_preemptions = stats.num_preemptions
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries - self._prefix_cache_queries)
+        self._prefix_cache_queries = stats.prefix_cache_queries
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits - self._prefix_cache_hits)
+        self._prefix_cache_hits = stats.prefix_cache_hits
+        self.cached_blocks.set(stats.num_cached_blocks)
 
     # ---- HTTP -------------------------------------------------------------------------
 

@@ -98,12 +98,20 @@ def now_s() -> int:
     return int(time.time())
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens whose KV came from the prefix cache."""
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
     }
+
+
+def prompt_cached_tokens(cached_per_choice: list[int], n: int) -> int:
+    """Cached tokens counted like prompt_tokens, once per prompt: its first sample's
+    (choice p * n of prompt p), whose lookup ran before its siblings could share."""
+    return sum(cached_per_choice[::n])
 
 
 def top_entries(entry: TokenLogprobs, k: int) -> list[tuple[int, float]]:

@@ -77,7 +77,9 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext
         "created": now_s(),
         "model": ctx.model_name,
         "choices": choices,
-        "usage": usage(len(prompt_ids), sum(len(out.token_ids) for out in outputs)),
+        "usage": usage(
+            len(prompt_ids), sum(len(out.token_ids) for out in outputs), outputs[0].num_cached_tokens
+        ),
     }
     return JSONResponse(body)
 
@@ -99,6 +101,7 @@ async def _chunks(
         return {**head, "choices": [choice], **extra}
 
     num_sent = [0] * len(index)  # output tokens streamed, per choice
+    num_cached = [0] * len(index)  # prompt tokens taken from the prefix cache, per choice
     for c in range(len(index)):
         yield chunk(c, {"role": "assistant", "content": ""})
     async for out in handle:
@@ -108,9 +111,10 @@ async def _chunks(
         if top_k is not None and new_ids:
             logprobs = chat_logprobs(ctx, new_ids, list((out.logprobs or [])[num_sent[c] :]), top_k)
         num_sent[c] = len(out.token_ids)
+        num_cached[c] = out.num_cached_tokens
         if out.delta_text or logprobs is not None:
             yield chunk(c, {"content": out.delta_text}, logprobs)
         if out.finished:
             yield chunk(c, {}, None, out.finish_reason)
     if req.include_usage:
-        yield {**head, "choices": [], "usage": usage(num_prompt_tokens, sum(num_sent))}
+        yield {**head, "choices": [], "usage": usage(num_prompt_tokens, sum(num_sent), num_cached[0])}

@@ -18,6 +18,7 @@ from mnemosyne.server.serving import (
     completion_logprobs,
     new_call_id,
     now_s,
+    prompt_cached_tokens,
     sse_stream,
     sub_request_id,
     usage,
@@ -38,6 +39,7 @@ class _Choice:
     num_tokens_sent: int = 0
     text_sent: int = 0  # characters streamed, for logprobs' text_offset
     echoed: bool = False
+    num_cached_tokens: int = 0
 
 
 async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Request) -> Response:
@@ -79,7 +81,11 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Re
             _final_choice(req, ctx, c, prompt, out)
             for c, (prompt, out) in enumerate(zip(choice_prompts, outputs, strict=True))
         ],
-        "usage": usage(num_prompt_tokens, sum(len(out.token_ids) for out in outputs)),
+        "usage": usage(
+            num_prompt_tokens,
+            sum(len(out.token_ids) for out in outputs),
+            prompt_cached_tokens([out.num_cached_tokens for out in outputs], n),
+        ),
     }
     return JSONResponse(body)
 
@@ -139,9 +145,11 @@ async def _chunks(
         if req.logprobs is not None and new_ids:
             logprobs = completion_logprobs(ctx, new_ids, entries, req.logprobs, ch.text_sent)
         ch.num_tokens_sent = len(out.token_ids)
+        ch.num_cached_tokens = out.num_cached_tokens
         ch.text_sent += len(text)
         choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
         yield {**head, "choices": [choice], **extra}
     if req.include_usage:
         num_out = sum(ch.num_tokens_sent for ch in choices)
-        yield {**head, "choices": [], "usage": usage(num_prompt_tokens, num_out)}
+        num_cached = prompt_cached_tokens([ch.num_cached_tokens for ch in choices], req.n)
+        yield {**head, "choices": [], "usage": usage(num_prompt_tokens, num_out, num_cached)}
