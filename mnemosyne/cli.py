@@ -73,6 +73,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="bind here (tcp://HOST:PORT) and wait for workers started by torchrun instead of local ones",
     )
     par.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s)
+    par.add_argument("--heartbeat-timeout-s", type=float, default=d.heartbeat_timeout_s)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

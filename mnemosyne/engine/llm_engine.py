@@ -208,6 +208,10 @@ class LLMEngine:
 
     # ---- lifetime ---------------------------------------------------------------------
 
+    def check_health(self) -> None:
+        """Raise WorkerError if a worker failed, died or froze (for callers that sit idle)."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         """Stop the workers (a no-op on one device). The engine is unusable afterwards."""
         self.executor.shutdown()

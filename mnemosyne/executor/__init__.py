@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from mnemosyne.config import EngineConfig
-from mnemosyne.engine.step_plan import StepPlan, StepResult
+from mnemosyne.wire.plan import StepPlan, StepResult
 
 
 class Executor(Protocol):
@@ -15,6 +15,9 @@ class Executor(Protocol):
     def get_result(self) -> StepResult:
         """The result of the oldest unfinished plan (blocks until it is done)."""
         ...
+
+    def check_health(self) -> None:
+        """Raise WorkerError if a worker failed, died or stopped beating (call while idle)."""
 
     def shutdown(self) -> None: ...
 
