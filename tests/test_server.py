@@ -78,16 +78,15 @@ def scrape(server: BackgroundServer) -> dict[str, float]:
 
 
 def wait_idle(server: BackgroundServer, timeout_s: float = 30.0) -> None:
-    """Until no request is running or waiting, then check the KV cache on the engine thread."""
+    """Until no request is running or waiting and no KV block is used (the KV cache is checked
+in the engine core on the way)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = server.async_engine.call(lambda e: e.stats())
-        if stats.num_running == stats.num_waiting == 0:
+        stats = server.async_engine.stats
+        if stats.num_running == stats.num_waiting == 0 and server.async_engine.check_integrity() == [0.0]:
             break
         assert time.monotonic() < deadline, f"engine still busy: {stats}"
         time.sleep(0.02)
-    server.async_engine.call(lambda e: e.kv_manager.check_integrity())
-    assert server.async_engine.call(lambda e: e.kv_manager.usage()) == [0.0]
 
 
 # ---- the happy path ------------------------------------------------------------------------
@@ -299,18 +298,18 @@ def test_api_key_and_full_queue(chat_model: Path) -> None:
         wait_idle(srv)
 
 
-def test_engine_failure_fails_requests_with_503(chat_model: Path) -> None:
+def test_killed_engine_core_fails_open_streams_with_503(chat_model: Path) -> None:
+    """The engine core process is SIGKILLed mid-stream: the stream ends with an error
+    event and [DONE], /health and new requests answer 503."""
     with BackgroundServer(engine_args(chat_model)) as srv:
-        engine = srv.async_engine.engine
-
-        def boom() -> list:
-            raise RuntimeError("simulated worker crash")
-
-        engine.step = boom  # the engine thread looks the method up every step
-        with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
-            events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert "simulated worker crash" in events[0] and events[-1] == "data: [DONE]"
-        assert _error(httpx.get(srv.url + "/health"), 503)["type"] == "engine_unavailable"
+        body = {"prompt": "x", "stream": True, "max_tokens": 500, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            srv.async_engine.core.proc.kill()
+            events = [first] + [line for line in lines if line.startswith("data: ")]
+        assert any("engine is not running" in e for e in events) and events[-1] == "data: [DONE]"
+        assert "exited with code -9" in _error(httpx.get(srv.url + "/health"), 503)["message"]
         assert _error(httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}), 503)
 
 
@@ -409,7 +408,8 @@ def test_bench_serve_prints_the_table(server: BackgroundServer, tmp_path: Path, 
 
 
 def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) -> None:
-    """`mnemosyne serve --tp 2`: answers like one device, and Ctrl-C stops it and its workers."""
+    """`mnemosyne serve --tp 2`: answers like one device, and Ctrl-C stops it, its engine
+    core and the workers."""
     port = free_port()
     cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(chat_model), "--port", str(port)]
     cmd += ["--device", TEST_DEVICE, "--tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
@@ -426,8 +426,8 @@ def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) 
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2, workers
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 3, workers  # the engine core and its two workers
         body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
         res = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
         assert res["choices"][0]["text"] == llm.generate(PROMPTS[0], greedy())[0].text
@@ -443,9 +443,10 @@ def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) 
             proc.wait()
 
 
-def _children(pid: int) -> list[int]:
+def _descendants(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    children = [int(p) for p in out.split()]
+    return children + [d for c in children for d in _descendants(c)]
 
 
 def _alive(pid: int) -> bool:

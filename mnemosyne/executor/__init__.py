@@ -19,6 +19,11 @@ class Executor(Protocol):
     def check_health(self) -> None:
         """Raise WorkerError if a worker failed, died or stopped beating (call while idle)."""
 
+    @property
+    def num_rejected_messages(self) -> int:
+        """Control messages dropped (bad HMAC, garbage, wrong sender) since start."""
+        ...
+
     def shutdown(self) -> None: ...
 
 

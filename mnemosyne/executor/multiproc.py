@@ -108,6 +108,10 @@ class MultiProcExecutor:
             merged.update(parts[r])
         return merged
 
+    @property
+    def num_rejected_messages(self) -> int:
+        return self.channel.codec.num_rejected
+
     def check_health(self) -> None:
         """Between steps: raise WorkerError if a worker failed, died or stopped beating."""
         self._check_open()

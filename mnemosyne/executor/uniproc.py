@@ -25,6 +25,8 @@ class UniProcExecutor:
     def get_result(self) -> StepResult:
         return self._results.popleft()
 
+    num_rejected_messages = 0  # no control port
+
     def check_health(self) -> None:
         pass  # the device runs in this process
 

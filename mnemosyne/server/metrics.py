@@ -66,13 +66,21 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Output tokens generated.").labels(**labels)
         self.finished = counter("requests_finished", "Requests finished, by reason.", ("reason",))
         self.rejected = counter("requests_rejected", "Requests refused at admission, by code.", ("code",))
+        self.control_rejected = counter(
+            "control_messages_rejected",
+            "Control messages dropped (bad HMAC, garbage, wrong sender), by port: engine "
+            "(this server's engine-core port) or workers (the engine core's worker port).",
+            ("port",),
+        )
         self._num_preemptions = 0
+        for port in ("engine", "workers"):
+            self.control_rejected.labels(**labels, port=port)
         for g in range(num_kvp_groups):
             self.kv_usage.labels(**labels, kvp_group=str(g)).set(0.0)
         for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(**labels, reason=reason)
 
-    # ---- engine thread ----------------------------------------------------------------
+    # ---- the server's io thread ----------------------------------------------------------------
 
     def on_admitted(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -98,6 +106,9 @@ class ServerMetrics:
 
     def on_finished(self, reason: str) -> None:
         self.finished.labels(**self._labels, reason=reason).inc()
+
+    def on_control_rejected(self, port: str, n: int) -> None:
+        self.control_rejected.labels(**self._labels, port=port).inc(n)
 
     def on_stats(self, stats: EngineStats) -> None:
         self.running.labels(**self._labels).set(stats.num_running)

@@ -37,6 +37,7 @@ class ServingContext:
     max_model_len: int
     max_request_tokens: int  # min(max_model_len, KV capacity of one request)
     vocab_size: int
+    max_tokens_per_call: int = 1 << 20  # ServerArgs.max_tokens_per_call
     _token_text: dict[int, str] = field(default_factory=dict)
 
     def check_model(self, name: str | None) -> None:
