@@ -79,7 +79,7 @@ def scrape(server: BackgroundServer) -> dict[str, float]:
 
 def wait_idle(server: BackgroundServer, timeout_s: float = 30.0) -> None:
     """Until no request is running or waiting and no KV block is used (the KV cache is checked
-in the engine core on the way)."""
+    in the engine core on the way)."""
     deadline = time.monotonic() + timeout_s
     while True:
         stats = server.async_engine.stats

@@ -64,7 +64,9 @@ _IDLE_WAIT_MS = 1000
 def request_error(exc: Exception) -> RequestError:
     """An admission failure as the HTTP error the server answers with."""
     if isinstance(exc, ContextLengthError):
-        return RequestError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_request_error", code="context_length_exceeded")
+        return RequestError(
+            HTTPStatus.BAD_REQUEST, str(exc), "invalid_request_error", code="context_length_exceeded"
+        )
     if isinstance(exc, InvalidRequestError):
         return RequestError(HTTPStatus.BAD_REQUEST, str(exc), "invalid_request_error")
     return RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc!r}", "internal_error")
@@ -168,7 +170,9 @@ class EngineCore:
         return EngineInfo(
             model_dir=cfg.model_dir,
             max_model_len=cfg.scheduler.max_model_len,
-            max_request_tokens=min(cfg.scheduler.max_model_len, self.engine.kv_manager.capacity_tokens_per_request),
+            max_request_tokens=min(
+                cfg.scheduler.max_model_len, self.engine.kv_manager.capacity_tokens_per_request
+            ),
             vocab_size=cfg.model.vocab_size,
             num_kvp_groups=self.engine.kv_manager.num_kvp_groups,
         )
@@ -254,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", required=True, help="the API server's control port, tcp://HOST:PORT")
     ap.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     ns = ap.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MNEMOSYNE_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("MNEMOSYNE_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
+    )
     return run_engine_core(ns.address, ns.parent_pid)
 
 

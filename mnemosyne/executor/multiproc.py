@@ -119,7 +119,11 @@ class MultiProcExecutor:
             self._on_step_done(msg)
 
     def _on_step_done(self, msg: WorkerMessage) -> None:
-        if not isinstance(msg, StepDone) or msg.rank not in self.reporting_ranks or msg.result.step_id not in self._done:
+        if (
+            not isinstance(msg, StepDone)
+            or msg.rank not in self.reporting_ranks
+            or msg.result.step_id not in self._done
+        ):
             self._fail(f"unexpected message from a worker: {msg!r:.300}")
         self._done[msg.result.step_id][msg.rank] = msg.result
 
@@ -183,7 +187,9 @@ class MultiProcExecutor:
         if self._closed:
             return
         self._closed = True
-        if not graceful:  # ranks blocked in a collective cannot read Shutdown: end them through their heartbeat thread
+        if (
+            not graceful
+        ):  # ranks blocked in a collective cannot read Shutdown: end them through their heartbeat thread
             self.channel.stop_heartbeaters(self.ranks, "the driver stopped the workers after a failure")
         if graceful:
             try:

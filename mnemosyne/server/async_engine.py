@@ -140,7 +140,9 @@ class RequestHandle:
 class AsyncEngine:
     """Starts the engine core process (blocks until its model is loaded)."""
 
-    def __init__(self, engine_args: EngineArgs, model_name: str | None, max_waiting_requests: int = 1024) -> None:
+    def __init__(
+        self, engine_args: EngineArgs, model_name: str | None, max_waiting_requests: int = 1024
+    ) -> None:
         self.core = CoreProcess(engine_args, max_waiting_requests)
         self.info = self.core.info
         self.metrics = ServerMetrics(model_name or self.info.model_dir, self.info.num_kvp_groups)

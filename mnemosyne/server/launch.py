@@ -110,7 +110,9 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
 
 
 def _hard_exit(reason: str) -> None:
-    logger.error("uvicorn did not stop within %.0f s after the engine died (%s): exiting", _DEATH_EXIT_S, reason)
+    logger.error(
+        "uvicorn did not stop within %.0f s after the engine died (%s): exiting", _DEATH_EXIT_S, reason
+    )
     logging.shutdown()
     os._exit(1)
 

@@ -84,7 +84,11 @@ class Codec(Generic[T]):
         """The message, or None (dropped, counted, logged) if the frame fails any check."""
         if len(frame) < _MIN_FRAME:
             return self.reject(RejectReason.SHORT, peer, f"{len(frame)} bytes")
-        header, mac, body = frame[: len(_HEADER)], frame[len(_HEADER) : _MIN_FRAME - 1], frame[_MIN_FRAME - 1 :]
+        header, mac, body = (
+            frame[: len(_HEADER)],
+            frame[len(_HEADER) : _MIN_FRAME - 1],
+            frame[_MIN_FRAME - 1 :],
+        )
         if header != _HEADER:
             return self.reject(RejectReason.VERSION, peer, f"header {header!r}, expected {_HEADER!r}")
         if not hmac.compare_digest(mac, self._mac(body)):
