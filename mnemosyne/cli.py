@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests waiting for admission beyond this get 503",
     )
     s.add_argument("--shutdown-timeout-s", type=float, default=30.0, help="drain time on shutdown")
+    s.add_argument(
+        "--max-tokens-per-call",
+        type=int,
+        default=None,
+        help="cap of prompt + max_tokens summed over one call's choices (default: 4 x the per-request limit)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--no-access-log", action="store_true")
     add_engine_args(srv)
@@ -210,6 +216,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         served_model_name=ns.served_model_name,
         max_waiting_requests=ns.max_waiting_requests,
         shutdown_timeout_s=ns.shutdown_timeout_s,
+        max_tokens_per_call=ns.max_tokens_per_call,
         log_level=ns.log_level,
         access_log=not ns.no_access_log,
     )

@@ -48,7 +48,8 @@ class ServerArgs:
     shutdown_timeout_s: float = 30.0  # drain time for open requests on shutdown
     # Work one API call may ask for: sum over its choices of prompt + max_tokens (or the
     # room a chat call without max_tokens gets). Beyond it: 400 naming the limit.
-    max_tokens_per_call: int = 1 << 20
+    # None: 4 full-context requests (4 x the per-request token limit).
+    max_tokens_per_call: int | None = None
     log_level: str = "info"
     access_log: bool = True
 
@@ -65,7 +66,7 @@ def build_server(engine_args: EngineArgs, server_args: ServerArgs) -> tuple[Fast
         max_model_len=info.max_model_len,
         max_request_tokens=info.max_request_tokens,
         vocab_size=info.vocab_size,
-        max_tokens_per_call=server_args.max_tokens_per_call,
+        max_tokens_per_call=server_args.max_tokens_per_call or 4 * info.max_request_tokens,
     )
     return build_app(ctx, async_engine.metrics, server_args.api_key), async_engine
 
