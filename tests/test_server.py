@@ -1,16 +1,12 @@
 """The OpenAI-compatible server, end to end on 127.0.0.1: the official `openai` client
 against greedy `LLM.generate`, every error class, aborts on disconnect with KV checks,
-64 concurrent streams, Prometheus counts, `mnemosyne bench serve`, and `mnemosyne serve`
-with worker processes started and stopped by a signal."""
+64 concurrent streams, Prometheus counts, `mnemosyne bench serve`. The `mnemosyne serve`
+command with worker processes, its control ports and its deaths: tests/test_control_plane.py."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +17,7 @@ from conftest import TEST_DEVICE
 from tiny_models import build_tiny_chat_model
 
 from mnemosyne import LLM, EngineArgs, SamplingParams
-from mnemosyne.server.launch import BackgroundServer, ServerArgs, free_port
+from mnemosyne.server.launch import BackgroundServer, ServerArgs
 
 MAX_TOKENS = 12
 PROMPTS = ["the capital of France is", "hello there, how are you", "memory goddess of", "one two"]
@@ -402,57 +398,3 @@ def test_bench_serve_prints_the_table(server: BackgroundServer, tmp_path: Path, 
     assert summary["completed"] == 12 and summary["failed"] == 0
     assert summary["total_output_tokens"] == 12 * 8
     wait_idle(server)
-
-
-# ---- the command, with worker processes ---------------------------------------------------
-
-
-def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) -> None:
-    """`mnemosyne serve --tp 2`: answers like one device, and Ctrl-C stops it, its engine
-    core and the workers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(chat_model), "--port", str(port)]
-    cmd += ["--device", TEST_DEVICE, "--tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        workers = _descendants(proc.pid)
-        assert len(workers) >= 3, workers  # the engine core and its two workers
-        body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
-        res = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
-        assert res["choices"][0]["text"] == llm.generate(PROMPTS[0], greedy())[0].text
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, proc.stdout.read()
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in workers):
-            assert time.monotonic() < deadline, f"workers left running: {workers}"
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    children = [int(p) for p in out.split()]
-    return children + [d for c in children for d in _descendants(c)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return not (status.exists() and status.read_text().split()[2] == "Z")
