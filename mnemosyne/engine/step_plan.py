@@ -1,8 +1,9 @@
 """Building what the driver sends every worker for one micro-batch (`PlanBuilder`).
 
 The scheduler's `SchedulerOutput` refers to live `Request` objects; a `StepPlan`
-(`wire/plan.py`, shared with the workers) is its plain-data, serializable form. One plan is built per scheduled micro-batch and
-sent, unchanged, to every rank; each rank picks the part of its KVP group.
+(`wire/plan.py`, shared with the workers) is its plain-data, serializable form. One
+plan is built per scheduled micro-batch and sent, unchanged, to every rank; each
+rank picks the part of its KVP group.
 
 Workers mirror the block tables of their own group (see `worker/block_table.py`)
 and receive only what changed, so a 1M-token request does not resend 60K block

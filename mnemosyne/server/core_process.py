@@ -86,7 +86,7 @@ class CoreProcess:
         self._tx = self._ctx.socket(zmq.PAIR)
         self._tx.connect(inproc)
         self._tx_lock = threading.Lock()
-        self.last_beat = time.monotonic()
+        self.last_beat: float | None = None  # the core's imports take a while before it beats
         cmd = [sys.executable, "-m", "mnemosyne.engine.core", "--address", self.address]
         cmd += ["--parent-pid", str(os.getpid())]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **secret_env(secret)})
@@ -144,7 +144,7 @@ class CoreProcess:
         code = self.proc.poll()
         if code is not None:
             return f"the engine core process exited with code {code}"
-        silent_s = time.monotonic() - self.last_beat
+        silent_s = 0.0 if self.last_beat is None else time.monotonic() - self.last_beat
         if silent_s > self.heartbeat_timeout_s:
             return f"the engine core sent no heartbeat for {silent_s:.0f} s (frozen or hung)"
         return None

@@ -1,13 +1,14 @@
 """Prometheus metrics of the server (prometheus-client, one registry per server).
 
-Request latencies are observed on the engine thread from each `RequestOutput`'s
-timing (stamped when the step that sampled the token was processed):
+Request latencies are observed on the server's io thread from each `RequestOutput`'s
+timing (stamped in the engine core when the step that sampled the token was processed):
 
     arrival ──── TTFT ────> token 0 ── TBT ──> token 1 ── TBT ──> ... token n-1 ──> finished
     |<──────────────────────────── e2e latency ───────────────────────────────────>|
 
 Gauges (running/waiting requests, KV-cache use per KVP group) are refreshed after
-every engine step. Counters only grow; `requests_finished_total{reason}` counts
+every engine step. `control_messages_rejected_total{port}` counts control frames
+dropped (bad HMAC, garbage, wrong sender) on the engine-core and worker ports. Counters only grow; `requests_finished_total{reason}` counts
 stop / length / abort / error, `requests_rejected_total{code}` counts admissions
 refused (400 invalid, 400 context length, 503 queue full).
 """
