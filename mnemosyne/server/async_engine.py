@@ -47,6 +47,8 @@ from mnemosyne.wire.engine_core import (
 
 logger = logging.getLogger("mnemosyne.server")
 
+_DEAD_CORE_WAIT_S = 5.0  # a core that reported its death may still be stopping its workers
+
 
 @dataclass(frozen=True)
 class SubRequest:
@@ -232,7 +234,8 @@ class AsyncEngine:
         """Abort what is left, stop the core and its workers. Idempotent."""
         with self._lock:
             self._stopped = True
-        self.core.stop(timeout_s)
+            dead = self._dead is not None
+        self.core.stop(_DEAD_CORE_WAIT_S if dead else timeout_s)  # a dead core gets no drain time
         self._die("the server is shutting down")
 
     # ---- io thread ---------------------------------------------------------------------
