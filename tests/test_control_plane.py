@@ -32,9 +32,10 @@ from conftest import TEST_DEVICE
 from tiny_models import build_tiny_chat_model
 
 from mnemosyne import LLM, SamplingParams
+from mnemosyne.errors import ConfigError
 from mnemosyne.parallel.messages import DriverMessage, Shutdown, WorkerMessage
 from mnemosyne.server.launch import free_port
-from mnemosyne.wire.auth import new_secret
+from mnemosyne.wire.auth import SECRET_ENV, SECRET_FILE_ENV, new_secret, require_secret, secret_from_env
 from mnemosyne.wire.codec import Codec, RejectReason
 from mnemosyne.wire.engine_core import StopEngine
 from mnemosyne.wire.heartbeat import Heartbeat
@@ -77,6 +78,24 @@ def test_codec_drops_and_counts_every_bad_frame(tmp_path: Path) -> None:
         assert driver.rejected[reason] == len(bad), reason
     assert driver.num_rejected == sum(len(b) for b in frames.values())
     assert not sentinel.exists()
+
+
+def test_secret_file_must_be_private_and_well_formed(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "secret"
+    path.write_text(new_secret().hex() + "\n")
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    monkeypatch.setenv(SECRET_FILE_ENV, str(path))
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        secret_from_env()
+    path.chmod(0o600)
+    assert secret_from_env() == bytes.fromhex(path.read_text())
+    path.write_text("abcd")
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        secret_from_env()
+    monkeypatch.delenv(SECRET_FILE_ENV)
+    with pytest.raises(ConfigError, match=SECRET_FILE_ENV):
+        require_secret("--driver-address")
 
 
 # ---- mnemosyne serve as a command -----------------------------------------------------------

@@ -33,7 +33,7 @@ from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.outputs import EngineStats, RequestOutput
-from mnemosyne.wire.auth import require_secret
+from mnemosyne.wire.auth import take_core_secret
 from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec
 from mnemosyne.wire.engine_core import (
     CORE_IDENTITY,
@@ -205,7 +205,7 @@ class _Link:
 
 def run_engine_core(address: str, parent_pid: int | None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
-    secret = require_secret("the engine core")
+    secret = take_core_secret()
     link = _Link(address, secret)
     beater = Heartbeater(address, CORE_SENDER, secret, parent_pid).start()
     core: EngineCore | None = None

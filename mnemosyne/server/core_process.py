@@ -10,8 +10,9 @@
       every 0.2 s: core process exited? silent for heartbeat_timeout_s? ──> on_dead(reason)
 
 Every frame is signed and checked (`wire/codec.py`, a fresh secret per launch handed
-to the core in its environment). A frame that fails, or a valid one from an
-identity other than the core's, is dropped and counted (`codec.rejected`).
+to the core in its environment, distinct from the workers' secret). A frame that
+fails, or a valid one from an identity other than the core's, is dropped and counted
+(`codec.rejected`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import zmq
 
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import EngineCoreError
-from mnemosyne.wire.auth import new_secret, secret_env
+from mnemosyne.wire.auth import CORE_SECRET_ENV, new_secret, secret_env
 from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec, RejectReason
 from mnemosyne.wire.engine_core import (
     CORE_IDENTITY,
@@ -89,7 +90,7 @@ class CoreProcess:
         self.last_beat: float | None = None  # the core's imports take a while before it beats
         cmd = [sys.executable, "-m", "mnemosyne.engine.core", "--address", self.address]
         cmd += ["--parent-pid", str(os.getpid())]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **secret_env(secret)})
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **secret_env(secret, CORE_SECRET_ENV)})
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         try:

@@ -10,10 +10,21 @@ choice, so `n=128` could alone queue ~128 full contexts. Calls over
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any, Protocol
 
 from mnemosyne.sampling_params import MAX_SEED, MIN_SEED
 from mnemosyne.server.errors import APIError
-from mnemosyne.server.protocol import _SamplingFields
+
+
+class SamplingFields(Protocol):
+    """What the checks read of a completions or chat body (`protocol.py`)."""
+
+    n: int
+    seed: int | None
+    stream: bool
+    stream_options: Any
+    stop: str | list[str] | None
+    stop_token_ids: list[int] | None
 
 
 def bad_request(message: str, param: str) -> APIError:
@@ -31,7 +42,7 @@ def check_text(text: str, param: str) -> str:
     return text
 
 
-def check_sampling_fields(req: _SamplingFields, vocab_size: int) -> None:
+def check_sampling_fields(req: SamplingFields, vocab_size: int) -> None:
     if req.stream_options is not None and not req.stream:
         raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
     bad_ids = [t for t in req.stop_token_ids or () if not 0 <= t < vocab_size]

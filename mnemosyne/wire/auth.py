@@ -1,8 +1,9 @@
 """The per-launch control secret: 32 random bytes that key the HMAC of every message.
 
-    API server (or LLM)  ── new_secret() ──> child env MNEMOSYNE_CONTROL_SECRET (hex) ──> engine core,
-                                                                                     local workers
-    torchrun workers and an engine with --driver-address: MNEMOSYNE_CONTROL_SECRET, or
+    API server ── new_secret() ──> env MNEMOSYNE_ENGINE_CORE_SECRET ──> engine core (its own link only)
+    driver (LLM or engine core) ── the given secret, else new_secret() ──> env MNEMOSYNE_CONTROL_SECRET
+                                                                           ──> local workers
+    torchrun workers and a driver with --driver-address: MNEMOSYNE_CONTROL_SECRET, or
     MNEMOSYNE_CONTROL_SECRET_FILE naming a file of 64 hex digits readable only by its owner (0600)
 
 A child's environment is readable only by its user (/proc/PID/environ is 0400), as is
@@ -21,6 +22,7 @@ from mnemosyne.errors import ConfigError
 
 SECRET_ENV = "MNEMOSYNE_CONTROL_SECRET"
 SECRET_FILE_ENV = "MNEMOSYNE_CONTROL_SECRET_FILE"
+CORE_SECRET_ENV = "MNEMOSYNE_ENGINE_CORE_SECRET"  # API server <-> engine core, set by the server
 SECRET_BYTES = 32
 
 
@@ -28,9 +30,17 @@ def new_secret() -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
 
 
-def secret_env(secret: bytes) -> dict[str, str]:
+def secret_env(secret: bytes, name: str = SECRET_ENV) -> dict[str, str]:
     """The environment entries that hand `secret` to a child process."""
-    return {SECRET_ENV: secret.hex()}
+    return {name: secret.hex()}
+
+
+def take_core_secret() -> bytes:
+    """The engine core's link secret, removed from the environment (its workers need not see it)."""
+    value = os.environ.pop(CORE_SECRET_ENV, "")
+    if not value:
+        raise ConfigError(f"the engine core is started by `mnemosyne serve`, which sets {CORE_SECRET_ENV}")
+    return _parse(value, CORE_SECRET_ENV)
 
 
 def _parse(text: str, where: str) -> bytes:
