@@ -44,7 +44,10 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext
     if max_tokens is None:
         max_tokens = ctx.default_max_tokens(len(prompt_ids))
     check_work(
-        [len(prompt_ids) + max_tokens] * req.n, ctx.max_tokens_per_call, "n" if req.n > 1 else "max_tokens"
+        [len(prompt_ids) + max_tokens] * req.n,
+        ctx.max_tokens_per_call,
+        ctx.max_request_tokens,
+        "n" if req.n > 1 else "max_tokens",
     )
     top_k = (req.top_logprobs or 0) if req.logprobs else None
     call_id = new_call_id("chatcmpl")

@@ -49,7 +49,7 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Re
     n = req.n
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
     work = [len(p.token_ids) + max_tokens for p in prompts for _ in range(n)]
-    check_work(work, ctx.max_tokens_per_call, "n" if n > 1 else "max_tokens")
+    check_work(work, ctx.max_tokens_per_call, ctx.max_request_tokens, "n" if n > 1 else "max_tokens")
     call_id = new_call_id("cmpl")
     subs = [
         SubRequest(

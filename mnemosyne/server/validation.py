@@ -62,10 +62,12 @@ def check_sampling_fields(req: SamplingFields, vocab_size: int) -> None:
         check_text(s, "stop")
 
 
-def check_work(num_tokens_per_choice: list[int], limit: int, param: str) -> None:
-    """`num_tokens_per_choice[c]`: prompt + max_tokens of choice c."""
+def check_work(num_tokens_per_choice: list[int], limit: int, max_request_tokens: int, param: str) -> None:
+    """`num_tokens_per_choice[c]`: prompt + max_tokens of choice c. A choice over the
+    per-request limit is left to admission (its 400 `context_length_exceeded` is the
+    more precise error)."""
     total = sum(num_tokens_per_choice)
-    if total > limit:
+    if total > limit and max(num_tokens_per_choice) <= max_request_tokens:
         raise bad_request(
             f"this call asks for up to {total} tokens of work ({len(num_tokens_per_choice)} choice(s), "
             f"prompt + max_tokens each), over this server's limit of {limit} tokens per call "
