@@ -2,6 +2,7 @@
 
 * The codec drops forged, unauthenticated, pickled, old-version and garbage frames and
   counts each reason; a pickle carrying code never runs (a sentinel file is not made).
+* Heartbeats keep coming while the main thread computes; a secret file must be 0600.
 * `mnemosyne serve --tp 2` as a command (API server -> engine core -> 2 workers):
   - every listening control port (the server's engine port, the core's worker port) gets
     garbage, pickles with a sentinel payload and forged frames: none executes, each is
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import zmq
 from conftest import TEST_DEVICE
 from tiny_models import build_tiny_chat_model
@@ -38,7 +40,7 @@ from mnemosyne.server.launch import free_port
 from mnemosyne.wire.auth import SECRET_ENV, SECRET_FILE_ENV, new_secret, require_secret, secret_from_env
 from mnemosyne.wire.codec import Codec, RejectReason
 from mnemosyne.wire.engine_core import StopEngine
-from mnemosyne.wire.heartbeat import Heartbeat
+from mnemosyne.wire.heartbeat import Heartbeat, Heartbeater
 
 PROMPT = "the capital of France is"
 MAX_TOKENS = 12
@@ -78,6 +80,34 @@ def test_codec_drops_and_counts_every_bad_frame(tmp_path: Path) -> None:
         assert driver.rejected[reason] == len(bad), reason
     assert driver.num_rejected == sum(len(b) for b in frames.values())
     assert not sentinel.exists()
+
+
+def test_heartbeats_keep_coming_during_compute() -> None:
+    """The beat thread runs while the main thread computes (torch releases the GIL, and
+    Python code yields it every few ms), so a long step is never taken for a hang."""
+    secret = new_secret()
+    codec: Codec[WorkerMessage] = Codec(secret, WorkerMessage, "test driver")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    beater = Heartbeater(f"tcp://127.0.0.1:{port}", "rank-0", secret).start()
+    try:
+        t0 = time.monotonic()
+        a = torch.randn(256, 256)
+        while time.monotonic() - t0 < 4.5:  # "a long step": matmuls and Python, never polling
+            a = torch.tanh(a @ a)
+            sum(range(10_000))
+        seqs = []
+        while router.poll(100):
+            identity, frame = router.recv_multipart()
+            beat = codec.decode(frame)
+            assert identity == b"rank-0-hb" and isinstance(beat, Heartbeat)
+            seqs.append(beat.seq)
+        assert len(seqs) >= 4 and seqs == list(range(len(seqs))), seqs  # one a second, none lost
+    finally:
+        beater.stop()
+        router.close(linger=0)
+        ctx.term()
 
 
 def test_secret_file_must_be_private_and_well_formed(tmp_path: Path, monkeypatch) -> None:
