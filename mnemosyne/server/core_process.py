@@ -90,7 +90,9 @@ class CoreProcess:
         self.last_beat: float | None = None  # the core's imports take a while before it beats
         cmd = [sys.executable, "-m", "mnemosyne.engine.core", "--address", self.address]
         cmd += ["--parent-pid", str(os.getpid())]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **secret_env(secret, CORE_SECRET_ENV)})
+        level = logging.getLevelName(logging.getLogger("mnemosyne").getEffectiveLevel())
+        env = {"MNEMOSYNE_LOG_LEVEL": level, **os.environ, **secret_env(secret, CORE_SECRET_ENV)}
+        self.proc = subprocess.Popen(cmd, env=env)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         try:
