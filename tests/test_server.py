@@ -196,6 +196,9 @@ def test_sampling_parameters(server: BackgroundServer, client: openai.OpenAI, ll
     stop = full[3:5]
     res = client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=10, temperature=0, stop=[stop])
     assert res.choices[0].text == full[: full.index(stop)] and res.choices[0].finish_reason == "stop"
+    # (the server matches stop strings and aborts the request in the engine core: same tokens)
+    assert res.usage.completion_tokens == len(llm.generate(PROMPTS[3], greedy(10, stop=[stop]))[0].token_ids)
+    wait_idle(server)
     res = client.completions.create(
         model=name, prompt=PROMPTS[3], max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
     )

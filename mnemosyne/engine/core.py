@@ -2,7 +2,9 @@
 
 The API server starts it (fresh interpreter, control secret and parent pid given),
 and it runs the `LLMEngine` (scheduler, KV manager, executor and its workers)
-alone in its process, so HTTP, tokenization and JSON never share its GIL::
+alone in its process, so HTTP, tokenization, detokenization and JSON never share
+its GIL (outputs are token ids; the server detokenizes and applies stop strings,
+aborting a request here when one matches)::
 
     loop:
         drain every queued message (adds, aborts: applied before the next schedule)
@@ -30,7 +32,7 @@ from http import HTTPStatus
 import zmq
 
 from mnemosyne.engine.args import EngineArgs
-from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.engine.llm_engine import LLMEngine, load_tokenizer
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.outputs import EngineStats, RequestOutput
 from mnemosyne.wire.auth import take_core_secret
@@ -152,7 +154,6 @@ class EngineCore:
         return OutputDelta(
             request_id=out.request_id,
             new_token_ids=list(out.delta_token_ids),
-            delta_text=out.delta_text,
             finished=out.finished,
             finish_reason=out.finish_reason,
             new_logprobs=new_lp,
@@ -216,7 +217,8 @@ def run_engine_core(address: str, parent_pid: int | None) -> int:
             start = link.recv(_IDLE_WAIT_MS)
             if isinstance(start, StopEngine):
                 return 0
-        engine = LLMEngine.from_args(EngineArgs(**start.engine_args))
+        config = EngineArgs(**start.engine_args).create_engine_config()
+        engine = LLMEngine(config, load_tokenizer(config.model_dir), detokenize=False)
         core = EngineCore(engine, start.max_waiting_requests)
         link.send(CoreReady(core.info()))
         _serve(core, link)

@@ -48,9 +48,12 @@ class LLMEngine:
     in later stages, and results come back in order.
     """
 
-    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+    def __init__(self, config: EngineConfig, tokenizer=None, detokenize: bool = True) -> None:
+        """`detokenize=False`: outputs carry token ids only and stop strings are the caller's
+        (the engine core of `mnemosyne serve`: its API server detokenizes)."""
         self.config = config
         self.tokenizer = tokenizer
+        self.detokenize = detokenize
         self.kv_manager = KVCacheManager(config.cache)
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, FixedChunkPolicy(config.scheduler.chunk_size)
@@ -103,7 +106,7 @@ class LLMEngine:
         self.scheduler.add_request(req)  # raises on over-long / empty prompts
         self._requests[request_id] = req
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.detokenize:
             self._detok[request_id] = IncrementalDetokenizer.for_prompt(
                 self.tokenizer, token_ids, params.skip_special_tokens, params.stop
             )

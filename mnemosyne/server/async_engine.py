@@ -4,8 +4,10 @@
     ──────────────────────────                 ───────────────────────────      ───────────────────
     add(subs): AddRequests ──────────────────────────────────────────────────>  admit all or none
                await future <──────────────── AddResult: streams registered <──
-    async for out in handle <─ call_soon_threadsafe ── StepOutputs: deltas -> <── one message per step
-                                                        cumulative RequestOutput
+    async for out in handle <─ call_soon_threadsafe ── StepOutputs: token ids <── one message per step
+                                                        -> detokenize, stop strings
+                                                        -> cumulative RequestOutput
+                                                        stop string: AbortRequests ─────────────>
     handle.close() (client gone): AbortRequests ─────────────────────────────>  applied before next step
     stop(): StopEngine ──────────────────────────────────────────────────────>  abort the rest, exit 0
 
@@ -23,10 +25,13 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.detokenizer import IncrementalDetokenizer
+from mnemosyne.engine.llm_engine import load_tokenizer
 from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.server.core_process import CoreProcess
@@ -69,35 +74,48 @@ class _Stream:
 
 @dataclass
 class _Accumulated:
-    """A request's output so far, rebuilt from the core's deltas."""
+    """A request's output so far, rebuilt from the core's deltas; detokenized here, where
+    stop strings are matched (the engine core sends token ids only)."""
 
     stream: _Stream
     prompt_token_ids: list[int]
+    detok: IncrementalDetokenizer | None  # None: the model has no tokenizer
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
 
     def apply(self, d: OutputDelta) -> RequestOutput:
-        self.token_ids += d.new_token_ids
-        self.text += d.delta_text
-        self.logprobs += d.new_logprobs or ()
+        """The output after delta `d`. Finished with reason "stop" when a stop string
+        appeared (tokens after the one completing it are dropped); the core is still
+        running such a request and must be told to abort it."""
+        new_ids = list(d.new_token_ids)
+        finished, reason, finished_time = d.finished, d.finish_reason, d.finished_time
+        delta_text = ""
+        if self.detok is not None:
+            for i, t in enumerate(new_ids):
+                if self.detok.add_token(t) and not finished:
+                    new_ids = new_ids[: i + 1]
+                    finished, reason, finished_time = True, "stop", time.monotonic()
+                    break
+            delta_text = self.detok.take_delta(finished)
+        self.token_ids += new_ids
+        self.logprobs += (d.new_logprobs or [])[: len(new_ids)]
         self.prompt_logprobs += d.new_prompt_logprobs or ()
-        self.token_times += d.new_token_times
+        self.token_times += d.new_token_times[: len(new_ids)]
         return RequestOutput(
             request_id=d.request_id,
             prompt=None,
             prompt_token_ids=self.prompt_token_ids,
             token_ids=list(self.token_ids),
-            text=self.text,
-            finished=d.finished,
-            finish_reason=d.finish_reason,
+            text=self.detok.text if self.detok is not None else "",
+            finished=finished,
+            finish_reason=reason,
             logprobs=list(self.logprobs) if d.new_logprobs is not None else None,
             prompt_logprobs=list(self.prompt_logprobs) if d.new_prompt_logprobs is not None else None,
-            timing=RequestTiming(d.arrival_time, d.first_token_time, list(self.token_times), d.finished_time),
-            delta_text=d.delta_text,
-            delta_token_ids=list(d.new_token_ids),
+            timing=RequestTiming(d.arrival_time, d.first_token_time, list(self.token_times), finished_time),
+            delta_text=delta_text,
+            delta_token_ids=new_ids,
             num_preemptions=d.num_preemptions,
             num_computed_tokens=d.num_computed_tokens,
         )
@@ -147,6 +165,9 @@ class AsyncEngine:
     ) -> None:
         self.core = CoreProcess(engine_args, max_waiting_requests)
         self.info = self.core.info
+        self._tokenizer = load_tokenizer(
+            self.info.model_dir
+        )  # the io thread's own (HF's are not thread-safe)
         self.metrics = ServerMetrics(model_name or self.info.model_dir, self.info.num_kvp_groups)
         self._lock = threading.Lock()  # guards the tables below (event loop + io thread)
         self._requests: dict[str, _Accumulated] = {}
@@ -263,7 +284,13 @@ class AsyncEngine:
             pending = self._adds.pop(msg.call_id, None)
             if pending is not None and msg.error is None:
                 for s in pending.subs:
-                    self._requests[s.request_id] = _Accumulated(pending.stream, s.prompt_token_ids)
+                    detok = None
+                    if self._tokenizer is not None:
+                        p = s.params
+                        detok = IncrementalDetokenizer.for_prompt(
+                            self._tokenizer, s.prompt_token_ids, p.skip_special_tokens, p.stop
+                        )
+                    self._requests[s.request_id] = _Accumulated(pending.stream, s.prompt_token_ids, detok)
         if pending is None:
             return
         if msg.error is not None:
@@ -277,22 +304,23 @@ class AsyncEngine:
             pending.done.set_result(None)
 
     def _deliver(self, msg: StepOutputs) -> None:
-        items: list[tuple[_Stream, RequestOutput | BaseException]] = []
         with self._lock:
-            for d in msg.outputs:
-                acc = self._requests.get(d.request_id)
-                if acc is None:
-                    continue  # aborted by the client while this step ran
-                if d.finished:
-                    del self._requests[d.request_id]
-                items.append((acc.stream, acc.apply(d)))
-        for _, out in items:
-            self.metrics.on_output(out)  # type: ignore[arg-type]
+            live = [(acc, d) for d in msg.outputs if (acc := self._requests.get(d.request_id)) is not None]
+        outputs = [(acc.stream, acc.apply(d)) for acc, d in live]  # detokenize outside the lock
+        stopped: list[str] = []  # by a stop string here: the core still runs them
+        with self._lock:
+            for (_, out), (_, d) in zip(outputs, live, strict=True):
+                if out.finished and self._requests.pop(out.request_id, None) is not None and not d.finished:
+                    stopped.append(out.request_id)
+        if stopped:
+            self.core.send(AbortRequests(stopped))
+        for _, out in outputs:
+            self.metrics.on_output(out)
         self._stats = msg.stats
         self.metrics.on_stats(msg.stats)
         self._count_rejected("workers", msg.num_rejected_worker_messages)
         self._count_rejected("engine", self.core.codec.num_rejected)
-        _post(items)
+        _post(list(outputs))
 
     def _count_rejected(self, port: str, total: int) -> None:
         if total > self._num_rejected[port]:

@@ -7,6 +7,7 @@
       │ ── AddRequests(call_id, requests) ────────────────> │  admit all or none
       │ <────────────────────── AddResult(call_id, error) ─ │
       │ ── AbortRequests(ids) ────────────────────────────> │  applied before the next step
+      │                                                      │  (client gone, or a stop string matched)
       │ <────────── StepOutputs(deltas of one step, stats) ─ │  one message per step
       │ ── CheckIntegrity(call_id) ───────────────────────> │  KV cache check (tests, debugging)
       │ <────────────── IntegrityResult(call_id, error) ──── │
@@ -14,8 +15,9 @@
       │ <───────────────────────────── EngineDead(reason) ─ │  a worker died / a bug: exit 1
       heartbeat thread "engine-core-hb" ── Heartbeat ─────> │  every second (wire/heartbeat.py)
 
-Outputs travel as deltas (new tokens, text, logprobs since the last message); the
-server rebuilds the cumulative `RequestOutput` its handlers read.
+Outputs travel as deltas of token ids (new tokens, logprobs since the last message);
+the server detokenizes, applies stop strings (aborting a request that hit one) and
+rebuilds the cumulative `RequestOutput` its handlers read.
 """
 
 from __future__ import annotations
@@ -82,7 +84,6 @@ class RequestError(msgspec.Struct, frozen=True):
 class OutputDelta(msgspec.Struct, frozen=True):
     request_id: str
     new_token_ids: list[int]
-    delta_text: str
     finished: bool
     finish_reason: str | None
     new_logprobs: list[TokenLogprobs] | None  # None: logprobs not requested
