@@ -187,9 +187,8 @@ class MultiProcExecutor:
         if self._closed:
             return
         self._closed = True
-        if (
-            not graceful
-        ):  # ranks blocked in a collective cannot read Shutdown: end them through their heartbeat thread
+        if not graceful:
+            # Ranks blocked in a collective cannot read Shutdown: end them through their heartbeat thread.
             self.channel.stop_heartbeaters(self.ranks, "the driver stopped the workers after a failure")
         if graceful:
             try:
