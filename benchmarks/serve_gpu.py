@@ -2,6 +2,7 @@
 both as real subprocesses, on a random-weight model of a real shape (load_format=dummy).
 
     python -m benchmarks.serve_gpu --shape llama3-8b --out DIR
+    python -m benchmarks.serve_gpu --out DIR --scenarios c1,c64 --no-long-mixed --no-offline   # ~4 min
 
 Scenarios (random token-id prompts, greedy, ignore_eos so output lengths are exact):
 
@@ -191,7 +192,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scenarios", default=",".join(n for n, _ in SCENARIOS), help="comma-separated subset")
+    p.add_argument("--no-long-mixed", action="store_true", help="skip the 64K-prompt scenario")
+    p.add_argument("--no-offline", action="store_true", help="skip the offline LLM.generate comparison")
     ns = p.parse_args()
+    chosen = ns.scenarios.split(",")
+    unknown = set(chosen) - {n for n, _ in SCENARIOS}
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}")
     ns.out.mkdir(parents=True, exist_ok=True)
     model_dir = write_model_dir(ns.shape, Path(tempfile.mkdtemp()))
     write_tokenizer(model_dir, 128256, 128001)
@@ -205,14 +213,20 @@ def main() -> None:
     try:
         wait_healthy(url, server)
         bench(url, "warmup", ["--num-prompts", "32"], ns.out)  # CUDA graphs for the batch sizes
-        results["scenarios"] = {name: bench(url, name, flags, ns.out)["summary"] for name, flags in SCENARIOS}
-        results["long_mixed"] = {k: v for k, v in long_mixed(url, ns.out, 128256).items() if k != "requests"}
+        scenarios = [(name, flags) for name, flags in SCENARIOS if name in chosen]
+        results["scenarios"] = {name: bench(url, name, flags, ns.out)["summary"] for name, flags in scenarios}
+        if not ns.no_long_mixed:
+            results["long_mixed"] = {
+                k: v for k, v in long_mixed(url, ns.out, 128256).items() if k != "requests"
+            }
     finally:
         server.send_signal(signal.SIGINT)
         results["server_exit_code"] = server.wait(timeout=120)
-    results["offline_all256"] = offline(model_dir, 256)
+    if not ns.no_offline:
+        results["offline_all256"] = offline(model_dir, 256)
     (ns.out / "serve_gpu.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: results[k] for k in ("floors", "offline_all256", "server_exit_code")}, indent=1))
+    shown = ("floors", "offline_all256", "server_exit_code", "scenarios")
+    print(json.dumps({k: results[k] for k in shown if k in results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="bind here (tcp://HOST:PORT) and wait for workers started by torchrun instead of local ones",
     )
     par.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s)
+    par.add_argument("--heartbeat-timeout-s", type=float, default=d.heartbeat_timeout_s)
 
 
 def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests waiting for admission beyond this get 503",
     )
     s.add_argument("--shutdown-timeout-s", type=float, default=30.0, help="drain time on shutdown")
+    s.add_argument(
+        "--max-tokens-per-call",
+        type=int,
+        default=None,
+        help="cap of prompt + max_tokens summed over one call's choices (default: 4 x the per-request limit)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--no-access-log", action="store_true")
     add_engine_args(srv)
@@ -250,6 +257,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         served_model_name=ns.served_model_name,
         max_waiting_requests=ns.max_waiting_requests,
         shutdown_timeout_s=ns.shutdown_timeout_s,
+        max_tokens_per_call=ns.max_tokens_per_call,
         log_level=ns.log_level,
         access_log=not ns.no_access_log,
     )

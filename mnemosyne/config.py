@@ -213,7 +213,11 @@ class ParallelConfig:
     `pipeline_depth` bounds the micro-batches in flight (None: spp, one per stage).
     `driver_address` set: bind there and wait for externally launched workers
     (torchrun on several machines) instead of starting them locally.
-    `timeout_s` bounds every collective and every wait for a worker's reply.
+    `timeout_s` bounds every collective (torch.distributed) and the driver's wait for one
+    step's reply: it must exceed the longest legitimate step (a minutes-long chunk at 10M
+    context). `heartbeat_timeout_s` is how long a worker may go without a heartbeat before
+    it is declared frozen or lost (beats come from a thread, every second, during compute
+    too), so a SIGSTOPped or hung rank is found in seconds, not after `timeout_s`.
     """
 
     tp: int = 1
@@ -222,6 +226,7 @@ class ParallelConfig:
     pipeline_depth: int | None = None
     driver_address: str | None = None
     timeout_s: float = 600.0
+    heartbeat_timeout_s: float = 10.0
 
     @property
     def world_size(self) -> int:
@@ -240,6 +245,11 @@ class ParallelConfig:
             raise ConfigError(f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
         if self.timeout_s <= 0:
             raise ConfigError(f"worker_timeout_s must be positive, got {self.timeout_s}")
+        if not 3.0 <= self.heartbeat_timeout_s < self.timeout_s:
+            raise ConfigError(
+                f"heartbeat_timeout_s must be at least 3 s (three beats) and below worker_timeout_s "
+                f"({self.timeout_s}), got {self.heartbeat_timeout_s}"
+            )
 
 
 class AttentionBackendKind(enum.Enum):

@@ -23,3 +23,7 @@ class ModelLoadError(MnemosyneError, FileNotFoundError):
 
 class WorkerError(MnemosyneError, RuntimeError):
     """A worker process failed, died or stopped answering; the engine cannot continue."""
+
+
+class EngineCoreError(MnemosyneError, RuntimeError):
+    """The engine core process (of `mnemosyne serve`) failed to start, died or froze."""

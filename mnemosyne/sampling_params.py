@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 
 from mnemosyne.errors import InvalidRequestError
 
+# Below this, logits / temperature overflows float32 (every row becomes inf/nan and
+# token 0 would be drawn): such temperatures sample greedily, as in vLLM.
+MIN_TEMPERATURE = 1e-5
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 64) - 1  # what a 64-bit seed (int64 or uint64) holds
+
 
 @dataclass
 class SamplingParams:
     """How to pick each output token and when to stop.
 
-    temperature == 0 means greedy. `logprobs=k` returns, for every sampled token,
+    temperature == 0 (or below MIN_TEMPERATURE) means greedy. `logprobs=k` returns, for every sampled token,
     its log-probability plus the top-k alternatives; `prompt_logprobs=k` returns,
     for every prompt token after the first, its log-probability given its prefix
     plus the top-k alternatives. Log-probabilities are those of the model's raw
@@ -42,7 +47,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -52,6 +57,8 @@ class SamplingParams:
             bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature}")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            bad(f"seed must fit in 64 bits ([{MIN_SEED}, {MAX_SEED}]), got {self.seed}")
         if not (0.0 < self.top_p <= 1.0):
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

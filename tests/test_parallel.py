@@ -13,6 +13,7 @@ also serves the extra checks (torchrun launch, worker death) where it can.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from tiny_models import COMMON as TINY_COMMON
 
 from mnemosyne import LLM, ConfigError, SamplingParams
 from mnemosyne.errors import WorkerError
+from mnemosyne.wire.auth import SECRET_FILE_ENV
 
 PROMPT_LENS = (37, 5, 64, 23)
 NUM_NEW = 16
@@ -185,12 +187,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_workers_and_worker_death(tiny_model_dir):
-    """Workers started by torchrun (env:// rendezvous) serve a driver bound to a fixed
-    address; when one of them is killed, the engine raises instead of hanging."""
+def test_torchrun_workers_and_worker_death(tiny_model_dir, tmp_path, monkeypatch):
+    """Workers started by torchrun (env:// rendezvous, the control secret in a 0600 file)
+    serve a driver bound to a fixed address; when one of them is killed, the engine
+    raises instead of hanging."""
     model_dir = tiny_model_dir("llama")
     ref = reference("llama", model_dir)
     address = f"tcp://127.0.0.1:{_free_port()}"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secrets.token_hex(32))
+    secret_file.chmod(0o600)
+    monkeypatch.setenv(SECRET_FILE_ENV, str(secret_file))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "mnemosyne.worker", "--driver", address]
     torchrun = subprocess.Popen(cmd, start_new_session=True)

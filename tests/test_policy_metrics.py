@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from mnemosyne.engine.prefill_progress import PrefillProgressLog
 from mnemosyne.outputs import RequestOutput, RequestTiming, StepStats
 from mnemosyne.server.metrics import ServerMetrics
-from mnemosyne.server.prefill_progress import PrefillProgressLog
 
 
 def _out(

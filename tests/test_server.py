@@ -1,16 +1,12 @@
 """The OpenAI-compatible server, end to end on 127.0.0.1: the official `openai` client
 against greedy `LLM.generate`, every error class, aborts on disconnect with KV checks,
-64 concurrent streams, Prometheus counts, `mnemosyne bench serve`, and `mnemosyne serve`
-with worker processes started and stopped by a signal."""
+64 concurrent streams, Prometheus counts, `mnemosyne bench serve`. The `mnemosyne serve`
+command with worker processes, its control ports and its deaths: tests/test_control_plane.py."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +17,7 @@ from conftest import TEST_DEVICE
 from tiny_models import build_tiny_chat_model
 
 from mnemosyne import LLM, EngineArgs, SamplingParams
-from mnemosyne.server.launch import BackgroundServer, ServerArgs, free_port
+from mnemosyne.server.launch import BackgroundServer, ServerArgs
 
 MAX_TOKENS = 12
 PROMPTS = ["the capital of France is", "hello there, how are you", "memory goddess of", "one two"]
@@ -78,16 +74,15 @@ def scrape(server: BackgroundServer) -> dict[str, float]:
 
 
 def wait_idle(server: BackgroundServer, timeout_s: float = 30.0) -> None:
-    """Until no request is running or waiting, then check the KV cache on the engine thread."""
+    """Until no request is running or waiting and no KV block is used (the KV cache is checked
+    in the engine core on the way)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = server.async_engine.call(lambda e: e.stats())
-        if stats.num_running == stats.num_waiting == 0:
+        stats = server.async_engine.stats
+        if stats.num_running == stats.num_waiting == 0 and server.async_engine.check_integrity() == [0.0]:
             break
         assert time.monotonic() < deadline, f"engine still busy: {stats}"
         time.sleep(0.02)
-    server.async_engine.call(lambda e: e.kv_manager.check_integrity())
-    assert server.async_engine.call(lambda e: e.kv_manager.usage()) == [0.0]
 
 
 # ---- the happy path ------------------------------------------------------------------------
@@ -201,6 +196,9 @@ def test_sampling_parameters(server: BackgroundServer, client: openai.OpenAI, ll
     stop = full[3:5]
     res = client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=10, temperature=0, stop=[stop])
     assert res.choices[0].text == full[: full.index(stop)] and res.choices[0].finish_reason == "stop"
+    # (the server matches stop strings and aborts the request in the engine core: same tokens)
+    assert res.usage.completion_tokens == len(llm.generate(PROMPTS[3], greedy(10, stop=[stop]))[0].token_ids)
+    wait_idle(server)
     res = client.completions.create(
         model=name, prompt=PROMPTS[3], max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
     )
@@ -299,18 +297,18 @@ def test_api_key_and_full_queue(chat_model: Path) -> None:
         wait_idle(srv)
 
 
-def test_engine_failure_fails_requests_with_503(chat_model: Path) -> None:
+def test_killed_engine_core_fails_open_streams_with_503(chat_model: Path) -> None:
+    """The engine core process is SIGKILLed mid-stream: the stream ends with an error
+    event and [DONE], /health and new requests answer 503."""
     with BackgroundServer(engine_args(chat_model)) as srv:
-        engine = srv.async_engine.engine
-
-        def boom() -> list:
-            raise RuntimeError("simulated worker crash")
-
-        engine.step = boom  # the engine thread looks the method up every step
-        with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
-            events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert "simulated worker crash" in events[0] and events[-1] == "data: [DONE]"
-        assert _error(httpx.get(srv.url + "/health"), 503)["type"] == "engine_unavailable"
+        body = {"prompt": "x", "stream": True, "max_tokens": 500, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            srv.async_engine.core.proc.kill()
+            events = [first] + [line for line in lines if line.startswith("data: ")]
+        assert any("engine is not running" in e for e in events) and events[-1] == "data: [DONE]"
+        assert "exited with code -9" in _error(httpx.get(srv.url + "/health"), 503)["message"]
         assert _error(httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}), 503)
 
 
@@ -434,55 +432,3 @@ def test_bench_serve_prints_the_table(server: BackgroundServer, tmp_path: Path, 
     assert summary["completed"] == 12 and summary["failed"] == 0
     assert summary["total_output_tokens"] == 12 * 8
     wait_idle(server)
-
-
-# ---- the command, with worker processes ---------------------------------------------------
-
-
-def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) -> None:
-    """`mnemosyne serve --tp 2`: answers like one device, and Ctrl-C stops it and its workers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(chat_model), "--port", str(port)]
-    cmd += ["--device", TEST_DEVICE, "--tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2, workers
-        body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
-        res = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
-        assert res["choices"][0]["text"] == llm.generate(PROMPTS[0], greedy())[0].text
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, proc.stdout.read()
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in workers):
-            assert time.monotonic() < deadline, f"workers left running: {workers}"
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return not (status.exists() and status.read_text().split()[2] == "Z")

@@ -50,7 +50,8 @@ class EngineArgs:
     max_tokens_per_kvp_group: int | None = None  # default with kvp > 1: one group's whole capacity
     pipeline_depth: int | None = None  # micro-batches in flight; default spp
     driver_address: str | None = None  # e.g. tcp://0.0.0.0:5570: wait for torchrun-launched workers
-    worker_timeout_s: float = 600.0  # collectives and worker replies
+    worker_timeout_s: float = 600.0  # collectives and one step's reply: above the longest step
+    heartbeat_timeout_s: float = 10.0  # a worker silent this long is frozen or lost
     attention_backend: str | AttentionBackendKind = "auto"  # auto | reference | kernels
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     load_format: str | LoadFormat = "safetensors"  # safetensors | dummy (random weights, config.json only)
@@ -126,6 +127,7 @@ class EngineArgs:
             pipeline_depth=self.pipeline_depth,
             driver_address=self.driver_address,
             timeout_s=self.worker_timeout_s,
+            heartbeat_timeout_s=self.heartbeat_timeout_s,
         )
 
     def create_engine_config(self) -> EngineConfig:

@@ -50,9 +50,12 @@ class LLMEngine:
     in later stages, and results come back in order.
     """
 
-    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+    def __init__(self, config: EngineConfig, tokenizer=None, detokenize: bool = True) -> None:
+        """`detokenize=False`: outputs carry token ids only and stop strings are the caller's
+        (the engine core of `mnemosyne serve`: its API server detokenizes)."""
         self.config = config
         self.tokenizer = tokenizer
+        self.detokenize = detokenize
         self.kv_manager = KVCacheManager(config.cache)
         self.policies = make_policies(config, self.kv_manager)
         self.scheduler = Scheduler(
@@ -108,7 +111,7 @@ class LLMEngine:
         self.scheduler.add_request(req)  # raises on over-long / empty prompts
         self._requests[request_id] = req
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.detokenize:
             self._detok[request_id] = IncrementalDetokenizer.for_prompt(
                 self.tokenizer, token_ids, params.skip_special_tokens, params.stop
             )
@@ -247,6 +250,10 @@ class LLMEngine:
             table.pop(request_id, None)
 
     # ---- lifetime ---------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Raise WorkerError if a worker failed, died or froze (for callers that sit idle)."""
+        self.executor.check_health()
 
     def shutdown(self) -> None:
         """Stop the workers (a no-op on one device). The engine is unusable afterwards."""

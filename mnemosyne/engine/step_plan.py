@@ -1,8 +1,9 @@
-"""What the driver sends every worker for one micro-batch, and what comes back.
+"""Building what the driver sends every worker for one micro-batch (`PlanBuilder`).
 
-The scheduler's `SchedulerOutput` refers to live `Request` objects; a `StepPlan` is
-its plain-data, picklable form. One plan is built per scheduled micro-batch and
-sent, unchanged, to every rank; each rank picks the part of its KVP group.
+The scheduler's `SchedulerOutput` refers to live `Request` objects; a `StepPlan`
+(`wire/plan.py`, shared with the workers) is its plain-data, serializable form. One
+plan is built per scheduled micro-batch and sent, unchanged, to every rank; each
+rank picks the part of its KVP group.
 
 Workers mirror the block tables of their own group (see `worker/block_table.py`)
 and receive only what changed, so a 1M-token request does not resend 60K block
@@ -27,83 +28,13 @@ read it. A chunk's written slots never fall in a cached block (`check_writable`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.request import Request, TokenLogprobs
-from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.request import Request
+from mnemosyne.wire.plan import ChunkPlan, NewRequest, PieceSpec, StepPlan, StepResult
 
-
-@dataclass(frozen=True)
-class NewRequest:
-    request_id: str
-    sampling_params: SamplingParams
-
-
-@dataclass(frozen=True)
-class PieceSpec:
-    group: int  # KVP group holding keys [token_start, token_end)
-    token_start: int
-    token_end: int  # reserved slots end when the plan was built
-    num_known_blocks: int  # blocks of this piece the group's workers already mirror
-    new_block_ids: tuple[int, ...]  # appended to the mirror
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    request_id: str
-    start: int
-    num_tokens: int
-    sample: bool
-    token_ids: tuple[int, ...]  # tokens [start, end)
-    pieces: tuple[PieceSpec, ...]  # oldest first; the last one owns [start, end)
-    prompt_logprob_start: int  # positions [start', start' + len(targets)) are scored
-    prompt_logprob_targets: tuple[int, ...]  # target of position p is prompt token p + 1
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-    @property
-    def owner_group(self) -> int:
-        return self.pieces[-1].group
-
-    @property
-    def is_shared(self) -> bool:
-        """True when more than one KVP group holds keys this chunk attends to."""
-        return len(self.pieces) > 1
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    step_id: int
-    chunks: tuple[ChunkPlan, ...]
-    new_requests: tuple[NewRequest, ...] = ()
-    freed_kv: tuple[str, ...] = ()
-    finished: tuple[str, ...] = ()
-
-    @property
-    def num_shared_tokens(self) -> int:
-        """Query tokens whose attention partials are merged across KVP groups this step."""
-        return sum(c.num_tokens for c in self.chunks if c.is_shared)
-
-
-@dataclass
-class StepResult:
-    """Sampled tokens and logprobs of one micro-batch (merged over KVP groups)."""
-
-    step_id: int
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # request_id -> (first prompt position p, entries for positions p+1, p+2, ...)
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
-
-    def update(self, other: StepResult) -> None:
-        self.sampled_token_ids.update(other.sampled_token_ids)
-        self.logprobs.update(other.logprobs)
-        self.prompt_logprobs.update(other.prompt_logprobs)
+__all__ = ["ChunkPlan", "NewRequest", "PieceSpec", "PlanBuilder", "StepPlan", "StepResult"]
 
 
 def prompt_logprob_positions(chunk: ScheduledChunk) -> range:

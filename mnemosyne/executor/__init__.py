@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from mnemosyne.config import EngineConfig
-from mnemosyne.engine.step_plan import StepPlan, StepResult
+from mnemosyne.wire.plan import StepPlan, StepResult
 
 
 class Executor(Protocol):
@@ -14,6 +14,14 @@ class Executor(Protocol):
 
     def get_result(self) -> StepResult:
         """The result of the oldest unfinished plan (blocks until it is done)."""
+        ...
+
+    def check_health(self) -> None:
+        """Raise WorkerError if a worker failed, died or stopped beating (call while idle)."""
+
+    @property
+    def num_rejected_messages(self) -> int:
+        """Control messages dropped (bad HMAC, garbage, wrong sender) since start."""
         ...
 
     def shutdown(self) -> None: ...

@@ -5,9 +5,15 @@
                       every KVP group (last stage, tp rank 0) and merge them
 
 Liveness: while waiting, the driver polls the channel in short slices; a
-`WorkerFailed` message, a local worker that exited, or no reply within
-`parallel.timeout_s` raises `WorkerError` (and the workers are stopped) rather
-than hanging the engine.
+`WorkerFailed` message, a local worker that exited, a worker silent for
+`parallel.heartbeat_timeout_s` (its heartbeat thread beats every second, compute
+or not), or no reply within `parallel.timeout_s` (the collective timeout too)
+raises `WorkerError` (and the workers are stopped) rather than hanging the engine.
+`check_health()` does the same checks while the engine is idle.
+
+Security: messages are signed with the control secret (`wire/auth.py`): a fresh one
+per launch for local workers, the one given in the environment with
+`driver_address` (required there, shared with the torchrun workers).
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import weakref
 from collections import deque
 
 from mnemosyne.config import EngineConfig
-from mnemosyne.engine.step_plan import StepPlan, StepResult
 from mnemosyne.errors import WorkerError
 from mnemosyne.parallel.groups import rank_of
 from mnemosyne.parallel.launch import LocalWorkers, launch_local_workers
@@ -32,6 +37,8 @@ from mnemosyne.parallel.messages import (
     WorkerReady,
 )
 from mnemosyne.parallel.transport import DriverChannel
+from mnemosyne.wire.auth import new_secret, require_secret, secret_from_env
+from mnemosyne.wire.plan import StepPlan, StepResult
 
 _POLL_S = 0.2
 _SHUTDOWN_WAIT_S = 15.0
@@ -45,10 +52,15 @@ class MultiProcExecutor:
         self.ranks = list(range(self.world_size))
         self.reporting_ranks = [rank_of(p, g, p.spp - 1, 0) for g in range(p.kvp)]
         self.timeout_s = p.timeout_s
-        self.channel = DriverChannel(p.driver_address or "tcp://127.0.0.1:0")
+        self.heartbeat_timeout_s = p.heartbeat_timeout_s
+        if p.driver_address is not None:
+            secret = require_secret("--driver-address")
+        else:
+            secret = secret_from_env() or new_secret()
+        self.channel = DriverChannel(secret, p.driver_address or "tcp://127.0.0.1:0")
         self.local: LocalWorkers | None = None
         if p.driver_address is None:
-            self.local = launch_local_workers(self.world_size, self.channel.address)
+            self.local = launch_local_workers(self.world_size, self.channel.address, secret)
         self._finalizer = weakref.finalize(self, _kill, self.channel, self.local)
         self._inflight: deque[int] = deque()  # step ids, oldest first
         self._done: dict[int, dict[int, StepResult]] = {}  # step id -> reporting rank -> result
@@ -88,9 +100,7 @@ class MultiProcExecutor:
         parts = self._done[step_id]
         while len(parts) < len(self.reporting_ranks):
             msg = self._recv(f"step {step_id}: {len(parts)}/{len(self.reporting_ranks)} KVP groups reported")
-            if not isinstance(msg, StepDone) or msg.rank not in self.reporting_ranks:
-                raise WorkerError(f"unexpected message from a worker: {msg!r}")
-            self._done[msg.result.step_id][msg.rank] = msg.result
+            self._on_step_done(msg)
         self._inflight.popleft()
         del self._done[step_id]
         merged = StepResult(step_id)
@@ -98,19 +108,51 @@ class MultiProcExecutor:
             merged.update(parts[r])
         return merged
 
+    @property
+    def num_rejected_messages(self) -> int:
+        return self.channel.codec.num_rejected
+
+    def check_health(self) -> None:
+        """Between steps: raise WorkerError if a worker failed, died or stopped beating."""
+        self._check_open()
+        while (msg := self._poll("idle")) is not None:
+            self._on_step_done(msg)
+
+    def _on_step_done(self, msg: WorkerMessage) -> None:
+        if (
+            not isinstance(msg, StepDone)
+            or msg.rank not in self.reporting_ranks
+            or msg.result.step_id not in self._done
+        ):
+            self._fail(f"unexpected message from a worker: {msg!r:.300}")
+        self._done[msg.result.step_id][msg.rank] = msg.result
+
     def _recv(self, waiting_for: str) -> WorkerMessage:
         deadline = time.monotonic() + self.timeout_s
         while True:
-            msg = self.channel.recv(_POLL_S)
-            if isinstance(msg, WorkerFailed):
-                self._fail(self._dead_prefix() + f"worker rank {msg.rank} failed:\n{msg.error}")
+            msg = self._poll(waiting_for, _POLL_S)
             if msg is not None:
                 return msg
-            local_dead = self.local is not None and self.local.dead()
-            if local_dead or self.channel.num_disconnects:
-                self._fail_on_death(waiting_for)
             if time.monotonic() > deadline:
                 self._fail(f"no reply from the workers within {self.timeout_s:.0f} s ({waiting_for})")
+
+    def _poll(self, waiting_for: str, timeout_s: float = 0.0) -> WorkerMessage | None:
+        """One valid message, or None; raises on any sign of a dead or frozen worker."""
+        msg = self.channel.recv(timeout_s)
+        if isinstance(msg, WorkerFailed):
+            self._fail(self._dead_prefix() + f"worker rank {msg.rank} failed:\n{msg.error}")
+        if msg is not None:
+            return msg
+        if self.local is not None and self.local.dead():
+            self._fail_on_death(waiting_for)
+        now = time.monotonic()
+        silent = [r for r, t in sorted(self.channel.last_beat.items()) if now - t > self.heartbeat_timeout_s]
+        if silent:
+            self._fail(
+                f"worker rank(s) {silent} sent no heartbeat for {self.heartbeat_timeout_s:.0f} s: frozen "
+                f"(e.g. SIGSTOP), hung or their host is lost ({waiting_for})"
+            )
+        return None
 
     def _fail_on_death(self, waiting_for: str) -> None:
         """A worker process is gone: report its own error if it sent one, else who died."""
@@ -119,9 +161,7 @@ class MultiProcExecutor:
             msg = self.channel.recv(_POLL_S)
             if isinstance(msg, WorkerFailed):
                 self._fail(self._dead_prefix() + f"worker rank {msg.rank} failed:\n{msg.error}")
-        if self.local is not None and self.local.dead():
-            self._fail(self._dead_prefix() + f"({waiting_for})")
-        self._fail(f"a worker process disconnected from the driver ({waiting_for})")
+        self._fail(self._dead_prefix() + f"({waiting_for})")
 
     def _dead_prefix(self) -> str:
         """'worker process died: rank r (exit code c); ' for local workers that exited."""
@@ -147,6 +187,9 @@ class MultiProcExecutor:
         if self._closed:
             return
         self._closed = True
+        if not graceful:
+            # Ranks blocked in a collective cannot read Shutdown: end them through their heartbeat thread.
+            self.channel.stop_heartbeaters(self.ranks, "the driver stopped the workers after a failure")
         if graceful:
             try:
                 self.channel.broadcast(self.ranks, Shutdown())

@@ -7,8 +7,8 @@ from collections import deque
 import torch
 
 from mnemosyne.config import EngineConfig
-from mnemosyne.engine.step_plan import StepPlan, StepResult
 from mnemosyne.parallel.groups import ProcessGroups
+from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.worker import Worker
 
 
@@ -24,6 +24,11 @@ class UniProcExecutor:
 
     def get_result(self) -> StepResult:
         return self._results.popleft()
+
+    num_rejected_messages = 0  # no control port
+
+    def check_health(self) -> None:
+        pass  # the device runs in this process
 
     def shutdown(self) -> None:
         self._results.clear()

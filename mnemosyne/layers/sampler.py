@@ -42,7 +42,9 @@ class Sampler:
         logits = logits.float()  # [num_seqs, vocab]
         tokens = torch.argmax(logits, dim=-1)  # [num_seqs]; greedy rows keep this
 
-        sample_rows = [i for i, p in enumerate(params) if not p.greedy]
+        sample_rows = [
+            i for i, p in enumerate(params) if not p.greedy
+        ]  # greedy: temperature < MIN_TEMPERATURE
         if sample_rows:
             rows = torch.tensor(sample_rows, device=logits.device)
             sub = [params[i] for i in sample_rows]

@@ -3,7 +3,9 @@
 Workers are fresh interpreters (spawn semantics, never fork), started through the
 same entry point torchrun uses, so the user's script is never re-imported in a
 worker and both launchers run identical code. Rendezvous is a file:// store in a
-private temporary directory (no port to race for).
+private temporary directory (no port to race for). Workers get the control secret
+in their environment (readable only by this user) and this process's pid, so they
+exit if it dies without stopping them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mnemosyne.wire.auth import secret_env
 
 
 @dataclass
@@ -44,7 +48,7 @@ class LocalWorkers:
         self.tmpdir.cleanup()
 
 
-def launch_local_workers(world_size: int, driver_address: str) -> LocalWorkers:
+def launch_local_workers(world_size: int, driver_address: str, secret: bytes) -> LocalWorkers:
     tmpdir = tempfile.TemporaryDirectory(prefix="mnemosyne-rdzv-")
     init_method = (Path(tmpdir.name) / "store").as_uri()
     procs = []
@@ -55,6 +59,7 @@ def launch_local_workers(world_size: int, driver_address: str) -> LocalWorkers:
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world_size),
             LOCAL_WORLD_SIZE=str(world_size),
+            **secret_env(secret),
         )
         cmd = [
             sys.executable,
@@ -64,6 +69,8 @@ def launch_local_workers(world_size: int, driver_address: str) -> LocalWorkers:
             driver_address,
             "--init-method",
             init_method,
+            "--parent-pid",
+            str(os.getpid()),
         ]
         procs.append(subprocess.Popen(cmd, env=env))
     return LocalWorkers(procs, tmpdir)

@@ -9,56 +9,53 @@
       │ ── StepDone(rank, result) ─────────> │   (reporting ranks: last stage, tp rank 0)
       │ <────────────────────── Shutdown() ─ │
       │ ── WorkerFailed(rank, traceback) ──> │   (on any exception, then the worker exits)
+      heartbeat thread ── Heartbeat ───────> │   (every second, from the start: wire/heartbeat.py)
 
-Messages are pickled dataclasses; the channel is trusted (loopback by default).
+Each message is a msgspec `Struct` with its own tag: a frame decodes to exactly one of
+the types the receiver expects (`DriverMessage` on workers, `WorkerMessage` on the
+driver) or is dropped (`wire/codec.py`: versioned, HMAC-authenticated, never pickled).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from mnemosyne.config import EngineConfig
-from mnemosyne.engine.step_plan import StepPlan, StepResult
+from mnemosyne.wire.heartbeat import Heartbeat
+from mnemosyne.wire.plan import StepPlan, StepResult
 
 
-@dataclass(frozen=True)
-class WorkerHello:
+class WorkerHello(msgspec.Struct, tag="hello", frozen=True):
     rank: int
     host: str
     pid: int
 
 
-@dataclass(frozen=True)
-class InitWorker:
+class InitWorker(msgspec.Struct, tag="init", frozen=True):
     config: EngineConfig
 
 
-@dataclass(frozen=True)
-class WorkerReady:
+class WorkerReady(msgspec.Struct, tag="ready", frozen=True):
     rank: int
 
 
-@dataclass(frozen=True)
-class RunStep:
+class RunStep(msgspec.Struct, tag="run", frozen=True):
     plan: StepPlan
 
 
-@dataclass(frozen=True)
-class StepDone:
+class StepDone(msgspec.Struct, tag="done", frozen=True):
     rank: int
     result: StepResult
 
 
-@dataclass(frozen=True)
-class Shutdown:
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class WorkerFailed:
+class WorkerFailed(msgspec.Struct, tag="failed", frozen=True):
     rank: int
     error: str  # formatted traceback
 
 
 DriverMessage = InitWorker | RunStep | Shutdown
-WorkerMessage = WorkerHello | WorkerReady | StepDone | WorkerFailed
+WorkerMessage = WorkerHello | WorkerReady | StepDone | WorkerFailed | Heartbeat

@@ -49,6 +49,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None =
     app = FastAPI(title="Mnemosyne", lifespan=lifespan)
     _install_error_handlers(app)
     app.include_router(_api_router(ctx, api_key))
+    _openapi_400_not_422(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -117,6 +118,61 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
     return router
 
 
+_MAX_DETAIL_CHARS = 200
+
+
+def validation_error_body(exc: RequestValidationError) -> dict:
+    """OpenAI's error shape naming the first bad field and pydantic's short reason; never
+    the request body (it may be huge or secret) nor `str(exc)` (it names our source files)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc)[:_MAX_DETAIL_CHARS] or None
+    reason = str(first.get("msg", "invalid request"))[:_MAX_DETAIL_CHARS]
+    if first.get("type") == "json_invalid":
+        param, message = None, f"the body is not valid JSON: {reason}"
+    else:
+        message = f"invalid value for {param!r}: {reason}" if param else f"invalid request body: {reason}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return error_body(message, "invalid_request_error", param)
+
+
+def _openapi_400_not_422(app: FastAPI) -> None:
+    """FastAPI documents 422 for bad bodies; this server answers 400 in OpenAI's shape."""
+    error_schema = {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    k: {"type": "string", "nullable": True} for k in ("message", "type", "param", "code")
+                },
+            }
+        },
+    }
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for methods in schema.get("paths", {}).values():
+                for op in methods.values():
+                    responses = op.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses["400"] = {
+                            "description": "Invalid request (OpenAI error shape)",
+                            "content": {"application/json": {"schema": error_schema}},
+                        }
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -128,14 +184,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"invalid value for {param!r}: {first.get('msg', 'invalid request')}" if param else str(exc)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-        return JSONResponse(error_body(message, "invalid_request_error", param), HTTPStatus.BAD_REQUEST)
+        return JSONResponse(validation_error_body(exc), HTTPStatus.BAD_REQUEST)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

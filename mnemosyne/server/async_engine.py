@@ -1,39 +1,58 @@
-"""`AsyncEngine`: the `LLMEngine` on its own thread, streaming outputs into asyncio.
+"""`AsyncEngine`: the engine core process as the HTTP handlers see it, streaming into asyncio.
 
-    event loop (HTTP handlers)                     engine thread (owns LLMEngine)
-    ──────────────────────────                     ──────────────────────────────
-    add(subs):    _Add(subs, future) ───────────>  drain commands between steps:
-                  await future <─────────────────    admit all subs or none (400 / 503)
-    async for out in handle <── call_soon_threadsafe ── step() -> outputs, metrics
-    handle.close() before the end (client gone):
-                  _Abort(ids) ───────────────────>   engine.abort(id): KV blocks freed
-    stop(): _Stop ───────────────────────────────>   abort the rest, engine.shutdown()
+    event loop (HTTP handlers)                 io thread (core_process.py)      engine core process
+    ──────────────────────────                 ───────────────────────────      ───────────────────
+    add(subs): AddRequests ──────────────────────────────────────────────────>  admit all or none
+               await future <──────────────── AddResult: streams registered <──
+    async for out in handle <─ call_soon_threadsafe ── StepOutputs: token ids <── one message per step
+                                                        -> detokenize, stop strings
+                                                        -> cumulative RequestOutput
+                                                        stop string: AbortRequests ─────────────>
+    handle.close() (client gone): AbortRequests ─────────────────────────────>  applied before next step
+    stop(): StopEngine ──────────────────────────────────────────────────────>  abort the rest, exit 0
 
-Only the engine thread touches the engine, the scheduler and the KV cache; the loop
-only sends commands and reads its streams, so a bad request can never corrupt
-another one. If a step raises (a worker died), every stream gets `EngineDeadError`
-and new requests are refused with 503.
+The engine (scheduler, KV cache, workers) lives in another process, so nothing a
+handler does can corrupt it, and HTTP work never takes its GIL. If the core dies
+(a worker died or froze, a bug, a kill) every open stream gets `EngineDeadError`,
+new requests are refused with 503, and `on_dead` callbacks run (`mnemosyne serve`
+then exits non-zero).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
-import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from mnemosyne.engine.llm_engine import LLMEngine
-from mnemosyne.outputs import EngineStats, RequestOutput
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.detokenizer import IncrementalDetokenizer
+from mnemosyne.engine.llm_engine import load_tokenizer
+from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming
 from mnemosyne.sampling_params import SamplingParams
-from mnemosyne.server.errors import EngineDeadError, ServerOverloadedError, to_api_error
+from mnemosyne.server.core_process import CoreProcess
+from mnemosyne.server.errors import APIError, EngineDeadError
 from mnemosyne.server.metrics import ServerMetrics
-from mnemosyne.server.prefill_progress import PrefillProgressLog
+from mnemosyne.wire.engine_core import (
+    AbortRequests,
+    AddRequests,
+    AddResult,
+    CheckIntegrity,
+    CoreRequest,
+    CoreToServer,
+    EngineDead,
+    IntegrityResult,
+    OutputDelta,
+    StepOutputs,
+)
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mnemosyne.server")
+
+_DEAD_CORE_WAIT_S = 5.0  # a core that reported its death may still be stopping its workers
 
 
 @dataclass(frozen=True)
@@ -54,25 +73,62 @@ class _Stream:
 
 
 @dataclass
-class _Add:
+class _Accumulated:
+    """A request's output so far, rebuilt from the core's deltas; detokenized here, where
+    stop strings are matched (the engine core sends token ids only)."""
+
+    stream: _Stream
+    prompt_token_ids: list[int]
+    detok: IncrementalDetokenizer | None  # None: the model has no tokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+
+    def apply(self, d: OutputDelta) -> RequestOutput:
+        """The output after delta `d`. Finished with reason "stop" when a stop string
+        appeared (tokens after the one completing it are dropped); the core is still
+        running such a request and must be told to abort it."""
+        new_ids = list(d.new_token_ids)
+        finished, reason, finished_time = d.finished, d.finish_reason, d.finished_time
+        delta_text = ""
+        if self.detok is not None:
+            for i, t in enumerate(new_ids):
+                if self.detok.add_token(t) and not finished:
+                    new_ids = new_ids[: i + 1]
+                    finished, reason, finished_time = True, "stop", time.monotonic()
+                    break
+            delta_text = self.detok.take_delta(finished)
+        self.token_ids += new_ids
+        self.logprobs += (d.new_logprobs or [])[: len(new_ids)]
+        self.prompt_logprobs += d.new_prompt_logprobs or ()
+        self.token_times += d.new_token_times[: len(new_ids)]
+        return RequestOutput(
+            request_id=d.request_id,
+            prompt=None,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.token_ids),
+            text=self.detok.text if self.detok is not None else "",
+            finished=finished,
+            finish_reason=reason,
+            logprobs=list(self.logprobs) if d.new_logprobs is not None else None,
+            prompt_logprobs=list(self.prompt_logprobs) if d.new_prompt_logprobs is not None else None,
+            timing=RequestTiming(
+                d.arrival_time, d.first_token_time, list(self.token_times), finished_time, d.ttft_deadline_s
+            ),
+            delta_text=delta_text,
+            delta_token_ids=new_ids,
+            num_preemptions=d.num_preemptions,
+            num_computed_tokens=d.num_computed_tokens,
+            num_cached_tokens=d.num_cached_tokens,
+        )
+
+
+@dataclass
+class _PendingAdd:
     subs: list[SubRequest]
     stream: _Stream
     done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-@dataclass
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-class _Stop:
-    pass
 
 
 class RequestHandle:
@@ -105,188 +161,203 @@ class RequestHandle:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_waiting_requests: int = 1024) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.max_waiting_requests = max_waiting_requests
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | _Stop] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
+    """Starts the engine core process (blocks until its model is loaded)."""
+
+    def __init__(
+        self, engine_args: EngineArgs, model_name: str | None, max_waiting_requests: int = 1024
+    ) -> None:
+        self.core = CoreProcess(engine_args, max_waiting_requests)
+        self.info = self.core.info
+        self._tokenizer = load_tokenizer(
+            self.info.model_dir
+        )  # the io thread's own (HF's are not thread-safe)
+        self.metrics = ServerMetrics(
+            model_name or self.info.model_dir, self.info.num_kvp_groups, self.info.tbt_slo_s
+        )
+        self._lock = threading.Lock()  # guards the tables below (event loop + io thread)
+        self._requests: dict[str, _Accumulated] = {}
+        self._adds: dict[int, _PendingAdd] = {}
+        self._checks: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count()
         self._dead: str | None = None
-        self._stats = engine.stats()
-        self._progress = PrefillProgressLog(engine.predicted_remaining_prefill_s)
-        self._thread = threading.Thread(target=self._run, name="mnemosyne-engine", daemon=True)
-        self._thread.start()
+        self._stopped = False
+        self._failed = False
+        self._on_dead: list[Callable[[str], None]] = []
+        self._stats = EngineStats(0, 0, 0, (0.0,) * self.info.num_kvp_groups)
+        self._num_rejected = {"engine": 0, "workers": 0}
+        self.core.start(self._on_message, self._die)
 
     # ---- event loop side --------------------------------------------------------------
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None
 
     @property
     def dead_reason(self) -> str | None:
-        return self._dead if self._dead is not None or self._thread.is_alive() else "engine thread exited"
+        return self._dead
+
+    @property
+    def failed(self) -> bool:
+        """True when the engine died (not stopped on request)."""
+        return self._failed
 
     @property
     def stats(self) -> EngineStats:
-        """The snapshot taken after the latest step."""
+        """The snapshot sent after the latest step."""
         return self._stats
+
+    def on_dead(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` (from the io thread) when the engine core dies."""
+        self._on_dead.append(callback)
 
     async def add(self, subs: list[SubRequest]) -> RequestHandle:
         """Admit every sub-request or none: raises an `APIError` (400 invalid, 400 context
         length, 503 queue full or engine down) and leaves the engine untouched."""
-        if not self.is_alive:
-            raise EngineDeadError(self.dead_reason or "stopped")
-        stream = _Stream(asyncio.get_running_loop())
-        add = _Add(subs, stream)
-        self._send(add)
+        pending = _PendingAdd(subs, _Stream(asyncio.get_running_loop()))
+        call_id = next(self._call_ids)
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            self._adds[call_id] = pending
+        reqs = [CoreRequest(s.request_id, s.prompt_token_ids, s.params) for s in subs]
+        self.core.send(AddRequests(call_id, reqs))
         try:
-            await asyncio.wrap_future(add.done)
+            await asyncio.wrap_future(pending.done)
         except asyncio.CancelledError:  # it may have been admitted all the same
             self.abort([s.request_id for s in subs])
             raise
-        return RequestHandle(self, stream, [s.request_id for s in subs])
+        return RequestHandle(self, pending.stream, [s.request_id for s in subs])
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort these requests (unknown or finished ids are ignored)."""
-        self._send(_Abort(list(request_ids)))
+        with self._lock:
+            known = [rid for rid in request_ids if self._requests.pop(rid, None) is not None]
+            dead = self._dead is not None
+        for _ in known:
+            self.metrics.on_finished("abort")
+        if request_ids and not dead:
+            self.core.send(AbortRequests(list(request_ids)))
 
-    def call(self, fn: Callable[[LLMEngine], Any], timeout_s: float = 60.0) -> Any:
-        """Run `fn(engine)` on the engine thread between steps (e.g. a KV integrity check)
-        and return its result. Blocking: not for the event loop."""
-        cmd = _Call(fn)
-        self._send(cmd)
-        return cmd.done.result(timeout_s)
+    def check_integrity(self, timeout_s: float = 60.0) -> list[float]:
+        """Check the KV cache in the core between steps (raises on a broken invariant);
+        returns the per-group usage. Blocking: not for the event loop."""
+        call_id = next(self._call_ids)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            self._checks[call_id] = done
+        self.core.send(CheckIntegrity(call_id))
+        return done.result(timeout_s)
+
+    @property
+    def num_rejected_messages(self) -> dict[str, int]:
+        """Control messages dropped so far: on this server's port and the core's worker port."""
+        return {"engine": self.core.codec.num_rejected, "workers": self._num_rejected["workers"]}
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """Abort what is left, stop the engine thread and the workers. Idempotent."""
-        if self._thread.is_alive():
-            self._send(_Stop())
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                logger.error("engine thread did not stop within %.0f s", timeout_s)
+        """Abort what is left, stop the core and its workers. Idempotent."""
+        with self._lock:
+            self._stopped = True
+            dead = self._dead is not None
+        self.core.stop(_DEAD_CORE_WAIT_S if dead else timeout_s)  # a dead core gets no drain time
+        self._die("the server is shutting down")
 
-    def _send(self, cmd: _Add | _Abort | _Call | _Stop) -> None:
-        self._commands.put(cmd)
-        self._wake.set()
+    # ---- io thread ---------------------------------------------------------------------
 
-    # ---- engine thread ----------------------------------------------------------------
+    def _on_message(self, msg: CoreToServer) -> None:
+        if isinstance(msg, StepOutputs):
+            self._deliver(msg)
+        elif isinstance(msg, AddResult):
+            self._added(msg)
+        elif isinstance(msg, IntegrityResult):
+            with self._lock:
+                done = self._checks.pop(msg.call_id, None)
+            if done is not None:
+                if msg.error is None:
+                    done.set_result(msg.kv_cache_usage)
+                else:
+                    done.set_exception(AssertionError(msg.error))
+        elif isinstance(msg, EngineDead):
+            self._die(msg.reason)
+        else:
+            logger.warning("ignored %s from the engine core", type(msg).__name__)
 
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                if not engine.has_unfinished_requests() and self._commands.empty():
-                    self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                if not self._drain_commands():
-                    break
-                if engine.has_unfinished_requests():
-                    self._deliver(engine.step())
-                self._refresh_stats()
-        except BaseException as e:  # a worker died or a bug: fail every request, refuse new ones
-            logger.exception("engine loop failed")
-            self._dead = f"{type(e).__name__}: {e}"
-            self._fail_all(EngineDeadError(self._dead))
-        finally:
-            self._shutdown_engine()
-
-    def _drain_commands(self) -> bool:
-        """Apply pending commands; False once asked to stop."""
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return True
-            if isinstance(cmd, _Add):
-                self._admit(cmd)
-            elif isinstance(cmd, _Abort):
-                for rid in cmd.request_ids:
-                    self._abort(rid)
-            elif isinstance(cmd, _Call):
-                try:
-                    cmd.done.set_result(cmd.fn(self.engine))
-                except Exception as e:
-                    cmd.done.set_exception(e)
-            else:
-                self._dead = "the server is shutting down"
-                self._fail_all(EngineDeadError(self._dead))
-                return False
-
-    def _admit(self, cmd: _Add) -> None:
-        if not cmd.done.set_running_or_notify_cancel():
-            return  # the caller went away before admission
-        engine = self.engine
-        num_waiting = engine.scheduler.num_waiting
-        if num_waiting + len(cmd.subs) > self.max_waiting_requests:
-            self.metrics.on_rejected("queue_full")
-            cmd.done.set_exception(ServerOverloadedError(num_waiting, self.max_waiting_requests))
+    def _added(self, msg: AddResult) -> None:
+        with self._lock:
+            pending = self._adds.pop(msg.call_id, None)
+            if pending is not None and msg.error is None:
+                for s in pending.subs:
+                    detok = None
+                    if self._tokenizer is not None:
+                        p = s.params
+                        detok = IncrementalDetokenizer.for_prompt(
+                            self._tokenizer, s.prompt_token_ids, p.skip_special_tokens, p.stop
+                        )
+                    self._requests[s.request_id] = _Accumulated(pending.stream, s.prompt_token_ids, detok)
+        if pending is None:
             return
-        added: list[str] = []
-        try:
-            for sub in cmd.subs:
-                engine.add_request(sub.prompt_token_ids, sub.params, request_id=sub.request_id)
-                added.append(sub.request_id)
-        except Exception as e:
-            for rid in added:
-                engine.abort(rid)
-            err = to_api_error(e)
-            self.metrics.on_rejected(err.code or err.type)
-            cmd.done.set_exception(err)
+        if msg.error is not None:
+            e = msg.error
+            self.metrics.on_rejected(e.code or e.type)
+            pending.done.set_exception(APIError(e.status, e.message, e.type, e.param, e.code))
             return
-        for sub in cmd.subs:
-            self._streams[sub.request_id] = cmd.stream
-            self.metrics.on_admitted(len(sub.prompt_token_ids))
-        cmd.done.set_result(None)
+        for s in pending.subs:
+            self.metrics.on_admitted(len(s.prompt_token_ids))
+        if pending.done.set_running_or_notify_cancel():
+            pending.done.set_result(None)
 
-    def _abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self.engine.abort(request_id)
-            self.metrics.on_finished("abort")
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        items: list[tuple[_Stream, RequestOutput | BaseException]] = []
-        for out in outputs:
+    def _deliver(self, msg: StepOutputs) -> None:
+        with self._lock:
+            live = [(acc, d) for d in msg.outputs if (acc := self._requests.get(d.request_id)) is not None]
+        outputs = [(acc.stream, acc.apply(d)) for acc, d in live]  # detokenize outside the lock
+        stopped: list[str] = []  # by a stop string here: the core still runs them
+        with self._lock:
+            for (_, out), (_, d) in zip(outputs, live, strict=True):
+                if out.finished and self._requests.pop(out.request_id, None) is not None and not d.finished:
+                    stopped.append(out.request_id)
+        if stopped:
+            self.core.send(AbortRequests(stopped))
+        for _, out in outputs:
             self.metrics.on_output(out)
-            self._progress.on_output(out)
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue  # aborted by the client while this step ran
-            if out.finished:
-                del self._streams[out.request_id]
-            items.append((stream, out))
-        _post(items)
+        self._stats = msg.stats
+        self.metrics.on_stats(msg.stats)
+        self.metrics.on_steps(msg.step_stats)
+        self._count_rejected("workers", msg.num_rejected_worker_messages)
+        self._count_rejected("engine", self.core.codec.num_rejected)
+        _post(list(outputs))
 
-    def _fail_all(self, err: BaseException) -> None:
-        items: list[tuple[_Stream, RequestOutput | BaseException]] = []
-        for rid, stream in list(self._streams.items()):
+    def _count_rejected(self, port: str, total: int) -> None:
+        if total > self._num_rejected[port]:
+            self.metrics.on_control_rejected(port, total - self._num_rejected[port])
+            self._num_rejected[port] = total
+
+    def _die(self, reason: str) -> None:
+        """Fail every open request and refuse new ones (idempotent)."""
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = reason
+            streams = [acc.stream for acc in self._requests.values()]
+            self._requests.clear()
+            futures = [p.done for p in self._adds.values()] + list(self._checks.values())
+            self._adds.clear()
+            self._checks.clear()
+            stopped = self._stopped
+            self._failed = not stopped
+        err = EngineDeadError(reason)
+        if not stopped:
+            logger.error("the engine died: %s", reason)
+        for _ in streams:
             self.metrics.on_finished("error")
-            try:
-                self.engine.abort(rid)
-            except Exception:  # the engine may be broken; the request is dropped either way
-                pass
-            items.append((stream, err))
-        self._streams.clear()
-        while True:  # admissions that raced the failure
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(cmd, _Add | _Call) and cmd.done.set_running_or_notify_cancel():
-                cmd.done.set_exception(err)
-        _post(items)
-
-    def _refresh_stats(self) -> None:
-        self._stats = self.engine.stats()
-        self.metrics.on_stats(self._stats)
-        self.metrics.on_steps(self.engine.take_step_stats())
-
-    def _shutdown_engine(self) -> None:
-        try:
-            self.engine.shutdown()
-        except Exception:
-            logger.exception("engine shutdown failed")
+        for f in futures:
+            if not f.done():
+                f.set_exception(err)
+        _post([(s, err) for s in dict.fromkeys(streams)])
+        if not stopped:
+            for cb in self._on_dead:
+                cb(reason)
 
 
 def _post(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:

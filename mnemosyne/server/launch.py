@@ -1,16 +1,23 @@
 """Start the server: `serve()` for `mnemosyne serve` (blocks, Ctrl-C or SIGTERM drains),
 `BackgroundServer` for tests and benchmarks (uvicorn on a thread of this process).
+Both start the engine core process (`engine/core.py`) and wait for its model.
 
 Shutdown order: uvicorn stops accepting, waits up to `shutdown_timeout_s` for open
 requests to finish (drain), cancels the rest (their handles abort them), then the
-app's lifespan stops the engine thread, which aborts anything left and stops the
+app's lifespan stops the engine core, which aborts anything left and stops the
 worker processes.
+
+When the engine dies (a worker died or froze, the core was killed), open streams
+get an error event and [DONE], /health answers 503, the cause is logged, and
+`serve()` shuts uvicorn down and returns 1 within `_DEATH_EXIT_S` (the process is
+ended hard if uvicorn does not stop in time): a supervisor sees the failure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
@@ -20,14 +27,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from mnemosyne.engine.args import EngineArgs
-from mnemosyne.engine.llm_engine import LLMEngine, load_tokenizer
+from mnemosyne.engine.llm_engine import load_tokenizer
 from mnemosyne.models.default_model import DEFAULT_MODEL_NAME
 from mnemosyne.server.api_server import build_app
 from mnemosyne.server.async_engine import AsyncEngine
-from mnemosyne.server.metrics import ServerMetrics
 from mnemosyne.server.serving import ServingContext
 
 logger = logging.getLogger("mnemosyne.server")
+
+_DEATH_EXIT_S = 20.0  # after the engine died: uvicorn's drain, then a hard exit
 
 
 @dataclass(frozen=True)
@@ -38,27 +46,29 @@ class ServerArgs:
     served_model_name: str | None = None  # default: --model as given, or the embedded default's name
     max_waiting_requests: int = 1024  # admissions beyond this many waiting requests get 503
     shutdown_timeout_s: float = 30.0  # drain time for open requests on shutdown
+    # Work one API call may ask for: sum over its choices of prompt + max_tokens (or the
+    # room a chat call without max_tokens gets). Beyond it: 400 naming the limit.
+    # None: 4 full-context requests (4 x the per-request token limit).
+    max_tokens_per_call: int | None = None
     log_level: str = "info"
     access_log: bool = True
 
 
 def build_server(engine_args: EngineArgs, server_args: ServerArgs) -> tuple[FastAPI, AsyncEngine]:
-    """Load the model, start the engine thread and build the app (not yet listening)."""
-    engine = LLMEngine.from_args(engine_args)
-    cfg = engine.config
+    """Start the engine core process, wait for its model and build the app (not yet listening)."""
     name = server_args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
-    metrics = ServerMetrics(name, engine.kv_manager.num_kvp_groups, engine.config.policy.tbt_slo_s)
-    async_engine = AsyncEngine(engine, metrics, server_args.max_waiting_requests)
-    tokenizer = load_tokenizer(cfg.model_dir)  # the loop's own instance: HF tokenizers are not thread-safe
+    async_engine = AsyncEngine(engine_args, name, server_args.max_waiting_requests)
+    info = async_engine.info
     ctx = ServingContext(
         engine=async_engine,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(info.model_dir),
         model_name=name,
-        max_model_len=cfg.scheduler.max_model_len,
-        max_request_tokens=min(cfg.scheduler.max_model_len, engine.kv_manager.capacity_tokens_per_request),
-        vocab_size=cfg.model.vocab_size,
+        max_model_len=info.max_model_len,
+        max_request_tokens=info.max_request_tokens,
+        vocab_size=info.vocab_size,
+        max_tokens_per_call=server_args.max_tokens_per_call or 4 * info.max_request_tokens,
     )
-    return build_app(ctx, metrics, server_args.api_key), async_engine
+    return build_app(ctx, async_engine.metrics, server_args.api_key), async_engine
 
 
 def _uvicorn_config(app: FastAPI, args: ServerArgs) -> uvicorn.Config:
@@ -78,6 +88,15 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     logging.basicConfig(level=server_args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app, async_engine = build_server(engine_args, server_args)
     server = uvicorn.Server(_uvicorn_config(app, server_args))
+
+    def on_engine_death(reason: str) -> None:
+        logger.error("shutting down: the engine died (%s)", reason)
+        server.should_exit = True
+        timer = threading.Timer(_DEATH_EXIT_S, _hard_exit, args=(reason,))
+        timer.daemon = True
+        timer.start()
+
+    async_engine.on_dead(on_engine_death)
     logger.info("serving on http://%s:%d/v1", server_args.host, server_args.port)
     try:
         server.run()
@@ -85,7 +104,18 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
         pass
     finally:
         async_engine.stop()  # a no-op when the lifespan already stopped it
+    if async_engine.failed:
+        logger.error("exiting with code 1: the engine died (%s)", async_engine.dead_reason)
+        return 1
     return 0 if server.started else 1
+
+
+def _hard_exit(reason: str) -> None:
+    logger.error(
+        "uvicorn did not stop within %.0f s after the engine died (%s): exiting", _DEATH_EXIT_S, reason
+    )
+    logging.shutdown()
+    os._exit(1)
 
 
 class BackgroundServer:

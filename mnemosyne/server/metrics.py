@@ -1,14 +1,16 @@
 """Prometheus metrics of the server (prometheus-client, one registry per server).
 
-Request latencies are observed on the engine thread from each `RequestOutput`'s
-timing (stamped when the step that sampled the token was processed):
+Request latencies are observed on the server's io thread from each `RequestOutput`'s
+timing (stamped in the engine core when the step that sampled the token was processed):
 
     arrival ──── TTFT ────> token 0 ── TBT ──> token 1 ── TBT ──> ... token n-1 ──> finished
     |<──────────────────────────── e2e latency ───────────────────────────────────>|
 
 Gauges (running/waiting requests, KV-cache use per KVP group, where cached blocks
 nobody references count as free, and blocks in the prefix cache) are refreshed after
-every engine step. Prefix-cache queries and hits count prompt tokens of admitted requests. Counters only grow; `requests_finished_total{reason}` counts
+every engine step. Prefix-cache queries and hits count prompt tokens of admitted requests.
+`control_messages_rejected_total{port}` counts control frames dropped (bad HMAC, garbage,
+wrong sender) on the engine-core and worker ports. Counters only grow; `requests_finished_total{reason}` counts
 stop / length / abort / error, `requests_rejected_total{code}` counts admissions
 refused (400 invalid, 400 context length, 503 queue full).
 
@@ -102,12 +104,20 @@ class ServerMetrics:
         for met in ("true", "false"):
             self.tbt_slo.labels(**labels, met=met)
             self.ttft_slo.labels(**labels, met=met)
+        self.control_rejected = counter(
+            "control_messages_rejected",
+            "Control messages dropped (bad HMAC, garbage, wrong sender), by port: engine "
+            "(this server's engine-core port) or workers (the engine core's worker port).",
+            ("port",),
+        )
+        for port in ("engine", "workers"):
+            self.control_rejected.labels(**labels, port=port)
         for g in range(num_kvp_groups):
             self.kv_usage.labels(**labels, kvp_group=str(g)).set(0.0)
         for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(**labels, reason=reason)
 
-    # ---- engine thread ----------------------------------------------------------------
+    # ---- the server's io thread ----------------------------------------------------------------
 
     def on_admitted(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -146,6 +156,9 @@ class ServerMetrics:
 
     def on_finished(self, reason: str) -> None:
         self.finished.labels(**self._labels, reason=reason).inc()
+
+    def on_control_rejected(self, port: str, n: int) -> None:
+        self.control_rejected.labels(**self._labels, port=port).inc(n)
 
     def on_stats(self, stats: EngineStats) -> None:
         self.running.labels(**self._labels).set(stats.num_running)

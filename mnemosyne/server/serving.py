@@ -25,6 +25,7 @@ from mnemosyne.outputs import RequestOutput
 from mnemosyne.request import TokenLogprobs
 from mnemosyne.server.async_engine import AsyncEngine, RequestHandle
 from mnemosyne.server.errors import APIError
+from mnemosyne.server.validation import check_text
 
 T = TypeVar("T")
 
@@ -37,6 +38,7 @@ class ServingContext:
     max_model_len: int
     max_request_tokens: int  # min(max_model_len, KV capacity of one request)
     vocab_size: int
+    max_tokens_per_call: int  # prompt + max_tokens summed over a call's choices (ServerArgs)
     _token_text: dict[int, str] = field(default_factory=dict)
 
     def check_model(self, name: str | None) -> None:
@@ -49,6 +51,7 @@ class ServingContext:
             )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "prompt")  # a lone surrogate would fail in the tokenizer (a 500)
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def check_token_ids(self, ids: list[int]) -> list[int]:
@@ -119,6 +122,12 @@ def top_entries(entry: TokenLogprobs, k: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
 
 
+def top_with_chosen(entry: TokenLogprobs, k: int, chosen: int) -> dict[int, float]:
+    """The top k plus the chosen token (up to k + 1 entries), as OpenAI's completions
+    API and vLLM return them; `logprobs: 0` gives just the chosen token."""
+    return {**dict(top_entries(entry, k)), chosen: entry[chosen]}
+
+
 def completion_logprobs(
     ctx: ServingContext,
     token_ids: list[int],
@@ -138,7 +147,7 @@ def completion_logprobs(
             tops.append(None)
         else:
             token_logprobs.append(entry[tid])
-            tops.append({ctx.token_text(t): lp for t, lp in top_entries(entry, k)})
+            tops.append({ctx.token_text(t): lp for t, lp in top_with_chosen(entry, k, tid).items()})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 

@@ -29,17 +29,26 @@ from mnemosyne.server.serving import (
     sub_request_id,
     usage,
 )
+from mnemosyne.server.validation import check_sampling_fields, check_text, check_work
 
 
 async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext, raw: Request) -> Response:
     req.check()
     ctx.check_model(req.model)
-    prompt_ids = ctx.apply_chat_template(
-        req.template_messages(), req.add_generation_prompt, req.chat_template_kwargs
-    )
+    check_sampling_fields(req, ctx.vocab_size)
+    messages = req.template_messages()
+    for m in messages:
+        check_text(m["content"], "messages")
+    prompt_ids = ctx.apply_chat_template(messages, req.add_generation_prompt, req.chat_template_kwargs)
     max_tokens = req.requested_max_tokens()
     if max_tokens is None:
         max_tokens = ctx.default_max_tokens(len(prompt_ids))
+    check_work(
+        [len(prompt_ids) + max_tokens] * req.n,
+        ctx.max_tokens_per_call,
+        ctx.max_request_tokens,
+        "n" if req.n > 1 else "max_tokens",
+    )
     top_k = (req.top_logprobs or 0) if req.logprobs else None
     call_id = new_call_id("chatcmpl")
     subs = [

@@ -23,6 +23,7 @@ from mnemosyne.server.serving import (
     sub_request_id,
     usage,
 )
+from mnemosyne.server.validation import check_sampling_fields, check_work
 
 
 @dataclass
@@ -37,7 +38,7 @@ class _Choice:
 
     prompt: _Prompt
     num_tokens_sent: int = 0
-    text_sent: int = 0  # characters streamed, for logprobs' text_offset
+    text_offset: int = 0  # characters of the token texts sent (logprobs' text_offset, as non-streamed)
     echoed: bool = False
     num_cached_tokens: int = 0
 
@@ -45,15 +46,19 @@ class _Choice:
 async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Request) -> Response:
     req.check()
     ctx.check_model(req.model)
+    check_sampling_fields(req, ctx.vocab_size)
     prompts = [_tokenize(ctx, p) for p in req.prompts()]
     n = req.n
+    max_tokens = req.max_tokens if req.max_tokens is not None else 16
+    work = [len(p.token_ids) + max_tokens for p in prompts for _ in range(n)]
+    check_work(work, ctx.max_tokens_per_call, ctx.max_request_tokens, "n" if n > 1 else "max_tokens")
     call_id = new_call_id("cmpl")
     subs = [
         SubRequest(
             sub_request_id(call_id, p, i),
             prompt.token_ids,
             req.sampling_params(
-                max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+                max_tokens=max_tokens,
                 logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
                 i=i,
@@ -143,10 +148,10 @@ async def _chunks(
             ch.echoed = True
         logprobs = None
         if req.logprobs is not None and new_ids:
-            logprobs = completion_logprobs(ctx, new_ids, entries, req.logprobs, ch.text_sent)
+            logprobs = completion_logprobs(ctx, new_ids, entries, req.logprobs, ch.text_offset)
+            ch.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         ch.num_tokens_sent = len(out.token_ids)
         ch.num_cached_tokens = out.num_cached_tokens
-        ch.text_sent += len(text)
         choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
         yield {**head, "choices": [choice], **extra}
     if req.include_usage:

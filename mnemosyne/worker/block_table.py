@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mnemosyne.engine.step_plan import PieceSpec
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
 from mnemosyne.layers.attention.metadata import leading_run
+from mnemosyne.wire.plan import PieceSpec
 
 
 @dataclass

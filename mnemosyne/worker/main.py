@@ -10,7 +10,11 @@ The same entry point serves both launchers:
 The worker connects to the driver, receives the engine config, joins the process
 groups (NCCL on CUDA, gloo on CPU), loads its model shard and runs plans until
 told to stop. Any exception is reported to the driver (`WorkerFailed`) before
-the process exits, so the driver raises instead of waiting forever.
+the process exits, so the driver raises instead of waiting forever. From the
+moment it connects, a heartbeat thread (`wire/heartbeat.py`) tells the driver it
+is alive, and ends the process if the driver says so or (local workers, given
+`--parent-pid`) the parent is gone. Messages are signed with the control secret
+from the environment (`wire/auth.py`).
 """
 
 from __future__ import annotations
@@ -33,12 +37,23 @@ from mnemosyne.parallel.messages import (
     WorkerReady,
 )
 from mnemosyne.parallel.transport import WorkerChannel
+from mnemosyne.wire.auth import require_secret
+from mnemosyne.wire.heartbeat import Heartbeater
 
 _TEARDOWN_TIMEOUT_S = 10.0
 
 
-def run_worker(driver: str, rank: int, local_rank: int, local_world_size: int, init_method: str) -> int:
-    channel = WorkerChannel(driver, rank)
+def run_worker(
+    driver: str,
+    rank: int,
+    local_rank: int,
+    local_world_size: int,
+    init_method: str,
+    parent_pid: int | None = None,
+) -> int:
+    secret = require_secret("a worker")
+    channel = WorkerChannel(driver, rank, secret)
+    beater = Heartbeater(driver, f"rank-{rank}", secret, parent_pid).start()
     worker = None
     try:
         channel.send(WorkerHello(rank, socket.gethostname(), os.getpid()))
@@ -65,7 +80,8 @@ def run_worker(driver: str, rank: int, local_rank: int, local_world_size: int, i
             msg = channel.recv()
             if isinstance(msg, Shutdown):
                 break
-            assert isinstance(msg, RunStep), f"unexpected driver message {type(msg).__name__}"
+            if not isinstance(msg, RunStep):
+                raise RuntimeError(f"unexpected driver message {type(msg).__name__} after start-up")
             result = worker.execute(msg.plan)
             if result is not None:
                 channel.send(StepDone(rank, result))
@@ -76,6 +92,7 @@ def run_worker(driver: str, rank: int, local_rank: int, local_world_size: int, i
         return 1
     finally:
         _teardown()
+        beater.stop()
         channel.close()
 
 
@@ -94,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mnemosyne.worker", description=__doc__.splitlines()[0])
     ap.add_argument("--driver", required=True, help="driver address, tcp://HOST:PORT")
     ap.add_argument("--init-method", default="env://", help="torch.distributed rendezvous (default env://)")
+    ap.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     ns = ap.parse_args(argv)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return run_worker(ns.driver, rank, local_rank, local_world, ns.init_method)
+    return run_worker(ns.driver, rank, local_rank, local_world, ns.init_method, ns.parent_pid)

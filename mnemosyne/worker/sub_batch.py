@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mnemosyne.engine.step_plan import ChunkPlan, StepPlan
 from mnemosyne.layers.attention.kvp_merge import KVPMergeIndex
 from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.wire.plan import ChunkPlan, StepPlan
 from mnemosyne.worker.block_table import BlockTableMirror
 
 

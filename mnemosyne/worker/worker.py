@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
-from mnemosyne.engine.step_plan import StepPlan, StepResult
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
@@ -31,6 +30,7 @@ from mnemosyne.models.loader import load_model
 from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
 from mnemosyne.parallel.groups import ProcessGroups
 from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch

@@ -2,7 +2,7 @@
 
     prefill req-7: 131072/262144 tokens (50.0%), 7412 tok/s, TTFT in ~17.3 s (predicted)
 
-Fed every output on the engine thread; only prompts of at least `min_prompt_tokens`
+Fed every output in the engine core (`engine/core.py`); only prompts of at least `min_prompt_tokens`
 are followed, and each at most once per `interval_s`.
 """
 
