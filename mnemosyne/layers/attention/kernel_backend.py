@@ -5,10 +5,13 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
 (out, lse) pair::
 
     query_len == 1                          -> split-KV decode kernel (kernels/decode_attention.py)
-    query_len >= dense_min_queries, keys >= dense_min_keys, bf16/fp16, no sliding window,
-    keys = prefix (+ own keys)
+    cuDNN can take it (bf16/fp16, no sliding window, keys = prefix (+ own keys)) and the
+    measured cost model (`kernel_cost.py`) says it is cheaper
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
-    anything else                           -> Triton paged prefill kernel (kernels/paged_prefill.py)
+    anything else                           -> split-KV Triton chunk kernel
+                                               (kernels/chunk_splitkv_attention.py), one launch
+                                               for all its sequences, split along the keys
+                                               until the GPU is full
 
 K/V are written by one fused Triton kernel (kernels/kv_write.py). The decode split count
 is fixed by the plan; the decode kernel reads every length from device tensors, so a
@@ -23,10 +26,18 @@ from dataclasses import dataclass, field
 import torch
 
 from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
+from mnemosyne.kernels.chunk_splitkv_attention import (
+    DEFAULT_WAVES,
+    MAX_SPLITS,
+    MIN_SPLIT_KEYS,
+    choose_chunk_splits,
+    chunk_splitkv_attention,
+)
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention, fits
 from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from mnemosyne.kernels.kv_write import write_kv_cache
-from mnemosyne.kernels.paged_prefill import default_block_q, paged_prefill_attention, plan_query_tiles
+from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
+from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
 
@@ -39,7 +50,22 @@ class KernelPlan:
     tile_seq: torch.Tensor | None = None  # [num_tiles] int32, Triton prefill tiles
     tile_q_offset: torch.Tensor | None = None  # [num_tiles] int32
     block_q: int = 16
+    chunk_splits: int = 1  # key splits of the Triton chunk kernel
+    merge_rows: torch.Tensor | None = None  # [num_tiled_rows] int32, packed rows of the tiles (splits > 1)
     dense: list[DenseChunk] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChunkKernelConfig:
+    """Tunables of the Triton chunk kernel; None = the kernel's defaults."""
+
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    waves: int | None = None  # programs per SM the split count aims at
+    min_split_keys: int | None = None  # fewest keys per split; None: MIN_SPLIT_KEYS on CUDA, 64 on
+    # CPU (the interpreter: tests reach the split path with short contexts)
+    max_splits: int = MAX_SPLITS
 
 
 class KernelBackend:
@@ -52,21 +78,25 @@ class KernelBackend:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        dense_min_queries: int = 256,
-        dense_min_keys: int = 8192,
         dense_segment_tokens: int = DENSE_SEGMENT_TOKENS,
         use_cudnn: bool | None = None,
+        cost_model: ChunkCostModel = H200_COST,
+        force_path: ChunkPath | None = None,
+        chunk_config: ChunkKernelConfig = ChunkKernelConfig(),
     ) -> None:
+        """force_path: every chunk cuDNN can take goes there (CUDNN), or none does
+        (TRITON_SPLITKV), instead of the cheaper path by `cost_model` (tests, benchmarks)."""
+        self.num_heads_per_kv = num_heads_per_kv
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
         self.block_q = default_block_q(num_heads_per_kv, dtype)
-        self.dense_min_queries = dense_min_queries
-        # Below this many keys the attention is cheap and cuDNN's per-call host cost (~0.3 ms,
-        # three calls per chunk per layer) would bound the step: the Triton kernel takes it.
-        self.dense_min_keys = dense_min_keys
         self.dense_segment_tokens = dense_segment_tokens
         self.use_cudnn = device.type == "cuda" if use_cudnn is None else use_cudnn
+        cost_model.check_integrity()
+        self.cost_model = cost_model
+        self.force_path = force_path
+        self.chunk_config = chunk_config
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         )
@@ -101,9 +131,10 @@ class KernelBackend:
                     self.dtype,
                     self.head_dim,
                     sliding_window,
-                    self.dense_min_queries,
-                    self.dense_min_keys,
+                    min_queries=2,
                 )
+                if chunk is not None and not self._dense_is_cheaper(q_len, meta.kv_lens_cpu[i], num_kv_heads):
+                    chunk = None
             if q_len == 1:
                 decode.append(i)
             elif chunk is not None:
@@ -121,7 +152,26 @@ class KernelBackend:
             seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, self.block_q)
             plan.tile_seq = torch.tensor(seqs, dtype=torch.int32, device=self.device)
             plan.tile_q_offset = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+            cfg = self.chunk_config
+            plan.chunk_splits = choose_chunk_splits(
+                len(seqs), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
+                waves=cfg.waves or DEFAULT_WAVES,
+                min_split_keys=cfg.min_split_keys or (MIN_SPLIT_KEYS if self.device.type == "cuda" else 64),
+                max_splits=cfg.max_splits,
+            )  # fmt: skip
+            if plan.chunk_splits > 1:
+                qsl = [0]
+                for n in meta.query_lens_cpu:
+                    qsl.append(qsl[-1] + n)
+                rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
+                plan.merge_rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         return plan
+
+    def _dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int) -> bool:
+        if self.force_path is not None:
+            return self.force_path is ChunkPath.CUDNN
+        num_heads = num_kv_heads * self.num_heads_per_kv
+        return self.cost_model.cheaper(num_queries, num_keys, num_heads, self.head_dim) is ChunkPath.CUDNN
 
     # ---- every layer --------------------------------------------------------------------
 
@@ -158,9 +208,11 @@ class KernelBackend:
                 plan.num_splits,
             )  # fmt: skip
         if plan.tile_seq is not None and plan.tile_q_offset is not None:
-            paged_prefill_attention(
+            cfg = self.chunk_config
+            chunk_splitkv_attention(
                 query, k_cache, v_cache, *lengths, plan.tile_seq, plan.tile_q_offset, out, lse, scale,
-                sliding_window, block_q=plan.block_q,
+                sliding_window, num_splits=plan.chunk_splits, merge_rows=plan.merge_rows, block_q=plan.block_q,
+                block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
         for chunk in plan.dense:
             rows = slice(chunk.row0, chunk.row0 + chunk.num_queries)
