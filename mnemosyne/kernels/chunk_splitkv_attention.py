@@ -156,7 +156,12 @@ def _chunk_split_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
-    o_off = rows[:, None] * stride_ot + head[:, None] * stride_oh + split * stride_os + offs_d[None, :] * stride_od
+    o_off = (
+        rows[:, None] * stride_ot
+        + head[:, None] * stride_oh
+        + split * stride_os
+        + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=io_mask)
     tl.store(l_ptr + rows * stride_lt + head * stride_lh + split * stride_ls, lse, mask=m_valid)
 
@@ -174,7 +179,11 @@ def _chunk_merge_kernel(
     wo_row = wo_ptr + row * stride_wot + h * stride_woh
     out, lse = merge_split_partials(wl_row, wo_row, num_splits, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
-    tl.store(o_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(
+        o_ptr + row * stride_ot + h * stride_oh + offs_d,
+        out.to(o_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
     tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
 
 
