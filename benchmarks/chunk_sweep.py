@@ -95,7 +95,7 @@ def part_calib(log: Path | None) -> dict:
 
     res: dict = {"tuning": [], "points": [], "fit": {}}
     # Tuning: (block_n, num_warps, num_stages, waves) at c = 32 and 128 after 128K keys.
-    configs = [(64, 8, 3, 2), (64, 4, 3, 2), (128, 8, 2, 2), (32, 4, 3, 2), (64, 8, 3, 4)]
+    configs = [(64, 4, 3, 4), (128, 8, 2, 4), (64, 4, 3, 8)]
     for c in (32, 128):
         for bn, nw, ns, waves in configs:
             cfg = ChunkKernelConfig(block_n=bn, num_warps=nw, num_stages=ns, waves=waves)

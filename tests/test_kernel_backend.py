@@ -196,3 +196,39 @@ def test_cost_model_picks_the_cheaper_path():
     assert not forced.plan(meta, 2, None).dense
     forced = KernelBackend(4, 64, torch.bfloat16, DEVICE, use_cudnn=True, force_path=ChunkPath.CUDNN)
     assert [c.seq for c in forced.plan(meta, 2, None).dense] == [0]
+
+
+def _math_cudnn(q, k, v, causal, scale):
+    """The cuDNN call's contract in plain torch (CPU tests of the code around it)."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    if causal:
+        nq, nk = s.shape[-2:]
+        s = s.masked_fill(
+            torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(nk - nq + 1), float("-inf")
+        )
+    lse = torch.logsumexp(s, -1)
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, -1), v.float()).to(q.dtype), lse
+
+
+@pytest.mark.parametrize("splits,prefix", [(3, 301), (4, 64), (2, 1000)])
+def test_cudnn_prefix_splits_batched(monkeypatch, splits, prefix):
+    """The prefix split into `splits` pieces of one batched call (a strided view of the leading
+    run), the remainder and the own keys merged after; here with the cuDNN call replaced by
+    its contract in torch (on CUDA: the real call)."""
+    from mnemosyne.kernels import cudnn_prefill
+
+    if DEVICE.type != "cuda":
+        monkeypatch.setattr(cudnn_prefill, "_cudnn", _math_cudnn)
+    h, hkv, d, block, c = 8, 2, 64, 16, 9
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    query, k_cache, v_cache, meta = _batch([(c, prefix, 0, prefix + c)], h, hkv, d, block, dtype, False)
+    table = meta.block_tables[0]
+    n_blocks = -(-(prefix + c) // block)
+    run = (int(table[0]), n_blocks if prefix != 1000 else 40)  # 1000: the run ends early -> unbatched
+    chunk = DenseChunk(0, 0, c, prefix, True, run, prefix_splits=splits)
+    out, lse = torch.full_like(query, float("nan")), torch.full((c, h), float("nan"), device=DEVICE)
+    dense_chunk_attention(query, k_cache, v_cache, table, chunk, d**-0.5, 128, out, lse)
+    ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, d**-0.5, None)
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=0)

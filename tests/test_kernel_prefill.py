@@ -264,11 +264,11 @@ def test_split_kv_block_boundaries_and_subsets(num_splits):
 
 
 def test_choose_chunk_splits():
-    # Few programs: split until about 2 per SM, no split shorter than 1024 keys.
-    assert choose_chunk_splits(1, 8, 1 << 17, 132) == 33
+    # Few programs: split until about 4 per SM, no split shorter than 1024 keys.
+    assert choose_chunk_splits(1, 8, 1 << 17, 132) == 66
     assert choose_chunk_splits(1, 8, 4096, 132) == 4
     assert choose_chunk_splits(1, 8, 1000, 132) == 1
-    assert choose_chunk_splits(64, 8, 1 << 20, 132) == 1  # the tiles fill the GPU
+    assert choose_chunk_splits(132, 8, 1 << 20, 132) == 1  # the tiles fill the GPU
     assert choose_chunk_splits(1, 1, 1 << 24, 132) == 128  # capped
 
 

@@ -54,9 +54,9 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_SPLITS = 128
 # Fewest keys per split worth a partial: each split also writes and re-reads M x D floats.
 MIN_SPLIT_KEYS = 1024
-# Programs per SM the split count aims at (phase 1 of a long chunk is one wave when the
-# kernel keeps 2 programs per SM resident).
-DEFAULT_WAVES = 2
+# Programs per SM the split count aims at (H200, c = 128 after 128K keys: 4 -> 1.29 ms,
+# 2 -> 1.44 ms; benchmarks/results/chunk_sweep_h200_*.json, "tuning").
+DEFAULT_WAVES = 4
 
 
 def choose_chunk_splits(
@@ -246,8 +246,8 @@ def chunk_splitkv_attention(
     block_m = max(16, triton.next_power_of_2(block_q * group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = max(16, triton.next_power_of_2(block_n or (64 if half else 32)))
-    if num_warps is None:
-        num_warps = 4 if half and block_m * block_d < 128 * 128 else 8
+    if num_warps is None:  # H200, c = 32 / 128 after 128K keys: 4 warps 0.30 / 1.24 ms, 8: 0.39 / 1.44
+        num_warps = 4 if half and block_m * block_d <= 128 * 128 else 8
     if num_stages is None:
         num_stages = 3 if half else 2
     if num_splits == 1:

@@ -21,9 +21,11 @@ padded batch size.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import triton
 
 from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
 from mnemosyne.kernels.chunk_splitkv_attention import (
@@ -33,7 +35,7 @@ from mnemosyne.kernels.chunk_splitkv_attention import (
     choose_chunk_splits,
     chunk_splitkv_attention,
 )
-from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention, fits
+from mnemosyne.kernels.cudnn_prefill import DenseChunk, choose_prefix_splits, dense_chunk_attention, fits
 from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
@@ -135,6 +137,11 @@ class KernelBackend:
                 )
                 if chunk is not None and not self._dense_is_cheaper(q_len, meta.kv_lens_cpu[i], num_kv_heads):
                     chunk = None
+                if chunk is not None:  # few queries: split the prefix so that cuDNN fills the GPU
+                    splits = choose_prefix_splits(
+                        q_len, self.num_heads_per_kv, num_kv_heads, chunk.num_prefix, self.num_sms
+                    )
+                    chunk = dataclasses.replace(chunk, prefix_splits=splits)
             if q_len == 1:
                 decode.append(i)
             elif chunk is not None:
@@ -149,7 +156,12 @@ class KernelBackend:
                 len(decode), num_kv_heads, bound, self.num_sms, head_dim=self.head_dim
             )
         if tiled:
-            seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, self.block_q)
+            # Tiles no taller than the longest chunk (fewer padded rows for short chunks).
+            longest = max(meta.query_lens_cpu[i] for i in tiled)
+            plan.block_q = min(
+                self.block_q, max(16 // self.num_heads_per_kv, triton.next_power_of_2(longest))
+            )
+            seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             plan.tile_seq = torch.tensor(seqs, dtype=torch.int32, device=self.device)
             plan.tile_q_offset = torch.tensor(offsets, dtype=torch.int32, device=self.device)
             cfg = self.chunk_config
