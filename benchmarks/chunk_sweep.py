@@ -47,14 +47,11 @@ def _log(x: object, log: Path | None) -> None:
             f.write(json.dumps(x) + "\n")
 
 
-def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares (fixed, per_key) of t = fixed + keys * per_key."""
-    n = len(points)
-    mx = sum(p for p, _ in points) / n
-    my = sum(t for _, t in points) / n
-    sxx = sum((p - mx) ** 2 for p, _ in points)
-    b = sum((p - mx) * (t - my) for p, t in points) / sxx if sxx > 0 else 0.0
-    return my - b * mx, b
+def fit_max(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed, per_key) of t = max(fixed, keys * per_key) (see layers/attention/kernel_cost.py)
+    from (keys, seconds) points: the time at the fewest keys, the time per key at the most."""
+    (k_lo, t_lo), (k_hi, t_hi) = min(points), max(points)
+    return t_lo, t_hi / k_hi
 
 
 # ---- calib: one layer's attention --------------------------------------------------------
@@ -119,7 +116,7 @@ def part_calib(log: Path | None) -> dict:
                 _log(r, log)
                 res["points"].append(r)
                 pts.append((prefix + c, r["ms"] * 1e-3))
-            a, b = fit_line(pts)
+            a, b = fit_max(pts)
             fixed.append(a)
             per_key.append(b)
         res["fit"][path.value] = {"chunks": list(CHUNKS), "fixed_s": fixed, "per_key_s": per_key}

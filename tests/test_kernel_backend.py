@@ -184,10 +184,13 @@ def test_cost_model_picks_the_cheaper_path():
     assert _LONG_TO_CUDNN.cheaper(300, 400, 8, 64) is ChunkPath.CUDNN
     assert _LONG_TO_CUDNN.cheaper(7, 400, 8, 64) is ChunkPath.TRITON_SPLITKV
     # Interpolation between measured lengths and extrapolation beyond them.
+    # t = max(fixed, keys * per_key * shape factor)
     cost = PathCost(chunks=(16, 64), fixed_s=(1.0, 3.0), per_key_s=(1.0, 5.0))
-    assert cost.seconds(8, 2, 1.0) == 1.0 + 2 * 1.0
-    assert cost.seconds(32, 2, 1.0) == pytest.approx(5 / 3 + 2 * (1 + 4 / 3))
-    assert cost.seconds(128, 2, 0.5) == 3.0 + 2 * 10.0 * 0.5
+    assert cost.seconds(8, 2, 1.0) == 2.0
+    assert cost.seconds(8, 0, 1.0) == 1.0
+    assert cost.seconds(32, 2, 1.0) == pytest.approx(2 * (1 + 4 / 3))
+    assert cost.seconds(128, 2, 0.5) == 10.0
+    assert cost.seconds(128, 0, 0.5) == 3.0
     with pytest.raises(ValueError):
         PathCost(chunks=(64, 16), fixed_s=(1.0, 1.0), per_key_s=(1.0, 1.0)).check_integrity()
     # Forced paths ignore the model.

@@ -3,16 +3,17 @@
 A chunk of c queries whose keys number n (prefix plus its own keys) costs, per layer, on
 each path (`ChunkPath`)::
 
-    t(c, n) = fixed(c) + n * per_key(c) * (num_heads * head_dim) / (H_cal * D_cal)
+    t(c, n) = max(fixed(c), n * per_key(c) * (num_heads * head_dim) / (H_cal * D_cal))
 
-fixed and per_key were fitted by least squares over the prefixes of a GPU sweep
-(`benchmarks/chunk_sweep.py --calibrate`, committed under benchmarks/results/) for each
-measured chunk length, on the calibration shape H_cal x D_cal; between two measured
-lengths both are interpolated linearly in c, beyond the largest per_key grows in
-proportion to c (compute-bound), below the smallest it stays (bandwidth-bound). The
-split-KV Triton kernel fills the GPU at any c; cuDNN has a host cost per call (three
-calls per chunk) and few programs for short chunks, which the fixed term and per_key
-carry.
+the larger of a floor that does not grow with the keys (launches, and for cuDNN about
+1 ms of host work per chunk and layer: its calls, the split merge, the segment merges)
+and the GPU time, which grows linearly with the keys. From one layer's attention timed
+by `benchmarks/chunk_sweep.py` (part "calib", committed under benchmarks/results/
+chunk_sweep/) on the calibration shape H_cal x D_cal: fixed = the time after the
+shortest calibration prefix, per_key = the time after the longest / its keys, for each
+measured chunk length. Between two measured lengths both are interpolated linearly in
+c; beyond the largest per_key grows in proportion to c (compute-bound), below the
+smallest it stays (bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class PathCost:
             w = (chunk - cs[i]) / (cs[i + 1] - cs[i])
             fixed = self.fixed_s[i] + w * (self.fixed_s[i + 1] - self.fixed_s[i])
             per_key = self.per_key_s[i] + w * (self.per_key_s[i + 1] - self.per_key_s[i])
-        return max(fixed, 0.0) + keys * max(per_key, 0.0) * shape_factor
+        return max(fixed, keys * per_key * shape_factor)
 
 
 @dataclass(frozen=True)
@@ -80,19 +81,19 @@ class ChunkCostModel:
         return ChunkPath.CUDNN if c < t else ChunkPath.TRITON_SPLITKV
 
 
-# Placeholder until the H200 calibration below is committed (see module docstring).
+# 1x H200, bf16, 32 / 8 heads, head dim 128 (chunk_sweep_h200_2026-11-29.json, part "calib").
 H200_COST = ChunkCostModel(
     triton=PathCost(
         chunks=(16, 32, 64, 128, 256, 512, 2048),
-        fixed_s=(10e-6,) * 7,
-        per_key_s=(1.0e-9, 1.1e-9, 3.5e-9, 7e-9, 14e-9, 28e-9, 112e-9),
+        fixed_s=(0.000201, 0.000112, 0.000114, 0.000116, 0.00024, 0.000327, 0.000989),
+        per_key_s=(1.27e-09, 1.89e-09, 3.17e-09, 7.51e-09, 1.38e-08, 2.66e-08, 8.63e-08),
     ),
     cudnn=PathCost(
         chunks=(16, 32, 64, 128, 256, 512, 2048),
-        fixed_s=(300e-6,) * 7,
-        per_key_s=(4e-9, 4e-9, 6e-9, 8e-9, 12e-9, 16e-9, 56e-9),
+        fixed_s=(0.00108, 0.00103, 0.00102, 0.001, 0.00105, 0.00101, 0.000934),
+        per_key_s=(5.1e-09, 4.86e-09, 4.8e-09, 5.73e-09, 9.28e-09, 1.53e-08, 5.62e-08),
     ),
     num_heads=32,
     head_dim=128,
-    source="estimate (not measured)",
+    source="benchmarks/results/chunk_sweep/chunk_sweep_h200_2026-11-29.json (calib)",
 )
