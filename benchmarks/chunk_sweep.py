@@ -50,7 +50,7 @@ def _log(x: object, log: Path | None) -> None:
 def fit_max(points: list[tuple[int, float]]) -> tuple[float, float]:
     """(fixed, per_key) of t = max(fixed, keys * per_key) (see layers/attention/kernel_cost.py)
     from (keys, seconds) points: the time at the fewest keys, the time per key at the most."""
-    (k_lo, t_lo), (k_hi, t_hi) = min(points), max(points)
+    (_, t_lo), (k_hi, t_hi) = min(points), max(points)
     return t_lo, t_hi / k_hi
 
 
