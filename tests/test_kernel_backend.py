@@ -235,3 +235,16 @@ def test_cudnn_prefix_splits_batched(monkeypatch, splits, prefix):
     atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=0)
+
+
+def test_warm_up_compiles_the_chunk_variants_read_only():
+    """warm_up launches both tile heights, direct and split (with the merge), and leaves the
+    cache as it was."""
+    h, hkv, d = 8, 2, 32
+    backend = KernelBackend(h // hkv, d, torch.float32, DEVICE)
+    k_cache = torch.randn(4, 16, hkv, d, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    before = (k_cache.clone(), v_cache.clone())
+    backend.warm_up(k_cache, v_cache, None)
+    backend.warm_up(k_cache, v_cache, 5)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])

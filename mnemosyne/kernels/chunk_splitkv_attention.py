@@ -234,8 +234,8 @@ def chunk_splitkv_attention(
         raise ValueError(f"lse must be ({num_tokens}, {num_heads}) float32")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    if num_splits < 1 or (num_splits > 1 and merge_rows is None):
-        raise ValueError(f"num_splits must be >= 1 (and > 1 needs merge_rows), got {num_splits}")
+    if not 1 <= num_splits <= MAX_SPLITS or (num_splits > 1 and merge_rows is None):
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}] (and > 1 needs merge_rows), got {num_splits}")
     num_tiles = tile_seq.shape[0]
     if num_tiles == 0 or num_tokens == 0:
         return
@@ -281,7 +281,8 @@ def chunk_splitkv_attention(
     assert merge_rows is not None
     if out.stride(-1) != 1:
         raise ValueError("the last dim of out must be contiguous")
-    block_d, block_s, chunk = split_merge_blocks(num_splits, head_dim)
+    # One compiled merge for every split count (no JIT while serving): masked past num_splits.
+    block_d, block_s, chunk = split_merge_blocks(MAX_SPLITS, head_dim)
     _chunk_merge_kernel[(merge_rows.shape[0], num_heads)](
         o_ws, l_ws, out, lse, merge_rows, num_splits,
         o_ws.stride(0), o_ws.stride(1), o_ws.stride(2), l_ws.stride(0), l_ws.stride(1),

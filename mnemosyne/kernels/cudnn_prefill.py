@@ -55,9 +55,11 @@ def choose_prefix_splits(
     num_queries: int, group: int, num_kv_heads: int, num_prefix: int, num_sms: int, min_split_keys: int = 4096
 ) -> int:
     """Key splits of the prefix so that cuDNN's programs (about one per 128 folded query
-    rows per KV head and split) fill two per SM, each split >= min_split_keys keys."""
+    rows per KV head and split) fill two per SM, each split >= min_split_keys keys; a
+    power of two (the batch size is part of cuDNN's graph: few distinct ones)."""
     programs = num_kv_heads * -(-group * num_queries // 128)
-    return max(1, min(-(-2 * num_sms // programs), num_prefix // min_split_keys))
+    want = max(1, min(-(-2 * num_sms // programs), num_prefix // min_split_keys))
+    return 1 << (want.bit_length() - 1)
 
 
 def fits(

@@ -25,7 +25,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import triton
 
 from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
 from mnemosyne.kernels.chunk_splitkv_attention import (
@@ -156,11 +155,9 @@ class KernelBackend:
                 len(decode), num_kv_heads, bound, self.num_sms, head_dim=self.head_dim
             )
         if tiled:
-            # Tiles no taller than the longest chunk (fewer padded rows for short chunks).
-            longest = max(meta.query_lens_cpu[i] for i in tiled)
-            plan.block_q = min(
-                self.block_q, max(16 // self.num_heads_per_kv, triton.next_power_of_2(longest))
-            )
+            # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
+            # variants in all, both built by `warm_up`.
+            plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
             seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             plan.tile_seq = torch.tensor(seqs, dtype=torch.int32, device=self.device)
             plan.tile_q_offset = torch.tensor(offsets, dtype=torch.int32, device=self.device)
@@ -179,11 +176,44 @@ class KernelBackend:
                 plan.merge_rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         return plan
 
+    def _tile_height(self, longest_chunk: int) -> int:
+        return self.block_q if longest_chunk > self.block_q // 2 else max(1, self.block_q // 2)
+
     def _dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int) -> bool:
         if self.force_path is not None:
             return self.force_path is ChunkPath.CUDNN
         num_heads = num_kv_heads * self.num_heads_per_kv
         return self.cost_model.cheaper(num_queries, num_keys, num_heads, self.head_dim) is ChunkPath.CUDNN
+
+    def warm_up(
+        self,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], one layer's
+        v_cache: torch.Tensor,
+        sliding_window: int | None,
+    ) -> None:
+        """Compile every Triton variant the chunk path can launch (both tile heights, direct
+        and split with its merge) on a few keys of the cache (read only), so that serving
+        never waits for the JIT. Decode kernels are not covered here (`worker/cuda_graph.py`
+        runs each padded batch size eagerly once before capturing it)."""
+        num_kv_heads = k_cache.shape[2]
+        num_heads = num_kv_heads * self.num_heads_per_kv
+        block = k_cache.shape[1]
+        keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
+        for q_len in sorted({self.block_q, max(1, self.block_q // 2)}):
+            meta = AttentionMetadata.build(
+                [q_len], [keys - q_len], [0], [keys], [list(range(-(-keys // block)))], [-1] * q_len, self.device
+            )
+            seqs, offsets = plan_query_tiles([q_len], [0], self._tile_height(q_len))
+            query = torch.zeros(q_len, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
+            for splits in (1, 2):
+                meta.backend_plan = KernelPlan(
+                    tile_seq=torch.tensor(seqs, dtype=torch.int32, device=self.device),
+                    tile_q_offset=torch.tensor(offsets, dtype=torch.int32, device=self.device),
+                    block_q=self._tile_height(q_len),
+                    chunk_splits=splits,
+                    merge_rows=torch.arange(q_len, dtype=torch.int32, device=self.device),
+                )
+                self.forward(query, k_cache, v_cache, meta, 1.0, sliding_window)
 
     # ---- every layer --------------------------------------------------------------------
 
