@@ -235,7 +235,9 @@ def chunk_splitkv_attention(
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if not 1 <= num_splits <= MAX_SPLITS or (num_splits > 1 and merge_rows is None):
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}] (and > 1 needs merge_rows), got {num_splits}")
+        raise ValueError(
+            f"num_splits must be in [1, {MAX_SPLITS}] (and > 1 needs merge_rows), got {num_splits}"
+        )
     num_tiles = tile_seq.shape[0]
     if num_tiles == 0 or num_tokens == 0:
         return

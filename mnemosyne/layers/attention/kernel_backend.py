@@ -201,7 +201,13 @@ class KernelBackend:
         keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
         for q_len in sorted({self.block_q, max(1, self.block_q // 2)}):
             meta = AttentionMetadata.build(
-                [q_len], [keys - q_len], [0], [keys], [list(range(-(-keys // block)))], [-1] * q_len, self.device
+                [q_len],
+                [keys - q_len],
+                [0],
+                [keys],
+                [list(range(-(-keys // block)))],
+                [-1] * q_len,
+                self.device,
             )
             seqs, offsets = plan_query_tiles([q_len], [0], self._tile_height(q_len))
             query = torch.zeros(q_len, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
