@@ -12,6 +12,9 @@ Parts (each in its own process, so that each starts with the whole GPU):
            P keys + LM head of the last row) for c in --chunks at the shape's prefixes, on
            both paths (cuDNN only where it can run), and the path the fitted cost model picks.
            8b also: the mixed step (32 decodes at 1K context + one 128-token chunk after 256K).
+  scenario 8b through LLMEngine.step: 32 requests (1K prompts) decoding, then one 256K-token
+           prompt; for each fixed chunk in --scenario-chunks: the short requests' TBT p50 /
+           p99 / max while the long prompt prefills, and its TTFT (minutes per chunk size).
 
 Floors: FLOPs = 2 (params - embedding) tokens / 800 TFLOP/s + attention FLOPs / 590 TFLOP/s;
 bytes = (weight bytes + KV bytes of every key read) / 4.2 TB/s; floor = the larger.
@@ -26,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -245,13 +249,67 @@ def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float
     return res
 
 
+# ---- scenario: a long prompt among decodes, through the engine ---------------------------
+
+
+def part_scenario(model_dir: Path, chunks: list[int], kv_fraction: float, log: Path | None) -> dict:
+    import statistics
+
+    from benchmarks.lc_engine import random_prompt
+    from mnemosyne import SamplingParams
+    from mnemosyne.engine.args import EngineArgs
+    from mnemosyne.engine.llm_engine import LLMEngine
+
+    res: dict = {"runs": []}
+    num_short, short_len, long_len = 32, 1024, 1 << 18
+    for chunk in chunks:
+        args = EngineArgs(
+            model=str(model_dir), load_format="dummy", dtype="bfloat16", chunk_size=chunk,
+            max_num_batched_tokens=chunk + num_short, max_num_seqs=num_short + 1,
+            kv_cache_memory_fraction=kv_fraction,
+        )  # fmt: skip
+        engine = LLMEngine.from_args(args)
+        # Long enough to keep decoding through the whole prefill (stopped once it ends).
+        params = SamplingParams(temperature=0, max_tokens=2 * long_len // chunk + 1024, ignore_eos=True)
+        for i in range(num_short):
+            engine.add_request(random_prompt(short_len, seed=100 + i), params, request_id=f"s{i}")
+        times: dict[str, list[float]] = {}
+        while sum(len(v) for v in times.values()) < 4 * num_short:  # all decoding, graphs captured
+            for o in engine.step():
+                times[o.request_id] = list(o.timing.token_times)
+        t_arrival = time.monotonic()  # the engine's clock
+        engine.add_request(random_prompt(long_len, seed=7), SamplingParams(temperature=0, max_tokens=1),
+                           request_id="long")  # fmt: skip
+        ttft = None
+        while ttft is None:
+            for o in engine.step():
+                if o.request_id == "long" and o.timing.first_token_time is not None:
+                    ttft = o.timing.first_token_time - t_arrival
+                else:
+                    times[o.request_id] = list(o.timing.token_times)
+        gaps = sorted(
+            b - a for ts in times.values() for a, b in zip(ts, ts[1:], strict=False) if a >= t_arrival
+        )
+        entry = {"chunk": chunk, "long_ttft_s": ttft, "num_gaps": len(gaps),
+                 "tbt_p50_s": statistics.median(gaps) if gaps else None,
+                 "tbt_p99_s": gaps[int(0.99 * (len(gaps) - 1))] if gaps else None,
+                 "tbt_max_s": gaps[-1] if gaps else None}  # fmt: skip
+        _log(entry, log)
+        res["runs"].append(entry)
+        engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
+    return res
+
+
 # ---- driver --------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="calib,8b,1b")
-    ap.add_argument("--part", choices=["calib", "8b", "1b"], help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=["calib", "8b", "1b", "scenario"], help=argparse.SUPPRESS)
+    ap.add_argument("--scenario-chunks", default="64,128,512,2048")
     ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--calib", type=Path, default=None, help="a calib part's JSON (for the model parts)")
     ap.add_argument("--kv-fraction", type=float, default=0.95)
@@ -265,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             if ns.part == "calib":
                 res = part_calib(ns.log)
+            elif ns.part == "scenario":
+                model_dir = write_model_dir("llama3-8b", Path(tmp))
+                chunks = [int(c) for c in ns.scenario_chunks.split(",")]
+                res = part_scenario(model_dir, chunks, ns.kv_fraction, ns.log)
             else:
                 max_pos = 1 << 22 if ns.part == "1b" else 1 << 21
                 model_dir = write_model_dir(SHAPE_NAMES[ns.part], Path(tmp), max_pos)
@@ -280,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     for part in ns.parts.split(","):
         part_out = ns.out.with_suffix(f".{part}.json")
         cmd = [sys.executable, "-m", "benchmarks.chunk_sweep", "--part", part, "--part-out", str(part_out),
-               "--calib", str(calib_path), "--kv-fraction", str(ns.kv_fraction), "--out", str(ns.out)]  # fmt: skip
+               "--calib", str(calib_path), "--kv-fraction", str(ns.kv_fraction), "--out", str(ns.out),
+               "--scenario-chunks", ns.scenario_chunks]  # fmt: skip
         if ns.log:
             cmd += ["--log", str(ns.log)]
         try:
