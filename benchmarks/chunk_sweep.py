@@ -252,7 +252,16 @@ def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float
 # ---- scenario: a long prompt among decodes, through the engine ---------------------------
 
 
-def part_scenario(model_dir: Path, chunks: list[int], kv_fraction: float, log: Path | None) -> dict:
+def part_scenario(
+    model_dir: Path,
+    chunks: list[int],
+    kv_fraction: float,
+    log: Path | None,
+    num_short: int = 32,
+    short_len: int = 1024,
+    long_len: int = 1 << 18,
+    dtype: str = "bfloat16",
+) -> dict:
     import statistics
 
     from benchmarks.lc_engine import random_prompt
@@ -260,25 +269,27 @@ def part_scenario(model_dir: Path, chunks: list[int], kv_fraction: float, log: P
     from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
 
-    res: dict = {"runs": []}
-    num_short, short_len, long_len = 32, 1024, 1 << 18
+    res: dict = {"num_short": num_short, "short_len": short_len, "long_len": long_len, "runs": []}
     for chunk in chunks:
         args = EngineArgs(
-            model=str(model_dir), load_format="dummy", dtype="bfloat16", chunk_size=chunk,
+            model=str(model_dir), load_format="dummy", dtype=dtype, chunk_size=chunk,
             max_num_batched_tokens=chunk + num_short, max_num_seqs=num_short + 1,
             kv_cache_memory_fraction=kv_fraction,
         )  # fmt: skip
         engine = LLMEngine.from_args(args)
+        vocab = engine.config.model.vocab_size
         # Long enough to keep decoding through the whole prefill (stopped once it ends).
-        params = SamplingParams(temperature=0, max_tokens=2 * long_len // chunk + 1024, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=2 * long_len // chunk + short_len, ignore_eos=True)
         for i in range(num_short):
-            engine.add_request(random_prompt(short_len, seed=100 + i), params, request_id=f"s{i}")
+            engine.add_request(
+                random_prompt(short_len, seed=100 + i, max_id=vocab), params, request_id=f"s{i}"
+            )
         times: dict[str, list[float]] = {}
         while sum(len(v) for v in times.values()) < 4 * num_short:  # all decoding, graphs captured
             for o in engine.step():
                 times[o.request_id] = list(o.timing.token_times)
         t_arrival = time.monotonic()  # the engine's clock
-        engine.add_request(random_prompt(long_len, seed=7), SamplingParams(temperature=0, max_tokens=1),
+        engine.add_request(random_prompt(long_len, seed=7, max_id=vocab), SamplingParams(temperature=0, max_tokens=1),
                            request_id="long")  # fmt: skip
         ttft = None
         while ttft is None:
