@@ -72,7 +72,7 @@ class Worker:
             for window in {None, config.model.sliding_window}:
                 backend.warm_up(*self.kv_caches[0], window)
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device)
-        self.mirror = BlockTableMirror(self.group, num_blocks)
+        self.mirror = BlockTableMirror(self.group, num_blocks, device)
         self.params: dict[str, SamplingParams] = {}
         self.sampler = Sampler()
         # Unseeded sampling: one stream per KVP group (each group samples its own requests).

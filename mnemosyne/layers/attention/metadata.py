@@ -75,6 +75,7 @@ class AttentionMetadata:
         kv_start: list[int],
         kv_lens: list[int],
         block_tables: list[list[int]] | list[torch.Tensor],  # per sequence: ids, or an int32 tensor
+        # (CPU, or on `device`)
         slot_mapping: list[int],
         device: torch.device | str,
         kvp_merge: KVPMergeIndex | None = None,
@@ -82,7 +83,10 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         num_seqs = len(query_lens)
         max_blocks = max((len(b) for b in block_tables), default=0)
-        bt = torch.zeros((num_seqs, max(max_blocks, 1)), dtype=torch.int32)
+        # Tables already on the device (the worker's mirror) are copied there, device to
+        # device: no host work that grows with the context.
+        on = next((b.device for b in block_tables if isinstance(b, torch.Tensor)), torch.device("cpu"))
+        bt = torch.zeros((num_seqs, max(max_blocks, 1)), dtype=torch.int32, device=on)
         for i, blocks in enumerate(block_tables):
             if len(blocks):
                 bt[i, : len(blocks)] = blocks if isinstance(blocks, torch.Tensor) else torch.tensor(blocks)
