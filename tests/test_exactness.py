@@ -19,37 +19,42 @@ PROMPT_LENS = (37, 5, 64, 23)
 ATOL = 1e-4
 
 
-def make_prompts(vocab: int, seed: int = 1) -> list[list[int]]:
+def make_prompts(vocab: int, seed: int = 1, lens: tuple[int, ...] = PROMPT_LENS) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-_REF_CACHE: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+_REF_CACHE: dict[tuple[str, tuple[int, ...], int], list[tuple[list[int], torch.Tensor]]] = {}
 
 
-def hf_reference(name: str, model_dir) -> list[tuple[list[int], torch.Tensor]]:
+def hf_reference(
+    name: str, model_dir, lens: tuple[int, ...] = PROMPT_LENS, num_new: int = NUM_NEW
+) -> list[tuple[list[int], torch.Tensor]]:
     """Per prompt: HF greedy continuation and log-softmax over the whole sequence."""
-    if name not in _REF_CACHE:
+    key = (name, lens, num_new)
+    if key not in _REF_CACHE:
         hf = load_hf(model_dir)
         refs = []
-        for prompt in make_prompts(hf.config.vocab_size):
+        for prompt in make_prompts(hf.config.vocab_size, lens=lens):
             ids = torch.tensor([prompt])
             with torch.no_grad():
                 gen = hf.generate(
-                    ids, max_new_tokens=NUM_NEW, do_sample=False, eos_token_id=None, pad_token_id=0
+                    ids, max_new_tokens=num_new, do_sample=False, eos_token_id=None, pad_token_id=0
                 )
                 new = gen[0, len(prompt) :].tolist()
                 logp = torch.log_softmax(hf(gen).logits[0].double(), dim=-1)  # [seq, vocab]
             refs.append((new, logp))
-        _REF_CACHE[name] = refs
-    return _REF_CACHE[name]
+        _REF_CACHE[key] = refs
+    return _REF_CACHE[key]
 
 
-def check_against_hf(name: str, model_dir, **llm_kwargs) -> list:
-    refs = hf_reference(name, model_dir)
+def check_against_hf(
+    name: str, model_dir, lens: tuple[int, ...] = PROMPT_LENS, num_new: int = NUM_NEW, **llm_kwargs
+) -> list:
+    refs = hf_reference(name, model_dir, lens, num_new)
     llm = LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, **llm_kwargs)
-    prompts = make_prompts(llm.engine.config.model.vocab_size)
-    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    prompts = make_prompts(llm.engine.config.model.vocab_size, lens=lens)
+    params = SamplingParams(temperature=0, max_tokens=num_new, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     outs = llm.generate(prompts, params)
     for prompt, out, (ref_new, ref_logp) in zip(prompts, outs, refs, strict=True):
         assert out.token_ids == ref_new, f"{name}: greedy tokens differ from HF"
@@ -59,12 +64,13 @@ def check_against_hf(name: str, model_dir, **llm_kwargs) -> list:
             got = out.prompt_logprobs[pos][prompt[pos]]
             want = ref_logp[pos - 1, prompt[pos]].item()
             assert abs(got - want) < ATOL, f"{name}: prompt logprob at {pos}: {got} vs {want}"
-        assert len(out.logprobs) == NUM_NEW
+        assert len(out.logprobs) == num_new
         for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
             row = ref_logp[len(prompt) + i - 1]
             assert abs(entry[tok] - row[tok].item()) < ATOL
             assert len(entry) in (2, 3)  # sampled token plus the top-2
     llm.engine.kv_manager.check_integrity()
+    llm.shutdown()
     return outs
 
 
@@ -86,6 +92,18 @@ def test_kernel_backend_matches_hf(name, tiny_model_dir):
         block_size=4,
         attention_backend="kernels",
     )
+
+
+def test_kernel_short_chunks_after_long_prefixes(tiny_model_dir):
+    """The split-KV chunk kernel through the engine (split along the keys: on CPU from 64
+    keys per split): chunks of 3 to 16 tokens after prefixes of several hundred keys,
+    sharing steps with decodes, and kvp=2 with 256 tokens per group, so the longest prompt
+    crosses a KVP boundary: its older piece is attended by the other group and merged."""
+    check_against_hf(
+        "llama", tiny_model_dir("llama"), lens=(330, 9, 140), num_new=5, chunk_size=16,
+        max_num_batched_tokens=19, block_size=16, attention_backend="kernels", kvp=2,
+        max_tokens_per_kvp_group=256,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])

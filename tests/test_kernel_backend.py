@@ -7,6 +7,7 @@ queries), contiguous and shuffled blocks. On CPU the Triton kernels run in the i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -17,7 +18,8 @@ if not torch.cuda.is_available():
 
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention  # noqa: E402
 from mnemosyne.kernels.merge_attn import merge_attn_states_into  # noqa: E402
-from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig, KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkPath, PathCost  # noqa: E402
 from mnemosyne.layers.attention.merge import merge_attn_states  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 from mnemosyne.layers.attention.reference import TorchReferenceBackend  # noqa: E402
@@ -67,6 +69,11 @@ def _reference(query, k_cache, v_cache, meta, scale, window):
     )
 
 
+# cuDNN costs 1 s per call below 256 queries and nothing from 256 on.
+_LONG_TO_CUDNN = dataclasses.replace(
+    H200_COST, cudnn=PathCost(chunks=(255, 256), fixed_s=(1.0, 0.0), per_key_s=(0.0, 0.0))
+)
+
 MIXED = [
     (1, 40, 0, 41),  # decode
     (7, 13, 0, 20),  # short chunk: Triton tiles
@@ -84,9 +91,11 @@ MIXED = [
 def test_mixed_batch_matches_reference(dtype, shuffled, window):
     h, hkv, d, block = 8, 2, 64, 16
     query, k_cache, v_cache, meta = _batch(MIXED, h, hkv, d, block, dtype, shuffled)
+    # Long chunks to cuDNN (where it can take them), short ones to the Triton chunk kernel.
     backend = KernelBackend(
-        h // hkv, d, dtype, DEVICE, dense_min_queries=256, dense_min_keys=0, dense_segment_tokens=128
-    )
+        h // hkv, d, dtype, DEVICE, dense_segment_tokens=128, cost_model=_LONG_TO_CUDNN,
+        chunk_config=ChunkKernelConfig(max_splits=1),
+    )  # fmt: skip
     scale = d**-0.5
     out, lse = backend.forward(query, k_cache, v_cache, meta, scale, window)
     plan = meta.backend_plan
@@ -96,6 +105,27 @@ def test_mixed_batch_matches_reference(dtype, shuffled, window):
     else:
         assert not plan.dense
     ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, scale, window)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(seen, torch.isfinite(lse))
+    torch.testing.assert_close(lse[seen], ref_lse[seen], atol=atol * 10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, None), (torch.bfloat16, 29)])
+def test_split_chunks_in_a_mixed_batch(dtype, window):
+    """Short chunks after prefixes of a few hundred keys, a decode and a KVP piece, with the
+    chunk kernel split along the keys (>= 64 keys per split here) and merged."""
+    h, hkv, d, block = 8, 2, 64, 16
+    seqs = [(1, 40, 0, 41), (7, 13, 0, 20), (5, 300, 0, 305), (4, 500, 0, 240), (16, 222, 32, 206)]
+    query, k_cache, v_cache, meta = _batch(seqs, h, hkv, d, block, dtype, True, seed=5)
+    backend = KernelBackend(
+        h // hkv, d, dtype, DEVICE, chunk_config=ChunkKernelConfig(min_split_keys=64),
+        force_path=ChunkPath.TRITON_SPLITKV,
+    )  # fmt: skip
+    out, lse = backend.forward(query, k_cache, v_cache, meta, d**-0.5, window)
+    assert meta.backend_plan.chunk_splits > 1
+    ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, d**-0.5, window)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
     seen = torch.isfinite(ref_lse)
@@ -146,3 +176,75 @@ def test_fused_merge_matches_torch_merge(dtypes):
     atol = 1e-6 if dtypes == (torch.float32,) * 3 else 2e-2
     torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+
+
+def test_cost_model_picks_the_cheaper_path():
+    model = H200_COST
+    model.check_integrity()
+    assert _LONG_TO_CUDNN.cheaper(300, 400, 8, 64) is ChunkPath.CUDNN
+    assert _LONG_TO_CUDNN.cheaper(7, 400, 8, 64) is ChunkPath.TRITON_SPLITKV
+    # Interpolation between measured lengths and extrapolation beyond them.
+    # t = max(fixed, keys * per_key * shape factor)
+    cost = PathCost(chunks=(16, 64), fixed_s=(1.0, 3.0), per_key_s=(1.0, 5.0))
+    assert cost.seconds(8, 2, 1.0) == 2.0
+    assert cost.seconds(8, 0, 1.0) == 1.0
+    assert cost.seconds(32, 2, 1.0) == pytest.approx(2 * (1 + 4 / 3))
+    assert cost.seconds(128, 2, 0.5) == 10.0
+    assert cost.seconds(128, 0, 0.5) == 3.0
+    with pytest.raises(ValueError):
+        PathCost(chunks=(64, 16), fixed_s=(1.0, 1.0), per_key_s=(1.0, 1.0)).check_integrity()
+    # Forced paths ignore the model.
+    meta = _batch([(300, 100, 0, 400)], 8, 2, 64, 16, torch.bfloat16, False)[3]
+    forced = KernelBackend(4, 64, torch.bfloat16, DEVICE, use_cudnn=True, force_path=ChunkPath.TRITON_SPLITKV)
+    assert not forced.plan(meta, 2, None).dense
+    forced = KernelBackend(4, 64, torch.bfloat16, DEVICE, use_cudnn=True, force_path=ChunkPath.CUDNN)
+    assert [c.seq for c in forced.plan(meta, 2, None).dense] == [0]
+
+
+def _math_cudnn(q, k, v, causal, scale):
+    """The cuDNN call's contract in plain torch (CPU tests of the code around it)."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    if causal:
+        nq, nk = s.shape[-2:]
+        s = s.masked_fill(
+            torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(nk - nq + 1), float("-inf")
+        )
+    lse = torch.logsumexp(s, -1)
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, -1), v.float()).to(q.dtype), lse
+
+
+@pytest.mark.parametrize("splits,prefix", [(3, 301), (4, 64), (2, 1000)])
+def test_cudnn_prefix_splits_batched(monkeypatch, splits, prefix):
+    """The prefix split into `splits` pieces of one batched call (a strided view of the leading
+    run), the remainder and the own keys merged after; here with the cuDNN call replaced by
+    its contract in torch (on CUDA: the real call)."""
+    from mnemosyne.kernels import cudnn_prefill
+
+    if DEVICE.type != "cuda":
+        monkeypatch.setattr(cudnn_prefill, "_cudnn", _math_cudnn)
+    h, hkv, d, block, c = 8, 2, 64, 16, 9
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    query, k_cache, v_cache, meta = _batch([(c, prefix, 0, prefix + c)], h, hkv, d, block, dtype, False)
+    table = meta.block_tables[0]
+    n_blocks = -(-(prefix + c) // block)
+    run = (int(table[0]), n_blocks if prefix != 1000 else 40)  # 1000: the run ends early -> unbatched
+    chunk = DenseChunk(0, 0, c, prefix, True, run, prefix_splits=splits)
+    out, lse = torch.full_like(query, float("nan")), torch.full((c, h), float("nan"), device=DEVICE)
+    dense_chunk_attention(query, k_cache, v_cache, table, chunk, d**-0.5, 128, out, lse)
+    ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, d**-0.5, None)
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=0)
+
+
+def test_warm_up_compiles_the_chunk_variants_read_only():
+    """warm_up launches both tile heights, direct and split (with the merge), and leaves the
+    cache as it was."""
+    h, hkv, d = 8, 2, 32
+    backend = KernelBackend(h // hkv, d, torch.float32, DEVICE)
+    k_cache = torch.randn(4, 16, hkv, d, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    before = (k_cache.clone(), v_cache.clone())
+    backend.warm_up(k_cache, v_cache, None)
+    backend.warm_up(k_cache, v_cache, 5)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])

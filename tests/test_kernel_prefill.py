@@ -1,4 +1,5 @@
-"""The Triton paged prefill attention kernel against TorchReferenceBackend.
+"""The Triton split-KV chunk attention kernel (kernels/chunk_splitkv_attention.py) against
+TorchReferenceBackend, with one split (direct) and many (merged through the LSE).
 
 Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set below when there is
 no GPU) and natively on a CUDA device.
@@ -16,11 +17,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mnemosyne.kernels.paged_prefill import (  # noqa: E402
-    default_block_q,
-    paged_prefill_attention,
-    plan_query_tiles,
+from mnemosyne.kernels.chunk_splitkv_attention import (  # noqa: E402
+    choose_chunk_splits,
+    chunk_splitkv_attention,
 )
+from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles  # noqa: E402
 from mnemosyne.layers.attention import AttentionMetadata, TorchReferenceBackend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +79,7 @@ def run_case(
     seed: int = 0,
     atol: float | None = None,
     strided_query: bool = False,
+    num_splits: int = 1,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     query_lens = [s.query_len for s in seqs]
@@ -124,18 +126,25 @@ def run_case(
     tile_seq, tile_q_offset = plan_query_tiles(query_lens, covered, plan_q)
     out = torch.full(query.shape, OUT_POISON, dtype=dtype, device=DEVICE)
     lse = torch.full((num_tokens, num_heads), LSE_POISON, dtype=torch.float32, device=DEVICE)
-    paged_prefill_attention(
-        query, k_cache, v_cache,
-        meta.query_start_loc, meta.q_pos_start, meta.kv_start, meta.kv_lens, meta.block_tables,
-        torch.tensor(tile_seq, dtype=torch.int32, device=DEVICE),
-        torch.tensor(tile_q_offset, dtype=torch.int32, device=DEVICE),
-        out, lse, scale, sliding_window, block_q=block_q, block_n=block_n,
-    )  # fmt: skip
-
     rows = torch.zeros(num_tokens, dtype=torch.bool)
     qsl = meta.query_start_loc.tolist()
     for i in covered:
         rows[qsl[i] : qsl[i + 1]] = True
+    merge_rows = rows.nonzero().flatten().to(torch.int32).to(DEVICE)
+    workspace = None
+    if num_splits > 1:  # poisoned: rows no split writes must never be read
+        workspace = (
+            torch.full((num_tokens, num_heads, num_splits, head_dim), float("nan"), device=DEVICE),
+            torch.full((num_tokens, num_heads, num_splits), float("nan"), device=DEVICE),
+        )
+    chunk_splitkv_attention(
+        query, k_cache, v_cache,
+        meta.query_start_loc, meta.q_pos_start, meta.kv_start, meta.kv_lens, meta.block_tables,
+        torch.tensor(tile_seq, dtype=torch.int32, device=DEVICE),
+        torch.tensor(tile_q_offset, dtype=torch.int32, device=DEVICE),
+        out, lse, scale, sliding_window, num_splits=num_splits, merge_rows=merge_rows,
+        block_q=block_q, block_n=block_n, workspace=workspace,
+    )  # fmt: skip
     rows = rows.to(DEVICE)
     # Rows of uncovered sequences are untouched.
     assert torch.isnan(out[~rows]).all()
@@ -210,3 +219,75 @@ def test_large_gpu(dtype, window):
     seqs = [Seq(4000, 16000, 20000), Seq(1000, 19000, 20000), prefill(2500), prefill(1, 20000)]
     atol = 1e-4 if dtype == torch.float32 else 2e-2
     run_case(seqs, 32, 8, 128, 16, dtype, window, block_q=None, block_n=None, atol=atol)
+
+
+# ---- split-KV: the keys of each tile cut into num_splits pieces, merged through the LSE ----
+
+# Chunks of 1 .. 300 queries over odd prefixes (shuffled blocks), KVP pieces with kv_start > 0
+# (all keys before the queries; the queries inside the held range), a decode-like query.
+SPLIT_SEQS = [
+    prefill(1, 203),
+    prefill(3, 301),
+    Seq(16, 515, 180, 337),  # an older KVP piece: keys [337, 517) all before the queries
+    Seq(13, 260, 274, 99),  # a newer KVP piece: keys [99, 373), own keys included
+]
+
+# (num_heads, num_kv_heads, head_dim, block_size, dtype, window, num_splits)
+SPLIT_CONFIGS = [
+    (2, 2, 64, 16, torch.float32, None, 3),  # GQA 1
+    (8, 2, 80, 5, torch.float32, None, 7),  # GQA 4, padded head dim, odd block size
+    (8, 1, 128, 16, torch.bfloat16, None, 2),  # GQA 8
+    (8, 2, 64, 16, torch.float32, 50, 4),  # sliding window
+]
+
+
+@pytest.mark.parametrize("config", SPLIT_CONFIGS, ids=lambda c: "h{}kv{}d{}b{}-{}-w{}-s{}".format(*c))
+def test_split_kv_matches_reference(config):
+    num_heads, num_kv_heads, head_dim, block_size, dtype, window, num_splits = config
+    run_case(SPLIT_SEQS, num_heads, num_kv_heads, head_dim, block_size, dtype, window,
+             block_q=None, block_n=32, num_splits=num_splits, seed=7)  # fmt: skip
+
+
+@pytest.mark.parametrize("num_splits", [3, 64])  # 64: more splits than steps, empty splits
+def test_split_kv_long_chunk(num_splits):
+    seqs = [prefill(300, 37)] if num_splits == 3 else [prefill(2, 150), Seq(4, 300, 50, 200)]
+    run_case(seqs, 4, 1, 64, 16, torch.float32, None, block_q=None, block_n=32, num_splits=num_splits, seed=9)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_split_kv_block_boundaries_and_subsets(num_splits):
+    # Split edges at block and step boundaries; uncovered sequences' rows stay poisoned.
+    seqs = boundary_seqs(16) + [prefill(5, 64), prefill(1, 127)]
+    covered = list(range(0, len(seqs), 2))
+    run_case(seqs, 4, 2, 64, 16, torch.float32, None, covered=covered, block_q=3, block_n=16,
+             num_splits=num_splits, seed=num_splits)  # fmt: skip
+
+
+def test_choose_chunk_splits():
+    # Few programs: split until about 4 per SM, no split shorter than 1024 keys.
+    assert choose_chunk_splits(1, 8, 1 << 17, 132) == 66
+    assert choose_chunk_splits(1, 8, 4096, 132) == 4
+    assert choose_chunk_splits(1, 8, 1000, 132) == 1
+    assert choose_chunk_splits(132, 8, 1 << 20, 132) == 1  # the tiles fill the GPU
+    assert choose_chunk_splits(1, 1, 1 << 24, 132) == 128  # capped
+
+
+def test_split_needs_merge_rows():
+    q = torch.zeros(2, 2, 16, device=DEVICE)
+    cache = torch.zeros(1, 16, 2, 16, device=DEVICE)
+    ids = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="merge_rows"):
+        chunk_splitkv_attention(
+            q, cache, cache, ids, ids.long(), ids.long(), ids, ids[None], ids, ids, q.clone(),
+            torch.zeros(2, 2, device=DEVICE), 1.0, None, num_splits=2,
+        )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_splits", [1, 16, 100])
+@pytest.mark.parametrize("chunk", [1, 32, 300])
+def test_split_kv_large_gpu(num_splits, chunk):
+    seqs = [prefill(chunk, 60001), Seq(chunk, 90000, 40000, 30000), prefill(7, 20000)]
+    run_case(seqs, 32, 8, 128, 16, torch.bfloat16, None, block_q=None, block_n=None,
+             num_splits=num_splits, atol=2e-2)  # fmt: skip

@@ -48,6 +48,18 @@ class DenseChunk:
     num_prefix: int  # keys [kv0, kv0 + num_prefix) are before every query
     has_own_keys: bool  # keys [q0, q0 + c) are held here too (kv_end == q0 + c)
     run: tuple[int, int]  # (first block id, leading run length in blocks)
+    prefix_splits: int = 1  # the prefix's key splits run as one batched call (see split_prefix)
+
+
+def choose_prefix_splits(
+    num_queries: int, group: int, num_kv_heads: int, num_prefix: int, num_sms: int, min_split_keys: int = 4096
+) -> int:
+    """Key splits of the prefix so that cuDNN's programs (about one per 128 folded query
+    rows per KV head and split) fill two per SM, each split >= min_split_keys keys; a
+    power of two (the batch size is part of cuDNN's graph: few distinct ones)."""
+    programs = num_kv_heads * -(-group * num_queries // 128)
+    want = max(1, min(-(-2 * num_sms // programs), num_prefix // min_split_keys))
+    return 1 << (want.bit_length() - 1)
 
 
 def fits(
@@ -120,6 +132,36 @@ def _cudnn(
     return res[0], lse
 
 
+def _split_prefix(
+    q_fold: torch.Tensor,  # [1, Hkv, G*c, D] (BSHD memory)
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    b0: int,  # first block of the run holding keys [0, num_splits * per)
+    num_splits: int,
+    per: int,  # keys per split
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix keys [0, num_splits * per) of a run of consecutive blocks as one batched
+    cuDNN call, batch = split (a strided view, no copy; the folded queries repeated per
+    split), merged exactly over the splits: out [1, Hkv, G*c, D] float32, lse [1, Hkv, G*c]::
+
+        keys  |<- split 0: per ->|<- split 1: per ->| ... |<- split S-1 ->|
+        m = max_s lse_s,  w_s = exp(lse_s - m),  out = sum w_s out_s / sum w_s,  lse = m + log sum w_s
+    """
+    bs, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    n = num_splits * per
+    nb = -(-n // bs)
+    k = _bshd(k_cache[b0 : b0 + nb].view(-1, hkv, d)[:n].view(num_splits, per, hkv, d))  # [S, Hkv, per, D]
+    v = _bshd(v_cache[b0 : b0 + nb].view(-1, hkv, d)[:n].view(num_splits, per, hkv, d))
+    q = _bshd(q_fold.transpose(1, 2).expand(num_splits, -1, -1, -1).contiguous())  # [S, Hkv, G*c, D]
+    o, lse = _cudnn(q, k, v, False, scale)  # [S, Hkv, G*c, D], [S, Hkv, G*c]
+    m = lse.amax(0, keepdim=True)  # every split holds >= 1 key: finite
+    w = torch.exp(lse - m)  # [S, Hkv, G*c]
+    total = w.sum(0, keepdim=True)
+    out = (w.unsqueeze(-1) * o.float()).sum(0, keepdim=True) / total.unsqueeze(-1)
+    return out, m + torch.log(total)
+
+
 def _repeat_heads(kv: torch.Tensor, group: int) -> torch.Tensor:
     """[1, Hkv, n, D] -> [1, Hkv*G, n, D] in BSHD memory (head kv*G + g reads KV head kv)."""
     return _bshd(kv.transpose(1, 2).repeat_interleave(group, dim=2))
@@ -140,12 +182,19 @@ def dense_chunk_attention(
     own keys) are merged by one fused kernel each into a float32 accumulator; the last merge
     writes `out` directly."""
     c, num_heads, d = query.shape
-    hkv = k_cache.shape[2]
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // hkv
+    splits = chunk.prefix_splits
+    per = chunk.num_prefix // splits
+    # The batched split call needs its keys in the leading run of consecutive blocks.
+    batched = splits > 1 and -(-splits * per // bs) <= chunk.run[1]
+    first = splits * per if batched else 0
     parts: list[tuple[int, int, bool]] = [  # (first local key, end, causal)
         (s0, min(chunk.num_prefix, s0 + segment_tokens), False)
-        for s0 in range(0, chunk.num_prefix, segment_tokens)
+        for s0 in range(first, chunk.num_prefix, segment_tokens)
     ]
+    if batched:
+        parts.insert(0, (0, first, False))
     if chunk.has_own_keys:
         parts.append((chunk.num_prefix, chunk.num_prefix + c, True))
     if not parts:  # no key at all
@@ -157,6 +206,16 @@ def dense_chunk_attention(
         q_fold = _bshd(query.view(c, hkv, group, d).permute(2, 0, 1, 3).reshape(1, group * c, hkv, d))
     acc: tuple[torch.Tensor, torch.Tensor] | None = None
     for n, (k0, k1, causal) in enumerate(parts):
+        if batched and n == 0:
+            assert q_fold is not None
+            o, s = _split_prefix(q_fold, k_cache, v_cache, chunk.run[0], splits, per, scale)
+            o = o[0].unflatten(1, (group, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
+            s = s[0].unflatten(1, (group, c)).permute(2, 0, 1).reshape(c, num_heads)
+            acc = (o, s)  # float32
+            if len(parts) == 1:
+                out.copy_(o)
+                lse.copy_(s)
+            continue
         k = _keys(k_cache, block_table, chunk.run, k0, k1)  # [1, Hkv, n, D]
         v = _keys(v_cache, block_table, chunk.run, k0, k1)
         if causal:  # the own keys: square causal, KV heads repeated for the query heads

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mnemosyne.kernels.merge_attn import merge_split_partials, split_merge_blocks
+
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 # Tuned on H200 (benchmarks/results/probes/decode_tuning_h200_2026-11-21.json): within 2% of
@@ -212,31 +214,9 @@ def _decode_reduce_kernel(
     row = tl.load(qsl_ptr + seq).to(tl.int64)
     wl_row = wl_ptr + pid_d * stride_wlt + h * stride_wlh
     wo_row = wo_ptr + pid_d * stride_wot + h * stride_woh
-
-    offs_s = tl.arange(0, BLOCK_S)
-    lses = tl.load(wl_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))  # [BLOCK_S]
-    m = tl.max(lses, 0)
-    m_safe = tl.where(m > float("-inf"), m, 0.0)  # all -inf: shift by 0, every weight is 0
-    denom = tl.sum(tl.exp(lses - m_safe), 0)
-
-    offs_c = tl.arange(0, CHUNK)
+    out, lse = merge_split_partials(wl_row, wo_row, num_splits, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for c in tl.static_range(BLOCK_S // CHUNK):  # static: no runtime loop bound
-        s = c * CHUNK + offs_c  # [CHUNK]
-        mask_s = s < num_splits
-        w = tl.exp(tl.load(wl_row + s, mask=mask_s, other=float("-inf")) - m_safe)  # [CHUNK]
-        part = tl.load(
-            wo_row + s[:, None] * stride_wos + offs_d[None, :],
-            mask=mask_s[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [CHUNK, BLOCK_D]
-        acc += tl.sum(tl.where(w[:, None] > 0, w[:, None] * part, 0.0), 0)
-
-    safe_denom = tl.where(denom > 0, denom, 1.0)
-    out = acc / safe_denom
-    lse = tl.where(denom > 0, m_safe + tl.log(safe_denom), float("-inf"))
     tl.store(o_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
     tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
 
@@ -319,15 +299,14 @@ def paged_decode_attention(
     )  # fmt: skip
     if direct:
         return
-    block_s = triton.next_power_of_2(num_splits)
+    block_d, block_s, chunk = split_merge_blocks(num_splits, head_dim)
     _decode_reduce_kernel[(num_decode, num_heads)](
         o_ws, l_ws, out, lse, query_start_loc, seq_ids, num_splits,
         o_ws.stride(0), o_ws.stride(1), o_ws.stride(2),
         l_ws.stride(0), l_ws.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
-        CHUNK=min(block_s, max(1, 2048 // block_d)),
-        num_warps=4,
+        CHUNK=chunk, num_warps=4,
     )  # fmt: skip
 
 

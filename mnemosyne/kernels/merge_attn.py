@@ -1,4 +1,8 @@
-"""Fused exact merge of two attention partials over disjoint key sets (one kernel).
+"""Fused exact merges of attention partials over disjoint key sets.
+
+`merge_attn_states_into`: two partials (one kernel). `merge_split_partials`: the jitted
+body that merges the num_splits partials of one row and head of a split-KV workspace
+(the decode kernel's and the chunk kernel's phase 2).
 
 The same math as `mnemosyne.layers.attention.merge` (see its docstring), per row and head::
 
@@ -17,6 +21,49 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def merge_split_partials(
+    wl_row, wo_row, num_splits, stride_wos,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """(out [BLOCK_D] float32, lse) of one row and head from its split partials: lse_s at
+    wl_row + s, out_s at wo_row + s * stride_wos (contiguous head dim), s < num_splits.
+    The same math as above: all splits -inf -> out 0, lse -inf."""
+    offs_s = tl.arange(0, BLOCK_S)
+    lses = tl.load(wl_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))  # [BLOCK_S]
+    m = tl.max(lses, 0)
+    m_safe = tl.where(m > float("-inf"), m, 0.0)  # all -inf: shift by 0, every weight is 0
+    denom = tl.sum(tl.exp(lses - m_safe), 0)
+
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c in tl.static_range(BLOCK_S // CHUNK):  # static: no runtime loop bound
+        s = c * CHUNK + offs_c  # [CHUNK]
+        mask_s = s < num_splits
+        w = tl.exp(tl.load(wl_row + s, mask=mask_s, other=float("-inf")) - m_safe)  # [CHUNK]
+        part = tl.load(
+            wo_row + s[:, None] * stride_wos + offs_d[None, :],
+            mask=mask_s[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [CHUNK, BLOCK_D]
+        acc += tl.sum(tl.where(w[:, None] > 0, w[:, None] * part, 0.0), 0)
+
+    safe_denom = tl.where(denom > 0, denom, 1.0)
+    out = acc / safe_denom
+    lse = tl.where(denom > 0, m_safe + tl.log(safe_denom), float("-inf"))
+    return out, lse
+
+
+def split_merge_blocks(num_splits: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_S, CHUNK) for `merge_split_partials`: CHUNK splits per static step
+    keep the [CHUNK, BLOCK_D] partial tile at about 2048 elements."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_s = triton.next_power_of_2(num_splits)
+    return block_d, block_s, min(block_s, max(1, 2048 // block_d))
 
 
 @triton.jit

@@ -9,6 +9,11 @@ block ids appended since the last plan (`PieceSpec.new_block_ids`). On group g::
     key at global position t (S <= t < token_end) sits in slot
         block_ids[(t - S) // B] * B + (t - S) % B          (B = block_size)
 
+The ids live twice: a Python list (slots, leading runs) and an int32 tensor on the
+worker's device, grown by capacity doubling, to which each plan copies only its new
+ids. A step's block table is then built from device tensors (`AttentionMetadata.build`):
+its host work does not grow with the context.
+
 Invariant (checked on every update): before appending, the mirror holds exactly
 `num_known_blocks` ids and starts at the same token as the driver's piece; a
 mismatch means a lost or reordered plan and raises at once instead of reading
@@ -25,15 +30,18 @@ from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
 from mnemosyne.layers.attention.metadata import leading_run
 from mnemosyne.wire.plan import PieceSpec
 
+_CPU = torch.device("cpu")
+
 
 @dataclass
 class MirroredPiece:
     token_start: int
     block_ids: list[int] = field(default_factory=list)
     run: tuple[int, int] = (0, 0)  # block_ids[:n] == [b0, b0+1, ..., b0+n-1], kept up to date on append
-    # The same ids as an int32 tensor (capacity doubling), so a step copies a 1M-token
-    # request's 64K ids with one memcpy instead of converting a Python list.
-    _array: torch.Tensor = field(default_factory=lambda: torch.empty(16, dtype=torch.int32))
+    device: torch.device = _CPU
+    # The same ids as an int32 tensor on `device` (capacity doubling): a plan copies only
+    # its new ids; a step reads a 1M-token request's 64K ids without touching them on the host.
+    _array: torch.Tensor | None = None
 
     def slot(self, pos: int, block_size: int) -> int:
         off = pos - self.token_start
@@ -41,24 +49,30 @@ class MirroredPiece:
 
     def append(self, new_ids: list[int]) -> None:
         n0, n1 = len(self.block_ids), len(self.block_ids) + len(new_ids)
-        if n1 > self._array.numel():
-            grown = torch.empty(max(n1, 2 * self._array.numel()), dtype=torch.int32)
-            grown[:n0] = self._array[:n0]
+        if self._array is None or n1 > self._array.numel():
+            cap = max(n1, 16 if self._array is None else 2 * self._array.numel())
+            grown = torch.empty(cap, dtype=torch.int32, device=self.device)
+            if self._array is not None:
+                grown[:n0] = self._array[:n0]
             self._array = grown
-        self._array[n0:n1] = torch.tensor(new_ids, dtype=torch.int32)
+        if new_ids:
+            self._array[n0:n1] = torch.tensor(new_ids, dtype=torch.int32).to(self.device, non_blocking=True)
         self.block_ids.extend(new_ids)
         if new_ids and self.run[1] == n0:  # the run reached the old end: extend it, O(new ids)
             self.run = leading_run(self.block_ids, known=n0)
 
     def table(self) -> torch.Tensor:
-        """[num_blocks] int32 (CPU), a view of the block ids."""
+        """[num_blocks] int32 on `device`, a view of the block ids."""
+        if self._array is None:
+            return torch.empty(0, dtype=torch.int32, device=self.device)
         return self._array[: len(self.block_ids)]
 
 
 class BlockTableMirror:
-    def __init__(self, group: int, num_blocks: int) -> None:
+    def __init__(self, group: int, num_blocks: int, device: torch.device = _CPU) -> None:
         self.group = group
         self.num_blocks = num_blocks
+        self.device = device
         self._pieces: dict[str, MirroredPiece] = {}
 
     def drop(self, request_id: str) -> None:
@@ -70,7 +84,7 @@ class BlockTableMirror:
             raise ValueError(f"piece of group {spec.group} sent to the mirror of group {self.group}")
         piece = self._pieces.get(request_id)
         if piece is None:
-            piece = self._pieces[request_id] = MirroredPiece(spec.token_start)
+            piece = self._pieces[request_id] = MirroredPiece(spec.token_start, device=self.device)
         if piece.token_start != spec.token_start or len(piece.block_ids) != spec.num_known_blocks:
             raise KVCacheIntegrityError(
                 f"group {self.group}, request {request_id!r}: mirror starts at {piece.token_start} with "

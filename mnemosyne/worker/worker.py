@@ -71,8 +71,11 @@ class Worker:
             config.model_dir, config.model, backend, device, pg, config.load_format, config.seed
         )
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
+        if device.type == "cuda" and self.kv_caches:  # Triton's JIT before serving, not on the first steps
+            for window in {None, config.model.sliding_window}:
+                backend.warm_up(*self.kv_caches[0], window)
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device)
-        self.mirror = BlockTableMirror(self.group, num_blocks)
+        self.mirror = BlockTableMirror(self.group, num_blocks, device)
         self.params: dict[str, SamplingParams] = {}
         self.sampler = Sampler()
         # Unseeded sampling: one stream per KVP group (each group samples its own requests).

@@ -19,6 +19,15 @@ class AttentionBackend(Protocol):
         slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
     ) -> None: ...
 
+    def warm_up(
+        self,
+        k_cache: torch.Tensor,  # one layer's [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        sliding_window: int | None,
+    ) -> None:
+        """Compile / plan what serving would otherwise do on its first step (cache read only)."""
+        ...
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]

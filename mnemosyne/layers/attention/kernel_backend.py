@@ -5,10 +5,13 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
 (out, lse) pair::
 
     query_len == 1                          -> split-KV decode kernel (kernels/decode_attention.py)
-    query_len >= dense_min_queries, keys >= dense_min_keys, bf16/fp16, no sliding window,
-    keys = prefix (+ own keys)
+    cuDNN can take it (bf16/fp16, no sliding window, keys = prefix (+ own keys)) and the
+    measured cost model (`kernel_cost.py`) says it is cheaper
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
-    anything else                           -> Triton paged prefill kernel (kernels/paged_prefill.py)
+    anything else                           -> split-KV Triton chunk kernel
+                                               (kernels/chunk_splitkv_attention.py), one launch
+                                               for all its sequences, split along the keys
+                                               until the GPU is full
 
 K/V are written by one fused Triton kernel (kernels/kv_write.py). The decode split count
 is fixed by the plan; the decode kernel reads every length from device tensors, so a
@@ -18,15 +21,24 @@ padded batch size.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
-from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention, fits
+from mnemosyne.kernels.chunk_splitkv_attention import (
+    DEFAULT_WAVES,
+    MAX_SPLITS,
+    MIN_SPLIT_KEYS,
+    choose_chunk_splits,
+    chunk_splitkv_attention,
+)
+from mnemosyne.kernels.cudnn_prefill import DenseChunk, choose_prefix_splits, dense_chunk_attention, fits
 from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from mnemosyne.kernels.kv_write import write_kv_cache
-from mnemosyne.kernels.paged_prefill import default_block_q, paged_prefill_attention, plan_query_tiles
+from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
+from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
 
@@ -39,7 +51,22 @@ class KernelPlan:
     tile_seq: torch.Tensor | None = None  # [num_tiles] int32, Triton prefill tiles
     tile_q_offset: torch.Tensor | None = None  # [num_tiles] int32
     block_q: int = 16
+    chunk_splits: int = 1  # key splits of the Triton chunk kernel
+    merge_rows: torch.Tensor | None = None  # [num_tiled_rows] int32, packed rows of the tiles (splits > 1)
     dense: list[DenseChunk] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChunkKernelConfig:
+    """Tunables of the Triton chunk kernel; None = the kernel's defaults."""
+
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    waves: int | None = None  # programs per SM the split count aims at
+    min_split_keys: int | None = None  # fewest keys per split; None: MIN_SPLIT_KEYS on CUDA, 64 on
+    # CPU (the interpreter: tests reach the split path with short contexts)
+    max_splits: int = MAX_SPLITS
 
 
 class KernelBackend:
@@ -52,21 +79,25 @@ class KernelBackend:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        dense_min_queries: int = 256,
-        dense_min_keys: int = 8192,
         dense_segment_tokens: int = DENSE_SEGMENT_TOKENS,
         use_cudnn: bool | None = None,
+        cost_model: ChunkCostModel = H200_COST,
+        force_path: ChunkPath | None = None,
+        chunk_config: ChunkKernelConfig = ChunkKernelConfig(),
     ) -> None:
+        """force_path: every chunk cuDNN can take goes there (CUDNN), or none does
+        (TRITON_SPLITKV), instead of the cheaper path by `cost_model` (tests, benchmarks)."""
+        self.num_heads_per_kv = num_heads_per_kv
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
         self.block_q = default_block_q(num_heads_per_kv, dtype)
-        self.dense_min_queries = dense_min_queries
-        # Below this many keys the attention is cheap and cuDNN's per-call host cost (~0.3 ms,
-        # three calls per chunk per layer) would bound the step: the Triton kernel takes it.
-        self.dense_min_keys = dense_min_keys
         self.dense_segment_tokens = dense_segment_tokens
         self.use_cudnn = device.type == "cuda" if use_cudnn is None else use_cudnn
+        cost_model.check_integrity()
+        self.cost_model = cost_model
+        self.force_path = force_path
+        self.chunk_config = chunk_config
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         )
@@ -101,9 +132,15 @@ class KernelBackend:
                     self.dtype,
                     self.head_dim,
                     sliding_window,
-                    self.dense_min_queries,
-                    self.dense_min_keys,
+                    min_queries=2,
                 )
+                if chunk is not None and not self._dense_is_cheaper(q_len, meta.kv_lens_cpu[i], num_kv_heads):
+                    chunk = None
+                if chunk is not None:  # few queries: split the prefix so that cuDNN fills the GPU
+                    splits = choose_prefix_splits(
+                        q_len, self.num_heads_per_kv, num_kv_heads, chunk.num_prefix, self.num_sms
+                    )
+                    chunk = dataclasses.replace(chunk, prefix_splits=splits)
             if q_len == 1:
                 decode.append(i)
             elif chunk is not None:
@@ -118,10 +155,71 @@ class KernelBackend:
                 len(decode), num_kv_heads, bound, self.num_sms, head_dim=self.head_dim
             )
         if tiled:
-            seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, self.block_q)
+            # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
+            # variants in all, both built by `warm_up`.
+            plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
+            seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             plan.tile_seq = torch.tensor(seqs, dtype=torch.int32, device=self.device)
             plan.tile_q_offset = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+            cfg = self.chunk_config
+            plan.chunk_splits = choose_chunk_splits(
+                len(seqs), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
+                waves=cfg.waves or DEFAULT_WAVES,
+                min_split_keys=cfg.min_split_keys or (MIN_SPLIT_KEYS if self.device.type == "cuda" else 64),
+                max_splits=cfg.max_splits,
+            )  # fmt: skip
+            if plan.chunk_splits > 1:
+                qsl = [0]
+                for n in meta.query_lens_cpu:
+                    qsl.append(qsl[-1] + n)
+                rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
+                plan.merge_rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         return plan
+
+    def _tile_height(self, longest_chunk: int) -> int:
+        return self.block_q if longest_chunk > self.block_q // 2 else max(1, self.block_q // 2)
+
+    def _dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int) -> bool:
+        if self.force_path is not None:
+            return self.force_path is ChunkPath.CUDNN
+        num_heads = num_kv_heads * self.num_heads_per_kv
+        return self.cost_model.cheaper(num_queries, num_keys, num_heads, self.head_dim) is ChunkPath.CUDNN
+
+    def warm_up(
+        self,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], one layer's
+        v_cache: torch.Tensor,
+        sliding_window: int | None,
+    ) -> None:
+        """Compile every Triton variant the chunk path can launch (both tile heights, direct
+        and split with its merge) on a few keys of the cache (read only), so that serving
+        never waits for the JIT. Decode kernels are not covered here (`worker/cuda_graph.py`
+        runs each padded batch size eagerly once before capturing it)."""
+        num_kv_heads = k_cache.shape[2]
+        num_heads = num_kv_heads * self.num_heads_per_kv
+        block = k_cache.shape[1]
+        keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
+        for q_len in sorted({self.block_q, max(1, self.block_q // 2)}):
+            meta = AttentionMetadata.build(
+                [q_len],
+                [keys - q_len],
+                [0],
+                [keys],
+                [list(range(-(-keys // block)))],
+                [-1] * q_len,
+                self.device,
+            )
+            seqs, offsets = plan_query_tiles([q_len], [0], self._tile_height(q_len))
+            query = torch.zeros(q_len, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
+            for splits in (1, 2):
+                meta.backend_plan = KernelPlan(
+                    tile_seq=torch.tensor(seqs, dtype=torch.int32, device=self.device),
+                    tile_q_offset=torch.tensor(offsets, dtype=torch.int32, device=self.device),
+                    block_q=self._tile_height(q_len),
+                    chunk_splits=splits,
+                    merge_rows=torch.arange(q_len, dtype=torch.int32, device=self.device),
+                )
+                self.forward(query, k_cache, v_cache, meta, 1.0, sliding_window)
 
     # ---- every layer --------------------------------------------------------------------
 
@@ -158,9 +256,11 @@ class KernelBackend:
                 plan.num_splits,
             )  # fmt: skip
         if plan.tile_seq is not None and plan.tile_q_offset is not None:
-            paged_prefill_attention(
+            cfg = self.chunk_config
+            chunk_splitkv_attention(
                 query, k_cache, v_cache, *lengths, plan.tile_seq, plan.tile_q_offset, out, lse, scale,
-                sliding_window, block_q=plan.block_q,
+                sliding_window, num_splits=plan.chunk_splits, merge_rows=plan.merge_rows, block_q=plan.block_q,
+                block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
         for chunk in plan.dense:
             rows = slice(chunk.row0, chunk.row0 + chunk.num_queries)

@@ -75,6 +75,7 @@ class AttentionMetadata:
         kv_start: list[int],
         kv_lens: list[int],
         block_tables: list[list[int]] | list[torch.Tensor],  # per sequence: ids, or an int32 tensor
+        # (CPU, or on `device`)
         slot_mapping: list[int],
         device: torch.device | str,
         kvp_merge: KVPMergeIndex | None = None,
@@ -82,10 +83,16 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         num_seqs = len(query_lens)
         max_blocks = max((len(b) for b in block_tables), default=0)
-        bt = torch.zeros((num_seqs, max(max_blocks, 1)), dtype=torch.int32)
-        for i, blocks in enumerate(block_tables):
-            if len(blocks):
-                bt[i, : len(blocks)] = blocks if isinstance(blocks, torch.Tensor) else torch.tensor(blocks)
+        on = next((b.device for b in block_tables if isinstance(b, torch.Tensor)), torch.device("cpu"))
+        if on.type != "cpu":
+            bt = _pad_on_device(block_tables, max(max_blocks, 1), on)  # type: ignore[arg-type]
+        else:
+            bt = torch.zeros((num_seqs, max(max_blocks, 1)), dtype=torch.int32)
+            for i, blocks in enumerate(block_tables):
+                if len(blocks):
+                    bt[i, : len(blocks)] = (
+                        blocks if isinstance(blocks, torch.Tensor) else torch.tensor(blocks)
+                    )
         qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
         if num_seqs:
             qsl[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
@@ -107,6 +114,24 @@ class AttentionMetadata:
             if block_runs is not None
             else [leading_run(list(b)) for b in block_tables],
         )
+
+
+def _pad_on_device(tables: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+    """[num_seqs, width] int32 on `device`, row i = tables[i] (on `device`) padded with 0, in a
+    fixed number of launches: one concatenation and one scatter (rows and columns from the
+    lengths on the device). Host work: O(num_seqs), not O(blocks)."""
+    lens = [len(t) for t in tables]
+    total = sum(lens)
+    bt = torch.zeros((len(tables), width), dtype=torch.int32, device=device)
+    if total == 0:
+        return bt
+    flat = torch.cat([t for t in tables if len(t)])  # [total]
+    lens_d = torch.tensor(lens, dtype=torch.long).to(device, non_blocking=True)
+    rows = torch.repeat_interleave(torch.arange(len(tables), device=device), lens_d, output_size=total)
+    starts = torch.cumsum(lens_d, 0) - lens_d  # [num_seqs] first flat index of each row
+    cols = torch.arange(total, device=device) - starts[rows]
+    bt[rows, cols] = flat
+    return bt
 
 
 def leading_run(block_ids: list[int], known: int = 0) -> tuple[int, int]:

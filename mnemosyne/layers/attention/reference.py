@@ -21,6 +21,9 @@ _MAX_SCORE_ELEMS = 1 << 26
 class TorchReferenceBackend:
     """Exact, unfused attention; see `AttentionBackend` and `AttentionMetadata`."""
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, sliding_window: int | None) -> None:
+        """Nothing to compile."""
+
     def write_kv(
         self,
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
