@@ -1,4 +1,4 @@
-"""Command line: `mnemosyne generate`, `mnemosyne serve`, `mnemosyne profile` and `mnemosyne bench serve`."""
+"""Command line: `mnemosyne generate`, `serve`, `profile`, `simulate`, `plan` and `bench serve`."""
 
 from __future__ import annotations
 
@@ -171,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_args(prof)
     add_engine_args(prof)
     prof.set_defaults(func=cmd_profile)
+
+    # ---- simulate / plan (mnemosyne/simulator) ----
+    from mnemosyne.simulator.command import add_plan_args, add_simulate_args, cmd_plan, cmd_simulate
+
+    simulate = sub.add_parser("simulate", help="run a trace through the real scheduler in virtual time")
+    add_simulate_args(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+    plan = sub.add_parser("plan", help="the tp x spp x kvp layouts for a model, GPU count and context length")
+    add_plan_args(plan)
+    plan.set_defaults(func=cmd_plan)
+    # ---- end simulate / plan ----
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)

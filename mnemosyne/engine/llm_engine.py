@@ -22,7 +22,7 @@ from mnemosyne.engine.policies import make_policies
 from mnemosyne.engine.priority import ttft_deadline_s
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
-from mnemosyne.engine.step_load import StepLoadBuilder
+from mnemosyne.engine.step_load import step_composition
 from mnemosyne.engine.step_plan import PlanBuilder, StepResult
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
@@ -160,10 +160,7 @@ class LLMEngine:
 
     def predict_step_s(self, sched: SchedulerOutput) -> float:
         """The latency model's prediction for a scheduled step (its KV already allocated)."""
-        load = StepLoadBuilder(self.kv_manager)
-        for chunk in sched.chunks:
-            load.add(chunk.request, chunk.start, chunk.num_tokens, chunk.sample)
-        return self.policies.latency_model.step_time_s(load.composition())
+        return self.policies.latency_model.step_time_s(step_composition(self.kv_manager, sched))
 
     def take_step_stats(self) -> list[StepStats]:
         """Steps processed since the last call (at most the newest 1024), oldest first."""
