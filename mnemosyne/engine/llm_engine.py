@@ -185,8 +185,8 @@ class LLMEngine:
 
     def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.monotonic()
-        current = [c for c in sched.chunks if self.scheduler.is_current(c)]
-        for chunk in current:
+        applied = self.scheduler.update_from_output(sched, result.sampled_token_ids).applied
+        for chunk in applied:
             req = chunk.request
             rid = req.request_id
             if rid in result.prompt_logprobs:
@@ -196,10 +196,9 @@ class LLMEngine:
                     req.num_prompt_logprobs_done = first_pos + len(entries)
             if chunk.sample and rid in result.logprobs:
                 req.logprobs.append(result.logprobs[rid])
-        self.scheduler.update_from_output(sched, result.sampled_token_ids)
 
         outputs: list[RequestOutput] = []
-        for chunk in current:
+        for chunk in applied:
             req = chunk.request
             new_ids: list[int] = []
             if chunk.sample and req.request_id in result.sampled_token_ids:

@@ -7,7 +7,7 @@ replaced by the latency model and stage events (`pipeline.py`)::
         sched = scheduler.schedule()            (clock = virtual now; LARS and adaptive chunking
         if empty: stop                           read it)
         done  = pipeline.submit(now, step_time(composition of sched))
-    oldest in flight: now = max(now, its done); is_current filter; update_from_output
+    oldest in flight: now = max(now, its done); update_from_output
 
 With KVP the composition holds one sub-batch per group plus the merged query tokens
 (`engine/step_load.py`); the latency model charges the busiest group and the merge.
@@ -120,13 +120,12 @@ class SimulatedEngine:
         if self.steps is not None:
             chunks = tuple((c.request.request_id, c.start, c.num_tokens) for c in sched.chunks)
             self.steps.append(StepRecord(chunks, submit_s, self.now_s))
-        sampled: dict[str, int] = {}
-        for chunk in sched.chunks:
-            if chunk.sample and self.scheduler.is_current(chunk):
-                rid = chunk.request.request_id
-                sampled[rid] = 0
-                self.requests[rid].token_times_s.append(self.now_s)
-        for req in self.scheduler.update_from_output(sched, sampled):
+        sampled = {c.request.request_id: 0 for c in sched.chunks if c.sample}
+        update = self.scheduler.update_from_output(sched, sampled)
+        for chunk in update.applied:
+            if chunk.sample:
+                self.requests[chunk.request.request_id].token_times_s.append(self.now_s)
+        for req in update.finished:
             sim = self.requests[req.request_id]
             sim.finish_s = self.now_s
             sim.num_preemptions = req.num_preemptions
