@@ -156,7 +156,10 @@ class LLMEngine:
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, time.monotonic() - submitted, chunk_sizes))
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
-        return self._process(sched, result)
+        outputs = self._process(sched, result)
+        if not self._inflight and not self.scheduler.has_unfinished_requests():
+            self.kv_manager.check_integrity()  # going idle: O(blocks), nobody is waiting for a step
+        return outputs
 
     def predict_step_s(self, sched: SchedulerOutput) -> float:
         """The latency model's prediction for a scheduled step (its KV already allocated)."""
