@@ -81,6 +81,8 @@ class StepLoadBuilder:
 
     def _piece_groups(self, req: Request, num_pieces: int) -> list[int]:
         held = [p.group for p in self.kv_manager.pieces(req.request_id)]
+        if len(held) >= num_pieces:
+            return held[:num_pieces]
         free = [self.kv_manager.num_free_blocks(g) for g in range(self.kv_manager.num_kvp_groups)]
         while len(held) < num_pieces:
             unused = [g for g in range(len(free)) if g not in held] or list(range(len(free)))
