@@ -16,7 +16,20 @@ from pathlib import Path
 import pytest
 
 from mnemosyne.cli import main
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.latency.fitted import GROUP_FEATURES, STEP_FEATURES, FittedLatencyModel
+from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey, save_profile
+from mnemosyne.latency.shape import Layout, ModelShape
+from mnemosyne.simulator.engine import SimulatedEngine, run_trace
 from mnemosyne.simulator.pipeline import StagePipeline
+from mnemosyne.simulator.planner import plan_layout
+from mnemosyne.simulator.setup import (
+    device_spec,
+    latency_model_for,
+    load_model_config,
+    simulated_engine_config,
+)
+from mnemosyne.simulator.trace import TraceRequest
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -151,3 +164,41 @@ def test_plan_llama32_1b_10m_on_4_gpus(model_1b, capsys):
     h100 = plan_json(model_1b, "--num-gpus", "4", "--context-len", "10000000", "--gpu", "h100", capsys=capsys)
     assert h100["gpu"] == "NVIDIA H100" and not any(p["fits"] for p in h100["layouts"])  # 76 GiB > 80 GB x 0.9
     assert "tp" not in h100["best"] and "no layout fits" in h100["best"]["reason"]
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 2, 2), (1, 4, 1)])
+def test_plan_ttft_matches_simulating_the_prompt(model_1b, layout):
+    """The planner's closed form (prefill table / spp + pipeline fill) against the real scheduler
+    with adaptive chunks running the L-token prompt alone."""
+    tp, spp, kvp = layout
+    context_len, spec = 100_000, device_spec("h200")
+    planned = plan_layout(load_model_config(model_1b), Layout(tp, spp, kvp), context_len, spec, 0.02, None)
+    args = EngineArgs(
+        model=str(model_1b), tp=tp, spp=spp, kvp=kvp, max_model_len=context_len,
+        max_tokens_per_kvp_group=planned.max_tokens_per_kvp_group if kvp > 1 else None,
+        chunk_policy="adaptive", tbt_slo_ms=20, max_num_batched_tokens=8192, enable_prefix_caching=False,
+    )  # fmt: skip
+    config = simulated_engine_config(model_1b, args, spec)
+    engine = SimulatedEngine(config, *latency_model_for(config, spec))
+    run_trace(engine, [TraceRequest(0.0, context_len - 2, 2)])
+    simulated_ttft = engine.requests["req-0"].token_times_s[0]
+    assert planned.ttft_s == pytest.approx(simulated_ttft, rel=0.02)
+
+
+def test_simulate_with_a_measured_profile(model_1b, tmp_path, capsys):
+    layout = Layout(1, 2, 1)
+    coef = {"one": 2e-3, "tokens": 1e-6, "prefix_pairs": 1e-11, "decode_kv_tokens": 1e-9}
+    model = FittedLatencyModel(
+        layout, 256, tuple(coef.get(f, 0.0) for f in GROUP_FEATURES), tuple(0.0 for _ in STEP_FEATURES)
+    )
+    key = ProfileKey("NVIDIA H200", ModelShape.from_model_config(load_model_config(model_1b)), layout, "bfloat16")
+    path = tmp_path / "profile.json"
+    save_profile(LatencyProfile(key, model, {}), path)
+    trace = write_trace(tmp_path / "trace.jsonl")
+    out = simulate(model_1b, trace, tmp_path / "p.json", "--spp", "2", "--latency-profile", str(path))
+    assert out["setup"]["latency_model"] == str(path)
+    # one decode alone: 2 ms + 1 us + its keys at 1 ns: the last request's gaps
+    assert out["requests"][5]["tbt_max_s"] == pytest.approx(2e-3 + 1e-6 + 65e-9, rel=0.05)
+    rc = main(["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "q.json"),
+               "--latency-profile", str(path)])  # fmt: skip
+    assert rc == 2 and "measured for" in capsys.readouterr().err
