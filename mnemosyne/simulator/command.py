@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,7 +28,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-slo-s", type=float, default=None, help="TTFT SLO for the attainment figure")
     d = EngineArgs()
     g = p.add_argument_group("engine (as for `mnemosyne serve`)")
-    g.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=d.max_model_len,
+        help="default: the model's max_position_embeddings, raised to the trace's longest request",
+    )
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
@@ -54,19 +60,27 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from mnemosyne.simulator.engine import SimulatedEngine, run_trace
     from mnemosyne.simulator.report import plot, summarize
-    from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config
+    from mnemosyne.simulator.setup import (
+        device_spec,
+        latency_model_for,
+        load_model_config,
+        simulated_engine_config,
+    )
     from mnemosyne.simulator.trace import load_trace
 
     spec = device_spec(ns.gpu)
-    config = simulated_engine_config(ns.model, simulate_engine_args(ns), spec)
-    model, source = latency_model_for(config, spec)
     trace = load_trace(ns.trace)
+    args = simulate_engine_args(ns)
+    if args.max_model_len is None:  # the model's limit, raised to the trace's longest request
+        longest = max(t.prompt_len + t.output_len for t in trace)
+        args = dataclasses.replace(
+            args, max_model_len=max(longest, load_model_config(ns.model).max_position_embeddings)
+        )
+    config = simulated_engine_config(ns.model, args, spec)
+    model, source = latency_model_for(config, spec)
     engine = SimulatedEngine(config, model, source)
     wall = time.perf_counter()
-    try:
-        run_trace(engine, trace)
-    except ValueError as e:  # a request the engine refuses (too long for the model or the KV)
-        raise ConfigError(str(e)) from None
+    run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel
     result["setup"] = {

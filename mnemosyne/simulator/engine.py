@@ -132,18 +132,19 @@ class SimulatedEngine:
 
 
 def run_trace(engine: SimulatedEngine, trace: list[TraceRequest]) -> None:
-    """Feed the trace (sorted by arrival) at its arrival times and step until all finish.
-    Request ids are "req-<index in arrival order>"."""
-    i, n = 0, len(trace)
-    while i < n or engine.has_work():
-        while i < n and trace[i].arrival_s <= engine.now_s:
-            t = trace[i]
-            engine.add_request(f"req-{i}", t.prompt_len, t.output_len, t.arrival_s)
-            i += 1
+    """Feed the trace at its arrival times and step until all finish. Request i of the trace is
+    "req-i"; equal arrivals are added in trace order."""
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)
+    k, n = 0, len(order)
+    while k < n or engine.has_work():
+        while k < n and trace[order[k]].arrival_s <= engine.now_s:
+            t = trace[order[k]]
+            engine.add_request(f"req-{order[k]}", t.prompt_len, t.output_len, t.arrival_s)
+            k += 1
         if engine.step():
             continue
-        if i < n:  # idle: jump to the next arrival
-            engine.now_s = max(engine.now_s, trace[i].arrival_s)
+        if k < n:  # idle: jump to the next arrival
+            engine.now_s = max(engine.now_s, trace[order[k]].arrival_s)
             continue
         raise RuntimeError(
             f"simulation stuck at {engine.now_s:.3f} s: {engine.scheduler.num_waiting} waiting requests "

@@ -30,7 +30,7 @@ def parse_trace_line(line: str, where: str) -> TraceRequest:
 
 
 def load_trace(path: str | Path) -> list[TraceRequest]:
-    """The trace's requests sorted by arrival (stable: equal arrivals keep the file's order)."""
+    """The trace's requests in file order (request i is "req-i" in the simulation)."""
     p = Path(path)
     try:
         lines = p.read_text().splitlines()
@@ -39,4 +39,4 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
     reqs = [parse_trace_line(ln, f"{p}:{i + 1}") for i, ln in enumerate(lines) if ln.strip()]
     if not reqs:
         raise ConfigError(f"trace {p} has no requests")
-    return sorted(reqs, key=lambda r: r.arrival_s)
+    return reqs
