@@ -52,12 +52,19 @@ def simulate_config(model_dir: Path, name: str, m: dict, ns: argparse.Namespace)
         for a, b in zip(sim.requests[r].token_times_s, sim.requests[r].token_times_s[1:], strict=False)
         if a >= t_arrival and b <= t_first
     ]
-    return {"config": name, "long_ttft_s": t_first - t_arrival, "short_tbt": pcts(gaps), "latency_model": source}
+    return {
+        "config": name,
+        "long_ttft_s": t_first - t_arrival,
+        "short_tbt": pcts(gaps),
+        "latency_model": source,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--measured", type=Path, required=True, help="JSON written by benchmarks.mixed_long_short")
+    ap.add_argument(
+        "--measured", type=Path, required=True, help="JSON written by benchmarks.mixed_long_short"
+    )
     ap.add_argument("--profile", default=None, help="the latency profile it measured (.profile.json)")
     ap.add_argument("--gpu", default="h200")
     ap.add_argument("--out", type=Path, required=True)
@@ -84,7 +91,9 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps({"config": row["config"], **row["ratio"]}), flush=True)
-    ns.out.write_text(json.dumps({"simulated_vs_measured": rows, "measured_file": str(ns.measured)}, indent=1))
+    ns.out.write_text(
+        json.dumps({"simulated_vs_measured": rows, "measured_file": str(ns.measured)}, indent=1)
+    )
 
 
 if __name__ == "__main__":

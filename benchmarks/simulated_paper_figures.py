@@ -126,7 +126,9 @@ def plot(result: dict, path: Path) -> None:
     for shape in SHAPES:
         for gpu, ls in zip(GPUS, ("--", "-"), strict=True):
             pts = [r for r in result["spp"] if r["shape"] == shape and r["gpu"] == gpu and r["fits"]]
-            a.plot([r["spp"] for r in pts], [r["ttft_s"] for r in pts], ls, marker="o", label=f"{shape} {gpu}")
+            a.plot(
+                [r["spp"] for r in pts], [r["ttft_s"] for r in pts], ls, marker="o", label=f"{shape} {gpu}"
+            )
             b.plot([r["spp"] for r in pts], [100 * r["scaling_efficiency"] for r in pts], ls, marker="o",
                    label=f"{shape} {gpu}")  # fmt: skip
     a.set(xscale="log", yscale="log", xlabel="SPP degree (tp=8 per stage)", ylabel="TTFT of 1M tokens (s)",

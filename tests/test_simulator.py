@@ -47,7 +47,17 @@ LLAMA32_1B = {
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     "bos_token_id": 128000, "eos_token_id": 128009, "torch_dtype": "bfloat16",
 }  # fmt: skip
-PLAN_FIELDS = {"tp", "spp", "kvp", "max_tokens_per_kvp_group", "fits", "kv_gib_per_gpu", "ttft_s", "tbt_s", "meets_slo"}
+PLAN_FIELDS = {
+    "tp",
+    "spp",
+    "kvp",
+    "max_tokens_per_kvp_group",
+    "fits",
+    "kv_gib_per_gpu",
+    "ttft_s",
+    "tbt_s",
+    "meets_slo",
+}
 
 
 def write_config(root: Path, name: str, cfg: dict) -> Path:
@@ -87,7 +97,9 @@ POLICY = ("--chunk-policy", "adaptive", "--scheduling-policy", "lars", "--tbt-sl
 
 def test_simulate_is_deterministic_and_runs_2x2(model_1b, tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl")
-    a = simulate(model_1b, trace, tmp_path / "a.json", *LAYOUT_2X2, *POLICY, "--plot", str(tmp_path / "a.png"))
+    a = simulate(
+        model_1b, trace, tmp_path / "a.json", *LAYOUT_2X2, *POLICY, "--plot", str(tmp_path / "a.png")
+    )
     b = simulate(model_1b, trace, tmp_path / "b.json", *LAYOUT_2X2, *POLICY)
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     assert (tmp_path / "a.png").stat().st_size > 0
@@ -122,8 +134,12 @@ def test_stage_pipeline_overlaps_micro_batches():
 
 def test_bad_trace_names_the_line(model_1b, tmp_path, capsys):
     trace = tmp_path / "bad.jsonl"
-    trace.write_text('{"arrival_s": 0, "prompt_len": 5, "output_len": 1}\n{"arrival_s": 1, "prompt_len": 5}\n')
-    rc = main(["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "o.json")])
+    trace.write_text(
+        '{"arrival_s": 0, "prompt_len": 5, "output_len": 1}\n{"arrival_s": 1, "prompt_len": 5}\n'
+    )
+    rc = main(
+        ["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "o.json")]
+    )
     assert rc == 2 and "bad.jsonl:2" in capsys.readouterr().err
 
 
@@ -162,7 +178,9 @@ def test_plan_llama32_1b_10m_on_4_gpus(model_1b, capsys):
     assert by[1, 2, 2]["fits"] and by[4, 1, 1]["fits"]
     assert result["best"]["num_gpus"] == 4 and result["best"]["reason"]
     h100 = plan_json(model_1b, "--num-gpus", "4", "--context-len", "10000000", "--gpu", "h100", capsys=capsys)
-    assert h100["gpu"] == "NVIDIA H100" and not any(p["fits"] for p in h100["layouts"])  # 76 GiB > 80 GB x 0.9
+    assert h100["gpu"] == "NVIDIA H100" and not any(
+        p["fits"] for p in h100["layouts"]
+    )  # 76 GiB > 80 GB x 0.9
     assert "tp" not in h100["best"] and "no layout fits" in h100["best"]["reason"]
 
 
@@ -191,7 +209,9 @@ def test_simulate_with_a_measured_profile(model_1b, tmp_path, capsys):
     model = FittedLatencyModel(
         layout, 256, tuple(coef.get(f, 0.0) for f in GROUP_FEATURES), tuple(0.0 for _ in STEP_FEATURES)
     )
-    key = ProfileKey("NVIDIA H200", ModelShape.from_model_config(load_model_config(model_1b)), layout, "bfloat16")
+    key = ProfileKey(
+        "NVIDIA H200", ModelShape.from_model_config(load_model_config(model_1b)), layout, "bfloat16"
+    )
     path = tmp_path / "profile.json"
     save_profile(LatencyProfile(key, model, {}), path)
     trace = write_trace(tmp_path / "trace.jsonl")

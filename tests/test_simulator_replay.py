@@ -67,10 +67,18 @@ def run_real(model_dir) -> tuple[Schedule, list[float], object, object, int]:
             engine.step()
             step += 1
         measured = [s.actual_s for s in engine.take_step_stats()]
-        return schedule, measured, engine.config, engine.policies.latency_model, engine.scheduler.num_preemptions
+        return (
+            schedule,
+            measured,
+            engine.config,
+            engine.policies.latency_model,
+            engine.scheduler.num_preemptions,
+        )
 
 
-def run_simulated(config, latency_model, measured: list[float]) -> tuple[Schedule, SimulatedEngine, list[float]]:
+def run_simulated(
+    config, latency_model, measured: list[float]
+) -> tuple[Schedule, SimulatedEngine, list[float]]:
     times: Iterator[float] = iter(measured)
     used: list[float] = []
 
