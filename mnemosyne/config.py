@@ -254,6 +254,14 @@ class LoadFormat(enum.Enum):
     DUMMY = "dummy"
 
 
+class GenerationConfigMode(enum.Enum):
+    """AUTO: sampling fields a request leaves out take the model's generation_config.json
+    values (temperature, top_k, top_p, min_p, repetition_penalty). NONE: ignore that file."""
+
+    AUTO = "auto"
+    NONE = "none"
+
+
 def parse_enum(kind: type[enum.Enum], value: str | enum.Enum, option: str):  # -> instance of kind
     if isinstance(value, kind):
         return value
@@ -276,3 +284,5 @@ class EngineConfig:
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     load_format: LoadFormat = LoadFormat.SAFETENSORS
+    generation_config: GenerationConfigMode = GenerationConfigMode.AUTO
+    chat_template: str | None = None  # overrides the tokenizer's (Jinja text)

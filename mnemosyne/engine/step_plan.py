@@ -10,7 +10,8 @@ ids every step::
 
     plan k:   freed_kv ──> drop the mirror of preempted / finished requests
               finished ──> forget their sampling parameters too
-              new_requests ──> remember sampling parameters (every rank)
+              new_requests ──> remember sampling parameters (every rank) and, for penalties,
+                               the prompt (the sampling ranks keep a TokenHistory fed by chunks)
               chunks[i].pieces[j] ──> group j' blocks: mirror[num_known_blocks:] = new_block_ids
 
     Every rank applies plan k's updates when it starts plan k, in plan order, so a
@@ -37,6 +38,26 @@ from mnemosyne.sampling_params import SamplingParams
 class NewRequest:
     request_id: str
     sampling_params: SamplingParams
+    # What the sampling rank's logits processors need beyond the chunks' own token ids
+    # (layers/logits_processors.py): set only when sampling_params.needs_history.
+    num_prompt_tokens: int = 0
+    prompt_token_ids: tuple[int, ...] = ()  # only with a repetition penalty
+    min_tokens_banned_ids: tuple[int, ...] = ()  # eos + stop_token_ids, only with min_tokens
+
+
+def new_request(req: Request) -> NewRequest:
+    sp = req.sampling_params
+    if not sp.needs_history:
+        return NewRequest(req.request_id, sp)
+    return NewRequest(
+        req.request_id,
+        sp,
+        num_prompt_tokens=req.num_prompt_tokens,
+        prompt_token_ids=tuple(req.prompt_token_ids) if sp.repetition_penalty not in (None, 1.0) else (),
+        min_tokens_banned_ids=(
+            tuple(dict.fromkeys((*req.eos_token_ids, *sp.stop_token_ids))) if sp.min_tokens else ()
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -139,7 +160,7 @@ class PlanBuilder:
             rid = req.request_id
             if self._known.get(rid) is not req:
                 self._known[rid] = req
-                new_requests.append(NewRequest(rid, req.sampling_params))
+                new_requests.append(new_request(req))
             if rid not in self._sent_blocks:
                 self._sent_blocks[rid] = {}
                 self._epoch[rid] = req.num_preemptions

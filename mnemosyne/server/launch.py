@@ -1,6 +1,9 @@
 """Start the server: `serve()` for `mnemosyne serve` (blocks, Ctrl-C or SIGTERM drains),
 `BackgroundServer` for tests and benchmarks (uvicorn on a thread of this process).
 
+`serve()` binds its port before loading the model (a port in use fails at once) and logs
+the start-up summary (engine/summary.py) once the engine is ready.
+
 Shutdown order: uvicorn stops accepting, waits up to `shutdown_timeout_s` for open
 requests to finish (drain), cancels the rest (their handles abort them), then the
 app's lifespan stops the engine thread, which aborts anything left and stops the
@@ -21,6 +24,8 @@ from fastapi import FastAPI
 
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine, load_tokenizer
+from mnemosyne.engine.summary import engine_summary, format_summary
+from mnemosyne.errors import ConfigError
 from mnemosyne.models.default_model import DEFAULT_MODEL_NAME
 from mnemosyne.server.api_server import build_app
 from mnemosyne.server.async_engine import AsyncEngine
@@ -44,12 +49,14 @@ class ServerArgs:
 
 def build_server(engine_args: EngineArgs, server_args: ServerArgs) -> tuple[FastAPI, AsyncEngine]:
     """Load the model, start the engine thread and build the app (not yet listening)."""
+    started = time.perf_counter()
     engine = LLMEngine.from_args(engine_args)
     cfg = engine.config
     name = server_args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
+    summary = format_summary(engine_summary(engine, name, time.perf_counter() - started))
     metrics = ServerMetrics(name, engine.kv_manager.num_kvp_groups)
     async_engine = AsyncEngine(engine, metrics, server_args.max_waiting_requests)
-    tokenizer = load_tokenizer(cfg.model_dir)  # the loop's own instance: HF tokenizers are not thread-safe
+    tokenizer = load_tokenizer(cfg.model_dir, cfg.chat_template)  # the loop's own instance: HF tokenizers are not thread-safe
     ctx = ServingContext(
         engine=async_engine,
         tokenizer=tokenizer,
@@ -58,6 +65,7 @@ def build_server(engine_args: EngineArgs, server_args: ServerArgs) -> tuple[Fast
         max_request_tokens=min(cfg.scheduler.max_model_len, engine.kv_manager.capacity_tokens_per_request),
         vocab_size=cfg.model.vocab_size,
     )
+    logger.info("engine ready:\n%s", summary)
     return build_app(ctx, metrics, server_args.api_key), async_engine
 
 
@@ -76,16 +84,34 @@ def _uvicorn_config(app: FastAPI, args: ServerArgs) -> uvicorn.Config:
 def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Run until Ctrl-C / SIGTERM. Returns the process exit code."""
     logging.basicConfig(level=server_args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app, async_engine = build_server(engine_args, server_args)
-    server = uvicorn.Server(_uvicorn_config(app, server_args))
-    logger.info("serving on http://%s:%d/v1", server_args.host, server_args.port)
+    sock = bind_port(server_args.host, server_args.port)  # before the model loads
     try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
+        app, async_engine = build_server(engine_args, server_args)
+        server = uvicorn.Server(_uvicorn_config(app, server_args))
+        logger.info("serving on http://%s:%d/v1", server_args.host, server_args.port)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
+        finally:
+            async_engine.stop()  # a no-op when the lifespan already stopped it
     finally:
-        async_engine.stop()  # a no-op when the lifespan already stopped it
+        sock.close()
     return 0 if server.started else 1
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; ConfigError if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror} (use --port to pick another)") from e
+    sock.set_inheritable(True)
+    return sock
 
 
 class BackgroundServer:
