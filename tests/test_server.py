@@ -413,10 +413,11 @@ def test_bench_serve_prints_the_table(server: BackgroundServer, tmp_path: Path, 
 
 
 def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) -> None:
-    """`mnemosyne serve --tp 2`: answers like one device, and Ctrl-C stops it and its workers."""
+    """`mnemosyne serve MODEL -tp 2` (vLLM's spelling): logs its start-up summary, answers like
+    one device, and Ctrl-C stops it and its workers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(chat_model), "--port", str(port)]
-    cmd += ["--device", TEST_DEVICE, "--tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
+    cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", str(chat_model), "--port", str(port)]
+    cmd += ["--device", TEST_DEVICE, "-tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -437,6 +438,9 @@ def test_serve_command_with_workers_stops_on_signal(chat_model: Path, llm: LLM) 
         assert res["choices"][0]["text"] == llm.generate(PROMPTS[0], greedy())[0].text
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, proc.stdout.read()
+        log = proc.stdout.read()
+        for line in ("engine ready:", "tp 2 x spp 1 x kvp 1 (2 worker(s))", "KV capacity", "LlamaForCausalLM"):
+            assert line in log, log
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in workers):
             assert time.monotonic() < deadline, f"workers left running: {workers}"
