@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from mnemosyne.config import AttentionBackendKind
 from mnemosyne.engine.llm_engine import LLMEngine
 
 
@@ -28,6 +29,19 @@ def _devices(engine: LLMEngine) -> str:
         names = sorted({torch.cuda.get_device_name(i) for i in range(min(n, torch.cuda.device_count()))})
         return f"{n} x {', '.join(names)}"
     return f"{n} x {cfg.device}"
+
+
+def _attention(engine: LLMEngine) -> str:
+    cfg = engine.config
+    kind = cfg.attention_backend
+    if kind is AttentionBackendKind.AUTO:
+        resolved = "kernels" if cfg.device.startswith("cuda") else "reference"
+        text = f"auto ({resolved})"
+    else:
+        text = kind.value
+    if cfg.device.startswith("cuda"):
+        text += ", eager decode" if cfg.enforce_eager else ", CUDA graphs for decode"
+    return text
 
 
 def _describe(policy: object) -> str:
@@ -55,7 +69,7 @@ def engine_summary(
         ("dtype", str(cfg.model.dtype).removeprefix("torch.")),
         ("devices", _devices(engine)),
         ("layout", layout(engine)),
-        ("attention", f"{cfg.attention_backend.value}" + (", eager" if cfg.enforce_eager else "")),
+        ("attention", _attention(engine)),
         ("max_model_len", f"{sched.max_model_len:,} (model limit {cfg.model.max_position_embeddings:,})"),
         ("KV capacity", kv),
         ("block size", f"{block} tokens"),
