@@ -93,9 +93,10 @@ def test_help_version_and_usage_of_the_subcommand(capsys) -> None:
 
 
 def test_max_model_len_above_the_model_is_refused(chat_model: Path, capsys) -> None:
-    assert main(["generate", str(chat_model), "--max-model-len", "100000", *ENGINE]) == 2
-    err = capsys.readouterr().err
-    assert "100000" in err and "1024" in err and "--allow-long-max-model-len" in err
+    for command in (["generate"], ["serve", "--port", "0"]):
+        assert main([*command, str(chat_model), "--max-model-len", "100000", *ENGINE]) == 2
+        err = capsys.readouterr().err
+        assert "100000" in err and "1024" in err and "--allow-long-max-model-len" in err
     ok = EngineArgs(model=str(chat_model), device="cpu", max_model_len=100000, allow_long_max_model_len=True)
     assert ok.create_engine_config().scheduler.max_model_len == 100000
 
