@@ -93,10 +93,14 @@ class SamplingParams:
         )
 
     @property
+    def penalises_repetition(self) -> bool:
+        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+    @property
     def needs_history(self) -> bool:
         """True when sampling needs the request's earlier tokens (penalties, min_tokens)."""
         return (
-            self.repetition_penalty not in (None, 1.0)
+            self.penalises_repetition
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
             or self.min_tokens > 0

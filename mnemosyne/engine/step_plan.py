@@ -53,7 +53,7 @@ def new_request(req: Request) -> NewRequest:
         req.request_id,
         sp,
         num_prompt_tokens=req.num_prompt_tokens,
-        prompt_token_ids=tuple(req.prompt_token_ids) if sp.repetition_penalty not in (None, 1.0) else (),
+        prompt_token_ids=tuple(req.prompt_token_ids) if sp.penalises_repetition else (),
         min_tokens_banned_ids=(
             tuple(dict.fromkeys((*req.eos_token_ids, *sp.stop_token_ids))) if sp.min_tokens else ()
         ),

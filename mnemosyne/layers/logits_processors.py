@@ -83,7 +83,7 @@ def apply_logits_processors(
         if p.min_tokens and len(hist.output_token_ids) < p.min_tokens and hist.min_tokens_banned_ids:
             banned = torch.tensor(hist.min_tokens_banned_ids, dtype=torch.long, device=dev)
             row.index_fill_(0, banned[banned < vocab], float("-inf"))
-        if p.repetition_penalty not in (None, 1.0):
+        if p.penalises_repetition:
             seen = hist.seen_mask(vocab, dev)  # [vocab]
             r = float(p.repetition_penalty)  # type: ignore[arg-type]
             penalised = torch.where(row > 0, row / r, row * r)
