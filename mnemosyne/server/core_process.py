@@ -70,7 +70,7 @@ def engine_args_dict(args: EngineArgs) -> dict[str, ArgValue]:
 
 
 class CoreProcess:
-    def __init__(self, engine_args: EngineArgs, max_waiting_requests: int) -> None:
+    def __init__(self, engine_args: EngineArgs, max_waiting_requests: int, model_name: str) -> None:
         secret = new_secret()
         self.codec: Codec[CoreToServer] = Codec(secret, CoreToServer, "API server control port")
         self.heartbeat_timeout_s = engine_args.heartbeat_timeout_s
@@ -96,7 +96,7 @@ class CoreProcess:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         try:
-            self.info = self._handshake(engine_args, max_waiting_requests)
+            self.info = self._handshake(engine_args, max_waiting_requests, model_name)
         except BaseException:
             self._kill()
             self._close()
@@ -104,10 +104,10 @@ class CoreProcess:
 
     # ---- start-up (constructor thread, before the io thread exists) -------------------
 
-    def _handshake(self, engine_args: EngineArgs, max_waiting_requests: int) -> EngineInfo:
+    def _handshake(self, engine_args: EngineArgs, max_waiting_requests: int, model_name: str) -> EngineInfo:
         hello = self._wait_for(CoreHello, "connect")
         logger.info("engine core process %d connected", hello.pid)
-        self._send_now(StartEngine(engine_args_dict(engine_args), max_waiting_requests))
+        self._send_now(StartEngine(engine_args_dict(engine_args), max_waiting_requests, model_name))
         return self._wait_for(CoreReady, "load the model").info
 
     def _wait_for(self, kind: type, what: str):  # -> instance of kind
