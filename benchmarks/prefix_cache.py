@@ -228,6 +228,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--skip-serving", action="store_true")
+    p.add_argument("--skip-multi-turn", action="store_true")
     ns = p.parse_args()
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp())
@@ -235,14 +236,15 @@ def main() -> None:
     write_tokenizer(model_dir, 128256, 128001)
     t0 = time.monotonic()
     results: dict = {"shape": ns.shape, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    results["multi_turn"] = multi_turn(model_dir, ns.doc_tokens, ns.num_turns, ns.turn_tokens, ns.chunk)
+    if not ns.skip_multi_turn:
+        results["multi_turn"] = multi_turn(model_dir, ns.doc_tokens, ns.num_turns, ns.turn_tokens, ns.chunk)
     if not ns.skip_serving:
         results["serving"] = serving(
             model_dir, work, ns.system_tokens, ns.user_tokens, ns.num_prompts, ns.output_len, ns.concurrency
         )
     results["wall_s"] = time.monotonic() - t0
     ns.out.write_text(json.dumps(results, indent=1))
-    summary = {"multi_turn": {k: v for k, v in results["multi_turn"].items() if k != "turns"}}
+    summary = {"multi_turn": {k: v for k, v in results.get("multi_turn", {}).items() if k != "turns"}}
     if "serving" in results:
         summary["serving"] = {
             k: results["serving"][k] for k in ("cache_over_no_cache", "ttft_ms_cache_vs_no_cache")
