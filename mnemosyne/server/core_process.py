@@ -34,7 +34,7 @@ import zmq
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import EngineCoreError
 from mnemosyne.wire.auth import CORE_SECRET_ENV, new_secret, secret_env
-from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec, RejectReason
+from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec, RejectReason, peer_name
 from mnemosyne.wire.engine_core import (
     CORE_IDENTITY,
     CORE_SENDER,
@@ -126,20 +126,19 @@ class CoreProcess:
         """One message from the core (heartbeats noted, rejected frames dropped), or None."""
         if not self._sock.poll(timeout_ms):
             return None
-        frames = self._sock.recv_multipart()
-        peer = repr(frames[0][:32])
-        if len(frames) != 2:
-            return self.codec.reject(RejectReason.SHORT, peer, f"{len(frames) - 1} frames")
-        msg = self.codec.decode(frames[1], peer)
-        if msg is None:
+        routed = self.codec.decode_routed(self._sock.recv_multipart())
+        if routed is None:
             return None
+        identity, msg = routed
         if isinstance(msg, Heartbeat):
-            if frames[0] != _CORE_HB_IDENTITY or msg.sender != CORE_SENDER:
-                return self.codec.reject(RejectReason.PEER, peer, "heartbeat from a stranger")
+            if identity != _CORE_HB_IDENTITY or msg.sender != CORE_SENDER:
+                return self.codec.reject(RejectReason.PEER, peer_name(identity), "heartbeat from a stranger")
             self.last_beat = time.monotonic()
             return None
-        if frames[0] != CORE_IDENTITY:
-            return self.codec.reject(RejectReason.PEER, peer, f"{type(msg).__name__} from a stranger")
+        if identity != CORE_IDENTITY:
+            return self.codec.reject(
+                RejectReason.PEER, peer_name(identity), f"{type(msg).__name__} from a stranger"
+            )
         return msg
 
     def check_alive(self) -> str | None:
