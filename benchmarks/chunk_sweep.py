@@ -8,7 +8,7 @@ Parts (each in its own process, so that each starts with the whole GPU):
            c queries after P keys, on both paths (split-KV Triton, cuDNN), forced; plus a small
            tuning sweep of the Triton kernel. Fits t = fixed(c) + keys * per_key(c) per path
            (the `ChunkCostModel` of layers/attention/kernel_cost.py).
-  8b / 1b  whole-model chunk step (eager, as lc_engine's chunk step: forward of c tokens after
+  8b / 1b  whole-model chunk step (eager, as bench/long_context/engine.py's chunk step: forward of c tokens after
            P keys + LM head of the last row) for c in --chunks at the shape's prefixes, on
            both paths (cuDNN only where it can run), and the path the fitted cost model picks.
            8b also: the mixed step (32 decodes at 1K context + one 128-token chunk after 256K).
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.lc_engine import COPY_BPS, chunk_floor_s
-from benchmarks.long_context import _device, write_model_dir
+from mnemosyne.bench.long_context.engine import COPY_BPS, chunk_floor_s
+from mnemosyne.bench.long_context.run import _device, write_model_dir
 
 CHUNKS = (16, 32, 64, 128, 256, 512, 2048)
 PREFIXES = {"8b": (1 << 17, 1 << 19, 900_000), "1b": (1 << 17, 1 << 20, 3_000_000)}
@@ -62,7 +62,7 @@ def fit_max(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def _attn_case(c: int, prefix: int, path, cfg=None, reps: int = 5) -> dict:
-    from benchmarks.lc_kernels import BLOCK, _cache, _tables, _time_ms
+    from mnemosyne.bench.long_context.kernels import BLOCK, _cache, _tables, _time_ms
     from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig, KernelBackend
     from mnemosyne.layers.attention.metadata import AttentionMetadata
 
@@ -157,7 +157,7 @@ def _engine(model_dir: Path, kv_fraction: float):
 
 
 def _step_s(model, kv_caches, meta, num_tokens: int, positions: torch.Tensor, logits_rows: int, iters: int):
-    from benchmarks.lc_engine import _median_s
+    from mnemosyne.bench.long_context.engine import _median_s
 
     ids = torch.ones(num_tokens, dtype=torch.long, device="cuda")
 
@@ -170,7 +170,7 @@ def _step_s(model, kv_caches, meta, num_tokens: int, positions: torch.Tensor, lo
 
 
 def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float, log: Path | None) -> dict:
-    from benchmarks.lc_engine import _meta
+    from mnemosyne.bench.long_context.engine import _meta
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
     from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkPath
     from mnemosyne.layers.attention.metadata import AttentionMetadata
@@ -264,8 +264,8 @@ def part_scenario(
 ) -> dict:
     import statistics
 
-    from benchmarks.lc_engine import random_prompt
     from mnemosyne import SamplingParams
+    from mnemosyne.bench.long_context.engine import random_prompt
     from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
 
@@ -274,7 +274,7 @@ def part_scenario(
         args = EngineArgs(
             model=str(model_dir), load_format="dummy", dtype=dtype, chunk_size=chunk,
             max_num_batched_tokens=chunk + num_short, max_num_seqs=num_short + 1,
-            kv_cache_memory_fraction=kv_fraction,
+            kv_cache_memory_fraction=kv_fraction, enable_prefix_caching=False,  # the same prompts per chunk size
         )  # fmt: skip
         engine = LLMEngine.from_args(args)
         vocab = engine.config.model.vocab_size

@@ -19,7 +19,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.long_context import SHAPES, write_model_dir
+from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 
 
 def random_steps(rng: random.Random, capacity: int, max_seqs: int, n: int, accept) -> list[tuple]:

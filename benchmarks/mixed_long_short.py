@@ -14,7 +14,7 @@ request's TTFT, for each configuration:
 One engine serves every configuration (its policies are swapped between runs). The
 latency model is a quick profile measured first on the same engine (`--grid quick`,
 about 2 minutes) unless --profile names one. Floors: the long prefill's FLOPs at
-800 TFLOP/s (linear layers) and 590 TFLOP/s (attention), as in benchmarks/lc_engine.py.
+800 TFLOP/s (linear layers) and 590 TFLOP/s (attention), as in mnemosyne/bench/long_context/engine.py.
 Writes JSON (and a PNG next to it with --plot).
 """
 
@@ -29,8 +29,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.lc_engine import random_prompt, ttft_floor_s
-from benchmarks.long_context import SHAPES, write_model_dir
+from mnemosyne.bench.long_context.engine import random_prompt, ttft_floor_s
+from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 
 CONFIGS = {
     "fixed512": dict(chunk_policy="fixed", chunk_size=512, scheduling_policy="fcfs"),
@@ -147,6 +147,7 @@ def main() -> None:
         model=str(model_dir), load_format="dummy", dtype=ns.dtype, device=ns.device, max_num_batched_tokens=8192 + 256,
         max_num_seqs=256, kv_cache_memory_fraction=ns.kv_fraction, latency_profile=ns.profile,
         chunk_policy="adaptive", tbt_slo_ms=ns.tbt_slo_ms,
+        enable_prefix_caching=False,  # every configuration prefills the same prompts from scratch
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     results: dict = {"benchmark": "mixed_long_short", "shape": ns.shape, "date": datetime.now(UTC).isoformat(),
@@ -166,11 +167,13 @@ def main() -> None:
     results["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     cfg = engine.config.model
     results["long_ttft_floor_s"] = ttft_floor_s(cfg, ns.long_len, ns.long_len)
-    results["runs"] = [run_config(engine, name, ns) for name in ns.configs.split(",")]
-    results["latency_source"] = engine.policies.latency_source
-    engine.shutdown()
+    results["runs"] = []
     ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(results, indent=1))
+    for name in ns.configs.split(","):
+        results["runs"].append(run_config(engine, name, ns))
+        results["latency_source"] = engine.policies.latency_source  # the model the runs used
+        ns.out.write_text(json.dumps(results, indent=1))  # after every run: a cut-off run keeps the rest
+    engine.shutdown()
     print(f"wrote {ns.out}")
     if ns.plot:
         plot(results, ns.out.with_suffix(".png"))

@@ -8,7 +8,7 @@ document and 4 questions as one conversation; turn k's prompt is turn k-1's prom
 whole history from the cache and compute only the last partial block, the answer and the
 question. Reported per turn: TTFT, tokens taken from the cache, TTFT / turn-1 TTFT
 (target <= 0.05), and the floor of the tokens actually computed (FLOPs / peak, as in
-benchmarks/lc_engine.py: linear 800 TFLOP/s, attention 590 TFLOP/s).
+mnemosyne/bench/long_context/engine.py: linear 800 TFLOP/s, attention 590 TFLOP/s).
 
 Part 2, serving with a shared system prompt (`mnemosyne serve` + `mnemosyne bench serve`,
 both subprocesses, a JSONL dataset): every request is the same 4096-token system prompt
@@ -45,8 +45,8 @@ def _ids(rng: random.Random, n: int) -> list[int]:
 
 
 def multi_turn(model_dir: Path, doc_tokens: int, num_turns: int, turn_tokens: int, chunk: int) -> dict:
-    from benchmarks.lc_engine import chunk_floor_s, ttft_floor_s
     from mnemosyne import SamplingParams
+    from mnemosyne.bench.long_context.engine import chunk_floor_s, ttft_floor_s
     from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
 
@@ -213,7 +213,7 @@ def serving(model_dir: Path, out: Path, system_tokens: int, user_tokens: int, nu
 
 
 def main() -> None:
-    from benchmarks.long_context import write_model_dir
+    from mnemosyne.bench.long_context.run import write_model_dir
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama3-8b")
@@ -228,6 +228,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--skip-serving", action="store_true")
+    p.add_argument("--skip-multi-turn", action="store_true")
     ns = p.parse_args()
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp())
@@ -235,14 +236,15 @@ def main() -> None:
     write_tokenizer(model_dir, 128256, 128001)
     t0 = time.monotonic()
     results: dict = {"shape": ns.shape, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    results["multi_turn"] = multi_turn(model_dir, ns.doc_tokens, ns.num_turns, ns.turn_tokens, ns.chunk)
+    if not ns.skip_multi_turn:
+        results["multi_turn"] = multi_turn(model_dir, ns.doc_tokens, ns.num_turns, ns.turn_tokens, ns.chunk)
     if not ns.skip_serving:
         results["serving"] = serving(
             model_dir, work, ns.system_tokens, ns.user_tokens, ns.num_prompts, ns.output_len, ns.concurrency
         )
     results["wall_s"] = time.monotonic() - t0
     ns.out.write_text(json.dumps(results, indent=1))
-    summary = {"multi_turn": {k: v for k, v in results["multi_turn"].items() if k != "turns"}}
+    summary = {"multi_turn": {k: v for k, v in results.get("multi_turn", {}).items() if k != "turns"}}
     if "serving" in results:
         summary["serving"] = {
             k: results["serving"][k] for k in ("cache_over_no_cache", "ttft_ms_cache_vs_no_cache")

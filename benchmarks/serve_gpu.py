@@ -14,7 +14,7 @@ Scenarios (random token-id prompts, greedy, ignore_eos so output lengths are exa
   long_mixed  one 64K-token prompt arrives first, short requests at 4 req/s keep
               decoding while its chunks are prefilled (stall-free batching)
 
-Floors (as in benchmarks/lc_engine.py): decode step = (weights + KV bytes) / 4.2 TB/s,
+Floors (as in mnemosyne/bench/long_context/engine.py): decode step = (weights + KV bytes) / 4.2 TB/s,
 prefill = FLOPs / 800 TFLOP/s (linear) + attention FLOPs / 590 TFLOP/s.
 
 The dummy model gets a word-level tokenizer over its whole vocabulary (token i is the
@@ -174,7 +174,7 @@ def offline(model_dir: Path, num: int) -> dict:
 def floors(model_dir: Path) -> dict:
     import torch
 
-    from benchmarks.lc_engine import decode_floor_s, ttft_floor_s
+    from mnemosyne.bench.long_context.engine import decode_floor_s, ttft_floor_s
     from mnemosyne.config import ModelConfig
 
     cfg = ModelConfig.from_pretrained(model_dir, torch.bfloat16)
@@ -186,7 +186,7 @@ def floors(model_dir: Path) -> dict:
 
 
 def main() -> None:
-    from benchmarks.long_context import write_model_dir
+    from mnemosyne.bench.long_context.run import write_model_dir
     from mnemosyne.server.launch import free_port
 
     p = argparse.ArgumentParser()

@@ -18,8 +18,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.long_context import write_model_dir
 from benchmarks.mixed_long_short import CONFIGS, pcts
+from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.simulator.engine import SimulatedEngine
 from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config

@@ -299,6 +299,12 @@ class PolicyConfig:
         for name in ("long_prefill_threshold_tokens", "chunk_granularity_tokens", "min_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+class GenerationConfigMode(enum.Enum):
+    """AUTO: sampling fields a request leaves out take the model's generation_config.json
+    values (temperature, top_k, top_p, min_p, repetition_penalty). NONE: ignore that file."""
+
+    AUTO = "auto"
+    NONE = "none"
 
 
 def parse_enum(kind: type[enum.Enum], value: str | enum.Enum, option: str):  # -> instance of kind
@@ -324,6 +330,8 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     load_format: LoadFormat = LoadFormat.SAFETENSORS
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    generation_config: GenerationConfigMode = GenerationConfigMode.AUTO
+    chat_template: str | None = None  # overrides the tokenizer's (Jinja text)
 
     def __post_init__(self) -> None:
         """One KVP count: the cache has one block pool per KVP group of the layout."""

@@ -24,12 +24,14 @@ class LLM:
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
         max_model_len: int | None = None,
+        allow_long_max_model_len: bool = False,
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         chunk_size: int | None = 512,
         kv_cache_memory_gb: float | None = None,
         kv_cache_memory_fraction: float = 0.85,
+        gpu_memory_utilization: float | None = None,
         seed: int = 0,
         tp: int = 1,
         spp: int = 1,
@@ -51,20 +53,25 @@ class LLM:
         chunk_granularity: int = 32,
         min_chunk_tokens: int = 32,
         enable_prefix_caching: bool = True,
+        generation_config: str = "auto",
+        chat_template: str | None = None,
     ) -> None:
-        """See `EngineArgs` for every option. With tp * spp * kvp > 1, one worker process
+        """See `EngineArgs` for every option. Sampling fields a SamplingParams leaves out take
+        the model's generation_config.json defaults (generation_config="auto"). With tp * spp * kvp > 1, one worker process
         per device is started; call `shutdown()` (or use `with LLM(...) as llm:`) to stop them."""
         args = EngineArgs(
             model=model,
             dtype=dtype,
             device=device,
             max_model_len=max_model_len,
+            allow_long_max_model_len=allow_long_max_model_len,
             block_size=block_size,
             max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs,
             chunk_size=chunk_size,
             kv_cache_memory_gb=kv_cache_memory_gb,
             kv_cache_memory_fraction=kv_cache_memory_fraction,
+            gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             tp=tp,
             spp=spp,
@@ -86,6 +93,8 @@ class LLM:
             chunk_granularity=chunk_granularity,
             min_chunk_tokens=min_chunk_tokens,
             enable_prefix_caching=enable_prefix_caching,
+            generation_config=generation_config,
+            chat_template=chat_template,
         )
         self.engine = LLMEngine.from_args(args)
 

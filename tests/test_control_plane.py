@@ -143,22 +143,13 @@ def expected_text(chat_model: Path) -> str:
 
 
 class Serve:
-    """`mnemosyne serve --tp 2` in a subprocess, up and answering /health."""
+    """`mnemosyne serve MODEL -tp 2` in a subprocess, up and answering /health."""
 
     def __init__(self, model: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "mnemosyne.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--port",
-            str(self.port),
-        ]
-        cmd += ["--device", TEST_DEVICE, "--tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
+        cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", str(model), "--port", str(self.port)]  # vLLM's spelling
+        cmd += ["--device", TEST_DEVICE, "-tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 180
         while True:
@@ -238,7 +229,9 @@ def test_control_ports_drop_forged_messages_and_serve_on(
             assert m and float(m.group(1)) >= 4, (port, m)
         assert httpx.get(srv.url + "/health").status_code == 200
         srv.proc.send_signal(signal.SIGINT)
-        srv.assert_exits(within_s=60, nonzero=False)
+        log = srv.assert_exits(within_s=60, nonzero=False)
+        for line in ("engine ready:", "tp 2 x spp 1 x kvp 1 (2 worker(s))", "KV capacity", "LlamaForCausalLM"):
+            assert line in log, log  # the start-up summary, built in the engine core
     finally:
         srv.close()
 

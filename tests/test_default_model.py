@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +167,26 @@ def test_losing_a_conversion_race_keeps_the_winner(monkeypatch: pytest.MonkeyPat
 # ---- the converted directory -----------------------------------------------------------------
 
 
+def test_transformers_version_is_the_one_ci_asked_for() -> None:
+    """CI runs the conversion tests again under the oldest supported transformers (.ci/run)."""
+    import transformers
+
+    wanted = os.environ.get("MNEMOSYNE_EXPECT_TRANSFORMERS")
+    if wanted is None:
+        pytest.skip("MNEMOSYNE_EXPECT_TRANSFORMERS not set")
+    assert transformers.__version__ == wanted
+
+
+def test_special_tokens_come_from_the_gguf_metadata(converted: Path) -> None:
+    """bos/eos/pad are the GGUF file's, whatever transformers derives (5.17 got eos wrong)."""
+    ids = default_model.gguf_special_token_ids(find_default_gguf())
+    assert (ids["bos"], ids["eos"], ids["padding"]) == (1, 2, 2)
+    config = json.loads((converted / "config.json").read_text())
+    generation = json.loads((converted / "generation_config.json").read_text())
+    for cfg in (config, generation):
+        assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 2)
+
+
 def test_converted_directory_layout(converted: Path, session_cache: Path) -> None:
     assert converted == session_cache / "smollm2-135m-instruct-float32"
     assert [p.name for p in session_cache.iterdir()] == [converted.name]  # no temp dirs left
@@ -263,7 +284,7 @@ def test_stop_strings_chat_and_streaming(converted: Path) -> None:
 def test_cli_generate(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mnemosyne.cli import main
 
-    argv = ["generate", "--prompt", "The capital of France is", "--max-tokens", "6"]
+    argv = ["generate", "--prompt", "The capital of France is", "--max-tokens", "6", "--temperature", "0"]
     assert main([*argv, "--kv-cache-memory-gb", "0.05", "--no-progress"]) == 0
     assert "Paris" in capsys.readouterr().out
     assert main(["generate", "--model", "/no/such/dir"]) == 2
@@ -277,7 +298,8 @@ def test_cli_generate_tensor_parallel_matches_one_device(
     single-device text."""
     from mnemosyne.cli import main
 
-    argv = ["generate", "--chat", "--prompt", "Name three colors.", "--max-tokens", "12", "--device", "cpu"]
+    argv = ["generate", "--chat", "--prompt", "Name three colors.", "--max-tokens", "12", "--temperature", "0"]
+    argv += ["--device", "cpu"]
     argv += ["--kv-cache-memory-gb", "0.05", "--no-progress"]
     assert main(argv) == 0
     one_device = capsys.readouterr().out

@@ -154,17 +154,26 @@ def test_layout_matches_single_process(name, model, layout, tiny_model_dir):
 
 def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
     """spp=2 x kvp=2 with a KV cache too small for all requests at once: preemption and
-    recompute; seeded random sampling gives the single-process tokens (seeds depend only
-    on (seed, position), never on the layout or on preemption)."""
+    recompute; seeded random sampling with penalties gives the single-process tokens (seeds
+    depend only on (seed, position), never on the layout or on preemption)."""
     skip_without_gpus(4)
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
+    # Each request also carries logits processors that read its earlier tokens, kept on the
+    # sampling ranks while its KV moves between KVP groups and is recomputed after preemption.
+    processors = [
+        dict(repetition_penalty=1.5),
+        dict(frequency_penalty=0.7, presence_penalty=0.4),
+        dict(min_tokens=NUM_NEW // 2, logit_bias={5: 4.0}),
+        dict(repetition_penalty=0.8, frequency_penalty=-0.5),
+    ]
     params = [
         SamplingParams(
-            temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=7 + i, max_tokens=NUM_NEW, logprobs=2
+            temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=7 + i, max_tokens=NUM_NEW, logprobs=2,
+            **processors[i],
         )
         for i in range(len(prompts))
-    ]
+    ]  # fmt: skip
     # KV for 40 blocks on one device (768 B/token); 20 blocks per group on spp=2 (512 B/token).
     single = dict(ENGINE, kv_cache_memory_gb=40 * BLOCK * 768 / 2**30, max_num_batched_tokens=64)
     with LLM(model=str(model_dir), **single) as llm:

@@ -229,7 +229,11 @@ def test_every_error_class_leaves_the_engine_serving(server: BackgroundServer, l
         ({"logprobs": 99}, "logprobs"),
         ({"top_p": 0}, "top_p"),
         ({"prompt": [1, 2, 10**9]}, None),
-        ({"presence_penalty": 0.5}, None),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logit_bias": {"not-an-id": 1}}, None),
+        ({"logit_bias": {"5": 101}}, None),
+        ({"max_token": 4}, "max_token"),  # unknown fields are refused, not ignored
+        ({"guided_json": {}, "best_of_n": 2}, "best_of_n"),
         ({"stop": [""]}, None),
     ]:
         err = _error(post("/v1/completions", {**base, **bad}), 400)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.lc_kernels import BLOCK, _cache, _tables, _time_ms
+from mnemosyne.bench.long_context.kernels import BLOCK, _cache, _tables, _time_ms
 from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
@@ -75,8 +75,8 @@ def sweep() -> list[dict]:
 
 @torch.inference_mode()
 def profile_step() -> dict:
-    from benchmarks.lc_engine import _meta
-    from benchmarks.long_context import write_model_dir
+    from mnemosyne.bench.long_context.engine import _meta
+    from mnemosyne.bench.long_context.run import write_model_dir
     from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.long_context import write_model_dir
 from mnemosyne import SamplingParams
+from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 

@@ -12,6 +12,7 @@ from mnemosyne.config import (
     CacheConfig,
     ChunkPolicyKind,
     EngineConfig,
+    GenerationConfigMode,
     LoadFormat,
     ModelConfig,
     ParallelConfig,
@@ -37,12 +38,14 @@ class EngineArgs:
     dtype: str | torch.dtype = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    allow_long_max_model_len: bool = False  # allow max_model_len above max_position_embeddings
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     chunk_size: int | None = 512
     kv_cache_memory_gb: float | None = None
     kv_cache_memory_fraction: float = 0.85  # of free device memory, CUDA only
+    gpu_memory_utilization: float | None = None  # vLLM's: fraction of total GPU memory for weights + KV
     seed: int = 0
     tp: int = 1  # tensor-parallel ranks per pipeline stage
     spp: int = 1  # sequence-pipeline stages
@@ -66,6 +69,8 @@ class EngineArgs:
     chunk_granularity: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
     min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
+    generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
+    chat_template: str | None = None  # a Jinja file (or the template itself) instead of the tokenizer's
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -101,6 +106,14 @@ class EngineArgs:
         parse_enum(AttentionBackendKind, self.attention_backend, "attention_backend")
         parse_enum(LoadFormat, self.load_format, "load_format")
         self.policy_config().validate()
+        parse_enum(GenerationConfigMode, self.generation_config, "generation_config")
+        if self.gpu_memory_utilization is not None:
+            if not 0 < self.gpu_memory_utilization <= 1:
+                raise ConfigError(
+                    f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+                )
+            if self.kv_cache_memory_gb is not None:
+                raise ConfigError("give gpu_memory_utilization or kv_cache_memory_gb, not both")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
@@ -159,6 +172,12 @@ class EngineArgs:
         max_model_len = self.max_model_len or model_cfg.max_position_embeddings
         if max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {max_model_len}")
+        if max_model_len > model_cfg.max_position_embeddings and not self.allow_long_max_model_len:
+            raise ConfigError(
+                f"max_model_len {max_model_len} is above the model's limit of "
+                f"{model_cfg.max_position_embeddings} tokens (max_position_embeddings in config.json); "
+                f"positions beyond it were never trained. Pass --allow-long-max-model-len to use it anyway"
+            )
         bytes_per_block = self.block_size * kv_bytes_per_token_per_device(model_cfg, parallel)
         num_blocks = int(kv_budget_bytes // bytes_per_block)
         if num_blocks < 1:
@@ -192,6 +211,8 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             load_format=parse_enum(LoadFormat, self.load_format, "load_format"),
             policy=self.policy_config(),
+            generation_config=parse_enum(GenerationConfigMode, self.generation_config, "generation_config"),
+            chat_template=read_chat_template(self.chat_template),
         )
 
     def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig, parallel: ParallelConfig) -> float:
@@ -199,15 +220,55 @@ class EngineArgs:
             return self.kv_cache_memory_gb * 2**30
         if device.startswith("cuda"):
             num_local = min(parallel.world_size, torch.cuda.device_count())
-            free = min(torch.cuda.mem_get_info(torch.device("cuda", i))[0] for i in range(num_local))
+            infos = [torch.cuda.mem_get_info(torch.device("cuda", i)) for i in range(num_local)]
+            free, total = min(f for f, _ in infos), min(t for _, t in infos)
             # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
             # Kernel temporaries: a gathered K/V segment of the cuDNN prefill path per layer.
             reserve += 2 * DENSE_SEGMENT_TOKENS * model_cfg.num_kv_heads * model_cfg.head_dim * 2
             weights = weight_bytes_per_device(model_cfg, parallel)
+            if self.gpu_memory_utilization is not None:
+                return kv_budget_from_utilization(
+                    self.gpu_memory_utilization, free, total, weights + reserve
+                )
             return max(0.0, free - weights - reserve) * self.kv_cache_memory_fraction
+        if self.gpu_memory_utilization is not None:
+            raise ConfigError(
+                "gpu_memory_utilization applies to CUDA devices; on CPU set kv_cache_memory_gb"
+            )
         return _DEFAULT_CPU_KV_GB * 2**30 / parallel.world_size
+
+
+def kv_budget_from_utilization(utilization: float, free: int, total: int, non_kv: int) -> float:
+    """vLLM's --gpu-memory-utilization: this engine may use `utilization * total` bytes of
+    each device for weights, activations and KV (`non_kv` is all but the KV); the KV cache
+    gets the rest. Refused when that much is not free at start-up."""
+    requested = utilization * total
+    gib = 2**30
+    if requested > free:
+        raise ConfigError(
+            f"gpu_memory_utilization {utilization} asks for {requested / gib:.2f} GiB of "
+            f"{total / gib:.2f} GiB per device but only {free / gib:.2f} GiB are free: lower it"
+        )
+    if requested <= non_kv:
+        raise ConfigError(
+            f"gpu_memory_utilization {utilization} ({requested / gib:.2f} GiB) leaves no room for the "
+            f"KV cache after {non_kv / gib:.2f} GiB of weights and activations: raise it"
+        )
+    return requested - non_kv
+
+
+def read_chat_template(template: str | None) -> str | None:
+    """A chat template given as a file path, or inline (a string containing '{%' or '{{')."""
+    if template is None:
+        return None
+    path = Path(template).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{%" in template or "{{" in template:
+        return template
+    raise ConfigError(f"chat template file {template!r} does not exist")
 
 
 def _num_layers_longest_stage(model_cfg: ModelConfig, parallel: ParallelConfig) -> int:

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -36,6 +37,7 @@ import zmq
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine, load_tokenizer
 from mnemosyne.engine.prefill_progress import PrefillProgressLog
+from mnemosyne.engine.summary import engine_summary
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.outputs import EngineStats, RequestOutput
 from mnemosyne.wire.auth import take_core_secret
@@ -178,7 +180,7 @@ class EngineCore:
             ttft_deadline_s=out.timing.ttft_deadline_s,
         )
 
-    def info(self) -> EngineInfo:
+    def info(self, summary: list[tuple[str, str]]) -> EngineInfo:
         cfg = self.engine.config
         return EngineInfo(
             model_dir=cfg.model_dir,
@@ -189,6 +191,7 @@ class EngineCore:
             vocab_size=cfg.model.vocab_size,
             num_kvp_groups=self.engine.kv_manager.num_kvp_groups,
             tbt_slo_s=cfg.policy.tbt_slo_s,
+            summary=summary,
         )
 
 
@@ -230,10 +233,11 @@ def run_engine_core(address: str, parent_pid: int | None) -> int:
             start = link.recv(_IDLE_WAIT_MS)
             if isinstance(start, StopEngine):
                 return 0
+        started = time.perf_counter()
         config = EngineArgs(**start.engine_args).create_engine_config()
         engine = LLMEngine(config, load_tokenizer(config.model_dir), detokenize=False)
         core = EngineCore(engine, start.max_waiting_requests)
-        link.send(CoreReady(core.info()))
+        link.send(CoreReady(core.info(engine_summary(engine, start.model_name, time.perf_counter() - started))))
         _serve(core, link)
         return 0
     except BaseException as e:

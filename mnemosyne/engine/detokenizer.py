@@ -41,9 +41,9 @@ class IncrementalDetokenizer:
         ctx = prompt_ids[-_PROMPT_CONTEXT_TOKENS:]
         return cls(tokenizer, skip_special_tokens, stop, list(ctx), 0, len(ctx))
 
-    def add_token(self, token_id: int) -> bool:
-        """Append one token to `text`. Returns True when a stop string appeared; the
-        text is then cut just before it."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> bool:
+        """Append one token to `text`. Returns True when a stop string appeared (looked
+        for only with `check_stop`; min_tokens turns it off); the text is then cut just before it."""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         skip = self.skip_special_tokens
@@ -54,7 +54,7 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if not self.stop:
+        if not self.stop or not check_stop:
             return False
         search_from = max(0, old_len - max(len(s) for s in self.stop) + 1)
         hits = [i for s in self.stop if (i := self.text.find(s, search_from)) != -1]

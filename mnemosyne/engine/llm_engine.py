@@ -15,7 +15,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from mnemosyne.config import EngineConfig
+from mnemosyne.config import EngineConfig, GenerationConfigMode
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.policies import make_policies
@@ -27,19 +27,24 @@ from mnemosyne.engine.step_plan import PlanBuilder, StepResult
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.models.generation_config import load_generation_defaults
 from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepStats
 from mnemosyne.request import Request, RequestStatus
 from mnemosyne.sampling_params import SamplingParams
 
 
-def load_tokenizer(model_dir: str | Path):  # -> PreTrainedTokenizerBase | None
-    """The HF tokenizer of a model directory, or None when it ships none."""
+def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):  # -> PreTrainedTokenizerBase | None
+    """The HF tokenizer of a model directory (with `chat_template` replacing its own when
+    given), or None when it ships none."""
     path = Path(model_dir)
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 class LLMEngine:
@@ -56,6 +61,12 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.detokenize = detokenize
+        # Sampling fields a request leaves out (None) take these, else SamplingParams' fallbacks.
+        self.generation_defaults = (
+            load_generation_defaults(config.model_dir)
+            if config.generation_config is GenerationConfigMode.AUTO
+            else {}
+        )
         self.kv_manager = KVCacheManager(config.cache)
         self.policies = make_policies(config, self.kv_manager)
         self.scheduler = Scheduler(
@@ -74,7 +85,7 @@ class LLMEngine:
     @classmethod
     def from_args(cls, args: EngineArgs) -> LLMEngine:
         config = args.create_engine_config()
-        return cls(config, load_tokenizer(config.model_dir))
+        return cls(config, load_tokenizer(config.model_dir, config.chat_template))
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -95,11 +106,14 @@ class LLMEngine:
         """Validate and enqueue. Raises InvalidRequestError (nothing enqueued) on bad input."""
         params = params or SamplingParams()
         params.validate()
+        params = params.resolved(self.generation_defaults)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         token_ids = self.tokenize(prompt)
         vocab = self.config.model.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         eos = () if params.ignore_eos else self.config.model.eos_token_ids
         if self.tokenizer is not None and not params.ignore_eos and self.tokenizer.eos_token_id is not None:
             eos = tuple(dict.fromkeys((*eos, self.tokenizer.eos_token_id)))
@@ -209,7 +223,8 @@ class LLMEngine:
                 req.token_times.append(now)
                 req.first_token_time = req.first_token_time or now
                 detok = self._detok.get(req.request_id)
-                if detok is not None and detok.add_token(new_ids[0]) and not req.status.finished:
+                check_stop = req.num_output_tokens >= req.sampling_params.min_tokens
+                if detok is not None and detok.add_token(new_ids[0], check_stop) and not req.status.finished:
                     self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             outputs.append(self._make_output(req, new_ids, now))
             if req.status.finished:

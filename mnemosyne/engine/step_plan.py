@@ -11,7 +11,8 @@ ids every step::
 
     plan k:   freed_kv ──> drop the mirror of preempted / finished requests
               finished ──> forget their sampling parameters too
-              new_requests ──> remember sampling parameters (every rank)
+              new_requests ──> remember sampling parameters (every rank) and, for penalties,
+                               the prompt (the sampling ranks keep a TokenHistory fed by chunks)
               chunks[i].pieces[j] ──> group j' blocks: mirror[num_known_blocks:] = new_block_ids
 
     Every rank applies plan k's updates when it starts plan k, in plan order, so a
@@ -35,6 +36,21 @@ from mnemosyne.request import Request
 from mnemosyne.wire.plan import ChunkPlan, NewRequest, PieceSpec, StepPlan, StepResult
 
 __all__ = ["ChunkPlan", "NewRequest", "PieceSpec", "PlanBuilder", "StepPlan", "StepResult"]
+
+
+def new_request(req: Request) -> NewRequest:
+    sp = req.sampling_params
+    if not sp.needs_history:
+        return NewRequest(req.request_id, sp)
+    return NewRequest(
+        req.request_id,
+        sp,
+        num_prompt_tokens=req.num_prompt_tokens,
+        prompt_token_ids=tuple(req.prompt_token_ids) if sp.penalises_repetition else (),
+        min_tokens_banned_ids=(
+            tuple(dict.fromkeys((*req.eos_token_ids, *sp.stop_token_ids))) if sp.min_tokens else ()
+        ),
+    )
 
 
 def prompt_logprob_positions(chunk: ScheduledChunk) -> range:
@@ -73,7 +89,7 @@ class PlanBuilder:
             rid = req.request_id
             if self._known.get(rid) is not req:
                 self._known[rid] = req
-                new_requests.append(NewRequest(rid, req.sampling_params))
+                new_requests.append(new_request(req))
             if rid not in self._sent_blocks:
                 self._sent_blocks[rid] = {}
                 self._epoch[rid] = req.num_preemptions

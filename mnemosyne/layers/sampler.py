@@ -1,4 +1,5 @@
-"""Token sampling from logits: greedy, temperature, top-k, top-p, min-p, plus logprobs.
+"""Token sampling from logits: logits processors (logit_bias, min_tokens, penalties; see
+logits_processors.py), then greedy, or temperature, top-k, top-p, min-p; plus logprobs.
 
 Filtering is vectorised over the batch (per-row parameters become tensors).
 Random draws use the exponential race: for probabilities p and i.i.d.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mnemosyne.layers.logits_processors import TokenHistory, apply_logits_processors, needs_processing
 from mnemosyne.request import TokenLogprobs
 from mnemosyne.sampling_params import SamplingParams
 
@@ -31,7 +33,10 @@ class Sampler:
         logits: torch.Tensor,  # [num_seqs, vocab], any float dtype
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        histories: list[TokenHistory | None] | None = None,
     ) -> SamplerOutput:
+        """`histories[i]`: the earlier tokens of row i, needed by its penalties and min_tokens
+        (None where it has none). Logprobs are those of the raw logits."""
         num_seqs, vocab = logits.shape
         if len(params) != num_seqs or len(generators) != num_seqs:
             raise ValueError(
@@ -39,7 +44,11 @@ class Sampler:
             )
         if num_seqs == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
-        logits = logits.float()  # [num_seqs, vocab]
+        params = [p.resolved() for p in params]
+        raw = logits.float()  # [num_seqs, vocab]
+        logits = raw
+        if any(needs_processing(p) for p in params):
+            logits = apply_logits_processors(raw.clone(), params, histories or [None] * num_seqs)
         tokens = torch.argmax(logits, dim=-1)  # [num_seqs]; greedy rows keep this
 
         sample_rows = [
@@ -60,7 +69,7 @@ class Sampler:
         if want:
             rows = torch.tensor(want, device=logits.device)
             ks = [params[i].logprobs or 0 for i in want]
-            dicts = _logprob_dicts(logits.index_select(0, rows), tokens.index_select(0, rows), ks)
+            dicts = _logprob_dicts(raw.index_select(0, rows), tokens.index_select(0, rows), ks)
             for i, d in zip(want, dicts):
                 logprobs[i] = d
         return SamplerOutput(token_ids=token_list, logprobs=logprobs)

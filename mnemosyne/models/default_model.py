@@ -121,6 +121,7 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype) -> None:
     """Write a Hugging Face-style copy of a llama-architecture GGUF file into `out_dir`."""
     model = _load_gguf_model(gguf)
     tokenizer = _load_gguf_tokenizer(gguf)
+    _set_special_tokens(model, tokenizer, gguf_special_token_ids(gguf))
     _check_consistency(model, tokenizer, gguf)
     model.to(dtype)
     model.config.architectures = [type(model).__name__]
@@ -161,6 +162,37 @@ def _load_gguf_tokenizer(gguf: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+
+
+_SPECIAL_TOKENS = ("bos", "eos", "unknown", "padding")
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """{"bos": id, "eos": id, ...} from the GGUF metadata (tokenizer.ggml.<name>_token_id).
+
+    The file is the source of truth: what transformers derives from it has changed between
+    versions (5.17 gives the tokenizer eos id 1, <|im_start|>, where the file says 2)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    ids = {}
+    for name in _SPECIAL_TOKENS:
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if field is not None and field.data:
+            ids[name] = int(field.parts[field.data[0]][0])
+    if "eos" not in ids:
+        raise ModelLoadError(f"{gguf} has no tokenizer.ggml.eos_token_id")
+    return ids
+
+
+def _set_special_tokens(model: Any, tokenizer: Any, ids: dict[str, int]) -> None:
+    """Give the config, the generation config and the tokenizer the GGUF file's special tokens."""
+    attrs = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+    for name, token_id in ids.items():
+        setattr(tokenizer, attrs[name], tokenizer.convert_ids_to_tokens(token_id))
+        if name != "unknown":
+            setattr(model.config, f"{attrs[name]}_id", token_id)
+            setattr(model.generation_config, f"{attrs[name]}_id", token_id)
 
 
 def _check_consistency(model: Any, tokenizer: Any, gguf: Path) -> None:

@@ -16,7 +16,7 @@ import time
 import zmq
 
 from mnemosyne.parallel.messages import DriverMessage, WorkerMessage
-from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec, RejectReason
+from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec, RejectReason, peer_name
 from mnemosyne.wire.heartbeat import Heartbeat, HeartbeatStop, heartbeat_identity
 
 
@@ -79,15 +79,12 @@ class DriverChannel:
         return None
 
     def _read(self) -> WorkerMessage | None:
-        frames = self._sock.recv_multipart()
-        peer = repr(frames[0][:32])
-        if len(frames) != 2:
-            return self.codec.reject(RejectReason.SHORT, peer, f"{len(frames) - 1} frames")
-        msg = self.codec.decode(frames[1], peer)
-        if msg is None:
+        routed = self.codec.decode_routed(self._sock.recv_multipart())
+        if routed is None:
             return None
-        if not _sender_rank(frames[0], msg):
-            return self.codec.reject(RejectReason.PEER, peer, f"claims {msg!r:.80}")
+        identity, msg = routed
+        if not _sender_rank(identity, msg):
+            return self.codec.reject(RejectReason.PEER, peer_name(identity), f"claims {msg!r:.80}")
         if isinstance(msg, Heartbeat):
             self.last_beat[int(msg.sender.removeprefix("rank-"))] = time.monotonic()
             return None

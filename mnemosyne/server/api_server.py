@@ -1,6 +1,6 @@
 """The FastAPI app: routes, API-key check, and every error in OpenAI's JSON shape.
 
-    GET  /v1/models               GET /health      GET /metrics (Prometheus)
+    GET  /v1/models               GET /health      GET /metrics (Prometheus)     GET /version
     POST /v1/completions          POST /tokenize
     POST /v1/chat/completions     POST /detokenize
 
@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mnemosyne import __version__
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.server.errors import APIError, EngineDeadError, error_body, to_api_error
 from mnemosyne.server.metrics import ServerMetrics
@@ -56,6 +57,10 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None =
         if not ctx.engine.is_alive:
             return EngineDeadError(ctx.engine.dead_reason or "stopped").response()
         return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -100,6 +105,7 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
+        body.check_unknown_fields()
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of 'prompt' and 'messages'")
@@ -112,6 +118,7 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
+        body.check_unknown_fields()
         ctx.check_model(body.model)
         return {"prompt": ctx.tokenizer.decode(ctx.check_token_ids(body.tokens))}
 

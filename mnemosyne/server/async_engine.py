@@ -166,7 +166,7 @@ class AsyncEngine:
     def __init__(
         self, engine_args: EngineArgs, model_name: str | None, max_waiting_requests: int = 1024
     ) -> None:
-        self.core = CoreProcess(engine_args, max_waiting_requests)
+        self.core = CoreProcess(engine_args, max_waiting_requests, model_name or str(engine_args.model))
         self.info = self.core.info
         self._tokenizer = load_tokenizer(
             self.info.model_dir

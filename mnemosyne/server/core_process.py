@@ -34,7 +34,7 @@ import zmq
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import EngineCoreError
 from mnemosyne.wire.auth import CORE_SECRET_ENV, new_secret, secret_env
-from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec, RejectReason
+from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec, RejectReason, peer_name
 from mnemosyne.wire.engine_core import (
     CORE_IDENTITY,
     CORE_SENDER,
@@ -70,7 +70,7 @@ def engine_args_dict(args: EngineArgs) -> dict[str, ArgValue]:
 
 
 class CoreProcess:
-    def __init__(self, engine_args: EngineArgs, max_waiting_requests: int) -> None:
+    def __init__(self, engine_args: EngineArgs, max_waiting_requests: int, model_name: str) -> None:
         secret = new_secret()
         self.codec: Codec[CoreToServer] = Codec(secret, CoreToServer, "API server control port")
         self.heartbeat_timeout_s = engine_args.heartbeat_timeout_s
@@ -96,7 +96,7 @@ class CoreProcess:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         try:
-            self.info = self._handshake(engine_args, max_waiting_requests)
+            self.info = self._handshake(engine_args, max_waiting_requests, model_name)
         except BaseException:
             self._kill()
             self._close()
@@ -104,10 +104,10 @@ class CoreProcess:
 
     # ---- start-up (constructor thread, before the io thread exists) -------------------
 
-    def _handshake(self, engine_args: EngineArgs, max_waiting_requests: int) -> EngineInfo:
+    def _handshake(self, engine_args: EngineArgs, max_waiting_requests: int, model_name: str) -> EngineInfo:
         hello = self._wait_for(CoreHello, "connect")
         logger.info("engine core process %d connected", hello.pid)
-        self._send_now(StartEngine(engine_args_dict(engine_args), max_waiting_requests))
+        self._send_now(StartEngine(engine_args_dict(engine_args), max_waiting_requests, model_name))
         return self._wait_for(CoreReady, "load the model").info
 
     def _wait_for(self, kind: type, what: str):  # -> instance of kind
@@ -126,20 +126,19 @@ class CoreProcess:
         """One message from the core (heartbeats noted, rejected frames dropped), or None."""
         if not self._sock.poll(timeout_ms):
             return None
-        frames = self._sock.recv_multipart()
-        peer = repr(frames[0][:32])
-        if len(frames) != 2:
-            return self.codec.reject(RejectReason.SHORT, peer, f"{len(frames) - 1} frames")
-        msg = self.codec.decode(frames[1], peer)
-        if msg is None:
+        routed = self.codec.decode_routed(self._sock.recv_multipart())
+        if routed is None:
             return None
+        identity, msg = routed
         if isinstance(msg, Heartbeat):
-            if frames[0] != _CORE_HB_IDENTITY or msg.sender != CORE_SENDER:
-                return self.codec.reject(RejectReason.PEER, peer, "heartbeat from a stranger")
+            if identity != _CORE_HB_IDENTITY or msg.sender != CORE_SENDER:
+                return self.codec.reject(RejectReason.PEER, peer_name(identity), "heartbeat from a stranger")
             self.last_beat = time.monotonic()
             return None
-        if frames[0] != CORE_IDENTITY:
-            return self.codec.reject(RejectReason.PEER, peer, f"{type(msg).__name__} from a stranger")
+        if identity != CORE_IDENTITY:
+            return self.codec.reject(
+                RejectReason.PEER, peer_name(identity), f"{type(msg).__name__} from a stranger"
+            )
         return msg
 
     def check_alive(self) -> str | None:

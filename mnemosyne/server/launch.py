@@ -2,6 +2,9 @@
 `BackgroundServer` for tests and benchmarks (uvicorn on a thread of this process).
 Both start the engine core process (`engine/core.py`) and wait for its model.
 
+`serve()` binds its port before loading the model (a port in use fails at once) and logs
+the start-up summary (engine/summary.py) once the engine is ready.
+
 Shutdown order: uvicorn stops accepting, waits up to `shutdown_timeout_s` for open
 requests to finish (drain), cancels the rest (their handles abort them), then the
 app's lifespan stops the engine core, which aborts anything left and stops the
@@ -26,8 +29,10 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
-from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.args import EngineArgs, read_chat_template
 from mnemosyne.engine.llm_engine import load_tokenizer
+from mnemosyne.engine.summary import format_summary
+from mnemosyne.errors import ConfigError
 from mnemosyne.models.default_model import DEFAULT_MODEL_NAME
 from mnemosyne.server.api_server import build_app
 from mnemosyne.server.async_engine import AsyncEngine
@@ -61,13 +66,14 @@ def build_server(engine_args: EngineArgs, server_args: ServerArgs) -> tuple[Fast
     info = async_engine.info
     ctx = ServingContext(
         engine=async_engine,
-        tokenizer=load_tokenizer(info.model_dir),
+        tokenizer=load_tokenizer(info.model_dir, read_chat_template(engine_args.chat_template)),
         model_name=name,
         max_model_len=info.max_model_len,
         max_request_tokens=info.max_request_tokens,
         vocab_size=info.vocab_size,
         max_tokens_per_call=server_args.max_tokens_per_call or 4 * info.max_request_tokens,
     )
+    logger.info("engine ready:\n%s", format_summary(info.summary))
     return build_app(ctx, async_engine.metrics, server_args.api_key), async_engine
 
 
@@ -86,7 +92,12 @@ def _uvicorn_config(app: FastAPI, args: ServerArgs) -> uvicorn.Config:
 def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Run until Ctrl-C / SIGTERM. Returns the process exit code."""
     logging.basicConfig(level=server_args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app, async_engine = build_server(engine_args, server_args)
+    sock = bind_port(server_args.host, server_args.port)  # before the model loads
+    try:
+        app, async_engine = build_server(engine_args, server_args)
+    except BaseException:
+        sock.close()
+        raise
     server = uvicorn.Server(_uvicorn_config(app, server_args))
 
     def on_engine_death(reason: str) -> None:
@@ -99,11 +110,12 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     async_engine.on_dead(on_engine_death)
     logger.info("serving on http://%s:%d/v1", server_args.host, server_args.port)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         pass
     finally:
         async_engine.stop()  # a no-op when the lifespan already stopped it
+        sock.close()
     if async_engine.failed:
         logger.error("exiting with code 1: the engine died (%s)", async_engine.dead_reason)
         return 1
@@ -116,6 +128,20 @@ def _hard_exit(reason: str) -> None:
     )
     logging.shutdown()
     os._exit(1)
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; ConfigError if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror} (use --port to pick another)") from e
+    sock.set_inheritable(True)
+    return sock
 
 
 class BackgroundServer:

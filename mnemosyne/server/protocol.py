@@ -1,34 +1,62 @@
 """Request bodies of the OpenAI-compatible API (pydantic), and how they become
 `SamplingParams`.
 
-Unknown fields are ignored, as OpenAI's own server does; fields we know but do not
-implement (tools, logit_bias, penalties, ...) are refused with a 400 naming them
-rather than silently ignored.
+Unknown top-level fields are refused with a 400 naming them, and so are fields we know
+but do not implement (tools, response_format, suffix, ...). vLLM instead ignores unknown
+fields with a logged warning; we refuse because an ignored field changes the output
+without telling the client (a misspelt `max_token`, or an extension such as
+`guided_json` that this server lacks), and a client that sends harmless extras can drop
+them. Fields OpenAI defines that do not change the output (`user`, `metadata`, `store`,
+`service_tier`, `parallel_tool_calls`) are accepted. Inside nested objects (messages,
+content parts, stream_options) unknown keys are ignored: clients echo back whole
+response messages, with keys such as `refusal` or `annotations`.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mnemosyne.errors import InvalidRequestError
-from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.sampling_params import MAX_LOGIT_BIAS, SamplingParams
+from mnemosyne.server.errors import APIError
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 
 
 class _Body(BaseModel):
+    """A nested object: unknown keys are ignored."""
+
     model_config = ConfigDict(extra="ignore")
+
+
+class _RequestBody(BaseModel):
+    """A whole request body: unknown keys are kept in model_extra and refused by check()."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def check_unknown_fields(self) -> None:
+        unknown = sorted(self.model_extra or {})
+        if unknown:
+            names = ", ".join(repr(n) for n in unknown)
+            raise APIError(
+                HTTPStatus.BAD_REQUEST,
+                f"unknown field(s) {names}: this server refuses fields it does not implement "
+                f"rather than ignoring them",
+                param=unknown[0],
+            )
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingFields(_Body):
-    """The fields completions and chat share."""
+class _SamplingFields(_RequestBody):
+    """The fields completions and chat share. Sampling fields left out (None) take the
+    model's generation_config.json defaults (`--generation-config auto`)."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -38,14 +66,21 @@ class _SamplingFields(_Body):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    # Accepted and ignored: OpenAI fields that do not change the output.
     user: str | None = None
-    # OpenAI fields we refuse unless left at their neutral value.
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
     # Extensions (as in vLLM), sent by the openai client through extra_body.
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int = Field(0, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -55,24 +90,41 @@ class _SamplingFields(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _refuse_unsupported(self, extra: dict[str, Any]) -> None:
-        unsupported = {
-            "presence_penalty": self.presence_penalty not in (None, 0.0),
-            "frequency_penalty": self.frequency_penalty not in (None, 0.0),
-            "logit_bias": bool(self.logit_bias),
-            **{name: bad for name, bad in extra.items()},
-        }
-        for name, bad in unsupported.items():
+        self.check_unknown_fields()
+        if self.stream and self.prompt_logprobs is not None:
+            raise InvalidRequestError("'prompt_logprobs' is not available with 'stream': true")
+        for name, bad in extra.items():
             if bad:
                 raise InvalidRequestError(f"{name!r} is not supported by this server")
 
+    def _logit_bias(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}") from None
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias} for {key}")
+            out[token] = bias
+        return out
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, i: int):
-        """The params of the i-th of `n` samples (a seed s gives samples seeds s, s+1, ...)."""
+        """The params of the i-th of `n` samples (a seed s gives samples seeds s, s+1, ...).
+        `prompt_logprobs`: what the route needs (echo); the request's own field may ask more."""
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, self.prompt_logprobs)
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            min_tokens=self.min_tokens,
+            logit_bias=self._logit_bias(),
             seed=None if self.seed is None else self.seed + i,
             stop=self.stop if self.stop is not None else [],
             stop_token_ids=self.stop_token_ids or [],
@@ -164,7 +216,7 @@ class ChatCompletionRequest(_SamplingFields):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -172,6 +224,6 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_RequestBody):
     model: str | None = None
     tokens: list[int]

@@ -166,6 +166,28 @@ def chat_logprobs(ctx: ServingContext, token_ids: list[int], entries: list[Token
     return {"content": content}
 
 
+def prompt_logprobs(
+    ctx: ServingContext, prompt_ids: list[int], entries: list[TokenLogprobs | None], k: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else
+    {token id: {"logprob", "rank", "decoded_token"}} for the token itself and the k most likely
+    (rank 1 = most likely; the prompt token's rank only when it is among those k)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for tid, entry in zip(prompt_ids, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = top_entries(entry, k)
+        ranks = {t: r for r, (t, _) in enumerate(ranked, 1)}
+        out.append(
+            {
+                str(t): {"logprob": entry[t], "rank": ranks.get(t), "decoded_token": ctx.token_text(t)}
+                for t in dict.fromkeys([tid, *(t for t, _ in ranked)])
+            }
+        )
+    return out
+
+
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 

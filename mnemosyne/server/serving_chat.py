@@ -25,6 +25,7 @@ from mnemosyne.server.serving import (
     collect,
     new_call_id,
     now_s,
+    prompt_logprobs,
     sse_stream,
     sub_request_id,
     usage,
@@ -90,6 +91,10 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext
             len(prompt_ids), sum(len(out.token_ids) for out in outputs), outputs[0].num_cached_tokens
         ),
     }
+    if req.prompt_logprobs is not None:  # vLLM: one list for the shared prompt, beside the choices
+        entries = list(outputs[0].prompt_logprobs or [])
+        entries += [None] * (len(prompt_ids) - len(entries))
+        body["prompt_logprobs"] = prompt_logprobs(ctx, prompt_ids, entries, req.prompt_logprobs)
     return JSONResponse(body)
 
 

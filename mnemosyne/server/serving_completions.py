@@ -19,6 +19,7 @@ from mnemosyne.server.serving import (
     new_call_id,
     now_s,
     prompt_cached_tokens,
+    prompt_logprobs,
     sse_stream,
     sub_request_id,
     usage,
@@ -119,7 +120,11 @@ def _final_choice(
             ids = prompt.token_ids + ids
             entries = _prompt_entries(out, prompt) + entries
         logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, 0)
-    return {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+    choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+    if req.prompt_logprobs is not None:
+        entries = _prompt_entries(out, prompt)
+        choice["prompt_logprobs"] = prompt_logprobs(ctx, prompt.token_ids, entries, req.prompt_logprobs)
+    return choice
 
 
 async def _chunks(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -56,7 +57,9 @@ def kv_budget_bytes(model_cfg: ModelConfig, args: EngineArgs, spec: DeviceSpec) 
 
 def simulated_engine_config(model_dir: str | Path, args: EngineArgs, spec: DeviceSpec) -> EngineConfig:
     """The EngineConfig the real engine would build on `spec` GPUs (bf16, prefix caching off:
-    a trace has lengths, not contents)."""
+    a trace has lengths, not contents). Contexts past the model's trained positions are allowed:
+    a simulation plans for them."""
+    args = dataclasses.replace(args, allow_long_max_model_len=True)
     args.validate()
     model_cfg = load_model_config(model_dir)
     check_layout(model_cfg, args.parallel_config(), None)

@@ -59,6 +59,11 @@ def _dec_hook(typ: type, obj: Any) -> Any:
     raise NotImplementedError(f"cannot decode {typ}")
 
 
+def peer_name(identity: bytes) -> str:
+    """A ZeroMQ identity as logs show it (any bytes a peer chose, shortened)."""
+    return repr(identity[:32])
+
+
 class Codec(Generic[T]):
     """Signs what this side sends; verifies and decodes what it receives (type `recv_type`)."""
 
@@ -97,6 +102,14 @@ class Codec(Generic[T]):
             return self._decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
             return self.reject(RejectReason.DECODE, peer, str(e)[:200])
+
+    def decode_routed(self, frames: list[bytes]) -> tuple[bytes, T] | None:
+        """A ROUTER socket's frames [identity, frame] -> (identity, message), or None when
+        the frame count or the frame fails a check (dropped, counted, logged)."""
+        if len(frames) != 2:
+            return self.reject(RejectReason.SHORT, peer_name(frames[0]), f"{len(frames) - 1} frames")
+        msg = self.decode(frames[1], peer_name(frames[0]))
+        return None if msg is None else (frames[0], msg)
 
     def reject(self, reason: RejectReason, peer: str, detail: str) -> None:
         """Count and log a dropped frame (the first 10, then every power of 10)."""

@@ -41,6 +41,7 @@ class CoreRequest(msgspec.Struct, frozen=True):
 class StartEngine(msgspec.Struct, tag="start", frozen=True):
     engine_args: dict[str, ArgValue]  # EngineArgs fields; dtypes and enums as their names
     max_waiting_requests: int
+    model_name: str  # the served model name, for the start-up summary
 
 
 class AddRequests(msgspec.Struct, tag="add", frozen=True):
@@ -70,6 +71,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     vocab_size: int
     num_kvp_groups: int
     tbt_slo_s: float  # the TBT target of adaptive chunking, for the SLO metrics
+    summary: list[tuple[str, str]]  # the start-up summary (engine/summary.py), logged by the server
 
 
 class RequestError(msgspec.Struct, frozen=True):

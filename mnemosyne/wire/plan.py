@@ -17,6 +17,11 @@ from mnemosyne.sampling_params import SamplingParams
 class NewRequest:
     request_id: str
     sampling_params: SamplingParams
+    # What the sampling rank's logits processors need beyond the chunks' own token ids
+    # (layers/logits_processors.py): set only when sampling_params.needs_history.
+    num_prompt_tokens: int = 0
+    prompt_token_ids: tuple[int, ...] = ()  # only with a repetition penalty
+    min_tokens_banned_ids: tuple[int, ...] = ()  # eos + stop_token_ids, only with min_tokens
 
 
 @dataclass(frozen=True)

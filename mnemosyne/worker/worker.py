@@ -2,7 +2,9 @@
 
 Per plan, on rank (kvp_rank g, spp_rank s, tp_rank t)::
 
-    apply plan updates (forget finished, drop freed KV, remember new sampling params)
+    apply plan updates (forget finished, drop freed KV, remember new sampling params;
+                        reporting ranks feed every chunk's tokens to the TokenHistory of
+                        requests with penalties, whichever group owns the chunk)
     sub-batch of group g  (worker/sub_batch.py)
     s == 0 ?  x = input ids  :  x = recv hidden states from stage s-1 of group g (1/tp slice,
                                   all-gathered over TP)
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.layers.attention.selector import make_attention_backend
+from mnemosyne.layers.logits_processors import TokenHistory
 from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.models.loader import load_model
@@ -77,6 +80,9 @@ class Worker:
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device)
         self.mirror = BlockTableMirror(self.group, num_blocks, device)
         self.params: dict[str, SamplingParams] = {}
+        # Requests with penalties or min_tokens, on reporting ranks only; any group may own a
+        # request's next chunk, so every reporting rank follows every such request.
+        self.histories: dict[str, TokenHistory] = {}
         self.sampler = Sampler()
         # Unseeded sampling: one stream per KVP group (each group samples its own requests).
         self.rng = torch.Generator(device=device).manual_seed(config.seed + _SEED_MIX * self.group)
@@ -88,11 +94,21 @@ class Worker:
         rank (last stage, tp rank 0), None elsewhere."""
         for rid in plan.finished:
             self.params.pop(rid, None)
+            self.histories.pop(rid, None)
             self.mirror.drop(rid)
         for rid in plan.freed_kv:
             self.mirror.drop(rid)
         for new in plan.new_requests:
             self.params[new.request_id] = new.sampling_params
+            if self.pg.is_driver_peer and new.sampling_params.needs_history:
+                self.histories[new.request_id] = TokenHistory(
+                    new.num_prompt_tokens, new.prompt_token_ids, new.min_tokens_banned_ids
+                )
+        if self.histories:
+            for chunk in plan.chunks:
+                history = self.histories.get(chunk.request_id)
+                if history is not None:
+                    history.observe(chunk.start, chunk.token_ids)
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
         result = StepResult(plan.step_id) if self.pg.is_driver_peer else None
         if batch.num_tokens == 0:
@@ -183,7 +199,8 @@ class Worker:
             chunks = [batch.chunks[i] for i in sample_chunks]
             params = [self.params[c.request_id] for c in chunks]
             gens = [self._generator(p, c.end) for p, c in zip(params, chunks, strict=True)]
-            sampled = self.sampler(logits[len(plp_rows) :], params, gens)
+            histories = [self.histories.get(c.request_id) for c in chunks]
+            sampled = self.sampler(logits[len(plp_rows) :], params, gens, histories)
             for chunk, tok, lp in zip(chunks, sampled.token_ids, sampled.logprobs, strict=True):
                 result.sampled_token_ids[chunk.request_id] = tok
                 if lp is not None:

@@ -1,13 +1,35 @@
 """Plot a long_context JSON: TBT and TTFT vs context (Mnemosyne, HF, floors), kernel throughput.
 
-python -m benchmarks.plot_long_context RESULT.json [OUT.png]
+    python -m mnemosyne.bench.long_context.plot RESULT.json [--out OUT.png] [--decode-kernels LOG]
+
+`--decode-kernels LOG` replaces the JSON's decode-kernel rows by those of a later
+`python -m mnemosyne.bench.long_context.kernels` run (one dict per line), so the plot
+shows the figures a results table cites. Each bar is labelled with the figure it draws.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
-import sys
 from pathlib import Path
+
+
+def read_kernel_log(path: Path) -> list[dict]:
+    """The result dicts printed one per line by kernels.run_all()."""
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            rows.append(ast.literal_eval(line))
+    return rows
+
+
+def with_decode_kernels(res: dict, rows: list[dict]) -> dict:
+    """`res` with its decode-kernel results replaced by the decode rows of `rows`."""
+    kept = [r for r in res.get("kernels", {}).get("results", []) if r.get("kind") != "decode"]
+    decode = [r for r in rows if r.get("kind") == "decode"]
+    return {**res, "kernels": {**res.get("kernels", {}), "results": decode + kept}}
 
 
 def plot(res: dict, out: Path) -> None:
@@ -87,6 +109,17 @@ def plot(res: dict, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("result", type=Path, help="long_context JSON")
+    ap.add_argument("--out", type=Path, default=None, help="PNG (default: beside the JSON)")
+    ap.add_argument("--decode-kernels", type=Path, default=None, help="kernel log whose decode rows to plot")
+    ns = ap.parse_args(argv)
+    res = json.loads(ns.result.read_text())
+    if ns.decode_kernels is not None:
+        res = with_decode_kernels(res, read_kernel_log(ns.decode_kernels))
+    plot(res, ns.out or ns.result.with_suffix(".png"))
+
+
 if __name__ == "__main__":
-    src = Path(sys.argv[1])
-    plot(json.loads(src.read_text()), Path(sys.argv[2]) if len(sys.argv) > 2 else src.with_suffix(".png"))
+    main()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.lc_engine import random_prompt
+from mnemosyne.bench.long_context.engine import random_prompt
 from mnemosyne.config import ModelConfig
 from mnemosyne.models.dummy_weights import dummy_tensor
 

@@ -1,15 +1,15 @@
 """Long-context benchmark on one GPU, against the hardware floor and Hugging Face transformers.
 
-    python -m benchmarks.long_context --out benchmarks/results/long_context_h200_DATE.json
+    mnemosyne bench long-context --out benchmarks/results/long_context_h200_DATE.json
 
 Builds a random-weight model of a real architecture's shape (default Llama-3-8B; no
 download: config.json only, weights drawn on the GPU) and runs, each part in its own
 process so that each starts with the whole GPU:
 
-  kernels  attention kernel throughput vs floor (benchmarks/lc_kernels.py)
+  kernels  attention kernel throughput vs floor (kernels.py)
   hf       HF transformers, same weights: TTFT/TBT at --hf-contexts, peak memory, OOM point
   engine   Mnemosyne: end-to-end TTFT/TBT at --e2e, decode steps up to the KV capacity,
-           prefill chunk steps, TTFT vs context (benchmarks/lc_engine.py)
+           prefill chunk steps, TTFT vs context (engine.py)
 
 Writes one JSON (every figure beside its floor) and a PNG next to it.
 """
@@ -66,14 +66,14 @@ def write_model_dir(shape: str, root: Path, max_positions: int = 1 << 21) -> Pat
 
 def _part(ns: argparse.Namespace, model_dir: Path) -> dict:
     if ns.part == "kernels":
-        from benchmarks.lc_kernels import run_all
+        from mnemosyne.bench.long_context.kernels import run_all
 
         return {"results": run_all()}
     if ns.part == "hf":
-        from benchmarks.lc_hf import run
+        from mnemosyne.bench.long_context.hf import run
 
         return run(model_dir, ns.hf_contexts, ns.num_decode, progress=ns.part_out)
-    from benchmarks.lc_engine import run
+    from mnemosyne.bench.long_context.engine import run
 
     return run(model_dir, ns.chunk, ns.e2e, ns.num_decode, ns.kv_fraction)
 
@@ -88,23 +88,30 @@ def _device() -> dict:
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    ap.add_argument("--parts", default="kernels,hf,engine")
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape (random weights)")
+    ap.add_argument("--parts", default="kernels,hf,engine", help="comma-separated parts to run")
     ap.add_argument("--part", choices=["kernels", "hf", "engine"], help=argparse.SUPPRESS)
     ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (and token budget)")
-    ap.add_argument("--e2e", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072])
     ap.add_argument(
-        "--hf-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072, 524288]
+        "--e2e", type=_ints, default=[32768, 131072], help="contexts measured end to end (comma-separated)"
     )
-    ap.add_argument("--num-decode", type=int, default=16)
-    ap.add_argument("--kv-fraction", type=float, default=0.97)
-    ap.add_argument("--part-timeout", type=float, default=400.0)
-    ap.add_argument("--out", type=Path, default=None)
-    ns = ap.parse_args(argv)
+    ap.add_argument(
+        "--hf-contexts", type=_ints, default=[32768, 131072, 524288], help="contexts for HF transformers"
+    )
+    ap.add_argument("--num-decode", type=int, default=16, help="decode steps per measurement")
+    ap.add_argument("--kv-fraction", type=float, default=0.97, help="fraction of free memory for the KV cache")
+    ap.add_argument("--part-timeout", type=float, default=400.0, help="seconds per part")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (a PNG is written beside it)")
 
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def run(ns: argparse.Namespace, argv: list[str]) -> int:
+    """The whole benchmark (each part in a child process given `argv`), or one part."""
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(ns.shape, Path(tmp))
         if ns.part:  # a child process: one part
@@ -113,21 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         result: dict = {
             "benchmark": "long_context", "shape": ns.shape, "config": SHAPES[ns.shape],
             "date": datetime.date.today().isoformat(), "device": _device(),
-            "command": "python -m benchmarks.long_context " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "command": "mnemosyne bench long-context " + shlex.join(argv),
             "floors": {"copy_TBps": 4.2, "matmul_TFLOPs": 800, "attention_TFLOPs": 590},
         }  # fmt: skip
         for part in ns.parts.split(","):
             part_out = Path(tmp) / f"{part}.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.long_context",
-                "--part",
-                part,
-                "--part-out",
-                str(part_out),
-            ]
-            cmd += [a for a in (argv if argv is not None else sys.argv[1:])]
+            cmd = [sys.executable, "-m", __name__, "--part", part, "--part-out", str(part_out), *argv]
             print(f"== {part}", flush=True)
             try:
                 proc = subprocess.run(cmd, timeout=ns.part_timeout)
@@ -142,12 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         if ns.out is not None:
             ns.out.parent.mkdir(parents=True, exist_ok=True)
             ns.out.write_text(text)
-            from benchmarks.plot_long_context import plot
+            from mnemosyne.bench.long_context.plot import plot
 
             plot(result, ns.out.with_suffix(".png"))
         else:
             print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(ap)
+    return run(ap.parse_args(argv), argv)
 
 
 if __name__ == "__main__":
