@@ -1,4 +1,4 @@
-"""Command line: `mnemosyne generate`, `mnemosyne serve`, `mnemosyne profile` and `mnemosyne bench ...`.
+"""Command line: `mnemosyne generate`, `serve`, `profile`, `simulate`, `plan` and `bench ...`.
 
 Flags follow vLLM's where they overlap (`-tp/--tensor-parallel-size`,
 `-pp/--pipeline-parallel-size`, `--gpu-memory-utilization`, `serve MODEL`,
@@ -303,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_args(prof)
     add_engine_args(prof)
     prof.set_defaults(func=cmd_profile)
+
+    # ---- simulate / plan (mnemosyne/simulator) ----
+    from mnemosyne.simulator.command import add_plan_args, add_simulate_args, cmd_plan, cmd_simulate
+
+    simulate = _subparser(sub, "simulate", "run a trace through the real scheduler in virtual time")
+    add_simulate_args(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+    plan = _subparser(sub, "plan", "the tp x spp x kvp layouts for a model, GPU count and context length")
+    add_plan_args(plan)
+    plan.set_defaults(func=cmd_plan)
+    # ---- end simulate / plan ----
 
     from mnemosyne.bench.cli import add_bench_commands
 

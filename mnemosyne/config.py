@@ -189,14 +189,6 @@ class CacheConfig:
     enable_prefix_caching: bool = False
     prefix_cache_salt: str = ""
 
-    @property
-    def num_kvp_groups(self) -> int:
-        return len(self.num_blocks_per_group)
-
-    @property
-    def total_num_blocks(self) -> int:
-        return sum(self.num_blocks_per_group)
-
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -340,3 +332,11 @@ class EngineConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     generation_config: GenerationConfigMode = GenerationConfigMode.AUTO
     chat_template: str | None = None  # overrides the tokenizer's (Jinja text)
+
+    def __post_init__(self) -> None:
+        """One KVP count: the cache has one block pool per KVP group of the layout."""
+        if len(self.cache.num_blocks_per_group) != self.parallel.kvp:
+            raise ConfigError(
+                f"the KV cache has {len(self.cache.num_blocks_per_group)} group pools, "
+                f"the layout kvp={self.parallel.kvp}"
+            )

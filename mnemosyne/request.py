@@ -37,7 +37,6 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
-    FINISHED_ERROR = enum.auto()
 
     @property
     def finished(self) -> bool:
@@ -52,13 +51,11 @@ _FINISHED = {
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
-    RequestStatus.FINISHED_ERROR,
 }
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
-    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -86,7 +83,6 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
-    error: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -113,10 +109,6 @@ class Request:
     def is_prefill(self) -> bool:
         """True while more than the newest token still needs computing."""
         return self.num_tokens - self.num_computed_tokens > 1
-
-    @property
-    def max_total_tokens(self) -> int:
-        return self.num_prompt_tokens + self.sampling_params.max_tokens
 
     def token_id_at(self, pos: int) -> int:
         p = self.num_prompt_tokens

@@ -230,7 +230,7 @@ def _step(s: Scheduler) -> list[Request]:
         assert c.start == c.request.num_computed_tokens
         s.kv_manager.check_writable(c.request.request_id, c.start, c.end)
     sampled = {c.request.request_id: toy_token(c.request, c.end) for c in out.chunks if c.sample}
-    finished = s.update_from_output(out, sampled)
+    finished = s.update_from_output(out, sampled).finished
     s.kv_manager.check_integrity()
     return finished
 

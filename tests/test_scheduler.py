@@ -70,7 +70,7 @@ def step(s: Scheduler, tokens: dict[str, int] | None = None) -> tuple[SchedulerO
     check_step(s, out)
     sampled = {c.request.request_id: toy_token(c.request, c.end) for c in out.chunks if c.sample}
     sampled.update(tokens or {})
-    finished = s.update_from_output(out, sampled)
+    finished = s.update_from_output(out, sampled).finished
     s.kv_manager.check_integrity()
     return out, finished
 
@@ -283,7 +283,7 @@ def test_finish_request_frees_blocks_and_drops_stale_chunks():
     assert not s.kv_manager.has_request("a")
     assert s.finish_request("a", RequestStatus.FINISHED_ABORTED) is None  # now unknown
     assert s.finish_request("nope", RequestStatus.FINISHED_STOPPED) is None
-    finished = s.update_from_output(out, {"a": 5, "w": 5})
+    finished = s.update_from_output(out, {"a": 5, "w": 5}).finished
     assert finished == [] and a.num_output_tokens == 0  # stale chunk ignored
     s.kv_manager.check_integrity()
     assert s.num_running == 1

@@ -160,6 +160,15 @@ class EngineArgs:
 
         local_devices = torch.cuda.device_count() if device.startswith("cuda") else None
         check_layout(model_cfg, parallel, None if self.driver_address else local_devices)
+        budget = self._kv_budget_bytes(device, model_cfg, parallel)
+        return self.engine_config_for(model_dir, model_cfg, device, budget)
+
+    def engine_config_for(
+        self, model_dir: str | Path, model_cfg: ModelConfig, device: str, kv_budget_bytes: float
+    ) -> EngineConfig:
+        """The EngineConfig for a resolved model and a per-device KV budget (no device is
+        touched: the simulator builds its engine with this)."""
+        parallel = self.parallel_config()
         max_model_len = self.max_model_len or model_cfg.max_position_embeddings
         if max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {max_model_len}")
@@ -170,11 +179,10 @@ class EngineArgs:
                 f"positions beyond it were never trained. Pass --allow-long-max-model-len to use it anyway"
             )
         bytes_per_block = self.block_size * kv_bytes_per_token_per_device(model_cfg, parallel)
-        budget = self._kv_budget_bytes(device, model_cfg, parallel)
-        num_blocks = int(budget // bytes_per_block)
+        num_blocks = int(kv_budget_bytes // bytes_per_block)
         if num_blocks < 1:
             raise ConfigError(
-                f"KV cache budget of {budget / 2**30:.3f} GiB per device holds no block of "
+                f"KV cache budget of {kv_budget_bytes / 2**30:.3f} GiB per device holds no block of "
                 f"{bytes_per_block} bytes (block_size {self.block_size})"
             )
         max_tokens_per_group = self.max_tokens_per_kvp_group
@@ -188,7 +196,7 @@ class EngineArgs:
                 num_blocks_per_group=(num_blocks,) * self.kvp,
                 max_tokens_per_kvp_group=max_tokens_per_group,
                 enable_prefix_caching=self.enable_prefix_caching,
-                prefix_cache_salt=f"{model_dir}|{dtype}|{self.load_format}|{self.seed}",
+                prefix_cache_salt=f"{model_dir}|{model_cfg.dtype}|{self.load_format}|{self.seed}",
             ),
             scheduler=SchedulerConfig(
                 max_model_len=max_model_len,

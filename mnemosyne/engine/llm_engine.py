@@ -22,7 +22,7 @@ from mnemosyne.engine.policies import make_policies
 from mnemosyne.engine.priority import ttft_deadline_s
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
-from mnemosyne.engine.step_load import StepLoadBuilder
+from mnemosyne.engine.step_load import step_composition
 from mnemosyne.engine.step_plan import PlanBuilder, StepResult
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
@@ -170,14 +170,14 @@ class LLMEngine:
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, time.monotonic() - submitted, chunk_sizes))
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
-        return self._process(sched, result)
+        outputs = self._process(sched, result)
+        if not self._inflight and not self.scheduler.has_unfinished_requests():
+            self.kv_manager.check_integrity()  # going idle: O(blocks), nobody is waiting for a step
+        return outputs
 
     def predict_step_s(self, sched: SchedulerOutput) -> float:
         """The latency model's prediction for a scheduled step (its KV already allocated)."""
-        load = StepLoadBuilder(self.kv_manager)
-        for chunk in sched.chunks:
-            load.add(chunk.request, chunk.start, chunk.num_tokens, chunk.sample)
-        return self.policies.latency_model.step_time_s(load.composition())
+        return self.policies.latency_model.step_time_s(step_composition(self.kv_manager, sched))
 
     def take_step_stats(self) -> list[StepStats]:
         """Steps processed since the last call (at most the newest 1024), oldest first."""
@@ -202,8 +202,8 @@ class LLMEngine:
 
     def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.monotonic()
-        current = [c for c in sched.chunks if self.scheduler.is_current(c)]
-        for chunk in current:
+        applied = self.scheduler.update_from_output(sched, result.sampled_token_ids).applied
+        for chunk in applied:
             req = chunk.request
             rid = req.request_id
             if rid in result.prompt_logprobs:
@@ -213,10 +213,9 @@ class LLMEngine:
                     req.num_prompt_logprobs_done = first_pos + len(entries)
             if chunk.sample and rid in result.logprobs:
                 req.logprobs.append(result.logprobs[rid])
-        self.scheduler.update_from_output(sched, result.sampled_token_ids)
 
         outputs: list[RequestOutput] = []
-        for chunk in current:
+        for chunk in applied:
             req = chunk.request
             new_ids: list[int] = []
             if chunk.sample and req.request_id in result.sampled_token_ids:

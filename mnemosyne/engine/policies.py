@@ -81,9 +81,12 @@ def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -
     return RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name)), "roofline"
 
 
-def make_policies(config: EngineConfig, kv_manager: KVCacheManager) -> SchedulingPolicies:
+def make_policies(
+    config: EngineConfig, kv_manager: KVCacheManager, latency: tuple[LatencyModel, str] | None = None
+) -> SchedulingPolicies:
+    """`latency`: (model, source) to use instead of resolving one for this machine (the simulator)."""
     pc = config.policy
-    model, source = resolve_latency_model(config)
+    model, source = latency if latency is not None else resolve_latency_model(config)
     prefill_time = PrefillTimeTable(
         model,
         pc.tbt_slo_s,

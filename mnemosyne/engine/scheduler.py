@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable
 from mnemosyne.config import SchedulerConfig
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
-from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput, StepUpdate
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.kv_cache.prefix_hit import PrefixHit
@@ -172,8 +172,8 @@ class Scheduler:
         self._running[req.request_id] = req
         return True, self._emit(out, scheduled, req, n)
 
-    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Record a finished step; returns the requests that finished in this call.
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: dict[str, int]) -> StepUpdate:
+        """Record a finished step; returns the chunks applied and the requests that finished.
 
         A chunk is applied only if its request is still RUNNING here, in the epoch it
         was scheduled in, and the chunk continues its computed prefix (start ==
@@ -181,7 +181,7 @@ class Scheduler:
         since scheduling are dropped (with a pipeline, several chunks of one request
         are in flight and complete in order).
         """
-        finished: list[Request] = []
+        update = StepUpdate()
         for chunk in out.chunks:
             req = chunk.request
             rid = req.request_id
@@ -189,6 +189,7 @@ class Scheduler:
                 continue
             if chunk.sample and rid not in sampled_token_ids:
                 raise KeyError(f"no sampled token for request {rid!r}, whose chunk ends at {chunk.end}")
+            update.applied.append(chunk)
             req.num_computed_tokens = chunk.end
             self._cache_blocks(req)
             if not chunk.sample:
@@ -198,8 +199,8 @@ class Scheduler:
             status = self._stop_status(req, token)
             if status is not None:
                 self._finish(req, status)
-                finished.append(req)
-        return finished
+                update.finished.append(req)
+        return update
 
     def is_current(self, chunk: ScheduledChunk) -> bool:
         """Would `update_from_output` apply this chunk's result now?"""

@@ -1,4 +1,5 @@
-"""The scheduler's plan for one step: a plain dataclass the model runner (or the simulator) consumes."""
+"""The scheduler's plan for one step (chunks of live requests), which `engine/step_plan.py` turns into
+the workers' `StepPlan` and the simulator times; and what recording its results changed."""
 
 from __future__ import annotations
 
@@ -40,3 +41,12 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+
+@dataclass
+class StepUpdate:
+    """What `Scheduler.update_from_output` recorded: the chunks it applied (schedule order; stale
+    ones dropped) and the requests that finished."""
+
+    applied: list[ScheduledChunk] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)

@@ -15,6 +15,7 @@ most free blocks (ties: the lowest index). Without T a request stays on one grou
 
 from __future__ import annotations
 
+from mnemosyne.engine.scheduler_output import SchedulerOutput
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.request import Request
@@ -29,6 +30,14 @@ def chunk_spans(start: int, num_tokens: int, max_tokens_per_group: int | None) -
     if (start + num_tokens - 1) // t != k:
         raise ValueError(f"chunk [{start}, {start + num_tokens}) crosses a {t}-token KVP group boundary")
     return [(j, t, False) for j in range(k)] + [(k, start - k * t, True)]
+
+
+def step_composition(kv_manager: KVCacheManager, sched: SchedulerOutput) -> StepComposition:
+    """The composition of a scheduled step (its KV already allocated)."""
+    load = StepLoadBuilder(kv_manager)
+    for chunk in sched.chunks:
+        load.add(chunk.request, chunk.start, chunk.num_tokens, chunk.sample)
+    return load.composition()
 
 
 def add_chunk(load: GroupLoad, num_tokens: int, prefix: int, owns: bool, sample: bool) -> GroupLoad:
@@ -72,6 +81,8 @@ class StepLoadBuilder:
 
     def _piece_groups(self, req: Request, num_pieces: int) -> list[int]:
         held = [p.group for p in self.kv_manager.pieces(req.request_id)]
+        if len(held) >= num_pieces:
+            return held[:num_pieces]
         free = [self.kv_manager.num_free_blocks(g) for g in range(self.kv_manager.num_kvp_groups)]
         while len(held) < num_pieces:
             unused = [g for g in range(len(free)) if g not in held] or list(range(len(free)))

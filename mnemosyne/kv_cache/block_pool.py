@@ -87,9 +87,6 @@ class BlockPool:
         """Evictable blocks, the next one to be evicted first."""
         return list(self._evictable)
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.num_free_blocks
-
     def allocate(self, num_blocks: int) -> list[int]:
         """Take `num_blocks` free blocks (ref count 1 each); all or nothing.
 

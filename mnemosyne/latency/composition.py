@@ -21,7 +21,7 @@ Every count is in tokens; nothing here is a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,15 @@ class GroupLoad:
 
     def plus_decode(self, kv_tokens: int, owns: bool = True) -> GroupLoad:
         """A decode reading `kv_tokens` keys here (its own key included where it is owned)."""
-        return replace(
-            self,
+        return GroupLoad(  # built whole, not dataclasses.replace: called per chunk per step (simulator)
             num_tokens=self.num_tokens + 1,
             num_decodes=self.num_decodes + 1,
             decode_kv_tokens=self.decode_kv_tokens + kv_tokens,
             max_decode_kv_tokens=max(self.max_decode_kv_tokens, kv_tokens),
+            num_chunks=self.num_chunks,
+            chunk_prefix_tokens=self.chunk_prefix_tokens,
+            chunk_prefix_pairs=self.chunk_prefix_pairs,
+            chunk_causal_pairs=self.chunk_causal_pairs,
             num_sampled=self.num_sampled + int(owns),
         )
 
@@ -53,9 +56,11 @@ class GroupLoad:
         """A prefill chunk of `num_tokens` queries over `prefix_tokens` keys held here; `owns`:
         its own keys are here too (causal part); `sample`: its last row goes through the LM head."""
         c = num_tokens
-        return replace(
-            self,
+        return GroupLoad(
             num_tokens=self.num_tokens + c,
+            num_decodes=self.num_decodes,
+            decode_kv_tokens=self.decode_kv_tokens,
+            max_decode_kv_tokens=self.max_decode_kv_tokens,
             num_chunks=self.num_chunks + 1,
             chunk_prefix_tokens=self.chunk_prefix_tokens + prefix_tokens,
             chunk_prefix_pairs=self.chunk_prefix_pairs + c * prefix_tokens,

@@ -34,6 +34,7 @@ class DeviceSpec:
     link_latency_s: float  # per collective
     step_overhead_s: float  # per step: host scheduling, launches, sampling
     layer_overhead_s: float  # per layer: kernel launches not hidden by the GPU's work
+    memory_capacity_bytes: float = 0.0  # device memory (planning: do weights and KV fit)
 
 
 H200 = DeviceSpec(
@@ -45,6 +46,18 @@ H200 = DeviceSpec(
     link_latency_s=10e-6,
     step_overhead_s=0.8e-3,
     layer_overhead_s=5e-6,
+    memory_capacity_bytes=143771 * 2**20,
+)
+H100 = DeviceSpec(  # SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 peak (about 700 achievable)
+    name="NVIDIA H100",
+    memory_bytes_per_s=3.35e12,
+    matmul_flops_per_s=700e12,
+    attention_flops_per_s=500e12,
+    link_bytes_per_s=400e9,  # NVLink 4, as on the H200
+    link_latency_s=10e-6,
+    step_overhead_s=0.8e-3,
+    layer_overhead_s=5e-6,
+    memory_capacity_bytes=81559 * 2**20,
 )
 CPU = DeviceSpec(
     name="cpu",
@@ -55,8 +68,9 @@ CPU = DeviceSpec(
     link_latency_s=50e-6,
     step_overhead_s=2e-3,
     layer_overhead_s=50e-6,
+    memory_capacity_bytes=16 * 2**30,
 )
-DEVICE_SPECS: dict[str, DeviceSpec] = {"cpu": CPU, "h200": H200}
+DEVICE_SPECS: dict[str, DeviceSpec] = {"cpu": CPU, "h200": H200, "h100": H100}
 
 
 def device_spec_for(device_name: str) -> DeviceSpec:

@@ -1,0 +1,140 @@
+"""`mnemosyne simulate` and `mnemosyne plan`: arguments and entry points."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.errors import ConfigError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (config.json is enough)")
+    p.add_argument("--gpu", default="h200", help="h200, h100 (or cpu): the DeviceSpec of the roofline")
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    from mnemosyne.cli import add_policy_args
+
+    _add_model_args(p)
+    p.add_argument("--trace", required=True, help='JSONL: {"arrival_s", "prompt_len", "output_len"} per line')
+    p.add_argument("--out", required=True, help="result JSON (requests and summary)")
+    p.add_argument("--plot", default=None, help="PNG of TTFT and max TBT per request")
+    p.add_argument("--ttft-slo-s", type=float, default=None, help="TTFT SLO for the attainment figure")
+    d = EngineArgs()
+    g = p.add_argument_group("engine (as for `mnemosyne serve`)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=d.max_model_len,
+        help="default: the model's max_position_embeddings, raised to the trace's longest request",
+    )
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="per GPU (default: what is left)")
+    g.add_argument("--tp", type=int, default=1)
+    g.add_argument("--spp", type=int, default=1)
+    g.add_argument("--kvp", type=int, default=1)
+    g.add_argument("--max-tokens-per-kvp-group", type=int, default=None)
+    g.add_argument("--pipeline-depth", type=int, default=None, help="micro-batches in flight (default: spp)")
+    add_policy_args(p, d)
+
+
+def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
+    names = (
+        "max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs", "chunk_size",
+        "kv_cache_memory_gb", "tp", "spp", "kvp", "max_tokens_per_kvp_group", "pipeline_depth",
+        "chunk_policy", "scheduling_policy", "tbt_slo_ms", "latency_profile", "long_prefill_threshold",
+        "deadline_factor", "min_deadline_s", "chunk_granularity", "min_chunk_tokens",
+    )  # fmt: skip
+    return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from mnemosyne.simulator.engine import SimulatedEngine, run_trace
+    from mnemosyne.simulator.report import plot, summarize
+    from mnemosyne.simulator.setup import (
+        device_spec,
+        latency_model_for,
+        load_model_config,
+        simulated_engine_config,
+    )
+    from mnemosyne.simulator.trace import load_trace
+
+    spec = device_spec(ns.gpu)
+    trace = load_trace(ns.trace)
+    args = simulate_engine_args(ns)
+    if args.max_model_len is None:  # the model's limit, raised to the trace's longest request
+        longest = max(t.prompt_len + t.output_len for t in trace)
+        args = dataclasses.replace(
+            args, max_model_len=max(longest, load_model_config(ns.model).max_position_embeddings)
+        )
+    config = simulated_engine_config(ns.model, args, spec)
+    model, source = latency_model_for(config, spec)
+    engine = SimulatedEngine(config, model, source)
+    wall = time.perf_counter()
+    run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
+    result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
+    p = config.parallel
+    result["setup"] = {
+        "simulated": True,
+        "model": str(ns.model),
+        "gpu": spec.name,
+        "latency_model": source,
+        "layout": {"tp": p.tp, "spp": p.spp, "kvp": p.kvp, "pipeline_depth": p.max_inflight},
+        "max_tokens_per_kvp_group": config.cache.max_tokens_per_kvp_group,
+        "num_blocks_per_group": config.cache.num_blocks_per_group[0],
+        "chunk_policy": config.policy.chunk_policy.value,
+        "scheduling_policy": config.policy.scheduling_policy.value,
+        "command": "mnemosyne " + " ".join(sys.argv[1:]),
+    }
+    Path(ns.out).write_text(json.dumps(result, indent=1))
+    if ns.plot:
+        plot(result, ns.plot)
+    s = result["summary"]
+    print(
+        f"simulated {s['num_requests']} requests, {s['num_steps']} steps in "
+        f"{time.perf_counter() - wall:.1f} s: TTFT p50 {s['ttft_s']['p50']:.3f} s, "
+        f"TBT p99 {(s['tbt_s']['p99'] or 0) * 1e3:.1f} ms, SLO attainment {s['slo']['attainment']:.2%} -> {ns.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--num-gpus", type=int, required=True)
+    p.add_argument("--context-len", type=int, required=True, help="tokens of the one long request")
+    p.add_argument("--tbt-slo-ms", type=float, default=30.0)
+    p.add_argument("--ttft-slo-s", type=float, default=None)
+    p.add_argument("--block-size", type=int, default=EngineArgs().block_size)
+    p.add_argument("--latency-profile", default=None, help="measured profile (used for its own layout)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from mnemosyne.latency.profile_store import load_profile
+    from mnemosyne.simulator.planner import format_table, plan
+    from mnemosyne.simulator.setup import device_spec, load_model_config
+
+    if ns.tbt_slo_ms <= 0:
+        raise ConfigError(f"--tbt-slo-ms must be positive, got {ns.tbt_slo_ms}")
+    result = plan(
+        load_model_config(ns.model),
+        ns.num_gpus,
+        ns.context_len,
+        device_spec(ns.gpu),
+        ns.tbt_slo_ms / 1000.0,
+        ns.ttft_slo_s,
+        ns.block_size,
+        load_profile(ns.latency_profile) if ns.latency_profile else None,
+    )
+    print(json.dumps(result, indent=1) if ns.format == "json" else format_table(result))
+    return 0

@@ -1,0 +1,152 @@
+"""SimulatedEngine: the engine's own Scheduler, KVCacheManager and policies on a virtual clock.
+
+Nothing of the scheduling is re-implemented: `step` is `LLMEngine.step` with the executor
+replaced by the latency model and stage events (`pipeline.py`)::
+
+    while fewer than parallel.max_inflight micro-batches are in flight:
+        sched = scheduler.schedule()            (clock = virtual now; LARS and adaptive chunking
+        if empty: stop                           read it)
+        done  = pipeline.submit(now, step_time(composition of sched))
+    oldest in flight: now = max(now, its done); update_from_output
+
+With KVP the composition holds one sub-batch per group plus the merged query tokens
+(`engine/step_load.py`); the latency model charges the busiest group and the merge.
+Every sampled token is 0 and requests ignore EOS, so each stops at its output length.
+Prefix caching is off (a trace carries lengths, not contents).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.policies import make_policies
+from mnemosyne.engine.scheduler import Scheduler
+from mnemosyne.engine.scheduler_output import SchedulerOutput
+from mnemosyne.engine.step_load import step_composition
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.composition import StepComposition
+from mnemosyne.latency.model import LatencyModel
+from mnemosyne.request import Request
+from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.simulator.pipeline import StagePipeline
+from mnemosyne.simulator.trace import TraceRequest
+
+# Seconds a scheduled micro-batch takes to cross every stage (default: the latency model).
+StepTimer = Callable[[StepComposition], float]
+
+
+@dataclass
+class SimulatedRequest:
+    request_id: str
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    token_times_s: list[float] = field(default_factory=list)
+    finish_s: float | None = None
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One processed micro-batch: (request id, start, num_tokens) in schedule order."""
+
+    chunks: tuple[tuple[str, int, int], ...]
+    submit_s: float
+    done_s: float
+
+
+class SimulatedEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        latency_model: LatencyModel,
+        latency_source: str = "latency model",
+        step_timer: StepTimer | None = None,
+        record_steps: bool = False,
+    ) -> None:
+        self.config = config
+        self.now_s = 0.0
+        self.kv_manager = KVCacheManager(config.cache)
+        self.policies = make_policies(config, self.kv_manager, (latency_model, latency_source))
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.kv_manager,
+            self.policies.chunk_policy,
+            self.policies.priority,
+            clock=lambda: self.now_s,
+        )
+        self.step_timer: StepTimer = step_timer or latency_model.step_time_s
+        self.pipeline = StagePipeline(config.parallel.spp)
+        self.max_inflight = config.parallel.max_inflight
+        self.requests: dict[str, SimulatedRequest] = {}
+        self.steps: list[StepRecord] | None = [] if record_steps else None
+        self.num_steps = 0
+        self._inflight: deque[tuple[SchedulerOutput, float, float]] = deque()  # (sched, submit, done)
+        self._prompts: dict[int, list[int]] = {}  # one shared token list per prompt length
+
+    def add_request(
+        self, request_id: str, prompt_len: int, output_len: int, arrival_s: float | None = None
+    ) -> None:
+        arrival = self.now_s if arrival_s is None else arrival_s
+        prompt = self._prompts.setdefault(prompt_len, [0] * prompt_len)  # never mutated by the engine
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+        self.scheduler.add_request(Request(request_id, prompt, params, arrival_time=arrival))
+        self.requests[request_id] = SimulatedRequest(request_id, arrival, prompt_len, output_len)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._inflight)
+
+    def step(self) -> bool:
+        """One `LLMEngine.step`: fill the pipeline, finish the oldest micro-batch. False when
+        nothing was in flight or could be scheduled."""
+        while len(self._inflight) < self.max_inflight:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                break
+            duration_s = self.step_timer(step_composition(self.kv_manager, sched))
+            self._inflight.append((sched, self.now_s, self.pipeline.submit(self.now_s, duration_s)))
+        if not self._inflight:
+            return False
+        sched, submit_s, done_s = self._inflight.popleft()
+        self.now_s = max(self.now_s, done_s)
+        self._process(sched, submit_s)
+        return True
+
+    def _process(self, sched: SchedulerOutput, submit_s: float) -> None:
+        self.num_steps += 1
+        if self.steps is not None:
+            chunks = tuple((c.request.request_id, c.start, c.num_tokens) for c in sched.chunks)
+            self.steps.append(StepRecord(chunks, submit_s, self.now_s))
+        sampled = {c.request.request_id: 0 for c in sched.chunks if c.sample}
+        update = self.scheduler.update_from_output(sched, sampled)
+        for chunk in update.applied:
+            if chunk.sample:
+                self.requests[chunk.request.request_id].token_times_s.append(self.now_s)
+        for req in update.finished:
+            sim = self.requests[req.request_id]
+            sim.finish_s = self.now_s
+            sim.num_preemptions = req.num_preemptions
+
+
+def run_trace(engine: SimulatedEngine, trace: list[TraceRequest]) -> None:
+    """Feed the trace at its arrival times and step until all finish. Request i of the trace is
+    "req-i"; equal arrivals are added in trace order."""
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)
+    k, n = 0, len(order)
+    while k < n or engine.has_work():
+        while k < n and trace[order[k]].arrival_s <= engine.now_s:
+            t = trace[order[k]]
+            engine.add_request(f"req-{order[k]}", t.prompt_len, t.output_len, t.arrival_s)
+            k += 1
+        if engine.step():
+            continue
+        if k < n:  # idle: jump to the next arrival
+            engine.now_s = max(engine.now_s, trace[order[k]].arrival_s)
+            continue
+        raise RuntimeError(
+            f"simulation stuck at {engine.now_s:.3f} s: {engine.scheduler.num_waiting} waiting requests "
+            "cannot be scheduled and nothing is in flight"
+        )

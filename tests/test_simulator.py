@@ -1,0 +1,224 @@
+"""`mnemosyne simulate` and `mnemosyne plan` on CPU, from config.json files alone.
+
+  * simulate is deterministic (same trace, same bytes) and a trace runs through 2x2 layouts
+    with requests spanning KVP groups;
+  * stage events: spp micro-batches overlap, results come back in order;
+  * plan gives every field on the Llama-3-8B shape (1M tokens, 8 GPUs) and the
+    Llama-3.2-1B shape (10M tokens, 4 GPUs).
+The schedule-equals-the-real-engine check (worker processes) is in test_simulator_replay.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mnemosyne.cli import main
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.latency.fitted import GROUP_FEATURES, STEP_FEATURES, FittedLatencyModel
+from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey, save_profile
+from mnemosyne.latency.shape import Layout, ModelShape
+from mnemosyne.simulator.engine import SimulatedEngine, run_trace
+from mnemosyne.simulator.pipeline import StagePipeline
+from mnemosyne.simulator.planner import plan_layout
+from mnemosyne.simulator.setup import (
+    device_spec,
+    latency_model_for,
+    load_model_config,
+    simulated_engine_config,
+)
+from mnemosyne.simulator.trace import TraceRequest
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "bos_token_id": 128000, "eos_token_id": 128009, "torch_dtype": "bfloat16",
+}  # fmt: skip
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "bos_token_id": 128000, "eos_token_id": 128009, "torch_dtype": "bfloat16",
+}  # fmt: skip
+PLAN_FIELDS = {
+    "tp",
+    "spp",
+    "kvp",
+    "max_tokens_per_kvp_group",
+    "fits",
+    "kv_gib_per_gpu",
+    "ttft_s",
+    "tbt_s",
+    "meets_slo",
+}
+
+
+def write_config(root: Path, name: str, cfg: dict) -> Path:
+    d = root / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def write_trace(path: Path) -> Path:
+    lines = [
+        {"arrival_s": 0.0, "prompt_len": 3000, "output_len": 20},
+        {"arrival_s": 0.01, "prompt_len": 700, "output_len": 40},
+        {"arrival_s": 0.02, "prompt_len": 12000, "output_len": 8},  # spans both KVP groups of 8192
+        {"arrival_s": 0.3, "prompt_len": 100, "output_len": 30},
+        {"arrival_s": 0.3, "prompt_len": 5000, "output_len": 5},
+        {"arrival_s": 2.0, "prompt_len": 64, "output_len": 3},  # after an idle gap
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_1b(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("shapes"), "llama32_1b", LLAMA32_1B)
+
+
+def simulate(model: Path, trace: Path, out: Path, *extra: str) -> dict:
+    rc = main(["simulate", "--model", str(model), "--trace", str(trace), "--out", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+LAYOUT_2X2 = ("--tp", "2", "--kvp", "2", "--spp", "2", "--max-tokens-per-kvp-group", "8192")
+POLICY = ("--chunk-policy", "adaptive", "--scheduling-policy", "lars", "--tbt-slo-ms", "20")
+
+
+def test_simulate_is_deterministic_and_runs_2x2(model_1b, tmp_path):
+    trace = write_trace(tmp_path / "trace.jsonl")
+    a = simulate(
+        model_1b, trace, tmp_path / "a.json", *LAYOUT_2X2, *POLICY, "--plot", str(tmp_path / "a.png")
+    )
+    b = simulate(model_1b, trace, tmp_path / "b.json", *LAYOUT_2X2, *POLICY)
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    assert (tmp_path / "a.png").stat().st_size > 0
+    assert a["setup"]["simulated"] and a["setup"]["layout"]["kvp"] == 2
+    rows = a["requests"]
+    assert len(rows) == 6 and b["summary"]["num_requests"] == 6
+    for row in rows:
+        assert set(row) >= {"id", "arrival_s", "ttft_s", "tbt_p50_s", "tbt_max_s", "e2e_s"}
+        assert 0 < row["ttft_s"] <= row["e2e_s"]
+    assert rows[5]["arrival_s"] == 2.0 and rows[5]["ttft_s"] < 0.5  # the idle gap was skipped
+    s = a["summary"]
+    assert s["num_steps"] > 0 and s["throughput"]["output_tokens_per_s"] > 0
+    assert s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] <= s["ttft_s"]["max"]
+    assert 0 <= s["slo"]["attainment"] <= 1
+
+
+def test_layouts_change_the_prediction(model_1b, tmp_path):
+    """Longer prompts take longer; more stages bring the long prefill's TTFT down."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"arrival_s": 0.0, "prompt_len": 60000, "output_len": 2}) + "\n")
+    one = simulate(model_1b, trace, tmp_path / "1.json", "--chunk-size", "2048")
+    spp4 = simulate(model_1b, trace, tmp_path / "4.json", "--chunk-size", "2048", "--spp", "4")
+    assert spp4["requests"][0]["ttft_s"] < 0.5 * one["requests"][0]["ttft_s"]
+
+
+def test_stage_pipeline_overlaps_micro_batches():
+    pipe = StagePipeline(2)
+    assert pipe.submit(0.0, 2.0) == 2.0  # stage 0: [0, 1), stage 1: [1, 2)
+    assert pipe.submit(0.0, 2.0) == 3.0  # enters stage 0 at 1, stage 1 at 2
+    assert pipe.submit(5.0, 4.0) == 9.0  # an idle pipeline: the whole step time
+
+
+def test_bad_trace_names_the_line(model_1b, tmp_path, capsys):
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text(
+        '{"arrival_s": 0, "prompt_len": 5, "output_len": 1}\n{"arrival_s": 1, "prompt_len": 5}\n'
+    )
+    rc = main(
+        ["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "o.json")]
+    )
+    assert rc == 2 and "bad.jsonl:2" in capsys.readouterr().err
+
+
+def plan_json(model: Path, *args: str, capsys) -> dict:
+    assert main(["plan", "--model", str(model), "--format", "json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_llama3_8b_1m_on_8_gpus(tmp_path, capsys):
+    model = write_config(tmp_path, "llama3_8b", LLAMA3_8B)
+    result = plan_json(model, "--num-gpus", "8", "--context-len", "1000000", capsys=capsys)
+    layouts = result["layouts"]
+    assert all(PLAN_FIELDS <= set(p) for p in layouts)
+    assert all(p["tp"] * p["spp"] * p["kvp"] <= 8 and p["tp"] in (1, 2, 4, 8) for p in layouts)
+    by = {(p["tp"], p["spp"], p["kvp"]): p for p in layouts}
+    # 1M tokens x 128 KiB (bf16, 32 layers x 8 KV heads x 128) = 122 GiB: not with the weights on one H200
+    assert not by[1, 1, 1]["fits"] and by[1, 1, 1]["kv_gib_per_gpu"] == pytest.approx(1e6 * 131072 / 2**30)
+    assert by[1, 1, 8]["max_tokens_per_kvp_group"] == 125008  # 1M / 8 rounded up to blocks of 16
+    assert by[8, 1, 1]["kv_gib_per_gpu"] == pytest.approx(1e6 * 131072 / 8 / 2**30)
+    assert by[1, 1, 8]["tbt_s"] < by[1, 1, 1]["tbt_s"]  # KVP splits the decode's KV reads
+    assert by[1, 8, 1]["ttft_s"] < by[1, 1, 1]["ttft_s"]  # SPP pipelines the prefill
+    best = result["best"]
+    assert best["meets_slo"] and best["reason"] and PLAN_FIELDS <= set(best)
+    assert main(["plan", "--model", str(model), "--num-gpus", "8", "--context-len", "1000000"]) == 0
+    assert "best: tp=" in capsys.readouterr().out
+
+
+def test_plan_llama32_1b_10m_on_4_gpus(model_1b, capsys):
+    result = plan_json(model_1b, "--num-gpus", "4", "--context-len", "10000000", capsys=capsys)
+    assert result["gpu"] == "NVIDIA H200"
+    by = {(p["tp"], p["spp"], p["kvp"]): p for p in result["layouts"]}
+    # 10M x 32 KiB = 305 GiB of KV: it fits only spread over all 4 GPUs (76 GiB each)
+    assert all(PLAN_FIELDS <= set(p) for p in result["layouts"])
+    assert not by[1, 1, 1]["fits"] and not by[1, 1, 2]["fits"] and not by[2, 1, 1]["fits"]
+    assert by[1, 1, 4]["fits"] and by[1, 1, 4]["max_tokens_per_kvp_group"] == 2500000
+    assert by[1, 2, 2]["fits"] and by[4, 1, 1]["fits"]
+    assert result["best"]["num_gpus"] == 4 and result["best"]["reason"]
+    h100 = plan_json(model_1b, "--num-gpus", "4", "--context-len", "10000000", "--gpu", "h100", capsys=capsys)
+    assert h100["gpu"] == "NVIDIA H100" and not any(
+        p["fits"] for p in h100["layouts"]
+    )  # 76 GiB > 80 GB x 0.9
+    assert "tp" not in h100["best"] and "no layout fits" in h100["best"]["reason"]
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 2, 2), (1, 4, 1)])
+def test_plan_ttft_matches_simulating_the_prompt(model_1b, layout):
+    """The planner's closed form (prefill table / spp + pipeline fill) against the real scheduler
+    with adaptive chunks running the L-token prompt alone."""
+    tp, spp, kvp = layout
+    context_len, spec = 100_000, device_spec("h200")
+    planned = plan_layout(load_model_config(model_1b), Layout(tp, spp, kvp), context_len, spec, 0.02, None)
+    args = EngineArgs(
+        model=str(model_1b), tp=tp, spp=spp, kvp=kvp, max_model_len=context_len,
+        max_tokens_per_kvp_group=planned.max_tokens_per_kvp_group if kvp > 1 else None,
+        chunk_policy="adaptive", tbt_slo_ms=20, max_num_batched_tokens=8192, enable_prefix_caching=False,
+    )  # fmt: skip
+    config = simulated_engine_config(model_1b, args, spec)
+    engine = SimulatedEngine(config, *latency_model_for(config, spec))
+    run_trace(engine, [TraceRequest(0.0, context_len - 2, 2)])
+    simulated_ttft = engine.requests["req-0"].token_times_s[0]
+    assert planned.ttft_s == pytest.approx(simulated_ttft, rel=0.02)
+
+
+def test_simulate_with_a_measured_profile(model_1b, tmp_path, capsys):
+    layout = Layout(1, 2, 1)
+    coef = {"one": 2e-3, "tokens": 1e-6, "prefix_pairs": 1e-11, "decode_kv_tokens": 1e-9}
+    model = FittedLatencyModel(
+        layout, 256, tuple(coef.get(f, 0.0) for f in GROUP_FEATURES), tuple(0.0 for _ in STEP_FEATURES)
+    )
+    key = ProfileKey(
+        "NVIDIA H200", ModelShape.from_model_config(load_model_config(model_1b)), layout, "bfloat16"
+    )
+    path = tmp_path / "profile.json"
+    save_profile(LatencyProfile(key, model, {}), path)
+    trace = write_trace(tmp_path / "trace.jsonl")
+    out = simulate(model_1b, trace, tmp_path / "p.json", "--spp", "2", "--latency-profile", str(path))
+    assert out["setup"]["latency_model"] == str(path)
+    # one decode alone: 2 ms + 1 us + its keys at 1 ns: the last request's gaps
+    assert out["requests"][5]["tbt_max_s"] == pytest.approx(2e-3 + 1e-6 + 65e-9, rel=0.05)
+    rc = main(["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "q.json"),
+               "--latency-profile", str(path)])  # fmt: skip
+    assert rc == 2 and "measured for" in capsys.readouterr().err
