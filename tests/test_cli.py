@@ -155,8 +155,10 @@ def test_startup_summary(chat_model: Path) -> None:
     assert lines["KV capacity"] == f"{blocks * 8:,} tokens" and lines["block size"] == "8 tokens"
     assert lines["layout"].startswith("tp 1 x spp 1 x kvp 1") and "1,024" in lines["max_model_len"]
     assert "repetition_penalty=0.3" in lines["sampling defaults"] and "1.5 s" in lines["start-up"]
-    for name in ("model", "devices", "chunk policy", "scheduling", "latency profile", "prefix caching"):
+    for name in ("model", "devices", "chunk policy", "scheduling", "latency model", "prefix caching"):
         assert name in text
+    assert lines["prefix caching"] == ("on" if engine.config.cache.enable_prefix_caching else "off")
+    assert lines["latency model"].startswith(engine.policies.latency_source)
 
 
 def test_bench_latency_and_long_context_without_gpu(chat_model: Path, tmp_path: Path, capsys) -> None:

@@ -78,8 +78,8 @@ def engine_summary(
             "scheduling",
             f"{_describe(engine.scheduler.priority)}, at most {sched.max_num_seqs} requests per step",
         ),
-        ("latency profile", "none (fixed chunk size)"),
-        ("prefix caching", "off (not implemented)"),
+        ("latency model", f"{engine.policies.latency_source} (TBT target {cfg.policy.tbt_slo_s * 1e3:g} ms)"),
+        ("prefix caching", "on" if cfg.cache.enable_prefix_caching else "off"),
         ("sampling defaults", _sampling_defaults(engine)),
     ]
     if startup_s is not None:
