@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -38,6 +39,10 @@ from pathlib import Path
 
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter (set before any kernel is imported,
+# as tests/conftest.py does; worker processes inherit it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import COMMON, build_tiny_model, load_hf  # noqa: E402
