@@ -46,7 +46,7 @@ def _ids(rng: random.Random, n: int) -> list[int]:
 
 def multi_turn(model_dir: Path, doc_tokens: int, num_turns: int, turn_tokens: int, chunk: int) -> dict:
     from mnemosyne import SamplingParams
-    from mnemosyne.bench.long_context.engine import chunk_floor_s, ttft_floor_s
+    from mnemosyne.bench.long_context.engine import chunk_floor_s, run_to_completion, ttft_floor_s
     from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
 
@@ -60,14 +60,7 @@ def multi_turn(model_dir: Path, doc_tokens: int, num_turns: int, turn_tokens: in
     rng = random.Random(0)
 
     def run(prompt: list[int]):
-        rid = engine.add_request(prompt, params)
-        out = None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.request_id == rid:
-                    out = o
-        assert out is not None and out.finished
-        return out
+        return run_to_completion(engine, prompt, params)
 
     # Warm-up (not measured): Triton JIT, cuDNN plans, decode graphs; a cold prefill and a
     # chunk after a cached prefix, on tokens the measured document never shares.

@@ -70,6 +70,18 @@ def _meta(query_len: int, prefix: int, block_size: int) -> AttentionMetadata:
     )
 
 
+def run_to_completion(engine, prompt: list[int], params):  # -> RequestOutput
+    """Add one request to an idle engine and step until it finishes; its final output."""
+    rid = engine.add_request(prompt, params)
+    out = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id == rid:
+                out = o
+    assert out is not None and out.finished
+    return out
+
+
 def _median_s(fn, iters: int) -> float:
     fn()
     times = []
@@ -107,13 +119,7 @@ def run(model_dir: Path, chunk: int, e2e: list[int], num_decode: int, kv_fractio
     res["e2e"] = []
     for ctx in e2e:
         params = SamplingParams(temperature=0, max_tokens=num_decode + 1, ignore_eos=True)
-        rid = engine.add_request(random_prompt(ctx), params)
-        out = None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.request_id == rid:
-                    out = o
-        assert out is not None and out.finished
+        out = run_to_completion(engine, random_prompt(ctx), params)
         gaps = [b - a for a, b in zip(out.timing.token_times, out.timing.token_times[1:], strict=False)]
         entry = {
             "ctx": ctx, "ttft_s": out.timing.ttft, "tbt_median_s": statistics.median(gaps),
