@@ -19,6 +19,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.mixed_long_short import scheduling_engine_args
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 
 
@@ -62,15 +63,11 @@ def main() -> None:
     ap.add_argument("--plot", action="store_true")
     ns = ap.parse_args()
 
-    from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
     from mnemosyne.profiling.profiler import library_versions, measure_all, synthetic_setup
 
     model_dir = ns.model_dir or write_model_dir(ns.shape, Path(tempfile.mkdtemp()))
-    args = EngineArgs(
-        model=str(model_dir), load_format="dummy", dtype=ns.dtype, device=ns.device, max_num_batched_tokens=8192 + 256,
-        max_num_seqs=256, kv_cache_memory_fraction=ns.kv_fraction, latency_profile=ns.profile, kv_cache_memory_gb=ns.kv_cache_gb,
-    )  # fmt: skip
+    args = scheduling_engine_args(model_dir, ns, kv_cache_memory_gb=ns.kv_cache_gb)
     engine = LLMEngine.from_args(args)
     model, source = engine.policies.latency_model, engine.policies.latency_source
     key, roofline, planner, capacity = synthetic_setup(engine)

@@ -48,6 +48,18 @@ def pcts(xs: list[float]) -> dict:
             "max_ms": 1e3 * s[-1], "mean_ms": 1e3 * statistics.fmean(s)}  # fmt: skip
 
 
+def scheduling_engine_args(model_dir: Path, ns: argparse.Namespace, **overrides):  # -> EngineArgs
+    """The engine this benchmark and `latency_validation` both measure (dummy weights, one
+    device, a step budget of 8192 + 256 tokens): the same setup, so the same profile key."""
+    from mnemosyne.engine.args import EngineArgs
+
+    return EngineArgs(
+        model=str(model_dir), load_format="dummy", dtype=ns.dtype, device=ns.device,
+        max_num_batched_tokens=8192 + 256, max_num_seqs=256, kv_cache_memory_fraction=ns.kv_fraction,
+        latency_profile=ns.profile, **overrides,
+    )  # fmt: skip
+
+
 def use_policies(engine, cfg: dict, tbt_slo_ms: float) -> None:
     """Swap the engine's chunk and priority policies (the engine must be idle)."""
     from mnemosyne.config import ChunkPolicyKind, SchedulingPolicyKind
@@ -136,17 +148,14 @@ def main() -> None:
     ap.add_argument("--plot", action="store_true")
     ns = ap.parse_args()
 
-    from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
     from mnemosyne.latency.profile_store import profiles_dir, save_profile
     from mnemosyne.models.default_model import cache_dir
     from mnemosyne.profiling.profiler import GridKind, library_versions, profile_engine
 
     model_dir = ns.model_dir or write_model_dir(ns.shape, Path(tempfile.mkdtemp()))
-    args = EngineArgs(
-        model=str(model_dir), load_format="dummy", dtype=ns.dtype, device=ns.device, max_num_batched_tokens=8192 + 256,
-        max_num_seqs=256, kv_cache_memory_fraction=ns.kv_fraction, latency_profile=ns.profile,
-        chunk_policy="adaptive", tbt_slo_ms=ns.tbt_slo_ms,
+    args = scheduling_engine_args(
+        model_dir, ns, chunk_policy="adaptive", tbt_slo_ms=ns.tbt_slo_ms,
         enable_prefix_caching=False,  # every configuration prefills the same prompts from scratch
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
