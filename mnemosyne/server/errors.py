@@ -3,7 +3,7 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
 Every exception a handler can raise maps to exactly one status here; nothing a client
-sends can reach the engine thread as an unhandled exception.
+sends can reach the engine core as an unhandled exception.
 """
 
 from __future__ import annotations
