@@ -86,7 +86,9 @@ def test_synthetic_prefill_with_true_kv_is_exact(tiny_model_dir) -> None:
         out = next((o for o in engine.step() if o.request_id == "synthetic"), out)
     first, rest = out.token_ids[0], out.token_ids[1:]
 
-    reference = engine.add_request([*prompt, first], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    reference = engine.add_request(
+        [*prompt, first], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    )
     ref = None
     while engine.has_unfinished_requests():
         ref = next((o for o in engine.step() if o.request_id == reference), ref)

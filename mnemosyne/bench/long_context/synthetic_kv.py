@@ -98,7 +98,9 @@ def fill_synthetic_kv(kv_caches: list[KVCache], block_ids: Iterable[int], seed: 
         for cache in layer:  # [num_blocks, block_size, num_kv_heads, head_dim]
             for lo in range(0, len(ids), _FILL_BLOCKS):
                 idx = ids[lo : lo + _FILL_BLOCKS]
-                values = torch.randn((len(idx), *cache.shape[1:]), generator=gen, device=device, dtype=cache.dtype)
+                values = torch.randn(
+                    (len(idx), *cache.shape[1:]), generator=gen, device=device, dtype=cache.dtype
+                )
                 cache.index_copy_(0, idx, values)
                 written += values.numel() * values.element_size()
     return written
