@@ -58,11 +58,12 @@ def random_prompt(n: int, seed: int = 0, max_id: int = 128000) -> list[int]:
 
 
 def decode_contexts(capacity: int, max_model_len: int, chunk: int, block_size: int) -> list[int]:
-    """Contexts L of the decode sweep: powers of two from 32K, 768K, and the largest one
-    that both the KV cache (a chunk and a block spare) and max_model_len (the decode's
+    """Contexts L of the decode sweep: powers of two from 32K to 2M, 768K, 3M, and the largest
+    one that both the KV cache (a chunk and a block spare) and max_model_len (the decode's
     query at position L is token L + 1) allow."""
     top = min(capacity - chunk - block_size, max_model_len - 1)
-    return sorted({c for c in (1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 786432, top) if 0 < c <= top})
+    powers = [1 << k for k in range(15, 22)]
+    return sorted({c for c in (*powers, 786432, 3 << 20, top) if 0 < c <= top})
 
 
 def synthetic_meta(query_len: int, prefix: int, block_size: int, device: str = "cuda") -> AttentionMetadata:
