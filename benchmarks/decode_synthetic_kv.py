@@ -136,23 +136,29 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def decode_phase(engine: LLMEngine, timer: ForwardTimer, long_id: str, ns: argparse.Namespace) -> dict:
+def _gaps(token_times: list[float], n: int) -> list[float]:
+    """The last n gaps between consecutive token times."""
+    t = token_times[-n - 1 :]
+    return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+
+def decode_phase(
+    engine: LLMEngine, timer: ForwardTimer, long_id: str, short_id: str | None, ns: argparse.Namespace
+) -> dict:
     """Warm-up, then --steps steps; every running request must be decoding."""
     for _ in range(ns.warmup):
         engine.step()
     timer.take_s()
-    times: list[float] = []
+    times: dict[str, list[float]] = {}
     walls: list[float] = []
     for _ in range(ns.steps):
         t0 = time.perf_counter()
         outs = engine.step()
         walls.append(time.perf_counter() - t0)
-        for o in outs:
-            if o.request_id == long_id:
-                times = o.timing.token_times
+        times |= {o.request_id: o.timing.token_times for o in outs}
         if any(o.finished for o in outs):
             raise RuntimeError("a request finished during the measurement: raise max_tokens")
-    gaps = [b - a for a, b in zip(times[-ns.steps - 1 :], times[-ns.steps :], strict=False)]
+    gaps = _gaps(times[long_id], ns.steps)
     fwd = timer.take_s()
     res = {
         "num_decodes": engine.scheduler.num_running,
@@ -160,6 +166,9 @@ def decode_phase(engine: LLMEngine, timer: ForwardTimer, long_id: str, ns: argpa
         "step_wall_p50_s": statistics.median(walls),
         "cuda_graph_steps": len(fwd),
     }  # fmt: skip
+    if short_id is not None:
+        short_gaps = _gaps(times[short_id], ns.steps)
+        res |= {"short_tbt_p50_s": statistics.median(short_gaps), "short_tbt_p99_s": _pct(short_gaps, 0.99)}
     if fwd:
         res["forward_gpu_p50_s"] = statistics.median(fwd)
         res["host_p50_s"] = res["tbt_p50_s"] - res["forward_gpu_p50_s"]
@@ -173,6 +182,7 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
     ex.synthetic_ids.add(long_id)
     params = SamplingParams(temperature=0, max_tokens=_long_max_tokens(ns), ignore_eos=True)
     t0 = time.perf_counter()
+    skipped_before = ex.num_skipped_tokens
     engine.add_request([1] * ctx, params, request_id=long_id)
     req = engine.scheduler.get_request(long_id)
     num_prefill_steps = 0
@@ -188,12 +198,13 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
     entry = {
         "ctx": ctx, "kv_synthetic": True, "num_blocks": len(blocks),
         "synthetic_prefill_steps": num_prefill_steps, "synthetic_prefill_s": t_prefill,
+        "prefill_tokens_skipped": ex.num_skipped_tokens - skipped_before,
         "fill_s": time.perf_counter() - t0, "fill_bytes": written,
         "floor_s": decode_floor_s(cfg, ctx), "kv_bytes_read": ctx * cfg.kv_bytes_per_token,
     }  # fmt: skip
-    entry["alone"] = decode_phase(engine, timer, long_id, ns)
+    entry["alone"] = decode_phase(engine, timer, long_id, None, ns)
     entry["alone"]["ratio_to_floor"] = entry["alone"]["tbt_p50_s"] / entry["floor_s"]
-    print({k: v for k, v in entry.items()}, flush=True)
+    print(entry, flush=True)
     short_ids = []
     if ns.num_short:
         vocab = cfg.vocab_size
@@ -202,7 +213,7 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
             short_ids.append(engine.add_request(prompt, params, request_id=f"short-{ctx}-{i}"))
         while any(engine.scheduler.get_request(r).is_prefill for r in short_ids):
             engine.step()
-        with_short = decode_phase(engine, timer, long_id, ns)
+        with_short = decode_phase(engine, timer, long_id, short_ids[0], ns)
         short_ctx = ns.short_prompt + ns.warmup
         floor = (cfg.weight_bytes + (ctx + ns.num_short * short_ctx) * cfg.kv_bytes_per_token) / COPY_BPS
         with_short["floor_s"] = floor

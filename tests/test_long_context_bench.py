@@ -108,4 +108,5 @@ def test_decode_synthetic_kv_cpu_smoke(tmp_path) -> None:
     for r in res["results"]:
         assert r["kv_synthetic"] and r["num_blocks"] == -(-r["ctx"] // 16)
         assert r["alone"]["num_decodes"] == 1 and r["with_short"]["num_decodes"] == 3
-        assert r["alone"]["tbt_p50_s"] > 0 and r["floor_s"] > 0
+        assert r["alone"]["tbt_p50_s"] > 0 and r["floor_s"] > 0 and r["with_short"]["short_tbt_p50_s"] > 0
+        assert r["prefill_tokens_skipped"] == r["ctx"] - r["synthetic_prefill_steps"]  # one token per chunk
