@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from mnemosyne.bench.long_context.engine import COPY_BPS, chunk_floor_s
-from mnemosyne.bench.long_context.run import _device, write_model_dir
+from mnemosyne.bench.long_context.run import device_info, write_model_dir
 
 CHUNKS = (16, 32, 64, 128, 256, 512, 2048)
 PREFIXES = {"8b": (1 << 17, 1 << 19, 900_000), "1b": (1 << 17, 1 << 20, 3_000_000)}
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         ns.part_out.write_text(json.dumps(res, indent=1))
         return 0
     result: dict = {
-        "benchmark": "chunk_sweep", "date": datetime.date.today().isoformat(), "device": _device(),
+        "benchmark": "chunk_sweep", "date": datetime.date.today().isoformat(), "device": device_info(),
         "command": "python -m benchmarks.chunk_sweep " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "floors": {"copy_TBps": 4.2, "matmul_TFLOPs": 800, "attention_TFLOPs": 590},
     }  # fmt: skip
