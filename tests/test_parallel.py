@@ -160,7 +160,7 @@ def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
     # Each request also carries logits processors that read its earlier tokens, kept on the
-    # sampling ranks while its KV moves between KVP groups and is recomputed after preemption.
+    # reporting ranks while its KV moves between KVP groups and is recomputed after preemption.
     processors = [
         dict(repetition_penalty=1.5),
         dict(frequency_penalty=0.7, presence_penalty=0.4),

@@ -12,7 +12,7 @@ ids every step::
     plan k:   freed_kv ──> drop the mirror of preempted / finished requests
               finished ──> forget their sampling parameters too
               new_requests ──> remember sampling parameters (every rank) and, for penalties,
-                               the prompt (the sampling ranks keep a TokenHistory fed by chunks)
+                               the prompt (the reporting ranks keep a TokenHistory fed by chunks)
               chunks[i].pieces[j] ──> group j' blocks: mirror[num_known_blocks:] = new_block_ids
 
     Every rank applies plan k's updates when it starts plan k, in plan order, so a

@@ -114,7 +114,7 @@ class ProcessGroups:
         return self.coords.spp_rank == self.parallel.spp - 1
 
     @property
-    def is_driver_peer(self) -> bool:
+    def is_reporting_rank(self) -> bool:
         """True on the rank that reports sampled tokens for its KVP group (last stage, tp 0)."""
         return self.is_last_stage and self.coords.tp_rank == 0
 

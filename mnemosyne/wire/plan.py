@@ -17,7 +17,7 @@ from mnemosyne.sampling_params import SamplingParams
 class NewRequest:
     request_id: str
     sampling_params: SamplingParams
-    # What the sampling rank's logits processors need beyond the chunks' own token ids
+    # What the reporting rank's logits processors need beyond the chunks' own token ids
     # (layers/logits_processors.py): set only when sampling_params.needs_history.
     num_prompt_tokens: int = 0
     prompt_token_ids: tuple[int, ...] = ()  # only with a repetition penalty

@@ -100,7 +100,7 @@ class Worker:
             self.mirror.drop(rid)
         for new in plan.new_requests:
             self.params[new.request_id] = new.sampling_params
-            if self.pg.is_driver_peer and new.sampling_params.needs_history:
+            if self.pg.is_reporting_rank and new.sampling_params.needs_history:
                 self.histories[new.request_id] = TokenHistory(
                     new.num_prompt_tokens, new.prompt_token_ids, new.min_tokens_banned_ids
                 )
@@ -110,7 +110,7 @@ class Worker:
                 if history is not None:
                     history.observe(chunk.start, chunk.token_ids)
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
-        result = StepResult(plan.step_id) if self.pg.is_driver_peer else None
+        result = StepResult(plan.step_id) if self.pg.is_reporting_rank else None
         if batch.num_tokens == 0:
             self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
             return result  # the reporting rank's empty result; None elsewhere
