@@ -148,8 +148,8 @@ class Worker:
         assert self.pg.prev_stage_rank is not None
         h = self.config.model.hidden_size
         _, size = self._hidden_slice()
-        src, group = self.pg.prev_stage_rank, self.pg.prev_stage_group
-        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, src, group)
+        src, process_group = self.pg.prev_stage_rank, self.pg.prev_stage_group
+        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, src, process_group)
         if size == h:
             return part  # the whole hidden state was sent (hidden_size % tp != 0)
         if num_tokens == 0:
