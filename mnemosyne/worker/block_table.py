@@ -7,7 +7,7 @@ block ids appended since the last plan (`PieceSpec.new_block_ids`). On group g::
     worker:   mirror[r] = MirroredPiece(token_start=S, block_ids=[b0 b1 ... bn])
 
     key at global position t (S <= t < token_end) sits in slot
-        block_ids[(t - S) // B] * B + (t - S) % B          (B = block_size)
+        block_ids[(t - S) // B] * B + (t - S) % B          (B = block_size; `kv_cache.pieces.slot_of`)
 
 The ids live twice: a Python list (slots, leading runs) and an int32 tensor on the
 worker's device, grown by capacity doubling, to which each plan copies only its new
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
+from mnemosyne.kv_cache.pieces import slot_of
 from mnemosyne.layers.attention.metadata import leading_run
 from mnemosyne.wire.plan import PieceSpec
 
@@ -44,8 +45,7 @@ class MirroredPiece:
     _array: torch.Tensor | None = None
 
     def slot(self, pos: int, block_size: int) -> int:
-        off = pos - self.token_start
-        return self.block_ids[off // block_size] * block_size + off % block_size
+        return slot_of(self.block_ids, self.token_start, pos, block_size)
 
     def append(self, new_ids: list[int]) -> None:
         n0, n1 = len(self.block_ids), len(self.block_ids) + len(new_ids)
