@@ -299,3 +299,11 @@ def test_engine_config_of_a_layout(tiny_model_dir):
     assert cfg.cache.num_blocks_per_group == (num_blocks,) * 3
     assert cfg.cache.max_tokens_per_kvp_group == num_blocks * 4
     assert cfg.parallel.world_size == 12 and cfg.parallel.max_inflight == 2
+
+    # One KVP count: a cache with a pool per group disagreeing with the layout is refused.
+    import dataclasses
+
+    from mnemosyne.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="2 group pools, the layout kvp=3"):
+        dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, num_blocks_per_group=(num_blocks,) * 2))
