@@ -17,9 +17,9 @@ import itertools
 from dataclasses import dataclass
 
 from mnemosyne.engine.step_load import add_chunk, chunk_spans
-from mnemosyne.engine.step_plan import ChunkPlan, NewRequest, PieceSpec, StepPlan
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.wire.plan import ChunkPlan, NewRequest, PiecePlan, StepPlan
 
 _GREEDY = SamplingParams(temperature=0, max_tokens=1)
 
@@ -83,7 +83,7 @@ class SyntheticPlanner:
         retired, self._live = self._live, ()
         return StepPlan(next(self._step_ids), (), (), freed_kv=retired, finished=retired)
 
-    def _pieces(self, end: int) -> tuple[PieceSpec, ...]:
+    def _pieces(self, end: int) -> tuple[PiecePlan, ...]:
         t = self.max_tokens_per_group or end
         pieces = []
         for j, lo in enumerate(range(0, end, t)):
@@ -97,5 +97,5 @@ class SyntheticPlanner:
                 )
             first = self._cursor[g] if self._cursor[g] + n <= pool else 0
             self._cursor[g] = first + n
-            pieces.append(PieceSpec(g, lo, hi, 0, tuple(range(first, first + n))))
+            pieces.append(PiecePlan(g, lo, hi, 0, tuple(range(first, first + n))))
         return tuple(pieces)

@@ -25,7 +25,7 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
-class PieceSpec:
+class PiecePlan:
     group: int  # KVP group holding keys [token_start, token_end)
     token_start: int
     token_end: int  # reserved slots end when the plan was built
@@ -40,7 +40,7 @@ class ChunkPlan:
     num_tokens: int
     sample: bool
     token_ids: tuple[int, ...]  # tokens [start, end)
-    pieces: tuple[PieceSpec, ...]  # oldest first; the last one owns [start, end)
+    pieces: tuple[PiecePlan, ...]  # oldest first; the last one owns [start, end)
     prompt_logprob_start: int  # positions [start', start' + len(targets)) are scored
     prompt_logprob_targets: tuple[int, ...]  # target of position p is prompt token p + 1
 

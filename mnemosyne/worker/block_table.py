@@ -1,7 +1,7 @@
 """A worker's mirror of the block tables of the requests that hold KV on its KVP group.
 
 The driver's `KVCacheManager` is the source of truth; each plan carries only the
-block ids appended since the last plan (`PieceSpec.new_block_ids`). On group g::
+block ids appended since the last plan (`PiecePlan.new_block_ids`). On group g::
 
     driver:   request r, piece on group g:  token_start = S, block_ids = [b0 b1 ... bn]
     worker:   mirror[r] = MirroredPiece(token_start=S, block_ids=[b0 b1 ... bn])
@@ -29,7 +29,7 @@ import torch
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
 from mnemosyne.kv_cache.pieces import slot_of
 from mnemosyne.layers.attention.metadata import leading_run
-from mnemosyne.wire.plan import PieceSpec
+from mnemosyne.wire.plan import PiecePlan
 
 _CPU = torch.device("cpu")
 
@@ -78,7 +78,7 @@ class BlockTableMirror:
     def drop(self, request_id: str) -> None:
         self._pieces.pop(request_id, None)
 
-    def update(self, request_id: str, spec: PieceSpec) -> MirroredPiece:
+    def update(self, request_id: str, spec: PiecePlan) -> MirroredPiece:
         """Apply one piece update of this group; returns the mirrored piece."""
         if spec.group != self.group:
             raise ValueError(f"piece of group {spec.group} sent to the mirror of group {self.group}")
