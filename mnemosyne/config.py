@@ -299,6 +299,8 @@ class PolicyConfig:
         for name in ("long_prefill_threshold_tokens", "chunk_granularity_tokens", "min_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 class GenerationConfigMode(enum.Enum):
     """AUTO: sampling fields a request leaves out take the model's generation_config.json
     values (temperature, top_k, top_p, min_p, repetition_penalty). NONE: ignore that file."""

@@ -147,10 +147,10 @@ def test_manager_onboards_groups_most_free_first():
 
 def test_manager_chunks_never_straddle_groups():
     m = _mgr(block_size=2, blocks=(4, 4, 4), t=4)
-    assert m.max_chunk_tokens("new", 0) == 4
+    assert m.num_tokens_to_group_end("new", 0) == 4
     pos = 0
     for want in (3, 5, 1, 2, 7, 5):
-        limit = m.max_chunk_tokens("a", pos)
+        limit = m.num_tokens_to_group_end("a", pos)
         n = min(want, limit)
         assert n >= 1
         assert pos // 4 == (pos + n - 1) // 4  # one group
@@ -161,9 +161,9 @@ def test_manager_chunks_never_straddle_groups():
     pieces = m.pieces("a")
     assert [p.token_start for p in pieces] == [0, 4, 8]
     assert len({p.group for p in pieces}) == 3
-    assert m.max_chunk_tokens("a", 12) == 4  # a fourth piece would be needed
+    assert m.num_tokens_to_group_end("a", 12) == 4  # a fourth piece would be needed
     assert not m.allocate_slots("a", 13)
-    assert _mgr().max_chunk_tokens("a", 5) is None
+    assert _mgr().num_tokens_to_group_end("a", 5) is None
 
 
 def test_manager_slots_are_disjoint():

@@ -160,7 +160,7 @@ def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
     # Each request also carries logits processors that read its earlier tokens, kept on the
-    # sampling ranks while its KV moves between KVP groups and is recomputed after preemption.
+    # reporting ranks while its KV moves between KVP groups and is recomputed after preemption.
     processors = [
         dict(repetition_penalty=1.5),
         dict(frequency_penalty=0.7, presence_penalty=0.4),
@@ -299,3 +299,11 @@ def test_engine_config_of_a_layout(tiny_model_dir):
     assert cfg.cache.num_blocks_per_group == (num_blocks,) * 3
     assert cfg.cache.max_tokens_per_kvp_group == num_blocks * 4
     assert cfg.parallel.world_size == 12 and cfg.parallel.max_inflight == 2
+
+    # One KVP count: a cache with a pool per group disagreeing with the layout is refused.
+    import dataclasses
+
+    from mnemosyne.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="2 group pools, the layout kvp=3"):
+        dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, num_blocks_per_group=(num_blocks,) * 2))

@@ -78,7 +78,7 @@ class AdaptiveChunkPolicy:
 
     def chunk_size(self, request: Request, num_pending: int, budget_left: int) -> int:
         start = request.num_dispatched_tokens
-        boundary = self.kv_manager.max_chunk_tokens(request.request_id, start)
+        boundary = self.kv_manager.num_tokens_to_group_end(request.request_id, start)
         cap = min(num_pending, budget_left, boundary if boundary is not None else num_pending)
         if cap <= 0:
             return 0

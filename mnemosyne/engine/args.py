@@ -186,16 +186,16 @@ class EngineArgs:
                 f"KV cache budget of {kv_budget_bytes / 2**30:.3f} GiB per device holds no block of "
                 f"{bytes_per_block} bytes (block_size {self.block_size})"
             )
-        max_tokens_per_group = self.max_tokens_per_kvp_group
-        if max_tokens_per_group is None and self.kvp > 1:
-            max_tokens_per_group = num_blocks * self.block_size
+        max_tokens_per_kvp_group = self.max_tokens_per_kvp_group
+        if max_tokens_per_kvp_group is None and self.kvp > 1:
+            max_tokens_per_kvp_group = num_blocks * self.block_size
         return EngineConfig(
             model_dir=str(model_dir),
             model=model_cfg,
             cache=CacheConfig(
                 block_size=self.block_size,
                 num_blocks_per_group=(num_blocks,) * self.kvp,
-                max_tokens_per_kvp_group=max_tokens_per_group,
+                max_tokens_per_kvp_group=max_tokens_per_kvp_group,
                 enable_prefix_caching=self.enable_prefix_caching,
                 prefix_cache_salt=f"{model_dir}|{model_cfg.dtype}|{self.load_format}|{self.seed}",
             ),

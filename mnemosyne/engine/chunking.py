@@ -2,7 +2,7 @@
 
 Per step the scheduler calls `begin_step(now)`, then asks the policy once per
 request (in its order: decodes, then prefills) and clips the answer to the KV group
-boundary (`KVCacheManager.max_chunk_tokens`); every chunk it emits is reported with
+boundary (`KVCacheManager.num_tokens_to_group_end`); every chunk it emits is reported with
 `on_scheduled`. A policy returns a value in [0, min(num_pending, budget_left)]; 0
 means "not this step" (the request keeps its place).
 

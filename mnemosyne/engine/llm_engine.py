@@ -23,7 +23,7 @@ from mnemosyne.engine.priority import ttft_deadline_s
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
 from mnemosyne.engine.step_load import step_composition
-from mnemosyne.engine.step_plan import PlanBuilder, StepResult
+from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
@@ -31,6 +31,7 @@ from mnemosyne.models.generation_config import load_generation_defaults
 from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepStats
 from mnemosyne.request import Request, RequestStatus
 from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.wire.plan import StepResult
 
 
 def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):  # -> PreTrainedTokenizerBase | None

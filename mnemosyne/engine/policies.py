@@ -90,8 +90,8 @@ def make_policies(
     prefill_time = PrefillTimeTable(
         model,
         pc.tbt_slo_s,
-        num_groups=kv_manager.num_kvp_groups,
-        max_tokens_per_group=kv_manager.max_tokens_per_kvp_group,
+        num_kvp_groups=kv_manager.num_kvp_groups,
+        max_tokens_per_kvp_group=kv_manager.max_tokens_per_kvp_group,
         granularity_tokens=pc.chunk_granularity_tokens,
     )
     priority: PriorityPolicy = FCFSPriority()

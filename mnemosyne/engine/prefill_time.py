@@ -20,16 +20,16 @@ from mnemosyne.latency.model import LatencyModel
 
 
 def lone_chunk_composition(
-    num_groups: int, max_tokens_per_group: int | None, start: int, num_tokens: int
+    num_kvp_groups: int, max_tokens_per_kvp_group: int | None, start: int, num_tokens: int
 ) -> StepComposition:
     """A chunk alone in its step, its pieces on groups 0, 1, 2, ... (clipped to a group boundary)."""
-    t = max_tokens_per_group
+    t = max_tokens_per_kvp_group
     if t is not None:
         num_tokens = min(num_tokens, t - start % t)
-    groups = [GroupLoad()] * num_groups
+    groups = [GroupLoad()] * num_kvp_groups
     spans = chunk_spans(start, num_tokens, t)
     for piece, prefix, owns in spans:
-        g = piece % num_groups
+        g = piece % num_kvp_groups
         groups[g] = add_chunk(groups[g], num_tokens, prefix, owns, sample=owns)
     return StepComposition(tuple(groups), num_tokens if len(spans) > 1 else 0)
 
@@ -39,16 +39,16 @@ class PrefillTimeTable:
         self,
         model: LatencyModel,
         target_step_s: float,
-        num_groups: int = 1,
-        max_tokens_per_group: int | None = None,
+        num_kvp_groups: int = 1,
+        max_tokens_per_kvp_group: int | None = None,
         granularity_tokens: int = 32,
         max_chunk_tokens: int = 8192,
         resolution_tokens: int = 2048,
     ) -> None:
         self.model = model
         self.target_step_s = target_step_s
-        self.num_groups = num_groups
-        self.max_tokens_per_group = max_tokens_per_group
+        self.num_kvp_groups = num_kvp_groups
+        self.max_tokens_per_kvp_group = max_tokens_per_kvp_group
         self.granularity_tokens = granularity_tokens
         self.max_chunk_tokens = max(max_chunk_tokens, granularity_tokens)
         self.resolution_tokens = resolution_tokens
@@ -71,13 +71,13 @@ class PrefillTimeTable:
         while len(self._cumulative_s) <= num_points:
             prefix = (len(self._cumulative_s) - 1) * self.resolution_tokens
             c = self._lone_chunk_tokens(prefix)
-            if self.max_tokens_per_group is not None:  # clipped at the group boundary
-                c = min(c, self.max_tokens_per_group - prefix % self.max_tokens_per_group)
+            if self.max_tokens_per_kvp_group is not None:  # clipped at the group boundary
+                c = min(c, self.max_tokens_per_kvp_group - prefix % self.max_tokens_per_kvp_group)
             per_token_s = self._step_s(prefix, c) / c
             self._cumulative_s.append(self._cumulative_s[-1] + self.resolution_tokens * per_token_s)
 
     def _step_s(self, prefix: int, num_tokens: int) -> float:
-        comp = lone_chunk_composition(self.num_groups, self.max_tokens_per_group, prefix, num_tokens)
+        comp = lone_chunk_composition(self.num_kvp_groups, self.max_tokens_per_kvp_group, prefix, num_tokens)
         return self.model.step_time_s(comp)
 
     def _lone_chunk_tokens(self, prefix: int) -> int:

@@ -23,7 +23,7 @@ One step, with budget = max_num_batched_tokens::
     chunk_policy.begin_step(now) starts the step; on_scheduled(...) reports each chunk.
 
     for each request:  n = chunk_policy.chunk_size(req, num_pending, budget_left)
-                       n = min(n, kv.max_chunk_tokens(id, num_dispatched))   # never straddle a group
+                       n = min(n, kv.num_tokens_to_group_end(id, num_dispatched))   # never straddle a group
                        kv.allocate_slots(id, num_dispatched + n)
                        chunk = [num_dispatched, num_dispatched + n), sample iff it reaches num_tokens
                        num_dispatched += n; budget -= n
@@ -250,7 +250,7 @@ class Scheduler:
     def _chunk_len(self, req: Request, budget: int) -> int:
         n = self.chunk_policy.chunk_size(req, req.num_pending_tokens, budget)
         n = max(0, min(n, req.num_pending_tokens, budget))
-        limit = self.kv_manager.max_chunk_tokens(req.request_id, req.num_dispatched_tokens)
+        limit = self.kv_manager.num_tokens_to_group_end(req.request_id, req.num_dispatched_tokens)
         if limit is not None:
             n = min(n, limit)
         return n

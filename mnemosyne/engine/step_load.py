@@ -21,9 +21,9 @@ from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.request import Request
 
 
-def chunk_spans(start: int, num_tokens: int, max_tokens_per_group: int | None) -> list[tuple[int, int, bool]]:
+def chunk_spans(start: int, num_tokens: int, max_tokens_per_kvp_group: int | None) -> list[tuple[int, int, bool]]:
     """(piece index, prefix keys on that piece, owns) for every piece a chunk's queries visit."""
-    t = max_tokens_per_group
+    t = max_tokens_per_kvp_group
     if t is None:
         return [(0, start, True)]
     k = start // t

@@ -12,7 +12,7 @@ ids every step::
     plan k:   freed_kv ──> drop the mirror of preempted / finished requests
               finished ──> forget their sampling parameters too
               new_requests ──> remember sampling parameters (every rank) and, for penalties,
-                               the prompt (the sampling ranks keep a TokenHistory fed by chunks)
+                               the prompt (the reporting ranks keep a TokenHistory fed by chunks)
               chunks[i].pieces[j] ──> group j' blocks: mirror[num_known_blocks:] = new_block_ids
 
     Every rank applies plan k's updates when it starts plan k, in plan order, so a
@@ -33,9 +33,7 @@ from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.request import Request
-from mnemosyne.wire.plan import ChunkPlan, NewRequest, PieceSpec, StepPlan, StepResult
-
-__all__ = ["ChunkPlan", "NewRequest", "PieceSpec", "PlanBuilder", "StepPlan", "StepResult"]
+from mnemosyne.wire.plan import ChunkPlan, NewRequest, PiecePlan, StepPlan
 
 
 def new_request(req: Request) -> NewRequest:
@@ -125,14 +123,14 @@ class PlanBuilder:
     def _chunk_plan(self, chunk: ScheduledChunk) -> ChunkPlan:
         req = chunk.request
         sent = self._sent_blocks[req.request_id]
-        pieces: list[PieceSpec] = []
+        pieces: list[PiecePlan] = []
         for piece in self.kv_manager.pieces(req.request_id):
             if piece.token_start >= chunk.end:
                 break
             known = sent.get(piece.group, 0)
             new = tuple(piece.block_ids[known:])
             sent[piece.group] = len(piece.block_ids)
-            pieces.append(PieceSpec(piece.group, piece.token_start, piece.token_end, known, new))
+            pieces.append(PiecePlan(piece.group, piece.token_start, piece.token_end, known, new))
         if not pieces or not pieces[-1].token_start <= chunk.start < chunk.end <= pieces[-1].token_end:
             raise AssertionError(
                 f"chunk [{chunk.start}, {chunk.end}) of {req.request_id!r} is not inside its newest "

@@ -241,11 +241,11 @@ def chunk_splitkv_attention(
     num_tiles = tile_seq.shape[0]
     if num_tiles == 0 or num_tokens == 0:
         return
-    group = num_heads // num_kv_heads
+    num_heads_per_kv = num_heads // num_kv_heads
     half = query.element_size() <= 2
     if block_q is None:
-        block_q = default_block_q(group, query.dtype)
-    block_m = max(16, triton.next_power_of_2(block_q * group))
+        block_q = default_block_q(num_heads_per_kv, query.dtype)
+    block_m = max(16, triton.next_power_of_2(block_q * num_heads_per_kv))
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = max(16, triton.next_power_of_2(block_n or (64 if half else 32)))
     if num_warps is None:  # H200, c = 32 / 128 after 128K keys: 4 warps 0.30 / 1.24 ms, 8: 0.39 / 1.44
@@ -274,7 +274,8 @@ def chunk_splitkv_attention(
         *query.stride(), *k_cache.stride(), *v_cache.stride(), *o_strides, *l_strides,
         *block_tables.stride(),
         scale * _LOG2E, 0 if sliding_window is None else sliding_window, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, G=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, G=num_heads_per_kv,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=page, USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,
         INTERPRET=triton.knobs.runtime.interpret, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

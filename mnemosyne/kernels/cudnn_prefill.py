@@ -52,12 +52,17 @@ class DenseChunk:
 
 
 def choose_prefix_splits(
-    num_queries: int, group: int, num_kv_heads: int, num_prefix: int, num_sms: int, min_split_keys: int = 4096
+    num_queries: int,
+    num_heads_per_kv: int,
+    num_kv_heads: int,
+    num_prefix: int,
+    num_sms: int,
+    min_split_keys: int = 4096,
 ) -> int:
     """Key splits of the prefix so that cuDNN's programs (about one per 128 folded query
     rows per KV head and split) fill two per SM, each split >= min_split_keys keys; a
     power of two (the batch size is part of cuDNN's graph: few distinct ones)."""
-    programs = num_kv_heads * -(-group * num_queries // 128)
+    programs = num_kv_heads * -(-num_heads_per_kv * num_queries // 128)
     want = max(1, min(-(-2 * num_sms // programs), num_prefix // min_split_keys))
     return 1 << (want.bit_length() - 1)
 
@@ -162,9 +167,9 @@ def _split_prefix(
     return out, m + torch.log(total)
 
 
-def _repeat_heads(kv: torch.Tensor, group: int) -> torch.Tensor:
+def _repeat_heads(kv: torch.Tensor, num_heads_per_kv: int) -> torch.Tensor:
     """[1, Hkv, n, D] -> [1, Hkv*G, n, D] in BSHD memory (head kv*G + g reads KV head kv)."""
-    return _bshd(kv.transpose(1, 2).repeat_interleave(group, dim=2))
+    return _bshd(kv.transpose(1, 2).repeat_interleave(num_heads_per_kv, dim=2))
 
 
 def dense_chunk_attention(
@@ -183,7 +188,7 @@ def dense_chunk_attention(
     writes `out` directly."""
     c, num_heads, d = query.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // hkv
+    num_heads_per_kv = num_heads // hkv
     splits = chunk.prefix_splits
     per = chunk.num_prefix // splits
     # The batched split call needs its keys in the leading run of consecutive blocks.
@@ -203,14 +208,15 @@ def dense_chunk_attention(
         return
     q_fold = None
     if chunk.num_prefix > 0:  # [c, Hkv*G, D] -> [1, Hkv, G*c, D]: row g*c + i is query i of head kv*G + g
-        q_fold = _bshd(query.view(c, hkv, group, d).permute(2, 0, 1, 3).reshape(1, group * c, hkv, d))
+        q_fold = query.view(c, hkv, num_heads_per_kv, d).permute(2, 0, 1, 3)
+        q_fold = _bshd(q_fold.reshape(1, num_heads_per_kv * c, hkv, d))
     acc: tuple[torch.Tensor, torch.Tensor] | None = None
     for n, (k0, k1, causal) in enumerate(parts):
         if batched and n == 0:
             assert q_fold is not None
             o, s = _split_prefix(q_fold, k_cache, v_cache, chunk.run[0], splits, per, scale)
-            o = o[0].unflatten(1, (group, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
-            s = s[0].unflatten(1, (group, c)).permute(2, 0, 1).reshape(c, num_heads)
+            o = o[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
+            s = s[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1).reshape(c, num_heads)
             acc = (o, s)  # float32
             if len(parts) == 1:
                 out.copy_(o)
@@ -219,14 +225,14 @@ def dense_chunk_attention(
         k = _keys(k_cache, block_table, chunk.run, k0, k1)  # [1, Hkv, n, D]
         v = _keys(v_cache, block_table, chunk.run, k0, k1)
         if causal:  # the own keys: square causal, KV heads repeated for the query heads
-            o, s = _cudnn(_bshd(query.contiguous().unsqueeze(0)), _repeat_heads(k, group), _repeat_heads(v, group),
-                          True, scale)  # fmt: skip
+            k, v = _repeat_heads(k, num_heads_per_kv), _repeat_heads(v, num_heads_per_kv)
+            o, s = _cudnn(_bshd(query.contiguous().unsqueeze(0)), k, v, True, scale)
             o, s = o[0].transpose(0, 1), s[0].transpose(0, 1)  # [c, H, D], [c, H] (views)
         else:
             assert q_fold is not None
             o, s = _cudnn(q_fold, k, v, False, scale)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
-            o = o[0].unflatten(1, (group, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
-            s = s[0].unflatten(1, (group, c)).permute(2, 0, 1).reshape(c, num_heads)
+            o = o[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
+            s = s[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1).reshape(c, num_heads)
         if acc is None:  # the first partial
             if n == len(parts) - 1:
                 out.copy_(o)

@@ -262,7 +262,7 @@ def paged_decode_attention(
             raise ValueError("the last dim of query / caches / out must be contiguous")
     if num_decode == 0:
         return
-    group = num_heads // num_kv_heads
+    num_heads_per_kv = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     direct = num_splits == 1
     if num_warps is None:
@@ -291,8 +291,8 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         *o_strides, *l_strides,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        GROUP=num_heads_per_kv, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=max(16, triton.next_power_of_2(num_heads_per_kv)), BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_WINDOW=sliding_window is not None, DIRECT=direct, INTERPRET=_INTERPRET,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # no TF32 for fp32 inputs
         num_warps=num_warps, num_stages=num_stages,

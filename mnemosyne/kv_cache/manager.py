@@ -13,7 +13,7 @@ Invariants (checked by `check_integrity`), besides those of `pieces.py`:
     * a request uses each group at most once;
     * with T set (a multiple of B): every piece but the newest holds exactly T
       tokens and the newest at most T, so piece k covers [k*T, (k+1)*T) -- group
-      boundaries sit at multiples of T, which is what `max_chunk_tokens` relies on;
+      boundaries sit at multiples of T, which is what `num_tokens_to_group_end` relies on;
     * each block's ref count equals the number of pieces that list it; a block listed
       by more than one piece caches content (only prefix-cache hits are shared).
 
@@ -196,7 +196,7 @@ class KVCacheManager:
         self._pieces[request_id] = pieces
         return True
 
-    def max_chunk_tokens(self, request_id: str, start: int) -> int | None:
+    def num_tokens_to_group_end(self, request_id: str, start: int) -> int | None:
         """How many tokens from global position `start` fit before the next group boundary.
 
         None when pieces are unbounded. Always >= 1: at a boundary it measures the

@@ -10,14 +10,23 @@
     request (B = block_size); only the newest piece may end mid-block.
     Global token t of the piece sits in slot
         block_ids[(t - token_start) // B] * B + (t - token_start) % B
-    of its group's cache.
+    of its group's cache: `slot_of`, the one place this formula is written (the driver's
+    `KVPiece` and the worker's `MirroredPiece` both use it).
 
 With one KVP group (the default), a request has exactly one piece starting at 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+
+def slot_of(block_ids: Sequence[int], token_start: int, pos: int, block_size: int) -> int:
+    """The cache slot of global token `pos` in a piece that starts at `token_start` and holds
+    `block_ids` (the layout drawn above)."""
+    off = pos - token_start
+    return block_ids[off // block_size] * block_size + off % block_size
 
 
 @dataclass
@@ -32,5 +41,4 @@ class KVPiece:
         return self.token_end - self.token_start
 
     def slot(self, pos: int, block_size: int) -> int:
-        off = pos - self.token_start
-        return self.block_ids[off // block_size] * block_size + off % block_size
+        return slot_of(self.block_ids, self.token_start, pos, block_size)

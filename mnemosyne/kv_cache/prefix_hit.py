@@ -49,7 +49,7 @@ class PrefixHit:
 def longest_cached_prefix(
     pools: Sequence[BlockPool],
     block_size: int,
-    max_tokens_per_group: int | None,
+    max_tokens_per_kvp_group: int | None,
     block_hashes: Sequence[BlockHash],
     num_tokens: int,
 ) -> PrefixHit:
@@ -58,7 +58,7 @@ def longest_cached_prefix(
     Piece k is looked up on every group the request does not use yet; the group with the
     longest run wins (ties: the lowest index), and the next piece only after a whole one.
     """
-    b, t = block_size, max_tokens_per_group
+    b, t = block_size, max_tokens_per_kvp_group
     max_blocks = min(len(block_hashes), max(num_tokens - 1, 0) // b)
     per_piece = max_blocks if t is None else t // b
     pieces: list[tuple[int, tuple[int, ...]]] = []

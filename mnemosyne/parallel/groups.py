@@ -11,18 +11,20 @@ Rank table, rank = (kvp_rank * spp + spp_rank) * tp + tp_rank. Example tp=2, spp
     TP group      (kvp_rank, spp_rank) fixed, tp_rank varies:   {0,1} {2,3} {4,5} {6,7}
     pipeline      (kvp_rank, tp_rank) fixed, spp_rank varies:   0->2, 1->3, 4->6, 5->7  (P2P sends,
                                                                  one two-rank group per link)
-    KVP group     (spp_rank, tp_rank) fixed, kvp_rank varies:   {0,4} {1,5} {2,6} {3,7}
+    KVP process   (spp_rank, tp_rank) fixed, kvp_rank varies:   {0,4} {1,5} {2,6} {3,7}
 
-* A KVP group (the word used for a *replica* in the docs: `kvp_rank` g) is a full
-  copy of the model, split into `spp` stages of `tp` ranks, holding the KV of the
-  token ranges placed on group g.
-* The "KVP group" process group of a rank is the set of its peers in the other
-  replicas at the same stage and TP rank: the ranks whose attention partials for
-  the same heads and layers it merges.
+* A KVP group g (`kvp_rank` g of its ranks; `group` g in the KV cache, the plans and the
+  worker) is a full copy of the model, split into `spp` stages of `tp` ranks, holding
+  the KV of the token ranges placed on group g. It is not a process group.
+* The KVP *process* group of a rank (`ProcessGroups.kvp`) is the set of its peers in
+  the other KVP groups at the same stage and TP rank: the ranks whose attention
+  partials for the same heads and layers it merges.
+* Naming: an int `group` is always a KVP group's index; a torch.distributed group is a
+  `process_group`, held in a `GroupHandle` (`ProcessGroups.tp`, `.kvp`).
 * Stage s owns decoder layers `stage_layers(num_layers, spp, s)`: a contiguous
   slice, the first `num_layers % spp` stages one layer longer.
 
-A size-1 group has `group is None`; the collectives in `comm.py` are no-ops on it.
+A size-1 group has `process_group is None`; the collectives in `comm.py` are no-ops on it.
 Group creation is collective: every rank creates every group, in the same order.
 """
 
@@ -74,9 +76,9 @@ def stage_layers(num_layers: int, spp: int, spp_rank: int) -> range:
 
 @dataclass(frozen=True)
 class GroupHandle:
-    """One process group as seen by this rank. `group is None` when size == 1."""
+    """One process group as seen by this rank. `process_group is None` when size == 1."""
 
-    group: dist.ProcessGroup | None
+    process_group: dist.ProcessGroup | None
     ranks: tuple[int, ...]
     rank_in_group: int
 
@@ -86,7 +88,7 @@ class GroupHandle:
 
     @classmethod
     def trivial(cls, rank: int = 0) -> GroupHandle:
-        return cls(group=None, ranks=(rank,), rank_in_group=0)
+        return cls(process_group=None, ranks=(rank,), rank_in_group=0)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class ProcessGroups:
         return self.coords.spp_rank == self.parallel.spp - 1
 
     @property
-    def is_driver_peer(self) -> bool:
+    def is_reporting_rank(self) -> bool:
         """True on the rank that reports sampled tokens for its KVP group (last stage, tp 0)."""
         return self.is_last_stage and self.coords.tp_rank == 0
 
@@ -145,9 +147,9 @@ class ProcessGroups:
             for t in range(parallel.tp):
                 for s in range(parallel.spp - 1):
                     a, b = rank_of(parallel, g, s, t), rank_of(parallel, g, s + 1, t)
-                    group = dist.new_group([a, b])
+                    process_group = dist.new_group([a, b])
                     if rank in (a, b):
-                        links[(a, b)] = group
+                        links[(a, b)] = process_group
         prev_group = links.get((prev_rank, rank)) if prev_rank is not None else None
         next_group = links.get((rank, next_rank)) if next_rank is not None else None
         return cls(parallel, rank, c, tp, kvp, prev_rank, next_rank, prev_group, next_group)
@@ -157,9 +159,9 @@ def _make_groups(all_ranks: list[list[int]], rank: int) -> GroupHandle:
     """Create one group per rank list (all ranks, same order); return the one holding `rank`."""
     mine: GroupHandle | None = None
     for ranks in all_ranks:
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        process_group = dist.new_group(ranks) if len(ranks) > 1 else None
         if rank in ranks:
-            mine = GroupHandle(group=group, ranks=tuple(ranks), rank_in_group=ranks.index(rank))
+            mine = GroupHandle(process_group=process_group, ranks=tuple(ranks), rank_in_group=ranks.index(rank))
     assert mine is not None, f"rank {rank} is in no group of {all_ranks}"
     return mine
 

@@ -17,9 +17,9 @@ import itertools
 from dataclasses import dataclass
 
 from mnemosyne.engine.step_load import add_chunk, chunk_spans
-from mnemosyne.engine.step_plan import ChunkPlan, NewRequest, PieceSpec, StepPlan
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.wire.plan import ChunkPlan, NewRequest, PiecePlan, StepPlan
 
 _GREEDY = SamplingParams(temperature=0, max_tokens=1)
 
@@ -32,27 +32,27 @@ class SyntheticSeq:
 
 class SyntheticPlanner:
     def __init__(
-        self, block_size: int, num_blocks_per_group: tuple[int, ...], max_tokens_per_group: int | None
+        self, block_size: int, num_blocks_per_group: tuple[int, ...], max_tokens_per_kvp_group: int | None
     ):
         self.block_size = block_size
         self.num_blocks_per_group = num_blocks_per_group
-        self.max_tokens_per_group = max_tokens_per_group
+        self.max_tokens_per_kvp_group = max_tokens_per_kvp_group
         self._ids = itertools.count()
         self._step_ids = itertools.count()
         self._cursor = [0] * len(num_blocks_per_group)
         self._live: tuple[str, ...] = ()
 
     @property
-    def num_groups(self) -> int:
+    def num_kvp_groups(self) -> int:
         return len(self.num_blocks_per_group)
 
     def composition(self, seqs: list[SyntheticSeq]) -> StepComposition:
-        groups = [GroupLoad()] * self.num_groups
+        groups = [GroupLoad()] * self.num_kvp_groups
         shared = 0
         for s in seqs:
-            spans = chunk_spans(s.start, s.num_tokens, self.max_tokens_per_group)
+            spans = chunk_spans(s.start, s.num_tokens, self.max_tokens_per_kvp_group)
             for piece, prefix, owns in spans:
-                g = piece % self.num_groups
+                g = piece % self.num_kvp_groups
                 groups[g] = add_chunk(groups[g], s.num_tokens, prefix, owns, sample=owns)
             shared += s.num_tokens if len(spans) > 1 else 0
         return StepComposition(tuple(groups), shared)
@@ -83,12 +83,12 @@ class SyntheticPlanner:
         retired, self._live = self._live, ()
         return StepPlan(next(self._step_ids), (), (), freed_kv=retired, finished=retired)
 
-    def _pieces(self, end: int) -> tuple[PieceSpec, ...]:
-        t = self.max_tokens_per_group or end
+    def _pieces(self, end: int) -> tuple[PiecePlan, ...]:
+        t = self.max_tokens_per_kvp_group or end
         pieces = []
         for j, lo in enumerate(range(0, end, t)):
             hi = min(lo + t, end)
-            g = j % self.num_groups
+            g = j % self.num_kvp_groups
             n = -(-(hi - lo) // self.block_size)
             pool = self.num_blocks_per_group[g]
             if n > pool:
@@ -97,5 +97,5 @@ class SyntheticPlanner:
                 )
             first = self._cursor[g] if self._cursor[g] + n <= pool else 0
             self._cursor[g] = first + n
-            pieces.append(PieceSpec(g, lo, hi, 0, tuple(range(first, first + n))))
+            pieces.append(PiecePlan(g, lo, hi, 0, tuple(range(first, first + n))))
         return tuple(pieces)

@@ -92,8 +92,8 @@ def plan_layout(
     table = PrefillTimeTable(
         model,
         tbt_slo_s,
-        num_groups=layout.kvp,
-        max_tokens_per_group=group_t,
+        num_kvp_groups=layout.kvp,
+        max_tokens_per_kvp_group=group_t,
         max_chunk_tokens=MAX_CHUNK_TOKENS,
         resolution_tokens=max(2048, _round_up(context_len // TTFT_RESOLUTION_POINTS, 32)),
     )

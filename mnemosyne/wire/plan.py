@@ -17,7 +17,7 @@ from mnemosyne.sampling_params import SamplingParams
 class NewRequest:
     request_id: str
     sampling_params: SamplingParams
-    # What the sampling rank's logits processors need beyond the chunks' own token ids
+    # What the reporting rank's logits processors need beyond the chunks' own token ids
     # (layers/logits_processors.py): set only when sampling_params.needs_history.
     num_prompt_tokens: int = 0
     prompt_token_ids: tuple[int, ...] = ()  # only with a repetition penalty
@@ -25,7 +25,7 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
-class PieceSpec:
+class PiecePlan:
     group: int  # KVP group holding keys [token_start, token_end)
     token_start: int
     token_end: int  # reserved slots end when the plan was built
@@ -40,7 +40,7 @@ class ChunkPlan:
     num_tokens: int
     sample: bool
     token_ids: tuple[int, ...]  # tokens [start, end)
-    pieces: tuple[PieceSpec, ...]  # oldest first; the last one owns [start, end)
+    pieces: tuple[PiecePlan, ...]  # oldest first; the last one owns [start, end)
     prompt_logprob_start: int  # positions [start', start' + len(targets)) are scored
     prompt_logprob_targets: tuple[int, ...]  # target of position p is prompt token p + 1
 

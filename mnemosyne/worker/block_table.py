@@ -1,13 +1,13 @@
 """A worker's mirror of the block tables of the requests that hold KV on its KVP group.
 
 The driver's `KVCacheManager` is the source of truth; each plan carries only the
-block ids appended since the last plan (`PieceSpec.new_block_ids`). On group g::
+block ids appended since the last plan (`PiecePlan.new_block_ids`). On group g::
 
     driver:   request r, piece on group g:  token_start = S, block_ids = [b0 b1 ... bn]
     worker:   mirror[r] = MirroredPiece(token_start=S, block_ids=[b0 b1 ... bn])
 
     key at global position t (S <= t < token_end) sits in slot
-        block_ids[(t - S) // B] * B + (t - S) % B          (B = block_size)
+        block_ids[(t - S) // B] * B + (t - S) % B          (B = block_size; `kv_cache.pieces.slot_of`)
 
 The ids live twice: a Python list (slots, leading runs) and an int32 tensor on the
 worker's device, grown by capacity doubling, to which each plan copies only its new
@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
+from mnemosyne.kv_cache.pieces import slot_of
 from mnemosyne.layers.attention.metadata import leading_run
-from mnemosyne.wire.plan import PieceSpec
+from mnemosyne.wire.plan import PiecePlan
 
 _CPU = torch.device("cpu")
 
@@ -44,8 +45,7 @@ class MirroredPiece:
     _array: torch.Tensor | None = None
 
     def slot(self, pos: int, block_size: int) -> int:
-        off = pos - self.token_start
-        return self.block_ids[off // block_size] * block_size + off % block_size
+        return slot_of(self.block_ids, self.token_start, pos, block_size)
 
     def append(self, new_ids: list[int]) -> None:
         n0, n1 = len(self.block_ids), len(self.block_ids) + len(new_ids)
@@ -78,7 +78,7 @@ class BlockTableMirror:
     def drop(self, request_id: str) -> None:
         self._pieces.pop(request_id, None)
 
-    def update(self, request_id: str, spec: PieceSpec) -> MirroredPiece:
+    def update(self, request_id: str, spec: PiecePlan) -> MirroredPiece:
         """Apply one piece update of this group; returns the mirrored piece."""
         if spec.group != self.group:
             raise ValueError(f"piece of group {spec.group} sent to the mirror of group {self.group}")

@@ -109,7 +109,7 @@ class Worker:
             self.mirror.drop(rid)
         for new in plan.new_requests:
             self.params[new.request_id] = new.sampling_params
-            if self.pg.is_driver_peer and new.sampling_params.needs_history:
+            if self.pg.is_reporting_rank and new.sampling_params.needs_history:
                 self.histories[new.request_id] = TokenHistory(
                     new.num_prompt_tokens, new.prompt_token_ids, new.min_tokens_banned_ids
                 )
@@ -119,7 +119,7 @@ class Worker:
                 if history is not None:
                     history.observe(chunk.start, chunk.token_ids)
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
-        result = StepResult(plan.step_id) if self.pg.is_driver_peer else None
+        result = StepResult(plan.step_id) if self.pg.is_reporting_rank else None
         if batch.num_tokens == 0:
             self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
             return result  # the reporting rank's empty result; None elsewhere
@@ -181,8 +181,8 @@ class Worker:
         assert self.pg.prev_stage_rank is not None
         h = self.config.model.hidden_size
         _, size = self._hidden_slice()
-        src, group = self.pg.prev_stage_rank, self.pg.prev_stage_group
-        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, src, group)
+        src, process_group = self.pg.prev_stage_rank, self.pg.prev_stage_group
+        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, src, process_group)
         if size == h:
             return part  # the whole hidden state was sent (hidden_size % tp != 0)
         if num_tokens == 0:

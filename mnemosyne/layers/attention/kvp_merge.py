@@ -49,17 +49,17 @@ def merge_across_kvp_groups(
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim], this group's partial
     lse: torch.Tensor,  # [num_tokens, num_heads] float32
     index: KVPMergeIndex | None,
-    group: GroupHandle,
+    kvp_handle: GroupHandle,
 ) -> torch.Tensor:
     """Replace the shared rows of `out` by the merge over every KVP group; returns out."""
-    if group.size == 1 or index is None or index.num_shared_tokens == 0:
+    if kvp_handle.size == 1 or index is None or index.num_shared_tokens == 0:
         return out
     n, (_, num_heads, head_dim) = index.num_shared_tokens, out.shape
     lse_buf = torch.full((n, num_heads), float("-inf"), dtype=torch.float32, device=out.device)
     lse_buf[index.shared_rows] = lse[index.local_rows].float()
     packed = _pack(lse_buf, head_dim, out.dtype)  # [N_s, H, D + w]
     packed[index.shared_rows, :, :head_dim] = out[index.local_rows]
-    gathered = all_gather_stacked(packed, group)  # [kvp, N_s, H, D + w]
+    gathered = all_gather_stacked(packed, kvp_handle)  # [kvp, N_s, H, D + w]
     outs = gathered[..., :head_dim]  # [kvp, N_s, H, D]
     lses = gathered[..., head_dim:].contiguous().view(torch.float32).squeeze(-1)  # [kvp, N_s, H]
     merged, _ = merge_attn_stacked(outs, lses)  # [N_s, H, D]
@@ -73,14 +73,14 @@ def join_kvp_merge_idle(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device,
-    group: GroupHandle,
+    kvp_handle: GroupHandle,
 ) -> None:
     """An idle group's part in one layer's merge: the all-gather of `merge_across_kvp_groups`
     with every row empty (out = 0, lse = -inf), so the busy groups' merge is unchanged."""
-    if group.size == 1 or num_shared_tokens == 0:
+    if kvp_handle.size == 1 or num_shared_tokens == 0:
         return
     lse_buf = torch.full((num_shared_tokens, num_heads), float("-inf"), dtype=torch.float32, device=device)
-    all_gather_stacked(_pack(lse_buf, head_dim, dtype), group)
+    all_gather_stacked(_pack(lse_buf, head_dim, dtype), kvp_handle)
 
 
 def _pack(lse: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -56,7 +56,7 @@ class TorchReferenceBackend:
             raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
         if sliding_window is not None and sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-        group = num_heads // num_kv_heads
+        num_heads_per_kv = num_heads // num_kv_heads
         device = query.device
 
         out = torch.zeros(num_tokens, num_heads, head_dim, dtype=torch.float32, device=device)
@@ -95,7 +95,7 @@ class TorchReferenceBackend:
                     v_seq[lo:hi],
                     q_pos0 + c0,
                     kv0 + lo,
-                    group,
+                    num_heads_per_kv,
                     scale,
                     sliding_window,
                 )
@@ -110,15 +110,15 @@ def _attend(
     v: torch.Tensor,  # [nk, num_kv_heads, head_dim]
     q_pos0: int,
     k_pos0: int,
-    group: int,
+    num_heads_per_kv: int,
     scale: float,
     sliding_window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention of consecutive queries over consecutive keys, float32."""
     nq, num_heads, head_dim = q.shape
     nk, num_kv_heads, _ = k.shape
-    # Query head h = g_kv * group + j uses kv head g_kv.
-    qg = q.float().reshape(nq, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, nq, D]
+    # Query head h = g_kv * num_heads_per_kv + j uses kv head g_kv.
+    qg = q.float().reshape(nq, num_kv_heads, num_heads_per_kv, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, nq, D]
     kg = k.float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, nk, D]
     vg = v.float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, nk, D]
     scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # [Hkv, G, nq, nk]
