@@ -1,0 +1,160 @@
+"""The serving-trace benchmark's data: the trace (Poisson arrivals of short and long requests),
+its JSONL for `bench serve`, the TTFT deadlines and the per-configuration analysis of a run.
+See benchmarks/serving_trace.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+TBT_LEVELS = [*np.linspace(0.0, 99.0, 100), *np.linspace(99.1, 100.0, 10)]  # percentiles kept for CDFs
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """What the trace is drawn from (lengths in tokens, inclusive ranges; times in seconds)."""
+
+    duration_s: float
+    rate_per_s: float
+    long_fraction: float
+    short_prompt: tuple[int, int]
+    short_output: tuple[int, int]
+    long_prompt: tuple[int, int]
+    long_output: tuple[int, int]
+    seed: int
+
+    def check_integrity(self) -> None:
+        if not (self.duration_s > 0 and self.rate_per_s > 0 and 0.0 <= self.long_fraction <= 1.0):
+            raise ValueError(f"need duration_s > 0, rate_per_s > 0 and 0 <= long_fraction <= 1: {self}")
+        for name in ("short_prompt", "short_output", "long_prompt", "long_output"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must be a range 1 <= lo <= hi, got {lo},{hi}")
+
+    @property
+    def max_total_len(self) -> int:
+        """The longest prompt + output any request of the trace may need."""
+        return max(self.short_prompt[1] + self.short_output[1], self.long_prompt[1] + self.long_output[1])
+
+
+def make_trace(spec: TraceSpec) -> list[dict]:
+    """The requests' arrival_s, kind ("short" | "long"), prompt_len and output_len, by arrival."""
+    spec.check_integrity()
+    rng = np.random.default_rng(spec.seed)
+    arrivals: list[float] = []
+    t = float(rng.exponential(1.0 / spec.rate_per_s))
+    while t < spec.duration_s:
+        arrivals.append(t)
+        t += float(rng.exponential(1.0 / spec.rate_per_s))
+    if not arrivals:
+        arrivals = [0.0]
+    n = len(arrivals)
+    num_long = max(1, round(spec.long_fraction * n)) if spec.long_fraction > 0 else 0
+    is_long = np.zeros(n, dtype=bool)
+    is_long[rng.choice(n, size=min(num_long, n), replace=False)] = True
+    trace = []
+    for t, long in zip(arrivals, is_long, strict=True):
+        prompt, output = (
+            (spec.long_prompt, spec.long_output) if long else (spec.short_prompt, spec.short_output)
+        )
+        trace.append({
+            "arrival_s": round(t, 4), "kind": "long" if long else "short",
+            "prompt_len": int(rng.integers(prompt[0], prompt[1] + 1)),
+            "output_len": int(rng.integers(output[0], output[1] + 1)),
+        })  # fmt: skip
+    return trace
+
+
+def write_trace(trace: list[dict], path: Path, vocab_size: int, seed: int) -> None:
+    """The trace as `bench serve` JSONL: random token ids (from 1000 up, or vocab/4 on tiny vocabularies)."""
+    rng = np.random.default_rng(seed + 1)
+    low = min(1000, vocab_size // 4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for req in trace:
+            prompt = rng.integers(low, vocab_size, size=req["prompt_len"]).tolist()
+            f.write(
+                json.dumps({"prompt": prompt, **{k: v for k, v in req.items() if k != "prompt_len"}}) + "\n"
+            )
+
+
+def trace_id(spec: TraceSpec, trace: list[dict]) -> str:
+    """A short hash naming the trace: runs are merged only with runs of the same trace."""
+    return hashlib.sha256(json.dumps([asdict(spec), trace]).encode()).hexdigest()[:12]
+
+
+def ttft_deadlines_s(
+    model_dir: Path, trace: list[dict], factor: float, min_s: float
+) -> list[tuple[float, float]]:
+    """(prefill floor, deadline) per request: deadline = max(factor x floor, min_s), in seconds."""
+    import torch
+
+    from mnemosyne.bench.long_context.engine import chunk_floor_s
+    from mnemosyne.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(model_dir, torch.bfloat16)
+    floors = [chunk_floor_s(cfg, r["prompt_len"], 0) for r in trace]  # one chunk: the whole causal prefill
+    return [(f, max(factor * f, min_s)) for f in floors]
+
+
+def _pcts_ms(values_s: list[float]) -> dict:
+    if not values_s:
+        return {"n": 0}
+    a = np.asarray(values_s) * 1e3
+    return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "max_ms": float(a.max()), "mean_ms": float(a.mean())}  # fmt: skip
+
+
+def analyze(trace: list[dict], deadlines: list[tuple[float, float]], run: dict, tbt_slo_ms: float) -> dict:
+    """Per-kind TTFT, TBT and SLO attainment of one run (bench records are in trace order)."""
+    recs = run["bench"]["requests"]
+    if len(recs) != len(trace) or any(
+        r["prompt_len"] != t["prompt_len"] for r, t in zip(recs, trace, strict=True)
+    ):
+        raise ValueError(f"{run['config']}: the bench records do not match the trace")
+    res: dict = {"ttft": {}, "tbt": {}, "slo": {}}
+    gaps_by_kind: dict[str, list[float]] = {}
+    for kind in ("short", "long"):
+        idx = [i for i, t in enumerate(trace) if t["kind"] == kind]
+        ok = [i for i in idx if recs[i]["success"]]
+        res["ttft"][kind] = _pcts_ms([recs[i]["ttft_s"] for i in ok])
+        res["ttft"][kind]["failed"] = len(idx) - len(ok)
+        met = sum(1 for i in ok if recs[i]["ttft_s"] <= deadlines[i][1])
+        res["slo"][f"ttft_within_deadline_{kind}"] = met / len(idx) if idx else None
+        gaps_by_kind[kind] = [g for i in ok for g in recs[i]["itl_s"]]
+    all_gaps = gaps_by_kind["short"] + gaps_by_kind["long"]
+    res["tbt"] = {"short": _pcts_ms(gaps_by_kind["short"]), "all": _pcts_ms(all_gaps)}
+    for kind, gaps in (("short", gaps_by_kind["short"]), ("all", all_gaps)):
+        res["slo"][f"tbt_within_slo_{kind}"] = (
+            sum(1 for g in gaps if g * 1e3 <= tbt_slo_ms) / len(gaps) if gaps else None
+        )
+    met_all = sum(1 for i, r in enumerate(recs) if r["success"] and r["ttft_s"] <= deadlines[i][1])
+    res["slo"]["ttft_within_deadline_all"] = met_all / len(recs)
+    s = run["bench"]["summary"]
+    res["throughput"] = {k: s[k] for k in ("duration_s", "completed", "failed", "request_throughput",
+                                           "output_throughput", "total_token_throughput")}  # fmt: skip
+    res["tbt_all_ms_percentiles"] = (
+        [float(x) for x in np.percentile(np.asarray(all_gaps) * 1e3, TBT_LEVELS)] if all_gaps else []
+    )
+    res["requests"] = [
+        {"kind": t["kind"], "arrival_s": t["arrival_s"], "prompt_len": t["prompt_len"], "output_len": t["output_len"],
+         "success": r["success"], "ttft_s": r["ttft_s"], "e2e_s": r["e2e_s"], "deadline_s": d[1]}
+        for t, r, d in zip(trace, recs, deadlines, strict=True)
+    ]  # fmt: skip
+    for key in ("startup_s", "bench_s", "server_exit_code", "server_metrics", "server_command"):
+        res[key] = run.get(key)
+    return res
+
+
+def trace_stats(trace: list[dict]) -> dict:
+    out: dict = {"num_requests": len(trace)}
+    for kind in ("short", "long"):
+        reqs = [t for t in trace if t["kind"] == kind]
+        out[f"num_{kind}"] = len(reqs)
+        out[f"{kind}_prompt_tokens"] = sum(t["prompt_len"] for t in reqs)
+        out[f"{kind}_output_tokens"] = sum(t["output_len"] for t in reqs)
+    return out
