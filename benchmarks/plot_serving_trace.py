@@ -32,9 +32,9 @@ def plot(combined: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
     slo_ms = combined["server_flags"]["tbt_slo_ms"]
     for name, res in combined["results"].items():
-        ok = [r for r in res["requests"] if r["success"]]
-        _cdf(axes[0], [1e3 * r["ttft_s"] for r in ok if r["kind"] == "short"], name)
-        _cdf(axes[1], [r["ttft_s"] for r in ok if r["kind"] == "long"], name)
+        first = [r for r in res["requests"] if r["ttft_s"] is not None]
+        _cdf(axes[0], [1e3 * r["ttft_s"] for r in first if r["kind"] == "short"], name)
+        _cdf(axes[1], [r["ttft_s"] for r in first if r["kind"] == "long"], name)
         if res["tbt_all_ms_percentiles"]:
             axes[2].plot(res["tbt_all_ms_percentiles"], np.asarray(TBT_LEVELS) / 100.0, label=name)
     axes[2].axvline(slo_ms, color="k", ls="--", lw=0.8, label=f"TBT SLO {slo_ms:g} ms")

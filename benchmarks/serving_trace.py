@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -75,30 +76,16 @@ SERVER_HISTOGRAMS = ("mnemosyne:step_time_predicted_over_actual", "mnemosyne:pre
 def server_command(
     ns: argparse.Namespace, model_dir: Path, port: int, config: str, max_len: int
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(model_dir), "--port", str(port)]
-    cmd += [
-        "--load-format",
-        "dummy",
-        "--dtype",
-        ns.dtype,
-        "--device",
-        ns.device,
-        "--no-enable-prefix-caching",
-    ]
-    cmd += [
-        "--no-access-log",
-        "--log-level",
-        "info",
-        "--shutdown-timeout-s",
-        "5",
-        "--max-model-len",
-        str(max_len),
-    ]
-    cmd += ["--max-num-batched-tokens", str(ns.max_num_batched_tokens), "--tbt-slo-ms", str(ns.tbt_slo_ms)]
-    cmd += ["--deadline-factor", str(ns.deadline_factor), "--min-deadline-s", str(ns.min_deadline_s)]
-    if ns.latency_profile:
-        cmd += ["--latency-profile", str(ns.latency_profile)]
-    return [*cmd, *CONFIGS[config], *shlex.split(ns.server_args)]
+    """`mnemosyne serve` for one configuration: random weights, no prefix cache, the trace's longest request."""
+    return [
+        sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(model_dir), "--port", str(port),
+        "--load-format", "dummy", "--dtype", ns.dtype, "--device", ns.device, "--no-enable-prefix-caching",
+        "--no-access-log", "--log-level", "info", "--shutdown-timeout-s", "5", "--max-model-len", str(max_len),
+        "--max-num-batched-tokens", str(ns.max_num_batched_tokens), "--tbt-slo-ms", str(ns.tbt_slo_ms),
+        "--deadline-factor", str(ns.deadline_factor), "--min-deadline-s", str(ns.min_deadline_s),
+        *(["--latency-profile", str(ns.latency_profile)] if ns.latency_profile else []),
+        *CONFIGS[config], *shlex.split(ns.server_args),
+    ]  # fmt: skip
 
 
 def bench_command(url: str, *args: str) -> list[str]:
@@ -161,8 +148,6 @@ def stop_server(proc: subprocess.Popen) -> int:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             print("  server did not stop within 90 s after SIGINT: killing its process group", flush=True)
-            import os
-
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
@@ -308,20 +293,32 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {ns.out / 'trace.jsonl'}")
         return {"trace_id": tid, "trace": stats}
     deadlines = ttft_deadlines_s(model_dir, trace, ns.deadline_factor, ns.min_deadline_s)
+    device = device_name()
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="serving_trace_") as tmp:  # the prompts: not worth keeping
         trace_path = Path(tmp) / "trace.jsonl"
         write_trace(trace, trace_path, vocab_size, spec.seed)
         for name in ns.configs:
-            run = run_config(ns, name, model_dir, trace_path, len(trace), spec.max_total_len)
-            run["trace_id"] = tid
+            try:
+                run = run_config(ns, name, model_dir, trace_path, len(trace), spec.max_total_len)
+            except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
+                failed[name] = f"{type(e).__name__}: {e}"
+                print(f"== {name} FAILED: {failed[name]}", flush=True)
+                continue
+            run.update(
+                device=device, date=datetime.now(UTC).isoformat(timespec="seconds"), invocation=ns.argv
+            )
             summary = analyze(trace, deadlines, run, ns.tbt_slo_ms)
             (ns.out / "runs" / f"{name}.json").write_text(json.dumps({"trace_id": tid, **summary}, indent=1))
             print(json.dumps({k: summary[k] for k in ("ttft", "tbt", "slo", "throughput")}), flush=True)
-    return write_combined(ns, spec, trace, tid, deadlines)
+    combined = write_combined(ns, spec, trace, tid, deadlines, device)
+    if failed:
+        raise SystemExit(f"configurations that failed: {failed}")
+    return combined
 
 
 def write_combined(
-    ns: argparse.Namespace, spec: TraceSpec, trace: list[dict], tid: str, deadlines: list
+    ns: argparse.Namespace, spec: TraceSpec, trace: list[dict], tid: str, deadlines: list, device: str
 ) -> dict:
     """OUT/serving_trace.json (+ .png): every run in OUT/runs of this trace."""
     from mnemosyne.profiling.profiler import library_versions
@@ -339,7 +336,7 @@ def write_combined(
     combined = {
         "benchmark": "serving_trace",
         "command": "python -m benchmarks.serving_trace " + shlex.join(ns.argv),
-        "device": device_name(),
+        "device": device,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "libraries": library_versions(),
         "shape": None if ns.model_dir else SHAPE_NAMES[ns.shape],
@@ -370,10 +367,13 @@ def write_combined(
     path.write_text(json.dumps(combined, indent=1))
     print(f"wrote {path}", flush=True)
     if results:
-        from benchmarks.plot_serving_trace import plot
+        try:
+            from benchmarks.plot_serving_trace import plot
 
-        plot(combined, path.with_suffix(".png"))
-        print(f"wrote {path.with_suffix('.png')}", flush=True)
+            plot(combined, path.with_suffix(".png"))
+            print(f"wrote {path.with_suffix('.png')}", flush=True)
+        except ImportError as e:  # matplotlib missing: the JSON has what the plot needs
+            print(f"no plot ({e}); later: python -m benchmarks.plot_serving_trace {path}", flush=True)
     return combined
 
 

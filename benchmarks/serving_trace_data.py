@@ -110,42 +110,48 @@ def _pcts_ms(values_s: list[float]) -> dict:
 
 
 def analyze(trace: list[dict], deadlines: list[tuple[float, float]], run: dict, tbt_slo_ms: float) -> dict:
-    """Per-kind TTFT, TBT and SLO attainment of one run (bench records are in trace order)."""
+    """Per-kind TTFT, TBT and SLO attainment of one run (bench records are in trace order).
+
+    TTFT statistics cover the requests whose first token arrived (a request that timed out
+    later still has its TTFT); `no_first_token` counts the others, and they miss the TTFT
+    deadline. TBT covers every gap between streamed chunks of every request.
+    """
     recs = run["bench"]["requests"]
     if len(recs) != len(trace) or any(
         r["prompt_len"] != t["prompt_len"] for r, t in zip(recs, trace, strict=True)
     ):
         raise ValueError(f"{run['config']}: the bench records do not match the trace")
+    first = [r["ttft_s"] > 0 for r in recs]
+    in_time = [f and r["ttft_s"] <= d for f, r, (_, d) in zip(first, recs, deadlines, strict=True)]
     res: dict = {"ttft": {}, "tbt": {}, "slo": {}}
-    gaps_by_kind: dict[str, list[float]] = {}
+    gaps: dict[str, list[float]] = {}
     for kind in ("short", "long"):
         idx = [i for i, t in enumerate(trace) if t["kind"] == kind]
-        ok = [i for i in idx if recs[i]["success"]]
-        res["ttft"][kind] = _pcts_ms([recs[i]["ttft_s"] for i in ok])
-        res["ttft"][kind]["failed"] = len(idx) - len(ok)
-        met = sum(1 for i in ok if recs[i]["ttft_s"] <= deadlines[i][1])
-        res["slo"][f"ttft_within_deadline_{kind}"] = met / len(idx) if idx else None
-        gaps_by_kind[kind] = [g for i in ok for g in recs[i]["itl_s"]]
-    all_gaps = gaps_by_kind["short"] + gaps_by_kind["long"]
-    res["tbt"] = {"short": _pcts_ms(gaps_by_kind["short"]), "all": _pcts_ms(all_gaps)}
-    for kind, gaps in (("short", gaps_by_kind["short"]), ("all", all_gaps)):
-        res["slo"][f"tbt_within_slo_{kind}"] = (
-            sum(1 for g in gaps if g * 1e3 <= tbt_slo_ms) / len(gaps) if gaps else None
-        )
-    met_all = sum(1 for i, r in enumerate(recs) if r["success"] and r["ttft_s"] <= deadlines[i][1])
-    res["slo"]["ttft_within_deadline_all"] = met_all / len(recs)
+        res["ttft"][kind] = _pcts_ms([recs[i]["ttft_s"] for i in idx if first[i]])
+        res["ttft"][kind]["no_first_token"] = sum(1 for i in idx if not first[i])
+        res["ttft"][kind]["failed"] = sum(1 for i in idx if not recs[i]["success"])
+        res["slo"][f"ttft_within_deadline_{kind}"] = sum(in_time[i] for i in idx) / len(idx) if idx else None
+        gaps[kind] = [g for i in idx for g in recs[i]["itl_s"]]
+    gaps["all"] = gaps["short"] + gaps["long"]
+    res["tbt"] = {"short": _pcts_ms(gaps["short"]), "all": _pcts_ms(gaps["all"])}
+    for kind in ("short", "all"):
+        within = sum(1 for g in gaps[kind] if g * 1e3 <= tbt_slo_ms)
+        res["slo"][f"tbt_within_slo_{kind}"] = within / len(gaps[kind]) if gaps[kind] else None
+    res["slo"]["ttft_within_deadline_all"] = sum(in_time) / len(recs)
     s = run["bench"]["summary"]
     res["throughput"] = {k: s[k] for k in ("duration_s", "completed", "failed", "request_throughput",
                                            "output_throughput", "total_token_throughput")}  # fmt: skip
     res["tbt_all_ms_percentiles"] = (
-        [float(x) for x in np.percentile(np.asarray(all_gaps) * 1e3, TBT_LEVELS)] if all_gaps else []
+        [float(x) for x in np.percentile(np.asarray(gaps["all"]) * 1e3, TBT_LEVELS)] if gaps["all"] else []
     )
     res["requests"] = [
         {"kind": t["kind"], "arrival_s": t["arrival_s"], "prompt_len": t["prompt_len"], "output_len": t["output_len"],
-         "success": r["success"], "ttft_s": r["ttft_s"], "e2e_s": r["e2e_s"], "deadline_s": d[1]}
-        for t, r, d in zip(trace, recs, deadlines, strict=True)
+         "success": r["success"], "ttft_s": r["ttft_s"] if f else None, "e2e_s": r["e2e_s"], "deadline_s": d[1],
+         "error": r["error"][:200]}
+        for t, r, d, f in zip(trace, recs, deadlines, first, strict=True)
     ]  # fmt: skip
-    for key in ("startup_s", "bench_s", "server_exit_code", "server_metrics", "server_command"):
+    for key in ("device", "date", "invocation", "startup_s", "bench_s", "server_exit_code", "server_metrics",
+                "server_command"):  # fmt: skip
         res[key] = run.get(key)
     return res
 
