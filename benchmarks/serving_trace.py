@@ -55,6 +55,7 @@ from benchmarks.serve_gpu import wait_healthy, write_tokenizer
 from benchmarks.serving_trace_data import (
     TraceSpec,
     analyze,
+    floors_summary,
     make_trace,
     trace_id,
     trace_stats,
@@ -237,6 +238,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--dry-run", action="store_true", help="only write the trace (OUT/trace.jsonl) and its stats"
     )
+    ap.add_argument(
+        "--combine-only",
+        action="store_true",
+        help="run nothing: rebuild OUT/serving_trace.json and .png from OUT/runs/*.json (same trace options)",
+    )
     t = ap.add_argument_group("trace")
     t.add_argument("--duration-s", type=float, default=300.0)
     t.add_argument("--rate", type=float, default=0.5, help="requests/s (Poisson)")
@@ -293,6 +299,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {ns.out / 'trace.jsonl'}")
         return {"trace_id": tid, "trace": stats}
     deadlines = ttft_deadlines_s(model_dir, trace, ns.deadline_factor, ns.min_deadline_s)
+    floors = floors_summary(model_dir, spec, trace, [f for f, _ in deadlines])
+    if ns.combine_only:
+        return write_combined(ns, spec, trace, tid, floors)
+    from mnemosyne.profiling.profiler import library_versions
+
     device = device_name()
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="serving_trace_") as tmp:  # the prompts: not worth keeping
@@ -305,24 +316,22 @@ def main(argv: list[str] | None = None) -> dict:
                 failed[name] = f"{type(e).__name__}: {e}"
                 print(f"== {name} FAILED: {failed[name]}", flush=True)
                 continue
-            run.update(
-                device=device, date=datetime.now(UTC).isoformat(timespec="seconds"), invocation=ns.argv
-            )
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            run.update(device=device, date=now, invocation=ns.argv, libraries=library_versions())
             summary = analyze(trace, deadlines, run, ns.tbt_slo_ms)
             (ns.out / "runs" / f"{name}.json").write_text(json.dumps({"trace_id": tid, **summary}, indent=1))
             print(json.dumps({k: summary[k] for k in ("ttft", "tbt", "slo", "throughput")}), flush=True)
-    combined = write_combined(ns, spec, trace, tid, deadlines, device)
+    combined = write_combined(ns, spec, trace, tid, floors)
     if failed:
         raise SystemExit(f"configurations that failed: {failed}")
     return combined
 
 
 def write_combined(
-    ns: argparse.Namespace, spec: TraceSpec, trace: list[dict], tid: str, deadlines: list, device: str
+    ns: argparse.Namespace, spec: TraceSpec, trace: list[dict], tid: str, floors: dict
 ) -> dict:
-    """OUT/serving_trace.json (+ .png): every run in OUT/runs of this trace."""
-    from mnemosyne.profiling.profiler import library_versions
-
+    """OUT/serving_trace.json (+ .png): every run in OUT/runs of this trace (device, date and
+    libraries are the runs')."""
     results = {}
     for name in CONFIGS:
         path = ns.out / "runs" / f"{name}.json"
@@ -332,13 +341,15 @@ def write_combined(
                 results[name] = run
             else:
                 print(f"skipping {path}: a run of another trace", flush=True)
-    floors = [f for f, _ in deadlines]
     combined = {
         "benchmark": "serving_trace",
         "command": "python -m benchmarks.serving_trace " + shlex.join(ns.argv),
-        "device": device,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "libraries": library_versions(),
+        "run_commands": {
+            n: "python -m benchmarks.serving_trace " + shlex.join(r["invocation"]) for n, r in results.items()
+        },
+        "device": ", ".join(sorted({r["device"] for r in results.values()})),
+        "date": ", ".join(sorted({r["date"][:10] for r in results.values()})),
+        "libraries": next((r["libraries"] for r in results.values()), None),
         "shape": None if ns.model_dir else SHAPE_NAMES[ns.shape],
         "model_config": None if ns.model_dir else SHAPES[SHAPE_NAMES[ns.shape]],
         "trace_id": tid,
@@ -355,12 +366,7 @@ def write_combined(
         },  # fmt: skip
         "ttft_deadline": f"max({ns.deadline_factor} x prefill floor, {ns.min_deadline_s} s); floor = whole-prompt prefill "
         "FLOPs (linear at 800 TFLOP/s, attention at 590 TFLOP/s), the same for every config",  # fmt: skip
-        "floors": {
-            "long_prefill_s": [f for f, t in zip(floors, trace, strict=True) if t["kind"] == "long"],
-            "short_prefill_s_max": max(
-                (f for f, t in zip(floors, trace, strict=True) if t["kind"] == "short"), default=None
-            ),
-        },  # fmt: skip
+        "floors": floors,
         "results": results,
     }
     path = ns.out / "serving_trace.json"

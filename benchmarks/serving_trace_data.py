@@ -91,14 +91,40 @@ def ttft_deadlines_s(
     model_dir: Path, trace: list[dict], factor: float, min_s: float
 ) -> list[tuple[float, float]]:
     """(prefill floor, deadline) per request: deadline = max(factor x floor, min_s), in seconds."""
-    import torch
-
     from mnemosyne.bench.long_context.engine import chunk_floor_s
-    from mnemosyne.config import ModelConfig
 
-    cfg = ModelConfig.from_pretrained(model_dir, torch.bfloat16)
+    cfg = _bf16_config(model_dir)
     floors = [chunk_floor_s(cfg, r["prompt_len"], 0) for r in trace]  # one chunk: the whole causal prefill
     return [(f, max(factor * f, min_s)) for f in floors]
+
+
+def decode_step_floor_s(model_dir: Path, num_seqs: int, context_len: int) -> float:
+    """A decode step of `num_seqs` requests at `context_len` tokens each: (weights + KV bytes) / 4.2 TB/s."""
+    from mnemosyne.bench.long_context.engine import decode_floor_s
+
+    return decode_floor_s(_bf16_config(model_dir), num_seqs * context_len)
+
+
+def floors_summary(
+    model_dir: Path, spec: TraceSpec, trace: list[dict], prefill_floors_s: list[float]
+) -> dict:
+    """The physical floors beside the results: each long prompt's prefill, the longest short one's,
+    and a decode step of 16 short requests at their mean context (bf16, H200 peaks)."""
+    short_ctx = (sum(spec.short_prompt) + sum(spec.short_output) // 2) // 2
+    kinds = [t["kind"] for t in trace]
+    return {
+        "long_prefill_s": [f for f, k in zip(prefill_floors_s, kinds, strict=True) if k == "long"],
+        "short_prefill_s_max": max((f for f, k in zip(prefill_floors_s, kinds, strict=True) if k == "short"), default=None),
+        "decode_step_s_16_short": decode_step_floor_s(model_dir, 16, short_ctx),
+    }  # fmt: skip
+
+
+def _bf16_config(model_dir: Path):  # -> ModelConfig
+    import torch
+
+    from mnemosyne.config import ModelConfig
+
+    return ModelConfig.from_pretrained(model_dir, torch.bfloat16)
 
 
 def _pcts_ms(values_s: list[float]) -> dict:
@@ -150,7 +176,7 @@ def analyze(trace: list[dict], deadlines: list[tuple[float, float]], run: dict, 
          "error": r["error"][:200]}
         for t, r, d, f in zip(trace, recs, deadlines, first, strict=True)
     ]  # fmt: skip
-    for key in ("device", "date", "invocation", "startup_s", "bench_s", "server_exit_code", "server_metrics",
+    for key in ("device", "date", "invocation", "libraries", "startup_s", "bench_s", "server_exit_code", "server_metrics",
                 "server_command"):  # fmt: skip
         res[key] = run.get(key)
     return res

@@ -56,6 +56,7 @@ def test_serving_trace_end_to_end_cpu(tmp_path: Path) -> None:
         written
     )
     assert written["device"] == "cpu" and "serving_trace" in written["command"]
+    assert written["floors"]["long_prefill_s"] and written["floors"]["decode_step_s_16_short"] > 0
     assert set(written["results"]) == {"fcfs_fixed512", "lars_adaptive"}
     n = dry["trace"]["num_requests"]
     for name, r in written["results"].items():
@@ -68,3 +69,6 @@ def test_serving_trace_end_to_end_cpu(tmp_path: Path) -> None:
         assert 0.0 <= r["slo"]["tbt_within_slo_all"] <= 1.0
         assert len(r["requests"]) == n and all(q["deadline_s"] >= 0.5 for q in r["requests"])
         assert any(k.startswith("mnemosyne:tbt_slo_total") for k in r["server_metrics"])
+    (out / "serving_trace.json").unlink()
+    again = main([*common, "--combine-only"])  # rebuilt from OUT/runs alone: no server
+    assert again["results"] == written["results"] and again["device"] == "cpu"
