@@ -39,6 +39,7 @@ its model-based deadlines is kept beside it (`server_metrics`, from mnemosyne:tt
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -108,6 +109,13 @@ def _last_line(path: Path) -> str:
     return lines[-1][-160:] if lines else ""
 
 
+def engine_summary(log: Path) -> list[str]:
+    """The server's start-up summary (KV capacity, chunk policy, latency model, ...) from its log."""
+    lines = log.read_text(errors="replace").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.endswith("engine ready:")), len(lines))
+    return [line.strip() for line in itertools.takewhile(lambda x: x.startswith("  "), lines[start + 1 :])]
+
+
 def _wait_logging(proc: subprocess.Popen, what: str, limit_s: float, log: Path) -> int:
     """Wait for `proc` (at most limit_s), printing progress and the server log's last line every 30 s."""
     t0 = time.monotonic()
@@ -174,7 +182,14 @@ def run_config(
     try:
         wait_healthy(url, server, ns.startup_timeout_s, log_every_s=15.0)
         out["startup_s"] = time.monotonic() - t0
-        print(f"  healthy after {out['startup_s']:.0f} s", flush=True)
+        out["server_summary"] = engine_summary(log)
+        shown = [
+            x for x in out["server_summary"] if x.startswith(("KV capacity", "chunk policy", "latency model"))
+        ]
+        print(
+            f"  healthy after {out['startup_s']:.0f} s; " + "; ".join(" ".join(x.split()) for x in shown),
+            flush=True,
+        )
         if ns.warmup_prompts > 0:
             warm = bench_command(url, "--num-prompts", str(ns.warmup_prompts), "--input-len",
                                  str(ns.short_prompt[0]), "--output-len", "16")  # fmt: skip
