@@ -1,0 +1,158 @@
+"""The serving-trace benchmark's server runs: one configuration on a fresh `mnemosyne serve`
+subprocess, replayed by a `mnemosyne bench serve` subprocess. See benchmarks/serving_trace.py."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.serve_gpu import wait_healthy
+
+CONFIGS: dict[str, list[str]] = {
+    "fcfs_fixed512": ["--chunk-policy", "fixed", "--chunk-size", "512", "--scheduling-policy", "fcfs"],
+    "fcfs_fixed2048": ["--chunk-policy", "fixed", "--chunk-size", "2048", "--scheduling-policy", "fcfs"],
+    "lars_adaptive": ["--chunk-policy", "adaptive", "--scheduling-policy", "lars"],
+}
+SERVER_METRICS = ("mnemosyne:tbt_slo_total", "mnemosyne:ttft_slo_total", "mnemosyne:num_preemptions_total")
+SERVER_HISTOGRAMS = ("mnemosyne:step_time_predicted_over_actual", "mnemosyne:prefill_chunk_tokens")
+
+
+def server_command(
+    ns: argparse.Namespace, model_dir: Path, port: int, config: str, max_len: int
+) -> list[str]:
+    """`mnemosyne serve` for one configuration: random weights, no prefix cache, the trace's longest request."""
+    return [
+        sys.executable, "-m", "mnemosyne.cli", "serve", "--model", str(model_dir), "--port", str(port),
+        "--load-format", "dummy", "--dtype", ns.dtype, "--device", ns.device, "--no-enable-prefix-caching",
+        "--no-access-log", "--log-level", "info", "--shutdown-timeout-s", "5", "--max-model-len", str(max_len),
+        "--max-num-batched-tokens", str(ns.max_num_batched_tokens), "--tbt-slo-ms", str(ns.tbt_slo_ms),
+        "--deadline-factor", str(ns.deadline_factor), "--min-deadline-s", str(ns.min_deadline_s),
+        *(["--latency-profile", str(ns.latency_profile)] if ns.latency_profile else []),
+        *CONFIGS[config], *shlex.split(ns.server_args),
+    ]  # fmt: skip
+
+
+def bench_command(url: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mnemosyne.cli", "bench", "serve", "--base-url", url, "--no-progress", *args]  # fmt: skip
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1][-160:] if lines else ""
+
+
+def engine_summary(log: Path) -> list[str]:
+    """The server's start-up summary (KV capacity, chunk policy, latency model, ...) from its log."""
+    lines = log.read_text(errors="replace").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.endswith("engine ready:")), len(lines))
+    return [line.strip() for line in itertools.takewhile(lambda x: x.startswith("  "), lines[start + 1 :])]
+
+
+def _wait_logging(proc: subprocess.Popen, what: str, limit_s: float, log: Path) -> int:
+    """Wait for `proc` (at most limit_s), printing progress and the server log's last line every 30 s."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            elapsed = time.monotonic() - t0
+            print(f"  {what}: {elapsed:.0f} s | server: {_last_line(log)}", flush=True)
+            if elapsed > limit_s:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"{what} ran past {limit_s:.0f} s") from None
+
+
+def read_server_metrics(url: str) -> dict[str, float]:
+    """The SLO counters, preemptions and the step-time-ratio / chunk-size histograms' sum and count."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            label = ",".join(f"{k}={v}" for k, v in s.labels.items() if k not in ("model_name", "le"))
+            key = s.name + (f"{{{label}}}" if label else "")
+            if s.name in SERVER_METRICS or s.name in {
+                h + suffix for h in SERVER_HISTOGRAMS for suffix in ("_sum", "_count")
+            }:
+                out[key] = s.value
+    return out
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    """SIGINT (drain and stop), then SIGKILL to its process group after 90 s; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            print("  server did not stop within 90 s after SIGINT: killing its process group", flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+def run_config(
+    ns: argparse.Namespace, name: str, model_dir: Path, trace_path: Path, num: int, max_len: int
+) -> dict:
+    """One configuration on a fresh server; the raw bench result, server metrics and timings."""
+    from mnemosyne.server.launch import free_port
+
+    runs = ns.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    log = runs / f"{name}.server.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = server_command(ns, model_dir, port, name, max_len)
+    print(f"== {name}: starting the server\n  {shlex.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    with log.open("w") as log_f:
+        server = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True)
+    out: dict = {"config": name, "server_command": cmd}
+    try:
+        wait_healthy(url, server, ns.startup_timeout_s, log_every_s=15.0)
+        out["startup_s"] = time.monotonic() - t0
+        out["server_summary"] = engine_summary(log)
+        shown = [
+            x for x in out["server_summary"] if x.startswith(("KV capacity", "chunk policy", "latency model"))
+        ]
+        print(
+            f"  healthy after {out['startup_s']:.0f} s; " + "; ".join(" ".join(x.split()) for x in shown),
+            flush=True,
+        )
+        if ns.warmup_prompts > 0:
+            warm = bench_command(url, "--num-prompts", str(ns.warmup_prompts), "--input-len",
+                                 str(ns.short_prompt[0]), "--output-len", "16")  # fmt: skip
+            subprocess.run(warm, check=True, capture_output=True, text=True, timeout=600)
+        result_path = runs / f"{name}.bench.json"
+        bench = bench_command(url, "--dataset", "file", "--dataset-path", str(trace_path), "--num-prompts", str(num),
+                              "--slo-tbt-ms", str(ns.tbt_slo_ms), "--timeout-s", str(ns.request_timeout_s),
+                              "--result-json", str(result_path))  # fmt: skip
+        bench_log = runs / f"{name}.bench.log"
+        t1 = time.monotonic()
+        with bench_log.open("w") as bench_f:
+            proc = subprocess.Popen(bench, stdout=bench_f, stderr=subprocess.STDOUT)
+            limit = ns.duration_s + ns.request_timeout_s + 120
+            rc = _wait_logging(proc, f"{name} trace", limit, log)
+        out["bench_s"] = time.monotonic() - t1
+        print(bench_log.read_text()[-3000:], flush=True)
+        if rc != 0 and not result_path.exists():
+            raise RuntimeError(f"bench serve failed (exit {rc}); see {bench_log}")
+        out["server_metrics"] = read_server_metrics(url)
+        out["bench"] = json.loads(result_path.read_text())
+    except BaseException:
+        print(f"  server log tail ({log}):\n" + log.read_text(errors="replace")[-3000:], flush=True)
+        raise
+    finally:
+        out["server_exit_code"] = stop_server(server)
+    return out
