@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,10 @@ def trace_spec(ns: argparse.Namespace) -> TraceSpec:
     )  # fmt: skip
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # `timeout`'s SIGTERM: stop the server on the way out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ns = parse_args(argv)
     spec = trace_spec(ns)
@@ -259,4 +264,5 @@ def write_combined(
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     main()

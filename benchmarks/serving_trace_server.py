@@ -57,18 +57,22 @@ def engine_summary(log: Path) -> list[str]:
 
 
 def _wait_logging(proc: subprocess.Popen, what: str, limit_s: float, log: Path) -> int:
-    """Wait for `proc` (at most limit_s), printing progress and the server log's last line every 30 s."""
+    """Wait for `proc` (killed past limit_s or on an interrupt), printing progress and the server
+    log's last line every 30 s; its exit code."""
     t0 = time.monotonic()
-    while True:
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            elapsed = time.monotonic() - t0
-            print(f"  {what}: {elapsed:.0f} s | server: {_last_line(log)}", flush=True)
-            if elapsed > limit_s:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"{what} ran past {limit_s:.0f} s") from None
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - t0
+                print(f"  {what}: {elapsed:.0f} s | server: {_last_line(log)}", flush=True)
+                if elapsed > limit_s:
+                    raise RuntimeError(f"{what} ran past {limit_s:.0f} s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def read_server_metrics(url: str) -> dict[str, float]:
@@ -89,16 +93,52 @@ def read_server_metrics(url: str) -> dict[str, float]:
     return out
 
 
-def stop_server(proc: subprocess.Popen) -> int:
-    """SIGINT (drain and stop), then SIGKILL to its process group after 90 s; the exit code."""
+def _descendants(pid: int) -> list[int]:
+    """The ids of every process below `pid` (from Linux's /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_server(proc: subprocess.Popen, wait_s: float = 60.0) -> int:
+    """SIGINT (drain and stop), SIGKILL after `wait_s`; then wait for its engine core and workers
+    to be gone (SIGKILL by id after `wait_s`), so the next server finds the GPU memory free.
+    The server's exit code."""
+    below = _descendants(proc.pid)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=90)
+            proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
-            print("  server did not stop within 90 s after SIGINT: killing its process group", flush=True)
-            os.killpg(proc.pid, signal.SIGKILL)
+            print(f"  server did not stop within {wait_s:.0f} s of SIGINT: killing it", flush=True)
+            proc.kill()
             proc.wait()
+    deadline = time.monotonic() + wait_s
+    while any(_alive(pid) for pid in below) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in filter(_alive, below):
+        print(f"  server child {pid} still running: killing it", flush=True)
+        os.kill(pid, signal.SIGKILL)
     return proc.returncode
 
 
@@ -117,7 +157,7 @@ def run_config(
     print(f"== {name}: starting the server\n  {shlex.join(cmd)}", flush=True)
     t0 = time.monotonic()
     with log.open("w") as log_f:
-        server = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT)
     out: dict = {"config": name, "server_command": cmd}
     try:
         wait_healthy(url, server, ns.startup_timeout_s, log_every_s=15.0)
