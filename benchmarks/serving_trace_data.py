@@ -176,7 +176,7 @@ def analyze(trace: list[dict], deadlines: list[tuple[float, float]], run: dict, 
          "error": r["error"][:200]}
         for t, r, d, f in zip(trace, recs, deadlines, first, strict=True)
     ]  # fmt: skip
-    for key in ("device", "date", "invocation", "libraries", "startup_s", "bench_s", "server_exit_code", "server_summary", "server_metrics",
+    for key in ("device", "date", "invocation", "libraries", "startup_s", "warmup_s", "bench_s", "server_exit_code", "server_summary", "server_metrics",
                 "server_command"):  # fmt: skip
         res[key] = run.get(key)
     return res

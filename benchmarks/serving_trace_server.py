@@ -170,10 +170,14 @@ def run_config(
             f"  healthy after {out['startup_s']:.0f} s; " + "; ".join(" ".join(x.split()) for x in shown),
             flush=True,
         )
-        if ns.warmup_prompts > 0:
-            warm = bench_command(url, "--num-prompts", str(ns.warmup_prompts), "--input-len",
-                                 str(ns.short_prompt[0]), "--output-len", "16")  # fmt: skip
-            subprocess.run(warm, check=True, capture_output=True, text=True, timeout=600)
+        if ns.warmup_prompts > 0:  # short prompts at once, then one longer prompt (prefill over a prefix)
+            t_warm = time.monotonic()
+            for n, input_len, output_len in ((ns.warmup_prompts, ns.short_prompt[0], 16),
+                                             (1, min(ns.min_long_prompt, 16384), 4)):  # fmt: skip
+                warm = bench_command(url, "--num-prompts", str(n), "--input-len", str(input_len),
+                                     "--output-len", str(output_len))  # fmt: skip
+                subprocess.run(warm, check=True, capture_output=True, text=True, timeout=600)
+            out["warmup_s"] = time.monotonic() - t_warm
         result_path = runs / f"{name}.bench.json"
         bench = bench_command(url, "--dataset", "file", "--dataset-path", str(trace_path), "--num-prompts", str(num),
                               "--slo-tbt-ms", str(ns.tbt_slo_ms), "--timeout-s", str(ns.request_timeout_s),
