@@ -164,6 +164,9 @@ def analyze(trace: list[dict], deadlines: list[tuple[float, float]], run: dict, 
         within = sum(1 for g in gaps[kind] if g * 1e3 <= tbt_slo_ms)
         res["slo"][f"tbt_within_slo_{kind}"] = within / len(gaps[kind]) if gaps[kind] else None
     res["slo"]["ttft_within_deadline_all"] = sum(in_time) / len(recs)
+    res["ttft"]["long"]["over_floor"] = [  # each long request's TTFT / its prefill floor (None: no token)
+        recs[i]["ttft_s"] / deadlines[i][0] if first[i] else None for i, t in enumerate(trace) if t["kind"] == "long"
+    ]  # fmt: skip
     s = run["bench"]["summary"]
     res["throughput"] = {k: s[k] for k in ("duration_s", "completed", "failed", "request_throughput",
                                            "output_throughput", "total_token_throughput")}  # fmt: skip

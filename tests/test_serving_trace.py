@@ -67,6 +67,7 @@ def test_serving_trace_end_to_end_cpu(tmp_path: Path) -> None:
             assert 0.0 <= r["slo"][f"ttft_within_deadline_{kind}"] <= 1.0
         assert {"p50_ms", "p99_ms"} <= set(r["tbt"]["short"]) and {"p50_ms", "p99_ms"} <= set(r["tbt"]["all"])
         assert 0.0 <= r["slo"]["tbt_within_slo_all"] <= 1.0
+        assert len(r["ttft"]["long"]["over_floor"]) == dry["trace"]["num_long"]
         assert len(r["requests"]) == n and all(q["deadline_s"] >= 0.5 for q in r["requests"])
         assert any(k.startswith("mnemosyne:tbt_slo_total") for k in r["server_metrics"])
     (out / "serving_trace.json").unlink()
