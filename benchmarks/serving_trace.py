@@ -2,19 +2,23 @@
 replayed by `mnemosyne bench serve` against `mnemosyne serve` under each scheduling setup.
 
 One H200, 8B shape (random weights), a 90-second trace (38 requests: 34 short, 4 long of
-103K-123K tokens), in two calls of at most 10 minutes, then merged:
+103K-123K tokens), in two calls of at most 10 minutes, then merged on any machine:
 
     T="--shape 8b --duration-s 90 --rate 0.5 --max-long-prompt 131072"
-    P="--latency-profile benchmarks/results/latency_profile_quick_h200_2026-11-29.json"
-    python -m benchmarks.serving_trace $T $P --request-timeout-s 150 --configs fcfs_fixed512,fcfs_fixed2048 --out OUT
-    python -m benchmarks.serving_trace $T $P --request-timeout-s 150 --configs lars_adaptive --out OUT
-    python -m benchmarks.serving_trace $T --combine-only --out OUT    # OUT/runs/*.json of both calls
+    P="--latency-profile benchmarks/results/latency_profile_quick_h200_2026-11-29.json --request-timeout-s 150"
+    timeout 580 python -m benchmarks.serving_trace $T $P --configs fcfs_fixed512,fcfs_fixed2048 --out OUT1
+    timeout 580 python -m benchmarks.serving_trace $T $P --configs lars_adaptive --out OUT2
+    mkdir -p DIR/runs && cp OUT1/runs/*.json OUT2/runs/*.json DIR/runs/
+    python -m benchmarks.serving_trace $T --combine-only --out DIR    # DIR/serving_trace.json + .png
 
-Each configuration takes its server's start-up (~30-60 s with CUDA graphs), ~5 s of warm-up,
+Each configuration takes its server's start-up (~30-60 s with CUDA graphs), ~10 s of warm-up,
 the trace (90 s) plus the time its last requests need (~10-30 s, more when long prefills lag)
-and ~10 s to stop: ~2.5-3 minutes. The 1B shape: `--shape 1b --rate 1` (74 short, 8 long),
-similar times. The issue's full trace is `--duration-s 300 --max-long-prompt 524288`, at a rate
-the GPU can sustain: a 512K prefill alone is ~2 minutes on the 8B shape.
+and ~10 s to stop: ~2.5-3 minutes (a request waits at most --request-timeout-s for a byte).
+`timeout`'s SIGTERM stops the server and keeps the configurations already done in OUT/runs.
+The 1B shape: `--shape 1b --rate 1` (74 short, 8 long), similar times, no committed profile
+(the server then uses a cached one or the roofline model). The issue's full trace is
+`--duration-s 300 --max-long-prompt 524288`, at a rate the GPU can sustain: a 512K prefill
+alone is ~2 minutes on the 8B shape.
 
     python -m benchmarks.serving_trace --dry-run --out /tmp/t        # only write the trace
 
