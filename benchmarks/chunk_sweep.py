@@ -8,9 +8,11 @@ Parts (each in its own process, so that each starts with the whole GPU):
            c queries after P keys, on both paths (split-KV Triton, cuDNN), forced; plus a small
            tuning sweep of the Triton kernel. Fits t = fixed(c) + keys * per_key(c) per path
            (the `ChunkCostModel` of layers/attention/kernel_cost.py).
-  8b / 1b  whole-model chunk step (eager, as bench/long_context/engine.py's chunk step: forward of c tokens after
-           P keys + LM head of the last row) for c in --chunks at the shape's prefixes, on
-           both paths (cuDNN only where it can run), and the path the fitted cost model picks.
+  8b / 1b  whole-model chunk step (as bench/long_context/engine.py's chunk step: forward of c tokens after
+           P keys + LM head of the last row) for c in --chunks at the shape's prefixes, eager on
+           both paths (cuDNN only where it can run; --auto-path-only: just the path the fitted
+           cost model picks), and through the worker's piecewise CUDA graphs on that path
+           (steps of up to 1024 tokens: what the engine runs).
            8b also: the mixed step (32 decodes at 1K context + one 128-token chunk after 256K).
   scenario 8b through LLMEngine.step: 32 requests (1K prompts) decoding, then one 256K-token
            prompt; for each fixed chunk in --scenario-chunks: the short requests' TBT p50 /
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 from mnemosyne.bench.long_context.engine import COPY_BPS, chunk_floor_s
-from mnemosyne.bench.long_context.run import _device, write_model_dir
+from mnemosyne.bench.long_context.run import device_info, write_model_dir
 
 CHUNKS = (16, 32, 64, 128, 256, 512, 2048)
 PREFIXES = {"8b": (1 << 17, 1 << 19, 900_000), "1b": (1 << 17, 1 << 20, 3_000_000)}
@@ -156,20 +158,30 @@ def _engine(model_dir: Path, kv_fraction: float):
     return engine
 
 
-def _step_s(model, kv_caches, meta, num_tokens: int, positions: torch.Tensor, logits_rows: int, iters: int):
+def _step_s(
+    model, kv_caches, meta, num_tokens: int, positions: torch.Tensor, logits_rows: int, iters: int,
+    piecewise=None,
+):  # fmt: skip
+    """Median seconds of one step: eager, or through the worker's piecewise CUDA graphs."""
     from mnemosyne.bench.long_context.engine import _median_s
 
     ids = torch.ones(num_tokens, dtype=torch.long, device="cuda")
 
     def step() -> int:
         meta.backend_plan = None  # planned once per step, as in the engine
-        hidden = model(ids, positions, kv_caches, meta)
+        if piecewise is not None:
+            hidden = piecewise.run(ids, positions, kv_caches, meta)
+        else:
+            hidden = model(ids, positions, kv_caches, meta)
         return int(model.compute_logits(hidden[-logits_rows:]).argmax(-1)[0])
 
     return _median_s(step, iters)
 
 
-def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float, log: Path | None) -> dict:
+def part_model(
+    key: str, model_dir: Path, calib: dict | None, kv_fraction: float, log: Path | None,
+    chunks: tuple[int, ...] = CHUNKS, forced_paths: bool = True,
+) -> dict:  # fmt: skip
     from mnemosyne.bench.long_context.engine import _meta
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
     from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkPath
@@ -186,9 +198,10 @@ def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float
     capacity = cache.num_blocks_per_group[0] * bs
     res: dict = {"kv_capacity_tokens": capacity, "weight_bytes": cfg.weight_bytes,
                  "kv_bytes_per_token": cfg.kv_bytes_per_token, "steps": []}  # fmt: skip
-    _log({"part": key, "capacity": capacity}, log)
+    res["graph_capture_s"] = worker.capture_s  # start-up: every decode and piecewise graph
+    _log({"part": key, "capacity": capacity, "graph_capture_s": worker.capture_s}, log)
     for prefix in PREFIXES[key]:
-        for c in CHUNKS:
+        for c in chunks:
             if prefix + c + bs > capacity or (c == 2048 and prefix > 600_000):
                 continue
             meta = _meta(c, prefix, bs)
@@ -199,7 +212,7 @@ def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float
                      "floor_s": max(flop_s, byte_s)}  # fmt: skip
             entry["chosen"] = backend.cost_model.cheaper(c, prefix + c, cfg.num_heads, cfg.head_dim).value
             iters = 3 if c * prefix > 1 << 29 else 5
-            for path in (ChunkPath.TRITON_SPLITKV, ChunkPath.CUDNN):
+            for path in (ChunkPath.TRITON_SPLITKV, ChunkPath.CUDNN) if forced_paths else ():
                 if path is ChunkPath.CUDNN and c < 128 and prefix > 600_000:
                     continue  # minutes of cuDNN's unsplit short chunks: known slow (issue 13)
                 backend.force_path = path
@@ -208,8 +221,13 @@ def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float
                 except Exception as e:  # noqa: BLE001 (report and go on)
                     entry[path.value + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             backend.force_path = None
-            t = entry.get(entry["chosen"] + "_s")
-            if t is not None:
+            if not forced_paths:
+                entry[entry["chosen"] + "_s"] = _step_s(model, caches, meta, c, pos, 1, iters)
+            t = entry.get(entry["chosen"] + "_s")  # eager
+            if worker.piecewise is not None and worker.piecewise.can_run(c):
+                entry["eager_s"] = t
+                t = entry["piecewise_s"] = _step_s(model, caches, meta, c, pos, 1, iters, worker.piecewise)
+            if t is not None:  # the engine's own path: piecewise graphs where it has them
                 entry.update(s=t, ratio_to_floor=t / entry["floor_s"], tokens_per_s=c / t)
             _log(entry, log)
             res["steps"].append(entry)
@@ -242,7 +260,12 @@ def part_model(key: str, model_dir: Path, calib: dict | None, kv_fraction: float
             name = "auto" if path is None else path.value
             entry[name + "_s"] = _step_s(model, caches, meta, tokens, pos, n_dec + 1, 5)
         backend.force_path = None
-        entry["ratio_to_floor"] = entry["auto_s"] / entry["floor_s"]
+        t = entry["auto_s"]  # eager
+        if worker.piecewise is not None and worker.piecewise.can_run(tokens):
+            t = entry["piecewise_s"] = _step_s(
+                model, caches, meta, tokens, pos, n_dec + 1, 5, worker.piecewise
+            )
+        entry["ratio_to_floor"] = t / entry["floor_s"]
         _log(entry, log)
         res["mixed"] = entry
     engine.shutdown()
@@ -321,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="calib,8b,1b")
     ap.add_argument("--part", choices=["calib", "8b", "1b", "scenario"], help=argparse.SUPPRESS)
     ap.add_argument("--scenario-chunks", default="64,128,512,2048")
+    ap.add_argument("--chunks", default=",".join(map(str, CHUNKS)), help="chunk sizes of the 8b/1b parts")
+    ap.add_argument("--auto-path-only", action="store_true",
+                    help="8b/1b parts: time only the path the cost model picks (eager and piecewise)")  # fmt: skip
     ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--calib", type=Path, default=None, help="a calib part's JSON (for the model parts)")
     ap.add_argument("--kv-fraction", type=float, default=0.95)
@@ -341,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 max_pos = 1 << 22 if ns.part == "1b" else 1 << 21
                 model_dir = write_model_dir(SHAPE_NAMES[ns.part], Path(tmp), max_pos)
-                res = part_model(ns.part, model_dir, calib, ns.kv_fraction, ns.log)
+                chunks = tuple(int(c) for c in ns.chunks.split(","))
+                res = part_model(
+                    ns.part, model_dir, calib, ns.kv_fraction, ns.log, chunks, not ns.auto_path_only
+                )
         ns.part_out.write_text(json.dumps(res, indent=1))
         return 0
     result: dict = {
-        "benchmark": "chunk_sweep", "date": datetime.date.today().isoformat(), "device": _device(),
+        "benchmark": "chunk_sweep", "date": datetime.date.today().isoformat(), "device": device_info(),
         "command": "python -m benchmarks.chunk_sweep " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "floors": {"copy_TBps": 4.2, "matmul_TFLOPs": 800, "attention_TFLOPs": 590},
     }  # fmt: skip
@@ -354,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         part_out = ns.out.with_suffix(f".{part}.json")
         cmd = [sys.executable, "-m", "benchmarks.chunk_sweep", "--part", part, "--part-out", str(part_out),
                "--calib", str(calib_path), "--kv-fraction", str(ns.kv_fraction), "--out", str(ns.out),
-               "--scenario-chunks", ns.scenario_chunks]  # fmt: skip
+               "--scenario-chunks", ns.scenario_chunks, "--chunks", ns.chunks]  # fmt: skip
+        if ns.auto_path_only:
+            cmd.append("--auto-path-only")
         if ns.log:
             cmd += ["--log", str(ns.log)]
         try:

@@ -106,7 +106,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=[k.value for k in AttentionBackendKind],
         help="auto: Triton/cuDNN kernels on CUDA, the torch reference on CPU",
     )
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (decode steps and piecewise mixed steps)")
     g.add_argument(
         "--load-format",
         default=d.load_format,

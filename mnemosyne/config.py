@@ -327,7 +327,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # True: no CUDA graphs (decode steps, piecewise mixed steps)
     load_format: LoadFormat = LoadFormat.SAFETENSORS
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     generation_config: GenerationConfigMode = GenerationConfigMode.AUTO

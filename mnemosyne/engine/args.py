@@ -27,6 +27,7 @@ from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
 from mnemosyne.layers.linear import num_kv_heads_per_rank
 from mnemosyne.models.loader import check_model_dir
 from mnemosyne.parallel.groups import stage_layers
+from mnemosyne.worker.piecewise_graph import MAX_PIECEWISE_TOKENS
 
 _DEFAULT_CPU_KV_GB = 2.0
 _CUDA_RESERVE_BYTES = 1 << 30  # allocator fragmentation, CUDA context growth, sampler buffers
@@ -56,7 +57,7 @@ class EngineArgs:
     worker_timeout_s: float = 600.0  # collectives and one step's reply: above the longest step
     heartbeat_timeout_s: float = 10.0  # a worker silent this long is frozen or lost
     attention_backend: str | AttentionBackendKind = "auto"  # auto | reference | kernels
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    enforce_eager: bool = False  # no CUDA graphs (decode, piecewise)
     load_format: str | LoadFormat = "safetensors"  # safetensors | dummy (random weights, config.json only)
     # ---- chunk sizing and ordering (PolicyConfig) ----
     chunk_policy: str | ChunkPolicyKind = "fixed"  # fixed (chunk_size) | adaptive (latency model, tbt_slo_ms)
@@ -225,6 +226,9 @@ class EngineArgs:
             # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
+            # The CUDA graphs' own pool: activations of the largest piecewise step.
+            if not self.enforce_eager:
+                reserve += min(self.max_num_batched_tokens, MAX_PIECEWISE_TOKENS) * per_token
             # Kernel temporaries: a gathered K/V segment of the cuDNN prefill path per layer.
             reserve += 2 * DENSE_SEGMENT_TOKENS * model_cfg.num_kv_heads * model_cfg.head_dim * 2
             weights = weight_bytes_per_device(model_cfg, parallel)

@@ -77,9 +77,13 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, cfg.head_dim, backend, cfg.sliding_window, kvp_group=kvp_group
         )
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def project_qkv(
+        self,
+        positions: torch.Tensor,  # [num_tokens]
+        x: torch.Tensor,  # [num_tokens, hidden_size]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [num_tokens, num_heads, head_dim], k and v [num_tokens, num_kv_heads, head_dim],
+        local heads, with RoPE (and Qwen3's q/k norms) applied."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], local heads
         q, k, v = qkv.split(self.qkv_proj.local_sizes, dim=-1)
@@ -89,10 +93,17 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, meta)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(
-            out.reshape(num_tokens, self.num_heads * self.head_dim)
-        )  # [num_tokens, hidden_size]
+        return q, k, v
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, num_heads, head_dim] attention output -> [num_tokens, hidden_size]."""
+        return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.head_dim))
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        q, k, v = self.project_qkv(positions, x)
+        return self.project_out(self.attn(q, k, v, kv_cache, meta))  # [num_tokens, hidden_size]
 
     def weight_loaders(self) -> dict[str, WeightLoader]:
         """Checkpoint name (relative to `self_attn.`) -> loader of this rank's part."""
@@ -152,11 +163,27 @@ class LlamaDecoderLayer(nn.Module):
         leaves as mlp_out + new_residual, returned unsummed so that the next layer's norm
         fuses the add. The roundings are those of `x = x + attn(norm1(x)); x = x + mlp(norm2(x))`:
         each sum is one add of two tensors of the model's dtype."""
+        q, k, v, residual = self.pre_attention(positions, x, residual)
+        out = self.self_attn.attn(q, k, v, kv_cache, meta)  # [num_tokens, num_heads, head_dim]
+        return self.post_attention(out, residual)
+
+    # The two halves around attention: everything in them is row-wise (no token sees
+    # another), so they may run on padded batches (`worker/piecewise_graph.py`).
+
+    def pre_attention(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v, residual): the input norm (residual = x + residual) and the projections."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual=residual)  # residual = x + residual
-        a = self.self_attn(positions, h, kv_cache, meta)
+        q, k, v = self.self_attn.project_qkv(positions, h)
+        return q, k, v, residual
+
+    def post_attention(self, out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp_out, residual) from the attention output [num_tokens, num_heads, head_dim]."""
+        a = self.self_attn.project_out(out)  # [num_tokens, hidden_size]
         h, residual = self.post_attention_layernorm(a, residual=residual)  # residual += attn out
         return self.mlp(h), residual
 
@@ -225,14 +252,23 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Last stage: final-normed hidden states; other stages: the residual stream for
         the next stage. Either way [num_tokens, hidden_size]."""
-        if self.embed_tokens is not None:
-            x = self.embed_tokens(input_ids_or_hidden)  # [num_tokens, hidden_size]
-        else:
-            x = input_ids_or_hidden
+        x = self.embed(input_ids_or_hidden)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, residual, kv_cache, meta)
         assert residual is not None  # every stage has layers
+        return self.finish(x, residual)
+
+    def embed(self, input_ids_or_hidden: torch.Tensor) -> torch.Tensor:
+        """The stage's input as the residual stream [num_tokens, hidden_size]: the embedding of
+        the ids on the first stage, the received hidden states as they are elsewhere."""
+        if self.embed_tokens is None:
+            return input_ids_or_hidden
+        return self.embed_tokens(input_ids_or_hidden)
+
+    def finish(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The stage's output from the last layer's (mlp_out, residual): final-normed on the
+        last stage, the summed residual stream elsewhere. [num_tokens, hidden_size]."""
         if self.norm is None:
             return x + residual
         return self.norm(x, residual=residual)[0]

@@ -19,13 +19,13 @@ The attention plan of a graph (decode kernel, split count for `max_blocks * bloc
 keys) is built once, at capture; the decode kernel reads the lengths from the static
 tensors, so one graph serves every context length.
 
-Graphs are captured lazily, one per padded size, after an eager warm-up run on the real
-inputs (which also produces a correct result; its KV write is repeated by the replay,
-with the same values). Every TP rank runs the same plan, so all of them capture the same
-size at the same step, and the TP all-reduces inside the layers are recorded into the
-graph (NCCL supports capture). Stage-to-stage sends and receives stay outside it. A
-sub-batch with rows merged across KVP groups runs eagerly: the merge's all-gather size
-and the other groups' batches vary from step to step.
+Every padded size is captured at start-up (`capture_all`), each after an eager warm-up run
+on the static buffers as they stand then (every row padding: no key read, no KV written),
+so serving never captures. Every TP rank captures the same sizes in the same order, and
+the TP all-reduces inside the layers are recorded into the graphs (NCCL supports capture).
+Stage-to-stage sends and receives stay outside them. A sub-batch with rows merged across
+KVP groups takes the piecewise graphs instead (`piecewise_graph.py`): the merge's
+all-gather size and the other groups' batches vary from step to step.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class DecodeGraphs:
         max_blocks: int,
         block_size: int,
         device: torch.device,
+        pool: tuple[int, int] | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -84,7 +85,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.metas: dict[int, AttentionMetadata] = {}
-        self.pool: tuple[int, int] | None = None
+        self.pool = pool
 
     @classmethod
     def create(
@@ -94,6 +95,7 @@ class DecodeGraphs:
         kv_caches: list[KVCache],
         backend: object,
         device: torch.device,
+        pool: tuple[int, int] | None = None,
     ) -> DecodeGraphs | None:
         """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
         if device.type != "cuda" or config.enforce_eager:
@@ -106,7 +108,14 @@ class DecodeGraphs:
         num_blocks = kv_caches[0][0].shape[0] if kv_caches else 1
         max_blocks = min(-(-config.scheduler.max_model_len // block_size), num_blocks)
         max_batch = min(config.scheduler.max_num_seqs, _MAX_GRAPH_BATCH)
-        return cls(model, kv_caches, backend, max_batch, max_blocks, block_size, device)
+        return cls(model, kv_caches, backend, max_batch, max_blocks, block_size, device, pool)
+
+    def capture_all(self) -> None:
+        """Capture every padded size, largest first (the pool reaches its peak at once). The
+        static buffers hold padding only here, before any step: kv_len 0, slot -1."""
+        for bs in sorted(self.sizes, reverse=True):
+            if bs not in self.graphs:
+                self._capture(bs)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return (
@@ -137,7 +146,7 @@ class DecodeGraphs:
         self.slot_mapping[n:bs].fill_(-1)
         self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         if bs not in self.graphs:
-            self._capture(bs)
+            self._capture(bs)  # only without capture_all (benchmarks driving the model directly)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 

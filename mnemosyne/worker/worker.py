@@ -21,6 +21,9 @@ since the collective needs every group.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -36,7 +39,10 @@ from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
+from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
+
+logger = logging.getLogger(__name__)
 
 _SEED_MIX = 1_000_003
 
@@ -77,7 +83,10 @@ class Worker:
         if device.type == "cuda" and self.kv_caches:  # Triton's JIT before serving, not on the first steps
             for window in {None, config.model.sliding_window}:
                 backend.warm_up(*self.kv_caches[0], window)
-        self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device)
+        pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # shared by all graphs
+        self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
+        self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)
+        self.capture_s = self._capture_graphs()
         self.mirror = BlockTableMirror(self.group, num_blocks, device)
         self.params: dict[str, SamplingParams] = {}
         # Requests with penalties or min_tokens, on reporting ranks only; any group may own a
@@ -118,12 +127,33 @@ class Worker:
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         if self.graphs is not None and self.graphs.can_run(batch.meta):
             hidden = self.graphs.run(x, batch.positions, batch.meta)  # [num_tokens, hidden]
+        elif self.piecewise is not None and self.piecewise.can_run(batch.num_tokens):
+            hidden = self.piecewise.run(x, batch.positions, self.kv_caches, batch.meta)
         else:
             hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)  # [num_tokens, hidden]
         if not self.pg.is_last_stage:
             self._send_hidden(hidden)
             return None
         return self._sample(batch, hidden, result)
+
+    def _capture_graphs(self) -> float:
+        """Capture every CUDA graph now, before serving (no step ever waits for a capture);
+        the seconds it took."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self.graphs is not None:
+                self.graphs.capture_all()
+            if self.piecewise is not None:
+                self.piecewise.capture_all()
+        seconds = time.perf_counter() - t0
+        if self.graphs is not None or self.piecewise is not None:
+            num_decode = len(self.graphs.graphs) if self.graphs is not None else 0
+            num_piecewise = len(self.piecewise.pieces) if self.piecewise is not None else 0
+            logger.info(
+                "rank %d: captured %d decode graphs and %d piecewise step sizes in %.1f s",
+                self.pg.rank, num_decode, num_piecewise, seconds,
+            )  # fmt: skip
+        return seconds
 
     # ---- stage to stage ---------------------------------------------------------------------
     # The residual stream is identical on the TP ranks of a stage, so each TP rank sends only
@@ -140,7 +170,10 @@ class Worker:
         assert self.pg.next_stage_rank is not None
         self._wait_pending_send()
         start, size = self._hidden_slice()
-        part = hidden.narrow(1, start, size).contiguous()  # [num_tokens, hidden / tp]
+        # A copy, never a view: `hidden` may be a graph's static buffer, which the next step
+        # overwrites while this send may still be in flight.
+        part = hidden.narrow(1, start, size).clone(memory_format=torch.contiguous_format)
+        # part: [num_tokens, hidden / tp]
         work = send_to_stage(part, self.pg.next_stage_rank, self.pg.next_stage_group)
         self._pending_send = (work, part) if work is not None else None
 
@@ -219,3 +252,6 @@ class Worker:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+        if self.piecewise is not None:
+            self.piecewise.close()
+            self.piecewise = None

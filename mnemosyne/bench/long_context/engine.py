@@ -6,7 +6,10 @@ Measured three ways, all on the same engine (load_format=dummy, bf16, the kernel
                at the contexts given by --e2e (a real prefill of the whole prompt)
   decode step  one decode at position L through the worker's CUDA graph + LM head + argmax,
                over a KV of L keys (a synthetic block table; decode cost does not depend
-               on the cached values), for every context up to the cache capacity
+               on the cached values), for every context up to min(cache capacity,
+               max_model_len): the graph's static block table has ceil(max_model_len /
+               block_size) columns (`DecodeGraphs`), so run.py declares positions past any
+               one-GPU capacity (LONG_MAX_POSITIONS; `decode_contexts` clamps anyway)
   chunk step   one prefill chunk of c tokens after a prefix of P keys (eager, cuDNN path)
 
 TTFT at contexts beyond --e2e is the sum of the chunk steps of the whole prompt, with
@@ -54,7 +57,16 @@ def random_prompt(n: int, seed: int = 0, max_id: int = 128000) -> list[int]:
     return torch.randint(0, max_id, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _meta(query_len: int, prefix: int, block_size: int) -> AttentionMetadata:
+def decode_contexts(capacity: int, max_model_len: int, chunk: int, block_size: int) -> list[int]:
+    """Contexts L of the decode sweep: powers of two from 32K to 2M, 768K, 3M, and the largest
+    one that both the KV cache (a chunk and a block spare) and max_model_len (the decode's
+    query at position L is token L + 1) allow."""
+    top = min(capacity - chunk - block_size, max_model_len - 1)
+    powers = [1 << k for k in range(15, 22)]
+    return sorted({c for c in (*powers, 786432, 3 << 20, top) if 0 < c <= top})
+
+
+def synthetic_meta(query_len: int, prefix: int, block_size: int, device: str = "cuda") -> AttentionMetadata:
     """One sequence: query_len queries after `prefix` keys, blocks 0, 1, 2, ... (one run)."""
     total = prefix + query_len
     nb = -(-total // block_size)
@@ -65,9 +77,20 @@ def _meta(query_len: int, prefix: int, block_size: int) -> AttentionMetadata:
         kv_lens=[total],
         block_tables=[list(range(nb))],
         slot_mapping=list(range(prefix, total)),
-        device="cuda",
+        device=device,
         block_runs=[(0, nb)],
     )
+
+
+def check_graph_fits(graphs, meta: AttentionMetadata) -> None:  # graphs: DecodeGraphs
+    """Raise a clear error when the worker's decode graphs cannot take this decode (its block
+    table is wider than the graphs' static one, sized by max_model_len)."""
+    if not graphs.can_run(meta):
+        raise ValueError(
+            f"a decode over {meta.max_kv_len} keys ({meta.block_tables.shape[1]} blocks) does not fit "
+            f"the CUDA graphs' block table of {graphs.max_blocks} blocks (max_model_len / block_size): "
+            "raise max_model_len"
+        )
 
 
 def run_to_completion(engine, prompt: list[int], params):  # -> RequestOutput
@@ -133,11 +156,13 @@ def run(model_dir: Path, chunk: int, e2e: list[int], num_decode: int, kv_fractio
     worker = engine.executor.worker
     model, bs = worker.model, cache.block_size
     ids1 = torch.ones(1, dtype=torch.long, device="cuda")
-    top = capacity - chunk - bs
-    ctxs = sorted({c for c in (1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 786432, top) if c <= top})
+    max_model_len = engine.config.scheduler.max_model_len
+    ctxs = decode_contexts(capacity, max_model_len, chunk, bs)
+    top = ctxs[-1]
     res["decode"] = []
     for ctx in ctxs:
-        meta = _meta(1, ctx, bs)
+        meta = synthetic_meta(1, ctx, bs)
+        check_graph_fits(worker.graphs, meta)
         pos = torch.tensor([ctx], device="cuda")
 
         def graph_step(pos: torch.Tensor = pos, meta: AttentionMetadata = meta) -> int:
@@ -159,7 +184,7 @@ def run(model_dir: Path, chunk: int, e2e: list[int], num_decode: int, kv_fractio
         {p for p in (0, 1 << 15, 1 << 17, 1 << 18, 1 << 19, 786432, top - chunk) if 0 <= p <= top - chunk}
     )
     for prefix in prefixes:
-        meta = _meta(chunk, prefix, bs)
+        meta = synthetic_meta(chunk, prefix, bs)
         pos = torch.arange(prefix, prefix + chunk, device="cuda")
 
         def chunk_step(pos: torch.Tensor = pos, meta: AttentionMetadata = meta) -> int:

@@ -47,7 +47,19 @@ SHAPES: dict[str, dict] = {
         rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 32.0,
                          "original_max_position_embeddings": 8192},
     ),
+    "tiny-llama": dict(  # CPU smoke runs of the benchmarks
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
+        rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 8.0,
+                         "original_max_position_embeddings": 64},
+    ),
 }  # fmt: skip
+
+
+# Positions the long-context runs declare (the llama3 rope extended past 10M): max_model_len
+# defaults to max_position_embeddings and must exceed the one-GPU KV capacity (the 1B shape
+# holds ~4M tokens on an H200), else the decode sweep outgrows the CUDA graphs' block table.
+LONG_MAX_POSITIONS = 1 << 24
 
 
 def write_model_dir(shape: str, root: Path, max_positions: int = 1 << 21) -> Path:
@@ -78,8 +90,13 @@ def _part(ns: argparse.Namespace, model_dir: Path) -> dict:
     return run(model_dir, ns.chunk, ns.e2e, ns.num_decode, ns.kv_fraction)
 
 
-def _device() -> dict:
+def device_info() -> dict:
     import torch
+
+    if not torch.cuda.is_available():
+        import platform
+
+        return {"gpu": None, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
     import triton
 
     return {
@@ -113,13 +130,13 @@ def _ints(text: str) -> list[int]:
 def run(ns: argparse.Namespace, argv: list[str]) -> int:
     """The whole benchmark (each part in a child process given `argv`), or one part."""
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model_dir(ns.shape, Path(tmp))
+        model_dir = write_model_dir(ns.shape, Path(tmp), LONG_MAX_POSITIONS)
         if ns.part:  # a child process: one part
             ns.part_out.write_text(json.dumps(_part(ns, model_dir), indent=1))
             return 0
         result: dict = {
             "benchmark": "long_context", "shape": ns.shape, "config": SHAPES[ns.shape],
-            "date": datetime.date.today().isoformat(), "device": _device(),
+            "date": datetime.date.today().isoformat(), "device": device_info(),
             "command": "mnemosyne bench long-context " + shlex.join(argv),
             "floors": {"copy_TBps": 4.2, "matmul_TFLOPs": 800, "attention_TFLOPs": 590},
         }  # fmt: skip

@@ -1,0 +1,282 @@
+"""Decode TBT of one request at 1M, 2M and 3.5M tokens of context on one GPU, the KV synthetic.
+
+    python -m benchmarks.decode_synthetic_kv --out benchmarks/results/decode_synthetic_kv_h200_DATE.json
+
+Random Llama-3.2-1B shape (llama3 rope, positions declared to 16M), bf16, dummy weights,
+CUDA graphs on. Per context L, through `LLMEngine.step` (mnemosyne/bench/long_context/
+synthetic_kv.py says what is real and what is not)::
+
+    add the request (L prompt tokens)   the KV manager allocates its blocks, chunk by chunk;
+    step until its prefill is "done"    each chunk computes only its last token
+    fill its blocks with N(0, 1) K/V    every layer (the KV IS SYNTHETIC: decode cost does not
+                                        depend on the values; the tokens are meaningless)
+    warm-up decodes, then --steps decode steps alone            -> "alone"
+    add --num-short requests of --short-prompt tokens (a real prefill), warm-up,
+    then --steps steps of all of them decoding together         -> "with_short"
+    abort all (the KV is freed for the next context)
+
+Per phase: TBT p50/p99 (gaps between the long request's token times, as the engine
+stamps them), the GPU time of the decode forward (CUDA events around the worker's
+`DecodeGraphs.run`: input copies + graph replay; the LM head and sampling are outside),
+host time = TBT - forward, and the floor (weight bytes + KV bytes read) / 4.2 TB/s.
+
+The KV budget is exactly what the run needs (--kv-cache-gb overrides): 3.5M tokens of the
+1B shape are 3.5e6 x 32 KiB = 115 GB of KV + 2.5 GB of weights on a 141 GB H200.
+CPU smoke (tests): --shape tiny-llama --device cpu --contexts 200,300 --steps 4 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mnemosyne.bench.long_context.engine import decode_floor_s, random_prompt
+from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, SHAPES, device_info, write_model_dir
+from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, fill_synthetic_kv
+from mnemosyne.config import ModelConfig, parse_dtype
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.errors import ConfigError
+from mnemosyne.sampling_params import SamplingParams
+
+COPY_BPS = 4.2e12
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(float(x)) for x in s.split(",")]  # noqa: E731  (accepts 3.5e6)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2-1b")
+    ap.add_argument("--contexts", type=ints, default=[1_000_000, 2_000_000, 3_500_000])
+    ap.add_argument("--steps", type=int, default=64, help="measured decode steps per phase")
+    ap.add_argument("--warmup", type=int, default=8, help="decode steps before each measurement")
+    ap.add_argument("--num-short", type=int, default=16, help="short requests decoding alongside (0: none)")
+    ap.add_argument("--short-prompt", type=int, default=1024)
+    ap.add_argument("--prefill-chunk", type=int, default=1 << 18, help="chunk of the (skipped) long prefill")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="default: what the largest context needs")
+    ap.add_argument("--out", type=Path, default=None)
+    return ap.parse_args(argv)
+
+
+def _long_max_tokens(ns: argparse.Namespace) -> int:
+    return 4 * (ns.warmup + ns.steps) + 16  # never reached: the requests are aborted
+
+
+def kv_tokens_needed(ns: argparse.Namespace) -> int:
+    """KV slots the largest context needs with its short companions (a block of slack each)."""
+    out = _long_max_tokens(ns)
+    per_req = ns.block_size
+    return max(ns.contexts) + out + per_req + ns.num_short * (ns.short_prompt + out + per_req)
+
+
+def make_engine(model_dir: Path, ns: argparse.Namespace) -> LLMEngine:
+    device = EngineArgs(device=ns.device).resolve_device()
+    dtype = EngineArgs(dtype=ns.dtype).resolve_dtype(device)
+    cfg = ModelConfig.from_pretrained(model_dir, dtype)
+    kv_gb = ns.kv_cache_gb or kv_tokens_needed(ns) * cfg.kv_bytes_per_token / 2**30 + 0.01
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        need = kv_gb * 2**30 + cfg.weight_bytes + 4 * 2**30  # 4 GiB: activations, graphs, context
+        if need > free:
+            raise ConfigError(
+                f"{kv_gb:.1f} GiB of KV + {cfg.weight_bytes / 2**30:.1f} GiB of weights + 4 GiB do not fit "
+                f"the {free / 2**30:.1f} GiB free: lower --contexts"
+            )
+    args = EngineArgs(
+        model=str(model_dir), load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=device,
+        block_size=ns.block_size, chunk_size=ns.prefill_chunk, max_num_batched_tokens=ns.prefill_chunk,
+        max_num_seqs=max(8, ns.num_short + 1), kv_cache_memory_gb=kv_gb, enable_prefix_caching=False,
+        chunk_policy="fixed", scheduling_policy="fcfs",
+    )  # fmt: skip
+    engine = LLMEngine.from_args(args)
+    engine.executor = SyntheticPrefillExecutor(engine.executor)
+    return engine
+
+
+class ForwardTimer:
+    """CUDA events around the worker's `DecodeGraphs.run` (None on CPU / without graphs)."""
+
+    def __init__(self, graphs) -> None:  # graphs: DecodeGraphs | None
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        if graphs is None:
+            return
+        run = graphs.run
+
+        def timed_run(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = run(*args, **kwargs)
+            end.record()
+            self.events.append((start, end))
+            return out
+
+        graphs.run = timed_run
+
+    def take_s(self) -> list[float]:
+        if self.events:
+            torch.cuda.synchronize()
+        times = [s.elapsed_time(e) / 1e3 for s, e in self.events]
+        self.events = []
+        return times
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def _gaps(token_times: list[float], n: int) -> list[float]:
+    """The last n gaps between consecutive token times."""
+    t = token_times[-n - 1 :]
+    return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+
+def decode_phase(
+    engine: LLMEngine, timer: ForwardTimer, long_id: str, short_id: str | None, ns: argparse.Namespace
+) -> dict:
+    """Warm-up, then --steps steps; every running request must be decoding."""
+    for _ in range(ns.warmup):
+        engine.step()
+    timer.take_s()
+    times: dict[str, list[float]] = {}
+    walls: list[float] = []
+    for _ in range(ns.steps):
+        t0 = time.perf_counter()
+        outs = engine.step()
+        walls.append(time.perf_counter() - t0)
+        times |= {o.request_id: o.timing.token_times for o in outs}
+        if any(o.finished for o in outs):
+            raise RuntimeError("a request finished during the measurement: raise max_tokens")
+    gaps = _gaps(times[long_id], ns.steps)
+    fwd = timer.take_s()
+    res = {
+        "num_decodes": engine.scheduler.num_running,
+        "tbt_p50_s": statistics.median(gaps), "tbt_p99_s": _pct(gaps, 0.99), "tbt_max_s": max(gaps),
+        "step_wall_p50_s": statistics.median(walls),
+        "cuda_graph_steps": len(fwd),
+    }  # fmt: skip
+    if short_id is not None:
+        short_gaps = _gaps(times[short_id], ns.steps)
+        res |= {"short_tbt_p50_s": statistics.median(short_gaps), "short_tbt_p99_s": _pct(short_gaps, 0.99)}
+    if fwd:
+        res["forward_gpu_p50_s"] = statistics.median(fwd)
+        res["host_p50_s"] = res["tbt_p50_s"] - res["forward_gpu_p50_s"]
+    return res
+
+
+def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argparse.Namespace) -> dict:
+    ex: SyntheticPrefillExecutor = engine.executor  # type: ignore[assignment]
+    cfg = engine.config.model
+    long_id = f"long-{ctx}"
+    ex.synthetic_ids.add(long_id)
+    params = SamplingParams(temperature=0, max_tokens=_long_max_tokens(ns), ignore_eos=True)
+    t0 = time.perf_counter()
+    skipped_before = ex.num_skipped_tokens
+    engine.add_request([1] * ctx, params, request_id=long_id)
+    req = engine.scheduler.get_request(long_id)
+    num_prefill_steps = 0
+    while req.is_prefill or req.num_output_tokens == 0:
+        engine.step()
+        num_prefill_steps += 1
+    t_prefill = time.perf_counter() - t0
+    blocks = [b for piece in engine.kv_manager.pieces(long_id) for b in piece.block_ids]
+    t0 = time.perf_counter()
+    written = fill_synthetic_kv(ex.worker.kv_caches, blocks, seed=ctx)
+    if engine.config.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    entry = {
+        "ctx": ctx, "kv_synthetic": True, "num_blocks": len(blocks),
+        "synthetic_prefill_steps": num_prefill_steps, "synthetic_prefill_s": t_prefill,
+        "prefill_tokens_skipped": ex.num_skipped_tokens - skipped_before,
+        "fill_s": time.perf_counter() - t0, "fill_bytes": written,
+        "floor_s": decode_floor_s(cfg, ctx), "kv_bytes_read": ctx * cfg.kv_bytes_per_token,
+    }  # fmt: skip
+    entry["alone"] = decode_phase(engine, timer, long_id, None, ns)
+    entry["alone"]["ratio_to_floor"] = entry["alone"]["tbt_p50_s"] / entry["floor_s"]
+    print(entry, flush=True)
+    short_ids = []
+    if ns.num_short:
+        vocab = cfg.vocab_size
+        for i in range(ns.num_short):
+            prompt = random_prompt(ns.short_prompt, seed=i, max_id=vocab)
+            short_ids.append(engine.add_request(prompt, params, request_id=f"short-{ctx}-{i}"))
+        while any(engine.scheduler.get_request(r).is_prefill for r in short_ids):
+            engine.step()
+        with_short = decode_phase(engine, timer, long_id, short_ids[0], ns)
+        short_ctx = ns.short_prompt + ns.warmup
+        floor = (cfg.weight_bytes + (ctx + ns.num_short * short_ctx) * cfg.kv_bytes_per_token) / COPY_BPS
+        with_short["floor_s"] = floor
+        with_short["ratio_to_floor"] = with_short["tbt_p50_s"] / floor
+        entry["with_short"] = with_short
+        print({"ctx": ctx, "with_short": with_short}, flush=True)
+    for rid in (long_id, *short_ids):
+        engine.abort(rid)
+    ex.synthetic_ids.discard(long_id)
+    engine.kv_manager.check_integrity()
+    return entry
+
+
+def run(ns: argparse.Namespace, argv: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(ns.shape, Path(tmp), LONG_MAX_POSITIONS)
+        t0 = time.perf_counter()
+        engine = make_engine(model_dir, ns)
+        startup_s = time.perf_counter() - t0
+        try:
+            cfg, cache = engine.config.model, engine.config.cache
+            timer = ForwardTimer(engine.executor.worker.graphs)
+            result = {
+                "benchmark": "decode_synthetic_kv",
+                "kv": "SYNTHETIC: the long prefix's K/V are N(0,1) values written into the blocks the "
+                "KV manager allocated; its prefill compute was skipped (decode cost does not depend "
+                "on the values). Decode steps run through LLMEngine.step with CUDA graphs.",
+                "command": "python -m benchmarks.decode_synthetic_kv " + shlex.join(argv),
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "device": device_info(),
+                "shape": ns.shape, "config": SHAPES[ns.shape], "dtype": str(cfg.dtype),
+                "weight_bytes": cfg.weight_bytes, "kv_bytes_per_token": cfg.kv_bytes_per_token,
+                "kv_capacity_tokens": cache.num_blocks_per_group[0] * cache.block_size,
+                "max_model_len": engine.config.scheduler.max_model_len,
+                "cuda_graphs": engine.executor.worker.graphs is not None,
+                "engine_startup_s": startup_s,
+                "floors": {"copy_TBps": COPY_BPS / 1e12},
+                "steps": ns.steps, "warmup": ns.warmup, "num_short": ns.num_short,
+                "short_prompt": ns.short_prompt,
+                "results": [],
+            }  # fmt: skip
+            for ctx in sorted(ns.contexts):
+                result["results"].append(measure_context(engine, timer, ctx, ns))
+        finally:
+            engine.shutdown()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parse_args(argv)
+    if ns.dtype != "auto":
+        parse_dtype(ns.dtype)  # a clear error before the engine starts
+    result = run(ns, argv)
+    text = json.dumps(result, indent=1)
+    if ns.out is not None:
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(text)
+        print(f"wrote {ns.out}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""benchmarks/spp_stage_times.py on CPU: the pipeline prediction and a tiny end-to-end run (issue 20)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks.spp_stage_times import interpolate, predict_ttft_s, prefixes_for
+from mnemosyne.bench.long_context.run import write_model_dir
+
+
+def test_prefixes_cover_every_context() -> None:
+    assert prefixes_for([1 << 19], 8192) == [0, 1 << 16, 1 << 17, 1 << 18, 3 << 17, (1 << 19) - 8192]
+    ps = prefixes_for([1 << 19, 1 << 20], 8192)
+    assert (
+        ps[0] == 0 and ps[-1] == (1 << 20) - 8192 and (1 << 19) - 8192 in ps and all(p % 8 == 0 for p in ps)
+    )
+
+
+def test_interpolate() -> None:
+    pts = [(0, 1.0), (10, 2.0), (20, 4.0)]
+    assert interpolate(pts, 5) == pytest.approx(1.5)
+    assert interpolate(pts, 20) == pytest.approx(4.0)
+    assert interpolate(pts, 30) == pytest.approx(6.0)
+    assert interpolate([(0, 3.0)], 99) == 3.0
+
+
+@pytest.mark.parametrize("spp", [1, 2, 4])
+def test_constant_stage_times_give_the_pipeline_closed_form(tmp_path, spp: int) -> None:
+    """With a chunk time t per slice at every prefix and free sends, n chunks on spp stages of
+    4/spp slices each take (n + spp - 1) * 4 t / spp: the fill, then one chunk per stage time."""
+    full_dir = write_model_dir("tiny-llama", tmp_path, 1 << 16)
+    ns = argparse.Namespace(num_stages=4, link_GBps=1e12, gpu="h200")
+    t, n, c = 0.01, 512, 32
+    for depth in (None, 1 << 20):
+        got = predict_ttft_s(full_dir, ns, [(0, t)], n, c, spp, depth)
+        assert got == pytest.approx((n // c + spp - 1) * 4 * t / spp)
+
+
+def test_spp_stage_times_cpu_smoke(tmp_path) -> None:
+    from benchmarks.spp_stage_times import main
+
+    out = tmp_path / "s.json"
+    main(["--shape", "tiny-llama", "--device", "cpu", "--contexts", "128", "--chunks", "16,32",
+          "--check-full", "0", "--repeats", "1", "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["stage_layers"] == 1 and res["command"].startswith("python -m benchmarks.spp_stage_times")
+    assert {(m["chunk"], m["prefix"]) for m in res["stage_chunk_times"]} >= {(16, 0), (16, 112), (32, 96)}
+    assert len(res["full_model_check"]) == 2
+    for p in res["predictions"]:
+        t1 = p["spp"]["1"]["fixed_inflight"]["ttft_s"]
+        for spp in ("2", "4"):
+            row = p["spp"][spp]["fixed_inflight"]
+            assert 0 < row["ttft_s"] < t1 and row["efficiency"] == pytest.approx(
+                t1 / (int(spp) * row["ttft_s"])
+            )
