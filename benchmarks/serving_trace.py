@@ -2,18 +2,20 @@
 replayed by `mnemosyne bench serve` against `mnemosyne serve` under each scheduling setup.
 
 One H200, 8B shape (random weights), a 90-second trace (38 requests: 34 short, 4 long of
-103K-123K tokens), in two calls of at most 10 minutes, then merged on any machine:
+103K-123K tokens), one call of at most 10 minutes per configuration, merged on any machine:
 
     T="--shape 8b --duration-s 90 --rate 0.5 --max-long-prompt 131072"
     P="--latency-profile benchmarks/results/latency_profile_quick_h200_2026-11-29.json --request-timeout-s 150"
-    timeout 580 python -m benchmarks.serving_trace $T $P --configs fcfs_fixed512,fcfs_fixed2048 --out OUT1
-    timeout 580 python -m benchmarks.serving_trace $T $P --configs lars_adaptive --out OUT2
-    mkdir -p DIR/runs && cp OUT1/runs/*.json OUT2/runs/*.json DIR/runs/
+    timeout 580 python -m benchmarks.serving_trace $T $P --configs fcfs_fixed512 --out OUT1
+    timeout 580 python -m benchmarks.serving_trace $T $P --configs fcfs_fixed2048 --out OUT2
+    timeout 580 python -m benchmarks.serving_trace $T $P --configs lars_adaptive --out OUT3
+    mkdir -p DIR/runs && cp OUT*/runs/*.json DIR/runs/
     python -m benchmarks.serving_trace $T --combine-only --out DIR    # DIR/serving_trace.json + .png
 
-Each configuration takes its server's start-up (~30-60 s with CUDA graphs), ~10 s of warm-up,
-the trace (90 s) plus the time its last requests need (~10-30 s, more when long prefills lag)
-and ~10 s to stop: ~2.5-3 minutes (a request waits at most --request-timeout-s for a byte).
+Each configuration takes its server's start-up (~30-90 s: weights, decode and piecewise CUDA
+graphs), ~10 s of warm-up, the trace (90 s) plus the time its last requests need (~10-30 s,
+more when long prefills lag) and ~10 s to stop: ~2.5-3.5 minutes (a request waits at most
+--request-timeout-s for a byte).
 `timeout`'s SIGTERM stops the server and keeps the configurations already done in OUT/runs.
 The 1B shape: `--shape 1b --rate 1` (74 short, 8 long), similar times, no committed profile
 (the server then uses a cached one or the roofline model). The issue's full trace is
