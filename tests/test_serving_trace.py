@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from tiny_models import build_tiny_model
 
 from benchmarks.serve_gpu import write_tokenizer
 from benchmarks.serving_trace import main
-from benchmarks.serving_trace_data import TraceSpec, make_trace, trace_id
+from benchmarks.serving_trace_data import TraceSpec, analyze, make_trace, trace_id
 
 TRACE_ARGS = (
     *("--duration-s", "3", "--rate", "3", "--long-fraction", "0.3", "--seed", "1"),
@@ -32,6 +33,40 @@ def test_make_trace_seeded_mix() -> None:
     shorts = [t for t in trace if t["kind"] == "short"]
     assert all(1024 <= t["prompt_len"] <= 4096 and 128 <= t["output_len"] <= 512 for t in shorts)
     assert spec.max_total_len == 131072 + 128
+
+
+def test_analyze_metrics_per_kind() -> None:
+    trace = [
+        {"arrival_s": 0.0, "kind": "short", "prompt_len": 4, "output_len": 3},
+        {"arrival_s": 0.5, "kind": "long", "prompt_len": 9, "output_len": 2},
+        {"arrival_s": 1.0, "kind": "short", "prompt_len": 5, "output_len": 3},
+        {"arrival_s": 1.5, "kind": "long", "prompt_len": 8, "output_len": 2},
+    ]
+    deadlines = [(0.1, 0.5), (2.0, 3.0), (0.1, 0.5), (2.0, 3.0)]  # (floor, deadline) seconds
+
+    def rec(n: int, ttft: float, itl: list[float], ok: bool = True) -> dict:
+        return {"prompt_len": n, "ttft_s": ttft, "itl_s": itl, "success": ok, "e2e_s": 9.0, "error": ""}
+
+    bench = {
+        "requests": [
+            rec(4, 0.2, [0.01, 0.05]),  # short: in time; one gap over 30 ms
+            rec(9, 4.0, [0.02]),  # long: late (4 s > 3 s), 2x its floor
+            rec(5, 0.4, [0.02, 0.02]),  # short: in time
+            rec(8, 0.0, [], ok=False),  # long: no first token (a miss)
+        ],
+        "summary": {"duration_s": 10.0, "completed": 3, "failed": 1, "request_throughput": 0.3,
+                    "output_throughput": 0.7, "total_token_throughput": 2.5},
+    }  # fmt: skip
+    res = analyze(trace, deadlines, {"config": "x", "bench": bench}, tbt_slo_ms=30.0)
+    assert res["ttft"]["short"]["n"] == 2 and res["ttft"]["short"]["p50_ms"] == pytest.approx(300.0)
+    assert res["ttft"]["long"]["n"] == 1 and res["ttft"]["long"]["no_first_token"] == 1
+    assert res["ttft"]["long"]["over_floor"] == [pytest.approx(2.0), None]
+    assert res["slo"]["ttft_within_deadline_short"] == 1.0 and res["slo"]["ttft_within_deadline_long"] == 0.0
+    assert res["slo"]["ttft_within_deadline_all"] == 0.5
+    assert res["tbt"]["short"]["n"] == 4 and res["tbt"]["all"]["n"] == 5
+    assert res["slo"]["tbt_within_slo_short"] == 0.75 and res["slo"]["tbt_within_slo_all"] == 0.8
+    assert res["tbt"]["all"]["max_ms"] == pytest.approx(50.0)
+    assert [r["ttft_s"] for r in res["requests"]] == [0.2, 4.0, 0.4, None]
 
 
 def test_serving_trace_end_to_end_cpu(tmp_path: Path) -> None:
