@@ -73,11 +73,19 @@ def write_tokenizer(model_dir: Path, vocab_size: int, eos_id: int) -> None:
     fast.save_pretrained(model_dir)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+def wait_healthy(
+    url: str, proc: subprocess.Popen, timeout_s: float = 300, log_every_s: float | None = None
+) -> None:
+    """Poll /health until it answers 200; with log_every_s, print the time waited that often."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
+    logged = start
     while time.monotonic() < deadline:
+        if log_every_s is not None and time.monotonic() - logged >= log_every_s:
+            logged = time.monotonic()
+            print(f"  waiting for {url}/health: {logged - start:.0f} s", flush=True)
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:

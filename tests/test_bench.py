@@ -256,6 +256,22 @@ def test_file_requests(tmp_path) -> None:
     assert file_requests(path, 1, 4) == [reqs[0]]
 
 
+def test_file_requests_trace(tmp_path) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text(
+        '{"prompt": [1, 2], "output_len": 3, "arrival_s": 0.5, "kind": "short"}\n'
+        '{"prompt": [4], "arrival_s": 0}\n'
+    )
+    reqs = file_requests(path, 100, default_output_len=4)  # a trace is never cycled
+    assert reqs == [BenchRequest([1, 2], 2, 3, 0.5), BenchRequest([4], 1, 4, 0.0)]
+    assert file_requests(path, 1, 4) == reqs[:1]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": [1], "arrival_s": 1}\n{"prompt": [2]}\n')
+    with pytest.raises(ValueError, match="every line") as e:
+        file_requests(mixed, 2, 4)
+    assert f"{mixed}:2" in str(e.value)
+
+
 @pytest.mark.parametrize(
     "line, match",
     [
@@ -264,6 +280,8 @@ def test_file_requests(tmp_path) -> None:
         ('{"prompt": 5}', "string or a list"),
         ('{"prompt": [1, "a"]}', "non-negative integers"),
         ('{"prompt": "x", "output_len": 0}', "output_len"),
+        ('{"prompt": "x", "arrival_s": -1}', "arrival_s"),
+        ('{"prompt": "x", "arrival_s": "soon"}', "arrival_s"),
     ],
 )
 def test_file_requests_malformed(tmp_path, line: str, match: str) -> None:
@@ -355,6 +373,26 @@ def test_run_bench_serve_chat_and_file(server_url: str, tmp_path, capsys) -> Non
     ns.num_prompts, ns.output_len = 3, 2
     assert run_bench_serve(ns) == 0
     assert "Successful requests:" in capsys.readouterr().out
+
+
+def test_run_bench_serve_replays_trace(server_url: str, tmp_path) -> None:
+    path = tmp_path / "trace.jsonl"
+    arrivals = [0.4, 0.0, 0.2]
+    path.write_text(
+        "".join(
+            f'{{"prompt": [{i + 1}] , "output_len": 2, "arrival_s": {a}}}\n' for i, a in enumerate(arrivals)
+        )
+    )
+    out = tmp_path / "result.json"
+    ns = _parse("--base-url", server_url, "--dataset", "file", "--dataset-path", str(path), "--no-progress")
+    ns.result_json = str(out)
+    assert run_bench_serve(ns) == 0
+    recs = json.loads(out.read_text())["requests"]
+    assert [r["prompt_len"] for r in recs] == [1, 1, 1] and all(r["success"] for r in recs)
+    starts = [r["start_time"] for r in recs]  # records in file order, sent at their arrival times
+    assert starts[1] < starts[2] < starts[0] and starts[0] >= 0.4
+    ns.request_rate = 5.0
+    assert run_bench_serve(ns) == 1  # a trace has its own arrivals
 
 
 def test_run_bench_serve_errors(server_url: str, capsys) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,14 @@ class BenchRequest:
     `prompt` is either text or a list of token ids; `prompt_len` is its length in tokens, or -1 when
     unknown (text prompts: the client then takes it from the server's `usage.prompt_tokens`).
     `output_len` is the number of tokens asked for (`max_tokens`, with `ignore_eos`).
+    `arrival_s` is when to send it, in seconds after the benchmark starts (a replayed trace),
+    or None to follow `--request-rate`.
     """
 
     prompt: str | list[int]
     prompt_len: int
     output_len: int
+    arrival_s: float | None = None
 
 
 def _sample_lengths(rng: np.random.Generator, n: int, mean: int, range_ratio: float) -> np.ndarray:
@@ -174,14 +178,30 @@ def _parse_line(line: str, lineno: int, path: Path, default_output_len: int) -> 
     output_len = obj.get("output_len", default_output_len)
     if not isinstance(output_len, int) or isinstance(output_len, bool) or output_len < 1:
         raise ValueError(f'{where}: "output_len" must be a positive integer, got {output_len!r}')
-    return BenchRequest(prompt=prompt, prompt_len=prompt_len, output_len=output_len)
+    arrival_s = obj.get("arrival_s")
+    if arrival_s is not None and (
+        not isinstance(arrival_s, int | float)
+        or isinstance(arrival_s, bool)
+        or not math.isfinite(arrival_s)
+        or arrival_s < 0
+    ):
+        raise ValueError(f'{where}: "arrival_s" must be a non-negative number of seconds, got {arrival_s!r}')
+    return BenchRequest(
+        prompt=prompt,
+        prompt_len=prompt_len,
+        output_len=output_len,
+        arrival_s=None if arrival_s is None else float(arrival_s),
+    )
 
 
 def file_requests(path: str | Path, num_prompts: int, default_output_len: int) -> list[BenchRequest]:
-    """Requests from a JSONL file: one `{"prompt": str | list[int], "output_len": int?}` per line.
+    """Requests from a JSONL file: one `{"prompt": str | list[int], "output_len": int?,
+    "arrival_s": float?}` per line (other keys are ignored).
 
     Blank lines are skipped; a malformed line raises ValueError naming its line number. The lines
     are used in order, cycling through them again when `num_prompts` exceeds their number.
+    A trace, whose lines all carry `arrival_s`, is replayed once: its first `num_prompts` lines,
+    never cycled. Either every line has `arrival_s` or none has.
     """
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
@@ -191,4 +211,10 @@ def file_requests(path: str | Path, num_prompts: int, default_output_len: int) -
     if not lines:
         raise ValueError(f"{path}: no requests in the file")
     parsed = [_parse_line(line, n, path, default_output_len) for n, line in lines]
+    timed = [r.arrival_s is not None for r in parsed]
+    if any(timed) and not all(timed):
+        first = lines[timed.index(not timed[0])][0]
+        raise ValueError(f'{path}:{first}: either every line has "arrival_s" or none has')
+    if all(timed):
+        return parsed[:num_prompts]
     return list(itertools.islice(itertools.cycle(parsed), num_prompts))

@@ -59,7 +59,11 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout (seconds)")
     d = parser.add_argument_group("dataset")
     d.add_argument("--dataset", choices=("random", "file"), default="random")
-    d.add_argument("--dataset-path", default=None, help='JSONL of {"prompt": ..., "output_len": ...}')
+    d.add_argument(
+        "--dataset-path",
+        default=None,
+        help='JSONL of {"prompt": ..., "output_len": ..., "arrival_s": ...} (arrival_s optional: a timed trace)',
+    )
     d.add_argument("--num-prompts", type=int, default=100)
     d.add_argument("--input-len", type=int, default=256, help="random dataset: prompt tokens")
     d.add_argument("--output-len", type=int, default=64, help="output tokens (file dataset: the default)")
@@ -112,6 +116,11 @@ async def _load_requests(
         reqs = file_requests(ns.dataset_path, ns.num_prompts, ns.output_len)
         if ns.endpoint == "chat" and any(not isinstance(r.prompt, str) for r in reqs):
             raise ValueError(f"{ns.dataset_path}: the chat endpoint takes text prompts, not token-id lists")
+        if reqs[0].arrival_s is not None and math.isfinite(ns.request_rate):
+            raise ValueError(
+                f'{ns.dataset_path}: its lines carry "arrival_s" (a trace, replayed as timed); '
+                "--request-rate applies only to files without it"
+            )
         return reqs
     url = ns.base_url.rstrip("/") + "/tokenize"
     body = {"model": model, "prompt": POOL_TEXT, "add_special_tokens": False}
@@ -134,6 +143,15 @@ async def _arrivals(n: int, rate: float, burstiness: float, seed: int) -> AsyncI
         yield i
         if math.isfinite(rate) and i + 1 < n:
             await asyncio.sleep(float(rng.gamma(burstiness, 1.0 / (rate * burstiness))))
+
+
+async def _trace_arrivals(arrivals_s: list[float], start: float) -> AsyncIterator[int]:
+    """Yield the indices by arrival time, each once `arrivals_s[i]` seconds have passed since `start`."""
+    for i in sorted(range(len(arrivals_s)), key=arrivals_s.__getitem__):
+        delay = start + arrivals_s[i] - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield i
 
 
 async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float, str]:
@@ -163,11 +181,12 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
             return rec
 
         start = time.perf_counter()
-        tasks = [
-            asyncio.create_task(one(reqs[i]))
-            async for i in _arrivals(len(reqs), ns.request_rate, ns.burstiness, ns.seed)
-        ]
-        records = list(await asyncio.gather(*tasks))
+        if reqs[0].arrival_s is not None:  # a trace: every request has its time
+            schedule = _trace_arrivals([float(r.arrival_s or 0.0) for r in reqs], start)
+        else:
+            schedule = _arrivals(len(reqs), ns.request_rate, ns.burstiness, ns.seed)
+        tasks = {i: asyncio.create_task(one(reqs[i])) async for i in schedule}
+        records = list(await asyncio.gather(*(tasks[i] for i in range(len(reqs)))))  # in dataset order
         duration = time.perf_counter() - start
         bar.close()
         for rec in records:

@@ -1,0 +1,110 @@
+"""The serving-trace benchmark (benchmarks/serving_trace.py) end to end on CPU: a tiny model, a
+3-second trace, two configurations, each on a real `mnemosyne serve` subprocess replayed by
+`mnemosyne bench serve`. Checks the trace and the written JSON / PNG, never timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_models import build_tiny_model
+
+from benchmarks.serve_gpu import write_tokenizer
+from benchmarks.serving_trace import main
+from benchmarks.serving_trace_data import TraceSpec, analyze, make_trace, trace_id
+
+TRACE_ARGS = (
+    *("--duration-s", "3", "--rate", "3", "--long-fraction", "0.3", "--seed", "1"),
+    *("--short-prompt", "16,48", "--short-output", "3,6"),
+    *("--min-long-prompt", "200", "--max-long-prompt", "400", "--long-output", "3"),
+)
+
+
+def test_make_trace_seeded_mix() -> None:
+    spec = TraceSpec(60.0, 2.0, 0.1, (1024, 4096), (128, 512), (65536, 131072), (128, 128), seed=3)
+    trace = make_trace(spec)
+    assert trace == make_trace(spec) and trace_id(spec, trace) == trace_id(spec, make_trace(spec))
+    arrivals = [t["arrival_s"] for t in trace]
+    assert arrivals == sorted(arrivals) and 0 <= arrivals[0] and arrivals[-1] < 60.0
+    longs = [t for t in trace if t["kind"] == "long"]
+    assert len(longs) == round(0.1 * len(trace)) >= 1
+    assert all(65536 <= t["prompt_len"] <= 131072 and t["output_len"] == 128 for t in longs)
+    shorts = [t for t in trace if t["kind"] == "short"]
+    assert all(1024 <= t["prompt_len"] <= 4096 and 128 <= t["output_len"] <= 512 for t in shorts)
+    assert spec.max_total_len == 131072 + 128
+
+
+def test_analyze_metrics_per_kind() -> None:
+    trace = [
+        {"arrival_s": 0.0, "kind": "short", "prompt_len": 4, "output_len": 3},
+        {"arrival_s": 0.5, "kind": "long", "prompt_len": 9, "output_len": 2},
+        {"arrival_s": 1.0, "kind": "short", "prompt_len": 5, "output_len": 3},
+        {"arrival_s": 1.5, "kind": "long", "prompt_len": 8, "output_len": 2},
+    ]
+    deadlines = [(0.1, 0.5), (2.0, 3.0), (0.1, 0.5), (2.0, 3.0)]  # (floor, deadline) seconds
+
+    def rec(n: int, ttft: float, itl: list[float], ok: bool = True) -> dict:
+        return {"prompt_len": n, "ttft_s": ttft, "itl_s": itl, "success": ok, "e2e_s": 9.0, "error": ""}
+
+    bench = {
+        "requests": [
+            rec(4, 0.2, [0.01, 0.05]),  # short: in time; one gap over 30 ms
+            rec(9, 4.0, [0.02]),  # long: late (4 s > 3 s), 2x its floor
+            rec(5, 0.4, [0.02, 0.02]),  # short: in time
+            rec(8, 0.0, [], ok=False),  # long: no first token (a miss)
+        ],
+        "summary": {"duration_s": 10.0, "completed": 3, "failed": 1, "request_throughput": 0.3,
+                    "output_throughput": 0.7, "total_token_throughput": 2.5},
+    }  # fmt: skip
+    res = analyze(trace, deadlines, {"config": "x", "bench": bench}, tbt_slo_ms=30.0)
+    assert res["ttft"]["short"]["n"] == 2 and res["ttft"]["short"]["p50_ms"] == pytest.approx(300.0)
+    assert res["ttft"]["long"]["n"] == 1 and res["ttft"]["long"]["no_first_token"] == 1
+    assert res["ttft"]["long"]["over_floor"] == [pytest.approx(2.0), None]
+    assert res["slo"]["ttft_within_deadline_short"] == 1.0 and res["slo"]["ttft_within_deadline_long"] == 0.0
+    assert res["slo"]["ttft_within_deadline_all"] == 0.5
+    assert res["tbt"]["short"]["n"] == 4 and res["tbt"]["all"]["n"] == 5
+    assert res["slo"]["tbt_within_slo_short"] == 0.75 and res["slo"]["tbt_within_slo_all"] == 0.8
+    assert res["tbt"]["all"]["max_ms"] == pytest.approx(50.0)
+    assert [r["ttft_s"] for r in res["requests"]] == [0.2, 4.0, 0.4, None]
+
+
+def test_serving_trace_end_to_end_cpu(tmp_path: Path) -> None:
+    model_dir = build_tiny_model("llama", tmp_path)  # vocab 320: room for the pool text's 236 words
+    write_tokenizer(model_dir, vocab_size=320, eos_id=319)
+    out = tmp_path / "out"
+    common = ("--model-dir", str(model_dir), "--out", str(out), *TRACE_ARGS)
+    dry = main([*common, "--dry-run"])
+    lines = [json.loads(x) for x in (out / "trace.jsonl").read_text().splitlines()]
+    assert len(lines) == dry["trace"]["num_requests"] >= 3 and dry["trace"]["num_long"] >= 1
+    assert all({"prompt", "output_len", "arrival_s", "kind"} <= set(x) for x in lines)
+    assert all(max(x["prompt"]) < 320 for x in lines)
+
+    res = main([
+        *common, "--configs", "fcfs_fixed512,lars_adaptive", "--dtype", "float32", "--device", "cpu",
+        "--max-num-batched-tokens", "256", "--warmup-prompts", "0", "--request-timeout-s", "60",
+    ])  # fmt: skip
+    written = json.loads((out / "serving_trace.json").read_text())
+    assert written["trace_id"] == res["trace_id"] == dry["trace_id"]
+    assert (out / "serving_trace.png").stat().st_size > 0
+    assert {"command", "device", "date", "libraries", "trace_spec", "server_flags", "ttft_deadline"} <= set(
+        written
+    )
+    assert written["device"] == "cpu" and "serving_trace" in written["command"]
+    assert written["floors"]["long_prefill_s"] and written["floors"]["decode_step_s_16_short"] > 0
+    assert set(written["results"]) == {"fcfs_fixed512", "lars_adaptive"}
+    n = dry["trace"]["num_requests"]
+    for name, r in written["results"].items():
+        assert r["server_exit_code"] == 0, name
+        assert r["throughput"]["completed"] == n and r["throughput"]["total_token_throughput"] > 0
+        for kind in ("short", "long"):
+            assert {"p50_ms", "p99_ms"} <= set(r["ttft"][kind]) and r["ttft"][kind]["failed"] == 0
+            assert 0.0 <= r["slo"][f"ttft_within_deadline_{kind}"] <= 1.0
+        assert {"p50_ms", "p99_ms"} <= set(r["tbt"]["short"]) and {"p50_ms", "p99_ms"} <= set(r["tbt"]["all"])
+        assert 0.0 <= r["slo"]["tbt_within_slo_all"] <= 1.0
+        assert len(r["ttft"]["long"]["over_floor"]) == dry["trace"]["num_long"]
+        assert len(r["requests"]) == n and all(q["deadline_s"] >= 0.5 for q in r["requests"])
+        assert any(k.startswith("mnemosyne:tbt_slo_total") for k in r["server_metrics"])
+    (out / "serving_trace.json").unlink()
+    again = main([*common, "--combine-only"])  # rebuilt from OUT/runs alone: no server
+    assert again["results"] == written["results"] and again["device"] == "cpu"
