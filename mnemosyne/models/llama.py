@@ -59,7 +59,7 @@ def _replicated(param: nn.Parameter) -> WeightLoader:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, backend: AttentionBackend, tp_group: GroupHandle, kvp_group: GroupHandle
+        self, cfg: ModelConfig, backend: AttentionBackend, tp_group: GroupHandle, kvp_handle: GroupHandle
     ) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
@@ -74,7 +74,7 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, cfg.head_dim, backend, cfg.sliding_window, kvp_group=kvp_group
+            self.num_heads, self.num_kv_heads, cfg.head_dim, backend, cfg.sliding_window, kvp_handle=kvp_handle
         )
 
     def project_qkv(
@@ -143,11 +143,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, backend: AttentionBackend, tp_group: GroupHandle, kvp_group: GroupHandle
+        self, cfg: ModelConfig, backend: AttentionBackend, tp_group: GroupHandle, kvp_handle: GroupHandle
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = LlamaAttention(cfg, backend, tp_group, kvp_group)
+        self.self_attn = LlamaAttention(cfg, backend, tp_group, kvp_handle)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.mlp = LlamaMLP(cfg, tp_group)
 

@@ -20,7 +20,7 @@ class PagedAttention(nn.Module):
         head_dim: int,
         backend: AttentionBackend,
         sliding_window: int | None = None,
-        kvp_group: GroupHandle | None = None,
+        kvp_handle: GroupHandle | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -31,7 +31,7 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
         self.backend = backend
-        self.kvp_group = kvp_group or GroupHandle.trivial()
+        self.kvp_handle = kvp_handle or GroupHandle.trivial()
 
     def forward(
         self,
@@ -44,9 +44,9 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out, lse = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return merge_across_kvp_groups(out, lse, meta.kvp_merge, self.kvp_group)  # [num_tokens, H, D]
+        return merge_across_kvp_groups(out, lse, meta.kvp_merge, self.kvp_handle)  # [num_tokens, H, D]
 
     def join_idle(self, num_shared_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
         """This group has no tokens in the step: no write, no attention, only its (empty) part
         in the KVP all-gather that the busy groups' forward runs at this layer."""
-        join_kvp_merge_idle(num_shared_tokens, self.num_heads, self.head_dim, dtype, device, self.kvp_group)
+        join_kvp_merge_idle(num_shared_tokens, self.num_heads, self.head_dim, dtype, device, self.kvp_handle)
