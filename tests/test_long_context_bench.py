@@ -14,7 +14,7 @@ from mnemosyne.bench.long_context.engine import check_graph_fits, decode_context
 from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, skip_prefill_compute
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
-from mnemosyne.wire.plan import ChunkPlan, PieceSpec
+from mnemosyne.wire.plan import ChunkPlan, PiecePlan
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 
 
@@ -43,7 +43,7 @@ def test_decode_sweep_stays_inside_the_graph_block_table() -> None:
 
 
 def test_skip_prefill_compute_keeps_the_pieces() -> None:
-    piece = PieceSpec(0, 0, 40, 0, tuple(range(10)))
+    piece = PiecePlan(0, 0, 40, 0, tuple(range(10)))
     chunk = ChunkPlan("r", 16, 24, True, tuple(range(16, 40)), (piece,), 16, (1, 2))
     short = skip_prefill_compute(chunk)
     assert (short.start, short.num_tokens, short.end, short.token_ids) == (39, 1, 40, (39,))
