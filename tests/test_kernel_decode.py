@@ -14,7 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
+from mnemosyne.kernels.decode_attention import (  # noqa: E402
+    choose_split_budget,
+    decode_workspace_items,
+    paged_decode_attention,
+)
 from mnemosyne.kernels.kv_write import write_kv_cache  # noqa: E402
 from mnemosyne.layers.attention import AttentionMetadata, TorchReferenceBackend  # noqa: E402
 
@@ -77,14 +81,14 @@ def decode_specs(block_size: int, window: int | None) -> list[tuple[int, int, in
 
 
 def run_decode(
-    query, k_cache, v_cache, meta, seq_ids, scale, window, num_splits, **kw
+    query, k_cache, v_cache, meta, seq_ids, scale, window, split_budget, **kw
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.full_like(query, POISON_OUT)
     lse = torch.full(query.shape[:2], POISON_LSE, dtype=torch.float32, device=device)
     ids = torch.tensor(seq_ids, dtype=torch.int32, device=device)
     paged_decode_attention(
         query, k_cache, v_cache, meta.query_start_loc, meta.q_pos_start, meta.kv_start,
-        meta.kv_lens, meta.block_tables, ids, out, lse, scale, window, num_splits, **kw,
+        meta.kv_lens, meta.block_tables, ids, out, lse, scale, window, split_budget, **kw,
     )  # fmt: skip
     return out, lse
 
@@ -103,11 +107,11 @@ def check(out, lse, query, k_cache, v_cache, meta, seq_ids, scale, window, atol)
     assert torch.isnan(out[~rows]).all() and (lse[~rows] == POISON_LSE).all()
 
 
-# (dtype, group, head_dim, block_size, num_splits, window, block_n)
+# (dtype, group, head_dim, block_size, split_budget, window, block_n)
 CASES = [
     (torch.float32, 1, 16, 1, 1, None, 16),
     (torch.float32, 4, 64, 5, 3, 7, 16),
-    (torch.float32, 8, 128, 16, 12, None, 64),  # more splits than tiles
+    (torch.float32, 8, 128, 16, 40, None, 64),  # more items wanted than tiles
     (torch.float32, 2, 48, 5, 2, 64, 32),  # head_dim not a power of two
     (torch.bfloat16, 4, 128, 16, 3, None, 32),
     (torch.bfloat16, 8, 64, 5, 1, 50, 16),
@@ -115,8 +119,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,group,head_dim,block_size,num_splits,window,block_n", CASES)
-def test_decode_matches_reference(dtype, group, head_dim, block_size, num_splits, window, block_n):
+@pytest.mark.parametrize("dtype,group,head_dim,block_size,split_budget,window,block_n", CASES)
+def test_decode_matches_reference(dtype, group, head_dim, block_size, split_budget, window, block_n):
     num_kv_heads = 2
     specs = decode_specs(block_size, window)
     query, k_cache, v_cache, meta = make_batch(
@@ -124,7 +128,9 @@ def test_decode_matches_reference(dtype, group, head_dim, block_size, num_splits
     )
     seq_ids = list(range(len(specs)))
     scale = head_dim**-0.5
-    out, lse = run_decode(query, k_cache, v_cache, meta, seq_ids, scale, window, num_splits, block_n=block_n)
+    out, lse = run_decode(
+        query, k_cache, v_cache, meta, seq_ids, scale, window, split_budget, block_n=block_n
+    )
     check(
         out,
         lse,
@@ -147,15 +153,28 @@ def test_decode_subset_of_mixed_batch():
         specs, B, group * num_kv_heads, num_kv_heads, head_dim, torch.float32, seed=7
     )
     seq_ids = [5, 0, 3]  # not sorted; sequence 2 is a decode left out
-    for num_splits in (1, 3):
-        ws = (
-            torch.empty(3, 4, num_splits, head_dim, device=device),
-            torch.empty(3, 4, num_splits, device=device),
-        )
+    for split_budget in (1, 3):
+        items = decode_workspace_items(3, split_budget)
+        ws = (torch.empty(4, items, head_dim, device=device), torch.empty(4, items, device=device))
         out, lse = run_decode(
-            query, k_cache, v_cache, meta, seq_ids, 0.2, None, num_splits, block_n=16, workspace=ws
+            query, k_cache, v_cache, meta, seq_ids, 0.2, None, split_budget, block_n=16, workspace=ws
         )
         check(out, lse, query, k_cache, v_cache, meta, seq_ids, 0.2, None, 1e-5)
+
+
+@pytest.mark.parametrize("split_budget", [2, 5, 9, 31])
+def test_decode_long_among_short_is_exact(split_budget):
+    """One long sequence beside short, empty and KVP-piece ones: the long one takes most of
+    the items (the split length comes from the whole batch's keys), every row stays exact."""
+    B, num_kv_heads, group, head_dim = 4, 2, 4, 32
+    specs = [(1, 2, 0, 3), (1, 0, 0, 0), (1, 700, 0, 701), (1, 17, 0, 18), (1, 500, 300, 150), (1, 5, 0, 6)]
+    query, k_cache, v_cache, meta = make_batch(
+        specs, B, group * num_kv_heads, num_kv_heads, head_dim, torch.float32, seed=split_budget
+    )
+    seq_ids = [2, 0, 1, 3, 4, 5]
+    for window in (None, 33):
+        out, lse = run_decode(query, k_cache, v_cache, meta, seq_ids, 0.3, window, split_budget, block_n=16)
+        check(out, lse, query, k_cache, v_cache, meta, seq_ids, 0.3, window, 1e-5)
 
 
 def test_decode_no_sequences():
@@ -164,14 +183,12 @@ def test_decode_no_sequences():
     assert torch.isnan(out).all() and (lse == POISON_LSE).all()
 
 
-def test_choose_num_splits():
-    assert choose_num_splits(1, 8, 1_000_000, 132, block_n=64) == 33  # 2 waves of 132 SMs
-    assert choose_num_splits(1, 8, 100, 132, block_n=64) == 2  # capped by the tiles
-    assert choose_num_splits(64, 8, 100_000, 132) == 2  # more programs than SMs: 4 waves
-    assert choose_num_splits(1, 8, 1_000_000, 132, head_dim=64) == 66  # small head dim: 4 waves
-    assert choose_num_splits(512, 8, 100_000, 132) == 1
-    assert choose_num_splits(1, 1, 10**8, 1000) == 256
-    assert choose_num_splits(3, 8, 0, 132) == 1
+def test_choose_split_budget():
+    assert choose_split_budget(8, 1_000_000, 132, block_n=64) == 33  # 2 waves of 132 SMs
+    assert choose_split_budget(8, 100, 132, block_n=64) == 2  # capped by the tiles
+    assert choose_split_budget(8, 1_000_000, 132, head_dim=64) == 66  # small head dim: 4 waves
+    assert choose_split_budget(1, 10**8, 1000) == 256  # capped
+    assert choose_split_budget(8, 0, 132) == 1
 
 
 @pytest.mark.parametrize(
@@ -213,8 +230,8 @@ def test_decode_long_context_gpu(dtype):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     seq_ids = list(range(len(specs)))
     for window in (None, 4096):
-        num_splits = choose_num_splits(len(specs), num_kv_heads, max(lens), num_sms)
-        out, lse = run_decode(query, k_cache, v_cache, meta, seq_ids, head_dim**-0.5, window, num_splits)
+        split_budget = choose_split_budget(num_kv_heads, max(lens), num_sms)
+        out, lse = run_decode(query, k_cache, v_cache, meta, seq_ids, head_dim**-0.5, window, split_budget)
         atol = 1e-4 if dtype == torch.float32 else 2e-2
         check(out, lse, query, k_cache, v_cache, meta, seq_ids, head_dim**-0.5, window, atol)
 

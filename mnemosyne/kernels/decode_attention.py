@@ -8,27 +8,35 @@ query the visible keys form one interval of local indices::
     hi = clamp(p - kv_start[i] + 1, 0, kv_lens[i])          (t <= p)
     lo = max(0, p - window + 1 - kv_start[i])  or 0         (p - t < window)
 
-Phase 1, grid (num_decode, num_kv_heads, num_splits): [lo, hi) is cut into num_splits
-pieces of L keys, L a multiple of BLOCK_N, starting from lo rounded down to BLOCK_N::
+Phase 1, grid (max_items, num_kv_heads): the batch's visible keys are cut into work
+items of at most `split_keys` keys each, so that one long sequence among short ones still
+spreads over the whole GPU (splitting every sequence alike would give it as few programs
+as the short ones). With span_i = hi_i - base_i the keys sequence i reads, from its start
+rounded down to BLOCK_N, and S = `split_budget` (items wanted for the whole batch)::
 
-    base = lo - lo % BLOCK_N
-    L    = round_up(ceil((hi - base) / num_splits), BLOCK_N)
-    split s: [base + s*L, min(base + (s+1)*L, hi)) intersected with [lo, hi)
+    base_i     = lo_i - lo_i % BLOCK_N
+    split_keys = round_up(ceil(sum_i span_i / S), BLOCK_N)         (at least BLOCK_N)
+    n_i        = max(1, ceil(span_i / split_keys))                 items of sequence i
+    items      = sequence 0's n_0 items, then sequence 1's, ...    (in seq_ids order)
+    item k of sequence i:  keys [base_i + k*split_keys, min(base_i + (k+1)*split_keys, hi_i)) & [lo_i, hi_i)
 
-    |<-------- split 0 -------->|<-------- split 1 -------->|<-- split 2 -->|   (empty splits:
-    |tile|tile|tile|tile|tile|...|tile|tile| ...                          hi     lse = -inf)
-       ^ BLOCK_N keys, gathered per key through the block table (may span pages)
+    seq 0 (long)  |item|item|item|item|item|item|item|item|
+    seq 1 (short) |item|
+    seq 2 (empty) |item|  (no visible key: lse -inf, out 0)
 
-All of this is computed in the kernel from the length tensors (graph-capturable; only
-num_splits and the shapes are fixed). One program loads each K/V tile once for the
-GROUP query heads sharing its KV head (packed in BLOCK_M >= 16 rows for tl.dot), runs
-an fp32 online softmax in base 2 and writes a normalised partial out and its natural
-LSE to a workspace [num_decode, num_heads, num_splits, (head_dim)].
+sum_i n_i <= S + num_decode = max_items, so the grid covers every item; programs past the
+last item exit at once. Every program derives the layout itself from the length tensors
+(a prefix sum over the batch's n_i), so nothing is planned on the host per step: one
+launch serves any lengths and is CUDA-graph capturable (only S and the shapes are fixed).
+One program loads each K/V tile once for the GROUP query heads sharing its KV head (packed
+in BLOCK_M >= 16 rows for tl.dot), runs an fp32 online softmax in base 2 and writes a
+normalised partial out and its natural LSE to a workspace [num_heads, max_items, (head_dim)].
 
-Phase 2, grid (num_decode, num_heads): the exact LSE-weighted merge of the splits
-(`mnemosyne.layers.attention.merge`): m = max_s lse_s, w_s = exp(lse_s - m),
-out = sum w_s out_s / sum w_s, lse = m + log(sum w_s); all splits -inf -> out 0, lse -inf.
-With num_splits == 1 phase 1 writes out / lse directly and phase 2 is skipped.
+Phase 2, grid (num_decode, num_heads): the exact LSE-weighted merge of a sequence's n_i
+items (`mnemosyne.layers.attention.merge`): m = max_k lse_k, w_k = exp(lse_k - m),
+out = sum w_k out_k / sum w_k, lse = m + log(sum w_k); all items -inf -> out 0, lse -inf.
+With S == 1 every sequence is one item: phase 1 writes out / lse directly and phase 2 is
+skipped.
 
 Under TRITON_INTERPRET (CPU tests) the tile loop is a while loop (the interpreter cannot
 take tensor bounds in range() with numpy 2) and the dot operands are upcast to fp32 (its
@@ -59,8 +67,7 @@ MAX_SPLITS = 256
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
-def choose_num_splits(
-    num_seqs: int,
+def choose_split_budget(
     num_kv_heads: int,
     max_kv_len: int,
     num_sms: int,
@@ -69,14 +76,51 @@ def choose_num_splits(
     max_splits: int = MAX_SPLITS,
     head_dim: int = 128,
 ) -> int:
-    """Splits along the KV length so that num_seqs * num_kv_heads * splits programs fill
-    about `waves` waves of num_sms, never more than ceil(max_kv_len / block_n), at least 1."""
-    programs = max(1, num_seqs * num_kv_heads)
+    """S, the work items wanted for a whole decode batch: about `waves` waves of num_sms
+    programs over the num_kv_heads heads, never more than the tiles of the longest
+    sequence (ceil(max_kv_len / block_n)), at least 1. It does not depend on the number of
+    sequences: however the keys are spread over them, they are cut into ~S items."""
     if waves is None:
-        waves = DEFAULT_WAVES if head_dim > 64 and programs < num_sms else 4
-    want = -(-waves * num_sms // programs)
+        waves = DEFAULT_WAVES if head_dim > 64 else 4
+    want = -(-waves * num_sms // max(1, num_kv_heads))
     tiles = -(-max_kv_len // block_n)
     return max(1, min(want, tiles, max_splits))
+
+
+@triton.jit
+def _visible_span(
+    qpos_ptr, kv_start_ptr, kv_lens_ptr, seq, window, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """(lo, hi, base) of the local keys the decode of sequence(s) `seq` sees: [lo, hi), and
+    lo rounded down to BLOCK_N; hi <= lo when it sees none."""
+    q_pos = tl.load(qpos_ptr + seq).to(tl.int64)
+    kv0 = tl.load(kv_start_ptr + seq).to(tl.int64)
+    kv_len = tl.load(kv_lens_ptr + seq).to(tl.int64)
+    hi = tl.minimum(tl.maximum(q_pos - kv0 + 1, 0), kv_len)
+    lo = hi * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(q_pos - window + 1 - kv0, 0)
+    base = lo - lo % BLOCK_N
+    return lo, hi, base
+
+
+@triton.jit
+def _work_items(
+    qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr, num_decode, split_budget, window,
+    HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The item layout of the docstring for the whole batch, as SEQ_BLOCK-wide vectors:
+    (n [items per sequence], first [its first item], split_keys)."""
+    offs = tl.arange(0, SEQ_BLOCK)
+    mask = offs < num_decode
+    seqs = tl.load(seq_ids_ptr + offs, mask=mask, other=0).to(tl.int64)
+    lo, hi, base = _visible_span(qpos_ptr, kv_start_ptr, kv_lens_ptr, seqs, window, HAS_WINDOW, BLOCK_N)
+    span = tl.where(mask & (hi > lo), hi - base, 0)  # [SEQ_BLOCK] int64
+    total = tl.sum(span, 0)
+    split_keys = tl.maximum(tl.cdiv(tl.cdiv(total, split_budget), BLOCK_N), 1) * BLOCK_N
+    n = tl.where(mask, tl.maximum(tl.cdiv(span, split_keys), 1), 0).to(tl.int32)
+    first = tl.cumsum(n, 0) - n
+    return n, first, split_keys
 
 
 @triton.jit
@@ -123,102 +167,125 @@ def _attend_tile(
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, seq_ids_ptr,
     o_ptr, l_ptr,  # workspace (or out / lse when DIRECT)
-    qk_scale, window, num_splits,
+    qk_scale, window, num_decode, split_budget,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
-    stride_ot, stride_oh, stride_os,
-    stride_lt, stride_lh, stride_ls,
+    stride_or, stride_oh,  # r: the query row of out (DIRECT) or the item of the workspace
+    stride_lr, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BLOCK: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    pid_d = tl.program_id(0)
+    item = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    seq = tl.load(seq_ids_ptr + pid_d).to(tl.int64)
-    row = tl.load(qsl_ptr + seq).to(tl.int64)
-    q_pos = tl.load(qpos_ptr + seq).to(tl.int64)
-    kv0 = tl.load(kv_start_ptr + seq).to(tl.int64)
-    kv_len = tl.load(kv_lens_ptr + seq).to(tl.int64)
-
-    # Visible local key range [lo, hi) of this query.
-    hi = tl.minimum(tl.maximum(q_pos - kv0 + 1, 0), kv_len)
-    lo = hi * 0
-    if HAS_WINDOW:
-        lo = tl.maximum(q_pos - window + 1 - kv0, 0)
-    base = lo - lo % BLOCK_N
-    span = tl.where(hi > lo, hi - base, 0)  # hi <= lo: no visible key, every split empty
-    per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-    # Local indices fit in int32 (cheaper index math in the loop).
-    lo = lo.to(tl.int32)
-    s_lo = (base + split * per_split).to(tl.int32)
-    s_hi = tl.minimum(base + (split + 1) * per_split, hi).to(tl.int32)
-
-    offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M] query heads of this KV head
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < GROUP
-    mask_d = offs_d < HEAD_DIM
-    heads = kvh * GROUP + offs_m
-    q = tl.load(
-        q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_D]
-    if INTERPRET:
-        q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bt_row = bt_ptr + seq * stride_bt
-    k_head = k_ptr + kvh * stride_kh
-    v_head = v_ptr + kvh * stride_vh
-    if INTERPRET:  # the interpreter (numpy 2) cannot take tensor bounds in range()
-        start = s_lo
-        while start < s_hi:
-            m_i, l_i, acc = _attend_tile(
-                start, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, qk_scale,
-                stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d, BLOCK_SIZE, PRECISION, INTERPRET,
-            )  # fmt: skip
-            start += BLOCK_N
+    if DIRECT:  # one item per sequence: item = its index in seq_ids
+        i = item
+        k = 0
+        split_keys = 0
     else:
-        for start in range(s_lo, s_hi, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                start, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, qk_scale,
-                stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d, BLOCK_SIZE, PRECISION, INTERPRET,
-            )  # fmt: skip
+        n, first, split_keys = _work_items(
+            qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr, num_decode, split_budget, window,
+            HAS_WINDOW, BLOCK_N, SEQ_BLOCK,
+        )  # fmt: skip
+        offs = tl.arange(0, SEQ_BLOCK)
+        i = tl.sum((((first + n) <= item) & (offs < num_decode)).to(tl.int32), 0)  # the item's sequence
+        k = item - tl.sum(tl.where(offs == i, first, 0), 0)  # its index among that sequence's items
+    if i < num_decode:
+        seq = tl.load(seq_ids_ptr + i).to(tl.int64)
+        row = tl.load(qsl_ptr + seq).to(tl.int64)
+        lo, hi, base = _visible_span(qpos_ptr, kv_start_ptr, kv_lens_ptr, seq, window, HAS_WINDOW, BLOCK_N)
+        if DIRECT:
+            s_lo = base
+            s_hi = hi
+        else:
+            s_lo = base + k * split_keys
+            s_hi = tl.minimum(s_lo + split_keys, hi)
+        # Local indices fit in int32 (cheaper index math in the loop).
+        lo = lo.to(tl.int32)
+        s_lo = s_lo.to(tl.int32)
+        s_hi = s_hi.to(tl.int32)
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    o_row = row if DIRECT else pid_d
-    o_offs = o_row * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(l_ptr + o_row * stride_lt + heads * stride_lh + split * stride_ls, lse, mask=mask_m)
+        offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M] query heads of this KV head
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < GROUP
+        mask_d = offs_d < HEAD_DIM
+        heads = kvh * GROUP + offs_m
+        q = tl.load(
+            q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_D]
+        if INTERPRET:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        bt_row = bt_ptr + seq * stride_bt
+        k_head = k_ptr + kvh * stride_kh
+        v_head = v_ptr + kvh * stride_vh
+        if INTERPRET:  # the interpreter (numpy 2) cannot take tensor bounds in range()
+            start = s_lo
+            while start < s_hi:
+                m_i, l_i, acc = _attend_tile(
+                    start, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, qk_scale,
+                    stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d, BLOCK_SIZE, PRECISION,
+                    INTERPRET,
+                )  # fmt: skip
+                start += BLOCK_N
+        else:
+            for start in range(s_lo, s_hi, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(
+                    start, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, qk_scale,
+                    stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d, BLOCK_SIZE, PRECISION,
+                    INTERPRET,
+                )  # fmt: skip
+
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+        o_row = row if DIRECT else item  # DIRECT: the query row of out; else the item's row
+        o_offs = o_row * stride_or + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(l_ptr + o_row * stride_lr + heads * stride_lh, lse, mask=mask_m)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    wo_ptr, wl_ptr, o_ptr, l_ptr, qsl_ptr, seq_ids_ptr, num_splits,
-    stride_wot, stride_woh, stride_wos,
-    stride_wlt, stride_wlh,
+    wo_ptr, wl_ptr, o_ptr, l_ptr, qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr,
+    num_decode, split_budget, window,
+    stride_woh, stride_wos,
+    stride_wlh,
     stride_ot, stride_oh, stride_lt, stride_lh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEQ_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):  # fmt: skip
-    pid_d = tl.program_id(0)
+    i = tl.program_id(0)
     h = tl.program_id(1)
-    seq = tl.load(seq_ids_ptr + pid_d).to(tl.int64)
+    n, first, _ = _work_items(
+        qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr, num_decode, split_budget, window,
+        HAS_WINDOW, BLOCK_N, SEQ_BLOCK,
+    )  # fmt: skip
+    offs = tl.arange(0, SEQ_BLOCK)
+    n_i = tl.sum(tl.where(offs == i, n, 0), 0)
+    first_i = tl.sum(tl.where(offs == i, first, 0), 0).to(tl.int64)
+    seq = tl.load(seq_ids_ptr + i).to(tl.int64)
     row = tl.load(qsl_ptr + seq).to(tl.int64)
-    wl_row = wl_ptr + pid_d * stride_wlt + h * stride_wlh
-    wo_row = wo_ptr + pid_d * stride_wot + h * stride_woh
-    out, lse = merge_split_partials(wl_row, wo_row, num_splits, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
+    wl_row = wl_ptr + h * stride_wlh + first_i  # lse of item k at wl_row + k
+    wo_row = wo_ptr + h * stride_woh + first_i * stride_wos
+    out, lse = merge_split_partials(wl_row, wo_row, n_i, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     tl.store(o_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
     tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
+
+
+def decode_workspace_items(num_decode: int, split_budget: int) -> int:
+    """Rows of the phase-1 workspace: an upper bound of the items (see the docstring)."""
+    return split_budget + num_decode
 
 
 def paged_decode_attention(
@@ -235,17 +302,18 @@ def paged_decode_attention(
     lse: torch.Tensor,  # [num_tokens, num_heads] float32; rows qsl[seq_ids] written
     scale: float,
     sliding_window: int | None,
-    num_splits: int,
+    split_budget: int,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = DEFAULT_NUM_STAGES,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Split-KV decode attention; `workspace` = (partial out [num_decode, num_heads,
-    num_splits, head_dim] fp32, partial lse [num_decode, num_heads, num_splits] fp32),
-    allocated here when None (unused when num_splits == 1). Launch only: no host sync,
-    capturable in a CUDA graph. Tunables (sm_90, from ptxas reports: no spills, pipelined
-    cp.async loads; H200 sweep): block_n 128 (64 for fp32 inputs), num_stages 2, num_warps 8."""
+    """Split-KV decode attention over ~`split_budget` balanced work items (the docstring);
+    `workspace` = (partial out [num_heads, max_items, head_dim] fp32, partial lse
+    [num_heads, max_items] fp32), max_items = `decode_workspace_items`, allocated here when
+    None (unused when split_budget == 1). Launch only: no host sync, capturable in a CUDA
+    graph. Tunables (sm_90, from ptxas reports: no spills, pipelined cp.async loads; H200
+    sweep): block_n 128 (64 for fp32 inputs), num_stages 2, num_warps 8."""
     num_decode = seq_ids.shape[0]
     _, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, kv_dim = k_cache.shape
@@ -255,8 +323,8 @@ def paged_decode_attention(
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if block_n is None:
         block_n = 64 if query.dtype == torch.float32 or query.shape[2] <= 64 else DEFAULT_BLOCK_N
-    if num_splits < 1 or block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"need num_splits >= 1, block_n a power of two >= 16: {num_splits}, {block_n}")
+    if split_budget < 1 or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"need split_budget >= 1, block_n a power of two >= 16: {split_budget}, {block_n}")
     for t in (query, k_cache, v_cache, out):
         if t.stride(-1) != 1:
             raise ValueError("the last dim of query / caches / out must be contiguous")
@@ -264,28 +332,34 @@ def paged_decode_attention(
         return
     num_heads_per_kv = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    direct = num_splits == 1
+    seq_block = max(16, triton.next_power_of_2(num_decode))
+    direct = split_budget == 1
+    max_items = num_decode if direct else decode_workspace_items(num_decode, split_budget)
     if num_warps is None:
         num_warps = DEFAULT_NUM_WARPS if query.shape[2] > 64 or query.dtype == torch.float32 else 4
     if direct:
         o_ws, l_ws = out, lse
-        o_strides, l_strides = (*out.stride()[:2], 0), (*lse.stride(), 0)
+        o_strides, l_strides = out.stride()[:2], lse.stride()  # (row, head)
     else:
         if workspace is None:
-            ws_shape = (num_decode, num_heads, num_splits)
             workspace = (
-                torch.empty(*ws_shape, head_dim, dtype=torch.float32, device=query.device),
-                torch.empty(ws_shape, dtype=torch.float32, device=query.device),
+                torch.empty(num_heads, max_items, head_dim, dtype=torch.float32, device=query.device),
+                torch.empty(num_heads, max_items, dtype=torch.float32, device=query.device),
             )
         o_ws, l_ws = workspace
-        if o_ws.shape != (num_decode, num_heads, num_splits, head_dim) or l_ws.shape != o_ws.shape[:3]:
-            raise ValueError(f"workspace shapes {tuple(o_ws.shape)}, {tuple(l_ws.shape)} do not fit")
-        o_strides, l_strides = o_ws.stride()[:3], l_ws.stride()
+        if o_ws.shape != (num_heads, max_items, head_dim) or l_ws.shape != o_ws.shape[:2]:
+            raise ValueError(
+                f"workspace shapes {tuple(o_ws.shape)}, {tuple(l_ws.shape)} do not fit "
+                f"({num_heads}, {max_items}, {head_dim})"
+            )
+        o_strides, l_strides = (o_ws.stride(1), o_ws.stride(0)), (l_ws.stride(1), l_ws.stride(0))
 
-    _decode_split_kernel[(num_decode, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, query_start_loc, q_pos_start, kv_start, kv_lens, block_tables, seq_ids,
+    has_window = sliding_window is not None
+    lengths = (query_start_loc, q_pos_start, kv_start, kv_lens, block_tables, seq_ids)
+    _decode_split_kernel[(max_items, num_kv_heads)](
+        query, k_cache, v_cache, *lengths,
         o_ws, l_ws,
-        scale * LOG2E, sliding_window or 0, num_splits,
+        scale * LOG2E, sliding_window or 0, num_decode, split_budget,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -293,21 +367,23 @@ def paged_decode_attention(
         *o_strides, *l_strides,
         GROUP=num_heads_per_kv, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=max(16, triton.next_power_of_2(num_heads_per_kv)), BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_WINDOW=sliding_window is not None, DIRECT=direct, INTERPRET=_INTERPRET,
+        SEQ_BLOCK=seq_block, HAS_WINDOW=has_window, DIRECT=direct, INTERPRET=_INTERPRET,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # no TF32 for fp32 inputs
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if direct:
         return
-    block_d, block_s, chunk = split_merge_blocks(num_splits, head_dim)
+    # A sequence has at most split_budget + 1 items (ceil(span / split_keys) <= S + 1).
+    block_d, block_s, chunk = split_merge_blocks(split_budget + 1, head_dim)
     _decode_reduce_kernel[(num_decode, num_heads)](
-        o_ws, l_ws, out, lse, query_start_loc, seq_ids, num_splits,
-        o_ws.stride(0), o_ws.stride(1), o_ws.stride(2),
-        l_ws.stride(0), l_ws.stride(1),
+        o_ws, l_ws, out, lse, query_start_loc, q_pos_start, kv_start, kv_lens, seq_ids,
+        num_decode, split_budget, sliding_window or 0,
+        o_ws.stride(0), o_ws.stride(1),
+        l_ws.stride(0),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
-        CHUNK=chunk, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=chunk,
+        BLOCK_N=block_n, SEQ_BLOCK=seq_block, HAS_WINDOW=has_window, num_warps=4,
     )  # fmt: skip
 
 
-__all__ = ["choose_num_splits", "paged_decode_attention"]
+__all__ = ["choose_split_budget", "decode_workspace_items", "paged_decode_attention"]

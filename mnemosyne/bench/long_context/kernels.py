@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
@@ -64,7 +64,7 @@ def bench_decode(
     out = torch.empty_like(q)
     lse = torch.empty(num_seqs, h, device="cuda", dtype=torch.float32)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    splits = choose_num_splits(num_seqs, hkv, ctx, sms, head_dim=d)
+    splits = choose_split_budget(hkv, ctx, sms, head_dim=d)
     seq_ids = torch.arange(num_seqs, device="cuda", dtype=torch.int32)
     args = (meta.query_start_loc, meta.q_pos_start, meta.kv_start, meta.kv_lens, meta.block_tables, seq_ids)
     ms = _time_ms(lambda: paged_decode_attention(q, k_cache, v_cache, *args, out, lse, d**-0.5, None, splits))
@@ -72,7 +72,7 @@ def bench_decode(
     floor_ms = nbytes / (COPY_TBPS * 1e12) * 1e3
     return {
         "kind": "decode", "num_seqs": num_seqs, "ctx": ctx, "heads": h, "kv_heads": hkv, "head_dim": d,
-        "shuffled_blocks": shuffled, "num_splits": splits, "ms": ms, "floor_ms": floor_ms,
+        "shuffled_blocks": shuffled, "split_budget": splits, "ms": ms, "floor_ms": floor_ms,
         "tbps": nbytes / (ms * 1e-3) / 1e12, "ratio_to_floor": ms / floor_ms,
     }  # fmt: skip
 

@@ -35,7 +35,7 @@ from mnemosyne.kernels.chunk_splitkv_attention import (
     chunk_splitkv_attention,
 )
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, choose_prefix_splits, dense_chunk_attention, fits
-from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
@@ -47,7 +47,7 @@ class KernelPlan:
     """Which kernel runs which sequence of one step (shared by every layer)."""
 
     decode_seq_ids: torch.Tensor | None = None  # [num_decode] int32
-    num_splits: int = 1
+    split_budget: int = 1  # work items of the decode kernel, for the whole batch
     tile_seq: torch.Tensor | None = None  # [num_tiles] int32, Triton prefill tiles
     tile_q_offset: torch.Tensor | None = None  # [num_tiles] int32
     block_q: int = 16
@@ -151,9 +151,7 @@ class KernelBackend:
         if decode:
             plan.decode_seq_ids = torch.tensor(decode, dtype=torch.int32, device=self.device)
             bound = max_kv_len if max_kv_len is not None else max(meta.kv_lens_cpu[i] for i in decode)
-            plan.num_splits = choose_num_splits(
-                len(decode), num_kv_heads, bound, self.num_sms, head_dim=self.head_dim
-            )
+            plan.split_budget = choose_split_budget(num_kv_heads, bound, self.num_sms, head_dim=self.head_dim)
         if tiled:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
             # variants in all, both built by `warm_up`.
@@ -253,7 +251,7 @@ class KernelBackend:
         if plan.decode_seq_ids is not None:
             paged_decode_attention(
                 query, k_cache, v_cache, *lengths, plan.decode_seq_ids, out, lse, scale, sliding_window,
-                plan.num_splits,
+                plan.split_budget,
             )  # fmt: skip
         if plan.tile_seq is not None and plan.tile_q_offset is not None:
             cfg = self.chunk_config
