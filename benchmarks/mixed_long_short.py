@@ -6,6 +6,8 @@
 prefills we record every gap between the short requests' tokens (TBT) and the long
 request's TTFT, for each configuration:
 
+    fixed64        chunk_policy=fixed, chunk_size=64,   fcfs
+    fixed128       chunk_policy=fixed, chunk_size=128,  fcfs
     fixed512       chunk_policy=fixed, chunk_size=512,  fcfs
     fixed2048      chunk_policy=fixed, chunk_size=2048, fcfs
     adaptive_fcfs  chunk_policy=adaptive (tbt_slo_ms), fcfs
@@ -33,6 +35,8 @@ from mnemosyne.bench.long_context.engine import random_prompt, ttft_floor_s
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 
 CONFIGS = {
+    "fixed64": dict(chunk_policy="fixed", chunk_size=64, scheduling_policy="fcfs"),
+    "fixed128": dict(chunk_policy="fixed", chunk_size=128, scheduling_policy="fcfs"),
     "fixed512": dict(chunk_policy="fixed", chunk_size=512, scheduling_policy="fcfs"),
     "fixed2048": dict(chunk_policy="fixed", chunk_size=2048, scheduling_policy="fcfs"),
     "adaptive_fcfs": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs"),
