@@ -69,22 +69,25 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 def choose_split_budget(
     num_kv_heads: int,
-    max_kv_len: int,
     num_sms: int,
-    block_n: int = DEFAULT_BLOCK_N,
     waves: int | None = None,
     max_splits: int = MAX_SPLITS,
     head_dim: int = 128,
 ) -> int:
     """S, the work items wanted for a whole decode batch: about `waves` waves of num_sms
-    programs over the num_kv_heads heads, never more than the tiles of the longest
-    sequence (ceil(max_kv_len / block_n)), at least 1. It does not depend on the number of
-    sequences: however the keys are spread over them, they are cut into ~S items."""
+    programs over the num_kv_heads heads, at least 1. It depends on neither the number of
+    sequences nor their lengths (the kernel cuts whatever keys there are into ~S items of
+    at least BLOCK_N keys), so one compiled variant serves every step: a budget that
+    followed the lengths would change the merge's block size, and compile while serving."""
     if waves is None:
         waves = DEFAULT_WAVES if head_dim > 64 else 4
-    want = -(-waves * num_sms // max(1, num_kv_heads))
-    tiles = -(-max_kv_len // block_n)
-    return max(1, min(want, tiles, max_splits))
+    return max(1, min(-(-waves * num_sms // max(1, num_kv_heads)), max_splits))
+
+
+def seq_block(num_decode: int) -> int:
+    """The kernels' SEQ_BLOCK (a compile-time width of the batch scan): 128 up to 128
+    decodes, then powers of two, so that few variants exist (`KernelBackend.warm_up`)."""
+    return max(128, triton.next_power_of_2(num_decode))
 
 
 @triton.jit
@@ -332,7 +335,6 @@ def paged_decode_attention(
         return
     num_heads_per_kv = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    seq_block = max(16, triton.next_power_of_2(num_decode))
     direct = split_budget == 1
     max_items = num_decode if direct else decode_workspace_items(num_decode, split_budget)
     if num_warps is None:
@@ -367,7 +369,7 @@ def paged_decode_attention(
         *o_strides, *l_strides,
         GROUP=num_heads_per_kv, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=max(16, triton.next_power_of_2(num_heads_per_kv)), BLOCK_N=block_n, BLOCK_D=block_d,
-        SEQ_BLOCK=seq_block, HAS_WINDOW=has_window, DIRECT=direct, INTERPRET=_INTERPRET,
+        SEQ_BLOCK=seq_block(num_decode), HAS_WINDOW=has_window, DIRECT=direct, INTERPRET=_INTERPRET,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # no TF32 for fp32 inputs
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -382,8 +384,8 @@ def paged_decode_attention(
         l_ws.stride(0),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=chunk,
-        BLOCK_N=block_n, SEQ_BLOCK=seq_block, HAS_WINDOW=has_window, num_warps=4,
+        BLOCK_N=block_n, SEQ_BLOCK=seq_block(num_decode), HAS_WINDOW=has_window, num_warps=4,
     )  # fmt: skip
 
 
-__all__ = ["choose_split_budget", "decode_workspace_items", "paged_decode_attention"]
+__all__ = ["choose_split_budget", "decode_workspace_items", "paged_decode_attention", "seq_block"]

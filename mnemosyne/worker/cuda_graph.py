@@ -15,9 +15,9 @@ Static buffers, max_batch rows (bs = the padded batch size: 1, 2, 4, 8, then mul
     block_tables         [max_batch, max_blocks]; columns past a sequence's blocks are never read
     query_start_loc      [max_batch + 1] = 0, 1, ..., max_batch (one query per row), fixed
 
-The attention plan of a graph (decode kernel, split count for `max_blocks * block_size`
-keys) is built once, at capture; the decode kernel reads the lengths from the static
-tensors, so one graph serves every context length.
+The attention plan of a graph (decode kernel, its split budget) is built once, at
+capture; the decode kernel reads the lengths from the static tensors and cuts them into
+balanced work items itself, so one graph serves every context length.
 
 Every padded size is captured at start-up (`capture_all`), each after an eager warm-up run
 on the static buffers as they stand then (every row padding: no key read, no KV written),
@@ -165,9 +165,7 @@ class DecodeGraphs:
             max_query_len=1,
             max_kv_len=self.max_blocks * self.block_size,
         )
-        meta.backend_plan = self.backend.plan(
-            meta, self.num_kv_heads, self.sliding_window, max_kv_len=self.max_blocks * self.block_size
-        )
+        meta.backend_plan = self.backend.plan(meta, self.num_kv_heads, self.sliding_window)
         return meta
 
     def _capture(self, bs: int) -> None:

@@ -82,7 +82,7 @@ class Worker:
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
         if device.type == "cuda" and self.kv_caches:  # Triton's JIT before serving, not on the first steps
             for window in {None, config.model.sliding_window}:
-                backend.warm_up(*self.kv_caches[0], window)
+                backend.warm_up(*self.kv_caches[0], window, config.scheduler.max_num_seqs)
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # shared by all graphs
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)

@@ -64,7 +64,7 @@ def bench_decode(
     out = torch.empty_like(q)
     lse = torch.empty(num_seqs, h, device="cuda", dtype=torch.float32)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    splits = choose_split_budget(hkv, ctx, sms, head_dim=d)
+    splits = choose_split_budget(hkv, sms, head_dim=d)
     seq_ids = torch.arange(num_seqs, device="cuda", dtype=torch.int32)
     args = (meta.query_start_loc, meta.q_pos_start, meta.kv_start, meta.kv_lens, meta.block_tables, seq_ids)
     ms = _time_ms(lambda: paged_decode_attention(q, k_cache, v_cache, *args, out, lse, d**-0.5, None, splits))

@@ -24,8 +24,10 @@ class AttentionBackend(Protocol):
         k_cache: torch.Tensor,  # one layer's [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache: torch.Tensor,
         sliding_window: int | None,
+        max_num_decodes: int = 1,
     ) -> None:
-        """Compile / plan what serving would otherwise do on its first step (cache read only)."""
+        """Compile / plan what serving would otherwise do on its first steps (cache read only),
+        for steps of up to `max_num_decodes` decodes."""
         ...
 
     def forward(

@@ -35,7 +35,7 @@ from mnemosyne.kernels.chunk_splitkv_attention import (
     chunk_splitkv_attention,
 )
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, choose_prefix_splits, dense_chunk_attention, fits
-from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention
+from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
@@ -109,10 +109,9 @@ class KernelBackend:
         meta: AttentionMetadata,
         num_kv_heads: int,
         sliding_window: int | None,
-        max_kv_len: int | None = None,
     ) -> KernelPlan:
-        """Assign every sequence to a kernel. `max_kv_len` bounds the decode keys for the
-        split count (a CUDA graph passes the largest it may see; eager uses the batch's)."""
+        """Assign every sequence to a kernel. The decode kernel's split budget does not depend
+        on the lengths, so a CUDA graph's plan (captured before any step) serves every step."""
         plan = KernelPlan(block_q=self.block_q)
         decode: list[int] = []
         tiled: list[int] = []
@@ -150,8 +149,7 @@ class KernelBackend:
             row += q_len
         if decode:
             plan.decode_seq_ids = torch.tensor(decode, dtype=torch.int32, device=self.device)
-            bound = max_kv_len if max_kv_len is not None else max(meta.kv_lens_cpu[i] for i in decode)
-            plan.split_budget = choose_split_budget(num_kv_heads, bound, self.num_sms, head_dim=self.head_dim)
+            plan.split_budget = choose_split_budget(num_kv_heads, self.num_sms, head_dim=self.head_dim)
         if tiled:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
             # variants in all, both built by `warm_up`.
@@ -188,15 +186,27 @@ class KernelBackend:
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], one layer's
         v_cache: torch.Tensor,
         sliding_window: int | None,
+        max_num_decodes: int = 1,
     ) -> None:
-        """Compile every Triton variant the chunk path can launch (both tile heights, direct
-        and split with its merge) on a few keys of the cache (read only), so that serving
-        never waits for the JIT. Decode kernels are not covered here (`worker/cuda_graph.py`
-        runs each padded batch size eagerly once before capturing it)."""
+        """Compile every Triton variant a step can launch, on a few keys of the cache (read
+        only), so that serving never waits for the JIT: the chunk path (both tile heights,
+        direct and split with its merge) and the decode kernel at every batch-scan width up to
+        `max_num_decodes` decodes (`seq_block`; its split budget is fixed per engine)."""
         num_kv_heads = k_cache.shape[2]
         num_heads = num_kv_heads * self.num_heads_per_kv
         block = k_cache.shape[1]
         keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
+        num_decodes = 1
+        while True:  # one launch per scan width: 128, 256, ... up to max_num_decodes
+            meta = AttentionMetadata.build(
+                [1] * num_decodes, [keys - 1] * num_decodes, [0] * num_decodes, [keys] * num_decodes,
+                [list(range(-(-keys // block)))] * num_decodes, [-1] * num_decodes, self.device,
+            )  # fmt: skip
+            query = torch.zeros(num_decodes, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
+            self.forward(query, k_cache, v_cache, meta, 1.0, sliding_window)
+            if seq_block(num_decodes) >= max_num_decodes:
+                break
+            num_decodes = seq_block(num_decodes) * 2
         for q_len in sorted({self.block_q, max(1, self.block_q // 2)}):
             meta = AttentionMetadata.build(
                 [q_len],

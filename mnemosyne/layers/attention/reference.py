@@ -21,7 +21,13 @@ _MAX_SCORE_ELEMS = 1 << 26
 class TorchReferenceBackend:
     """Exact, unfused attention; see `AttentionBackend` and `AttentionMetadata`."""
 
-    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, sliding_window: int | None) -> None:
+    def warm_up(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        sliding_window: int | None,
+        max_num_decodes: int = 1,
+    ) -> None:
         """Nothing to compile."""
 
     def write_kv(
@@ -118,7 +124,9 @@ def _attend(
     nq, num_heads, head_dim = q.shape
     nk, num_kv_heads, _ = k.shape
     # Query head h = g_kv * num_heads_per_kv + j uses kv head g_kv.
-    qg = q.float().reshape(nq, num_kv_heads, num_heads_per_kv, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, nq, D]
+    qg = (
+        q.float().reshape(nq, num_kv_heads, num_heads_per_kv, head_dim).permute(1, 2, 0, 3)
+    )  # [Hkv, G, nq, D]
     kg = k.float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, nk, D]
     vg = v.float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, nk, D]
     scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # [Hkv, G, nq, nk]
