@@ -17,6 +17,7 @@ import pytest
 
 from mnemosyne.cli import main
 from mnemosyne.engine.args import EngineArgs
+from mnemosyne.errors import ConfigError
 from mnemosyne.latency.fitted import GROUP_FEATURES, STEP_FEATURES, FittedLatencyModel
 from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey, save_profile
 from mnemosyne.latency.shape import Layout, ModelShape
@@ -29,7 +30,7 @@ from mnemosyne.simulator.setup import (
     load_model_config,
     simulated_engine_config,
 )
-from mnemosyne.simulator.trace import TraceRequest
+from mnemosyne.simulator.trace import TraceRequest, load_trace
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -141,6 +142,23 @@ def test_bad_trace_names_the_line(model_1b, tmp_path, capsys):
         ["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "o.json")]
     )
     assert rc == 2 and "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_trace_takes_bench_serve_dataset_lines(tmp_path):
+    """A `bench serve` dataset line (benchmarks/serving_trace.py --dry-run) gives its prompt's length."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"prompt": [5, 6, 7], "output_len": 4, "arrival_s": 0.5, "kind": "short"}\n'
+        '{"arrival_s": 1, "prompt_len": 9, "output_len": 2}\n'
+    )
+    assert load_trace(trace) == [TraceRequest(0.5, 3, 4), TraceRequest(1.0, 9, 2)]
+    for i, bad in enumerate(
+        ('{"arrival_s": 0, "prompt": "text", "output_len": 1}', '{"arrival_s": 0, "output_len": 1}')
+    ):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=f"bad{i}.jsonl:1"):
+            load_trace(path)
 
 
 def plan_json(model: Path, *args: str, capsys) -> dict:
