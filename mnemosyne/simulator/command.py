@@ -57,9 +57,11 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
 
 
-def cmd_simulate(ns: argparse.Namespace) -> int:
+def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
+    """The simulation `mnemosyne simulate` runs for parsed arguments `ns`: the engine after the
+    trace (its requests' token times) and the result JSON (requests, summary, setup)."""
     from mnemosyne.simulator.engine import SimulatedEngine, run_trace
-    from mnemosyne.simulator.report import plot, summarize
+    from mnemosyne.simulator.report import summarize
     from mnemosyne.simulator.setup import (
         device_spec,
         latency_model_for,
@@ -79,7 +81,6 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     config = simulated_engine_config(ns.model, args, spec)
     model, source = latency_model_for(config, spec)
     engine = SimulatedEngine(config, model, source)
-    wall = time.perf_counter()
     run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel
@@ -95,6 +96,14 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         "scheduling_policy": config.policy.scheduling_policy.value,
         "command": "mnemosyne " + " ".join(sys.argv[1:]),
     }
+    return engine, result
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from mnemosyne.simulator.report import plot
+
+    wall = time.perf_counter()
+    _, result = run_simulation(ns)
     Path(ns.out).write_text(json.dumps(result, indent=1))
     if ns.plot:
         plot(result, ns.plot)
