@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "summary": summarize(records, engine.now_s),
             }
             res = analyze(trace, deadlines, {"config": name, "bench": bench}, ns.tbt_slo_ms)
-            res["simulation"] = {**sim["summary"], "setup": sim["setup"], "wall_s": round(wall_s, 1)}
-            results[name] = res
             commands[name] = "mnemosyne " + shlex.join(sim_argv).replace(tmp, "TMP")
+            setup = {**sim["setup"], "model": str(model_dir).replace(tmp, "TMP"), "command": commands[name]}
+            res["simulation"] = {**sim["summary"], "setup": setup, "wall_s": round(wall_s, 1)}
+            results[name] = res
             print(json.dumps({"config": name, "wall_s": round(wall_s, 1), **{k: res[k] for k in ("ttft", "slo")}}), flush=True)  # fmt: skip
         floors = floors_summary(model_dir, spec, trace, [f for f, _ in deadlines])
     source = next(iter(results.values()))["simulation"]["setup"]["latency_model"] if results else None

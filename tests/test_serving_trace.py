@@ -108,3 +108,28 @@ def test_serving_trace_end_to_end_cpu(tmp_path: Path) -> None:
     (out / "serving_trace.json").unlink()
     again = main([*common, "--combine-only"])  # rebuilt from OUT/runs alone: no server
     assert again["results"] == written["results"] and again["device"] == "cpu"
+
+
+def test_simulated_serving_trace_cpu(tmp_path: Path) -> None:
+    """benchmarks/simulate_serving_trace.py: the same trace through `mnemosyne simulate` per config
+    (1B shape, roofline), analysed like a GPU run and labelled SIMULATED; the same bytes twice."""
+    from benchmarks.simulate_serving_trace import main as simulate_main
+
+    out = tmp_path / "sim.json"
+    args = ["--out-json", str(out), "--plot", str(tmp_path / "sim.png"), "--shape", "1b", *TRACE_ARGS]
+    combined = simulate_main(args)
+    assert "SIMULATED" in combined["device"] and combined["SIMULATED"]
+    assert set(combined["results"]) == {"fcfs_fixed512", "fcfs_fixed2048", "lars_adaptive"}
+    for res in combined["results"].values():
+        assert res["ttft"]["short"]["n"] + res["ttft"]["long"]["n"] == combined["trace"]["num_requests"]
+        assert 0.0 <= res["slo"]["tbt_within_slo_all"] <= 1.0 and res["throughput"]["failed"] == 0
+        assert res["simulation"]["setup"]["latency_model"] == "roofline NVIDIA H200"
+    assert (tmp_path / "sim.png").stat().st_size > 0
+    first = json.loads(out.read_text())
+    simulate_main(args)
+    second = json.loads(out.read_text())
+    for d in (first, second):
+        d.pop("date")
+        for res in d["results"].values():
+            res["simulation"].pop("wall_s")
+    assert first == second
