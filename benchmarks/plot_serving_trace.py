@@ -67,7 +67,8 @@ def plot(combined: dict, path: Path) -> None:
     axes[3].legend(fontsize=7)
     trace = combined["trace"]
     fig.suptitle(
-        f"mnemosyne serve, {combined['shape'] or 'custom model'}, {combined['device']}, {combined['date'][:10]}: "
+        f"{'SIMULATED (a prediction, not a measurement)' if combined.get('SIMULATED') else 'mnemosyne serve'}, "
+        f"{combined['shape'] or 'custom model'}, {combined['device']}, {combined['date'][:10]}: "
         f"{trace['num_short']} short + {trace['num_long']} long requests over "
         f"{combined['trace_spec']['duration_s']:g} s (Poisson {combined['trace_spec']['rate_per_s']:g}/s)",
         fontsize=9,
