@@ -16,7 +16,7 @@ def add_bench_commands(bench: argparse.ArgumentParser, make_parser: MakeParser) 
     from mnemosyne.bench.latency import add_bench_latency_args
     from mnemosyne.bench.long_context.run import add_args as add_long_context_args
     from mnemosyne.bench.serve import add_bench_serve_args
-    from mnemosyne.cli import add_engine_args
+    from mnemosyne.cli_args import add_engine_args
 
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     serve = make_parser(sub, "serve", "load generator against a running OpenAI-compatible server")
@@ -45,7 +45,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
 def _latency(ns: argparse.Namespace) -> int:
     from mnemosyne.bench.latency import run_bench_latency
-    from mnemosyne.cli import engine_args_from
+    from mnemosyne.cli_args import engine_args_from
 
     return run_bench_latency(ns, engine_args_from(ns))
 

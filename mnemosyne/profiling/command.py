@@ -24,7 +24,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_profile(ns: argparse.Namespace) -> int:
-    from mnemosyne.cli import engine_args_from
+    from mnemosyne.cli_args import engine_args_from
     from mnemosyne.config import parse_enum
     from mnemosyne.models.default_model import cache_dir
     from mnemosyne.profiling.profiler import run_profile

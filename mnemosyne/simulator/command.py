@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
-    from mnemosyne.cli import add_policy_args
+    from mnemosyne.cli_args import add_policy_args
 
     _add_model_args(p)
     p.add_argument("--trace", required=True, help='JSONL: {"arrival_s", "prompt_len", "output_len"} per line')
