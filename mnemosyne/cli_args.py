@@ -173,6 +173,10 @@ def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
     )
     pol.add_argument("--tbt-slo-ms", type=float, default=d.tbt_slo_ms, help="time-between-tokens target")
     pol.add_argument(
+        "--prefill-only-step-ms", type=float, default=d.prefill_only_step_ms,
+        help="adaptive: step-time target of a step with no decode (no token gap to protect)",
+    )  # fmt: skip
+    pol.add_argument(
         "--latency-profile",
         default=d.latency_profile,
         help="profile JSON from `mnemosyne profile` (default: the cached one for this setup, else roofline)",

@@ -282,7 +282,8 @@ class PolicyConfig:
 
     chunk_policy: ChunkPolicyKind = ChunkPolicyKind.FIXED
     scheduling_policy: SchedulingPolicyKind = SchedulingPolicyKind.FCFS
-    tbt_slo_s: float = 0.030  # step-time target of adaptive chunking
+    tbt_slo_s: float = 0.030  # step-time target of adaptive chunking while requests decode
+    prefill_only_step_s: float = 0.250  # its target for a step that holds no decode
     latency_profile: str | None = None  # None: the cached profile matching this setup, else the roofline
     long_prefill_threshold_tokens: int = 262144  # processed tokens past which a prefill is "long"
     deadline_factor: float = 1.5  # LARS deadline = max(factor * predicted prefill, min_deadline_s)
@@ -291,7 +292,7 @@ class PolicyConfig:
     min_chunk_tokens: int = 32  # progress of the first prefill of a step even over the target
 
     def validate(self) -> None:
-        for name in ("tbt_slo_s", "deadline_factor"):
+        for name in ("tbt_slo_s", "prefill_only_step_s", "deadline_factor"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.min_deadline_s < 0:

@@ -87,6 +87,25 @@ def test_budget_respected_and_chunks_shrink_as_prefix_grows():
     assert sizes[-2] < sizes[0] // 2 and sum(sizes) == 2000
 
 
+def test_prefill_alone_uses_the_prefill_only_target():
+    """No request decodes: the step may take prefill_only_step_s; once one decodes, the TBT target."""
+    s, policy, _ = adaptive_sched(budget=4096, max_model_len=4096, block_size=8, blocks=(512,))
+    policy.prefill_only_step_s = 10 * MS
+    s.add_request(make_req("a", 3000, max_tokens=40))
+    out, _ = step(s)
+    # 1 ms + c * 0.01 ms + c(c+1)/2 * 1e-8 s <= 10 ms -> c = 672 (680 is 10.12 ms)
+    assert [c.num_tokens for c in out.chunks] == [672]
+    assert 3 * MS < policy.predicted_step_s() <= 10 * MS
+    while s.get_request("a").is_prefill:  # "a" prefills alone, every step within 10 ms
+        step(s)
+        assert policy.predicted_step_s() <= 10 * MS
+    s.add_request(make_req("b", 500, max_tokens=1))
+    out, _ = step(s)  # "a" decodes now: "b" gets what fits the 3 ms target
+    assert [c.request.request_id for c in out.chunks] == ["a", "b"]
+    assert out.chunks[1].num_tokens < 176 and policy.predicted_step_s() <= 3 * MS
+    run_all(s)
+
+
 def test_remainder_chunk_and_decodes_packed_first():
     s, policy, _ = adaptive_sched(budget=4096, block_size=8, blocks=(64,))
     s.add_request(make_req("a", 13, max_tokens=3))

@@ -10,13 +10,17 @@ Per step (the scheduler asks in its order: decodes first, then prefills by prior
                                    by binary search (step time grows with n)
                             n = 0 when none fits, except for the step's first prefill, which gets
                                 min(min_chunk_tokens, cap) so nothing starves
-    allowed_s               target_step_s (the TBT SLO). With SPP the step time is the time to
-                            cross all stages, i.e. a per-stage budget of target / spp; with KVP the
-                            busiest group's sub-batch sets it (`latency/model.py`).
+    allowed_s               target_step_s (the TBT SLO) while any request decodes (in this step or
+                            in flight); prefill_only_step_s when none does: with no token gap to
+                            protect a step need not be short, and small chunks only waste time
+                            (each step reads the weights and the prefix again). With SPP the step
+                            time is the time to cross all stages, i.e. a per-stage budget of
+                            target / spp; with KVP the busiest group's sub-batch sets it
+                            (`latency/model.py`).
     space sharing (LARS)    a prefill with >= long_prefill_threshold_tokens computed is long: at most
                             one long prefill per KVP group (its owner group) per step, and it may
                             use only share = 1 - min(max(slack fraction, 0), 0.5) of the time left:
-                            allowed_s = now_s + share * (target_step_s - now_s), now_s the load so far
+                            allowed_s = now_s + share * (step target - now_s), now_s the load so far
 
 The policy only predicts and counts; the scheduler still owns the KV allocation.
 """
@@ -38,6 +42,7 @@ class AdaptiveChunkPolicy:
         model: LatencyModel,
         kv_manager: KVCacheManager,
         target_step_s: float,
+        prefill_only_step_s: float | None = None,
         granularity_tokens: int = 32,
         min_chunk_tokens: int = 32,
         lars: LARSPriority | None = None,
@@ -52,6 +57,7 @@ class AdaptiveChunkPolicy:
         self.model = model
         self.kv_manager = kv_manager
         self.target_step_s = target_step_s
+        self.prefill_only_step_s = max(prefill_only_step_s or target_step_s, target_step_s)
         self.granularity_tokens = granularity_tokens
         self.min_chunk_tokens = min_chunk_tokens
         self.lars = lars  # None: no space sharing
@@ -59,12 +65,14 @@ class AdaptiveChunkPolicy:
         self._now = 0.0
         self._load = StepLoadBuilder(kv_manager)
         self._any_prefill = False
+        self._num_decoding = 0
         self._long_groups: set[int] = set()
 
     # ---- ChunkPolicy -------------------------------------------------------------------
 
-    def begin_step(self, now: float) -> None:
+    def begin_step(self, now: float, num_decoding: int) -> None:
         self._now = now
+        self._num_decoding = num_decoding
         self._load = StepLoadBuilder(self.kv_manager)
         self._any_prefill = False
         self._long_groups = set()
@@ -84,7 +92,7 @@ class AdaptiveChunkPolicy:
             return 0
         if not request.is_prefill:
             return 1  # a decode: always packed
-        allowed_s = self.target_step_s
+        allowed_s = self.step_target_s()
         if self.lars is not None and self.is_long(request):
             if self._load.owner_group(request, start) in self._long_groups:
                 return 0  # one long prefill per KVP group per step
@@ -100,6 +108,10 @@ class AdaptiveChunkPolicy:
     def is_long(self, request: Request) -> bool:
         return request.num_computed_tokens >= self.long_prefill_threshold_tokens
 
+    def step_target_s(self) -> float:
+        """The time this step may take: the TBT target while any request decodes."""
+        return self.target_step_s if self._num_decoding else self.prefill_only_step_s
+
     def predicted_step_s(self) -> float:
         """The predicted time of what was scheduled so far this step."""
         return self.model.step_time_s(self._load.composition())
@@ -111,7 +123,7 @@ class AdaptiveChunkPolicy:
         slack = self.lars.slack_fraction(request, self._now)
         share = 1.0 - min(max(slack, 0.0), MAX_LONG_SHARE_SLACK)
         so_far = self.predicted_step_s()
-        return so_far + share * max(0.0, self.target_step_s - so_far)
+        return so_far + share * max(0.0, self.step_target_s() - so_far)
 
     def _fits(self, request: Request, start: int, n: int, num_pending: int, allowed_s: float) -> bool:
         sample = n == num_pending

@@ -1,6 +1,6 @@
 """How many tokens of a request to run in one step.
 
-Per step the scheduler calls `begin_step(now)`, then asks the policy once per
+Per step the scheduler calls `begin_step(now, num_decoding)`, then asks the policy once per
 request (in its order: decodes, then prefills) and clips the answer to the KV group
 boundary (`KVCacheManager.num_tokens_to_group_end`); every chunk it emits is reported with
 `on_scheduled`. A policy returns a value in [0, min(num_pending, budget_left)]; 0
@@ -18,8 +18,10 @@ from mnemosyne.request import Request
 
 
 class ChunkPolicy(Protocol):
-    def begin_step(self, now: float) -> None:
-        """A new step is being scheduled at time `now` (seconds, the scheduler's clock)."""
+    def begin_step(self, now: float, num_decoding: int) -> None:
+        """A new step is being scheduled at time `now` (seconds, the scheduler's clock), while
+        `num_decoding` running requests are past their prefill (in this step or, with a
+        pipeline, still in flight)."""
         ...
 
     def on_scheduled(self, request: Request, start: int, num_tokens: int, sample: bool) -> None:
@@ -39,7 +41,7 @@ class FixedChunkPolicy:
             raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
         self.max_chunk_tokens = chunk_size
 
-    def begin_step(self, now: float) -> None:
+    def begin_step(self, now: float, num_decoding: int) -> None:
         pass
 
     def on_scheduled(self, request: Request, start: int, num_tokens: int, sample: bool) -> None:

@@ -87,9 +87,9 @@ def make_policies(
     """`latency`: (model, source) to use instead of resolving one for this machine (the simulator)."""
     pc = config.policy
     model, source = latency if latency is not None else resolve_latency_model(config)
-    prefill_time = PrefillTimeTable(
+    prefill_time = PrefillTimeTable(  # a prefill alone: steps with no decode
         model,
-        pc.tbt_slo_s,
+        pc.prefill_only_step_s,
         num_kvp_groups=kv_manager.num_kvp_groups,
         max_tokens_per_kvp_group=kv_manager.max_tokens_per_kvp_group,
         granularity_tokens=pc.chunk_granularity_tokens,
@@ -105,6 +105,7 @@ def make_policies(
             model,
             kv_manager,
             pc.tbt_slo_s,
+            prefill_only_step_s=pc.prefill_only_step_s,
             granularity_tokens=pc.chunk_granularity_tokens,
             min_chunk_tokens=pc.min_chunk_tokens,
             lars=lars,

@@ -2,17 +2,23 @@
 
 Used for LARS deadlines and slack: remaining prefill time = T(total) - T(done).
 
-    table points   0, R, 2R, ...  (R = resolution_tokens)
-    segment k      tokens [kR, (k+1)R): chunk c_k = the largest multiple of the granularity
-                   (at most max_chunk_tokens) whose predicted step time, alone at prefix kR,
-                   stays within the target (at least one granule);
-                   T((k+1)R) = T(kR) + R * t(c_k, kR) / c_k
-    between points T is linear.
+The table walks the prompt as the scheduler would, from one breakpoint s to the next
+(R = resolution_tokens)::
 
-The table grows on demand and is kept: one entry per R tokens of the longest prompt seen.
+    c      = the largest multiple of the granularity (at most max_chunk_tokens, clipped at a
+             KVP group boundary) whose predicted step time, alone at prefix s, stays within
+             the target (at least one granule)
+    c >= R:  one whole chunk      s' = s + c,  T(s') = T(s) + t(c, s)          (exact)
+    c <  R:  R tokens at its rate  s' = s + R,  T(s') = T(s) + R * t(c, s) / c
+    between breakpoints T is linear.
+
+Large chunks (a target with room) are thus stepped exactly, and a long prompt of small
+chunks costs one model search per R tokens. The table grows on demand and is kept.
 """
 
 from __future__ import annotations
+
+import bisect
 
 from mnemosyne.engine.step_load import add_chunk, chunk_spans
 from mnemosyne.latency.composition import GroupLoad, StepComposition
@@ -52,29 +58,47 @@ class PrefillTimeTable:
         self.granularity_tokens = granularity_tokens
         self.max_chunk_tokens = max(max_chunk_tokens, granularity_tokens)
         self.resolution_tokens = resolution_tokens
-        self._cumulative_s = [0.0]  # T at 0, R, 2R, ...
+        self._tokens = [0]  # breakpoints s (ascending)
+        self._seconds = [0.0]  # T(s)
+        self._chunk_s = [0.0]  # the step time of the chunk that ends at (or steps through) s
 
     def time_s(self, num_tokens: int) -> float:
         """Predicted seconds to prefill tokens [0, num_tokens) alone."""
         if num_tokens <= 0:
             return 0.0
-        r = self.resolution_tokens
-        k, frac = divmod(num_tokens, r)
-        self._extend(k + 1)
-        t0 = self._cumulative_s[k]
-        return t0 + (self._cumulative_s[k + 1] - t0) * frac / r
+        self._extend(num_tokens)
+        i = bisect.bisect_right(self._tokens, num_tokens) - 1  # _tokens[i] <= num_tokens < _tokens[i + 1]
+        if self._tokens[i] == num_tokens:
+            return self._seconds[i]
+        s0, s1 = self._tokens[i], self._tokens[i + 1]
+        t0, t1 = self._seconds[i], self._seconds[i + 1]
+        return t0 + (t1 - t0) * (num_tokens - s0) / (s1 - s0)
+
+    def last_chunk_s(self, num_tokens: int) -> float:
+        """The step time of the chunk that holds token num_tokens - 1."""
+        if num_tokens <= 0:
+            return 0.0
+        self._extend(num_tokens)
+        return self._chunk_s[bisect.bisect_left(self._tokens, num_tokens)]
 
     def remaining_s(self, num_tokens: int, num_done: int) -> float:
         return max(0.0, self.time_s(num_tokens) - self.time_s(num_done))
 
-    def _extend(self, num_points: int) -> None:
-        while len(self._cumulative_s) <= num_points:
-            prefix = (len(self._cumulative_s) - 1) * self.resolution_tokens
+    def _extend(self, num_tokens: int) -> None:
+        """Breakpoints until the last one is past num_tokens."""
+        while self._tokens[-1] <= num_tokens:
+            prefix = self._tokens[-1]
             c = self._lone_chunk_tokens(prefix)
             if self.max_tokens_per_kvp_group is not None:  # clipped at the group boundary
                 c = min(c, self.max_tokens_per_kvp_group - prefix % self.max_tokens_per_kvp_group)
-            per_token_s = self._step_s(prefix, c) / c
-            self._cumulative_s.append(self._cumulative_s[-1] + self.resolution_tokens * per_token_s)
+            step_s = self._step_s(prefix, c)
+            if c >= self.resolution_tokens:
+                self._tokens.append(prefix + c)
+                self._seconds.append(self._seconds[-1] + step_s)
+            else:
+                self._tokens.append(prefix + self.resolution_tokens)
+                self._seconds.append(self._seconds[-1] + self.resolution_tokens * step_s / c)
+            self._chunk_s.append(step_s)
 
     def _step_s(self, prefix: int, num_tokens: int) -> float:
         comp = lone_chunk_composition(self.num_kvp_groups, self.max_tokens_per_kvp_group, prefix, num_tokens)

@@ -20,7 +20,7 @@ One step, with budget = max_num_batched_tokens::
     with `priority.interleaves_waiting` (LARS), (b) and (c) are one order by priority,
     so a waiting short request can take budget before a running long prefill.
 
-    chunk_policy.begin_step(now) starts the step; on_scheduled(...) reports each chunk.
+    chunk_policy.begin_step(now, num_decoding) starts the step; on_scheduled(...) reports each chunk.
 
     for each request:  n = chunk_policy.chunk_size(req, num_pending, budget_left)
                        n = min(n, kv.num_tokens_to_group_end(id, num_dispatched))   # never straddle a group
@@ -115,10 +115,9 @@ class Scheduler:
         scheduled: set[str] = set()
         budget = self.config.max_num_batched_tokens
         now = self._clock()
-        self.chunk_policy.begin_step(now)
-
         running = self._sorted(self._running.values(), now)
         decodes = [r for r in running if not r.is_prefill]
+        self.chunk_policy.begin_step(now, len(decodes))
         prefills = [r for r in running if r.is_prefill]
         waiting = self._sorted(self._waiting.values(), now)
         if self.priority.interleaves_waiting:  # one order: a waiting request may overtake a prefill
@@ -152,7 +151,9 @@ class Scheduler:
                     break
         return out
 
-    def _admit(self, req: Request, budget: int, out: SchedulerOutput, scheduled: set[str]) -> tuple[bool, int]:
+    def _admit(
+        self, req: Request, budget: int, out: SchedulerOutput, scheduled: set[str]
+    ) -> tuple[bool, int]:
         """Start a waiting request: (admission still open this step, tokens scheduled).
         It first takes over its longest cached prefix (if any) and starts after it."""
         hit = self._find_cached_prefix(req)

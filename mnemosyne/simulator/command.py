@@ -51,7 +51,7 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
     names = (
         "max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs", "chunk_size",
         "kv_cache_memory_gb", "tp", "spp", "kvp", "max_tokens_per_kvp_group", "pipeline_depth",
-        "chunk_policy", "scheduling_policy", "tbt_slo_ms", "latency_profile", "long_prefill_threshold",
+        "chunk_policy", "scheduling_policy", "tbt_slo_ms", "prefill_only_step_ms", "latency_profile", "long_prefill_threshold",
         "deadline_factor", "min_deadline_s", "chunk_granularity", "min_chunk_tokens",
     )  # fmt: skip
     return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
@@ -122,6 +122,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus", type=int, required=True)
     p.add_argument("--context-len", type=int, required=True, help="tokens of the one long request")
     p.add_argument("--tbt-slo-ms", type=float, default=30.0)
+    p.add_argument(
+        "--prefill-only-step-ms", type=float, default=EngineArgs().prefill_only_step_ms,
+        help="the step target of a prompt prefilling alone (its TTFT)",
+    )  # fmt: skip
     p.add_argument("--ttft-slo-s", type=float, default=None)
     p.add_argument("--block-size", type=int, default=EngineArgs().block_size)
     p.add_argument("--latency-profile", default=None, help="measured profile (used for its own layout)")
@@ -144,6 +148,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         ns.ttft_slo_s,
         ns.block_size,
         load_profile(ns.latency_profile) if ns.latency_profile else None,
+        ns.prefill_only_step_ms / 1000.0,
     )
     print(json.dumps(result, indent=1) if ns.format == "json" else format_table(result))
     return 0

@@ -8,9 +8,10 @@ memory      per GPU: weight shard (longest stage) + T tokens of KV (longest stag
 TBT         one decode at context L: latency model step time of its composition
             (a query on each of the ceil(L / T) groups, merged) -- it crosses all stages
 TTFT        one L-token prompt alone with adaptive chunks (the engine's `PrefillTimeTable`:
-            per prefix, the largest chunk whose step time fits the TBT target), pipelined:
-            with spp stages one chunk leaves the pipeline per stage time, so
-            ttft = T_alone(L) / spp + (spp - 1) / spp * t_last,  t_last = min(T_alone(L), target)
+            per prefix, the largest chunk whose step time fits the target of a step with no
+            decode, `prefill_only_step_s`), pipelined: with spp stages one chunk leaves the
+            pipeline per stage time, so
+            ttft = T_alone(L) / spp + (spp - 1) / spp * t_last,  t_last = the last chunk's step time
 latency     the roofline of the GPU; a measured profile (`--latency-profile`) for the one
             layout it was measured on
 best        among layouts meeting both SLOs: the lowest TTFT, then fewer GPUs, then lower TBT;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from mnemosyne.config import ModelConfig, ParallelConfig
+from mnemosyne.config import ModelConfig, ParallelConfig, PolicyConfig
 from mnemosyne.engine.args import kv_bytes_per_token_per_device, weight_bytes_per_device
 from mnemosyne.engine.prefill_time import PrefillTimeTable, lone_chunk_composition
 from mnemosyne.errors import ConfigError
@@ -80,6 +81,7 @@ def plan_layout(
     ttft_slo_s: float | None,
     block_size: int = 16,
     latency_model: LatencyModel | None = None,
+    prefill_only_step_s: float = PolicyConfig.prefill_only_step_s,
 ) -> LayoutPlan:
     parallel = ParallelConfig(tp=layout.tp, spp=layout.spp, kvp=layout.kvp)
     t = _round_up(-(-context_len // layout.kvp), block_size)
@@ -91,14 +93,14 @@ def plan_layout(
     tbt = model.step_time_s(lone_chunk_composition(layout.kvp, group_t, context_len, 1))
     table = PrefillTimeTable(
         model,
-        tbt_slo_s,
+        prefill_only_step_s,
         num_kvp_groups=layout.kvp,
         max_tokens_per_kvp_group=group_t,
         max_chunk_tokens=MAX_CHUNK_TOKENS,
         resolution_tokens=max(2048, _round_up(context_len // TTFT_RESOLUTION_POINTS, 32)),
     )
     alone_s = table.time_s(context_len)
-    last_s = min(alone_s, tbt_slo_s)  # an adaptive chunk fills its step up to the target
+    last_s = table.last_chunk_s(context_len)
     ttft = alone_s / layout.spp + (layout.spp - 1) / layout.spp * last_s
     meets = fits and tbt <= tbt_slo_s and (ttft_slo_s is None or ttft <= ttft_slo_s)
     return LayoutPlan(
@@ -146,6 +148,7 @@ def plan(
     ttft_slo_s: float | None = None,
     block_size: int = 16,
     profile: LatencyProfile | None = None,
+    prefill_only_step_s: float = PolicyConfig.prefill_only_step_s,
 ) -> dict:
     if num_gpus < 1 or context_len < 2:
         raise ConfigError(f"need num_gpus >= 1 and context_len >= 2, got {num_gpus}, {context_len}")
@@ -155,7 +158,17 @@ def plan(
         measured = profile is not None and profile.key.shape == shape and profile.key.layout == layout
         model = profile.model if measured else None
         plans.append(
-            plan_layout(model_cfg, layout, context_len, spec, tbt_slo_s, ttft_slo_s, block_size, model)
+            plan_layout(
+                model_cfg,
+                layout,
+                context_len,
+                spec,
+                tbt_slo_s,
+                ttft_slo_s,
+                block_size,
+                model,
+                prefill_only_step_s,
+            )
         )
     best, reason = choose_best(plans, tbt_slo_s, ttft_slo_s)
     return {
