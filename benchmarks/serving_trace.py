@@ -141,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-num-batched-tokens", type=int, default=8192 + 256)
     s.add_argument("--tbt-slo-ms", type=float, default=30.0)
     s.add_argument(
+        "--prefill-only-step-ms", type=float, default=100.0, help="adaptive: a step with no decode"
+    )
+    s.add_argument(
         "--deadline-factor", type=float, default=1.5, help="TTFT deadline = max(factor x floor, min)"
     )
     s.add_argument("--min-deadline-s", type=float, default=0.5)
@@ -246,6 +249,7 @@ def write_combined(
             "dtype": ns.dtype,
             "max_num_batched_tokens": ns.max_num_batched_tokens,
             "tbt_slo_ms": ns.tbt_slo_ms,
+            "prefill_only_step_ms": ns.prefill_only_step_ms,
             "latency_profile": str(ns.latency_profile) if ns.latency_profile else None,
             "prefix_caching": False,
             "server_args": ns.server_args,

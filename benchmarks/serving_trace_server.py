@@ -34,6 +34,7 @@ def server_command(
         "--load-format", "dummy", "--dtype", ns.dtype, "--device", ns.device, "--no-enable-prefix-caching",
         "--no-access-log", "--log-level", "info", "--shutdown-timeout-s", "5", "--max-model-len", str(max_len),
         "--max-num-batched-tokens", str(ns.max_num_batched_tokens), "--tbt-slo-ms", str(ns.tbt_slo_ms),
+        "--prefill-only-step-ms", str(ns.prefill_only_step_ms),
         "--deadline-factor", str(ns.deadline_factor), "--min-deadline-s", str(ns.min_deadline_s),
         *(["--latency-profile", str(ns.latency_profile)] if ns.latency_profile else []),
         *CONFIGS[config], *shlex.split(ns.server_args),

@@ -283,7 +283,7 @@ class PolicyConfig:
     chunk_policy: ChunkPolicyKind = ChunkPolicyKind.FIXED
     scheduling_policy: SchedulingPolicyKind = SchedulingPolicyKind.FCFS
     tbt_slo_s: float = 0.030  # step-time target of adaptive chunking while requests decode
-    prefill_only_step_s: float = 0.250  # its target for a step that holds no decode
+    prefill_only_step_s: float = 0.100  # its target for a step when no request decodes
     latency_profile: str | None = None  # None: the cached profile matching this setup, else the roofline
     long_prefill_threshold_tokens: int = 262144  # processed tokens past which a prefill is "long"
     deadline_factor: float = 1.5  # LARS deadline = max(factor * predicted prefill, min_deadline_s)

@@ -46,7 +46,7 @@ class LLM:
         chunk_policy: str = "fixed",
         scheduling_policy: str = "fcfs",
         tbt_slo_ms: float = 30.0,
-        prefill_only_step_ms: float = 250.0,
+        prefill_only_step_ms: float = 100.0,
         latency_profile: str | None = None,
         long_prefill_threshold: int = 262144,
         deadline_factor: float = 1.5,

@@ -63,7 +63,7 @@ class EngineArgs:
     chunk_policy: str | ChunkPolicyKind = "fixed"  # fixed (chunk_size) | adaptive (latency model, tbt_slo_ms)
     scheduling_policy: str | SchedulingPolicyKind = "fcfs"  # fcfs | lars (least relative slack, space sharing)
     tbt_slo_ms: float = 30.0  # step-time target of adaptive chunking
-    prefill_only_step_ms: float = 250.0  # adaptive chunking's target for steps with no decode
+    prefill_only_step_ms: float = 100.0  # adaptive chunking's target for steps with no decode
     latency_profile: str | None = None  # profile JSON; None: cached profile for this setup, else roofline
     long_prefill_threshold: int = 262144  # tokens processed past which a prefill is long (space sharing)
     deadline_factor: float = 1.5  # LARS deadline = max(factor * predicted prefill time, min_deadline_s)
