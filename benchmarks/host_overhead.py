@@ -1,0 +1,268 @@
+"""Host (CPU) time of one decode step through `LLMEngine.step`, phase by phase.
+
+    python -m benchmarks.host_overhead --out benchmarks/results/host_overhead_cpu_DATE.json
+
+A random tiny Llama (`tiny-llama`, dummy weights, float32) on CPU with the reference
+attention. N requests (--batch-sizes) decode together in steady state; then one request
+decodes alone after a long prefix (--contexts) whose KV is synthetic
+(`mnemosyne/bench/long_context/synthetic_kv.py`: its prefill computes only each chunk's last
+token), to show whether host work grows with the context.
+
+What is timed (time.perf_counter around the engine's own functions, wrapped on this
+engine's instances only)::
+
+    step                 LLMEngine.step, end to end
+      schedule           Scheduler.schedule
+      predict            LLMEngine.predict_step_s (latency model)
+      plan               PlanBuilder.build
+      execute            executor.submit -> Worker.execute
+        sub_batch        build_sub_batch (block-table mirror, AttentionMetadata.build)
+        forward    GPU   the model's forward (on a GPU: a CUDA graph replay)     excluded
+        sample           Worker._sample
+          lm_head  GPU   model.compute_logits                                   excluded
+          sampler        Sampler.__call__
+      process            LLMEngine._process (stop rules, outputs; no detokenizer: the
+                         random model has no tokenizer)
+
+    host = step - forward - lm_head
+
+On a GPU the forward and the LM head are device work the host only launches (the decode
+forward is one graph replay plus its input copies, which this CPU run does not exercise),
+so `host` is what a step costs the CPU besides them. These are CPU numbers of this
+machine, not GPU claims. `--profile` prints a cProfile of the N=16 case instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import json
+import platform
+import pstats
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mnemosyne.bench.long_context.engine import random_prompt
+from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, write_model_dir
+from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, fill_synthetic_kv
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.worker import worker as worker_module
+
+SHAPE = "tiny-llama"
+EXCLUDED = ("forward", "lm_head")  # device work on a GPU
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(float(x)) for x in s.split(",")]  # noqa: E731
+    ap.add_argument("--batch-sizes", type=ints, default=[1, 16, 64])
+    ap.add_argument("--contexts", type=ints, default=[1024, 32768, 200_000])
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt of each request of the batch runs")
+    ap.add_argument("--steps", type=int, default=200, help="measured decode steps per case")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the N=16 case and exit")
+    ap.add_argument("--out", type=Path, default=None)
+    return ap.parse_args(argv)
+
+
+class PhaseTimer:
+    """Seconds per phase, per step; wraps callables in place on instances (and restores them)."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+
+    def timed(self, name: str, fn: Callable) -> Callable:
+        current = self.current
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                current[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    def end_step(self) -> None:
+        step = dict(self.current)
+        step["host"] = step["step"] - sum(step.get(k, 0.0) for k in EXCLUDED)
+        self.steps.append(step)
+        self.current.clear()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        names = sorted({k for s in self.steps for k in s})
+        out = {}
+        for name in names:
+            xs = [s.get(name, 0.0) * 1e6 for s in self.steps]
+            out[name] = {"p50_us": statistics.median(xs), "mean_us": statistics.fmean(xs)}
+        return out
+
+
+class _TimedModel:
+    """The worker's model with its forward and LM head timed (everything else delegated)."""
+
+    def __init__(self, model, timer: PhaseTimer) -> None:
+        self._model = model
+        self._forward = timer.timed("forward", model)
+        self.compute_logits = timer.timed("lm_head", model.compute_logits)
+
+    def __call__(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+@contextmanager
+def instrumented(engine: LLMEngine, timer: PhaseTimer) -> Iterator[None]:
+    """Time the phases of `engine`'s steps (its instances only, plus the worker module's
+    build_sub_batch for the duration)."""
+    worker = engine.executor.worker
+    saved = (engine.scheduler.schedule, engine.predict_step_s, engine.planner.build,
+             engine._process, worker.model, worker.sampler, worker_module.build_sub_batch)  # fmt: skip
+    engine.scheduler.schedule = timer.timed("schedule", engine.scheduler.schedule)
+    engine.predict_step_s = timer.timed("predict", engine.predict_step_s)
+    engine.planner.build = timer.timed("plan", engine.planner.build)
+    engine._process = timer.timed("process", engine._process)
+    worker.model = _TimedModel(worker.model, timer)
+    worker.sampler = timer.timed("sampler", worker.sampler)
+    worker._sample = timer.timed("sample", worker._sample)
+    worker_module.build_sub_batch = timer.timed("sub_batch", worker_module.build_sub_batch)
+    submit = engine.executor.submit
+    engine.executor.submit = timer.timed("execute", submit)
+    try:
+        yield
+    finally:
+        (engine.scheduler.schedule, engine.predict_step_s, engine.planner.build,
+         engine._process, worker.model, worker.sampler, worker_module.build_sub_batch) = saved  # fmt: skip
+        del engine.scheduler.schedule, engine.predict_step_s, engine.planner.build, engine._process
+        del worker._sample, engine.executor.submit
+
+
+def make_engine(model_dir: Path, max_num_seqs: int, kv_tokens: int) -> LLMEngine:
+    args = EngineArgs(
+        model=str(model_dir), load_format="dummy", dtype="float32", device="cpu",
+        attention_backend="reference", block_size=16, chunk_size=1 << 18,
+        max_num_batched_tokens=1 << 18, max_num_seqs=max_num_seqs,
+        kv_cache_memory_gb=kv_tokens * 2 * 4 * 2 * 16 * 4 / 2**30 + 0.01, generation_config="none",
+    )  # fmt: skip
+    engine = LLMEngine.from_args(args)
+    engine.executor = SyntheticPrefillExecutor(engine.executor)
+    return engine
+
+
+def measure(engine: LLMEngine, ns: argparse.Namespace) -> dict:
+    """Warm-up, then --steps instrumented decode steps; every running request must be decoding."""
+    for _ in range(ns.warmup):
+        engine.step()
+    timer = PhaseTimer()
+    with instrumented(engine, timer):
+        for _ in range(ns.steps):
+            t0 = time.perf_counter()
+            outs = engine.step()
+            timer.current["step"] += time.perf_counter() - t0
+            timer.end_step()
+            if any(o.finished or len(o.delta_token_ids) != 1 for o in outs):
+                raise RuntimeError("not every request decoded one token: raise max_tokens")
+    return {"num_decodes": engine.scheduler.num_running, "phases": timer.summary()}
+
+
+def _params(ns: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=4 * (ns.warmup + ns.steps) + 16, ignore_eos=True)
+
+
+def add_decoding(engine: LLMEngine, n: int, ns: argparse.Namespace) -> list[str]:
+    """n requests of --prompt-len random tokens, stepped until all of them decode."""
+    vocab = engine.config.model.vocab_size
+    ids = [engine.add_request(random_prompt(ns.prompt_len, seed=i, max_id=vocab), _params(ns)) for i in range(n)]
+    while any(engine.scheduler.get_request(r).is_prefill for r in ids):
+        engine.step()
+    return ids
+
+
+def run_batch(engine: LLMEngine, n: int, ns: argparse.Namespace) -> dict:
+    ids = add_decoding(engine, n, ns)
+    res = {"num_requests": n, "context": ns.prompt_len} | measure(engine, ns)
+    for rid in ids:
+        engine.abort(rid)
+    return res
+
+
+def run_context(engine: LLMEngine, ctx: int, ns: argparse.Namespace) -> dict:
+    ex: SyntheticPrefillExecutor = engine.executor  # type: ignore[assignment]
+    rid = f"long-{ctx}"
+    ex.synthetic_ids.add(rid)
+    engine.add_request(random_prompt(ctx, seed=ctx, max_id=engine.config.model.vocab_size), _params(ns), rid)
+    req = engine.scheduler.get_request(rid)
+    while req.is_prefill or req.num_output_tokens == 0:
+        engine.step()
+    blocks = [b for piece in engine.kv_manager.pieces(rid) for b in piece.block_ids]
+    fill_synthetic_kv(ex.worker.kv_caches, blocks, seed=ctx)
+    res = {"num_requests": 1, "context": ctx, "kv_synthetic": True} | measure(engine, ns)
+    engine.abort(rid)
+    ex.synthetic_ids.discard(rid)
+    return res
+
+
+def profile(engine: LLMEngine, ns: argparse.Namespace) -> None:
+    ids = add_decoding(engine, 16, ns)
+    for _ in range(ns.warmup):
+        engine.step()
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [engine.step() for _ in range(ns.steps)])
+    host_code = r"mnemosyne/(engine|executor|kv_cache|request|wire|worker/(worker|sub_batch|block_table)|layers/(sampler|attention/metadata))"
+    pstats.Stats(prof).sort_stats("tottime").print_stats(host_code, 50)
+    for rid in ids:
+        engine.abort(rid)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    ns = parse_args(argv)
+    torch.set_num_threads(1)
+    max_n = max(ns.batch_sizes)
+    kv_tokens = max(max(ns.contexts, default=0), max_n * (ns.prompt_len + 4 * (ns.warmup + ns.steps) + 64))
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(write_model_dir(SHAPE, Path(tmp), LONG_MAX_POSITIONS), max(max_n, 16), kv_tokens)
+    if ns.profile:
+        profile(engine, ns)
+        return None
+    result = {
+        "benchmark": "host_overhead",
+        "what": "CPU HOST TIME per decode step through LLMEngine.step, per phase, microseconds; "
+        "host = step - forward - lm_head (device work on a GPU). Not GPU figures.",
+        "command": "python -m benchmarks.host_overhead " + shlex.join(argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, 1 thread",
+        "shape": SHAPE,
+        "batches": [],
+        "contexts": [],
+    }
+    for n in ns.batch_sizes:
+        result["batches"].append(run_batch(engine, n, ns))
+        print(json.dumps(result["batches"][-1]), flush=True)
+    for ctx in ns.contexts:
+        result["contexts"].append(run_context(engine, ctx, ns))
+        print(json.dumps(result["contexts"][-1]), flush=True)
+    engine.shutdown()
+    if ns.out is not None:
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
