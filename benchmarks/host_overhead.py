@@ -187,7 +187,9 @@ def _params(ns: argparse.Namespace) -> SamplingParams:
 def add_decoding(engine: LLMEngine, n: int, ns: argparse.Namespace) -> list[str]:
     """n requests of --prompt-len random tokens, stepped until all of them decode."""
     vocab = engine.config.model.vocab_size
-    ids = [engine.add_request(random_prompt(ns.prompt_len, seed=i, max_id=vocab), _params(ns)) for i in range(n)]
+    ids = [
+        engine.add_request(random_prompt(ns.prompt_len, seed=i, max_id=vocab), _params(ns)) for i in range(n)
+    ]
     while any(engine.scheduler.get_request(r).is_prefill for r in ids):
         engine.step()
     return ids

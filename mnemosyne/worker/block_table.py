@@ -28,7 +28,7 @@ import torch
 
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
 from mnemosyne.kv_cache.pieces import slot_of
-from mnemosyne.layers.attention.metadata import leading_run
+from mnemosyne.layers.attention.metadata import leading_run, to_device_packed
 from mnemosyne.wire.plan import PiecePlan
 
 _CPU = torch.device("cpu")
@@ -56,7 +56,8 @@ class MirroredPiece:
                 grown[:n0] = self._array[:n0]
             self._array = grown
         if new_ids:
-            self._array[n0:n1] = torch.tensor(new_ids, dtype=torch.int32).to(self.device, non_blocking=True)
+            (ids,) = to_device_packed((new_ids,), torch.int32, self.device)
+            self._array[n0:n1] = ids
         self.block_ids.extend(new_ids)
         if new_ids and self.run[1] == n0:  # the run reached the old end: extend it, O(new ids)
             self.run = leading_run(self.block_ids, known=n0)

@@ -216,8 +216,10 @@ class Worker:
                 sample_chunks.append(i)
         if not plp_rows and not sample_rows:
             return result
-        rows = torch.tensor(plp_rows + sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()  # [num_rows, vocab_size]
+        rows = plp_rows + sample_rows
+        if rows != list(range(hidden.shape[0])):  # else (a decode-only batch) every row, in order
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        logits = self.model.compute_logits(hidden).float()  # [num_rows, vocab_size]
         if result is None:
             return None
 
