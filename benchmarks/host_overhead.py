@@ -111,19 +111,50 @@ class PhaseTimer:
         return out
 
 
-class _TimedModel:
-    """The worker's model with its forward and LM head timed (everything else delegated)."""
+class _WrappedModel:
+    """The worker's model with its forward and LM head wrapped (everything else delegated)."""
 
-    def __init__(self, model, timer: PhaseTimer) -> None:
+    def __init__(self, model, wrap: Callable[[str, Callable], Callable]) -> None:
         self._model = model
-        self._forward = timer.timed("forward", model)
-        self.compute_logits = timer.timed("lm_head", model.compute_logits)
+        self._forward = wrap("forward", model)
+        self.compute_logits = wrap("lm_head", model.compute_logits)
 
     def __call__(self, *args, **kwargs):
         return self._forward(*args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
+
+
+def _paused(prof: cProfile.Profile) -> Callable[[str, Callable], Callable]:
+    def wrap(name: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            prof.disable()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                prof.enable()
+
+        return wrapper
+
+    return wrap
+
+
+def host_calls_per_step(engine: LLMEngine, num_steps: int) -> float:
+    """Python and builtin calls per step outside the forward and the LM head (cProfile, paused
+    around them): a count of host work that machine load and CPU caches do not change."""
+    prof = cProfile.Profile()
+    worker = engine.executor.worker
+    model = worker.model
+    worker.model = _WrappedModel(model, _paused(prof))
+    try:
+        prof.enable()
+        for _ in range(num_steps):
+            engine.step()
+        prof.disable()
+    finally:
+        worker.model = model
+    return pstats.Stats(prof).total_calls / num_steps
 
 
 @contextmanager
@@ -137,7 +168,7 @@ def instrumented(engine: LLMEngine, timer: PhaseTimer) -> Iterator[None]:
     engine.predict_step_s = timer.timed("predict", engine.predict_step_s)
     engine.planner.build = timer.timed("plan", engine.planner.build)
     engine._process = timer.timed("process", engine._process)
-    worker.model = _TimedModel(worker.model, timer)
+    worker.model = _WrappedModel(worker.model, timer.timed)
     worker.sampler = timer.timed("sampler", worker.sampler)
     worker._sample = timer.timed("sample", worker._sample)
     worker_module.build_sub_batch = timer.timed("sub_batch", worker_module.build_sub_batch)
@@ -177,11 +208,16 @@ def measure(engine: LLMEngine, ns: argparse.Namespace) -> dict:
             timer.end_step()
             if any(o.finished or len(o.delta_token_ids) != 1 for o in outs):
                 raise RuntimeError("not every request decoded one token: raise max_tokens")
-    return {"num_decodes": engine.scheduler.num_running, "phases": timer.summary()}
+    calls = host_calls_per_step(engine, min(ns.steps, 20))
+    return {
+        "num_decodes": engine.scheduler.num_running,
+        "host_calls_per_step": calls,
+        "phases": timer.summary(),
+    }
 
 
 def _params(ns: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=4 * (ns.warmup + ns.steps) + 16, ignore_eos=True)
+    return SamplingParams(temperature=0, max_tokens=2 * (ns.warmup + ns.steps) + 64, ignore_eos=True)
 
 
 def add_decoding(engine: LLMEngine, n: int, ns: argparse.Namespace) -> list[str]:
@@ -220,13 +256,16 @@ def run_context(engine: LLMEngine, ctx: int, ns: argparse.Namespace) -> dict:
 
 
 def profile(engine: LLMEngine, ns: argparse.Namespace) -> None:
+    """cProfile of --steps steps of 16 decodes, paused in the forward and the LM head."""
     ids = add_decoding(engine, 16, ns)
     for _ in range(ns.warmup):
         engine.step()
     prof = cProfile.Profile()
+    worker = engine.executor.worker
+    model, worker.model = worker.model, _WrappedModel(worker.model, _paused(prof))
     prof.runcall(lambda: [engine.step() for _ in range(ns.steps)])
-    host_code = r"mnemosyne/(engine|executor|kv_cache|request|wire|worker/(worker|sub_batch|block_table)|layers/(sampler|attention/metadata))"
-    pstats.Stats(prof).sort_stats("tottime").print_stats(host_code, 50)
+    worker.model = model
+    pstats.Stats(prof).sort_stats("tottime").print_stats(50)
     for rid in ids:
         engine.abort(rid)
 
@@ -234,9 +273,8 @@ def profile(engine: LLMEngine, ns: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     ns = parse_args(argv)
-    torch.set_num_threads(1)
     max_n = max(ns.batch_sizes)
-    kv_tokens = max(max(ns.contexts, default=0), max_n * (ns.prompt_len + 4 * (ns.warmup + ns.steps) + 64))
+    kv_tokens = max(max(ns.contexts, default=0), max_n * (ns.prompt_len + 2 * (ns.warmup + ns.steps) + 96))
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(write_model_dir(SHAPE, Path(tmp), LONG_MAX_POSITIONS), max(max_n, 16), kv_tokens)
     if ns.profile:
@@ -248,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "host = step - forward - lm_head (device work on a GPU). Not GPU figures.",
         "command": "python -m benchmarks.host_overhead " + shlex.join(argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, 1 thread",
+        "device": f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch thread(s)",
         "shape": SHAPE,
         "batches": [],
         "contexts": [],
@@ -267,4 +306,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # one core of a shared machine: less noise
     main()

@@ -90,7 +90,7 @@ class AttentionMetadata:
         tables = [
             b if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=torch.int32) for b in block_tables
         ]
-        max_blocks = max((len(b) for b in tables), default=0)
+        max_blocks = max((b.shape[0] for b in tables), default=0)
         on = next((b.device for b in tables if b.device.type != "cpu"), torch.device("cpu"))
         if on.type != "cpu":
             bt = _pad_on_device(tables, max(max_blocks, 1), on)
@@ -140,12 +140,12 @@ def _pad_on_device(tables: list[torch.Tensor], width: int, device: torch.device)
     """[num_seqs, width] int32 on `device`, row i = tables[i] (on `device`) padded with 0, in a
     fixed number of launches: one concatenation and one scatter (rows and columns from the
     lengths on the device). Host work: O(num_seqs), not O(blocks)."""
-    lens = [len(t) for t in tables]
+    lens = [t.shape[0] for t in tables]
     total = sum(lens)
     bt = torch.zeros((len(tables), width), dtype=torch.int32, device=device)
     if total == 0:
         return bt
-    flat = torch.cat([t for t in tables if len(t)])  # [total]
+    flat = torch.cat([t for t, n in zip(tables, lens, strict=True) if n])  # [total]
     (lens_d,) = to_device_packed((lens,), torch.long, device)
     rows = torch.repeat_interleave(torch.arange(len(tables), device=device), lens_d, output_size=total)
     starts = torch.cumsum(lens_d, 0) - lens_d  # [num_seqs] first flat index of each row
