@@ -28,8 +28,13 @@ engine's instances only)::
 
 On a GPU the forward and the LM head are device work the host only launches (the decode
 forward is one graph replay plus its input copies, which this CPU run does not exercise),
-so `host` is what a step costs the CPU besides them. These are CPU numbers of this
+so `host` is what a step costs the CPU besides them. On CPU these are CPU numbers of this
 machine, not GPU claims. `--profile` prints a cProfile of the N=16 case instead.
+
+On a GPU (`--device cuda [--shape llama3-8b]`: bfloat16, the Triton kernels, CUDA graphs),
+`forward` (the worker's model call or graph replay, input copies included) and `lm_head`
+synchronize the device before and after, so they hold the device work and every other
+phase is host time alone (the sampler's `.tolist()` no longer waits for the GPU).
 """
 
 from __future__ import annotations
@@ -53,14 +58,14 @@ from pathlib import Path
 import torch
 
 from mnemosyne.bench.long_context.engine import random_prompt
-from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, write_model_dir
+from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, SHAPES, write_model_dir
 from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, fill_synthetic_kv
+from mnemosyne.config import ModelConfig
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.worker import worker as worker_module
 
-SHAPE = "tiny-llama"
 EXCLUDED = ("forward", "lm_head")  # device work on a GPU
 
 
@@ -72,6 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt of each request of the batch runs")
     ap.add_argument("--steps", type=int, default=200, help="measured decode steps per case")
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny-llama")
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, or cuda (the GPU: forward and LM head synchronized)"
+    )
+    ap.add_argument("--attention-backend", default="auto", help="auto: reference on CPU, kernels on CUDA")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the N=16 case and exit")
     ap.add_argument("--out", type=Path, default=None)
     return ap.parse_args(argv)
@@ -80,17 +90,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 class PhaseTimer:
     """Seconds per phase, per step; wraps callables in place on instances (and restores them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.current: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
+        self.sync = sync  # CUDA: the excluded phases include the device work they wait for
 
     def timed(self, name: str, fn: Callable) -> Callable:
         current = self.current
+        sync = self.sync if name in EXCLUDED else None
 
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                if sync is not None:
+                    sync()
+                out = fn(*args, **kwargs)
+                if sync is not None:
+                    sync()
+                return out
             finally:
                 current[name] += time.perf_counter() - t0
 
@@ -111,6 +128,19 @@ class PhaseTimer:
         return out
 
 
+@contextmanager
+def _patched(patches: list[tuple[object, str, Callable]]) -> Iterator[None]:
+    """Set each obj.attr to the wrapper for the duration (instances, or a module), then restore."""
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    for obj, attr, wrapper in patches:
+        setattr(obj, attr, wrapper)
+    try:
+        yield
+    finally:
+        for obj, attr, old in reversed(saved):
+            setattr(obj, attr, old)
+
+
 class _WrappedModel:
     """The worker's model with its forward and LM head wrapped (everything else delegated)."""
 
@@ -124,6 +154,16 @@ class _WrappedModel:
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
+
+
+def _device_patches(engine: LLMEngine, wrap: Callable[[str, Callable], Callable]) -> list:
+    """The forward (eager, decode CUDA graphs, piecewise graphs) and the LM head, wrapped."""
+    worker = engine.executor.worker
+    patches = [(worker, "model", _WrappedModel(worker.model, wrap))]
+    for graphs in (worker.graphs, worker.piecewise):
+        if graphs is not None:
+            patches.append((graphs, "run", wrap("forward", graphs.run)))
+    return patches
 
 
 def _paused(prof: cProfile.Profile) -> Callable[[str, Callable], Callable]:
@@ -144,51 +184,41 @@ def host_calls_per_step(engine: LLMEngine, num_steps: int) -> float:
     """Python and builtin calls per step outside the forward and the LM head (cProfile, paused
     around them): a count of host work that machine load and CPU caches do not change."""
     prof = cProfile.Profile()
-    worker = engine.executor.worker
-    model = worker.model
-    worker.model = _WrappedModel(model, _paused(prof))
-    try:
+    with _patched(_device_patches(engine, _paused(prof))):
         prof.enable()
         for _ in range(num_steps):
             engine.step()
         prof.disable()
-    finally:
-        worker.model = model
     return pstats.Stats(prof).total_calls / num_steps
 
 
-@contextmanager
-def instrumented(engine: LLMEngine, timer: PhaseTimer) -> Iterator[None]:
+def instrumented(engine: LLMEngine, timer: PhaseTimer):  # -> context manager
     """Time the phases of `engine`'s steps (its instances only, plus the worker module's
     build_sub_batch for the duration)."""
-    worker = engine.executor.worker
-    saved = (engine.scheduler.schedule, engine.predict_step_s, engine.planner.build,
-             engine._process, worker.model, worker.sampler, worker_module.build_sub_batch)  # fmt: skip
-    engine.scheduler.schedule = timer.timed("schedule", engine.scheduler.schedule)
-    engine.predict_step_s = timer.timed("predict", engine.predict_step_s)
-    engine.planner.build = timer.timed("plan", engine.planner.build)
-    engine._process = timer.timed("process", engine._process)
-    worker.model = _WrappedModel(worker.model, timer.timed)
-    worker.sampler = timer.timed("sampler", worker.sampler)
-    worker._sample = timer.timed("sample", worker._sample)
-    worker_module.build_sub_batch = timer.timed("sub_batch", worker_module.build_sub_batch)
-    submit = engine.executor.submit
-    engine.executor.submit = timer.timed("execute", submit)
-    try:
-        yield
-    finally:
-        (engine.scheduler.schedule, engine.predict_step_s, engine.planner.build,
-         engine._process, worker.model, worker.sampler, worker_module.build_sub_batch) = saved  # fmt: skip
-        del engine.scheduler.schedule, engine.predict_step_s, engine.planner.build, engine._process
-        del worker._sample, engine.executor.submit
+    worker, t = engine.executor.worker, timer.timed
+    return _patched(
+        [
+            (engine.scheduler, "schedule", t("schedule", engine.scheduler.schedule)),
+            (engine, "predict_step_s", t("predict", engine.predict_step_s)),
+            (engine.planner, "build", t("plan", engine.planner.build)),
+            (engine, "_process", t("process", engine._process)),
+            (engine.executor, "submit", t("execute", engine.executor.submit)),
+            (worker, "sampler", t("sampler", worker.sampler)),
+            (worker, "_sample", t("sample", worker._sample)),
+            (worker_module, "build_sub_batch", t("sub_batch", worker_module.build_sub_batch)),
+            *_device_patches(engine, t),
+        ]
+    )
 
 
-def make_engine(model_dir: Path, max_num_seqs: int, kv_tokens: int) -> LLMEngine:
+def make_engine(model_dir: Path, ns: argparse.Namespace, max_num_seqs: int, kv_tokens: int) -> LLMEngine:
+    dtype = EngineArgs(dtype="auto").resolve_dtype(ns.device)  # float32 on CPU, bfloat16 on CUDA
+    kv_bytes = ModelConfig.from_pretrained(model_dir, dtype).kv_bytes_per_token
     args = EngineArgs(
-        model=str(model_dir), load_format="dummy", dtype="float32", device="cpu",
-        attention_backend="reference", block_size=16, chunk_size=1 << 18,
+        model=str(model_dir), load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=ns.device,
+        attention_backend=ns.attention_backend, block_size=16, chunk_size=1 << 18,
         max_num_batched_tokens=1 << 18, max_num_seqs=max_num_seqs,
-        kv_cache_memory_gb=kv_tokens * 2 * 4 * 2 * 16 * 4 / 2**30 + 0.01, generation_config="none",
+        kv_cache_memory_gb=kv_tokens * kv_bytes / 2**30 + 0.01, generation_config="none",
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     engine.executor = SyntheticPrefillExecutor(engine.executor)
@@ -199,7 +229,7 @@ def measure(engine: LLMEngine, ns: argparse.Namespace) -> dict:
     """Warm-up, then --steps instrumented decode steps; every running request must be decoding."""
     for _ in range(ns.warmup):
         engine.step()
-    timer = PhaseTimer()
+    timer = PhaseTimer(torch.cuda.synchronize if engine.config.device.startswith("cuda") else None)
     with instrumented(engine, timer):
         for _ in range(ns.steps):
             t0 = time.perf_counter()
@@ -261,10 +291,8 @@ def profile(engine: LLMEngine, ns: argparse.Namespace) -> None:
     for _ in range(ns.warmup):
         engine.step()
     prof = cProfile.Profile()
-    worker = engine.executor.worker
-    model, worker.model = worker.model, _WrappedModel(worker.model, _paused(prof))
-    prof.runcall(lambda: [engine.step() for _ in range(ns.steps)])
-    worker.model = model
+    with _patched(_device_patches(engine, _paused(prof))):
+        prof.runcall(lambda: [engine.step() for _ in range(ns.steps)])
     pstats.Stats(prof).sort_stats("tottime").print_stats(50)
     for rid in ids:
         engine.abort(rid)
@@ -276,19 +304,26 @@ def main(argv: list[str] | None = None) -> dict | None:
     max_n = max(ns.batch_sizes)
     kv_tokens = max(max(ns.contexts, default=0), max_n * (ns.prompt_len + 2 * (ns.warmup + ns.steps) + 96))
     with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(write_model_dir(SHAPE, Path(tmp), LONG_MAX_POSITIONS), max(max_n, 16), kv_tokens)
+        model_dir = write_model_dir(ns.shape, Path(tmp), LONG_MAX_POSITIONS)
+        engine = make_engine(model_dir, ns, max(max_n, 16), kv_tokens)
+    on_cpu = engine.config.device == "cpu"
     if ns.profile:
         profile(engine, ns)
         return None
     result = {
         "benchmark": "host_overhead",
-        "what": "CPU HOST TIME per decode step through LLMEngine.step, per phase, microseconds; "
-        "host = step - forward - lm_head (device work on a GPU). Not GPU figures.",
+        "what": ("CPU HOST TIME" if on_cpu else "HOST TIME (GPU run: forward and LM head synchronized)")
+        + " per decode step through LLMEngine.step, per phase, microseconds; "
+        "host = step - forward - lm_head (device work on a GPU)." + (" Not GPU figures." if on_cpu else ""),
         "command": "python -m benchmarks.host_overhead " + shlex.join(argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch thread(s)",
-        "shape": SHAPE,
+        "device": (
+            f"CPU ({platform.processor() or platform.machine()})" if on_cpu else torch.cuda.get_device_name()
+        )
+        + f", torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)",
+        "shape": ns.shape,
+        "dtype": str(engine.config.model.dtype),
+        "attention_backend": ns.attention_backend,
         "batches": [],
         "contexts": [],
     }
