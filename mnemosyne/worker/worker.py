@@ -234,7 +234,7 @@ class Worker:
             chunks = [batch.chunks[i] for i in sample_chunks]
             params = [self.params[c.request_id] for c in chunks]
             gens = [self._generator(p, c.end) for p, c in zip(params, chunks, strict=True)]
-            histories = [self.histories.get(c.request_id) for c in chunks]
+            histories = [self.histories.get(c.request_id) for c in chunks] if self.histories else None
             sampled = self.sampler(logits[len(plp_rows) :], params, gens, histories)
             for chunk, tok, lp in zip(chunks, sampled.token_ids, sampled.logprobs, strict=True):
                 result.sampled_token_ids[chunk.request_id] = tok
