@@ -69,3 +69,14 @@ def test_host_overhead_benchmark_smoke() -> None:
         phases = case["phases"]
         assert phases["host"]["mean_us"] <= phases["step"]["mean_us"]
         assert case["host_calls_per_step"] > 0
+
+
+def test_pad_on_device_with_sent_lengths() -> None:
+    from mnemosyne.layers.attention.metadata import _pad_on_device
+
+    tables = [torch.tensor(t, dtype=torch.int32) for t in ([5, 6, 7], [], [9])]
+    want = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+    cpu = torch.device("cpu")
+    lens_d = torch.tensor([3, 0, 1])
+    assert torch.equal(_pad_on_device(tables, 3, cpu), want)
+    assert torch.equal(_pad_on_device(tables, 3, cpu, lens_d), want)

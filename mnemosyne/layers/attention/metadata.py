@@ -83,25 +83,28 @@ class AttentionMetadata:
         kvp_merge: KVPMergeIndex | None = None,
         block_runs: list[tuple[int, int]] | None = None,
     ) -> AttentionMetadata:
-        """The host lists go to `device` in two copies (one int64, one int32 buffer; pinned and
-        asynchronous on CUDA), the tensors being views of those buffers."""
+        """The host lists go to `device` in two copies (one int64 buffer, with the block-table
+        lengths when the tables are on `device`, and one int32 buffer; pinned and asynchronous
+        on CUDA), the tensors being views of those buffers."""
         device = torch.device(device)
         num_seqs = len(query_lens)
         tables = [
             b if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=torch.int32) for b in block_tables
         ]
-        max_blocks = max((b.shape[0] for b in tables), default=0)
+        table_lens = [b.shape[0] for b in tables]
+        max_blocks = max(table_lens, default=0)
         on = next((b.device for b in tables if b.device.type != "cpu"), torch.device("cpu"))
+        with_lens = on.type != "cpu" and on == device  # the lengths travel with the int64 lists
+        q_pos_d, kv_start_d, slots_d, lens_d = to_device_packed(
+            (q_pos_start, kv_start, slot_mapping, table_lens if with_lens else ()), torch.int64, device
+        )
         if on.type != "cpu":
-            bt = _pad_on_device(tables, max(max_blocks, 1), on)
+            bt = _pad_on_device(tables, max(max_blocks, 1), on, lens_d if with_lens else None)
         elif max_blocks:
             bt = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [num_seqs, max_blocks], 0-padded
         else:
             bt = torch.zeros((num_seqs, 1), dtype=torch.int32)
         qsl = list(itertools.accumulate(query_lens, initial=0))  # [num_seqs + 1]
-        q_pos_d, kv_start_d, slots_d = to_device_packed(
-            (q_pos_start, kv_start, slot_mapping), torch.int64, device
-        )
         qsl_d, kv_lens_d = to_device_packed((qsl, kv_lens), torch.int32, device)
         return cls(
             query_start_loc=qsl_d,
@@ -136,17 +139,21 @@ def to_device_packed(
     return list(packed.split([len(x) for x in lists]))
 
 
-def _pad_on_device(tables: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+def _pad_on_device(
+    tables: list[torch.Tensor], width: int, device: torch.device, lens_d: torch.Tensor | None = None
+) -> torch.Tensor:
     """[num_seqs, width] int32 on `device`, row i = tables[i] (on `device`) padded with 0, in a
     fixed number of launches: one concatenation and one scatter (rows and columns from the
-    lengths on the device). Host work: O(num_seqs), not O(blocks)."""
+    lengths on the device: `lens_d` [num_seqs] int64 when the caller sent them already).
+    Host work: O(num_seqs), not O(blocks)."""
     lens = [t.shape[0] for t in tables]
     total = sum(lens)
     bt = torch.zeros((len(tables), width), dtype=torch.int32, device=device)
     if total == 0:
         return bt
     flat = torch.cat([t for t, n in zip(tables, lens, strict=True) if n])  # [total]
-    (lens_d,) = to_device_packed((lens,), torch.long, device)
+    if lens_d is None:
+        (lens_d,) = to_device_packed((lens,), torch.long, device)
     rows = torch.repeat_interleave(torch.arange(len(tables), device=device), lens_d, output_size=total)
     starts = torch.cumsum(lens_d, 0) - lens_d  # [num_seqs] first flat index of each row
     cols = torch.arange(total, device=device) - starts[rows]
