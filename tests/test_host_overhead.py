@@ -80,3 +80,8 @@ def test_pad_on_device_with_sent_lengths() -> None:
     lens_d = torch.tensor([3, 0, 1])
     assert torch.equal(_pad_on_device(tables, 3, cpu), want)
     assert torch.equal(_pad_on_device(tables, 3, cpu, lens_d), want)
+
+
+def test_metadata_int64_cpu_tables_give_int32() -> None:
+    meta = AttentionMetadata.build([1], [3], [0], [4], [torch.tensor([6], dtype=torch.int64)], [27], "cpu")
+    assert meta.block_tables.dtype == torch.int32 and meta.block_tables.tolist() == [[6]]

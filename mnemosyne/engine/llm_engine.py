@@ -34,9 +34,7 @@ from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepResult
 
 
-def load_tokenizer(
-    model_dir: str | Path, chat_template: str | None = None
-):  # -> PreTrainedTokenizerBase | None
+def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):  # -> PreTrainedTokenizerBase | None
     """The HF tokenizer of a model directory (with `chat_template` replacing its own when
     given), or None when it ships none."""
     path = Path(model_dir)
@@ -198,9 +196,7 @@ class LLMEngine:
 
     def ttft_deadline_s(self, num_prompt_tokens: int) -> float:
         pc = self.config.policy
-        return ttft_deadline_s(
-            self.policies.prefill_time, num_prompt_tokens, pc.deadline_factor, pc.min_deadline_s
-        )
+        return ttft_deadline_s(self.policies.prefill_time, num_prompt_tokens, pc.deadline_factor, pc.min_deadline_s)
 
     @property
     def inflight(self) -> tuple[SchedulerOutput, ...]:

@@ -101,7 +101,7 @@ class AttentionMetadata:
         if on.type != "cpu":
             bt = _pad_on_device(tables, max(max_blocks, 1), on, lens_d if with_lens else None)
         elif max_blocks:
-            bt = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [num_seqs, max_blocks], 0-padded
+            bt = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(torch.int32)  # 0-padded
         else:
             bt = torch.zeros((num_seqs, 1), dtype=torch.int32)
         qsl = list(itertools.accumulate(query_lens, initial=0))  # [num_seqs + 1]
