@@ -81,6 +81,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
+        self._ttft_deadlines_s: dict[str, float] = {}  # fixed per request: computed once
         self._ids = itertools.count()
 
     @classmethod
@@ -126,6 +127,7 @@ class LLMEngine:
         self.scheduler.add_request(req)  # raises on over-long / empty prompts
         self._requests[request_id] = req
         self._prompts[request_id] = prompt if isinstance(prompt, str) else None
+        self._ttft_deadlines_s[request_id] = self.ttft_deadline_s(req.num_prompt_tokens)
         if self.tokenizer is not None and self.detokenize:
             self._detok[request_id] = IncrementalDetokenizer.for_prompt(
                 self.tokenizer, token_ids, params.skip_special_tokens, params.stop
@@ -251,7 +253,7 @@ class LLMEngine:
                 first_token_time=req.first_token_time,
                 token_times=list(req.token_times),
                 finished_time=now if finished else None,
-                ttft_deadline_s=self.ttft_deadline_s(req.num_prompt_tokens),
+                ttft_deadline_s=self._ttft_deadlines_s[req.request_id],
             ),
             delta_text=detok.take_delta(finished) if detok is not None else "",
             delta_token_ids=new_ids,
@@ -261,7 +263,7 @@ class LLMEngine:
         )
 
     def _forget(self, request_id: str) -> None:
-        for table in (self._requests, self._detok, self._prompts):
+        for table in (self._requests, self._detok, self._prompts, self._ttft_deadlines_s):
             table.pop(request_id, None)
 
     # ---- lifetime ---------------------------------------------------------------------

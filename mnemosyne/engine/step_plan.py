@@ -143,7 +143,9 @@ class PlanBuilder:
             start=chunk.start,
             num_tokens=chunk.num_tokens,
             sample=chunk.sample,
-            token_ids=tuple(req.token_id_at(p) for p in range(chunk.start, chunk.end)),
+            token_ids=(req.token_id_at(chunk.start),)  # a decode
+            if chunk.num_tokens == 1
+            else tuple(req.token_id_at(p) for p in range(chunk.start, chunk.end)),
             pieces=tuple(pieces),
             prompt_logprob_start=plp.start,
             prompt_logprob_targets=tuple(req.prompt_token_ids[plp.start + 1 : plp.stop + 1]),

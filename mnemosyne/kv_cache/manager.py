@@ -133,6 +133,10 @@ class KVCacheManager:
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        if hit is None or not hit.num_tokens:
+            pieces = self._pieces.get(request_id, [])
+            if num_tokens <= (pieces[-1].token_end if pieces else 0):
+                return True  # the slots are already held (most decode steps)
         free = [p.num_free_blocks for p in self._pools]
         if hit is not None and hit.num_tokens:
             if request_id in self._pieces:
@@ -144,10 +148,6 @@ class KVCacheManager:
             pieces = self._hit_pieces(hit)
             for p in pieces:  # referencing an unreferenced cached block takes it off the free count
                 free[p.group] -= sum(self._pools[p.group].ref_count(b) == 0 for b in p.block_ids)
-        else:
-            pieces = self._pieces.get(request_id, [])
-            if num_tokens <= (pieces[-1].token_end if pieces else 0):
-                return True
         t = self.max_tokens_per_kvp_group
         used_groups = {p.group for p in pieces}
 

@@ -44,6 +44,11 @@ class Sampler:
             )
         if num_seqs == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
+        if all(p.greedy and p.logprobs is None and not needs_processing(p) for p in params):
+            # Every row greedy, unprocessed, without logprobs: the general path's argmax, alone.
+            return SamplerOutput(
+                token_ids=torch.argmax(logits.float(), dim=-1).tolist(), logprobs=[None] * num_seqs
+            )
         params = [p.resolved() for p in params]
         raw = logits.float()  # [num_seqs, vocab]
         logits = raw

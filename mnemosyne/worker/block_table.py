@@ -28,7 +28,7 @@ import torch
 
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
 from mnemosyne.kv_cache.pieces import slot_of
-from mnemosyne.layers.attention.metadata import leading_run
+from mnemosyne.layers.attention.metadata import leading_run, to_device_packed
 from mnemosyne.wire.plan import PiecePlan
 
 _CPU = torch.device("cpu")
@@ -43,6 +43,7 @@ class MirroredPiece:
     # The same ids as an int32 tensor on `device` (capacity doubling): a plan copies only
     # its new ids; a step reads a 1M-token request's 64K ids without touching them on the host.
     _array: torch.Tensor | None = None
+    _table: torch.Tensor | None = None  # the view `table()` returns, until the next append
 
     def slot(self, pos: int, block_size: int) -> int:
         return slot_of(self.block_ids, self.token_start, pos, block_size)
@@ -55,17 +56,21 @@ class MirroredPiece:
             if self._array is not None:
                 grown[:n0] = self._array[:n0]
             self._array = grown
-        if new_ids:
-            self._array[n0:n1] = torch.tensor(new_ids, dtype=torch.int32).to(self.device, non_blocking=True)
+        if new_ids:  # (the array only grows with new ids)
+            (ids,) = to_device_packed((new_ids,), torch.int32, self.device)
+            self._array[n0:n1] = ids
+            self._table = None
         self.block_ids.extend(new_ids)
         if new_ids and self.run[1] == n0:  # the run reached the old end: extend it, O(new ids)
             self.run = leading_run(self.block_ids, known=n0)
 
     def table(self) -> torch.Tensor:
         """[num_blocks] int32 on `device`, a view of the block ids."""
-        if self._array is None:
-            return torch.empty(0, dtype=torch.int32, device=self.device)
-        return self._array[: len(self.block_ids)]
+        if self._table is None:
+            if self._array is None:
+                return torch.empty(0, dtype=torch.int32, device=self.device)
+            self._table = self._array[: len(self.block_ids)]
+        return self._table
 
 
 class BlockTableMirror:

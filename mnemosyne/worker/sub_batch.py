@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mnemosyne.layers.attention.kvp_merge import KVPMergeIndex
-from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
 from mnemosyne.wire.plan import ChunkPlan, StepPlan
 from mnemosyne.worker.block_table import BlockTableMirror
 
@@ -61,7 +61,11 @@ def build_sub_batch(
         shared_base = num_shared
         if chunk.is_shared:
             num_shared += chunk.num_tokens
-        spec = next((p for p in chunk.pieces if p.group == group), None)
+        pieces = chunk.pieces
+        if len(pieces) == 1:  # the common case: all keys on one group
+            spec = pieces[0] if pieces[0].group == group else None
+        else:
+            spec = next((p for p in pieces if p.group == group), None)
         if spec is None:
             continue
         piece = mirror.update(chunk.request_id, spec)
@@ -72,7 +76,9 @@ def build_sub_batch(
         row_starts.append(row)
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.start, chunk.end))
-        if is_owner:
+        if is_owner and chunk.num_tokens == 1:  # a decode
+            slots.append(piece.slot(chunk.start, block_size))
+        elif is_owner:
             slots.extend(piece.slot(p, block_size) for p in range(chunk.start, chunk.end))
         else:
             slots.extend([-1] * chunk.num_tokens)
@@ -85,10 +91,9 @@ def build_sub_batch(
             shared_rows.extend(range(shared_base, shared_base + chunk.num_tokens))
     merge = None
     if num_shared:
+        local_rows_d, shared_rows_d = to_device_packed((local_rows, shared_rows), torch.long, device)
         merge = KVPMergeIndex(
-            num_shared_tokens=num_shared,
-            local_rows=torch.tensor(local_rows, dtype=torch.long, device=device),
-            shared_rows=torch.tensor(shared_rows, dtype=torch.long, device=device),
+            num_shared_tokens=num_shared, local_rows=local_rows_d, shared_rows=shared_rows_d
         )
     meta = AttentionMetadata.build(
         query_lens=[c.num_tokens for c in chunks],
@@ -101,11 +106,12 @@ def build_sub_batch(
         kvp_merge=merge,
         block_runs=block_runs,
     )
+    input_ids, positions_d = to_device_packed((token_ids, positions), torch.long, device)
     return SubBatch(
         chunks=chunks,
         owned=owned,
         row_starts=row_starts,
-        input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=input_ids,
+        positions=positions_d,
         meta=meta,
     )

@@ -216,8 +216,10 @@ class Worker:
                 sample_chunks.append(i)
         if not plp_rows and not sample_rows:
             return result
-        rows = torch.tensor(plp_rows + sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()  # [num_rows, vocab_size]
+        rows = plp_rows + sample_rows
+        if rows != list(range(hidden.shape[0])):  # else (a decode-only batch) every row, in order
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        logits = self.model.compute_logits(hidden).float()  # [num_rows, vocab_size]
         if result is None:
             return None
 
@@ -232,7 +234,7 @@ class Worker:
             chunks = [batch.chunks[i] for i in sample_chunks]
             params = [self.params[c.request_id] for c in chunks]
             gens = [self._generator(p, c.end) for p, c in zip(params, chunks, strict=True)]
-            histories = [self.histories.get(c.request_id) for c in chunks]
+            histories = [self.histories.get(c.request_id) for c in chunks] if self.histories else None
             sampled = self.sampler(logits[len(plp_rows) :], params, gens, histories)
             for chunk, tok, lp in zip(chunks, sampled.token_ids, sampled.logprobs, strict=True):
                 result.sampled_token_ids[chunk.request_id] = tok

@@ -32,6 +32,8 @@ from the host lists once per step (`KernelBackend.plan`), shared by every layer.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,28 +83,36 @@ class AttentionMetadata:
         kvp_merge: KVPMergeIndex | None = None,
         block_runs: list[tuple[int, int]] | None = None,
     ) -> AttentionMetadata:
+        """The host lists go to `device` in two copies (one int64 buffer, with the block-table
+        lengths when the tables are on `device`, and one int32 buffer; pinned and asynchronous
+        on CUDA), the tensors being views of those buffers."""
+        device = torch.device(device)
         num_seqs = len(query_lens)
-        max_blocks = max((len(b) for b in block_tables), default=0)
-        on = next((b.device for b in block_tables if isinstance(b, torch.Tensor)), torch.device("cpu"))
+        tables = [
+            b if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=torch.int32) for b in block_tables
+        ]
+        table_lens = [b.shape[0] for b in tables]
+        max_blocks = max(table_lens, default=0)
+        on = next((b.device for b in tables if b.device.type != "cpu"), torch.device("cpu"))
+        with_lens = on.type != "cpu" and on == device  # the lengths travel with the int64 lists
+        q_pos_d, kv_start_d, slots_d, lens_d = to_device_packed(
+            (q_pos_start, kv_start, slot_mapping, table_lens if with_lens else ()), torch.int64, device
+        )
         if on.type != "cpu":
-            bt = _pad_on_device(block_tables, max(max_blocks, 1), on)  # type: ignore[arg-type]
+            bt = _pad_on_device(tables, max(max_blocks, 1), on, lens_d if with_lens else None)
+        elif max_blocks:
+            bt = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(torch.int32)  # 0-padded
         else:
-            bt = torch.zeros((num_seqs, max(max_blocks, 1)), dtype=torch.int32)
-            for i, blocks in enumerate(block_tables):
-                if len(blocks):
-                    bt[i, : len(blocks)] = (
-                        blocks if isinstance(blocks, torch.Tensor) else torch.tensor(blocks)
-                    )
-        qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
-        if num_seqs:
-            qsl[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
+            bt = torch.zeros((num_seqs, 1), dtype=torch.int32)
+        qsl = list(itertools.accumulate(query_lens, initial=0))  # [num_seqs + 1]
+        qsl_d, kv_lens_d = to_device_packed((qsl, kv_lens), torch.int32, device)
         return cls(
-            query_start_loc=qsl.to(device),
-            q_pos_start=torch.tensor(q_pos_start, dtype=torch.int64, device=device),
-            kv_start=torch.tensor(kv_start, dtype=torch.int64, device=device),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
+            query_start_loc=qsl_d,
+            q_pos_start=q_pos_d,
+            kv_start=kv_start_d,
+            kv_lens=kv_lens_d,
             block_tables=bt.to(device),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            slot_mapping=slots_d,
             query_lens_cpu=list(query_lens),
             q_pos_start_cpu=list(q_pos_start),
             kv_start_cpu=list(kv_start),
@@ -112,21 +122,38 @@ class AttentionMetadata:
             kvp_merge=kvp_merge,
             block_runs_cpu=block_runs
             if block_runs is not None
-            else [leading_run(list(b)) for b in block_tables],
+            else [leading_run(b.tolist()) for b in tables],
         )
 
 
-def _pad_on_device(tables: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+def to_device_packed(
+    lists: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """One 1-D tensor per list, on `device`: views of one buffer filled by one host copy,
+    from pinned memory and asynchronous (in stream order) on CUDA. The caching host
+    allocator keeps the pinned buffer until the copy has run."""
+    flat = list(itertools.chain.from_iterable(lists))
+    pinned = device.type == "cuda"
+    host = torch.tensor(flat, dtype=dtype, pin_memory=pinned)  # [sum of lengths]
+    packed = host.to(device, non_blocking=pinned)
+    return list(packed.split([len(x) for x in lists]))
+
+
+def _pad_on_device(
+    tables: list[torch.Tensor], width: int, device: torch.device, lens_d: torch.Tensor | None = None
+) -> torch.Tensor:
     """[num_seqs, width] int32 on `device`, row i = tables[i] (on `device`) padded with 0, in a
     fixed number of launches: one concatenation and one scatter (rows and columns from the
-    lengths on the device). Host work: O(num_seqs), not O(blocks)."""
-    lens = [len(t) for t in tables]
+    lengths on the device: `lens_d` [num_seqs] int64 when the caller sent them already).
+    Host work: O(num_seqs), not O(blocks)."""
+    lens = [t.shape[0] for t in tables]
     total = sum(lens)
     bt = torch.zeros((len(tables), width), dtype=torch.int32, device=device)
     if total == 0:
         return bt
-    flat = torch.cat([t for t in tables if len(t)])  # [total]
-    lens_d = torch.tensor(lens, dtype=torch.long).to(device, non_blocking=True)
+    flat = torch.cat([t for t, n in zip(tables, lens, strict=True) if n])  # [total]
+    if lens_d is None:
+        (lens_d,) = to_device_packed((lens,), torch.long, device)
     rows = torch.repeat_interleave(torch.arange(len(tables), device=device), lens_d, output_size=total)
     starts = torch.cumsum(lens_d, 0) - lens_d  # [num_seqs] first flat index of each row
     cols = torch.arange(total, device=device) - starts[rows]
