@@ -170,3 +170,25 @@ def test_request_larger_than_kv_capacity_is_rejected(tiny_model_dir):
     with pytest.raises(InvalidRequestError) as e:
         llm.generate([list(range(3, 30))], greedy(10))
     assert "37" in str(e.value) and "32" in str(e.value)
+
+
+def test_outputs_without_copies_are_the_live_lists(engine):
+    """copy_outputs=False (the serving core): each output holds the request's own lists, valid
+    until the next step; the tokens are those of the copying mode."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    engine.add_request(PROMPT, params, request_id="copied")
+    copied = run_all(engine)["copied"]
+    engine.copy_outputs = False
+    try:
+        engine.add_request(PROMPT, params, request_id="live")
+        seen = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                seen.append(out)
+                if out.delta_token_ids:  # the live list ends with what this step added
+                    assert out.token_ids[-len(out.delta_token_ids) :] == out.delta_token_ids
+    finally:
+        engine.copy_outputs = True
+    assert len({id(out.token_ids) for out in seen}) == 1  # one list, never copied
+    assert seen[-1].finished and seen[-1].token_ids == copied.token_ids
+    assert seen[-1].logprobs == copied.logprobs and len(seen[-1].timing.token_times) == 6

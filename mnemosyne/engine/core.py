@@ -235,7 +235,7 @@ def run_engine_core(address: str, parent_pid: int | None) -> int:
                 return 0
         started = time.perf_counter()
         config = EngineArgs(**start.engine_args).create_engine_config()
-        engine = LLMEngine(config, load_tokenizer(config.model_dir), detokenize=False)
+        engine = LLMEngine(config, load_tokenizer(config.model_dir), detokenize=False, copy_outputs=False)
         core = EngineCore(engine, start.max_waiting_requests)
         link.send(CoreReady(core.info(engine_summary(engine, start.model_name, time.perf_counter() - started))))
         _serve(core, link)

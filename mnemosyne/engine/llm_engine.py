@@ -48,6 +48,10 @@ def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):  # 
     return tokenizer
 
 
+def _same(items: list) -> list:
+    return items
+
+
 class LLMEngine:
     """Schedules on the driver; runs micro-batches through an `Executor`.
 
@@ -56,12 +60,18 @@ class LLMEngine:
     in later stages, and results come back in order.
     """
 
-    def __init__(self, config: EngineConfig, tokenizer=None, detokenize: bool = True) -> None:
+    def __init__(
+        self, config: EngineConfig, tokenizer=None, detokenize: bool = True, copy_outputs: bool = True
+    ) -> None:
         """`detokenize=False`: outputs carry token ids only and stop strings are the caller's
-        (the engine core of `mnemosyne serve`: its API server detokenizes)."""
+        (the engine core of `mnemosyne serve`: its API server detokenizes).
+        `copy_outputs=False`: a RequestOutput's token ids, logprobs and token times are the
+        request's own lists, valid until the next step (the engine core sends only what each
+        step added): no per-step copy that grows with the output."""
         self.config = config
         self.tokenizer = tokenizer
         self.detokenize = detokenize
+        self.copy_outputs = copy_outputs
         # Sampling fields a request leaves out (None) take these, else SamplingParams' fallbacks.
         self.generation_defaults = (
             load_generation_defaults(config.model_dir)
@@ -238,20 +248,21 @@ class LLMEngine:
         finished = req.status.finished
         detok = self._detok.get(req.request_id)
         params = req.sampling_params
+        own = list if self.copy_outputs else _same
         return RequestOutput(
             request_id=req.request_id,
             prompt=self._prompts.get(req.request_id),
             prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(req.output_token_ids),
+            token_ids=own(req.output_token_ids),
             text=detok.text if detok is not None else "",
             finished=finished,
             finish_reason=req.status.finish_reason,
-            logprobs=list(req.logprobs) if params.logprobs is not None else None,
-            prompt_logprobs=list(req.prompt_logprobs) if params.prompt_logprobs is not None else None,
+            logprobs=own(req.logprobs) if params.logprobs is not None else None,
+            prompt_logprobs=own(req.prompt_logprobs) if params.prompt_logprobs is not None else None,
             timing=RequestTiming(
                 arrival_time=req.arrival_time,
                 first_token_time=req.first_token_time,
-                token_times=list(req.token_times),
+                token_times=own(req.token_times),
                 finished_time=now if finished else None,
                 ttft_deadline_s=self._ttft_deadlines_s[req.request_id],
             ),
