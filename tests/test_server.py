@@ -363,14 +363,16 @@ def test_64_concurrent_streams_with_disconnects(server: BackgroundServer, llm: L
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    num_done = num_clients - len(quitters)
-    assert delta('mnemosyne:requests_finished_total{reason="length"}') == num_done
-    assert delta('mnemosyne:requests_finished_total{reason="abort"}') == len(quitters)
+    # A quitter's request may finish before the server sees the hang-up (its last tokens were
+    # generated while the stream still looked open): then it counts as finished, not aborted.
+    num_done = delta('mnemosyne:requests_finished_total{reason="length"}')
+    num_aborted = delta('mnemosyne:requests_finished_total{reason="abort"}')
+    assert num_clients - len(quitters) <= num_done and num_done + num_aborted == num_clients
     assert delta("mnemosyne:prompt_tokens_total") == sum(len(llm.tokenizer.encode(p)) for p in prompts)
     assert delta("mnemosyne:e2e_request_latency_seconds_count") == num_done
     assert delta("mnemosyne:time_to_first_token_seconds_count") == num_clients
     generated = delta("mnemosyne:generation_tokens_total")
-    assert num_done * num_tokens + 2 * len(quitters) <= generated <= num_clients * num_tokens
+    assert num_done * num_tokens + 2 * num_aborted <= generated <= num_clients * num_tokens
     assert delta("mnemosyne:time_between_tokens_seconds_count") == generated - num_clients
     assert after["mnemosyne:num_requests_running"] == after["mnemosyne:num_requests_waiting"] == 0
     assert after['mnemosyne:kv_cache_usage_ratio{kvp_group="0"}'] == 0
