@@ -216,6 +216,26 @@ def main(argv: list[str] | None = None) -> dict:
     return combined
 
 
+def server_flags(ns: argparse.Namespace) -> dict:
+    """The flags every configuration's server takes from these options (for the result JSON)."""
+    return {
+        "dtype": ns.dtype,
+        "max_num_batched_tokens": ns.max_num_batched_tokens,
+        "tbt_slo_ms": ns.tbt_slo_ms,
+        "prefill_only_step_ms": ns.prefill_only_step_ms,
+        "latency_profile": str(ns.latency_profile) if ns.latency_profile else None,
+        "prefix_caching": False,
+        "server_args": ns.server_args,
+    }
+
+
+def ttft_deadline_text(ns: argparse.Namespace) -> str:
+    return (
+        f"max({ns.deadline_factor} x prefill floor, {ns.min_deadline_s} s); floor = whole-prompt prefill "
+        "FLOPs (linear at 800 TFLOP/s, attention at 590 TFLOP/s), the same for every config"
+    )
+
+
 def write_combined(
     ns: argparse.Namespace, spec: TraceSpec, trace: list[dict], tid: str, floors: dict
 ) -> dict:
@@ -245,17 +265,8 @@ def write_combined(
         "trace_spec": asdict(spec),
         "trace": trace_stats(trace),
         "configs": {name: CONFIGS[name] for name in results},
-        "server_flags": {
-            "dtype": ns.dtype,
-            "max_num_batched_tokens": ns.max_num_batched_tokens,
-            "tbt_slo_ms": ns.tbt_slo_ms,
-            "prefill_only_step_ms": ns.prefill_only_step_ms,
-            "latency_profile": str(ns.latency_profile) if ns.latency_profile else None,
-            "prefix_caching": False,
-            "server_args": ns.server_args,
-        },  # fmt: skip
-        "ttft_deadline": f"max({ns.deadline_factor} x prefill floor, {ns.min_deadline_s} s); floor = whole-prompt prefill "
-        "FLOPs (linear at 800 TFLOP/s, attention at 590 TFLOP/s), the same for every config",  # fmt: skip
+        "server_flags": server_flags(ns),
+        "ttft_deadline": ttft_deadline_text(ns),
         "floors": floors,
         "results": results,
     }

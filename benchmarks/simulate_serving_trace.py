@@ -138,18 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         "trace_spec": dataclasses.asdict(spec),
         "trace": trace_stats(trace),
         "configs": {name: CONFIGS[name] for name in results},
-        "server_flags": {
-            "dtype": ns.dtype,
-            "max_num_batched_tokens": ns.max_num_batched_tokens,
-            "tbt_slo_ms": ns.tbt_slo_ms,
-            "prefill_only_step_ms": ns.prefill_only_step_ms,
-            "latency_profile": str(ns.latency_profile) if ns.latency_profile else None,
-            "prefix_caching": False,
-            "server_args": ns.server_args,
-            "kv_cache_memory_gb": own.kv_cache_memory_gb,
-        },  # fmt: skip
-        "ttft_deadline": f"max({ns.deadline_factor} x prefill floor, {ns.min_deadline_s} s); floor = whole-prompt "
-        "prefill FLOPs (linear at 800 TFLOP/s, attention at 590 TFLOP/s), the same for every config",
+        "server_flags": {**serving_trace.server_flags(ns), "kv_cache_memory_gb": own.kv_cache_memory_gb},
+        "ttft_deadline": serving_trace.ttft_deadline_text(ns),
         "floors": floors,
         "results": results,
     }

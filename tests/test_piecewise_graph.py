@@ -64,7 +64,8 @@ def test_piecewise_step_matches_eager_forward(name, tiny_model_dir):
     eager_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.num_local_layers)]
     piece_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.num_local_layers)]
     graphs = PiecewiseGraphs(model, max_tokens=32, device=torch.device("cpu"))
-    assert graphs.capture_all() >= 0 and sorted(graphs.pieces) == [8, 16, 24, 32]
+    graphs.capture_all()
+    assert sorted(graphs.pieces) == [8, 16, 24, 32]
     assert all(len(p) == model.num_local_layers + 1 for p in graphs.pieces.values())
     graphs.residual.fill_(float("nan"))  # stale padding rows must not reach real rows
     for ids, pos, meta in _mixed_steps(cfg.vocab_size):

@@ -114,8 +114,7 @@ class DecodeGraphs:
         """Capture every padded size, largest first (the pool reaches its peak at once). The
         static buffers hold padding only here, before any step: kv_len 0, slot -1."""
         for bs in sorted(self.sizes, reverse=True):
-            if bs not in self.graphs:
-                self._capture(bs)
+            self._capture(bs)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return (
@@ -146,8 +145,6 @@ class DecodeGraphs:
             self.positions[n:bs].zero_()
             self.kv_lens[n:bs].zero_()
             self.slot_mapping[n:bs].fill_(-1)
-        if bs not in self.graphs:
-            self._capture(bs)  # only without capture_all (benchmarks driving the model directly)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 

@@ -36,7 +36,6 @@ Without CUDA (tests on CPU) the same pieces run eagerly on the same padded buffe
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -144,15 +143,10 @@ class PiecewiseGraphs:
             replays.append(graph.replay)
         return replays
 
-    def capture_all(self) -> float:
-        """Capture every size (largest first, so the pool reaches its peak at once); seconds."""
-        t0 = time.perf_counter()
+    def capture_all(self) -> None:
+        """Capture every size (largest first, so the pool reaches its peak at once)."""
         for size in sorted(self.sizes, reverse=True):
-            if size not in self.pieces:
-                self.pieces[size] = self._build(size)
-        if self.use_graphs:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+            self.pieces[size] = self._build(size)
 
     # ---- a step -------------------------------------------------------------------------
 
@@ -173,8 +167,6 @@ class PiecewiseGraphs:
         inp[n:size].zero_()
         self.positions[:n].copy_(positions)
         self.positions[n:size].zero_()
-        if size not in self.pieces:
-            self.pieces[size] = self._build(size)  # only without capture_all (tests)
         pieces = self.pieces[size]
         for i, layer in enumerate(self.model.layers):
             pieces[i]()

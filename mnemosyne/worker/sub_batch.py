@@ -61,11 +61,7 @@ def build_sub_batch(
         shared_base = num_shared
         if chunk.is_shared:
             num_shared += chunk.num_tokens
-        pieces = chunk.pieces
-        if len(pieces) == 1:  # the common case: all keys on one group
-            spec = pieces[0] if pieces[0].group == group else None
-        else:
-            spec = next((p for p in pieces if p.group == group), None)
+        spec = next((p for p in chunk.pieces if p.group == group), None)
         if spec is None:
             continue
         piece = mirror.update(chunk.request_id, spec)
@@ -76,9 +72,7 @@ def build_sub_batch(
         row_starts.append(row)
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.start, chunk.end))
-        if is_owner and chunk.num_tokens == 1:  # a decode
-            slots.append(piece.slot(chunk.start, block_size))
-        elif is_owner:
+        if is_owner:
             slots.extend(piece.slot(p, block_size) for p in range(chunk.start, chunk.end))
         else:
             slots.extend([-1] * chunk.num_tokens)

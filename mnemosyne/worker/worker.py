@@ -145,6 +145,8 @@ class Worker:
                 self.graphs.capture_all()
             if self.piecewise is not None:
                 self.piecewise.capture_all()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         if self.graphs is not None or self.piecewise is not None:
             num_decode = len(self.graphs.graphs) if self.graphs is not None else 0
