@@ -76,7 +76,12 @@ def choose_chunk_splits(
     return max(1, min(want, max_keys // min_split_keys, max_splits))
 
 
-@triton.jit
+# Arguments that change from step to step: the split count, the workspace strides that follow
+# it, and the block table's width. Triton would otherwise compile a variant per class of
+# their values (== 1, multiple of 16, other; tests/test_no_recompile.py) while serving.
+@triton.jit(do_not_specialize=[
+    "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls", "stride_bts", "num_splits",
+])  # fmt: skip
 def _chunk_split_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, l_ptr,  # o / l: out / lse (DIRECT) or the split workspace
     qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, tile_seq_ptr, tile_off_ptr,
@@ -166,7 +171,10 @@ def _chunk_split_kernel(
     tl.store(l_ptr + rows * stride_lt + head * stride_lh + split * stride_ls, lse, mask=m_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[
+    "num_splits", "stride_wot", "stride_woh", "stride_wos", "stride_wlt", "stride_wlh",
+    "stride_ot", "stride_oh", "stride_lt", "stride_lh",
+])  # fmt: skip
 def _chunk_merge_kernel(
     wo_ptr, wl_ptr, o_ptr, l_ptr, rows_ptr, num_splits,
     stride_wot, stride_woh, stride_wos, stride_wlt, stride_wlh,

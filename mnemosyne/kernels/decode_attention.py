@@ -166,7 +166,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# The decode count, the block table's width and the workspace strides (its rows follow the
+# decode count) change from step to step (tests/test_no_recompile.py).
+@triton.jit(do_not_specialize=["num_decode", "stride_bt", "stride_or", "stride_oh", "stride_lr", "stride_lh"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, seq_ids_ptr,
     o_ptr, l_ptr,  # workspace (or out / lse when DIRECT)
@@ -256,7 +258,7 @@ def _decode_split_kernel(
         tl.store(l_ptr + o_row * stride_lr + heads * stride_lh, lse, mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_decode", "stride_woh", "stride_wos", "stride_wlh"])
 def _decode_reduce_kernel(
     wo_ptr, wl_ptr, o_ptr, l_ptr, qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr,
     num_decode, split_budget, window,

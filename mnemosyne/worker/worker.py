@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
+from mnemosyne.kernels.jit_watch import watch_jit_compiles
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.logits_processors import TokenHistory
 from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
@@ -87,6 +88,8 @@ class Worker:
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)
         self.capture_s = self._capture_graphs()
+        # From here on a Triton compile stalls a step: log it (none is expected).
+        self.jit_watch = watch_jit_compiles() if device.type == "cuda" else None
         self.mirror = BlockTableMirror(self.group, num_blocks, device)
         self.params: dict[str, SamplingParams] = {}
         # Requests with penalties or min_tokens, on reporting ranks only; any group may own a

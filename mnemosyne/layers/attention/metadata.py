@@ -131,12 +131,21 @@ def to_device_packed(
 ) -> list[torch.Tensor]:
     """One 1-D tensor per list, on `device`: views of one buffer filled by one host copy,
     from pinned memory and asynchronous (in stream order) on CUDA. The caching host
-    allocator keeps the pinned buffer until the copy has run."""
-    flat = list(itertools.chain.from_iterable(lists))
+    allocator keeps the pinned buffer until the copy has run.
+
+    Every view starts 16-byte aligned (each list is padded to 16 bytes in the buffer):
+    Triton compiles a kernel variant per pointer alignment, so an alignment that followed
+    the batch's lengths would compile new variants while serving (tests/test_no_recompile.py)."""
+    per_16 = max(1, 16 // dtype.itemsize)
+    sizes = [-(-len(x) // per_16) * per_16 for x in lists]
+    flat: list[int] = []
+    for x, size in zip(lists, sizes, strict=True):
+        flat.extend(x)
+        flat.extend([0] * (size - len(x)))
     pinned = device.type == "cuda"
-    host = torch.tensor(flat, dtype=dtype, pin_memory=pinned)  # [sum of lengths]
+    host = torch.tensor(flat, dtype=dtype, pin_memory=pinned)  # [sum of padded lengths]
     packed = host.to(device, non_blocking=pinned)
-    return list(packed.split([len(x) for x in lists]))
+    return [view[: len(x)] for view, x in zip(packed.split(sizes), lists, strict=True)]
 
 
 def _pad_on_device(

@@ -1,0 +1,138 @@
+"""No Triton compile while serving: every kernel variant a step launches was compiled by warm-up.
+
+Triton compiles one variant per *specialization key* of a launch: the constexpr values, the
+launch options, each tensor's dtype and 16-byte alignment, and each int argument's class
+(== 1, a multiple of 16, other, >= 2**31) unless the kernel lists it in `do_not_specialize`.
+An int that changes from step to step (a split count, a decode count, a block table's width)
+therefore compiles new variants mid-serving: 5-6 s stalls of every request, measured on an
+H200 (benchmarks/results/serving_trace/).
+
+Here every launch of the attention kernels is recorded instead of run, its key computed with
+Triton's own rule (`native_specialize_impl`), first for `KernelBackend.warm_up` and then for
+steps of every kind (decode batches of 1 to 64, chunks of 1 to 300 tokens after 0 to 20K
+keys, split counts from 1 to 64, mixed batches, KVP pieces); every key of the steps must be
+one warm-up produced.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from triton.backends.compiler import BaseBackend  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
+
+from mnemosyne.kernels import chunk_splitkv_attention, decode_attention  # noqa: E402
+from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
+
+KERNELS = {
+    "chunk": (chunk_splitkv_attention, "_chunk_split_kernel"),
+    "chunk_merge": (chunk_splitkv_attention, "_chunk_merge_kernel"),
+    "decode": (decode_attention, "_decode_split_kernel"),
+    "decode_reduce": (decode_attention, "_decode_reduce_kernel"),
+}
+BLOCK = 16
+H, HKV, D = 32, 8, 128  # Llama-3-8B heads
+
+
+def _do_not_specialize(kernel) -> set[str]:
+    names = getattr(kernel, "do_not_specialize", None)  # JITFunction
+    if names is None:  # the interpreter's InterpretedFunction keeps the decorator's kwargs
+        names = kernel.kwargs.get("do_not_specialize") or []
+    return set(names)
+
+
+def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What Triton compiles a variant for (see the module docstring)."""
+    params = inspect.signature(kernel.fn).parameters
+    bound = inspect.signature(kernel.fn).bind_partial(
+        *args, **{k: v for k, v in kwargs.items() if k in params}
+    )
+    dns = _do_not_specialize(kernel)
+    key: list = [tuple(sorted((k, v) for k, v in kwargs.items() if k not in params))]  # num_warps, ...
+    for name, value in bound.arguments.items():
+        if "constexpr" in str(params[name].annotation):
+            key.append((name, value))
+        elif isinstance(value, torch.Tensor):
+            key.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
+        elif isinstance(value, bool | float):
+            key.append((name, type(value).__name__))
+        elif isinstance(value, int):
+            key.append((name, native_specialize_impl(BaseBackend, value, False, name not in dns, True)))
+        else:
+            key.append((name, type(value).__name__))
+    return tuple(key)
+
+
+class Recorder:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.keys: dict[str, set[tuple]] = {name: set() for name in KERNELS}
+        for name, (module, attr) in KERNELS.items():
+            kernel = getattr(module, attr)
+            monkeypatch.setattr(kernel, "run", self._recorder(name, kernel), raising=False)
+
+    def _recorder(self, name: str, kernel):
+        def run(*args, grid, warmup, **kwargs) -> None:
+            self.keys[name].add(launch_key(kernel, args, kwargs))
+
+        return run
+
+    def take(self) -> dict[str, set[tuple]]:
+        keys, self.keys = self.keys, {name: set() for name in KERNELS}
+        return keys
+
+
+def _step(backend: KernelBackend, caches, seqs: list[tuple[int, int, int, int]], rng: random.Random) -> None:
+    """seqs: (query_len, q_pos_start, kv_start, kv_len); blocks drawn at random."""
+    k_cache, v_cache = caches
+    num_blocks = k_cache.shape[0]
+    tables = [rng.sample(range(num_blocks), -(-kv_len // BLOCK)) for *_, kv_len in seqs]
+    num_tokens = sum(s[0] for s in seqs)
+    meta = AttentionMetadata.build(
+        [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], [s[3] for s in seqs],
+        tables, [-1] * num_tokens, backend.device,
+    )  # fmt: skip
+    query = torch.zeros(num_tokens, H, D, dtype=backend.dtype, device=backend.device)
+    backend.forward(query, k_cache, v_cache, meta, D**-0.5, None)
+
+
+def test_serving_steps_launch_only_warmed_variants(monkeypatch: pytest.MonkeyPatch) -> None:
+    device = torch.device("cpu")
+    backend = KernelBackend(H // HKV, D, torch.bfloat16, device)
+    backend.num_sms = 132  # an H200's split counts (up to 64 here), whatever this machine has
+    max_num_decodes = 64
+    caches = tuple(torch.zeros(1300, BLOCK, HKV, D, dtype=torch.bfloat16) for _ in range(2))
+    recorder = Recorder(monkeypatch)
+    backend.warm_up(*caches, None, max_num_decodes)
+    warmed = recorder.take()
+    assert all(warmed.values()), {name: len(keys) for name, keys in warmed.items()}
+
+    rng = random.Random(0)
+    steps: list[list[tuple[int, int, int, int]]] = []
+    for n in (1, 2, 3, 5, 16, 17, 33, 64):  # decode batches
+        lens = [rng.randint(1, 20_000) for _ in range(n)]
+        steps.append([(1, kv - 1, 0, kv) for kv in lens])
+    for c in (1, 7, 16, 32, 33, 100, 300):  # one chunk after a prefix
+        for prefix in (0, 17, 1000, 4096, 20_000):
+            steps.append([(c, prefix, 0, prefix + c)])
+    for n, c, prefix in ((1, 128, 16_000), (16, 32, 5000), (31, 48, 12_345)):  # mixed
+        lens = [rng.randint(1, 4000) for _ in range(n)]
+        steps.append([(1, kv - 1, 0, kv) for kv in lens] + [(c, prefix, 0, prefix + c)])
+    steps.append([(64, 9000, 4096, 9000 + 64 - 4096)])  # a KVP group's piece, own keys too
+    steps.append([(64, 9000, 0, 4096)])  # an older piece: keys before every query
+    for seqs in steps:
+        _step(backend, caches, seqs, rng)
+    served = recorder.take()
+    for name, keys in served.items():
+        missed = keys - warmed[name]
+        assert not missed, (
+            f"{name}: {len(missed)} variant(s) warm-up did not compile, e.g. {sorted(missed)[0]}"
+        )
