@@ -41,7 +41,23 @@ from pathlib import Path
 H, HKV, D = 32, 8, 128
 ATTN_FLOPS = 590e12
 COPY_BPS = 4.2e12
-DEFAULT_BLOCK = 16  # the engine's block size today
+CONFIG_FIELDS = (
+    "kernel",
+    "page",
+    "block_n",
+    "block_m",
+    "num_warps",
+    "num_stages",
+    "use_tma",
+    "warp_specialize",
+)
+RESTART_RC = 3  # a part exits with it after a sticky CUDA error; the driver resumes it
+MAX_RESTARTS = 3
+
+
+def config_key(row: dict) -> str:
+    """The kernel options of a config (or of a result row holding one)."""
+    return json.dumps({k: row[k] for k in CONFIG_FIELDS if k in row}, sort_keys=True)
 
 
 def variant_configs(ws: bool, smoke: bool) -> list[dict]:
@@ -188,7 +204,6 @@ def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
     from mnemosyne.kernels.chunk_splitkv_attention import _chunk_split_kernel
     from mnemosyne.kernels.chunk_tma_attention import _chunk_tma_kernel
 
-    t_start = time.monotonic()
     device = "cpu" if args.smoke else "cuda"
     torch.manual_seed(0)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
@@ -202,21 +217,32 @@ def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
     failed: dict[str, str] = {}
     seen = {"splitkv": set(), "tma": set()}
     jit = {"splitkv": _chunk_split_kernel, "tma": _chunk_tma_kernel}
-    results: list[dict] = []
+    # Resumed after this part's process died: keep its rows, never rerun what killed it.
+    results: list[dict] = json.loads(out_path.read_text()) if out_path.exists() else []
+    for r in results:
+        if "error" in r:
+            failed[config_key(r)] = r["error"]
+        compile_info.setdefault(config_key(r), r.get("compiled"))
+    done = {(config_key(r), r["chunk"], r["prefix"]) for r in results}
+    inflight = out_path.with_suffix(".inflight")
+    if inflight.exists():
+        failed[inflight.read_text()] = "the process died running it (compiler crash or sticky CUDA error)"
     # The key point first (all configs compile there), then the rest.
     points = sorted(itertools.product(chunks, prefixes), key=lambda p: (p != (128, prefixes[0]), p[1], p[0]))
     for c, prefix in points:
         pt = Point(k_flat, v_flat, c, prefix, args.shuffled, device)
-        if part == "ws":  # the reference output of this point
-            run_config(pt, baseline_configs(True)[0], num_sms, 1)
+        run_config(pt, baseline_configs(True)[0], num_sms, 1)  # the reference output of this point
         for cfg in configs:
-            key = json.dumps(cfg, sort_keys=True)
+            key = config_key(cfg)
+            if (key, c, prefix) in done:
+                continue
             row = dict(cfg, chunk=c, prefix=prefix, shuffled=args.shuffled)
-            if time.monotonic() - t_start > args.budget_s:
+            if time.time() > args.deadline:
                 row["skipped"] = "budget"
             elif key in failed:
                 row["error"] = failed[key]
             else:
+                inflight.write_text(key)
                 try:
                     row.update(run_config(pt, cfg, num_sms, args.iters))
                     if key not in compile_info:
@@ -227,10 +253,16 @@ def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
                     failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
                     row["error"] = failed[key]
                     traceback.print_exc()
+                inflight.unlink()
             row["compiled"] = compile_info.get(key)
             results.append(row)
             print(json.dumps(row), flush=True)
             out_path.write_text(json.dumps(results, indent=1))
+            if "error" in row and device == "cuda":
+                try:  # a sticky CUDA error poisons every later config: restart the process
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001
+                    sys.exit(RESTART_RC)
         del pt
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -270,6 +302,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["base", "ws"], choices=["base", "ws"])
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes: checks the script")
     ap.add_argument("--part", choices=["base", "ws"], help=argparse.SUPPRESS)  # internal: run one part here
+    ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)  # epoch seconds
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -290,16 +323,22 @@ def main() -> None:
             part_out = Path(tmp) / f"{part}.json"
             cmd = [sys.executable, "-m", "benchmarks.chunk_kernel_variants", "--part", part, "--out", str(part_out),
                    "--chunks", *map(str, args.chunks), "--prefixes", *map(str, args.prefixes),
-                   "--iters", str(args.iters), "--budget-s", str(max(part_budget - 25, 1))]  # fmt: skip
+                   "--iters", str(args.iters), "--deadline", str(time.time() + part_budget - 25)]  # fmt: skip
             cmd += ["--shuffled"] * args.shuffled + ["--smoke"] * args.smoke
             t_part = time.monotonic()
-            try:
-                proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=part_budget + 60)
-                rc, tail = proc.returncode, (proc.stderr or "")[-3000:]
-            except subprocess.TimeoutExpired as e:
-                rc, tail = "timeout", str(e.stderr or "")[-3000:]
+            for attempt in range(MAX_RESTARTS + 1):  # a part that died resumes from its rows
+                left = part_budget - (time.monotonic() - t_part)
+                try:
+                    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=left + 60)
+                    rc, tail = proc.returncode, (proc.stderr or "")[-3000:]
+                except subprocess.TimeoutExpired as e:
+                    rc, tail = "timeout", str(e.stderr or "")[-3000:]
+                if rc in (0, "timeout") or left < 30:
+                    break
+                print(f"part {part} died (rc {rc}, attempt {attempt}): resuming", flush=True)
             part_rows = json.loads(part_out.read_text()) if part_out.exists() else []
-            parts[part] = {"returncode": rc, "seconds": time.monotonic() - t_part, "rows": len(part_rows),
+            parts[part] = {"returncode": rc, "attempts": attempt + 1, "seconds": time.monotonic() - t_part,
+                           "rows": len(part_rows),
                            "stderr_tail": tail if rc != 0 else ""}  # fmt: skip
             rows += part_rows
             print(f"part {part}: rc {rc}, {len(part_rows)} rows, {parts[part]['seconds']:.0f} s", flush=True)
