@@ -16,7 +16,9 @@ import pytest
 import torch
 from test_kernel_prefill import DEVICE, MIXED, SPLIT_SEQS, Seq, boundary_seqs, prefill, run_case
 
+from mnemosyne.kernels.chunk_splitkv_attention import chunk_splitkv_attention
 from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention, tma_supported
+from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 
 LOAD_PATHS = pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "ptr"])
 
@@ -155,3 +157,44 @@ def test_large_gpu_tma_window_and_dtypes(dtype, window):
     seqs = [Seq(4000, 16000, 20000), Seq(1000, 19000, 20000), prefill(2500), prefill(1, 20000)]
     atol = 1e-4 if dtype == torch.float32 else 2e-2
     run_tma(seqs, 32, 8, 128, 64, dtype, window, block_q=None, block_n=None, atol=atol, use_tma=True)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_cuda_graph_replay_tma():
+    """Captured once (TMA descriptors, 8 splits + merge), replayed with new positions and
+    lengths: they are read on device. Checked against the split-KV kernel run eagerly."""
+    c, h, hkv, d, page, nb, splits = 48, 32, 8, 128, 64, 200, 8
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(nb, page, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(nb, page, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(c, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    bt = torch.randperm(nb, device="cuda", generator=gen).to(torch.int32)[None]
+    qsl = torch.tensor([0, c], dtype=torch.int32, device="cuda")
+    q_pos, kv_start = torch.tensor([5000], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
+    kv_lens = torch.tensor([5000 + c], dtype=torch.int32, device="cuda")
+    block_q = default_block_q(h // hkv, torch.bfloat16)
+    ts, to = (torch.tensor(x, dtype=torch.int32, device="cuda") for x in plan_query_tiles([c], [0], block_q))
+    rows = torch.arange(c, dtype=torch.int32, device="cuda")
+    ws = (torch.empty(c, h, splits, d, device="cuda"), torch.empty(c, h, splits, device="cuda"))
+
+    def call(kernel, out: torch.Tensor, lse: torch.Tensor, **kw: object) -> None:
+        kernel(q, k, v, qsl, q_pos, kv_start, kv_lens, bt, ts, to, out, lse, d**-0.5, None,
+               num_splits=splits, merge_rows=rows, block_q=block_q, **kw)  # fmt: skip
+
+    out, lse = torch.empty_like(q), torch.empty(c, h, device="cuda")
+    call(chunk_tma_attention, out, lse, workspace=ws, use_tma=True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(chunk_tma_attention, out, lse, workspace=ws, use_tma=True)
+    for pos, start in [(9000, 0), (12000, 3000), (70, 0)]:
+        q_pos.fill_(pos)
+        kv_start.fill_(start)
+        kv_lens.fill_(pos + c - start)
+        out.fill_(float("nan"))
+        graph.replay()
+        ref_out, ref_lse = torch.empty_like(q), torch.empty(c, h, device="cuda")
+        call(chunk_splitkv_attention, ref_out, ref_lse)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
