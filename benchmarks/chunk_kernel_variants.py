@@ -9,7 +9,8 @@ block order), c in --chunks, P in --prefixes. Kernels and options:
   splitkv  kernels/chunk_splitkv_attention.py, its defaults, at block_size 16, 64 and 128
   tma      kernels/chunk_tma_attention.py over block_n x block_m x num_warps x num_stages
            (block_size 128; block_size 64 and pointer loads for a few), and in a second part
-           the same with warp_specialize=True
+           the same with warp_specialize=True; at each point the best TMA config also with the split
+           count aimed at 2 and 8 programs per SM (`waves`; the engine's default is 4)
 
 Each config is one wrapper call (split phase + merge) with the engine's split count
 (`choose_chunk_splits`), timed with CUDA events over --iters launches after two warm-ups.
@@ -146,14 +147,20 @@ class Point:
 def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     import torch
 
-    from mnemosyne.kernels.chunk_splitkv_attention import choose_chunk_splits, chunk_splitkv_attention
+    from mnemosyne.kernels.chunk_splitkv_attention import (
+        DEFAULT_WAVES,
+        choose_chunk_splits,
+        chunk_splitkv_attention,
+    )
     from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention
     from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 
     g = H // HKV
     block_q = default_block_q(g, pt.q.dtype) if cfg["kernel"] == "splitkv" else cfg["block_m"] // g
     tile_seq, tile_off = plan_query_tiles([pt.c], [0], block_q)
-    splits = choose_chunk_splits(len(tile_seq), HKV, pt.prefix + pt.c, num_sms)
+    splits = choose_chunk_splits(
+        len(tile_seq), HKV, pt.prefix + pt.c, num_sms, cfg.get("waves", DEFAULT_WAVES)
+    )
     k, v, bt = pt.cache(cfg["page"])
     out = torch.empty_like(pt.q)
     lse = torch.empty(pt.c, H, dtype=torch.float32, device=pt.device)
@@ -230,6 +237,38 @@ def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
         failed[inflight.read_text()] = "the process died running it (compiler crash or sticky CUDA error)"
     # The key point first (all configs compile there), then the rest.
     points = sorted(itertools.product(chunks, prefixes), key=lambda p: (p != (128, prefixes[0]), p[1], p[0]))
+
+    def measure(pt: Point, cfg: dict) -> None:
+        key = config_key(cfg)
+        if (key, pt.c, pt.prefix) in done:
+            return
+        row = dict(cfg, chunk=pt.c, prefix=pt.prefix, shuffled=args.shuffled)
+        if time.time() > args.deadline:
+            row["skipped"] = "budget"
+        elif key in failed:
+            row["error"] = failed[key]
+        else:
+            inflight.write_text(key)
+            try:
+                row.update(run_config(pt, cfg, num_sms, args.iters))
+                if key not in compile_info:
+                    kind = cfg["kernel"]
+                    compile_info[key], seen[kind] = compiled_info(jit[kind], seen[kind])
+            except Exception as e:  # noqa: BLE001 (record and go on)
+                failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
+                row["error"] = failed[key]
+                traceback.print_exc()
+            inflight.unlink()
+        row["compiled"] = compile_info.get(key)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        out_path.write_text(json.dumps(results, indent=1))
+        if "error" in row and device == "cuda":
+            try:  # a sticky CUDA error poisons every later config: restart the process
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001
+                sys.exit(RESTART_RC)
+
     for n_point, (c, prefix) in enumerate(points):
         if n_point == 1:  # after the key point: fastest configs first, in case the budget runs out
             ms_at_key = {config_key(r): r.get("ms", float("inf")) for r in results}
@@ -237,36 +276,13 @@ def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
         pt = Point(k_flat, v_flat, c, prefix, args.shuffled, device)
         run_config(pt, baseline_configs(True)[0], num_sms, 1)  # the reference output of this point
         for cfg in configs:
-            key = config_key(cfg)
-            if (key, c, prefix) in done:
-                continue
-            row = dict(cfg, chunk=c, prefix=prefix, shuffled=args.shuffled)
-            if time.time() > args.deadline:
-                row["skipped"] = "budget"
-            elif key in failed:
-                row["error"] = failed[key]
-            else:
-                inflight.write_text(key)
-                try:
-                    row.update(run_config(pt, cfg, num_sms, args.iters))
-                    if key not in compile_info:
-                        compile_info[key], seen[cfg["kernel"]] = compiled_info(
-                            jit[cfg["kernel"]], seen[cfg["kernel"]]
-                        )
-                except Exception as e:  # noqa: BLE001 (record and go on)
-                    failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
-                    row["error"] = failed[key]
-                    traceback.print_exc()
-                inflight.unlink()
-            row["compiled"] = compile_info.get(key)
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            out_path.write_text(json.dumps(results, indent=1))
-            if "error" in row and device == "cuda":
-                try:  # a sticky CUDA error poisons every later config: restart the process
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001
-                    sys.exit(RESTART_RC)
+            measure(pt, cfg)
+        # The split count of the best TMA config here, at other programs-per-SM targets.
+        best = min((r for r in results if (r["chunk"], r["prefix"], r["kernel"]) == (c, prefix, "tma")
+                    and "ms" in r and "waves" not in r), key=lambda r: r["ms"], default=None)  # fmt: skip
+        if part == "base" and best is not None:
+            for waves in (2, 8):
+                measure(pt, dict({k: best[k] for k in CONFIG_FIELDS if k in best}, waves=waves))
         del pt
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -289,8 +305,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             "splitkv_best_ms": s and s["ms"], "splitkv_best_page": s and s["page"],
             "tma_best_ms": t and t["ms"], "tma_best_ratio_to_floor": t and t["ratio_to_floor"],
             "tma_best_tflops": t and t["tflops"],
-            "tma_best_options": t and {x: t[x] for x in ("page", "block_n", "block_m", "num_warps", "num_stages",
-                                                      "use_tma", "warp_specialize")},
+            "tma_best_splits": t and t["num_splits"],
+            "tma_best_options": t and {x: t[x] for x in CONFIG_FIELDS[1:] if x in t},
         })  # fmt: skip
     return out
 
