@@ -51,6 +51,7 @@ CONFIG_FIELDS = (
     "num_stages",
     "use_tma",
     "warp_specialize",
+    "waves",
 )
 RESTART_RC = 3  # a part exits with it after a sticky CUDA error; the driver resumes it
 MAX_RESTARTS = 3
