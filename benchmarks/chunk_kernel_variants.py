@@ -350,7 +350,7 @@ def main() -> None:
             for attempt in range(MAX_RESTARTS + 1):  # a part that died resumes from its rows
                 left = part_budget - (time.monotonic() - t_part)
                 try:
-                    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=left + 60)
+                    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=left + 20)
                     rc, tail = proc.returncode, (proc.stderr or "")[-3000:]
                 except subprocess.TimeoutExpired as e:
                     rc, tail = "timeout", str(e.stderr or "")[-3000:]
