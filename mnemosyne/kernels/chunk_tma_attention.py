@@ -25,14 +25,19 @@ Hopper features (Triton 3.6, sm_90):
     rewrites them to pointer loads. USE_TMA=False runs the same body with equivalent
     pointer loads of the same contiguous tiles (head dims that are not a power of two,
     e.g. 80, always take it: a D-wide box would read the next head's columns).
-  - Software pipelining of the unmasked middle loop by the launch's num_stages (Triton's
-    pipeliner multi-buffers the descriptor loads in shared memory; wgmma where Triton's
-    accelerate-matmul pass picks it for tl.dot on sm_90 — the benchmark records whether
-    the PTX holds `wgmma`).
-  - `tl.range(..., warp_specialize=True)` on the middle loop when WARP_SPECIALIZE: Triton
-    3.6 runs `add_hopper_warpspec` for sm_90 (its docstring still calls warp
-    specialization Blackwell-first; whether it partitions this loop is measured, not assumed).
+  - Software pipelining by the launch's num_stages (Triton's pipeliner multi-buffers the
+    descriptor loads of each loop in shared memory, the unmasked middle loop being the
+    one that matters); wgmma where Triton's accelerate-matmul pass picks it for tl.dot on
+    sm_90 (the benchmark records whether the PTX holds `wgmma`).
+  - `tl.range(..., warp_specialize=True)` on the middle loop when WARP_SPECIALIZE. Triton
+    3.6's `tl.range` docstring says warp specialization is supported on Blackwell only,
+    yet its sm_90 pipeline runs `add_hopper_warpspec`: whether this loop gets partitioned
+    (and is faster) is measured by benchmarks/chunk_kernel_variants.py, not assumed.
+  - BLOCK_M = next_power_of_2(block_q x G): block_q = 64 // G or 128 // G gives 64 or 128
+    rows (one or two wgmma M tiles per warpgroup).
 
+The Triton interpreter emulates descriptor loads, so on CPU both load paths of the one
+kernel body are tested against the torch reference (tests/test_kernel_chunk_tma.py).
 Q is loaded once per program (pointer loads: the M tile packs tokens x G query heads of a
 strided query). Every length comes from device tensors; no host sync.
 """
