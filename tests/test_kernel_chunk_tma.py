@@ -34,6 +34,7 @@ CONFIGS = [
     (8, 2, 64, 32, torch.float32, 7),  # GQA 4, window
     (8, 1, 128, 16, torch.bfloat16, None),  # GQA 8
     (4, 4, 64, 16, torch.float16, 3),
+    (6, 2, 64, 16, torch.float32, 5),  # GQA 3: M padded to a power of two
 ]
 
 
