@@ -80,6 +80,8 @@ def variant_configs(ws: bool, smoke: bool) -> list[dict]:
                             use_tma=True, warp_specialize=False))  # fmt: skip
             out.append(dict(kernel="tma", page=128, block_n=64, block_m=bm, num_warps=nw, num_stages=3,
                             use_tma=False, warp_specialize=False))  # fmt: skip
+        out.append(dict(kernel="tma", page=128, block_n=128, block_m=128, num_warps=8, num_stages=2,
+                        use_tma=False, warp_specialize=False))  # fmt: skip
     return out
 
 
