@@ -93,7 +93,7 @@ def test_split_kv_matches_reference(config):
 
 @pytest.mark.parametrize("num_splits", [1, 3, 64])  # 64: more splits than steps, empty splits
 def test_split_kv_long_chunk(num_splits):
-    seqs = {1: [prefill(300, 37)], 3: [prefill(150, 37)], 64: [prefill(2, 150), Seq(4, 300, 50, 200)]}[num_splits]
+    seqs = {1: [prefill(300, 37)], 3: [prefill(60, 301)], 64: [prefill(2, 150), Seq(4, 300, 50, 200)]}[num_splits]
     run_tma(seqs, 4, 1, 64, 16, torch.float32, None, block_q=None, block_n=16, num_splits=num_splits, seed=9)
 
 
