@@ -3,8 +3,8 @@
     python -m benchmarks.chunk_kernel_variants --out benchmarks/results/chunk_kernel_variants_h200_DATE.json
 
 Llama-3-8B heads (32 query / 8 KV, head dim 128, bf16); a chunk of c queries after P keys of
-one sequence (blocks ascending as the engine lays out a long request; --shuffled: a random
-block order), c in --chunks, P in --prefixes. Kernels and options:
+one sequence (blocks ascending as the engine lays out a long request; --shuffled: 128-token runs
+of blocks in a random order), c in --chunks, P in --prefixes. Kernels and options:
 
   splitkv  kernels/chunk_splitkv_attention.py, its defaults, at block_size 16, 64 and 128
   tma      kernels/chunk_tma_attention.py over block_n x block_m x num_warps x num_stages
@@ -131,15 +131,19 @@ class Point:
         self.ref = None
 
     def cache(self, page: int):
+        """K/V viewed as [blocks, page, HKV, D] and a block table. Shuffled: 128-token runs in a
+        random order, the same at every page size (page divides 128), so every config reads
+        the same keys in the same logical order and the outputs stay comparable."""
         import torch
 
-        total = self.prefix + self.c
-        nb = -(-total // page)
-        k = self.k_flat[: nb * page].view(nb, page, HKV, D)
-        v = self.v_flat[: nb * page].view(nb, page, HKV, D)
-        gen = torch.Generator().manual_seed(page)
-        order = torch.randperm(nb, generator=gen) if self.shuffled else torch.arange(nb)
-        return k, v, order.to(torch.int32)[None].to(self.device)
+        runs = -(-(self.prefix + self.c) // 128)
+        per_run = 128 // page
+        k = self.k_flat[: runs * 128].view(runs * per_run, page, HKV, D)
+        v = self.v_flat[: runs * 128].view(runs * per_run, page, HKV, D)
+        gen = torch.Generator().manual_seed(0)
+        order = torch.randperm(runs, generator=gen) if self.shuffled else torch.arange(runs)
+        table = (order[:, None] * per_run + torch.arange(per_run)).flatten()
+        return k, v, table.to(torch.int32)[None].to(self.device)
 
     def floor(self) -> tuple[float, float]:
         flops = 4 * H * D * (self.c * self.prefix + self.c * (self.c + 1) / 2)
@@ -321,7 +325,7 @@ def main() -> None:
     ap.add_argument("--prefixes", type=int, nargs="+", default=[131072, 524288])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=260.0, help="wall clock for both parts together")
-    ap.add_argument("--shuffled", action="store_true", help="random block order instead of ascending")
+    ap.add_argument("--shuffled", action="store_true", help="128-token runs of blocks in a random order")
     ap.add_argument("--parts", nargs="+", default=["base", "ws"], choices=["base", "ws"])
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes: checks the script")
     ap.add_argument("--part", choices=["base", "ws"], help=argparse.SUPPRESS)  # internal: run one part here
