@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -80,6 +81,8 @@ def run_case(
     atol: float | None = None,
     strided_query: bool = False,
     num_splits: int = 1,
+    kernel: Callable[..., None] | None = None,  # None: chunk_splitkv_attention
+    **kernel_options: object,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     query_lens = [s.query_len for s in seqs]
@@ -137,13 +140,13 @@ def run_case(
             torch.full((num_tokens, num_heads, num_splits, head_dim), float("nan"), device=DEVICE),
             torch.full((num_tokens, num_heads, num_splits), float("nan"), device=DEVICE),
         )
-    chunk_splitkv_attention(
+    (kernel or chunk_splitkv_attention)(
         query, k_cache, v_cache,
         meta.query_start_loc, meta.q_pos_start, meta.kv_start, meta.kv_lens, meta.block_tables,
         torch.tensor(tile_seq, dtype=torch.int32, device=DEVICE),
         torch.tensor(tile_q_offset, dtype=torch.int32, device=DEVICE),
         out, lse, scale, sliding_window, num_splits=num_splits, merge_rows=merge_rows,
-        block_q=block_q, block_n=block_n, workspace=workspace,
+        block_q=block_q, block_n=block_n, workspace=workspace, **kernel_options,
     )  # fmt: skip
     rows = rows.to(DEVICE)
     # Rows of uncovered sequences are untouched.

@@ -1,0 +1,390 @@
+"""One layer's chunk attention on one GPU: the split-KV kernel against its page-aligned TMA variant.
+
+    python -m benchmarks.chunk_kernel_variants --out benchmarks/results/chunk_kernel_variants_h200_DATE.json
+
+Llama-3-8B heads (32 query / 8 KV, head dim 128, bf16); a chunk of c queries after P keys of
+one sequence (blocks ascending as the engine lays out a long request; --shuffled: 128-token runs
+of blocks in a random order), c in --chunks, P in --prefixes. Kernels and options:
+
+  splitkv  kernels/chunk_splitkv_attention.py, its defaults, at block_size 16, 64 and 128
+  tma      kernels/chunk_tma_attention.py over block_n x block_m x num_warps x num_stages
+           (block_size 128; block_size 64 and pointer loads for a few), and in a second part
+           the same with warp_specialize=True; at each point the best TMA config also with the split
+           count aimed at 2 and 8 programs per SM (`waves`; the engine's default is 4)
+
+Each config is one wrapper call (split phase + merge) with the engine's split count
+(`choose_chunk_splits`), timed with CUDA events over --iters launches after two warm-ups.
+Effective TFLOP/s = 4 h d (c P + c (c + 1) / 2) / time; floor = max(FLOPs / 590 TFLOP/s,
+K/V bytes / 4.2 TB/s). Per compiled kernel: whether its PTX holds wgmma and TMA
+(cp.async.bulk.tensor), whether its TTGIR was warp-specialized, registers, spills, shared
+memory. Every output is checked against the split-KV kernel's at block_size 16 (max |diff|).
+Failures are recorded per config and the sweep goes on; each part runs in its own process
+(a compiler crash loses only that part) under a wall-clock budget (--budget-s, default 260).
+
+--smoke: a seconds-long run on CPU under TRITON_INTERPRET=1 (tiny sizes, one config each),
+to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+H, HKV, D = 32, 8, 128
+ATTN_FLOPS = 590e12
+COPY_BPS = 4.2e12
+CONFIG_FIELDS = (
+    "kernel",
+    "page",
+    "block_n",
+    "block_m",
+    "num_warps",
+    "num_stages",
+    "use_tma",
+    "warp_specialize",
+    "waves",
+)
+RESTART_RC = 3  # a part exits with it after a sticky CUDA error; the driver resumes it
+MAX_RESTARTS = 3
+
+
+def config_key(row: dict) -> str:
+    """The kernel options of a config (or of a result row holding one)."""
+    return json.dumps({k: row[k] for k in CONFIG_FIELDS if k in row}, sort_keys=True)
+
+
+def variant_configs(ws: bool, smoke: bool) -> list[dict]:
+    """Option sets for one part: tma (+ a few page-64 and pointer-load ones), or ws."""
+    if smoke:
+        return [dict(kernel="tma", page=16, block_n=16, block_m=32, num_warps=4, num_stages=1,
+                     use_tma=True, warp_specialize=ws)]  # fmt: skip
+    grid = itertools.product((64, 128), (128, 64), (8, 4), (3, 2, 4) if not ws else (3, 2))
+    out = [
+        dict(kernel="tma", page=128, block_n=bn, block_m=bm, num_warps=nw, num_stages=ns,
+             use_tma=True, warp_specialize=ws)
+        for bn, bm, nw, ns in grid
+        if not (bm == 64 and nw == 8)  # two warpgroups on 64 rows: no wgmma tile (Triton's Hopper filter)
+    ]  # fmt: skip
+    if not ws:
+        for bm, nw in ((128, 8), (64, 4)):
+            out.append(dict(kernel="tma", page=64, block_n=64, block_m=bm, num_warps=nw, num_stages=3,
+                            use_tma=True, warp_specialize=False))  # fmt: skip
+            out.append(dict(kernel="tma", page=128, block_n=64, block_m=bm, num_warps=nw, num_stages=3,
+                            use_tma=False, warp_specialize=False))  # fmt: skip
+        out.append(dict(kernel="tma", page=128, block_n=128, block_m=128, num_warps=8, num_stages=2,
+                        use_tma=False, warp_specialize=False))  # fmt: skip
+    return out
+
+
+def baseline_configs(smoke: bool) -> list[dict]:
+    pages = (16,) if smoke else (16, 64, 128)
+    return [dict(kernel="splitkv", page=p) for p in pages]
+
+
+def compiled_info(jit_fn, before: set) -> tuple[dict | None, set]:
+    """Facts about the kernels `jit_fn` compiled since `before` (Triton 3.6 internals: None
+    when they are not there, e.g. under the interpreter)."""
+    try:
+        entries = {}
+        for caches in jit_fn.device_caches.values():
+            entries.update({id(k): k for k in caches[0].values()})
+    except Exception:  # noqa: BLE001 (internals moved: report nothing)
+        return None, before
+    new = [k for i, k in entries.items() if i not in before]
+    if not new:
+        return None, set(entries)
+    k = new[-1]
+    ptx, ttgir = k.asm.get("ptx", ""), k.asm.get("ttgir", "")
+    info = {
+        "wgmma": "wgmma" in ptx, "tma": "cp.async.bulk.tensor" in ptx, "mma_sync": "mma.sync" in ptx,
+        "warp_specialized": "ttg.warp_specialize" in ttgir, "setmaxnreg": "setmaxnreg" in ptx, "n_regs": getattr(k, "n_regs", None),
+        "n_spills": getattr(k, "n_spills", None), "shared_bytes": getattr(k.metadata, "shared", None),
+        "num_warps": getattr(k.metadata, "num_warps", None),
+    }  # fmt: skip
+    return info, set(entries)
+
+
+class Point:
+    """Inputs of one (c, P) case, shared by every kernel config: one flat K/V buffer viewed
+    at each block size, ascending (or shuffled) block tables."""
+
+    def __init__(self, k_flat, v_flat, c: int, prefix: int, shuffled: bool, device: str) -> None:
+        import torch
+
+        self.c, self.prefix, self.device, self.shuffled = c, prefix, device, shuffled
+        self.k_flat, self.v_flat = k_flat, v_flat
+        self.q = torch.randn(c, H, D, device=device, dtype=k_flat.dtype)
+        self.qsl = torch.tensor([0, c], dtype=torch.int32, device=device)
+        self.q_pos = torch.tensor([prefix], dtype=torch.int64, device=device)
+        self.kv_start = torch.zeros(1, dtype=torch.int64, device=device)
+        self.kv_lens = torch.tensor([prefix + c], dtype=torch.int32, device=device)
+        self.merge_rows = torch.arange(c, dtype=torch.int32, device=device)
+        self.ref = None
+
+    def cache(self, page: int):
+        """K/V viewed as [blocks, page, HKV, D] and a block table. Shuffled: 128-token runs in a
+        random order, the same at every page size (page divides 128), so every config reads
+        the same keys in the same logical order and the outputs stay comparable."""
+        import torch
+
+        runs = -(-(self.prefix + self.c) // 128)
+        per_run = 128 // page
+        k = self.k_flat[: runs * 128].view(runs * per_run, page, HKV, D)
+        v = self.v_flat[: runs * 128].view(runs * per_run, page, HKV, D)
+        gen = torch.Generator().manual_seed(0)
+        order = torch.randperm(runs, generator=gen) if self.shuffled else torch.arange(runs)
+        table = (order[:, None] * per_run + torch.arange(per_run)).flatten()
+        return k, v, table.to(torch.int32)[None].to(self.device)
+
+    def floor(self) -> tuple[float, float]:
+        flops = 4 * H * D * (self.c * self.prefix + self.c * (self.c + 1) / 2)
+        nbytes = 2 * (self.prefix + self.c) * HKV * D * self.k_flat.element_size()
+        return flops, max(flops / ATTN_FLOPS, nbytes / COPY_BPS)
+
+
+def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
+    import torch
+
+    from mnemosyne.kernels.chunk_splitkv_attention import (
+        DEFAULT_WAVES,
+        choose_chunk_splits,
+        chunk_splitkv_attention,
+    )
+    from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention
+    from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
+
+    g = H // HKV
+    block_q = default_block_q(g, pt.q.dtype) if cfg["kernel"] == "splitkv" else cfg["block_m"] // g
+    tile_seq, tile_off = plan_query_tiles([pt.c], [0], block_q)
+    splits = choose_chunk_splits(
+        len(tile_seq), HKV, pt.prefix + pt.c, num_sms, cfg.get("waves", DEFAULT_WAVES)
+    )
+    k, v, bt = pt.cache(cfg["page"])
+    out = torch.empty_like(pt.q)
+    lse = torch.empty(pt.c, H, dtype=torch.float32, device=pt.device)
+    ws = None
+    if splits > 1:
+        ws = (
+            torch.empty(pt.c, H, splits, D, device=pt.device),
+            torch.empty(pt.c, H, splits, device=pt.device),
+        )
+    common = (pt.q, k, v, pt.qsl, pt.q_pos, pt.kv_start, pt.kv_lens, bt,
+              torch.tensor(tile_seq, dtype=torch.int32, device=pt.device),
+              torch.tensor(tile_off, dtype=torch.int32, device=pt.device), out, lse, D**-0.5, None)  # fmt: skip
+    kw = dict(num_splits=splits, merge_rows=pt.merge_rows, block_q=block_q, workspace=ws)
+    if cfg["kernel"] == "splitkv":
+        fn = lambda: chunk_splitkv_attention(*common, **kw)  # noqa: E731
+    else:
+        opts = {x: cfg[x] for x in ("block_n", "num_warps", "num_stages", "use_tma", "warp_specialize")}
+        fn = lambda: chunk_tma_attention(*common, **kw, **opts)  # noqa: E731
+    fn()
+    fn()
+    if pt.device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / iters
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        ms = (time.perf_counter() - t0) / iters * 1e3
+    flops, floor_s = pt.floor()
+    res = {"ms": ms, "tflops": flops / ms * 1e-9, "floor_ms": floor_s * 1e3, "ratio_to_floor": ms / (floor_s * 1e3),
+           "num_splits": splits, "block_q": block_q, "num_tiles": len(tile_seq)}  # fmt: skip
+    if pt.ref is None:
+        pt.ref = (out.float().clone(), lse.clone())
+    res["max_abs_diff_out"] = float((out.float() - pt.ref[0]).abs().max())
+    res["max_abs_diff_lse"] = float((lse - pt.ref[1]).abs().max())
+    return res
+
+
+def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
+    """One part in this process; rewrites out_path after every config."""
+    import torch
+
+    from mnemosyne.kernels.chunk_splitkv_attention import _chunk_split_kernel
+    from mnemosyne.kernels.chunk_tma_attention import _chunk_tma_kernel
+
+    device = "cpu" if args.smoke else "cuda"
+    torch.manual_seed(0)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
+    chunks, prefixes = args.chunks, args.prefixes
+    max_tokens = -(-(max(prefixes) + max(chunks)) // 128) * 128
+    k_flat = torch.randn(max_tokens, HKV, D, device=device, dtype=torch.bfloat16)
+    v_flat = torch.randn_like(k_flat)
+    configs = (baseline_configs(args.smoke) + variant_configs(False, args.smoke)) if part == "base" else []
+    configs += variant_configs(True, args.smoke) if part == "ws" else []
+    compile_info: dict[str, dict | None] = {}
+    failed: dict[str, str] = {}
+    seen = {"splitkv": set(), "tma": set()}
+    jit = {"splitkv": _chunk_split_kernel, "tma": _chunk_tma_kernel}
+    # Resumed after this part's process died: keep its rows, never rerun what killed it.
+    results: list[dict] = json.loads(out_path.read_text()) if out_path.exists() else []
+    for r in results:
+        if "error" in r:
+            failed[config_key(r)] = r["error"]
+        compile_info.setdefault(config_key(r), r.get("compiled"))
+    done = {(config_key(r), r["chunk"], r["prefix"]) for r in results}
+    inflight = out_path.with_suffix(".inflight")
+    if inflight.exists():
+        failed[inflight.read_text()] = "the process died running it (compiler crash or sticky CUDA error)"
+    # The key point first (all configs compile there), then the rest.
+    points = sorted(itertools.product(chunks, prefixes), key=lambda p: (p != (128, prefixes[0]), p[1], p[0]))
+
+    def measure(pt: Point, cfg: dict) -> None:
+        key = config_key(cfg)
+        if (key, pt.c, pt.prefix) in done:
+            return
+        row = dict(cfg, chunk=pt.c, prefix=pt.prefix, shuffled=args.shuffled)
+        if time.time() > args.deadline:
+            row["skipped"] = "budget"
+        elif key in failed:
+            row["error"] = failed[key]
+        else:
+            inflight.write_text(key)
+            try:
+                row.update(run_config(pt, cfg, num_sms, args.iters))
+                if key not in compile_info:
+                    kind = cfg["kernel"]
+                    compile_info[key], seen[kind] = compiled_info(jit[kind], seen[kind])
+            except Exception as e:  # noqa: BLE001 (record and go on)
+                failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
+                row["error"] = failed[key]
+                traceback.print_exc()
+            inflight.unlink()
+        row["compiled"] = compile_info.get(key)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        out_path.write_text(json.dumps(results, indent=1))
+        if "error" in row and device == "cuda":
+            try:  # a sticky CUDA error poisons every later config: restart the process
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001
+                sys.exit(RESTART_RC)
+
+    for n_point, (c, prefix) in enumerate(points):
+        if n_point == 1:  # after the key point: fastest configs first, in case the budget runs out
+            ms_at_key = {config_key(r): r.get("ms", float("inf")) for r in results}
+            configs.sort(key=lambda cfg: (cfg["kernel"] != "splitkv", ms_at_key.get(config_key(cfg), 0.0)))
+        pt = Point(k_flat, v_flat, c, prefix, args.shuffled, device)
+        run_config(pt, baseline_configs(True)[0], num_sms, 1)  # the reference output of this point
+        for cfg in configs:
+            measure(pt, cfg)
+        # The split count of the best TMA config here, at other programs-per-SM targets.
+        best = min((r for r in results if (r["chunk"], r["prefix"], r["kernel"]) == (c, prefix, "tma")
+                    and "ms" in r and "waves" not in r), key=lambda r: r["ms"], default=None)  # fmt: skip
+        if part == "base" and best is not None:
+            for waves in (2, 8):
+                measure(pt, dict({k: best[k] for k in CONFIG_FIELDS if k in best}, waves=waves))
+        del pt
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (c, P): the best split-KV and the best TMA time, and the TMA variant's options."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if "ms" not in r:
+            continue
+        k = (r["chunk"], r["prefix"], r["kernel"])
+        if k not in best or r["ms"] < best[k]["ms"]:
+            best[k] = r
+    out = []
+    for c, p in sorted({(r["chunk"], r["prefix"]) for r in rows}):
+        s, t = best.get((c, p, "splitkv")), best.get((c, p, "tma"))
+        out.append({
+            "chunk": c, "prefix": p, "floor_ms": (s or t or {}).get("floor_ms"),
+            "splitkv_best_ms": s and s["ms"], "splitkv_best_page": s and s["page"],
+            "tma_best_ms": t and t["ms"], "tma_best_ratio_to_floor": t and t["ratio_to_floor"],
+            "tma_best_tflops": t and t["tflops"],
+            "tma_best_splits": t and t["num_splits"],
+            "tma_best_options": t and {x: t[x] for x in CONFIG_FIELDS[1:] if x in t},
+        })  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--prefixes", type=int, nargs="+", default=[131072, 524288])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=260.0, help="wall clock for both parts together")
+    ap.add_argument("--shuffled", action="store_true", help="128-token runs of blocks in a random order")
+    ap.add_argument("--parts", nargs="+", default=["base", "ws"], choices=["base", "ws"])
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes: checks the script")
+    ap.add_argument("--part", choices=["base", "ws"], help=argparse.SUPPRESS)  # internal: run one part here
+    ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)  # epoch seconds
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.chunks, args.prefixes, args.iters = [3, 20], [100], 1
+    if args.part:
+        run_part(args.part, args, args.out)
+        return
+
+    t0 = time.monotonic()
+    # The ws part gets about a third of the budget (fewer configs), unless it runs alone.
+    shares = {"base": 0.65 if "ws" in args.parts else 1.0, "ws": 1.0}
+    rows: list[dict] = []
+    parts: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in args.parts:
+            left = args.budget_s - (time.monotonic() - t0)
+            part_budget = left * shares[part]
+            part_out = Path(tmp) / f"{part}.json"
+            cmd = [sys.executable, "-m", "benchmarks.chunk_kernel_variants", "--part", part, "--out", str(part_out),
+                   "--chunks", *map(str, args.chunks), "--prefixes", *map(str, args.prefixes),
+                   "--iters", str(args.iters), "--deadline", str(time.time() + part_budget - 25)]  # fmt: skip
+            cmd += ["--shuffled"] * args.shuffled + ["--smoke"] * args.smoke
+            t_part = time.monotonic()
+            for attempt in range(MAX_RESTARTS + 1):  # a part that died resumes from its rows
+                left = part_budget - (time.monotonic() - t_part)
+                try:
+                    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=left + 20)
+                    rc, tail = proc.returncode, (proc.stderr or "")[-3000:]
+                except subprocess.TimeoutExpired as e:
+                    rc, tail = "timeout", str(e.stderr or "")[-3000:]
+                if rc in (0, "timeout") or left < 30:
+                    break
+                print(f"part {part} died (rc {rc}, attempt {attempt}): resuming", flush=True)
+            part_rows = json.loads(part_out.read_text()) if part_out.exists() else []
+            parts[part] = {"returncode": rc, "attempts": attempt + 1, "seconds": time.monotonic() - t_part,
+                           "rows": len(part_rows),
+                           "stderr_tail": tail if rc != 0 else ""}  # fmt: skip
+            rows += part_rows
+            print(f"part {part}: rc {rc}, {len(part_rows)} rows, {parts[part]['seconds']:.0f} s", flush=True)
+
+    from mnemosyne.bench.long_context.run import device_info
+
+    result = {
+        "command": " ".join(["python -m benchmarks.chunk_kernel_variants", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_info(), "shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16"},
+        "floors": {"attention_flops_per_s": ATTN_FLOPS, "copy_bytes_per_s": COPY_BPS},
+        "seconds": time.monotonic() - t0, "parts": parts, "summary": summarize(rows), "results": rows,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    for s in result["summary"]:
+        print(json.dumps(s))
+    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
