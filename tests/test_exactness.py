@@ -94,14 +94,15 @@ def test_kernel_backend_matches_hf(name, tiny_model_dir):
     )
 
 
-def test_kernel_short_chunks_after_long_prefixes(tiny_model_dir):
-    """The split-KV chunk kernel through the engine (split along the keys: on CPU from 64
+@pytest.mark.parametrize("block_size", [16, 32])  # per-key gathers; page-aligned steps (32 keys in fp32)
+def test_kernel_short_chunks_after_long_prefixes(tiny_model_dir, block_size):
+    """The split-KV chunk kernels through the engine (split along the keys: on CPU from 64
     keys per split): chunks of 3 to 16 tokens after prefixes of several hundred keys,
     sharing steps with decodes, and kvp=2 with 256 tokens per group, so the longest prompt
     crosses a KVP boundary: its older piece is attended by the other group and merged."""
     check_against_hf(
         "llama", tiny_model_dir("llama"), lens=(330, 9, 140), num_new=5, chunk_size=16,
-        max_num_batched_tokens=19, block_size=16, attention_backend="kernels", kvp=2,
+        max_num_batched_tokens=19, block_size=block_size, attention_backend="kernels", kvp=2,
         max_tokens_per_kvp_group=256,
     )  # fmt: skip
 

@@ -29,17 +29,17 @@ if not torch.cuda.is_available():
 from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-from mnemosyne.kernels import chunk_splitkv_attention, decode_attention  # noqa: E402
+from mnemosyne.kernels import chunk_splitkv_attention, chunk_tma_attention, decode_attention  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 
 KERNELS = {
     "chunk": (chunk_splitkv_attention, "_chunk_split_kernel"),
     "chunk_merge": (chunk_splitkv_attention, "_chunk_merge_kernel"),
+    "chunk_page_tiles": (chunk_tma_attention, "_chunk_tma_kernel"),
     "decode": (decode_attention, "_decode_split_kernel"),
     "decode_reduce": (decode_attention, "_decode_reduce_kernel"),
 }
-BLOCK = 16
 H, HKV, D = 32, 8, 128  # Llama-3-8B heads
 
 
@@ -93,8 +93,8 @@ class Recorder:
 def _step(backend: KernelBackend, caches, seqs: list[tuple[int, int, int, int]], rng: random.Random) -> None:
     """seqs: (query_len, q_pos_start, kv_start, kv_len); blocks drawn at random."""
     k_cache, v_cache = caches
-    num_blocks = k_cache.shape[0]
-    tables = [rng.sample(range(num_blocks), -(-kv_len // BLOCK)) for *_, kv_len in seqs]
+    num_blocks, block_size = k_cache.shape[:2]
+    tables = [rng.sample(range(num_blocks), -(-kv_len // block_size)) for *_, kv_len in seqs]
     num_tokens = sum(s[0] for s in seqs)
     meta = AttentionMetadata.build(
         [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], [s[3] for s in seqs],
@@ -104,16 +104,19 @@ def _step(backend: KernelBackend, caches, seqs: list[tuple[int, int, int, int]],
     backend.forward(query, k_cache, v_cache, meta, D**-0.5, None)
 
 
-def test_serving_steps_launch_only_warmed_variants(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("block_size", [16, 64])  # per-key gathers; page-aligned tiles
+def test_serving_steps_launch_only_warmed_variants(monkeypatch: pytest.MonkeyPatch, block_size: int) -> None:
     device = torch.device("cpu")
     backend = KernelBackend(H // HKV, D, torch.bfloat16, device)
     backend.num_sms = 132  # an H200's split counts (up to 64 here), whatever this machine has
     max_num_decodes = 64
-    caches = tuple(torch.zeros(1300, BLOCK, HKV, D, dtype=torch.bfloat16) for _ in range(2))
+    num_blocks = 21_000 // block_size
+    caches = tuple(torch.zeros(num_blocks, block_size, HKV, D, dtype=torch.bfloat16) for _ in range(2))
     recorder = Recorder(monkeypatch)
     backend.warm_up(*caches, None, max_num_decodes)
     warmed = recorder.take()
-    assert all(warmed.values()), {name: len(keys) for name, keys in warmed.items()}
+    chunk_kernel = "chunk_page_tiles" if block_size % 64 == 0 else "chunk"
+    assert warmed[chunk_kernel] and warmed["decode"] and warmed["chunk_merge"], warmed
 
     rng = random.Random(0)
     steps: list[list[tuple[int, int, int, int]]] = []

@@ -40,7 +40,7 @@ class EngineArgs:
     device: str = "auto"  # auto: cuda if available
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     allow_long_max_model_len: bool = False  # allow max_model_len above max_position_embeddings
-    block_size: int = 16
+    block_size: int = 64  # multiple of 64: the chunk kernel walks page-aligned steps (TMA on sm_90)
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     chunk_size: int | None = 512

@@ -195,6 +195,85 @@ def _chunk_merge_kernel(
     tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
 
 
+def check_chunk_args(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sliding_window: int | None,
+    num_splits: int,
+    merge_rows: torch.Tensor | None,
+) -> None:
+    """The checks every chunk kernel's wrapper makes (ValueError naming the problem)."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, kv_head_dim = k_cache.shape[2], k_cache.shape[3]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    if kv_head_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"cache shapes {tuple(k_cache.shape)}, {tuple(v_cache.shape)} vs head_dim {head_dim}"
+        )
+    if out.shape != query.shape or out.dtype != query.dtype:
+        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}")
+    if lse.shape != (num_tokens, num_heads) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be ({num_tokens}, {num_heads}) float32")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if not 1 <= num_splits <= MAX_SPLITS or (num_splits > 1 and merge_rows is None):
+        raise ValueError(
+            f"num_splits must be in [1, {MAX_SPLITS}] (and > 1 needs merge_rows), got {num_splits}"
+        )
+
+
+def split_outputs(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_splits: int,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """Where phase 1 writes: (out, lse) themselves for one split, else the split workspace
+    (allocated when None); with the (token, head, split, dim) / (token, head, split) strides."""
+    if num_splits == 1:
+        return out, lse, (*out.stride()[:2], 0, out.stride(2)), (*lse.stride(), 0)
+    num_tokens, num_heads, head_dim = query.shape
+    if workspace is None:
+        ws_shape = (num_tokens, num_heads, num_splits)
+        workspace = (
+            torch.empty(*ws_shape, head_dim, dtype=torch.float32, device=query.device),
+            torch.empty(ws_shape, dtype=torch.float32, device=query.device),
+        )
+    o_ws, l_ws = workspace
+    if o_ws.shape != (num_tokens, num_heads, num_splits, head_dim) or l_ws.shape != o_ws.shape[:3]:
+        raise ValueError(f"workspace shapes {tuple(o_ws.shape)}, {tuple(l_ws.shape)} do not fit")
+    if o_ws.stride(-1) != 1:
+        raise ValueError("the workspace's head dim must be contiguous")
+    return o_ws, l_ws, o_ws.stride(), l_ws.stride()
+
+
+def merge_splits(
+    o_ws: torch.Tensor,  # [num_tokens, num_heads, num_splits, head_dim] float32
+    l_ws: torch.Tensor,  # [num_tokens, num_heads, num_splits] float32
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    merge_rows: torch.Tensor,  # [num_covered_rows] int32
+    num_splits: int,
+) -> None:
+    """Phase 2: the exact LSE merge of every covered row's splits into out / lse."""
+    if out.stride(-1) != 1:
+        raise ValueError("the last dim of out must be contiguous")
+    head_dim = out.shape[-1]
+    # One compiled merge for every split count (no JIT while serving): masked past num_splits.
+    block_d, block_s, chunk = split_merge_blocks(MAX_SPLITS, head_dim)
+    _chunk_merge_kernel[(merge_rows.shape[0], out.shape[1])](
+        o_ws, l_ws, out, lse, merge_rows, num_splits,
+        o_ws.stride(0), o_ws.stride(1), o_ws.stride(2), l_ws.stride(0), l_ws.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=chunk, num_warps=4,
+    )  # fmt: skip
+
+
 def chunk_splitkv_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -228,24 +307,9 @@ def chunk_splitkv_attention(
     `default_block_q(num_heads // num_kv_heads, query.dtype)`. block_n / num_warps /
     num_stages None: chosen from the dtype and tile size (no register spills on sm_90).
     Launch only: no host sync."""
+    check_chunk_args(query, k_cache, v_cache, out, lse, sliding_window, num_splits, merge_rows)
     num_tokens, num_heads, head_dim = query.shape
-    _, page, num_kv_heads, kv_head_dim = k_cache.shape
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
-    if kv_head_dim != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"cache shapes {tuple(k_cache.shape)}, {tuple(v_cache.shape)} vs head_dim {head_dim}"
-        )
-    if out.shape != query.shape or out.dtype != query.dtype:
-        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}")
-    if lse.shape != (num_tokens, num_heads) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be ({num_tokens}, {num_heads}) float32")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    if not 1 <= num_splits <= MAX_SPLITS or (num_splits > 1 and merge_rows is None):
-        raise ValueError(
-            f"num_splits must be in [1, {MAX_SPLITS}] (and > 1 needs merge_rows), got {num_splits}"
-        )
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_tiles = tile_seq.shape[0]
     if num_tiles == 0 or num_tokens == 0:
         return
@@ -260,22 +324,7 @@ def chunk_splitkv_attention(
         num_warps = 4 if half and block_m * block_d <= 128 * 128 else 8
     if num_stages is None:
         num_stages = 3 if half else 2
-    if num_splits == 1:
-        o_ws, l_ws = out, lse
-        o_strides, l_strides = (*out.stride()[:2], 0, out.stride(2)), (*lse.stride(), 0)
-    else:
-        if workspace is None:
-            ws_shape = (num_tokens, num_heads, num_splits)
-            workspace = (
-                torch.empty(*ws_shape, head_dim, dtype=torch.float32, device=query.device),
-                torch.empty(ws_shape, dtype=torch.float32, device=query.device),
-            )
-        o_ws, l_ws = workspace
-        if o_ws.shape != (num_tokens, num_heads, num_splits, head_dim) or l_ws.shape != o_ws.shape[:3]:
-            raise ValueError(f"workspace shapes {tuple(o_ws.shape)}, {tuple(l_ws.shape)} do not fit")
-        if o_ws.stride(-1) != 1:
-            raise ValueError("the workspace's head dim must be contiguous")
-        o_strides, l_strides = o_ws.stride(), l_ws.stride()
+    o_ws, l_ws, o_strides, l_strides = split_outputs(query, out, lse, num_splits, workspace)
     _chunk_split_kernel[(num_tiles, num_kv_heads, num_splits)](
         query, k_cache, v_cache, o_ws, l_ws,
         query_start_loc, q_pos_start, kv_start, kv_lens, block_tables, tile_seq, tile_q_offset,
@@ -287,19 +336,16 @@ def chunk_splitkv_attention(
         PAGE=page, USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,
         INTERPRET=triton.knobs.runtime.interpret, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if num_splits == 1:
-        return
-    assert merge_rows is not None
-    if out.stride(-1) != 1:
-        raise ValueError("the last dim of out must be contiguous")
-    # One compiled merge for every split count (no JIT while serving): masked past num_splits.
-    block_d, block_s, chunk = split_merge_blocks(MAX_SPLITS, head_dim)
-    _chunk_merge_kernel[(merge_rows.shape[0], num_heads)](
-        o_ws, l_ws, out, lse, merge_rows, num_splits,
-        o_ws.stride(0), o_ws.stride(1), o_ws.stride(2), l_ws.stride(0), l_ws.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=chunk, num_warps=4,
-    )  # fmt: skip
+    if num_splits > 1:
+        assert merge_rows is not None
+        merge_splits(o_ws, l_ws, out, lse, merge_rows, num_splits)
 
 
-__all__ = ["MAX_SPLITS", "choose_chunk_splits", "chunk_splitkv_attention"]
+__all__ = [
+    "MAX_SPLITS",
+    "check_chunk_args",
+    "choose_chunk_splits",
+    "chunk_splitkv_attention",
+    "merge_splits",
+    "split_outputs",
+]

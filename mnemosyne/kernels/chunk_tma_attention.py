@@ -49,10 +49,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from mnemosyne.kernels.chunk_splitkv_attention import MAX_SPLITS, _chunk_merge_kernel
-from mnemosyne.kernels.merge_attn import split_merge_blocks
+from mnemosyne.kernels.chunk_splitkv_attention import check_chunk_args, merge_splits, split_outputs
 from mnemosyne.kernels.paged_prefill import _dot, default_block_q
 
+# Split count: about 33 splits was best on an H200 for chunks of 16 to 256 queries after
+# 128K and 512K keys (32 / 8 heads, head dim 128; benchmarks/results/chunk_kernel_variants_*):
+# c = 128 after 128K: 17 splits 0.84 ms, 33 splits 0.67 ms; c = 32: 33 splits 0.20 ms, 66 0.21 ms.
+PAGE_TILES_WAVES = 8  # programs per SM the split count aims at
+PAGE_TILES_MAX_SPLITS = 32
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -142,7 +146,10 @@ def _tile_steps(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Per-step ints are not specialized on (see `_chunk_split_kernel`; tests/test_no_recompile.py).
+@triton.jit(do_not_specialize=[
+    "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls", "stride_bts", "num_splits",
+])  # fmt: skip
 def _chunk_tma_kernel(
     q_ptr, k_src, v_src, o_ptr, l_ptr,  # k_src / v_src: TMA descriptors (USE_TMA) or the caches
     qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, tile_seq_ptr, tile_off_ptr,
@@ -241,9 +248,20 @@ def tma_supported(head_dim: int, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def tma_step_keys(dtype: torch.dtype) -> int:
+    """Keys per step of the page-aligned walk: 64 (16-bit) or 32 (float32)."""
+    return 64 if dtype.itemsize <= 2 else 32
+
+
 def default_tma_block_n(page: int, dtype: torch.dtype) -> int:
-    """Keys per step: 64 (16-bit) or 32 (float32), capped by the page size."""
-    return min(64 if dtype.itemsize <= 2 else 32, page)
+    """Keys per step: `tma_step_keys`, capped by the page size."""
+    return min(tma_step_keys(dtype), page)
+
+
+def fits_page_tiles(block_size: int, dtype: torch.dtype) -> bool:
+    """Whether a cache of this block size takes whole `tma_step_keys` steps (what the engine
+    runs this kernel with; smaller steps were not measured faster than per-key gathers)."""
+    return block_size % tma_step_keys(dtype) == 0
 
 
 def chunk_tma_attention(
@@ -279,26 +297,11 @@ def chunk_tma_attention(
     tiles; True = descriptors or ValueError; False = pointer loads.
     warp_specialize: `tl.range(warp_specialize=True)` on the unmasked middle loop.
     Launch only: no host sync."""
+    check_chunk_args(query, k_cache, v_cache, out, lse, sliding_window, num_splits, merge_rows)
     num_tokens, num_heads, head_dim = query.shape
-    _, page, num_kv_heads, kv_head_dim = k_cache.shape
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
-    if kv_head_dim != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"cache shapes {tuple(k_cache.shape)}, {tuple(v_cache.shape)} vs head_dim {head_dim}"
-        )
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("chunk_tma_attention needs contiguous K/V caches (one 2-D row per slot)")
-    if out.shape != query.shape or out.dtype != query.dtype:
-        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}")
-    if lse.shape != (num_tokens, num_heads) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be ({num_tokens}, {num_heads}) float32")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    if not 1 <= num_splits <= MAX_SPLITS or (num_splits > 1 and merge_rows is None):
-        raise ValueError(
-            f"num_splits must be in [1, {MAX_SPLITS}] (and > 1 needs merge_rows), got {num_splits}"
-        )
     block_n = default_tma_block_n(page, query.dtype) if block_n is None else block_n
     if block_n < 16 or block_n & (block_n - 1) or page % block_n:
         raise ValueError(
@@ -318,26 +321,12 @@ def chunk_tma_attention(
         block_q = default_block_q(num_heads_per_kv, query.dtype)
     block_m = max(16, triton.next_power_of_2(block_q * num_heads_per_kv))
     block_d = max(16, triton.next_power_of_2(head_dim))
+    # H200, c = 32 / 128 after 128K keys, 128 rows: 4 warps 0.20 / 0.67 ms, 8 warps 0.27 / 1.04 ms
     if num_warps is None:
-        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+        num_warps = 4 if half and block_m * block_d <= 128 * 128 else 8
     if num_stages is None:
         num_stages = 3 if half else 2
-    if num_splits == 1:
-        o_ws, l_ws = out, lse
-        o_strides, l_strides = (*out.stride()[:2], 0, out.stride(2)), (*lse.stride(), 0)
-    else:
-        if workspace is None:
-            ws_shape = (num_tokens, num_heads, num_splits)
-            workspace = (
-                torch.empty(*ws_shape, head_dim, dtype=torch.float32, device=query.device),
-                torch.empty(ws_shape, dtype=torch.float32, device=query.device),
-            )
-        o_ws, l_ws = workspace
-        if o_ws.shape != (num_tokens, num_heads, num_splits, head_dim) or l_ws.shape != o_ws.shape[:3]:
-            raise ValueError(f"workspace shapes {tuple(o_ws.shape)}, {tuple(l_ws.shape)} do not fit")
-        if o_ws.stride(-1) != 1:
-            raise ValueError("the workspace's head dim must be contiguous")
-        o_strides, l_strides = o_ws.stride(), l_ws.stride()
+    o_ws, l_ws, o_strides, l_strides = split_outputs(query, out, lse, num_splits, workspace)
     # [num_blocks * block_size, num_kv_heads * head_dim]: one row per slot
     k_rows = k_cache.view(-1, num_kv_heads * head_dim)
     v_rows = v_cache.view(-1, num_kv_heads * head_dim)
@@ -358,18 +347,17 @@ def chunk_tma_attention(
         IEEE=query.dtype == torch.float32, INTERPRET=triton.knobs.runtime.interpret,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if num_splits == 1:
-        return
-    assert merge_rows is not None
-    if out.stride(-1) != 1:
-        raise ValueError("the last dim of out must be contiguous")
-    block_d, block_s, chunk = split_merge_blocks(MAX_SPLITS, head_dim)
-    _chunk_merge_kernel[(merge_rows.shape[0], num_heads)](
-        o_ws, l_ws, out, lse, merge_rows, num_splits,
-        o_ws.stride(0), o_ws.stride(1), o_ws.stride(2), l_ws.stride(0), l_ws.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=chunk, num_warps=4,
-    )  # fmt: skip
+    if num_splits > 1:
+        assert merge_rows is not None
+        merge_splits(o_ws, l_ws, out, lse, merge_rows, num_splits)
 
 
-__all__ = ["chunk_tma_attention", "default_tma_block_n", "tma_supported"]
+__all__ = [
+    "PAGE_TILES_MAX_SPLITS",
+    "PAGE_TILES_WAVES",
+    "chunk_tma_attention",
+    "default_tma_block_n",
+    "fits_page_tiles",
+    "tma_step_keys",
+    "tma_supported",
+]

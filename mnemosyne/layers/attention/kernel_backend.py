@@ -8,10 +8,13 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
     cuDNN can take it (bf16/fp16, no sliding window, keys = prefix (+ own keys)) and the
     measured cost model (`kernel_cost.py`) says it is cheaper
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
-    anything else                           -> split-KV Triton chunk kernel
-                                               (kernels/chunk_splitkv_attention.py), one launch
+    anything else                           -> a split-KV Triton chunk kernel, one launch
                                                for all its sequences, split along the keys
-                                               until the GPU is full
+                                               until the GPU is full: page-aligned tiles
+                                               (kernels/chunk_tma_attention.py, TMA on sm_90)
+                                               when the cache's block_size is a multiple of
+                                               its step (64 keys in 16-bit), else per-key
+                                               gathers (kernels/chunk_splitkv_attention.py)
 
 K/V are written by one fused Triton kernel (kernels/kv_write.py). The decode split count
 is fixed by the plan; the decode kernel reads every length from device tensors, so a
@@ -34,6 +37,12 @@ from mnemosyne.kernels.chunk_splitkv_attention import (
     choose_chunk_splits,
     chunk_splitkv_attention,
 )
+from mnemosyne.kernels.chunk_tma_attention import (
+    PAGE_TILES_MAX_SPLITS,
+    PAGE_TILES_WAVES,
+    chunk_tma_attention,
+    fits_page_tiles,
+)
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, choose_prefix_splits, dense_chunk_attention, fits
 from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
@@ -53,6 +62,7 @@ class KernelPlan:
     block_q: int = 16
     chunk_splits: int = 1  # key splits of the Triton chunk kernel
     merge_rows: torch.Tensor | None = None  # [num_tiled_rows] int32, packed rows of the tiles (splits > 1)
+    page_tiles: bool = False  # the tiles walk page-aligned steps (chunk_tma_attention)
     dense: list[DenseChunk] = field(default_factory=list)
 
 
@@ -66,7 +76,7 @@ class ChunkKernelConfig:
     waves: int | None = None  # programs per SM the split count aims at
     min_split_keys: int | None = None  # fewest keys per split; None: MIN_SPLIT_KEYS on CUDA, 64 on
     # CPU (the interpreter: tests reach the split path with short contexts)
-    max_splits: int = MAX_SPLITS
+    max_splits: int | None = None  # None: MAX_SPLITS, or PAGE_TILES_MAX_SPLITS for page-aligned tiles
 
 
 class KernelBackend:
@@ -109,10 +119,12 @@ class KernelBackend:
         meta: AttentionMetadata,
         num_kv_heads: int,
         sliding_window: int | None,
+        block_size: int | None = None,
     ) -> KernelPlan:
         """Assign every sequence to a kernel. The decode kernel's split budget does not depend
-        on the lengths, so a CUDA graph's plan (captured before any step) serves every step."""
-        plan = KernelPlan(block_q=self.block_q)
+        on the lengths, so a CUDA graph's plan (captured before any step) serves every step.
+        block_size: the cache's; None plans the per-key-gather chunk kernel."""
+        plan = KernelPlan(block_q=self.block_q, page_tiles=self._page_tiles(block_size))
         decode: list[int] = []
         tiled: list[int] = []
         row = 0
@@ -160,9 +172,9 @@ class KernelBackend:
             cfg = self.chunk_config
             plan.chunk_splits = choose_chunk_splits(
                 len(seqs), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
-                waves=cfg.waves or DEFAULT_WAVES,
+                waves=cfg.waves or (PAGE_TILES_WAVES if plan.page_tiles else DEFAULT_WAVES),
                 min_split_keys=cfg.min_split_keys or (MIN_SPLIT_KEYS if self.device.type == "cuda" else 64),
-                max_splits=cfg.max_splits,
+                max_splits=cfg.max_splits or (PAGE_TILES_MAX_SPLITS if plan.page_tiles else MAX_SPLITS),
             )  # fmt: skip
             if plan.chunk_splits > 1:
                 qsl = [0]
@@ -171,6 +183,10 @@ class KernelBackend:
                 rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
                 plan.merge_rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         return plan
+
+    def _page_tiles(self, block_size: int | None) -> bool:
+        """Whether the chunk kernel can walk page-aligned steps of this cache."""
+        return block_size is not None and fits_page_tiles(block_size, self.dtype)
 
     def _tile_height(self, longest_chunk: int) -> int:
         return self.block_q if longest_chunk > self.block_q // 2 else max(1, self.block_q // 2)
@@ -221,6 +237,7 @@ class KernelBackend:
             query = torch.zeros(q_len, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
             for splits in (1, 2):
                 meta.backend_plan = KernelPlan(
+                    page_tiles=self._page_tiles(block),
                     tile_seq=torch.tensor(seqs, dtype=torch.int32, device=self.device),
                     tile_q_offset=torch.tensor(offsets, dtype=torch.int32, device=self.device),
                     block_q=self._tile_height(q_len),
@@ -253,7 +270,7 @@ class KernelBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = meta.backend_plan
         if not isinstance(plan, KernelPlan):
-            plan = meta.backend_plan = self.plan(meta, k_cache.shape[2], sliding_window)
+            plan = meta.backend_plan = self.plan(meta, k_cache.shape[2], sliding_window, k_cache.shape[1])
         num_tokens, num_heads, _ = query.shape
         out = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]; every row is written below
         lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -265,7 +282,8 @@ class KernelBackend:
             )  # fmt: skip
         if plan.tile_seq is not None and plan.tile_q_offset is not None:
             cfg = self.chunk_config
-            chunk_splitkv_attention(
+            kernel = chunk_tma_attention if plan.page_tiles else chunk_splitkv_attention
+            kernel(
                 query, k_cache, v_cache, *lengths, plan.tile_seq, plan.tile_q_offset, out, lse, scale,
                 sliding_window, num_splits=plan.chunk_splits, merge_rows=plan.merge_rows, block_q=plan.block_q,
                 block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
