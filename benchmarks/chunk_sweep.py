@@ -180,9 +180,9 @@ def _step_s(
 
 def part_model(
     key: str, model_dir: Path, calib: dict | None, kv_fraction: float, log: Path | None,
-    chunks: tuple[int, ...] = CHUNKS, forced_paths: bool = True,
+    chunks: tuple[int, ...] = CHUNKS, forced_paths: bool = True, prefixes: tuple[int, ...] | None = None,
 ) -> dict:  # fmt: skip
-    from mnemosyne.bench.long_context.engine import _meta
+    from mnemosyne.bench.long_context.engine import synthetic_meta
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
     from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkPath
     from mnemosyne.layers.attention.metadata import AttentionMetadata
@@ -200,11 +200,11 @@ def part_model(
                  "kv_bytes_per_token": cfg.kv_bytes_per_token, "steps": []}  # fmt: skip
     res["graph_capture_s"] = worker.capture_s  # start-up: every decode and piecewise graph
     _log({"part": key, "capacity": capacity, "graph_capture_s": worker.capture_s}, log)
-    for prefix in PREFIXES[key]:
+    for prefix in prefixes or PREFIXES[key]:
         for c in chunks:
             if prefix + c + bs > capacity or (c == 2048 and prefix > 600_000):
                 continue
-            meta = _meta(c, prefix, bs)
+            meta = synthetic_meta(c, prefix, bs)
             pos = torch.arange(prefix, prefix + c, device="cuda")
             flop_s = chunk_floor_s(cfg, c, prefix)
             byte_s = (cfg.weight_bytes + (prefix + c) * cfg.kv_bytes_per_token) / COPY_BPS
@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=["calib", "8b", "1b", "scenario"], help=argparse.SUPPRESS)
     ap.add_argument("--scenario-chunks", default="64,128,512,2048")
     ap.add_argument("--chunks", default=",".join(map(str, CHUNKS)), help="chunk sizes of the 8b/1b parts")
+    ap.add_argument("--prefixes", default="", help="prefixes of the 8b/1b parts (default: the shape's)")
     ap.add_argument("--auto-path-only", action="store_true",
                     help="8b/1b parts: time only the path the cost model picks (eager and piecewise)")  # fmt: skip
     ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
@@ -368,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                 max_pos = 1 << 22 if ns.part == "1b" else 1 << 21
                 model_dir = write_model_dir(SHAPE_NAMES[ns.part], Path(tmp), max_pos)
                 chunks = tuple(int(c) for c in ns.chunks.split(","))
+                prefixes = tuple(int(p) for p in ns.prefixes.split(",") if p) or None
                 res = part_model(
-                    ns.part, model_dir, calib, ns.kv_fraction, ns.log, chunks, not ns.auto_path_only
+                    ns.part, model_dir, calib, ns.kv_fraction, ns.log, chunks, not ns.auto_path_only, prefixes
                 )
         ns.part_out.write_text(json.dumps(res, indent=1))
         return 0
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         part_out = ns.out.with_suffix(f".{part}.json")
         cmd = [sys.executable, "-m", "benchmarks.chunk_sweep", "--part", part, "--part-out", str(part_out),
                "--calib", str(calib_path), "--kv-fraction", str(ns.kv_fraction), "--out", str(ns.out),
-               "--scenario-chunks", ns.scenario_chunks, "--chunks", ns.chunks]  # fmt: skip
+               "--scenario-chunks", ns.scenario_chunks, "--chunks", ns.chunks, "--prefixes", ns.prefixes]  # fmt: skip
         if ns.auto_path_only:
             cmd.append("--auto-path-only")
         if ns.log:

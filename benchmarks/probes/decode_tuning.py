@@ -75,7 +75,7 @@ def sweep() -> list[dict]:
 
 @torch.inference_mode()
 def profile_step() -> dict:
-    from mnemosyne.bench.long_context.engine import _meta
+    from mnemosyne.bench.long_context.engine import synthetic_meta
     from mnemosyne.bench.long_context.run import write_model_dir
     from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
@@ -90,7 +90,7 @@ def profile_step() -> dict:
     w = eng.executor.worker
     m = w.model
     ctx = 1 << 15
-    meta = _meta(1, ctx, 16)
+    meta = synthetic_meta(1, ctx, 16)
     ids, pos = torch.ones(1, dtype=torch.long, device="cuda"), torch.tensor([ctx], device="cuda")
     for _ in range(3):
         m.compute_logits(m(ids, pos, w.kv_caches, meta)).argmax()
