@@ -183,6 +183,7 @@ def part_model(
     chunks: tuple[int, ...] = CHUNKS, forced_paths: bool = True, prefixes: tuple[int, ...] | None = None,
 ) -> dict:  # fmt: skip
     from mnemosyne.bench.long_context.engine import synthetic_meta
+    from mnemosyne.kernels.chunk_tma_attention import fits_page_tiles
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
     from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkPath
     from mnemosyne.layers.attention.metadata import AttentionMetadata
@@ -210,7 +211,10 @@ def part_model(
             byte_s = (cfg.weight_bytes + (prefix + c) * cfg.kv_bytes_per_token) / COPY_BPS
             entry = {"prefix": prefix, "chunk": c, "flop_floor_s": flop_s, "bytes_floor_s": byte_s,
                      "floor_s": max(flop_s, byte_s)}  # fmt: skip
-            entry["chosen"] = backend.cost_model.cheaper(c, prefix + c, cfg.num_heads, cfg.head_dim).value
+            page_tiles = fits_page_tiles(bs, backend.dtype)
+            entry["chosen"] = backend.cost_model.cheaper(
+                c, prefix + c, cfg.num_heads, cfg.head_dim, page_tiles
+            ).value
             iters = 3 if c * prefix > 1 << 29 else 5
             for path in (ChunkPath.TRITON_SPLITKV, ChunkPath.CUDNN) if forced_paths else ():
                 if path is ChunkPath.CUDNN and c < 128 and prefix > 600_000:

@@ -145,7 +145,9 @@ class KernelBackend:
                     sliding_window,
                     min_queries=2,
                 )
-                if chunk is not None and not self._dense_is_cheaper(q_len, meta.kv_lens_cpu[i], num_kv_heads):
+                if chunk is not None and not self._dense_is_cheaper(
+                    q_len, meta.kv_lens_cpu[i], num_kv_heads, plan.page_tiles
+                ):
                     chunk = None
                 if chunk is not None:  # few queries: split the prefix so that cuDNN fills the GPU
                     splits = choose_prefix_splits(
@@ -191,11 +193,12 @@ class KernelBackend:
     def _tile_height(self, longest_chunk: int) -> int:
         return self.block_q if longest_chunk > self.block_q // 2 else max(1, self.block_q // 2)
 
-    def _dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int) -> bool:
+    def _dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int, page_tiles: bool) -> bool:
         if self.force_path is not None:
             return self.force_path is ChunkPath.CUDNN
         num_heads = num_kv_heads * self.num_heads_per_kv
-        return self.cost_model.cheaper(num_queries, num_keys, num_heads, self.head_dim) is ChunkPath.CUDNN
+        cheaper = self.cost_model.cheaper(num_queries, num_keys, num_heads, self.head_dim, page_tiles)
+        return cheaper is ChunkPath.CUDNN
 
     def warm_up(
         self,

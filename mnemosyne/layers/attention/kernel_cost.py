@@ -58,25 +58,39 @@ class PathCost:
 
 @dataclass(frozen=True)
 class ChunkCostModel:
-    """Measured costs of both paths on one GPU kind, for one calibration shape."""
+    """Measured costs of both paths on one GPU kind, for one calibration shape. The Triton
+    path has two kernels: per-key gathers (`triton`) and page-aligned steps
+    (`triton_page_tiles`, when the cache's block size allows it; None: as `triton`)."""
 
     triton: PathCost
     cudnn: PathCost
     num_heads: int  # H_cal
     head_dim: int  # D_cal
     source: str  # the committed result the numbers come from
+    triton_page_tiles: PathCost | None = None
 
     def check_integrity(self) -> None:
         self.triton.check_integrity()
         self.cudnn.check_integrity()
+        if self.triton_page_tiles is not None:
+            self.triton_page_tiles.check_integrity()
 
-    def seconds(self, path: ChunkPath, chunk: int, keys: int, num_heads: int, head_dim: int) -> float:
+    def seconds(
+        self, path: ChunkPath, chunk: int, keys: int, num_heads: int, head_dim: int, page_tiles: bool = False
+    ) -> float:
         factor = num_heads * head_dim / (self.num_heads * self.head_dim)
-        cost = self.triton if path is ChunkPath.TRITON_SPLITKV else self.cudnn
+        if path is ChunkPath.CUDNN:
+            cost = self.cudnn
+        else:
+            cost = (
+                self.triton_page_tiles if page_tiles and self.triton_page_tiles is not None else self.triton
+            )
         return cost.seconds(chunk, keys, factor)
 
-    def cheaper(self, chunk: int, keys: int, num_heads: int, head_dim: int) -> ChunkPath:
-        t = self.seconds(ChunkPath.TRITON_SPLITKV, chunk, keys, num_heads, head_dim)
+    def cheaper(
+        self, chunk: int, keys: int, num_heads: int, head_dim: int, page_tiles: bool = False
+    ) -> ChunkPath:
+        t = self.seconds(ChunkPath.TRITON_SPLITKV, chunk, keys, num_heads, head_dim, page_tiles)
         c = self.seconds(ChunkPath.CUDNN, chunk, keys, num_heads, head_dim)
         return ChunkPath.CUDNN if c < t else ChunkPath.TRITON_SPLITKV
 
@@ -95,5 +109,13 @@ H200_COST = ChunkCostModel(
     ),
     num_heads=32,
     head_dim=128,
-    source="benchmarks/results/chunk_sweep/chunk_sweep_h200_2026-11-29.json (calib)",
+    source="benchmarks/results/chunk_sweep/chunk_sweep_h200_2026-11-29.json (calib); page tiles: "
+    "benchmarks/results/chunk_kernel_variants_h200_2026-11-29.json",
+    # per_key: one layer after 512K keys at about 33 splits (the engine's rule); fixed: the
+    # per-key kernel's (same launches; the variants sweep has no short-prefix points).
+    triton_page_tiles=PathCost(
+        chunks=(16, 32, 64, 128, 256),
+        fixed_s=(0.000201, 0.000112, 0.000114, 0.000116, 0.00024),
+        per_key_s=(9.88e-10, 1.242e-09, 2.294e-09, 4.34e-09, 9.70e-09),
+    ),
 )
