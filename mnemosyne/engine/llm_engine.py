@@ -58,6 +58,16 @@ class LLMEngine:
     With a pipeline (spp > 1) up to `parallel.max_inflight` micro-batches are in
     flight: the next chunk of a prompt is scheduled while earlier ones are still
     in later stages, and results come back in order.
+
+    With async scheduling (one in-process device) two are: each step schedules,
+    builds and launches step n+1 while the device runs step n, and only then waits
+    for step n's tokens and processes them::
+
+        host    | schedule n+1 | plan n+1 | launch n+1 | wait n | process n | schedule n+2 | ...
+        device  | ............ step n ................ | step n+1 ....................... | ...
+
+    Step n+1 may hold decode aheads, whose input tokens step n samples (the scheduler's
+    docstring draws it); what step n finishes, step n+1's chunks of it are dropped.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class LLMEngine:
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
+        self.max_inflight = 2 if config.scheduler.async_scheduling else config.parallel.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         self._inflight_timing: deque[tuple[float, float]] = deque()  # (predicted_s, submit time)
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
@@ -167,7 +178,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline with newly scheduled micro-batches, then finish the oldest."""
-        while len(self._inflight) < self.config.parallel.max_inflight:
+        while len(self._inflight) < self.max_inflight:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break

@@ -21,8 +21,13 @@ from mnemosyne.sampling_params import SamplingParams
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]  # [num_seqs]
+    tokens: torch.Tensor  # [num_seqs] int64 on the logits' device: read without a host sync
     logprobs: list[TokenLogprobs | None]  # [num_seqs]; None where params.logprobs is None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The sampled ids on the host (waits for the device)."""
+        return self.tokens.tolist()
 
 
 class Sampler:
@@ -43,12 +48,10 @@ class Sampler:
                 f"got {num_seqs} logit rows, {len(params)} params and {len(generators)} generators"
             )
         if num_seqs == 0:
-            return SamplerOutput(token_ids=[], logprobs=[])
+            return SamplerOutput(tokens=torch.empty(0, dtype=torch.long, device=logits.device), logprobs=[])
         if all(p.greedy and p.logprobs is None and not needs_processing(p) for p in params):
             # Every row greedy, unprocessed, without logprobs: the general path's argmax, alone.
-            return SamplerOutput(
-                token_ids=torch.argmax(logits.float(), dim=-1).tolist(), logprobs=[None] * num_seqs
-            )
+            return SamplerOutput(tokens=torch.argmax(logits.float(), dim=-1), logprobs=[None] * num_seqs)
         params = [p.resolved() for p in params]
         raw = logits.float()  # [num_seqs, vocab]
         logits = raw
@@ -68,7 +71,6 @@ class Sampler:
             )  # [num_sample, vocab]
             tokens[rows] = torch.argmax(probs / noise, dim=-1)
 
-        token_list: list[int] = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * num_seqs
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
@@ -77,7 +79,7 @@ class Sampler:
             dicts = _logprob_dicts(raw.index_select(0, rows), tokens.index_select(0, rows), ks)
             for i, d in zip(want, dicts):
                 logprobs[i] = d
-        return SamplerOutput(token_ids=token_list, logprobs=logprobs)
+        return SamplerOutput(tokens=tokens, logprobs=logprobs)
 
 
 def compute_prompt_logprobs(
