@@ -155,7 +155,7 @@ class Worker:
     ) -> PendingResult | None:
         """The plan's pending result, kept as the source of the next plan's decode-ahead inputs."""
         if result is None:
-            return [], None
+            return None
         if tokens is None:
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
         self._previous = PendingResult.start(result, request_ids, tokens)
