@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.logits_processors import TokenHistory, apply_logits_processors, needs_processing
 from mnemosyne.request import TokenLogprobs
 from mnemosyne.sampling_params import SamplingParams
@@ -63,7 +64,7 @@ class Sampler:
             i for i, p in enumerate(params) if not p.greedy
         ]  # greedy: temperature < MIN_TEMPERATURE
         if sample_rows:
-            rows = torch.tensor(sample_rows, device=logits.device)
+            rows = _to_device(sample_rows, torch.long, logits.device)
             sub = [params[i] for i in sample_rows]
             probs = _filtered_probs(logits.index_select(0, rows), sub)  # [num_sample, vocab]
             noise = torch.stack(
@@ -116,6 +117,12 @@ def _logprob_dicts(
     return out
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row parameter tensor, copied without waiting for the device (pinned,
+    non-blocking on CUDA: with async scheduling the previous step may still be running)."""
+    return to_device_packed((values,), dtype, device)[0]
+
+
 def _exponential(vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Exp(1) noise [vocab] drawn on the generator's own device (default RNG of `device` if None)."""
     gen_device = generator.device if generator is not None else device
@@ -131,7 +138,7 @@ def _filtered_probs(
     """Temperature, then top-k, top-p and min-p; returns renormalised probabilities [n, vocab]."""
     n, vocab = logits.shape
     dev = logits.device
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)  # [n]
+    temp = _to_device([p.temperature for p in params], torch.float32, dev)  # [n]
     x = logits / temp[:, None]  # [n, vocab]
 
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
@@ -143,21 +150,21 @@ def _filtered_probs(
     # Stable descending sort: among equal logits the lowest token id ranks first.
     sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # [n, vocab]
     rank = torch.arange(vocab, device=dev)  # [vocab]
-    neg_inf = torch.tensor(float("-inf"), device=dev)
+    neg_inf = float("-inf")
 
     if any(top_k):
-        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=dev)  # [n]
+        k = _to_device([kk if kk > 0 else vocab for kk in top_k], torch.long, dev)  # [n]
         sorted_x = torch.where(rank[None, :] < k[:, None], sorted_x, neg_inf)
 
     if any(tp < 1.0 for tp in top_p):
-        tp = torch.tensor(top_p, dtype=torch.float32, device=dev)  # [n]
+        tp = _to_device(top_p, torch.float32, dev)  # [n]
         probs = torch.softmax(sorted_x, dim=-1)  # [n, vocab]
         mass_before = torch.cumsum(probs, dim=-1) - probs  # [n, vocab]; mass of higher ranks
         keep = (mass_before < tp[:, None]) | (rank[None, :] == 0) | (tp[:, None] >= 1.0)
         sorted_x = torch.where(keep, sorted_x, neg_inf)
 
     if any(min_p):
-        mp = torch.tensor(min_p, dtype=torch.float32, device=dev)  # [n]
+        mp = _to_device(min_p, torch.float32, dev)  # [n]
         probs = torch.softmax(sorted_x, dim=-1)  # [n, vocab]; column 0 holds the max
         keep = probs >= mp[:, None] * probs[:, :1]
         sorted_x = torch.where(keep, sorted_x, neg_inf)

@@ -259,7 +259,7 @@ class Worker:
             return [], None
         rows = plp_rows + sample_rows
         if rows != list(range(hidden.shape[0])):  # else (a decode-only batch) every row, in order
-            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+            hidden = hidden[to_device_packed((rows,), torch.long, self.device)[0]]  # no device sync
         logits = self.model.compute_logits(hidden).float()  # [num_rows, vocab_size]
         if result is None:
             return [], None
