@@ -159,6 +159,8 @@ class LLMEngine:
         req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         if req is not None:
             self._forget(request_id)
+            if not self.scheduler.has_unfinished_requests():
+                self._go_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -195,9 +197,19 @@ class LLMEngine:
         self._step_stats.append(StepStats(predicted_s, time.monotonic() - submitted, chunk_sizes))
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
         outputs = self._process(sched, result)
-        if not self._inflight and not self.scheduler.has_unfinished_requests():
-            self.kv_manager.check_integrity()  # going idle: O(blocks), nobody is waiting for a step
+        if not self.scheduler.has_unfinished_requests():
+            self._go_idle()
         return outputs
+
+    def _go_idle(self) -> None:
+        """No request left: finish the micro-batches still in flight (all their chunks are
+        stale: async scheduling's decode aheads of requests that just ended), so that an idle
+        engine has nothing in flight, and check the KV pools (O(blocks), nobody is waiting)."""
+        while self._inflight:
+            self.executor.get_result()
+            self._inflight.popleft()
+            self._inflight_timing.popleft()
+        self.kv_manager.check_integrity()
 
     def predict_step_s(self, sched: SchedulerOutput) -> float:
         """The latency model's prediction for a scheduled step (its KV already allocated)."""
