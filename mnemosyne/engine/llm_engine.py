@@ -99,6 +99,7 @@ class LLMEngine:
         self._inflight: deque[SchedulerOutput] = deque()
         self._inflight_timing: deque[tuple[float, float]] = deque()  # (predicted_s, submit time)
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
+        self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
@@ -191,10 +192,14 @@ class LLMEngine:
         if not self._inflight:
             return []
         result = self.executor.get_result()
+        now = time.monotonic()
         sched = self._inflight.popleft()
-        predicted_s, submitted = self._inflight_timing.popleft()
+        predicted_s, started = self._inflight_timing.popleft()
+        if self.config.scheduler.async_scheduling:  # the device began it when the step before ended
+            started = max(started, self._last_result_time)
+        self._last_result_time = now
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
-        self._step_stats.append(StepStats(predicted_s, time.monotonic() - submitted, chunk_sizes))
+        self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
         outputs = self._process(sched, result)
         if not self.scheduler.has_unfinished_requests():

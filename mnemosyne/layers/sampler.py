@@ -10,25 +10,37 @@ token whatever else is in the batch and in whatever order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.logits_processors import TokenHistory, apply_logits_processors, needs_processing
+from mnemosyne.layers.logprob_tensors import LogprobTensors
 from mnemosyne.request import TokenLogprobs
 from mnemosyne.sampling_params import SamplingParams
 
 
 @dataclass
 class SamplerOutput:
-    tokens: torch.Tensor  # [num_seqs] int64 on the logits' device: read without a host sync
-    logprobs: list[TokenLogprobs | None]  # [num_seqs]; None where params.logprobs is None
+    """What was sampled, still on the device: reading `token_ids` or `logprobs` waits for it."""
+
+    tokens: torch.Tensor  # [num_seqs] int64 on the logits' device
+    logprob_rows: list[int] = field(default_factory=list)  # rows whose params ask for logprobs
+    logprob_tensors: LogprobTensors | None = None  # row i: logprob_rows[i]
 
     @property
     def token_ids(self) -> list[int]:
-        """The sampled ids on the host (waits for the device)."""
         return self.tokens.tolist()
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        """[num_seqs]; None where params.logprobs is None."""
+        out: list[TokenLogprobs | None] = [None] * self.tokens.shape[0]
+        if self.logprob_tensors is not None:
+            for row, d in zip(self.logprob_rows, self.logprob_tensors.dicts(), strict=True):
+                out[row] = d
+        return out
 
 
 class Sampler:
@@ -49,10 +61,10 @@ class Sampler:
                 f"got {num_seqs} logit rows, {len(params)} params and {len(generators)} generators"
             )
         if num_seqs == 0:
-            return SamplerOutput(tokens=torch.empty(0, dtype=torch.long, device=logits.device), logprobs=[])
+            return SamplerOutput(tokens=torch.empty(0, dtype=torch.long, device=logits.device))
         if all(p.greedy and p.logprobs is None and not needs_processing(p) for p in params):
             # Every row greedy, unprocessed, without logprobs: the general path's argmax, alone.
-            return SamplerOutput(tokens=torch.argmax(logits.float(), dim=-1), logprobs=[None] * num_seqs)
+            return SamplerOutput(tokens=torch.argmax(logits.float(), dim=-1))
         params = [p.resolved() for p in params]
         raw = logits.float()  # [num_seqs, vocab]
         logits = raw
@@ -72,15 +84,13 @@ class Sampler:
             )  # [num_sample, vocab]
             tokens[rows] = torch.argmax(probs / noise, dim=-1)
 
-        logprobs: list[TokenLogprobs | None] = [None] * num_seqs
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if want:
-            rows = torch.tensor(want, device=logits.device)
-            ks = [params[i].logprobs or 0 for i in want]
-            dicts = _logprob_dicts(raw.index_select(0, rows), tokens.index_select(0, rows), ks)
-            for i, d in zip(want, dicts):
-                logprobs[i] = d
-        return SamplerOutput(tokens=tokens, logprobs=logprobs)
+        if not want:
+            return SamplerOutput(tokens=tokens)
+        rows = _to_device(want, torch.long, logits.device)
+        ks = [params[i].logprobs or 0 for i in want]
+        lp = LogprobTensors.compute(raw.index_select(0, rows), tokens.index_select(0, rows), ks)
+        return SamplerOutput(tokens=tokens, logprob_rows=want, logprob_tensors=lp)
 
 
 def compute_prompt_logprobs(
@@ -92,29 +102,7 @@ def compute_prompt_logprobs(
     n = logits.shape[0]
     if n == 0:
         return []
-    return _logprob_dicts(logits.float(), target_ids.to(logits.device).long(), [k] * n)
-
-
-def _logprob_dicts(
-    logits: torch.Tensor,  # [n, vocab] float32
-    chosen: torch.Tensor,  # [n] int64
-    ks: list[int],  # top-k count per row
-) -> list[TokenLogprobs]:
-    """{chosen: logprob, top-1: logprob, ..., top-k: logprob} per row, raw distribution."""
-    logp = torch.log_softmax(logits, dim=-1)  # [n, vocab]
-    chosen_lp = logp.gather(1, chosen.view(-1, 1)).squeeze(1).tolist()  # [n]
-    chosen_ids = chosen.tolist()
-    k_max = min(max(ks), logits.shape[1])
-    if k_max > 0:
-        top_lp, top_ids = torch.topk(logp, k_max, dim=-1)  # [n, k_max]
-        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-    out: list[TokenLogprobs] = []
-    for r, k in enumerate(ks):
-        d: TokenLogprobs = {int(chosen_ids[r]): float(chosen_lp[r])}
-        for j in range(min(k, k_max)):
-            d.setdefault(int(top_ids_l[r][j]), float(top_lp_l[r][j]))
-        out.append(d)
-    return out
+    return LogprobTensors.compute(logits.float(), target_ids.to(logits.device).long(), [k] * n).dicts()
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ from mnemosyne.config import EngineConfig
 from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.logits_processors import TokenHistory
-from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
+from mnemosyne.layers.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.models.loader import load_model
 from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
@@ -55,6 +56,12 @@ def sampling_generator(seed: int, position: int, device: torch.device) -> torch.
     """The generator of a seeded request's token at `position`: a function of (seed, position)
     only, so a seed gives the same tokens on any layout, batch or preemption history."""
     return torch.Generator(device=device).manual_seed((seed * _SEED_MIX + position) % (1 << 63))
+
+
+@dataclass
+class Sampled:
+    request_ids: list[str]  # of the output's rows
+    output: SamplerOutput
 
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[KVCache]:
@@ -135,7 +142,7 @@ class Worker:
         result = StepResult(plan.step_id) if self.pg.is_reporting_rank else None
         if batch.num_tokens == 0:
             self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
-            return self._finish(result, [], None)  # the reporting rank's empty result; None elsewhere
+            return self._finish(result, None)  # the reporting rank's empty result; None elsewhere
 
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         if self.graphs is not None and self.graphs.can_run(batch.meta):
@@ -147,18 +154,15 @@ class Worker:
         if not self.pg.is_last_stage:
             self._send_hidden(hidden)
             return None
-        request_ids, tokens = self._sample(batch, hidden, result)
-        return self._finish(result, request_ids, tokens)
+        return self._finish(result, self._sample(batch, hidden, result))
 
-    def _finish(
-        self, result: StepResult | None, request_ids: list[str], tokens: torch.Tensor | None
-    ) -> PendingResult | None:
+    def _finish(self, result: StepResult | None, sampled: Sampled | None) -> PendingResult | None:
         """The plan's pending result, kept as the source of the next plan's decode-ahead inputs."""
         if result is None:
             return None
-        if tokens is None:
-            tokens = torch.empty(0, dtype=torch.long, device=self.device)
-        self._previous = PendingResult.start(result, request_ids, tokens)
+        if sampled is None:
+            sampled = Sampled([], SamplerOutput(torch.empty(0, dtype=torch.long, device=self.device)))
+        self._previous = PendingResult.start(result, sampled.request_ids, sampled.output)
         return self._previous
 
     def _resolve_decode_ahead(self, batch: SubBatch) -> None:
@@ -231,12 +235,10 @@ class Worker:
             self._pending_send[0].wait()
             self._pending_send = None
 
-    def _sample(
-        self, batch: SubBatch, hidden: torch.Tensor, result: StepResult | None
-    ) -> tuple[list[str], torch.Tensor | None]:
+    def _sample(self, batch: SubBatch, hidden: torch.Tensor, result: StepResult | None) -> Sampled | None:
         """Logits of the owned rows (prompt-logprob rows, then sample rows) and sampling:
-        the sampled requests and their tokens ([num_sampled] on the device), and `result`'s
-        logprobs and prompt logprobs filled.
+        what was sampled, still on the device (None if nothing); `result`'s prompt logprobs
+        filled.
 
         Every TP rank computes the logits (the vocab-parallel head all-gathers them);
         only the reporting rank samples."""
@@ -256,13 +258,13 @@ class Worker:
                 sample_rows.append(row0 + chunk.num_tokens - 1)
                 sample_chunks.append(i)
         if not plp_rows and not sample_rows:
-            return [], None
+            return None
         rows = plp_rows + sample_rows
         if rows != list(range(hidden.shape[0])):  # else (a decode-only batch) every row, in order
             hidden = hidden[to_device_packed((rows,), torch.long, self.device)[0]]  # no device sync
         logits = self.model.compute_logits(hidden).float()  # [num_rows, vocab_size]
         if result is None:
-            return [], None
+            return None
 
         for i, p0, row_lo in plp_spans:
             chunk = batch.chunks[i]
@@ -272,7 +274,7 @@ class Worker:
             result.prompt_logprobs[chunk.request_id] = (p0, entries)
 
         if not sample_chunks:
-            return [], None
+            return None
         chunks = [batch.chunks[i] for i in sample_chunks]
         params = [self.params[c.request_id] for c in chunks]
         gens = [self._generator(p, c.end) for p, c in zip(params, chunks, strict=True)]
@@ -282,11 +284,8 @@ class Worker:
                 if history is not None and chunk.is_decode_ahead:  # its input, now known (waits)
                     assert self._previous is not None
                     history.observe(chunk.start, (self._previous.host_token(chunk.request_id),))
-        sampled = self.sampler(logits[len(plp_rows) :], params, gens, histories)
-        for chunk, lp in zip(chunks, sampled.logprobs, strict=True):
-            if lp is not None:
-                result.logprobs[chunk.request_id] = lp
-        return [c.request_id for c in chunks], sampled.tokens
+        output = self.sampler(logits[len(plp_rows) :], params, gens, histories)
+        return Sampled([c.request_id for c in chunks], output)
 
     def _generator(self, params: SamplingParams, position: int) -> torch.Generator | None:
         if params.greedy:
