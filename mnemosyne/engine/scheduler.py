@@ -38,19 +38,21 @@ chunk is in step n has every token dispatched (num_pending == 0) and may still g
 *decode ahead* in step n+1: the chunk [num_tokens, num_tokens + 1), whose input token
 is the one step n samples, taken on the device (wire/plan.py UNRESOLVED_TOKEN_ID)::
 
-    step n   (in flight)   chunk [T-1, T)  samples o(T)    num_computed = T-1, dispatched = T
-    step n+1 (scheduled)   chunk [T, T+1)  input  o(T) ?  ->  dispatched = T+1 = num_tokens + 1
-    process n              append o(T): num_tokens = T+1, num_computed = T   (dispatched == num_tokens)
-    step n+2 (scheduled)   chunk [T+1, T+2) input o(T+1) ?  ...
+    (num_tokens = T: positions 0..T-1 known; tok@p = the token at position p)
+    step n   (in flight)   chunk [T-1, T)   samples tok@T       num_computed = T-1, dispatched = T
+    step n+1 (scheduled)   chunk [T, T+1)   input tok@T (?)  -> dispatched = T+1 = num_tokens + 1
+    process n              append tok@T: num_tokens = T+1, num_computed = T (dispatched == num_tokens)
+    step n+2 (scheduled)   chunk [T+1, T+2) input tok@T+1 (?)  ...
 
-A decode ahead is scheduled only if o(T) cannot end the request by length (the
-request has max_tokens - num_output >= 2 and num_tokens + 1 < max_model_len), so no
-decode past those limits is ever run. When step n ends the request otherwise (eos,
-stop ids, a stop string, abort) or it is preempted, step n+1's chunk is stale:
-`update_from_output` drops it (its request is no longer running, or its start is
-not num_computed), its token is never emitted, and the KV slot it wrote went with
-the request's freed blocks (plans run in order, so that write lands before any
-later owner of the block writes).
+A decode ahead is scheduled only if tok@T cannot end the request by length
+(num_output + 1 < max_tokens and num_tokens + 1 < max_model_len), so no decode past
+those limits is ever run. When step n ends the request otherwise (eos, stop ids, a
+stop string, abort), step n+1's chunk is stale: `update_from_output` drops it (its
+request is no longer running), its token is never emitted, and the KV slot it wrote
+went with the request's freed blocks (plans run in order, so that write lands before
+any later owner of the block writes). A request with work in flight may be preempted
+like any request not scheduled in the current step: its in-flight chunks are then
+dropped as stale (epoch), and their tokens recomputed.
 
 Invariants between calls:
     * every known request is in exactly one of waiting / running; finished ones are
