@@ -20,8 +20,8 @@ stamps them), the GPU time of the decode forward (CUDA events around the worker'
 `DecodeGraphs.run`: input copies + graph replay; the LM head and sampling are outside),
 host time = TBT - forward, and the floor (weight bytes + KV bytes read) / 4.2 TB/s.
 With async scheduling (the default; --no-async-scheduling to compare) the host's work for
-step n+1 overlaps step n on the GPU, so TBT approaches the forward time instead of
-forward + host. (Its first decode after the prefill is launched before the synthetic fill,
+step n+1 overlaps step n on the GPU, so TBT approaches the GPU time (forward, LM head,
+sampling) instead of forward + host, and "host" is the host time left unhidden. (Its first decode after the prefill is launched before the synthetic fill,
 so it reads unfilled blocks: a warm-up step, never measured.)
 
 The KV budget is exactly what the run needs (--kv-cache-gb overrides): 3.5M tokens of the
