@@ -126,6 +126,10 @@ def test_abort_mid_stream(tiny_model_dir):
         same_outputs([outs[1], outs[3]], [ref[1], ref[3]])
         for i in (0, 2):
             assert outs[i].token_ids == ref[i].token_ids[: len(outs[i].token_ids)]
+    # every request aborted with decode aheads in flight: the engine goes idle with nothing in
+    # flight (run_engine checks it) and every block back
+    _, num_ahead = run_engine(model_dir, True, params, abort_at={0: 6, 1: 6, 2: 6, 3: 6})
+    assert sum(num_ahead) > 0
 
 
 def test_seeded_sampling_and_history(tiny_model_dir):
