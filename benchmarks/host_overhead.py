@@ -219,6 +219,7 @@ def make_engine(model_dir: Path, ns: argparse.Namespace, max_num_seqs: int, kv_t
         attention_backend=ns.attention_backend, block_size=16, chunk_size=1 << 18,
         max_num_batched_tokens=1 << 18, max_num_seqs=max_num_seqs,
         kv_cache_memory_gb=kv_tokens * kv_bytes / 2**30 + 0.01, generation_config="none",
+        async_scheduling=False,  # phases of one step each (decode_synthetic_kv measures the overlap)
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     engine.executor = SyntheticPrefillExecutor(engine.executor)

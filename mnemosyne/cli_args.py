@@ -112,6 +112,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="reuse the KV of full blocks shared with earlier requests' prefixes (default: on)",
     )
     g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=d.async_scheduling,
+        help="schedule step n+1 while the device runs step n (default: on; one device only, "
+        "a no-op with tp/spp/kvp > 1 or --driver-address)",
+    )
+    g.add_argument(
         "--generation-config",
         default=d.generation_config,
         choices=[k.value for k in GenerationConfigMode],

@@ -196,6 +196,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_num_seqs: int = 256
     chunk_size: int | None = None  # None: whole remaining prompt, within the token budget
+    # Schedule step n+1 while step n runs (a decode whose input token is still on the device;
+    # see engine/scheduler.py). Only for one in-process device; `EngineArgs` turns it off elsewhere.
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class LLM:
         chunk_granularity: int = 32,
         min_chunk_tokens: int = 32,
         enable_prefix_caching: bool = True,
+        async_scheduling: bool = True,
         generation_config: str = "auto",
         chat_template: str | None = None,
     ) -> None:
@@ -95,6 +96,7 @@ class LLM:
             chunk_granularity=chunk_granularity,
             min_chunk_tokens=min_chunk_tokens,
             enable_prefix_caching=enable_prefix_caching,
+            async_scheduling=async_scheduling,
             generation_config=generation_config,
             chat_template=chat_template,
         )

@@ -58,5 +58,7 @@ class StepStats:
     """One processed micro-batch: its predicted and measured time, and its prefill chunk sizes."""
 
     predicted_s: float
-    actual_s: float  # submit to result (with a pipeline, including waits behind earlier micro-batches)
+    # submit to result (with a pipeline, including waits behind earlier micro-batches; with async
+    # scheduling from the later of its submit and the previous step's result)
+    actual_s: float
     chunk_sizes: tuple[int, ...]  # tokens of each prefill chunk (decodes excluded)

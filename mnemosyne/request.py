@@ -8,15 +8,23 @@ Token bookkeeping of one request (positions are global token indices)::
     |<-- num_computed_tokens -->|                         KV written for these
     |<----- num_dispatched_tokens ----->|                 sent into the pipeline
 
-    invariant: num_computed_tokens <= num_dispatched_tokens <= num_tokens
+    invariant: num_computed_tokens <= num_dispatched_tokens <= num_tokens + 1
 
 A step schedules tokens [num_dispatched_tokens, num_dispatched_tokens + n). When
 the tokens up to num_tokens have all been computed, the last position's logits
-sample the next output token. A decode is simply n == 1. Without a pipeline,
-dispatched == computed between steps; sequence pipeline parallelism lets
-dispatched run ahead. Preemption by recompute resets both counters to 0 and keeps
-output_token_ids, which are recomputed as part of the "prompt". A prefix-cache hit
-of h tokens (a multiple of the block size) starts both counters at h instead of 0.
+sample the next output token. A decode is simply n == 1. Without a pipeline or
+async scheduling, dispatched == computed between steps; sequence pipeline
+parallelism lets dispatched run ahead. Async scheduling (one device) may dispatch
+one token more than is known, a decode ahead::
+
+    [ p0 ... | o0 ... o(k-1) | ? ]      ? = o(k), sampled by a chunk still in flight
+                              ^ num_tokens
+    num_dispatched_tokens == num_tokens + 1: the decode of position num_tokens runs
+    with its input token taken on the device from the in-flight chunk's sample.
+
+Preemption by recompute resets both counters to 0 and keeps output_token_ids,
+which are recomputed as part of the "prompt". A prefix-cache hit of h tokens (a
+multiple of the block size) starts both counters at h instead of 0.
 """
 
 from __future__ import annotations
@@ -102,8 +110,8 @@ class Request:
 
     @property
     def num_pending_tokens(self) -> int:
-        """Tokens not yet dispatched into the model."""
-        return self.num_tokens - self.num_dispatched_tokens
+        """Known tokens not yet dispatched into the model (0 during a decode ahead)."""
+        return max(0, self.num_tokens - self.num_dispatched_tokens)
 
     @property
     def is_prefill(self) -> bool:

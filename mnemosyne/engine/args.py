@@ -71,6 +71,7 @@ class EngineArgs:
     chunk_granularity: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
     min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
+    async_scheduling: bool = True  # prepare step n+1 while step n runs (one device only; else a no-op)
     generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
     chat_template: str | None = None  # a Jinja file (or the template itself) instead of the tokenizer's
 
@@ -206,6 +207,9 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_num_seqs=self.max_num_seqs,
                 chunk_size=self.chunk_size,
+                async_scheduling=self.async_scheduling
+                and parallel.world_size == 1
+                and parallel.driver_address is None,
             ),
             parallel=parallel,
             device=device,

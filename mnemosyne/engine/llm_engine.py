@@ -58,6 +58,16 @@ class LLMEngine:
     With a pipeline (spp > 1) up to `parallel.max_inflight` micro-batches are in
     flight: the next chunk of a prompt is scheduled while earlier ones are still
     in later stages, and results come back in order.
+
+    With async scheduling (one in-process device) two are: each step schedules,
+    builds and launches step n+1 while the device runs step n, and only then waits
+    for step n's tokens and processes them::
+
+        host    | schedule n+1 | plan n+1 | launch n+1 | wait n | process n | schedule n+2 | ...
+        device  | ............ step n ................ | step n+1 ....................... | ...
+
+    Step n+1 may hold decode aheads, whose input tokens step n samples (the scheduler's
+    docstring draws it); what step n finishes, step n+1's chunks of it are dropped.
     """
 
     def __init__(
@@ -85,9 +95,11 @@ class LLMEngine:
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
+        self.max_inflight = 2 if config.scheduler.async_scheduling else config.parallel.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         self._inflight_timing: deque[tuple[float, float]] = deque()  # (predicted_s, submit time)
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
+        self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
@@ -148,6 +160,8 @@ class LLMEngine:
         req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         if req is not None:
             self._forget(request_id)
+            if not self.scheduler.has_unfinished_requests():
+                self._go_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -167,7 +181,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline with newly scheduled micro-batches, then finish the oldest."""
-        while len(self._inflight) < self.config.parallel.max_inflight:
+        while len(self._inflight) < self.max_inflight:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
@@ -178,15 +192,29 @@ class LLMEngine:
         if not self._inflight:
             return []
         result = self.executor.get_result()
+        now = time.monotonic()
         sched = self._inflight.popleft()
-        predicted_s, submitted = self._inflight_timing.popleft()
+        predicted_s, started = self._inflight_timing.popleft()
+        if self.config.scheduler.async_scheduling:  # the device began it when the step before ended
+            started = max(started, self._last_result_time)
+        self._last_result_time = now
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
-        self._step_stats.append(StepStats(predicted_s, time.monotonic() - submitted, chunk_sizes))
+        self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
         outputs = self._process(sched, result)
-        if not self._inflight and not self.scheduler.has_unfinished_requests():
-            self.kv_manager.check_integrity()  # going idle: O(blocks), nobody is waiting for a step
+        if not self.scheduler.has_unfinished_requests():
+            self._go_idle()
         return outputs
+
+    def _go_idle(self) -> None:
+        """No request left: finish the micro-batches still in flight (all their chunks are
+        stale: async scheduling's decode aheads of requests that just ended), so that an idle
+        engine has nothing in flight, and check the KV pools (O(blocks), nobody is waiting)."""
+        while self._inflight:
+            self.executor.get_result()
+            self._inflight.popleft()
+            self._inflight_timing.popleft()
+        self.kv_manager.check_integrity()
 
     def predict_step_s(self, sched: SchedulerOutput) -> float:
         """The latency model's prediction for a scheduled step (its KV already allocated)."""

@@ -32,13 +32,37 @@ One step, with budget = max_num_batched_tokens::
 newly computed full blocks to the prefix cache, appends the sampled token of every
 sampling chunk and applies the stop rules.
 
+Async scheduling (`config.async_scheduling`, one in-process device): the engine
+schedules step n+1 before it has processed step n. A running request whose sampling
+chunk is in step n has every token dispatched (num_pending == 0) and may still get a
+*decode ahead* in step n+1: the chunk [num_tokens, num_tokens + 1), whose input token
+is the one step n samples, taken on the device (wire/plan.py UNRESOLVED_TOKEN_ID)::
+
+    (num_tokens = T: positions 0..T-1 known; tok@p = the token at position p)
+    step n   (in flight)   chunk [T-1, T)   samples tok@T       num_computed = T-1, dispatched = T
+    step n+1 (scheduled)   chunk [T, T+1)   input tok@T (?)  -> dispatched = T+1 = num_tokens + 1
+    process n              append tok@T: num_tokens = T+1, num_computed = T (dispatched == num_tokens)
+    step n+2 (scheduled)   chunk [T+1, T+2) input tok@T+1 (?)  ...
+
+A decode ahead is scheduled only if tok@T cannot end the request by length
+(num_output + 1 < max_tokens and num_tokens + 1 < max_model_len), so no decode past
+those limits is ever run. When step n ends the request otherwise (eos, stop ids, a
+stop string, abort), step n+1's chunk is stale: `update_from_output` drops it (its
+request is no longer running), its token is never emitted, and the KV slot it wrote
+went with the request's freed blocks (plans run in order, so that write lands before
+any later owner of the block writes). A request with work in flight may be preempted
+like any request not scheduled in the current step: its in-flight chunks are then
+dropped as stale (epoch), and their tokens recomputed.
+
 Invariants between calls:
     * every known request is in exactly one of waiting / running; finished ones are
       dropped (the caller keeps the Request object);
     * waiting requests hold no KV and have num_computed == num_dispatched == 0
       (preemption frees the KV and resets both; cached blocks stay in the prefix cache);
     * running requests hold slots for [0, num_dispatched_tokens) in the KV manager;
-    * num_computed_tokens <= num_dispatched_tokens <= num_tokens;
+    * num_computed_tokens <= num_dispatched_tokens <= num_tokens + 1, and
+      num_dispatched_tokens == num_tokens + 1 only for a decode ahead (async scheduling:
+      the chunk that samples position num_tokens's token is still in flight);
     * per step: a request appears at most once, sum of chunk sizes <= budget,
       len(running) <= max_num_seqs.
 Preemption is by recompute: output_token_ids are kept and recomputed as part of
@@ -136,7 +160,7 @@ class Scheduler:
                     admitting, used = self._admit(req, budget, out, scheduled)
                     budget -= used
                 continue
-            if req.status is not RequestStatus.RUNNING or req.num_pending_tokens == 0:
+            if req.status is not RequestStatus.RUNNING or self._num_schedulable(req) == 0:
                 continue  # preempted earlier in this step, or its last chunk is still in flight
             while True:
                 n = self._chunk_len(req, budget)
@@ -248,9 +272,31 @@ class Scheduler:
     def _sorted(self, reqs: Iterable[Request], now: float) -> list[Request]:
         return sorted(reqs, key=lambda r: (*self.priority.key(r, now), self._admission_seq[r.request_id]))
 
+    def _num_schedulable(self, req: Request) -> int:
+        """Tokens `req` may dispatch now: its pending ones, or 1 for a decode ahead."""
+        return req.num_pending_tokens or int(self._can_decode_ahead(req))
+
+    def _can_decode_ahead(self, req: Request) -> bool:
+        """With async scheduling: may `req` decode the token its in-flight chunk samples?
+
+        Only when that token is unknown here (every token dispatched, some not yet
+        computed: the last dispatched chunk samples and is in flight), at most one such
+        token per request, and only if that token cannot finish the request by length:
+        a decode is never scheduled past max_tokens or max_model_len."""
+        return (
+            self.config.async_scheduling
+            and req.num_dispatched_tokens == req.num_tokens
+            and req.num_computed_tokens < req.num_dispatched_tokens
+            and req.num_output_tokens + 1 < req.sampling_params.max_tokens
+            and req.num_tokens + 1 < self.config.max_model_len
+        )
+
     def _chunk_len(self, req: Request, budget: int) -> int:
-        n = self.chunk_policy.chunk_size(req, req.num_pending_tokens, budget)
-        n = max(0, min(n, req.num_pending_tokens, budget))
+        if req.num_pending_tokens == 0:  # a decode ahead (or nothing): one token, no policy
+            n = min(self._num_schedulable(req), budget)
+        else:
+            n = self.chunk_policy.chunk_size(req, req.num_pending_tokens, budget)
+            n = max(0, min(n, req.num_pending_tokens, budget))
         limit = self.kv_manager.num_tokens_to_group_end(req.request_id, req.num_dispatched_tokens)
         if limit is not None:
             n = min(n, limit)
@@ -279,19 +325,14 @@ class Scheduler:
 
     def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:
         start = req.num_dispatched_tokens
+        sample = start + n >= req.num_tokens  # a decode ahead ends at num_tokens + 1
         out.chunks.append(
-            ScheduledChunk(
-                request=req,
-                start=start,
-                num_tokens=n,
-                sample=start + n == req.num_tokens,
-                epoch=req.num_preemptions,
-            )
+            ScheduledChunk(request=req, start=start, num_tokens=n, sample=sample, epoch=req.num_preemptions)
         )
         req.num_dispatched_tokens += n
         req.status = RequestStatus.RUNNING
         scheduled.add(req.request_id)
-        self.chunk_policy.on_scheduled(req, start, n, start + n == req.num_tokens)
+        self.chunk_policy.on_scheduled(req, start, n, sample)
         return n
 
     def _choose_victim(self, req: Request, scheduled: set[str], now: float) -> Request:

@@ -15,6 +15,9 @@ ids every step::
                                the prompt (the reporting ranks keep a TokenHistory fed by chunks)
               chunks[i].pieces[j] ──> group j' blocks: mirror[num_known_blocks:] = new_block_ids
 
+    A decode ahead (async scheduling) carries token_ids == (UNRESOLVED_TOKEN_ID,): its
+    input is what plan k-1 samples for the request, which the worker takes on the device.
+
     Every rank applies plan k's updates when it starts plan k, in plan order, so a
     stage still busy with plan k-1 never sees plan k's blocks early. Block ids
     freed by a preemption may be reused in the very next plan: stages run plans in
@@ -33,7 +36,7 @@ from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.request import Request
-from mnemosyne.wire.plan import ChunkPlan, NewRequest, PiecePlan, StepPlan
+from mnemosyne.wire.plan import UNRESOLVED_TOKEN_ID, ChunkPlan, NewRequest, PiecePlan, StepPlan
 
 
 def new_request(req: Request) -> NewRequest:
@@ -143,10 +146,17 @@ class PlanBuilder:
             start=chunk.start,
             num_tokens=chunk.num_tokens,
             sample=chunk.sample,
-            token_ids=(req.token_id_at(chunk.start),)  # a decode
+            token_ids=self._decode_input(req, chunk.start)
             if chunk.num_tokens == 1
             else tuple(req.token_id_at(p) for p in range(chunk.start, chunk.end)),
             pieces=tuple(pieces),
             prompt_logprob_start=plp.start,
             prompt_logprob_targets=tuple(req.prompt_token_ids[plp.start + 1 : plp.stop + 1]),
         )
+
+    @staticmethod
+    def _decode_input(req: Request, position: int) -> tuple[int]:
+        """A 1-token chunk's input; a decode ahead's token is not known yet (async scheduling)."""
+        if position == req.num_tokens:
+            return (UNRESOLVED_TOKEN_ID,)
+        return (req.token_id_at(position),)

@@ -80,6 +80,7 @@ def engine_summary(
         ),
         ("latency model", f"{engine.policies.latency_source} (TBT target {cfg.policy.tbt_slo_s * 1e3:g} ms)"),
         ("prefix caching", "on" if cfg.cache.enable_prefix_caching else "off"),
+        ("async scheduling", "on" if cfg.scheduler.async_scheduling else "off"),
         ("sampling defaults", _sampling_defaults(engine)),
     ]
     if startup_s is not None:

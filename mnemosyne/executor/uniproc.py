@@ -1,4 +1,9 @@
-"""Run plans in this process, on one device (every process group has size 1)."""
+"""Run plans in this process, on one device (every process group has size 1).
+
+`submit` launches a plan's device work and returns; `get_result` waits for the oldest
+plan's sampled ids only then (worker/pending_result.py), so with async scheduling the
+engine schedules and launches step n+1 while the device still runs step n.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,22 @@ import torch
 from mnemosyne.config import EngineConfig
 from mnemosyne.parallel.groups import ProcessGroups
 from mnemosyne.wire.plan import StepPlan, StepResult
+from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.worker import Worker
 
 
 class UniProcExecutor:
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config, ProcessGroups.single(), torch.device(config.device))
-        self._results: deque[StepResult] = deque()
+        self._results: deque[PendingResult] = deque()
 
     def submit(self, plan: StepPlan) -> None:
-        result = self.worker.execute(plan)
-        assert result is not None  # the single rank is the reporting rank
-        self._results.append(result)
+        pending = self.worker.execute_async(plan)
+        assert pending is not None  # the single rank is the reporting rank
+        self._results.append(pending)
 
     def get_result(self) -> StepResult:
-        return self._results.popleft()
+        return self._results.popleft().wait()
 
     num_rejected_messages = 0  # no control port
 

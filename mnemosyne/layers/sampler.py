@@ -10,19 +10,37 @@ token whatever else is in the batch and in whatever order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.logits_processors import TokenHistory, apply_logits_processors, needs_processing
+from mnemosyne.layers.logprob_tensors import LogprobTensors
 from mnemosyne.request import TokenLogprobs
 from mnemosyne.sampling_params import SamplingParams
 
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]  # [num_seqs]
-    logprobs: list[TokenLogprobs | None]  # [num_seqs]; None where params.logprobs is None
+    """What was sampled, still on the device: reading `token_ids` or `logprobs` waits for it."""
+
+    tokens: torch.Tensor  # [num_seqs] int64 on the logits' device
+    logprob_rows: list[int] = field(default_factory=list)  # rows whose params ask for logprobs
+    logprob_tensors: LogprobTensors | None = None  # row i: logprob_rows[i]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.tokens.tolist()
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        """[num_seqs]; None where params.logprobs is None."""
+        out: list[TokenLogprobs | None] = [None] * self.tokens.shape[0]
+        if self.logprob_tensors is not None:
+            for row, d in zip(self.logprob_rows, self.logprob_tensors.dicts(), strict=True):
+                out[row] = d
+        return out
 
 
 class Sampler:
@@ -43,12 +61,10 @@ class Sampler:
                 f"got {num_seqs} logit rows, {len(params)} params and {len(generators)} generators"
             )
         if num_seqs == 0:
-            return SamplerOutput(token_ids=[], logprobs=[])
+            return SamplerOutput(tokens=torch.empty(0, dtype=torch.long, device=logits.device))
         if all(p.greedy and p.logprobs is None and not needs_processing(p) for p in params):
             # Every row greedy, unprocessed, without logprobs: the general path's argmax, alone.
-            return SamplerOutput(
-                token_ids=torch.argmax(logits.float(), dim=-1).tolist(), logprobs=[None] * num_seqs
-            )
+            return SamplerOutput(tokens=torch.argmax(logits.float(), dim=-1))
         params = [p.resolved() for p in params]
         raw = logits.float()  # [num_seqs, vocab]
         logits = raw
@@ -60,7 +76,7 @@ class Sampler:
             i for i, p in enumerate(params) if not p.greedy
         ]  # greedy: temperature < MIN_TEMPERATURE
         if sample_rows:
-            rows = torch.tensor(sample_rows, device=logits.device)
+            rows = _to_device(sample_rows, torch.long, logits.device)
             sub = [params[i] for i in sample_rows]
             probs = _filtered_probs(logits.index_select(0, rows), sub)  # [num_sample, vocab]
             noise = torch.stack(
@@ -68,16 +84,13 @@ class Sampler:
             )  # [num_sample, vocab]
             tokens[rows] = torch.argmax(probs / noise, dim=-1)
 
-        token_list: list[int] = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * num_seqs
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if want:
-            rows = torch.tensor(want, device=logits.device)
-            ks = [params[i].logprobs or 0 for i in want]
-            dicts = _logprob_dicts(raw.index_select(0, rows), tokens.index_select(0, rows), ks)
-            for i, d in zip(want, dicts):
-                logprobs[i] = d
-        return SamplerOutput(token_ids=token_list, logprobs=logprobs)
+        if not want:
+            return SamplerOutput(tokens=tokens)
+        rows = _to_device(want, torch.long, logits.device)
+        ks = [params[i].logprobs or 0 for i in want]
+        lp = LogprobTensors.compute(raw.index_select(0, rows), tokens.index_select(0, rows), ks)
+        return SamplerOutput(tokens=tokens, logprob_rows=want, logprob_tensors=lp)
 
 
 def compute_prompt_logprobs(
@@ -89,29 +102,13 @@ def compute_prompt_logprobs(
     n = logits.shape[0]
     if n == 0:
         return []
-    return _logprob_dicts(logits.float(), target_ids.to(logits.device).long(), [k] * n)
+    return LogprobTensors.compute(logits.float(), target_ids.to(logits.device).long(), [k] * n).dicts()
 
 
-def _logprob_dicts(
-    logits: torch.Tensor,  # [n, vocab] float32
-    chosen: torch.Tensor,  # [n] int64
-    ks: list[int],  # top-k count per row
-) -> list[TokenLogprobs]:
-    """{chosen: logprob, top-1: logprob, ..., top-k: logprob} per row, raw distribution."""
-    logp = torch.log_softmax(logits, dim=-1)  # [n, vocab]
-    chosen_lp = logp.gather(1, chosen.view(-1, 1)).squeeze(1).tolist()  # [n]
-    chosen_ids = chosen.tolist()
-    k_max = min(max(ks), logits.shape[1])
-    if k_max > 0:
-        top_lp, top_ids = torch.topk(logp, k_max, dim=-1)  # [n, k_max]
-        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-    out: list[TokenLogprobs] = []
-    for r, k in enumerate(ks):
-        d: TokenLogprobs = {int(chosen_ids[r]): float(chosen_lp[r])}
-        for j in range(min(k, k_max)):
-            d.setdefault(int(top_ids_l[r][j]), float(top_lp_l[r][j]))
-        out.append(d)
-    return out
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row parameter tensor, copied without waiting for the device (pinned,
+    non-blocking on CUDA: with async scheduling the previous step may still be running)."""
+    return to_device_packed((values,), dtype, device)[0]
 
 
 def _exponential(vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -129,7 +126,7 @@ def _filtered_probs(
     """Temperature, then top-k, top-p and min-p; returns renormalised probabilities [n, vocab]."""
     n, vocab = logits.shape
     dev = logits.device
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)  # [n]
+    temp = _to_device([p.temperature for p in params], torch.float32, dev)  # [n]
     x = logits / temp[:, None]  # [n, vocab]
 
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
@@ -141,21 +138,21 @@ def _filtered_probs(
     # Stable descending sort: among equal logits the lowest token id ranks first.
     sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # [n, vocab]
     rank = torch.arange(vocab, device=dev)  # [vocab]
-    neg_inf = torch.tensor(float("-inf"), device=dev)
+    neg_inf = float("-inf")
 
     if any(top_k):
-        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=dev)  # [n]
+        k = _to_device([kk if kk > 0 else vocab for kk in top_k], torch.long, dev)  # [n]
         sorted_x = torch.where(rank[None, :] < k[:, None], sorted_x, neg_inf)
 
     if any(tp < 1.0 for tp in top_p):
-        tp = torch.tensor(top_p, dtype=torch.float32, device=dev)  # [n]
+        tp = _to_device(top_p, torch.float32, dev)  # [n]
         probs = torch.softmax(sorted_x, dim=-1)  # [n, vocab]
         mass_before = torch.cumsum(probs, dim=-1) - probs  # [n, vocab]; mass of higher ranks
         keep = (mass_before < tp[:, None]) | (rank[None, :] == 0) | (tp[:, None] >= 1.0)
         sorted_x = torch.where(keep, sorted_x, neg_inf)
 
     if any(min_p):
-        mp = torch.tensor(min_p, dtype=torch.float32, device=dev)  # [n]
+        mp = _to_device(min_p, torch.float32, dev)  # [n]
         probs = torch.softmax(sorted_x, dim=-1)  # [n, vocab]; column 0 holds the max
         keep = probs >= mp[:, None] * probs[:, :1]
         sorted_x = torch.where(keep, sorted_x, neg_inf)

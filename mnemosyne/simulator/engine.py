@@ -12,7 +12,9 @@ replaced by the latency model and stage events (`pipeline.py`)::
 With KVP the composition holds one sub-batch per group plus the merged query tokens
 (`engine/step_load.py`); the latency model charges the busiest group and the merge.
 Every sampled token is 0 and requests ignore EOS, so each stops at its output length.
-Prefix caching is off (a trace carries lengths, not contents).
+Prefix caching is off (a trace carries lengths, not contents). Async scheduling is not
+modelled: steps are synchronous (one micro-batch in flight with spp = 1, so the scheduler
+never decodes ahead), and the latency model's step time has no host part to overlap.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from mnemosyne.request import TokenLogprobs
 from mnemosyne.sampling_params import SamplingParams
 
+# The input token of a decode ahead (async scheduling, one device): the token that the
+# previous plan sampled for the same request, still on the device when this plan was built.
+# The worker puts it in place on the device (worker/worker.py); it never reaches the model.
+UNRESOLVED_TOKEN_ID = -1
+
 
 @dataclass(frozen=True)
 class NewRequest:
@@ -39,7 +44,7 @@ class ChunkPlan:
     start: int
     num_tokens: int
     sample: bool
-    token_ids: tuple[int, ...]  # tokens [start, end)
+    token_ids: tuple[int, ...]  # tokens [start, end); (UNRESOLVED_TOKEN_ID,) for a decode ahead
     pieces: tuple[PiecePlan, ...]  # oldest first; the last one owns [start, end)
     prompt_logprob_start: int  # positions [start', start' + len(targets)) are scored
     prompt_logprob_targets: tuple[int, ...]  # target of position p is prompt token p + 1
@@ -47,6 +52,11 @@ class ChunkPlan:
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
+
+    @property
+    def is_decode_ahead(self) -> bool:
+        """Its input token is the previous plan's sample for this request (async scheduling)."""
+        return self.token_ids[0] == UNRESOLVED_TOKEN_ID
 
     @property
     def owner_group(self) -> int:

@@ -33,6 +33,10 @@ class SubBatch:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
+    # Decode aheads (async scheduling): their chunk indices and packed rows, whose input
+    # ids are placeholders until the worker takes them from the previous plan's samples.
+    decode_ahead_chunks: list[int]
+    decode_ahead_rows: list[int]
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +60,8 @@ def build_sub_batch(
     block_runs: list[tuple[int, int]] = []
     local_rows: list[int] = []
     shared_rows: list[int] = []
+    ahead_chunks: list[int] = []
+    ahead_rows: list[int] = []
     num_shared = 0
     for chunk in plan.chunks:
         shared_base = num_shared
@@ -67,6 +73,9 @@ def build_sub_batch(
         piece = mirror.update(chunk.request_id, spec)
         is_owner = chunk.owner_group == group
         row = len(token_ids)
+        if chunk.is_decode_ahead:
+            ahead_chunks.append(len(chunks))
+            ahead_rows.append(row)
         chunks.append(chunk)
         owned.append(is_owner)
         row_starts.append(row)
@@ -108,4 +117,6 @@ def build_sub_batch(
         input_ids=input_ids,
         positions=positions_d,
         meta=meta,
+        decode_ahead_chunks=ahead_chunks,
+        decode_ahead_rows=ahead_rows,
     )

@@ -5,12 +5,14 @@ Per plan, on rank (kvp_rank g, spp_rank s, tp_rank t)::
     apply plan updates (forget finished, drop freed KV, remember new sampling params;
                         reporting ranks feed every chunk's tokens to the TokenHistory of
                         requests with penalties, whichever group owns the chunk)
-    sub-batch of group g  (worker/sub_batch.py)
+    sub-batch of group g  (worker/sub_batch.py); one device only: decode aheads' input ids
+                          = the previous plan's sampled tokens, gathered on the device
     s == 0 ?  x = input ids  :  x = recv hidden states from stage s-1 of group g (1/tp slice,
                                   all-gathered over TP)
     hidden = this stage's layers (TP all-reduces inside; KVP merge inside attention)
     s < last ?  isend hidden to stage s+1 of group g  -> None
-              :  logits of the rows group g owns -> sample (tp rank 0 reports a StepResult)
+              :  logits of the rows group g owns -> sample (tp rank 0 reports a StepResult,
+                 its sampled ids copied to the host without waiting: worker/pending_result.py)
 
 Every rank takes every plan, in plan order. A group with an empty sub-batch returns at
 once when the plan has no shared tokens; when it has (with kvp >= 3 a request can span
@@ -23,15 +25,17 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.kernels.jit_watch import watch_jit_compiles
+from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.logits_processors import TokenHistory
-from mnemosyne.layers.sampler import Sampler, compute_prompt_logprobs
+from mnemosyne.layers.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.models.loader import load_model
 from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
@@ -40,6 +44,7 @@ from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
+from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
 
@@ -52,6 +57,12 @@ def sampling_generator(seed: int, position: int, device: torch.device) -> torch.
     """The generator of a seeded request's token at `position`: a function of (seed, position)
     only, so a seed gives the same tokens on any layout, batch or preemption history."""
     return torch.Generator(device=device).manual_seed((seed * _SEED_MIX + position) % (1 << 63))
+
+
+@dataclass
+class Sampled:
+    request_ids: list[str]  # of the output's rows
+    output: SamplerOutput
 
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[KVCache]:
@@ -99,11 +110,18 @@ class Worker:
         # Unseeded sampling: one stream per KVP group (each group samples its own requests).
         self.rng = torch.Generator(device=device).manual_seed(config.seed + _SEED_MIX * self.group)
         self._pending_send: tuple[dist.Work, torch.Tensor] | None = None
+        self._previous: PendingResult | None = None  # the last plan's result (decode-ahead inputs)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run this rank's part of `plan`. Returns the group's StepResult on the reporting
         rank (last stage, tp rank 0), None elsewhere."""
+        pending = self.execute_async(plan)
+        return pending.wait() if pending is not None else None
+
+    @torch.inference_mode()
+    def execute_async(self, plan: StepPlan) -> PendingResult | None:
+        """`execute` without waiting for the device: the reporting rank's result, whose
+        sampled ids arrive on the host when `PendingResult.wait` returns."""
         for rid in plan.finished:
             self.params.pop(rid, None)
             self.histories.pop(rid, None)
@@ -119,13 +137,15 @@ class Worker:
         if self.histories:
             for chunk in plan.chunks:
                 history = self.histories.get(chunk.request_id)
-                if history is not None:
+                if history is not None and not chunk.is_decode_ahead:  # else seen in _sample
                     history.observe(chunk.start, chunk.token_ids)
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
+        if batch.decode_ahead_rows:
+            self._resolve_decode_ahead(batch)
         result = StepResult(plan.step_id) if self.pg.is_reporting_rank else None
         if batch.num_tokens == 0:
             self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
-            return result  # the reporting rank's empty result; None elsewhere
+            return self._finish(result, None)  # the reporting rank's empty result; None elsewhere
 
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         if self.graphs is not None and self.graphs.can_run(batch.meta):
@@ -137,7 +157,26 @@ class Worker:
         if not self.pg.is_last_stage:
             self._send_hidden(hidden)
             return None
-        return self._sample(batch, hidden, result)
+        return self._finish(result, self._sample(batch, hidden, result))
+
+    def _finish(self, result: StepResult | None, sampled: Sampled | None) -> PendingResult | None:
+        """The plan's pending result, kept as the source of the next plan's decode-ahead inputs."""
+        if result is None:
+            return None
+        if sampled is None:
+            sampled = Sampled([], SamplerOutput(torch.empty(0, dtype=torch.long, device=self.device)))
+        self._previous = PendingResult.start(result, sampled.request_ids, sampled.output)
+        return self._previous
+
+    def _resolve_decode_ahead(self, batch: SubBatch) -> None:
+        """input_ids[row] = the previous plan's sampled token of the row's request, for every
+        decode ahead, on the device (async scheduling: one device, so this rank samples too)."""
+        if self._previous is None or not (self.pg.is_first_stage and self.pg.is_reporting_rank):
+            raise RuntimeError("a decode ahead needs the previous plan's samples on this rank (one device only)")
+        prev = self._previous
+        src = [prev.row_of(batch.chunks[i].request_id) for i in batch.decode_ahead_chunks]
+        dst_d, src_d = to_device_packed((batch.decode_ahead_rows, src), torch.long, self.device)
+        batch.input_ids[dst_d] = prev.tokens[src_d]
 
     def _capture_graphs(self) -> float:
         """Capture every CUDA graph now, before serving (no step ever waits for a capture);
@@ -199,8 +238,10 @@ class Worker:
             self._pending_send[0].wait()
             self._pending_send = None
 
-    def _sample(self, batch: SubBatch, hidden: torch.Tensor, result: StepResult | None) -> StepResult | None:
-        """Logits of the owned rows (prompt-logprob rows, then sample rows) and sampling.
+    def _sample(self, batch: SubBatch, hidden: torch.Tensor, result: StepResult | None) -> Sampled | None:
+        """Logits of the owned rows (prompt-logprob rows, then sample rows) and sampling:
+        what was sampled, still on the device (None if nothing); `result`'s prompt logprobs
+        filled.
 
         Every TP rank computes the logits (the vocab-parallel head all-gathers them);
         only the reporting rank samples."""
@@ -220,10 +261,10 @@ class Worker:
                 sample_rows.append(row0 + chunk.num_tokens - 1)
                 sample_chunks.append(i)
         if not plp_rows and not sample_rows:
-            return result
+            return None
         rows = plp_rows + sample_rows
         if rows != list(range(hidden.shape[0])):  # else (a decode-only batch) every row, in order
-            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+            hidden = hidden[to_device_packed((rows,), torch.long, self.device)[0]]  # no device sync
         logits = self.model.compute_logits(hidden).float()  # [num_rows, vocab_size]
         if result is None:
             return None
@@ -235,17 +276,19 @@ class Worker:
             entries = compute_prompt_logprobs(logits[row_lo : row_lo + len(targets)], targets, k)
             result.prompt_logprobs[chunk.request_id] = (p0, entries)
 
-        if sample_chunks:
-            chunks = [batch.chunks[i] for i in sample_chunks]
-            params = [self.params[c.request_id] for c in chunks]
-            gens = [self._generator(p, c.end) for p, c in zip(params, chunks, strict=True)]
-            histories = [self.histories.get(c.request_id) for c in chunks] if self.histories else None
-            sampled = self.sampler(logits[len(plp_rows) :], params, gens, histories)
-            for chunk, tok, lp in zip(chunks, sampled.token_ids, sampled.logprobs, strict=True):
-                result.sampled_token_ids[chunk.request_id] = tok
-                if lp is not None:
-                    result.logprobs[chunk.request_id] = lp
-        return result
+        if not sample_chunks:
+            return None
+        chunks = [batch.chunks[i] for i in sample_chunks]
+        params = [self.params[c.request_id] for c in chunks]
+        gens = [self._generator(p, c.end) for p, c in zip(params, chunks, strict=True)]
+        histories = [self.histories.get(c.request_id) for c in chunks] if self.histories else None
+        if histories:
+            for chunk, history in zip(chunks, histories, strict=True):
+                if history is not None and chunk.is_decode_ahead:  # its input, now known (waits)
+                    assert self._previous is not None
+                    history.observe(chunk.start, (self._previous.host_token(chunk.request_id),))
+        output = self.sampler(logits[len(plp_rows) :], params, gens, histories)
+        return Sampled([c.request_id for c in chunks], output)
 
     def _generator(self, params: SamplingParams, position: int) -> torch.Generator | None:
         if params.greedy:

@@ -48,7 +48,7 @@ from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
-from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
 
 
 @dataclass
@@ -162,15 +162,14 @@ class KernelBackend:
                 tiled.append(i)
             row += q_len
         if decode:
-            plan.decode_seq_ids = torch.tensor(decode, dtype=torch.int32, device=self.device)
+            (plan.decode_seq_ids,) = to_device_packed((decode,), torch.int32, self.device)
             plan.split_budget = choose_split_budget(num_kv_heads, self.num_sms, head_dim=self.head_dim)
         if tiled:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
             # variants in all, both built by `warm_up`.
             plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
             seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
-            plan.tile_seq = torch.tensor(seqs, dtype=torch.int32, device=self.device)
-            plan.tile_q_offset = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+            plan.tile_seq, plan.tile_q_offset = to_device_packed((seqs, offsets), torch.int32, self.device)
             cfg = self.chunk_config
             plan.chunk_splits = choose_chunk_splits(
                 len(seqs), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
@@ -183,7 +182,7 @@ class KernelBackend:
                 for n in meta.query_lens_cpu:
                     qsl.append(qsl[-1] + n)
                 rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
-                plan.merge_rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
+                (plan.merge_rows,) = to_device_packed((rows,), torch.int32, self.device)
         return plan
 
     def _page_tiles(self, block_size: int | None) -> bool:

@@ -1,0 +1,218 @@
+"""Async scheduling (step n+1 scheduled and launched before step n is processed) changes
+nothing a request sees: tokens and logprobs are identical with it on and off (and to HF),
+whatever finishes a request mid-batch, with aborts, seeds, penalties, min_tokens,
+preemption and prefix caching. Each engine run also checks the scheduler's counters
+after every step and that decode aheads really ran."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import torch
+from conftest import TEST_DEVICE
+from test_exactness import ATOL, check_against_hf, make_prompts
+
+from mnemosyne import LLM, SamplingParams
+from mnemosyne.config import CacheConfig, ModelConfig, SchedulerConfig
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.scheduler import Scheduler
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.request import Request
+
+NAME = "llama"
+LENS = (37, 5, 23, 11)
+
+
+def run_engine(
+    model_dir, async_scheduling: bool, params: list[SamplingParams], abort_at: dict[int, int] | None = None,
+    prompts: list[list[int]] | None = None, eos_override: int | None = None, **kwargs,
+):  # fmt: skip
+    """Outputs per request (finished ones; aborted ones as last seen) and the number of decode
+    aheads run per request. `abort_at`: request index -> step after which it is aborted."""
+    kwargs = {"chunk_size": 8, "max_num_batched_tokens": 24, "block_size": 4, **kwargs}
+    llm = LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, async_scheduling=async_scheduling, **kwargs)
+    engine = llm.engine
+    if eos_override is not None:  # a token the model does sample becomes its eos
+        model = replace(engine.config.model, eos_token_ids=(eos_override,))
+        engine.config = replace(engine.config, model=model)
+    assert engine.config.scheduler.async_scheduling is async_scheduling
+    prompts = prompts or make_prompts(engine.config.model.vocab_size, lens=LENS)
+    num_ahead: Counter[str] = Counter()  # request id -> decode aheads run
+    build = engine.planner.build
+
+    def counting_build(sched):
+        plan = build(sched)
+        num_ahead.update(c.request_id for c in plan.chunks if c.is_decode_ahead)
+        return plan
+
+    engine.planner.build = counting_build
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    last: dict[str, object] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            last[out.request_id] = out
+        for i, rid in enumerate(ids):
+            if (abort_at or {}).get(i) == step:
+                engine.abort(rid)
+        for req in engine.scheduler._running.values():
+            assert req.num_computed_tokens <= req.num_dispatched_tokens <= req.num_tokens + 1
+            assert req.num_output_tokens <= req.sampling_params.max_tokens
+        step += 1
+    assert not engine.inflight  # an idle engine finished the stale decode aheads
+    engine.kv_manager.check_integrity()
+    llm.shutdown()
+    return [last.get(rid) for rid in ids], [num_ahead[rid] for rid in ids]
+
+
+def same_outputs(a, b) -> None:
+    """Identical tokens and finish reasons; logprobs of the same ids within 1e-4 (the batches
+    differ, so float sums may round differently)."""
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids
+        assert x.finish_reason == y.finish_reason
+        for lx, ly in ((x.logprobs, y.logprobs), (x.prompt_logprobs, y.prompt_logprobs)):
+            assert (lx is None) == (ly is None)
+            for ex, ey in zip(lx or [], ly or [], strict=True):
+                assert (ex is None) == (ey is None)
+                assert ex is None or (ex.keys() == ey.keys() and all(abs(ex[t] - ey[t]) < ATOL for t in ex))
+
+
+def test_greedy_logprobs_match_hf(tiny_model_dir):
+    """The core exactness check with async on, mixed steps and small chunks."""
+    check_against_hf(NAME, tiny_model_dir(NAME), chunk_size=7, max_num_batched_tokens=16, block_size=4)
+
+
+def test_mid_batch_finishes_and_limits(tiny_model_dir):
+    """Requests end by max_tokens (1, 2, 9), a stop token id, eos and max_model_len while others
+    continue; logprobs (top-3 and prompt) identical on and off."""
+    model_dir = tiny_model_dir(NAME)
+    base = SamplingParams(temperature=0, ignore_eos=True, max_tokens=20, logprobs=3)
+    probe, _ = run_engine(model_dir, False, [base] * 4)
+    stop_tok = probe[1].token_ids[6]  # the 7th token of request 1 (greedy)
+    eos_tok = probe[2].token_ids[3]
+    params = [
+        SamplingParams(temperature=0, ignore_eos=True, max_tokens=1, prompt_logprobs=2),
+        SamplingParams(temperature=0, ignore_eos=True, max_tokens=20, stop_token_ids=[stop_tok], logprobs=3),
+        SamplingParams(temperature=0, max_tokens=2),
+        SamplingParams(temperature=0, ignore_eos=True, max_tokens=9, logprobs=0),
+    ]
+    outs = {}
+    for on in (False, True):
+        outs[on], num_ahead = run_engine(model_dir, on, params)
+        assert (sum(num_ahead) > 0) is on
+    same_outputs(outs[False], outs[True])
+    assert [len(o.token_ids) for o in outs[True]] == [1, probe[1].token_ids.index(stop_tok) + 1, 2, 9]
+    assert outs[True][1].finish_reason == "stop"
+
+    # eos mid-batch; request 0 reaches max_model_len and max_tokens together
+    long = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12)
+    params_eos = [long, base, SamplingParams(temperature=0, max_tokens=20, logprobs=3), base]
+    for on in (False, True):
+        outs[on], _ = run_engine(model_dir, on, params_eos, max_model_len=37 + 12, eos_override=eos_tok)
+    same_outputs(outs[False], outs[True])
+    assert outs[True][0].finish_reason == "length" and len(outs[True][0].token_ids) == 12
+    assert outs[True][2].finish_reason == "stop" and outs[True][2].token_ids[-1] == eos_tok
+
+
+def test_abort_mid_stream(tiny_model_dir):
+    model_dir = tiny_model_dir(NAME)
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=16, logprobs=1)] * 4
+    ref, _ = run_engine(model_dir, False, params)
+    for on in (False, True):
+        outs, num_ahead = run_engine(model_dir, on, params, abort_at={0: 5, 2: 9})
+        assert all(n > 0 for n in num_ahead) is on
+        same_outputs([outs[1], outs[3]], [ref[1], ref[3]])
+        for i in (0, 2):
+            assert outs[i].token_ids == ref[i].token_ids[: len(outs[i].token_ids)]
+    # every request aborted with decode aheads in flight: the engine goes idle with nothing in
+    # flight (run_engine checks it) and every block back
+    _, num_ahead = run_engine(model_dir, True, params, abort_at={0: 6, 1: 6, 2: 6, 3: 6})
+    assert sum(num_ahead) > 0
+
+
+def test_seeded_sampling_and_history(tiny_model_dir):
+    """Seeded sampling, repetition / presence / frequency penalties and min_tokens: the worker
+    feeds the token histories the true tokens of decode aheads."""
+    model_dir = tiny_model_dir(NAME)
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=14, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, repetition_penalty=1.8, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=3, presence_penalty=1.5, frequency_penalty=0.5, max_tokens=14),
+        SamplingParams(temperature=0, min_tokens=10, max_tokens=14, stop_token_ids=[5, 6, 7, 8, 9]),
+    ]
+    off, _ = run_engine(model_dir, False, params)
+    on, num_ahead = run_engine(model_dir, True, params)
+    assert all(n > 5 for n in num_ahead), num_ahead
+    same_outputs(off, on)
+
+
+def test_preemption_and_prefix_caching(tiny_model_dir):
+    """A KV cache too small for all requests (recompute preemption), then a second wave
+    sharing the first one's prefixes (prefix-cache hits)."""
+    model_dir = tiny_model_dir(NAME)
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=24, logprobs=1)] * 4
+    probe = LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, kv_cache_memory_gb=0.01)
+    bytes_per_block = 4 * probe.engine.config.model.kv_bytes_per_token
+    probe.shutdown()
+    small = {"kv_cache_memory_gb": 24 * bytes_per_block / 2**30}  # 96 tokens for ~160 needed
+    outs = {on: run_engine(model_dir, on, params, **small)[0] for on in (False, True)}
+    same_outputs(outs[False], outs[True])
+    assert sum(o.num_preemptions for o in outs[True]) > 0
+
+    prompts = make_prompts(320, lens=LENS)
+    wave = [p + p[:9] for p in prompts] + prompts
+    outs = {on: run_engine(model_dir, on, params * 2, prompts=wave)[0] for on in (False, True)}
+    same_outputs(outs[False], outs[True])
+    assert sum(o.num_cached_tokens for o in outs[True]) > 0
+
+
+def test_scheduler_decodes_ahead_within_limits():
+    """Scheduler alone: a decode ahead only while the sampling chunk is in flight, never past
+    max_tokens or max_model_len; the counters' invariant holds."""
+    kv = KVCacheManager(CacheConfig(block_size=4, num_blocks_per_group=(64,)))
+    cfg = SchedulerConfig(max_model_len=14, max_num_batched_tokens=64, async_scheduling=True)
+    sched = Scheduler(cfg, kv)
+    a = Request("a", [1, 2, 3], SamplingParams(max_tokens=3))
+    b = Request("b", [1] * 10, SamplingParams(max_tokens=4))  # max_model_len ends it first
+    for r in (a, b):
+        sched.add_request(r)
+    steps = [sched.schedule()]
+    num_tokens = {"a": [], "b": []}
+    while sched.has_unfinished_requests() or steps:
+        nxt = sched.schedule()
+        if not nxt.is_empty:
+            steps.append(nxt)
+        for c in nxt.chunks:
+            num_tokens[c.request.request_id].append(c.end)
+            assert c.end <= c.request.num_tokens + 1
+        if not steps:
+            break
+        done = steps.pop(0)
+        sched.update_from_output(done, {c.request.request_id: 9 for c in done.chunks if c.sample})
+        for r in (a, b):
+            assert r.num_computed_tokens <= r.num_dispatched_tokens <= r.num_tokens + 1
+    assert a.output_token_ids == [9, 9, 9] and a.status.finish_reason == "length"
+    assert b.num_tokens == 14 and b.status.finish_reason == "length"
+    assert num_tokens["a"] == [4, 5] and num_tokens["b"] == [11, 12, 13]  # decode aheads, none past
+    off = Scheduler(SchedulerConfig(max_model_len=14, max_num_batched_tokens=64), kv)
+    c = Request("c", [1, 2, 3], SamplingParams(max_tokens=3))
+    off.add_request(c)
+    off.schedule()
+    assert off.schedule().is_empty  # synchronous: nothing until the step is processed
+
+
+def test_flag_is_a_no_op_on_several_devices(tiny_model_dir):
+    """On by default; resolved off for multi-device layouts (they keep synchronous steps)."""
+    model_dir = tiny_model_dir(NAME)
+    model_cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
+    for args, expected in (
+        (EngineArgs(), True),
+        (EngineArgs(async_scheduling=False), False),
+        (EngineArgs(tp=2), False),
+        (EngineArgs(spp=2), False),
+        (EngineArgs(driver_address="tcp://127.0.0.1:5999"), False),
+    ):
+        cfg = args.engine_config_for(model_dir, model_cfg, "cpu", 1 << 20)
+        assert cfg.scheduler.async_scheduling is expected, args
