@@ -27,6 +27,7 @@ from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.composition import StepComposition
 from mnemosyne.models.generation_config import load_generation_defaults
 from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepStats
 from mnemosyne.request import Request, RequestStatus
@@ -86,7 +87,7 @@ class LLMEngine:
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
         self._inflight: deque[SchedulerOutput] = deque()
-        self._inflight_timing: deque[tuple[float, float]] = deque()  # (predicted_s, submit time)
+        self._inflight_timing: deque[tuple[float, float, StepComposition]] = deque()  # predicted_s, submit
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -171,17 +172,21 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
-            predicted_s = self.predict_step_s(sched)
-            self._inflight_timing.append((predicted_s, time.monotonic()))
+            composition = step_composition(self.kv_manager, sched)
+            predicted_s = self.policies.latency_model.step_time_s(composition)
+            self._inflight_timing.append((predicted_s, time.monotonic(), composition))
             self.executor.submit(self.planner.build(sched))
             self._inflight.append(sched)
         if not self._inflight:
             return []
         result = self.executor.get_result()
         sched = self._inflight.popleft()
-        predicted_s, submitted = self._inflight_timing.popleft()
+        predicted_s, submitted, composition = self._inflight_timing.popleft()
+        done = time.monotonic()
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
-        self._step_stats.append(StepStats(predicted_s, time.monotonic() - submitted, chunk_sizes))
+        self._step_stats.append(StepStats(predicted_s, done - submitted, chunk_sizes))
+        if self.policies.calibration is not None:
+            self.policies.calibration.observe(composition, predicted_s, submitted, done)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
         outputs = self._process(sched, result)
         if not self._inflight and not self.scheduler.has_unfinished_requests():
