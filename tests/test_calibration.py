@@ -225,3 +225,70 @@ def test_disabled_calibration_leaves_the_model_alone(tmp_path):
         assert (policies.calibration is not None) is on
         assert isinstance(policies.chunk_policy.model, CalibratedLatencyModel) is on
     assert math.isclose(CalibrationConfig().min_factor * CalibrationConfig().max_factor, 1.0)
+
+
+def test_engine_feeds_calibration_and_tokens_are_unchanged(tiny_model_dir):
+    """The real engine observes every processed step; on or off, the greedy tokens are the same."""
+    from mnemosyne import LLM, SamplingParams
+
+    model_dir = str(tiny_model_dir("llama"))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[3 + (7 * i + j) % 90 for j in range(n)] for i, n in enumerate((5, 37, 80))]
+    tokens = {}
+    for on in (True, False):
+        with LLM(model=model_dir, dtype="float32", device="cpu", chunk_policy="adaptive", tbt_slo_ms=5.0,
+                 chunk_granularity=4, min_chunk_tokens=4, block_size=4, online_calibration=on) as llm:  # fmt: skip
+            tokens[on] = [o.token_ids for o in llm.generate(prompts, params)]
+            if on:
+                snapshot = llm.engine.policies.calibration.snapshot()
+                assert snapshot["num_samples"] > 0 and snapshot["host_s"] >= 0
+            else:
+                assert llm.engine.policies.calibration is None
+    assert tokens[True] == tokens[False]
+
+
+# ---- the best TTFT under a TBT target -------------------------------------------------------
+
+
+class LinearChunkModel:
+    """1 ms + 0.01 ms per query token + 1e-8 s per (chunk token, prefix key) pair; decodes 0.1 ms each."""
+
+    layout = None
+
+    def step_time_s(self, composition: StepComposition) -> float:
+        g = composition.groups[0]
+        return 1 * MS + 0.01 * MS * g.num_tokens + 1e-8 * g.chunk_prefix_pairs + 0.1 * MS * g.num_decodes
+
+
+def test_ttft_bound_takes_the_largest_fitting_chunk_every_step():
+    from mnemosyne.simulator.ttft_bound import best_ttft_under_tbt, slo_for_ttft_s
+
+    model = LinearChunkModel()
+    b = best_ttft_under_tbt(model, 20_000, 4, 1000, 10 * MS, decodes_grow=False)
+    # by hand: the step with 4 decodes is 1.4 ms + c (0.01 ms + 1e-8 s * P) <= 10 ms, 4 decode tokens too
+    prefix, t, steps = 0, 0.0, 0
+    while prefix < 20_000:
+        c = min(int((10 * MS - 1.4 * MS - 0.04 * MS) / (0.01 * MS + 1e-8 * prefix) + 1e-9), 20_000 - prefix)
+        t += 1.44 * MS + c * (0.01 * MS + 1e-8 * prefix)
+        prefix, steps = prefix + c, steps + 1
+    assert b.num_steps == steps and b.ttft_s == pytest.approx(t)
+    assert b.num_steps_over_target == 0 and b.first_over_target_prefix_tokens is None
+    assert b.max_step_s <= 10 * MS * (1 + 1e-9) and b.unconstrained_s < b.ttft_s
+    sizes = [c["chunk_tokens"] for c in b.checkpoints]
+    assert sizes == sorted(sizes, reverse=True) and len(sizes) >= 4  # chunks shrink as the prefix grows
+    # a target the decodes alone exceed: every step overshoots with the minimum chunk, and progresses
+    over = best_ttft_under_tbt(model, 1000, 100, 1000, 5 * MS, overshoot_chunk_tokens=32)
+    assert over.num_steps_over_target == over.num_steps == 32 and over.first_over_target_prefix_tokens == 0
+    # the target needed for a TTFT: the bound there meets it, a slightly smaller target does not
+    need_s = slo_for_ttft_s(model, 20_000, 4, 1000, 1.1 * b.unconstrained_s, lo_s=2 * MS, hi_s=1.0, tolerance_s=1e-5)
+    assert best_ttft_under_tbt(model, 20_000, 4, 1000, need_s).ttft_s <= 1.1 * b.unconstrained_s
+    assert best_ttft_under_tbt(model, 20_000, 4, 1000, need_s - 2e-5).ttft_s > 1.1 * b.unconstrained_s
+
+
+def test_prompt_flops_floor_of_the_8b_shape():
+    from mnemosyne.latency.roofline import H200
+    from mnemosyne.latency.shape import ModelShape
+    from mnemosyne.simulator.ttft_bound import prompt_flops_floor_s
+
+    shape = ModelShape(32, 4096, 14336, 32, 8, 128, 128256, 2)
+    assert prompt_flops_floor_s(shape, 262144, H200) == pytest.approx(35.45, rel=1e-3)  # the benchmarks' floor
