@@ -45,7 +45,8 @@ def simulate_config(model_dir: Path, name: str, m: dict, ns: argparse.Namespace,
     args = EngineArgs(
         model=str(model_dir), max_num_batched_tokens=8192 + 256, max_num_seqs=256, enable_prefix_caching=False,
         chunk_policy=cfg["chunk_policy"], chunk_size=cfg["chunk_size"], scheduling_policy=cfg["scheduling_policy"],
-        tbt_slo_ms=m["tbt_slo_ms"], latency_profile=ns.profile, online_calibration=online_calibration,
+        tbt_slo_ms=m["tbt_slo_ms"], latency_profile=ns.profile,
+        online_calibration=online_calibration and cfg.get("online_calibration", True),
     )  # fmt: skip
     spec = device_spec(ns.gpu)
     config = simulated_engine_config(model_dir, args, spec)

@@ -97,7 +97,8 @@ def test_step_kinds_and_prefix_buckets_are_separate_with_nearest_fallback():
     assert cal.factor(cal.key(chunk_at(1000))) == pytest.approx(1.4)
     assert cal.factor(cal.key(chunk_at(8000))) == pytest.approx(1.4)  # nearest warm: bucket 0
     assert cal.factor(cal.key(chunk_at(200_000))) == pytest.approx(0.8)  # nearest warm: bucket 7
-    assert set(cal.snapshot()) == {"decode_only", "with_chunk/0", "with_chunk/7", "host_s", "num_samples"}
+    assert set(cal.snapshot()) == {"decode_only", "with_chunk/0", "with_chunk/7", "host_s", "num_samples",
+                                   "num_observed"}  # fmt: skip
 
 
 def test_host_gap_is_added_and_overlapped_steps_measure_their_own_time():
@@ -241,7 +242,7 @@ def test_engine_feeds_calibration_and_tokens_are_unchanged(tiny_model_dir):
             tokens[on] = [o.token_ids for o in llm.generate(prompts, params)]
             if on:
                 snapshot = llm.engine.policies.calibration.snapshot()
-                assert snapshot["num_samples"] > 0 and snapshot["host_s"] >= 0
+                assert snapshot["num_observed"] >= 3 and snapshot["host_s"] >= 0  # no timing asserted
             else:
                 assert llm.engine.policies.calibration is None
     assert tokens[True] == tokens[False]

@@ -151,10 +151,12 @@ class OnlineCalibration:
         return self.factor(self.key(composition)) * predicted_s + self.host_s
 
     def snapshot(self) -> dict[str, float | int]:
-        """The corrections now, by key label (for logs and metrics), the host time and the sample count."""
+        """The corrections now, by key label (for logs and metrics), the host time, the samples in
+        the window over all keys and the steps observed (warm-up and dropped ones included)."""
         out: dict[str, float | int] = {k.label(): self.factor(k) for k in sorted(self._log_ratios, key=_order)}
         out["host_s"] = self.host_s
         out["num_samples"] = len(self._all)
+        out["num_observed"] = self._num_seen
         return out
 
     def _factor(self, key: CalibrationKey) -> float:
