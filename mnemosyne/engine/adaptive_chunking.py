@@ -13,13 +13,15 @@ Per step (the scheduler asks in its order: decodes first, then prefills by prior
                                   the largest multiple of the block size below the granularity
                                   that fits (late in a long prefill, with many decodes), else
                                   min(min_chunk_tokens, cap): even a block-size chunk overshoots,
-                                  the target cannot be met this step, and a smaller chunk would
-                                  only slow the prefill (at a long prefix the step's time is the
-                                  weights, the decodes and the prefix's KV, read once whatever
-                                  the chunk: attention is memory-bound below about
-                                  peak FLOPs / bandwidth / (4 * heads per KV head) query tokens,
-                                  ~35 on an H200 with GQA 4). Both cases are counted
-                                  (num_small_chunks, num_overshoots) and logged once per request
+                                  the target cannot be met this step, and a smaller chunk saves
+                                  little time but halves the progress (at a long prefix the step
+                                  is mostly the weights, the decodes and the prefix's KV, read
+                                  whatever the chunk: by the roofline, attention is memory-bound
+                                  below (attention FLOP/s / bandwidth) / (query heads per KV
+                                  head) query tokens, ~35 on an H200 with GQA 4). A
+                                  min_chunk_tokens of one block prefers the smallest overshoot.
+                                  Both cases are counted (num_small_chunks, num_overshoots); an
+                                  overshoot is logged once per request
     allowed_s               target_step_s (the TBT SLO) while any request decodes (in this step or
                             in flight); prefill_only_step_s when none does: with no token gap to
                             protect a step need not be short, and small chunks only waste time
@@ -150,6 +152,7 @@ class AdaptiveChunkPolicy:
         """The first prefill of a step when no granule fits: a smaller chunk that still fits,
         else min_chunk_tokens over the target (see the module docstring)."""
         block = self.kv_manager.block_size
+        smallest = min(block if block < self.granularity_tokens else self.granularity_tokens, cap)
         if block < self.granularity_tokens:
             small_cap = min(cap, self.granularity_tokens - 1)
             n = self._largest_fitting(request, start, small_cap, small_cap == cap, num_pending, allowed_s, block)
@@ -164,7 +167,7 @@ class AdaptiveChunkPolicy:
             logger.warning(
                 "request %s: even a %d-token chunk at prefix %d with %d decoding is predicted at %.1f ms, "
                 "over the %.1f ms step target; prefilling %d tokens per step over the target (logged once)",
-                request.request_id, min(block, cap), start, self._num_decoding, 1e3 * predicted_s,
+                request.request_id, smallest, start, self._num_decoding, 1e3 * predicted_s,
                 1e3 * allowed_s, n,
             )  # fmt: skip
         return n
