@@ -13,7 +13,7 @@ engine's instances only)::
 
     step                 LLMEngine.step, end to end
       schedule           Scheduler.schedule
-      predict            LLMEngine.predict_step_s (latency model)
+      predict            LLMEngine.predict_step (latency model)
       plan               PlanBuilder.build
       execute            executor.submit -> Worker.execute
         sub_batch        build_sub_batch (block-table mirror, AttentionMetadata.build)
@@ -199,7 +199,7 @@ def instrumented(engine: LLMEngine, timer: PhaseTimer):  # -> context manager
     return _patched(
         [
             (engine.scheduler, "schedule", t("schedule", engine.scheduler.schedule)),
-            (engine, "predict_step_s", t("predict", engine.predict_step_s)),
+            (engine, "predict_step", t("predict", engine.predict_step)),
             (engine.planner, "build", t("plan", engine.planner.build)),
             (engine, "_process", t("process", engine._process)),
             (engine.executor, "submit", t("execute", engine.executor.submit)),

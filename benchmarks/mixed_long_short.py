@@ -12,6 +12,10 @@ request's TTFT, for each configuration:
     fixed2048      chunk_policy=fixed, chunk_size=2048, fcfs
     adaptive_fcfs  chunk_policy=adaptive (tbt_slo_ms), fcfs
     adaptive_lars  chunk_policy=adaptive, lars (space sharing)
+    adaptive_fcfs_uncalibrated   adaptive_fcfs without the online calibration of the latency model
+
+Adaptive runs also report the calibration's corrections at the end (`calibration`) and the
+steps whose first prefill took a block-size chunk or overshot the target (`min_progress`).
 
 One engine serves every configuration (its policies are swapped between runs). The
 latency model is a quick profile measured first on the same engine (`--grid quick`,
@@ -41,6 +45,8 @@ CONFIGS = {
     "fixed2048": dict(chunk_policy="fixed", chunk_size=2048, scheduling_policy="fcfs"),
     "adaptive_fcfs": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs"),
     "adaptive_lars": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars"),
+    "adaptive_fcfs_uncalibrated": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs",
+                                       online_calibration=False),
 }
 
 
@@ -75,6 +81,7 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float) -> None:
         chunk_policy=ChunkPolicyKind(cfg["chunk_policy"]),
         scheduling_policy=SchedulingPolicyKind(cfg["scheduling_policy"]),
         tbt_slo_s=tbt_slo_ms / 1e3,
+        online_calibration=cfg.get("online_calibration", True),
     )
     scheduler = dataclasses.replace(config.scheduler, chunk_size=cfg["chunk_size"])
     engine.config = dataclasses.replace(config, policy=policy, scheduler=scheduler)
@@ -126,6 +133,11 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
             latest[shorts[0]].timing.token_times, latest[shorts[0]].timing.token_times[1:], strict=False)
             if a >= t_arrival and b <= t_first],
     }  # fmt: skip
+    if engine.policies.calibration is not None:
+        res["calibration"] = engine.policies.calibration.snapshot()
+    policy = engine.policies.chunk_policy
+    if hasattr(policy, "num_overshoots"):
+        res["min_progress"] = {"num_small_chunks": policy.num_small_chunks, "num_overshoots": policy.num_overshoots}
     print(json.dumps({k: v for k, v in res.items() if k != "tbt_timeline"}), flush=True)
     return res
 

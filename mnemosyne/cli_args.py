@@ -192,7 +192,14 @@ def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
     pol.add_argument("--deadline-factor", type=float, default=d.deadline_factor)
     pol.add_argument("--min-deadline-s", type=float, default=d.min_deadline_s)
     pol.add_argument("--chunk-granularity", type=int, default=d.chunk_granularity)
-    pol.add_argument("--min-chunk-tokens", type=int, default=d.min_chunk_tokens)
+    pol.add_argument(
+        "--min-chunk-tokens", type=int, default=d.min_chunk_tokens,
+        help="adaptive: a prefill's progress when even a block-size chunk would overshoot the target",
+    )  # fmt: skip
+    pol.add_argument(
+        "--online-calibration", action=argparse.BooleanOptionalAction, default=d.online_calibration,
+        help="adaptive: correct the latency model's predictions from the run's measured step times",
+    )  # fmt: skip
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

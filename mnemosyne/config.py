@@ -293,6 +293,7 @@ class PolicyConfig:
     min_deadline_s: float = 0.5
     chunk_granularity_tokens: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
     min_chunk_tokens: int = 32  # progress of the first prefill of a step even over the target
+    online_calibration: bool = True  # correct the latency model from measured step times (adaptive)
 
     def validate(self) -> None:
         for name in ("tbt_slo_s", "prefill_only_step_s", "deadline_factor"):

@@ -8,8 +8,20 @@ Per step (the scheduler asks in its order: decodes first, then prefills by prior
                                    ends the prompt or sits on the group boundary (the remainder)
                             n    = the largest size with step_time(load + chunk(n)) <= allowed_s,
                                    by binary search (step time grows with n)
-                            n = 0 when none fits, except for the step's first prefill, which gets
-                                min(min_chunk_tokens, cap) so nothing starves
+                            n = 0 when none fits, except for the step's first prefill, which
+                                always progresses (nothing starves):
+                                  the largest multiple of the block size below the granularity
+                                  that fits (late in a long prefill, with many decodes), else
+                                  min(min_chunk_tokens, cap): even a block-size chunk overshoots,
+                                  the target cannot be met this step, and a smaller chunk saves
+                                  little time but halves the progress (at a long prefix the step
+                                  is mostly the weights, the decodes and the prefix's KV, read
+                                  whatever the chunk: by the roofline, attention is memory-bound
+                                  below (attention FLOP/s / bandwidth) / (query heads per KV
+                                  head) query tokens, ~35 on an H200 with GQA 4). A
+                                  min_chunk_tokens of one block prefers the smallest overshoot.
+                                  Both cases are counted (num_small_chunks, num_overshoots); an
+                                  overshoot is logged once per request
     allowed_s               target_step_s (the TBT SLO) while any request decodes (in this step or
                             in flight); prefill_only_step_s when none does: with no token gap to
                             protect a step need not be short, and small chunks only waste time
@@ -27,11 +39,15 @@ The policy only predicts and counts; the scheduler still owns the KV allocation.
 
 from __future__ import annotations
 
+import logging
+
 from mnemosyne.engine.priority import LARSPriority
 from mnemosyne.engine.step_load import StepLoadBuilder
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.request import Request
+
+logger = logging.getLogger(__name__)
 
 MAX_LONG_SHARE_SLACK = 0.5  # a long prefill with slack to spare yields at most half of the step
 
@@ -67,6 +83,9 @@ class AdaptiveChunkPolicy:
         self._any_prefill = False
         self._num_decoding = 0
         self._long_groups: set[int] = set()
+        self.num_small_chunks = 0  # first prefills of a step below the granularity, within the target
+        self.num_overshoots = 0  # first prefills of a step whose predicted time exceeds the target
+        self._reported: set[str] = set()  # requests already logged for an overshoot
 
     # ---- ChunkPolicy -------------------------------------------------------------------
 
@@ -100,7 +119,7 @@ class AdaptiveChunkPolicy:
         ends_piece = cap == num_pending or cap == boundary
         n = self._largest_fitting(request, start, cap, ends_piece, num_pending, allowed_s)
         if n == 0 and not self._any_prefill:
-            n = min(self.min_chunk_tokens, cap)
+            n = self._min_progress(request, start, cap, num_pending, allowed_s)
         return n
 
     # ---- queries (metrics, tests) ------------------------------------------------------
@@ -129,10 +148,35 @@ class AdaptiveChunkPolicy:
         sample = n == num_pending
         return self.model.step_time_s(self._load.with_chunk(request, start, n, sample)) <= allowed_s
 
+    def _min_progress(self, request: Request, start: int, cap: int, num_pending: int, allowed_s: float) -> int:
+        """The first prefill of a step when no granule fits: a smaller chunk that still fits,
+        else min_chunk_tokens over the target (see the module docstring)."""
+        block = self.kv_manager.block_size
+        smallest = min(block if block < self.granularity_tokens else self.granularity_tokens, cap)
+        if block < self.granularity_tokens:
+            small_cap = min(cap, self.granularity_tokens - 1)
+            n = self._largest_fitting(request, start, small_cap, small_cap == cap, num_pending, allowed_s, block)
+            if n:
+                self.num_small_chunks += 1
+                return n
+        n = min(self.min_chunk_tokens, cap)
+        self.num_overshoots += 1
+        if request.request_id not in self._reported:
+            self._reported.add(request.request_id)
+            predicted_s = self.model.step_time_s(self._load.with_chunk(request, start, n, n == num_pending))
+            logger.warning(
+                "request %s: even a %d-token chunk at prefix %d with %d decoding is predicted at %.1f ms, "
+                "over the %.1f ms step target; prefilling %d tokens per step over the target (logged once)",
+                request.request_id, smallest, start, self._num_decoding, 1e3 * predicted_s,
+                1e3 * allowed_s, n,
+            )  # fmt: skip
+        return n
+
     def _largest_fitting(
-        self, request: Request, start: int, cap: int, ends_piece: bool, num_pending: int, allowed_s: float
-    ) -> int:
-        g = self.granularity_tokens
+        self, request: Request, start: int, cap: int, ends_piece: bool, num_pending: int, allowed_s: float,
+        granularity: int | None = None,
+    ) -> int:  # fmt: skip
+        g = granularity or self.granularity_tokens
         if ends_piece and cap % g and self._fits(request, start, cap, num_pending, allowed_s):
             return cap  # the remainder (or the piece's tail) is the largest size
         lo, hi = 0, cap // g  # granules; lo always fits (0 tokens = nothing added)

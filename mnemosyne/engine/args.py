@@ -70,6 +70,7 @@ class EngineArgs:
     min_deadline_s: float = 0.5
     chunk_granularity: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
     min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
+    online_calibration: bool = True  # adaptive: correct the latency model from measured step times
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
     async_scheduling: bool = True  # prepare step n+1 while step n runs (one device only; else a no-op)
     generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
@@ -134,6 +135,7 @@ class EngineArgs:
             min_deadline_s=self.min_deadline_s,
             chunk_granularity_tokens=self.chunk_granularity,
             min_chunk_tokens=self.min_chunk_tokens,
+            online_calibration=self.online_calibration,
         )
 
     def parallel_config(self) -> ParallelConfig:

@@ -27,6 +27,7 @@ from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.composition import StepComposition
 from mnemosyne.models.generation_config import load_generation_defaults
 from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepStats
 from mnemosyne.request import Request, RequestStatus
@@ -97,7 +98,8 @@ class LLMEngine:
         self.executor: Executor = make_executor(config)
         self.max_inflight = 2 if config.scheduler.async_scheduling else config.parallel.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
-        self._inflight_timing: deque[tuple[float, float]] = deque()  # (predicted_s, submit time)
+        # (predicted_s, submitted at time.monotonic(), composition) of each micro-batch in flight
+        self._inflight_timing: deque[tuple[float, float, StepComposition]] = deque()
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._requests: dict[str, Request] = {}
@@ -185,8 +187,8 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
-            predicted_s = self.predict_step_s(sched)
-            self._inflight_timing.append((predicted_s, time.monotonic()))
+            composition, predicted_s = self.predict_step(sched)
+            self._inflight_timing.append((predicted_s, time.monotonic(), composition))
             self.executor.submit(self.planner.build(sched))
             self._inflight.append(sched)
         if not self._inflight:
@@ -194,12 +196,15 @@ class LLMEngine:
         result = self.executor.get_result()
         now = time.monotonic()
         sched = self._inflight.popleft()
-        predicted_s, started = self._inflight_timing.popleft()
+        predicted_s, submitted, composition = self._inflight_timing.popleft()
+        started = submitted
         if self.config.scheduler.async_scheduling:  # the device began it when the step before ended
             started = max(started, self._last_result_time)
         self._last_result_time = now
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
+        if self.policies.calibration is not None:
+            self.policies.calibration.observe(composition, predicted_s, submitted, now)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
         outputs = self._process(sched, result)
         if not self.scheduler.has_unfinished_requests():
@@ -216,9 +221,11 @@ class LLMEngine:
             self._inflight_timing.popleft()
         self.kv_manager.check_integrity()
 
-    def predict_step_s(self, sched: SchedulerOutput) -> float:
-        """The latency model's prediction for a scheduled step (its KV already allocated)."""
-        return self.policies.latency_model.step_time_s(step_composition(self.kv_manager, sched))
+    def predict_step(self, sched: SchedulerOutput) -> tuple[StepComposition, float]:
+        """A scheduled step's composition (its KV already allocated) and the latency model's
+        uncorrected prediction of its seconds (what online calibration compares against)."""
+        composition = step_composition(self.kv_manager, sched)
+        return composition, self.policies.latency_model.step_time_s(composition)
 
     def take_step_stats(self) -> list[StepStats]:
         """Steps processed since the last call (at most the newest 1024), oldest first."""

@@ -3,7 +3,9 @@
 latency model:  PolicyConfig.latency_profile (a file; its shape, layout and dtype must
                 match) > the cached profile with this exact key (`mnemosyne profile`)
                 > the roofline model of the device
-chunk policy:   FIXED -> FixedChunkPolicy(chunk_size); ADAPTIVE -> AdaptiveChunkPolicy
+chunk policy:   FIXED -> FixedChunkPolicy(chunk_size); ADAPTIVE -> AdaptiveChunkPolicy, sizing by
+                the latency model corrected online from measured steps (`latency/calibration.py`)
+                unless PolicyConfig.online_calibration is off
 priority:       FCFS -> FCFSPriority; LARS -> LARSPriority (+ space sharing when adaptive)
 """
 
@@ -20,6 +22,7 @@ from mnemosyne.engine.prefill_time import PrefillTimeTable
 from mnemosyne.engine.priority import FCFSPriority, LARSPriority, PriorityPolicy
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.calibration import CalibratedLatencyModel, OnlineCalibration
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
@@ -35,6 +38,7 @@ class SchedulingPolicies:
     latency_model: LatencyModel
     latency_source: str  # "roofline" or the profile's path
     prefill_time: PrefillTimeTable
+    calibration: OnlineCalibration | None = None  # fed every processed step; None: no correction
 
 
 def device_name(device: str) -> str:
@@ -100,9 +104,14 @@ def make_policies(
         lars = LARSPriority(prefill_time, pc.deadline_factor, pc.min_deadline_s)
         priority = lars
     chunk_policy: ChunkPolicy
+    calibration: OnlineCalibration | None = None
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
+        sizing_model: LatencyModel = model
+        if pc.online_calibration:
+            calibration = OnlineCalibration(serial=config.parallel.spp == 1)
+            sizing_model = CalibratedLatencyModel(model, calibration)
         chunk_policy = AdaptiveChunkPolicy(
-            model,
+            sizing_model,
             kv_manager,
             pc.tbt_slo_s,
             prefill_only_step_s=pc.prefill_only_step_s,
@@ -113,4 +122,4 @@ def make_policies(
         )
     else:
         chunk_policy = FixedChunkPolicy(config.scheduler.chunk_size)
-    return SchedulingPolicies(chunk_policy, priority, model, source, prefill_time)
+    return SchedulingPolicies(chunk_policy, priority, model, source, prefill_time, calibration)

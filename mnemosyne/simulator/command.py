@@ -26,6 +26,10 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="result JSON (requests and summary)")
     p.add_argument("--plot", default=None, help="PNG of TTFT and max TBT per request")
     p.add_argument("--ttft-slo-s", type=float, default=None, help="TTFT SLO for the attainment figure")
+    p.add_argument(
+        "--latency-error-factor", type=float, default=1.0,
+        help="simulated steps take this x the latency model's prediction (a known systematic error)",
+    )  # fmt: skip
     d = EngineArgs()
     g = p.add_argument_group("engine (as for `mnemosyne serve`)")
     g.add_argument(
@@ -52,7 +56,7 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
         "max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs", "chunk_size",
         "kv_cache_memory_gb", "tp", "spp", "kvp", "max_tokens_per_kvp_group", "pipeline_depth",
         "chunk_policy", "scheduling_policy", "tbt_slo_ms", "prefill_only_step_ms", "latency_profile", "long_prefill_threshold",
-        "deadline_factor", "min_deadline_s", "chunk_granularity", "min_chunk_tokens",
+        "deadline_factor", "min_deadline_s", "chunk_granularity", "min_chunk_tokens", "online_calibration",
     )  # fmt: skip
     return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
 
@@ -60,7 +64,7 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
 def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
     """The simulation `mnemosyne simulate` runs for parsed arguments `ns`: the engine after the
     trace (its requests' token times) and the result JSON (requests, summary, setup)."""
-    from mnemosyne.simulator.engine import SimulatedEngine, run_trace
+    from mnemosyne.simulator.engine import SimulatedEngine, run_trace, scaled_timer
     from mnemosyne.simulator.report import summarize
     from mnemosyne.simulator.setup import (
         device_spec,
@@ -80,7 +84,11 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
         )
     config = simulated_engine_config(ns.model, args, spec)
     model, source = latency_model_for(config, spec)
-    engine = SimulatedEngine(config, model, source)
+    if ns.latency_error_factor <= 0:
+        raise ConfigError(f"--latency-error-factor must be positive, got {ns.latency_error_factor}")
+    engine = SimulatedEngine(config, model, source, step_timer=(
+        scaled_timer(model, ns.latency_error_factor) if ns.latency_error_factor != 1.0 else None
+    ))
     run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel
@@ -94,6 +102,8 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
         "num_blocks_per_group": config.cache.num_blocks_per_group[0],
         "chunk_policy": config.policy.chunk_policy.value,
         "scheduling_policy": config.policy.scheduling_policy.value,
+        "online_calibration": config.policy.online_calibration,
+        "latency_error_factor": ns.latency_error_factor,
         "command": "mnemosyne " + " ".join(sys.argv[1:]),
     }
     return engine, result

@@ -6,8 +6,13 @@ replaced by the latency model and stage events (`pipeline.py`)::
     while fewer than parallel.max_inflight micro-batches are in flight:
         sched = scheduler.schedule()            (clock = virtual now; LARS and adaptive chunking
         if empty: stop                           read it)
-        done  = pipeline.submit(now, step_time(composition of sched))
-    oldest in flight: now = max(now, its done); update_from_output
+        done  = pipeline.submit(now, step_timer(composition of sched))
+    oldest in flight: now = max(now, its done); calibration.observe(predicted, submit, done);
+                      update_from_output
+
+The step timer defaults to the latency model itself, so the online calibration sees
+measured == predicted and stays the identity; `step_timer` (e.g. `scaled_timer`: a known
+systematic error, actual = f x predicted) makes the simulated device differ from the model.
 
 With KVP the composition holds one sub-batch per group plus the merged query tokens
 (`engine/step_load.py`); the latency model charges the busiest group and the merge.
@@ -38,6 +43,13 @@ from mnemosyne.simulator.trace import TraceRequest
 
 # Seconds a scheduled micro-batch takes to cross every stage (default: the latency model).
 StepTimer = Callable[[StepComposition], float]
+
+
+def scaled_timer(model: LatencyModel, factor: float) -> StepTimer:
+    """A device whose every step takes `factor` x the model's prediction."""
+    if factor <= 0:
+        raise ValueError(f"the latency error factor must be positive, got {factor}")
+    return lambda composition: factor * model.step_time_s(composition)
 
 
 @dataclass
@@ -80,13 +92,14 @@ class SimulatedEngine:
             self.policies.priority,
             clock=lambda: self.now_s,
         )
-        self.step_timer: StepTimer = step_timer or latency_model.step_time_s
+        self.step_timer = step_timer  # None: steps take exactly the predicted time
         self.pipeline = StagePipeline(config.parallel.spp)
         self.max_inflight = config.parallel.max_inflight
         self.requests: dict[str, SimulatedRequest] = {}
         self.steps: list[StepRecord] | None = [] if record_steps else None
         self.num_steps = 0
-        self._inflight: deque[tuple[SchedulerOutput, float, float]] = deque()  # (sched, submit, done)
+        # (sched, composition, predicted_s, submit_s, done_s)
+        self._inflight: deque[tuple[SchedulerOutput, StepComposition, float, float, float]] = deque()
         self._prompts: dict[int, list[int]] = {}  # one shared token list per prompt length
 
     def add_request(
@@ -108,12 +121,17 @@ class SimulatedEngine:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
-            duration_s = self.step_timer(step_composition(self.kv_manager, sched))
-            self._inflight.append((sched, self.now_s, self.pipeline.submit(self.now_s, duration_s)))
+            comp = step_composition(self.kv_manager, sched)
+            predicted_s = self.policies.latency_model.step_time_s(comp)
+            duration_s = predicted_s if self.step_timer is None else self.step_timer(comp)
+            done_s = self.pipeline.submit(self.now_s, duration_s)
+            self._inflight.append((sched, comp, predicted_s, self.now_s, done_s))
         if not self._inflight:
             return False
-        sched, submit_s, done_s = self._inflight.popleft()
+        sched, comp, predicted_s, submit_s, done_s = self._inflight.popleft()
         self.now_s = max(self.now_s, done_s)
+        if self.policies.calibration is not None:
+            self.policies.calibration.observe(comp, predicted_s, submit_s, self.now_s)
         self._process(sched, submit_s)
         return True
 

@@ -1,0 +1,190 @@
+"""Online calibration: correct a latency model's predictions from the run's own step times.
+
+An offline profile mispredicts steps of a long run by 10-25% (clocks under sustained
+load, real block tables, host time outside the profile), so adaptive chunks sized by it
+miss the TBT target. The engine reports every processed micro-batch; this keeps a
+robust running correction per step kind and adds the host time between steps::
+
+    key(step)        = (kind, prefix bucket)
+                       kind   DECODE_ONLY (no prefill chunk) | WITH_CHUNK
+                       bucket (largest chunk prefix // prefix_bucket_tokens).bit_length():
+                              0 below 4K tokens, 1 for [4K, 8K), 2 for [8K, 16K), ... (doubling)
+    observe(comp, predicted_s, submitted_s, done_s):
+        device_s = done_s - max(submitted_s, last done_s)   its own time: a serial device
+                   (spp == 1) runs micro-batches in order, so one submitted early waited for
+                   the one before it. With a pipeline (spp > 1) only a micro-batch submitted
+                   after the previous result is measured (else overlapping stages mix in).
+        host_s   = max(0, submitted_s - last done_s)      scheduling and output processing
+                   between two results: part of every token gap, in no latency model
+        the first skip_first_steps steps are ignored (compiles, graph capture, cold caches);
+        a ratio outside [1 / MAX_PLAUSIBLE_RATIO, MAX_PLAUSIBLE_RATIO] is dropped (a stall)
+    factor(key)      = exp(median of the last window_steps log(device_s / predicted_s) of that
+                       key), clipped to [min_factor, max_factor]; a key with fewer than
+                       min_samples samples takes its nearest warm bucket of the same kind, else
+                       the median over all keys, else 1 (no correction yet)
+    host_s           = median of the last window_steps host gaps (0 until min_samples)
+    corrected_s      = factor(key) * predicted_s + host_s
+
+Medians over a window ignore outliers (up to half the window) and follow a lasting
+change within half a window. Only chunk sizes change with the correction: the scheduler
+output, the tokens and the logits do not. Times in seconds, sizes in tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+from mnemosyne.latency.composition import StepComposition
+from mnemosyne.latency.model import LatencyModel
+
+MAX_PLAUSIBLE_RATIO = 8.0  # measured / predicted beyond this (either way) is a stall, not the model
+
+
+class StepKind(enum.Enum):
+    DECODE_ONLY = "decode_only"
+    WITH_CHUNK = "with_chunk"
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    kind: StepKind
+    prefix_bucket: int  # 0 for DECODE_ONLY
+
+    def label(self) -> str:
+        return self.kind.value if self.kind is StepKind.DECODE_ONLY else f"{self.kind.value}/{self.prefix_bucket}"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    window_steps: int = 32  # samples per key the median runs over
+    min_samples: int = 8  # a key's correction applies from this many samples on
+    skip_first_steps: int = 8  # ignored at start: compiles, graph capture, cold caches
+    min_factor: float = 0.5  # the correction is clipped to [min_factor, max_factor]
+    max_factor: float = 2.0
+    prefix_bucket_tokens: int = 4096  # bucket 1 starts here; each next bucket doubles
+
+    def validate(self) -> None:
+        if not 1 <= self.min_samples <= self.window_steps:
+            raise ValueError(f"need 1 <= min_samples <= window_steps, got {self.min_samples}, {self.window_steps}")
+        if self.skip_first_steps < 0 or self.prefix_bucket_tokens < 1:
+            raise ValueError("skip_first_steps must be >= 0 and prefix_bucket_tokens >= 1")
+        if not 0 < self.min_factor <= 1 <= self.max_factor:
+            raise ValueError(f"need 0 < min_factor <= 1 <= max_factor, got {self.min_factor}, {self.max_factor}")
+
+
+class _Window:
+    """The last n values and their median (kept current on every add)."""
+
+    def __init__(self, n: int) -> None:
+        self.values: deque[float] = deque(maxlen=n)
+        self.median = 0.0
+
+    def add(self, x: float) -> None:
+        self.values.append(x)
+        self.median = statistics.median(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+class OnlineCalibration:
+    def __init__(self, config: CalibrationConfig | None = None, serial: bool = True) -> None:
+        """`serial`: the device runs one micro-batch at a time (spp == 1), however many are in flight."""
+        self.config = config or CalibrationConfig()
+        self.config.validate()
+        self.serial = serial
+        self._log_ratios: dict[CalibrationKey, _Window] = {}
+        self._all = _Window(self.config.window_steps)
+        self._host = _Window(self.config.window_steps)
+        self._last_done_s: float | None = None
+        self._num_seen = 0
+        self._factors: dict[CalibrationKey, float] = {}  # cache, cleared on every sample
+
+    # ---- in ----------------------------------------------------------------------------
+
+    def key(self, composition: StepComposition) -> CalibrationKey:
+        if not any(g.num_chunks for g in composition.groups):
+            return CalibrationKey(StepKind.DECODE_ONLY, 0)
+        prefix = max(g.chunk_prefix_tokens for g in composition.groups)
+        return CalibrationKey(StepKind.WITH_CHUNK, (prefix // self.config.prefix_bucket_tokens).bit_length())
+
+    def observe(self, composition: StepComposition, predicted_s: float, submitted_s: float, done_s: float) -> None:
+        """A processed micro-batch: its uncorrected prediction, when it was submitted and when
+        its result came back (one clock, seconds). Call in completion order."""
+        last, self._last_done_s = self._last_done_s, done_s
+        self._num_seen += 1
+        if self._num_seen <= self.config.skip_first_steps or predicted_s <= 0:
+            return
+        if last is not None:
+            self._host.add(max(0.0, submitted_s - last))
+            if not self.serial and submitted_s < last:
+                return  # overlapped an earlier micro-batch's stages: not its own time
+        started_s = submitted_s if last is None else max(submitted_s, last)
+        ratio = (done_s - started_s) / predicted_s
+        if not 1 / MAX_PLAUSIBLE_RATIO <= ratio <= MAX_PLAUSIBLE_RATIO:
+            return
+        key = self.key(composition)
+        window = self._log_ratios.get(key)
+        if window is None:
+            window = self._log_ratios[key] = _Window(self.config.window_steps)
+        window.add(math.log(ratio))
+        self._all.add(math.log(ratio))
+        self._factors.clear()
+
+    # ---- out ---------------------------------------------------------------------------
+
+    def factor(self, key: CalibrationKey) -> float:
+        f = self._factors.get(key)
+        if f is None:
+            f = self._factors[key] = self._factor(key)
+        return f
+
+    @property
+    def host_s(self) -> float:
+        return self._host.median if len(self._host) >= self.config.min_samples else 0.0
+
+    def corrected_s(self, composition: StepComposition, predicted_s: float) -> float:
+        return self.factor(self.key(composition)) * predicted_s + self.host_s
+
+    def snapshot(self) -> dict[str, float | int]:
+        """The corrections now, by key label (for logs and metrics), the host time, the samples in
+        the window over all keys and the steps observed (warm-up and dropped ones included)."""
+        out: dict[str, float | int] = {k.label(): self.factor(k) for k in sorted(self._log_ratios, key=_order)}
+        out["host_s"] = self.host_s
+        out["num_samples"] = len(self._all)
+        out["num_observed"] = self._num_seen
+        return out
+
+    def _factor(self, key: CalibrationKey) -> float:
+        warm = self.config.min_samples
+        window = self._log_ratios.get(key)
+        if window is None or len(window) < warm:
+            same_kind = [k for k, w in self._log_ratios.items() if k.kind is key.kind and len(w) >= warm]
+            if same_kind:
+                nearest = min(same_kind, key=lambda k: (abs(k.prefix_bucket - key.prefix_bucket), k.prefix_bucket))
+                window = self._log_ratios[nearest]
+            elif len(self._all) >= warm:
+                window = self._all
+            else:
+                return 1.0
+        return min(max(math.exp(window.median), self.config.min_factor), self.config.max_factor)
+
+
+def _order(key: CalibrationKey) -> tuple[str, int]:
+    return key.kind.value, key.prefix_bucket
+
+
+class CalibratedLatencyModel:
+    """`base`'s prediction with the run's correction applied (what adaptive chunking sizes by)."""
+
+    def __init__(self, base: LatencyModel, calibration: OnlineCalibration) -> None:
+        self.base = base
+        self.calibration = calibration
+        self.layout = base.layout
+
+    def step_time_s(self, composition: StepComposition) -> float:
+        return self.calibration.corrected_s(composition, self.base.step_time_s(composition))

@@ -1,0 +1,295 @@
+"""Online calibration of the latency model (fake models and clocks; seconds, tokens), the
+minimum-progress rule of adaptive chunking, and the simulator with a known model error."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+from test_adaptive_scheduling import FakeLatencyModel, adaptive_sched
+from test_scheduler import make_req, make_sched, step
+from test_simulator import LLAMA3_8B, LLAMA32_1B, write_config
+
+from mnemosyne.engine.adaptive_chunking import AdaptiveChunkPolicy
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.step_load import step_composition
+from mnemosyne.latency.calibration import (
+    CalibratedLatencyModel,
+    CalibrationConfig,
+    CalibrationKey,
+    OnlineCalibration,
+    StepKind,
+)
+from mnemosyne.latency.composition import GroupLoad, StepComposition
+from mnemosyne.simulator.engine import SimulatedEngine, scaled_timer
+from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config
+
+MS = 1e-3
+DECODES = StepComposition.single(GroupLoad().plus_decode(1000).plus_decode(1000))
+
+
+def chunk_at(prefix_tokens: int, num_tokens: int = 64) -> StepComposition:
+    return StepComposition.single(GroupLoad().plus_decode(1000).plus_chunk(num_tokens, prefix_tokens))
+
+
+def feed(cal: OnlineCalibration, comp: StepComposition, predicted_s: float, ratio: float, n: int,
+         start_s: float = 0.0, host_s: float = 0.0) -> float:  # fmt: skip
+    """n back-to-back steps measuring ratio x predicted, host_s apart; returns the last done time."""
+    t = start_s
+    for _ in range(n):
+        submitted = t + host_s
+        t = submitted + ratio * predicted_s
+        cal.observe(comp, predicted_s, submitted, t)
+    return t
+
+
+def small_cal(**kw) -> OnlineCalibration:
+    return OnlineCalibration(CalibrationConfig(**({"window_steps": 16, "min_samples": 5, "skip_first_steps": 3} | kw)))
+
+
+def test_converges_to_a_known_bias_after_warm_up():
+    cal = small_cal()
+    comp = chunk_at(10_000)
+    t = feed(cal, comp, 20 * MS, 3.0, 3)  # the first steps (compiles) are ignored
+    t = feed(cal, comp, 20 * MS, 1.3, 4, t)
+    assert cal.factor(cal.key(comp)) == 1.0  # 4 < min_samples: no correction yet
+    feed(cal, comp, 20 * MS, 1.3, 1, t)
+    assert cal.factor(cal.key(comp)) == pytest.approx(1.3)
+    assert cal.corrected_s(comp, 10 * MS) == pytest.approx(13 * MS)
+    assert CalibratedLatencyModel(FakeLatencyModel(), cal).step_time_s(comp) == pytest.approx(
+        1.3 * FakeLatencyModel().step_time_s(comp)
+    )
+
+
+def test_outliers_are_ignored_and_a_lasting_shift_is_followed():
+    cal = small_cal()
+    comp = chunk_at(10_000)
+    t = feed(cal, comp, 20 * MS, 1.0, 3)
+    t = feed(cal, comp, 20 * MS, 1.2, 10, t)
+    t = feed(cal, comp, 20 * MS, 5.0, 5, t)  # stalls: fewer than half the window
+    t = feed(cal, comp, 20 * MS, 50.0, 3, t)  # implausible: dropped outright
+    assert cal.factor(cal.key(comp)) == pytest.approx(1.2)
+    assert cal.snapshot()["num_samples"] == 15
+    feed(cal, comp, 20 * MS, 0.9, 12, t)  # clocks changed for good: followed within the window
+    assert cal.factor(cal.key(comp)) == pytest.approx(0.9)
+
+
+def test_factor_is_clipped():
+    cal = small_cal(max_factor=1.5, min_factor=0.75)
+    feed(cal, DECODES, 10 * MS, 3.0, 10)
+    assert cal.factor(cal.key(DECODES)) == 1.5
+    cal = small_cal(max_factor=1.5, min_factor=0.75)
+    feed(cal, DECODES, 10 * MS, 0.3, 10)
+    assert cal.factor(cal.key(DECODES)) == 0.75
+
+
+def test_step_kinds_and_prefix_buckets_are_separate_with_nearest_fallback():
+    cal = small_cal(skip_first_steps=0)
+    assert cal.key(DECODES) == CalibrationKey(StepKind.DECODE_ONLY, 0)
+    assert cal.key(chunk_at(100)).prefix_bucket == 0
+    assert cal.key(chunk_at(4096)).prefix_bucket == 1
+    assert cal.key(chunk_at(300_000)).prefix_bucket == 7  # [256K, 512K)
+    t = feed(cal, DECODES, 10 * MS, 0.9, 6)
+    t = feed(cal, chunk_at(1000), 30 * MS, 1.4, 6, t)  # short prefixes: under-predicted
+    t = feed(cal, chunk_at(300_000), 30 * MS, 0.8, 6, t)  # long prefixes: over-predicted
+    assert cal.factor(cal.key(DECODES)) == pytest.approx(0.9)
+    assert cal.factor(cal.key(chunk_at(1000))) == pytest.approx(1.4)
+    assert cal.factor(cal.key(chunk_at(8000))) == pytest.approx(1.4)  # nearest warm: bucket 0
+    assert cal.factor(cal.key(chunk_at(200_000))) == pytest.approx(0.8)  # nearest warm: bucket 7
+    assert set(cal.snapshot()) == {"decode_only", "with_chunk/0", "with_chunk/7", "host_s", "num_samples",
+                                   "num_observed"}  # fmt: skip
+
+
+def test_host_gap_is_added_and_overlapped_steps_measure_their_own_time():
+    cal = small_cal(skip_first_steps=0)
+    feed(cal, DECODES, 10 * MS, 1.0, 6, host_s=2 * MS)
+    assert cal.host_s == pytest.approx(2 * MS)
+    assert cal.corrected_s(DECODES, 10 * MS) == pytest.approx(12 * MS)
+    # async scheduling on one device: each step submitted 5 ms before the previous result,
+    # so submit -> result is 15 ms, its own time 10 ms, and no host time shows between results
+    cal = small_cal(skip_first_steps=0)
+    t = 0.0
+    for _ in range(8):
+        cal.observe(DECODES, 10 * MS, t - 5 * MS, t + 10 * MS)
+        t += 10 * MS
+    assert cal.factor(cal.key(DECODES)) == pytest.approx(1.0)
+    assert cal.host_s == 0.0
+    # a pipeline (spp > 1): a micro-batch submitted before the previous result is not measured
+    cal = OnlineCalibration(CalibrationConfig(min_samples=1, skip_first_steps=0), serial=False)
+    cal.observe(DECODES, 10 * MS, 0.0, 20 * MS)
+    cal.observe(DECODES, 10 * MS, 5 * MS, 30 * MS)  # overlapped: skipped
+    assert cal.snapshot()["num_samples"] == 1 and cal.factor(cal.key(DECODES)) == pytest.approx(2.0)
+
+
+def test_adaptive_chunks_shrink_under_a_biased_model_once_calibrated():
+    """The device runs 1.5x slower than the model: once calibrated, each step's true time
+    (1.5 x the model's) fits the target, where the uncorrected chunks overshoot it."""
+    base = FakeLatencyModel()
+    cal = OnlineCalibration(CalibrationConfig(window_steps=8, min_samples=4, skip_first_steps=2))
+    s, policy, _ = adaptive_sched(model=CalibratedLatencyModel(base, cal), budget=4096, max_model_len=8192,
+                                  block_size=8, blocks=(1024,), target_s=3 * MS)  # fmt: skip
+    s.add_request(make_req("d", 8, max_tokens=200))
+    step(s)
+    s.add_request(make_req("long", 6000, max_tokens=1))
+    true_s, sizes, t = [], [], 0.0
+    while s.get_request("long") is not None and s.get_request("long").is_prefill:
+        sched = s.schedule()
+        comp = step_composition(s.kv_manager, sched)
+        predicted_s = base.step_time_s(comp)
+        cal.observe(comp, predicted_s, t, t + 1.5 * predicted_s)
+        t += 1.5 * predicted_s
+        true_s.append(1.5 * predicted_s)
+        sizes.append(max(c.num_tokens for c in sched.chunks))
+        s.update_from_output(sched, {c.request.request_id: 5 for c in sched.chunks if c.sample})
+    assert max(true_s[:2]) > 4 * MS  # uncalibrated: 1.5 x a 3 ms prediction
+    assert sizes[0] > 2 * sizes[-2]
+    assert max(true_s[6:]) <= 3 * MS * (1 + 1e-9)  # calibrated: within the target
+    assert policy.num_overshoots == 0
+
+
+def small_chunk_policy(target_s: float) -> tuple:
+    s = make_sched(budget=4096, max_model_len=4096, block_size=16, blocks=(256,))
+    model = FakeLatencyModel(per_token_s=0.1 * MS)  # 1 ms + 0.1 ms per token (+ pairs)
+    policy = AdaptiveChunkPolicy(model, s.kv_manager, target_s, granularity_tokens=32, min_chunk_tokens=32)
+    s.chunk_policy = policy
+    return s, policy
+
+
+def test_min_progress_takes_a_block_size_chunk_that_fits():
+    s, policy = small_chunk_policy(3 * MS)  # 16 tokens: 2.6 ms fits; 32 tokens: 4.2 ms does not
+    s.add_request(make_req("p", 100, max_tokens=1))
+    out, _ = step(s)
+    assert [c.num_tokens for c in out.chunks] == [16]
+    assert policy.num_small_chunks == 1 and policy.num_overshoots == 0
+
+
+def test_min_progress_overshoots_with_the_minimum_chunk_and_reports_once(caplog):
+    s, policy = small_chunk_policy(2 * MS)  # even 16 tokens (2.6 ms) overshoot
+    s.add_request(make_req("p", 100, max_tokens=1))
+    with caplog.at_level(logging.WARNING, logger="mnemosyne.engine.adaptive_chunking"):
+        sizes = [step(s)[0].chunks[0].num_tokens for _ in range(3)]
+    assert sizes == [32, 32, 32]  # progress never stops: nothing starves
+    assert policy.num_overshoots == 3 and policy.num_small_chunks == 0
+    assert len([r for r in caplog.records if "over the 2.0 ms step target" in r.getMessage()]) == 1
+
+
+# ---- the simulator with a known systematic error ------------------------------------------
+
+
+def mixed_tbt_s(model_dir, error_factor: float, online_calibration: bool) -> list[float]:
+    """8 short requests decode, then a 48K-token prompt prefills on a device error_factor x
+    slower than the roofline: the short requests' gaps while it prefills (fcfs + adaptive)."""
+    args = EngineArgs(model=str(model_dir), max_num_batched_tokens=8448, enable_prefix_caching=False,
+                      chunk_policy="adaptive", chunk_size=None, tbt_slo_ms=30.0, kv_cache_memory_gb=20, max_model_len=65536,
+                      online_calibration=online_calibration)  # fmt: skip
+    spec = device_spec("h200")
+    config = simulated_engine_config(model_dir, args, spec)
+    model, source = latency_model_for(config, spec)
+    sim = SimulatedEngine(config, model, source, step_timer=scaled_timer(model, error_factor))
+    shorts = [f"s{i}" for i in range(8)]
+    for rid in shorts:
+        sim.add_request(rid, 1024, 4000)
+    while any(len(sim.requests[r].token_times_s) < 2 for r in shorts):
+        sim.step()
+    arrival = sim.now_s
+    sim.add_request("long", 49152, 1)
+    while not sim.requests["long"].token_times_s:
+        sim.step()
+    first = sim.requests["long"].token_times_s[0]
+    t = sim.requests["s0"].token_times_s
+    return [b - a for a, b in zip(t, t[1:], strict=False) if a >= arrival and b <= first]
+
+
+def test_simulated_error_is_corrected_by_calibration(tmp_path):
+    model_dir = write_config(tmp_path, "llama3_8b", LLAMA3_8B)
+    exact = mixed_tbt_s(model_dir, 1.0, online_calibration=True)  # measured == predicted: identity
+    assert max(exact) <= 30 * MS * (1 + 1e-9)
+    biased = mixed_tbt_s(model_dir, 1.3, online_calibration=False)
+    assert max(biased) > 36 * MS  # the policy trusts the model: steps run 1.3 x the target
+    calibrated = mixed_tbt_s(model_dir, 1.3, online_calibration=True)
+    warm = CalibrationConfig().skip_first_steps + CalibrationConfig().min_samples
+    assert max(calibrated[warm:]) <= 30 * MS * (1 + 1e-9)
+    assert len(calibrated) > len(biased)  # smaller chunks: more steps for the same prompt
+
+
+def test_disabled_calibration_leaves_the_model_alone(tmp_path):
+    from mnemosyne.engine.policies import make_policies
+    from mnemosyne.kv_cache.manager import KVCacheManager
+
+    model_dir = write_config(tmp_path, "llama32_1b", LLAMA32_1B)
+    spec = device_spec("h200")
+    for on in (True, False):
+        args = EngineArgs(model=str(model_dir), chunk_policy="adaptive", online_calibration=on)
+        config = simulated_engine_config(model_dir, args, spec)
+        policies = make_policies(config, KVCacheManager(config.cache), latency_model_for(config, spec))
+        assert (policies.calibration is not None) is on
+        assert isinstance(policies.chunk_policy.model, CalibratedLatencyModel) is on
+    assert math.isclose(CalibrationConfig().min_factor * CalibrationConfig().max_factor, 1.0)
+
+
+def test_engine_feeds_calibration_and_tokens_are_unchanged(tiny_model_dir):
+    """The real engine observes every processed step; on or off, the greedy tokens are the same."""
+    from mnemosyne import LLM, SamplingParams
+
+    model_dir = str(tiny_model_dir("llama"))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[3 + (7 * i + j) % 90 for j in range(n)] for i, n in enumerate((5, 37, 80))]
+    tokens = {}
+    for on in (True, False):
+        with LLM(model=model_dir, dtype="float32", device="cpu", chunk_policy="adaptive", tbt_slo_ms=5.0,
+                 chunk_granularity=4, min_chunk_tokens=4, block_size=4, online_calibration=on) as llm:  # fmt: skip
+            tokens[on] = [o.token_ids for o in llm.generate(prompts, params)]
+            if on:
+                snapshot = llm.engine.policies.calibration.snapshot()
+                assert snapshot["num_observed"] >= 3 and snapshot["host_s"] >= 0  # no timing asserted
+            else:
+                assert llm.engine.policies.calibration is None
+    assert tokens[True] == tokens[False]
+
+
+# ---- the best TTFT under a TBT target -------------------------------------------------------
+
+
+class LinearChunkModel:
+    """1 ms + 0.01 ms per query token + 1e-8 s per (chunk token, prefix key) pair; decodes 0.1 ms each."""
+
+    layout = None
+
+    def step_time_s(self, composition: StepComposition) -> float:
+        g = composition.groups[0]
+        return 1 * MS + 0.01 * MS * g.num_tokens + 1e-8 * g.chunk_prefix_pairs + 0.1 * MS * g.num_decodes
+
+
+def test_ttft_bound_takes_the_largest_fitting_chunk_every_step():
+    from mnemosyne.simulator.ttft_bound import best_ttft_under_tbt, slo_for_ttft_s
+
+    model = LinearChunkModel()
+    b = best_ttft_under_tbt(model, 20_000, 4, 1000, 10 * MS, decodes_grow=False)
+    # by hand: the step with 4 decodes is 1.4 ms + c (0.01 ms + 1e-8 s * P) <= 10 ms, 4 decode tokens too
+    prefix, t, steps = 0, 0.0, 0
+    while prefix < 20_000:
+        c = min(int((10 * MS - 1.4 * MS - 0.04 * MS) / (0.01 * MS + 1e-8 * prefix) + 1e-9), 20_000 - prefix)
+        t += 1.44 * MS + c * (0.01 * MS + 1e-8 * prefix)
+        prefix, steps = prefix + c, steps + 1
+    assert b.num_steps == steps and b.ttft_s == pytest.approx(t)
+    assert b.num_steps_over_target == 0 and b.first_over_target_prefix_tokens is None
+    assert b.max_step_s <= 10 * MS * (1 + 1e-9) and b.unconstrained_s < b.ttft_s
+    sizes = [c["chunk_tokens"] for c in b.checkpoints]
+    assert sizes == sorted(sizes, reverse=True) and len(sizes) >= 4  # chunks shrink as the prefix grows
+    # a target the decodes alone exceed: every step overshoots with the minimum chunk, and progresses
+    over = best_ttft_under_tbt(model, 1000, 100, 1000, 5 * MS, overshoot_chunk_tokens=32)
+    assert over.num_steps_over_target == over.num_steps == 32 and over.first_over_target_prefix_tokens == 0
+    # the target needed for a TTFT: the bound there meets it, a slightly smaller target does not
+    need_s = slo_for_ttft_s(model, 20_000, 4, 1000, 1.1 * b.unconstrained_s, lo_s=2 * MS, hi_s=1.0, tolerance_s=1e-5)
+    assert best_ttft_under_tbt(model, 20_000, 4, 1000, need_s).ttft_s <= 1.1 * b.unconstrained_s
+    assert best_ttft_under_tbt(model, 20_000, 4, 1000, need_s - 2e-5).ttft_s > 1.1 * b.unconstrained_s
+
+
+def test_prompt_flops_floor_of_the_8b_shape():
+    from mnemosyne.latency.roofline import H200
+    from mnemosyne.latency.shape import ModelShape
+    from mnemosyne.simulator.ttft_bound import prompt_flops_floor_s
+
+    shape = ModelShape(32, 4096, 14336, 32, 8, 128, 128256, 2)
+    assert prompt_flops_floor_s(shape, 262144, H200) == pytest.approx(35.45, rel=1e-3)  # the benchmarks' floor
