@@ -72,7 +72,7 @@ def test_help_version_and_usage_of_the_subcommand(capsys) -> None:
     out = capsys.readouterr().out
     for shown in (
         "(default: 8000)",
-        "(default: 16)",
+        "(default: 64)",  # --block-size
         "-tp TP, --tensor-parallel-size TP",
         "--generation-config",
     ):
