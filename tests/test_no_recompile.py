@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
 from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-from mnemosyne.kernels import chunk_splitkv_attention, chunk_tma_attention, decode_attention  # noqa: E402
+from mnemosyne.kernels import chunk_splitkv_attention, chunk_tma_attention, decode_attention, merge_attn  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 
@@ -39,14 +39,15 @@ KERNELS = {
     "chunk_page_tiles": (chunk_tma_attention, "_chunk_tma_kernel"),
     "decode": (decode_attention, "_decode_split_kernel"),
     "decode_reduce": (decode_attention, "_decode_reduce_kernel"),
+    "merge": (merge_attn, "_merge_kernel"),
 }
 H, HKV, D = 32, 8, 128  # Llama-3-8B heads
 
 
-def _do_not_specialize(kernel) -> set[str]:
-    names = getattr(kernel, "do_not_specialize", None)  # JITFunction
+def _do_not_specialize(kernel, what: str = "do_not_specialize") -> set[str]:
+    names = getattr(kernel, what, None)  # JITFunction
     if names is None:  # the interpreter's InterpretedFunction keeps the decorator's kwargs
-        names = kernel.kwargs.get("do_not_specialize") or []
+        names = kernel.kwargs.get(what) or []
     return set(names)
 
 
@@ -57,12 +58,14 @@ def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
         *args, **{k: v for k, v in kwargs.items() if k in params}
     )
     dns = _do_not_specialize(kernel)
+    dns_alignment = _do_not_specialize(kernel, "do_not_specialize_on_alignment")
     key: list = [tuple(sorted((k, v) for k, v in kwargs.items() if k not in params))]  # num_warps, ...
     for name, value in bound.arguments.items():
         if "constexpr" in str(params[name].annotation):
             key.append((name, value))
         elif isinstance(value, torch.Tensor):
-            key.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
+            aligned = None if name in dns_alignment else value.data_ptr() % 16 == 0
+            key.append((name, str(value.dtype), aligned))
         elif isinstance(value, bool | float):
             key.append((name, type(value).__name__))
         elif isinstance(value, int):
@@ -139,3 +142,20 @@ def test_serving_steps_launch_only_warmed_variants(monkeypatch: pytest.MonkeyPat
         assert not missed, (
             f"{name}: {len(missed)} variant(s) warm-up did not compile, e.g. {sorted(missed)[0]}"
         )
+
+
+def test_merges_of_any_chunk_are_one_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cuDNN path's merges take its outputs for c queries ([H, c] LSE: strides follow c)
+    and slices at each chunk's first row: one variant for every c and row."""
+    recorder = Recorder(monkeypatch)
+    num_heads, head_dim = 14, 64  # 14 heads: a row's LSE is 56 bytes, so slices are not 16-byte aligned
+    for c in (1, 2, 7, 16, 33, 128):
+        for row0 in (0, 1, 3):
+            n = row0 + c
+            out = torch.zeros(n, num_heads, head_dim)[row0:]
+            lse = torch.zeros(n, num_heads)[row0:]
+            out_b = torch.zeros(1, num_heads, c, head_dim)[0].transpose(0, 1)  # cuDNN's BHSD output
+            lse_b = torch.zeros(1, num_heads, c)[0].t()  # [c, H] view of [H, c]
+            merge_attn.merge_attn_states_into(out, lse, out, lse, out_b, lse_b)
+    keys = recorder.take()["merge"]
+    assert len(keys) == 1, f"{len(keys)} variants"

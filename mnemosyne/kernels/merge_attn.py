@@ -66,7 +66,15 @@ def split_merge_blocks(num_splits: int, head_dim: int) -> tuple[int, int, int]:
     return block_d, block_s, min(block_s, max(1, 2048 // block_d))
 
 
-@triton.jit
+# Its inputs are views whose strides and offsets follow the step's lengths (cuDNN's outputs
+# for c queries, slices at a chunk's first row): nothing is specialized on them, so no length
+# compiles a new variant while serving (tests/test_no_recompile.py).
+@triton.jit(
+    do_not_specialize=[
+        "so_t", "so_h", "sl_t", "sl_h", "sa_t", "sa_h", "sla_t", "sla_h", "sb_t", "sb_h", "slb_t", "slb_h",
+    ],
+    do_not_specialize_on_alignment=["o_ptr", "l_ptr", "a_ptr", "la_ptr", "b_ptr", "lb_ptr"],
+)  # fmt: skip
 def _merge_kernel(
     o_ptr, l_ptr, a_ptr, la_ptr, b_ptr, lb_ptr, num_heads,
     so_t, so_h, sl_t, sl_h, sa_t, sa_h, sla_t, sla_h, sb_t, sb_h, slb_t, slb_h,
