@@ -47,7 +47,7 @@ from mnemosyne.bench.long_context.engine import decode_floor_s, random_prompt
 from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, SHAPES, device_info, write_model_dir
 from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, fill_synthetic_kv
 from mnemosyne.config import ModelConfig, parse_dtype
-from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.errors import ConfigError
 from mnemosyne.sampling_params import SamplingParams
@@ -65,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--num-short", type=int, default=16, help="short requests decoding alongside (0: none)")
     ap.add_argument("--short-prompt", type=int, default=1024)
     ap.add_argument("--prefill-chunk", type=int, default=1 << 18, help="chunk of the (skipped) long prefill")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="default: what the largest context needs")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.outputs import RequestOutput
@@ -25,7 +25,7 @@ class LLM:
         device: str = "auto",
         max_model_len: int | None = None,
         allow_long_max_model_len: bool = False,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         chunk_size: int | None = 512,

@@ -12,7 +12,7 @@ import torch
 from mnemosyne import SamplingParams
 from mnemosyne.bench.long_context.engine import check_graph_fits, decode_contexts, synthetic_meta
 from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, skip_prefill_compute
-from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.wire.plan import ChunkPlan, PiecePlan
 from mnemosyne.worker.cuda_graph import DecodeGraphs
@@ -108,7 +108,7 @@ def test_decode_synthetic_kv_cpu_smoke(tmp_path) -> None:
     assert "SYNTHETIC" in res["kv"] and res["command"].startswith("python -m benchmarks.decode_synthetic_kv")
     assert [r["ctx"] for r in res["results"]] == [200, 300]
     for r in res["results"]:
-        assert r["kv_synthetic"] and r["num_blocks"] == -(-r["ctx"] // 16)
+        assert r["kv_synthetic"] and r["num_blocks"] == -(-r["ctx"] // DEFAULT_BLOCK_SIZE)
         assert r["alone"]["num_decodes"] == 1 and r["with_short"]["num_decodes"] == 3
         assert r["alone"]["tbt_p50_s"] > 0 and r["floor_s"] > 0 and r["with_short"]["short_tbt_p50_s"] > 0
         assert r["prefill_tokens_skipped"] == r["ctx"] - -(-r["ctx"] // 64)  # one token per chunk of 64

@@ -175,7 +175,7 @@ def test_plan_llama3_8b_1m_on_8_gpus(tmp_path, capsys):
     by = {(p["tp"], p["spp"], p["kvp"]): p for p in layouts}
     # 1M tokens x 128 KiB (bf16, 32 layers x 8 KV heads x 128) = 122 GiB: not with the weights on one H200
     assert not by[1, 1, 1]["fits"] and by[1, 1, 1]["kv_gib_per_gpu"] == pytest.approx(1e6 * 131072 / 2**30)
-    assert by[1, 1, 8]["max_tokens_per_kvp_group"] == 125008  # 1M / 8 rounded up to blocks of 16
+    assert by[1, 1, 8]["max_tokens_per_kvp_group"] == 125056  # 1M / 8 rounded up to blocks of 64
     assert by[8, 1, 1]["kv_gib_per_gpu"] == pytest.approx(1e6 * 131072 / 8 / 2**30)
     assert by[1, 1, 8]["tbt_s"] < by[1, 1, 1]["tbt_s"]  # KVP splits the decode's KV reads
     assert by[1, 8, 1]["ttft_s"] < by[1, 1, 1]["ttft_s"]  # SPP pipelines the prefill
@@ -192,7 +192,7 @@ def test_plan_llama32_1b_10m_on_4_gpus(model_1b, capsys):
     # 10M x 32 KiB = 305 GiB of KV: it fits only spread over all 4 GPUs (76 GiB each)
     assert all(PLAN_FIELDS <= set(p) for p in result["layouts"])
     assert not by[1, 1, 1]["fits"] and not by[1, 1, 2]["fits"] and not by[2, 1, 1]["fits"]
-    assert by[1, 1, 4]["fits"] and by[1, 1, 4]["max_tokens_per_kvp_group"] == 2500000
+    assert by[1, 1, 4]["fits"] and by[1, 1, 4]["max_tokens_per_kvp_group"] == 2500032  # blocks of 64
     assert by[1, 2, 2]["fits"] and by[4, 1, 1]["fits"]
     assert result["best"]["num_gpus"] == 4 and result["best"]["reason"]
     h100 = plan_json(model_1b, "--num-gpus", "4", "--context-len", "10000000", "--gpu", "h100", capsys=capsys)

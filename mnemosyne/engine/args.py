@@ -33,6 +33,11 @@ _DEFAULT_CPU_KV_GB = 2.0
 _CUDA_RESERVE_BYTES = 1 << 30  # allocator fragmentation, CUDA context growth, sampler buffers
 
 
+# Tokens per KV-cache block: a multiple of 64, so the chunk kernel walks page-aligned steps
+# (kernels/chunk_tma_attention.py: TMA on sm_90).
+DEFAULT_BLOCK_SIZE = 64
+
+
 @dataclass(frozen=True)
 class EngineArgs:
     model: str | None = None  # local HF directory; None = embedded SmolLM2-135M-Instruct
@@ -40,7 +45,7 @@ class EngineArgs:
     device: str = "auto"  # auto: cuda if available
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     allow_long_max_model_len: bool = False  # allow max_model_len above max_position_embeddings
-    block_size: int = 64  # multiple of 64: the chunk kernel walks page-aligned steps (TMA on sm_90)
+    block_size: int = DEFAULT_BLOCK_SIZE
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     chunk_size: int | None = 512

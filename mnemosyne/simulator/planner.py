@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mnemosyne.config import ModelConfig, ParallelConfig, PolicyConfig
-from mnemosyne.engine.args import kv_bytes_per_token_per_device, weight_bytes_per_device
+from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, kv_bytes_per_token_per_device, weight_bytes_per_device
 from mnemosyne.engine.prefill_time import PrefillTimeTable, lone_chunk_composition
 from mnemosyne.errors import ConfigError
 from mnemosyne.latency.model import LatencyModel
@@ -79,7 +79,7 @@ def plan_layout(
     spec: DeviceSpec,
     tbt_slo_s: float,
     ttft_slo_s: float | None,
-    block_size: int = 16,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     latency_model: LatencyModel | None = None,
     prefill_only_step_s: float = PolicyConfig.prefill_only_step_s,
 ) -> LayoutPlan:
@@ -146,7 +146,7 @@ def plan(
     spec: DeviceSpec,
     tbt_slo_s: float,
     ttft_slo_s: float | None = None,
-    block_size: int = 16,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     profile: LatencyProfile | None = None,
     prefill_only_step_s: float = PolicyConfig.prefill_only_step_s,
 ) -> dict:
