@@ -64,7 +64,7 @@ def fit_max(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def _attn_case(c: int, prefix: int, path, cfg=None, reps: int = 5) -> dict:
-    from mnemosyne.bench.long_context.kernels import BLOCK, _cache, _tables, _time_ms
+    from mnemosyne.bench.long_context.kernels import BLOCK, _cache, _tables, time_ms
     from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig, KernelBackend
     from mnemosyne.layers.attention.metadata import AttentionMetadata
 
@@ -81,7 +81,7 @@ def _attn_case(c: int, prefix: int, path, cfg=None, reps: int = 5) -> dict:
         h // hkv, d, dtype, torch.device("cuda"), force_path=path, chunk_config=cfg or ChunkKernelConfig()
     )
     meta.backend_plan = backend.plan(meta, hkv, None)
-    ms = _time_ms(lambda: backend.forward(q, k_cache, v_cache, meta, d**-0.5), iters=reps)
+    ms = time_ms(lambda: backend.forward(q, k_cache, v_cache, meta, d**-0.5), iters=reps)
     flops = 4 * h * d * (c * prefix + c * (c + 1) / 2)
     nbytes = 2 * total * hkv * d * dtype.itemsize
     floor_ms = max(flops / 590e12, nbytes / COPY_BPS) * 1e3

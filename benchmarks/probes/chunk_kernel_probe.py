@@ -26,20 +26,10 @@ from pathlib import Path
 import torch
 import triton
 
+from mnemosyne.bench.long_context.kernels import time_ms
+
 H, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
-
-
-def _time_ms(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _floor_ms(c: int, prefix: int) -> tuple[float, float]:
@@ -95,7 +85,7 @@ def triton_point(c: int, prefix: int, page: int, block_q: int, block_n: int, war
             num_warps=warps, num_stages=stages, workspace=ws,
         )  # fmt: skip
 
-    ms = _time_ms(run)
+    ms = time_ms(run, iters=20)
     flops, floor = _floor_ms(c, prefix)
     return {"path": "triton", "chunk": c, "prefix": prefix, "page": page, "block_q": block_q,
             "block_n": block_n, "num_warps": warps, "num_stages": stages, "splits": splits,
@@ -112,7 +102,7 @@ def dense_point(c: int, prefix: int, splits: int, backend) -> dict:
     k = torch.randn(splits, HKV, n, D, device="cuda", dtype=DTYPE)
     v = torch.randn_like(k)
     with sdpa_kernel(backend):
-        ms = _time_ms(lambda: sdpa(q, k, v, enable_gqa=True))
+        ms = time_ms(lambda: sdpa(q, k, v, enable_gqa=True), iters=20)
     flops, floor = _floor_ms(c, prefix)
     return {"path": f"dense_{backend.name}", "chunk": c, "prefix": prefix, "splits": splits,
             "ms": ms, "tflops": flops / ms * 1e-9, "floor_ms": floor, "ratio_to_floor": ms / floor}  # fmt: skip

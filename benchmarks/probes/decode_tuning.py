@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.bench.long_context.kernels import BLOCK, _cache, _tables, _time_ms
+from mnemosyne.bench.long_context.kernels import BLOCK, _cache, _tables, time_ms
 from mnemosyne.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
@@ -47,7 +47,7 @@ def sweep() -> list[dict]:
                     paged_decode_attention, q, k_cache, v_cache, *args, out, lse, d**-0.5, None, splits,
                     block_n=bn, num_warps=warps, num_stages=stages,
                 )  # fmt: skip
-                ms = _time_ms(fn, 20)
+                ms = time_ms(fn, 20)
             except Exception as e:  # noqa: BLE001
                 res.append({"ctx": ctx, "bn": bn, "error": str(e)[:100]})
                 continue
@@ -108,8 +108,8 @@ def profile_step() -> dict:
     hid = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     wt = torch.randn(128256, 4096, device="cuda", dtype=torch.bfloat16)
     lm = {
-        "bf16_mm_us": _time_ms(lambda: torch.mm(hid, wt.t()), 20) * 1e3,
-        "fp32_out_mm_us": _time_ms(lambda: torch.mm(hid, wt.t(), out_dtype=torch.float32), 20) * 1e3,
+        "bf16_mm_us": time_ms(lambda: torch.mm(hid, wt.t()), 20) * 1e3,
+        "fp32_out_mm_us": time_ms(lambda: torch.mm(hid, wt.t(), out_dtype=torch.float32), 20) * 1e3,
         "floor_us": wt.numel() * 2 / 4.2e12 * 1e6,
     }
     print("total kernel us per step", total, "lm", lm, flush=True)

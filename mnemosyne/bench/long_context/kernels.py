@@ -22,7 +22,7 @@ ATTN_TFLOPS = 590.0
 BLOCK = 16
 
 
-def _time_ms(fn, iters: int = 10) -> float:
+def time_ms(fn, iters: int = 10) -> float:
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,7 +67,7 @@ def bench_decode(
     splits = choose_split_budget(hkv, sms, head_dim=d)
     seq_ids = torch.arange(num_seqs, device="cuda", dtype=torch.int32)
     args = (meta.query_start_loc, meta.q_pos_start, meta.kv_start, meta.kv_lens, meta.block_tables, seq_ids)
-    ms = _time_ms(lambda: paged_decode_attention(q, k_cache, v_cache, *args, out, lse, d**-0.5, None, splits))
+    ms = time_ms(lambda: paged_decode_attention(q, k_cache, v_cache, *args, out, lse, d**-0.5, None, splits))
     nbytes = 2 * num_seqs * ctx * hkv * d * dtype.itemsize
     floor_ms = nbytes / (COPY_TBPS * 1e12) * 1e3
     return {
@@ -104,7 +104,7 @@ def bench_prefill_chunk(
     meta.backend_plan = backend.plan(meta, hkv, None)
     if path == "triton":
         assert not meta.backend_plan.dense and meta.backend_plan.tile_seq is not None
-    ms = _time_ms(lambda: backend.forward(q, k_cache, v_cache, meta, d**-0.5), iters=5)
+    ms = time_ms(lambda: backend.forward(q, k_cache, v_cache, meta, d**-0.5), iters=5)
     flops = 4 * h * d * (chunk * prefix + chunk * (chunk + 1) / 2)
     floor_ms = flops / (ATTN_TFLOPS * 1e12) * 1e3
     return {
