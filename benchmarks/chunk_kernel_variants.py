@@ -154,6 +154,7 @@ class Point:
 def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     import torch
 
+    from mnemosyne.bench.long_context.kernels import time_ms
     from mnemosyne.kernels.chunk_splitkv_attention import (
         DEFAULT_WAVES,
         choose_chunk_splits,
@@ -187,17 +188,10 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
         opts = {x: cfg[x] for x in ("block_n", "num_warps", "num_stages", "use_tma", "warp_specialize")}
         fn = lambda: chunk_tma_attention(*common, **kw, **opts)  # noqa: E731
     fn()
-    fn()
     if pt.device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / iters
+        ms = time_ms(fn, iters)  # after its own warm-up launch
     else:
+        fn()
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()

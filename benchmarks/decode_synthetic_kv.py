@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import statistics
 import sys
@@ -44,7 +43,13 @@ from pathlib import Path
 import torch
 
 from mnemosyne.bench.long_context.engine import decode_floor_s, random_prompt
-from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, SHAPES, device_info, write_model_dir
+from mnemosyne.bench.long_context.run import (
+    LONG_MAX_POSITIONS,
+    SHAPES,
+    device_info,
+    write_model_dir,
+    write_result,
+)
 from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, fill_synthetic_kv
 from mnemosyne.config import ModelConfig, parse_dtype
 from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, EngineArgs
@@ -277,14 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     if ns.dtype != "auto":
         parse_dtype(ns.dtype)  # a clear error before the engine starts
-    result = run(ns, argv)
-    text = json.dumps(result, indent=1)
-    if ns.out is not None:
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(text)
-        print(f"wrote {ns.out}")
-    else:
-        print(text)
+    write_result(run(ns, argv), ns.out)
     return 0
 
 

@@ -47,7 +47,13 @@ from pathlib import Path
 import torch
 
 from mnemosyne.bench.long_context.engine import chunk_floor_s, ttft_floor_s
-from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, SHAPES, device_info, write_model_dir
+from mnemosyne.bench.long_context.run import (
+    LONG_MAX_POSITIONS,
+    SHAPES,
+    device_info,
+    write_model_dir,
+    write_result,
+)
 from mnemosyne.config import ModelConfig
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
@@ -245,14 +251,7 @@ def run(ns: argparse.Namespace, argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
-    result = run(ns, argv)
-    text = json.dumps(result, indent=1)
-    if ns.out is not None:
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(text)
-        print(f"wrote {ns.out}")
-    else:
-        print(text)
+    write_result(run(ns, argv), ns.out)
     return 0
 
 

@@ -47,10 +47,9 @@ import triton
 import triton.language as tl
 
 from mnemosyne.kernels.merge_attn import merge_split_partials, split_merge_blocks
-from mnemosyne.kernels.paged_prefill import default_block_q, kv_steps
+from mnemosyne.kernels.paged_prefill import default_block_q, kv_steps, query_tile, store_tile, tile_step_range
 
 _LOG2E = 1.4426950408889634
-_LN2 = tl.constexpr(0.6931471805599453)
 MAX_SPLITS = 128
 # Fewest keys per split worth a partial: each split also writes and re-reads M x D floats.
 MIN_SPLIT_KEYS = 1024
@@ -101,38 +100,13 @@ def _chunk_split_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(tile_seq_ptr + tile)
-    q0 = tl.load(tile_off_ptr + tile)
-    row0 = tl.load(qsl_ptr + seq)
-    n_q = tl.minimum(tl.load(qsl_ptr + seq + 1) - row0 - q0, BLOCK_Q)
-    kv_len = tl.load(kv_lens_ptr + seq)
-    rel0 = (tl.load(q_pos_ptr + seq) - tl.load(kv_start_ptr + seq)).to(tl.int32) + q0
-
-    offs_m = tl.arange(0, BLOCK_M)
-    tok = offs_m // G  # [BLOCK_M]
-    head = kv_head * G + offs_m % G
-    m_valid = tok < n_q  # (implies m < BLOCK_Q * G)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = (row0 + q0 + tok).to(tl.int64)
-    io_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, BLOCK_D]
-    q_off = rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
-    q_rel = rel0 + tok  # [BLOCK_M]
-
-    # Keys this tile walks, [lo, hi), and the part every valid row sees, [full_lo, full_hi).
-    hi = tl.minimum(kv_len, rel0 + n_q)
-    full_hi = tl.minimum(hi, rel0 + 1)
-    lo = rel0 * 0
-    full_lo = lo
-    if USE_WINDOW:
-        lo = tl.maximum(rel0 - window + 1, 0)
-        full_lo = tl.maximum(lo, rel0 + n_q - window)
-    n_steps = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    i_a = tl.minimum(tl.cdiv(full_lo - lo, BLOCK_N), n_steps)
-    i_b = tl.maximum(tl.minimum(tl.maximum(full_hi - lo, 0) // BLOCK_N, n_steps), i_a)
-    per = tl.cdiv(n_steps, num_splits)
-    s0 = tl.minimum(split * per, n_steps)  # this split's steps [s0, s1)
-    s1 = tl.minimum(s0 + per, n_steps)
+    seq, kv_len, rel0, n_q, head, rows, m_valid, io_mask, q, q_rel = query_tile(
+        q_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, tile_seq_ptr, tile_off_ptr,
+        stride_qt, stride_qh, stride_qd, tile, kv_head, HEAD_DIM, BLOCK_D, G, BLOCK_Q, BLOCK_M,
+    )  # fmt: skip
+    lo, hi, i_a, i_b, s0, s1 = tile_step_range(
+        rel0, n_q, kv_len, window, split, num_splits, BLOCK_N, USE_WINDOW, False
+    )
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -157,18 +131,10 @@ def _chunk_split_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, IEEE, INTERPRET,
     )  # fmt: skip
 
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
-    o_off = (
-        rows[:, None] * stride_ot
-        + head[:, None] * stride_oh
-        + split * stride_os
-        + offs_d[None, :] * stride_od
-    )
-    tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=io_mask)
-    tl.store(l_ptr + rows * stride_lt + head * stride_lh + split * stride_ls, lse, mask=m_valid)
+    store_tile(
+        acc, l_i, m_i, o_ptr, l_ptr, rows, head, split, io_mask, m_valid,
+        stride_ot, stride_oh, stride_os, stride_od, stride_lt, stride_lh, stride_ls, BLOCK_D,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=[
@@ -274,6 +240,29 @@ def merge_splits(
     )  # fmt: skip
 
 
+def tile_launch(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    num_heads_per_kv: int,
+    block_q: int | None,
+    num_warps: int | None,
+    num_stages: int | None,
+) -> tuple[int, int, int, int, int]:
+    """(block_q, block_m, block_d, num_warps, num_stages) of a chunk kernel's launch, the
+    Nones chosen from the dtype and tile size: 4 warps for 16-bit tiles of at most 128 x 128
+    (no register spills on sm_90; H200, c = 32 / 128 after 128K keys: per-key kernel 4 warps
+    0.30 / 1.24 ms, 8 warps 0.39 / 1.44 ms; page-aligned kernel 0.20 / 0.67 ms, 0.27 / 1.04 ms)."""
+    half = query.element_size() <= 2
+    if block_q is None:
+        block_q = default_block_q(num_heads_per_kv, query.dtype)
+    block_m = max(16, triton.next_power_of_2(block_q * num_heads_per_kv))
+    block_d = max(16, triton.next_power_of_2(query.shape[-1]))
+    if num_warps is None:
+        num_warps = 4 if half and block_m * block_d <= 128 * 128 else 8
+    if num_stages is None:
+        num_stages = 3 if half else 2
+    return block_q, block_m, block_d, num_warps, num_stages
+
+
 def chunk_splitkv_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -314,16 +303,10 @@ def chunk_splitkv_attention(
     if num_tiles == 0 or num_tokens == 0:
         return
     num_heads_per_kv = num_heads // num_kv_heads
-    half = query.element_size() <= 2
-    if block_q is None:
-        block_q = default_block_q(num_heads_per_kv, query.dtype)
-    block_m = max(16, triton.next_power_of_2(block_q * num_heads_per_kv))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = max(16, triton.next_power_of_2(block_n or (64 if half else 32)))
-    if num_warps is None:  # H200, c = 32 / 128 after 128K keys: 4 warps 0.30 / 1.24 ms, 8: 0.39 / 1.44
-        num_warps = 4 if half and block_m * block_d <= 128 * 128 else 8
-    if num_stages is None:
-        num_stages = 3 if half else 2
+    block_q, block_m, block_d, num_warps, num_stages = tile_launch(
+        query, num_heads_per_kv, block_q, num_warps, num_stages
+    )
+    block_n = max(16, triton.next_power_of_2(block_n or (64 if query.element_size() <= 2 else 32)))
     o_ws, l_ws, o_strides, l_strides = split_outputs(query, out, lse, num_splits, workspace)
     _chunk_split_kernel[(num_tiles, num_kv_heads, num_splits)](
         query, k_cache, v_cache, o_ws, l_ws,
@@ -348,4 +331,5 @@ __all__ = [
     "chunk_splitkv_attention",
     "merge_splits",
     "split_outputs",
+    "tile_launch",
 ]

@@ -49,8 +49,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from mnemosyne.kernels.chunk_splitkv_attention import check_chunk_args, merge_splits, split_outputs
-from mnemosyne.kernels.paged_prefill import _dot, default_block_q
+from mnemosyne.kernels.chunk_splitkv_attention import (
+    check_chunk_args,
+    merge_splits,
+    split_outputs,
+    tile_launch,
+)
+from mnemosyne.kernels.paged_prefill import _dot, query_tile, store_tile, tile_step_range
 
 # Split count: about 33 splits was best on an H200 for chunks of 16 to 256 queries after
 # 128K and 512K keys (32 / 8 heads, head dim 128; benchmarks/results/chunk_kernel_variants_*):
@@ -58,7 +63,6 @@ from mnemosyne.kernels.paged_prefill import _dot, default_block_q
 PAGE_TILES_WAVES = 8  # programs per SM the split count aims at
 PAGE_TILES_MAX_SPLITS = 32
 _LOG2E = 1.4426950408889634
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -167,39 +171,14 @@ def _chunk_tma_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(tile_seq_ptr + tile)
-    q0 = tl.load(tile_off_ptr + tile)
-    row0 = tl.load(qsl_ptr + seq)
-    n_q = tl.minimum(tl.load(qsl_ptr + seq + 1) - row0 - q0, BLOCK_Q)
-    kv_len = tl.load(kv_lens_ptr + seq)
-    rel0 = (tl.load(q_pos_ptr + seq) - tl.load(kv_start_ptr + seq)).to(tl.int32) + q0
-
-    offs_m = tl.arange(0, BLOCK_M)
-    tok = offs_m // G  # [BLOCK_M]
-    head = kv_head * G + offs_m % G
-    m_valid = tok < n_q
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = (row0 + q0 + tok).to(tl.int64)
-    io_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, BLOCK_D]
-    q_off = rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
-    q_rel = rel0 + tok  # [BLOCK_M]
-
-    # Keys this tile walks, [lo, hi) with lo aligned down to BLOCK_N, and the part every valid
-    # row sees, [full_lo, full_hi).
-    hi = tl.minimum(kv_len, rel0 + n_q)
-    full_hi = tl.minimum(hi, rel0 + 1)
-    lo = rel0 * 0
-    full_lo = lo
-    if USE_WINDOW:
-        lo = (tl.maximum(rel0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-        full_lo = tl.maximum(lo, rel0 + n_q - window)
-    n_steps = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    i_a = tl.minimum(tl.cdiv(full_lo - lo, BLOCK_N), n_steps)
-    i_b = tl.maximum(tl.minimum(tl.maximum(full_hi - lo, 0) // BLOCK_N, n_steps), i_a)
-    per = tl.cdiv(n_steps, num_splits)
-    s0 = tl.minimum(split * per, n_steps)  # this split's steps [s0, s1)
-    s1 = tl.minimum(s0 + per, n_steps)
+    seq, kv_len, rel0, n_q, head, rows, m_valid, io_mask, q, q_rel = query_tile(
+        q_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, tile_seq_ptr, tile_off_ptr,
+        stride_qt, stride_qh, stride_qd, tile, kv_head, HEAD_DIM, BLOCK_D, G, BLOCK_Q, BLOCK_M,
+    )  # fmt: skip
+    # lo aligned down to BLOCK_N: every step is one run inside one page
+    lo, hi, i_a, i_b, s0, s1 = tile_step_range(
+        rel0, n_q, kv_len, window, split, num_splits, BLOCK_N, USE_WINDOW, True
+    )
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -224,18 +203,10 @@ def _chunk_tma_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, False, IEEE, INTERPRET,
     )  # fmt: skip
 
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
-    o_off = (
-        rows[:, None] * stride_ot
-        + head[:, None] * stride_oh
-        + split * stride_os
-        + offs_d[None, :] * stride_od
-    )
-    tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=io_mask)
-    tl.store(l_ptr + rows * stride_lt + head * stride_lh + split * stride_ls, lse, mask=m_valid)
+    store_tile(
+        acc, l_i, m_i, o_ptr, l_ptr, rows, head, split, io_mask, m_valid,
+        stride_ot, stride_oh, stride_os, stride_od, stride_lt, stride_lh, stride_ls, BLOCK_D,
+    )  # fmt: skip
 
 
 def tma_supported(head_dim: int, device: torch.device) -> bool:
@@ -316,16 +287,9 @@ def chunk_tma_attention(
     if num_tiles == 0 or num_tokens == 0:
         return
     num_heads_per_kv = num_heads // num_kv_heads
-    half = query.element_size() <= 2
-    if block_q is None:
-        block_q = default_block_q(num_heads_per_kv, query.dtype)
-    block_m = max(16, triton.next_power_of_2(block_q * num_heads_per_kv))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    # H200, c = 32 / 128 after 128K keys, 128 rows: 4 warps 0.20 / 0.67 ms, 8 warps 0.27 / 1.04 ms
-    if num_warps is None:
-        num_warps = 4 if half and block_m * block_d <= 128 * 128 else 8
-    if num_stages is None:
-        num_stages = 3 if half else 2
+    block_q, block_m, block_d, num_warps, num_stages = tile_launch(
+        query, num_heads_per_kv, block_q, num_warps, num_stages
+    )
     o_ws, l_ws, o_strides, l_strides = split_outputs(query, out, lse, num_splits, workspace)
     # [num_blocks * block_size, num_kv_heads * head_dim]: one row per slot
     k_rows = k_cache.view(-1, num_kv_heads * head_dim)

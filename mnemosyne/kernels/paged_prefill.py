@@ -1,10 +1,12 @@
-"""Query tiles and the online-softmax steps over paged keys shared by the chunk kernel.
+"""Query tiles and the online-softmax steps over paged keys shared by the chunk kernels.
 
-`plan_query_tiles` cuts the sequences' queries into tiles of at most block_q tokens;
-`kv_steps` runs BLOCK_N-key steps of the online softmax for one tile x one KV head,
-gathering each key through the block table (a step may span pages). The kernel that
-launches them, its index invariants and its split-KV merge are in
-`chunk_splitkv_attention.py`.
+`plan_query_tiles` cuts the sequences' queries into tiles of at most block_q tokens. In a
+kernel, `query_tile` loads one tile x one KV head, `tile_step_range` gives the key steps
+of one split and where the mask is needed, and `store_tile` writes the normalised result
+and its LSE; both chunk kernels (`chunk_splitkv_attention.py`, whose docstring draws the
+index invariants, and `chunk_tma_attention.py`) are built from them. `kv_steps` runs
+BLOCK_N-key steps of the online softmax gathering each key through the block table (a
+step may span pages).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def default_block_q(num_queries_per_kv: int, dtype: torch.dtype) -> int:
@@ -119,3 +123,80 @@ def kv_steps(
                 HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, MASKED, USE_WINDOW, IEEE, INTERPRET,
             )  # fmt: skip
     return acc, l_i, m_i
+
+
+@triton.jit
+def query_tile(
+    q_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, tile_seq_ptr, tile_off_ptr,
+    stride_qt, stride_qh, stride_qd, tile, kv_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Query tile `tile` x KV head `kv_head` (M = tokens x its G query heads):
+    (seq, kv_len, rel0, n_q, head [BLOCK_M], rows [BLOCK_M] int64 packed rows, m_valid [BLOCK_M],
+    io_mask [BLOCK_M, BLOCK_D], q [BLOCK_M, BLOCK_D], q_rel [BLOCK_M] = query position - kv_start)."""
+    seq = tl.load(tile_seq_ptr + tile)
+    q0 = tl.load(tile_off_ptr + tile)
+    row0 = tl.load(qsl_ptr + seq)
+    n_q = tl.minimum(tl.load(qsl_ptr + seq + 1) - row0 - q0, BLOCK_Q)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    rel0 = (tl.load(q_pos_ptr + seq) - tl.load(kv_start_ptr + seq)).to(tl.int32) + q0
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = offs_m // G  # [BLOCK_M]
+    head = kv_head * G + offs_m % G
+    m_valid = tok < n_q  # (implies m < BLOCK_Q * G)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (row0 + q0 + tok).to(tl.int64)
+    io_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, BLOCK_D]
+    q_off = rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
+    return seq, kv_len, rel0, n_q, head, rows, m_valid, io_mask, q, rel0 + tok
+
+
+@triton.jit
+def tile_step_range(
+    rel0, n_q, kv_len, window, split, num_splits,
+    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, ALIGN_LO: tl.constexpr,
+):  # fmt: skip
+    """(lo, hi, i_a, i_b, s0, s1): the tile walks keys [lo, hi) in BLOCK_N steps (lo aligned
+    down to BLOCK_N when ALIGN_LO); steps [0, i_a) and [i_b, n_steps) need the mask, those
+    between are seen by every valid row; this split takes steps [s0, s1)."""
+    hi = tl.minimum(kv_len, rel0 + n_q)
+    full_hi = tl.minimum(hi, rel0 + 1)  # [full_lo, full_hi): the keys every valid row sees
+    lo = rel0 * 0
+    full_lo = lo
+    if USE_WINDOW:
+        lo = tl.maximum(rel0 - window + 1, 0)
+        if ALIGN_LO:
+            lo = (lo // BLOCK_N) * BLOCK_N
+        full_lo = tl.maximum(lo, rel0 + n_q - window)
+    n_steps = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    i_a = tl.minimum(tl.cdiv(full_lo - lo, BLOCK_N), n_steps)
+    i_b = tl.maximum(tl.minimum(tl.maximum(full_hi - lo, 0) // BLOCK_N, n_steps), i_a)
+    per = tl.cdiv(n_steps, num_splits)
+    s0 = tl.minimum(split * per, n_steps)
+    s1 = tl.minimum(s0 + per, n_steps)
+    return lo, hi, i_a, i_b, s0, s1
+
+
+@triton.jit
+def store_tile(
+    acc, l_i, m_i, o_ptr, l_ptr, rows, head, split, io_mask, m_valid,
+    stride_ot, stride_oh, stride_os, stride_od, stride_lt, stride_lh, stride_ls,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Write the tile's normalised output and natural-log LSE (0 and -inf where a row saw no key)."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    offs_d = tl.arange(0, BLOCK_D)
+    o_off = (
+        rows[:, None] * stride_ot
+        + head[:, None] * stride_oh
+        + split * stride_os
+        + offs_d[None, :] * stride_od
+    )
+    tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=io_mask)
+    tl.store(l_ptr + rows * stride_lt + head * stride_lh + split * stride_ls, lse, mask=m_valid)

@@ -90,6 +90,17 @@ def _part(ns: argparse.Namespace, model_dir: Path) -> dict:
     return run(model_dir, ns.chunk, ns.e2e, ns.num_decode, ns.kv_fraction)
 
 
+def write_result(result: dict, out: Path | None) -> None:
+    """A benchmark's result as JSON: to `out` (its folder made) or, without one, to stdout."""
+    text = json.dumps(result, indent=1)
+    if out is None:
+        print(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
 def device_info() -> dict:
     import torch
 
@@ -153,15 +164,11 @@ def run(ns: argparse.Namespace, argv: list[str]) -> int:
                 )
             except subprocess.TimeoutExpired:
                 result[part] = {"error": f"did not finish within {ns.part_timeout} s"}
-        text = json.dumps(result, indent=1)
+        write_result(result, ns.out)
         if ns.out is not None:
-            ns.out.parent.mkdir(parents=True, exist_ok=True)
-            ns.out.write_text(text)
             from mnemosyne.bench.long_context.plot import plot
 
             plot(result, ns.out.with_suffix(".png"))
-        else:
-            print(text)
     return 0
 
 
