@@ -8,9 +8,10 @@ of blocks in a random order), c in --chunks, P in --prefixes. Kernels and option
 
   splitkv  kernels/chunk_splitkv_attention.py, its defaults, at block_size 16, 64 and 128
   tma      kernels/chunk_tma_attention.py over block_n x block_m x num_warps x num_stages
-           (block_size 128; block_size 64 and pointer loads for a few), and in a second part
-           the same with warp_specialize=True; at each point the best TMA config also with the split
-           count aimed at 2 and 8 programs per SM (`waves`; the engine's default is 4)
+           (block_size 128; block_size 64 and pointer loads for a few); at each point the best
+           TMA config also with the split count aimed at 2 and 8 programs per SM (`waves`)
+           (warp specialization was measured here on 2026-11-29, no gain, and then removed
+           from the kernel)
 
 Each config is one wrapper call (split phase + merge) with the engine's split count
 (`choose_chunk_splits`), timed with CUDA events over --iters launches after two warm-ups.
@@ -18,8 +19,9 @@ Effective TFLOP/s = 4 h d (c P + c (c + 1) / 2) / time; floor = max(FLOPs / 590 
 K/V bytes / 4.2 TB/s). Per compiled kernel: whether its PTX holds wgmma and TMA
 (cp.async.bulk.tensor), whether its TTGIR was warp-specialized, registers, spills, shared
 memory. Every output is checked against the split-KV kernel's at block_size 16 (max |diff|).
-Failures are recorded per config and the sweep goes on; each part runs in its own process
-(a compiler crash loses only that part) under a wall-clock budget (--budget-s, default 260).
+Failures are recorded per config and the sweep goes on; the sweep runs in a child process
+that is resumed from its rows if it dies (a compiler crash loses only the config that
+crashed), under a wall-clock budget (--budget-s, default 260).
 
 --smoke: a seconds-long run on CPU under TRITON_INTERPRET=1 (tiny sizes, one config each),
 to check the script itself.
@@ -50,10 +52,9 @@ CONFIG_FIELDS = (
     "num_warps",
     "num_stages",
     "use_tma",
-    "warp_specialize",
     "waves",
 )
-RESTART_RC = 3  # a part exits with it after a sticky CUDA error; the driver resumes it
+RESTART_RC = 3  # the sweep process exits with it after a sticky CUDA error; the driver resumes it
 MAX_RESTARTS = 3
 
 
@@ -62,26 +63,25 @@ def config_key(row: dict) -> str:
     return json.dumps({k: row[k] for k in CONFIG_FIELDS if k in row}, sort_keys=True)
 
 
-def variant_configs(ws: bool, smoke: bool) -> list[dict]:
-    """Option sets for one part: tma (+ a few page-64 and pointer-load ones), or ws."""
+def variant_configs(smoke: bool) -> list[dict]:
+    """Option sets of the tma kernel (+ a few page-64 and pointer-load ones)."""
     if smoke:
         return [dict(kernel="tma", page=16, block_n=16, block_m=32, num_warps=4, num_stages=1,
-                     use_tma=True, warp_specialize=ws)]  # fmt: skip
-    grid = itertools.product((64, 128), (128, 64), (8, 4), (3, 2, 4) if not ws else (3, 2))
+                     use_tma=True)]  # fmt: skip
+    grid = itertools.product((64, 128), (128, 64), (8, 4), (3, 2, 4))
     out = [
         dict(kernel="tma", page=128, block_n=bn, block_m=bm, num_warps=nw, num_stages=ns,
-             use_tma=True, warp_specialize=ws)
+             use_tma=True)
         for bn, bm, nw, ns in grid
         if not (bm == 64 and nw == 8)  # two warpgroups on 64 rows: no wgmma tile (Triton's Hopper filter)
     ]  # fmt: skip
-    if not ws:
-        for bm, nw in ((128, 8), (64, 4)):
-            out.append(dict(kernel="tma", page=64, block_n=64, block_m=bm, num_warps=nw, num_stages=3,
-                            use_tma=True, warp_specialize=False))  # fmt: skip
-            out.append(dict(kernel="tma", page=128, block_n=64, block_m=bm, num_warps=nw, num_stages=3,
-                            use_tma=False, warp_specialize=False))  # fmt: skip
-        out.append(dict(kernel="tma", page=128, block_n=128, block_m=128, num_warps=8, num_stages=2,
-                        use_tma=False, warp_specialize=False))  # fmt: skip
+    for bm, nw in ((128, 8), (64, 4)):
+        out.append(dict(kernel="tma", page=64, block_n=64, block_m=bm, num_warps=nw, num_stages=3,
+                        use_tma=True))  # fmt: skip
+        out.append(dict(kernel="tma", page=128, block_n=64, block_m=bm, num_warps=nw, num_stages=3,
+                        use_tma=False))  # fmt: skip
+    out.append(dict(kernel="tma", page=128, block_n=128, block_m=128, num_warps=8, num_stages=2,
+                    use_tma=False))  # fmt: skip
     return out
 
 
@@ -185,7 +185,7 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     if cfg["kernel"] == "splitkv":
         fn = lambda: chunk_splitkv_attention(*common, **kw)  # noqa: E731
     else:
-        opts = {x: cfg[x] for x in ("block_n", "num_warps", "num_stages", "use_tma", "warp_specialize")}
+        opts = {x: cfg[x] for x in ("block_n", "num_warps", "num_stages", "use_tma")}
         fn = lambda: chunk_tma_attention(*common, **kw, **opts)  # noqa: E731
     fn()
     if pt.device == "cuda":
@@ -206,8 +206,8 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     return res
 
 
-def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
-    """One part in this process; rewrites out_path after every config."""
+def run_sweep(args: argparse.Namespace, out_path: Path) -> None:
+    """The sweep in this process; rewrites out_path after every config."""
     import torch
 
     from mnemosyne.kernels.chunk_splitkv_attention import _chunk_split_kernel
@@ -220,13 +220,12 @@ def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
     max_tokens = -(-(max(prefixes) + max(chunks)) // 128) * 128
     k_flat = torch.randn(max_tokens, HKV, D, device=device, dtype=torch.bfloat16)
     v_flat = torch.randn_like(k_flat)
-    configs = (baseline_configs(args.smoke) + variant_configs(False, args.smoke)) if part == "base" else []
-    configs += variant_configs(True, args.smoke) if part == "ws" else []
+    configs = baseline_configs(args.smoke) + variant_configs(args.smoke)
     compile_info: dict[str, dict | None] = {}
     failed: dict[str, str] = {}
     seen = {"splitkv": set(), "tma": set()}
     jit = {"splitkv": _chunk_split_kernel, "tma": _chunk_tma_kernel}
-    # Resumed after this part's process died: keep its rows, never rerun what killed it.
+    # Resumed after this process died: keep its rows, never rerun what killed it.
     results: list[dict] = json.loads(out_path.read_text()) if out_path.exists() else []
     for r in results:
         if "error" in r:
@@ -281,7 +280,7 @@ def run_part(part: str, args: argparse.Namespace, out_path: Path) -> None:
         # The split count of the best TMA config here, at other programs-per-SM targets.
         best = min((r for r in results if (r["chunk"], r["prefix"], r["kernel"]) == (c, prefix, "tma")
                     and "ms" in r and "waves" not in r), key=lambda r: r["ms"], default=None)  # fmt: skip
-        if part == "base" and best is not None:
+        if best is not None:
             for waves in (2, 8):
                 measure(pt, dict({k: best[k] for k in CONFIG_FIELDS if k in best}, waves=waves))
         del pt
@@ -318,51 +317,41 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--prefixes", type=int, nargs="+", default=[131072, 524288])
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=260.0, help="wall clock for both parts together")
+    ap.add_argument("--budget-s", type=float, default=260.0, help="wall clock of the sweep")
     ap.add_argument("--shuffled", action="store_true", help="128-token runs of blocks in a random order")
-    ap.add_argument("--parts", nargs="+", default=["base", "ws"], choices=["base", "ws"])
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes: checks the script")
-    ap.add_argument("--part", choices=["base", "ws"], help=argparse.SUPPRESS)  # internal: run one part here
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # internal: sweep in this process
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)  # epoch seconds
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         args.chunks, args.prefixes, args.iters = [3, 20], [100], 1
-    if args.part:
-        run_part(args.part, args, args.out)
+    if args.child:
+        run_sweep(args, args.out)
         return
 
     t0 = time.monotonic()
-    # The ws part gets about a third of the budget (fewer configs), unless it runs alone.
-    shares = {"base": 0.65 if "ws" in args.parts else 1.0, "ws": 1.0}
     rows: list[dict] = []
-    parts: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for part in args.parts:
+        sweep_out = Path(tmp) / "sweep.json"
+        cmd = [sys.executable, "-m", "benchmarks.chunk_kernel_variants", "--child", "--out", str(sweep_out),
+               "--chunks", *map(str, args.chunks), "--prefixes", *map(str, args.prefixes),
+               "--iters", str(args.iters), "--deadline", str(time.time() + args.budget_s - 25)]  # fmt: skip
+        cmd += ["--shuffled"] * args.shuffled + ["--smoke"] * args.smoke
+        for attempt in range(MAX_RESTARTS + 1):  # a sweep process that died resumes from its rows
             left = args.budget_s - (time.monotonic() - t0)
-            part_budget = left * shares[part]
-            part_out = Path(tmp) / f"{part}.json"
-            cmd = [sys.executable, "-m", "benchmarks.chunk_kernel_variants", "--part", part, "--out", str(part_out),
-                   "--chunks", *map(str, args.chunks), "--prefixes", *map(str, args.prefixes),
-                   "--iters", str(args.iters), "--deadline", str(time.time() + part_budget - 25)]  # fmt: skip
-            cmd += ["--shuffled"] * args.shuffled + ["--smoke"] * args.smoke
-            t_part = time.monotonic()
-            for attempt in range(MAX_RESTARTS + 1):  # a part that died resumes from its rows
-                left = part_budget - (time.monotonic() - t_part)
-                try:
-                    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=left + 20)
-                    rc, tail = proc.returncode, (proc.stderr or "")[-3000:]
-                except subprocess.TimeoutExpired as e:
-                    rc, tail = "timeout", str(e.stderr or "")[-3000:]
-                if rc in (0, "timeout") or left < 30:
-                    break
-                print(f"part {part} died (rc {rc}, attempt {attempt}): resuming", flush=True)
-            part_rows = json.loads(part_out.read_text()) if part_out.exists() else []
-            parts[part] = {"returncode": rc, "attempts": attempt + 1, "seconds": time.monotonic() - t_part,
-                           "rows": len(part_rows),
-                           "stderr_tail": tail if rc != 0 else ""}  # fmt: skip
-            rows += part_rows
-            print(f"part {part}: rc {rc}, {len(part_rows)} rows, {parts[part]['seconds']:.0f} s", flush=True)
+            try:
+                proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=left + 20)
+                rc, tail = proc.returncode, (proc.stderr or "")[-3000:]
+            except subprocess.TimeoutExpired as e:
+                rc, tail = "timeout", str(e.stderr or "")[-3000:]
+            if rc in (0, "timeout") or left < 30:
+                break
+            print(f"sweep process died (rc {rc}, attempt {attempt}): resuming", flush=True)
+        rows = json.loads(sweep_out.read_text()) if sweep_out.exists() else []
+        process = {"returncode": rc, "attempts": attempt + 1, "rows": len(rows),
+                   "stderr_tail": tail if rc != 0 else ""}  # fmt: skip
+        print(f"sweep: rc {rc}, {len(rows)} rows, {time.monotonic() - t0:.0f} s", flush=True)
 
     from mnemosyne.bench.long_context.run import device_info
 
@@ -371,7 +360,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_info(), "shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16"},
         "floors": {"attention_flops_per_s": ATTN_FLOPS, "copy_bytes_per_s": COPY_BPS},
-        "seconds": time.monotonic() - t0, "parts": parts, "summary": summarize(rows), "results": rows,
+        "seconds": time.monotonic() - t0, "process": process, "summary": summarize(rows), "results": rows,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

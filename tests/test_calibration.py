@@ -45,7 +45,9 @@ def feed(cal: OnlineCalibration, comp: StepComposition, predicted_s: float, rati
 
 
 def small_cal(**kw) -> OnlineCalibration:
-    return OnlineCalibration(CalibrationConfig(**({"window_steps": 16, "min_samples": 5, "skip_first_steps": 3} | kw)))
+    """A short window; the median (quantile 0.5) unless told, so a constant ratio is its factor."""
+    defaults = {"window_steps": 16, "min_samples": 5, "skip_first_steps": 3, "quantile": 0.5}
+    return OnlineCalibration(CalibrationConfig(**(defaults | kw)))
 
 
 def test_converges_to_a_known_bias_after_warm_up():
@@ -73,6 +75,27 @@ def test_outliers_are_ignored_and_a_lasting_shift_is_followed():
     assert cal.snapshot()["num_samples"] == 15
     feed(cal, comp, 20 * MS, 0.9, 12, t)  # clocks changed for good: followed within the window
     assert cal.factor(cal.key(comp)) == pytest.approx(0.9)
+
+
+def test_default_quantile_covers_most_steps_not_half():
+    """Noisy steps (ratios 0.95-1.15 round-robin): the median would leave half of the
+    full-budget steps over the target; the default 0.9 quantile leaves about a tenth."""
+    ratios = [0.95 + 0.2 * i / 19 for i in range(20)]
+    cal = OnlineCalibration(CalibrationConfig(window_steps=20, min_samples=5, skip_first_steps=0))
+    assert cal.config.quantile == 0.9
+    t = 0.0
+    for r in ratios:
+        t = feed(cal, DECODES, 10 * MS, r, 1, t)
+    f = cal.factor(cal.key(DECODES))
+    assert f == pytest.approx(0.95 + 0.2 * 0.9, rel=1e-3)  # interpolated (in log space) between sorted ratios
+    assert sum(r > f for r in ratios) == 2
+    median = small_cal(window_steps=20, skip_first_steps=0)
+    t = 0.0
+    for r in ratios:
+        t = feed(median, DECODES, 10 * MS, r, 1, t)
+    assert median.factor(median.key(DECODES)) == pytest.approx(1.05, rel=1e-3)
+    with pytest.raises(ValueError, match="quantile"):
+        CalibrationConfig(quantile=1.5).validate()
 
 
 def test_factor_is_clipped():
@@ -281,7 +304,9 @@ def test_ttft_bound_takes_the_largest_fitting_chunk_every_step():
     over = best_ttft_under_tbt(model, 1000, 100, 1000, 5 * MS, overshoot_chunk_tokens=32)
     assert over.num_steps_over_target == over.num_steps == 32 and over.first_over_target_prefix_tokens == 0
     # the target needed for a TTFT: the bound there meets it, a slightly smaller target does not
-    need_s = slo_for_ttft_s(model, 20_000, 4, 1000, 1.1 * b.unconstrained_s, lo_s=2 * MS, hi_s=1.0, tolerance_s=1e-5)
+    need_s = slo_for_ttft_s(
+        model, 20_000, 4, 1000, 1.1 * b.unconstrained_s, lo_s=2 * MS, hi_s=1.0, tolerance_s=1e-5
+    )
     assert best_ttft_under_tbt(model, 20_000, 4, 1000, need_s).ttft_s <= 1.1 * b.unconstrained_s
     assert best_ttft_under_tbt(model, 20_000, 4, 1000, need_s - 2e-5).ttft_s > 1.1 * b.unconstrained_s
 
@@ -292,4 +317,6 @@ def test_prompt_flops_floor_of_the_8b_shape():
     from mnemosyne.simulator.ttft_bound import prompt_flops_floor_s
 
     shape = ModelShape(32, 4096, 14336, 32, 8, 128, 128256, 2)
-    assert prompt_flops_floor_s(shape, 262144, H200) == pytest.approx(35.45, rel=1e-3)  # the benchmarks' floor
+    assert prompt_flops_floor_s(shape, 262144, H200) == pytest.approx(
+        35.45, rel=1e-3
+    )  # the benchmarks' floor

@@ -6,13 +6,11 @@ from benchmarks.chunk_kernel_variants import config_key, summarize, variant_conf
 
 
 def test_variant_configs_are_servable():
-    for ws in (False, True):
-        configs = variant_configs(ws, smoke=False)
-        assert len({config_key(c) for c in configs}) == len(configs)
-        for c in configs:
-            assert c["page"] % c["block_n"] == 0 and c["block_m"] in (64, 128)
-            assert c["warp_specialize"] == ws
-            assert not (c["block_m"] == 64 and c["num_warps"] == 8)
+    configs = variant_configs(smoke=False)
+    assert len({config_key(c) for c in configs}) == len(configs)
+    for c in configs:
+        assert c["page"] % c["block_n"] == 0 and c["block_m"] in (64, 128)
+        assert not (c["block_m"] == 64 and c["num_warps"] == 8)
 
 
 def test_summarize_picks_the_fastest_per_point():

@@ -4,7 +4,7 @@ unused cache slots, poisoned outputs and workspace).
 
 On CPU the Triton interpreter runs both load paths of the same kernel body: TMA
 descriptors (the interpreter emulates descriptor loads) and pointer loads. The `gpu`
-cases run the descriptor path (and warp specialization) natively on sm_90+.
+cases run the descriptor path natively on sm_90+.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 LOAD_PATHS = pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "ptr"])
 
 
-def run_tma(*args: object, use_tma: bool | None = None, warp_specialize: bool = False, **kw: object) -> None:
-    kernel = functools.partial(chunk_tma_attention, use_tma=use_tma, warp_specialize=warp_specialize)
+def run_tma(*args: object, use_tma: bool | None = None, **kw: object) -> None:
+    kernel = functools.partial(chunk_tma_attention, use_tma=use_tma)
     run_case(*args, kernel=kernel, **kw)  # type: ignore[arg-type]
 
 
@@ -141,13 +141,12 @@ needs_hopper = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("warp_specialize", [False, True], ids=["plain", "ws"])
 @pytest.mark.parametrize("block_size,block_n", [(64, 64), (128, 128), (128, 64)])
 @pytest.mark.parametrize("num_splits", [1, 16])
-def test_large_gpu_tma(block_size, block_n, num_splits, warp_specialize):
+def test_large_gpu_tma(block_size, block_n, num_splits):
     seqs = [prefill(300, 60001), Seq(32, 90000, 40000, 30000), prefill(7, 20000), prefill(1, 777)]
     run_tma(seqs, 32, 8, 128, block_size, torch.bfloat16, None, block_q=None, block_n=block_n,
-            num_splits=num_splits, atol=2e-2, use_tma=True, warp_specialize=warp_specialize)  # fmt: skip
+            num_splits=num_splits, atol=2e-2, use_tma=True)  # fmt: skip
 
 
 @pytest.mark.gpu

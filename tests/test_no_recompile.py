@@ -159,3 +159,36 @@ def test_merges_of_any_chunk_are_one_variant(monkeypatch: pytest.MonkeyPatch) ->
             merge_attn.merge_attn_states_into(out, lse, out, lse, out_b, lse_b)
     keys = recorder.take()["merge"]
     assert len(keys) == 1, f"{len(keys)} variants"
+
+
+def test_cudnn_path_merges_are_warmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cuDNN path merges float32 or model-dtype accumulators with its model-dtype
+    partials into float32 or model-dtype outputs (`dense_chunk_attention`): warm-up compiles
+    every such variant (a compile of one mid-serving was logged on an H200 serving trace)."""
+    from mnemosyne.kernels import cudnn_prefill
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        "mnemosyne.layers.attention.kernel_backend.warm_up_merges", lambda *a: calls.append(a)
+    )
+    backend = KernelBackend(H // HKV, D, torch.bfloat16, torch.device("cpu"), use_cudnn=True)
+    caches = tuple(torch.zeros(8, 64, HKV, D, dtype=torch.bfloat16) for _ in range(2))
+    monkeypatch.setattr(backend, "forward", lambda *a, **k: None)  # only the merges here
+    backend.warm_up(*caches, None, 1)
+    assert calls == [(H, D, torch.bfloat16, torch.device("cpu"))]
+
+    recorder = Recorder(monkeypatch)
+    cudnn_prefill.warm_up_merges(H, D, torch.bfloat16, torch.device("cpu"))
+    warmed = recorder.take()["merge"]
+    c = 37
+    for out_dtype in (torch.bfloat16, torch.float32):
+        for acc_dtype in (torch.bfloat16, torch.float32):
+            out = torch.zeros(3 + c, H, D, dtype=out_dtype)[3:]
+            lse = torch.zeros(3 + c, H)[3:]
+            acc = torch.zeros(c, H, D, dtype=acc_dtype)
+            acc_lse = torch.zeros(c, H)
+            out_b = torch.zeros(1, H, c, D, dtype=torch.bfloat16)[0].transpose(0, 1)  # cuDNN's BHSD
+            lse_b = torch.zeros(1, H, c)[0].t()
+            merge_attn.merge_attn_states_into(out, lse, acc, acc_lse, out_b, lse_b)
+    served = recorder.take()["merge"]
+    assert len(warmed) == 4 and served <= warmed

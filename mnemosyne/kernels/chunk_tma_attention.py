@@ -29,10 +29,9 @@ Hopper features (Triton 3.6, sm_90):
     descriptor loads of each loop in shared memory, the unmasked middle loop being the
     one that matters); wgmma where Triton's accelerate-matmul pass picks it for tl.dot on
     sm_90 (the benchmark records whether the PTX holds `wgmma`).
-  - `tl.range(..., warp_specialize=True)` on the middle loop when WARP_SPECIALIZE. Triton
-    3.6's `tl.range` docstring says warp specialization is supported on Blackwell only,
-    yet its sm_90 pipeline runs `add_hopper_warpspec`: whether this loop gets partitioned
-    (and is faster) is measured by benchmarks/chunk_kernel_variants.py, not assumed.
+  - No warp specialization: `tl.range(..., warp_specialize=True)` on the middle loop did
+    not compile with 4 warps and was not applied with 8 (Triton 3.6, sm_90;
+    benchmarks/results/chunk_kernel_variants_h200_2026-11-29.json), so the kernel has none.
   - BLOCK_M = next_power_of_2(block_q x G): block_q = 64 // G or 128 // G gives 64 or 128
     rows (one or two wgmma M tiles per warpgroup).
 
@@ -127,7 +126,7 @@ def _tile_steps(
     acc, l_i, m_i, i0, i1, q, q_rel, lo, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0,
     k_head_off, v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Steps i0 .. i1-1 of BLOCK_N keys from local key lo (a multiple of BLOCK_N)."""
@@ -141,7 +140,7 @@ def _tile_steps(
             )  # fmt: skip
             i += 1
     else:
-        for i in tl.range(i0, i1, warp_specialize=WARP_SPECIALIZE):
+        for i in tl.range(i0, i1):
             acc, l_i, m_i = _tile_step(
                 acc, l_i, m_i, q, q_rel, lo + i * BLOCK_N, hi, window, bt_row_ptr, stride_btb, k_src, v_src,
                 col0, k_head_off, v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
@@ -165,7 +164,7 @@ def _chunk_tma_kernel(
     qk_scale, window, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -190,17 +189,17 @@ def _chunk_tma_kernel(
     acc, l_i, m_i = _tile_steps(
         acc, l_i, m_i, s0, tl.minimum(i_a, s1), q, q_rel, lo, hi, window, bt_row, stride_btb, k_src, v_src,
         col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, False, IEEE, INTERPRET,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
     )  # fmt: skip
     acc, l_i, m_i = _tile_steps(
         acc, l_i, m_i, tl.maximum(i_a, s0), tl.minimum(i_b, s1), q, q_rel, lo, hi, window, bt_row, stride_btb,
         k_src, v_src, col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, USE_WINDOW, USE_TMA, WARP_SPECIALIZE, IEEE, INTERPRET,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
     )  # fmt: skip
     acc, l_i, m_i = _tile_steps(
         acc, l_i, m_i, tl.maximum(i_b, s0), s1, q, q_rel, lo, hi, window, bt_row, stride_btb, k_src, v_src,
         col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, False, IEEE, INTERPRET,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
     )  # fmt: skip
 
     store_tile(
@@ -258,7 +257,6 @@ def chunk_tma_attention(
     num_stages: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     use_tma: bool | None = None,
-    warp_specialize: bool = False,
 ) -> None:
     """`chunk_splitkv_attention` with page-aligned K/V tiles (see the module docstring);
     the same arguments and outputs, plus:
@@ -266,7 +264,6 @@ def chunk_tma_attention(
     block_n must divide the cache's block_size (None: `default_tma_block_n`).
     use_tma: None = TMA descriptors where `tma_supported`, else pointer loads of the same
     tiles; True = descriptors or ValueError; False = pointer loads.
-    warp_specialize: `tl.range(warp_specialize=True)` on the unmasked middle loop.
     Launch only: no host sync."""
     check_chunk_args(query, k_cache, v_cache, out, lse, sliding_window, num_splits, merge_rows)
     num_tokens, num_heads, head_dim = query.shape
@@ -307,7 +304,7 @@ def chunk_tma_attention(
         scale * _LOG2E, 0 if sliding_window is None else sliding_window, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, G=num_heads_per_kv,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
-        USE_WINDOW=sliding_window is not None, USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize,
+        USE_WINDOW=sliding_window is not None, USE_TMA=use_tma,
         IEEE=query.dtype == torch.float32, INTERPRET=triton.knobs.runtime.interpret,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

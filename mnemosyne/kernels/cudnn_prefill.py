@@ -247,3 +247,19 @@ def dense_chunk_attention(
             )  # fmt: skip
             merge_attn_states_into(dst[0], dst[1], acc[0], acc[1], o, s)
             acc = dst
+
+
+def warm_up_merges(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile every `merge_attn_states_into` variant `dense_chunk_attention` launches, so that
+    serving never waits for it: the variants differ only in dtypes (strides and alignment
+    are not specialized on). The partial merged in (`out_b`) is always cuDNN's, in the model
+    dtype; the accumulator (`out_a`) is the first partial (model dtype) or float32 (the
+    split prefix, or an earlier merge); the output is the model-dtype result (last merge)
+    or a float32 accumulator. LSEs are float32 throughout."""
+    lse = torch.zeros(1, num_heads, dtype=torch.float32, device=device)
+    out_b = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    for out_dtype in {dtype, torch.float32}:
+        for acc_dtype in {dtype, torch.float32}:
+            out = torch.zeros(1, num_heads, head_dim, dtype=out_dtype, device=device)
+            acc = torch.zeros(1, num_heads, head_dim, dtype=acc_dtype, device=device)
+            merge_attn_states_into(out, lse.clone(), acc, lse, out_b, lse)

@@ -43,7 +43,13 @@ from mnemosyne.kernels.chunk_tma_attention import (
     chunk_tma_attention,
     fits_page_tiles,
 )
-from mnemosyne.kernels.cudnn_prefill import DenseChunk, choose_prefix_splits, dense_chunk_attention, fits
+from mnemosyne.kernels.cudnn_prefill import (
+    DenseChunk,
+    choose_prefix_splits,
+    dense_chunk_attention,
+    fits,
+    warm_up_merges,
+)
 from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
@@ -208,10 +214,13 @@ class KernelBackend:
     ) -> None:
         """Compile every Triton variant a step can launch, on a few keys of the cache (read
         only), so that serving never waits for the JIT: the chunk path (both tile heights,
-        direct and split with its merge) and the decode kernel at every batch-scan width up to
-        `max_num_decodes` decodes (`seq_block`; its split budget is fixed per engine)."""
+        direct and split with its merge), the decode kernel at every batch-scan width up to
+        `max_num_decodes` decodes (`seq_block`; its split budget is fixed per engine) and, with
+        cuDNN, the merges of its partials (`warm_up_merges`)."""
         num_kv_heads = k_cache.shape[2]
         num_heads = num_kv_heads * self.num_heads_per_kv
+        if self.use_cudnn:
+            warm_up_merges(num_heads, self.head_dim, self.dtype, self.device)
         block = k_cache.shape[1]
         keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
         num_decodes = 1
