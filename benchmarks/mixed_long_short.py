@@ -15,7 +15,7 @@ request's TTFT, for each configuration:
     adaptive_fcfs_uncalibrated   adaptive_fcfs without the online calibration of the latency model
 
 Adaptive runs also report the calibration's corrections at the end (`calibration`) and the
-steps whose first prefill took a block-size chunk or overshot the target (`min_progress`).
+steps whose first prefill took a 16-token chunk or overshot the target (`min_progress`).
 
 One engine serves every configuration (its policies are swapped between runs). The
 latency model is a quick profile measured first on the same engine (`--grid quick`,

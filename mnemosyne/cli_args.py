@@ -194,7 +194,7 @@ def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
     pol.add_argument("--chunk-granularity", type=int, default=d.chunk_granularity)
     pol.add_argument(
         "--min-chunk-tokens", type=int, default=d.min_chunk_tokens,
-        help="adaptive: a prefill's progress when even a block-size chunk would overshoot the target",
+        help="adaptive: a prefill's progress when even a 16-token chunk would overshoot the target",
     )  # fmt: skip
     pol.add_argument(
         "--online-calibration", action=argparse.BooleanOptionalAction, default=d.online_calibration,

@@ -171,16 +171,17 @@ def test_adaptive_chunks_shrink_under_a_biased_model_once_calibrated():
     assert policy.num_overshoots == 0
 
 
-def small_chunk_policy(target_s: float) -> tuple:
-    s = make_sched(budget=4096, max_model_len=4096, block_size=16, blocks=(256,))
+def small_chunk_policy(target_s: float, block_size: int = 16) -> tuple:
+    s = make_sched(budget=4096, max_model_len=4096, block_size=block_size, blocks=(4096 // block_size,))
     model = FakeLatencyModel(per_token_s=0.1 * MS)  # 1 ms + 0.1 ms per token (+ pairs)
     policy = AdaptiveChunkPolicy(model, s.kv_manager, target_s, granularity_tokens=32, min_chunk_tokens=32)
     s.chunk_policy = policy
     return s, policy
 
 
-def test_min_progress_takes_a_block_size_chunk_that_fits():
-    s, policy = small_chunk_policy(3 * MS)  # 16 tokens: 2.6 ms fits; 32 tokens: 4.2 ms does not
+@pytest.mark.parametrize("block_size", [16, 64])  # the small granule is 16 tokens either way
+def test_min_progress_takes_a_small_chunk_that_fits(block_size):
+    s, policy = small_chunk_policy(3 * MS, block_size)  # 16 tokens: 2.6 ms fits; 32: 4.2 ms does not
     s.add_request(make_req("p", 100, max_tokens=1))
     out, _ = step(s)
     assert [c.num_tokens for c in out.chunks] == [16]

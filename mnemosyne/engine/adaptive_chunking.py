@@ -10,18 +10,19 @@ Per step (the scheduler asks in its order: decodes first, then prefills by prior
                                    by binary search (step time grows with n)
                             n = 0 when none fits, except for the step's first prefill, which
                                 always progresses (nothing starves):
-                                  the largest multiple of the block size below the granularity
-                                  that fits (late in a long prefill, with many decodes), else
-                                  min(min_chunk_tokens, cap): even a block-size chunk overshoots,
-                                  the target cannot be met this step, and a smaller chunk saves
-                                  little time but halves the progress (at a long prefix the step
-                                  is mostly the weights, the decodes and the prefix's KV, read
-                                  whatever the chunk: by the roofline, attention is memory-bound
-                                  below (attention FLOP/s / bandwidth) / (query heads per KV
-                                  head) query tokens, ~35 on an H200 with GQA 4). A
-                                  min_chunk_tokens of one block prefers the smallest overshoot.
-                                  Both cases are counted (num_small_chunks, num_overshoots); an
-                                  overshoot is logged once per request
+                                  the largest multiple of the small granule below the
+                                  granularity that fits (late in a long prefill, with many
+                                  decodes); small granule = min(block size, SMALL_CHUNK_TOKENS =
+                                  16): one 16-row query tile of the chunk kernel, 64 rows at GQA
+                                  4. Measured on an H200 (8B shape, whole model): 16 tokens
+                                  after 512K keys cost 23.0 ms against 27.7 ms for 32
+                                  (benchmarks/results/chunk_sweep/page_tiles_8b_long_*), so a
+                                  step that 32 tokens push over the target often fits with 16.
+                                  Else min(min_chunk_tokens, cap): even the small granule
+                                  overshoots, the target cannot be met this step, and the
+                                  minimum chunk keeps the prefill moving. Both cases are
+                                  counted (num_small_chunks, num_overshoots); an overshoot is
+                                  logged once per request
     allowed_s               target_step_s (the TBT SLO) while any request decodes (in this step or
                             in flight); prefill_only_step_s when none does: with no token gap to
                             protect a step need not be short, and small chunks only waste time
@@ -50,6 +51,7 @@ from mnemosyne.request import Request
 logger = logging.getLogger(__name__)
 
 MAX_LONG_SHARE_SLACK = 0.5  # a long prefill with slack to spare yields at most half of the step
+SMALL_CHUNK_TOKENS = 16  # the largest small granule of the minimum-progress rule (module docstring)
 
 
 class AdaptiveChunkPolicy:
@@ -151,11 +153,11 @@ class AdaptiveChunkPolicy:
     def _min_progress(self, request: Request, start: int, cap: int, num_pending: int, allowed_s: float) -> int:
         """The first prefill of a step when no granule fits: a smaller chunk that still fits,
         else min_chunk_tokens over the target (see the module docstring)."""
-        block = self.kv_manager.block_size
-        smallest = min(block if block < self.granularity_tokens else self.granularity_tokens, cap)
-        if block < self.granularity_tokens:
+        small = min(self.kv_manager.block_size, SMALL_CHUNK_TOKENS)
+        smallest = min(small, self.granularity_tokens, cap)
+        if small < self.granularity_tokens:
             small_cap = min(cap, self.granularity_tokens - 1)
-            n = self._largest_fitting(request, start, small_cap, small_cap == cap, num_pending, allowed_s, block)
+            n = self._largest_fitting(request, start, small_cap, small_cap == cap, num_pending, allowed_s, small)
             if n:
                 self.num_small_chunks += 1
                 return n
