@@ -2,8 +2,8 @@
 
     python -m benchmarks.chunk_kernel_variants --out benchmarks/results/chunk_kernel_variants_h200_DATE.json
 
-Llama-3-8B heads (32 query / 8 KV, head dim 128, bf16); a chunk of c queries after P keys of
-one sequence (blocks ascending as the engine lays out a long request; --shuffled: 128-token runs
+The attention heads of --shape (default Llama-3-8B: 32 query / 8 KV, head dim 128;
+llama3.2-1b: head dim 64), bf16; a chunk of c queries after P keys of one sequence (blocks ascending as the engine lays out a long request; --shuffled: 128-token runs
 of blocks in a random order), c in --chunks, P in --prefixes. Kernels and options:
 
   splitkv  kernels/chunk_splitkv_attention.py, its defaults, at block_size 16, 64 and 128
@@ -30,6 +30,7 @@ to check the script itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -39,9 +40,24 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-H, HKV, D = 32, 8, 128
+
+@dataclass(frozen=True)
+class Heads:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, shape: str) -> Heads:
+        from mnemosyne.bench.long_context.run import SHAPES
+
+        cfg = SHAPES[shape]
+        return cls(cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"])
+
+
 ATTN_FLOPS = 590e12
 COPY_BPS = 4.2e12
 CONFIG_FIELDS = (
@@ -117,12 +133,14 @@ class Point:
     """Inputs of one (c, P) case, shared by every kernel config: one flat K/V buffer viewed
     at each block size, ascending (or shuffled) block tables."""
 
-    def __init__(self, k_flat, v_flat, c: int, prefix: int, shuffled: bool, device: str) -> None:
+    def __init__(
+        self, k_flat, v_flat, c: int, prefix: int, shuffled: bool, device: str, heads: Heads
+    ) -> None:
         import torch
 
         self.c, self.prefix, self.device, self.shuffled = c, prefix, device, shuffled
-        self.k_flat, self.v_flat = k_flat, v_flat
-        self.q = torch.randn(c, H, D, device=device, dtype=k_flat.dtype)
+        self.k_flat, self.v_flat, self.heads = k_flat, v_flat, heads
+        self.q = torch.randn(c, heads.num_heads, heads.head_dim, device=device, dtype=k_flat.dtype)
         self.qsl = torch.tensor([0, c], dtype=torch.int32, device=device)
         self.q_pos = torch.tensor([prefix], dtype=torch.int64, device=device)
         self.kv_start = torch.zeros(1, dtype=torch.int64, device=device)
@@ -131,23 +149,25 @@ class Point:
         self.ref = None
 
     def cache(self, page: int):
-        """K/V viewed as [blocks, page, HKV, D] and a block table. Shuffled: 128-token runs in a
+        """K/V viewed as [blocks, page, num_kv_heads, head_dim] and a block table. Shuffled: 128-token runs in a
         random order, the same at every page size (page divides 128), so every config reads
         the same keys in the same logical order and the outputs stay comparable."""
         import torch
 
         runs = -(-(self.prefix + self.c) // 128)
         per_run = 128 // page
-        k = self.k_flat[: runs * 128].view(runs * per_run, page, HKV, D)
-        v = self.v_flat[: runs * 128].view(runs * per_run, page, HKV, D)
+        hkv, d = self.heads.num_kv_heads, self.heads.head_dim
+        k = self.k_flat[: runs * 128].view(runs * per_run, page, hkv, d)
+        v = self.v_flat[: runs * 128].view(runs * per_run, page, hkv, d)
         gen = torch.Generator().manual_seed(0)
         order = torch.randperm(runs, generator=gen) if self.shuffled else torch.arange(runs)
         table = (order[:, None] * per_run + torch.arange(per_run)).flatten()
         return k, v, table.to(torch.int32)[None].to(self.device)
 
     def floor(self) -> tuple[float, float]:
-        flops = 4 * H * D * (self.c * self.prefix + self.c * (self.c + 1) / 2)
-        nbytes = 2 * (self.prefix + self.c) * HKV * D * self.k_flat.element_size()
+        h, hkv, d = self.heads.num_heads, self.heads.num_kv_heads, self.heads.head_dim
+        flops = 4 * h * d * (self.c * self.prefix + self.c * (self.c + 1) / 2)
+        nbytes = 2 * (self.prefix + self.c) * hkv * d * self.k_flat.element_size()
         return flops, max(flops / ATTN_FLOPS, nbytes / COPY_BPS)
 
 
@@ -163,24 +183,25 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention
     from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 
-    g = H // HKV
+    h, hkv, d = pt.heads.num_heads, pt.heads.num_kv_heads, pt.heads.head_dim
+    g = h // hkv
     block_q = default_block_q(g, pt.q.dtype) if cfg["kernel"] == "splitkv" else cfg["block_m"] // g
     tile_seq, tile_off = plan_query_tiles([pt.c], [0], block_q)
     splits = choose_chunk_splits(
-        len(tile_seq), HKV, pt.prefix + pt.c, num_sms, cfg.get("waves", DEFAULT_WAVES)
+        len(tile_seq), hkv, pt.prefix + pt.c, num_sms, cfg.get("waves", DEFAULT_WAVES)
     )
     k, v, bt = pt.cache(cfg["page"])
     out = torch.empty_like(pt.q)
-    lse = torch.empty(pt.c, H, dtype=torch.float32, device=pt.device)
+    lse = torch.empty(pt.c, h, dtype=torch.float32, device=pt.device)
     ws = None
     if splits > 1:
         ws = (
-            torch.empty(pt.c, H, splits, D, device=pt.device),
-            torch.empty(pt.c, H, splits, device=pt.device),
+            torch.empty(pt.c, h, splits, d, device=pt.device),
+            torch.empty(pt.c, h, splits, device=pt.device),
         )
     common = (pt.q, k, v, pt.qsl, pt.q_pos, pt.kv_start, pt.kv_lens, bt,
               torch.tensor(tile_seq, dtype=torch.int32, device=pt.device),
-              torch.tensor(tile_off, dtype=torch.int32, device=pt.device), out, lse, D**-0.5, None)  # fmt: skip
+              torch.tensor(tile_off, dtype=torch.int32, device=pt.device), out, lse, d**-0.5, None)  # fmt: skip
     kw = dict(num_splits=splits, merge_rows=pt.merge_rows, block_q=block_q, workspace=ws)
     if cfg["kernel"] == "splitkv":
         fn = lambda: chunk_splitkv_attention(*common, **kw)  # noqa: E731
@@ -218,7 +239,8 @@ def run_sweep(args: argparse.Namespace, out_path: Path) -> None:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
     chunks, prefixes = args.chunks, args.prefixes
     max_tokens = -(-(max(prefixes) + max(chunks)) // 128) * 128
-    k_flat = torch.randn(max_tokens, HKV, D, device=device, dtype=torch.bfloat16)
+    heads = Heads.of(args.shape)
+    k_flat = torch.randn(max_tokens, heads.num_kv_heads, heads.head_dim, device=device, dtype=torch.bfloat16)
     v_flat = torch.randn_like(k_flat)
     configs = baseline_configs(args.smoke) + variant_configs(args.smoke)
     compile_info: dict[str, dict | None] = {}
@@ -273,7 +295,7 @@ def run_sweep(args: argparse.Namespace, out_path: Path) -> None:
         if n_point == 1:  # after the key point: fastest configs first, in case the budget runs out
             ms_at_key = {config_key(r): r.get("ms", float("inf")) for r in results}
             configs.sort(key=lambda cfg: (cfg["kernel"] != "splitkv", ms_at_key.get(config_key(cfg), 0.0)))
-        pt = Point(k_flat, v_flat, c, prefix, args.shuffled, device)
+        pt = Point(k_flat, v_flat, c, prefix, args.shuffled, device, heads)
         run_config(pt, baseline_configs(True)[0], num_sms, 1)  # the reference output of this point
         for cfg in configs:
             measure(pt, cfg)
@@ -314,6 +336,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--shape", default="llama3-8b", choices=["llama3-8b", "llama3.2-1b"], help="whose attention heads"
+    )
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--prefixes", type=int, nargs="+", default=[131072, 524288])
     ap.add_argument("--iters", type=int, default=20)
@@ -334,7 +359,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         sweep_out = Path(tmp) / "sweep.json"
-        cmd = [sys.executable, "-m", "benchmarks.chunk_kernel_variants", "--child", "--out", str(sweep_out),
+        cmd = [sys.executable, "-m", "benchmarks.chunk_kernel_variants", "--child", "--out", str(sweep_out), "--shape", args.shape,
                "--chunks", *map(str, args.chunks), "--prefixes", *map(str, args.prefixes),
                "--iters", str(args.iters), "--deadline", str(time.time() + args.budget_s - 25)]  # fmt: skip
         cmd += ["--shuffled"] * args.shuffled + ["--smoke"] * args.smoke
@@ -358,7 +383,7 @@ def main() -> None:
     result = {
         "command": " ".join(["python -m benchmarks.chunk_kernel_variants", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_info(), "shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16"},
+        "device": device_info(), "shape": {"model": args.shape, **dataclasses.asdict(Heads.of(args.shape)), "dtype": "bfloat16"},
         "floors": {"attention_flops_per_s": ATTN_FLOPS, "copy_bytes_per_s": COPY_BPS},
         "seconds": time.monotonic() - t0, "process": process, "summary": summarize(rows), "results": rows,
     }  # fmt: skip

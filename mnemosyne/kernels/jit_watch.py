@@ -4,8 +4,11 @@ specializing on per-step values; tests/test_no_recompile.py).
 
 The worker calls `watch_jit_compiles()` once its warm-up and graph captures are done. Triton
 then calls the returned watch before each compile and after it; the watch logs a warning
-with the kernel, its specialization and the seconds it cost, and counts them
-(`num_compiles`, `compile_s`). Triton's hooks are per process: the newest watch replaces
+with the kernel, its signature (every argument's type as Triton specialized it, e.g.
+`*bf16`, `i32`, and the constexprs) and the seconds it cost, and counts them
+(`num_compiles`, `compile_s`). Triton 3.6's own `repr` of the variant pairs the arguments
+with the wrong part of its key (it printed "(o_ptr: ()" on an H200), so it is only the
+fallback. Triton's hooks are per process: the newest watch replaces
 an older one of the same process (one worker per process; tests may build several).
 """
 
@@ -43,9 +46,22 @@ class JitWatch:
         self.compile_s += seconds
         logger.warning(
             "Triton compiled a kernel variant after warm-up (%.2f s; every request of the step waited): %s",
-            seconds, repr,
+            seconds, describe_variant(fn, compile, repr),
         )  # fmt: skip
         return None
+
+
+def describe_variant(fn: object, compile: object, fallback: str) -> str:
+    """`name(arg: type, ...; constexprs)` from the hook's compile arguments, else `fallback`."""
+    try:
+        signature = compile["signature"]  # type: ignore[index]
+        args = ", ".join(f"{name}: {ty}" for name, ty in signature.items())
+        constants = compile.get("constants") or {}  # type: ignore[union-attr]
+        consts = ", ".join(f"{k}={v}" for k, v in constants.items())
+        name = getattr(fn, "name", None) or fallback.split("[", 1)[0]
+        return f"{name}({args}; {consts})" if consts else f"{name}({args})"
+    except (KeyError, TypeError, AttributeError):
+        return fallback
 
 
 def watch_jit_compiles() -> JitWatch:
@@ -56,4 +72,4 @@ def watch_jit_compiles() -> JitWatch:
     return watch
 
 
-__all__ = ["JitWatch", "watch_jit_compiles"]
+__all__ = ["JitWatch", "describe_variant", "watch_jit_compiles"]
