@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mnemosyne.kernels.host_math import next_power_of_2
 from mnemosyne.kernels.merge_attn import merge_split_partials, split_merge_blocks
 from mnemosyne.kernels.paged_prefill import default_block_q, kv_steps, query_tile, store_tile, tile_step_range
 
@@ -254,8 +255,8 @@ def tile_launch(
     half = query.element_size() <= 2
     if block_q is None:
         block_q = default_block_q(num_heads_per_kv, query.dtype)
-    block_m = max(16, triton.next_power_of_2(block_q * num_heads_per_kv))
-    block_d = max(16, triton.next_power_of_2(query.shape[-1]))
+    block_m = max(16, next_power_of_2(block_q * num_heads_per_kv))
+    block_d = max(16, next_power_of_2(query.shape[-1]))
     if num_warps is None:
         num_warps = 4 if half and block_m * block_d <= 128 * 128 else 8
     if num_stages is None:
@@ -306,7 +307,7 @@ def chunk_splitkv_attention(
     block_q, block_m, block_d, num_warps, num_stages = tile_launch(
         query, num_heads_per_kv, block_q, num_warps, num_stages
     )
-    block_n = max(16, triton.next_power_of_2(block_n or (64 if query.element_size() <= 2 else 32)))
+    block_n = max(16, next_power_of_2(block_n or (64 if query.element_size() <= 2 else 32)))
     o_ws, l_ws, o_strides, l_strides = split_outputs(query, out, lse, num_splits, workspace)
     _chunk_split_kernel[(num_tiles, num_kv_heads, num_splits)](
         query, k_cache, v_cache, o_ws, l_ws,

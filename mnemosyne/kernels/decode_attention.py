@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mnemosyne.kernels.host_math import next_power_of_2
 from mnemosyne.kernels.merge_attn import merge_split_partials, split_merge_blocks
 
 LOG2E = 1.4426950408889634
@@ -87,7 +88,7 @@ def choose_split_budget(
 def seq_block(num_decode: int) -> int:
     """The kernels' SEQ_BLOCK (a compile-time width of the batch scan): 128 up to 128
     decodes, then powers of two, so that few variants exist (`KernelBackend.warm_up`)."""
-    return max(128, triton.next_power_of_2(num_decode))
+    return max(128, next_power_of_2(num_decode))
 
 
 @triton.jit
@@ -336,7 +337,7 @@ def paged_decode_attention(
     if num_decode == 0:
         return
     num_heads_per_kv = num_heads // num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     direct = split_budget == 1
     max_items = num_decode if direct else decode_workspace_items(num_decode, split_budget)
     if num_warps is None:
@@ -370,7 +371,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         *o_strides, *l_strides,
         GROUP=num_heads_per_kv, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=max(16, triton.next_power_of_2(num_heads_per_kv)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_M=max(16, next_power_of_2(num_heads_per_kv)), BLOCK_N=block_n, BLOCK_D=block_d,
         SEQ_BLOCK=seq_block(num_decode), HAS_WINDOW=has_window, DIRECT=direct, INTERPRET=_INTERPRET,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # no TF32 for fp32 inputs
         num_warps=num_warps, num_stages=num_stages,

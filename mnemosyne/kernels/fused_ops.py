@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from mnemosyne.kernels.host_math import cdiv, next_power_of_2
+
 _MAX_NORM_BLOCK = 16384  # hidden sizes up to this are normed in one pass from registers
 
 
@@ -115,7 +117,7 @@ def _rms_norm(
     else:
         xv, rv = _row_views(x, residual)
     n0, n1 = xv.shape[0], xv.shape[1]
-    block = min(triton.next_power_of_2(hidden), _MAX_NORM_BLOCK)
+    block = min(next_power_of_2(hidden), _MAX_NORM_BLOCK)
     if block < hidden:
         block = 4096
     _rms_norm_kernel[(n0 * n1,)](
@@ -207,9 +209,9 @@ def apply_rotary(
         raise ValueError("q and k need one dtype and a contiguous last dim")
     if num_tokens == 0:
         return q, k
-    block_half = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 1024 // block_half))
-    grid = (num_tokens, triton.cdiv(num_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
+    block_half = next_power_of_2(half)
+    block_h = min(next_power_of_2(max(num_heads, num_kv_heads)), max(1, 1024 // block_half))
+    grid = (num_tokens, cdiv(num_heads, block_h) + cdiv(num_kv_heads, block_h))
     _rotary_kernel[grid](
         q, k, positions, inv_freq.contiguous(),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -250,8 +252,8 @@ def silu_and_mul(
     out = torch.empty(num_tokens, inter, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block = min(1024, triton.next_power_of_2(inter))
-    grid = (num_tokens, triton.cdiv(inter, block))
+    block = min(1024, next_power_of_2(inter))
+    grid = (num_tokens, cdiv(inter, block))
     _silu_and_mul_kernel[grid](
         x, out, x.stride(0), INTER=inter, BLOCK=block, PRECISE=_precise(x), num_warps=4
     )  # fmt: skip

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mnemosyne.kernels.host_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -68,9 +70,9 @@ def write_kv_cache(
             raise ValueError("the last dim of key / value / caches must be contiguous")
     if num_tokens == 0:
         return
-    block_d = triton.next_power_of_2(head_dim)
-    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // block_d))
-    grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
+    block_d = next_power_of_2(head_dim)
+    block_h = min(next_power_of_2(num_kv_heads), max(1, 4096 // block_d))
+    grid = (num_tokens, cdiv(num_kv_heads, block_h))
     _write_kv_kernel[grid](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mnemosyne.kernels.host_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def merge_split_partials(
@@ -61,8 +63,8 @@ def merge_split_partials(
 def split_merge_blocks(num_splits: int, head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_S, CHUNK) for `merge_split_partials`: CHUNK splits per static step
     keep the [CHUNK, BLOCK_D] partial tile at about 2048 elements."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_s = triton.next_power_of_2(num_splits)
+    block_d = max(16, next_power_of_2(head_dim))
+    block_s = next_power_of_2(num_splits)
     return block_d, block_s, min(block_s, max(1, 2048 // block_d))
 
 
@@ -121,11 +123,11 @@ def merge_attn_states_into(
         raise ValueError("the last dim of every output must be contiguous")
     if num_tokens == 0:
         return
-    block_h = min(triton.next_power_of_2(num_heads), 8)
-    _merge_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
+    block_h = min(next_power_of_2(num_heads), 8)
+    _merge_kernel[(num_tokens, cdiv(num_heads, block_h))](
         out, lse, out_a, lse_a, out_b, lse_b, num_heads,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         out_a.stride(0), out_a.stride(1), lse_a.stride(0), lse_a.stride(1),
         out_b.stride(0), out_b.stride(1), lse_b.stride(0), lse_b.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_H=block_h,
     )  # fmt: skip
