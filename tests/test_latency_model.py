@@ -63,7 +63,7 @@ def _random_composition(rng: random.Random) -> StepComposition:
 
 
 def test_fit_recovers_a_model_of_its_own_form():
-    truth = FittedLatencyModel(Layout(), 190, (2e-3, 1e-6, 2e-5, 1e-9, 4e-12, 5e-12, 1e-4, 2e-9, 0, 1e-5, 3e-5),
+    truth = FittedLatencyModel(Layout(), 190, (2e-3, 1e-6, 2e-5, 1e-9, 4e-12, 5e-12, 1e-4, 2e-9, 0, 1e-5, 3e-5, 0),
                                (0.0, 0.0))  # fmt: skip
     rng = random.Random(0)
     samples = [(c, truth.step_time_s(c)) for c in (_random_composition(rng) for _ in range(300))]

@@ -6,7 +6,8 @@ grid points   single chunks (c, P), decode batches (B, L), mixed steps (B decode
 one point     warm-up run (JIT, cuDNN plans, CUDA graph capture), then `repeats` timed
               runs of submit -> result (host + device), median
 fit           weighted NNLS (`latency/fitted.py`); each KVP sample is keyed by the group
-              the roofline calls busiest
+              the roofline calls busiest; on CUDA with the kernel backend the fit also gets
+              the backend's chunk cost table (`chunk_attention_cost`), stored in the profile
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from datetime import UTC, datetime
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.policies import profile_key
 from mnemosyne.latency.composition import StepComposition
-from mnemosyne.latency.fitted import fit_latency_model
+from mnemosyne.latency.fitted import ChunkAttentionCost, fit_latency_model
+from mnemosyne.latency.kernel_cost import H200_COST
 from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
+from mnemosyne.latency.shape import Layout, ModelShape
 from mnemosyne.profiling.synthetic import SyntheticPlanner, SyntheticSeq
 
 
@@ -138,6 +141,30 @@ def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProf
         engine.shutdown()
 
 
+def chunk_attention_cost(
+    shape: ModelShape, layout: Layout, block_size: int, page_tiles_keys: int = 64
+) -> ChunkAttentionCost:
+    """The chunk costs the CUDA kernel backend picks paths by (`KernelBackend`'s default table),
+    for this shape's per-GPU heads; page-aligned tiles where the block size is a multiple of
+    `page_tiles_keys` (`kernels/chunk_tma_attention.fits_page_tiles`: 64 keys in 16-bit)."""
+    return ChunkAttentionCost(
+        H200_COST, shape.num_layers, shape.num_heads // layout.tp, shape.head_dim,
+        page_tiles=block_size % page_tiles_keys == 0,
+    )  # fmt: skip
+
+
+def engine_chunk_attention_cost(config) -> ChunkAttentionCost | None:
+    """`chunk_attention_cost` where the engine's workers run the kernel backend with cuDNN
+    (CUDA, `attention_backend` auto or kernels), else None (no kernel feature)."""
+    from mnemosyne.config import AttentionBackendKind
+    from mnemosyne.kernels.chunk_tma_attention import tma_step_keys
+
+    if not config.device.startswith("cuda") or config.attention_backend is AttentionBackendKind.REFERENCE:
+        return None
+    key = profile_key(config)
+    return chunk_attention_cost(key.shape, key.layout, config.cache.block_size, tma_step_keys(config.model.dtype))
+
+
 def synthetic_setup(engine) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
     """The key, roofline and synthetic planner of an idle engine, and the KV tokens one step may use."""
     config = engine.config
@@ -167,7 +194,7 @@ def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
     busiest = [max(range(len(c.groups)), key=lambda g, c=c: roofline.stage_time_s(c.groups[g])) for c, _ in pairs]
     spec = roofline.device
     knee = max(1, round(spec.matmul_flops_per_s * key.shape.dtype_bytes / (2 * spec.memory_bytes_per_s)))
-    model = fit_latency_model(pairs, key.layout, knee, busiest)
+    model = fit_latency_model(pairs, key.layout, knee, busiest, engine_chunk_attention_cost(engine.config))
     errors = sorted(abs(model.step_time_s(c) / t - 1) for c, t in pairs)
     info = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
