@@ -7,7 +7,8 @@ import random
 import pytest
 
 from mnemosyne.latency.composition import GroupLoad, StepComposition
-from mnemosyne.latency.fitted import GROUP_FEATURES, FittedLatencyModel, fit_latency_model
+from mnemosyne.latency.fitted import GROUP_FEATURES, ChunkAttentionCost, FittedLatencyModel, fit_latency_model
+from mnemosyne.latency.kernel_cost import H200_COST
 from mnemosyne.latency.profile_store import (
     LatencyProfile,
     ProfileKey,
@@ -74,8 +75,9 @@ def test_fit_recovers_a_model_of_its_own_form():
 
 def test_profile_store_round_trip_and_lookup(tmp_path):
     key = ProfileKey("cpu", LLAMA3_8B, Layout(tp=2), "float32")
+    attention = ChunkAttentionCost(H200_COST, num_layers=32, num_heads=16, head_dim=128, page_tiles=True)
     model = FittedLatencyModel(
-        Layout(tp=2), 64, tuple(float(i) for i in range(len(GROUP_FEATURES))), (1.0, 2.0)
+        Layout(tp=2), 64, tuple(float(i) for i in range(len(GROUP_FEATURES))), (1.0, 2.0), attention
     )
     profile = LatencyProfile(key, model, {"libraries": {"torch": "x"}})
     assert find_cached_profile(tmp_path, key) is None
