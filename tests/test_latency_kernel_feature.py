@@ -10,7 +10,13 @@ import pytest
 
 from mnemosyne.errors import ConfigError
 from mnemosyne.latency.composition import GroupLoad, StepComposition
-from mnemosyne.latency.fitted import GROUP_FEATURES, STEP_FEATURES, ChunkAttentionCost, FittedLatencyModel, fit_latency_model
+from mnemosyne.latency.fitted import (
+    GROUP_FEATURES,
+    STEP_FEATURES,
+    ChunkAttentionCost,
+    FittedLatencyModel,
+    fit_latency_model,
+)
 from mnemosyne.latency.kernel_cost import ChunkCostModel, ChunkPath, PathCost
 from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey, load_profile, save_profile
 from mnemosyne.latency.shape import Layout, ModelShape
