@@ -121,3 +121,11 @@ def test_unreadable_profiles_say_why(tmp_path):
         path.write_text(json.dumps(b))
         with pytest.raises(ConfigError, match=message):
             load_profile(path)
+
+
+def test_profiler_cost_table_per_gpu_heads_and_page_tiles():
+    from mnemosyne.profiling.profiler import chunk_attention_cost
+
+    tiles = chunk_attention_cost(SHAPE, Layout(tp=2), block_size=64)
+    assert (tiles.num_layers, tiles.num_heads, tiles.head_dim, tiles.page_tiles) == (4, 4, 32, True)
+    assert not chunk_attention_cost(SHAPE, Layout(), block_size=16).page_tiles
