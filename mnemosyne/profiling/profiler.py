@@ -28,7 +28,7 @@ from mnemosyne.latency.kernel_cost import H200_COST
 from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
 from mnemosyne.latency.shape import Layout, ModelShape
-from mnemosyne.profiling.synthetic import SyntheticPlanner, SyntheticSeq
+from mnemosyne.profiling.synthetic import BlockLayout, SyntheticPlanner, SyntheticSeq
 
 
 class GridKind(enum.Enum):
@@ -121,7 +121,9 @@ def grid_points(
     return points
 
 
-def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProfile:
+def run_profile(
+    args: EngineArgs, grid_kind: GridKind, log=print, block_layout: BlockLayout = BlockLayout.CONTIGUOUS
+) -> LatencyProfile:
     """Start an engine sized for the grid, profile it, stop it."""
     from mnemosyne.engine.llm_engine import LLMEngine
 
@@ -136,7 +138,7 @@ def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProf
     )
     engine = LLMEngine.from_args(args)
     try:
-        return profile_engine(engine, grid_kind, log)
+        return profile_engine(engine, grid_kind, log, block_layout)
     finally:
         engine.shutdown()
 
@@ -165,23 +167,29 @@ def engine_chunk_attention_cost(config) -> ChunkAttentionCost | None:
     return chunk_attention_cost(key.shape, key.layout, config.cache.block_size, tma_step_keys(config.model.dtype))
 
 
-def synthetic_setup(engine) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
+def synthetic_setup(
+    engine, block_layout: BlockLayout = BlockLayout.CONTIGUOUS
+) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
     """The key, roofline and synthetic planner of an idle engine, and the KV tokens one step may use."""
     config = engine.config
     key = profile_key(config)
     cache = config.cache
     roofline = RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name))
-    planner = SyntheticPlanner(cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group)
+    planner = SyntheticPlanner(
+        cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group, block_layout
+    )
     capacity = min(cache.num_blocks_per_group) * cache.block_size * len(cache.num_blocks_per_group)
     capacity -= cache.block_size * config.scheduler.max_num_seqs  # room for partial blocks
     return key, roofline, planner, capacity
 
 
-def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
+def profile_engine(
+    engine, grid_kind: GridKind, log=print, block_layout: BlockLayout = BlockLayout.CONTIGUOUS
+) -> LatencyProfile:
     """Profile an idle engine (no requests in flight; it must allow the grid's batch sizes)."""
     t_start = time.monotonic()
     grid = GRIDS[grid_kind]
-    key, roofline, planner, capacity = synthetic_setup(engine)
+    key, roofline, planner, capacity = synthetic_setup(engine, block_layout)
     max_seqs = min(engine.config.scheduler.max_num_seqs, max(grid.decode_batches) + 1)
     points = [
         p
@@ -200,6 +208,7 @@ def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "libraries": library_versions(),
         "grid": grid_kind.value,
+        "block_layout": block_layout.value,
         "elapsed_s": round(time.monotonic() - t_start, 1),
         "fit_error": {
             "median_rel": statistics.median(errors),

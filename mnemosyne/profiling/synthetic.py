@@ -6,13 +6,19 @@ is a fresh request id; the next plan retires it (freed_kv + finished). Its KV is
 laid out the way the KV manager would, T-aligned pieces on groups 0, 1, 2, ...::
 
     sequence [0, end):  piece j = [jT, min((j+1)T, end)) on group j % kvp
-    block ids: consecutive from a per-group cursor, wrapping around the pool
-               (sequences may share blocks; their writes land on garbage keys, never read
-               for anything but timing)
+    block ids: from a per-group cursor, wrapping around the pool (sequences may share
+               blocks; their writes land on garbage keys, never read for anything but timing)
+               CONTIGUOUS  a piece's n blocks are first, first+1, ..., first+n-1: one run,
+                           which the cuDNN path reads as a strided view
+               SCATTERED   the same ids in descending order: no two consecutive, so the
+                           cuDNN path gathers every prefix segment (`kernels/cudnn_prefill.py`),
+                           as in an engine whose long prompt's blocks interleave with the
+                           blocks its decodes take (the run breaks at the first such block)
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 from dataclasses import dataclass
 
@@ -24,6 +30,11 @@ from mnemosyne.wire.plan import ChunkPlan, NewRequest, PiecePlan, StepPlan
 _GREEDY = SamplingParams(temperature=0, max_tokens=1)
 
 
+class BlockLayout(enum.Enum):
+    CONTIGUOUS = "contiguous"
+    SCATTERED = "scattered"
+
+
 @dataclass(frozen=True)
 class SyntheticSeq:
     num_tokens: int  # query tokens (1 = a decode)
@@ -32,9 +43,14 @@ class SyntheticSeq:
 
 class SyntheticPlanner:
     def __init__(
-        self, block_size: int, num_blocks_per_group: tuple[int, ...], max_tokens_per_kvp_group: int | None
+        self,
+        block_size: int,
+        num_blocks_per_group: tuple[int, ...],
+        max_tokens_per_kvp_group: int | None,
+        block_layout: BlockLayout = BlockLayout.CONTIGUOUS,
     ):
         self.block_size = block_size
+        self.block_layout = block_layout
         self.num_blocks_per_group = num_blocks_per_group
         self.max_tokens_per_kvp_group = max_tokens_per_kvp_group
         self._ids = itertools.count()
@@ -97,5 +113,6 @@ class SyntheticPlanner:
                 )
             first = self._cursor[g] if self._cursor[g] + n <= pool else 0
             self._cursor[g] = first + n
-            pieces.append(PiecePlan(g, lo, hi, 0, tuple(range(first, first + n))))
+            ids = range(first, first + n)
+            pieces.append(PiecePlan(g, lo, hi, 0, tuple(reversed(ids) if self.block_layout is BlockLayout.SCATTERED else ids)))
         return tuple(pieces)
