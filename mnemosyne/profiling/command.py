@@ -1,5 +1,6 @@
 """`mnemosyne profile --model DIR [--load-format dummy] [--device cuda|cpu] [--tp --spp --kvp]
-[--grid quick|default|tiny] [--block-layout contiguous|scattered] --out FILE`: measure, fit, write the JSON and cache it, so every
+[--grid quick|default|tiny] [--block-layout contiguous|scattered] [--step-timing serial|pipelined]
+--out FILE`: measure, fit, write the JSON and cache it, so every
 engine with the same device, model shape, layout and dtype picks it up."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from mnemosyne.latency.profile_store import profiles_dir, save_profile
-from mnemosyne.profiling.profiler import GridKind
+from mnemosyne.profiling.profiler import GridKind, StepTiming
 from mnemosyne.profiling.synthetic import BlockLayout
 
 
@@ -28,6 +29,13 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
         help="synthetic KV blocks: contiguous (one run per sequence) or scattered (every prefix "
         "gathered by the cuDNN path, as when a long prompt's blocks interleave with decodes')",
     )
+    g.add_argument(
+        "--step-timing",
+        default=StepTiming.SERIAL.value,
+        choices=[k.value for k in StepTiming],
+        help="serial: submit -> result, one step in flight; pipelined: two in flight, as with "
+        "async scheduling (result -> next result)",
+    )
     g.add_argument("--no-cache", action="store_true", help="do not copy the profile into the cache")
 
 
@@ -41,6 +49,7 @@ def cmd_profile(ns: argparse.Namespace) -> int:
         engine_args_from(ns),
         parse_enum(GridKind, ns.grid, "--grid"),
         block_layout=parse_enum(BlockLayout, ns.block_layout, "--block-layout"),
+        timing=parse_enum(StepTiming, ns.step_timing, "--step-timing"),
     )
     out = Path(ns.out)
     save_profile(profile, out)

@@ -2,7 +2,9 @@
 
 Attention cost does not depend on the cached values, so a step of "c query tokens
 after P keys" runs over whatever the blocks hold. Every sequence of a synthetic step
-is a fresh request id; the next plan retires it (freed_kv + finished). Its KV is
+is a fresh request id; a later plan retires it (freed_kv + finished): the next one, or
+with `max_live_plans` = 2 (two plans in flight) the one after, so that no plan frees a
+request of a step whose result has not been collected. Its KV is
 laid out the way the KV manager would, T-aligned pieces on groups 0, 1, 2, ...::
 
     sequence [0, end):  piece j = [jT, min((j+1)T, end)) on group j % kvp
@@ -48,15 +50,17 @@ class SyntheticPlanner:
         num_blocks_per_group: tuple[int, ...],
         max_tokens_per_kvp_group: int | None,
         block_layout: BlockLayout = BlockLayout.CONTIGUOUS,
+        max_live_plans: int = 1,
     ):
         self.block_size = block_size
         self.block_layout = block_layout
+        self.max_live_plans = max_live_plans
         self.num_blocks_per_group = num_blocks_per_group
         self.max_tokens_per_kvp_group = max_tokens_per_kvp_group
         self._ids = itertools.count()
         self._step_ids = itertools.count()
         self._cursor = [0] * len(num_blocks_per_group)
-        self._live: tuple[str, ...] = ()
+        self._live: list[tuple[str, ...]] = []  # request ids of the plans not retired, oldest first
 
     @property
     def num_kvp_groups(self) -> int:
@@ -91,12 +95,14 @@ class SyntheticPlanner:
                     prompt_logprob_targets=(),
                 )
             )
-        retired, self._live = self._live, tuple(c.request_id for c in chunks)
+        self._live.append(tuple(c.request_id for c in chunks))
+        retired = self._live.pop(0) if len(self._live) > self.max_live_plans else ()
         return StepPlan(next(self._step_ids), tuple(chunks), tuple(new), freed_kv=retired, finished=retired)
 
     def retire_plan(self) -> StepPlan:
-        """An empty plan that drops the last step's requests."""
-        retired, self._live = self._live, ()
+        """An empty plan that drops every live request."""
+        retired = tuple(r for ids in self._live for r in ids)
+        self._live = []
         return StepPlan(next(self._step_ids), (), (), freed_kv=retired, finished=retired)
 
     def _pieces(self, end: int) -> tuple[PiecePlan, ...]:
