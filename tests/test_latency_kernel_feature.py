@@ -3,6 +3,7 @@ Fake data only: compositions built here, times from a known model, no device."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -17,7 +18,7 @@ from mnemosyne.latency.fitted import (
     FittedLatencyModel,
     fit_latency_model,
 )
-from mnemosyne.latency.kernel_cost import ChunkCostModel, ChunkPath, PathCost
+from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath, PathCost
 from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey, load_profile, save_profile
 from mnemosyne.latency.shape import Layout, ModelShape
 
@@ -46,17 +47,32 @@ def random_composition(rng: random.Random) -> StepComposition:
     return StepComposition.single(load)
 
 
-def test_key_seconds_follows_the_path_the_backend_picks():
-    small = GroupLoad().plus_chunk(16, 100000)  # triton: 1e-9 per key beats cudnn's 1 ms floor
-    keys = 100000 + 16
-    assert COST.cheaper(16, keys, 8, 32) is ChunkPath.TRITON_SPLITKV
-    assert ATTENTION.key_seconds(small) == pytest.approx(4 * keys * 1e-9)
-    big = GroupLoad().plus_chunk(512, 200000)  # triton 4e-8 * 2e5 = 8 ms > cudnn max(1 ms, 2 ms)
+def test_key_seconds_take_the_lower_per_key_cost_of_the_two_paths():
+    small = GroupLoad().plus_chunk(16, 100000)  # triton: 1e-9 per key, cudnn 1e-8
+    assert ATTENTION.key_seconds(small) == pytest.approx(4 * (100000 + 16) * 1e-9)
+    big = GroupLoad().plus_chunk(512, 200000)  # triton 4e-8 per key, cudnn 1e-8
     assert COST.cheaper(512, 200512, 8, 32) is ChunkPath.CUDNN
     assert ATTENTION.key_seconds(big) == pytest.approx(4 * 200512 * 1e-8)
+    # Few keys: the backend keeps Triton (cuDNN's 1 ms floor), the feature still takes cuDNN's
+    # lower per-key cost (the fixed costs are the fit's `chunks` and `one` terms).
+    assert COST.cheaper(512, 1000, 8, 32) is ChunkPath.TRITON_SPLITKV
+    assert ATTENTION.key_seconds(GroupLoad().plus_chunk(512, 488)) == pytest.approx(4 * 1000 * 1e-8)
     not_owned = GroupLoad().plus_chunk(16, 1000, owns=False)  # keys = prefix only
     assert ATTENTION.key_seconds(not_owned) == pytest.approx(4 * 1000 * 1e-9)
     assert ATTENTION.key_seconds(GroupLoad().plus_decode(5000)) == 0.0  # decodes have their own terms
+
+
+def test_key_seconds_never_fall_as_a_chunk_or_its_prefix_grows():
+    """The chunk-size binary search needs step times non-decreasing in the chunk size."""
+    attention = ChunkAttentionCost(H200_COST, num_layers=32, num_heads=32, head_dim=128, page_tiles=True)
+    for page_tiles in (True, False):
+        a = dataclasses.replace(attention, page_tiles=page_tiles)
+        for prefix in (0, 1000, 30000, 262144, 900000):
+            t = [a.key_seconds(GroupLoad().plus_chunk(c, prefix)) for c in range(16, 8193, 16)]
+            assert all(x <= y for x, y in zip(t, t[1:], strict=False)), (page_tiles, prefix)
+        for c in (16, 300, 4096):
+            t = [a.key_seconds(GroupLoad().plus_chunk(c, p)) for p in range(0, 10**6, 50000)]
+            assert all(x <= y for x, y in zip(t, t[1:], strict=False)), (page_tiles, c)
 
 
 def test_fit_recovers_the_kernel_coefficient_and_the_rest():

@@ -6,7 +6,7 @@ Per KVP group, with c = chunk size and P = prefix keys of each chunk (see `compo
             + b * num_tokens + b' * max(num_tokens, knee)   dense layers: weight-bound up to the
                                                      knee (ridge point of the device), FLOP-bound past it
             + g * sum P + d * sum c*P + e * sum c(c+1)/2 + k * num_chunks   chunk attention
-            + r * L * sum keys * per_key(c)          chunk attention as the backend's kernels scale
+            + r * L * sum keys * per_key(c)          chunk attention per key, as the kernels scale with c
             + u * sum decode keys + v * max decode keys + w * num_decodes   decode attention
             + s * num_sampled                        LM head rows
     step    = max over groups of t_group + m * shared tokens + m0 * [any shared]   (KVP merge)
@@ -16,11 +16,11 @@ follow the kernels' shape in c: the backend runs each chunk on the cheaper of tw
 a path's seconds per key are flat for small c (bandwidth-bound) and grow with c past it
 (`latency/kernel_cost.py`, measured per chunk length). So where the profile knows the
 backend's cost table (`ChunkAttentionCost`: the table, L layers, the per-GPU heads, the
-cache's page-tile choice), kernel_chunk_key_s = L * sum over chunks of keys * per_key(c) on
-the path the backend picks (keys = P + own keys) is one more feature; r is about 1 when the
-table is right (0.95 on the H200 quick profile). Its fixed costs are left to a and k: the
-table's floors are measured after long prefixes and overstate short ones. Profiles without
-the table (format 1, CPU) have r = 0. The fit minimises
+cache's page-tile choice), kernel_chunk_key_s = L * sum over chunks of keys * per_key(c),
+per_key(c) the lower of the two paths' (keys = P + own keys), is one more feature; r is
+about 1 when the table is right (0.90 on the H200 quick profile). The table's fixed costs
+are left to a and k: they are measured after long prefixes and overstate short ones.
+Profiles without the table (format 1, CPU) have r = 0. The fit minimises
 the relative error (rows weighted by 1 / measured), with every coefficient >= 0 so
 predictions grow with work, which the chunk-size binary search relies on.
 Coefficients are seconds per unit of their feature.
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mnemosyne.latency.composition import GroupLoad, StepComposition
-from mnemosyne.latency.kernel_cost import ChunkCostModel
+from mnemosyne.latency.kernel_cost import ChunkCostModel, ChunkPath
 from mnemosyne.latency.shape import Layout
 
 GROUP_FEATURES = (
@@ -55,8 +55,8 @@ OPTIONAL_FEATURES = frozenset({"kernel_chunk_key_s"})  # absent from format-1 pr
 
 @dataclass(frozen=True)
 class ChunkAttentionCost:
-    """Seconds the attention backend spends on a group's chunks, all layers, each chunk on the
-    path it would pick (`KernelBackend._dense_is_cheaper`: the cheaper by `cost_model`)."""
+    """The attention backend's measured per-key chunk costs (`cost_model`, the table
+    `KernelBackend` picks paths by), for a model's layers and per-GPU heads."""
 
     cost_model: ChunkCostModel
     num_layers: int
@@ -65,13 +65,17 @@ class ChunkAttentionCost:
     page_tiles: bool  # the cache's block size allows the page-aligned Triton kernel
 
     def key_seconds(self, load: GroupLoad) -> float:
-        """kernel_chunk_key_s: the per-key part of each chunk's cost on its path, all layers."""
+        """kernel_chunk_key_s: sum over chunks of keys * the lower of the two paths' per-key
+        cost at that chunk length, all layers. Past a few thousand keys the backend runs the
+        path that is cheaper per key, so this is its per-key time; the lower envelope (not the
+        path `cheaper` picks by fixed + per-key) keeps the feature non-decreasing in c and in
+        the keys, which the chunk-size binary search relies on (the picked path's per-key cost
+        drops where a long chunk switches to cuDNN)."""
         m, factor = self.cost_model, self.cost_model.shape_factor(self.num_heads, self.head_dim)
         per_layer = 0.0
+        triton, cudnn = m.path_cost(ChunkPath.TRITON_SPLITKV, self.page_tiles), m.path_cost(ChunkPath.CUDNN)
         for num_queries, num_keys in load.chunk_shapes:
-            path = m.cheaper(num_queries, num_keys, self.num_heads, self.head_dim, self.page_tiles)
-            _, per_key = m.path_cost(path, self.page_tiles).at(num_queries)
-            per_layer += num_keys * per_key * factor
+            per_layer += num_keys * min(triton.at(num_queries)[1], cudnn.at(num_queries)[1]) * factor
         return self.num_layers * per_layer
 
     def to_dict(self) -> dict:
@@ -170,7 +174,7 @@ def fit_latency_model(
 
     `busiest_group[i]` names the group whose load sets sample i's time (default: the one
     with the most query tokens); only that group's features enter the row. `excluded`
-    features keep coefficient 0 (`fit_features` picks them).
+    features keep coefficient 0 (`benchmarks/refit_latency_profile.py` compares feature sets).
     """
     import numpy as np
 
