@@ -7,7 +7,8 @@ import random
 import pytest
 
 from mnemosyne.latency.composition import GroupLoad, StepComposition
-from mnemosyne.latency.fitted import GROUP_FEATURES, FittedLatencyModel, fit_latency_model
+from mnemosyne.latency.fitted import GROUP_FEATURES, ChunkAttentionCost, FittedLatencyModel, fit_latency_model
+from mnemosyne.latency.kernel_cost import H200_COST
 from mnemosyne.latency.profile_store import (
     LatencyProfile,
     ProfileKey,
@@ -63,7 +64,7 @@ def _random_composition(rng: random.Random) -> StepComposition:
 
 
 def test_fit_recovers_a_model_of_its_own_form():
-    truth = FittedLatencyModel(Layout(), 190, (2e-3, 1e-6, 2e-5, 1e-9, 4e-12, 5e-12, 1e-4, 2e-9, 0, 1e-5, 3e-5),
+    truth = FittedLatencyModel(Layout(), 190, (2e-3, 1e-6, 2e-5, 1e-9, 4e-12, 5e-12, 1e-4, 2e-9, 0, 1e-5, 3e-5, 0),
                                (0.0, 0.0))  # fmt: skip
     rng = random.Random(0)
     samples = [(c, truth.step_time_s(c)) for c in (_random_composition(rng) for _ in range(300))]
@@ -74,8 +75,9 @@ def test_fit_recovers_a_model_of_its_own_form():
 
 def test_profile_store_round_trip_and_lookup(tmp_path):
     key = ProfileKey("cpu", LLAMA3_8B, Layout(tp=2), "float32")
+    attention = ChunkAttentionCost(H200_COST, num_layers=32, num_heads=16, head_dim=128, page_tiles=True)
     model = FittedLatencyModel(
-        Layout(tp=2), 64, tuple(float(i) for i in range(len(GROUP_FEATURES))), (1.0, 2.0)
+        Layout(tp=2), 64, tuple(float(i) for i in range(len(GROUP_FEATURES))), (1.0, 2.0), attention
     )
     profile = LatencyProfile(key, model, {"libraries": {"torch": "x"}})
     assert find_cached_profile(tmp_path, key) is None

@@ -6,6 +6,8 @@ The scheduler (adaptive chunking, LARS deadlines) and the simulator call it:
     shape.py        the model shape and the 3D layout the prediction is for
     roofline.py     `DeviceSpec` peaks and `RooflineLatencyModel` (the fallback)
     fitted.py       `FittedLatencyModel`: roofline-shaped terms fitted to a measured profile
+    kernel_cost.py  `ChunkCostModel`: measured per-layer chunk attention cost of each kernel path
+                    (the attention backend picks paths by it; the fitted model's kernel term)
     profile_store.py  profile JSON, its key (device, shape, layout, dtype) and the cache lookup
 """
 

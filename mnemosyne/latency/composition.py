@@ -8,7 +8,9 @@ or decode whose keys it partly holds. Per group the model sees::
       num_tokens            query tokens through the dense layers (decodes + chunk tokens)
       decodes               num_decodes, decode_kv_tokens = sum of keys read, max_decode_kv_tokens
       chunks                num_chunks, chunk_prefix_tokens = sum P, chunk_prefix_pairs = sum c*P,
-                            chunk_causal_pairs = sum c(c+1)/2 (only where the group owns the chunk)
+                            chunk_causal_pairs = sum c(c+1)/2 (only where the group owns the chunk),
+                            chunk_shapes = (c, keys) of each chunk, keys = P (+ c where owned):
+                            what the attention kernel sees (`latency/kernel_cost.py`)
       num_sampled           rows through the LM head
 
     chunk of c query tokens after P keys held by this group:
@@ -35,6 +37,7 @@ class GroupLoad:
     chunk_prefix_pairs: int = 0
     chunk_causal_pairs: int = 0
     num_sampled: int = 0
+    chunk_shapes: tuple[tuple[int, int], ...] = ()  # (query tokens, keys incl. own) per chunk
 
     def plus_decode(self, kv_tokens: int, owns: bool = True) -> GroupLoad:
         """A decode reading `kv_tokens` keys here (its own key included where it is owned)."""
@@ -48,6 +51,7 @@ class GroupLoad:
             chunk_prefix_pairs=self.chunk_prefix_pairs,
             chunk_causal_pairs=self.chunk_causal_pairs,
             num_sampled=self.num_sampled + int(owns),
+            chunk_shapes=self.chunk_shapes,
         )
 
     def plus_chunk(
@@ -66,6 +70,7 @@ class GroupLoad:
             chunk_prefix_pairs=self.chunk_prefix_pairs + c * prefix_tokens,
             chunk_causal_pairs=self.chunk_causal_pairs + (c * (c + 1) // 2 if owns else 0),
             num_sampled=self.num_sampled + int(owns and sample),
+            chunk_shapes=(*self.chunk_shapes, (c, prefix_tokens + (c if owns else 0))),
         )
 
     @property

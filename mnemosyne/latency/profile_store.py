@@ -2,7 +2,7 @@
 
     <cache dir>/profiles/<device>-<hash of the key>.json
     {
-      "format": 1,
+      "format": 2,      (1: before the model's kernel_chunk_key_s term; still read, that term 0)
       "key": {"device_name": ..., "shape": {...}, "layout": {"tp", "spp", "kvp"}, "dtype": ...},
       "model": {FittedLatencyModel.to_dict()},
       "libraries": {...}, "grid": ..., "samples": [...], "fit_error": {...}    (informational)
@@ -23,7 +23,8 @@ from mnemosyne.errors import ConfigError
 from mnemosyne.latency.fitted import FittedLatencyModel
 from mnemosyne.latency.shape import Layout, ModelShape
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,10 @@ def load_profile(path: str | Path) -> LatencyProfile:
         d = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read latency profile {p}: {e}") from None
-    if d.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"latency profile {p} has format {d.get('format')!r}, expected {FORMAT_VERSION}")
+    if d.get("format") not in READABLE_FORMATS:
+        raise ConfigError(
+            f"latency profile {p} has format {d.get('format')!r}; this version reads formats {READABLE_FORMATS}"
+        )
     try:
         key = ProfileKey.from_dict(d["key"])
         model = FittedLatencyModel.from_dict(key.layout, d["model"])

@@ -4,9 +4,13 @@ grid points   single chunks (c, P), decode batches (B, L), mixed steps (B decode
               P, L up to the KV capacity; points whose roofline time exceeds max_step_s
               are skipped (they bound the run time and lie far past any step target)
 one point     warm-up run (JIT, cuDNN plans, CUDA graph capture), then `repeats` timed
-              runs of submit -> result (host + device), median
+              runs, median (`StepTiming`):
+                SERIAL     submit -> result, one step in flight: host + device
+                PIPELINED  two steps in flight, as the engine's async scheduling runs them:
+                           result -> next result, max(host, device) once the device is busy
 fit           weighted NNLS (`latency/fitted.py`); each KVP sample is keyed by the group
-              the roofline calls busiest
+              the roofline calls busiest; on CUDA with the kernel backend the fit also gets
+              the backend's chunk cost table (`chunk_attention_cost`), stored in the profile
 """
 
 from __future__ import annotations
@@ -21,11 +25,19 @@ from datetime import UTC, datetime
 
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.policies import profile_key
+from mnemosyne.errors import ConfigError
 from mnemosyne.latency.composition import StepComposition
-from mnemosyne.latency.fitted import fit_latency_model
+from mnemosyne.latency.fitted import ChunkAttentionCost, fit_latency_model
+from mnemosyne.latency.kernel_cost import H200_COST
 from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
-from mnemosyne.profiling.synthetic import SyntheticPlanner, SyntheticSeq
+from mnemosyne.latency.shape import Layout, ModelShape
+from mnemosyne.profiling.synthetic import BlockLayout, SyntheticPlanner, SyntheticSeq
+
+
+class StepTiming(enum.Enum):
+    SERIAL = "serial"
+    PIPELINED = "pipelined"
 
 
 class GridKind(enum.Enum):
@@ -118,7 +130,13 @@ def grid_points(
     return points
 
 
-def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProfile:
+def run_profile(
+    args: EngineArgs,
+    grid_kind: GridKind,
+    log=print,
+    block_layout: BlockLayout = BlockLayout.CONTIGUOUS,
+    timing: StepTiming = StepTiming.SERIAL,
+) -> LatencyProfile:
     """Start an engine sized for the grid, profile it, stop it."""
     from mnemosyne.engine.llm_engine import LLMEngine
 
@@ -133,28 +151,66 @@ def run_profile(args: EngineArgs, grid_kind: GridKind, log=print) -> LatencyProf
     )
     engine = LLMEngine.from_args(args)
     try:
-        return profile_engine(engine, grid_kind, log)
+        return profile_engine(engine, grid_kind, log, block_layout, timing)
     finally:
         engine.shutdown()
 
 
-def synthetic_setup(engine) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
+def chunk_attention_cost(
+    shape: ModelShape, layout: Layout, block_size: int, page_tiles_keys: int = 64
+) -> ChunkAttentionCost:
+    """The chunk costs the CUDA kernel backend picks paths by (`KernelBackend`'s default table),
+    for this shape's per-GPU heads; page-aligned tiles where the block size is a multiple of
+    `page_tiles_keys` (`kernels/chunk_tma_attention.fits_page_tiles`: 64 keys in 16-bit)."""
+    return ChunkAttentionCost(
+        H200_COST, shape.num_layers, shape.num_heads // layout.tp, shape.head_dim,
+        page_tiles=block_size % page_tiles_keys == 0,
+    )  # fmt: skip
+
+
+def engine_chunk_attention_cost(config) -> ChunkAttentionCost | None:
+    """`chunk_attention_cost` where the engine's workers run the kernel backend with cuDNN
+    (CUDA, `attention_backend` auto or kernels), else None (no kernel feature)."""
+    from mnemosyne.config import AttentionBackendKind
+    from mnemosyne.kernels.chunk_tma_attention import tma_step_keys
+
+    if not config.device.startswith("cuda") or config.attention_backend is AttentionBackendKind.REFERENCE:
+        return None
+    key = profile_key(config)
+    return chunk_attention_cost(key.shape, key.layout, config.cache.block_size, tma_step_keys(config.model.dtype))
+
+
+def synthetic_setup(
+    engine, block_layout: BlockLayout = BlockLayout.CONTIGUOUS, max_live_plans: int = 1
+) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
     """The key, roofline and synthetic planner of an idle engine, and the KV tokens one step may use."""
     config = engine.config
     key = profile_key(config)
     cache = config.cache
     roofline = RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name))
-    planner = SyntheticPlanner(cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group)
+    planner = SyntheticPlanner(
+        cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group, block_layout, max_live_plans
+    )
     capacity = min(cache.num_blocks_per_group) * cache.block_size * len(cache.num_blocks_per_group)
     capacity -= cache.block_size * config.scheduler.max_num_seqs  # room for partial blocks
     return key, roofline, planner, capacity
 
 
-def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
-    """Profile an idle engine (no requests in flight; it must allow the grid's batch sizes)."""
+def profile_engine(
+    engine,
+    grid_kind: GridKind,
+    log=print,
+    block_layout: BlockLayout = BlockLayout.CONTIGUOUS,
+    timing: StepTiming = StepTiming.SERIAL,
+) -> LatencyProfile:
+    """Profile an idle engine (no requests in flight; it must allow the grid's batch sizes).
+    PIPELINED timing needs an engine that keeps two steps in flight (async scheduling)."""
+    if timing is StepTiming.PIPELINED and not engine.config.scheduler.async_scheduling:
+        raise ConfigError("pipelined step timing needs async scheduling (one device, spp = 1)")
     t_start = time.monotonic()
     grid = GRIDS[grid_kind]
-    key, roofline, planner, capacity = synthetic_setup(engine)
+    pipelined = timing is StepTiming.PIPELINED
+    key, roofline, planner, capacity = synthetic_setup(engine, block_layout, max_live_plans=2 if pipelined else 1)
     max_seqs = min(engine.config.scheduler.max_num_seqs, max(grid.decode_batches) + 1)
     points = [
         p
@@ -162,17 +218,19 @@ def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
         if roofline.step_time_s(planner.composition(list(p))) <= grid.max_step_s
     ]
     log(f"profiling {len(points)} steps on {key.device_name} (KV capacity {capacity} tokens)")
-    samples = measure_all(engine.executor, planner, points, grid.repeats)
+    samples = measure_all(engine.executor, planner, points, grid.repeats, pipelined)
     pairs = [(m.composition, m.measured_s) for m in samples]
     busiest = [max(range(len(c.groups)), key=lambda g, c=c: roofline.stage_time_s(c.groups[g])) for c, _ in pairs]
     spec = roofline.device
     knee = max(1, round(spec.matmul_flops_per_s * key.shape.dtype_bytes / (2 * spec.memory_bytes_per_s)))
-    model = fit_latency_model(pairs, key.layout, knee, busiest)
+    model = fit_latency_model(pairs, key.layout, knee, busiest, engine_chunk_attention_cost(engine.config))
     errors = sorted(abs(model.step_time_s(c) / t - 1) for c, t in pairs)
     info = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "libraries": library_versions(),
         "grid": grid_kind.value,
+        "block_layout": block_layout.value,
+        "step_timing": timing.value,
         "elapsed_s": round(time.monotonic() - t_start, 1),
         "fit_error": {
             "median_rel": statistics.median(errors),
@@ -187,8 +245,11 @@ def profile_engine(engine, grid_kind: GridKind, log=print) -> LatencyProfile:
     return LatencyProfile(key, model, info)
 
 
-def measure_all(executor, planner: SyntheticPlanner, points, repeats: int) -> list[Measurement]:
-    samples = [measure(executor, planner, list(p), repeats) for p in points]
+def measure_all(
+    executor, planner: SyntheticPlanner, points, repeats: int, pipelined: bool = False
+) -> list[Measurement]:
+    timer = measure_pipelined if pipelined else measure
+    samples = [timer(executor, planner, list(p), repeats) for p in points]
     executor.submit(planner.retire_plan())
     executor.get_result()
     return samples
@@ -204,4 +265,23 @@ def measure(executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repea
         executor.get_result()
         if i:
             times.append(time.perf_counter() - t0)
+    return Measurement(tuple(seqs), planner.composition(seqs), statistics.median(times))
+
+
+def measure_pipelined(executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repeats: int) -> Measurement:
+    """Median seconds from one result to the next with two copies of the step in flight (after
+    one warm-up run): what a step costs the engine when async scheduling overlaps its host
+    work with the previous step's device work."""
+    executor.submit(planner.plan(seqs))  # warm-up
+    executor.get_result()
+    executor.submit(planner.plan(seqs))
+    times, last = [], None
+    for _ in range(repeats + 1):
+        executor.submit(planner.plan(seqs))
+        executor.get_result()
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    executor.get_result()
     return Measurement(tuple(seqs), planner.composition(seqs), statistics.median(times))

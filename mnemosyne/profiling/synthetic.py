@@ -2,17 +2,25 @@
 
 Attention cost does not depend on the cached values, so a step of "c query tokens
 after P keys" runs over whatever the blocks hold. Every sequence of a synthetic step
-is a fresh request id; the next plan retires it (freed_kv + finished). Its KV is
+is a fresh request id; a later plan retires it (freed_kv + finished): the next one, or
+with `max_live_plans` = 2 (two plans in flight) the one after, so that no plan frees a
+request of a step whose result has not been collected. Its KV is
 laid out the way the KV manager would, T-aligned pieces on groups 0, 1, 2, ...::
 
     sequence [0, end):  piece j = [jT, min((j+1)T, end)) on group j % kvp
-    block ids: consecutive from a per-group cursor, wrapping around the pool
-               (sequences may share blocks; their writes land on garbage keys, never read
-               for anything but timing)
+    block ids: from a per-group cursor, wrapping around the pool (sequences may share
+               blocks; their writes land on garbage keys, never read for anything but timing)
+               CONTIGUOUS  a piece's n blocks are first, first+1, ..., first+n-1: one run,
+                           which the cuDNN path reads as a strided view
+               SCATTERED   the same ids in descending order: no two consecutive, so the
+                           cuDNN path gathers every prefix segment (`kernels/cudnn_prefill.py`),
+                           as in an engine whose long prompt's blocks interleave with the
+                           blocks its decodes take (the run breaks at the first such block)
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 from dataclasses import dataclass
 
@@ -24,6 +32,11 @@ from mnemosyne.wire.plan import ChunkPlan, NewRequest, PiecePlan, StepPlan
 _GREEDY = SamplingParams(temperature=0, max_tokens=1)
 
 
+class BlockLayout(enum.Enum):
+    CONTIGUOUS = "contiguous"
+    SCATTERED = "scattered"
+
+
 @dataclass(frozen=True)
 class SyntheticSeq:
     num_tokens: int  # query tokens (1 = a decode)
@@ -32,15 +45,22 @@ class SyntheticSeq:
 
 class SyntheticPlanner:
     def __init__(
-        self, block_size: int, num_blocks_per_group: tuple[int, ...], max_tokens_per_kvp_group: int | None
+        self,
+        block_size: int,
+        num_blocks_per_group: tuple[int, ...],
+        max_tokens_per_kvp_group: int | None,
+        block_layout: BlockLayout = BlockLayout.CONTIGUOUS,
+        max_live_plans: int = 1,
     ):
         self.block_size = block_size
+        self.block_layout = block_layout
+        self.max_live_plans = max_live_plans
         self.num_blocks_per_group = num_blocks_per_group
         self.max_tokens_per_kvp_group = max_tokens_per_kvp_group
         self._ids = itertools.count()
         self._step_ids = itertools.count()
         self._cursor = [0] * len(num_blocks_per_group)
-        self._live: tuple[str, ...] = ()
+        self._live: list[tuple[str, ...]] = []  # request ids of the plans not retired, oldest first
 
     @property
     def num_kvp_groups(self) -> int:
@@ -75,12 +95,14 @@ class SyntheticPlanner:
                     prompt_logprob_targets=(),
                 )
             )
-        retired, self._live = self._live, tuple(c.request_id for c in chunks)
+        self._live.append(tuple(c.request_id for c in chunks))
+        retired = self._live.pop(0) if len(self._live) > self.max_live_plans else ()
         return StepPlan(next(self._step_ids), tuple(chunks), tuple(new), freed_kv=retired, finished=retired)
 
     def retire_plan(self) -> StepPlan:
-        """An empty plan that drops the last step's requests."""
-        retired, self._live = self._live, ()
+        """An empty plan that drops every live request."""
+        retired = tuple(r for ids in self._live for r in ids)
+        self._live = []
         return StepPlan(next(self._step_ids), (), (), freed_kv=retired, finished=retired)
 
     def _pieces(self, end: int) -> tuple[PiecePlan, ...]:
@@ -97,5 +119,6 @@ class SyntheticPlanner:
                 )
             first = self._cursor[g] if self._cursor[g] + n <= pool else 0
             self._cursor[g] = first + n
-            pieces.append(PiecePlan(g, lo, hi, 0, tuple(range(first, first + n))))
+            ids = range(first, first + n)
+            pieces.append(PiecePlan(g, lo, hi, 0, tuple(reversed(ids) if self.block_layout is BlockLayout.SCATTERED else ids)))
         return tuple(pieces)

@@ -1,0 +1,93 @@
+"""A SIMULATED serving trace beside the measured one: per config and metric, (simulated -
+measured) / measured. Runs on CPU (the simulation is `benchmarks.simulate_serving_trace`).
+
+    python -m benchmarks.compare_serving_trace --measured MEASURED/serving_trace.json \
+        --latency-profile P --out OUT.json [--kv-cache-memory-gb G]
+
+The trace options (shape, duration, rate, longest prompt, configs) are taken from the
+measured run's first command, so the simulated trace is the measured one (same `trace_id`,
+checked). Metrics: TTFT p50/p99 of short and long requests, TBT p50/p99 of short requests,
+TBT <= target fraction, output throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import tempfile
+from pathlib import Path
+
+from benchmarks import simulate_serving_trace
+
+TRACE_FLAGS = ("--shape", "--duration-s", "--rate", "--max-long-prompt", "--seed")
+METRICS = {
+    "ttft_short_p50_ms": ("ttft", "short", "p50_ms"),
+    "ttft_short_p99_ms": ("ttft", "short", "p99_ms"),
+    "ttft_long_p50_ms": ("ttft", "long", "p50_ms"),
+    "ttft_long_p99_ms": ("ttft", "long", "p99_ms"),
+    "tbt_short_p50_ms": ("tbt", "short", "p50_ms"),
+    "tbt_short_p99_ms": ("tbt", "short", "p99_ms"),
+    "tbt_within_slo_short": ("slo", "tbt_within_slo_short"),
+    "output_throughput": ("throughput", "output_throughput"),
+}
+
+
+def trace_argv(measured: dict) -> list[str]:
+    """The trace-defining flags of the measured run's first command."""
+    words = shlex.split(measured["command"][0] if isinstance(measured["command"], list) else measured["command"])
+    out = []
+    for i, w in enumerate(words):
+        if w in TRACE_FLAGS:
+            out += [w, words[i + 1]]
+    return out
+
+
+def pick(res: dict, path: tuple[str, ...]) -> float | None:
+    for k in path:
+        res = res.get(k) if isinstance(res, dict) else None
+    return res if isinstance(res, (int, float)) else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--measured", required=True)
+    p.add_argument("--latency-profile", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--kv-cache-memory-gb", default="102")
+    ns = p.parse_args(argv)
+    measured = json.loads(Path(ns.measured).read_text())
+    configs = sorted(measured["results"])
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = simulate_serving_trace.main([
+            *trace_argv(measured), "--latency-profile", ns.latency_profile, "--configs", ",".join(configs),
+            "--kv-cache-memory-gb", ns.kv_cache_memory_gb, "--out-json", str(Path(tmp) / "sim.json"),
+        ])  # fmt: skip
+    if sim["trace_id"] != measured["trace_id"]:
+        raise SystemExit(f"simulated trace {sim['trace_id']} is not the measured {measured['trace_id']}")
+    rows = {}
+    for name in configs:
+        rows[name] = {}
+        for metric, path in METRICS.items():
+            m, s = pick(measured["results"][name], path), pick(sim["results"][name], path)
+            rel = None if m in (None, 0) or s is None else (s - m) / m
+            rows[name][metric] = {"measured": m, "simulated": s, "rel_error": rel}
+        print(name, {k: (None if v["rel_error"] is None else f"{100 * v['rel_error']:+.1f}%") for k, v in rows[name].items()})  # fmt: skip
+    out = {
+        "SIMULATED": "simulated side: `mnemosyne simulate` on CPU; measured side: the --measured H200 run",
+        "command": "python -m benchmarks.compare_serving_trace " + shlex.join(argv or []),
+        "measured_file": ns.measured,
+        "latency_profile": ns.latency_profile,
+        "trace_id": sim["trace_id"],
+        "simulate_commands": sim["simulate_commands"],
+        "simulated_vs_measured": rows,
+    }
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

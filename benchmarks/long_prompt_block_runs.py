@@ -1,0 +1,69 @@
+"""SIMULATED (CPU, the engine's own scheduler and KV manager in virtual time): how the mixed
+scenario's long prompt's KV blocks lie in the pool while its 32 decodes run, i.e. how much of
+its prefix the cuDNN chunk path reads as a strided view (the leading run of consecutive
+blocks) and how much it gathers block by block (`kernels/cudnn_prefill.py`). The profiler's
+synthetic sequences are one run (`mnemosyne profile --block-layout contiguous`).
+
+    python -m benchmarks.long_prompt_block_runs --profile P [--configs fixed512,adaptive_lars] [--steps 200,400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchmarks.mixed_long_short import CONFIGS
+from mnemosyne.bench.long_context.run import write_model_dir
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.layers.attention.metadata import leading_run
+from mnemosyne.simulator.engine import SimulatedEngine
+from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config
+
+
+def block_runs(block_ids: list[int]) -> dict:
+    breaks = sum(1 for a, b in zip(block_ids, block_ids[1:], strict=False) if b != a + 1)
+    return {"blocks": len(block_ids), "leading_run_blocks": leading_run(block_ids)[1], "breaks": breaks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--configs", default="fixed512,fixed2048,adaptive_lars")
+    ap.add_argument("--steps", default="50,200,400", help="steps after the long prompt's arrival")
+    ns = ap.parse_args(argv)
+    checkpoints = sorted(int(s) for s in ns.steps.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir("llama3-8b", Path(tmp))
+        for name in ns.configs.split(","):
+            cfg = CONFIGS[name]
+            args = EngineArgs(
+                model=str(model_dir), max_num_batched_tokens=8192 + 256, max_num_seqs=256,
+                enable_prefix_caching=False, chunk_policy=cfg["chunk_policy"], chunk_size=cfg["chunk_size"],
+                scheduling_policy=cfg["scheduling_policy"], tbt_slo_ms=30.0, latency_profile=ns.profile,
+            )  # fmt: skip
+            spec = device_spec("h200")
+            config = simulated_engine_config(model_dir, args, spec)
+            sim = SimulatedEngine(config, *latency_model_for(config, spec))
+            shorts = [f"short-{i}" for i in range(32)]
+            for rid in shorts:
+                sim.add_request(rid, 1024, 8192)
+            while any(len(sim.requests[r].token_times_s) < 2 for r in shorts):
+                sim.step()
+            sim.add_request("long", 262144, 1)
+            done = 0
+            for n in checkpoints:
+                while done < n and not sim.requests["long"].token_times_s:
+                    sim.step()
+                    done += 1
+                if not sim.kv_manager.has_request("long"):
+                    break
+                ids = [b for p in sim.kv_manager.pieces("long") for b in p.block_ids]
+                row = {"config": name, "steps": done, "block_size": config.cache.block_size, **block_runs(ids)}
+                print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
