@@ -7,7 +7,7 @@ Parts (each in its own process, so that each starts with the whole GPU):
   calib    attention of one layer (Llama-3-8B heads: 32 / 8, head dim 128, bf16) for a chunk of
            c queries after P keys, on both paths (split-KV Triton, cuDNN), forced; plus a small
            tuning sweep of the Triton kernel. Fits t = fixed(c) + keys * per_key(c) per path
-           (the `ChunkCostModel` of layers/attention/kernel_cost.py).
+           (the `ChunkCostModel` of latency/kernel_cost.py).
   8b / 1b  whole-model chunk step (as bench/long_context/engine.py's chunk step: forward of c tokens after
            P keys + LM head of the last row) for c in --chunks at the shape's prefixes, eager on
            both paths (cuDNN only where it can run; --auto-path-only: just the path the fitted
@@ -54,7 +54,7 @@ def _log(x: object, log: Path | None) -> None:
 
 
 def fit_max(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """(fixed, per_key) of t = max(fixed, keys * per_key) (see layers/attention/kernel_cost.py)
+    """(fixed, per_key) of t = max(fixed, keys * per_key) (see latency/kernel_cost.py)
     from (keys, seconds) points: the time at the fewest keys, the time per key at the most."""
     (_, t_lo), (k_hi, t_hi) = min(points), max(points)
     return t_lo, t_hi / k_hi
@@ -93,8 +93,8 @@ def _attn_case(c: int, prefix: int, path, cfg=None, reps: int = 5) -> dict:
 
 
 def part_calib(log: Path | None) -> dict:
+    from mnemosyne.latency.kernel_cost import ChunkPath
     from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig
-    from mnemosyne.layers.attention.kernel_cost import ChunkPath
 
     res: dict = {"tuning": [], "points": [], "fit": {}}
     # Tuning: (block_n, num_warps, num_stages, waves) at c = 32 and 128 after 128K keys.
@@ -131,7 +131,7 @@ def part_calib(log: Path | None) -> dict:
 
 
 def cost_model_from(fit: dict, source: str):
-    from mnemosyne.layers.attention.kernel_cost import ChunkCostModel, PathCost
+    from mnemosyne.latency.kernel_cost import ChunkCostModel, PathCost
 
     def path(f: dict) -> PathCost:
         return PathCost(tuple(f["chunks"]), tuple(f["fixed_s"]), tuple(f["per_key_s"]))
@@ -184,8 +184,8 @@ def part_model(
 ) -> dict:  # fmt: skip
     from mnemosyne.bench.long_context.engine import synthetic_meta
     from mnemosyne.kernels.chunk_tma_attention import fits_page_tiles
+    from mnemosyne.latency.kernel_cost import H200_COST, ChunkPath
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
-    from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkPath
     from mnemosyne.layers.attention.metadata import AttentionMetadata
 
     engine = _engine(model_dir, kv_fraction)

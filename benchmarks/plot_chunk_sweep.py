@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkPath
+from mnemosyne.latency.kernel_cost import H200_COST, ChunkPath
 
 SHAPES = {"8b": ("Llama-3-8B shape", 32, 128), "1b": ("Llama-3.2-1B shape", 32, 64)}
 

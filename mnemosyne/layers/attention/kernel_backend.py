@@ -53,7 +53,7 @@ from mnemosyne.kernels.cudnn_prefill import (
 from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
-from mnemosyne.layers.attention.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
+from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
 from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
 
 
