@@ -14,8 +14,9 @@ def test_compile_after_warm_up_is_counted_and_named(caplog: pytest.LogCaptureFix
     watch = JitWatch()
     fn = types.SimpleNamespace(name="_merge_kernel")
     compile = {
-        "signature": {"o_ptr": "*bf16", "a_ptr": "*fp32", "num_heads": "i32"},
-        "constants": {"BLOCK_H": 8},
+        "signature": {"o_ptr": "*bf16", "a_ptr": "*fp32", "num_heads": "i32", "BLOCK_H": "constexpr"},
+        "constants": {(3,): 8},
+        "configs": [{(0,): [["tt.divisibility", 16]]}],
     }
     kw = dict(
         key="k1", repr="_merge_kernel[num_warps=4](o_ptr: ()", fn=fn, compile=compile, is_manual_warmup=False
@@ -25,7 +26,10 @@ def test_compile_after_warm_up_is_counted_and_named(caplog: pytest.LogCaptureFix
         watch.after(**kw, already_compiled=False)
     assert watch.num_compiles == 1 and watch.compile_s >= 0
     (record,) = caplog.records
-    assert "_merge_kernel(o_ptr: *bf16, a_ptr: *fp32, num_heads: i32; BLOCK_H=8)" in record.getMessage()
+    assert (
+        "_merge_kernel(o_ptr: *bf16 [['tt.divisibility', 16]], a_ptr: *fp32, num_heads: i32, BLOCK_H=8)"
+        in record.getMessage()
+    )
     watch.after(**kw, already_compiled=True)  # a cache hit: no before() started it
     assert watch.num_compiles == 1
 

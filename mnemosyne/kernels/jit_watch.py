@@ -52,14 +52,23 @@ class JitWatch:
 
 
 def describe_variant(fn: object, compile: object, fallback: str) -> str:
-    """`name(arg: type, ...; constexprs)` from the hook's compile arguments, else `fallback`."""
+    """`name(arg: type [attrs], ..., CONST=value)` from the hook's compile arguments (Triton
+    3.6: `signature` {name: type, "constexpr" for constexprs}, `constants` and `configs[0]`
+    keyed by argument paths such as (3,)); else `fallback`."""
     try:
         signature = compile["signature"]  # type: ignore[index]
-        args = ", ".join(f"{name}: {ty}" for name, ty in signature.items())
         constants = compile.get("constants") or {}  # type: ignore[union-attr]
-        consts = ", ".join(f"{k}={v}" for k, v in constants.items())
+        configs = compile.get("configs") or [{}]  # type: ignore[union-attr]
+        attrs = configs[0] or {}
+        parts = []
+        for i, (arg, ty) in enumerate(signature.items()):
+            if ty == "constexpr":
+                parts.append(f"{arg}={constants.get((i,))}")
+            else:
+                extra = attrs.get((i,))
+                parts.append(f"{arg}: {ty}" + (f" {extra}" if extra else ""))
         name = getattr(fn, "name", None) or fallback.split("[", 1)[0]
-        return f"{name}({args}; {consts})" if consts else f"{name}({args})"
+        return f"{name}({', '.join(parts)})"
     except (KeyError, TypeError, AttributeError):
         return fallback
 
