@@ -1,25 +1,55 @@
-"""A pool of fixed-size KV blocks for one KVP group: ref counts and the prefix cache.
+"""A pool of fixed-size KV blocks for one KVP group: ref counts, placement and the prefix cache.
 
 ::
 
     block ids:    0   1   2   3   4   5   6   7          (num_blocks = 8)
     ref counts:   1   0   2   0   1   0   0   0
     hash:         h0  h1  h2  -   -   h5  -   -          full blocks registered by `cache_block`
-    free list:    deque([3, 6, 7])                       ref 0, no hash: handed out first, FIFO
+    free list:    SortedList([3, 6, 7])                  ref 0, no hash: ordered by block id
     evictable:    OrderedDict([5, 1])                    ref 0, hashed: least recently freed first
     cached:       {h0: 0, h1: 1, h2: 2, h5: 5}           hash -> block (one block per hash)
 
-`allocate` takes blocks from the free list, then evicts from the evictable end
-(least recently used first), dropping their hashes. `touch` takes a reference to a
-cached block (a prefix-cache hit), taking it off the evictable list. `free` drops
-references; a block reaching 0 goes to the evictable list if it is hashed (its
-content stays reusable until the pool needs room), else to the free list.
+Placement: a request's blocks should be one run of consecutive ids, because the chunk
+prefill reads the leading run of a sequence's blocks in place and gathers the rest
+(`AttentionMetadata.block_runs_cpu`). `allocate(n, after=last)` (the request grows)
+and `allocate(n)` (a new piece) place blocks so::
+
+    ids:    0 .......................................................... num_blocks-1
+    pool:   [ new pieces, packed low ->| grow ->     free    <- spills ][ spills ]
+            allocate(n): the lowest       allocate(n, after=last): first last+1,
+            free ids (fills holes, so     last+2, ... while free; the rest (the
+            the room above the newest     successor is taken, e.g. a decode whose
+            request stays one run)        next block is another request's) from
+                                          the highest free ids ("spills")
+
+so the request packed last (typically the long prompt, admitted after the running
+decodes) grows in place through the free range above it, while decodes whose successor
+is taken spill downward from the top of the pool instead of landing after its last
+block. Within one call the returned ids ascend (after the in-place part), so each call
+adds at most one break. What the pool cannot know is a new piece's final size: a new
+request admitted while a long prompt grows, with no hole below, lands right after the
+prompt's last block (the prompt then spills). Every step is O(blocks taken * log F)
+(F free blocks; `sortedcontainers.SortedList`), never a scan of the pool.
+
+Eviction is unchanged: never-hashed free blocks first, then the evictable list, least
+recently freed first (the manager frees a request's newest block first, so a chain loses
+its tail before its head). An in-place extension takes only never-hashed successors:
+taking a cached successor would evict it out of LRU order. The blocks evicted by a call
+are exactly those LRU order names; only their order in the returned list is ascending
+(a freed chain sits on the evictable list newest-first, i.e. in descending ids).
+
+`touch` takes a reference to a cached block (a prefix-cache hit), taking it off the
+evictable list. `free` drops references; a block reaching 0 goes to the evictable list
+if it is hashed (its content stays reusable until the pool needs room), else to the
+free list.
 
 Invariants (checked by `check_integrity`):
     * ref count 0  <=>  on exactly one of the free list / evictable list;
     * no block is listed twice; free-list blocks have no hash, evictable ones have one;
     * cached[h] == b  <=>  hash(b) == h: the hash map and the per-block hashes agree;
-    * num_free_blocks (free + evictable) + num_used_blocks == num_blocks.
+    * num_free_blocks (free + evictable) + num_used_blocks == num_blocks;
+    * so "b is on the free list" == (ref count 0 and no hash), which is what the in-place
+      extension tests for the successors of `after`.
 
 A block id is an index into the group's cache tensor; the pool only hands out
 ids, it never touches memory.
@@ -27,8 +57,10 @@ ids, it never touches memory.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
+
+from sortedcontainers import SortedList
 
 from mnemosyne.kv_cache.block_hash import BlockHash
 
@@ -46,7 +78,7 @@ class BlockPool:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: SortedList = SortedList(range(num_blocks))  # never-hashed free ids, ascending
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._ref_counts: list[int] = [0] * num_blocks
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
@@ -87,28 +119,46 @@ class BlockPool:
         """Evictable blocks, the next one to be evicted first."""
         return list(self._evictable)
 
-    def allocate(self, num_blocks: int) -> list[int]:
+    def allocate(self, num_blocks: int, after: int | None = None) -> list[int]:
         """Take `num_blocks` free blocks (ref count 1 each); all or nothing.
 
-        Never-hashed blocks first, then cached ones, least recently freed first
-        (their content is dropped). Raises NoFreeBlocksError, changing nothing,
-        when fewer are free.
+        `after`: the last block of the piece being grown (referenced). The blocks right
+        after it are taken first while they are on the free list, then the highest free
+        ids (a spill, away from the runs growing upward). Without `after` (a new piece):
+        the lowest free ids. Then cached blocks are evicted, least recently freed first
+        (their content is dropped). The ids after the in-place part ascend. Raises
+        NoFreeBlocksError, changing nothing, when fewer are free.
         """
         if num_blocks < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
+        if after is not None:
+            self._check_id(after)
+            if self._ref_counts[after] == 0:
+                raise KVCacheIntegrityError(f"growing after block {after}, which nobody references")
         if num_blocks > self.num_free_blocks:
             raise NoFreeBlocksError(
                 f"requested {num_blocks} blocks but only {self.num_free_blocks} of {self.num_blocks} are free"
             )
-        block_ids: list[int] = []
-        while len(block_ids) < num_blocks and self._free:
-            block_ids.append(self._free.popleft())
-        while len(block_ids) < num_blocks:
+        free = self._free
+        in_place: list[int] = []
+        if after is not None:
+            b = after + 1
+            while len(in_place) < num_blocks and b < self.num_blocks and self._is_on_free_list(b):
+                in_place.append(b)
+                b += 1
+            for b in in_place:
+                free.remove(b)
+        # pop(0) / pop(-1) and remove() stay off SortedList's positional index (no rebuilds).
+        end = 0 if after is None else -1
+        placed = [free.pop(end) for _ in range(min(num_blocks - len(in_place), len(free)))]
+        while len(in_place) + len(placed) < num_blocks:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of[b]]  # type: ignore[arg-type]  # evictable => hashed
             self._hash_of[b] = None
             self.num_evictions += 1
-            block_ids.append(b)
+            placed.append(b)
+        placed.sort()
+        block_ids = in_place + placed
         for b in block_ids:
             self._ref_counts[b] = 1
         return block_ids
@@ -169,13 +219,15 @@ class BlockPool:
                 raise KVCacheIntegrityError(
                     f"freeing block {b} {n} time(s) but its ref count is {self._ref_counts[b]}"
                 )
+        unhashed: list[int] = []
         for b in block_ids:
             self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
                 if self._hash_of[b] is None:
-                    self._free.append(b)
+                    unhashed.append(b)
                 else:
                     self._evictable[b] = None
+        self._free.update(unhashed)  # one sorted merge for a whole request
 
     def check_integrity(self) -> None:
         free_set = set(self._free)
@@ -209,6 +261,9 @@ class BlockPool:
             raise KVCacheIntegrityError(
                 f"{self.num_free_blocks} free + {num_used} used != {self.num_blocks} blocks"
             )
+
+    def _is_on_free_list(self, block_id: int) -> bool:
+        return self._ref_counts[block_id] == 0 and self._hash_of[block_id] is None
 
     def _check_id(self, block_id: int) -> None:
         if not 0 <= block_id < self.num_blocks:
