@@ -1,0 +1,128 @@
+"""BlockPool placement: in-place growth, low new pieces, high spills; LRU eviction unchanged."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mnemosyne.config import CacheConfig
+from mnemosyne.kv_cache.block_pool import BlockPool, KVCacheIntegrityError
+from mnemosyne.kv_cache.manager import KVCacheManager
+
+
+def _breaks(block_ids: list[int]) -> int:
+    return sum(1 for a, b in zip(block_ids, block_ids[1:], strict=False) if b != a + 1)
+
+
+def test_growth_takes_the_successor_blocks_when_free_else_spills_high():
+    pool = BlockPool(20)
+    a = pool.allocate(3)
+    b = pool.allocate(2)
+    assert (a, b) == ([0, 1, 2], [3, 4])  # new pieces: lowest free ids
+    assert pool.allocate(2, after=b[-1]) == [5, 6]  # in place
+    assert pool.allocate(2, after=a[-1]) == [18, 19]  # 3 is taken: spill from the top, ascending
+    assert pool.allocate(3, after=19) == [15, 16, 17]  # past the pool's end: spill
+    assert pool.allocate(4, after=6) == [7, 8, 9, 10]
+    pool.free([7, 8])
+    assert pool.allocate(3, after=6) == [7, 8, 14]  # partly in place, the rest spilled
+    pool.check_integrity()
+    with pytest.raises(KVCacheIntegrityError, match="nobody references"):
+        pool.allocate(1, after=11)
+    with pytest.raises(KVCacheIntegrityError, match="out of range"):
+        pool.allocate(1, after=20)
+
+
+def test_growth_never_takes_a_cached_successor_out_of_lru_order():
+    pool = BlockPool(6)
+    a, c = pool.allocate(2)
+    assert pool.cache_block(c, b"c" * 32)
+    pool.free([c])
+    assert pool.allocate(1, after=a) == [5]  # 1 caches content: left for LRU eviction
+    assert pool.lookup(b"c" * 32) == c and pool.num_evictions == 0
+    assert pool.allocate(3, after=5) == [2, 3, 4]  # the free ones, before any eviction
+    assert pool.allocate(1, after=a) == [c] and pool.num_evictions == 1  # LRU: the only one
+    pool.check_integrity()
+
+
+def test_evicted_blocks_are_the_lru_ones_returned_ascending():
+    pool = BlockPool(8)
+    blocks = pool.allocate(8)
+    for i, b in enumerate(blocks):
+        pool.cache_block(b, bytes([i]) * 32)
+    pool.free(reversed(blocks[:6]))  # a request frees its newest block first
+    assert pool.evictable_order() == [5, 4, 3, 2, 1, 0]
+    assert pool.allocate(4) == [2, 3, 4, 5]  # the 4 least recently freed, ascending
+    assert pool.evictable_order() == [1, 0] and pool.lookup(bytes([0]) * 32) == 0
+    pool.check_integrity()
+
+
+def test_random_operations_keep_the_invariants_and_lru_eviction():
+    rng = random.Random(1)
+    pool = BlockPool(64)
+    owned: list[list[int]] = []
+    next_hash = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.45 and pool.num_free_blocks:
+            n = rng.randint(1, min(6, pool.num_free_blocks))
+            grow = owned and rng.random() < 0.6
+            seq = rng.choice(owned) if grow else []
+            lru, num_unhashed = pool.evictable_order(), pool.num_free_blocks - pool.num_evictable_blocks
+            got = pool.allocate(n, after=seq[-1]) if seq else pool.allocate(n)
+            evicted = [b for b in got if b in lru]
+            assert sorted(evicted) == sorted(lru[: max(0, n - num_unhashed)])  # LRU order, as before
+            assert pool.evictable_order() == lru[len(evicted) :]
+            k = 0
+            while seq and k < len(got) and got[k] == seq[-1] + 1 + k:
+                k += 1
+            assert got[k:] == sorted(got[k:])
+            seq.extend(got)
+            if not grow:
+                owned.append(seq)
+        elif op < 0.65 and owned:
+            seq = owned.pop(rng.randrange(len(owned)))
+            pool.free(reversed(seq))
+        elif op < 0.85 and owned:
+            b = rng.choice(rng.choice(owned))
+            if pool.block_hash(b) is None:
+                pool.cache_block(b, next_hash.to_bytes(32, "little"))
+                next_hash += 1
+        elif pool.num_evictable_blocks:  # a prefix-cache hit
+            b = rng.choice(pool.evictable_order())
+            pool.touch([b])
+            owned.append([b])
+        pool.check_integrity()
+
+
+def test_long_prompt_beside_desynchronized_decodes_is_one_run():
+    """32 decodes with different lengths cross block boundaries at different steps while a
+    long prompt grows 8 blocks a step: its blocks stay one run; the decodes spill high."""
+    m = KVCacheManager(CacheConfig(block_size=64, num_blocks_per_group=(15000,)))
+    tokens = {f"short-{i}": 1024 + 2 * i for i in range(32)}
+    for rid, n in tokens.items():
+        assert m.allocate_slots(rid, n + 1)
+    for step in range(400):
+        assert m.allocate_slots("long", 512 * (step + 1))
+        for rid in tokens:
+            tokens[rid] += 1
+            assert m.allocate_slots(rid, tokens[rid] + 1)
+    m.check_integrity()
+    (piece,) = m.pieces("long")
+    assert len(piece.block_ids) == 3200 and _breaks(piece.block_ids) == 0
+    m.free("long")
+    for rid in tokens:
+        m.free(rid)
+    m.check_integrity()
+    assert m.num_free_blocks() == 15000
+
+
+def test_manager_grows_pieces_in_place_across_kvp_groups():
+    m = KVCacheManager(CacheConfig(block_size=4, num_blocks_per_group=(16, 16), max_tokens_per_kvp_group=32))
+    assert m.allocate_slots("a", 8) and m.allocate_slots("b", 4)
+    for end in range(12, 60, 4):
+        assert m.allocate_slots("a", end)
+    m.check_integrity()
+    pieces = m.pieces("a")
+    assert [p.num_tokens for p in pieces] == [32, 24]
+    assert all(_breaks(p.block_ids) == 0 for p in pieces)
