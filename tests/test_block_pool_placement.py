@@ -1,4 +1,4 @@
-"""BlockPool placement: in-place growth, low new pieces, high spills; LRU eviction unchanged."""
+"""BlockPool placement: in-place growth, claims, spills; LRU eviction unchanged."""
 
 from __future__ import annotations
 
@@ -15,22 +15,38 @@ def _breaks(block_ids: list[int]) -> int:
     return sum(1 for a, b in zip(block_ids, block_ids[1:], strict=False) if b != a + 1)
 
 
-def test_growth_takes_the_successor_blocks_when_free_else_spills_high():
+def test_growth_in_place_spills_and_claims():
     pool = BlockPool(20)
     a = pool.allocate(3)
-    b = pool.allocate(2)
-    assert (a, b) == ([0, 1, 2], [3, 4])  # new pieces: lowest free ids
-    assert pool.allocate(2, after=b[-1]) == [5, 6]  # in place
-    assert pool.allocate(2, after=a[-1]) == [18, 19]  # 3 is taken: spill from the top, ascending
-    assert pool.allocate(3, after=19) == [15, 16, 17]  # past the pool's end: spill
-    assert pool.allocate(4, after=6) == [7, 8, 9, 10]
-    pool.free([7, 8])
-    assert pool.allocate(3, after=6) == [7, 8, 14]  # partly in place, the rest spilled
+    assert a == [0, 1, 2]  # the start of the largest run; >= 2 blocks: a claims [3, 20) strongly
+    assert pool.allocate(2) == [18, 19]  # every run is claimed: the end of the largest
+    pool.allocate(0, after=a[-1])  # a grows inside its last block (a decode): its claim is weak
+    c = pool.allocate(2)
+    assert c == [3, 4]  # packs right after a
+    assert pool.allocate(1, after=c[-1]) == [5]  # in place
+    assert pool.allocate(1, after=a[-1]) == [17]  # a decode whose successor is taken: the highest id
+    assert pool.allocate(4, after=5) == [6, 7, 8, 9]  # in place; claims [10, 17) strongly
+    assert pool.allocate(2, after=19) == [15, 16]  # past the pool's end: the end of the claimed run
+    pool.free([8, 9])
+    assert pool.allocate(3, after=7) == [8, 9, 10]
+    assert pool.allocate(3, after=c[-1]) == [12, 13, 14]  # 5 is taken; [11, 15) is claimed by 10
     pool.check_integrity()
     with pytest.raises(KVCacheIntegrityError, match="nobody references"):
         pool.allocate(1, after=11)
     with pytest.raises(KVCacheIntegrityError, match="out of range"):
         pool.allocate(1, after=20)
+
+
+def test_a_new_piece_keeps_off_a_run_that_a_prefill_grows_into():
+    pool = BlockPool(40)
+    long_prompt = pool.allocate(8)
+    long_prompt += pool.allocate(8, after=long_prompt[-1])  # a prefill chunk: a strong claim
+    assert long_prompt == list(range(16))
+    assert pool.allocate(4) == [36, 37, 38, 39]  # a new request: not at 16
+    assert pool.allocate(8, after=long_prompt[-1]) == list(range(16, 24))
+    pool.allocate(0, after=23)  # the prompt is done, it decodes inside its last block
+    assert pool.allocate(4) == [24, 25, 26, 27]
+    pool.check_integrity()
 
 
 def test_growth_never_takes_a_cached_successor_out_of_lru_order():
@@ -101,12 +117,15 @@ def test_long_prompt_beside_desynchronized_decodes_is_one_run():
     m = KVCacheManager(CacheConfig(block_size=64, num_blocks_per_group=(15000,)))
     tokens = {f"short-{i}": 1024 + 2 * i for i in range(32)}
     for rid, n in tokens.items():
-        assert m.allocate_slots(rid, n + 1)
+        assert m.allocate_slots(rid, n)
+    for rid in tokens:  # one decode step before the long prompt arrives
+        tokens[rid] += 1
+        assert m.allocate_slots(rid, tokens[rid])
     for step in range(400):
         assert m.allocate_slots("long", 512 * (step + 1))
         for rid in tokens:
             tokens[rid] += 1
-            assert m.allocate_slots(rid, tokens[rid] + 1)
+            assert m.allocate_slots(rid, tokens[rid])
     m.check_integrity()
     (piece,) = m.pieces("long")
     assert len(piece.block_ids) == 3200 and _breaks(piece.block_ids) == 0

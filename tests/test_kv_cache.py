@@ -64,8 +64,8 @@ def test_pool_free_validates_whole_list_first():
 def test_pool_integrity_detects_corruption():
     pool = BlockPool(3)
     pool.allocate(1)
-    pool._free.add(pool._free[0])  # duplicate on the free list
-    with pytest.raises(KVCacheIntegrityError, match="more than once"):
+    pool._free.add([2])  # already free: a second, overlapping run
+    with pytest.raises(KVCacheIntegrityError, match="overlap"):
         pool.check_integrity()
 
     pool = BlockPool(3)

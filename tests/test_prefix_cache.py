@@ -93,7 +93,7 @@ def test_pool_integrity_covers_the_hash_map_and_the_evictable_list():
     (b,) = pool.allocate(1)
     pool.cache_block(b, b"h" * 32)
     pool.free([b])
-    pool._free.add(b)  # on both lists
+    pool._free.add([b])  # on both lists
     with pytest.raises(KVCacheIntegrityError, match="free and evictable"):
         pool.check_integrity()
 

@@ -5,31 +5,38 @@
     block ids:    0   1   2   3   4   5   6   7          (num_blocks = 8)
     ref counts:   1   0   2   0   1   0   0   0
     hash:         h0  h1  h2  -   -   h5  -   -          full blocks registered by `cache_block`
-    free list:    SortedList([3, 6, 7])                  ref 0, no hash: ordered by block id
+    free list:    runs [3, 4), [6, 8)                    ref 0, no hash (`FreeRuns`)
     evictable:    OrderedDict([5, 1])                    ref 0, hashed: least recently freed first
     cached:       {h0: 0, h1: 1, h2: 2, h5: 5}           hash -> block (one block per hash)
 
 Placement: a request's blocks should be one run of consecutive ids, because the chunk
 prefill reads the leading run of a sequence's blocks in place and gathers the rest
-(`AttentionMetadata.block_runs_cpu`). `allocate(n, after=last)` (the request grows)
-and `allocate(n)` (a new piece) place blocks so::
+(`AttentionMetadata.block_runs_cpu`). The free list is kept as maximal runs of free ids
+(`free_runs.py`), and the pool remembers each piece's tail (the last block of its newest
+allocation) with its claim on the run right after it: strong when that allocation grew
+the piece by >= 2 blocks (a prefill chunk), weak otherwise (a new piece, a 1-block
+decode step). Who goes where::
 
-    ids:    0 .......................................................... num_blocks-1
-    pool:   [ new pieces, packed low ->| grow ->     free    <- spills ][ spills ]
-            allocate(n): the lowest       allocate(n, after=last): first last+1,
-            free ids (fills holes, so     last+2, ... while free; the rest (the
-            the room above the newest     successor is taken, e.g. a decode whose
-            request stays one run)        next block is another request's) from
-                                          the highest free ids ("spills")
+    ids:  0 ...................................................................... N-1
+          [ A ][ B ][ L: a long prompt, growing --->  |   free run   |[ B'][ A'][ x ]
+                                                 tail ^ strong claim        spills <-
+    allocate(n, after=tail):  1. in place: tail+1, tail+2, ... while on the free list;
+                              2. the rest: 1 block of a 1-block step (a decode): a spill,
+                                 the highest free id; else as `room` below.
+    allocate(n) (a new piece): best fit: the smallest run (of the 8 smallest that fit)
+                              not strongly claimed, from its start; else as `room`.
+    room:                     the largest run (of the 8 largest that fit) not strongly
+                              claimed, from its start; if all are, the middle of the
+                              largest (its grower keeps half); if no run fits, the
+                              lowest free ids.
 
-so the request packed last (typically the long prompt, admitted after the running
-decodes) grows in place through the free range above it, while decodes whose successor
-is taken spill downward from the top of the pool instead of landing after its last
-block. Within one call the returned ids ascend (after the in-place part), so each call
-adds at most one break. What the pool cannot know is a new piece's final size: a new
-request admitted while a long prompt grows, with no hole below, lands right after the
-prompt's last block (the prompt then spills). Every step is O(blocks taken * log F)
-(F free blocks; `sortedcontainers.SortedList`), never a scan of the pool.
+So a prompt growing chunk by chunk keeps its run: decodes whose successor is taken
+spill down from the top, new requests fill holes or weakly claimed runs, and only a
+pool with no other room splits a growing run (in its middle). A long prompt that starts
+in a tight hole moves once, to a large run. Each call adds at most one break after the
+in-place part (the rest is one run where one fits). The pool never knows a request's
+final size: the claims are a heuristic for placement only (they change no content and
+no invariant). Cost: O(n + log R) per call (R free runs), never a scan of the pool.
 
 Eviction is unchanged: never-hashed free blocks first, then the evictable list, least
 recently freed first (the manager frees a request's newest block first, so a chain loses
@@ -48,8 +55,8 @@ Invariants (checked by `check_integrity`):
     * no block is listed twice; free-list blocks have no hash, evictable ones have one;
     * cached[h] == b  <=>  hash(b) == h: the hash map and the per-block hashes agree;
     * num_free_blocks (free + evictable) + num_used_blocks == num_blocks;
-    * so "b is on the free list" == (ref count 0 and no hash), which is what the in-place
-      extension tests for the successors of `after`.
+    * the free list's own run invariants (`FreeRuns.check`);
+    * every remembered tail is referenced (freeing a block forgets its claim).
 
 A block id is an index into the group's cache tensor; the pool only hands out
 ids, it never touches memory.
@@ -60,9 +67,10 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
-from sortedcontainers import SortedList
-
 from mnemosyne.kv_cache.block_hash import BlockHash
+from mnemosyne.kv_cache.free_runs import FreeRuns
+
+PLACEMENT_SCAN_RUNS = 8  # runs a placement examines (smallest or largest that fit)
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -78,7 +86,8 @@ class BlockPool:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: SortedList = SortedList(range(num_blocks))  # never-hashed free ids, ascending
+        self._free = FreeRuns(num_blocks)  # never-hashed free ids, as maximal runs
+        self._tails: dict[int, bool] = {}  # each piece's last block -> its claim on the next is strong
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._ref_counts: list[int] = [0] * num_blocks
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
@@ -122,12 +131,11 @@ class BlockPool:
     def allocate(self, num_blocks: int, after: int | None = None) -> list[int]:
         """Take `num_blocks` free blocks (ref count 1 each); all or nothing.
 
-        `after`: the last block of the piece being grown (referenced). The blocks right
-        after it are taken first while they are on the free list, then the highest free
-        ids (a spill, away from the runs growing upward). Without `after` (a new piece):
-        the lowest free ids. Then cached blocks are evicted, least recently freed first
-        (their content is dropped). The ids after the in-place part ascend. Raises
-        NoFreeBlocksError, changing nothing, when fewer are free.
+        `after`: the last block of the piece being grown (referenced); without it, a new
+        piece. Placement as in the module docstring; then cached blocks are evicted,
+        least recently freed first (their content is dropped). The ids after the
+        in-place part ascend. Raises NoFreeBlocksError, changing nothing, when fewer
+        are free.
         """
         if num_blocks < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
@@ -139,18 +147,23 @@ class BlockPool:
             raise NoFreeBlocksError(
                 f"requested {num_blocks} blocks but only {self.num_free_blocks} of {self.num_blocks} are free"
             )
-        free = self._free
+        if num_blocks == 0:
+            if after in self._tails:
+                self._tails[after] = False  # the piece grows inside its last block: a decode
+            return []
         in_place: list[int] = []
         if after is not None:
-            b = after + 1
-            while len(in_place) < num_blocks and b < self.num_blocks and self._is_on_free_list(b):
-                in_place.append(b)
-                b += 1
-            for b in in_place:
-                free.remove(b)
-        # pop(0) / pop(-1) and remove() stay off SortedList's positional index (no rebuilds).
-        end = 0 if after is None else -1
-        placed = [free.pop(end) for _ in range(min(num_blocks - len(in_place), len(free)))]
+            self._tails.pop(after, None)
+            end = self._free.run_starting_at(after + 1)
+            if end is not None:
+                in_place = self._free.take(after + 1, after + 1, min(end, after + 1 + num_blocks))
+        rest = min(num_blocks - len(in_place), len(self._free))
+        placed: list[int] = []
+        if rest and after is not None and num_blocks == 1:
+            s, e = self._free.highest()
+            placed = self._free.take(s, e - 1, e)  # a decode's spill
+        elif rest:
+            placed = self._place_room(rest)
         while len(in_place) + len(placed) < num_blocks:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of[b]]  # type: ignore[arg-type]  # evictable => hashed
@@ -161,7 +174,30 @@ class BlockPool:
         block_ids = in_place + placed
         for b in block_ids:
             self._ref_counts[b] = 1
+        self._tails[block_ids[-1]] = num_blocks >= 2
         return block_ids
+
+    def _strongly_claimed(self, run_start: int) -> bool:
+        return self._tails.get(run_start - 1, False)
+
+    def _place_room(self, num_blocks: int) -> list[int]:
+        """The start of the largest run (of the 8 largest) not strongly claimed; if all are,
+        the end of the largest (its grower keeps the rest); if no run fits, the lowest ids."""
+        runs = [(s, e) for s, e in self._free.largest(PLACEMENT_SCAN_RUNS) if e - s >= num_blocks]
+        for s, _ in runs:
+            if not self._strongly_claimed(s):
+                return self._free.take(s, s, s + num_blocks)
+        if runs:
+            s, e = runs[0]
+            return self._free.take(s, e - num_blocks, e)
+        chosen: list[tuple[int, int]] = []
+        need = num_blocks
+        for s, e in self._free.runs_by_start():
+            chosen.append((s, min(need, e - s)))
+            need -= chosen[-1][1]
+            if not need:
+                break
+        return [b for s, k in chosen for b in self._free.take(s, s, s + k)]
 
     def incref(self, block_ids: Iterable[int]) -> None:
         """Add one reference to each (already referenced) block."""
@@ -227,13 +263,14 @@ class BlockPool:
                     unhashed.append(b)
                 else:
                     self._evictable[b] = None
-        self._free.update(unhashed)  # one sorted merge for a whole request
+                self._tails.pop(b, None)
+        self._free.add(unhashed)
 
     def check_integrity(self) -> None:
-        free_set = set(self._free)
-        if len(free_set) != len(self._free):
-            dup = [b for b, n in Counter(self._free).items() if n > 1]
-            raise KVCacheIntegrityError(f"free list holds blocks {dup} more than once")
+        problem = self._free.check()
+        if problem is not None:
+            raise KVCacheIntegrityError(f"free list: {problem}")
+        free_set = set(self._free.ids())
         both = free_set & self._evictable.keys()
         if both:
             raise KVCacheIntegrityError(f"blocks {sorted(both)[:4]} are on the free and evictable lists")
@@ -261,9 +298,9 @@ class BlockPool:
             raise KVCacheIntegrityError(
                 f"{self.num_free_blocks} free + {num_used} used != {self.num_blocks} blocks"
             )
-
-    def _is_on_free_list(self, block_id: int) -> bool:
-        return self._ref_counts[block_id] == 0 and self._hash_of[block_id] is None
+        freed_tails = [b for b in self._tails if self._ref_counts[b] == 0]
+        if freed_tails:
+            raise KVCacheIntegrityError(f"blocks {freed_tails[:4]} are remembered as tails but free")
 
     def _check_id(self, block_id: int) -> None:
         if not 0 <= block_id < self.num_blocks:
