@@ -2,8 +2,8 @@
 
 A pool of `--num-blocks` blocks (70K: an 8B model's KV on one H200 at 16-token blocks; 15K at
 64-token blocks); 32 short requests of 17 blocks, then a long prompt growing by
-`--chunk-blocks` per step while each short grows by one block every 64 steps, for `--steps`
-steps; every `--churn` steps one short finishes and a new one takes its place (so the free
+`--chunk-blocks` per step while each short decodes (a 0-block call inside its last block,
+a 1-block call every 64 steps, staggered), for `--steps` steps; every `--churn` steps one short finishes and a new one takes its place (so the free
 space is not one clean range). Then everything is freed. Prints mean microseconds per call
 (and per block for the frees) as one JSON line. Timings are host (Python) cost only.
 
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     long_blocks: list[int] = []
     for step in range(ns.steps):
         alloc("allocate_extend_chunk", ns.chunk_blocks, long_blocks)
-        for i, s in enumerate(shorts):
+        for i, s in enumerate(shorts):  # the manager calls the pool every decode step
             if (step + 2 * i) % 64 == 0:
                 alloc("allocate_extend_decode", 1, s)
+            else:
+                alloc("allocate_decode_inside_block", 0, s)
         if step % ns.churn == 0:
             i = step // ns.churn % len(shorts)
             release("free_short", shorts[i])

@@ -81,7 +81,7 @@ def test_random_operations_keep_the_invariants_and_lru_eviction():
     for _ in range(3000):
         op = rng.random()
         if op < 0.45 and pool.num_free_blocks:
-            n = rng.randint(1, min(6, pool.num_free_blocks))
+            n = rng.randint(0, min(6, pool.num_free_blocks))
             grow = owned and rng.random() < 0.6
             seq = rng.choice(owned) if grow else []
             lru, num_unhashed = pool.evictable_order(), pool.num_free_blocks - pool.num_evictable_blocks
@@ -94,7 +94,7 @@ def test_random_operations_keep_the_invariants_and_lru_eviction():
                 k += 1
             assert got[k:] == sorted(got[k:])
             seq.extend(got)
-            if not grow:
+            if not grow and got:
                 owned.append(seq)
         elif op < 0.65 and owned:
             seq = owned.pop(rng.randrange(len(owned)))

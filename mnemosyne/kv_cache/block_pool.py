@@ -13,30 +13,32 @@ Placement: a request's blocks should be one run of consecutive ids, because the 
 prefill reads the leading run of a sequence's blocks in place and gathers the rest
 (`AttentionMetadata.block_runs_cpu`). The free list is kept as maximal runs of free ids
 (`free_runs.py`), and the pool remembers each piece's tail (the last block of its newest
-allocation) with its claim on the run right after it: strong when that allocation grew
-the piece by >= 2 blocks (a prefill chunk), weak otherwise (a new piece, a 1-block
-decode step). Who goes where::
+allocation) with its claim on the run right after it: strong when that allocation took
+>= 2 blocks (a prompt or a prefill chunk: it will likely grow again next step), weak
+after a 1-block step or a step inside the last block (`allocate(0, after=tail)`, which
+the manager makes for every decode step), i.e. once the piece decodes. Who goes where::
 
-    ids:  0 ...................................................................... N-1
-          [ A ][ B ][ L: a long prompt, growing --->  |   free run   |[ B'][ A'][ x ]
-                                                 tail ^ strong claim        spills <-
-    allocate(n, after=tail):  1. in place: tail+1, tail+2, ... while on the free list;
-                              2. the rest: 1 block of a 1-block step (a decode): a spill,
-                                 the highest free id; else as `room` below.
-    allocate(n) (a new piece): best fit: the smallest run (of the 8 smallest that fit)
-                              not strongly claimed, from its start; else as `room`.
-    room:                     the largest run (of the 8 largest that fit) not strongly
-                              claimed, from its start; if all are, the middle of the
-                              largest (its grower keeps half); if no run fits, the
+    ids:  0 ....................................................................... N-1
+          [ A ][ B ][ L: a prompt in prefill --->  |      free run      |[ x ][ B'][ A']
+                                              tail ^ strongly claimed      spills <-
+
+    allocate(n, after=tail)   1. in place: tail+1, tail+2, ... while on the free list;
+                              2. the rest: a 1-block step (a decode): the highest free id
+                                 (a spill); else as a new piece.
+    allocate(n)  (new piece)  the start of the largest run (of the 8 largest that fit)
+                              not strongly claimed; if all are claimed, the end of the
+                              largest (its grower keeps the rest); if none fits, the
                               lowest free ids.
 
-So a prompt growing chunk by chunk keeps its run: decodes whose successor is taken
-spill down from the top, new requests fill holes or weakly claimed runs, and only a
-pool with no other room splits a growing run (in its middle). A long prompt that starts
-in a tight hole moves once, to a large run. Each call adds at most one break after the
-in-place part (the rest is one run where one fits). The pool never knows a request's
-final size: the claims are a heuristic for placement only (they change no content and
-no invariant). Cost: O(n + log R) per call (R free runs), never a scan of the pool.
+So a prompt growing chunk by chunk keeps one run: decodes whose successor is taken spill
+down from the top, and new requests start where nobody is growing. A new request is
+placed with the most room after it, as it may be a long prompt (the pool never knows a
+request's final size), and requests arriving later pack behind it once it decodes. The
+claims steer placement only: they change no content and no invariant. Known weak spot:
+requests admitted in one step all claim strongly, so each but the first goes to the end
+of the largest run, and one that is a long prompt moves once (one break) at its next
+chunk. Each call adds at most one break after its in-place part (the rest is one run
+where one fits). Cost: O(n + log R) per call (R free runs), never a scan of the pool.
 
 Eviction is unchanged: never-hashed free blocks first, then the evictable list, least
 recently freed first (the manager frees a request's newest block first, so a chain loses
@@ -70,7 +72,7 @@ from collections.abc import Iterable
 from mnemosyne.kv_cache.block_hash import BlockHash
 from mnemosyne.kv_cache.free_runs import FreeRuns
 
-PLACEMENT_SCAN_RUNS = 8  # runs a placement examines (smallest or largest that fit)
+PLACEMENT_SCAN_RUNS = 8  # the largest runs a new piece's placement examines
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -45,10 +45,6 @@ class FreeRuns:
         """Up to k runs as (start, end), largest first (ties: higher start first)."""
         return [(s, s + n) for n, s in islice(reversed(self._by_size), k)]
 
-    def smallest_fitting(self, num_blocks: int, k: int) -> list[tuple[int, int]]:
-        """Up to k runs of at least `num_blocks` ids as (start, end), smallest first."""
-        return [(s, s + n) for n, s in islice(self._by_size.irange((num_blocks, -1)), k)]
-
     def highest(self) -> tuple[int, int]:
         s = self._by_start[-1]
         return s, self._end_of[s]
