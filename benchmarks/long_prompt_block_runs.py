@@ -5,6 +5,13 @@ blocks) and how much it gathers block by block (`kernels/cudnn_prefill.py`). The
 synthetic sequences are one run (`mnemosyne profile --block-layout contiguous`).
 
     python -m benchmarks.long_prompt_block_runs --profile P [--configs fixed512,adaptive_lars] [--steps 200,400]
+        [--short-prompt-spread 2] [--arrival-every 10]
+
+`--short-prompt-spread S` desynchronizes the decodes: short request i gets a 1024 + i*S token
+prompt, so they cross block boundaries (and allocate) at different steps, as in real serving.
+`--arrival-every K`: while the long prompt prefills, a new request (1024-token prompt, 64
+output tokens) arrives every K steps, so new pieces are placed while the prompt grows and
+finished ones leave holes.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--configs", default="fixed512,fixed2048,adaptive_lars")
     ap.add_argument("--steps", default="50,200,400", help="steps after the long prompt's arrival")
+    ap.add_argument(
+        "--short-prompt-spread", type=int, default=0,
+        help="short request i has a 1024 + i*S token prompt (0: all 1024, synchronized decodes)",
+    )  # fmt: skip
+    ap.add_argument("--arrival-every", type=int, default=0, help="steps between late arrivals (0: none)")
     ns = ap.parse_args(argv)
     checkpoints = sorted(int(s) for s in ns.steps.split(","))
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,20 +59,29 @@ def main(argv: list[str] | None = None) -> int:
             config = simulated_engine_config(model_dir, args, spec)
             sim = SimulatedEngine(config, *latency_model_for(config, spec))
             shorts = [f"short-{i}" for i in range(32)]
-            for rid in shorts:
-                sim.add_request(rid, 1024, 8192)
+            for i, rid in enumerate(shorts):
+                sim.add_request(rid, 1024 + i * ns.short_prompt_spread, 8192)
             while any(len(sim.requests[r].token_times_s) < 2 for r in shorts):
                 sim.step()
             sim.add_request("long", 262144, 1)
             done = 0
             for n in checkpoints:
                 while done < n and not sim.requests["long"].token_times_s:
+                    if ns.arrival_every and done % ns.arrival_every == 0:
+                        sim.add_request(f"late-{done}", 1024, 64)
                     sim.step()
                     done += 1
                 if not sim.kv_manager.has_request("long"):
                     break
                 ids = [b for p in sim.kv_manager.pieces("long") for b in p.block_ids]
-                row = {"config": name, "steps": done, "block_size": config.cache.block_size, **block_runs(ids)}
+                row = {
+                    "config": name,
+                    "short_prompt_spread": ns.short_prompt_spread,
+                    "arrival_every": ns.arrival_every,
+                    "steps": done,
+                    "block_size": config.cache.block_size,
+                    **block_runs(ids),
+                }
                 print(json.dumps(row), flush=True)
     return 0
 

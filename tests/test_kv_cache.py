@@ -12,14 +12,14 @@ from mnemosyne.kv_cache.manager import KVCacheManager
 # ---- BlockPool ------------------------------------------------------------------------------
 
 
-def test_pool_allocate_free_fifo_reuse():
+def test_pool_new_pieces_take_the_lowest_free_ids():
     pool = BlockPool(4)
     assert pool.allocate(2) == [0, 1]
     assert (pool.num_free_blocks, pool.num_used_blocks) == (2, 2)
     pool.free([1])
     pool.free([0])
-    # FIFO: the never-used blocks first, then in the order they were freed.
-    assert pool.allocate(4) == [2, 3, 1, 0]
+    # A new piece takes the lowest free ids, ascending, whatever order they were freed in.
+    assert pool.allocate(4) == [0, 1, 2, 3]
     assert pool.num_free_blocks == 0
     pool.check_integrity()
 
@@ -64,8 +64,8 @@ def test_pool_free_validates_whole_list_first():
 def test_pool_integrity_detects_corruption():
     pool = BlockPool(3)
     pool.allocate(1)
-    pool._free.append(pool._free[0])  # duplicate on the free list
-    with pytest.raises(KVCacheIntegrityError, match="more than once"):
+    pool._free.add([2])  # already free: a second, overlapping run
+    with pytest.raises(KVCacheIntegrityError, match="overlap"):
         pool.check_integrity()
 
     pool = BlockPool(3)

@@ -66,8 +66,8 @@ def test_pool_cached_blocks_stay_until_needed_then_evict_lru():
     assert pool.lookup(bytes([0]) * 32) == 0
     pool.touch([0])
     assert pool.ref_count(0) == 1 and pool.evictable_order() == [2, 1]
-    # Uncached free blocks go first, then the LRU cached one loses its content.
-    assert pool.allocate(3) == [4, 3, 2]
+    # Uncached free blocks go first, then the LRU cached one loses its content (ids ascending).
+    assert pool.allocate(3) == [2, 3, 4]
     assert pool.lookup(bytes([2]) * 32) is None and pool.num_evictions == 1
     assert pool.lookup(bytes([1]) * 32) == 1
     pool.check_integrity()
@@ -93,7 +93,7 @@ def test_pool_integrity_covers_the_hash_map_and_the_evictable_list():
     (b,) = pool.allocate(1)
     pool.cache_block(b, b"h" * 32)
     pool.free([b])
-    pool._free.append(b)  # on both lists
+    pool._free.add([b])  # on both lists
     with pytest.raises(KVCacheIntegrityError, match="free and evictable"):
         pool.check_integrity()
 

@@ -1,25 +1,64 @@
-"""A pool of fixed-size KV blocks for one KVP group: ref counts and the prefix cache.
+"""A pool of fixed-size KV blocks for one KVP group: ref counts, placement and the prefix cache.
 
 ::
 
     block ids:    0   1   2   3   4   5   6   7          (num_blocks = 8)
     ref counts:   1   0   2   0   1   0   0   0
     hash:         h0  h1  h2  -   -   h5  -   -          full blocks registered by `cache_block`
-    free list:    deque([3, 6, 7])                       ref 0, no hash: handed out first, FIFO
+    free list:    runs [3, 4), [6, 8)                    ref 0, no hash (`FreeRuns`)
     evictable:    OrderedDict([5, 1])                    ref 0, hashed: least recently freed first
     cached:       {h0: 0, h1: 1, h2: 2, h5: 5}           hash -> block (one block per hash)
 
-`allocate` takes blocks from the free list, then evicts from the evictable end
-(least recently used first), dropping their hashes. `touch` takes a reference to a
-cached block (a prefix-cache hit), taking it off the evictable list. `free` drops
-references; a block reaching 0 goes to the evictable list if it is hashed (its
-content stays reusable until the pool needs room), else to the free list.
+Placement: a request's blocks should be one run of consecutive ids, because the chunk
+prefill reads the leading run of a sequence's blocks in place and gathers the rest
+(`AttentionMetadata.block_runs_cpu`). The free list is kept as maximal runs of free ids
+(`free_runs.py`), and the pool remembers each piece's tail (the last block of its newest
+allocation) with its claim on the run right after it: strong when that allocation took
+>= 2 blocks (a prompt or a prefill chunk: it will likely grow again next step), weak
+after a 1-block step or a step inside the last block (`allocate(0, after=tail)`, which
+the manager makes for every decode step), i.e. once the piece decodes. Who goes where::
+
+    ids:  0 ....................................................................... N-1
+          [ A ][ B ][ L: a prompt in prefill --->  |      free run      |[ x ][ B'][ A']
+                                              tail ^ strongly claimed      spills <-
+
+    allocate(n, after=tail)   1. in place: tail+1, tail+2, ... while on the free list;
+                              2. the rest: a 1-block step (a decode): the highest free id
+                                 (a spill); else as a new piece.
+    allocate(n)  (new piece)  the start of the largest run (of the 8 largest that fit)
+                              not strongly claimed; if all are claimed, the end of the
+                              largest (its grower keeps the rest); if none fits, the
+                              lowest free ids.
+
+So a prompt growing chunk by chunk keeps one run: decodes whose successor is taken spill
+down from the top, and new requests start where nobody is growing. A new request is
+placed with the most room after it, as it may be a long prompt (the pool never knows a
+request's final size), and requests arriving later pack behind it once it decodes. The
+claims steer placement only: they change no content and no invariant. Known weak spot:
+requests admitted in one step all claim strongly, so each but the first goes to the end
+of the largest run, and one that is a long prompt moves once (one break) at its next
+chunk. Each call adds at most one break after its in-place part (the rest is one run
+where one fits). Cost: O(n + log R) per call (R free runs), never a scan of the pool.
+
+Eviction is unchanged: never-hashed free blocks first, then the evictable list, least
+recently freed first (the manager frees a request's newest block first, so a chain loses
+its tail before its head). An in-place extension takes only never-hashed successors:
+taking a cached successor would evict it out of LRU order. The blocks evicted by a call
+are exactly those LRU order names; only their order in the returned list is ascending
+(a freed chain sits on the evictable list newest-first, i.e. in descending ids).
+
+`touch` takes a reference to a cached block (a prefix-cache hit), taking it off the
+evictable list. `free` drops references; a block reaching 0 goes to the evictable list
+if it is hashed (its content stays reusable until the pool needs room), else to the
+free list.
 
 Invariants (checked by `check_integrity`):
     * ref count 0  <=>  on exactly one of the free list / evictable list;
     * no block is listed twice; free-list blocks have no hash, evictable ones have one;
     * cached[h] == b  <=>  hash(b) == h: the hash map and the per-block hashes agree;
-    * num_free_blocks (free + evictable) + num_used_blocks == num_blocks.
+    * num_free_blocks (free + evictable) + num_used_blocks == num_blocks;
+    * the free list's own run invariants (`FreeRuns.check`);
+    * every remembered tail is referenced (freeing a block forgets its claim).
 
 A block id is an index into the group's cache tensor; the pool only hands out
 ids, it never touches memory.
@@ -27,10 +66,13 @@ ids, it never touches memory.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 from mnemosyne.kv_cache.block_hash import BlockHash
+from mnemosyne.kv_cache.free_runs import FreeRuns
+
+PLACEMENT_SCAN_RUNS = 8  # the largest runs a new piece's placement examines
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -46,7 +88,8 @@ class BlockPool:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free = FreeRuns(num_blocks)  # never-hashed free ids, as maximal runs
+        self._tails: dict[int, bool] = {}  # each piece's last block -> its claim on the next is strong
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._ref_counts: list[int] = [0] * num_blocks
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
@@ -87,31 +130,76 @@ class BlockPool:
         """Evictable blocks, the next one to be evicted first."""
         return list(self._evictable)
 
-    def allocate(self, num_blocks: int) -> list[int]:
+    def allocate(self, num_blocks: int, after: int | None = None) -> list[int]:
         """Take `num_blocks` free blocks (ref count 1 each); all or nothing.
 
-        Never-hashed blocks first, then cached ones, least recently freed first
-        (their content is dropped). Raises NoFreeBlocksError, changing nothing,
-        when fewer are free.
+        `after`: the last block of the piece being grown (referenced); without it, a new
+        piece. Placement as in the module docstring; then cached blocks are evicted,
+        least recently freed first (their content is dropped). The ids after the
+        in-place part ascend. Raises NoFreeBlocksError, changing nothing, when fewer
+        are free.
         """
         if num_blocks < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
+        if after is not None:
+            self._check_id(after)
+            if self._ref_counts[after] == 0:
+                raise KVCacheIntegrityError(f"growing after block {after}, which nobody references")
         if num_blocks > self.num_free_blocks:
             raise NoFreeBlocksError(
                 f"requested {num_blocks} blocks but only {self.num_free_blocks} of {self.num_blocks} are free"
             )
-        block_ids: list[int] = []
-        while len(block_ids) < num_blocks and self._free:
-            block_ids.append(self._free.popleft())
-        while len(block_ids) < num_blocks:
+        if num_blocks == 0:
+            if after in self._tails:
+                self._tails[after] = False  # the piece grows inside its last block: a decode
+            return []
+        in_place: list[int] = []
+        if after is not None:
+            self._tails.pop(after, None)
+            end = self._free.run_starting_at(after + 1)
+            if end is not None:
+                in_place = self._free.take(after + 1, after + 1, min(end, after + 1 + num_blocks))
+        rest = min(num_blocks - len(in_place), len(self._free))
+        placed: list[int] = []
+        if rest and after is not None and num_blocks == 1:
+            s, e = self._free.highest()
+            placed = self._free.take(s, e - 1, e)  # a decode's spill
+        elif rest:
+            placed = self._place_room(rest)
+        while len(in_place) + len(placed) < num_blocks:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of[b]]  # type: ignore[arg-type]  # evictable => hashed
             self._hash_of[b] = None
             self.num_evictions += 1
-            block_ids.append(b)
+            placed.append(b)
+        placed.sort()
+        block_ids = in_place + placed
         for b in block_ids:
             self._ref_counts[b] = 1
+        self._tails[block_ids[-1]] = num_blocks >= 2
         return block_ids
+
+    def _strongly_claimed(self, run_start: int) -> bool:
+        return self._tails.get(run_start - 1, False)
+
+    def _place_room(self, num_blocks: int) -> list[int]:
+        """The start of the largest run (of the 8 largest) not strongly claimed; if all are,
+        the end of the largest (its grower keeps the rest); if no run fits, the lowest ids."""
+        runs = [(s, e) for s, e in self._free.largest(PLACEMENT_SCAN_RUNS) if e - s >= num_blocks]
+        for s, _ in runs:
+            if not self._strongly_claimed(s):
+                return self._free.take(s, s, s + num_blocks)
+        if runs:
+            s, e = runs[0]
+            return self._free.take(s, e - num_blocks, e)
+        chosen: list[tuple[int, int]] = []
+        need = num_blocks
+        for s, e in self._free.runs_by_start():
+            chosen.append((s, min(need, e - s)))
+            need -= chosen[-1][1]
+            if not need:
+                break
+        return [b for s, k in chosen for b in self._free.take(s, s, s + k)]
 
     def incref(self, block_ids: Iterable[int]) -> None:
         """Add one reference to each (already referenced) block."""
@@ -169,19 +257,22 @@ class BlockPool:
                 raise KVCacheIntegrityError(
                     f"freeing block {b} {n} time(s) but its ref count is {self._ref_counts[b]}"
                 )
+        unhashed: list[int] = []
         for b in block_ids:
             self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
                 if self._hash_of[b] is None:
-                    self._free.append(b)
+                    unhashed.append(b)
                 else:
                     self._evictable[b] = None
+                self._tails.pop(b, None)
+        self._free.add(unhashed)
 
     def check_integrity(self) -> None:
-        free_set = set(self._free)
-        if len(free_set) != len(self._free):
-            dup = [b for b, n in Counter(self._free).items() if n > 1]
-            raise KVCacheIntegrityError(f"free list holds blocks {dup} more than once")
+        problem = self._free.check()
+        if problem is not None:
+            raise KVCacheIntegrityError(f"free list: {problem}")
+        free_set = set(self._free.ids())
         both = free_set & self._evictable.keys()
         if both:
             raise KVCacheIntegrityError(f"blocks {sorted(both)[:4]} are on the free and evictable lists")
@@ -209,6 +300,9 @@ class BlockPool:
             raise KVCacheIntegrityError(
                 f"{self.num_free_blocks} free + {num_used} used != {self.num_blocks} blocks"
             )
+        freed_tails = [b for b in self._tails if self._ref_counts[b] == 0]
+        if freed_tails:
+            raise KVCacheIntegrityError(f"blocks {freed_tails[:4]} are remembered as tails but free")
 
     def _check_id(self, block_id: int) -> None:
         if not 0 <= block_id < self.num_blocks:

@@ -188,7 +188,11 @@ class KVCacheManager:
             self.prefix_cache_stats.num_query_tokens += hit.num_query_tokens
         if pieces and grow_end > pieces[-1].token_end:
             newest = pieces[-1]
-            newest.block_ids.extend(self._pools[newest.group].allocate(grow_blocks))
+            # In place where the blocks after its last are free. Also with grow_blocks == 0
+            # (a decode step inside its last block): the pool then stops keeping the run
+            # after it free for this piece (`block_pool.py`, placement).
+            grown = self._pools[newest.group].allocate(grow_blocks, after=newest.block_ids[-1])
+            newest.block_ids.extend(grown)
             newest.token_end = grow_end
         for g, start, end in new_pieces:
             blocks = self._pools[g].allocate(self.blocks_needed(end - start))

@@ -1,0 +1,147 @@
+"""BlockPool placement: in-place growth, claims, spills; LRU eviction unchanged."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mnemosyne.config import CacheConfig
+from mnemosyne.kv_cache.block_pool import BlockPool, KVCacheIntegrityError
+from mnemosyne.kv_cache.manager import KVCacheManager
+
+
+def _breaks(block_ids: list[int]) -> int:
+    return sum(1 for a, b in zip(block_ids, block_ids[1:], strict=False) if b != a + 1)
+
+
+def test_growth_in_place_spills_and_claims():
+    pool = BlockPool(20)
+    a = pool.allocate(3)
+    assert a == [0, 1, 2]  # the start of the largest run; >= 2 blocks: a claims [3, 20) strongly
+    assert pool.allocate(2) == [18, 19]  # every run is claimed: the end of the largest
+    pool.allocate(0, after=a[-1])  # a grows inside its last block (a decode): its claim is weak
+    c = pool.allocate(2)
+    assert c == [3, 4]  # packs right after a
+    assert pool.allocate(1, after=c[-1]) == [5]  # in place
+    assert pool.allocate(1, after=a[-1]) == [17]  # a decode whose successor is taken: the highest id
+    assert pool.allocate(4, after=5) == [6, 7, 8, 9]  # in place; claims [10, 17) strongly
+    assert pool.allocate(2, after=19) == [15, 16]  # past the pool's end: the end of the claimed run
+    pool.free([8, 9])
+    assert pool.allocate(3, after=7) == [8, 9, 10]
+    assert pool.allocate(3, after=c[-1]) == [12, 13, 14]  # 5 is taken; [11, 15) is claimed by 10
+    pool.check_integrity()
+    with pytest.raises(KVCacheIntegrityError, match="nobody references"):
+        pool.allocate(1, after=11)
+    with pytest.raises(KVCacheIntegrityError, match="out of range"):
+        pool.allocate(1, after=20)
+
+
+def test_a_new_piece_keeps_off_a_run_that_a_prefill_grows_into():
+    pool = BlockPool(40)
+    long_prompt = pool.allocate(8)
+    long_prompt += pool.allocate(8, after=long_prompt[-1])  # a prefill chunk: a strong claim
+    assert long_prompt == list(range(16))
+    assert pool.allocate(4) == [36, 37, 38, 39]  # a new request: not at 16
+    assert pool.allocate(8, after=long_prompt[-1]) == list(range(16, 24))
+    pool.allocate(0, after=23)  # the prompt is done, it decodes inside its last block
+    assert pool.allocate(4) == [24, 25, 26, 27]
+    pool.check_integrity()
+
+
+def test_growth_never_takes_a_cached_successor_out_of_lru_order():
+    pool = BlockPool(6)
+    a, c = pool.allocate(2)
+    assert pool.cache_block(c, b"c" * 32)
+    pool.free([c])
+    assert pool.allocate(1, after=a) == [5]  # 1 caches content: left for LRU eviction
+    assert pool.lookup(b"c" * 32) == c and pool.num_evictions == 0
+    assert pool.allocate(3, after=5) == [2, 3, 4]  # the free ones, before any eviction
+    assert pool.allocate(1, after=a) == [c] and pool.num_evictions == 1  # LRU: the only one
+    pool.check_integrity()
+
+
+def test_evicted_blocks_are_the_lru_ones_returned_ascending():
+    pool = BlockPool(8)
+    blocks = pool.allocate(8)
+    for i, b in enumerate(blocks):
+        pool.cache_block(b, bytes([i]) * 32)
+    pool.free(reversed(blocks[:6]))  # a request frees its newest block first
+    assert pool.evictable_order() == [5, 4, 3, 2, 1, 0]
+    assert pool.allocate(4) == [2, 3, 4, 5]  # the 4 least recently freed, ascending
+    assert pool.evictable_order() == [1, 0] and pool.lookup(bytes([0]) * 32) == 0
+    pool.check_integrity()
+
+
+def test_random_operations_keep_the_invariants_and_lru_eviction():
+    rng = random.Random(1)
+    pool = BlockPool(64)
+    owned: list[list[int]] = []
+    next_hash = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.45 and pool.num_free_blocks:
+            n = rng.randint(0, min(6, pool.num_free_blocks))
+            grow = owned and rng.random() < 0.6
+            seq = rng.choice(owned) if grow else []
+            lru, num_unhashed = pool.evictable_order(), pool.num_free_blocks - pool.num_evictable_blocks
+            got = pool.allocate(n, after=seq[-1]) if seq else pool.allocate(n)
+            evicted = [b for b in got if b in lru]
+            assert sorted(evicted) == sorted(lru[: max(0, n - num_unhashed)])  # LRU order, as before
+            assert pool.evictable_order() == lru[len(evicted) :]
+            k = 0
+            while seq and k < len(got) and got[k] == seq[-1] + 1 + k:
+                k += 1
+            assert got[k:] == sorted(got[k:])
+            seq.extend(got)
+            if not grow and got:
+                owned.append(seq)
+        elif op < 0.65 and owned:
+            seq = owned.pop(rng.randrange(len(owned)))
+            pool.free(reversed(seq))
+        elif op < 0.85 and owned:
+            b = rng.choice(rng.choice(owned))
+            if pool.block_hash(b) is None:
+                pool.cache_block(b, next_hash.to_bytes(32, "little"))
+                next_hash += 1
+        elif pool.num_evictable_blocks:  # a prefix-cache hit
+            b = rng.choice(pool.evictable_order())
+            pool.touch([b])
+            owned.append([b])
+        pool.check_integrity()
+
+
+def test_long_prompt_beside_desynchronized_decodes_is_one_run():
+    """32 decodes with different lengths cross block boundaries at different steps while a
+    long prompt grows 8 blocks a step: its blocks stay one run; the decodes spill high."""
+    m = KVCacheManager(CacheConfig(block_size=64, num_blocks_per_group=(15000,)))
+    tokens = {f"short-{i}": 1024 + 2 * i for i in range(32)}
+    for rid, n in tokens.items():
+        assert m.allocate_slots(rid, n)
+    for rid in tokens:  # one decode step before the long prompt arrives
+        tokens[rid] += 1
+        assert m.allocate_slots(rid, tokens[rid])
+    for step in range(400):
+        assert m.allocate_slots("long", 512 * (step + 1))
+        for rid in tokens:
+            tokens[rid] += 1
+            assert m.allocate_slots(rid, tokens[rid])
+    m.check_integrity()
+    (piece,) = m.pieces("long")
+    assert len(piece.block_ids) == 3200 and _breaks(piece.block_ids) == 0
+    m.free("long")
+    for rid in tokens:
+        m.free(rid)
+    m.check_integrity()
+    assert m.num_free_blocks() == 15000
+
+
+def test_manager_grows_pieces_in_place_across_kvp_groups():
+    m = KVCacheManager(CacheConfig(block_size=4, num_blocks_per_group=(16, 16), max_tokens_per_kvp_group=32))
+    assert m.allocate_slots("a", 8) and m.allocate_slots("b", 4)
+    for end in range(12, 60, 4):
+        assert m.allocate_slots("a", end)
+    m.check_integrity()
+    pieces = m.pieces("a")
+    assert [p.num_tokens for p in pieces] == [32, 24]
+    assert all(_breaks(p.block_ids) == 0 for p in pieces)
