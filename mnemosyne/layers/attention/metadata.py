@@ -24,7 +24,7 @@ kv_lens = piece length (all keys before the queries) and slot_mapping -1 for the
 request's rows; `kvp_merge` says which rows are merged across groups.
 
 `block_runs_cpu[i] = (b0, n)`: the first n blocks of sequence i are b0, b0+1, ..., b0+n-1
-(a fresh pool hands out ascending ids, so a long request's blocks are mostly one run).
+(the block pool keeps a growing request's blocks one run where it can: `kv_cache/block_pool.py`).
 Keys [kv_start, kv_start + n*B) are then one strided view of the cache, which dense
 kernels read without a gather. `backend_plan` is what the attention backend derived
 from the host lists once per step (`KernelBackend.plan`), shared by every layer.
