@@ -21,7 +21,7 @@ robust running correction per step kind and adds the host time between steps::
     factor(key)      = exp(the `quantile` of the last window_steps log(device_s / predicted_s) of
                        that key), clipped to [min_factor, max_factor]; a key with fewer than
                        min_samples samples takes its nearest warm bucket of the same kind, else
-                       the median over all keys, else 1 (no correction yet)
+                       the quantile over all keys, else 1 (no correction yet)
     host_s           = median of the last window_steps host gaps (0 until min_samples)
     corrected_s      = factor(key) * predicted_s + host_s
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import enum
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -92,19 +91,17 @@ class CalibrationConfig:
 
 
 class _Window:
-    """The last n values and their median and q-quantile (kept current on every add; the
-    quantile interpolates linearly between the sorted values)."""
+    """The last n values and their q-quantile, kept current on every add; it interpolates
+    linearly between the sorted values, so q = 0.5 is the median."""
 
-    def __init__(self, n: int, quantile: float = 0.5) -> None:
+    def __init__(self, n: int, quantile: float) -> None:
         self.values: deque[float] = deque(maxlen=n)
         self.quantile = quantile
-        self.median = 0.0
         self.level = 0.0  # the q-quantile
 
     def add(self, x: float) -> None:
         self.values.append(x)
         ordered = sorted(self.values)
-        self.median = statistics.median(ordered)
         pos = self.quantile * (len(ordered) - 1)
         lo = int(pos)
         hi = min(lo + 1, len(ordered) - 1)
@@ -122,7 +119,7 @@ class OnlineCalibration:
         self.serial = serial
         self._log_ratios: dict[CalibrationKey, _Window] = {}
         self._all = _Window(self.config.window_steps, self.config.quantile)
-        self._host = _Window(self.config.window_steps)
+        self._host = _Window(self.config.window_steps, 0.5)  # the median
         self._last_done_s: float | None = None
         self._num_seen = 0
         self._factors: dict[CalibrationKey, float] = {}  # cache, cleared on every sample
@@ -170,7 +167,7 @@ class OnlineCalibration:
 
     @property
     def host_s(self) -> float:
-        return self._host.median if len(self._host) >= self.config.min_samples else 0.0
+        return self._host.level if len(self._host) >= self.config.min_samples else 0.0
 
     def corrected_s(self, composition: StepComposition, predicted_s: float) -> float:
         return self.factor(self.key(composition)) * predicted_s + self.host_s
