@@ -81,6 +81,7 @@ def choose_chunk_splits(
 # their values (== 1, multiple of 16, other; tests/test_no_recompile.py) while serving.
 @triton.jit(do_not_specialize=[
     "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls", "stride_bts", "num_splits",
+    "min_split_steps",
 ])  # fmt: skip
 def _chunk_split_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, l_ptr,  # o / l: out / lse (DIRECT) or the split workspace
@@ -91,7 +92,7 @@ def _chunk_split_kernel(
     stride_ot, stride_oh, stride_os, stride_od,
     stride_lt, stride_lh, stride_ls,
     stride_bts, stride_btb,
-    qk_scale, window, num_splits,
+    qk_scale, window, num_splits, min_split_steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # head_dim, padded to a power of two >= 16
     G: tl.constexpr,  # query heads per KV head
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,7 +107,7 @@ def _chunk_split_kernel(
         stride_qt, stride_qh, stride_qd, tile, kv_head, HEAD_DIM, BLOCK_D, G, BLOCK_Q, BLOCK_M,
     )  # fmt: skip
     lo, hi, i_a, i_b, s0, s1 = tile_step_range(
-        rel0, n_q, kv_len, window, split, num_splits, BLOCK_N, USE_WINDOW, False
+        rel0, n_q, kv_len, window, split, num_splits, min_split_steps, BLOCK_N, USE_WINDOW, False
     )
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -149,17 +150,20 @@ def _chunk_merge_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
-    h = tl.program_id(1)
-    wl_row = wl_ptr + row * stride_wlt + h * stride_wlh
-    wo_row = wo_ptr + row * stride_wot + h * stride_woh
-    out, lse = merge_split_partials(wl_row, wo_row, num_splits, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(
-        o_ptr + row * stride_ot + h * stride_oh + offs_d,
-        out.to(o_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
-    tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
+    if row >= 0:  # -1: a padding entry of a CUDA graph's fixed grid
+        h = tl.program_id(1)
+        wl_row = wl_ptr + row * stride_wlt + h * stride_wlh
+        wo_row = wo_ptr + row * stride_wot + h * stride_woh
+        out, lse = merge_split_partials(
+            wl_row, wo_row, num_splits, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK
+        )
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(
+            o_ptr + row * stride_ot + h * stride_oh + offs_d,
+            out.to(o_ptr.dtype.element_ty),
+            mask=offs_d < HEAD_DIM,
+        )
+        tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
 
 
 def check_chunk_args(
@@ -224,7 +228,7 @@ def merge_splits(
     l_ws: torch.Tensor,  # [num_tokens, num_heads, num_splits] float32
     out: torch.Tensor,
     lse: torch.Tensor,
-    merge_rows: torch.Tensor,  # [num_covered_rows] int32
+    merge_rows: torch.Tensor,  # [num_covered_rows] int32; -1 entries are skipped (padding)
     num_splits: int,
 ) -> None:
     """Phase 2: the exact LSE merge of every covered row's splits into out / lse."""
@@ -286,6 +290,8 @@ def chunk_splitkv_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    min_split_keys: int = 0,  # each split takes at least this many keys (rounded down to
+    # whole steps): a sequence shorter than num_splits * min_split_keys leaves splits empty
 ) -> None:
     """Attention of the tiles' query rows over the keys held in the paged cache; writes
     `out` and `lse` (natural log, -inf where a row sees no key) for those rows only.
@@ -315,6 +321,7 @@ def chunk_splitkv_attention(
         *query.stride(), *k_cache.stride(), *v_cache.stride(), *o_strides, *l_strides,
         *block_tables.stride(),
         scale * _LOG2E, 0 if sliding_window is None else sliding_window, num_splits,
+        max(1, min_split_keys // block_n),
         HEAD_DIM=head_dim, BLOCK_D=block_d, G=num_heads_per_kv,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=page, USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,

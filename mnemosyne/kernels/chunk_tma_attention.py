@@ -152,6 +152,7 @@ def _tile_steps(
 # Per-step ints are not specialized on (see `_chunk_split_kernel`; tests/test_no_recompile.py).
 @triton.jit(do_not_specialize=[
     "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls", "stride_bts", "num_splits",
+    "min_split_steps",
 ])  # fmt: skip
 def _chunk_tma_kernel(
     q_ptr, k_src, v_src, o_ptr, l_ptr,  # k_src / v_src: TMA descriptors (USE_TMA) or the caches
@@ -161,7 +162,7 @@ def _chunk_tma_kernel(
     stride_ot, stride_oh, stride_os, stride_od,
     stride_lt, stride_lh, stride_ls,
     stride_bts, stride_btb,
-    qk_scale, window, num_splits,
+    qk_scale, window, num_splits, min_split_steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
@@ -176,7 +177,7 @@ def _chunk_tma_kernel(
     )  # fmt: skip
     # lo aligned down to BLOCK_N: every step is one run inside one page
     lo, hi, i_a, i_b, s0, s1 = tile_step_range(
-        rel0, n_q, kv_len, window, split, num_splits, BLOCK_N, USE_WINDOW, True
+        rel0, n_q, kv_len, window, split, num_splits, min_split_steps, BLOCK_N, USE_WINDOW, True
     )
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -256,6 +257,8 @@ def chunk_tma_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    min_split_keys: int = 0,  # each split takes at least this many keys (rounded down to
+    # whole steps): a sequence shorter than num_splits * min_split_keys leaves splits empty
     use_tma: bool | None = None,
 ) -> None:
     """`chunk_splitkv_attention` with page-aligned K/V tiles (see the module docstring);
@@ -302,6 +305,7 @@ def chunk_tma_attention(
         *query.stride(), *k_cache.stride()[1:], *v_cache.stride()[1:], *o_strides, *l_strides,
         *block_tables.stride(),
         scale * _LOG2E, 0 if sliding_window is None else sliding_window, num_splits,
+        max(1, min_split_keys // block_n),
         HEAD_DIM=head_dim, BLOCK_D=block_d, G=num_heads_per_kv,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_TMA=use_tma,

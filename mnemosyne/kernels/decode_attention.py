@@ -25,7 +25,8 @@ rounded down to BLOCK_N, and S = `split_budget` (items wanted for the whole batc
     seq 2 (empty) |item|  (no visible key: lse -inf, out 0)
 
 sum_i n_i <= S + num_decode = max_items, so the grid covers every item; programs past the
-last item exit at once. Every program derives the layout itself from the length tensors
+last item exit at once. A seq_ids entry of -1 is padding (a CUDA graph's fixed-length list,
+`worker/mixed_graph.py`): it has no item and no row; padding follows the real entries. Every program derives the layout itself from the length tensors
 (a prefix sum over the batch's n_i), so nothing is planned on the host per step: one
 launch serves any lengths and is CUDA-graph capturable (only S and the shapes are fixed).
 One program loads each K/V tile once for the GROUP query heads sharing its KV head (packed
@@ -116,8 +117,9 @@ def _work_items(
     """The item layout of the docstring for the whole batch, as SEQ_BLOCK-wide vectors:
     (n [items per sequence], first [its first item], split_keys)."""
     offs = tl.arange(0, SEQ_BLOCK)
-    mask = offs < num_decode
-    seqs = tl.load(seq_ids_ptr + offs, mask=mask, other=0).to(tl.int64)
+    seqs = tl.load(seq_ids_ptr + offs, mask=offs < num_decode, other=-1).to(tl.int64)
+    mask = seqs >= 0  # -1: past num_decode, or a padding entry (no item)
+    seqs = tl.maximum(seqs, 0)
     lo, hi, base = _visible_span(qpos_ptr, kv_start_ptr, kv_lens_ptr, seqs, window, HAS_WINDOW, BLOCK_N)
     span = tl.where(mask & (hi > lo), hi - base, 0)  # [SEQ_BLOCK] int64
     total = tl.sum(span, 0)
@@ -198,8 +200,8 @@ def _decode_split_kernel(
         offs = tl.arange(0, SEQ_BLOCK)
         i = tl.sum((((first + n) <= item) & (offs < num_decode)).to(tl.int32), 0)  # the item's sequence
         k = item - tl.sum(tl.where(offs == i, first, 0), 0)  # its index among that sequence's items
-    if i < num_decode:
-        seq = tl.load(seq_ids_ptr + i).to(tl.int64)
+    seq = tl.load(seq_ids_ptr + i, mask=i < num_decode, other=-1).to(tl.int64)
+    if seq >= 0:  # else past the last item, or a padding entry
         row = tl.load(qsl_ptr + seq).to(tl.int64)
         lo, hi, base = _visible_span(qpos_ptr, kv_start_ptr, kv_lens_ptr, seq, window, HAS_WINDOW, BLOCK_N)
         if DIRECT:
@@ -279,14 +281,17 @@ def _decode_reduce_kernel(
     n_i = tl.sum(tl.where(offs == i, n, 0), 0)
     first_i = tl.sum(tl.where(offs == i, first, 0), 0).to(tl.int64)
     seq = tl.load(seq_ids_ptr + i).to(tl.int64)
-    row = tl.load(qsl_ptr + seq).to(tl.int64)
-    wl_row = wl_ptr + h * stride_wlh + first_i  # lse of item k at wl_row + k
-    wo_row = wo_ptr + h * stride_woh + first_i * stride_wos
-    out, lse = merge_split_partials(wl_row, wo_row, n_i, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    tl.store(o_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
+    if seq >= 0:  # -1: a padding entry
+        row = tl.load(qsl_ptr + seq).to(tl.int64)
+        wl_row = wl_ptr + h * stride_wlh + first_i  # lse of item k at wl_row + k
+        wo_row = wo_ptr + h * stride_woh + first_i * stride_wos
+        out, lse = merge_split_partials(wl_row, wo_row, n_i, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        tl.store(
+            o_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d
+        )
+        tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
 
 
 def decode_workspace_items(num_decode: int, split_budget: int) -> int:

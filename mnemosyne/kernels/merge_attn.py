@@ -49,7 +49,7 @@ def merge_split_partials(
         w = tl.exp(tl.load(wl_row + s, mask=mask_s, other=float("-inf")) - m_safe)  # [CHUNK]
         part = tl.load(
             wo_row + s[:, None] * stride_wos + offs_d[None, :],
-            mask=mask_s[:, None] & mask_d[None, :],
+            mask=(w[:, None] > 0) & mask_d[None, :],  # an empty split (lse -inf) is not read
             other=0.0,
         )  # [CHUNK, BLOCK_D]
         acc += tl.sum(tl.where(w[:, None] > 0, w[:, None] * part, 0.0), 0)

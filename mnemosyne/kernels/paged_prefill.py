@@ -134,12 +134,16 @@ def query_tile(
 ):  # fmt: skip
     """Query tile `tile` x KV head `kv_head` (M = tokens x its G query heads):
     (seq, kv_len, rel0, n_q, head [BLOCK_M], rows [BLOCK_M] int64 packed rows, m_valid [BLOCK_M],
-    io_mask [BLOCK_M, BLOCK_D], q [BLOCK_M, BLOCK_D], q_rel [BLOCK_M] = query position - kv_start)."""
-    seq = tl.load(tile_seq_ptr + tile)
+    io_mask [BLOCK_M, BLOCK_D], q [BLOCK_M, BLOCK_D], q_rel [BLOCK_M] = query position - kv_start).
+    tile_seq[tile] < 0 is a padding tile (a CUDA graph's fixed grid): no query, no key, nothing
+    stored."""
+    seq_or_pad = tl.load(tile_seq_ptr + tile)
+    live = seq_or_pad >= 0
+    seq = tl.maximum(seq_or_pad, 0)
     q0 = tl.load(tile_off_ptr + tile)
     row0 = tl.load(qsl_ptr + seq)
-    n_q = tl.minimum(tl.load(qsl_ptr + seq + 1) - row0 - q0, BLOCK_Q)
-    kv_len = tl.load(kv_lens_ptr + seq)
+    n_q = tl.where(live, tl.minimum(tl.load(qsl_ptr + seq + 1) - row0 - q0, BLOCK_Q), 0)
+    kv_len = tl.where(live, tl.load(kv_lens_ptr + seq), 0)
     rel0 = (tl.load(q_pos_ptr + seq) - tl.load(kv_start_ptr + seq)).to(tl.int32) + q0
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -156,12 +160,13 @@ def query_tile(
 
 @triton.jit
 def tile_step_range(
-    rel0, n_q, kv_len, window, split, num_splits,
+    rel0, n_q, kv_len, window, split, num_splits, min_split_steps,
     BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, ALIGN_LO: tl.constexpr,
 ):  # fmt: skip
     """(lo, hi, i_a, i_b, s0, s1): the tile walks keys [lo, hi) in BLOCK_N steps (lo aligned
     down to BLOCK_N when ALIGN_LO); steps [0, i_a) and [i_b, n_steps) need the mask, those
-    between are seen by every valid row; this split takes steps [s0, s1)."""
+    between are seen by every valid row; this split takes steps [s0, s1), splits being at
+    least `min_split_steps` steps (a short sequence leaves the trailing splits empty)."""
     hi = tl.minimum(kv_len, rel0 + n_q)
     full_hi = tl.minimum(hi, rel0 + 1)  # [full_lo, full_hi): the keys every valid row sees
     lo = rel0 * 0
@@ -174,7 +179,7 @@ def tile_step_range(
     n_steps = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
     i_a = tl.minimum(tl.cdiv(full_lo - lo, BLOCK_N), n_steps)
     i_b = tl.maximum(tl.minimum(tl.maximum(full_hi - lo, 0) // BLOCK_N, n_steps), i_a)
-    per = tl.cdiv(n_steps, num_splits)
+    per = tl.maximum(tl.cdiv(n_steps, num_splits), min_split_steps)
     s0 = tl.minimum(split * per, n_steps)
     s1 = tl.minimum(s0 + per, n_steps)
     return lo, hi, i_a, i_b, s0, s1

@@ -66,7 +66,8 @@ class KernelPlan:
     tile_seq: torch.Tensor | None = None  # [num_tiles] int32, Triton prefill tiles
     tile_q_offset: torch.Tensor | None = None  # [num_tiles] int32
     block_q: int = 16
-    chunk_splits: int = 1  # key splits of the Triton chunk kernel
+    chunk_splits: int = 1  # key splits of the Triton chunk kernel (at most; see min_split_keys)
+    min_split_keys: int = 0  # fewest keys per split: shorter sequences use fewer of the splits
     merge_rows: torch.Tensor | None = None  # [num_tiled_rows] int32, packed rows of the tiles (splits > 1)
     page_tiles: bool = False  # the tiles walk page-aligned steps (chunk_tma_attention)
     dense: list[DenseChunk] = field(default_factory=list)
@@ -177,10 +178,11 @@ class KernelBackend:
             seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             plan.tile_seq, plan.tile_q_offset = to_device_packed((seqs, offsets), torch.int32, self.device)
             cfg = self.chunk_config
+            plan.min_split_keys = self._min_split_keys()
             plan.chunk_splits = choose_chunk_splits(
                 len(seqs), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
                 waves=cfg.waves or (PAGE_TILES_WAVES if plan.page_tiles else DEFAULT_WAVES),
-                min_split_keys=cfg.min_split_keys or (MIN_SPLIT_KEYS if self.device.type == "cuda" else 64),
+                min_split_keys=plan.min_split_keys,
                 max_splits=cfg.max_splits or (PAGE_TILES_MAX_SPLITS if plan.page_tiles else MAX_SPLITS),
             )  # fmt: skip
             if plan.chunk_splits > 1:
@@ -190,6 +192,9 @@ class KernelBackend:
                 rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
                 (plan.merge_rows,) = to_device_packed((rows,), torch.int32, self.device)
         return plan
+
+    def _min_split_keys(self) -> int:
+        return self.chunk_config.min_split_keys or (MIN_SPLIT_KEYS if self.device.type == "cuda" else 64)
 
     def _page_tiles(self, block_size: int | None) -> bool:
         """Whether the chunk kernel can walk page-aligned steps of this cache."""
@@ -298,6 +303,7 @@ class KernelBackend:
                 query, k_cache, v_cache, *lengths, plan.tile_seq, plan.tile_q_offset, out, lse, scale,
                 sliding_window, num_splits=plan.chunk_splits, merge_rows=plan.merge_rows, block_q=plan.block_q,
                 block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                min_split_keys=plan.min_split_keys,
             )  # fmt: skip
         for chunk in plan.dense:
             rows = slice(chunk.row0, chunk.row0 + chunk.num_queries)
