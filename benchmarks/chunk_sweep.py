@@ -11,8 +11,9 @@ Parts (each in its own process, so that each starts with the whole GPU):
   8b / 1b  whole-model chunk step (as bench/long_context/engine.py's chunk step: forward of c tokens after
            P keys + LM head of the last row) for c in --chunks at the shape's prefixes, eager on
            both paths (cuDNN only where it can run; --auto-path-only: just the path the fitted
-           cost model picks), and through the worker's piecewise CUDA graphs on that path
-           (steps of up to 1024 tokens: what the engine runs).
+           cost model picks), through the worker's piecewise CUDA graphs on that path
+           (steps of up to 1024 tokens) and through its mixed-step graphs (up to 512 tokens,
+           attention included, when the step fits them): what the engine runs.
            8b also: the mixed step (32 decodes at 1K context + one 128-token chunk after 256K).
   scenario 8b through LLMEngine.step: 32 requests (1K prompts) decoding, then one 256K-token
            prompt; for each fixed chunk in --scenario-chunks: the short requests' TBT p50 /
@@ -160,16 +161,24 @@ def _engine(model_dir: Path, kv_fraction: float):
 
 def _step_s(
     model, kv_caches, meta, num_tokens: int, positions: torch.Tensor, logits_rows: int, iters: int,
-    piecewise=None,
+    piecewise=None, mixed=None,
 ):  # fmt: skip
-    """Median seconds of one step: eager, or through the worker's piecewise CUDA graphs."""
+    """Median seconds of one step: eager, through the worker's piecewise CUDA graphs, or
+    through its mixed-step graphs (whole step, attention included: `worker/mixed_graph.py`;
+    None when the step does not fit them)."""
     from mnemosyne.bench.long_context.engine import _median_s
 
     ids = torch.ones(num_tokens, dtype=torch.long, device="cuda")
+    if mixed is not None:
+        meta.backend_plan = None
+        if mixed.try_run(ids, positions, meta) is None:
+            return None
 
     def step() -> int:
         meta.backend_plan = None  # planned once per step, as in the engine
-        if piecewise is not None:
+        if mixed is not None:
+            hidden = mixed.try_run(ids, positions, meta)
+        elif piecewise is not None:
             hidden = piecewise.run(ids, positions, kv_caches, meta)
         else:
             hidden = model(ids, positions, kv_caches, meta)
@@ -231,7 +240,12 @@ def part_model(
             if worker.piecewise is not None and worker.piecewise.can_run(c):
                 entry["eager_s"] = t
                 t = entry["piecewise_s"] = _step_s(model, caches, meta, c, pos, 1, iters, worker.piecewise)
-            if t is not None:  # the engine's own path: piecewise graphs where it has them
+            if worker.mixed is not None:
+                t_mixed = entry["mixed_graph_s"] = _step_s(
+                    model, caches, meta, c, pos, 1, iters, mixed=worker.mixed
+                )
+                t = t_mixed if t_mixed is not None else t
+            if t is not None:  # the engine's own path: mixed-step or piecewise graphs where it has them
                 entry.update(s=t, ratio_to_floor=t / entry["floor_s"], tokens_per_s=c / t)
             _log(entry, log)
             res["steps"].append(entry)
@@ -269,6 +283,11 @@ def part_model(
             t = entry["piecewise_s"] = _step_s(
                 model, caches, meta, tokens, pos, n_dec + 1, 5, worker.piecewise
             )
+        if worker.mixed is not None:
+            t_mixed = entry["mixed_graph_s"] = _step_s(
+                model, caches, meta, tokens, pos, n_dec + 1, 5, mixed=worker.mixed
+            )
+            t = t_mixed if t_mixed is not None else t
         entry["ratio_to_floor"] = t / entry["floor_s"]
         _log(entry, log)
         res["mixed"] = entry

@@ -1,4 +1,5 @@
-"""Decode steps replayed as CUDA graphs give the eager engine's tokens and logprobs (GPU only)."""
+"""Decode steps and mixed steps (chunks and decodes) replayed as CUDA graphs give the eager
+engine's tokens and logprobs (GPU only)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,19 @@ def _run(model_dir, enforce_eager: bool):
     prompts = make_prompts(llm.engine.config.model.vocab_size) * 3  # 12 requests: decode batches pad to 16
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     outs = llm.generate(prompts, params)
-    graphs = llm.engine.executor.worker.graphs
-    return outs, graphs
+    worker = llm.engine.executor.worker
+    return outs, worker.graphs, worker.mixed
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral_sliding"])
 def test_graph_decode_matches_eager(name, tiny_model_dir):
-    eager, no_graphs = _run(tiny_model_dir(name), enforce_eager=True)
-    graphed, graphs = _run(tiny_model_dir(name), enforce_eager=False)
-    assert no_graphs is None
+    eager, no_graphs, no_mixed = _run(tiny_model_dir(name), enforce_eager=True)
+    graphed, graphs, mixed = _run(tiny_model_dir(name), enforce_eager=False)
+    assert no_graphs is None and no_mixed is None
     assert graphs is not None and len(graphs.graphs) >= 2, (
         "decode steps of several padded sizes were replayed"
     )
+    assert mixed is not None and mixed.num_replays > 0, "steps with prefill chunks ran on the mixed-step graphs"
     for a, b in zip(eager, graphed, strict=True):
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs, strict=True):

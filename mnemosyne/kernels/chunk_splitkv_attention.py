@@ -37,7 +37,12 @@ each split's normalised partial and LSE to a float32 workspace indexed by packed
 [num_tokens, num_heads, num_splits, (head_dim)], and phase 2, grid (len(merge_rows),
 num_heads), merges the splits of each covered row exactly (`merge_split_partials`).
 Rows that see no key get out = 0 and lse = -inf. Rows of sequences not covered by a tile
-are not touched.
+are not touched. An empty split writes only its partial LSE (-inf), not its output.
+
+CUDA graphs (`layers/attention/static_plan.py`) launch a fixed grid: tile_seq = -1 marks a
+padding tile (no query, no key, no store), merge_rows = -1 a padding merge row, and
+`min_split_keys` (per = max(per, min_split_keys // BLOCK_N)) keeps a short sequence in its
+first splits whatever the fixed split count.
 """
 
 from __future__ import annotations
@@ -133,6 +138,9 @@ def _chunk_split_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, IEEE, INTERPRET,
     )  # fmt: skip
 
+    # An empty split (a short sequence under a fixed split count) writes only its LSE, -inf:
+    # the merge does not read its output.
+    io_mask = io_mask & ((s1 > s0) | (num_splits == 1))
     store_tile(
         acc, l_i, m_i, o_ptr, l_ptr, rows, head, split, io_mask, m_valid,
         stride_ot, stride_oh, stride_os, stride_od, stride_lt, stride_lh, stride_ls, BLOCK_D,

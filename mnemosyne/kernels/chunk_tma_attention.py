@@ -203,6 +203,9 @@ def _chunk_tma_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
     )  # fmt: skip
 
+    # An empty split (a short sequence under a fixed split count) writes only its LSE, -inf:
+    # the merge does not read its output.
+    io_mask = io_mask & ((s1 > s0) | (num_splits == 1))
     store_tile(
         acc, l_i, m_i, o_ptr, l_ptr, rows, head, split, io_mask, m_valid,
         stride_ot, stride_oh, stride_os, stride_od, stride_lt, stride_lh, stride_ls, BLOCK_D,

@@ -44,6 +44,7 @@ from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
+from mnemosyne.worker.mixed_graph import MixedGraphs
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
@@ -97,6 +98,7 @@ class Worker:
                 backend.warm_up(*self.kv_caches[0], window, config.scheduler.max_num_seqs)
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # shared by all graphs
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
+        self.mixed = MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)
         self.capture_s = self._capture_graphs()
         # From here on a Triton compile stalls a step: log it (none is expected).
@@ -148,12 +150,16 @@ class Worker:
             return self._finish(result, None)  # the reporting rank's empty result; None elsewhere
 
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
+        hidden: torch.Tensor | None = None  # [num_tokens, hidden]
         if self.graphs is not None and self.graphs.can_run(batch.meta):
-            hidden = self.graphs.run(x, batch.positions, batch.meta)  # [num_tokens, hidden]
-        elif self.piecewise is not None and self.piecewise.can_run(batch.num_tokens):
-            hidden = self.piecewise.run(x, batch.positions, self.kv_caches, batch.meta)
-        else:
-            hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)  # [num_tokens, hidden]
+            hidden = self.graphs.run(x, batch.positions, batch.meta)
+        elif self.mixed is not None:
+            hidden = self.mixed.try_run(x, batch.positions, batch.meta)
+        if hidden is None:
+            if self.piecewise is not None and self.piecewise.can_run(batch.num_tokens):
+                hidden = self.piecewise.run(x, batch.positions, self.kv_caches, batch.meta)
+            else:
+                hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)
         if not self.pg.is_last_stage:
             self._send_hidden(hidden)
             return None
@@ -183,19 +189,19 @@ class Worker:
         the seconds it took."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if self.graphs is not None:
-                self.graphs.capture_all()
-            if self.piecewise is not None:
-                self.piecewise.capture_all()
+            for graphs in (self.graphs, self.mixed, self.piecewise):
+                if graphs is not None:
+                    graphs.capture_all()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        if self.graphs is not None or self.piecewise is not None:
+        if self.graphs is not None or self.mixed is not None or self.piecewise is not None:
             num_decode = len(self.graphs.graphs) if self.graphs is not None else 0
+            num_mixed = len(self.mixed.graphs) if self.mixed is not None else 0
             num_piecewise = len(self.piecewise.pieces) if self.piecewise is not None else 0
             logger.info(
-                "rank %d: captured %d decode graphs and %d piecewise step sizes in %.1f s",
-                self.pg.rank, num_decode, num_piecewise, seconds,
+                "rank %d: captured %d decode graphs, %d mixed-step graphs and %d piecewise step sizes in %.1f s",
+                self.pg.rank, num_decode, num_mixed, num_piecewise, seconds,
             )  # fmt: skip
         return seconds
 
@@ -302,6 +308,9 @@ class Worker:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+        if self.mixed is not None:
+            self.mixed.close()
+            self.mixed = None
         if self.piecewise is not None:
             self.piecewise.close()
             self.piecewise = None

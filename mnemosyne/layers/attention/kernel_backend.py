@@ -25,6 +25,7 @@ padded batch size.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,21 @@ class KernelPlan:
     merge_rows: torch.Tensor | None = None  # [num_tiled_rows] int32, packed rows of the tiles (splits > 1)
     page_tiles: bool = False  # the tiles walk page-aligned steps (chunk_tma_attention)
     dense: list[DenseChunk] = field(default_factory=list)
+
+
+@dataclass
+class HostPlan:
+    """`KernelPlan`'s host lists: which sequences (indices into the batch) go to which kernel."""
+
+    block_q: int
+    page_tiles: bool
+    decode: list[int] = field(default_factory=list)  # query_len == 1
+    dense: list[DenseChunk] = field(default_factory=list)  # cuDNN
+    tile_seq: list[int] = field(default_factory=list)  # Triton chunk kernel: its query tiles
+    tile_q_offset: list[int] = field(default_factory=list)
+    tiled_rows: list[int] = field(default_factory=list)  # packed rows of the tiled sequences
+    chunk_splits: int = 1
+    min_split_keys: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,21 +137,18 @@ class KernelBackend:
 
     # ---- once per step ------------------------------------------------------------------
 
-    def plan(
+    def host_plan(
         self,
         meta: AttentionMetadata,
         num_kv_heads: int,
         sliding_window: int | None,
         block_size: int | None = None,
-    ) -> KernelPlan:
-        """Assign every sequence to a kernel. The decode kernel's split budget does not depend
-        on the lengths, so a CUDA graph's plan (captured before any step) serves every step.
-        block_size: the cache's; None plans the per-key-gather chunk kernel."""
-        plan = KernelPlan(block_q=self.block_q, page_tiles=self._page_tiles(block_size))
-        decode: list[int] = []
-        tiled: list[int] = []
+    ) -> HostPlan:
+        """Assign every sequence to a kernel, from the host lists alone (no device work)."""
+        plan = HostPlan(block_q=self.block_q, page_tiles=self.uses_page_tiles(block_size))
         row = 0
         runs = meta.block_runs_cpu or [(0, 0)] * meta.num_seqs
+        tiled: list[int] = []
         for i, q_len in enumerate(meta.query_lens_cpu):
             chunk = None
             if self.use_cudnn and q_len > 1:
@@ -162,41 +175,69 @@ class KernelBackend:
                     )
                     chunk = dataclasses.replace(chunk, prefix_splits=splits)
             if q_len == 1:
-                decode.append(i)
+                plan.decode.append(i)
             elif chunk is not None:
                 plan.dense.append(chunk)
             elif q_len > 0:
                 tiled.append(i)
             row += q_len
-        if decode:
-            (plan.decode_seq_ids,) = to_device_packed((decode,), torch.int32, self.device)
-            plan.split_budget = choose_split_budget(num_kv_heads, self.num_sms, head_dim=self.head_dim)
         if tiled:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
             # variants in all, both built by `warm_up`.
             plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
-            seqs, offsets = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
-            plan.tile_seq, plan.tile_q_offset = to_device_packed((seqs, offsets), torch.int32, self.device)
+            plan.tile_seq, plan.tile_q_offset = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             cfg = self.chunk_config
-            plan.min_split_keys = self._min_split_keys()
+            plan.min_split_keys = self.min_split_keys()
             plan.chunk_splits = choose_chunk_splits(
-                len(seqs), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
+                len(plan.tile_seq), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
                 waves=cfg.waves or (PAGE_TILES_WAVES if plan.page_tiles else DEFAULT_WAVES),
                 min_split_keys=plan.min_split_keys,
-                max_splits=cfg.max_splits or (PAGE_TILES_MAX_SPLITS if plan.page_tiles else MAX_SPLITS),
+                max_splits=self.max_splits(plan.page_tiles),
             )  # fmt: skip
-            if plan.chunk_splits > 1:
-                qsl = [0]
-                for n in meta.query_lens_cpu:
-                    qsl.append(qsl[-1] + n)
-                rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
-                (plan.merge_rows,) = to_device_packed((rows,), torch.int32, self.device)
+            qsl = list(itertools.accumulate(meta.query_lens_cpu, initial=0))
+            plan.tiled_rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
         return plan
 
-    def _min_split_keys(self) -> int:
+    def plan(
+        self,
+        meta: AttentionMetadata,
+        num_kv_heads: int,
+        sliding_window: int | None,
+        block_size: int | None = None,
+    ) -> KernelPlan:
+        """Assign every sequence to a kernel (`host_plan`) and send the plan's lists to the
+        device. The decode kernel's split budget does not depend on the lengths, so a CUDA
+        graph's plan (captured before any step) serves every step.
+        block_size: the cache's; None plans the per-key-gather chunk kernel."""
+        host = self.host_plan(meta, num_kv_heads, sliding_window, block_size)
+        plan = KernelPlan(
+            block_q=host.block_q,
+            page_tiles=host.page_tiles,
+            chunk_splits=host.chunk_splits,
+            min_split_keys=host.min_split_keys,
+            dense=host.dense,
+        )
+        if host.decode:
+            (plan.decode_seq_ids,) = to_device_packed((host.decode,), torch.int32, self.device)
+            plan.split_budget = self.decode_split_budget(num_kv_heads)
+        if host.tile_seq:
+            rows = host.tiled_rows if host.chunk_splits > 1 else []
+            plan.tile_seq, plan.tile_q_offset, merge_rows = to_device_packed(
+                (host.tile_seq, host.tile_q_offset, rows), torch.int32, self.device
+            )
+            plan.merge_rows = merge_rows if host.chunk_splits > 1 else None
+        return plan
+
+    def decode_split_budget(self, num_kv_heads: int) -> int:
+        return choose_split_budget(num_kv_heads, self.num_sms, head_dim=self.head_dim)
+
+    def max_splits(self, page_tiles: bool) -> int:
+        return self.chunk_config.max_splits or (PAGE_TILES_MAX_SPLITS if page_tiles else MAX_SPLITS)
+
+    def min_split_keys(self) -> int:
         return self.chunk_config.min_split_keys or (MIN_SPLIT_KEYS if self.device.type == "cuda" else 64)
 
-    def _page_tiles(self, block_size: int | None) -> bool:
+    def uses_page_tiles(self, block_size: int | None) -> bool:
         """Whether the chunk kernel can walk page-aligned steps of this cache."""
         return block_size is not None and fits_page_tiles(block_size, self.dtype)
 
@@ -253,7 +294,7 @@ class KernelBackend:
             query = torch.zeros(q_len, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
             for splits in (1, 2):
                 meta.backend_plan = KernelPlan(
-                    page_tiles=self._page_tiles(block),
+                    page_tiles=self.uses_page_tiles(block),
                     tile_seq=torch.tensor(seqs, dtype=torch.int32, device=self.device),
                     tile_q_offset=torch.tensor(offsets, dtype=torch.int32, device=self.device),
                     block_q=self._tile_height(q_len),

@@ -1,0 +1,122 @@
+"""Attention plans of fixed shape, for CUDA graphs of mixed steps (`worker/mixed_graph.py`).
+
+A captured graph replays the launches it recorded: their grids, their scalar arguments and
+the addresses of their tensors. So the plan of a graph of padded size T (tokens) is fixed
+when it is captured, and each step writes only the *contents* of its lists::
+
+    decode_seq_ids [T]                 the step's decodes, then -1   (decode kernel: no item, no row)
+    tile_seq       [max_tiles(T, bq)]  the step's query tiles, then -1 (chunk kernels: empty tile)
+    tile_q_offset  [max_tiles(T, bq)]  their first query offsets, then 0
+    merge_rows     [T]                 the tiled sequences' packed rows, then -1 (split merge: skipped)
+
+    max_tiles(T, bq) = ceil(T / bq) + EXTRA_TILES   (a step of n <= T tokens cut into tiles of
+                       bq tokens has at most n / bq + (number of chunks) tiles; more: no graph)
+
+A plan is fixed per (T, tile height bq): bq is the backend's block_q, or half of it when
+every chunk of the step fits half a tile (as the eager plan picks: a short chunk over a
+long prefix would otherwise do twice its MMA work); the decode kernel's split budget (it
+never depends on the lengths); and the chunk kernel's split count S, the most the eager
+plan ever picks (one tile over a long prefix), whatever T: a step of many tokens may hold
+one short chunk among decodes. Split sizes follow each sequence's length on
+the device (`min_split_keys`): a short sequence fills only its first splits, the others are
+empty (lse -inf) and the merge does not read them.
+
+All of a graph's lists are views of one int32 device buffer, written by one host copy per
+step. Graphs of every size share the buffer (they never run at once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mnemosyne.kernels.chunk_splitkv_attention import DEFAULT_WAVES, choose_chunk_splits
+from mnemosyne.kernels.chunk_tma_attention import PAGE_TILES_WAVES
+from mnemosyne.kernels.host_math import cdiv
+from mnemosyne.layers.attention.kernel_backend import HostPlan, KernelBackend, KernelPlan
+
+EXTRA_TILES = 8  # tiles beyond T / block_q: room for that many chunks' ragged last tiles
+
+
+class StaticPlans:
+    """One `KernelPlan` per padded size, over one shared buffer (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: KernelBackend,
+        max_tokens: int,
+        num_kv_heads: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.backend = backend
+        self.num_kv_heads = num_kv_heads
+        self.page_tiles = backend.uses_page_tiles(block_size)
+        self.tile_heights = sorted({backend.block_q, max(1, backend.block_q // 2)})
+        self.max_tiles = self.tiles_for(max_tokens, self.tile_heights[0])
+        self.max_tokens = max_tokens
+        # S: the most splits the eager plan picks (one tile over a long prefix), for every size:
+        # a graph's step may be one short chunk among decodes. Shorter sequences use fewer of
+        # them (`min_split_keys`); an empty split writes only its LSE.
+        self.num_splits = choose_chunk_splits(
+            1,
+            num_kv_heads,
+            1 << 40,  # a long prefix: the count is bounded by the GPU, not by the keys
+            backend.num_sms,
+            waves=backend.chunk_config.waves or (PAGE_TILES_WAVES if self.page_tiles else DEFAULT_WAVES),
+            max_splits=backend.max_splits(self.page_tiles),
+        )
+        # [decode ids: max_tokens | tile_seq: max_tiles | tile_q_offset: max_tiles | merge rows: max_tokens]
+        self.buffer = torch.full((2 * max_tokens + 2 * self.max_tiles,), -1, dtype=torch.int32, device=device)
+        self.device = device
+
+    def tiles_for(self, size: int, block_q: int) -> int:
+        return cdiv(size, block_q) + EXTRA_TILES
+
+    def _views(self, size: int, block_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, m, tiles = self.max_tokens, self.max_tiles, self.tiles_for(size, block_q)
+        buf = self.buffer
+        decode, tile_seq = buf[:size], buf[t : t + tiles]
+        tile_off, rows = buf[t + m : t + m + tiles], buf[t + 2 * m : t + 2 * m + size]
+        return decode, tile_seq, tile_off, rows
+
+    def plan_for(self, size: int, block_q: int) -> KernelPlan:
+        """The fixed plan a graph of `size` tokens and tiles of `block_q` is captured with."""
+        decode, tile_seq, tile_off, rows = self._views(size, block_q)
+        splits = self.num_splits
+        return KernelPlan(
+            decode_seq_ids=decode,
+            split_budget=self.backend.decode_split_budget(self.num_kv_heads),
+            tile_seq=tile_seq,
+            tile_q_offset=tile_off,
+            block_q=block_q,
+            chunk_splits=splits,
+            min_split_keys=self.backend.min_split_keys(),
+            merge_rows=rows if splits > 1 else None,
+            page_tiles=self.page_tiles,
+        )
+
+    def fits(self, size: int, host: HostPlan) -> bool:
+        """Whether a step planned as `host` can run on the graph of (`size`, host.block_q)."""
+        return (
+            not host.dense
+            and host.block_q in self.tile_heights
+            and host.page_tiles == self.page_tiles
+            and len(host.decode) <= size
+            and len(host.tile_seq) <= self.tiles_for(size, host.block_q)
+            and len(host.tiled_rows) <= size
+        )
+
+    def fill(self, size: int, host: HostPlan) -> None:
+        """Write the step's lists into the graph's views, padded (one host-to-device copy)."""
+        t, m = self.max_tokens, self.max_tiles
+        used = t + 2 * m + size  # the buffer up to the end of this size's merge rows
+        flat = [-1] * used
+        flat[: len(host.decode)] = host.decode
+        flat[t : t + len(host.tile_seq)] = host.tile_seq
+        offsets = [0] * self.tiles_for(size, host.block_q)
+        offsets[: len(host.tile_q_offset)] = host.tile_q_offset
+        flat[t + m : t + m + len(offsets)] = offsets
+        flat[t + 2 * m : t + 2 * m + len(host.tiled_rows)] = host.tiled_rows
+        pinned = self.device.type == "cuda"
+        src = torch.tensor(flat, dtype=torch.int32, pin_memory=pinned)
+        self.buffer[:used].copy_(src, non_blocking=pinned)

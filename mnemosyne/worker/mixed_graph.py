@@ -1,0 +1,215 @@
+"""CUDA graphs of whole small steps with prefill chunks: decodes and chunks, attention included.
+
+The piecewise graphs (`piecewise_graph.py`) replay everything but attention, which they
+launch eagerly in every layer (KV write, chunk kernel, split merge, decode kernel): ~0.3 ms
+of host time per layer, more than the GPU work of a short step. Here the whole stage's
+forward of a step of n <= T tokens is one graph per padded size T (`piecewise_sizes`), with
+the attention kernels' plan fixed at capture (`layers/attention/static_plan.py`), and one
+more per size with half-height query tiles (steps whose chunks all fit half a tile).
+
+Static buffers (rows beyond the step's are padding; views [:T] per graph)::
+
+    input_ids | hidden   [max_tokens] | [max_tokens, hidden]    rows [n, T) 0
+    positions            [max_tokens]                            rows [n, T) 0
+    slot_mapping         [max_tokens]                            rows [n, T) -1: no KV write
+    query_start_loc      [max_tokens + 1]  sequences [0, s) as the step's; entries past s are
+    q_pos_start, kv_start, kv_lens  [max_tokens]                 never read (no tile, decode
+    block_tables         [max_tokens, max_blocks]                or merge row names them)
+    plan lists           StaticPlans.buffer (decode ids, tiles, merge rows; -1 = padding)
+
+A step runs here when it has no row merged across KVP groups (the merge's all-gather varies)
+and its host plan sends no chunk to cuDNN (its plans follow the shapes) and fits the
+graph's fixed lists (`StaticPlans.fits`); otherwise the piecewise graphs take it, with the
+plan built here. Decode-only steps take the decode graphs (`cuda_graph.py`).
+
+Every size is captured at start-up after an eager warm-up run on the static buffers (all
+padding: nothing read or written in the cache), so serving never captures or compiles.
+Every TP rank plans from the same host lists, so all choose the same graph. Without CUDA
+(tests on CPU, kernels under the Triton interpreter) each size runs eagerly on the same
+static buffers and fixed plans.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.models.llama import KVCache, LlamaForCausalLM
+from mnemosyne.worker.piecewise_graph import piecewise_sizes
+
+if TYPE_CHECKING:  # the kernels import Triton, which CPU-only installs may lack
+    from mnemosyne.layers.attention.kernel_backend import KernelBackend
+    from mnemosyne.layers.attention.static_plan import StaticPlans
+
+MAX_MIXED_GRAPH_TOKENS = 512  # larger steps are GPU-bound: eager attention launches hide behind them
+
+
+class MixedGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        backend: KernelBackend,
+        max_tokens: int,
+        max_blocks: int,
+        block_size: int,
+        device: torch.device,
+        pool: tuple[int, int] | None = None,
+    ) -> None:
+        from mnemosyne.layers.attention.static_plan import StaticPlans
+
+        cfg = model.config
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.max_tokens = max_tokens
+        self.max_blocks = max_blocks
+        self.block_size = block_size
+        self.sizes = piecewise_sizes(max_tokens)
+        self.sliding_window = cfg.sliding_window
+        self.num_kv_heads = model.num_local_kv_heads
+        self.plans: StaticPlans = StaticPlans(backend, max_tokens, self.num_kv_heads, block_size, device)
+        with torch.device(device):
+            if model.is_first_stage:
+                self.input_ids = torch.zeros(max_tokens, dtype=torch.long)
+            else:
+                self.hidden = torch.zeros(max_tokens, cfg.hidden_size, dtype=cfg.dtype)
+            self.positions = torch.zeros(max_tokens, dtype=torch.long)
+            self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.long)
+            self.query_start_loc = torch.zeros(max_tokens + 1, dtype=torch.int32)
+            self.q_pos_start = torch.zeros(max_tokens, dtype=torch.long)
+            self.kv_start = torch.zeros(max_tokens, dtype=torch.long)
+            self.kv_lens = torch.zeros(max_tokens, dtype=torch.int32)
+            self.block_tables = torch.zeros(max_tokens, max_blocks, dtype=torch.int32)
+        self.use_graphs = device.type == "cuda"
+        # keyed by (padded size, tile height)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.metas: dict[tuple[int, int], AttentionMetadata] = {}
+        self.num_replays = 0  # steps run here (benchmarks and tests read it)
+        self.pool = pool
+
+    @classmethod
+    def create(
+        cls,
+        config: EngineConfig,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        backend: object,
+        device: torch.device,
+        pool: tuple[int, int] | None = None,
+    ) -> MixedGraphs | None:
+        """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
+        if device.type != "cuda" or config.enforce_eager:
+            return None
+        from mnemosyne.layers.attention.kernel_backend import KernelBackend
+
+        if not isinstance(backend, KernelBackend):
+            return None
+        block_size = config.cache.block_size
+        num_blocks = kv_caches[0][0].shape[0] if kv_caches else 1
+        max_blocks = min(-(-config.scheduler.max_model_len // block_size), num_blocks)
+        max_tokens = min(config.scheduler.max_num_batched_tokens, MAX_MIXED_GRAPH_TOKENS)
+        return cls(model, kv_caches, backend, -(-max_tokens // 8) * 8, max_blocks, block_size, device, pool)
+
+    def capture_all(self) -> None:
+        """Capture every padded size, largest first (the pool reaches its peak at once); on
+        CPU, only build each size's fixed plan."""
+        for size in sorted(self.sizes, reverse=True):
+            for block_q in self.plans.tile_heights:
+                self._capture((size, block_q))
+
+    # ---- a step -------------------------------------------------------------------------
+
+    def try_run(
+        self,
+        x: torch.Tensor,  # first stage: [n] token ids; else [n, hidden]
+        positions: torch.Tensor,  # [n]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """The stage's output for the step's n rows ([n, hidden_size], a view of a static
+        buffer valid until the next step), or None when the step does not fit a graph; then
+        `meta.backend_plan` holds the eager plan (the piecewise graphs or the eager model
+        run the step)."""
+        n, num_seqs = meta.num_tokens, meta.num_seqs
+        if not (
+            0 < n <= self.max_tokens
+            and meta.kvp_merge is None
+            and meta.max_query_len > 1
+            and meta.block_tables.shape[1] <= self.max_blocks
+        ):
+            return None
+        size = next(s for s in self.sizes if s >= n)
+        host = self.backend.host_plan(meta, self.num_kv_heads, self.sliding_window, self.block_size)
+        if not self.plans.fits(size, host):
+            meta.backend_plan = self.backend.plan(meta, self.num_kv_heads, self.sliding_window, self.block_size)
+            return None
+        inp = self.input_ids if self.model.is_first_stage else self.hidden
+        inp[:n].copy_(x)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.query_start_loc[: num_seqs + 1].copy_(meta.query_start_loc)
+        self.q_pos_start[:num_seqs].copy_(meta.q_pos_start)
+        self.kv_start[:num_seqs].copy_(meta.kv_start)
+        self.kv_lens[:num_seqs].copy_(meta.kv_lens)
+        self.block_tables[:num_seqs, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if n < size:  # padding rows: no KV write
+            inp[n:size].zero_()
+            self.positions[n:size].zero_()
+            self.slot_mapping[n:size].fill_(-1)
+        self.plans.fill(size, host)
+        self.num_replays += 1
+        key = (size, host.block_q)
+        if not self.use_graphs:
+            return self._forward(key)[:n]
+        self.graphs[key].replay()
+        return self.outputs[key][:n]
+
+    # ---- capture ------------------------------------------------------------------------
+
+    def _meta(self, key: tuple[int, int]) -> AttentionMetadata:
+        size, block_q = key
+        meta = AttentionMetadata(
+            query_start_loc=self.query_start_loc[: size + 1],
+            q_pos_start=self.q_pos_start[:size],
+            kv_start=self.kv_start[:size],
+            kv_lens=self.kv_lens[:size],
+            block_tables=self.block_tables[:size],
+            slot_mapping=self.slot_mapping[:size],
+            query_lens_cpu=[1] * size,  # the host lists are not read: the plan is fixed
+            q_pos_start_cpu=[0] * size,
+            kv_start_cpu=[0] * size,
+            kv_lens_cpu=[0] * size,
+            max_query_len=size,
+            max_kv_len=self.max_blocks * self.block_size,
+        )
+        meta.backend_plan = self.plans.plan_for(size, block_q)
+        return meta
+
+    def _forward(self, key: tuple[int, int]) -> torch.Tensor:
+        size = key[0]
+        inp = (self.input_ids if self.model.is_first_stage else self.hidden)[:size]
+        return self.model(inp, self.positions[:size], self.kv_caches, self.metas[key])
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        self.metas[key] = self._meta(key)
+        if not self.use_graphs:
+            return
+        self._forward(key)  # warm-up: compiles kernels, inits handles
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[key] = self._forward(key)
+        self.pool = graph.pool()
+        self.graphs[key] = graph
+
+    def close(self) -> None:
+        """Drop the graphs (before the process group is destroyed)."""
+        if self.use_graphs:
+            torch.cuda.synchronize()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.metas.clear()
