@@ -51,7 +51,7 @@ def main() -> None:
     backend = next(
         m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), KernelBackend)
     )
-    page_tiles_of = backend._page_tiles
+    page_tiles_of = backend.uses_page_tiles
     ns.out.mkdir(parents=True, exist_ok=True)
     rows, texts = [], []
     for case in ns.cases.split(","):
@@ -60,7 +60,7 @@ def main() -> None:
         pos = torch.arange(prefix, prefix + c, device="cuda")
         ids = torch.ones(c, dtype=torch.long, device="cuda")
         for kernel in ("page_tiles", "per_key"):
-            backend._page_tiles = page_tiles_of if kernel == "page_tiles" else (lambda block_size: False)
+            backend.uses_page_tiles = page_tiles_of if kernel == "page_tiles" else (lambda block_size: False)
 
             def eager(meta=meta, ids=ids, pos=pos) -> None:
                 meta.backend_plan = None
@@ -106,7 +106,7 @@ def main() -> None:
                 s = io.StringIO()
                 pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
                 texts.append(head + " (cProfile, tottime)\n" + s.getvalue())
-    backend._page_tiles = page_tiles_of
+    backend.uses_page_tiles = page_tiles_of
     info = {"shape": ns.shape, "block_size": bs, "kv_fraction": ns.kv_fraction, "max_pos": ns.max_pos,
             "warm_up": ns.warm_up, "max_model_len": engine.config.scheduler.max_model_len}  # fmt: skip
     (ns.out / "chunk_step_host.json").write_text(json.dumps(info | {"rows": rows}, indent=1))

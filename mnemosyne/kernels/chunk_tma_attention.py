@@ -169,6 +169,8 @@ def _chunk_tma_kernel(
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
+    if tl.load(tile_seq_ptr + tile) < 0:  # a padding tile (a CUDA graph's fixed grid): before
+        return  # any prologue, so that it frees its SM slot at once
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq, kv_len, rel0, n_q, head, rows, m_valid, io_mask, q, q_rel = query_tile(
