@@ -158,7 +158,8 @@ def poisoned_pages_kernel(seqs: list[Seq], block_size: int, window: int | None, 
     """chunk_tma_attention on a copy of the block table in which every entry no tile needs
     (pages wholly before the sequence's first window, padding past its last page, and four
     extra columns) names a NaN-filled block: a masked multi-page step that looked one of them
-    up and used its K or V rows would put NaN into the output."""
+    up and used its K or V rows would put NaN into the output. Also pads the tile list and the
+    merge rows with -1 entries (a CUDA graph's fixed grid), which must do nothing."""
 
     def kernel(*args: object, **kw: object) -> None:
         args_l = list(args)
@@ -173,6 +174,10 @@ def poisoned_pages_kernel(seqs: list[Seq], block_size: int, window: int | None, 
             last = -(-s.kv_len // block_size)
             poisoned[i, first:last] = table[i, first:last]
         args_l[7] = poisoned
+        pad = torch.full((2,), -1, dtype=torch.int32, device=DEVICE)
+        args_l[8] = torch.cat([pad[:1], args_l[8], pad])  # type: ignore[list-item]
+        args_l[9] = torch.cat([pad[:1] * 0, args_l[9], pad * 0])  # type: ignore[list-item]
+        kw["merge_rows"] = torch.cat([kw["merge_rows"], pad])  # type: ignore[list-item]
         chunk_tma_attention(*args_l, use_tma=use_tma, **kw)  # type: ignore[arg-type]
 
     return kernel
@@ -241,6 +246,19 @@ def test_large_gpu_tma(block_size, block_n, num_splits):
     seqs = [prefill(300, 60001), Seq(32, 90000, 40000, 30000), prefill(7, 20000), prefill(1, 777)]
     run_tma(seqs, 32, 8, 128, block_size, torch.bfloat16, None, block_q=None, block_n=block_n,
             num_splits=num_splits, atol=2e-2, use_tma=True)  # fmt: skip
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("block_size,block_n", [(64, 128), (64, None), (128, 128), (32, 128)])
+@pytest.mark.parametrize("num_splits", [1, 16])
+def test_large_gpu_tma_head_dim_64(block_size, block_n, num_splits):
+    # The Llama-3.2-1B heads (32 / 8, head dim 64): multi-page steps at block sizes 64 and 32,
+    # M tiles of 64 rows (the tiles its defaults are measured with); a window on the split runs.
+    seqs = [prefill(300, 60001), Seq(32, 90000, 40000, 30000), prefill(7, 20000), prefill(1, 777)]
+    window = 5000 if num_splits > 1 else None
+    run_tma(seqs, 32, 8, 64, block_size, torch.bfloat16, window, block_q=default_tma_block_q(4, 64, torch.bfloat16),
+            block_n=block_n, num_splits=num_splits, atol=2e-2, use_tma=True)  # fmt: skip
 
 
 @pytest.mark.gpu
