@@ -114,11 +114,11 @@ def _box_scores(
     MASKED: tl.constexpr, GUARD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Scores [BLOCK_M, BOX] and V [BOX, BLOCK_D] of the keys [b0, b0 + BOX): one run inside one
-    page (one TMA box each for K and V). MASKED: scores in log2 units, -inf where not visible,
-    V rows past kv_len zeroed. GUARD (masked multi-page steps): a box holding no key in
+    """Scores [BLOCK_M, BOX], V [BOX, BLOCK_D] and, MASKED, the rows of V to keep [BOX] of the keys
+    [b0, b0 + BOX): one run inside one page (one TMA box each for K and V). MASKED: scores in
+    log2 units, -inf where not visible; V rows past kv_len are to be zeroed (`_box_v`). GUARD (masked multi-page steps): a box holding no key in
     [lo_x, hi) (a page past kv_len or wholly before the window) reads page 0 instead of
-    looking its page up, and its V rows are zeroed. Unmasked: raw q.k."""
+    looking its page up, and none of its V rows is kept. Unmasked: raw q.k."""
     bt_off = (b0 // PAGE) * stride_btb
     if GUARD:
         needed = (b0 < hi) & (b0 + BOX > lo_x)
@@ -138,17 +138,34 @@ def _box_scores(
         s = tl.where(visible, s * qk_scale, float("-inf"))  # log2 units
         if GUARD:
             n_valid = n_valid & needed
-        v = tl.where(n_valid[:, None], v, 0.0)  # slots past kv_len may hold NaN
-    return s, v.to(q.dtype)
+    else:
+        n_valid = b0 < hi  # unused: every row of an unmasked box is kept
+    return s, v, n_valid
 
 
 @triton.jit
-def _box_pv(acc, s, v, m_safe, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
-    """(acc + P @ v, row sums of P), P = exp2(scores - m) of one box (`_box_scores`)."""
+def _box_v(v, keep, dtype: tl.constexpr, MASKED: tl.constexpr):
+    """One box's V [BOX, BLOCK_D] in `dtype`, rows not kept zeroed (slots past kv_len may hold NaN)."""
     if MASKED:
-        p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BOX]; 0 where masked
+        v = tl.where(keep[:, None], v, 0.0)
+    return v.to(dtype)
+
+
+@triton.jit
+def _box_probs(s, m_safe, qk_scale, MASKED: tl.constexpr):
+    """P = exp2(scores - m) [BLOCK_M, BOX] of one box's scores (`_box_scores`); 0 where masked."""
+    if MASKED:
+        return tl.math.exp2(s - m_safe[:, None])
     else:
-        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+        return tl.math.exp2(s * qk_scale - m_safe[:, None])
+
+
+@triton.jit
+def _box_pv(
+    acc, s, v, m_safe, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """(acc + P @ V, row sums of P) for one box (acc already rescaled, V from `_box_v`)."""
+    p = _box_probs(s, m_safe, qk_scale, MASKED)
     acc = _dot(p.to(v.dtype), v, acc, IEEE, INTERPRET)
     return acc, tl.sum(p, 1)
 
@@ -167,52 +184,64 @@ def _tile_step(
     """One online-softmax step over BLOCK_N = NUM_BOXES x BOX keys: NUM_BOXES (1 .. 4) score
     tiles, one running max and one rescale of acc for all of them, NUM_BOXES P @ V products."""
     GUARD: tl.constexpr = MASKED and NUM_BOXES > 1
-    s0, v0 = _box_scores(
+    s0, v0, keep0 = _box_scores(
         q, q_rel, n0, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off, v_head_off,
         stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
         HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
     )  # fmt: skip
     s_max = s0  # [BLOCK_M, BOX]: the boxes' element-wise max, then one row reduction
     if NUM_BOXES > 1:
-        s1, v1 = _box_scores(
+        v0 = _box_v(v0, keep0, q.dtype, MASKED)  # several boxes: each V made ready as it arrives
+        s1, v1, keep1 = _box_scores(
             q, q_rel, n0 + BOX, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off,
             v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
             HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
         )  # fmt: skip
         s_max = tl.maximum(s_max, s1)
+        v1 = _box_v(v1, keep1, q.dtype, MASKED)
     if NUM_BOXES > 2:
-        s2, v2 = _box_scores(
+        s2, v2, keep2 = _box_scores(
             q, q_rel, n0 + 2 * BOX, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off,
             v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
             HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
         )  # fmt: skip
         s_max = tl.maximum(s_max, s2)
+        v2 = _box_v(v2, keep2, q.dtype, MASKED)
     if NUM_BOXES > 3:
-        s3, v3 = _box_scores(
+        s3, v3, keep3 = _box_scores(
             q, q_rel, n0 + 3 * BOX, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off,
             v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
             HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
         )  # fmt: skip
         s_max = tl.maximum(s_max, s3)
+        v3 = _box_v(v3, keep3, q.dtype, MASKED)
     if MASKED:
         m_new = tl.maximum(m_i, tl.max(s_max, 1))  # [BLOCK_M]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
     else:  # every valid row sees every key (padded rows have q = 0): the max is finite
         m_new = tl.maximum(m_i, tl.max(s_max, 1) * qk_scale)
         m_safe = m_new
-    alpha = tl.math.exp2(m_i - m_safe)
-    acc = acc * alpha[:, None]
-    acc, l_new = _box_pv(acc, s0, v0, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
-    if NUM_BOXES > 1:
+    if NUM_BOXES == 1:  # the single-page order (fewest registers for one box)
+        p0 = _box_probs(s0, m_safe, qk_scale, MASKED)
+        v0 = _box_v(v0, keep0, q.dtype, MASKED)
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p0, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p0.to(v0.dtype), v0, acc, IEEE, INTERPRET)
+    else:  # rescale first, then each box's P is made and used at once (fewest registers for several)
+        alpha = tl.math.exp2(m_i - m_safe)
+        acc = acc * alpha[:, None]
+        acc, l_new = _box_pv(acc, s0, v0, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
         acc, l_box = _box_pv(acc, s1, v1, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
         l_new += l_box
-    if NUM_BOXES > 2:
-        acc, l_box = _box_pv(acc, s2, v2, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
-        l_new += l_box
-    if NUM_BOXES > 3:
-        acc, l_box = _box_pv(acc, s3, v3, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
-        l_new += l_box
-    return acc, l_i * alpha + l_new, m_new
+        if NUM_BOXES > 2:
+            acc, l_box = _box_pv(acc, s2, v2, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
+            l_new += l_box
+        if NUM_BOXES > 3:
+            acc, l_box = _box_pv(acc, s3, v3, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
+            l_new += l_box
+        l_i = l_i * alpha + l_new
+    return acc, l_i, m_new
 
 
 @triton.jit
