@@ -49,9 +49,10 @@ Hopper features (Triton 3.6, sm_90):
     benchmarks/results/chunk_kernel_variants_h200_2026-11-29.json), so the kernel has none.
   - BLOCK_M = next_power_of_2(block_q x G): block_q = 64 // G or 128 // G gives 64 or 128
     rows (one or two wgmma M tiles per warpgroup).
-  - Launch defaults (`default_tma_block_n`, `default_tma_block_q`, `tma_tile_launch`): 64-key
-    steps at head dim 128; 128-key steps over M tiles of 64 rows at head dim 64, where a
-    64-key step does too little MMA work per softmax update (see the sweep cited there).
+  - Launch defaults (kernels/chunk_tma_launch.py): 64-key steps at head dim 128; at head
+    dim 64 (16-bit) 128-key steps (two pages at block_size 64) and M tiles of 64 rows when
+    the caller plans its tiles with `default_tma_block_q`: a 64-key step does too little MMA
+    work per softmax update there (the H200 sweep cited in that module).
 
 The Triton interpreter emulates descriptor loads, so on CPU both load paths of the one
 kernel body are tested against the torch reference (tests/test_kernel_chunk_tma.py).
