@@ -8,7 +8,10 @@ of blocks in a random order), c in --chunks, P in --prefixes. Kernels and option
 
   splitkv  kernels/chunk_splitkv_attention.py, its defaults, at block_size 16, 64 and 128
   tma      kernels/chunk_tma_attention.py over block_n x block_m x num_warps x num_stages
-           (block_size 128; block_size 64 and pointer loads for a few); at each point the best
+           (block_size 128; block_size 64 and pointer loads for a few; multi-page steps:
+           block_n 128 = two pages at block_size 64; "defaults": block_size 64 with every
+           option None, i.e. the kernel's own choices and `default_tma_block_q` tiles,
+           recorded as resolved_* in the rows); at each point the best
            TMA config also with the split count aimed at 2 and 8 programs per SM (`waves`)
            (warp specialization was measured here on 2026-11-29, no gain, and then removed
            from the kernel)
@@ -70,6 +73,9 @@ CONFIG_FIELDS = (
     "use_tma",
     "waves",
 )
+# The kernel's own launch choices at the engine's block size: every option None.
+DEFAULTS_CONFIG = dict(kernel="tma", page=64, block_n=None, block_m=None, num_warps=None, num_stages=None,
+                       use_tma=None)  # fmt: skip
 RESTART_RC = 3  # the sweep process exits with it after a sticky CUDA error; the driver resumes it
 MAX_RESTARTS = 3
 
@@ -80,10 +86,13 @@ def config_key(row: dict) -> str:
 
 
 def variant_configs(smoke: bool) -> list[dict]:
-    """Option sets of the tma kernel (+ a few page-64 and pointer-load ones)."""
+    """Option sets of the tma kernel (+ a few page-64, multi-page and pointer-load ones)."""
     if smoke:
-        return [dict(kernel="tma", page=16, block_n=16, block_m=32, num_warps=4, num_stages=1,
-                     use_tma=True)]  # fmt: skip
+        return [
+            dict(kernel="tma", page=16, block_n=16, block_m=32, num_warps=4, num_stages=1, use_tma=True),
+            dict(kernel="tma", page=16, block_n=32, block_m=32, num_warps=4, num_stages=1, use_tma=True),
+            DEFAULTS_CONFIG,
+        ]  # fmt: skip
     grid = itertools.product((64, 128), (128, 64), (8, 4), (3, 2, 4))
     out = [
         dict(kernel="tma", page=128, block_n=bn, block_m=bm, num_warps=nw, num_stages=ns,
@@ -98,6 +107,12 @@ def variant_configs(smoke: bool) -> list[dict]:
                         use_tma=False))  # fmt: skip
     out.append(dict(kernel="tma", page=128, block_n=128, block_m=128, num_warps=8, num_stages=2,
                     use_tma=False))  # fmt: skip
+    # Multi-page steps: 128 keys over two 64-key pages (one TMA box and score tile per page).
+    for bm, nw, ns in ((64, 4, 4), (64, 4, 3), (128, 4, 3), (128, 8, 3)):
+        out.append(dict(kernel="tma", page=64, block_n=128, block_m=bm, num_warps=nw, num_stages=ns,
+                        use_tma=True))  # fmt: skip
+    out.append(dict(kernel="tma", page=64, block_n=128, block_m=64, num_warps=4, num_stages=4, use_tma=False))
+    out.append(DEFAULTS_CONFIG)
     return out
 
 
@@ -181,11 +196,17 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
         chunk_splitkv_attention,
     )
     from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention
+    from mnemosyne.kernels.chunk_tma_launch import default_tma_block_n, default_tma_block_q, tma_tile_launch
     from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 
     h, hkv, d = pt.heads.num_heads, pt.heads.num_kv_heads, pt.heads.head_dim
     g = h // hkv
-    block_q = default_block_q(g, pt.q.dtype) if cfg["kernel"] == "splitkv" else cfg["block_m"] // g
+    if cfg["kernel"] == "splitkv":
+        block_q = default_block_q(g, pt.q.dtype)
+    elif cfg["block_m"] is None:
+        block_q = default_tma_block_q(g, d, pt.q.dtype)
+    else:
+        block_q = cfg["block_m"] // g
     tile_seq, tile_off = plan_query_tiles([pt.c], [0], block_q)
     splits = choose_chunk_splits(
         len(tile_seq), hkv, pt.prefix + pt.c, num_sms, cfg.get("waves", DEFAULT_WAVES)
@@ -220,6 +241,11 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     flops, floor_s = pt.floor()
     res = {"ms": ms, "tflops": flops / ms * 1e-9, "floor_ms": floor_s * 1e3, "ratio_to_floor": ms / (floor_s * 1e3),
            "num_splits": splits, "block_q": block_q, "num_tiles": len(tile_seq)}  # fmt: skip
+    if cfg["kernel"] == "tma" and cfg["block_n"] is None:  # what the defaults resolved to
+        block_n = default_tma_block_n(cfg["page"], pt.q.dtype, d)
+        _, block_m, _, warps, stages = tma_tile_launch(pt.q, g, block_q, block_n, None, None)
+        res.update(resolved_block_n=block_n, resolved_block_m=block_m, resolved_num_warps=warps,
+                   resolved_num_stages=stages)  # fmt: skip
     if pt.ref is None:
         pt.ref = (out.float().clone(), lse.clone())
     res["max_abs_diff_out"] = float((out.float() - pt.ref[0]).abs().max())

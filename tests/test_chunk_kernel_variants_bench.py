@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from benchmarks.chunk_kernel_variants import config_key, summarize, variant_configs
+from benchmarks.chunk_kernel_variants import DEFAULTS_CONFIG, config_key, summarize, variant_configs
+from mnemosyne.kernels.chunk_tma_launch import step_boxes
 
 
 def test_variant_configs_are_servable():
-    configs = variant_configs(smoke=False)
-    assert len({config_key(c) for c in configs}) == len(configs)
-    for c in configs:
-        assert c["page"] % c["block_n"] == 0 and c["block_m"] in (64, 128)
-        assert not (c["block_m"] == 64 and c["num_warps"] == 8)
+    for smoke in (False, True):
+        configs = variant_configs(smoke=smoke)
+        assert len({config_key(c) for c in configs}) == len(configs)
+        assert DEFAULTS_CONFIG in configs
+        for c in configs:
+            if c is DEFAULTS_CONFIG:
+                continue
+            step_boxes(c["block_n"], c["page"])  # single- or multi-page steps this page takes
+            assert c["block_m"] in (32, 64, 128) and not (c["block_m"] == 64 and c["num_warps"] == 8)
+    multi_page = [c for c in variant_configs(smoke=False) if c["block_n"] and c["block_n"] > c["page"]]
+    assert {(c["page"], c["block_n"]) for c in multi_page} == {(64, 128)}
 
 
 def test_summarize_picks_the_fastest_per_point():

@@ -2,21 +2,36 @@
 
 The same semantics, tiles, split workspace and exact LSE merge as
 `chunk_splitkv_attention` (read its docstring for the tile / M-packing / split invariants);
-this variant differs only in how a program walks its keys. It requires
-block_size % BLOCK_N == 0, so that every BLOCK_N-key step is one contiguous run of rows
-inside one page, and aligns the walk to BLOCK_N in local key coordinates::
+this variant differs only in how a program walks its keys. Every BLOCK_N-key step is made
+of NUM_BOXES whole runs of BOX rows, each run inside one page (one TMA box each for K and V):
+
+    single-page steps: BLOCK_N divides PAGE           BOX = BLOCK_N, NUM_BOXES = 1
+    multi-page steps:  BLOCK_N = NUM_BOXES x PAGE      BOX = PAGE,    NUM_BOXES = 2 .. 4
+                       (PAGE a power of two >= 16; the pages need not be adjacent)
+
+and the walk is aligned to BLOCK_N in local key coordinates::
 
     local key j (0 <= j < kv_len):  page(j) = block_tables[s, j // PAGE],  row = page(j) * PAGE + j % PAGE
     step i covers local keys [n0, n0 + BLOCK_N),  n0 = lo + i * BLOCK_N,  lo = floor(lo' / BLOCK_N) * BLOCK_N
             (lo' = first key the tile's window can see; keys in [lo, lo') are masked by the window test)
-    its K tile = rows [page(n0) * PAGE + n0 % PAGE, + BLOCK_N) x columns [kv_head * D, + D)
-            of the cache viewed as 2-D [num_blocks * PAGE, num_kv_heads * D]  (one page lookup per step)
+    box b (0 <= b < NUM_BOXES) of step i covers keys [b0, b0 + BOX),  b0 = n0 + b * BOX
+            (b0 % BOX == 0 and BOX <= PAGE, so the box lies in page(b0))
+    its K tile = rows [page(b0) * PAGE + b0 % PAGE, + BOX) x columns [kv_head * D, + D)
+            of the cache viewed as 2-D [num_blocks * PAGE, num_kv_heads * D]  (one page lookup per box)
 
     step:   0 ... i_a ............................. i_b ......... n_steps
             | masked head |   fully visible, unmasked   | masked tail (causal / past kv_len)
 
+    one step: S_b = Q K_b^T for every box (NUM_BOXES score tiles [BLOCK_M, BOX]), one running
+    max m over all of them, one rescale of (acc, l) by exp2(m_old - m), then acc += P_b V_b
+    for every box: the online-softmax bookkeeping is paid once per BLOCK_N keys.
+
 A masked step's tile may run past kv_len into unwritten slots of its page (any bits, NaN
 included): scores there are replaced by -inf and the V rows by 0 before the P @ V product.
+A masked multi-page step may hold boxes with no key in [lo', kv_len) (pages past the end of
+the sequence, whose block-table entries may not exist, or wholly before the window): their
+page is never looked up (page 0 is read instead) and their scores and V rows are masked.
+Unmasked steps lie inside [lo', kv_len), so every box's page exists.
 
 Hopper features (Triton 3.6, sm_90):
   - TMA: K/V tiles through host-side `triton.tools.tensor_descriptor.TensorDescriptor`s
@@ -34,6 +49,10 @@ Hopper features (Triton 3.6, sm_90):
     benchmarks/results/chunk_kernel_variants_h200_2026-11-29.json), so the kernel has none.
   - BLOCK_M = next_power_of_2(block_q x G): block_q = 64 // G or 128 // G gives 64 or 128
     rows (one or two wgmma M tiles per warpgroup).
+  - Launch defaults (kernels/chunk_tma_launch.py): 64-key steps at head dim 128; at head
+    dim 64 (16-bit) 128-key steps (two pages at block_size 64) and M tiles of 64 rows when
+    the caller plans its tiles with `default_tma_block_q`: a 64-key step does too little MMA
+    work per softmax update there (the H200 sweep cited in that module).
 
 The Triton interpreter emulates descriptor loads, so on CPU both load paths of the one
 kernel body are tested against the torch reference (tests/test_kernel_chunk_tma.py).
@@ -48,11 +67,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from mnemosyne.kernels.chunk_splitkv_attention import (
-    check_chunk_args,
-    merge_splits,
-    split_outputs,
-    tile_launch,
+from mnemosyne.kernels.chunk_splitkv_attention import check_chunk_args, merge_splits, split_outputs
+from mnemosyne.kernels.chunk_tma_launch import (
+    MAX_STEP_PAGES,
+    default_tma_block_n,
+    default_tma_block_q,
+    fits_page_tiles,
+    step_boxes,
+    tma_step_keys,
+    tma_tile_launch,
 )
 from mnemosyne.kernels.paged_prefill import _dot, query_tile, store_tile, tile_step_range
 
@@ -67,14 +90,14 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _load_tile(
     src, row0, col0, head_ptr_off, stride_s, stride_d,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOX: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_N, BLOCK_D] rows row0 .. row0 + BLOCK_N - 1 (slots of one page) of one KV head:
+    """[BOX, BLOCK_D] rows row0 .. row0 + BOX - 1 (slots of one page) of one KV head:
     a TMA box at (row0, col0) of the 2-D cache view, or the same elements by pointers."""
     if USE_TMA:
         return src.load([row0, col0])
     else:
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_n = tl.arange(0, BOX)
         offs_d = tl.arange(0, BLOCK_D)
         ptrs = (
             src + head_ptr_off + (row0.to(tl.int64) + offs_n)[:, None] * stride_s + offs_d[None, :] * stride_d
@@ -83,68 +106,169 @@ def _load_tile(
 
 
 @triton.jit
-def _tile_step(
-    acc, l_i, m_i,  # [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M] float32: output sum, exp2 sum, max (log2 units)
+def _box_scores(
     q, q_rel,  # [BLOCK_M, BLOCK_D] queries, [BLOCK_M] int32 query position - kv_start
-    n0, hi, window,  # first local key of this step (a multiple of BLOCK_N); end of the tile's keys
+    b0, lo_x, hi, window,  # first local key of this box (a multiple of BOX); the tile's keys [lo_x, hi)
     bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off, v_head_off,
     stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOX: tl.constexpr, PAGE: tl.constexpr,
+    MASKED: tl.constexpr, GUARD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """One online-softmax step over the BLOCK_N keys of one page run."""
-    page = tl.load(bt_row_ptr + (n0 // PAGE) * stride_btb)
-    row0 = page * PAGE + n0 % PAGE
-    k = _load_tile(k_src, row0, col0, k_head_off, stride_ks, stride_kd, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
-    s = _dot(q, tl.trans(k.to(q.dtype)), None, IEEE, INTERPRET)  # [BLOCK_M, BLOCK_N], raw scores
-    v = _load_tile(v_src, row0, col0, v_head_off, stride_vs, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
+    """Scores [BLOCK_M, BOX], V [BOX, BLOCK_D] and, MASKED, the rows of V to keep [BOX] of the keys
+    [b0, b0 + BOX): one run inside one page (one TMA box each for K and V). MASKED: scores in
+    log2 units, -inf where not visible; V rows past kv_len are to be zeroed (`_box_v`). GUARD (masked multi-page steps): a box holding no key in
+    [lo_x, hi) (a page past kv_len or wholly before the window) reads page 0 instead of
+    looking its page up, and none of its V rows is kept. Unmasked: raw q.k."""
+    bt_off = (b0 // PAGE) * stride_btb
+    if GUARD:
+        needed = (b0 < hi) & (b0 + BOX > lo_x)
+        page = tl.load(bt_row_ptr + bt_off, mask=needed, other=0)
+    else:
+        page = tl.load(bt_row_ptr + bt_off)
+    row0 = page * PAGE + b0 % PAGE
+    k = _load_tile(k_src, row0, col0, k_head_off, stride_ks, stride_kd, HEAD_DIM, BLOCK_D, BOX, USE_TMA)
+    s = _dot(q, tl.trans(k.to(q.dtype)), None, IEEE, INTERPRET)  # [BLOCK_M, BOX], raw scores
+    v = _load_tile(v_src, row0, col0, v_head_off, stride_vs, stride_vd, HEAD_DIM, BLOCK_D, BOX, USE_TMA)
     if MASKED:
-        offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] local key indices
+        offs_n = b0 + tl.arange(0, BOX)  # [BOX] local key indices
         n_valid = offs_n < hi
         visible = n_valid[None, :] & (offs_n[None, :] <= q_rel[:, None])
         if USE_WINDOW:
             visible = visible & (q_rel[:, None] - offs_n[None, :] < window)
         s = tl.where(visible, s * qk_scale, float("-inf"))  # log2 units
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
+        if GUARD:
+            n_valid = n_valid & needed
+    else:
+        n_valid = b0 < hi  # unused: every row of an unmasked box is kept
+    return s, v, n_valid
+
+
+@triton.jit
+def _box_v(v, keep, dtype: tl.constexpr, MASKED: tl.constexpr):
+    """One box's V [BOX, BLOCK_D] in `dtype`, rows not kept zeroed (slots past kv_len may hold NaN)."""
+    if MASKED:
+        v = tl.where(keep[:, None], v, 0.0)
+    return v.to(dtype)
+
+
+@triton.jit
+def _box_probs(s, m_safe, qk_scale, MASKED: tl.constexpr):
+    """P = exp2(scores - m) [BLOCK_M, BOX] of one box's scores (`_box_scores`); 0 where masked."""
+    if MASKED:
+        return tl.math.exp2(s - m_safe[:, None])
+    else:
+        return tl.math.exp2(s * qk_scale - m_safe[:, None])
+
+
+@triton.jit
+def _box_pv(
+    acc, s, v, m_safe, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """(acc + P @ V, row sums of P) for one box (acc already rescaled, V from `_box_v`)."""
+    p = _box_probs(s, m_safe, qk_scale, MASKED)
+    acc = _dot(p.to(v.dtype), v, acc, IEEE, INTERPRET)
+    return acc, tl.sum(p, 1)
+
+
+@triton.jit
+def _tile_step(
+    acc, l_i, m_i,  # [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M] float32: output sum, exp2 sum, max (log2 units)
+    q, q_rel,  # [BLOCK_M, BLOCK_D] queries, [BLOCK_M] int32 query position - kv_start
+    n0, lo_x, hi, window,  # first local key of this step (lo + a multiple of BLOCK_N); the tile's keys [lo_x, hi)
+    bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off, v_head_off,
+    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOX: tl.constexpr, NUM_BOXES: tl.constexpr,
+    PAGE: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
+    IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over BLOCK_N = NUM_BOXES x BOX keys: NUM_BOXES (1 .. 4) score
+    tiles, one running max and one rescale of acc for all of them, NUM_BOXES P @ V products."""
+    GUARD: tl.constexpr = MASKED and NUM_BOXES > 1
+    s0, v0, keep0 = _box_scores(
+        q, q_rel, n0, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off, v_head_off,
+        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+        HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+    )  # fmt: skip
+    s_max = s0  # [BLOCK_M, BOX]: the boxes' element-wise max, then one row reduction
+    if NUM_BOXES > 1:
+        v0 = _box_v(v0, keep0, q.dtype, MASKED)  # several boxes: each V made ready as it arrives
+        s1, v1, keep1 = _box_scores(
+            q, q_rel, n0 + BOX, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off,
+            v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+            HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+        )  # fmt: skip
+        s_max = tl.maximum(s_max, s1)
+        v1 = _box_v(v1, keep1, q.dtype, MASKED)
+    if NUM_BOXES > 2:
+        s2, v2, keep2 = _box_scores(
+            q, q_rel, n0 + 2 * BOX, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off,
+            v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+            HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+        )  # fmt: skip
+        s_max = tl.maximum(s_max, s2)
+        v2 = _box_v(v2, keep2, q.dtype, MASKED)
+    if NUM_BOXES > 3:
+        s3, v3, keep3 = _box_scores(
+            q, q_rel, n0 + 3 * BOX, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0, k_head_off,
+            v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+            HEAD_DIM, BLOCK_D, BOX, PAGE, MASKED, GUARD, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+        )  # fmt: skip
+        s_max = tl.maximum(s_max, s3)
+        v3 = _box_v(v3, keep3, q.dtype, MASKED)
+    if MASKED:
+        m_new = tl.maximum(m_i, tl.max(s_max, 1))  # [BLOCK_M]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]; 0 where masked
-        v = tl.where(n_valid[:, None], v, 0.0)  # slots past kv_len may hold NaN
     else:  # every valid row sees every key (padded rows have q = 0): the max is finite
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(s_max, 1) * qk_scale)
         m_safe = m_new
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = _dot(p.to(q.dtype), v.to(q.dtype), acc, IEEE, INTERPRET)
+    if NUM_BOXES == 1:  # the single-page order (fewest registers for one box)
+        p0 = _box_probs(s0, m_safe, qk_scale, MASKED)
+        v0 = _box_v(v0, keep0, q.dtype, MASKED)
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p0, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p0.to(v0.dtype), v0, acc, IEEE, INTERPRET)
+    else:  # rescale first, then each box's P is made and used at once (fewest registers for several)
+        alpha = tl.math.exp2(m_i - m_safe)
+        acc = acc * alpha[:, None]
+        acc, l_new = _box_pv(acc, s0, v0, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
+        acc, l_box = _box_pv(acc, s1, v1, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
+        l_new += l_box
+        if NUM_BOXES > 2:
+            acc, l_box = _box_pv(acc, s2, v2, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
+            l_new += l_box
+        if NUM_BOXES > 3:
+            acc, l_box = _box_pv(acc, s3, v3, m_safe, qk_scale, MASKED, IEEE, INTERPRET)
+            l_new += l_box
+        l_i = l_i * alpha + l_new
     return acc, l_i, m_new
 
 
 @triton.jit
 def _tile_steps(
-    acc, l_i, m_i, i0, i1, q, q_rel, lo, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0,
+    acc, l_i, m_i, i0, i1, q, q_rel, lo, lo_x, hi, window, bt_row_ptr, stride_btb, k_src, v_src, col0,
     k_head_off, v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOX: tl.constexpr, NUM_BOXES: tl.constexpr,
+    PAGE: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Steps i0 .. i1-1 of BLOCK_N keys from local key lo (a multiple of BLOCK_N)."""
+    """Steps i0 .. i1-1 of BLOCK_N = NUM_BOXES x BOX keys from local key lo (a multiple of BLOCK_N)."""
     if INTERPRET:  # the interpreter (numpy >= 2.4) cannot take a loaded scalar as a range() bound
         i = i0
         while i < i1:
             acc, l_i, m_i = _tile_step(
-                acc, l_i, m_i, q, q_rel, lo + i * BLOCK_N, hi, window, bt_row_ptr, stride_btb, k_src, v_src,
-                col0, k_head_off, v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, MASKED, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+                acc, l_i, m_i, q, q_rel, lo + i * (NUM_BOXES * BOX), lo_x, hi, window, bt_row_ptr, stride_btb,
+                k_src, v_src, col0, k_head_off, v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                HEAD_DIM, BLOCK_D, BOX, NUM_BOXES, PAGE, MASKED, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
             )  # fmt: skip
             i += 1
     else:
         for i in tl.range(i0, i1):
             acc, l_i, m_i = _tile_step(
-                acc, l_i, m_i, q, q_rel, lo + i * BLOCK_N, hi, window, bt_row_ptr, stride_btb, k_src, v_src,
-                col0, k_head_off, v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, MASKED, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+                acc, l_i, m_i, q, q_rel, lo + i * (NUM_BOXES * BOX), lo_x, hi, window, bt_row_ptr, stride_btb,
+                k_src, v_src, col0, k_head_off, v_head_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                HEAD_DIM, BLOCK_D, BOX, NUM_BOXES, PAGE, MASKED, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
             )  # fmt: skip
     return acc, l_i, m_i
 
@@ -164,8 +288,8 @@ def _chunk_tma_kernel(
     stride_bts, stride_btb,
     qk_scale, window, num_splits, min_split_steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOX: tl.constexpr,
+    PAGE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -177,10 +301,13 @@ def _chunk_tma_kernel(
         q_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, tile_seq_ptr, tile_off_ptr,
         stride_qt, stride_qh, stride_qd, tile, kv_head, HEAD_DIM, BLOCK_D, G, BLOCK_Q, BLOCK_M,
     )  # fmt: skip
-    # lo aligned down to BLOCK_N: every step is one run inside one page
+    # lo aligned down to BLOCK_N: every step is whole runs, one per page (BOX keys each)
     lo, hi, i_a, i_b, s0, s1 = tile_step_range(
         rel0, n_q, kv_len, window, split, num_splits, min_split_steps, BLOCK_N, USE_WINDOW, True
     )
+    lo_x = rel0 * 0  # first key the tile can see: pages wholly before it are never looked up
+    if USE_WINDOW:
+        lo_x = tl.maximum(rel0 - window + 1, 0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -189,20 +316,21 @@ def _chunk_tma_kernel(
     col0 = kv_head * HEAD_DIM  # TMA column of this head in the 2-D view
     k_off = kv_head.to(tl.int64) * stride_kh
     v_off = kv_head.to(tl.int64) * stride_vh
+    # [s0, s1) cut by the masked head [0, i_a), the unmasked middle [i_a, i_b), the masked tail.
     acc, l_i, m_i = _tile_steps(
-        acc, l_i, m_i, s0, tl.minimum(i_a, s1), q, q_rel, lo, hi, window, bt_row, stride_btb, k_src, v_src,
-        col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
-    )  # fmt: skip
-    acc, l_i, m_i = _tile_steps(
-        acc, l_i, m_i, tl.maximum(i_a, s0), tl.minimum(i_b, s1), q, q_rel, lo, hi, window, bt_row, stride_btb,
+        acc, l_i, m_i, s0, tl.minimum(i_a, s1), q, q_rel, lo, lo_x, hi, window, bt_row, stride_btb,
         k_src, v_src, col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+        HEAD_DIM, BLOCK_D, BOX, BLOCK_N // BOX, PAGE, True, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
     )  # fmt: skip
     acc, l_i, m_i = _tile_steps(
-        acc, l_i, m_i, tl.maximum(i_b, s0), s1, q, q_rel, lo, hi, window, bt_row, stride_btb, k_src, v_src,
-        col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+        acc, l_i, m_i, tl.maximum(i_a, s0), tl.minimum(i_b, s1), q, q_rel, lo, lo_x, hi, window, bt_row,
+        stride_btb, k_src, v_src, col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+        HEAD_DIM, BLOCK_D, BOX, BLOCK_N // BOX, PAGE, False, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
+    )  # fmt: skip
+    acc, l_i, m_i = _tile_steps(
+        acc, l_i, m_i, tl.maximum(i_b, s0), s1, q, q_rel, lo, lo_x, hi, window, bt_row, stride_btb,
+        k_src, v_src, col0, k_off, v_off, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+        HEAD_DIM, BLOCK_D, BOX, BLOCK_N // BOX, PAGE, True, USE_WINDOW, USE_TMA, IEEE, INTERPRET,
     )  # fmt: skip
 
     # An empty split (a short sequence under a fixed split count) writes only its LSE, -inf:
@@ -222,22 +350,6 @@ def tma_supported(head_dim: int, device: torch.device) -> bool:
     if triton.knobs.runtime.interpret:
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def tma_step_keys(dtype: torch.dtype) -> int:
-    """Keys per step of the page-aligned walk: 64 (16-bit) or 32 (float32)."""
-    return 64 if dtype.itemsize <= 2 else 32
-
-
-def default_tma_block_n(page: int, dtype: torch.dtype) -> int:
-    """Keys per step: `tma_step_keys`, capped by the page size."""
-    return min(tma_step_keys(dtype), page)
-
-
-def fits_page_tiles(block_size: int, dtype: torch.dtype) -> bool:
-    """Whether a cache of this block size takes whole `tma_step_keys` steps (what the engine
-    runs this kernel with; smaller steps were not measured faster than per-key gathers)."""
-    return block_size % tma_step_keys(dtype) == 0
 
 
 def chunk_tma_attention(
@@ -269,7 +381,10 @@ def chunk_tma_attention(
     """`chunk_splitkv_attention` with page-aligned K/V tiles (see the module docstring);
     the same arguments and outputs, plus:
 
-    block_n must divide the cache's block_size (None: `default_tma_block_n`).
+    block_n: keys per step (None: `default_tma_block_n`), dividing the cache's block_size or
+    2 .. MAX_STEP_PAGES whole pages (`step_boxes`). block_q None: `default_block_q` (plan the
+    tiles with the same block_q; `default_tma_block_q` is the measured choice for this kernel).
+    num_warps / num_stages None: `tma_tile_launch`.
     use_tma: None = TMA descriptors where `tma_supported`, else pointer loads of the same
     tiles; True = descriptors or ValueError; False = pointer loads.
     Launch only: no host sync."""
@@ -278,12 +393,8 @@ def chunk_tma_attention(
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("chunk_tma_attention needs contiguous K/V caches (one 2-D row per slot)")
-    block_n = default_tma_block_n(page, query.dtype) if block_n is None else block_n
-    if block_n < 16 or block_n & (block_n - 1) or page % block_n:
-        raise ValueError(
-            f"chunk_tma_attention needs block_n a power of two >= 16 dividing the cache's block_size "
-            f"(one step = one run inside a page); got block_n {block_n}, block_size {page}"
-        )
+    block_n = default_tma_block_n(page, query.dtype, head_dim) if block_n is None else block_n
+    box, _ = step_boxes(block_n, page)
     if use_tma is None:
         use_tma = tma_supported(head_dim, query.device)
     elif use_tma and not tma_supported(head_dim, query.device):
@@ -292,16 +403,16 @@ def chunk_tma_attention(
     if num_tiles == 0 or num_tokens == 0:
         return
     num_heads_per_kv = num_heads // num_kv_heads
-    block_q, block_m, block_d, num_warps, num_stages = tile_launch(
-        query, num_heads_per_kv, block_q, num_warps, num_stages
+    block_q, block_m, block_d, num_warps, num_stages = tma_tile_launch(
+        query, num_heads_per_kv, block_q, block_n, num_warps, num_stages
     )
     o_ws, l_ws, o_strides, l_strides = split_outputs(query, out, lse, num_splits, workspace)
     # [num_blocks * block_size, num_kv_heads * head_dim]: one row per slot
     k_rows = k_cache.view(-1, num_kv_heads * head_dim)
     v_rows = v_cache.view(-1, num_kv_heads * head_dim)
     if use_tma:
-        k_src = TensorDescriptor.from_tensor(k_rows, [block_n, head_dim])
-        v_src = TensorDescriptor.from_tensor(v_rows, [block_n, head_dim])
+        k_src = TensorDescriptor.from_tensor(k_rows, [box, head_dim])
+        v_src = TensorDescriptor.from_tensor(v_rows, [box, head_dim])
     else:
         k_src, v_src = k_rows, v_rows
     _chunk_tma_kernel[(num_tiles, num_kv_heads, num_splits)](
@@ -312,7 +423,7 @@ def chunk_tma_attention(
         scale * _LOG2E, 0 if sliding_window is None else sliding_window, num_splits,
         max(1, min_split_keys // block_n),
         HEAD_DIM=head_dim, BLOCK_D=block_d, G=num_heads_per_kv,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BOX=box, PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_TMA=use_tma,
         IEEE=query.dtype == torch.float32, INTERPRET=triton.knobs.runtime.interpret,
         num_warps=num_warps, num_stages=num_stages,
@@ -323,11 +434,15 @@ def chunk_tma_attention(
 
 
 __all__ = [
+    "MAX_STEP_PAGES",
     "PAGE_TILES_MAX_SPLITS",
     "PAGE_TILES_WAVES",
     "chunk_tma_attention",
     "default_tma_block_n",
+    "default_tma_block_q",
     "fits_page_tiles",
+    "step_boxes",
     "tma_step_keys",
     "tma_supported",
+    "tma_tile_launch",
 ]
