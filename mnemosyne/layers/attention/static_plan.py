@@ -12,9 +12,9 @@ when it is captured, and each step writes only the *contents* of its lists::
     max_tiles(T, bq) = ceil(T / bq) + EXTRA_TILES   (a step of n <= T tokens cut into tiles of
                        bq tokens has at most n / bq + (number of chunks) tiles; more: no graph)
 
-A plan is fixed per (T, tile height bq): bq is the backend's block_q, or half of it when
-every chunk of the step fits half a tile (as the eager plan picks: a short chunk over a
-long prefix would otherwise do twice its MMA work); the decode kernel's split budget (it
+A plan is fixed per (T, tile height bq), bq one of `KernelBackend.tile_heights` (the
+full height, or half of it when every chunk of the step fits half a tile, as the eager
+plan picks: a short chunk over a long prefix would otherwise do twice its MMA work); the decode kernel's split budget (it
 never depends on the lengths); and the chunk kernel's split count S, the most the eager
 plan ever picks (one tile over a long prefix), whatever T: a step of many tokens may hold
 one short chunk among decodes. Split sizes follow each sequence's length on
@@ -54,7 +54,7 @@ class StaticPlans:
         self.backend = backend
         self.num_kv_heads = num_kv_heads
         self.page_tiles = backend.uses_page_tiles(block_size)
-        self.tile_heights = sorted({backend.block_q, max(1, backend.block_q // 2)})
+        self.tile_heights = backend.tile_heights(self.page_tiles)
         self.max_tiles = self.tiles_for(max_tokens, self.tile_heights[0])
         self.max_tokens = max_tokens
         # S: the most splits the eager plan picks (one tile over a long prefix), for every size:
