@@ -10,7 +10,7 @@ of blocks in a random order), c in --chunks, P in --prefixes. Kernels and option
   tma      kernels/chunk_tma_attention.py over block_n x block_m x num_warps x num_stages
            (block_size 128; block_size 64 and pointer loads for a few; multi-page steps:
            block_n 128 = two pages at block_size 64; "defaults": block_size 64 with every
-           option None, i.e. the kernel's own choices and `default_tma_block_q` tiles,
+           option None, i.e. the kernel's own choices and the engine's tiles,
            recorded as resolved_* in the rows); at each point the best
            TMA config also with the split count aimed at 2 and 8 programs per SM (`waves`)
            (warp specialization was measured here on 2026-11-29, no gain, and then removed
@@ -196,7 +196,7 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
         chunk_splitkv_attention,
     )
     from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention
-    from mnemosyne.kernels.chunk_tma_launch import default_tma_block_n, default_tma_block_q, tma_tile_launch
+    from mnemosyne.kernels.chunk_tma_launch import default_tma_block_n, tma_tile_launch
     from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 
     h, hkv, d = pt.heads.num_heads, pt.heads.num_kv_heads, pt.heads.head_dim
@@ -204,7 +204,7 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     if cfg["kernel"] == "splitkv":
         block_q = default_block_q(g, pt.q.dtype)
     elif cfg["block_m"] is None:
-        block_q = default_tma_block_q(g, d, pt.q.dtype)
+        block_q = default_block_q(g, pt.q.dtype)
     else:
         block_q = cfg["block_m"] // g
     tile_seq, tile_off = plan_query_tiles([pt.c], [0], block_q)

@@ -21,7 +21,6 @@ from mnemosyne.kernels.chunk_splitkv_attention import chunk_splitkv_attention, t
 from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention, tma_supported
 from mnemosyne.kernels.chunk_tma_launch import (
     default_tma_block_n,
-    default_tma_block_q,
     step_boxes,
     tma_tile_launch,
 )
@@ -149,7 +148,7 @@ def test_multi_page_steps(config):
     block_size, block_n, num_heads, num_kv_heads, head_dim, dtype, window, splits, block_q, use_tma = config
     if block_n is None:  # the default takes two 64-key pages per step at head dim 64 (16-bit)
         assert default_tma_block_n(block_size, dtype, head_dim) == 2 * block_size
-        block_q = default_tma_block_q(num_heads // num_kv_heads, head_dim, dtype)
+        block_q = default_block_q(num_heads // num_kv_heads, dtype)
     run_tma(MULTI_PAGE_SEQS, num_heads, num_kv_heads, head_dim, block_size, dtype, window,
             block_q=block_q, block_n=block_n, num_splits=splits, seed=block_size, use_tma=use_tma)  # fmt: skip
 
@@ -205,9 +204,6 @@ def test_launch_defaults_follow_the_sweep():
     assert [default_tma_block_n(p, bf16, 128) for p in (64, 128, 256, 32, 16)] == [64, 64, 64, 32, 16]
     assert [default_tma_block_n(p, fp32, 64) for p in (32, 64, 16)] == [32, 32, 16]
     assert step_boxes(128, 64) == (64, 2) and step_boxes(64, 128) == (64, 1) and step_boxes(48, 16) == (16, 3)
-    assert default_tma_block_q(4, 64, bf16) == 16 and default_tma_block_q(1, 64, bf16) == 64
-    assert default_tma_block_q(4, 128, bf16) == default_block_q(4, bf16) == 32
-    assert default_tma_block_q(4, 64, fp32) == default_block_q(4, fp32)
     q64 = torch.empty(1, 32, 64, dtype=bf16)
     assert tma_tile_launch(q64, 4, 16, 128, None, None) == (16, 64, 64, 4, 4)
     assert tma_tile_launch(q64, 4, 32, 128, None, None) == (32, 128, 64, 4, 3)
@@ -257,7 +253,7 @@ def test_large_gpu_tma_head_dim_64(block_size, block_n, num_splits):
     # M tiles of 64 rows (the tiles its defaults are measured with); a window on the split runs.
     seqs = [prefill(300, 60001), Seq(32, 90000, 40000, 30000), prefill(7, 20000), prefill(1, 777)]
     window = 5000 if num_splits > 1 else None
-    run_tma(seqs, 32, 8, 64, block_size, torch.bfloat16, window, block_q=default_tma_block_q(4, 64, torch.bfloat16),
+    run_tma(seqs, 32, 8, 64, block_size, torch.bfloat16, window, block_q=default_block_q(4, torch.bfloat16),
             block_n=block_n, num_splits=num_splits, atol=2e-2, use_tma=True)  # fmt: skip
 
 

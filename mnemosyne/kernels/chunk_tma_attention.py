@@ -50,9 +50,8 @@ Hopper features (Triton 3.6, sm_90):
   - BLOCK_M = next_power_of_2(block_q x G): block_q = 64 // G or 128 // G gives 64 or 128
     rows (one or two wgmma M tiles per warpgroup).
   - Launch defaults (kernels/chunk_tma_launch.py): 64-key steps at head dim 128; at head
-    dim 64 (16-bit) 128-key steps (two pages at block_size 64) and M tiles of 64 rows when
-    the caller plans its tiles with `default_tma_block_q`: a 64-key step does too little MMA
-    work per softmax update there (the H200 sweep cited in that module).
+    dim 64 (16-bit) 128-key steps (two pages at block_size 64): a 64-key step does too
+    little MMA work per softmax update there (the H200 sweeps cited in that module).
 
 The Triton interpreter emulates descriptor loads, so on CPU both load paths of the one
 kernel body are tested against the torch reference (tests/test_kernel_chunk_tma.py).
@@ -71,7 +70,6 @@ from mnemosyne.kernels.chunk_splitkv_attention import check_chunk_args, merge_sp
 from mnemosyne.kernels.chunk_tma_launch import (
     MAX_STEP_PAGES,
     default_tma_block_n,
-    default_tma_block_q,
     fits_page_tiles,
     step_boxes,
     tma_step_keys,
@@ -383,7 +381,7 @@ def chunk_tma_attention(
 
     block_n: keys per step (None: `default_tma_block_n`), dividing the cache's block_size or
     2 .. MAX_STEP_PAGES whole pages (`step_boxes`). block_q None: `default_block_q` (plan the
-    tiles with the same block_q; `default_tma_block_q` is the measured choice for this kernel).
+    tiles with the same block_q).
     num_warps / num_stages None: `tma_tile_launch`.
     use_tma: None = TMA descriptors where `tma_supported`, else pointer loads of the same
     tiles; True = descriptors or ValueError; False = pointer loads.
@@ -439,7 +437,6 @@ __all__ = [
     "PAGE_TILES_WAVES",
     "chunk_tma_attention",
     "default_tma_block_n",
-    "default_tma_block_q",
     "fits_page_tiles",
     "step_boxes",
     "tma_step_keys",

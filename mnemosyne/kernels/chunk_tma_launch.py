@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from mnemosyne.kernels.chunk_splitkv_attention import tile_launch
-from mnemosyne.kernels.paged_prefill import default_block_q
 
 
 def tma_step_keys(dtype: torch.dtype) -> int:
@@ -29,11 +28,14 @@ def fits_page_tiles(block_size: int, dtype: torch.dtype) -> bool:
 #                1.87-1.91x (spills), 8 warps 2.48-2.61x
 #   block_n 64:  block_m 64, 4 warps 2.02x; block_m 128, 8 warps 2.09x, 4 warps 2.22x
 # Half the MMA work per loaded byte of head dim 128: a 64-key step is too short, its softmax
-# bookkeeping dominates. So 128-key steps (two pages at block_size 64), M tiles of 64 rows.
+# bookkeeping dominates. So 128-key steps (two pages at block_size 64). The M tile stays the
+# engine's (`default_block_q`: 128 rows, 64 for chunks of <= 16 tokens): with two-page steps
+# at block_size 64 (chunk_kernel_variants_1b_multipage_h200_2026-11-29.json, same grid),
+# block_m 128 / 4 warps / 3 stages 1.82x, block_m 64 2.0-2.1x (2.6x at c = 64; 1.06-1.16x
+# at c = 16 after 512K, which the engine's half-height tiles take).
 # Head dim 128 keeps `tile_launch`'s defaults and 64-key steps (near their best there).
 SMALL_HEAD_DIM = 64
 SMALL_HEAD_STEP_KEYS = 128
-SMALL_HEAD_BLOCK_M = 64
 _SMALL_HEAD_LAUNCH = {(64, 128): (4, 4), (128, 128): (4, 3), (64, 64): (4, 3), (128, 64): (8, 3)}
 MAX_STEP_PAGES = 4  # pages (score tiles) of one multi-page step
 
@@ -52,13 +54,6 @@ def default_tma_block_n(page: int, dtype: torch.dtype, head_dim: int) -> int:
             return wide
     return min(step, page)
 
-
-def default_tma_block_q(num_heads_per_kv: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Query tokens per tile to plan page-aligned tiles with: M = 64 rows at head dim <= 64
-    in 16-bit (see the sweep above), else `default_block_q`."""
-    if _small_head(head_dim, dtype):
-        return max(1, SMALL_HEAD_BLOCK_M // num_heads_per_kv)
-    return default_block_q(num_heads_per_kv, dtype)
 
 
 def step_boxes(block_n: int, page: int) -> tuple[int, int]:

@@ -42,7 +42,6 @@ from mnemosyne.kernels.chunk_tma_attention import (
     PAGE_TILES_MAX_SPLITS,
     PAGE_TILES_WAVES,
     chunk_tma_attention,
-    default_tma_block_q,
     fits_page_tiles,
 )
 from mnemosyne.kernels.cudnn_prefill import (
@@ -147,7 +146,7 @@ class KernelBackend:
     ) -> HostPlan:
         """Assign every sequence to a kernel, from the host lists alone (no device work)."""
         page_tiles = self.uses_page_tiles(block_size)
-        plan = HostPlan(block_q=self.tile_heights(page_tiles)[-1], page_tiles=page_tiles)
+        plan = HostPlan(block_q=self.block_q, page_tiles=page_tiles)
         row = 0
         runs = meta.block_runs_cpu or [(0, 0)] * meta.num_seqs
         tiled: list[int] = []
@@ -186,7 +185,7 @@ class KernelBackend:
         if tiled:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
             # variants in all, both built by `warm_up`.
-            plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled), page_tiles)
+            plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
             plan.tile_seq, plan.tile_q_offset = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             cfg = self.chunk_config
             plan.min_split_keys = self.min_split_keys()
@@ -243,20 +242,13 @@ class KernelBackend:
         """Whether the chunk kernel can walk page-aligned steps of this cache."""
         return block_size is not None and fits_page_tiles(block_size, self.dtype)
 
-    def tile_heights(self, page_tiles: bool) -> list[int]:
-        """The query tokens per tile a plan may use, ascending: the kernel's full height and,
-        where its M tile (tokens x heads per KV head) stays above 64 rows, half of it (fewer
-        padded rows for short chunks). Page-aligned tiles at head dim <= 64 are 64 rows
-        (`default_tma_block_q`, from the head-dim-64 sweep), never halved (unmeasured)."""
-        if page_tiles:
-            full = default_tma_block_q(self.num_heads_per_kv, self.head_dim, self.dtype)
-        else:
-            full = self.block_q
-        half = max(1, full // 2)
-        return [full] if half * self.num_heads_per_kv < 64 and page_tiles else sorted({half, full})
+    def tile_heights(self) -> list[int]:
+        """The query tokens per tile a plan may use, ascending: block_q and half of it (fewer
+        padded rows when every chunk fits half a tile; two compiled variants)."""
+        return sorted({max(1, self.block_q // 2), self.block_q})
 
-    def _tile_height(self, longest_chunk: int, page_tiles: bool) -> int:
-        heights = self.tile_heights(page_tiles)
+    def _tile_height(self, longest_chunk: int) -> int:
+        heights = self.tile_heights()
         return heights[0] if longest_chunk <= heights[0] else heights[-1]
 
     def _dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int, page_tiles: bool) -> bool:
@@ -296,7 +288,7 @@ class KernelBackend:
                 break
             num_decodes = seq_block(num_decodes) * 2
         page_tiles = self.uses_page_tiles(block)
-        for q_len in self.tile_heights(page_tiles):
+        for q_len in self.tile_heights():
             meta = AttentionMetadata.build(
                 [q_len],
                 [keys - q_len],

@@ -54,7 +54,7 @@ class StaticPlans:
         self.backend = backend
         self.num_kv_heads = num_kv_heads
         self.page_tiles = backend.uses_page_tiles(block_size)
-        self.tile_heights = backend.tile_heights(self.page_tiles)
+        self.tile_heights = backend.tile_heights()
         self.max_tiles = self.tiles_for(max_tokens, self.tile_heights[0])
         self.max_tokens = max_tokens
         # S: the most splits the eager plan picks (one tile over a long prefix), for every size:
