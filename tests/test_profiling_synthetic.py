@@ -36,3 +36,17 @@ def test_cpu_profile_scattered_and_pipelined(tiny_model_dir, tmp_path):
     assert (body["format"], body["block_layout"], body["step_timing"]) == (2, "scattered", "pipelined")
     assert body["samples"] and all(s["measured_s"] > 0 for s in body["samples"])
     assert "chunk_attention" not in body["model"]  # CPU: the reference backend, no kernel term
+
+
+def test_default_step_timing_is_the_engines_own():
+    """Profiles time steps as the engine runs them: two in flight with async scheduling
+    (one device), else one (the H200 comparison is in benchmarks/results/README.md)."""
+    from types import SimpleNamespace
+
+    from mnemosyne.profiling.profiler import StepTiming, default_step_timing
+
+    def config(async_scheduling: bool) -> SimpleNamespace:
+        return SimpleNamespace(scheduler=SimpleNamespace(async_scheduling=async_scheduling))
+
+    assert default_step_timing(config(True)) is StepTiming.PIPELINED
+    assert default_step_timing(config(False)) is StepTiming.SERIAL
