@@ -11,8 +11,8 @@ one point     warm-up run (JIT, cuDNN plans, CUDA graph capture), then `repeats`
               default: the engine's own mode (`default_step_timing`), PIPELINED where it
               schedules asynchronously (one device), else SERIAL. Measured on an H200
               (benchmarks/results/README.md, "Fifth session: simulator validation"): the
-              engine's decode-only token gaps are the pipelined profile's within 1.4%, the
-              serial one's +10-18%
+              engine's decode-only token gaps are the pipelined profiles' within 2.5%, the
+              serial ones' +9-18%
 fit           weighted NNLS (`latency/fitted.py`); each KVP sample is keyed by the group
               the roofline calls busiest; on CUDA with the kernel backend the fit also gets
               the backend's chunk cost table (`chunk_attention_cost`), stored in the profile
