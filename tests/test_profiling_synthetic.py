@@ -50,3 +50,13 @@ def test_default_step_timing_is_the_engines_own():
 
     assert default_step_timing(config(True)) is StepTiming.PIPELINED
     assert default_step_timing(config(False)) is StepTiming.SERIAL
+
+
+def test_cli_profile_times_steps_as_the_engine_runs_them(tiny_model_dir, tmp_path):
+    """Without --step-timing the profile is timed the engine's way: pipelined on one device
+    (async scheduling)."""
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--model", str(tiny_model_dir("llama")), "--device", "cpu", "--dtype", "float32",
+                 "--grid", "tiny", "--kv-cache-memory-gb", "0.002", "--block-size", "4", "--no-cache",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["step_timing"] == "pipelined"
