@@ -183,8 +183,12 @@ def main() -> None:
     measured = json.loads(ns.measured.read_text())
     m = measured["args"]
     rows = []
-    device = None if ns.device_latency_profile is None else load_profile(ns.device_latency_profile).model
-    timer = None if device is None else (lambda _engine_model: device.step_time_s)
+    timer = None
+    if ns.device_latency_profile is not None:
+        device = load_profile(ns.device_latency_profile)
+        if ns.profile is not None and load_profile(ns.profile).key != device.key:
+            raise SystemExit(f"{ns.device_latency_profile} was measured for another key than {ns.profile}")
+        timer = lambda _engine_model: device.model.step_time_s  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(m["shape"], Path(tmp))
         for run in measured["runs"]:
