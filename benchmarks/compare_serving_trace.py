@@ -2,7 +2,10 @@
 measured) / measured. Runs on CPU (the simulation is `benchmarks.simulate_serving_trace`).
 
     python -m benchmarks.compare_serving_trace --measured MEASURED/serving_trace.json \
-        --latency-profile P --out OUT.json [--kv-cache-memory-gb G]
+        --latency-profile P --out OUT.json [--kv-cache-memory-gb G] [--device-latency-profile D]
+
+--latency-profile: the profile the measured server ran with (its policies predict by it);
+--device-latency-profile: where the simulated device's step times come from (default: P).
 
 The trace options (shape, duration, rate, longest prompt, configs) are taken from the
 measured run's first command, so the simulated trace is the measured one (same `trace_id`,
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latency-profile", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--kv-cache-memory-gb", default="102")
+    p.add_argument("--device-latency-profile", default=None)
     ns = p.parse_args(argv)
     measured = json.loads(Path(ns.measured).read_text())
     configs = sorted(measured["results"])
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         sim = simulate_serving_trace.main([
             *trace_argv(measured), "--latency-profile", ns.latency_profile, "--configs", ",".join(configs),
             "--kv-cache-memory-gb", ns.kv_cache_memory_gb, "--out-json", str(Path(tmp) / "sim.json"),
+            *(["--device-latency-profile", ns.device_latency_profile] if ns.device_latency_profile else []),
         ])  # fmt: skip
     if sim["trace_id"] != measured["trace_id"]:
         raise SystemExit(f"simulated trace {sim['trace_id']} is not the measured {measured['trace_id']}")
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.compare_serving_trace " + shlex.join(argv or []),
         "measured_file": ns.measured,
         "latency_profile": ns.latency_profile,
+        "device_latency_profile": ns.device_latency_profile or ns.latency_profile,
         "trace_id": sim["trace_id"],
         "simulate_commands": sim["simulate_commands"],
         "simulated_vs_measured": rows,

@@ -1,7 +1,8 @@
 """Simulate the mixed scenario of `benchmarks/mixed_long_short.py` and compare with its measurement.
 
     python -m benchmarks.simulate_mixed --measured benchmarks/results/mixed_h200.json \
-        --profile benchmarks/results/mixed_h200.profile.json --out OUT.json [--plot OUT.png]
+        --profile benchmarks/results/mixed_h200.profile.json --out OUT.json [--plot OUT.png] \
+        [--device-latency-profile D]
 
 For each configuration the measurement ran (every entry of its "runs": fixed64 ... fixed2048,
 adaptive_fcfs, adaptive_lars), the simulated engine (the real scheduler in virtual time, step
@@ -11,7 +12,10 @@ shorts' token gaps until it are recorded. Without --profile the roofline of --gp
 Runs on CPU.
 
 Reported per configuration, simulated vs measured: long TTFT and short TBT p50/p99/max, the
-relative error (simulated - measured) / measured and whether it is within --tolerance. The
+relative error (simulated - measured) / measured and whether it is within --tolerance.
+--profile is what the measured engine's policies predicted with (the run's own profile);
+--device-latency-profile D, if given, is where the simulated device's step times come from
+(the engine calibrates its --profile against them online, as on the GPU). The
 measured side twice:
 
     all_gaps          the run's own figures (every gap of every short request)
@@ -25,13 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.mixed_long_short import CONFIGS, pcts
 from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.engine.args import EngineArgs
+from mnemosyne.latency.profile_store import load_profile
 from mnemosyne.simulator.engine import SimulatedEngine
 from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config
 
@@ -110,7 +117,7 @@ def compare(sim: dict, meas: dict, tolerance: float) -> dict:
     return out
 
 
-def plot(rows: list[dict], measured: dict, path: Path) -> None:
+def plot(rows: list[dict], measured: dict, path: Path, device_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +161,7 @@ def plot(rows: list[dict], measured: dict, path: Path) -> None:
     ax.set_ylim(-48, 25)
     ax.set(ylabel="(simulated - measured) / measured (%)", title="simulated vs measured")
     ax.legend(fontsize=6, ncol=2)
-    fig.suptitle("mixed scenario on 1x H200: measured vs SIMULATED (CPU, the run's quick profile)")
+    fig.suptitle(f"mixed scenario on 1x H200: measured vs SIMULATED (CPU; device: {Path(device_name).name})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -166,6 +173,7 @@ def main() -> None:
         "--measured", type=Path, required=True, help="JSON written by benchmarks.mixed_long_short"
     )
     ap.add_argument("--profile", default=None, help="the latency profile it measured (.profile.json)")
+    ap.add_argument("--device-latency-profile", default=None, help="the simulated device's step times")
     ap.add_argument("--gpu", default="h200")
     ap.add_argument("--tolerance", type=float, default=0.10, help="relative error counted as agreement")
     ap.add_argument("--stall-threshold-s", type=float, default=1.0, help="measured gaps above: host stalls")
@@ -175,10 +183,16 @@ def main() -> None:
     measured = json.loads(ns.measured.read_text())
     m = measured["args"]
     rows = []
+    timer = None
+    if ns.device_latency_profile is not None:
+        device = load_profile(ns.device_latency_profile)
+        if ns.profile is not None and load_profile(ns.profile).key != device.key:
+            raise SystemExit(f"{ns.device_latency_profile} was measured for another key than {ns.profile}")
+        timer = lambda _engine_model: device.model.step_time_s  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(m["shape"], Path(tmp))
         for run in measured["runs"]:
-            sim = simulate_config(model_dir, run["config"], m, ns)
+            sim = simulate_config(model_dir, run["config"], m, ns, step_timer=timer)
             sides = measured_sides(run, ns.stall_threshold_s)
             row = {
                 "config": run["config"],
@@ -192,11 +206,14 @@ def main() -> None:
                 side: {k: f"{v['rel_error']:+.1%}" for k, v in row[f"vs_{side}"].items()} for side in sides}}),
                 flush=True)  # fmt: skip
     ns.out.write_text(json.dumps({
+        "SIMULATED": "simulated side on CPU; measured side: the --measured H200 run",
+        "command": "python -m benchmarks.simulate_mixed " + shlex.join(sys.argv[1:]),
         "simulated_vs_measured": rows, "measured_file": str(ns.measured), "profile": ns.profile,
+        "device_latency_profile": ns.device_latency_profile or ns.profile,
         "tolerance": ns.tolerance, "stall_threshold_s": ns.stall_threshold_s,
     }, indent=1))  # fmt: skip
     if ns.plot:
-        plot(rows, measured, ns.plot)
+        plot(rows, measured, ns.plot, ns.device_latency_profile or ns.profile or f"roofline {ns.gpu}")
 
 
 if __name__ == "__main__":

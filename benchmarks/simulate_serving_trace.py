@@ -4,10 +4,15 @@ exactly as the GPU benchmark analyses a `mnemosyne bench serve` run. A predictio
 measurement; runs on CPU in minutes.
 
     python -m benchmarks.simulate_serving_trace --out-json OUT.json [--plot OUT.png] \
-        [--gpu h200] [--kv-cache-memory-gb G] [serving_trace options: --shape 8b --rate 0.5 \
+        [--gpu h200] [--kv-cache-memory-gb G] [--device-latency-profile D] [serving_trace options: --shape 8b --rate 0.5 \
         --duration-s 300 --latency-profile P --max-num-batched-tokens ... --configs ...]
 
-Every option other than --out-json, --plot, --gpu and --kv-cache-memory-gb is
+--device-latency-profile D: the simulated device's step times come from D, while the
+engine's policies predict with --latency-profile (the profile the server ran with) and
+calibrate against D's times online, as the server calibrates against the GPU.
+
+Every option other than --out-json, --plot, --gpu, --kv-cache-memory-gb and
+--device-latency-profile is
 `benchmarks.serving_trace`'s, with its defaults: the same trace (`serving_trace --dry-run`
 writes it, seeded) and the same server flags per configuration (`CONFIGS` of
 serving_trace_server: chunk policy, chunk size, scheduling policy; --max-num-batched-tokens,
@@ -65,6 +70,7 @@ def simulate_argv(
         "--deadline-factor", str(ns.deadline_factor), "--min-deadline-s", str(ns.min_deadline_s),
         *(["--latency-profile", str(ns.latency_profile)] if ns.latency_profile else []),
         *(["--kv-cache-memory-gb", str(own.kv_cache_memory_gb)] if own.kv_cache_memory_gb else []),
+        *(["--device-latency-profile", own.device_latency_profile] if own.device_latency_profile else []),
         *CONFIGS[name],
     ]  # fmt: skip
 
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     own_ap.add_argument(
         "--kv-cache-memory-gb", type=float, default=None, help="KV GiB per GPU (default: the simulator's)"
     )
+    own_ap.add_argument("--device-latency-profile", default=None, help="the simulated device's step times")
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)
     with tempfile.TemporaryDirectory(prefix="sim_serving_trace_") as tmp:

@@ -36,3 +36,27 @@ def test_cpu_profile_scattered_and_pipelined(tiny_model_dir, tmp_path):
     assert (body["format"], body["block_layout"], body["step_timing"]) == (2, "scattered", "pipelined")
     assert body["samples"] and all(s["measured_s"] > 0 for s in body["samples"])
     assert "chunk_attention" not in body["model"]  # CPU: the reference backend, no kernel term
+
+
+def test_default_step_timing_is_the_engines_own():
+    """Profiles time steps as the engine runs them: two in flight with async scheduling
+    (one device), else one (the H200 comparison is in benchmarks/results/README.md)."""
+    from types import SimpleNamespace
+
+    from mnemosyne.profiling.profiler import StepTiming, default_step_timing
+
+    def config(async_scheduling: bool) -> SimpleNamespace:
+        return SimpleNamespace(scheduler=SimpleNamespace(async_scheduling=async_scheduling))
+
+    assert default_step_timing(config(True)) is StepTiming.PIPELINED
+    assert default_step_timing(config(False)) is StepTiming.SERIAL
+
+
+def test_cli_profile_times_steps_as_the_engine_runs_them(tiny_model_dir, tmp_path):
+    """Without --step-timing the profile is timed the engine's way: pipelined on one device
+    (async scheduling)."""
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--model", str(tiny_model_dir("llama")), "--device", "cpu", "--dtype", "float32",
+                 "--grid", "tiny", "--kv-cache-memory-gb", "0.002", "--block-size", "4", "--no-cache",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["step_timing"] == "pipelined"

@@ -27,3 +27,30 @@ def test_compare_relative_errors() -> None:
     assert out["p50_ms"]["rel_error"] == pytest.approx(-0.2) and not out["p50_ms"]["within"]
     assert out["p99_ms"]["rel_error"] == 0.0
     assert "max_ms" not in out  # no measured value to compare with
+
+
+def test_recorded_step_errors_measure_each_step_from_the_later_of_submit_and_previous_result() -> None:
+    """benchmarks/simulate_validation.py: an async engine submits step n+1 before step n's
+    result, so a step's own time starts at the later of its submission and the result before."""
+    import dataclasses
+
+    from benchmarks.simulate_validation import recorded_step_errors
+    from mnemosyne.latency.composition import GroupLoad
+
+    class PerToken:  # a fake latency model: 1 ms per query token
+        def step_time_s(self, composition) -> float:
+            return 1e-3 * composition.groups[0].num_tokens
+
+    decode = dataclasses.asdict(GroupLoad().plus_decode(100).plus_decode(100))  # 2 tokens
+    chunk = dataclasses.asdict(GroupLoad().plus_decode(100).plus_chunk(9, 500))  # 10 tokens
+    steps = [
+        [0.000, 0.002, 0.0, decode],  # alone: 2 ms
+        [0.001, 0.022, 0.0, chunk],  # submitted during the step before: 20 ms from 0.002
+        [0.030, 0.032, 0.0, decode],  # submitted after the result before: 2 ms
+    ]
+    out = recorded_step_errors({"steps": steps}, {"fake": PerToken()})
+    assert out["decode_only"]["num_steps"] == 2 and out["decode_only"]["measured_s"] == pytest.approx(0.004)
+    assert out["decode_only"]["fake"]["ratio_p10_p50_p90"] == [1.0, 1.0, 1.0]
+    assert out["with_chunk"]["measured_s"] == pytest.approx(0.020)
+    assert out["with_chunk"]["fake"]["predicted_s"] == pytest.approx(0.010)
+    assert out["with_chunk"]["fake"]["ratio_p10_p50_p90"] == [0.5, 0.5, 0.5]

@@ -244,3 +244,53 @@ def test_simulate_with_a_measured_profile(model_1b, tmp_path, capsys):
     rc = main(["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "q.json"),
                "--latency-profile", str(path)])  # fmt: skip
     assert rc == 2 and "measured for" in capsys.readouterr().err
+
+
+def write_fake_profile(path: Path, model_dir: Path, layout: Layout, scale: float, token_s: float = 1e-6) -> Path:
+    """A profile of `layout` whose steps take `scale` x (2 ms + token_s per token + 1 ns per decode key)."""
+    coef = {"one": 2e-3 * scale, "tokens": token_s * scale, "decode_kv_tokens": 1e-9 * scale}
+    model = FittedLatencyModel(
+        layout, 256, tuple(coef.get(f, 0.0) for f in GROUP_FEATURES), tuple(0.0 for _ in STEP_FEATURES)
+    )
+    key = ProfileKey("NVIDIA H200", ModelShape.from_model_config(load_model_config(model_dir)), layout, "bfloat16")
+    save_profile(LatencyProfile(key, model, {}), path)
+    return path
+
+
+def test_device_profile_times_the_steps_the_engine_profile_predicts(model_1b, tmp_path, capsys):
+    """--device-latency-profile: the simulated device takes the device profile's times (here
+    3x the engine's profile), while the engine's own profile is what its policies see."""
+    engine_p = write_fake_profile(tmp_path / "engine.json", model_1b, Layout(1, 1, 1), 1.0)
+    device_p = write_fake_profile(tmp_path / "device.json", model_1b, Layout(1, 1, 1), 3.0)
+    trace = write_trace(tmp_path / "trace.jsonl")
+    out = simulate(model_1b, trace, tmp_path / "d.json", "--latency-profile", str(engine_p),
+                   "--device-latency-profile", str(device_p))  # fmt: skip
+    assert out["setup"]["latency_model"] == str(engine_p)
+    assert out["setup"]["device_latency_model"] == str(device_p)
+    # the last request decodes alone: 3 x (2 ms + 1 us + 65 keys at 1 ns)
+    assert out["requests"][5]["tbt_max_s"] == pytest.approx(3 * (2e-3 + 1e-6 + 65e-9), rel=0.05)
+    same = simulate(model_1b, trace, tmp_path / "e.json", "--latency-profile", str(engine_p))
+    assert same["setup"]["device_latency_model"] == str(engine_p)
+    assert same["requests"][5]["tbt_max_s"] == pytest.approx(2e-3 + 1e-6 + 65e-9, rel=0.05)
+    other = write_fake_profile(tmp_path / "other.json", model_1b, Layout(1, 2, 1), 1.0)
+    rc = main(["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "f.json"),
+               "--latency-profile", str(engine_p), "--device-latency-profile", str(other)])  # fmt: skip
+    assert rc == 2 and "measured for" in capsys.readouterr().err
+
+
+def test_device_profile_is_calibrated_against_by_adaptive_chunking(model_1b, tmp_path):
+    """Adaptive chunks sized by an engine profile that underpredicts the device 2x: with online
+    calibration the engine learns the device's times and keeps its token gaps near the target."""
+    engine_p = write_fake_profile(tmp_path / "engine.json", model_1b, Layout(1, 1, 1), 1.0, 1e-5)
+    device_p = write_fake_profile(tmp_path / "device.json", model_1b, Layout(1, 1, 1), 2.0, 1e-5)
+    trace = tmp_path / "long.jsonl"
+    lines = [{"arrival_s": 0.0, "prompt_len": 64, "output_len": 400}, {"arrival_s": 0.05, "prompt_len": 60000, "output_len": 2}]
+    trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    policy = ("--chunk-policy", "adaptive", "--tbt-slo-ms", "20", "--latency-profile", str(engine_p),
+              "--device-latency-profile", str(device_p))  # fmt: skip
+    on = simulate(model_1b, trace, tmp_path / "on.json", *policy)
+    off = simulate(model_1b, trace, tmp_path / "off.json", *policy, "--no-online-calibration")
+    # uncalibrated: chunks sized for 20 ms by the engine's profile run 2x as long on the device;
+    # calibrated: only the steps before the calibration warms up do
+    assert off["summary"]["tbt_s"]["p99"] > 0.035
+    assert on["summary"]["tbt_s"]["p99"] <= 0.021

@@ -1,5 +1,6 @@
 """`mnemosyne profile --model DIR [--load-format dummy] [--device cuda|cpu] [--tp --spp --kvp]
 [--grid quick|default|tiny] [--block-layout contiguous|scattered] [--step-timing serial|pipelined]
+(default: the engine's own, pipelined with async scheduling on one device)
 --out FILE`: measure, fit, write the JSON and cache it, so every
 engine with the same device, model shape, layout and dtype picks it up."""
 
@@ -31,10 +32,11 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--step-timing",
-        default=StepTiming.SERIAL.value,
+        default=None,
         choices=[k.value for k in StepTiming],
         help="serial: submit -> result, one step in flight; pipelined: two in flight, as with "
-        "async scheduling (result -> next result)",
+        "async scheduling (result -> next result). Default: the engine's own (pipelined where "
+        "it schedules asynchronously: one device)",
     )
     g.add_argument("--no-cache", action="store_true", help="do not copy the profile into the cache")
 
@@ -49,7 +51,7 @@ def cmd_profile(ns: argparse.Namespace) -> int:
         engine_args_from(ns),
         parse_enum(GridKind, ns.grid, "--grid"),
         block_layout=parse_enum(BlockLayout, ns.block_layout, "--block-layout"),
-        timing=parse_enum(StepTiming, ns.step_timing, "--step-timing"),
+        timing=None if ns.step_timing is None else parse_enum(StepTiming, ns.step_timing, "--step-timing"),
     )
     out = Path(ns.out)
     save_profile(profile, out)

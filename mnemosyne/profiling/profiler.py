@@ -8,6 +8,11 @@ one point     warm-up run (JIT, cuDNN plans, CUDA graph capture), then `repeats`
                 SERIAL     submit -> result, one step in flight: host + device
                 PIPELINED  two steps in flight, as the engine's async scheduling runs them:
                            result -> next result, max(host, device) once the device is busy
+              default: the engine's own mode (`default_step_timing`), PIPELINED where it
+              schedules asynchronously (one device), else SERIAL. Measured on an H200
+              (benchmarks/results/README.md, "Fifth session: simulator validation"): the
+              engine's decode-only token gaps are the pipelined profiles' within 2.5%, the
+              serial ones' +9-18%
 fit           weighted NNLS (`latency/fitted.py`); each KVP sample is keyed by the group
               the roofline calls busiest; on CUDA with the kernel backend the fit also gets
               the backend's chunk cost table (`chunk_attention_cost`), stored in the profile
@@ -38,6 +43,11 @@ from mnemosyne.profiling.synthetic import BlockLayout, SyntheticPlanner, Synthet
 class StepTiming(enum.Enum):
     SERIAL = "serial"
     PIPELINED = "pipelined"
+
+
+def default_step_timing(config) -> StepTiming:
+    """How the engine of `config` runs its steps: PIPELINED with async scheduling, else SERIAL."""
+    return StepTiming.PIPELINED if config.scheduler.async_scheduling else StepTiming.SERIAL
 
 
 class GridKind(enum.Enum):
@@ -135,9 +145,9 @@ def run_profile(
     grid_kind: GridKind,
     log=print,
     block_layout: BlockLayout = BlockLayout.CONTIGUOUS,
-    timing: StepTiming = StepTiming.SERIAL,
+    timing: StepTiming | None = None,
 ) -> LatencyProfile:
-    """Start an engine sized for the grid, profile it, stop it."""
+    """Start an engine sized for the grid, profile it, stop it (timing None: the engine's own)."""
     from mnemosyne.engine.llm_engine import LLMEngine
 
     grid = GRIDS[grid_kind]
@@ -201,10 +211,13 @@ def profile_engine(
     grid_kind: GridKind,
     log=print,
     block_layout: BlockLayout = BlockLayout.CONTIGUOUS,
-    timing: StepTiming = StepTiming.SERIAL,
+    timing: StepTiming | None = None,
 ) -> LatencyProfile:
     """Profile an idle engine (no requests in flight; it must allow the grid's batch sizes).
-    PIPELINED timing needs an engine that keeps two steps in flight (async scheduling)."""
+    PIPELINED timing needs an engine that keeps two steps in flight (async scheduling);
+    None: `default_step_timing` of the engine's config."""
+    if timing is None:
+        timing = default_step_timing(engine.config)
     if timing is StepTiming.PIPELINED and not engine.config.scheduler.async_scheduling:
         raise ConfigError("pipelined step timing needs async scheduling (one device, spp = 1)")
     t_start = time.monotonic()

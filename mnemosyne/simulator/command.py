@@ -30,6 +30,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         "--latency-error-factor", type=float, default=1.0,
         help="simulated steps take this x the latency model's prediction (a known systematic error)",
     )  # fmt: skip
+    p.add_argument(
+        "--device-latency-profile", default=None,
+        help="the simulated device's step times come from this profile (e.g. one measured in the "
+        "engine's conditions), while the engine's policies predict with --latency-profile and "
+        "calibrate online against them (default: the device takes the engine's predictions)",
+    )  # fmt: skip
     d = EngineArgs()
     g = p.add_argument_group("engine (as for `mnemosyne serve`)")
     g.add_argument(
@@ -70,6 +76,7 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
         device_spec,
         latency_model_for,
         load_model_config,
+        matching_profile_model,
         simulated_engine_config,
     )
     from mnemosyne.simulator.trace import load_trace
@@ -86,8 +93,11 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
     model, source = latency_model_for(config, spec)
     if ns.latency_error_factor <= 0:
         raise ConfigError(f"--latency-error-factor must be positive, got {ns.latency_error_factor}")
+    device_path = ns.device_latency_profile
+    device = model if device_path is None else matching_profile_model(config, device_path)
+    timed = device_path is not None or ns.latency_error_factor != 1.0
     engine = SimulatedEngine(config, model, source, step_timer=(
-        scaled_timer(model, ns.latency_error_factor) if ns.latency_error_factor != 1.0 else None
+        scaled_timer(device, ns.latency_error_factor) if timed else None
     ))
     run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
@@ -104,6 +114,7 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
         "scheduling_policy": config.policy.scheduling_policy.value,
         "online_calibration": config.policy.online_calibration,
         "latency_error_factor": ns.latency_error_factor,
+        "device_latency_model": source if device_path is None else str(device_path),
         "command": "mnemosyne " + " ".join(sys.argv[1:]),
     }
     return engine, result

@@ -11,15 +11,19 @@ replaced by the latency model and stage events (`pipeline.py`)::
                       update_from_output
 
 The step timer defaults to the latency model itself, so the online calibration sees
-measured == predicted and stays the identity; `step_timer` (e.g. `scaled_timer`: a known
-systematic error, actual = f x predicted) makes the simulated device differ from the model.
+measured == predicted and stays the identity; `step_timer` makes the simulated device differ
+from the model the engine predicts with: `scaled_timer` (a known systematic error, actual =
+f x predicted) or another profile's model (`mnemosyne simulate --device-latency-profile`: a
+profile measured in the run's conditions), which the calibration then learns as on a GPU.
 
 With KVP the composition holds one sub-batch per group plus the merged query tokens
 (`engine/step_load.py`); the latency model charges the busiest group and the merge.
 Every sampled token is 0 and requests ignore EOS, so each stops at its output length.
 Prefix caching is off (a trace carries lengths, not contents). Async scheduling is not
-modelled: steps are synchronous (one micro-batch in flight with spp = 1, so the scheduler
-never decodes ahead), and the latency model's step time has no host part to overlap.
+simulated as such: steps are synchronous (one micro-batch in flight with spp = 1, so the
+scheduler never decodes ahead); what it saves is in the step times of a profile timed as the
+engine runs (`profiling/profiler.py`: pipelined, result to result, the default with async
+scheduling).
 """
 
 from __future__ import annotations

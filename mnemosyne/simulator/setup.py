@@ -4,7 +4,12 @@
     KV budget per GPU = kv_cache_memory_gb if given, else
                         memory_fraction * GPU memory - the GPU's weight shard
     latency model     = the profile given (its shape and layout must match), else the
-                        roofline of the GPU's `DeviceSpec`
+                        roofline of the GPU's `DeviceSpec`: what the engine's policies predict
+                        steps by (adaptive chunking, LARS, online calibration)
+    device model      = optional second profile (`--device-latency-profile`): how long the
+                        simulated device takes per step. The engine's policies still predict
+                        with the latency model and calibrate it online against these times,
+                        as the real engine calibrates its profile against the GPU.
 """
 
 from __future__ import annotations
@@ -68,15 +73,24 @@ def simulated_engine_config(model_dir: str | Path, args: EngineArgs, spec: Devic
 
 def latency_model_for(config: EngineConfig, spec: DeviceSpec) -> tuple[LatencyModel, str]:
     """(model, source): the explicit profile if any, else the roofline of `spec`."""
-    p = config.parallel
-    shape, layout = ModelShape.from_model_config(config.model), Layout(p.tp, p.spp, p.kvp)
     path = config.policy.latency_profile
     if path is None:
-        return RooflineLatencyModel(shape, layout, spec), f"roofline {spec.name}"
+        return RooflineLatencyModel(*_shape_layout(config), spec), f"roofline {spec.name}"
+    return matching_profile_model(config, path), str(path)
+
+
+def matching_profile_model(config: EngineConfig, path: str | Path) -> LatencyModel:
+    """The model of the profile at `path`; its shape and layout must be the simulation's."""
+    shape, layout = _shape_layout(config)
     profile = load_profile(path)
     if profile.key.shape != shape or profile.key.layout != layout:
         raise ConfigError(
             f"latency profile {path} was measured for {profile.key.shape} {profile.key.layout}, "
             f"but the simulation is for {shape} {layout}"
         )
-    return profile.model, str(path)
+    return profile.model
+
+
+def _shape_layout(config: EngineConfig) -> tuple[ModelShape, Layout]:
+    p = config.parallel
+    return ModelShape.from_model_config(config.model), Layout(p.tp, p.spp, p.kvp)
