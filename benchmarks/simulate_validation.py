@@ -116,6 +116,8 @@ def validate_recorded_run(ns: argparse.Namespace) -> int:
     """The --measured-run mode (module docstring)."""
     measured = json.loads(ns.measured_run.read_text())
     engine_profile = measured["args"]["profile"]
+    if not Path(engine_profile).exists():  # recorded on the GPU host: look beside the run's JSON
+        engine_profile = str(ns.measured_run.parent / Path(engine_profile).name)
     profiles = {Path(p).stem: p for p in ns.run_profiles.split(",")}
     py, commands, table = sys.executable, [], {}
     for name, dev in profiles.items():
