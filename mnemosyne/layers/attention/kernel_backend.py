@@ -19,7 +19,8 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
 K/V are written by one fused Triton kernel (kernels/kv_write.py). The decode split count
 is fixed by the plan; the decode kernel reads every length from device tensors, so a
 decode step replays as a CUDA graph (`worker/cuda_graph.py`) with a plan built once per
-padded batch size.
+padded batch size. Steps with chunks replay as graphs too (`worker/mixed_graph.py`), on
+plans of fixed shape (`static_plan.py`) filled from `host_plan`'s lists each step.
 """
 
 from __future__ import annotations

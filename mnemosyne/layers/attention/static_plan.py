@@ -12,14 +12,14 @@ when it is captured, and each step writes only the *contents* of its lists::
     max_tiles(T, bq) = ceil(T / bq) + EXTRA_TILES   (a step of n <= T tokens cut into tiles of
                        bq tokens has at most n / bq + (number of chunks) tiles; more: no graph)
 
-A plan is fixed per (T, tile height bq), bq one of `KernelBackend.tile_heights` (the
-full height, or half of it when every chunk of the step fits half a tile, as the eager
-plan picks: a short chunk over a long prefix would otherwise do twice its MMA work); the decode kernel's split budget (it
-never depends on the lengths); and the chunk kernel's split count S, the most the eager
-plan ever picks (one tile over a long prefix), whatever T: a step of many tokens may hold
-one short chunk among decodes. Split sizes follow each sequence's length on
-the device (`min_split_keys`): a short sequence fills only its first splits, the others are
-empty (lse -inf) and the merge does not read them.
+A plan is fixed per (T, tile height bq), bq one of `KernelBackend.tile_heights`: the full
+height, or half of it when every chunk of the step fits half a tile (as the eager plan
+picks: a short chunk over a long prefix would otherwise do twice its MMA work). Also fixed:
+the decode kernel's split budget (it never depends on the lengths) and the chunk kernel's
+split count S, the most the eager plan ever picks (one tile over a long prefix) whatever
+T, since a step of many tokens may hold one short chunk among decodes. Split sizes follow
+each sequence's length on the device (`min_split_keys`): a short sequence fills only its
+first splits, the others are empty (lse -inf) and the merge does not read them.
 
 All of a graph's lists are views of one int32 device buffer, written by one host copy per
 step. Graphs of every size share the buffer (they never run at once).
