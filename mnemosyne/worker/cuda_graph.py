@@ -37,6 +37,7 @@ import torch
 from mnemosyne.config import EngineConfig
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
+from mnemosyne.worker.graph_capture import attention_graph_blocks, capture_graph
 
 if TYPE_CHECKING:  # the kernels import Triton, which CPU-only installs may lack
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
@@ -98,17 +99,11 @@ class DecodeGraphs:
         pool: tuple[int, int] | None = None,
     ) -> DecodeGraphs | None:
         """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
-        if device.type != "cuda" or config.enforce_eager:
+        max_blocks = attention_graph_blocks(config, kv_caches, backend, device)
+        if max_blocks is None:
             return None
-        from mnemosyne.layers.attention.kernel_backend import KernelBackend
-
-        if not isinstance(backend, KernelBackend):
-            return None
-        block_size = config.cache.block_size
-        num_blocks = kv_caches[0][0].shape[0] if kv_caches else 1
-        max_blocks = min(-(-config.scheduler.max_model_len // block_size), num_blocks)
         max_batch = min(config.scheduler.max_num_seqs, _MAX_GRAPH_BATCH)
-        return cls(model, kv_caches, backend, max_batch, max_blocks, block_size, device, pool)
+        return cls(model, kv_caches, backend, max_batch, max_blocks, config.cache.block_size, device, pool)
 
     def capture_all(self) -> None:
         """Capture every padded size, largest first (the pool reaches its peak at once). The
@@ -170,11 +165,7 @@ class DecodeGraphs:
         meta = self.metas[bs] = self._meta(bs)
         inp = (self.input_ids if self.model.is_first_stage else self.hidden)[:bs]
         positions = self.positions[:bs]
-        self.model(inp, positions, self.kv_caches, meta)  # warm-up: compiles kernels, inits handles
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[bs] = self.model(inp, positions, self.kv_caches, meta)
+        graph, self.outputs[bs] = capture_graph(lambda: self.model(inp, positions, self.kv_caches, meta), self.pool)
         self.pool = graph.pool()
         self.graphs[bs] = graph
 

@@ -38,6 +38,7 @@ import torch
 from mnemosyne.config import EngineConfig
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
+from mnemosyne.worker.graph_capture import attention_graph_blocks, capture_graph
 from mnemosyne.worker.piecewise_graph import piecewise_sizes
 
 if TYPE_CHECKING:  # the kernels import Triton, which CPU-only installs may lack
@@ -103,17 +104,13 @@ class MixedGraphs:
         pool: tuple[int, int] | None = None,
     ) -> MixedGraphs | None:
         """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
-        if device.type != "cuda" or config.enforce_eager:
+        max_blocks = attention_graph_blocks(config, kv_caches, backend, device)
+        if max_blocks is None:
             return None
-        from mnemosyne.layers.attention.kernel_backend import KernelBackend
-
-        if not isinstance(backend, KernelBackend):
-            return None
-        block_size = config.cache.block_size
-        num_blocks = kv_caches[0][0].shape[0] if kv_caches else 1
-        max_blocks = min(-(-config.scheduler.max_model_len // block_size), num_blocks)
         max_tokens = min(config.scheduler.max_num_batched_tokens, MAX_MIXED_GRAPH_TOKENS)
-        return cls(model, kv_caches, backend, -(-max_tokens // 8) * 8, max_blocks, block_size, device, pool)
+        return cls(
+            model, kv_caches, backend, -(-max_tokens // 8) * 8, max_blocks, config.cache.block_size, device, pool
+        )
 
     def capture_all(self) -> None:
         """Capture every padded size, largest first (the pool reaches its peak at once); on
@@ -145,7 +142,7 @@ class MixedGraphs:
         size = next(s for s in self.sizes if s >= n)
         host = self.backend.host_plan(meta, self.num_kv_heads, self.sliding_window, self.block_size)
         if not self.plans.fits(size, host):
-            meta.backend_plan = self.backend.plan(meta, self.num_kv_heads, self.sliding_window, self.block_size)
+            meta.backend_plan = self.backend.device_plan(host, self.num_kv_heads)
             return None
         inp = self.input_ids if self.model.is_first_stage else self.hidden
         inp[:n].copy_(x)
@@ -198,11 +195,7 @@ class MixedGraphs:
         self.metas[key] = self._meta(key)
         if not self.use_graphs:
             return
-        self._forward(key)  # warm-up: compiles kernels, inits handles
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[key] = self._forward(key)
+        graph, self.outputs[key] = capture_graph(lambda: self._forward(key), self.pool)
         self.pool = graph.pool()
         self.graphs[key] = graph
 

@@ -43,6 +43,7 @@ import torch
 from mnemosyne.config import EngineConfig
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
+from mnemosyne.worker.graph_capture import capture_graph
 
 MAX_PIECEWISE_TOKENS = 1024  # larger steps are GPU-bound: their launch time hides behind the GPU
 
@@ -134,11 +135,7 @@ class PiecewiseGraphs:
             return list(fns)
         replays: list[Callable[[], object]] = []
         for fn in fns:
-            fn()  # eager warm-up: JIT, cuBLAS handles; its outputs are overwritten by any replay
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                fn()
+            graph, _ = capture_graph(fn, self.pool)
             self.pool = graph.pool()
             replays.append(graph.replay)
         return replays

@@ -211,7 +211,10 @@ class KernelBackend:
         device. The decode kernel's split budget does not depend on the lengths, so a CUDA
         graph's plan (captured before any step) serves every step.
         block_size: the cache's; None plans the per-key-gather chunk kernel."""
-        host = self.host_plan(meta, num_kv_heads, sliding_window, block_size)
+        return self.device_plan(self.host_plan(meta, num_kv_heads, sliding_window, block_size), num_kv_heads)
+
+    def device_plan(self, host: HostPlan, num_kv_heads: int) -> KernelPlan:
+        """`host`'s lists on the device (one copy)."""
         plan = KernelPlan(
             block_q=host.block_q,
             page_tiles=host.page_tiles,
