@@ -188,14 +188,10 @@ class KernelBackend:
             # variants in all, both built by `warm_up`.
             plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
             plan.tile_seq, plan.tile_q_offset = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
-            cfg = self.chunk_config
             plan.min_split_keys = self.min_split_keys()
-            plan.chunk_splits = choose_chunk_splits(
-                len(plan.tile_seq), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), self.num_sms,
-                waves=cfg.waves or (PAGE_TILES_WAVES if plan.page_tiles else DEFAULT_WAVES),
-                min_split_keys=plan.min_split_keys,
-                max_splits=self.max_splits(plan.page_tiles),
-            )  # fmt: skip
+            plan.chunk_splits = self.chunk_splits(
+                len(plan.tile_seq), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), plan.page_tiles
+            )
             qsl = list(itertools.accumulate(meta.query_lens_cpu, initial=0))
             plan.tiled_rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
         return plan
@@ -235,6 +231,17 @@ class KernelBackend:
 
     def decode_split_budget(self, num_kv_heads: int) -> int:
         return choose_split_budget(num_kv_heads, self.num_sms, head_dim=self.head_dim)
+
+    def chunk_splits(self, num_tiles: int, num_kv_heads: int, max_keys: int, page_tiles: bool) -> int:
+        """The chunk kernel's split count for num_tiles query tiles over at most max_keys keys
+        (`choose_chunk_splits` with this backend's waves, split floor and cap)."""
+        cfg = self.chunk_config
+        return choose_chunk_splits(
+            num_tiles, num_kv_heads, max_keys, self.num_sms,
+            waves=cfg.waves or (PAGE_TILES_WAVES if page_tiles else DEFAULT_WAVES),
+            min_split_keys=self.min_split_keys(),
+            max_splits=self.max_splits(page_tiles),
+        )  # fmt: skip
 
     def max_splits(self, page_tiles: bool) -> int:
         return self.chunk_config.max_splits or (PAGE_TILES_MAX_SPLITS if page_tiles else MAX_SPLITS)

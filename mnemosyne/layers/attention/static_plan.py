@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from mnemosyne.kernels.chunk_splitkv_attention import DEFAULT_WAVES, choose_chunk_splits
-from mnemosyne.kernels.chunk_tma_attention import PAGE_TILES_WAVES
 from mnemosyne.kernels.host_math import cdiv
 from mnemosyne.layers.attention.kernel_backend import HostPlan, KernelBackend, KernelPlan
 
@@ -60,14 +58,8 @@ class StaticPlans:
         # S: the most splits the eager plan picks (one tile over a long prefix), for every size:
         # a graph's step may be one short chunk among decodes. Shorter sequences use fewer of
         # them (`min_split_keys`); an empty split writes only its LSE.
-        self.num_splits = choose_chunk_splits(
-            1,
-            num_kv_heads,
-            1 << 40,  # a long prefix: the count is bounded by the GPU, not by the keys
-            backend.num_sms,
-            waves=backend.chunk_config.waves or (PAGE_TILES_WAVES if self.page_tiles else DEFAULT_WAVES),
-            max_splits=backend.max_splits(self.page_tiles),
-        )
+        # (A long prefix: the count is bounded by the GPU, not by the keys.)
+        self.num_splits = backend.chunk_splits(1, num_kv_heads, 1 << 40, self.page_tiles)
         # [decode ids: max_tokens | tile_seq: max_tiles | tile_q_offset: max_tiles | merge rows: max_tokens]
         self.buffer = torch.full((2 * max_tokens + 2 * self.max_tiles,), -1, dtype=torch.int32, device=device)
         self.device = device
