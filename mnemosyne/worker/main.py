@@ -28,6 +28,7 @@ import traceback
 import torch
 
 from mnemosyne.parallel.messages import (
+    FillSyntheticKV,
     InitWorker,
     RunStep,
     Shutdown,
@@ -80,11 +81,14 @@ def run_worker(
             msg = channel.recv()
             if isinstance(msg, Shutdown):
                 break
-            if not isinstance(msg, RunStep):
+            if isinstance(msg, RunStep):
+                result = worker.execute(msg.plan)
+                if result is not None:
+                    channel.send(StepDone(rank, result))
+            elif isinstance(msg, FillSyntheticKV):  # benchmark-only, after every earlier plan
+                channel.send(worker.fill_synthetic_kv(msg.request_id, msg.seed))
+            else:
                 raise RuntimeError(f"unexpected driver message {type(msg).__name__} after start-up")
-            result = worker.execute(msg.plan)
-            if result is not None:
-                channel.send(StepDone(rank, result))
         worker.shutdown()
         return 0
     except BaseException:
