@@ -351,43 +351,50 @@ def run(ns: argparse.Namespace, argv: list[str]) -> dict:
         engine = make_engine(model_dir, ns)
         startup_s = time.perf_counter() - t0
         try:
-            cfg, cache, parallel = engine.config.model, engine.config.cache, engine.config.parallel
-            graphs = in_process_graphs(engine)
-            timer = ForwardTimer(graphs)
-            in_process = parallel.world_size == 1
-            result = {
-                "benchmark": "decode_synthetic_kv",
-                "kv": "SYNTHETIC: the long prefix's K/V are N(0,1) values written into the blocks the "
-                "KV manager allocated; its prefill compute was skipped (decode cost does not depend "
-                "on the values). Decode steps run through LLMEngine.step with CUDA graphs.",
-                "command": "python -m benchmarks.decode_synthetic_kv " + shlex.join(argv),
-                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "device": device,
-                "shape": ns.shape, "config": SHAPES[ns.shape], "dtype": str(cfg.dtype),
-                "layout": {"tp": parallel.tp, "spp": parallel.spp, "kvp": parallel.kvp,
-                           "world_size": parallel.world_size},
-                "executor": "in-process" if in_process else "worker processes",
-                "weight_bytes": cfg.weight_bytes, "kv_bytes_per_token": cfg.kv_bytes_per_token,
-                "kv_capacity_tokens_per_group": cache.num_blocks_per_group[0] * cache.block_size,
-                "max_tokens_per_kvp_group": cache.max_tokens_per_kvp_group,
-                "max_model_len": engine.config.scheduler.max_model_len,
-                "cuda_graphs": graphs is not None if in_process
-                else engine.config.device.startswith("cuda") and not engine.config.enforce_eager,
-                "forward_gpu_timing": "CUDA events around the worker's DecodeGraphs.run"
-                if timer.enabled else "unavailable: " + ("the workers run in other processes"
-                                                         if not in_process else "no decode graphs"),
-                "async_scheduling": engine.config.scheduler.async_scheduling,
-                "engine_startup_s": startup_s,
-                "floors": {"copy_TBps": COPY_BPS / 1e12,
-                           "per_step": "(weight_bytes + max over KVP groups of the KV bytes it holds) / tp / copy"},
-                "steps": ns.steps, "warmup": ns.warmup, "num_short": ns.num_short,
-                "short_prompt": ns.short_prompt,
-                "results": [],
-            }  # fmt: skip
-            for ctx in sorted(ns.contexts):
-                result["results"].append(measure_context(engine, timer, ctx, ns))
+            return measure_all(engine, ns, argv, device, startup_s)
         finally:
             engine.shutdown()
+
+
+def measure_all(
+    engine: LLMEngine, ns: argparse.Namespace, argv: list[str], device: dict, startup_s: float
+) -> dict:
+    """The benchmark's result: every context of --contexts on the engine `make_engine` built."""
+    cfg, cache, parallel = engine.config.model, engine.config.cache, engine.config.parallel
+    graphs = in_process_graphs(engine)
+    timer = ForwardTimer(graphs)
+    in_process = parallel.world_size == 1
+    result = {
+        "benchmark": "decode_synthetic_kv",
+        "kv": "SYNTHETIC: the long prefix's K/V are N(0,1) values written into the blocks the "
+        "KV manager allocated; its prefill compute was skipped (decode cost does not depend "
+        "on the values). Decode steps run through LLMEngine.step (with CUDA graphs on GPU).",
+        "command": "python -m benchmarks.decode_synthetic_kv " + shlex.join(argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device,
+        "shape": ns.shape, "config": SHAPES[ns.shape], "dtype": str(cfg.dtype),
+        "layout": {"tp": parallel.tp, "spp": parallel.spp, "kvp": parallel.kvp,
+                   "world_size": parallel.world_size},
+        "executor": "in-process" if in_process else "worker processes",
+        "weight_bytes": cfg.weight_bytes, "kv_bytes_per_token": cfg.kv_bytes_per_token,
+        "kv_capacity_tokens_per_group": cache.num_blocks_per_group[0] * cache.block_size,
+        "max_tokens_per_kvp_group": cache.max_tokens_per_kvp_group,
+        "max_model_len": engine.config.scheduler.max_model_len,
+        "cuda_graphs": graphs is not None if in_process
+        else engine.config.device.startswith("cuda") and not engine.config.enforce_eager,
+        "forward_gpu_timing": "CUDA events around the worker's DecodeGraphs.run"
+        if timer.enabled else "unavailable: " + ("the workers run in other processes"
+                                                 if not in_process else "no decode graphs"),
+        "async_scheduling": engine.config.scheduler.async_scheduling,
+        "engine_startup_s": startup_s,
+        "floors": {"copy_TBps": COPY_BPS / 1e12,
+                   "per_step": "(weight_bytes + max over KVP groups of the KV bytes it holds) / tp / copy"},
+        "steps": ns.steps, "warmup": ns.warmup, "num_short": ns.num_short,
+        "short_prompt": ns.short_prompt,
+        "results": [],
+    }  # fmt: skip
+    for ctx in sorted(ns.contexts):
+        result["results"].append(measure_context(engine, timer, ctx, ns))
     return result
 
 
