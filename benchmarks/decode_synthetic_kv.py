@@ -1,7 +1,8 @@
 """Decode TBT of one request at 1M-10M tokens of context, the KV synthetic, on 1-8 GPUs.
 
     python -m benchmarks.decode_synthetic_kv --out benchmarks/results/decode_synthetic_kv_h200_DATE.json
-    python -m benchmarks.decode_synthetic_kv --kvp 2 --contexts 8e6 --out ...   # 2 GPUs, 4M tokens each
+    python -m benchmarks.decode_synthetic_kv --kvp 2 --out ...   # 2 GPUs: 2M, 4M, 7M (3.5M per GPU)
+    python -m benchmarks.decode_synthetic_kv --kvp 2 --contexts 8e6 --num-short 16 --out ...   # 4M per GPU
 
 Random Llama-3.2-1B shape (llama3 rope, positions declared to 16M), bf16, dummy weights,
 CUDA graphs on. Any layout: --tp, --spp, --kvp (default 1 each); one device runs in this
@@ -10,7 +11,7 @@ L, through `LLMEngine.step` (mnemosyne/bench/long_context/synthetic_kv.py says w
 real and what is not)::
 
     add the request (L prompt tokens)   the KV manager allocates its blocks, chunk by chunk,
-                                        at most --tokens-per-group of them on each KVP group
+                                        at most --max-tokens-per-kvp-group of them on each KVP group
     step until its prefill is "done"    each chunk computes only its last token
     fill its blocks with N(0, 1) K/V    on every rank, the blocks its KVP group holds, every
                                         layer (the KV IS SYNTHETIC: decode cost does not
@@ -22,7 +23,7 @@ real and what is not)::
     then --steps steps of all of them decoding together         -> "with_short"
     abort all (the KV is freed for the next context)
 
-KVP: a request fills T = --tokens-per-group tokens of one group before it onboards the
+KVP: a request fills T = --max-tokens-per-kvp-group tokens of one group before it onboards the
 next (docs/architecture.md, "KV-cache parallelism"). The default T = ceil((max context +
 decoded tokens) / kvp), rounded up to a block, spreads the largest context evenly (8M
 tokens at kvp=2: 4M per group); a smaller context then spans fewer groups.
@@ -90,13 +91,16 @@ from mnemosyne.executor.uniproc import UniProcExecutor
 from mnemosyne.sampling_params import SamplingParams
 
 COPY_BPS = 4.2e12
+DEFAULT_CONTEXTS_PER_GROUP = (1_000_000, 2_000_000, 3_500_000)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(float(x)) for x in s.split(",")]  # noqa: E731  (accepts 3.5e6)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2-1b")
-    ap.add_argument("--contexts", type=ints, default=[1_000_000, 2_000_000, 3_500_000])
+    ap.add_argument(
+        "--contexts", type=ints, default=None, help="default: 1M, 2M, 3.5M tokens per KVP group (times --kvp)"
+    )
     ap.add_argument("--steps", type=int, default=64, help="measured decode steps per phase")
     ap.add_argument("--warmup", type=int, default=8, help="decode steps before each measurement")
     ap.add_argument("--num-short", type=int, default=16, help="short requests decoding alongside (0: none)")
@@ -107,7 +111,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--spp", type=int, default=1, help="pipeline stages per KVP group")
     ap.add_argument("--kvp", type=int, default=1, help="KV-cache-parallel groups")
     ap.add_argument(
-        "--tokens-per-group", type=lambda s: int(float(s)), default=None,
+        "--max-tokens-per-kvp-group", type=lambda s: int(float(s)), default=None,
         help="max_tokens_per_kvp_group (kvp > 1); default: the largest context spread evenly",
     )  # fmt: skip
     ap.add_argument("--device", default="auto")
@@ -121,7 +125,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-async-scheduling: synchronous steps, to compare",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
-    return ap.parse_args(argv)
+    ns = ap.parse_args(argv)
+    if ns.contexts is None:
+        ns.contexts = [n * ns.kvp for n in DEFAULT_CONTEXTS_PER_GROUP]
+    return ns
 
 
 def _long_max_tokens(ns: argparse.Namespace) -> int:
@@ -131,8 +138,8 @@ def _long_max_tokens(ns: argparse.Namespace) -> int:
 def tokens_per_group(ns: argparse.Namespace) -> int:
     """T: the most tokens of one request on one KVP group (the largest context, with its
     decoded tokens, spread evenly over the groups, rounded up to a block)."""
-    if ns.tokens_per_group is not None:
-        return ns.tokens_per_group
+    if ns.max_tokens_per_kvp_group is not None:
+        return ns.max_tokens_per_kvp_group
     per_group = -(-(max(ns.contexts) + _long_max_tokens(ns)) // ns.kvp)
     return -(-per_group // ns.block_size) * ns.block_size
 

@@ -180,9 +180,7 @@ class Worker:
         """input_ids[row] = the previous plan's sampled token of the row's request, for every
         decode ahead, on the device (async scheduling: one device, so this rank samples too)."""
         if self._previous is None or not (self.pg.is_first_stage and self.pg.is_reporting_rank):
-            raise RuntimeError(
-                "a decode ahead needs the previous plan's samples on this rank (one device only)"
-            )
+            raise RuntimeError("a decode ahead needs the previous plan's samples on this rank (one device only)")
         prev = self._previous
         src = [prev.row_of(batch.chunks[i].request_id) for i in batch.decode_ahead_chunks]
         dst_d, src_d = to_device_packed((batch.decode_ahead_rows, src), torch.long, self.device)
