@@ -8,13 +8,13 @@ The same entry point serves both launchers:
   MASTER_PORT), pointed at a driver started with `--driver-address`.
 
 The worker connects to the driver, receives the engine config, joins the process groups
-(NCCL on CUDA, gloo on CPU), loads its model shard and runs plans (and the benchmark-
-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop. Any exception is
-reported to the driver (`WorkerFailed`) before the process exits, so the driver raises
-instead of waiting forever. From the moment it connects, a heartbeat thread
-(`wire/heartbeat.py`) tells the driver it is alive, and ends the process if the driver
-says so or (local workers, given `--parent-pid`) the parent is gone. Messages are signed
-with the control secret from the environment (`wire/auth.py`).
+(NCCL on CUDA, gloo on CPU), loads its model shard and runs plans (and the
+benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop. Any
+exception is reported to the driver (`WorkerFailed`) before the process exits, so the
+driver raises instead of waiting forever. From the moment it connects, a heartbeat
+thread (`wire/heartbeat.py`) tells the driver it is alive, and ends the process if the
+driver says so or (local workers, given `--parent-pid`) the parent is gone. Messages are
+signed with the control secret from the environment (`wire/auth.py`).
 """
 
 from __future__ import annotations
