@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode_synthetic_kv --out benchmarks/results/decode_synthetic_kv_h200_DATE.json
     python -m benchmarks.decode_synthetic_kv --kvp 2 --out ...   # 2 GPUs: 2M, 4M, 7M (3.5M per GPU)
-    python -m benchmarks.decode_synthetic_kv --kvp 2 --contexts 8e6 --num-short 16 --out ...   # 4M per GPU
+    python -m benchmarks.decode_synthetic_kv --kvp 2 --contexts 8e6 --out ...   # 4M per GPU
 
 Random Llama-3.2-1B shape (llama3 rope, positions declared to 16M), bf16, dummy weights,
 CUDA graphs on. Any layout: --tp, --spp, --kvp (default 1 each); one device runs in this
@@ -11,7 +11,7 @@ L, through `LLMEngine.step` (mnemosyne/bench/long_context/synthetic_kv.py says w
 real and what is not)::
 
     add the request (L prompt tokens)   the KV manager allocates its blocks, chunk by chunk,
-                                        at most --max-tokens-per-kvp-group of them on each KVP group
+                                        at most T of them on each KVP group (below)
     step until its prefill is "done"    each chunk computes only its last token
     fill its blocks with N(0, 1) K/V    on every rank, the blocks its KVP group holds, every
                                         layer (the KV IS SYNTHETIC: decode cost does not
@@ -23,10 +23,11 @@ real and what is not)::
     then --steps steps of all of them decoding together         -> "with_short"
     abort all (the KV is freed for the next context)
 
-KVP: a request fills T = --max-tokens-per-kvp-group tokens of one group before it onboards the
-next (docs/architecture.md, "KV-cache parallelism"). The default T = ceil((max context +
-decoded tokens) / kvp), rounded up to a block, spreads the largest context evenly (8M
-tokens at kvp=2: 4M per group); a smaller context then spans fewer groups.
+Default contexts: 1M, 2M and 3.5M tokens times kvp. KVP: a request fills T tokens of one
+group before it onboards the next (docs/architecture.md, "KV-cache parallelism"); T =
+--max-tokens-per-kvp-group, by default ceil((largest context + decoded tokens) / kvp)
+rounded up to a block, which spreads the largest context evenly (8M tokens at kvp=2: 4M
+per group); a smaller context then spans fewer groups.
 
 Per phase: TBT p50/p99 (gaps between the long request's token times, as the engine
 stamps them) and the floor per step, per GPU:
@@ -47,7 +48,8 @@ not estimated. With async scheduling (one device only; the engine's default,
 GPU, so TBT approaches the GPU time (forward, LM head, sampling) instead of forward +
 host, and "host" is the host time left unhidden. (Its first decode after the prefill is
 launched before the synthetic fill, so it reads unfilled blocks: a warm-up step, never
-measured.)
+measured.) Worker processes always step synchronously: compare a one-GPU run with
+--no-async-scheduling.
 
 The KV budget per GPU is exactly what the run needs (--kv-cache-gb overrides, also per
 GPU): T tokens plus the short requests. 3.5M tokens of the 1B shape are 3.5e6 x 32 KiB =
@@ -77,7 +79,7 @@ from mnemosyne.bench.long_context.run import (
     write_model_dir,
     write_result,
 )
-from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor
+from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, check_fill, kv_tokens_by_group
 from mnemosyne.config import ModelConfig, parse_dtype
 from mnemosyne.engine.args import (
     DEFAULT_BLOCK_SIZE,
@@ -192,33 +194,9 @@ def in_process_graphs(engine: LLMEngine):  # -> DecodeGraphs | None
     return inner.worker.graphs if isinstance(inner, UniProcExecutor) else None
 
 
-def kv_tokens_by_group(engine: LLMEngine, num_tokens: dict[str, int]) -> list[int]:
-    """Per KVP group: the KV tokens it holds of these requests (request id -> its first
-    `num_tokens` positions, as the KV manager placed them)."""
-    held = [0] * engine.kv_manager.num_kvp_groups
-    for rid, n in num_tokens.items():
-        for piece in engine.kv_manager.pieces(rid):
-            held[piece.group] += max(0, min(piece.token_end, n) - piece.token_start)
-    return held
-
-
 def step_floor_s(cfg: ModelConfig, held: list[int], tp: int) -> float:
     """(weight bytes + the busiest group's KV bytes) / tp / 4.2 TB/s (the module docstring)."""
     return (cfg.weight_bytes + max(held) * cfg.kv_bytes_per_token) / tp / COPY_BPS
-
-
-def check_fill(engine: LLMEngine, request_id: str, filled: list) -> None:
-    """Every rank filled exactly the blocks the KV manager gave its group, and read back
-    unit-variance noise from them (filled: SyntheticKVFilled per rank)."""
-    blocks = [0] * engine.kv_manager.num_kvp_groups
-    for piece in engine.kv_manager.pieces(request_id):
-        blocks[piece.group] += len(piece.block_ids)
-    for f in filled:
-        if f.num_blocks != blocks[f.group] or (f.num_blocks and not 0.5 < f.mean_square < 2.0):
-            raise RuntimeError(
-                f"synthetic fill of {request_id!r} on rank {f.rank} (group {f.group}): {f.num_blocks} blocks, "
-                f"mean x^2 {f.mean_square:.3f}; the KV manager holds {blocks[f.group]} blocks there"
-            )
 
 
 class ForwardTimer:
@@ -313,8 +291,8 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
     t0 = time.perf_counter()
     filled = ex.fill_synthetic_kv(long_id, seed=ctx)  # returns once every rank is done
     fill_s = time.perf_counter() - t0
-    check_fill(engine, long_id, filled)
-    held = kv_tokens_by_group(engine, {long_id: ctx})
+    check_fill(engine.kv_manager, long_id, filled)
+    held = kv_tokens_by_group(engine.kv_manager, {long_id: ctx})
     entry = {
         "ctx": ctx, "kv_synthetic": True, "num_blocks": num_blocks, "kv_tokens_by_group": held,
         "synthetic_prefill_steps": num_prefill_steps, "synthetic_prefill_s": t_prefill,
@@ -336,7 +314,7 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
             engine.step()
         with_short = decode_phase(engine, timer, long_id, short_ids[0], ns)
         short_ctx = ns.short_prompt + ns.warmup
-        held = kv_tokens_by_group(engine, {long_id: ctx} | dict.fromkeys(short_ids, short_ctx))
+        held = kv_tokens_by_group(engine.kv_manager, {long_id: ctx} | dict.fromkeys(short_ids, short_ctx))
         floor = step_floor_s(cfg, held, ns.tp)
         with_short["kv_tokens_by_group"] = held
         with_short["floor_s"] = floor

@@ -14,7 +14,9 @@ only its prefill compute is replaced::
     prefill done   SyntheticPrefillExecutor.fill_synthetic_kv: every rank writes N(0, 1)
                    into every block its mirror holds for the request (every local layer,
                    K and V), overwriting whatever the 1-token chunks wrote
-                   (worker/synthetic_kv.py; `FillSyntheticKV` to worker processes)
+                   (worker/synthetic_kv.py; `FillSyntheticKV` to worker processes);
+                   `check_fill`: each rank's block count is its group's in the KV
+                   manager, and what it read back is unit-variance noise
     decode steps   unchanged: the synthetic request decodes like any other
 
 Any layout: the in-process executor (one device) or worker processes (tp x spp x kvp);
@@ -29,6 +31,7 @@ from dataclasses import replace
 
 from mnemosyne.executor.multiproc import MultiProcExecutor
 from mnemosyne.executor.uniproc import UniProcExecutor
+from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.parallel.messages import SyntheticKVFilled
 from mnemosyne.wire.plan import ChunkPlan, StepPlan, StepResult
 
@@ -91,3 +94,27 @@ class SyntheticPrefillExecutor:
 
     def shutdown(self) -> None:
         self.inner.shutdown()
+
+
+def check_fill(kv_manager: KVCacheManager, request_id: str, filled: list[SyntheticKVFilled]) -> None:
+    """Every rank filled exactly the blocks the KV manager gave its group, and read back
+    unit-variance noise from them (`fill_synthetic_kv`'s answers); raises otherwise."""
+    blocks = [0] * kv_manager.num_kvp_groups
+    for piece in kv_manager.pieces(request_id):
+        blocks[piece.group] += len(piece.block_ids)
+    for f in filled:
+        if f.num_blocks != blocks[f.group] or (f.num_blocks and not 0.5 < f.mean_square < 2.0):
+            raise RuntimeError(
+                f"synthetic fill of {request_id!r} on rank {f.rank} (group {f.group}): {f.num_blocks} blocks, "
+                f"mean x^2 {f.mean_square:.3f}; the KV manager holds {blocks[f.group]} blocks there"
+            )
+
+
+def kv_tokens_by_group(kv_manager: KVCacheManager, num_tokens: dict[str, int]) -> list[int]:
+    """Per KVP group: the KV tokens it holds of these requests (request id -> its first
+    `num_tokens` positions, as the KV manager placed them)."""
+    held = [0] * kv_manager.num_kvp_groups
+    for rid, n in num_tokens.items():
+        for piece in kv_manager.pieces(rid):
+            held[piece.group] += max(0, min(piece.token_end, n) - piece.token_start)
+    return held
