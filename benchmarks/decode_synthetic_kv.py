@@ -1,32 +1,60 @@
-"""Decode TBT of one request at 1M, 2M and 3.5M tokens of context on one GPU, the KV synthetic.
+"""Decode TBT of one request at 1M-10M tokens of context, the KV synthetic, on 1-8 GPUs.
 
     python -m benchmarks.decode_synthetic_kv --out benchmarks/results/decode_synthetic_kv_h200_DATE.json
+    python -m benchmarks.decode_synthetic_kv --kvp 2 --out ...   # 2 GPUs: 2M, 4M, 7M (3.5M per GPU)
+    python -m benchmarks.decode_synthetic_kv --kvp 2 --contexts 8e6 --out ...   # 4M per GPU
 
 Random Llama-3.2-1B shape (llama3 rope, positions declared to 16M), bf16, dummy weights,
-CUDA graphs on. Per context L, through `LLMEngine.step` (mnemosyne/bench/long_context/
-synthetic_kv.py says what is real and what is not)::
+CUDA graphs on. Any layout: --tp, --spp, --kvp (default 1 each); one device runs in this
+process, more run one worker process per device (NCCL on CUDA, gloo on CPU). Per context
+L, through `LLMEngine.step` (mnemosyne/bench/long_context/synthetic_kv.py says what is
+real and what is not)::
 
-    add the request (L prompt tokens)   the KV manager allocates its blocks, chunk by chunk;
+    add the request (L prompt tokens)   the KV manager allocates its blocks, chunk by chunk,
+                                        at most T of them on each KVP group (below)
     step until its prefill is "done"    each chunk computes only its last token
-    fill its blocks with N(0, 1) K/V    every layer (the KV IS SYNTHETIC: decode cost does not
-                                        depend on the values; the tokens are meaningless)
+    fill its blocks with N(0, 1) K/V    on every rank, the blocks its KVP group holds, every
+                                        layer (the KV IS SYNTHETIC: decode cost does not
+                                        depend on the values; the tokens are meaningless);
+                                        every rank reports its blocks and the mean x^2 it
+                                        reads back (~1), checked against the KV manager
     warm-up decodes, then --steps decode steps alone            -> "alone"
     add --num-short requests of --short-prompt tokens (a real prefill), warm-up,
     then --steps steps of all of them decoding together         -> "with_short"
     abort all (the KV is freed for the next context)
 
-Per phase: TBT p50/p99 (gaps between the long request's token times, as the engine
-stamps them), the GPU time of the decode forward (CUDA events around the worker's
-`DecodeGraphs.run`: input copies + graph replay; the LM head and sampling are outside),
-host time = TBT - forward, and the floor (weight bytes + KV bytes read) / 4.2 TB/s.
-With async scheduling (the default; --no-async-scheduling to compare) the host's work for
-step n+1 overlaps step n on the GPU, so TBT approaches the GPU time (forward, LM head,
-sampling) instead of forward + host, and "host" is the host time left unhidden. (Its first decode after the prefill is launched before the synthetic fill,
-so it reads unfilled blocks: a warm-up step, never measured.)
+Default contexts: 1M, 2M and 3.5M tokens times kvp. KVP: a request fills T tokens of one
+group before it onboards the next (docs/architecture.md, "KV-cache parallelism"); T =
+--max-tokens-per-kvp-group, by default ceil((largest context + decoded tokens) / kvp)
+rounded up to a block, which spreads the largest context evenly (8M tokens at kvp=2: 4M
+per group); a smaller context then spans fewer groups.
 
-The KV budget is exactly what the run needs (--kv-cache-gb overrides): 3.5M tokens of the
-1B shape are 3.5e6 x 32 KiB = 115 GB of KV + 2.5 GB of weights on a 141 GB H200.
-CPU smoke (tests): --shape tiny-llama --device cpu --contexts 200,300 --steps 4 ...
+Per phase: TBT p50/p99 (gaps between the long request's token times, as the engine
+stamps them) and the floor per step, per GPU:
+
+    floor = (weight bytes + max over KVP groups g of the KV bytes g holds) / tp / 4.2 TB/s
+
+Every group reads its share of the KV and all the weights in the same step (the slowest
+group sets the pace); tp ranks split both (the KV heads divide by tp in the shapes here);
+spp stages run one after the other for one token, so spp does not divide it. TP
+all-reduces, stage sends and the KVP merge's all-gather are not in the floor.
+
+One device (the in-process executor) also gives the GPU time of the decode forward (CUDA
+events around the worker's `DecodeGraphs.run`: input copies + graph replay; the LM head
+and sampling are outside) and host time = TBT - forward. With worker processes the
+forward runs in another process: those fields are absent ("forward_gpu_timing" says so),
+not estimated. With async scheduling (one device only; the engine's default,
+--no-async-scheduling to compare) the host's work for step n+1 overlaps step n on the
+GPU, so TBT approaches the GPU time (forward, LM head, sampling) instead of forward +
+host, and "host" is the host time left unhidden. (Its first decode after the prefill is
+launched before the synthetic fill, so it reads unfilled blocks: a warm-up step, never
+measured.) Worker processes always step synchronously: compare a one-GPU run with
+--no-async-scheduling.
+
+The KV budget per GPU is exactly what the run needs (--kv-cache-gb overrides, also per
+GPU): T tokens plus the short requests. 3.5M tokens of the 1B shape are 3.5e6 x 32 KiB =
+107 GiB of KV + 2.3 GiB of weights on a 139 GiB H200; about 4.2M tokens fit per GPU.
+CPU smoke (tests): --shape tiny-llama --device cpu --contexts 200,300 --steps 4 ... [--kvp 2]
 """
 
 from __future__ import annotations
@@ -40,9 +68,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import torch
 
-from mnemosyne.bench.long_context.engine import decode_floor_s, random_prompt
+from mnemosyne.bench.long_context.engine import random_prompt
 from mnemosyne.bench.long_context.run import (
     LONG_MAX_POSITIONS,
     SHAPES,
@@ -50,65 +79,106 @@ from mnemosyne.bench.long_context.run import (
     write_model_dir,
     write_result,
 )
-from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, fill_synthetic_kv
+from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, check_fill, kv_tokens_by_group
 from mnemosyne.config import ModelConfig, parse_dtype
-from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, EngineArgs
+from mnemosyne.engine.args import (
+    DEFAULT_BLOCK_SIZE,
+    EngineArgs,
+    kv_bytes_per_token_per_device,
+    weight_bytes_per_device,
+)
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.errors import ConfigError
+from mnemosyne.executor.uniproc import UniProcExecutor
 from mnemosyne.sampling_params import SamplingParams
 
 COPY_BPS = 4.2e12
+DEFAULT_CONTEXTS_PER_GROUP = (1_000_000, 2_000_000, 3_500_000)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(float(x)) for x in s.split(",")]  # noqa: E731  (accepts 3.5e6)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2-1b")
-    ap.add_argument("--contexts", type=ints, default=[1_000_000, 2_000_000, 3_500_000])
+    ap.add_argument(
+        "--contexts", type=ints, default=None, help="default: 1M, 2M, 3.5M tokens per KVP group (times --kvp)"
+    )
     ap.add_argument("--steps", type=int, default=64, help="measured decode steps per phase")
     ap.add_argument("--warmup", type=int, default=8, help="decode steps before each measurement")
     ap.add_argument("--num-short", type=int, default=16, help="short requests decoding alongside (0: none)")
     ap.add_argument("--short-prompt", type=int, default=1024)
     ap.add_argument("--prefill-chunk", type=int, default=1 << 18, help="chunk of the (skipped) long prefill")
     ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    ap.add_argument("--spp", type=int, default=1, help="pipeline stages per KVP group")
+    ap.add_argument("--kvp", type=int, default=1, help="KV-cache-parallel groups")
+    ap.add_argument(
+        "--max-tokens-per-kvp-group", type=lambda s: int(float(s)), default=None,
+        help="max_tokens_per_kvp_group (kvp > 1); default: the largest context spread evenly",
+    )  # fmt: skip
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--kv-cache-gb", type=float, default=None, help="default: what the largest context needs")
+    ap.add_argument(
+        "--kv-cache-gb", type=float, default=None, help="per GPU; default: what the largest context needs"
+    )
     ap.add_argument(
         "--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
         help="schedule step n+1 while the GPU runs step n (the engine's default); "
         "--no-async-scheduling: synchronous steps, to compare",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
-    return ap.parse_args(argv)
+    ns = ap.parse_args(argv)
+    if ns.contexts is None:
+        ns.contexts = [n * ns.kvp for n in DEFAULT_CONTEXTS_PER_GROUP]
+    return ns
 
 
 def _long_max_tokens(ns: argparse.Namespace) -> int:
     return 4 * (ns.warmup + ns.steps) + 16  # never reached: the requests are aborted
 
 
+def tokens_per_group(ns: argparse.Namespace) -> int:
+    """T: the most tokens of one request on one KVP group (the largest context, with its
+    decoded tokens, spread evenly over the groups, rounded up to a block)."""
+    if ns.max_tokens_per_kvp_group is not None:
+        return ns.max_tokens_per_kvp_group
+    per_group = -(-(max(ns.contexts) + _long_max_tokens(ns)) // ns.kvp)
+    return -(-per_group // ns.block_size) * ns.block_size
+
+
 def kv_tokens_needed(ns: argparse.Namespace) -> int:
-    """KV slots the largest context needs with its short companions (a block of slack each)."""
+    """KV slots one GPU needs: the long request's share T and every short companion (any of
+    them may land on the same group), with a block of slack each."""
     out = _long_max_tokens(ns)
     per_req = ns.block_size
-    return max(ns.contexts) + out + per_req + ns.num_short * (ns.short_prompt + out + per_req)
+    return tokens_per_group(ns) + per_req + ns.num_short * (ns.short_prompt + out + per_req)
 
 
 def make_engine(model_dir: Path, ns: argparse.Namespace) -> LLMEngine:
+    """The engine, its executor wrapped for synthetic prefills. One device: the KV, weights
+    and a 4 GiB margin are checked against the free memory first; worker processes check
+    nothing here (this process would take a CUDA context on each of their GPUs): a KV cache
+    that does not fit fails in a worker, which reports the out-of-memory error."""
     device = EngineArgs(device=ns.device).resolve_device()
     dtype = EngineArgs(dtype=ns.dtype).resolve_dtype(device)
     cfg = ModelConfig.from_pretrained(model_dir, dtype)
-    kv_gb = ns.kv_cache_gb or kv_tokens_needed(ns) * cfg.kv_bytes_per_token / 2**30 + 0.01
-    if device.startswith("cuda"):
+    base = EngineArgs(tp=ns.tp, spp=ns.spp, kvp=ns.kvp)
+    parallel = base.parallel_config()
+    kv_gb = (
+        ns.kv_cache_gb or kv_tokens_needed(ns) * kv_bytes_per_token_per_device(cfg, parallel) / 2**30 + 0.01
+    )
+    if device.startswith("cuda") and parallel.world_size == 1:
         free, _ = torch.cuda.mem_get_info()
-        need = kv_gb * 2**30 + cfg.weight_bytes + 4 * 2**30  # 4 GiB: activations, graphs, context
+        weights = weight_bytes_per_device(cfg, parallel)
+        need = kv_gb * 2**30 + weights + 4 * 2**30  # 4 GiB: activations, graphs, context
         if need > free:
             raise ConfigError(
-                f"{kv_gb:.1f} GiB of KV + {cfg.weight_bytes / 2**30:.1f} GiB of weights + 4 GiB do not fit "
+                f"{kv_gb:.1f} GiB of KV + {weights / 2**30:.1f} GiB of weights + 4 GiB do not fit "
                 f"the {free / 2**30:.1f} GiB free: lower --contexts"
             )
     args = EngineArgs(
         model=str(model_dir), load_format="dummy", dtype=str(dtype).removeprefix("torch."), device=device,
+        tp=ns.tp, spp=ns.spp, kvp=ns.kvp, max_tokens_per_kvp_group=tokens_per_group(ns) if ns.kvp > 1 else None,
         block_size=ns.block_size, chunk_size=ns.prefill_chunk, max_num_batched_tokens=ns.prefill_chunk,
         max_num_seqs=max(8, ns.num_short + 1), kv_cache_memory_gb=kv_gb, enable_prefix_caching=False,
         chunk_policy="fixed", scheduling_policy="fcfs", async_scheduling=ns.async_scheduling,
@@ -118,11 +188,23 @@ def make_engine(model_dir: Path, ns: argparse.Namespace) -> LLMEngine:
     return engine
 
 
+def in_process_graphs(engine: LLMEngine):  # -> DecodeGraphs | None
+    """The in-process worker's decode graphs (None with worker processes or without graphs)."""
+    inner = engine.executor.inner  # type: ignore[attr-defined]
+    return inner.worker.graphs if isinstance(inner, UniProcExecutor) else None
+
+
+def step_floor_s(cfg: ModelConfig, held: list[int], tp: int) -> float:
+    """(weight bytes + the busiest group's KV bytes) / tp / 4.2 TB/s (the module docstring)."""
+    return (cfg.weight_bytes + max(held) * cfg.kv_bytes_per_token) / tp / COPY_BPS
+
+
 class ForwardTimer:
     """CUDA events around the worker's `DecodeGraphs.run` (None on CPU / without graphs)."""
 
     def __init__(self, graphs) -> None:  # graphs: DecodeGraphs | None
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.enabled = graphs is not None
         if graphs is None:
             return
         run = graphs.run
@@ -178,8 +260,9 @@ def decode_phase(
         "num_decodes": engine.scheduler.num_running,
         "tbt_p50_s": statistics.median(gaps), "tbt_p99_s": _pct(gaps, 0.99), "tbt_max_s": max(gaps),
         "step_wall_p50_s": statistics.median(walls),
-        "cuda_graph_steps": len(fwd),
     }  # fmt: skip
+    if timer.enabled:
+        res["cuda_graph_steps"] = len(fwd)
     if short_id is not None:
         short_gaps = _gaps(times[short_id], ns.steps)
         res |= {"short_tbt_p50_s": statistics.median(short_gaps), "short_tbt_p99_s": _pct(short_gaps, 0.99)}
@@ -204,17 +287,19 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
         engine.step()
         num_prefill_steps += 1
     t_prefill = time.perf_counter() - t0
-    blocks = [b for piece in engine.kv_manager.pieces(long_id) for b in piece.block_ids]
+    num_blocks = sum(len(piece.block_ids) for piece in engine.kv_manager.pieces(long_id))
     t0 = time.perf_counter()
-    written = fill_synthetic_kv(ex.worker.kv_caches, blocks, seed=ctx)
-    if engine.config.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    filled = ex.fill_synthetic_kv(long_id, seed=ctx)  # returns once every rank is done
+    fill_s = time.perf_counter() - t0
+    check_fill(engine.kv_manager, long_id, filled)
+    held = kv_tokens_by_group(engine.kv_manager, {long_id: ctx})
     entry = {
-        "ctx": ctx, "kv_synthetic": True, "num_blocks": len(blocks),
+        "ctx": ctx, "kv_synthetic": True, "num_blocks": num_blocks, "kv_tokens_by_group": held,
         "synthetic_prefill_steps": num_prefill_steps, "synthetic_prefill_s": t_prefill,
         "prefill_tokens_skipped": ex.num_skipped_tokens - skipped_before,
-        "fill_s": time.perf_counter() - t0, "fill_bytes": written,
-        "floor_s": decode_floor_s(cfg, ctx), "kv_bytes_read": ctx * cfg.kv_bytes_per_token,
+        "fill_s": fill_s, "fill_bytes": sum(f.num_bytes for f in filled),
+        "fill_by_rank": [msgspec.structs.asdict(f) for f in filled],
+        "floor_s": step_floor_s(cfg, held, ns.tp), "kv_bytes_read_max_group": max(held) * cfg.kv_bytes_per_token,
     }  # fmt: skip
     entry["alone"] = decode_phase(engine, timer, long_id, None, ns)
     entry["alone"]["ratio_to_floor"] = entry["alone"]["tbt_p50_s"] / entry["floor_s"]
@@ -229,7 +314,9 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
             engine.step()
         with_short = decode_phase(engine, timer, long_id, short_ids[0], ns)
         short_ctx = ns.short_prompt + ns.warmup
-        floor = (cfg.weight_bytes + (ctx + ns.num_short * short_ctx) * cfg.kv_bytes_per_token) / COPY_BPS
+        held = kv_tokens_by_group(engine.kv_manager, {long_id: ctx} | dict.fromkeys(short_ids, short_ctx))
+        floor = step_floor_s(cfg, held, ns.tp)
+        with_short["kv_tokens_by_group"] = held
         with_short["floor_s"] = floor
         with_short["ratio_to_floor"] = with_short["tbt_p50_s"] / floor
         entry["with_short"] = with_short
@@ -242,38 +329,57 @@ def measure_context(engine: LLMEngine, timer: ForwardTimer, ctx: int, ns: argpar
 
 
 def run(ns: argparse.Namespace, argv: list[str]) -> dict:
+    device = device_info()  # before any worker holds its GPU's memory
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(ns.shape, Path(tmp), LONG_MAX_POSITIONS)
         t0 = time.perf_counter()
         engine = make_engine(model_dir, ns)
         startup_s = time.perf_counter() - t0
         try:
-            cfg, cache = engine.config.model, engine.config.cache
-            timer = ForwardTimer(engine.executor.worker.graphs)
-            result = {
-                "benchmark": "decode_synthetic_kv",
-                "kv": "SYNTHETIC: the long prefix's K/V are N(0,1) values written into the blocks the "
-                "KV manager allocated; its prefill compute was skipped (decode cost does not depend "
-                "on the values). Decode steps run through LLMEngine.step with CUDA graphs.",
-                "command": "python -m benchmarks.decode_synthetic_kv " + shlex.join(argv),
-                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "device": device_info(),
-                "shape": ns.shape, "config": SHAPES[ns.shape], "dtype": str(cfg.dtype),
-                "weight_bytes": cfg.weight_bytes, "kv_bytes_per_token": cfg.kv_bytes_per_token,
-                "kv_capacity_tokens": cache.num_blocks_per_group[0] * cache.block_size,
-                "max_model_len": engine.config.scheduler.max_model_len,
-                "cuda_graphs": engine.executor.worker.graphs is not None,
-                "async_scheduling": engine.config.scheduler.async_scheduling,
-                "engine_startup_s": startup_s,
-                "floors": {"copy_TBps": COPY_BPS / 1e12},
-                "steps": ns.steps, "warmup": ns.warmup, "num_short": ns.num_short,
-                "short_prompt": ns.short_prompt,
-                "results": [],
-            }  # fmt: skip
-            for ctx in sorted(ns.contexts):
-                result["results"].append(measure_context(engine, timer, ctx, ns))
+            return measure_all(engine, ns, argv, device, startup_s)
         finally:
             engine.shutdown()
+
+
+def measure_all(
+    engine: LLMEngine, ns: argparse.Namespace, argv: list[str], device: dict, startup_s: float
+) -> dict:
+    """The benchmark's result: every context of --contexts on the engine `make_engine` built."""
+    cfg, cache, parallel = engine.config.model, engine.config.cache, engine.config.parallel
+    graphs = in_process_graphs(engine)
+    timer = ForwardTimer(graphs)
+    in_process = parallel.world_size == 1
+    result = {
+        "benchmark": "decode_synthetic_kv",
+        "kv": "SYNTHETIC: the long prefix's K/V are N(0,1) values written into the blocks the "
+        "KV manager allocated; its prefill compute was skipped (decode cost does not depend "
+        "on the values). Decode steps run through LLMEngine.step (with CUDA graphs on GPU).",
+        "command": "python -m benchmarks.decode_synthetic_kv " + shlex.join(argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device,
+        "shape": ns.shape, "config": SHAPES[ns.shape], "dtype": str(cfg.dtype),
+        "layout": {"tp": parallel.tp, "spp": parallel.spp, "kvp": parallel.kvp,
+                   "world_size": parallel.world_size},
+        "executor": "in-process" if in_process else "worker processes",
+        "weight_bytes": cfg.weight_bytes, "kv_bytes_per_token": cfg.kv_bytes_per_token,
+        "kv_capacity_tokens_per_group": cache.num_blocks_per_group[0] * cache.block_size,
+        "max_tokens_per_kvp_group": cache.max_tokens_per_kvp_group,
+        "max_model_len": engine.config.scheduler.max_model_len,
+        "cuda_graphs": graphs is not None if in_process
+        else engine.config.device.startswith("cuda") and not engine.config.enforce_eager,
+        "forward_gpu_timing": "CUDA events around the worker's DecodeGraphs.run"
+        if timer.enabled else "unavailable: " + ("the workers run in other processes"
+                                                 if not in_process else "no decode graphs"),
+        "async_scheduling": engine.config.scheduler.async_scheduling,
+        "engine_startup_s": startup_s,
+        "floors": {"copy_TBps": COPY_BPS / 1e12,
+                   "per_step": "(weight_bytes + max over KVP groups of the KV bytes it holds) / tp / copy"},
+        "steps": ns.steps, "warmup": ns.warmup, "num_short": ns.num_short,
+        "short_prompt": ns.short_prompt,
+        "results": [],
+    }  # fmt: skip
+    for ctx in sorted(ns.contexts):
+        result["results"].append(measure_context(engine, timer, ctx, ns))
     return result
 
 

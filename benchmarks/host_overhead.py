@@ -59,7 +59,7 @@ import torch
 
 from mnemosyne.bench.long_context.engine import random_prompt
 from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, SHAPES, write_model_dir
-from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, fill_synthetic_kv
+from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor
 from mnemosyne.config import ModelConfig
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
@@ -278,8 +278,7 @@ def run_context(engine: LLMEngine, ctx: int, ns: argparse.Namespace) -> dict:
     req = engine.scheduler.get_request(rid)
     while req.is_prefill or req.num_output_tokens == 0:
         engine.step()
-    blocks = [b for piece in engine.kv_manager.pieces(rid) for b in piece.block_ids]
-    fill_synthetic_kv(ex.worker.kv_caches, blocks, seed=ctx)
+    ex.fill_synthetic_kv(rid, seed=ctx)
     res = {"num_requests": 1, "context": ctx, "kv_synthetic": True} | measure(engine, ns)
     engine.abort(rid)
     ex.synthetic_ids.discard(rid)

@@ -14,6 +14,7 @@ from mnemosyne.bench.long_context.engine import check_graph_fits, decode_context
 from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, skip_prefill_compute
 from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.outputs import RequestOutput
 from mnemosyne.wire.plan import ChunkPlan, PiecePlan
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 
@@ -112,3 +113,115 @@ def test_decode_synthetic_kv_cpu_smoke(tmp_path) -> None:
         assert r["alone"]["num_decodes"] == 1 and r["with_short"]["num_decodes"] == 3
         assert r["alone"]["tbt_p50_s"] > 0 and r["floor_s"] > 0 and r["with_short"]["short_tbt_p50_s"] > 0
         assert r["prefill_tokens_skipped"] == r["ctx"] - -(-r["ctx"] // 64)  # one token per chunk of 64
+
+
+def _step_until_decoding(engine: LLMEngine, request_ids: list[str]) -> None:
+    while any(engine.scheduler.get_request(r).num_output_tokens == 0 for r in request_ids):
+        engine.step()
+
+
+def test_fill_synthetic_kv_writes_only_the_request_blocks(tiny_model_dir) -> None:
+    """In process: N(0, 1) in every block of the request (every layer, K and V), the same
+    values again for the same seed, every other block untouched; no blocks, no writes."""
+    args = EngineArgs(model=str(tiny_model_dir("llama")), device="cpu", dtype="float32", block_size=4,
+                      chunk_size=16, max_num_batched_tokens=32, kv_cache_memory_gb=0.01,
+                      enable_prefix_caching=False, async_scheduling=False)  # fmt: skip
+    engine = LLMEngine.from_args(args)
+    ex = engine.executor = SyntheticPrefillExecutor(engine.executor)
+    ex.synthetic_ids.add("s")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request(list(range(3, 40)), params, request_id="a")
+    engine.add_request(list(range(3, 50)), params, request_id="s")
+    _step_until_decoding(engine, ["a", "s"])
+    caches = ex.worker.kv_caches
+    before = [[c.clone() for c in layer] for layer in caches]
+    blocks = [b for p in engine.kv_manager.pieces("s") for b in p.block_ids]
+    others = torch.ones(caches[0][0].shape[0], dtype=torch.bool)
+    others[blocks] = False
+
+    (filled,) = ex.fill_synthetic_kv("s", seed=7)
+    assert (filled.rank, filled.group, filled.num_blocks) == (0, 0, len(blocks)) and len(blocks) == 12
+    assert filled.num_bytes == len(blocks) * 4 * engine.config.model.kv_bytes_per_token
+    assert 0.5 < filled.mean_square < 2.0
+    for layer, old in zip(caches, before, strict=True):
+        for cache, prev in zip(layer, old, strict=True):
+            assert (cache[blocks] != 0).all() and not torch.equal(cache[blocks], prev[blocks])
+            assert torch.equal(cache[others], prev[others])
+    first = [[c[blocks].clone() for c in layer] for layer in caches]
+    ex.fill_synthetic_kv("s", seed=7)
+    assert all(torch.equal(c[blocks], f) for layer, fl in zip(caches, first) for c, f in zip(layer, fl))
+    assert ex.fill_synthetic_kv("unknown", seed=7)[0].num_blocks == 0
+    engine.shutdown()
+
+
+def test_synthetic_kv_on_kvp2_worker_processes(tmp_path) -> None:
+    """kvp=2 worker processes (gloo), one spawn, the benchmark's own engine:
+    * a synthetic request spanning both groups: after the fill, each rank reports exactly
+      the blocks the KV manager gave its group, read back as unit-variance noise;
+    * a real request decoding beside it gives the single-process engine's tokens and
+      logprobs (its blocks were not touched);
+    * then the benchmark's whole measurement on the same engine (its CPU smoke with --kvp 2)."""
+    from benchmarks.decode_synthetic_kv import make_engine, measure_all, parse_args
+    from mnemosyne.bench.long_context.engine import random_prompt
+    from mnemosyne.bench.long_context.run import LONG_MAX_POSITIONS, write_model_dir
+
+    argv = ["--shape", "tiny-llama", "--device", "cpu", "--contexts", "300", "--steps", "3", "--warmup", "1",
+            "--num-short", "2", "--short-prompt", "8", "--prefill-chunk", "64"]  # fmt: skip
+    model_dir = write_model_dir("tiny-llama", tmp_path, LONG_MAX_POSITIONS)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    prompt = random_prompt(40, seed=3, max_id=512)
+
+    def generate(engine: LLMEngine, synthetic_len: int) -> tuple[list, RequestOutput]:
+        """Request "a" decodes; with synthetic_len, "s" is added, prefilled, filled, then "a" ends."""
+        ex = engine.executor
+        engine.add_request(prompt, params, request_id="a")
+        _step_until_decoding(engine, ["a"])
+        filled = []
+        if synthetic_len:
+            ex.synthetic_ids.add("s")
+            engine.add_request(
+                [1] * synthetic_len, SamplingParams(temperature=0, max_tokens=64), request_id="s"
+            )
+            _step_until_decoding(engine, ["s"])
+            assert engine.scheduler.get_request("a") is not None  # still decoding beside it
+            filled = ex.fill_synthetic_kv("s", seed=5)
+            blocks_by_group = {p.group: len(p.block_ids) for p in engine.kv_manager.pieces("s")}
+            assert [(f.rank, f.group) for f in filled] == [(0, 0), (1, 1)]
+            assert {f.group: f.num_blocks for f in filled} == blocks_by_group and sorted(
+                blocks_by_group.values()
+            ) == [2, 3]
+        out = None
+        while out is None:
+            out = next((o for o in engine.step() if o.request_id == "a" and o.finished), None)
+        if synthetic_len:
+            engine.abort("s")
+            ex.synthetic_ids.discard("s")
+        return filled, out
+
+    reference_engine = make_engine(model_dir, parse_args(argv))
+    try:
+        _, ref = generate(reference_engine, 0)
+    finally:
+        reference_engine.shutdown()
+
+    engine = make_engine(model_dir, parse_args([*argv, "--kvp", "2"]))
+    try:
+        assert engine.config.cache.max_tokens_per_kvp_group == 192  # ceil((300 + 32) / 2), to a block
+        filled, got = generate(engine, 300)
+        assert all(0.5 < f.mean_square < 2.0 for f in filled)  # both ranks wrote their blocks
+        assert got.token_ids == ref.token_ids
+        for tok, a, b in zip(ref.token_ids, ref.logprobs, got.logprobs, strict=True):
+            assert abs(a[tok] - b[tok]) < 1e-4
+
+        res = measure_all(engine, parse_args([*argv, "--kvp", "2"]), [*argv, "--kvp", "2"], {}, 0.0)
+    finally:
+        engine.shutdown()
+    assert res["layout"] == {"tp": 1, "spp": 1, "kvp": 2, "world_size": 2}
+    assert res["executor"] == "worker processes" and res["forward_gpu_timing"].startswith("unavailable")
+    (r,) = res["results"]
+    assert sorted(r["kv_tokens_by_group"]) == [108, 192] and r["num_blocks"] == 5  # blocks of 64
+    assert sorted(f["num_blocks"] for f in r["fill_by_rank"]) == [2, 3]
+    assert r["floor_s"] == pytest.approx((res["weight_bytes"] + 192 * res["kv_bytes_per_token"]) / 4.2e12)
+    for phase in ("alone", "with_short"):
+        assert r[phase]["tbt_p50_s"] > 0 and "forward_gpu_p50_s" not in r[phase]
+    assert r["with_short"]["num_decodes"] == 3

@@ -3,6 +3,9 @@
     submit(plan)   -> RunStep(plan) to every rank (ranks run plans in order)
     get_result()   -> wait for the oldest plan's StepDone from the reporting rank of
                       every KVP group (last stage, tp rank 0) and merge them
+    fill_synthetic_kv(request_id, seed)   (benchmark-only)
+                   -> FillSyntheticKV to every rank (ordered after every plan sent so
+                      before), then wait for every rank's SyntheticKVFilled
 
 Liveness: while waiting, the driver polls the channel in short slices; a
 `WorkerFailed` message, a local worker that exited, a worker silent for
@@ -27,10 +30,12 @@ from mnemosyne.errors import WorkerError
 from mnemosyne.parallel.groups import rank_of
 from mnemosyne.parallel.launch import LocalWorkers, launch_local_workers
 from mnemosyne.parallel.messages import (
+    FillSyntheticKV,
     InitWorker,
     RunStep,
     Shutdown,
     StepDone,
+    SyntheticKVFilled,
     WorkerFailed,
     WorkerHello,
     WorkerMessage,
@@ -107,6 +112,24 @@ class MultiProcExecutor:
         for r in self.reporting_ranks:
             merged.update(parts[r])
         return merged
+
+    def fill_synthetic_kv(self, request_id: str, seed: int) -> list[SyntheticKVFilled]:
+        """BENCHMARK-ONLY: every rank writes N(0, 1) K/V into the blocks it mirrors for the
+        request (worker/synthetic_kv.py). Ranks take messages in order, so the fill runs
+        after every plan submitted before it; returns every rank's answer, by rank, once
+        all of them are done (results of plans still in flight are kept meanwhile)."""
+        self._check_open()
+        self.channel.broadcast(self.ranks, FillSyntheticKV(request_id, seed))
+        filled: dict[int, SyntheticKVFilled] = {}
+        while len(filled) < self.world_size:
+            msg = self._recv(
+                f"synthetic KV fill of {request_id!r}: {len(filled)}/{self.world_size} ranks done"
+            )
+            if isinstance(msg, SyntheticKVFilled) and msg.rank in self.ranks and msg.rank not in filled:
+                filled[msg.rank] = msg
+            else:
+                self._on_step_done(msg)
+        return [filled[r] for r in self.ranks]
 
     @property
     def num_rejected_messages(self) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.parallel.groups import ProcessGroups
+from mnemosyne.parallel.messages import SyntheticKVFilled
 from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.worker import Worker
@@ -30,6 +31,11 @@ class UniProcExecutor:
 
     def get_result(self) -> StepResult:
         return self._results.popleft().wait()
+
+    def fill_synthetic_kv(self, request_id: str, seed: int) -> list[SyntheticKVFilled]:
+        """BENCHMARK-ONLY: N(0, 1) K/V into the request's blocks (worker/synthetic_kv.py), on
+        the device's stream after every plan submitted so far; done when it returns."""
+        return [self.worker.fill_synthetic_kv(request_id, seed)]
 
     num_rejected_messages = 0  # no control port
 

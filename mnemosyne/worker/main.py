@@ -7,14 +7,14 @@ The same entry point serves both launchers:
 * `torchrun` starts them on every machine (env:// rendezvous from MASTER_ADDR and
   MASTER_PORT), pointed at a driver started with `--driver-address`.
 
-The worker connects to the driver, receives the engine config, joins the process
-groups (NCCL on CUDA, gloo on CPU), loads its model shard and runs plans until
-told to stop. Any exception is reported to the driver (`WorkerFailed`) before
-the process exits, so the driver raises instead of waiting forever. From the
-moment it connects, a heartbeat thread (`wire/heartbeat.py`) tells the driver it
-is alive, and ends the process if the driver says so or (local workers, given
-`--parent-pid`) the parent is gone. Messages are signed with the control secret
-from the environment (`wire/auth.py`).
+The worker connects to the driver, receives the engine config, joins the process groups
+(NCCL on CUDA, gloo on CPU), loads its model shard and runs plans (and the
+benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop. Any
+exception is reported to the driver (`WorkerFailed`) before the process exits, so the
+driver raises instead of waiting forever. From the moment it connects, a heartbeat
+thread (`wire/heartbeat.py`) tells the driver it is alive, and ends the process if the
+driver says so or (local workers, given `--parent-pid`) the parent is gone. Messages are
+signed with the control secret from the environment (`wire/auth.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import traceback
 import torch
 
 from mnemosyne.parallel.messages import (
+    FillSyntheticKV,
     InitWorker,
     RunStep,
     Shutdown,
@@ -80,11 +81,14 @@ def run_worker(
             msg = channel.recv()
             if isinstance(msg, Shutdown):
                 break
-            if not isinstance(msg, RunStep):
+            if isinstance(msg, RunStep):
+                result = worker.execute(msg.plan)
+                if result is not None:
+                    channel.send(StepDone(rank, result))
+            elif isinstance(msg, FillSyntheticKV):  # benchmark-only, after every earlier plan
+                channel.send(worker.fill_synthetic_kv(msg.request_id, msg.seed))
+            else:
                 raise RuntimeError(f"unexpected driver message {type(msg).__name__} after start-up")
-            result = worker.execute(msg.plan)
-            if result is not None:
-                channel.send(StepDone(rank, result))
         worker.shutdown()
         return 0
     except BaseException:

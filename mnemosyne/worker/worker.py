@@ -40,6 +40,7 @@ from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.models.loader import load_model
 from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
 from mnemosyne.parallel.groups import ProcessGroups
+from mnemosyne.parallel.messages import SyntheticKVFilled
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.block_table import BlockTableMirror
@@ -48,6 +49,7 @@ from mnemosyne.worker.mixed_graph import MixedGraphs
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
+from mnemosyne.worker.synthetic_kv import fill_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +297,14 @@ class Worker:
                     history.observe(chunk.start, (self._previous.host_token(chunk.request_id),))
         output = self.sampler(logits[len(plp_rows) :], params, gens, histories)
         return Sampled([c.request_id for c in chunks], output)
+
+    def fill_synthetic_kv(self, request_id: str, seed: int) -> SyntheticKVFilled:
+        """BENCHMARK-ONLY: N(0, 1) K/V into every block this rank mirrors for `request_id`
+        (worker/synthetic_kv.py); nothing if the request has no piece on this group."""
+        block_ids = self.mirror.get(request_id).block_ids if request_id in self.mirror else []
+        rank_seed = (seed * _SEED_MIX + self.pg.rank) % (1 << 63)
+        num_bytes, mean_square = fill_blocks(self.kv_caches, block_ids, rank_seed)
+        return SyntheticKVFilled(self.pg.rank, self.group, len(block_ids), num_bytes, mean_square)
 
     def _generator(self, params: SamplingParams, position: int) -> torch.Generator | None:
         if params.greedy:

@@ -2,35 +2,38 @@
 
 A 1M-token prefill of even the 1B shape takes minutes, and decode cost does not depend
 on the cached values. So the long request goes through the real engine (add_request,
-Scheduler, KVCacheManager, PlanBuilder, `LLMEngine.step`, the worker's CUDA graphs) and
+Scheduler, KVCacheManager, PlanBuilder, `LLMEngine.step`, the workers' CUDA graphs) and
 only its prefill compute is replaced::
 
     scheduler      chunk [s, e) of a synthetic request; the KV manager allocates its blocks
     SyntheticPrefillExecutor.submit
-                   that chunk -> the 1-token chunk [e-1, e) with the same pieces (the worker
-                   still mirrors every new block id); one query at position e-1 over e keys,
-                   one slot written; other requests' chunks (short prompts) run unchanged
-    prefill done   fill_synthetic_kv: N(0, 1) values into every block of the request
-                   (every layer, K and V), overwriting whatever the 1-token chunks wrote
+                   that chunk -> the 1-token chunk [e-1, e) with the same pieces (every
+                   KVP group holding a piece still mirrors its new block ids); one query
+                   at position e-1 over e keys, one slot written; other requests' chunks
+                   (short prompts) run unchanged
+    prefill done   SyntheticPrefillExecutor.fill_synthetic_kv: every rank writes N(0, 1)
+                   into every block its mirror holds for the request (every local layer,
+                   K and V), overwriting whatever the 1-token chunks wrote
+                   (worker/synthetic_kv.py; `FillSyntheticKV` to worker processes);
+                   `check_fill`: each rank's block count is its group's in the KV
+                   manager, and what it read back is unit-variance noise
     decode steps   unchanged: the synthetic request decodes like any other
 
-The sampled tokens are meaningless (the keys are noise); the timings are those of a
-real decode over that many keys. Results must say that the KV is synthetic.
-Single process only (the fill writes the worker's caches in this process).
+Any layout: the in-process executor (one device) or worker processes (tp x spp x kvp);
+the plan rewrite happens on the driver, before the plan is sent. The sampled tokens are
+meaningless (the keys are noise); the timings are those of a real decode over that many
+keys. Results must say that the KV is synthetic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import replace
 
-import torch
-
+from mnemosyne.executor.multiproc import MultiProcExecutor
 from mnemosyne.executor.uniproc import UniProcExecutor
-from mnemosyne.models.llama import KVCache
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.parallel.messages import SyntheticKVFilled
 from mnemosyne.wire.plan import ChunkPlan, StepPlan, StepResult
-
-_FILL_BLOCKS = 8192  # blocks per random draw (8192 x 16 tokens of the 1B shape: 67 MB)
 
 
 def skip_prefill_compute(chunk: ChunkPlan) -> ChunkPlan:
@@ -49,17 +52,20 @@ def skip_prefill_compute(chunk: ChunkPlan) -> ChunkPlan:
 
 
 class SyntheticPrefillExecutor:
-    """Wraps the in-process executor: prefill chunks of `synthetic_ids` skip their compute."""
+    """Wraps an executor: prefill chunks of `synthetic_ids` skip their compute."""
 
-    def __init__(self, inner: UniProcExecutor) -> None:
-        if not isinstance(inner, UniProcExecutor):
-            raise TypeError("synthetic KV needs the in-process executor (one device, no driver address)")
+    def __init__(self, inner: UniProcExecutor | MultiProcExecutor) -> None:
+        if not isinstance(inner, UniProcExecutor | MultiProcExecutor):
+            raise TypeError(f"synthetic KV needs an engine executor, got {type(inner).__name__}")
         self.inner = inner
         self.synthetic_ids: set[str] = set()
         self.num_skipped_tokens = 0
 
     @property
     def worker(self):  # -> Worker
+        """The in-process worker (tests read its caches); worker processes have none here."""
+        if not isinstance(self.inner, UniProcExecutor):
+            raise TypeError("the workers run in other processes (tp * spp * kvp > 1)")
         return self.inner.worker
 
     def submit(self, plan: StepPlan) -> None:
@@ -74,6 +80,11 @@ class SyntheticPrefillExecutor:
     def get_result(self) -> StepResult:
         return self.inner.get_result()
 
+    def fill_synthetic_kv(self, request_id: str, seed: int) -> list[SyntheticKVFilled]:
+        """N(0, 1) K/V into every block of the request on every rank, after every plan
+        submitted so far; each rank's answer, by rank."""
+        return self.inner.fill_synthetic_kv(request_id, seed)
+
     @property
     def num_rejected_messages(self) -> int:
         return self.inner.num_rejected_messages
@@ -85,22 +96,25 @@ class SyntheticPrefillExecutor:
         self.inner.shutdown()
 
 
-@torch.inference_mode()
-def fill_synthetic_kv(kv_caches: list[KVCache], block_ids: Iterable[int], seed: int = 0) -> int:
-    """Write N(0, 1) K and V into the given blocks of every layer; returns the bytes written."""
-    if not kv_caches:
-        return 0
-    device = kv_caches[0][0].device
-    ids = torch.tensor(list(block_ids), dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    written = 0
-    for layer in kv_caches:
-        for cache in layer:  # [num_blocks, block_size, num_kv_heads, head_dim]
-            for lo in range(0, len(ids), _FILL_BLOCKS):
-                idx = ids[lo : lo + _FILL_BLOCKS]
-                values = torch.randn(
-                    (len(idx), *cache.shape[1:]), generator=gen, device=device, dtype=cache.dtype
-                )
-                cache.index_copy_(0, idx, values)
-                written += values.numel() * values.element_size()
-    return written
+def check_fill(kv_manager: KVCacheManager, request_id: str, filled: list[SyntheticKVFilled]) -> None:
+    """Every rank filled exactly the blocks the KV manager gave its group, and read back
+    unit-variance noise from them (`fill_synthetic_kv`'s answers); raises otherwise."""
+    blocks = [0] * kv_manager.num_kvp_groups
+    for piece in kv_manager.pieces(request_id):
+        blocks[piece.group] += len(piece.block_ids)
+    for f in filled:
+        if f.num_blocks != blocks[f.group] or (f.num_blocks and not 0.5 < f.mean_square < 2.0):
+            raise RuntimeError(
+                f"synthetic fill of {request_id!r} on rank {f.rank} (group {f.group}): {f.num_blocks} blocks, "
+                f"mean x^2 {f.mean_square:.3f}; the KV manager holds {blocks[f.group]} blocks there"
+            )
+
+
+def kv_tokens_by_group(kv_manager: KVCacheManager, num_tokens: dict[str, int]) -> list[int]:
+    """Per KVP group: the KV tokens it holds of these requests (request id -> its first
+    `num_tokens` positions, as the KV manager placed them)."""
+    held = [0] * kv_manager.num_kvp_groups
+    for rid, n in num_tokens.items():
+        for piece in kv_manager.pieces(rid):
+            held[piece.group] += max(0, min(piece.token_end, n) - piece.token_start)
+    return held
