@@ -3,7 +3,7 @@
 An eager decode step launches a dozen small kernels per layer and is bound by launch
 latency at small batches; a graph replays them all at once. Per step::
 
-    copy the inputs into static buffers (rows [0, n)) -> pad rows [n, bs) -> replay graph[bs]
+    copy the inputs into static buffers (rows [0, n)) -> pad rows [n, bs) -> replay graph[bs, S]
     -> output rows [0, n)
 
 Static buffers, max_batch rows (bs = the padded batch size: 1, 2, 4, 8, then multiples of 8)::
@@ -14,6 +14,8 @@ Static buffers, max_batch rows (bs = the padded batch size: 1, 2, 4, 8, then mul
     slot_mapping         [max_batch]     pad -1 -> no KV write
     block_tables         [max_batch, max_blocks]; columns past a sequence's blocks are never read
     query_start_loc      [max_batch + 1] = 0, 1, ..., max_batch (one query per row), fixed
+    merge_slots          [max_batch]     with kvp > 1: each row's slot in the KVP merge's shared
+                                         buffer (`kvp_merge.py`); pad: the trash slot
 
 The attention plan of a graph (decode kernel, its split budget) is built once, at
 capture; the decode kernel reads the lengths from the static tensors and cuts them into
@@ -23,9 +25,15 @@ Every padded size is captured at start-up (`capture_all`), each after an eager w
 on the static buffers as they stand then (every row padding: no key read, no KV written),
 so serving never captures. Every TP rank captures the same sizes in the same order, and
 the TP all-reduces inside the layers are recorded into the graphs (NCCL supports capture).
-Stage-to-stage sends and receives stay outside them. A sub-batch with rows merged across
-KVP groups takes the piecewise graphs instead (`piecewise_graph.py`): the merge's
-all-gather size and the other groups' batches vary from step to step.
+Stage-to-stage sends and receives stay outside them.
+
+With KVP, a decode step whose rows are merged across groups replays the graph of
+(bs, S), S = padded_shared_tokens(N_s) in 1, 2, 4: the merge's all-gather inside it has
+the fixed size merge_buffer_rows(N_s) that every group uses for that step, whichever path
+it takes (another group may run a prefill chunk eagerly, or sit idle), so the collectives
+match. Graphs of S = 0 have no merge. Steps with more shared tokens take the piecewise
+graphs (`piecewise_graph.py`). Every KVP group captures the same (bs, S) in the same
+order: each capture's warm-up runs the all-gathers eagerly, together.
 """
 
 from __future__ import annotations
@@ -35,6 +43,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from mnemosyne.config import EngineConfig
+from mnemosyne.layers.attention.kvp_merge import (
+    MAX_GRAPH_SHARED_TOKENS,
+    KVPMergeIndex,
+    merge_buffer_rows,
+    padded_shared_tokens,
+)
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.worker.graph_capture import attention_graph_blocks, capture_graph
@@ -60,6 +74,7 @@ class DecodeGraphs:
         max_blocks: int,
         block_size: int,
         device: torch.device,
+        kvp: int = 1,
         pool: tuple[int, int] | None = None,
     ) -> None:
         cfg = model.config
@@ -70,6 +85,11 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_batch)
+        # padded shared tokens S of the graphs (0: no KVP merge)
+        padded = (
+            {padded_shared_tokens(n) for n in range(1, MAX_GRAPH_SHARED_TOKENS + 1)} if kvp > 1 else set()
+        )
+        self.shared_sizes = sorted({0} | padded)
         self.sliding_window = cfg.sliding_window
         self.num_kv_heads = model.num_local_kv_heads
         with torch.device(device):
@@ -83,9 +103,11 @@ class DecodeGraphs:
             self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.long)
             self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32)
             self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.metas: dict[int, AttentionMetadata] = {}
+            self.merge_slots = torch.zeros(max_batch, dtype=torch.long)
+        # keyed by (padded batch size bs, padded shared tokens S)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.metas: dict[tuple[int, int], AttentionMetadata] = {}
         self.pool = pool
 
     @classmethod
@@ -103,19 +125,27 @@ class DecodeGraphs:
         if max_blocks is None:
             return None
         max_batch = min(config.scheduler.max_num_seqs, _MAX_GRAPH_BATCH)
-        return cls(model, kv_caches, backend, max_batch, max_blocks, config.cache.block_size, device, pool)
+        block_size = config.cache.block_size
+        return cls(
+            model, kv_caches, backend, max_batch, max_blocks, block_size, device, config.parallel.kvp, pool
+        )
 
     def capture_all(self) -> None:
-        """Capture every padded size, largest first (the pool reaches its peak at once). The
-        static buffers hold padding only here, before any step: kv_len 0, slot -1."""
+        """Capture every (padded size, shared size), largest first (the pool reaches its peak at
+        once). The static buffers hold padding only here, before any step: kv_len 0, slot -1,
+        every row in the merge's trash slot."""
         for bs in sorted(self.sizes, reverse=True):
-            self._capture(bs)
+            for shared in self.shared_sizes:
+                self._capture(bs, shared)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return (
             0 < meta.num_seqs <= self.max_batch
             and meta.num_tokens == meta.num_seqs  # every sequence has one query: a decode
-            and meta.kvp_merge is None
+            and (
+                meta.kvp_merge is None
+                or padded_shared_tokens(meta.kvp_merge.num_shared_tokens) in self.shared_sizes
+            )
             and meta.block_tables.shape[1] <= self.max_blocks
         )
 
@@ -128,6 +158,11 @@ class DecodeGraphs:
         """The stage's output for the n decode rows: [n, hidden_size]."""
         n = meta.num_seqs
         bs = next(b for b in self.sizes if b >= n)
+        shared = 0
+        if meta.kvp_merge is not None:
+            shared = padded_shared_tokens(meta.kvp_merge.num_shared_tokens)
+            self.merge_slots[:n].copy_(meta.kvp_merge.slots)
+            self.merge_slots[n:bs].fill_(merge_buffer_rows(shared) - 1)  # padding rows: the trash slot
         inp = self.input_ids if self.model.is_first_stage else self.hidden
         inp[:n].copy_(x)
         self.positions[:n].copy_(positions)
@@ -140,10 +175,10 @@ class DecodeGraphs:
             self.positions[n:bs].zero_()
             self.kv_lens[n:bs].zero_()
             self.slot_mapping[n:bs].fill_(-1)
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        self.graphs[bs, shared].replay()
+        return self.outputs[bs, shared][:n]
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, shared: int) -> AttentionMetadata:
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             q_pos_start=self.positions[:bs],
@@ -158,16 +193,21 @@ class DecodeGraphs:
             max_query_len=1,
             max_kv_len=self.max_blocks * self.block_size,
         )
+        if shared:
+            self.merge_slots[:bs].fill_(merge_buffer_rows(shared) - 1)
+            meta.kvp_merge = KVPMergeIndex(num_shared_tokens=shared, slots=self.merge_slots[:bs])
         meta.backend_plan = self.backend.plan(meta, self.num_kv_heads, self.sliding_window)
         return meta
 
-    def _capture(self, bs: int) -> None:
-        meta = self.metas[bs] = self._meta(bs)
+    def _capture(self, bs: int, shared: int) -> None:
+        meta = self.metas[bs, shared] = self._meta(bs, shared)
         inp = (self.input_ids if self.model.is_first_stage else self.hidden)[:bs]
         positions = self.positions[:bs]
-        graph, self.outputs[bs] = capture_graph(lambda: self.model(inp, positions, self.kv_caches, meta), self.pool)
+        graph, self.outputs[bs, shared] = capture_graph(
+            lambda: self.model(inp, positions, self.kv_caches, meta), self.pool
+        )
         self.pool = graph.pool()
-        self.graphs[bs] = graph
+        self.graphs[bs, shared] = graph
 
     def close(self) -> None:
         """Drop the graphs (before the process group is destroyed)."""

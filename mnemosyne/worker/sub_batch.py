@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mnemosyne.layers.attention.kvp_merge import KVPMergeIndex
+from mnemosyne.layers.attention.kvp_merge import KVPMergeIndex, merge_buffer_rows
 from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
 from mnemosyne.wire.plan import ChunkPlan, StepPlan
 from mnemosyne.worker.block_table import BlockTableMirror
@@ -58,8 +58,7 @@ def build_sub_batch(
     kv_lens: list[int] = []
     block_tables: list[torch.Tensor] = []
     block_runs: list[tuple[int, int]] = []
-    local_rows: list[int] = []
-    shared_rows: list[int] = []
+    shared_runs: list[tuple[int, int, int]] = []  # shared chunks: (first row, first slot, tokens)
     ahead_chunks: list[int] = []
     ahead_rows: list[int] = []
     num_shared = 0
@@ -90,14 +89,14 @@ def build_sub_batch(
         block_tables.append(piece.table())
         block_runs.append(piece.run)
         if chunk.is_shared:
-            local_rows.extend(range(row, row + chunk.num_tokens))
-            shared_rows.extend(range(shared_base, shared_base + chunk.num_tokens))
+            shared_runs.append((row, shared_base, chunk.num_tokens))
     merge = None
     if num_shared:
-        local_rows_d, shared_rows_d = to_device_packed((local_rows, shared_rows), torch.long, device)
-        merge = KVPMergeIndex(
-            num_shared_tokens=num_shared, local_rows=local_rows_d, shared_rows=shared_rows_d
-        )
+        merge_slots = [merge_buffer_rows(num_shared) - 1] * len(token_ids)  # unshared rows: the trash slot
+        for row, slot, n in shared_runs:
+            merge_slots[row : row + n] = range(slot, slot + n)
+        (merge_slots_d,) = to_device_packed((merge_slots,), torch.long, device)
+        merge = KVPMergeIndex(num_shared_tokens=num_shared, slots=merge_slots_d)
     meta = AttentionMetadata.build(
         query_lens=[c.num_tokens for c in chunks],
         q_pos_start=[c.start for c in chunks],
