@@ -56,3 +56,35 @@ def test_spp_stage_times_cpu_smoke(tmp_path) -> None:
             assert 0 < row["ttft_s"] < t1 and row["efficiency"] == pytest.approx(
                 t1 / (int(spp) * row["ttft_s"])
             )
+
+
+def test_spp_ttft_layouts_and_cpu_smoke(tmp_path) -> None:
+    """benchmarks/spp_ttft.py: layout parsing, and one prompt through spp1 and spp2@3 on gloo."""
+    from benchmarks.spp_ttft import main, parse_layout
+
+    assert parse_layout("spp2xkvp2@4") == {"tp": 1, "spp": 2, "kvp": 2, "pipeline_depth": 4}
+    assert parse_layout("tp2") == {"tp": 2, "spp": 1, "kvp": 1, "pipeline_depth": None}
+    with pytest.raises(SystemExit, match="bad layout"):
+        parse_layout("pp2")
+    out = tmp_path / "t.json"
+    argv = [
+        "--shape",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--context",
+        "200",
+        "--chunk",
+        "32",
+        "--layouts",
+        "spp1,spp2@3",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    base, spp2 = res["layouts"]
+    assert res["num_chunks"] == 7 and base["world_size"] == 1 and spp2["world_size"] == 2
+    assert base["ttft_s"] > 0 and base["num_steps"] >= 7 and "efficiency" not in base
+    assert spp2["pipeline_depth"] == 3 and spp2["efficiency"] == pytest.approx(
+        base["ttft_s"] / (2 * spp2["ttft_s"])
+    )
+    assert spp2["floor_s"] == pytest.approx(base["floor_s"] / 2) and spp2["send_s"] > 0
