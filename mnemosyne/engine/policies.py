@@ -12,7 +12,7 @@ priority:       FCFS -> FCFSPriority; LARS -> LARSPriority (+ space sharing when
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mnemosyne.config import ChunkPolicyKind, EngineConfig, SchedulingPolicyKind
@@ -27,6 +27,7 @@ from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
 from mnemosyne.latency.shape import Layout, ModelShape
+from mnemosyne.latency.transfer import can_transfer, transferred_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,15 @@ def profile_key(config: EngineConfig) -> ProfileKey:
 
 
 def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -> tuple[LatencyModel, str]:
+    """The explicit profile, else a cached one measured for this key, else one cached for
+    this key's tp without spp / kvp (transferred: `latency/transfer.py`), else the roofline."""
     key = profile_key(config)
+    spec = device_spec_for(key.device_name)
     explicit = config.policy.latency_profile
     if explicit is not None:
         profile = load_profile(explicit)
         mine, theirs = key.to_dict(), profile.key.to_dict()
-        for field in ("shape", "layout", "dtype"):
+        for field in ("shape", "dtype"):
             if mine[field] != theirs[field]:
                 raise ConfigError(
                     f"latency profile {explicit} was measured for {field} {theirs[field]}, "
@@ -74,7 +78,15 @@ def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -
         if key.device_name != profile.key.device_name:
             logger.warning("latency profile %s was measured on %s, running on %s", explicit,
                            profile.key.device_name, key.device_name)  # fmt: skip
-        return profile.model, str(explicit)
+        if profile.key.layout == key.layout:
+            return profile.model, str(explicit)
+        model = transferred_model(profile.model, key.shape, key.layout, spec)
+        if model is None:
+            raise ConfigError(
+                f"latency profile {explicit} was measured for layout {theirs['layout']}, but this engine has "
+                f"{mine['layout']} (a profile transfers only from the same tp without spp or kvp)"
+            )
+        return model, f"{explicit}, measured at {profile.key.layout}"
     if cache_dir is None:
         from mnemosyne.models.default_model import cache_dir as default_cache_dir
 
@@ -82,7 +94,14 @@ def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -
     cached = find_cached_profile(cache_dir, key)
     if cached is not None:
         return cached.model, f"cached profile for {key.device_name}"
-    return RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name)), "roofline"
+    base_key = replace(key, layout=Layout(key.layout.tp))
+    if can_transfer(base_key.layout, key.layout):
+        base = find_cached_profile(cache_dir, base_key)
+        if base is not None:
+            model = transferred_model(base.model, key.shape, key.layout, spec)
+            assert model is not None
+            return model, f"cached profile for {key.device_name}, measured at {base_key.layout}"
+    return RooflineLatencyModel(key.shape, key.layout, spec), "roofline"
 
 
 def make_policies(

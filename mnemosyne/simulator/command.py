@@ -94,11 +94,11 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
     if ns.latency_error_factor <= 0:
         raise ConfigError(f"--latency-error-factor must be positive, got {ns.latency_error_factor}")
     device_path = ns.device_latency_profile
-    device = model if device_path is None else matching_profile_model(config, device_path)
+    device = model if device_path is None else matching_profile_model(config, device_path, spec)
     timed = device_path is not None or ns.latency_error_factor != 1.0
-    engine = SimulatedEngine(config, model, source, step_timer=(
-        scaled_timer(device, ns.latency_error_factor) if timed else None
-    ))
+    engine = SimulatedEngine(
+        config, model, source, step_timer=(scaled_timer(device, ns.latency_error_factor) if timed else None)
+    )
     run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel

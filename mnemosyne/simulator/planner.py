@@ -12,8 +12,9 @@ TTFT        one L-token prompt alone with adaptive chunks (the engine's `Prefill
             decode, `prefill_only_step_s`), pipelined: with spp stages one chunk leaves the
             pipeline per stage time, so
             ttft = T_alone(L) / spp + (spp - 1) / spp * t_last,  t_last = the last chunk's step time
-latency     the roofline of the GPU; a measured profile (`--latency-profile`) for the one
-            layout it was measured on
+latency     the roofline of the GPU; a measured profile (`--latency-profile`) for the
+            layout it was measured on, and for the layouts of the same tp with more stages
+            or KVP groups when it was measured without (`latency/transfer.py`)
 best        among layouts meeting both SLOs: the lowest TTFT, then fewer GPUs, then lower TBT;
             none meeting: the fitting layout with the lowest TBT
 """
@@ -30,6 +31,7 @@ from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import LatencyProfile
 from mnemosyne.latency.roofline import DeviceSpec, RooflineLatencyModel
 from mnemosyne.latency.shape import Layout, ModelShape
+from mnemosyne.latency.transfer import TransferredLatencyModel, transferred_model
 from mnemosyne.parallel.validate import check_layout
 from mnemosyne.simulator.setup import GPU_MEMORY_FRACTION
 
@@ -51,6 +53,7 @@ class LayoutPlan:
     ttft_s: float
     tbt_s: float
     meets_slo: bool
+    latency_model: str = "roofline"  # roofline | profile | profile (transferred)
 
 
 def candidate_layouts(model_cfg: ModelConfig, num_gpus: int) -> list[Layout]:
@@ -115,7 +118,14 @@ def plan_layout(
         ttft_s=ttft,
         tbt_s=tbt,
         meets_slo=meets,
+        latency_model=_source(latency_model),
     )
+
+
+def _source(model: LatencyModel | None) -> str:
+    if model is None:
+        return "roofline"
+    return "profile (transferred)" if isinstance(model, TransferredLatencyModel) else "profile"
 
 
 def choose_best(
@@ -155,8 +165,12 @@ def plan(
     shape = ModelShape.from_model_config(model_cfg)
     plans = []
     for layout in candidate_layouts(model_cfg, num_gpus):
-        measured = profile is not None and profile.key.shape == shape and profile.key.layout == layout
-        model = profile.model if measured else None
+        model = None
+        if profile is not None and profile.key.shape == shape:
+            if profile.key.layout == layout:
+                model = profile.model
+            else:
+                model = transferred_model(profile.model, shape, layout, spec)
         plans.append(
             plan_layout(
                 model_cfg,
@@ -177,7 +191,12 @@ def plan(
         "context_len": context_len,
         "tbt_slo_s": tbt_slo_s,
         "ttft_slo_s": ttft_slo_s,
-        "latency_model": f"roofline {spec.name}" + (f"; profile for {profile.key.layout}" if profile else ""),
+        "latency_model": f"roofline {spec.name}"
+        + (
+            f"; profile measured at {profile.key.layout} (tp {profile.key.layout.tp} layouts)"
+            if profile
+            else ""
+        ),
         "layouts": [asdict(p) for p in plans],
         "best": (asdict(best) | {"reason": reason}) if best else {"reason": reason},
     }

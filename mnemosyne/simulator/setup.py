@@ -3,7 +3,8 @@
 
     KV budget per GPU = kv_cache_memory_gb if given, else
                         memory_fraction * GPU memory - the GPU's weight shard
-    latency model     = the profile given (its shape and layout must match), else the
+    latency model     = the profile given (its shape must match; its layout too, or be the
+                        same tp without spp / kvp: `latency/transfer.py`), else the
                         roofline of the GPU's `DeviceSpec`: what the engine's policies predict
                         steps by (adaptive chunking, LARS, online calibration)
     device model      = optional second profile (`--device-latency-profile`): how long the
@@ -26,6 +27,7 @@ from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import load_profile
 from mnemosyne.latency.roofline import DEVICE_SPECS, DeviceSpec, RooflineLatencyModel
 from mnemosyne.latency.shape import Layout, ModelShape
+from mnemosyne.latency.transfer import transferred_model
 from mnemosyne.parallel.validate import check_layout
 
 GPU_MEMORY_FRACTION = 0.9  # of device memory for weights + KV (the rest: activations, context)
@@ -76,19 +78,24 @@ def latency_model_for(config: EngineConfig, spec: DeviceSpec) -> tuple[LatencyMo
     path = config.policy.latency_profile
     if path is None:
         return RooflineLatencyModel(*_shape_layout(config), spec), f"roofline {spec.name}"
-    return matching_profile_model(config, path), str(path)
+    return matching_profile_model(config, path, spec), str(path)
 
 
-def matching_profile_model(config: EngineConfig, path: str | Path) -> LatencyModel:
-    """The model of the profile at `path`; its shape and layout must be the simulation's."""
+def matching_profile_model(config: EngineConfig, path: str | Path, spec: DeviceSpec) -> LatencyModel:
+    """The model of the profile at `path`: measured for the simulation's shape, and for its
+    layout or for its tp without spp / kvp (transferred: `latency/transfer.py`)."""
     shape, layout = _shape_layout(config)
     profile = load_profile(path)
-    if profile.key.shape != shape or profile.key.layout != layout:
+    if profile.key.shape == shape and profile.key.layout == layout:
+        return profile.model
+    model = transferred_model(profile.model, shape, layout, spec) if profile.key.shape == shape else None
+    if model is None:
         raise ConfigError(
             f"latency profile {path} was measured for {profile.key.shape} {profile.key.layout}, "
-            f"but the simulation is for {shape} {layout}"
+            f"but the simulation is for {shape} {layout} (a profile transfers only to the same "
+            "shape and tp, from a layout without spp or kvp)"
         )
-    return profile.model
+    return model
 
 
 def _shape_layout(config: EngineConfig) -> tuple[ModelShape, Layout]:
