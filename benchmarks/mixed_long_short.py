@@ -16,6 +16,9 @@ request's TTFT, for each configuration:
 
 Adaptive runs also report the calibration's corrections at the end (`calibration`) and the
 steps whose first prefill took a 16-token chunk or overshot the target (`min_progress`).
+Every run reports which path the worker's steps took while the long prompt prefilled
+(`step_paths`: mixed-step graph replays, steps the mixed graphs could not take, piecewise
+replays; beside `num_steps_with_chunks`).
 
 One engine serves every configuration (its policies are swapped between runs). The
 latency model is a quick profile measured first on the same engine (`--grid quick`,
@@ -45,8 +48,9 @@ CONFIGS = {
     "fixed2048": dict(chunk_policy="fixed", chunk_size=2048, scheduling_policy="fcfs"),
     "adaptive_fcfs": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs"),
     "adaptive_lars": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars"),
-    "adaptive_fcfs_uncalibrated": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs",
-                                       online_calibration=False),
+    "adaptive_fcfs_uncalibrated": dict(
+        chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs", online_calibration=False
+    ),
 }
 
 
@@ -90,6 +94,21 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float) -> None:
     engine.scheduler.priority = engine.policies.priority
 
 
+def step_paths(engine) -> dict[str, int]:
+    """How many steps the worker ran through each graph kind so far (one in-process device;
+    steps that none of these took ran eagerly)."""
+    worker = getattr(engine.executor, "worker", None)
+    if worker is None:
+        return {}
+    out = {}
+    for name, graphs, field in (("mixed_graph", worker.mixed, "num_replays"),
+                                ("mixed_not_fitting", worker.mixed, "num_not_fitting"),
+                                ("piecewise", worker.piecewise, "num_replays")):  # fmt: skip
+        if graphs is not None:
+            out[name] = getattr(graphs, field)
+    return out
+
+
 def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     from mnemosyne import SamplingParams
 
@@ -105,6 +124,7 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
         for out in engine.step():
             latest[out.request_id] = out
     engine.take_step_stats()
+    paths_before = step_paths(engine)
     t_arrival = time.monotonic()
     long_id = engine.add_request(
         random_prompt(ns.long_len, seed=7, max_id=vocab), SamplingParams(temperature=0, max_tokens=1)
@@ -117,6 +137,7 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
                 long_out = out
     t_first = long_out.timing.first_token_time
     steps = engine.take_step_stats()
+    paths = {k: v - paths_before.get(k, 0) for k, v in step_paths(engine).items()}
     gaps = []
     for rid in shorts:
         times = latest[rid].timing.token_times
@@ -129,6 +150,7 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
         "config": name, **CONFIGS[name], "long_ttft_s": ttft, "short_tbt": pcts(gaps),
         "num_steps": len(steps), "step_time_ratio_p50": ratios[len(ratios) // 2] if ratios else None,
         "chunk_tokens_min": min(chunks, default=0), "chunk_tokens_max": max(chunks, default=0),
+        "num_steps_with_chunks": sum(1 for s in steps if s.chunk_sizes), "step_paths": paths,
         "tbt_timeline": [[round(b - t_arrival, 4), round(b - a, 5)] for a, b in zip(
             latest[shorts[0]].timing.token_times, latest[shorts[0]].timing.token_times[1:], strict=False)
             if a >= t_arrival and b <= t_first],
@@ -137,7 +159,10 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
         res["calibration"] = engine.policies.calibration.snapshot()
     policy = engine.policies.chunk_policy
     if hasattr(policy, "num_overshoots"):
-        res["min_progress"] = {"num_small_chunks": policy.num_small_chunks, "num_overshoots": policy.num_overshoots}
+        res["min_progress"] = {
+            "num_small_chunks": policy.num_small_chunks,
+            "num_overshoots": policy.num_overshoots,
+        }
     print(json.dumps({k: v for k, v in res.items() if k != "tbt_timeline"}), flush=True)
     return res
 

@@ -91,6 +91,7 @@ class MixedGraphs:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.metas: dict[tuple[int, int], AttentionMetadata] = {}
         self.num_replays = 0  # steps run here (benchmarks and tests read it)
+        self.num_not_fitting = 0  # steps left to the other paths: a chunk on cuDNN, or too many tiles / rows
         self.pool = pool
 
     @classmethod
@@ -109,7 +110,14 @@ class MixedGraphs:
             return None
         max_tokens = min(config.scheduler.max_num_batched_tokens, MAX_MIXED_GRAPH_TOKENS)
         return cls(
-            model, kv_caches, backend, -(-max_tokens // 8) * 8, max_blocks, config.cache.block_size, device, pool
+            model,
+            kv_caches,
+            backend,
+            -(-max_tokens // 8) * 8,
+            max_blocks,
+            config.cache.block_size,
+            device,
+            pool,
         )
 
     def capture_all(self) -> None:
@@ -142,6 +150,7 @@ class MixedGraphs:
         size = next(s for s in self.sizes if s >= n)
         host = self.backend.host_plan(meta, self.num_kv_heads, self.sliding_window, self.block_size)
         if not self.plans.fits(size, host):
+            self.num_not_fitting += 1
             meta.backend_plan = self.backend.device_plan(host, self.num_kv_heads)
             return None
         inp = self.input_ids if self.model.is_first_stage else self.hidden

@@ -85,6 +85,7 @@ class PiecewiseGraphs:
             self.output = torch.zeros(max_tokens, cfg.hidden_size, dtype=cfg.dtype)
         self.pool = pool
         self.pieces: dict[int, list[Callable[[], object]]] = {}  # size -> L + 1 replays (or eager runs)
+        self.num_replays = 0  # steps run here (benchmarks read it)
 
     @classmethod
     def create(
@@ -159,6 +160,7 @@ class PiecewiseGraphs:
         valid until the next run)."""
         n = x.shape[0]
         size = next(s for s in self.sizes if s >= n)
+        self.num_replays += 1
         inp = self.input_ids if self.model.is_first_stage else self.hidden
         inp[:n].copy_(x)
         inp[n:size].zero_()
