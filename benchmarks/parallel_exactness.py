@@ -130,11 +130,11 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def make_prompts(shape: str, seed: int) -> list[list[int]]:
+def make_prompts(shape: str, seed: int, prompt_lens: list[int] | None = None) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed + 1)
     return [
         torch.randint(3, SHAPES[shape]["max_token_id"], (n,), generator=g).tolist()
-        for n in SHAPES[shape]["prompt_lens"]
+        for n in (prompt_lens or SHAPES[shape]["prompt_lens"])
     ]
 
 
@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=None, help="where the random model is saved (default: tmp)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--prompt-lens",
+        type=lambda s: [int(float(x)) for x in s.split(",")],
+        default=None,
+        help="prompt lengths, e.g. 65536 (default: the shape's four prompts)",
+    )
     ap.add_argument("--embed-std", type=float, default=None, help="re-draw the tied embedding with this std")
     ap.add_argument(
         "--kv-cache-gb", type=float, default=None, help="KV cache per device (8 on CUDA, 0.25 on CPU)"
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + h
     )
-    prompts = make_prompts(args.shape, args.seed)
+    prompts = make_prompts(args.shape, args.seed, args.prompt_lens)
     longest = max(len(p) for p in prompts) + NUM_NEW
     meta = dict(
         command="python -m benchmarks.parallel_exactness "
