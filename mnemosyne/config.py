@@ -197,7 +197,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     chunk_size: int | None = None  # None: whole remaining prompt, within the token budget
     # Schedule step n+1 while step n runs (a decode whose input token is still on the device;
-    # see engine/scheduler.py). Only for one in-process device; `EngineArgs` turns it off elsewhere.
+    # see engine/scheduler.py). Only with spp == 1 (any tp, kvp); `EngineArgs` turns it off with stages.
     async_scheduling: bool = False
 
 

@@ -203,16 +203,20 @@ def test_scheduler_decodes_ahead_within_limits():
     assert off.schedule().is_empty  # synchronous: nothing until the step is processed
 
 
-def test_flag_is_a_no_op_on_several_devices(tiny_model_dir):
-    """On by default; resolved off for multi-device layouts (they keep synchronous steps)."""
+def test_flag_is_a_no_op_with_a_pipeline(tiny_model_dir):
+    """On by default, for one device and tp x kvp workers (local or torchrun); resolved off
+    with spp > 1 (the pipeline keeps its own micro-batches in flight)."""
     model_dir = tiny_model_dir(NAME)
     model_cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
     for args, expected in (
         (EngineArgs(), True),
         (EngineArgs(async_scheduling=False), False),
-        (EngineArgs(tp=2), False),
+        (EngineArgs(tp=2), True),
+        (EngineArgs(kvp=3), True),
+        (EngineArgs(tp=2, kvp=2), True),
         (EngineArgs(spp=2), False),
-        (EngineArgs(driver_address="tcp://127.0.0.1:5999"), False),
+        (EngineArgs(spp=2, kvp=2), False),
+        (EngineArgs(driver_address="tcp://127.0.0.1:5999"), True),
     ):
         cfg = args.engine_config_for(model_dir, model_cfg, "cpu", 1 << 20)
         assert cfg.scheduler.async_scheduling is expected, args

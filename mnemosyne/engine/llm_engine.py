@@ -60,9 +60,9 @@ class LLMEngine:
     flight: the next chunk of a prompt is scheduled while earlier ones are still
     in later stages, and results come back in order.
 
-    With async scheduling (one in-process device) two are: each step schedules,
-    builds and launches step n+1 while the device runs step n, and only then waits
-    for step n's tokens and processes them::
+    With async scheduling (spp == 1: one device, or tp x kvp worker processes) two are:
+    each step schedules, builds and launches (or, with workers, sends) step n+1 while the
+    devices run step n, and only then waits for step n's tokens and processes them::
 
         host    | schedule n+1 | plan n+1 | launch n+1 | wait n | process n | schedule n+2 | ...
         device  | ............ step n ................ | step n+1 ....................... | ...
