@@ -205,7 +205,8 @@ class SchedulerConfig:
 class ParallelConfig:
     """The 3D layout (rank table in `parallel/groups.py`) and how its workers are run.
 
-    `pipeline_depth` bounds the micro-batches in flight (None: spp, one per stage).
+    `pipeline_depth` bounds the micro-batches in flight (None: spp, one per stage). With
+    async scheduling (spp == 1) the engine keeps exactly two instead (engine/llm_engine.py).
     `driver_address` set: bind there and wait for externally launched workers
     (torchrun on several machines) instead of starting them locally.
     `timeout_s` bounds every collective (torch.distributed) and the driver's wait for one

@@ -51,6 +51,10 @@ class PendingResult:
         done.record()
         return cls(result, request_ids, rows, tokens, host, logprob_ids, host_lp, done)
 
+    def ready(self) -> bool:
+        """True once the sampled ids are on the host (`wait` returns at once)."""
+        return self.done is None or self.done.query()
+
     def wait(self) -> StepResult:
         """The complete StepResult (waits for the plan's device work)."""
         self._wait_copy()

@@ -120,16 +120,11 @@ class Worker:
         self._previous: PendingResult | None = None  # the last plan's result (decode-ahead inputs)
         self._ahead: DecodeAheadTokens | None = None  # the current plan's decode-ahead inputs
 
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Run this rank's part of `plan`. Returns the group's StepResult on the reporting
-        rank (last stage, tp rank 0), None elsewhere."""
-        pending = self.execute_async(plan)
-        return pending.wait() if pending is not None else None
-
     @torch.inference_mode()
     def execute_async(self, plan: StepPlan) -> PendingResult | None:
-        """`execute` without waiting for the device: the reporting rank's result, whose
-        sampled ids arrive on the host when `PendingResult.wait` returns."""
+        """Run (launch, on CUDA) this rank's part of `plan`. Returns the group's result on
+        the reporting rank (last stage, tp rank 0), None elsewhere; its sampled ids arrive
+        on the host when `PendingResult.wait` returns."""
         self._observe_decode_aheads()
         for rid in plan.finished:
             self.params.pop(rid, None)
