@@ -5,7 +5,9 @@ on the same tiny float32 model: greedy tokens identical, prompt logprobs and
 sampled-token logprobs within 1e-4. In every run
   * `max_tokens_per_kvp_group` is small, so the longest request spans every KVP group;
   * four requests of different lengths share steps (chunk 8, budget 32);
-  * with spp > 1, at least 3 chunks of one prompt are in the pipeline at once.
+  * with spp > 1, at least 3 chunks of one prompt are in the pipeline at once;
+  * with spp == 1, async scheduling is on: decode aheads run, and with KVP some on a
+    group other than the one that sampled their input (a decode crossing a group end).
 Worker processes cost a few seconds to start, so each layout starts once and
 also serves the extra checks (torchrun launch, worker death) where it can.
 """

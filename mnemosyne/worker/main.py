@@ -9,7 +9,9 @@ The same entry point serves both launchers:
 
 The worker connects to the driver, receives the engine config, joins the process groups
 (NCCL on CUDA, gloo on CPU), loads its model shard and runs plans (and the
-benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop. Any
+benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop (a
+reporting rank launches plan n+1 before it reports plan n when n+1 arrives while n
+still runs on the device: `_next_message`). Any
 exception is reported to the driver (`WorkerFailed`) before the process exits, so the
 driver raises instead of waiting forever. From the moment it connects, a heartbeat
 thread (`wire/heartbeat.py`) tells the driver it is alive, and ends the process if the
