@@ -43,13 +43,13 @@ One device (the in-process executor) also gives the GPU time of the decode forwa
 events around the worker's `DecodeGraphs.run`: input copies + graph replay; the LM head
 and sampling are outside) and host time = TBT - forward. With worker processes the
 forward runs in another process: those fields are absent ("forward_gpu_timing" says so),
-not estimated. With async scheduling (one device only; the engine's default,
---no-async-scheduling to compare) the host's work for step n+1 overlaps step n on the
-GPU, so TBT approaches the GPU time (forward, LM head, sampling) instead of forward +
-host, and "host" is the host time left unhidden. (Its first decode after the prefill is
-launched before the synthetic fill, so it reads unfilled blocks: a warm-up step, never
-measured.) Worker processes always step synchronously: compare a one-GPU run with
---no-async-scheduling.
+not estimated. With async scheduling (spp == 1, one device or worker processes; the
+engine's default, --no-async-scheduling to compare) the host's work for step n+1 overlaps
+step n on the GPUs, so TBT approaches the GPU time (forward, LM head, sampling; with
+workers also the decode-ahead token all-reduce) instead of forward + host, and "host" is
+the host time left unhidden. (Its first decode after the prefill is launched before the
+synthetic fill, so it reads unfilled blocks: a warm-up step, never measured.) With spp > 1
+steps stay synchronous.
 
 The KV budget per GPU is exactly what the run needs (--kv-cache-gb overrides, also per
 GPU): T tokens plus the short requests. 3.5M tokens of the 1B shape are 3.5e6 x 32 KiB =

@@ -115,8 +115,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=d.async_scheduling,
-        help="schedule step n+1 while the device runs step n (default: on; one device only, "
-        "a no-op with tp/spp/kvp > 1 or --driver-address)",
+        help="schedule step n+1 while the devices run step n (default: on; one device or any "
+        "tp x kvp layout, a no-op with spp > 1)",
     )
     g.add_argument(
         "--generation-config",

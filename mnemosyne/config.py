@@ -197,7 +197,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     chunk_size: int | None = None  # None: whole remaining prompt, within the token budget
     # Schedule step n+1 while step n runs (a decode whose input token is still on the device;
-    # see engine/scheduler.py). Only for one in-process device; `EngineArgs` turns it off elsewhere.
+    # see engine/scheduler.py). Only with spp == 1 (any tp, kvp); `EngineArgs` turns it off with stages.
     async_scheduling: bool = False
 
 
@@ -205,7 +205,8 @@ class SchedulerConfig:
 class ParallelConfig:
     """The 3D layout (rank table in `parallel/groups.py`) and how its workers are run.
 
-    `pipeline_depth` bounds the micro-batches in flight (None: spp, one per stage).
+    `pipeline_depth` bounds the micro-batches in flight (None: spp, one per stage). With
+    async scheduling (spp == 1) the engine keeps exactly two instead (engine/llm_engine.py).
     `driver_address` set: bind there and wait for externally launched workers
     (torchrun on several machines) instead of starting them locally.
     `timeout_s` bounds every collective (torch.distributed) and the driver's wait for one

@@ -203,16 +203,50 @@ def test_scheduler_decodes_ahead_within_limits():
     assert off.schedule().is_empty  # synchronous: nothing until the step is processed
 
 
-def test_flag_is_a_no_op_on_several_devices(tiny_model_dir):
-    """On by default; resolved off for multi-device layouts (they keep synchronous steps)."""
+def test_flag_is_a_no_op_with_a_pipeline(tiny_model_dir):
+    """On by default, for one device and tp x kvp workers (local or torchrun); resolved off
+    with spp > 1 (the pipeline keeps its own micro-batches in flight)."""
     model_dir = tiny_model_dir(NAME)
     model_cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
     for args, expected in (
         (EngineArgs(), True),
         (EngineArgs(async_scheduling=False), False),
-        (EngineArgs(tp=2), False),
+        (EngineArgs(tp=2), True),
+        (EngineArgs(kvp=3), True),
+        (EngineArgs(tp=2, kvp=2), True),
         (EngineArgs(spp=2), False),
-        (EngineArgs(driver_address="tcp://127.0.0.1:5999"), False),
+        (EngineArgs(spp=2, kvp=2), False),
+        (EngineArgs(driver_address="tcp://127.0.0.1:5999"), True),
     ):
         cfg = args.engine_config_for(model_dir, model_cfg, "cpu", 1 << 20)
         assert cfg.scheduler.async_scheduling is expected, args
+
+
+def test_worker_takes_the_next_plan_before_it_reports_the_last():
+    """A reporting rank whose plan n is still on the device takes plan n+1 as soon as it
+    arrives (launched before plan n is reported); when plan n ends first, it reports then."""
+    from mnemosyne.worker.main import _next_message
+
+    class Channel:
+        def __init__(self, arrives_after: int, msg: str) -> None:
+            self.calls, self.arrives_after, self.msg = 0, arrives_after, msg
+
+        def try_recv(self):
+            self.calls += 1
+            return self.msg if self.calls > self.arrives_after else None
+
+        def recv(self):
+            return self.msg
+
+    class Pending:
+        def __init__(self, ready_after: int) -> None:
+            self.checks, self.ready_after = 0, ready_after
+
+        def ready(self) -> bool:
+            self.checks += 1
+            return self.checks > self.ready_after
+
+    assert _next_message(Channel(2, "plan n+1"), Pending(10)) == "plan n+1"  # device still busy
+    assert _next_message(Channel(10, "plan n+1"), Pending(2)) is None  # plan n ended first: report it
+    assert _next_message(Channel(0, "plan n+1"), Pending(0)) is None  # ready (CPU): report at once
+    assert _next_message(Channel(5, "plan"), None) == "plan"  # nothing pending: wait for the driver

@@ -5,7 +5,9 @@ on the same tiny float32 model: greedy tokens identical, prompt logprobs and
 sampled-token logprobs within 1e-4. In every run
   * `max_tokens_per_kvp_group` is small, so the longest request spans every KVP group;
   * four requests of different lengths share steps (chunk 8, budget 32);
-  * with spp > 1, at least 3 chunks of one prompt are in the pipeline at once.
+  * with spp > 1, at least 3 chunks of one prompt are in the pipeline at once;
+  * with spp == 1, async scheduling is on: decode aheads run, and with KVP some on a
+    group other than the one that sampled their input (a decode crossing a group end).
 Worker processes cost a few seconds to start, so each layout starts once and
 also serves the extra checks (torchrun launch, worker death) where it can.
 """
@@ -64,6 +66,9 @@ class RunStats:
     max_groups: int = 0  # most KVP groups one request's KV spanned
     max_chunks_inflight: int = 0  # most chunks of one request in the pipeline at once
     max_requests_per_step: int = 0
+    num_decode_aheads: int = 0  # async scheduling: chunks whose input the previous plan samples
+    # ... whose KVP owner differs from the owner of the chunk that samples that input
+    num_decode_aheads_on_a_new_group: int = 0
     outputs: list = field(default_factory=list)
 
 
@@ -71,12 +76,18 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[Sampli
     """Generate step by step, recording how the work was spread."""
     engine, stats = llm.engine, RunStats()
     submit = engine.executor.submit
+    last_owner: dict[str, int] = {}  # request id -> KVP group owning its latest chunk
 
     def watching_submit(plan):
         inflight = Counter(c.request.request_id for s in engine.inflight for c in s.chunks)
         inflight.update(c.request_id for c in plan.chunks)
         stats.max_chunks_inflight = max(stats.max_chunks_inflight, max(inflight.values()))
         stats.max_requests_per_step = max(stats.max_requests_per_step, len(plan.chunks))
+        for c in plan.chunks:
+            if c.is_decode_ahead:
+                stats.num_decode_aheads += 1
+                stats.num_decode_aheads_on_a_new_group += last_owner[c.request_id] != c.owner_group
+            last_owner[c.request_id] = c.owner_group
         submit(plan)
 
     engine.executor.submit = watching_submit
@@ -136,20 +147,64 @@ def skip_without_gpus(world: int) -> None:
         pytest.skip(f"needs {world} GPUs")
 
 
+def seeded_params(num_prompts: int) -> list[SamplingParams]:
+    """Seeded random sampling, each request with logits processors that read its earlier
+    tokens (kept on the reporting ranks while its KV moves between KVP groups)."""
+    processors = [
+        dict(repetition_penalty=1.5),
+        dict(frequency_penalty=0.7, presence_penalty=0.4),
+        dict(min_tokens=NUM_NEW // 2, logit_bias={5: 4.0}),
+        dict(repetition_penalty=0.8, frequency_penalty=-0.5),
+    ]
+    return [
+        SamplingParams(
+            temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=7 + i, max_tokens=NUM_NEW, logprobs=2,
+            **processors[i % len(processors)],
+        )
+        for i in range(num_prompts)
+    ]  # fmt: skip
+
+
+def assert_same_sampled(ref: list, got: list, what: str) -> None:
+    for r, g in zip(ref, got, strict=True):
+        assert g.token_ids == r.token_ids, f"{what}: sampled tokens differ"
+        for tok, a, b in zip(r.token_ids, r.logprobs, g.logprobs, strict=True):
+            assert abs(a[tok] - b[tok]) < ATOL, f"{what}: sampled-token logprob"
+
+
+# Layouts that also run seeded sampling with penalties: async scheduling's decode-ahead
+# inputs reach the token histories of every reporting rank, also of the group a request's
+# decode moves to (kvp2: the 37-token prompt's decode crosses from group 0 to group 1 at
+# position 40; kvp3: the 23-token prompt's at 28).
+SEEDED_TOO = {"kvp2", "kvp3"}
+
+
 @pytest.mark.parametrize("name,model,layout", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_layout_matches_single_process(name, model, layout, tiny_model_dir):
     skip_without_gpus(layout.get("tp", 1) * layout.get("spp", 1) * layout.get("kvp", 1))
     model_dir = tiny_model_dir(model)
     ref = reference(model, model_dir)
-    kvp = layout.get("kvp", 1)
+    kvp, spp = layout.get("kvp", 1), layout.get("spp", 1)
     extra = {"max_tokens_per_kvp_group": tokens_per_group(kvp)} if kvp > 1 else {}
     with LLM(model=str(model_dir), **ENGINE, **layout, **extra) as llm:
+        # Async scheduling for every layout without stages (decode aheads across processes).
+        assert llm.engine.config.scheduler.async_scheduling is (spp == 1)
         stats = run(llm, make_prompts(), GREEDY)
+        seeded = run(llm, make_prompts(), seeded_params(len(PROMPT_LENS))) if name in SEEDED_TOO else None
     assert_same(ref, stats.outputs, name)
     assert stats.max_groups == kvp, f"the longest request spans {stats.max_groups} of {kvp} KVP groups"
     assert stats.max_requests_per_step >= 3
-    if layout.get("spp", 1) > 1:
+    if spp > 1:
         assert stats.max_chunks_inflight >= 3
+        assert stats.num_decode_aheads == 0
+    else:
+        assert stats.num_decode_aheads > 0
+    if spp == 1 and kvp > 1:  # a decode crosses a group boundary: the sampler and the next owner differ
+        assert stats.num_decode_aheads_on_a_new_group > 0
+    if seeded is not None:
+        with LLM(model=str(model_dir), **ENGINE) as llm:
+            seeded_ref = run(llm, make_prompts(), seeded_params(len(PROMPT_LENS))).outputs
+        assert_same_sampled(seeded_ref, seeded.outputs, f"{name} seeded")
 
 
 def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
@@ -159,21 +214,8 @@ def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
     skip_without_gpus(4)
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
-    # Each request also carries logits processors that read its earlier tokens, kept on the
-    # reporting ranks while its KV moves between KVP groups and is recomputed after preemption.
-    processors = [
-        dict(repetition_penalty=1.5),
-        dict(frequency_penalty=0.7, presence_penalty=0.4),
-        dict(min_tokens=NUM_NEW // 2, logit_bias={5: 4.0}),
-        dict(repetition_penalty=0.8, frequency_penalty=-0.5),
-    ]
-    params = [
-        SamplingParams(
-            temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=7 + i, max_tokens=NUM_NEW, logprobs=2,
-            **processors[i],
-        )
-        for i in range(len(prompts))
-    ]  # fmt: skip
+    # The logits processors' token histories are also recomputed after preemption.
+    params = seeded_params(len(prompts))
     # KV for 40 blocks on one device (768 B/token); 20 blocks per group on spp=2 (512 B/token).
     single = dict(ENGINE, kv_cache_memory_gb=40 * BLOCK * 768 / 2**30, max_num_batched_tokens=64)
     with LLM(model=str(model_dir), **single) as llm:
@@ -184,10 +226,7 @@ def test_preemption_and_seeded_sampling_across_layouts(tiny_model_dir):
     ) as llm:
         stats = run(llm, prompts, params)
         assert llm.engine.scheduler.num_preemptions > 0, "the test meant to force preemption"
-    for r, g in zip(ref, stats.outputs, strict=True):
-        assert g.token_ids == r.token_ids
-        for tok, a, b in zip(r.token_ids, r.logprobs, g.logprobs, strict=True):
-            assert abs(a[tok] - b[tok]) < ATOL
+    assert_same_sampled(ref, stats.outputs, "spp2xkvp2 preempted")
 
 
 def _free_port() -> int:

@@ -298,6 +298,7 @@ def _stage_pg(spp: int, stage: int) -> ProcessGroups:
         coords=RankCoords(0, stage, 0),
         tp=GroupHandle.trivial(stage),
         kvp=GroupHandle.trivial(stage),
+        world=GroupHandle.trivial(stage),
         prev_stage_rank=stage - 1 if stage > 0 else None,
         next_stage_rank=stage + 1 if stage < spp - 1 else None,
     )

@@ -77,7 +77,7 @@ class EngineArgs:
     min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
     online_calibration: bool = True  # adaptive: correct the latency model from measured step times
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
-    async_scheduling: bool = True  # prepare step n+1 while step n runs (one device only; else a no-op)
+    async_scheduling: bool = True  # prepare step n+1 while step n runs (spp == 1 layouts; a no-op with spp > 1)
     generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
     chat_template: str | None = None  # a Jinja file (or the template itself) instead of the tokenizer's
 
@@ -214,9 +214,9 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_num_seqs=self.max_num_seqs,
                 chunk_size=self.chunk_size,
-                async_scheduling=self.async_scheduling
-                and parallel.world_size == 1
-                and parallel.driver_address is None,
+                # Any tp x kvp, local or torchrun workers (decode-ahead inputs: one all-reduce
+                # per plan, worker/decode_ahead.py); a pipeline keeps its micro-batches in flight.
+                async_scheduling=self.async_scheduling and parallel.spp == 1,
             ),
             parallel=parallel,
             device=device,

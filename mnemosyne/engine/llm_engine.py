@@ -60,9 +60,9 @@ class LLMEngine:
     flight: the next chunk of a prompt is scheduled while earlier ones are still
     in later stages, and results come back in order.
 
-    With async scheduling (one in-process device) two are: each step schedules,
-    builds and launches step n+1 while the device runs step n, and only then waits
-    for step n's tokens and processes them::
+    With async scheduling (spp == 1: one device, or tp x kvp worker processes) two are:
+    each step schedules, builds and launches (or, with workers, sends) step n+1 while the
+    devices run step n, and only then waits for step n's tokens and processes them::
 
         host    | schedule n+1 | plan n+1 | launch n+1 | wait n | process n | schedule n+2 | ...
         device  | ............ step n ................ | step n+1 ....................... | ...
@@ -96,6 +96,8 @@ class LLMEngine:
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
+        # Async: exactly two, as a decode ahead's input is sampled by the plan just before it
+        # (the workers keep only that plan's samples: worker/decode_ahead.py).
         self.max_inflight = 2 if config.scheduler.async_scheduling else config.parallel.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         # (predicted_s, submitted at time.monotonic(), composition) of each micro-batch in flight

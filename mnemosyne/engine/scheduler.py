@@ -32,11 +32,14 @@ One step, with budget = max_num_batched_tokens::
 newly computed full blocks to the prefix cache, appends the sampled token of every
 sampling chunk and applies the stop rules.
 
-Async scheduling (`config.async_scheduling`, one in-process device): the engine
-schedules step n+1 before it has processed step n. A running request whose sampling
-chunk is in step n has every token dispatched (num_pending == 0) and may still get a
-*decode ahead* in step n+1: the chunk [num_tokens, num_tokens + 1), whose input token
-is the one step n samples, taken on the device (wire/plan.py UNRESOLVED_TOKEN_ID)::
+Async scheduling (`config.async_scheduling`, layouts with spp == 1: one device or tp x kvp
+worker processes): the engine schedules step n+1 before it has processed step n. A
+running request whose sampling chunk is in step n has every token dispatched
+(num_pending == 0) and may still get a *decode ahead* in step n+1: the chunk
+[num_tokens, num_tokens + 1), whose input token is the one step n samples, taken on the
+device (wire/plan.py UNRESOLVED_TOKEN_ID; with several ranks the sampling group's
+reporting rank shares it through one all-reduce, worker/decode_ahead.py, as the decode
+ahead may sit on another KVP group)::
 
     (num_tokens = T: positions 0..T-1 known; tok@p = the token at position p)
     step n   (in flight)   chunk [T-1, T)   samples tok@T       num_computed = T-1, dispatched = T

@@ -3,6 +3,11 @@
     submit(plan)   -> RunStep(plan) to every rank (ranks run plans in order)
     get_result()   -> wait for the oldest plan's StepDone from the reporting rank of
                       every KVP group (last stage, tp rank 0) and merge them
+
+Several plans may be in flight: the engine's `max_inflight` (a pipeline's micro-batches,
+or two with async scheduling, whose plan n+1 a reporting rank may launch before it
+reports plan n: worker/main.py); results are taken oldest first, whatever order the
+StepDones of different plans and groups arrive in.
     fill_synthetic_kv(request_id, seed)   (benchmark-only)
                    -> FillSyntheticKV to every rank (ordered after every plan sent so
                       before), then wait for every rank's SyntheticKVFilled

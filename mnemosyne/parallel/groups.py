@@ -12,6 +12,8 @@ Rank table, rank = (kvp_rank * spp + spp_rank) * tp + tp_rank. Example tp=2, spp
     pipeline      (kvp_rank, tp_rank) fixed, spp_rank varies:   0->2, 1->3, 4->6, 5->7  (P2P sends,
                                                                  one two-rank group per link)
     KVP process   (spp_rank, tp_rank) fixed, kvp_rank varies:   {0,4} {1,5} {2,6} {3,7}
+    world         every rank:                                   {0..7}  (the default process
+                                                                 group; decode-ahead inputs only)
 
 * A KVP group g (`kvp_rank` g of its ranks; `group` g in the KV cache, the plans and the
   worker) is a full copy of the model, split into `spp` stages of `tp` ranks, holding
@@ -20,7 +22,7 @@ Rank table, rank = (kvp_rank * spp + spp_rank) * tp + tp_rank. Example tp=2, spp
   the other KVP groups at the same stage and TP rank: the ranks whose attention
   partials for the same heads and layers it merges.
 * Naming: an int `group` is always a KVP group's index; a torch.distributed group is a
-  `process_group`, held in a `GroupHandle` (`ProcessGroups.tp`, `.kvp`).
+  `process_group`, held in a `GroupHandle` (`ProcessGroups.tp`, `.kvp`, `.world`).
 * Stage s owns decoder layers `stage_layers(num_layers, spp, s)`: a contiguous
   slice, the first `num_layers % spp` stages one layer longer.
 
@@ -100,6 +102,9 @@ class ProcessGroups:
     coords: RankCoords
     tp: GroupHandle
     kvp: GroupHandle
+    # Every rank (the default process group): async scheduling's decode-ahead input ids,
+    # one all-reduce per plan that has decode aheads (worker/decode_ahead.py).
+    world: GroupHandle
     prev_stage_rank: int | None  # world rank sending this stage its input hidden states
     next_stage_rank: int | None  # world rank this stage sends its output to
     # Two-rank groups of those pipeline links, so stage sends never queue behind other
@@ -124,7 +129,8 @@ class ProcessGroups:
     def single(cls) -> ProcessGroups:
         """The layout of a single device: every group has size 1."""
         p = ParallelConfig()
-        return cls(p, 0, RankCoords(0, 0, 0), GroupHandle.trivial(), GroupHandle.trivial(), None, None)
+        trivial = GroupHandle.trivial()
+        return cls(p, 0, RankCoords(0, 0, 0), trivial, trivial, trivial, None, None)
 
     @classmethod
     def create(cls, parallel: ParallelConfig, rank: int) -> ProcessGroups:
@@ -135,6 +141,11 @@ class ProcessGroups:
         )
         kvp = _make_groups(
             [kvp_group_ranks(parallel, s, t) for s in range(parallel.spp) for t in range(parallel.tp)], rank
+        )
+        world = GroupHandle(
+            process_group=dist.group.WORLD if parallel.world_size > 1 else None,
+            ranks=tuple(range(parallel.world_size)),
+            rank_in_group=rank,
         )
         prev_rank = rank_of(parallel, c.kvp_rank, c.spp_rank - 1, c.tp_rank) if c.spp_rank > 0 else None
         next_rank = (
@@ -152,7 +163,7 @@ class ProcessGroups:
                         links[(a, b)] = process_group
         prev_group = links.get((prev_rank, rank)) if prev_rank is not None else None
         next_group = links.get((rank, next_rank)) if next_rank is not None else None
-        return cls(parallel, rank, c, tp, kvp, prev_rank, next_rank, prev_group, next_group)
+        return cls(parallel, rank, c, tp, kvp, world, prev_rank, next_rank, prev_group, next_group)
 
 
 def _make_groups(all_ranks: list[list[int]], rank: int) -> GroupHandle:

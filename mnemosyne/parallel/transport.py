@@ -117,6 +117,14 @@ class WorkerChannel:
             if msg is not None:
                 return msg
 
+    def try_recv(self) -> DriverMessage | None:
+        """The next valid message if one is queued, else None at once."""
+        while self._sock.poll(0):
+            msg = self.codec.decode(self._sock.recv(), "driver")
+            if msg is not None:
+                return msg
+        return None
+
     def close(self) -> None:
         if not self._sock.closed:
             self._sock.close()

@@ -219,7 +219,7 @@ def profile_engine(
     if timing is None:
         timing = default_step_timing(engine.config)
     if timing is StepTiming.PIPELINED and not engine.config.scheduler.async_scheduling:
-        raise ConfigError("pipelined step timing needs async scheduling (one device, spp = 1)")
+        raise ConfigError("pipelined step timing needs async scheduling (spp = 1)")
     t_start = time.monotonic()
     grid = GRIDS[grid_kind]
     pipelined = timing is StepTiming.PIPELINED

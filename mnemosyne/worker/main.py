@@ -9,7 +9,9 @@ The same entry point serves both launchers:
 
 The worker connects to the driver, receives the engine config, joins the process groups
 (NCCL on CUDA, gloo on CPU), loads its model shard and runs plans (and the
-benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop. Any
+benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop (a
+reporting rank launches plan n+1 before it reports plan n when n+1 arrives while n
+still runs on the device: `_next_message`). Any
 exception is reported to the driver (`WorkerFailed`) before the process exits, so the
 driver raises instead of waiting forever. From the moment it connects, a heartbeat
 thread (`wire/heartbeat.py`) tells the driver it is alive, and ends the process if the
@@ -23,11 +25,14 @@ import argparse
 import os
 import socket
 import threading
+import time
 import traceback
+from typing import TYPE_CHECKING
 
 import torch
 
 from mnemosyne.parallel.messages import (
+    DriverMessage,
     FillSyntheticKV,
     InitWorker,
     RunStep,
@@ -41,7 +46,11 @@ from mnemosyne.parallel.transport import WorkerChannel
 from mnemosyne.wire.auth import require_secret
 from mnemosyne.wire.heartbeat import Heartbeater
 
+if TYPE_CHECKING:
+    from mnemosyne.worker.pending_result import PendingResult
+
 _TEARDOWN_TIMEOUT_S = 10.0
+_SPIN_S = 20e-6  # between checks for the next plan or the device's end of the last one
 
 
 def run_worker(
@@ -77,17 +86,18 @@ def run_worker(
         pg = init_distributed(config.parallel, rank, device, init_method, config.parallel.timeout_s)
         worker = Worker(config, pg, device)
         channel.send(WorkerReady(rank))
+        pending: PendingResult | None = None  # the reporting rank's latest plan, not yet reported
         while True:
-            msg = channel.recv()
+            msg = _next_message(channel, pending)
             if isinstance(msg, Shutdown):
                 break
-            if isinstance(msg, RunStep):
-                result = worker.execute(msg.plan)
-                if result is not None:
-                    channel.send(StepDone(rank, result))
-            elif isinstance(msg, FillSyntheticKV):  # benchmark-only, after every earlier plan
+            launched = worker.execute_async(msg.plan) if isinstance(msg, RunStep) else None
+            if pending is not None:  # after plan n+1 is launched (if it came first): report plan n
+                channel.send(StepDone(rank, pending.wait()))
+            pending = launched
+            if isinstance(msg, FillSyntheticKV):  # benchmark-only, after every earlier plan
                 channel.send(worker.fill_synthetic_kv(msg.request_id, msg.seed))
-            else:
+            elif msg is not None and not isinstance(msg, RunStep):
                 raise RuntimeError(f"unexpected driver message {type(msg).__name__} after start-up")
         worker.shutdown()
         return 0
@@ -98,6 +108,25 @@ def run_worker(
         _teardown()
         beater.stop()
         channel.close()
+
+
+def _next_message(channel: WorkerChannel, pending: PendingResult | None) -> DriverMessage | None:
+    """The next driver message, or None once `pending`'s sampled ids are on the host (the
+    driver may be waiting for them), whichever comes first.
+
+    Async scheduling sends plan n+1 while plan n runs: a reporting rank that launched plan
+    n takes plan n+1 as soon as it arrives and launches it before it waits for plan n's
+    tokens, so the device never idles while this rank decodes the message, builds its
+    sub-batch and reports plan n. On CPU every plan has run when it returns: reported at once.
+    """
+    if pending is None:
+        return channel.recv()
+    while not pending.ready():
+        msg = channel.try_recv()
+        if msg is not None:
+            return msg
+        time.sleep(_SPIN_S)
+    return None
 
 
 def _teardown() -> None:

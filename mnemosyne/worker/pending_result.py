@@ -5,7 +5,8 @@ With async scheduling the engine launches plan n+1 before it reads plan n's toke
     worker, plan n    forward, sample -> tokens, logprobs (device) --copy, non-blocking-->
                       pinned host; record `done` (a CUDA event after the copies, so after
                       all of plan n)
-    worker, plan n+1  decode-ahead inputs: input_ids[rows] = plan n's tokens[rows'] (device)
+    worker, plan n+1  decode-ahead inputs: input_ids[rows] = plan n's tokens[rows'] (device;
+                      with several ranks through one all-reduce: worker/decode_ahead.py)
     engine            get_result(n) -> wait() waits for `done` only now, and fills the
                       StepResult's sampled ids and logprobs
 
@@ -50,16 +51,9 @@ class PendingResult:
         done.record()
         return cls(result, request_ids, rows, tokens, host, logprob_ids, host_lp, done)
 
-    def row_of(self, request_id: str) -> int:
-        row = self.rows.get(request_id)
-        if row is None:
-            raise RuntimeError(f"decode ahead of {request_id!r}: the previous plan sampled no token for it")
-        return row
-
-    def host_token(self, request_id: str) -> int:
-        """The token sampled for `request_id` (waits for the device)."""
-        self._wait_copy()
-        return int(self.host_tokens[self.row_of(request_id)])
+    def ready(self) -> bool:
+        """True once the sampled ids are on the host (`wait` returns at once)."""
+        return self.done is None or self.done.query()
 
     def wait(self) -> StepResult:
         """The complete StepResult (waits for the plan's device work)."""

@@ -5,8 +5,10 @@ Per plan, on rank (kvp_rank g, spp_rank s, tp_rank t)::
     apply plan updates (forget finished, drop freed KV, remember new sampling params;
                         reporting ranks feed every chunk's tokens to the TokenHistory of
                         requests with penalties, whichever group owns the chunk)
-    sub-batch of group g  (worker/sub_batch.py); one device only: decode aheads' input ids
-                          = the previous plan's sampled tokens, gathered on the device
+    sub-batch of group g  (worker/sub_batch.py)
+    decode aheads?        (async scheduling, spp == 1) their input ids = the previous plan's
+                          samples: one all-reduce over every rank, idle groups too, then
+                          put in place on the device (worker/decode_ahead.py)
     s == 0 ?  x = input ids  :  x = recv hidden states from stage s-1 of group g (1/tp slice,
                                   all-gathered over TP)
     hidden = this stage's layers (TP all-reduces inside; KVP merge inside attention)
@@ -45,6 +47,7 @@ from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepPlan, StepResult
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
+from mnemosyne.worker.decode_ahead import DecodeAheadTokens
 from mnemosyne.worker.mixed_graph import MixedGraphs
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
@@ -115,17 +118,14 @@ class Worker:
         self.rng = torch.Generator(device=device).manual_seed(config.seed + _SEED_MIX * self.group)
         self._pending_send: tuple[dist.Work, torch.Tensor] | None = None
         self._previous: PendingResult | None = None  # the last plan's result (decode-ahead inputs)
-
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Run this rank's part of `plan`. Returns the group's StepResult on the reporting
-        rank (last stage, tp rank 0), None elsewhere."""
-        pending = self.execute_async(plan)
-        return pending.wait() if pending is not None else None
+        self._ahead: DecodeAheadTokens | None = None  # the current plan's decode-ahead inputs
 
     @torch.inference_mode()
     def execute_async(self, plan: StepPlan) -> PendingResult | None:
-        """`execute` without waiting for the device: the reporting rank's result, whose
-        sampled ids arrive on the host when `PendingResult.wait` returns."""
+        """Run (launch, on CUDA) this rank's part of `plan`. Returns the group's result on
+        the reporting rank (last stage, tp rank 0), None elsewhere; its sampled ids arrive
+        on the host when `PendingResult.wait` returns."""
+        self._observe_decode_aheads()
         for rid in plan.finished:
             self.params.pop(rid, None)
             self.histories.pop(rid, None)
@@ -141,11 +141,14 @@ class Worker:
         if self.histories:
             for chunk in plan.chunks:
                 history = self.histories.get(chunk.request_id)
-                if history is not None and not chunk.is_decode_ahead:  # else seen in _sample
+                if history is not None and not chunk.is_decode_ahead:  # else seen from self._ahead
                     history.observe(chunk.start, chunk.token_ids)
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
-        if batch.decode_ahead_rows:
-            self._resolve_decode_ahead(batch)
+        # Every rank, idle or not, whenever the plan has decode aheads (a world collective).
+        needs_host = any(c.is_decode_ahead and c.request_id in self.histories for c in plan.chunks)
+        self._ahead = DecodeAheadTokens.exchange(plan, self._previous, self.pg.world, self.device, needs_host)
+        if self._ahead is not None:
+            self._ahead.fill(batch)
         result = StepResult(plan.step_id) if self.pg.is_reporting_rank else None
         if batch.num_tokens == 0:
             self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
@@ -176,15 +179,18 @@ class Worker:
         self._previous = PendingResult.start(result, sampled.request_ids, sampled.output)
         return self._previous
 
-    def _resolve_decode_ahead(self, batch: SubBatch) -> None:
-        """input_ids[row] = the previous plan's sampled token of the row's request, for every
-        decode ahead, on the device (async scheduling: one device, so this rank samples too)."""
-        if self._previous is None or not (self.pg.is_first_stage and self.pg.is_reporting_rank):
-            raise RuntimeError("a decode ahead needs the previous plan's samples on this rank (one device only)")
-        prev = self._previous
-        src = [prev.row_of(batch.chunks[i].request_id) for i in batch.decode_ahead_chunks]
-        dst_d, src_d = to_device_packed((batch.decode_ahead_rows, src), torch.long, self.device)
-        batch.input_ids[dst_d] = prev.tokens[src_d]
+    def _observe_decode_aheads(self) -> None:
+        """Feed the last plan's decode-ahead inputs to the histories of their requests, on
+        every reporting rank, owner or not (the next owner may be another group; the
+        sampling owner saw them in `_sample` already). Called when the next plan starts, so
+        it never waits for a forward."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.host_tokens is None:
+            return
+        for chunk in ahead.chunks:
+            history = self.histories.get(chunk.request_id)
+            if history is not None:
+                history.observe(chunk.start, (ahead.host_token(chunk.request_id),))
 
     def _capture_graphs(self) -> float:
         """Capture every CUDA graph now, before serving (no step ever waits for a capture);
@@ -292,9 +298,9 @@ class Worker:
         histories = [self.histories.get(c.request_id) for c in chunks] if self.histories else None
         if histories:
             for chunk, history in zip(chunks, histories, strict=True):
-                if history is not None and chunk.is_decode_ahead:  # its input, now known (waits)
-                    assert self._previous is not None
-                    history.observe(chunk.start, (self._previous.host_token(chunk.request_id),))
+                if history is not None and chunk.is_decode_ahead:  # its input (waits for the exchange)
+                    assert self._ahead is not None
+                    history.observe(chunk.start, (self._ahead.host_token(chunk.request_id),))
         output = self.sampler(logits[len(plp_rows) :], params, gens, histories)
         return Sampled([c.request_id for c in chunks], output)
 
