@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from mnemosyne import LLM, SamplingParams  # noqa: E402
+from mnemosyne.bench.long_context.run import parse_layout  # noqa: E402
 
 DEFAULT_LAYOUTS = "tp4,spp4,kvp4,tp2xspp2,spp2xkvp2,tp2xkvp2"
 MEAN_TOL, MAX_TOL, NEAR_TIE = 0.05, 0.5, 0.1
@@ -136,17 +137,6 @@ def make_prompts(shape: str, seed: int, prompt_lens: list[int] | None = None) ->
         torch.randint(3, SHAPES[shape]["max_token_id"], (n,), generator=g).tolist()
         for n in (prompt_lens or SHAPES[shape]["prompt_lens"])
     ]
-
-
-def parse_layout(name: str) -> dict[str, int]:
-    parts = name.split("x")
-    sizes = {"tp": 1, "spp": 1, "kvp": 1}
-    for part in parts:
-        m = re.fullmatch(r"(tp|spp|kvp)(\d+)", part)
-        if m is None:
-            raise SystemExit(f"bad layout {name!r}: expected e.g. tp4, tp2xspp2, spp2xkvp2")
-        sizes[m.group(1)] = int(m.group(2))
-    return sizes
 
 
 def run_mnemosyne(

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import shlex
 import statistics
 import subprocess
@@ -54,26 +53,21 @@ from mnemosyne.bench.long_context.run import (
     write_model_dir,
     write_result,
 )
+from mnemosyne.bench.long_context.run import parse_layout as parse_layout_sizes
 from mnemosyne.config import ModelConfig
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.sampling_params import SamplingParams
 
 P2P_BPS = 360e9
-_LAYOUT = re.compile(r"((?:tp|spp|kvp)\d+(?:x(?:tp|spp|kvp)\d+)*)(?:@(\d+))?")
 
 
 def parse_layout(text: str) -> dict[str, int | None]:
     """'spp2xkvp2@4' -> {'tp': 1, 'spp': 2, 'kvp': 2, 'pipeline_depth': 4}."""
-    m = _LAYOUT.fullmatch(text)
-    if m is None:
+    name, at, depth = text.partition("@")
+    if at and not depth.isdigit():
         raise SystemExit(f"bad layout {text!r}: expected e.g. spp2, tp2xspp2, spp2@4")
-    sizes: dict[str, int | None] = {"tp": 1, "spp": 1, "kvp": 1}
-    for part in m.group(1).split("x"):
-        name = part.rstrip("0123456789")
-        sizes[name] = int(part[len(name) :])
-    sizes["pipeline_depth"] = int(m.group(2)) if m.group(2) else None
-    return sizes
+    return {**parse_layout_sizes(name), "pipeline_depth": int(depth) if depth else None}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from mnemosyne.latency.fitted import GROUP_FEATURES, STEP_FEATURES, FittedLatenc
 from mnemosyne.latency.profile_store import LatencyProfile, ProfileKey, profiles_dir, save_profile
 from mnemosyne.latency.roofline import CPU, H200, RooflineLatencyModel
 from mnemosyne.latency.shape import Layout, ModelShape
-from mnemosyne.latency.transfer import TransferredLatencyModel, can_transfer, transferred_model
+from mnemosyne.latency.transfer import TransferredLatencyModel, can_transfer, model_for_layout
 from mnemosyne.simulator.planner import plan
 from mnemosyne.simulator.setup import load_model_config, simulated_engine_config
 
@@ -58,21 +58,24 @@ def test_transfer_adds_sends_and_the_merge_to_the_measured_layers(model_1b):
     shape, base = shape_of(model_1b), fitted(Layout())
     assert can_transfer(Layout(), Layout(1, 4, 2)) and not can_transfer(Layout(), Layout())
     assert not can_transfer(Layout(2), Layout(1, 2)) and not can_transfer(Layout(1, 2), Layout(1, 4))
-    assert transferred_model(base, shape, Layout(2, 2), H200) is None  # tp changes the matmuls
+    assert model_for_layout(base, shape, Layout(2, 2), H200) is None  # tp changes the matmuls
+    assert model_for_layout(base, shape, Layout(), H200) is base  # its own layout: as measured
 
-    spp2 = transferred_model(base, shape, Layout(1, 2), H200)
+    spp2 = model_for_layout(base, shape, Layout(1, 2), H200)
     chunk = StepComposition((GroupLoad(num_tokens=512, chunk_prefix_pairs=512 * 4096, num_chunks=1),))
     roof = RooflineLatencyModel(shape, Layout(1, 2), H200)
     assert isinstance(spp2, TransferredLatencyModel) and spp2.layout == Layout(1, 2)
     assert spp2.step_time_s(chunk) == pytest.approx(base.step_time_s(chunk) + roof.send_time_s(512))
 
-    kvp2 = transferred_model(base, shape, Layout(1, 1, 2), H200)
+    kvp2 = model_for_layout(base, shape, Layout(1, 1, 2), H200)
     assert kvp2 is not None
     shared = StepComposition((decode(100_000), decode(30_000)), num_shared_tokens=1)
     merge = RooflineLatencyModel(shape, Layout(1, 1, 2), H200).merge_time_s(1)
     assert merge > 0
     # the busiest group's decode (as measured) plus the all-gather of every layer
-    assert kvp2.step_time_s(shared) == pytest.approx(base.step_time_s(StepComposition((decode(100_000),))) + merge)
+    assert kvp2.step_time_s(shared) == pytest.approx(
+        base.step_time_s(StepComposition((decode(100_000),))) + merge
+    )
 
 
 def test_engine_takes_a_one_gpu_profile_for_spp_and_kvp(model_1b, tmp_path):
@@ -113,7 +116,9 @@ def test_simulate_and_plan_with_a_one_gpu_profile(model_1b, tmp_path):
         ttft[spp] = json.loads(out.read_text())["summary"]["ttft_s"]["p50"]
     assert ttft[2] < 0.75 * ttft[1]  # two stages overlap the chunks
 
-    result = plan(load_model_config(model_1b), 4, 65536, H200, 0.03, profile=LatencyProfile(key, fitted(Layout()), {}))
+    result = plan(
+        load_model_config(model_1b), 4, 65536, H200, 0.03, profile=LatencyProfile(key, fitted(Layout()), {})
+    )
     sources = {(p["tp"], p["spp"], p["kvp"]): p["latency_model"] for p in result["layouts"]}
     assert sources[(1, 1, 1)] == "profile" and sources[(1, 2, 2)] == "profile (transferred)"
     assert sources[(2, 1, 1)] == "roofline"

@@ -27,7 +27,7 @@ from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
 from mnemosyne.latency.shape import Layout, ModelShape
-from mnemosyne.latency.transfer import can_transfer, transferred_model
+from mnemosyne.latency.transfer import can_transfer, model_for_layout
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -
         if key.device_name != profile.key.device_name:
             logger.warning("latency profile %s was measured on %s, running on %s", explicit,
                            profile.key.device_name, key.device_name)  # fmt: skip
-        if profile.key.layout == key.layout:
-            return profile.model, str(explicit)
-        model = transferred_model(profile.model, key.shape, key.layout, spec)
+        model = model_for_layout(profile.model, key.shape, key.layout, spec)
+        if model is profile.model:
+            return model, str(explicit)
         if model is None:
             raise ConfigError(
                 f"latency profile {explicit} was measured for layout {theirs['layout']}, but this engine has "
@@ -98,7 +98,7 @@ def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -
     if can_transfer(base_key.layout, key.layout):
         base = find_cached_profile(cache_dir, base_key)
         if base is not None:
-            model = transferred_model(base.model, key.shape, key.layout, spec)
+            model = model_for_layout(base.model, key.shape, key.layout, spec)
             assert model is not None
             return model, f"cached profile for {key.device_name}, measured at {base_key.layout}"
     return RooflineLatencyModel(key.shape, key.layout, spec), "roofline"

@@ -14,7 +14,7 @@ or KV-parallel layout of the same TP degree. Measured at (tp, 1, 1), wanted at
 
 Not modelled: each extra stage's own launch overheads (small with CUDA graphs), and
 stage imbalance when spp does not divide the layers. Not transferred: tp, whose matmul
-shapes and all-reduces change (`transferred_model` returns None).
+shapes and all-reduces change (`model_for_layout` returns None).
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ def can_transfer(measured: Layout, wanted: Layout) -> bool:
     return measured.tp == wanted.tp and measured.spp == 1 and measured.kvp == 1 and measured != wanted
 
 
-def transferred_model(
-    base: LatencyModel, shape: ModelShape, wanted: Layout, device: DeviceSpec
-) -> TransferredLatencyModel | None:
-    """`base` (measured at base.layout) for `wanted`, or None when it cannot be transferred."""
-    if not can_transfer(base.layout, wanted):
+def model_for_layout(
+    measured: LatencyModel, shape: ModelShape, wanted: Layout, device: DeviceSpec
+) -> LatencyModel | None:
+    """`measured` for `wanted`: itself when measured there, transferred when it can be, else None."""
+    if measured.layout == wanted:
+        return measured
+    if not can_transfer(measured.layout, wanted):
         return None
-    return TransferredLatencyModel(wanted, base, RooflineLatencyModel(shape, wanted, device))
+    return TransferredLatencyModel(wanted, measured, RooflineLatencyModel(shape, wanted, device))

@@ -31,7 +31,7 @@ from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import LatencyProfile
 from mnemosyne.latency.roofline import DeviceSpec, RooflineLatencyModel
 from mnemosyne.latency.shape import Layout, ModelShape
-from mnemosyne.latency.transfer import TransferredLatencyModel, transferred_model
+from mnemosyne.latency.transfer import TransferredLatencyModel, model_for_layout
 from mnemosyne.parallel.validate import check_layout
 from mnemosyne.simulator.setup import GPU_MEMORY_FRACTION
 
@@ -167,10 +167,7 @@ def plan(
     for layout in candidate_layouts(model_cfg, num_gpus):
         model = None
         if profile is not None and profile.key.shape == shape:
-            if profile.key.layout == layout:
-                model = profile.model
-            else:
-                model = transferred_model(profile.model, shape, layout, spec)
+            model = model_for_layout(profile.model, shape, layout, spec)
         plans.append(
             plan_layout(
                 model_cfg,

@@ -27,7 +27,7 @@ from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import load_profile
 from mnemosyne.latency.roofline import DEVICE_SPECS, DeviceSpec, RooflineLatencyModel
 from mnemosyne.latency.shape import Layout, ModelShape
-from mnemosyne.latency.transfer import transferred_model
+from mnemosyne.latency.transfer import model_for_layout
 from mnemosyne.parallel.validate import check_layout
 
 GPU_MEMORY_FRACTION = 0.9  # of device memory for weights + KV (the rest: activations, context)
@@ -86,9 +86,7 @@ def matching_profile_model(config: EngineConfig, path: str | Path, spec: DeviceS
     layout or for its tp without spp / kvp (transferred: `latency/transfer.py`)."""
     shape, layout = _shape_layout(config)
     profile = load_profile(path)
-    if profile.key.shape == shape and profile.key.layout == layout:
-        return profile.model
-    model = transferred_model(profile.model, shape, layout, spec) if profile.key.shape == shape else None
+    model = model_for_layout(profile.model, shape, layout, spec) if profile.key.shape == shape else None
     if model is None:
         raise ConfigError(
             f"latency profile {path} was measured for {profile.key.shape} {profile.key.layout}, "

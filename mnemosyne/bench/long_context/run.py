@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -76,6 +77,17 @@ def write_model_dir(shape: str, root: Path, max_positions: int = 1 << 21) -> Pat
     return path
 
 
+def parse_layout(name: str) -> dict[str, int]:
+    """'tp2xspp2' -> {'tp': 2, 'spp': 2, 'kvp': 1} (the multi-GPU benchmarks' layout names)."""
+    sizes = {"tp": 1, "spp": 1, "kvp": 1}
+    for part in name.split("x"):
+        m = re.fullmatch(r"(tp|spp|kvp)(\d+)", part)
+        if m is None:
+            raise SystemExit(f"bad layout {name!r}: expected e.g. tp4, tp2xspp2, spp2xkvp2")
+        sizes[m.group(1)] = int(m.group(2))
+    return sizes
+
+
 def _part(ns: argparse.Namespace, model_dir: Path) -> dict:
     if ns.part == "kernels":
         from mnemosyne.bench.long_context.kernels import run_all
@@ -117,7 +129,9 @@ def device_info() -> dict:
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape (random weights)")
+    ap.add_argument(
+        "--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape (random weights)"
+    )
     ap.add_argument("--parts", default="kernels,hf,engine", help="comma-separated parts to run")
     ap.add_argument("--part", choices=["kernels", "hf", "engine"], help=argparse.SUPPRESS)
     ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
@@ -129,7 +143,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         "--hf-contexts", type=_ints, default=[32768, 131072, 524288], help="contexts for HF transformers"
     )
     ap.add_argument("--num-decode", type=int, default=16, help="decode steps per measurement")
-    ap.add_argument("--kv-fraction", type=float, default=0.97, help="fraction of free memory for the KV cache")
+    ap.add_argument(
+        "--kv-fraction", type=float, default=0.97, help="fraction of free memory for the KV cache"
+    )
     ap.add_argument("--part-timeout", type=float, default=400.0, help="seconds per part")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (a PNG is written beside it)")
 
