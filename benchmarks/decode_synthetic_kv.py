@@ -71,7 +71,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from mnemosyne.bench.long_context.engine import random_prompt
+from mnemosyne.bench.long_context.engine import COPY_BPS, decode_floor_s, random_prompt
 from mnemosyne.bench.long_context.run import (
     LONG_MAX_POSITIONS,
     SHAPES,
@@ -92,7 +92,6 @@ from mnemosyne.errors import ConfigError
 from mnemosyne.executor.uniproc import UniProcExecutor
 from mnemosyne.sampling_params import SamplingParams
 
-COPY_BPS = 4.2e12
 DEFAULT_CONTEXTS_PER_GROUP = (1_000_000, 2_000_000, 3_500_000)
 
 
@@ -196,7 +195,7 @@ def in_process_graphs(engine: LLMEngine):  # -> DecodeGraphs | None
 
 def step_floor_s(cfg: ModelConfig, held: list[int], tp: int) -> float:
     """(weight bytes + the busiest group's KV bytes) / tp / 4.2 TB/s (the module docstring)."""
-    return (cfg.weight_bytes + max(held) * cfg.kv_bytes_per_token) / tp / COPY_BPS
+    return decode_floor_s(cfg, max(held)) / tp
 
 
 class ForwardTimer:

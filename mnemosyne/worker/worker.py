@@ -145,7 +145,9 @@ class Worker:
                     history.observe(chunk.start, chunk.token_ids)
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
         # Every rank, idle or not, whenever the plan has decode aheads (a world collective).
-        needs_host = any(c.is_decode_ahead and c.request_id in self.histories for c in plan.chunks)
+        needs_host = bool(self.histories) and any(
+            c.is_decode_ahead and c.request_id in self.histories for c in plan.chunks
+        )
         self._ahead = DecodeAheadTokens.exchange(plan, self._previous, self.pg.world, self.device, needs_host)
         if self._ahead is not None:
             self._ahead.fill(batch)
