@@ -45,6 +45,7 @@ def build_app(ctx: ServingContext, metrics: ServerMetrics, api_key: str | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        ctx.prompts.close()
         await asyncio.to_thread(ctx.engine.stop)
 
     app = FastAPI(title="Mnemosyne", lifespan=lifespan)
@@ -111,16 +112,16 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
             raise InvalidRequestError("give exactly one of 'prompt' and 'messages'")
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            tokens = ctx.apply_chat_template(messages, body.add_generation_prompt, None)
+            tokens = await ctx.prompts.apply_chat_template(messages, body.add_generation_prompt, None)
         else:
-            tokens = ctx.encode(body.prompt or "", body.add_special_tokens)
+            tokens = await ctx.prompts.encode(body.prompt or "", body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": ctx.max_model_len}
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         body.check_unknown_fields()
         ctx.check_model(body.model)
-        return {"prompt": ctx.tokenizer.decode(ctx.check_token_ids(body.tokens))}
+        return {"prompt": await ctx.prompts.decode(ctx.check_token_ids(body.tokens))}
 
     return router
 

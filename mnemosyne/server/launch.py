@@ -36,6 +36,7 @@ from mnemosyne.errors import ConfigError
 from mnemosyne.models.default_model import DEFAULT_MODEL_NAME
 from mnemosyne.server.api_server import build_app
 from mnemosyne.server.async_engine import AsyncEngine
+from mnemosyne.server.prompt_tokenizer import PromptTokenizer
 from mnemosyne.server.serving import ServingContext
 
 logger = logging.getLogger("mnemosyne.server")
@@ -64,9 +65,11 @@ def build_server(engine_args: EngineArgs, server_args: ServerArgs) -> tuple[Fast
     name = server_args.served_model_name or engine_args.model or DEFAULT_MODEL_NAME
     async_engine = AsyncEngine(engine_args, name, server_args.max_waiting_requests)
     info = async_engine.info
+    tokenizer = load_tokenizer(info.model_dir, read_chat_template(engine_args.chat_template))
     ctx = ServingContext(
         engine=async_engine,
-        tokenizer=load_tokenizer(info.model_dir, read_chat_template(engine_args.chat_template)),
+        tokenizer=tokenizer,
+        prompts=PromptTokenizer(tokenizer),
         model_name=name,
         max_model_len=info.max_model_len,
         max_request_tokens=info.max_request_tokens,

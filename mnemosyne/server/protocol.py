@@ -136,7 +136,9 @@ class _SamplingFields(_RequestBody):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Token ids first: pydantic's smart union picks the same member in any order, but this
+    # order validates a 500K-id prompt in 4 ms instead of 86 ms (on the event loop).
+    prompt: list[int] | str | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False

@@ -25,7 +25,7 @@ from mnemosyne.outputs import RequestOutput
 from mnemosyne.request import TokenLogprobs
 from mnemosyne.server.async_engine import AsyncEngine, RequestHandle
 from mnemosyne.server.errors import APIError
-from mnemosyne.server.validation import check_text
+from mnemosyne.server.prompt_tokenizer import PromptTokenizer
 
 T = TypeVar("T")
 
@@ -33,7 +33,8 @@ T = TypeVar("T")
 @dataclass
 class ServingContext:
     engine: AsyncEngine
-    tokenizer: Any  # a transformers tokenizer owned by the event loop thread (the engine has its own)
+    tokenizer: Any  # a transformers tokenizer owned by the event loop thread: one-token texts
+    prompts: PromptTokenizer  # prompts are tokenized on a thread of their own, off the loop
     model_name: str
     max_model_len: int
     max_request_tokens: int  # min(max_model_len, KV capacity of one request)
@@ -50,27 +51,12 @@ class ServingContext:
                 code="model_not_found",
             )
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        check_text(text, "prompt")  # a lone surrogate would fail in the tokenizer (a 500)
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
     def check_token_ids(self, ids: list[int]) -> list[int]:
-        if any(not 0 <= t < self.vocab_size for t in ids):
+        """`ids` (ints, as the request model guarantees) if all are in the vocabulary; min
+        and max, not a Python loop: a prompt may hold millions of ids."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             raise InvalidRequestError(f"token ids must be integers in [0, {self.vocab_size})")
         return ids
-
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool, kwargs: dict[str, Any] | None
-    ) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise InvalidRequestError("this model has no chat template: use /v1/completions")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **(kwargs or {})
-            )
-        except Exception as e:  # template errors (e.g. role order a template forbids) are the caller's
-            raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
-        return self.encode(text, add_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

@@ -40,7 +40,9 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServingContext
     messages = req.template_messages()
     for m in messages:
         check_text(m["content"], "messages")
-    prompt_ids = ctx.apply_chat_template(messages, req.add_generation_prompt, req.chat_template_kwargs)
+    prompt_ids = await ctx.prompts.apply_chat_template(
+        messages, req.add_generation_prompt, req.chat_template_kwargs
+    )
     max_tokens = req.requested_max_tokens()
     if max_tokens is None:
         max_tokens = ctx.default_max_tokens(len(prompt_ids))
