@@ -37,6 +37,7 @@ Configurations (`--configs`, comma-separated), each on a fresh server:
     fcfs_fixed512    --chunk-policy fixed --chunk-size 512  --scheduling-policy fcfs
     fcfs_fixed2048   --chunk-policy fixed --chunk-size 2048 --scheduling-policy fcfs
     lars_adaptive    --chunk-policy adaptive --scheduling-policy lars (space sharing included)
+    fcfs_adaptive    --chunk-policy adaptive --scheduling-policy fcfs (only when named)
 
 all with `--load-format dummy --no-enable-prefix-caching --tbt-slo-ms --max-num-batched-tokens`
 (and `--latency-profile` when given). Per configuration: start the server, wait for /health
@@ -79,7 +80,7 @@ from benchmarks.serving_trace_data import (
     ttft_deadlines_s,
     write_trace,
 )
-from benchmarks.serving_trace_server import CONFIGS, run_config
+from benchmarks.serving_trace_server import CONFIGS, DEFAULT_CONFIGS, run_config
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 
 SHAPE_NAMES = {"1b": "llama3.2-1b", "8b": "llama3-8b"}
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--out", type=Path, required=True, help="output directory")
     ap.add_argument(
-        "--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS)
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS)
     )
     ap.add_argument(
         "--dry-run", action="store_true", help="only write the trace (OUT/trace.jsonl) and its stats"

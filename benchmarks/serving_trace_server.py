@@ -20,7 +20,9 @@ CONFIGS: dict[str, list[str]] = {
     "fcfs_fixed512": ["--chunk-policy", "fixed", "--chunk-size", "512", "--scheduling-policy", "fcfs"],
     "fcfs_fixed2048": ["--chunk-policy", "fixed", "--chunk-size", "2048", "--scheduling-policy", "fcfs"],
     "lars_adaptive": ["--chunk-policy", "adaptive", "--scheduling-policy", "lars"],
+    "fcfs_adaptive": ["--chunk-policy", "adaptive", "--scheduling-policy", "fcfs"],  # adaptive without LARS
 }
+DEFAULT_CONFIGS = ("fcfs_fixed512", "fcfs_fixed2048", "lars_adaptive")  # the scheduling issue's three
 SERVER_METRICS = ("mnemosyne:tbt_slo_total", "mnemosyne:ttft_slo_total", "mnemosyne:num_preemptions_total")
 SERVER_HISTOGRAMS = ("mnemosyne:step_time_predicted_over_actual", "mnemosyne:prefill_chunk_tokens")
 

@@ -67,7 +67,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="tokens per step"
     )
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests per step")
-    g.add_argument("--chunk-size", type=int, default=d.chunk_size, help="prefill chunk tokens")
+    g.add_argument(
+        "--chunk-size", type=int, default=d.chunk_size,
+        help="prefill chunk tokens of the fixed chunk policy (giving it selects that policy; default 512)",
+    )  # fmt: skip
     g.add_argument(
         "--kv-cache-memory-gb",
         type=float,
@@ -170,13 +173,15 @@ def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
         "--chunk-policy",
         default=d.chunk_policy,
         choices=[k.value for k in ChunkPolicyKind],
-        help="fixed: --chunk-size; adaptive: the largest chunk whose predicted step time fits --tbt-slo-ms",
+        help="fixed: --chunk-size; adaptive: the largest chunk whose predicted step time fits --tbt-slo-ms. "
+        "Default: fixed with --chunk-size or on CPU, else adaptive",
     )
     pol.add_argument(
         "--scheduling-policy",
         default=d.scheduling_policy,
         choices=[k.value for k in SchedulingPolicyKind],
-        help="fcfs: by arrival; lars: least relative slack first, with space sharing for long prefills",
+        help="fcfs: by arrival; lars: least relative slack first, with space sharing for long prefills. "
+        "Default: lars with adaptive chunks, fcfs with fixed ones",
     )
     pol.add_argument("--tbt-slo-ms", type=float, default=d.tbt_slo_ms, help="time-between-tokens target")
     pol.add_argument(

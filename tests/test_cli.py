@@ -183,3 +183,26 @@ def test_bench_latency_and_long_context_without_gpu(chat_model: Path, tmp_path: 
         assert main(["bench", "long-context"]) == 2
         err = capsys.readouterr().err.strip()
         assert err == "error: mnemosyne bench long-context needs a CUDA GPU, and none is visible"
+
+
+@pytest.mark.parametrize(
+    ("given", "device", "want"),
+    [
+        ({}, "cpu", ("fixed", "fcfs", 512)),
+        ({}, "cuda", ("adaptive", "lars", 512)),
+        ({}, "simulated", ("adaptive", "lars", 512)),  # the simulator models GPUs
+        ({"chunk_size": 2048}, "cuda", ("fixed", "fcfs", 2048)),  # a chunk size asked for is kept
+        ({"chunk_policy": "adaptive"}, "cpu", ("adaptive", "lars", 512)),
+        ({"chunk_policy": "adaptive", "scheduling_policy": "fcfs"}, "cuda", ("adaptive", "fcfs", 512)),
+        ({"scheduling_policy": "fcfs"}, "cuda", ("adaptive", "fcfs", 512)),
+        ({"chunk_policy": "fixed"}, "cuda", ("fixed", "fcfs", 512)),
+    ],
+)
+def test_default_policies_follow_the_device_and_the_flags(given: dict, device: str, want: tuple) -> None:
+    """Unnamed policies: adaptive + LARS on a GPU, fixed + FCFS on CPU or with a chunk size
+    (engine/args.py: default_policies); the CLI leaves both unnamed unless given."""
+    args = EngineArgs(**given)
+    pc = args.policy_config(device)
+    assert (pc.chunk_policy.value, pc.scheduling_policy.value, args.chunk_size or 512) == want
+    ns = parse_args(build_parser(), ["generate", "--prompt", "x"])
+    assert engine_args_from(ns).chunk_policy is None and engine_args_from(ns).scheduling_policy is None

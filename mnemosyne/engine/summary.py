@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mnemosyne.config import AttentionBackendKind
+from mnemosyne.config import AttentionBackendKind, ChunkPolicyKind
 from mnemosyne.engine.llm_engine import LLMEngine
 
 
@@ -62,7 +62,10 @@ def engine_summary(
     if cfg.cache.max_tokens_per_kvp_group is not None and len(per_group) > 1:
         kv += f"; a request moves on to the next group every {cfg.cache.max_tokens_per_kvp_group:,} tokens"
     chunk = f"{_describe(engine.scheduler.chunk_policy)}"
-    chunk += f" (chunk {sched.chunk_size or 'whole prompt'}, {sched.max_num_batched_tokens} tokens per step)"
+    if cfg.policy.chunk_policy is ChunkPolicyKind.FIXED:
+        chunk += f" (chunk {sched.chunk_size or 'whole prompt'}, {sched.max_num_batched_tokens} tokens per step)"
+    else:
+        chunk += f" (at most {sched.max_num_batched_tokens} tokens per step)"
     lines = [
         ("model", f"{model_name} ({cfg.model_dir})"),
         ("architecture", cfg.model.architecture),
