@@ -13,8 +13,10 @@ step kind:
     mixed     decodes + one chunk
 
 --out writes the profile refit with --variant (format 2, the same key and samples, predicted_s
-recomputed, "refit" saying how). --validation: a `benchmarks.latency_validation` result (held-out
-measured steps, possibly of other kernels: the report says which file) predicted by each fit.
+recomputed, "refit" saying how). --validation: held-out measured steps predicted by each fit,
+from a `benchmarks.latency_validation` result (possibly of other kernels: the report says which
+file) or from an engine's step log (`--step-log FILE` of `mnemosyne serve`/`generate`: the steps a
+real run served, `engine/step_log.py`; its warm-up steps, --skip-steps, are left out).
 The kernel feature needs the backend's cost table and whether the cache took page-aligned
 tiles: a CUDA profile of a 16-bit model with --block-size a multiple of 64 (the engine's
 default, 64) did. Single KVP group profiles only (the samples do not store the group size).
@@ -30,6 +32,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mnemosyne.engine.step_log import read_step_log
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.fitted import FittedLatencyModel, fit_latency_model
 from mnemosyne.latency.profile_store import LatencyProfile, load_profile, save_profile
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="kernel_keys", choices=sorted(VARIANTS))
     p.add_argument("--report", help="write the cross-validation report JSON here")
     p.add_argument("--block-size", type=int, default=64, help="the profiled engine's KV block size")
-    p.add_argument("--validation", help="a latency_validation result to predict (held-out steps)")
+    p.add_argument("--validation", help="a latency_validation result or a step log to predict (held-out steps)")
+    p.add_argument("--skip-steps", type=int, default=16, help="a step log's first steps left out (warm-up)")
     ns = p.parse_args(argv)
 
     profile = load_profile(ns.profile)
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = profile.info["samples"]
     pairs = list(zip(compositions(samples, ns.block_size), [s["measured_s"] for s in samples], strict=True))
     kinds = [step_kind(s["seqs"]) for s in samples]
-    held_out = json.loads(Path(ns.validation).read_text()) if ns.validation else None
+    held_out = load_held_out(ns.validation, ns.skip_steps) if ns.validation else None
 
     report: dict = {"profile": ns.profile, "block_size": ns.block_size, "variants": {}}
     per_sample = {}
@@ -156,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         save_profile(LatencyProfile(profile.key, model, info), Path(ns.out))
         print(f"wrote {ns.out}")
     return 0
+
+
+def load_held_out(path: str, skip_steps: int) -> dict:
+    """{"steps": [{"seqs", "measured_s"}, ...]} from a latency_validation result or a step log."""
+    try:
+        _, steps = read_step_log(path)
+    except ValueError:  # not a step log: a latency_validation result (one JSON document)
+        return json.loads(Path(path).read_text())
+    return {"steps": [s for s in steps[skip_steps:] if s["seqs"] and s["measured_s"] > 0]}
 
 
 def pct(s: dict) -> str:

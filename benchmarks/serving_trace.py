@@ -150,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--min-deadline-s", type=float, default=0.5)
     s.add_argument("--latency-profile", type=Path, default=None, help="for the server (adaptive / lars)")
     s.add_argument("--server-args", default="", help="more `mnemosyne serve` flags, one string")
+    s.add_argument(
+        "--step-logs", action="store_true",
+        help="each server writes OUT/runs/CONFIG.steps.jsonl (every step; `refit_latency_profile --validation`)",
+    )  # fmt: skip
     s.add_argument("--startup-timeout-s", type=float, default=300.0)
     s.add_argument("--request-timeout-s", type=float, default=300.0, help="per request (bench --timeout-s)")
     s.add_argument("--warmup-prompts", type=int, default=8, help="short random requests before the trace")

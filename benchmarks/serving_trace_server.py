@@ -39,6 +39,7 @@ def server_command(
         "--prefill-only-step-ms", str(ns.prefill_only_step_ms),
         "--deadline-factor", str(ns.deadline_factor), "--min-deadline-s", str(ns.min_deadline_s),
         *(["--latency-profile", str(ns.latency_profile)] if ns.latency_profile else []),
+        *(["--step-log", str(ns.out / "runs" / f"{config}.steps.jsonl")] if ns.step_logs else []),
         *CONFIGS[config], *shlex.split(ns.server_args),
     ]  # fmt: skip
 

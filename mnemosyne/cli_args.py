@@ -68,6 +68,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests per step")
     g.add_argument(
+        "--step-log", default=d.step_log, metavar="FILE",
+        help="write every step (its chunks, predicted and measured seconds) to FILE as JSON lines",
+    )  # fmt: skip
+    g.add_argument(
         "--chunk-size", type=int, default=d.chunk_size,
         help="prefill chunk tokens of the fixed chunk policy (giving it selects that policy; default 512)",
     )  # fmt: skip

@@ -340,6 +340,7 @@ class EngineConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     generation_config: GenerationConfigMode = GenerationConfigMode.AUTO
     chat_template: str | None = None  # overrides the tokenizer's (Jinja text)
+    step_log: str | None = None  # write every step's composition and times here (engine/step_log.py)
 
     def __post_init__(self) -> None:
         """One KVP count: the cache has one block pool per KVP group of the layout."""

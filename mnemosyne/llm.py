@@ -58,6 +58,7 @@ class LLM:
         async_scheduling: bool = True,
         generation_config: str = "auto",
         chat_template: str | None = None,
+        step_log: str | None = None,
     ) -> None:
         """See `EngineArgs` for every option. Sampling fields a SamplingParams leaves out take
         the model's generation_config.json defaults (generation_config="auto"). With tp * spp * kvp > 1, one worker process
@@ -101,6 +102,7 @@ class LLM:
             async_scheduling=async_scheduling,
             generation_config=generation_config,
             chat_template=chat_template,
+            step_log=step_log,
         )
         self.engine = LLMEngine.from_args(args)
 

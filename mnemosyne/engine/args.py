@@ -82,6 +82,7 @@ class EngineArgs:
     async_scheduling: bool = True  # prepare step n+1 while step n runs (spp == 1 layouts; a no-op with spp > 1)
     generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
     chat_template: str | None = None  # a Jinja file (or the template itself) instead of the tokenizer's
+    step_log: str | None = None  # a JSON-lines file: every step's chunks, predicted and measured time
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -236,6 +237,7 @@ class EngineArgs:
             policy=self.policy_config(device),
             generation_config=parse_enum(GenerationConfigMode, self.generation_config, "generation_config"),
             chat_template=read_chat_template(self.chat_template),
+            step_log=self.step_log,
         )
 
     def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig, parallel: ParallelConfig) -> float:

@@ -23,6 +23,7 @@ from mnemosyne.engine.priority import ttft_deadline_s
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
 from mnemosyne.engine.step_load import step_composition
+from mnemosyne.engine.step_log import StepLog
 from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
@@ -103,6 +104,7 @@ class LLMEngine:
         # (predicted_s, submitted at time.monotonic(), composition) of each micro-batch in flight
         self._inflight_timing: deque[tuple[float, float, StepComposition]] = deque()
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
+        self.step_log = StepLog(config.step_log, config, time.monotonic()) if config.step_log else None
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -205,6 +207,8 @@ class LLMEngine:
         self._last_result_time = now
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
+        if self.step_log is not None:
+            self.step_log.write(now, now - started, predicted_s, sched)
         if self.policies.calibration is not None:
             self.policies.calibration.observe(composition, predicted_s, submitted, now)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
@@ -322,6 +326,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the workers (a no-op on one device). The engine is unusable afterwards."""
+        if self.step_log is not None:
+            self.step_log.close()
         self.executor.shutdown()
 
     def __enter__(self) -> LLMEngine:

@@ -1,0 +1,76 @@
+"""A JSON-lines record of every step the engine ran: what it held, what the latency model
+predicted, how long it took. For fitting the latency model to a real serving run
+(`benchmarks/refit_latency_profile.py --step-log`), and for finding steps that overrun.
+
+    line 1      {"format": "mnemosyne-step-log-1", "device", "model_dir", "dtype", "layout",
+                 "block_size", "async_scheduling"}
+    each step   {"t_s":        seconds from the engine's start to the step's result
+                 "measured_s": its time: result - max(submitted, previous result) with async
+                               scheduling (the device began it when the step before ended),
+                               result - submitted without
+                 "predicted_s": the latency model's uncorrected prediction
+                 "seqs":       [[query tokens, keys before them], ...] per chunk, decodes
+                               first: the shape of a profile's samples (`latency/profile_store.py`)}
+
+Only the engine's policies read the latency model; this changes no schedule. Times in
+seconds, sizes in tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TextIO
+
+from mnemosyne.config import EngineConfig
+from mnemosyne.engine.scheduler_output import SchedulerOutput
+
+STEP_LOG_FORMAT = "mnemosyne-step-log-1"
+
+
+class StepLog:
+    def __init__(self, path: str | Path, config: EngineConfig, start_s: float) -> None:
+        """`start_s`: the engine's start on the clock of `write`'s times (time.monotonic())."""
+        self._file: TextIO | None = Path(path).open("w", encoding="utf-8")
+        self._start_s = start_s
+        p = config.parallel
+        header = {
+            "format": STEP_LOG_FORMAT,
+            "device": config.device,
+            "model_dir": config.model_dir,
+            "dtype": str(config.model.dtype).removeprefix("torch."),
+            "layout": {"tp": p.tp, "spp": p.spp, "kvp": p.kvp},
+            "block_size": config.cache.block_size,
+            "async_scheduling": config.scheduler.async_scheduling,
+        }
+        self._file.write(json.dumps(header) + "\n")
+
+    def write(self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput) -> None:
+        if self._file is None:
+            return
+        seqs = [[c.num_tokens, c.start] for c in sched.chunks]
+        line = {"t_s": round(done_s - self._start_s, 6), "measured_s": measured_s, "predicted_s": predicted_s}
+        self._file.write(json.dumps({**line, "seqs": seqs}) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_step_log(path: str | Path) -> tuple[dict, list[dict]]:
+    """(header, steps) of a step log; a truncated last line (a killed engine) is skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != STEP_LOG_FORMAT:
+        raise ValueError(f"{path} is not a step log (its first line is not a {STEP_LOG_FORMAT} header)")
+    steps = []
+    for line in lines[1:]:
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return header, steps

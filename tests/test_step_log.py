@@ -1,0 +1,56 @@
+"""The engine's step log (engine/step_log.py): one line per processed step whose chunks are
+exactly what the scheduler ran, readable by the latency-model refit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TEST_DEVICE
+
+from benchmarks.refit_latency_profile import load_held_out
+from mnemosyne import SamplingParams
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.engine.step_log import STEP_LOG_FORMAT, read_step_log
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, async_scheduling: bool):
+    path = tmp_path / "steps.jsonl"
+    args = EngineArgs(
+        model=str(tiny_model_dir("llama")), dtype="float32", device=TEST_DEVICE, max_model_len=128,
+        block_size=4, chunk_size=8, max_num_batched_tokens=32, kv_cache_memory_gb=0.001,
+        async_scheduling=async_scheduling, step_log=str(path),
+    )  # fmt: skip
+    prompts = {"a": list(range(5, 25)), "b": list(range(30, 37))}  # 20 and 7 tokens
+    num_out = 6
+    with LLMEngine.from_args(args) as engine:
+        for rid, ids in prompts.items():
+            engine.add_request(ids, SamplingParams(temperature=0, max_tokens=num_out, ignore_eos=True), rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+    header, steps = read_step_log(path)
+    assert header["format"] == STEP_LOG_FORMAT and header["layout"] == {"tp": 1, "spp": 1, "kvp": 1}
+    assert header["block_size"] == 4 and header["async_scheduling"] is async_scheduling
+    times = [s["t_s"] for s in steps]
+    assert times == sorted(times) and all(s["measured_s"] > 0 and s["predicted_s"] > 0 for s in steps)
+    # Every token position of each request was computed once: prompt chunks of at most 8
+    # tokens, then one decode per output token but the last (sampled, never fed back).
+    # A stale decode ahead (async, after a request's last token) would add a position.
+    positions = sorted((n, start) for s in steps for n, start in s["seqs"])
+    assert all(n <= 8 for n, _ in positions)
+    total = sum(n for n, _ in positions)
+    want = sum(len(ids) + num_out - 1 for ids in prompts.values())
+    assert want <= total <= want + (2 if async_scheduling else 0)
+    held = load_held_out(str(path), skip_steps=2)
+    assert held["steps"] == steps[2:]
+
+
+def test_not_a_step_log_is_named(tmp_path: Path):
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps({"steps": []}, indent=1))
+    with pytest.raises(ValueError, match="not a step log"):
+        read_step_log(bad)
+    assert load_held_out(str(bad), 0) == {"steps": []}  # the other held-out format
