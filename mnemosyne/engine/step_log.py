@@ -1,6 +1,7 @@
 """A JSON-lines record of every step the engine ran: what it held, what the latency model
-predicted, how long it took. For fitting the latency model to a real serving run
-(`benchmarks/refit_latency_profile.py --step-log`), and for finding steps that overrun.
+predicted, how long it took. For checking a latency profile against the steps a real run
+served (`benchmarks/refit_latency_profile.py --validation FILE`), and for finding steps that
+overrun their prediction.
 
     line 1      {"format": "mnemosyne-step-log-1", "device", "model_dir", "dtype", "layout",
                  "block_size", "async_scheduling"}
