@@ -294,3 +294,23 @@ def test_device_profile_is_calibrated_against_by_adaptive_chunking(model_1b, tmp
     # calibrated: only the steps before the calibration warms up do
     assert off["summary"]["tbt_s"]["p99"] > 0.035
     assert on["summary"]["tbt_s"]["p99"] <= 0.021
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_an_arrival_waits_for_the_step_already_planned(model_1b, async_scheduling):
+    """As in LLMEngine: with async scheduling the step after the running one is planned before
+    a request that arrives during the running one can join, so its first chunk runs one step
+    later; without, it joins the next step."""
+    args = EngineArgs(
+        chunk_size=2048, max_num_batched_tokens=4096, max_model_len=262144, async_scheduling=async_scheduling
+    )
+    config = simulated_engine_config(model_1b, args, device_spec("h200"))
+    model, source = latency_model_for(config, device_spec("h200"))
+    engine = SimulatedEngine(config, model, source, record_steps=True)
+    engine.add_request("long", 200_000, 2, arrival_s=0.0)
+    engine.step()  # the long prompt's first chunk (and, async, its second, planned) are in flight
+    engine.add_request("short", 100, 2, arrival_s=engine.now_s)
+    while engine.has_work():
+        engine.step()
+    first = next(i for i, s in enumerate(engine.steps) if any(rid == "short" for rid, _, _ in s.chunks))
+    assert first == (2 if async_scheduling else 1)

@@ -54,6 +54,10 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kvp", type=int, default=1)
     g.add_argument("--max-tokens-per-kvp-group", type=int, default=None)
     g.add_argument("--pipeline-depth", type=int, default=None, help="micro-batches in flight (default: spp)")
+    g.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+        help="two steps in flight with spp == 1, as the engine runs (arrivals wait for the planned step)",
+    )  # fmt: skip
     add_policy_args(p, d)
 
 
@@ -63,6 +67,7 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
         "kv_cache_memory_gb", "tp", "spp", "kvp", "max_tokens_per_kvp_group", "pipeline_depth",
         "chunk_policy", "scheduling_policy", "tbt_slo_ms", "prefill_only_step_ms", "latency_profile", "long_prefill_threshold",
         "deadline_factor", "min_deadline_s", "chunk_granularity", "min_chunk_tokens", "online_calibration",
+        "async_scheduling",
     )  # fmt: skip
     return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
 
@@ -113,6 +118,7 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
         "chunk_policy": config.policy.chunk_policy.value,
         "scheduling_policy": config.policy.scheduling_policy.value,
         "online_calibration": config.policy.online_calibration,
+        "async_scheduling": config.scheduler.async_scheduling,
         "latency_error_factor": ns.latency_error_factor,
         "device_latency_model": source if device_path is None else str(device_path),
         "command": "mnemosyne " + " ".join(sys.argv[1:]),

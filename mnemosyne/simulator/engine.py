@@ -19,11 +19,13 @@ profile measured in the run's conditions), which the calibration then learns as 
 With KVP the composition holds one sub-batch per group plus the merged query tokens
 (`engine/step_load.py`); the latency model charges the busiest group and the merge.
 Every sampled token is 0 and requests ignore EOS, so each stops at its output length.
-Prefix caching is off (a trace carries lengths, not contents). Async scheduling is not
-simulated as such: steps are synchronous (one micro-batch in flight with spp = 1, so the
-scheduler never decodes ahead); what it saves is in the step times of a profile timed as the
-engine runs (`profiling/profiler.py`: pipelined, result to result, the default with async
-scheduling).
+Prefix caching is off (a trace carries lengths, not contents). Async scheduling (spp == 1)
+keeps two micro-batches in flight as `LLMEngine` does: the next step is scheduled, decodes
+ahead included, while one runs, so a request that arrives joins the step after the one
+already planned (on a long prefill's 0.3-0.9 s steps, that wait is most of a short request's
+TTFT). The device still runs them one after the other (`StagePipeline` with one stage); the
+host time async scheduling hides is in the step times of a profile timed as the engine runs
+(`profiling/profiler.py`: pipelined, result to result).
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ class SimulatedEngine:
         )
         self.step_timer = step_timer  # None: steps take exactly the predicted time
         self.pipeline = StagePipeline(config.parallel.spp)
-        self.max_inflight = config.parallel.max_inflight
+        # As LLMEngine: async scheduling keeps two steps in flight (the next is planned while
+        # one runs, so a request that arrives now joins the step after the planned one).
+        self.max_inflight = 2 if config.scheduler.async_scheduling else config.parallel.max_inflight
         self.requests: dict[str, SimulatedRequest] = {}
         self.steps: list[StepRecord] | None = [] if record_steps else None
         self.num_steps = 0
