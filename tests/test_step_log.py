@@ -10,6 +10,8 @@ import pytest
 from conftest import TEST_DEVICE
 
 from benchmarks.refit_latency_profile import load_held_out
+from benchmarks.step_log_report import bucket_label, group_of
+from benchmarks.step_log_report import main as step_log_report
 from mnemosyne import SamplingParams
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
@@ -46,6 +48,16 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     assert want <= total <= want + (2 if async_scheduling else 0)
     held = load_held_out(str(path), skip_steps=2)
     assert held["steps"] == steps[2:]
+    rep = step_log_report([str(path), "--skip-steps", "0", "--worst", "3", "--out", str(tmp_path / "r.json")])
+    assert rep["num_steps"] == len(steps) and sum(g["steps"] for g in rep["groups"]) == len(steps)
+    assert {g["kind"] for g in rep["groups"]} <= {"decode", "1 chunk", "2+ chunks"} and len(rep["worst"]) == 3
+
+
+def test_step_groups_and_prefix_buckets():
+    assert group_of([[1, 900], [1, 50]]) == ("decode", 0)
+    assert group_of([[1, 900], [32, 5000]]) == ("1 chunk", 1)
+    assert group_of([[64, 300_000], [32, 10]]) == ("2+ chunks", 7)  # the largest prefix: 256K-512K
+    assert [bucket_label(b) for b in (0, 1, 7)] == ["< 4K", "4K-8K", "256K-512K"]
 
 
 def test_not_a_step_log_is_named(tmp_path: Path):

@@ -1,0 +1,99 @@
+"""Which served steps the latency model mispredicts: measured / predicted over an engine's
+step log (`--step-log FILE`, `engine/step_log.py`), by kind of step and prefix.
+
+    python -m benchmarks.step_log_report STEPLOG [--skip-steps 16] [--worst 10] [--out OUT.json]
+
+Groups (the prediction is the engine's own, uncorrected, from the profile it ran with):
+
+    kind      decode      decodes only
+              1 chunk     one prefill chunk (> 1 token), with or without decodes
+              2+ chunks   several prefill chunks in one step
+    prefix    the largest chunk's keys before it, in doubling buckets from 4K tokens
+              (as online calibration keys them: latency/calibration.py)
+
+Per group: steps, median and p95 of measured / predicted, and the share of steps over
+1.5x; then the `--worst` steps by that ratio with their chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from mnemosyne.engine.step_log import read_step_log
+
+PREFIX_BUCKET_TOKENS = 4096
+
+
+def group_of(seqs: list[list[int]]) -> tuple[str, int]:
+    """(kind, prefix bucket) of one step's [query tokens, keys before] list."""
+    chunks = [(n, p) for n, p in seqs if n > 1]
+    if not chunks:
+        return "decode", 0
+    kind = "1 chunk" if len(chunks) == 1 else "2+ chunks"
+    return kind, (max(p for _, p in chunks) // PREFIX_BUCKET_TOKENS).bit_length()
+
+
+def bucket_label(bucket: int) -> str:
+    if bucket == 0:
+        return f"< {PREFIX_BUCKET_TOKENS // 1024}K"
+    lo = PREFIX_BUCKET_TOKENS << (bucket - 1)
+    return f"{lo // 1024}K-{2 * lo // 1024}K"
+
+
+def report(steps: list[dict], worst: int) -> dict:
+    ratios: dict[tuple[str, int], list[float]] = defaultdict(list)
+    rows = []
+    for s in steps:
+        if s["predicted_s"] <= 0 or not s["seqs"]:
+            continue
+        r = s["measured_s"] / s["predicted_s"]
+        ratios[group_of(s["seqs"])].append(r)
+        rows.append((r, s))
+    groups = []
+    for (kind, bucket), rs in sorted(ratios.items()):
+        rs.sort()
+        groups.append({
+            "kind": kind, "prefix": bucket_label(bucket) if kind != "decode" else "-", "steps": len(rs),
+            "median_ratio": statistics.median(rs), "p95_ratio": rs[min(len(rs) - 1, int(0.95 * len(rs)))],
+            "over_1.5x": sum(r > 1.5 for r in rs) / len(rs),
+        })  # fmt: skip
+    rows.sort(key=lambda x: -x[0])
+    worst_rows = [
+        {"ratio": r, "t_s": s["t_s"], "measured_ms": 1e3 * s["measured_s"], "predicted_ms": 1e3 * s["predicted_s"],
+         "decodes": sum(1 for n, _ in s["seqs"] if n == 1), "chunks": [[n, p] for n, p in s["seqs"] if n > 1]}
+        for r, s in rows[:worst]
+    ]  # fmt: skip
+    return {"num_steps": len(rows), "groups": groups, "worst": worst_rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("step_log", type=Path)
+    ap.add_argument("--skip-steps", type=int, default=16, help="the first steps left out (warm-up)")
+    ap.add_argument("--worst", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=None)
+    ns = ap.parse_args(argv)
+    header, steps = read_step_log(ns.step_log)
+    result = {"step_log": str(ns.step_log), "header": header, **report(steps[ns.skip_steps :], ns.worst)}
+    print(f"{result['num_steps']} steps of {ns.step_log} ({header['device']}, layout {header['layout']})")
+    print(
+        f"{'kind':10s} {'prefix':>10s} {'steps':>6s} {'median':>7s} {'p95':>6s} {'>1.5x':>6s}   (measured / predicted)"
+    )
+    for g in result["groups"]:
+        print(f"{g['kind']:10s} {g['prefix']:>10s} {g['steps']:6d} {g['median_ratio']:7.2f} {g['p95_ratio']:6.2f} "
+              f"{100 * g['over_1.5x']:5.1f}%")  # fmt: skip
+    print("worst steps:")
+    for w in result["worst"]:
+        print(f"  {w['ratio']:5.2f}x  {w['measured_ms']:7.1f} ms (predicted {w['predicted_ms']:.1f})  "
+              f"at {w['t_s']:.1f} s: {w['decodes']} decodes, chunks {w['chunks']}")  # fmt: skip
+    if ns.out is not None:
+        ns.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
