@@ -340,7 +340,7 @@ class EngineConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     generation_config: GenerationConfigMode = GenerationConfigMode.AUTO
     chat_template: str | None = None  # overrides the tokenizer's (Jinja text)
-    step_log: str | None = None  # write every step's composition and times here (engine/step_log.py)
+    step_log: str | None = None  # write every step's chunks and times here (engine/step_log.py)
 
     def __post_init__(self) -> None:
         """One KVP count: the cache has one block pool per KVP group of the layout."""
@@ -349,3 +349,11 @@ class EngineConfig:
                 f"the KV cache has {len(self.cache.num_blocks_per_group)} group pools, "
                 f"the layout kvp={self.parallel.kvp}"
             )
+
+    @property
+    def max_inflight(self) -> int:
+        """Steps the engine (and the simulator) keeps in flight: two with async scheduling
+        (step n+1 is planned while n runs; a decode ahead's input is sampled by the plan just
+        before it, and the workers keep only that plan's samples: worker/decode_ahead.py),
+        else a pipeline's micro-batches (`parallel.max_inflight`)."""
+        return 2 if self.scheduler.async_scheduling else self.parallel.max_inflight

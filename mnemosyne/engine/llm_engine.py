@@ -97,9 +97,7 @@ class LLMEngine:
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
-        # Async: exactly two, as a decode ahead's input is sampled by the plan just before it
-        # (the workers keep only that plan's samples: worker/decode_ahead.py).
-        self.max_inflight = 2 if config.scheduler.async_scheduling else config.parallel.max_inflight
+        self.max_inflight = config.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         # (predicted_s, submitted at time.monotonic(), composition) of each micro-batch in flight
         self._inflight_timing: deque[tuple[float, float, StepComposition]] = deque()

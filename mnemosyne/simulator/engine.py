@@ -3,7 +3,7 @@
 Nothing of the scheduling is re-implemented: `step` is `LLMEngine.step` with the executor
 replaced by the latency model and stage events (`pipeline.py`)::
 
-    while fewer than parallel.max_inflight micro-batches are in flight:
+    while fewer than config.max_inflight micro-batches are in flight:
         sched = scheduler.schedule()            (clock = virtual now; LARS and adaptive chunking
         if empty: stop                           read it)
         done  = pipeline.submit(now, step_timer(composition of sched))
@@ -100,9 +100,7 @@ class SimulatedEngine:
         )
         self.step_timer = step_timer  # None: steps take exactly the predicted time
         self.pipeline = StagePipeline(config.parallel.spp)
-        # As LLMEngine: async scheduling keeps two steps in flight (the next is planned while
-        # one runs, so a request that arrives now joins the step after the planned one).
-        self.max_inflight = 2 if config.scheduler.async_scheduling else config.parallel.max_inflight
+        self.max_inflight = config.max_inflight  # as LLMEngine
         self.requests: dict[str, SimulatedRequest] = {}
         self.steps: list[StepRecord] | None = [] if record_steps else None
         self.num_steps = 0
