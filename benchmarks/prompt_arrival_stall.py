@@ -32,8 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import torch
 
 from benchmarks.serve_gpu import wait_healthy
+from mnemosyne.models.default_model import resolve_default_model
 from mnemosyne.server.launch import free_port
 
 
@@ -53,11 +55,22 @@ def _stream_gaps(url: str, num_tokens: int, out: list[tuple[float, float]], star
             started.set()
 
 
+def long_text_prompt(num_tokens: int) -> str:
+    """`num_tokens` common words, one token each with their space (for BPE vocabularies)."""
+    words = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as")
+    return " ".join(words[i % len(words)] for i in range(num_tokens))
+
+
 def _long_prompt(kind: str, num_tokens: int, vocab_size: int) -> str | list[int]:
     if kind == "ids":
         return [(i * 7919) % (vocab_size - 1000) + 500 for i in range(num_tokens)]
-    words = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as")  # one token each, with their space
-    return " ".join(words[i % len(words)] for i in range(num_tokens))
+    return long_text_prompt(num_tokens)
+
+
+def model_vocab_size(model: str | None) -> int:
+    """The served model's vocabulary (config.json of --model, else of the embedded default)."""
+    model_dir = Path(model) if model else resolve_default_model(torch.float32)
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
 def measure(url: str, kind: str, num_tokens: int, vocab_size: int, stream_tokens: int) -> dict:
@@ -103,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = subprocess.Popen(cmd)
     try:
         wait_healthy(url, server, 300)
-        vocab_size = int(httpx.get(url + "/v1/models").json()["data"][0].get("vocab_size", 49152))
+        vocab_size = model_vocab_size(ns.model)
         runs = [
             measure(url, kind, ns.prompt_tokens, vocab_size, ns.stream_tokens)
             for kind in ("text", "ids")

@@ -9,7 +9,7 @@ Groups (the prediction is the engine's own, uncorrected, from the profile it ran
               1 chunk     one prefill chunk (> 1 token), with or without decodes
               2+ chunks   several prefill chunks in one step
     prefix    the largest chunk's keys before it, in doubling buckets from 4K tokens
-              (as online calibration keys them: latency/calibration.py)
+              (as online calibration keys them: latency/calibration.py, prefix_bucket)
 
 Per group: steps, median and p95 of measured / predicted, and the share of steps over
 1.5x; then the `--worst` steps by that ratio with their chunks.
@@ -24,8 +24,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from mnemosyne.engine.step_log import read_step_log
+from mnemosyne.latency.calibration import CalibrationConfig, prefix_bucket
 
-PREFIX_BUCKET_TOKENS = 4096
+PREFIX_BUCKET_TOKENS = CalibrationConfig().prefix_bucket_tokens
 
 
 def group_of(seqs: list[list[int]]) -> tuple[str, int]:
@@ -34,7 +35,7 @@ def group_of(seqs: list[list[int]]) -> tuple[str, int]:
     if not chunks:
         return "decode", 0
     kind = "1 chunk" if len(chunks) == 1 else "2+ chunks"
-    return kind, (max(p for _, p in chunks) // PREFIX_BUCKET_TOKENS).bit_length()
+    return kind, prefix_bucket(max(p for _, p in chunks), PREFIX_BUCKET_TOKENS)
 
 
 def bucket_label(bucket: int) -> str:

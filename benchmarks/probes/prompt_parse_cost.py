@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import TypeAdapter
 
+from benchmarks.prompt_arrival_stall import long_text_prompt
 from mnemosyne.engine.llm_engine import load_tokenizer
 from mnemosyne.models.default_model import resolve_default_model
 from mnemosyne.server.protocol import CompletionRequest
@@ -67,8 +68,7 @@ def main() -> None:
     tok = load_tokenizer(resolve_default_model(torch.float32))
     vocab = len(tok)
     ids = np.random.default_rng(0).integers(500, vocab, ns.tokens).tolist()
-    words = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as")
-    text = " ".join(words[i % len(words)] for i in range(ns.tokens))
+    text = long_text_prompt(ns.tokens)
     body = json.dumps({"prompt": ids, "max_tokens": 1}).encode()
     old_union = TypeAdapter(str | list[str] | list[int] | list[list[int]])
     steps_ms = {

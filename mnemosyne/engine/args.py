@@ -133,10 +133,10 @@ class EngineArgs:
 
     def policy_config(self, device: str) -> PolicyConfig:
         """`device`: the resolved device ("cpu", "cuda...", or "simulated" for the simulator's GPUs)."""
-        chunk, scheduling = default_policies(device, self.chunk_size)
+        named = None  # a chunk policy given picks its scheduling default too
         if self.chunk_policy is not None:
-            chunk = parse_enum(ChunkPolicyKind, self.chunk_policy, "chunk_policy")
-            scheduling = default_policies(device, self.chunk_size, chunk)[1]
+            named = parse_enum(ChunkPolicyKind, self.chunk_policy, "chunk_policy")
+        chunk, scheduling = default_policies(device, self.chunk_size, named)
         if self.scheduling_policy is not None:
             scheduling = parse_enum(SchedulingPolicyKind, self.scheduling_policy, "scheduling_policy")
         return PolicyConfig(

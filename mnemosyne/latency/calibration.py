@@ -90,6 +90,11 @@ class CalibrationConfig:
             )
 
 
+def prefix_bucket(prefix_tokens: int, bucket_tokens: int) -> int:
+    """0 below `bucket_tokens`, then one more per doubling (the module docstring's key)."""
+    return (prefix_tokens // bucket_tokens).bit_length()
+
+
 class _Window:
     """The last n values and their q-quantile, kept current on every add; it interpolates
     linearly between the sorted values, so q = 0.5 is the median."""
@@ -130,7 +135,7 @@ class OnlineCalibration:
         if not any(g.num_chunks for g in composition.groups):
             return CalibrationKey(StepKind.DECODE_ONLY, 0)
         prefix = max(g.chunk_prefix_tokens for g in composition.groups)
-        return CalibrationKey(StepKind.WITH_CHUNK, (prefix // self.config.prefix_bucket_tokens).bit_length())
+        return CalibrationKey(StepKind.WITH_CHUNK, prefix_bucket(prefix, self.config.prefix_bucket_tokens))
 
     def observe(
         self, composition: StepComposition, predicted_s: float, submitted_s: float, done_s: float
