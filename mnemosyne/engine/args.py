@@ -330,7 +330,7 @@ def default_policies(
     prompts up to 2x in TTFT. Adaptive chunks need LARS: with FCFS order a long prefill takes
     every step's chunk budget and short prompts wait behind it (simulated: short TTFT p99
     20-30 s). On CPU no step of even the default model fits a 30 ms target, so adaptive chunks
-    would only shrink prefills (25% slower on a small batch), hence FIXED there.
+    would only shrink prefills (22% slower on a small batch: cpu_default_policies), hence FIXED there.
     "simulated" (the simulator's device) is a GPU."""
     if chunk_policy is None:
         on_cpu = device.startswith("cpu")
