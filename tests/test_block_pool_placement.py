@@ -85,7 +85,12 @@ def test_random_operations_keep_the_invariants_and_lru_eviction():
             grow = owned and rng.random() < 0.6
             seq = rng.choice(owned) if grow else []
             lru, num_unhashed = pool.evictable_order(), pool.num_free_blocks - pool.num_evictable_blocks
-            got = pool.allocate(n, after=seq[-1]) if seq else pool.allocate(n)
+            ahead = rng.choice((0, 0, 5))
+            got = (
+                pool.allocate(n, after=seq[-1], num_blocks_ahead=ahead)
+                if seq
+                else pool.allocate(n, num_blocks_ahead=ahead)
+            )
             evicted = [b for b in got if b in lru]
             assert sorted(evicted) == sorted(lru[: max(0, n - num_unhashed)])  # LRU order, as before
             assert pool.evictable_order() == lru[len(evicted) :]
@@ -134,6 +139,53 @@ def test_long_prompt_beside_desynchronized_decodes_is_one_run():
         m.free(rid)
     m.check_integrity()
     assert m.num_free_blocks() == 15000
+
+
+def _small_chunks_among_arrivals(pass_known_tokens: bool) -> int:
+    """A 64K-token prompt prefilled 32 tokens a step (a late adaptive chunk: half a block)
+    while 8 short requests decode and a new one arrives every 50 steps; the prompt's breaks."""
+    m = KVCacheManager(CacheConfig(block_size=64, num_blocks_per_group=(4000,)))
+    tokens = {f"short-{i}": 1000 + 37 * i for i in range(8)}
+    for rid, n in tokens.items():
+        assert m.allocate_slots(rid, n, num_known_tokens=n)
+    prompt_len = 65536
+    for step in range(prompt_len // 32):
+        end = 32 * (step + 1)
+        assert m.allocate_slots("long", end, num_known_tokens=prompt_len if pass_known_tokens else 0)
+        for rid in tokens:
+            tokens[rid] += 1
+            assert m.allocate_slots(rid, tokens[rid], num_known_tokens=tokens[rid] - 1)
+        if step % 50 == 49:
+            rid = f"short-{len(tokens)}"
+            tokens[rid] = 2000
+            assert m.allocate_slots(rid, 512, num_known_tokens=2000)  # its first chunk
+            assert m.allocate_slots(rid, 2000, num_known_tokens=2000)
+    m.check_integrity()
+    (piece,) = m.pieces("long")
+    return _breaks(piece.block_ids)
+
+
+def test_a_prompt_growing_in_small_chunks_keeps_one_run():
+    """Chunks of one block or less no longer drop the prompt's claim on the run after it
+    (before `num_known_tokens`, each such chunk whose successor a newcomer had taken spilled
+    to the top, and the growth upward met the spills coming down)."""
+    assert _small_chunks_among_arrivals(pass_known_tokens=True) == 0
+    assert _small_chunks_among_arrivals(pass_known_tokens=False) > 10
+
+
+def test_two_prompts_growing_at_once_split_the_largest_run():
+    pool = BlockPool(40)
+    a = pool.allocate(2, num_blocks_ahead=100)
+    assert a == [0, 1]  # claims [2, 40)
+    b = pool.allocate(2, num_blocks_ahead=10)
+    assert b == [21, 22]  # every run is claimed: from the middle of the largest, room for 10 more
+    short = pool.allocate(2)
+    assert short == [19, 20]  # not growing: the end of the largest ([2, 21), a keeps the rest)
+    for _ in range(10):
+        a += pool.allocate(1, after=a[-1], num_blocks_ahead=5)
+        b += pool.allocate(1, after=b[-1], num_blocks_ahead=5)
+    assert _breaks(a) == 0 and _breaks(b) == 0
+    pool.check_integrity()
 
 
 def test_manager_grows_pieces_in_place_across_kvp_groups():

@@ -213,7 +213,9 @@ def test_allocation_with_a_hit_is_all_or_nothing_and_never_evicts_the_hit():
 
 def _sched(blocks: tuple[int, ...], t: int | None = None, cache: bool = True, **kw) -> Scheduler:
     cfg = SchedulerConfig(
-        max_model_len=256, max_num_batched_tokens=kw.pop("budget", 32), chunk_size=kw.pop("chunk", 8)
+        max_model_len=kw.pop("max_model_len", 256),
+        max_num_batched_tokens=kw.pop("budget", 32),
+        chunk_size=kw.pop("chunk", 8),
     )
     cc = CacheConfig(4, blocks, t, enable_prefix_caching=cache, prefix_cache_salt="toy")
     return Scheduler(cfg, KVCacheManager(cc), **kw)
@@ -262,6 +264,28 @@ def test_prompt_logprobs_requests_skip_the_lookup_but_feed_the_cache():
     s.add_request(third)
     _step(s)
     assert (first.num_cached_tokens, second.num_cached_tokens, third.num_cached_tokens) == (0, 0, 20)
+
+
+def test_an_arrival_hashes_its_blocks_only_as_far_as_the_lookup_needs():
+    """A 120-block prompt with nothing cached hashes one window of 16 blocks on admission,
+    the rest as its chunks complete; one sharing 100 cached blocks still finds all 100
+    (windows of 16, 64, 256), and both end with every full block hashed and offered."""
+    doc = [3 + (i * 7) % 250 for i in range(480)]  # 120 blocks of 4
+    s = _sched((400,), budget=64, chunk=64, max_model_len=1024)
+    first = _req("a", doc, max_tokens=1)
+    s.add_request(first)
+    _step(s)
+    assert len(first.block_hashes) == 16  # the first window: block 0 missed
+    while s.has_unfinished_requests():
+        _step(s)
+    assert len(first.block_hashes) == 120
+    second = _req("b", doc[:400] + [9] * 80, max_tokens=1)
+    s.add_request(second)
+    _step(s)
+    assert second.num_cached_tokens == 400 and len(second.block_hashes) == 120  # windows 16, 64, 256
+    while s.has_unfinished_requests():
+        _step(s)
+    assert len(second.block_hashes) == 120
 
 
 @pytest.mark.parametrize("blocks,t", [((12,), None), ((10, 10, 10), 16)])

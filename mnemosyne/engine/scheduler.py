@@ -24,7 +24,7 @@ One step, with budget = max_num_batched_tokens::
 
     for each request:  n = chunk_policy.chunk_size(req, num_pending, budget_left)
                        n = min(n, kv.num_tokens_to_group_end(id, num_dispatched))   # never straddle a group
-                       kv.allocate_slots(id, num_dispatched + n)
+                       kv.allocate_slots(id, num_dispatched + n, num_tokens)
                        chunk = [num_dispatched, num_dispatched + n), sample iff it reaches num_tokens
                        num_dispatched += n; budget -= n
 
@@ -86,6 +86,8 @@ from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.kv_cache.prefix_hit import PrefixHit
 from mnemosyne.request import Request, RequestStatus
+
+PREFIX_LOOKUP_BLOCKS = 16  # the first window of blocks an arrival hashes for its cache lookup
 
 
 class Scheduler:
@@ -169,7 +171,9 @@ class Scheduler:
                 n = self._chunk_len(req, budget)
                 if n == 0:
                     break
-                if self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n):
+                if self.kv_manager.allocate_slots(
+                    req.request_id, req.num_dispatched_tokens + n, num_known_tokens=req.num_tokens
+                ):
                     budget -= self._emit(out, scheduled, req, n)
                     break
                 victim = self._choose_victim(req, scheduled, now)
@@ -190,7 +194,9 @@ class Scheduler:
         if (
             n == 0
             or not self._can_hold_whole_prompt(req, hit)  # else it would be preempted mid-prefill
-            or not self.kv_manager.allocate_slots(req.request_id, req.num_dispatched_tokens + n, hit)
+            or not self.kv_manager.allocate_slots(
+                req.request_id, req.num_dispatched_tokens + n, hit, num_known_tokens=req.num_tokens
+            )
         ):
             req.num_computed_tokens = req.num_dispatched_tokens = 0  # waiting requests hold nothing
             return open_, 0
@@ -313,17 +319,27 @@ class Scheduler:
         return needed <= self.kv_manager.num_free_blocks_total - hit.num_free_blocks
 
     def _find_cached_prefix(self, req: Request) -> PrefixHit | None:
-        """The request's cached prefix; None when caching is off or it wants prompt logprobs."""
-        if not self.kv_manager.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
+        """The request's cached prefix; None when caching is off or it wants prompt logprobs.
+        Its blocks are hashed only as far as the lookup needs: in windows growing 4x from
+        16 blocks, until one holds a block no group caches (a 500K-token prompt costs one
+        window, not 20 ms of hashing, on arrival; the rest is hashed as chunks complete)."""
+        kv = self.kv_manager
+        if not kv.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
             return None
-        self.kv_manager.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids)
-        return self.kv_manager.find_cached_prefix(req.block_hashes, req.num_tokens)
+        window = max(len(req.block_hashes), PREFIX_LOOKUP_BLOCKS)
+        while True:
+            kv.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids, window)
+            hit = kv.find_cached_prefix(req.block_hashes, req.num_tokens)
+            if hit.num_blocks < len(req.block_hashes) or len(req.block_hashes) < window:
+                return hit  # a miss inside the window, or every full block hashed
+            window *= 4
 
     def _cache_blocks(self, req: Request) -> None:
         """Offer the request's computed full blocks to the prefix cache."""
         kv = self.kv_manager
-        if kv.enable_prefix_caching and req.num_computed_tokens // kv.block_size > len(req.block_hashes):
-            kv.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids)
+        num_full = req.num_computed_tokens // kv.block_size
+        if kv.enable_prefix_caching and num_full > len(req.block_hashes):
+            kv.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids, num_full)
         kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
 
     def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:

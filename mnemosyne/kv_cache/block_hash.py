@@ -39,8 +39,11 @@ class BlockHasher:
             (self.root if parent is None else parent) + array("q", token_ids).tobytes()
         ).digest()
 
-    def extend(self, hashes: list[BlockHash], prompt: Sequence[int], outputs: Sequence[int] = ()) -> None:
-        """Append to `hashes` the hashes of the full blocks of `prompt + outputs` it lacks.
+    def extend(
+        self, hashes: list[BlockHash], prompt: Sequence[int], outputs: Sequence[int] = (), max_blocks: int | None = None
+    ) -> None:
+        """Append to `hashes` the hashes of the full blocks of `prompt + outputs` it lacks,
+        up to `max_blocks` hashes in all (None: every full block).
 
         `hashes` must hold the hashes of the first len(hashes) blocks of the same
         sequence (it only grows: prompts never change, outputs are only appended).
@@ -48,6 +51,8 @@ class BlockHasher:
         """
         b, p = self.block_size, len(prompt)
         first, end = len(hashes), (p + len(outputs)) // b
+        if max_blocks is not None:
+            end = min(end, max_blocks)
         if end <= first:
             return
         lo, hi = first * b, end * b

@@ -13,9 +13,10 @@ Placement: a request's blocks should be one run of consecutive ids, because the 
 prefill reads the leading run of a sequence's blocks in place and gathers the rest
 (`AttentionMetadata.block_runs_cpu`). The free list is kept as maximal runs of free ids
 (`free_runs.py`), and the pool remembers each piece's tail (the last block of its newest
-allocation) with its claim on the run right after it: strong when that allocation took
->= 2 blocks (a prompt or a prefill chunk: it will likely grow again next step), weak
-after a 1-block step or a step inside the last block (`allocate(0, after=tail)`, which
+allocation) with its claim on the run right after it: strong while the piece grows on
+(`num_blocks_ahead` > 0: the manager's word that its request has known tokens left to
+place there, also when this step took one block or none) or when the allocation took >= 2 blocks; weak after
+any other 1-block step or a step inside the last block (`allocate(0, after=tail)`, which
 the manager makes for every decode step), i.e. once the piece decodes. Who goes where::
 
     ids:  0 ....................................................................... N-1
@@ -23,15 +24,25 @@ the manager makes for every decode step), i.e. once the piece decodes. Who goes 
                                               tail ^ strongly claimed      spills <-
 
     allocate(n, after=tail)   1. in place: tail+1, tail+2, ... while on the free list;
-                              2. the rest: a 1-block step (a decode): the highest free id
-                                 (a spill); else as a new piece.
+                              2. the rest: a 1-block step of a piece not growing on (a
+                                 decode): the highest free id (a spill); else as a new
+                                 piece (a prefill moves once, then grows in place again).
     allocate(n)  (new piece)  the start of the largest run (of the 8 largest that fit)
-                              not strongly claimed; if all are claimed, the end of the
-                              largest (its grower keeps the rest); if none fits, the
+                              not strongly claimed, if it has room for the blocks ahead;
+                              else, for a piece growing on, the middle of the largest
+                              if claimed and its upper half has that room (each grower
+                              keeps half); else the start of the largest unclaimed run;
+                              if all are claimed, in the largest: its middle (growing)
+                              or its end (its grower keeps the rest); if none fits, the
                               lowest free ids.
 
-So a prompt growing chunk by chunk keeps one run: decodes whose successor is taken spill
-down from the top, and new requests start where nobody is growing. A new request is
+So a prompt growing chunk by chunk keeps one run, also in chunks of one block or less
+(late adaptive chunks of a long prompt). Without `num_blocks_ahead`, each such chunk that
+found its successor taken spilled to the top, and its growth upward met the spills
+coming down: in the simulated 8B serving trace (benchmarks/results/README.md, "Eighth
+session") a 351K-token prompt held 1257 runs and a 493K one (1B) 107; with it, one each.
+Decodes whose successor is taken spill down from the top, and new requests start where
+nobody is growing. A new request is
 placed with the most room after it, as it may be a long prompt (the pool never knows a
 request's final size), and requests arriving later pack behind it once it decodes. The
 claims steer placement only: they change no content and no invariant. Known weak spot:
@@ -130,17 +141,21 @@ class BlockPool:
         """Evictable blocks, the next one to be evicted first."""
         return list(self._evictable)
 
-    def allocate(self, num_blocks: int, after: int | None = None) -> list[int]:
+    def allocate(self, num_blocks: int, after: int | None = None, num_blocks_ahead: int = 0) -> list[int]:
         """Take `num_blocks` free blocks (ref count 1 each); all or nothing.
 
         `after`: the last block of the piece being grown (referenced); without it, a new
-        piece. Placement as in the module docstring; then cached blocks are evicted,
+        piece. `num_blocks_ahead`: the blocks the piece is known to take after these (a
+        prompt with tokens left); while > 0 it keeps a strong claim, and a move looks for
+        room for them too. Placement as in the module docstring; then cached blocks are evicted,
         least recently freed first (their content is dropped). The ids after the
         in-place part ascend. Raises NoFreeBlocksError, changing nothing, when fewer
         are free.
         """
-        if num_blocks < 0:
-            raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
+        if num_blocks < 0 or num_blocks_ahead < 0:
+            raise ValueError(
+                f"cannot allocate a negative number of blocks ({num_blocks}, {num_blocks_ahead} ahead)"
+            )
         if after is not None:
             self._check_id(after)
             if self._ref_counts[after] == 0:
@@ -149,9 +164,10 @@ class BlockPool:
             raise NoFreeBlocksError(
                 f"requested {num_blocks} blocks but only {self.num_free_blocks} of {self.num_blocks} are free"
             )
+        growing = num_blocks_ahead > 0
         if num_blocks == 0:
             if after in self._tails:
-                self._tails[after] = False  # the piece grows inside its last block: a decode
+                self._tails[after] = growing  # inside its last block: a decode, or a small chunk
             return []
         in_place: list[int] = []
         if after is not None:
@@ -161,11 +177,11 @@ class BlockPool:
                 in_place = self._free.take(after + 1, after + 1, min(end, after + 1 + num_blocks))
         rest = min(num_blocks - len(in_place), len(self._free))
         placed: list[int] = []
-        if rest and after is not None and num_blocks == 1:
+        if rest and after is not None and num_blocks == 1 and not growing:
             s, e = self._free.highest()
             placed = self._free.take(s, e - 1, e)  # a decode's spill
         elif rest:
-            placed = self._place_room(rest)
+            placed = self._place_room(rest, num_blocks_ahead)
         while len(in_place) + len(placed) < num_blocks:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of[b]]  # type: ignore[arg-type]  # evictable => hashed
@@ -176,22 +192,36 @@ class BlockPool:
         block_ids = in_place + placed
         for b in block_ids:
             self._ref_counts[b] = 1
-        self._tails[block_ids[-1]] = num_blocks >= 2
+        self._tails[block_ids[-1]] = growing or num_blocks >= 2
         return block_ids
 
     def _strongly_claimed(self, run_start: int) -> bool:
         return self._tails.get(run_start - 1, False)
 
-    def _place_room(self, num_blocks: int) -> list[int]:
-        """The start of the largest run (of the 8 largest) not strongly claimed; if all are,
-        the end of the largest (its grower keeps the rest); if no run fits, the lowest ids."""
+    def _place_room(self, num_blocks: int, num_blocks_ahead: int) -> list[int]:
+        """A new run of num_blocks, among the 8 largest free runs that fit, in this order:
+        the start of the largest not strongly claimed if it has room for the blocks ahead
+        too; for a piece growing on, from the middle of the largest if it is claimed and
+        its upper half has that room (each grower keeps half); the start of the largest
+        not claimed; in the largest: from its middle (growing) or at its end (its grower
+        keeps the rest). If no run fits, the lowest ids."""
+        room = num_blocks + num_blocks_ahead
         runs = [(s, e) for s, e in self._free.largest(PLACEMENT_SCAN_RUNS) if e - s >= num_blocks]
-        for s, _ in runs:
-            if not self._strongly_claimed(s):
-                return self._free.take(s, s, s + num_blocks)
+        free = [(s, e) for s, e in runs if not self._strongly_claimed(s)]
+        if free and free[0][1] - free[0][0] >= room:
+            s, _ = free[0]
+            return self._free.take(s, s, s + num_blocks)
         if runs:
             s, e = runs[0]
-            return self._free.take(s, e - num_blocks, e)
+            mid = min(s + (e - s) // 2, e - num_blocks)
+            if num_blocks_ahead and self._strongly_claimed(s) and e - mid >= room:
+                return self._free.take(s, mid, mid + num_blocks)
+        if free:
+            s, _ = free[0]
+            return self._free.take(s, s, s + num_blocks)
+        if runs:
+            lo = mid if num_blocks_ahead else e - num_blocks
+            return self._free.take(s, lo, lo + num_blocks)
         chosen: list[tuple[int, int]] = []
         need = num_blocks
         for s, e in self._free.runs_by_start():

@@ -122,7 +122,9 @@ class KVCacheManager:
 
     # ---- allocation -----------------------------------------------------------------------------
 
-    def allocate_slots(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
+    def allocate_slots(
+        self, request_id: str, num_tokens: int, hit: PrefixHit | None = None, num_known_tokens: int = 0
+    ) -> bool:
         """Reserve slots for global tokens [0, num_tokens) of the request; all or nothing.
 
         `hit` (a request holding nothing yet): first take over the cached blocks of
@@ -130,6 +132,9 @@ class KVCacheManager:
         tokens, then onboards new pieces, each on the group with the most free blocks
         that the request does not use yet (ties: the lowest group index). Returns
         False, changing nothing, when some block cannot be had or no unused group is left.
+        `num_known_tokens`: the tokens the request has (its prompt, plus the outputs it
+        recomputes after a preemption); a piece that will hold more of them than num_tokens
+        keeps the run after it for the next chunks (placement only, `block_pool.py`).
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
@@ -191,14 +196,27 @@ class KVCacheManager:
             # In place where the blocks after its last are free. Also with grow_blocks == 0
             # (a decode step inside its last block): the pool then stops keeping the run
             # after it free for this piece (`block_pool.py`, placement).
-            grown = self._pools[newest.group].allocate(grow_blocks, after=newest.block_ids[-1])
+            ahead = self._blocks_ahead(newest.token_start, grow_end, num_known_tokens)
+            grown = self._pools[newest.group].allocate(
+                grow_blocks, after=newest.block_ids[-1], num_blocks_ahead=ahead
+            )
             newest.block_ids.extend(grown)
             newest.token_end = grow_end
         for g, start, end in new_pieces:
-            blocks = self._pools[g].allocate(self.blocks_needed(end - start))
+            ahead = self._blocks_ahead(start, end, num_known_tokens)
+            blocks = self._pools[g].allocate(self.blocks_needed(end - start), num_blocks_ahead=ahead)
             pieces.append(KVPiece(group=g, token_start=start, token_end=end, block_ids=blocks))
         self._pieces[request_id] = pieces
         return True
+
+    def _blocks_ahead(self, token_start: int, token_end: int, num_known_tokens: int) -> int:
+        """Blocks a piece holding [token_start, token_end) is known to take later: up to the
+        request's known tokens, within the piece's T tokens."""
+        t = self.max_tokens_per_kvp_group
+        known_end = num_known_tokens if t is None else min(num_known_tokens, token_start + t)
+        return max(
+            0, self.blocks_needed(known_end - token_start) - self.blocks_needed(token_end - token_start)
+        )
 
     def num_tokens_to_group_end(self, request_id: str, start: int) -> int | None:
         """How many tokens from global position `start` fit before the next group boundary.
