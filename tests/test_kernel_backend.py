@@ -201,6 +201,34 @@ def test_cost_model_picks_the_cheaper_path():
     assert [c.seq for c in forced.plan(meta, 2, None).dense] == [0]
 
 
+def test_fragmented_prefix_goes_to_the_triton_kernel():
+    """The cost model's cuDNN figures are for the batched prefix split, which needs the split
+    keys in the leading run of consecutive blocks; a chunk whose prefix is fragmented (as a
+    long prompt's blocks can be in serving) takes the Triton kernel, which walks any table.
+    A chunk that wants no split stays on cuDNN either way."""
+    block, c, prefix = 64, 300, 20000
+    n_blocks = -(-(prefix + c) // block)
+    contiguous = list(range(n_blocks))
+    fragmented = list(range(0, 2 * n_blocks, 2))  # every other block: runs of one
+    backend = KernelBackend(4, 64, torch.bfloat16, DEVICE, use_cudnn=True, cost_model=_LONG_TO_CUDNN)
+    backend.num_sms = 132  # an H200: 2 * 132 programs wanted, 2 * ceil(4 * 300 / 128) = 20 per split
+    for table, on_cudnn in ((contiguous, True), (fragmented, False)):
+        meta = AttentionMetadata.build(
+            query_lens=[c], q_pos_start=[prefix], kv_start=[0], kv_lens=[prefix + c],
+            block_tables=[table], slot_mapping=[-1] * c, device="cpu",
+        )  # fmt: skip
+        plan = backend.host_plan(meta, 2, None, block)
+        assert [d.seq for d in plan.dense] == ([0] if on_cudnn else [])
+        assert (plan.dense[0].prefix_splits > 1) if on_cudnn else plan.tile_seq
+    many_queries = 8192  # enough programs: no split, so the run does not matter
+    meta = AttentionMetadata.build(
+        query_lens=[many_queries], q_pos_start=[prefix], kv_start=[0], kv_lens=[prefix + many_queries],
+        block_tables=[list(range(0, 2 * (n_blocks + 128), 2))], slot_mapping=[-1] * many_queries, device="cpu",
+    )  # fmt: skip
+    plan = backend.host_plan(meta, 2, None, block)
+    assert [(d.seq, d.prefix_splits) for d in plan.dense] == [(0, 1)]
+
+
 def _math_cudnn(q, k, v, causal, scale):
     """The cuDNN call's contract in plain torch (CPU tests of the code around it)."""
     s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale

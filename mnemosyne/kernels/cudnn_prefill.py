@@ -67,6 +67,15 @@ def choose_prefix_splits(
     return 1 << (want.bit_length() - 1)
 
 
+def split_prefix_is_batched(chunk: DenseChunk, block_size: int) -> bool:
+    """Whether the chunk's prefix splits run as one batched call: they must lie in the
+    sequence's leading run of consecutive blocks (a strided view). Otherwise each
+    DENSE_SEGMENT_TOKENS segment is its own call, gathered first where it leaves the run,
+    with only num_kv_heads * G*c/128 programs: too few to fill the GPU when splits > 1."""
+    per = chunk.num_prefix // chunk.prefix_splits
+    return chunk.prefix_splits > 1 and -(-chunk.prefix_splits * per // block_size) <= chunk.run[1]
+
+
 def fits(
     seq: int,
     row0: int,
@@ -191,8 +200,7 @@ def dense_chunk_attention(
     num_heads_per_kv = num_heads // hkv
     splits = chunk.prefix_splits
     per = chunk.num_prefix // splits
-    # The batched split call needs its keys in the leading run of consecutive blocks.
-    batched = splits > 1 and -(-splits * per // bs) <= chunk.run[1]
+    batched = split_prefix_is_batched(chunk, bs)
     first = splits * per if batched else 0
     parts: list[tuple[int, int, bool]] = [  # (first local key, end, causal)
         (s0, min(chunk.num_prefix, s0 + segment_tokens), False)

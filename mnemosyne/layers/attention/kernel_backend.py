@@ -5,8 +5,11 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
 (out, lse) pair::
 
     query_len == 1                          -> split-KV decode kernel (kernels/decode_attention.py)
-    cuDNN can take it (bf16/fp16, no sliding window, keys = prefix (+ own keys)) and the
-    measured cost model (`kernel_cost.py`) says it is cheaper
+    cuDNN can take it (bf16/fp16, no sliding window, keys = prefix (+ own keys)), the
+    measured cost model (`kernel_cost.py`) says it is cheaper, and the prefix splits it
+    wants lie in the sequence's leading run of consecutive blocks (the cost model measured
+    the batched split call; a fragmented prefix runs segment by segment with too few
+    programs: 1.7-2x the model on an H200 serving trace, 256-512-token chunks after 256K+)
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
     anything else                           -> a split-KV Triton chunk kernel, one launch
                                                for all its sequences, split along the keys
@@ -50,6 +53,7 @@ from mnemosyne.kernels.cudnn_prefill import (
     choose_prefix_splits,
     dense_chunk_attention,
     fits,
+    split_prefix_is_batched,
     warm_up_merges,
 )
 from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
@@ -176,6 +180,12 @@ class KernelBackend:
                         q_len, self.num_heads_per_kv, num_kv_heads, chunk.num_prefix, self.num_sms
                     )
                     chunk = dataclasses.replace(chunk, prefix_splits=splits)
+                    if (
+                        splits > 1
+                        and block_size is not None
+                        and not split_prefix_is_batched(chunk, block_size)
+                    ):
+                        chunk = None  # fragmented prefix: the Triton kernel walks any block table
             if q_len == 1:
                 plan.decode.append(i)
             elif chunk is not None:
