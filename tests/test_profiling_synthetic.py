@@ -60,3 +60,41 @@ def test_cli_profile_times_steps_as_the_engine_runs_them(tiny_model_dir, tmp_pat
                  "--grid", "tiny", "--kv-cache-memory-gb", "0.002", "--block-size", "4", "--no-cache",
                  "--out", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["step_timing"] == "pipelined"
+
+
+class _CountingExecutor:
+    """Each step takes 10 ms of wall time; counts submissions."""
+
+    def __init__(self) -> None:
+        self.num_submitted = 0
+
+    def submit(self, plan) -> None:
+        self.num_submitted += 1
+
+    def get_result(self) -> None:
+        import time
+
+        time.sleep(0.01)
+
+
+class _Planner:
+    def plan(self, seqs):
+        return None
+
+    def composition(self, seqs):
+        return None
+
+
+def test_each_point_settles_before_it_is_timed():
+    """The untimed warm-up runs back to back for settle_s (clocks settle at the point's own
+    load), at least once; then `repeats` timed runs, serial or pipelined."""
+    from mnemosyne.profiling.profiler import measure, measure_pipelined
+
+    for timer in (measure, measure_pipelined):
+        ex = _CountingExecutor()
+        timer(ex, _Planner(), [SyntheticSeq(4, 0)], 3, settle_s=0.0)
+        unsettled = ex.num_submitted
+        ex = _CountingExecutor()
+        m = timer(ex, _Planner(), [SyntheticSeq(4, 0)], 3, settle_s=0.1)
+        assert ex.num_submitted >= unsettled + 5  # >= 0.1 s of 10-ms runs instead of one
+        assert m.measured_s >= 0.01
