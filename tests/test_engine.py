@@ -53,8 +53,9 @@ def test_bad_requests_are_rejected_while_others_continue(engine):
         engine.add_request([], greedy(4))
     with pytest.raises(InvalidRequestError, match="max_model_len"):
         engine.add_request(list(range(3, 123)), greedy(9))
-    with pytest.raises(InvalidRequestError, match=r"\[0, 320\)"):
-        engine.add_request([1, 2, 999], greedy(4))
+    for bad_ids in ([1, 2, 999], [1, -1], [1, 2.5], [1, "2"], [1, 2**70], [[1], [2, 3]]):
+        with pytest.raises(InvalidRequestError, match=r"\[0, 320\)"):
+            engine.add_request(bad_ids, greedy(4))
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request(PROMPT, greedy(4), request_id=good)
     for bad in (

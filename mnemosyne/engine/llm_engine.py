@@ -31,7 +31,7 @@ from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.models.generation_config import load_generation_defaults
 from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepStats
-from mnemosyne.request import Request, RequestStatus
+from mnemosyne.request import Request, RequestStatus, check_token_ids
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepResult
 
@@ -138,8 +138,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         token_ids = self.tokenize(prompt)
         vocab = self.config.model.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        check_token_ids(token_ids, vocab)
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         eos = () if params.ignore_eos else self.config.model.eos_token_ids

@@ -117,6 +117,7 @@ def make_policies(
         max_tokens_per_kvp_group=kv_manager.max_tokens_per_kvp_group,
         granularity_tokens=pc.chunk_granularity_tokens,
     )
+    prefill_time.time_s(config.scheduler.max_model_len)  # the whole table now, not on a long arrival
     priority: PriorityPolicy = FCFSPriority()
     lars: LARSPriority | None = None
     if pc.scheduling_policy is SchedulingPolicyKind.LARS:

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from mnemosyne.errors import ContextLengthError, InvalidRequestError
+from mnemosyne.errors import ContextLengthError
 from mnemosyne.outputs import RequestOutput
-from mnemosyne.request import TokenLogprobs
+from mnemosyne.request import TokenLogprobs, check_token_ids
 from mnemosyne.server.async_engine import AsyncEngine, RequestHandle
 from mnemosyne.server.errors import APIError
 from mnemosyne.server.prompt_tokenizer import PromptTokenizer
@@ -52,10 +52,8 @@ class ServingContext:
             )
 
     def check_token_ids(self, ids: list[int]) -> list[int]:
-        """`ids` (ints, as the request model guarantees) if all are in the vocabulary; min
-        and max, not a Python loop: a prompt may hold millions of ids."""
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            raise InvalidRequestError(f"token ids must be integers in [0, {self.vocab_size})")
+        """`ids` if all are in the vocabulary (`request.check_token_ids`)."""
+        check_token_ids(ids, self.vocab_size, "token ids")
         return ids
 
     def token_text(self, token_id: int) -> str:
