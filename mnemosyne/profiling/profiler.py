@@ -3,14 +3,7 @@
 grid points   single chunks (c, P), decode batches (B, L), mixed steps (B decodes + a chunk)
               P, L up to the KV capacity; points whose roofline time exceeds max_step_s
               are skipped (they bound the run time and lie far past any step target)
-heat          first the heaviest point back to back for `heat_s` (untimed): the device
-              warms to the temperature a serving load keeps it at
-one point     warm-up runs (JIT, cuDNN plans, CUDA graph capture), back to back for at
-              least `settle_s`, so that the clocks settle where this load holds them
-              (an H200 serving the 8B trace sat at its 700 W cap with the SM clock at
-              1680-1800 MHz, against 1980 MHz through most of an unsettled profile, and
-              ran its chunk steps 1.06-1.28x slower than that profile predicted:
-              benchmarks/results/README.md, "Eighth session"), then `repeats` timed
+one point     warm-up run (JIT, cuDNN plans, CUDA graph capture), then `repeats` timed
               runs, median (`StepTiming`):
                 SERIAL     submit -> result, one step in flight: host + device
                 PIPELINED  two steps in flight, as the engine's async scheduling runs them:
@@ -72,12 +65,10 @@ class ProfileGrid:
     num_mixed: int
     repeats: int
     max_step_s: float
-    heat_s: float  # the heaviest point back to back before the first (module docstring)
-    settle_s: float  # each point's untimed warm-up runs last at least this long
 
 
 GRIDS = {
-    GridKind.TINY: ProfileGrid((4, 16), (0.0, 0.5), (1, 4), (0.1,), 4, 1, 10.0, 0.0, 0.0),
+    GridKind.TINY: ProfileGrid((4, 16), (0.0, 0.5), (1, 4), (0.1,), 4, 1, 10.0),
     GridKind.QUICK: ProfileGrid(
         (32, 128, 512, 2048, 8192),
         (0.0, 0.01, 0.08, 0.3, 0.9),
@@ -86,8 +77,6 @@ GRIDS = {
         40,
         3,
         0.4,
-        10.0,
-        0.3,
     ),
     GridKind.DEFAULT: ProfileGrid(
         (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
@@ -97,8 +86,6 @@ GRIDS = {
         200,
         5,
         1.0,
-        10.0,
-        0.3,
     ),
 }
 
@@ -244,10 +231,7 @@ def profile_engine(
         if roofline.step_time_s(planner.composition(list(p))) <= grid.max_step_s
     ]
     log(f"profiling {len(points)} steps on {key.device_name} (KV capacity {capacity} tokens)")
-    if grid.heat_s > 0 and points:
-        heaviest = max(points, key=lambda p: roofline.step_time_s(planner.composition(list(p))))
-        run_for(engine.executor, planner, list(heaviest), grid.heat_s)
-    samples = measure_all(engine.executor, planner, points, grid.repeats, pipelined, grid.settle_s)
+    samples = measure_all(engine.executor, planner, points, grid.repeats, pipelined)
     pairs = [(m.composition, m.measured_s) for m in samples]
     busiest = [max(range(len(c.groups)), key=lambda g, c=c: roofline.stage_time_s(c.groups[g])) for c, _ in pairs]
     spec = roofline.device
@@ -275,53 +259,34 @@ def profile_engine(
 
 
 def measure_all(
-    executor,
-    planner: SyntheticPlanner,
-    points,
-    repeats: int,
-    pipelined: bool = False,
-    settle_s: float = 0.0,
+    executor, planner: SyntheticPlanner, points, repeats: int, pipelined: bool = False
 ) -> list[Measurement]:
     timer = measure_pipelined if pipelined else measure
-    samples = [timer(executor, planner, list(p), repeats, settle_s) for p in points]
+    samples = [timer(executor, planner, list(p), repeats) for p in points]
     executor.submit(planner.retire_plan())
     executor.get_result()
     return samples
 
 
-def run_for(executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], seconds: float) -> None:
-    """Run the step back to back (one in flight) for at least `seconds`, and at least once."""
-    t_end = time.perf_counter() + seconds
-    while True:
-        executor.submit(planner.plan(seqs))
-        executor.get_result()
-        if time.perf_counter() >= t_end:
-            return
-
-
-def measure(
-    executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repeats: int, settle_s: float = 0.0
-) -> Measurement:
-    """Median seconds of submit -> result for one synthetic step (after warm-up runs for
-    at least `settle_s`)."""
-    run_for(executor, planner, seqs, settle_s)
+def measure(executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repeats: int) -> Measurement:
+    """Median seconds of submit -> result for one synthetic step (after one warm-up run)."""
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
         plan = planner.plan(seqs)
         t0 = time.perf_counter()
         executor.submit(plan)
         executor.get_result()
-        times.append(time.perf_counter() - t0)
+        if i:
+            times.append(time.perf_counter() - t0)
     return Measurement(tuple(seqs), planner.composition(seqs), statistics.median(times))
 
 
-def measure_pipelined(
-    executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repeats: int, settle_s: float = 0.0
-) -> Measurement:
+def measure_pipelined(executor, planner: SyntheticPlanner, seqs: list[SyntheticSeq], repeats: int) -> Measurement:
     """Median seconds from one result to the next with two copies of the step in flight (after
-    warm-up runs for at least `settle_s`): what a step costs the engine when async scheduling
-    overlaps its host work with the previous step's device work."""
-    run_for(executor, planner, seqs, settle_s)
+    one warm-up run): what a step costs the engine when async scheduling overlaps its host
+    work with the previous step's device work."""
+    executor.submit(planner.plan(seqs))  # warm-up
+    executor.get_result()
     executor.submit(planner.plan(seqs))
     times, last = [], None
     for _ in range(repeats + 1):
