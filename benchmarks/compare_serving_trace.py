@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--kv-cache-memory-gb", default="102")
     p.add_argument("--device-latency-profile", default=None)
+    p.add_argument(
+        "--chunk-step-factor", type=float, default=1.0,
+        help="simulated steps with a chunk take this x more (sustained clocks; from another run's step log)",
+    )  # fmt: skip
     ns = p.parse_args(argv)
     measured = json.loads(Path(ns.measured).read_text())
     configs = sorted(measured["results"])
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             *trace_argv(measured), "--latency-profile", ns.latency_profile, "--configs", ",".join(configs),
             "--kv-cache-memory-gb", ns.kv_cache_memory_gb, "--out-json", str(Path(tmp) / "sim.json"),
             *(["--device-latency-profile", ns.device_latency_profile] if ns.device_latency_profile else []),
+            "--chunk-step-factor", str(ns.chunk_step_factor),
         ])  # fmt: skip
     if sim["trace_id"] != measured["trace_id"]:
         raise SystemExit(f"simulated trace {sim['trace_id']} is not the measured {measured['trace_id']}")
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         "measured_file": ns.measured,
         "latency_profile": ns.latency_profile,
         "device_latency_profile": ns.device_latency_profile or ns.latency_profile,
+        "chunk_step_factor": ns.chunk_step_factor,
         "trace_id": sim["trace_id"],
         "simulate_commands": sim["simulate_commands"],
         "simulated_vs_measured": rows,

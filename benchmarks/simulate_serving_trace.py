@@ -71,6 +71,7 @@ def simulate_argv(
         *(["--latency-profile", str(ns.latency_profile)] if ns.latency_profile else []),
         *(["--kv-cache-memory-gb", str(own.kv_cache_memory_gb)] if own.kv_cache_memory_gb else []),
         *(["--device-latency-profile", own.device_latency_profile] if own.device_latency_profile else []),
+        *(["--chunk-step-factor", str(own.chunk_step_factor)] if own.chunk_step_factor != 1.0 else []),
         *CONFIGS[name],
     ]  # fmt: skip
 
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--kv-cache-memory-gb", type=float, default=None, help="KV GiB per GPU (default: the simulator's)"
     )
     own_ap.add_argument("--device-latency-profile", default=None, help="the simulated device's step times")
+    own_ap.add_argument(
+        "--chunk-step-factor", type=float, default=1.0,
+        help="`mnemosyne simulate --chunk-step-factor`: steps with a chunk take this x more (sustained clocks)",
+    )  # fmt: skip
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)
     with tempfile.TemporaryDirectory(prefix="sim_serving_trace_") as tmp:

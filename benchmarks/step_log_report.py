@@ -12,7 +12,11 @@ Groups (the prediction is the engine's own, uncorrected, from the profile it ran
               (as online calibration keys them: latency/calibration.py, prefix_bucket)
 
 Per group: steps, median and p95 of measured / predicted, and the share of steps over
-1.5x; then the `--worst` steps by that ratio with their chunks.
+1.5x; then the `--worst` steps by that ratio with their chunks. Last, the chunk-step factor:
+the median over every step with a chunk, which `mnemosyne simulate --chunk-step-factor` (and
+`benchmarks.compare_serving_trace`) takes to replay other runs on this device under a
+sustained serving load (an H200 then holds its power cap at lower clocks than the profile's
+short bursts saw; decode-only steps, bandwidth-bound, stay at the profile's times).
 """
 
 from __future__ import annotations
@@ -68,7 +72,9 @@ def report(steps: list[dict], worst: int) -> dict:
          "decodes": sum(1 for n, _ in s["seqs"] if n == 1), "chunks": [[n, p] for n, p in s["seqs"] if n > 1]}
         for r, s in rows[:worst]
     ]  # fmt: skip
-    return {"num_steps": len(rows), "groups": groups, "worst": worst_rows}
+    with_chunk = [r for r, s in rows if any(n > 1 for n, _ in s["seqs"])]
+    factor = statistics.median(with_chunk) if with_chunk else None
+    return {"num_steps": len(rows), "groups": groups, "worst": worst_rows, "chunk_step_factor": factor}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     for w in result["worst"]:
         print(f"  {w['ratio']:5.2f}x  {w['measured_ms']:7.1f} ms (predicted {w['predicted_ms']:.1f})  "
               f"at {w['t_s']:.1f} s: {w['decodes']} decodes, chunks {w['chunks']}")  # fmt: skip
+    if result["chunk_step_factor"] is not None:
+        print(f"chunk-step factor (median over steps with a chunk): {result['chunk_step_factor']:.3f}")
     if ns.out is not None:
         ns.out.write_text(json.dumps(result, indent=1))
     return result

@@ -278,6 +278,19 @@ def test_device_profile_times_the_steps_the_engine_profile_predicts(model_1b, tm
     assert rc == 2 and "measured for" in capsys.readouterr().err
 
 
+def test_chunk_step_factor_slows_only_steps_with_a_chunk(model_1b, tmp_path):
+    """--chunk-step-factor 2: the prefill step (a chunk) takes twice the model's time, the
+    decode-only steps after it do not."""
+    p = write_fake_profile(tmp_path / "p.json", model_1b, Layout(1, 1, 1), 1.0)
+    trace = tmp_path / "one.jsonl"
+    trace.write_text(json.dumps({"arrival_s": 0.0, "prompt_len": 64, "output_len": 4}) + "\n")
+    base = simulate(model_1b, trace, tmp_path / "a.json", "--latency-profile", str(p))
+    slow = simulate(model_1b, trace, tmp_path / "b.json", "--latency-profile", str(p), "--chunk-step-factor", "2")
+    assert slow["setup"]["chunk_step_factor"] == 2.0
+    assert slow["requests"][0]["ttft_s"] == pytest.approx(2 * base["requests"][0]["ttft_s"], rel=1e-6)
+    assert slow["requests"][0]["tbt_max_s"] == pytest.approx(base["requests"][0]["tbt_max_s"], rel=1e-6)
+
+
 def test_device_profile_is_calibrated_against_by_adaptive_chunking(model_1b, tmp_path):
     """Adaptive chunks sized by an engine profile that underpredicts the device 2x: with online
     calibration the engine learns the device's times and keeps its token gaps near the target."""

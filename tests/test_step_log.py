@@ -4,6 +4,7 @@ exactly what the scheduler ran, readable by the latency-model refit."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     rep = step_log_report([str(path), "--skip-steps", "0", "--worst", "3", "--out", str(tmp_path / "r.json")])
     assert rep["num_steps"] == len(steps) and sum(g["steps"] for g in rep["groups"]) == len(steps)
     assert {g["kind"] for g in rep["groups"]} <= {"decode", "1 chunk", "2+ chunks"} and len(rep["worst"]) == 3
+    chunk_ratios = sorted(s["measured_s"] / s["predicted_s"] for s in steps if any(n > 1 for n, _ in s["seqs"]))
+    assert rep["chunk_step_factor"] == pytest.approx(statistics.median(chunk_ratios))
 
 
 def test_step_groups_and_prefix_buckets():

@@ -31,6 +31,11 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         help="simulated steps take this x the latency model's prediction (a known systematic error)",
     )  # fmt: skip
     p.add_argument(
+        "--chunk-step-factor", type=float, default=1.0,
+        help="simulated steps with a prefill chunk take this x more (sustained-load clocks: the "
+        "median measured/predicted of such steps in a serving step log, `benchmarks.step_log_report`)",
+    )  # fmt: skip
+    p.add_argument(
         "--device-latency-profile", default=None,
         help="the simulated device's step times come from this profile (e.g. one measured in the "
         "engine's conditions), while the engine's policies predict with --latency-profile and "
@@ -96,14 +101,14 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
         )
     config = simulated_engine_config(ns.model, args, spec)
     model, source = latency_model_for(config, spec)
-    if ns.latency_error_factor <= 0:
-        raise ConfigError(f"--latency-error-factor must be positive, got {ns.latency_error_factor}")
+    for name in ("latency_error_factor", "chunk_step_factor"):
+        if getattr(ns, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(ns, name)}")
     device_path = ns.device_latency_profile
     device = model if device_path is None else matching_profile_model(config, device_path, spec)
-    timed = device_path is not None or ns.latency_error_factor != 1.0
-    engine = SimulatedEngine(
-        config, model, source, step_timer=(scaled_timer(device, ns.latency_error_factor) if timed else None)
-    )
+    timed = device_path is not None or ns.latency_error_factor != 1.0 or ns.chunk_step_factor != 1.0
+    timer = scaled_timer(device, ns.latency_error_factor, ns.chunk_step_factor) if timed else None
+    engine = SimulatedEngine(config, model, source, step_timer=timer)
     run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel
@@ -120,6 +125,7 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
         "online_calibration": config.policy.online_calibration,
         "async_scheduling": config.scheduler.async_scheduling,
         "latency_error_factor": ns.latency_error_factor,
+        "chunk_step_factor": ns.chunk_step_factor,
         "device_latency_model": source if device_path is None else str(device_path),
         "command": "mnemosyne " + " ".join(sys.argv[1:]),
     }

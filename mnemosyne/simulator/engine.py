@@ -51,11 +51,19 @@ from mnemosyne.simulator.trace import TraceRequest
 StepTimer = Callable[[StepComposition], float]
 
 
-def scaled_timer(model: LatencyModel, factor: float) -> StepTimer:
-    """A device whose every step takes `factor` x the model's prediction."""
-    if factor <= 0:
-        raise ValueError(f"the latency error factor must be positive, got {factor}")
-    return lambda composition: factor * model.step_time_s(composition)
+def scaled_timer(model: LatencyModel, factor: float, chunk_step_factor: float = 1.0) -> StepTimer:
+    """A device whose every step takes `factor` x the model's prediction, and a step with a
+    prefill chunk `chunk_step_factor` x more: compute-bound steps under a sustained serving
+    load, where the GPU holds its power cap at lower clocks than a profile's short bursts
+    saw (bandwidth-bound decode-only steps do not slow down)."""
+    if factor <= 0 or chunk_step_factor <= 0:
+        raise ValueError(f"the latency error factors must be positive, got {factor}, {chunk_step_factor}")
+
+    def timer(composition: StepComposition) -> float:
+        has_chunk = any(g.num_chunks for g in composition.groups)
+        return factor * (chunk_step_factor if has_chunk else 1.0) * model.step_time_s(composition)
+
+    return timer
 
 
 @dataclass
