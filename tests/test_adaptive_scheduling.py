@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -104,6 +105,25 @@ def test_prefill_alone_uses_the_prefill_only_target():
     assert [c.request.request_id for c in out.chunks] == ["a", "b"]
     assert out.chunks[1].num_tokens < 176 and policy.predicted_step_s() <= 3 * MS
     run_all(s)
+
+
+def test_a_decode_ahead_holds_the_step_to_the_tbt_target():
+    """Async scheduling: a short prompt's sampling chunk is in flight beside a long prompt's
+    chunk; the next step holds the short's decode ahead, so it is sized for the TBT target,
+    not the prefill-only one (the short's first token gap is that step's time)."""
+    s, policy, _ = adaptive_sched(budget=4096, max_model_len=8192, block_size=8, blocks=(2048,))
+    s.config = dataclasses.replace(s.config, async_scheduling=True)
+    policy.prefill_only_step_s = 10 * MS
+    s.add_request(make_req("short", 40, max_tokens=8))
+    s.add_request(make_req("long", 6000, max_tokens=2))
+    first = s.schedule()  # nobody decodes: the short's whole prompt (it samples) and a long chunk
+    assert [(c.request.request_id, c.sample) for c in first.chunks] == [("short", True), ("long", False)]
+    assert policy.step_target_s() == 10 * MS
+    second = s.schedule()  # first in flight: the short decodes ahead here
+    assert [(c.request.request_id, c.num_tokens) for c in second.chunks][0] == ("short", 1)
+    assert policy.step_target_s() == 3 * MS and policy.predicted_step_s() <= 3 * MS
+    s.update_from_output(first, {"short": 7})
+    s.update_from_output(second, {"short": 8})
 
 
 def test_remainder_chunk_and_decodes_packed_first():
