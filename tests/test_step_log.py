@@ -3,6 +3,7 @@ exactly what the scheduler ran, readable by the latency-model refit."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     total = sum(n for n, _ in positions)
     want = sum(len(ids) + num_out - 1 for ids in prompts.values())
     assert want <= total <= want + (2 if async_scheduling else 0)
+    gz = tmp_path / "steps.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert read_step_log(gz) == (header, steps)  # as benchmarks/results keeps them
     held = load_held_out(str(path), skip_steps=2)
     assert held["steps"] == steps[2:]
     rep = step_log_report([str(path), "--skip-steps", "0", "--worst", "3", "--out", str(tmp_path / "r.json")])

@@ -19,6 +19,7 @@ seconds, sizes in tokens.
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import TextIO
@@ -60,8 +61,11 @@ class StepLog:
 
 
 def read_step_log(path: str | Path) -> tuple[dict, list[dict]]:
-    """(header, steps) of a step log; a truncated last line (a killed engine) is skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """(header, steps) of a step log, or of one gzipped (`.gz`, as benchmarks/results keeps
+    them); a truncated last line (a killed engine) is skipped."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    lines = raw.decode("utf-8").splitlines()
     try:
         header = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
