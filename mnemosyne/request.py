@@ -39,11 +39,11 @@ from mnemosyne.errors import InvalidRequestError
 from mnemosyne.sampling_params import SamplingParams
 
 
-def check_token_ids(token_ids: list[int], vocab_size: int, what: str = "prompt token ids") -> None:
+def check_token_ids(token_ids: list[int] | np.ndarray, vocab_size: int, what: str = "prompt token ids") -> None:
     """Raise InvalidRequestError unless every id is an integer in [0, vocab_size). In numpy,
     not a Python loop: a prompt may hold millions of ids (500K: 13 ms per loop, 4 ms here),
     and the engine core checks every arriving prompt between two steps."""
-    if not token_ids:
+    if len(token_ids) == 0:
         return
     error = InvalidRequestError(f"{what} must be integers in [0, {vocab_size})")
     try:

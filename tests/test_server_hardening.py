@@ -19,7 +19,7 @@ from mnemosyne.engine.core import EngineCore
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.layers.sampler import Sampler
 from mnemosyne.server.launch import BackgroundServer, ServerArgs
-from mnemosyne.wire.engine_core import AbortRequests, AddRequests, CoreRequest
+from mnemosyne.wire.engine_core import AbortRequests, AddRequests, CoreRequest, pack_token_ids
 
 WORK_CAP = 4000
 
@@ -165,6 +165,17 @@ def test_openapi_documents_400_not_422(url: str) -> None:
     assert "422" not in json.dumps(doc)
 
 
+def test_packed_token_ids_round_trip_and_bad_lengths_are_named():
+    """CoreRequest carries prompt ids as int32 bytes; the core reads them back exactly, and a
+    length that is not whole ids is a ValueError naming it (a server bug: 500, not a crash)."""
+    from mnemosyne.wire.engine_core import unpack_token_ids
+
+    ids = [0, 1, 127, 128255, 2**31 - 1]
+    assert unpack_token_ids(pack_token_ids(ids)).tolist() == ids
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        unpack_token_ids(b"\x00" * 6)
+
+
 def test_aborted_prefills_are_never_scheduled_again(chat_model: Path) -> None:
     """A storm of long prompts is aborted while prefilling (their aborts and a new request
     arrive together): the very next step runs the new request, no chunk of an aborted
@@ -179,7 +190,7 @@ def test_aborted_prefills_are_never_scheduled_again(chat_model: Path) -> None:
     with LLMEngine.from_args(args) as engine:
         core = EngineCore(engine, max_waiting_requests=100)
         greedy = SamplingParams(temperature=0, max_tokens=4)
-        storm = [CoreRequest(f"storm-{i}", [7 + i] * 300, greedy) for i in range(12)]
+        storm = [CoreRequest(f"storm-{i}", pack_token_ids([7 + i] * 300), greedy) for i in range(12)]
         assert core.handle(AddRequests(0, storm)).error is None
         core.step()
         scheduled: list[set[str]] = []
@@ -192,7 +203,7 @@ def test_aborted_prefills_are_never_scheduled_again(chat_model: Path) -> None:
 
         engine.scheduler.schedule = spy
         core.handle(AbortRequests([r.request_id for r in storm]))
-        assert core.handle(AddRequests(1, [CoreRequest("next", [5, 6, 7], greedy)])).error is None
+        assert core.handle(AddRequests(1, [CoreRequest("next", pack_token_ids([5, 6, 7]), greedy)])).error is None
         outputs = []
         while engine.has_unfinished_requests():
             outputs += core.step()

@@ -60,6 +60,7 @@ from mnemosyne.wire.engine_core import (
     StartEngine,
     StepOutputs,
     StopEngine,
+    unpack_token_ids,
 )
 from mnemosyne.wire.heartbeat import Heartbeater
 
@@ -137,7 +138,7 @@ class EngineCore:
         added: list[str] = []
         try:
             for r in msg.requests:
-                engine.add_request(r.prompt_token_ids, r.params, request_id=r.request_id)
+                engine.add_request(unpack_token_ids(r.prompt_token_ids), r.params, request_id=r.request_id)
                 added.append(r.request_id)
         except Exception as e:
             for rid in added:

@@ -15,6 +15,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
+
 from mnemosyne.config import EngineConfig, GenerationConfigMode
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
@@ -117,16 +119,22 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int] | np.ndarray) -> list[int]:
+        """The prompt's token ids, checked against the vocabulary (InvalidRequestError): text
+        through the tokenizer; ids as given, a list or a 1-D integer array (the engine core's
+        wire form, checked and converted without a Python loop)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: pass prompt token ids")
-            return list(self.tokenizer.encode(prompt))
-        return list(prompt)
+            token_ids = list(self.tokenizer.encode(prompt))
+        else:
+            token_ids = prompt
+        check_token_ids(token_ids, self.config.model.vocab_size)
+        return token_ids.tolist() if isinstance(token_ids, np.ndarray) else list(token_ids)
 
     def add_request(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | np.ndarray,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
@@ -138,7 +146,6 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         token_ids = self.tokenize(prompt)
         vocab = self.config.model.vocab_size
-        check_token_ids(token_ids, vocab)
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         eos = () if params.ignore_eos else self.config.model.eos_token_ids

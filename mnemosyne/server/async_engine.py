@@ -48,6 +48,7 @@ from mnemosyne.wire.engine_core import (
     IntegrityResult,
     OutputDelta,
     StepOutputs,
+    pack_token_ids,
 )
 
 logger = logging.getLogger("mnemosyne.server")
@@ -220,7 +221,7 @@ class AsyncEngine:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
             self._adds[call_id] = pending
-        reqs = [CoreRequest(s.request_id, s.prompt_token_ids, s.params) for s in subs]
+        reqs = [CoreRequest(s.request_id, pack_token_ids(s.prompt_token_ids), s.params) for s in subs]
         self.core.send(AddRequests(call_id, reqs))
         try:
             await asyncio.wrap_future(pending.done)

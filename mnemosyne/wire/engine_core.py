@@ -23,6 +23,7 @@ rebuilds the cumulative `RequestOutput` its handlers read.
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 
 from mnemosyne.outputs import EngineStats, StepStats
 from mnemosyne.request import TokenLogprobs
@@ -34,8 +35,24 @@ ArgValue = str | int | float | bool | None
 
 class CoreRequest(msgspec.Struct, frozen=True):
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: bytes  # int32 little-endian (`pack_token_ids`): a 500K-token prompt
+    # decodes in 0.1 ms, against 15 ms as a list of ints, between two of the core's steps
     params: SamplingParams
+
+
+TOKEN_ID_DTYPE = np.dtype("<i4")
+
+
+def pack_token_ids(token_ids: list[int]) -> bytes:
+    """Ids (already checked against the vocabulary) as CoreRequest carries them."""
+    return np.asarray(token_ids, dtype=TOKEN_ID_DTYPE).tobytes()
+
+
+def unpack_token_ids(raw: bytes) -> np.ndarray:
+    """CoreRequest's ids as a 1-D int32 array; ValueError if the length is not whole ids."""
+    if len(raw) % TOKEN_ID_DTYPE.itemsize:
+        raise ValueError(f"packed token ids of {len(raw)} bytes: not a multiple of {TOKEN_ID_DTYPE.itemsize}")
+    return np.frombuffer(raw, dtype=TOKEN_ID_DTYPE)
 
 
 class StartEngine(msgspec.Struct, tag="start", frozen=True):
