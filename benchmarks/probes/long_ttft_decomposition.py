@@ -1,0 +1,113 @@
+"""Where a long prompt's TTFT goes in the serving trace, SIMULATED (CPU).
+
+Replays `benchmarks.serving_trace`'s trace through `mnemosyne simulate` (as
+`benchmarks.simulate_serving_trace`, one configuration) and splits each long request's
+time from arrival to first token over the steps of that interval:
+
+    with decodes     steps that hold one of its chunks and a decode: held to the TBT target
+    prefill only     steps that hold one of its chunks and no decode: the prefill-only target
+    not scheduled    steps without any chunk of it (other prompts took the step: LARS order,
+                     one long prefill per KVP group)
+
+with its tokens and rate in each kind, beside its prefill floor (the trace's floor: FLOPs
+at peak). A prediction, not a measurement.
+
+    python -m benchmarks.probes.long_ttft_decomposition --out OUT.json --latency-profile P \
+        [--chunk-step-factor F] [serving_trace options: --shape 8b --rate 0.12 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks import serving_trace
+from benchmarks.serving_trace_data import make_trace, ttft_deadlines_s
+from benchmarks.simulate_serving_trace import simulate_argv
+from mnemosyne.bench.long_context.run import write_model_dir
+from mnemosyne.cli import build_parser, parse_args
+from mnemosyne.simulator.command import run_simulation
+from mnemosyne.simulator.engine import SimulatedEngine
+
+LONG_PROMPT_TOKENS = 60000  # the trace's long prompts start at 64K
+
+
+def record_steps(engine_cls: type[SimulatedEngine], steps: list) -> None:
+    """Make every SimulatedEngine append (done_s, [(request id, chunk tokens)], num_decodes) per step."""
+    process = engine_cls._process
+
+    def _process(self, sched, submit_s):  # noqa: ANN001
+        chunks = [(c.request.request_id, c.num_tokens) for c in sched.chunks if c.num_tokens > 1 or c.request.is_prefill]
+        num_decodes = sum(1 for c in sched.chunks if c.num_tokens == 1 and not c.request.is_prefill)
+        steps.append((self.now_s, chunks, num_decodes))
+        return process(self, sched, submit_s)
+
+    engine_cls._process = _process
+
+
+def decompose(engine: SimulatedEngine, steps: list, floors: dict[str, float]) -> list[dict]:
+    rows = []
+    for rid, r in engine.requests.items():
+        if r.prompt_len < LONG_PROMPT_TOKENS or not r.token_times_s:
+            continue
+        first = r.token_times_s[0]
+        parts = {"with_decodes": [0.0, 0], "prefill_only": [0.0, 0], "not_scheduled": [0.0, 0]}
+        prev = 0.0
+        for done, chunks, num_decodes in steps:
+            start, prev = max(prev, r.arrival_s), done  # the step's time inside the window
+            if done <= r.arrival_s or done > first + 1e-9:
+                continue
+            dur = done - start
+            mine = [n for q, n in chunks if q == rid]
+            kind = "not_scheduled" if not mine else ("with_decodes" if num_decodes else "prefill_only")
+            parts[kind][0] += dur
+            parts[kind][1] += sum(mine)
+        rows.append({
+            "request": rid, "prompt_tokens": r.prompt_len, "ttft_s": first - r.arrival_s,
+            "prefill_floor_s": floors[rid],
+            **{f"{k}_s": v[0] for k, v in parts.items()},
+            **{f"{k}_tokens": v[1] for k, v in parts.items() if k != "not_scheduled"},
+        })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    own_ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    own_ap.add_argument("--out", type=Path, required=True)
+    own_ap.add_argument("--gpu", default="h200")
+    own_ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    own_ap.add_argument("--chunk-step-factor", type=float, default=1.0)
+    own_ap.add_argument("--config", default="lars_adaptive")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, rest = own_ap.parse_known_args(argv)
+    own.device_latency_profile = None
+    steps: list = []
+    record_steps(SimulatedEngine, steps)
+    with tempfile.TemporaryDirectory(prefix="long_ttft_") as tmp:
+        ns = serving_trace.parse_args([*rest, "--dry-run", "--out", tmp])
+        serving_trace.main([*rest, "--dry-run", "--out", tmp])
+        trace = make_trace(serving_trace.trace_spec(ns))
+        model_dir = ns.model_dir or write_model_dir(serving_trace.SHAPE_NAMES[ns.shape], Path(tmp))
+        floors = {f"req-{i}": f for i, (f, _) in enumerate(ttft_deadlines_s(Path(model_dir), trace, 1.0, 0.0))}
+        sim_argv = simulate_argv(ns, own, own.config, Path(model_dir), Path(tmp) / "trace.jsonl")
+        engine, _ = run_simulation(parse_args(build_parser(), sim_argv))
+    rows = decompose(engine, steps, floors)
+    for row in rows:
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
+    result = {
+        "SIMULATED": "a prediction of `mnemosyne simulate` on CPU, not a measurement",
+        "command": "python -m benchmarks.probes.long_ttft_decomposition " + " ".join(argv),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": own.config,
+        "requests": rows,
+    }
+    own.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
