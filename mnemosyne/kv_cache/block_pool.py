@@ -42,14 +42,13 @@ found its successor taken spilled to the top, and its growth upward met the spil
 coming down: in the simulated 8B serving trace (benchmarks/results/README.md, "Eighth
 session") a 351K-token prompt held 1257 runs and a 493K one (1B) 107; with it, one each.
 Decodes whose successor is taken spill down from the top, and new requests start where
-nobody is growing. A new request is
-placed with the most room after it, as it may be a long prompt (the pool never knows a
-request's final size), and requests arriving later pack behind it once it decodes. The
-claims steer placement only: they change no content and no invariant. Known weak spot:
-requests admitted in one step all claim strongly, so each but the first goes to the end
-of the largest run, and one that is a long prompt moves once (one break) at its next
-chunk. Each call adds at most one break after its in-place part (the rest is one run
-where one fits). Cost: O(n + log R) per call (R free runs), never a scan of the pool.
+nobody is growing. A new request is placed with the most room after it (for its blocks
+ahead, when the manager knows them), and requests arriving later pack behind it once it
+decodes. Requests admitted in one step all claim strongly: each but the first goes to the
+end of the largest run, or, when it has blocks ahead (a long prompt), to its middle. The
+claims steer placement only: they change no content and no invariant. Each call adds at
+most one break after its in-place part (the rest is one run where one fits). Cost:
+O(n + log R) per call (R free runs), never a scan of the pool.
 
 Eviction is unchanged: never-hashed free blocks first, then the evictable list, least
 recently freed first (the manager frees a request's newest block first, so a chain loses
