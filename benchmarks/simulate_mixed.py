@@ -39,7 +39,7 @@ from benchmarks.mixed_long_short import CONFIGS, pcts
 from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.latency.profile_store import load_profile
-from mnemosyne.simulator.engine import SimulatedEngine
+from mnemosyne.simulator.engine import SimulatedEngine, scaled_timer
 from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config
 
 METRICS = ("long_ttft_s", "p50_ms", "p99_ms", "max_ms")
@@ -174,6 +174,11 @@ def main() -> None:
     )
     ap.add_argument("--profile", default=None, help="the latency profile it measured (.profile.json)")
     ap.add_argument("--device-latency-profile", default=None, help="the simulated device's step times")
+    ap.add_argument(
+        "--chunk-step-factor", type=float, default=1.0,
+        help="simulated steps with a chunk take this x the device's time (sustained clocks: "
+        "`mnemosyne simulate --chunk-step-factor`)",
+    )  # fmt: skip
     ap.add_argument("--gpu", default="h200")
     ap.add_argument("--tolerance", type=float, default=0.10, help="relative error counted as agreement")
     ap.add_argument("--stall-threshold-s", type=float, default=1.0, help="measured gaps above: host stalls")
@@ -188,7 +193,9 @@ def main() -> None:
         device = load_profile(ns.device_latency_profile)
         if ns.profile is not None and load_profile(ns.profile).key != device.key:
             raise SystemExit(f"{ns.device_latency_profile} was measured for another key than {ns.profile}")
-        timer = lambda _engine_model: device.model.step_time_s  # noqa: E731
+        timer = lambda _engine_model: scaled_timer(device.model, 1.0, ns.chunk_step_factor)  # noqa: E731
+    elif ns.chunk_step_factor != 1.0:
+        timer = lambda engine_model: scaled_timer(engine_model, 1.0, ns.chunk_step_factor)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(m["shape"], Path(tmp))
         for run in measured["runs"]:
@@ -209,7 +216,7 @@ def main() -> None:
         "SIMULATED": "simulated side on CPU; measured side: the --measured H200 run",
         "command": "python -m benchmarks.simulate_mixed " + shlex.join(sys.argv[1:]),
         "simulated_vs_measured": rows, "measured_file": str(ns.measured), "profile": ns.profile,
-        "device_latency_profile": ns.device_latency_profile or ns.profile,
+        "device_latency_profile": ns.device_latency_profile or ns.profile, "chunk_step_factor": ns.chunk_step_factor,
         "tolerance": ns.tolerance, "stall_threshold_s": ns.stall_threshold_s,
     }, indent=1))  # fmt: skip
     if ns.plot:
