@@ -212,3 +212,13 @@ def test_aborted_prefills_are_never_scheduled_again(chat_model: Path) -> None:
         assert [o.request_id for o in outputs if o.finished] == ["next"]
         engine.kv_manager.check_integrity()
         assert engine.kv_manager.usage() == [0.0]
+
+
+def test_core_arrival_cost_probe_runs(tmp_path) -> None:
+    """benchmarks/probes/core_arrival_cost.py on a small prompt: every part timed, positive."""
+    from benchmarks.probes.core_arrival_cost import main as probe
+
+    res = probe(["--out", str(tmp_path / "c.json"), "--tokens", "5000", "--repeats", "1"])
+    (row,) = res["rows"]
+    assert row["tokens"] == 5000 and row["frame_mb"] > 0.02
+    assert all(row[k] > 0 for k in ("server_ms", "wire_ms", "add_request_ms", "first_schedule_ms"))

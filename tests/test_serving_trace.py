@@ -133,3 +133,18 @@ def test_simulated_serving_trace_cpu(tmp_path: Path) -> None:
         for res in d["results"].values():
             res["simulation"].pop("wall_s")
     assert first == second
+
+
+def test_long_ttft_decomposition_adds_up(tmp_path: Path) -> None:
+    """benchmarks/probes/long_ttft_decomposition.py: each long request's steps with decodes,
+    alone and without it add up to its simulated TTFT, and its chunks to its prompt."""
+    from benchmarks.probes.long_ttft_decomposition import main as decomposition_main
+
+    out = tmp_path / "d.json"
+    res = decomposition_main(["--out", str(out), "--shape", "1b", *TRACE_ARGS])
+    assert res["requests"] and json.loads(out.read_text())["requests"] == res["requests"]
+    for r in res["requests"]:
+        parts = r["with_decodes_s"] + r["prefill_only_s"] + r["not_scheduled_s"]
+        assert parts == pytest.approx(r["ttft_s"], rel=1e-6)
+        assert r["with_decodes_tokens"] + r["prefill_only_tokens"] == r["prompt_tokens"]
+        assert r["prefill_floor_s"] > 0

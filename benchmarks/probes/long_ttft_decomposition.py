@@ -33,8 +33,6 @@ from mnemosyne.cli import build_parser, parse_args
 from mnemosyne.simulator.command import run_simulation
 from mnemosyne.simulator.engine import SimulatedEngine
 
-LONG_PROMPT_TOKENS = 60000  # the trace's long prompts start at 64K
-
 
 def record_steps(engine_cls: type[SimulatedEngine], steps: list) -> None:
     """Make every SimulatedEngine append (done_s, [(request id, chunk tokens)], num_decodes) per step."""
@@ -49,10 +47,10 @@ def record_steps(engine_cls: type[SimulatedEngine], steps: list) -> None:
     engine_cls._process = _process
 
 
-def decompose(engine: SimulatedEngine, steps: list, floors: dict[str, float]) -> list[dict]:
+def decompose(engine: SimulatedEngine, steps: list, floors: dict[str, float], long_ids: set[str]) -> list[dict]:
     rows = []
     for rid, r in engine.requests.items():
-        if r.prompt_len < LONG_PROMPT_TOKENS or not r.token_times_s:
+        if rid not in long_ids or not r.token_times_s:
             continue
         first = r.token_times_s[0]
         parts = {"with_decodes": [0.0, 0], "prefill_only": [0.0, 0], "not_scheduled": [0.0, 0]}
@@ -95,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         floors = {f"req-{i}": f for i, (f, _) in enumerate(ttft_deadlines_s(Path(model_dir), trace, 1.0, 0.0))}
         sim_argv = simulate_argv(ns, own, own.config, Path(model_dir), Path(tmp) / "trace.jsonl")
         engine, _ = run_simulation(parse_args(build_parser(), sim_argv))
-    rows = decompose(engine, steps, floors)
+    long_ids = {f"req-{i}" for i, t in enumerate(trace) if t["kind"] == "long"}
+    rows = decompose(engine, steps, floors, long_ids)
     for row in rows:
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
     result = {
