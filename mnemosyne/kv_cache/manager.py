@@ -194,8 +194,8 @@ class KVCacheManager:
         if pieces and grow_end > pieces[-1].token_end:
             newest = pieces[-1]
             # In place where the blocks after its last are free. Also with grow_blocks == 0
-            # (a decode step inside its last block): the pool then stops keeping the run
-            # after it free for this piece (`block_pool.py`, placement).
+            # (a step inside its last block): the pool keeps the run after it claimed for
+            # the piece only while it has blocks ahead, not for a decode (`block_pool.py`).
             ahead = self._blocks_ahead(newest.token_start, grow_end, num_known_tokens)
             grown = self._pools[newest.group].allocate(
                 grow_blocks, after=newest.block_ids[-1], num_blocks_ahead=ahead
