@@ -117,7 +117,8 @@ def make_policies(
         max_tokens_per_kvp_group=kv_manager.max_tokens_per_kvp_group,
         granularity_tokens=pc.chunk_granularity_tokens,
     )
-    prefill_time.time_s(config.scheduler.max_model_len)  # the whole table now, not on a long arrival
+    # The whole table now, not on a long arrival: every prompt the cache can hold.
+    prefill_time.time_s(min(config.scheduler.max_model_len, kv_manager.capacity_tokens_per_request))
     priority: PriorityPolicy = FCFSPriority()
     lars: LARSPriority | None = None
     if pc.scheduling_policy is SchedulingPolicyKind.LARS:
