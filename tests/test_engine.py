@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import TEST_DEVICE
 
@@ -72,6 +73,9 @@ def test_bad_requests_are_rejected_while_others_continue(engine):
     out = run_all(engine)
     assert list(out) == [good] and out[good].token_ids == ref
     assert engine.kv_manager.num_free_blocks(0) == engine.config.cache.num_blocks_per_group[0]
+    numpy_ids = engine.add_request([np.int32(t) for t in PROMPT], greedy(12))  # held as plain ints
+    assert all(type(t) is int for t in engine.scheduler.get_request(numpy_ids).prompt_token_ids)
+    assert run_all(engine)[numpy_ids].token_ids == ref
 
 
 def test_overlong_prompt_message_names_both_numbers(engine):

@@ -129,8 +129,8 @@ class LLMEngine:
             token_ids = list(self.tokenizer.encode(prompt))
         else:
             token_ids = prompt
-        check_token_ids(token_ids, self.config.model.vocab_size)
-        return token_ids.tolist() if isinstance(token_ids, np.ndarray) else list(token_ids)
+        # plain Python ints for the Request, whatever integer type the caller passed
+        return check_token_ids(token_ids, self.config.model.vocab_size).tolist()
 
     def add_request(
         self,
