@@ -12,7 +12,8 @@ Groups (the prediction is the engine's own, uncorrected, from the profile it ran
               (as online calibration keys them: latency/calibration.py, prefix_bucket)
 
 Per group: steps, median and p95 of measured / predicted, and the share of steps over
-1.5x; then the `--worst` steps by that ratio with their chunks. Last, the chunk-step factor:
+1.5x; then the `--worst` steps by that ratio with their chunks; the host's time before each
+submission (`host_s`: a long prompt's arrival shows here). Last, the chunk-step factor:
 the median over every step with a chunk, which `mnemosyne simulate --chunk-step-factor` (and
 `benchmarks.compare_serving_trace`) takes to replay other runs on this device under a
 sustained serving load (an H200 then holds its power cap at lower clocks than the profile's
@@ -74,7 +75,23 @@ def report(steps: list[dict], worst: int) -> dict:
     ]  # fmt: skip
     with_chunk = [r for r, s in rows if any(n > 1 for n, _ in s["seqs"])]
     factor = statistics.median(with_chunk) if with_chunk else None
-    return {"num_steps": len(rows), "groups": groups, "worst": worst_rows, "chunk_step_factor": factor}
+    return {"num_steps": len(rows), "groups": groups, "worst": worst_rows, "chunk_step_factor": factor,
+            "host": host_summary(steps, worst)}  # fmt: skip
+
+
+def host_summary(steps: list[dict], worst: int) -> dict | None:
+    """The host's time before each submission (`host_s`; logs written before it have none):
+    p50 / p99 / max and the longest ones with the step they delayed."""
+    timed = sorted((s for s in steps if s.get("host_s") is not None), key=lambda s: -s["host_s"])
+    if not timed:
+        return None
+    values = sorted(s["host_s"] for s in timed)
+    pick = lambda q: 1e3 * values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {
+        "steps": len(values), "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": 1e3 * values[-1],
+        "worst": [{"t_s": s["t_s"], "host_ms": 1e3 * s["host_s"], "chunks": [[n, p] for n, p in s["seqs"] if n > 1]}
+                  for s in timed[:worst]],
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,6 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     for w in result["worst"]:
         print(f"  {w['ratio']:5.2f}x  {w['measured_ms']:7.1f} ms (predicted {w['predicted_ms']:.1f})  "
               f"at {w['t_s']:.1f} s: {w['decodes']} decodes, chunks {w['chunks']}")  # fmt: skip
+    host = result["host"]
+    if host is not None:
+        print(f"host time before a submission: p50 {host['p50_ms']:.2f} ms, p99 {host['p99_ms']:.2f} ms, "
+              f"max {host['max_ms']:.1f} ms (at {host['worst'][0]['t_s']:.1f} s)")  # fmt: skip
     if result["chunk_step_factor"] is not None:
         print(f"chunk-step factor (median over steps with a chunk): {result['chunk_step_factor']:.3f}")
     if ns.out is not None:

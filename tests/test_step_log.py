@@ -40,6 +40,10 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     assert header["block_size"] == 4 and header["async_scheduling"] is async_scheduling
     times = [s["t_s"] for s in steps]
     assert times == sorted(times) and all(s["measured_s"] > 0 and s["predicted_s"] > 0 for s in steps)
+    # The host's time before each submission: none for the first step (the engine was idle),
+    # then the time from the latest result, never negative.
+    assert steps[0]["host_s"] is None
+    assert all(s["host_s"] is not None and s["host_s"] >= 0 for s in steps[max(1, len(steps) // 2) :])
     # Every token position of each request was computed once: prompt chunks of at most 8
     # tokens, then one decode per output token but the last (sampled, never fed back).
     # A stale decode ahead (async, after a request's last token) would add a position.
@@ -56,6 +60,8 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     rep = step_log_report([str(path), "--skip-steps", "0", "--worst", "3", "--out", str(tmp_path / "r.json")])
     assert rep["num_steps"] == len(steps) and sum(g["steps"] for g in rep["groups"]) == len(steps)
     assert {g["kind"] for g in rep["groups"]} <= {"decode", "1 chunk", "2+ chunks"} and len(rep["worst"]) == 3
+    host = rep["host"]
+    assert host is not None and 0 <= host["p50_ms"] <= host["p99_ms"] <= host["max_ms"] and host["worst"]
     chunk_ratios = sorted(s["measured_s"] / s["predicted_s"] for s in steps if any(n > 1 for n, _ in s["seqs"]))
     assert rep["chunk_step_factor"] == pytest.approx(statistics.median(chunk_ratios))
 

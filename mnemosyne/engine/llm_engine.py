@@ -102,10 +102,13 @@ class LLMEngine:
         self.max_inflight = config.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         # (predicted_s, submitted at time.monotonic(), composition) of each micro-batch in flight
-        self._inflight_timing: deque[tuple[float, float, StepComposition]] = deque()
+        # (predicted_s, submitted, composition, host_s) of each micro-batch in flight; host_s:
+        # the host's time from the latest result to this submission (None after idling)
+        self._inflight_timing: deque[tuple[float, float, StepComposition, float | None]] = deque()
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
         self.step_log = StepLog(config.step_log, config, time.monotonic()) if config.step_log else None
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
+        self._busy_since_result = False  # a result arrived and the engine has not idled since
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
@@ -196,7 +199,9 @@ class LLMEngine:
             if sched.is_empty:
                 break
             composition, predicted_s = self.predict_step(sched)
-            self._inflight_timing.append((predicted_s, time.monotonic(), composition))
+            submitted = time.monotonic()
+            host_s = submitted - self._last_result_time if self._busy_since_result else None
+            self._inflight_timing.append((predicted_s, submitted, composition, host_s))
             self.executor.submit(self.planner.build(sched))
             self._inflight.append(sched)
         if not self._inflight:
@@ -204,15 +209,16 @@ class LLMEngine:
         result = self.executor.get_result()
         now = time.monotonic()
         sched = self._inflight.popleft()
-        predicted_s, submitted, composition = self._inflight_timing.popleft()
+        predicted_s, submitted, composition, host_s = self._inflight_timing.popleft()
         started = submitted
         if self.config.scheduler.async_scheduling:  # the device began it when the step before ended
             started = max(started, self._last_result_time)
         self._last_result_time = now
+        self._busy_since_result = True
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         if self.step_log is not None:
-            self.step_log.write(now, now - started, predicted_s, sched)
+            self.step_log.write(now, now - started, predicted_s, sched, host_s)
         if self.policies.calibration is not None:
             self.policies.calibration.observe(composition, predicted_s, submitted, now)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
@@ -229,6 +235,7 @@ class LLMEngine:
             self.executor.get_result()
             self._inflight.popleft()
             self._inflight_timing.popleft()
+        self._busy_since_result = False
         self.kv_manager.check_integrity()
 
     def predict_step(self, sched: SchedulerOutput) -> tuple[StepComposition, float]:

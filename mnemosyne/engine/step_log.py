@@ -10,6 +10,11 @@ overrun their prediction.
                                scheduling (the device began it when the step before ended),
                                result - submitted without
                  "predicted_s": the latency model's uncorrected prediction
+                 "host_s":     the host's time from the latest result before this step's
+                               submission to that submission: output processing, the engine
+                               core's messages (arriving prompts), scheduling; null for the
+                               first step after idling. Longer than the step in flight, the
+                               device idles (a long prompt's arrival on an H200: 57-90 ms)
                  "seqs":       [[query tokens, keys before them], ...] per chunk, decodes
                                first: the shape of a profile's samples (`latency/profile_store.py`)}
 
@@ -47,11 +52,14 @@ class StepLog:
         }
         self._file.write(json.dumps(header) + "\n")
 
-    def write(self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput) -> None:
+    def write(
+        self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput, host_s: float | None
+    ) -> None:
         if self._file is None:
             return
         seqs = [[c.num_tokens, c.start] for c in sched.chunks]
-        line = {"t_s": round(done_s - self._start_s, 6), "measured_s": measured_s, "predicted_s": predicted_s}
+        line = {"t_s": round(done_s - self._start_s, 6), "measured_s": measured_s, "predicted_s": predicted_s,
+                "host_s": None if host_s is None else round(host_s, 6)}  # fmt: skip
         self._file.write(json.dumps({**line, "seqs": seqs}) + "\n")
 
     def close(self) -> None:
