@@ -14,7 +14,8 @@ overrun their prediction.
                                submission to that submission: output processing, the engine
                                core's messages (arriving prompts), scheduling; null for the
                                first step after idling. Longer than the step in flight, the
-                               device idles (a long prompt's arrival on an H200: 57-90 ms)
+                               device idles (before this field, a long prompt's arrival on an
+                               H200 was inferred from the step after it: 57-90 ms)
                  "seqs":       [[query tokens, keys before them], ...] per chunk, decodes
                                first: the shape of a profile's samples (`latency/profile_store.py`)}
 
