@@ -43,15 +43,16 @@ def check_token_ids(
     token_ids: list[int] | np.ndarray, vocab_size: int, what: str = "prompt token ids"
 ) -> np.ndarray:
     """The ids as a 1-D integer array; InvalidRequestError unless every one is an integer in
-    [0, vocab_size). In numpy, not a Python loop: a prompt may hold millions of ids (500K: 13
-    ms per loop, 4 ms here), and the engine core checks every arriving prompt between two steps."""
+    [0, vocab_size). In numpy, not a Python loop: a prompt may hold millions of ids (351K:
+    13.6 ms per loop, 3.8 ms here, on a 2-core CPU), and the engine core checks every arriving
+    prompt between two steps."""
     error = InvalidRequestError(f"{what} must be integers in [0, {vocab_size})")
     try:
         ids = np.asarray(token_ids)  # ints -> an integer dtype; floats, bools, strings, huge ints do not
     except (ValueError, TypeError) as e:  # ragged nesting
         raise error from e
     if ids.size == 0:
-        return ids.astype(np.int64).reshape(0)
+        return np.empty(0, dtype=np.int64)
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab_size:
         raise error
     return ids

@@ -101,9 +101,9 @@ class LLMEngine:
         self.executor: Executor = make_executor(config)
         self.max_inflight = config.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
-        # (predicted_s, submitted at time.monotonic(), composition) of each micro-batch in flight
-        # (predicted_s, submitted, composition, host_s) of each micro-batch in flight; host_s:
-        # the host's time from the latest result to this submission (None after idling)
+        # (predicted_s, submitted at time.monotonic(), composition, host_s) of each micro-batch
+        # in flight; host_s: the host's time from the latest result to this submission (None
+        # after idling)
         self._inflight_timing: deque[tuple[float, float, StepComposition, float | None]] = deque()
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
         self.step_log = StepLog(config.step_log, config, time.monotonic()) if config.step_log else None

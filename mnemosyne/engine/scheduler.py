@@ -326,7 +326,7 @@ class Scheduler:
         """The request's cached prefix; None when caching is off or it wants prompt logprobs.
         Its blocks are hashed only as far as the lookup needs: in windows growing 4x from
         16 blocks, until one holds a block no group caches (a 500K-token prompt costs one
-        window, not 20 ms of hashing, on arrival; the rest is hashed as chunks complete)."""
+        window, not 16 ms of hashing, on arrival; the rest is hashed as chunks complete)."""
         kv = self.kv_manager
         if not kv.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
             return None
