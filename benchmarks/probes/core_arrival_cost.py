@@ -4,7 +4,7 @@ The core handles every queued message before it plans the next step, so this hos
 delays that step and every co-batched stream's next token. On an H200 host a 351K-token
 arrival stretched one 8B decode step from 5 to 62 ms, and a 493K-token one a 1B step from
 20 to 109 ms (benchmarks/results/serving_trace_session8_h200_2026-11-29). Timed here, each
-the best of `--repeats`, with a tiny random model (the cost does not depend on it):
+the best of `--repeats`, with the benchmarks' tiny random model (the cost does not depend on it):
 
     server      the API server packs the ids and signs the frame (its event loop)
     wire        the core verifies and decodes the frame (ids spread over a Llama-3 vocabulary,
@@ -24,13 +24,15 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from mnemosyne.engine.args import EngineArgs
+from benchmarks.probes.prompt_parse_cost import best_ms
+from mnemosyne.bench.long_context.run import write_model_dir
+from mnemosyne.config import ModelConfig
+from mnemosyne.engine.args import EngineArgs, kv_bytes_per_token_per_device
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.codec import Codec
@@ -43,23 +45,15 @@ from mnemosyne.wire.engine_core import (
 )
 
 
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
-
-
 def tiny_engine(max_len: int) -> LLMEngine:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-    from tiny_models import build_tiny_model
-
-    model_dir = build_tiny_model("llama", Path(tempfile.mkdtemp(prefix="core_arrival_")))
-    kv_gib = 1.2 * (max_len + 4096) * 3 * 2 * 2 * 32 * 4 / 2**30  # 3 layers, K and V, 2 heads x 32, fp32
+    """The benchmarks' tiny random Llama (`write_model_dir("tiny-llama")`), float32 on CPU,
+    its KV cache sized to hold a max_len-token prompt."""
+    model_dir = write_model_dir("tiny-llama", Path(tempfile.mkdtemp(prefix="core_arrival_")))
+    cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
+    parallel = EngineArgs().parallel_config()
+    kv_gib = 1.2 * (max_len + 4096) * kv_bytes_per_token_per_device(cfg, parallel) / 2**30
     args = EngineArgs(
-        model=str(model_dir), device="cpu", max_model_len=max_len + 64,
+        model=str(model_dir), load_format="dummy", dtype="float32", device="cpu", max_model_len=max_len + 64,
         allow_long_max_model_len=True, kv_cache_memory_gb=kv_gib,
     )  # fmt: skip
     return LLMEngine.from_args(args)
