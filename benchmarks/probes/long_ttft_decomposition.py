@@ -34,20 +34,15 @@ from mnemosyne.simulator.command import run_simulation
 from mnemosyne.simulator.engine import SimulatedEngine
 
 
-def record_steps(engine_cls: type[SimulatedEngine], steps: list) -> None:
-    """Make every SimulatedEngine append (done_s, [(request id, chunk tokens)], num_decodes) per step."""
-    process = engine_cls._process
-
-    def _process(self, sched, submit_s):  # noqa: ANN001
-        chunks = [(c.request.request_id, c.num_tokens) for c in sched.chunks if c.num_tokens > 1 or c.request.is_prefill]
-        num_decodes = sum(1 for c in sched.chunks if c.num_tokens == 1 and not c.request.is_prefill)
-        steps.append((self.now_s, chunks, num_decodes))
-        return process(self, sched, submit_s)
-
-    engine_cls._process = _process
-
-
-def decompose(engine: SimulatedEngine, steps: list, floors: dict[str, float], long_ids: set[str]) -> list[dict]:
+def decompose(engine: SimulatedEngine, floors: dict[str, float], long_ids: set[str]) -> list[dict]:
+    """Each long request's TTFT over the steps between its arrival and first token
+    (`engine.steps`; a 1-token chunk at or past a prompt's end is a decode)."""
+    assert engine.steps is not None
+    steps = [
+        (rec.done_s, rec.chunks, sum(1 for rid, start, n in rec.chunks
+                                     if n == 1 and start >= engine.requests[rid].prompt_len))
+        for rec in engine.steps
+    ]  # fmt: skip
     rows = []
     for rid, r in engine.requests.items():
         if rid not in long_ids or not r.token_times_s:
@@ -60,7 +55,7 @@ def decompose(engine: SimulatedEngine, steps: list, floors: dict[str, float], lo
             if done <= r.arrival_s or done > first + 1e-9:
                 continue
             dur = done - start
-            mine = [n for q, n in chunks if q == rid]
+            mine = [n for q, s0, n in chunks if q == rid and s0 < r.prompt_len]
             kind = "not_scheduled" if not mine else ("with_decodes" if num_decodes else "prefill_only")
             parts[kind][0] += dur
             parts[kind][1] += sum(mine)
@@ -83,8 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)
     own.device_latency_profile = None
-    steps: list = []
-    record_steps(SimulatedEngine, steps)
     with tempfile.TemporaryDirectory(prefix="long_ttft_") as tmp:
         ns = serving_trace.parse_args([*rest, "--dry-run", "--out", tmp])
         serving_trace.main([*rest, "--dry-run", "--out", tmp])
@@ -92,9 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = ns.model_dir or write_model_dir(serving_trace.SHAPE_NAMES[ns.shape], Path(tmp))
         floors = {f"req-{i}": f for i, (f, _) in enumerate(ttft_deadlines_s(Path(model_dir), trace, 1.0, 0.0))}
         sim_argv = simulate_argv(ns, own, own.config, Path(model_dir), Path(tmp) / "trace.jsonl")
-        engine, _ = run_simulation(parse_args(build_parser(), sim_argv))
+        engine, _ = run_simulation(parse_args(build_parser(), sim_argv), record_steps=True)
     long_ids = {f"req-{i}" for i, t in enumerate(trace) if t["kind"] == "long"}
-    rows = decompose(engine, steps, floors, long_ids)
+    rows = decompose(engine, floors, long_ids)
     for row in rows:
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
     result = {

@@ -77,9 +77,10 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
 
 
-def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
+def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tuple[SimulatedEngine, dict]
     """The simulation `mnemosyne simulate` runs for parsed arguments `ns`: the engine after the
-    trace (its requests' token times) and the result JSON (requests, summary, setup)."""
+    trace (its requests' token times; with `record_steps`, every step in `engine.steps`) and the
+    result JSON (requests, summary, setup)."""
     from mnemosyne.simulator.engine import SimulatedEngine, run_trace, scaled_timer
     from mnemosyne.simulator.report import summarize
     from mnemosyne.simulator.setup import (
@@ -108,7 +109,7 @@ def run_simulation(ns: argparse.Namespace):  # -> tuple[SimulatedEngine, dict]
     device = model if device_path is None else matching_profile_model(config, device_path, spec)
     timed = device_path is not None or ns.latency_error_factor != 1.0 or ns.chunk_step_factor != 1.0
     timer = scaled_timer(device, ns.latency_error_factor, ns.chunk_step_factor) if timed else None
-    engine = SimulatedEngine(config, model, source, step_timer=timer)
+    engine = SimulatedEngine(config, model, source, step_timer=timer, record_steps=record_steps)
     run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel
