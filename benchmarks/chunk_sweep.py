@@ -66,7 +66,8 @@ def fit_max(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 def _attn_case(c: int, prefix: int, path, cfg=None, reps: int = 5) -> dict:
     from mnemosyne.bench.long_context.kernels import BLOCK, _cache, _tables, time_ms
-    from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig, KernelBackend
+    from mnemosyne.layers.attention.kernel_backend import KernelBackend
+    from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig
     from mnemosyne.layers.attention.metadata import AttentionMetadata
 
     h, hkv, d, dtype = 32, 8, 128, torch.bfloat16
@@ -95,7 +96,7 @@ def _attn_case(c: int, prefix: int, path, cfg=None, reps: int = 5) -> dict:
 
 def part_calib(log: Path | None) -> dict:
     from mnemosyne.latency.kernel_cost import ChunkPath
-    from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig
+    from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig
 
     res: dict = {"tuning": [], "points": [], "fit": {}}
     # Tuning: (block_n, num_warps, num_stages, waves) at c = 32 and 128 after 128K keys.

@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention  # noqa: E402
 from mnemosyne.kernels.merge_attn import merge_attn_states_into  # noqa: E402
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkPath, PathCost  # noqa: E402
-from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig, KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig  # noqa: E402
 from mnemosyne.layers.attention.merge import merge_attn_states  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 from mnemosyne.layers.attention.reference import TorchReferenceBackend  # noqa: E402

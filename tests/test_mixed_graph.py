@@ -23,7 +23,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from mnemosyne.layers.attention.kernel_backend import ChunkKernelConfig, HostPlan, KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
+from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig, HostPlan  # noqa: E402
 from mnemosyne.layers.attention.static_plan import EXTRA_TILES, StaticPlans  # noqa: E402
 from mnemosyne.worker.mixed_graph import MixedGraphs  # noqa: E402
 

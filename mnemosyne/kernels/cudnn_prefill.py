@@ -36,6 +36,7 @@ from mnemosyne.kernels.merge_attn import merge_attn_states_into
 os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
 
 _aten = torch.ops.aten
+MIN_DENSE_SPLIT_KEYS = 4096  # fewest keys of one prefix split (`choose_prefix_splits`)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def choose_prefix_splits(
     num_kv_heads: int,
     num_prefix: int,
     num_sms: int,
-    min_split_keys: int = 4096,
+    min_split_keys: int = MIN_DENSE_SPLIT_KEYS,
 ) -> int:
     """Key splits of the prefix so that cuDNN's programs (about one per 128 folded query
     rows per KV head and split) fill two per SM, each split >= min_split_keys keys; a
@@ -74,6 +75,22 @@ def split_prefix_is_batched(chunk: DenseChunk, block_size: int) -> bool:
     with only num_kv_heads * G*c/128 programs: too few to fill the GPU when splits > 1."""
     per = chunk.num_prefix // chunk.prefix_splits
     return chunk.prefix_splits > 1 and -(-chunk.prefix_splits * per // block_size) <= chunk.run[1]
+
+
+def prefix_parts(chunk: DenseChunk, block_size: int, segment_tokens: int) -> list[tuple[int, int, bool]]:
+    """The chunk's key ranges (first local key, end, causal) other than a batched split
+    prefix [0, S * per), one cuDNN call each: the prefix's segments of at most
+    `segment_tokens` keys (after the batched splits, when `split_prefix_is_batched`), then
+    the own keys [num_prefix, num_prefix + c), causal."""
+    first = 0
+    if split_prefix_is_batched(chunk, block_size):
+        first = chunk.prefix_splits * (chunk.num_prefix // chunk.prefix_splits)
+    parts = [
+        (s0, min(chunk.num_prefix, s0 + segment_tokens), False) for s0 in range(first, chunk.num_prefix, segment_tokens)
+    ]
+    if chunk.has_own_keys:
+        parts.append((chunk.num_prefix, chunk.num_prefix + chunk.num_queries, True))
+    return parts
 
 
 def fits(
@@ -201,15 +218,9 @@ def dense_chunk_attention(
     splits = chunk.prefix_splits
     per = chunk.num_prefix // splits
     batched = split_prefix_is_batched(chunk, bs)
-    first = splits * per if batched else 0
-    parts: list[tuple[int, int, bool]] = [  # (first local key, end, causal)
-        (s0, min(chunk.num_prefix, s0 + segment_tokens), False)
-        for s0 in range(first, chunk.num_prefix, segment_tokens)
-    ]
+    parts = prefix_parts(chunk, bs, segment_tokens)
     if batched:
-        parts.insert(0, (0, first, False))
-    if chunk.has_own_keys:
-        parts.append((chunk.num_prefix, chunk.num_prefix + c, True))
+        parts.insert(0, (0, splits * per, False))
     if not parts:  # no key at all
         out.zero_()
         lse.fill_(float("-inf"))

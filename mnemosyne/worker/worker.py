@@ -98,9 +98,13 @@ class Worker:
             config.model_dir, config.model, backend, device, pg, config.load_format, config.seed
         )
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
-        if device.type == "cuda" and self.kv_caches:  # Triton's JIT before serving, not on the first steps
+        if device.type == "cuda" and self.kv_caches:  # JIT and cuDNN plans before serving, not on the first steps
+            sched = config.scheduler
+            max_prefix_tokens = min(num_blocks * self.block_size, sched.max_model_len)
             for window in {None, config.model.sliding_window}:
-                backend.warm_up(*self.kv_caches[0], window, config.scheduler.max_num_seqs)
+                backend.warm_up(
+                    *self.kv_caches[0], window, sched.max_num_seqs, sched.max_num_batched_tokens, max_prefix_tokens
+                )
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # shared by all graphs
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.mixed = MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool)

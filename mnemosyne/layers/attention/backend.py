@@ -25,9 +25,12 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         sliding_window: int | None,
         max_num_decodes: int = 1,
+        max_num_batched_tokens: int = 0,
+        max_prefix_tokens: int = 0,
     ) -> None:
         """Compile / plan what serving would otherwise do on its first steps (cache read only),
-        for steps of up to `max_num_decodes` decodes."""
+        for steps of up to `max_num_decodes` decodes and `max_num_batched_tokens` tokens, after
+        prefixes of up to `max_prefix_tokens` keys (0: the chunk paths' plans are not built)."""
         ...
 
     def forward(

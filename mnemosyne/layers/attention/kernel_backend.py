@@ -9,7 +9,9 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
     measured cost model (`kernel_cost.py`) says it is cheaper, and the prefix splits it
     wants lie in the sequence's leading run of consecutive blocks (the cost model measured
     the batched split call; a fragmented prefix runs segment by segment with too few
-    programs: 1.7-2x the model on an H200 serving trace, 256-512-token chunks after 256K+)
+    programs: 1.7-2x the model on an H200 serving trace, 256-512-token chunks after 256K+),
+    and every cuDNN graph its calls need was built by `warm_up` (kernels/cudnn_plans.py: a
+    graph built while serving stalls the step)
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
     anything else                           -> a split-KV Triton chunk kernel, one launch
                                                for all its sequences, split along the keys
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
+import logging
 
 import torch
 
@@ -48,6 +50,13 @@ from mnemosyne.kernels.chunk_tma_attention import (
     chunk_tma_attention,
     fits_page_tiles,
 )
+from mnemosyne.kernels.cudnn_plans import (
+    CudnnShape,
+    chunk_call_shapes,
+    cudnn_chunk_lens,
+    reachable_shapes,
+    warm_up_cudnn,
+)
 from mnemosyne.kernels.cudnn_prefill import (
     DenseChunk,
     choose_prefix_splits,
@@ -60,51 +69,10 @@ from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
+from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig, HostPlan, KernelPlan
 from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
 
-
-@dataclass
-class KernelPlan:
-    """Which kernel runs which sequence of one step (shared by every layer)."""
-
-    decode_seq_ids: torch.Tensor | None = None  # [num_decode] int32
-    split_budget: int = 1  # work items of the decode kernel, for the whole batch
-    tile_seq: torch.Tensor | None = None  # [num_tiles] int32, Triton prefill tiles
-    tile_q_offset: torch.Tensor | None = None  # [num_tiles] int32
-    block_q: int = 16
-    chunk_splits: int = 1  # key splits of the Triton chunk kernel (at most; see min_split_keys)
-    min_split_keys: int = 0  # fewest keys per split: shorter sequences use fewer of the splits
-    merge_rows: torch.Tensor | None = None  # [num_tiled_rows] int32, packed rows of the tiles (splits > 1)
-    page_tiles: bool = False  # the tiles walk page-aligned steps (chunk_tma_attention)
-    dense: list[DenseChunk] = field(default_factory=list)
-
-
-@dataclass
-class HostPlan:
-    """`KernelPlan`'s host lists: which sequences (indices into the batch) go to which kernel."""
-
-    block_q: int
-    page_tiles: bool
-    decode: list[int] = field(default_factory=list)  # query_len == 1
-    dense: list[DenseChunk] = field(default_factory=list)  # cuDNN
-    tile_seq: list[int] = field(default_factory=list)  # Triton chunk kernel: its query tiles
-    tile_q_offset: list[int] = field(default_factory=list)
-    tiled_rows: list[int] = field(default_factory=list)  # packed rows of the tiled sequences
-    chunk_splits: int = 1
-    min_split_keys: int = 0
-
-
-@dataclass(frozen=True)
-class ChunkKernelConfig:
-    """Tunables of the Triton chunk kernel; None = the kernel's defaults."""
-
-    block_n: int | None = None
-    num_warps: int | None = None
-    num_stages: int | None = None
-    waves: int | None = None  # programs per SM the split count aims at
-    min_split_keys: int | None = None  # fewest keys per split; None: MIN_SPLIT_KEYS on CUDA, 64 on
-    # CPU (the interpreter: tests reach the split path with short contexts)
-    max_splits: int | None = None  # None: MAX_SPLITS, or PAGE_TILES_MAX_SPLITS for page-aligned tiles
+logger = logging.getLogger(__name__)
 
 
 class KernelBackend:
@@ -121,7 +89,7 @@ class KernelBackend:
         use_cudnn: bool | None = None,
         cost_model: ChunkCostModel = H200_COST,
         force_path: ChunkPath | None = None,
-        chunk_config: ChunkKernelConfig = ChunkKernelConfig(),
+        chunk_config: ChunkKernelConfig | None = None,
     ) -> None:
         """force_path: every chunk cuDNN can take goes there (CUDNN), or none does
         (TRITON_SPLITKV), instead of the cheaper path by `cost_model` (tests, benchmarks)."""
@@ -135,10 +103,12 @@ class KernelBackend:
         cost_model.check_integrity()
         self.cost_model = cost_model
         self.force_path = force_path
-        self.chunk_config = chunk_config
+        self.chunk_config = ChunkKernelConfig() if chunk_config is None else chunk_config
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         )
+        # The cuDNN graphs `warm_up` built; None (no warm-up): cuDNN takes any shape
+        self.cudnn_shapes: frozenset[CudnnShape] | None = None
 
     # ---- once per step ------------------------------------------------------------------
 
@@ -186,6 +156,10 @@ class KernelBackend:
                         and not split_prefix_is_batched(chunk, block_size)
                     ):
                         chunk = None  # fragmented prefix: the Triton kernel walks any block table
+                    if chunk is not None and block_size is not None and not self._cudnn_is_built(
+                        chunk, num_kv_heads, block_size
+                    ):
+                        chunk = None  # a graph not built at start-up: Triton, never a build while serving
             if q_len == 1:
                 plan.decode.append(i)
             elif chunk is not None:
@@ -279,22 +253,47 @@ class KernelBackend:
         cheaper = self.cost_model.cheaper(num_queries, num_keys, num_heads, self.head_dim, page_tiles)
         return cheaper is ChunkPath.CUDNN
 
+    def _cudnn_is_built(self, chunk: DenseChunk, num_kv_heads: int, block_size: int) -> bool:
+        if self.cudnn_shapes is None:
+            return True
+        shapes = chunk_call_shapes(chunk, self.num_heads_per_kv, num_kv_heads, block_size, self.dense_segment_tokens)
+        return all(shape in self.cudnn_shapes for shape in shapes)
+
     def warm_up(
         self,
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], one layer's
         v_cache: torch.Tensor,
         sliding_window: int | None,
         max_num_decodes: int = 1,
+        max_num_batched_tokens: int = 0,
+        max_prefix_tokens: int = 0,
     ) -> None:
         """Compile every Triton variant a step can launch, on a few keys of the cache (read
         only), so that serving never waits for the JIT: the chunk path (both tile heights,
         direct and split with its merge), the decode kernel at every batch-scan width up to
         `max_num_decodes` decodes (`seq_block`; its split budget is fixed per engine) and, with
-        cuDNN, the merges of its partials (`warm_up_merges`)."""
+        cuDNN, the merges of its partials (`warm_up_merges`) and, given the longest chunk
+        (`max_num_batched_tokens`) and prefix, every cuDNN graph a chunk can need
+        (`cudnn_plans`; from then on a chunk needing another one takes Triton)."""
         num_kv_heads = k_cache.shape[2]
         num_heads = num_kv_heads * self.num_heads_per_kv
         if self.use_cudnn:
             warm_up_merges(num_heads, self.head_dim, self.dtype, self.device)
+        if self.use_cudnn and max_num_batched_tokens > 1 and self.cudnn_shapes is None:
+            chunk_lens = cudnn_chunk_lens(
+                lambda c, keys, tiles: self._dense_is_cheaper(c, keys, num_kv_heads, tiles),
+                max_num_batched_tokens, max_prefix_tokens,
+            )  # fmt: skip
+            shapes = reachable_shapes(
+                chunk_lens, self.num_heads_per_kv, num_kv_heads, max_prefix_tokens, self.dense_segment_tokens,
+                self.num_sms,
+            )  # fmt: skip
+            seconds = warm_up_cudnn(shapes, k_cache, v_cache) if shapes else 0.0
+            self.cudnn_shapes = frozenset(shapes)
+            logger.info(
+                "built %d cuDNN attention graphs in %.1f s (chunks of %s queries, prefixes up to %d keys)",
+                len(shapes), seconds, f"{chunk_lens[0]}-{chunk_lens[-1]}" if chunk_lens else "no", max_prefix_tokens,
+            )  # fmt: skip
         block = k_cache.shape[1]
         keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
         num_decodes = 1

@@ -27,6 +27,8 @@ class TorchReferenceBackend:
         v_cache: torch.Tensor,
         sliding_window: int | None,
         max_num_decodes: int = 1,
+        max_num_batched_tokens: int = 0,
+        max_prefix_tokens: int = 0,
     ) -> None:
         """Nothing to compile."""
 

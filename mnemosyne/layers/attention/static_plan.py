@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from mnemosyne.kernels.host_math import cdiv
-from mnemosyne.layers.attention.kernel_backend import HostPlan, KernelBackend, KernelPlan
+from mnemosyne.layers.attention.kernel_backend import KernelBackend
+from mnemosyne.layers.attention.kernel_plan import HostPlan, KernelPlan
 
 # Tiles beyond T / block_q: room for that many more chunks' ragged last tiles. Few: every
 # padding tile is a program per KV head and split that the GPU still schedules (H200, 8B,
