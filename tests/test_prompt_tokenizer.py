@@ -7,15 +7,19 @@ import asyncio
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from mnemosyne.errors import InvalidRequestError
+from mnemosyne.server import async_engine
+from mnemosyne.server.async_engine import SubRequest
 from mnemosyne.server.errors import APIError
 from mnemosyne.server.prompt_tokenizer import PromptTokenizer
 from mnemosyne.server.protocol import CompletionRequest
 from mnemosyne.server.serving import ServingContext
-from mnemosyne.server.serving_completions import _tokenize
+from mnemosyne.server.serving_completions import _tokenize, create_completion
+from mnemosyne.wire.engine_core import TOKEN_ID_DTYPE, pack_token_ids
 
 
 class FakeTokenizer:
@@ -105,10 +109,48 @@ def test_token_id_prompts_are_decoded_only_for_echo():
 def test_token_id_range_check(ids, ok):
     ctx = _ctx(PromptTokenizer(None), vocab_size=100)
     if ok:
-        assert ctx.check_token_ids(ids) == ids
+        assert ctx.check_token_ids(ids).tolist() == ids
     else:
         with pytest.raises(InvalidRequestError, match=r"in \[0, 100\)"):
             ctx.check_token_ids(ids)
+
+
+def test_token_id_prompt_is_converted_once_and_packed_from_its_checked_array(monkeypatch):
+    """A prompt of ids becomes a numpy array once on the event loop (the vocabulary check):
+    its `n` sub-requests keep that int32 array and pack it for the core as it is, giving the
+    bytes packing the list would."""
+    added: list[list[SubRequest]] = []
+
+    class Admitted(Exception):
+        pass
+
+    async def add(subs: list[SubRequest]):
+        added.append(subs)
+        raise Admitted
+
+    ctx = _ctx(PromptTokenizer(None), vocab_size=100)
+    ctx.engine = SimpleNamespace(add=add)
+    ids = [3, 1, 4, 1, 5, 99, 0]
+    req = CompletionRequest.model_validate({"prompt": ids, "n": 2, "max_tokens": 4})
+    with pytest.raises(Admitted):
+        asyncio.run(create_completion(req, ctx, raw=None))
+    [subs] = added
+    checked = subs[0].prompt_token_id_array
+    assert checked is not None and checked is subs[1].prompt_token_id_array  # shared by the n samples
+    assert checked.dtype == TOKEN_ID_DTYPE and checked.flags.c_contiguous and checked.tolist() == ids
+    assert all(s.prompt_token_ids == ids for s in subs)  # the detokenizer and metrics read the list
+
+    packed_from: list[object] = []
+
+    def spy(token_ids):
+        packed_from.append(token_ids)
+        return pack_token_ids(token_ids)
+
+    monkeypatch.setattr(async_engine, "pack_token_ids", spy)
+    assert [s.packed_prompt() for s in subs] == [pack_token_ids(ids)] * 2
+    assert all(x is checked for x in packed_from)  # the array, never the list again
+    text_prompt = SubRequest("t", [7, 8], subs[0].params)  # text prompts: packed from their list
+    assert text_prompt.packed_prompt() == pack_token_ids(np.array([7, 8], dtype=TOKEN_ID_DTYPE))
 
 
 @pytest.mark.parametrize(

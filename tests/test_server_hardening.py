@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from conftest import TEST_DEVICE
@@ -172,6 +173,7 @@ def test_packed_token_ids_round_trip_and_bad_lengths_are_named():
 
     ids = [0, 1, 127, 128255, 2**31 - 1]
     assert unpack_token_ids(pack_token_ids(ids)).tolist() == ids
+    assert pack_token_ids(np.asarray(ids, dtype=np.int32)) == pack_token_ids(ids)  # the server's checked array
     with pytest.raises(ValueError, match="not a multiple of 4"):
         unpack_token_ids(b"\x00" * 6)
 

@@ -12,8 +12,8 @@ One step, with budget = max_num_batched_tokens::
       (c) admit while budget > 0 and len(running) < max_num_seqs; stop at the first
           one whose whole prompt the free blocks cannot hold (new arrivals never
           preempt, and a prefill is not started only to be preempted mid-way).
-          With prefix caching, a request first takes over the longest cached run of
-          its full blocks (at most num_tokens - 1 tokens) and starts at
+          With prefix caching (`prefix_lookup.py`), a request first takes over the
+          longest cached run of its full blocks (at most num_tokens - 1 tokens) and starts at
           num_computed == num_dispatched == hit tokens; only the rest needs new
           blocks. Requests asking for prompt_logprobs skip the lookup (those
           positions' logits are needed) but their blocks are cached for others.
@@ -81,14 +81,12 @@ from collections.abc import Callable, Iterable
 
 from mnemosyne.config import SchedulerConfig
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
+from mnemosyne.engine.prefix_lookup import cache_computed_blocks, can_hold_whole_prompt, find_cached_prefix
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput, StepUpdate
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.kv_cache.prefix_hit import PrefixHit
 from mnemosyne.request import Request, RequestStatus
-
-PREFIX_LOOKUP_BLOCKS = 16  # the first window of blocks an arrival hashes for its cache lookup
 
 
 class Scheduler:
@@ -191,13 +189,13 @@ class Scheduler:
     ) -> tuple[bool, int]:
         """Start a waiting request: (admission still open this step, tokens scheduled).
         It first takes over its longest cached prefix (if any) and starts after it."""
-        hit = self._find_cached_prefix(req)
+        hit = find_cached_prefix(self.kv_manager, req)
         req.num_computed_tokens = req.num_dispatched_tokens = hit.num_tokens if hit else 0
         n = self._chunk_len(req, budget)
         open_ = n == 0  # nothing fits this step: later (smaller) requests may still be admitted
         if (
             n == 0
-            or not self._can_hold_whole_prompt(req, hit)  # else it would be preempted mid-prefill
+            or not can_hold_whole_prompt(self.kv_manager, req, hit)  # else it would be preempted mid-prefill
             or not self.kv_manager.allocate_slots(
                 req.request_id, req.num_dispatched_tokens + n, hit, num_known_tokens=req.num_tokens
             )
@@ -229,7 +227,7 @@ class Scheduler:
                 raise KeyError(f"no sampled token for request {rid!r}, whose chunk ends at {chunk.end}")
             update.applied.append(chunk)
             req.num_computed_tokens = chunk.end
-            self._cache_blocks(req)
+            cache_computed_blocks(self.kv_manager, req)
             if not chunk.sample:
                 continue
             token = sampled_token_ids[rid]
@@ -314,37 +312,6 @@ class Scheduler:
         if limit is not None:
             n = min(n, limit)
         return n
-
-    def _can_hold_whole_prompt(self, req: Request, hit: PrefixHit | None) -> bool:
-        if hit is None:
-            return self.kv_manager.blocks_needed(req.num_tokens) <= self.kv_manager.num_free_blocks_total
-        # Hit blocks are not allocated, and those nobody references stop counting as free.
-        needed = self.kv_manager.blocks_needed(req.num_tokens) - hit.num_blocks
-        return needed <= self.kv_manager.num_free_blocks_total - hit.num_free_blocks
-
-    def _find_cached_prefix(self, req: Request) -> PrefixHit | None:
-        """The request's cached prefix; None when caching is off or it wants prompt logprobs.
-        Its blocks are hashed only as far as the lookup needs: in windows growing 4x from
-        16 blocks, until one holds a block no group caches (a 500K-token prompt costs one
-        window, not 16 ms of hashing, on arrival; the rest is hashed as chunks complete)."""
-        kv = self.kv_manager
-        if not kv.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
-            return None
-        window = max(len(req.block_hashes), PREFIX_LOOKUP_BLOCKS)
-        while True:
-            kv.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids, window)
-            hit = kv.find_cached_prefix(req.block_hashes, req.num_tokens)
-            if hit.num_blocks < len(req.block_hashes) or len(req.block_hashes) < window:
-                return hit  # a miss inside the window, or every full block hashed
-            window *= 4
-
-    def _cache_blocks(self, req: Request) -> None:
-        """Offer the request's computed full blocks to the prefix cache."""
-        kv = self.kv_manager
-        num_full = req.num_computed_tokens // kv.block_size
-        if kv.enable_prefix_caching and num_full > len(req.block_hashes):
-            kv.hasher.extend(req.block_hashes, req.prompt_token_ids, req.output_token_ids, num_full)
-        kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
 
     def _emit(self, out: SchedulerOutput, scheduled: set[str], req: Request, n: int) -> int:
         start = req.num_dispatched_tokens

@@ -7,7 +7,7 @@ B = block_size::
     pieces:         [ group a )[ group b  )[ group c  )     a, b, c distinct
     blocks:         T/B blocks  T/B blocks  ceil((token_end - 2T) / B) blocks
 
-Invariants (checked by `check_integrity`), besides those of `pieces.py`:
+Invariants (checked by `check_integrity`, `integrity.py`), besides those of `pieces.py`:
     * pieces[0].token_start == 0, pieces[i].token_end == pieces[i+1].token_start;
     * every piece is non-empty and len(block_ids) == blocks_needed(num_tokens);
     * a request uses each group at most once;
@@ -41,7 +41,6 @@ writes into them.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ from mnemosyne.config import CacheConfig
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.block_hash import BlockHash, BlockHasher
 from mnemosyne.kv_cache.block_pool import BlockPool, KVCacheIntegrityError
+from mnemosyne.kv_cache.integrity import check_pieces
 from mnemosyne.kv_cache.pieces import KVPiece
 from mnemosyne.kv_cache.prefix_hit import PrefixHit, longest_cached_prefix
 
@@ -355,53 +355,9 @@ class KVCacheManager:
         return self._pools[group]
 
     def check_integrity(self) -> None:
-        for pool in self._pools:
-            pool.check_integrity()
-        refs = [Counter[int]() for _ in self._pools]
-        t = self.max_tokens_per_kvp_group
-        for rid, pieces in self._pieces.items():
-            if not pieces:
-                raise KVCacheIntegrityError(f"request {rid!r} has an empty piece list")
-            if pieces[0].token_start != 0:
-                raise KVCacheIntegrityError(
-                    f"request {rid!r}: first piece starts at {pieces[0].token_start}, not 0"
-                )
-            groups = [p.group for p in pieces]
-            if len(set(groups)) != len(groups):
-                raise KVCacheIntegrityError(f"request {rid!r} uses a group twice: {groups}")
-            for i, p in enumerate(pieces):
-                if not 0 <= p.group < self.num_kvp_groups:
-                    raise KVCacheIntegrityError(f"request {rid!r}: piece on unknown group {p.group}")
-                if p.num_tokens <= 0:
-                    raise KVCacheIntegrityError(f"request {rid!r}: empty piece {p}")
-                if len(p.block_ids) != self.blocks_needed(p.num_tokens):
-                    raise KVCacheIntegrityError(
-                        f"request {rid!r}: piece [{p.token_start}, {p.token_end}) holds "
-                        f"{len(p.block_ids)} blocks, needs {self.blocks_needed(p.num_tokens)}"
-                    )
-                is_newest = i == len(pieces) - 1
-                if not is_newest and pieces[i + 1].token_start != p.token_end:
-                    raise KVCacheIntegrityError(
-                        f"request {rid!r}: pieces not contiguous at {p.token_end} / "
-                        f"{pieces[i + 1].token_start}"
-                    )
-                if t is not None and (p.num_tokens > t or (not is_newest and p.num_tokens != t)):
-                    raise KVCacheIntegrityError(
-                        f"request {rid!r}: piece [{p.token_start}, {p.token_end}) breaks the "
-                        f"{t}-token group boundary"
-                    )
-                refs[p.group].update(p.block_ids)
-        for g, pool in enumerate(self._pools):
-            for b in range(pool.num_blocks):
-                if pool.ref_count(b) != refs[g][b]:
-                    raise KVCacheIntegrityError(
-                        f"group {g} block {b}: ref count {pool.ref_count(b)} but "
-                        f"{refs[g][b]} piece(s) reference it"
-                    )
-                if refs[g][b] > 1 and pool.block_hash(b) is None:
-                    raise KVCacheIntegrityError(
-                        f"group {g} block {b} is shared by {refs[g][b]} pieces but caches no content"
-                    )
+        """Raise `KVCacheIntegrityError` unless the pools and every request's pieces keep the
+        invariants drawn above (`integrity.py`)."""
+        check_pieces(self._pools, self._pieces, self.block_size, self.max_tokens_per_kvp_group)
         stale = self._num_hashed.keys() - self._pieces.keys()
         if stale:
             raise KVCacheIntegrityError(f"cache progress kept for requests without KV: {sorted(stale)[:4]}")

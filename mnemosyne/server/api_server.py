@@ -121,7 +121,8 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
     async def detokenize(body: DetokenizeRequest) -> dict:
         body.check_unknown_fields()
         ctx.check_model(body.model)
-        return {"prompt": await ctx.prompts.decode(ctx.check_token_ids(body.tokens))}
+        ctx.check_token_ids(body.tokens)
+        return {"prompt": await ctx.prompts.decode(body.tokens)}
 
     return router
 

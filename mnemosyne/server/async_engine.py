@@ -29,6 +29,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.llm_engine import load_tokenizer
@@ -61,8 +63,17 @@ class SubRequest:
     """One engine request: a prompt of an API call, times `n`."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # for the detokenizer, the output and the metrics
     params: SamplingParams
+    # The same ids as the checked TOKEN_ID_DTYPE array, when the handler made one (prompts
+    # given as ids: `ServingContext.check_token_ids`); the `n` sub-requests share it.
+    prompt_token_id_array: np.ndarray | None = field(default=None, compare=False)
+
+    def packed_prompt(self) -> bytes:
+        """The prompt as `CoreRequest` carries it: copied out of the checked array when there
+        is one, so a prompt of ids is converted from its list once, not once more here."""
+        ids = self.prompt_token_id_array
+        return pack_token_ids(self.prompt_token_ids if ids is None else ids)
 
 
 class _Stream:
@@ -221,7 +232,7 @@ class AsyncEngine:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
             self._adds[call_id] = pending
-        reqs = [CoreRequest(s.request_id, pack_token_ids(s.prompt_token_ids), s.params) for s in subs]
+        reqs = [CoreRequest(s.request_id, s.packed_prompt(), s.params) for s in subs]
         self.core.send(AddRequests(call_id, reqs))
         try:
             await asyncio.wrap_future(pending.done)

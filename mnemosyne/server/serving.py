@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import Request
 
 from mnemosyne.errors import ContextLengthError
@@ -26,6 +27,7 @@ from mnemosyne.request import TokenLogprobs, check_token_ids
 from mnemosyne.server.async_engine import AsyncEngine, RequestHandle
 from mnemosyne.server.errors import APIError
 from mnemosyne.server.prompt_tokenizer import PromptTokenizer
+from mnemosyne.wire.engine_core import TOKEN_ID_DTYPE
 
 T = TypeVar("T")
 
@@ -51,10 +53,11 @@ class ServingContext:
                 code="model_not_found",
             )
 
-    def check_token_ids(self, ids: list[int]) -> list[int]:
-        """`ids` if all are in the vocabulary (`request.check_token_ids`)."""
-        check_token_ids(ids, self.vocab_size, "token ids")
-        return ids
+    def check_token_ids(self, ids: list[int]) -> np.ndarray:
+        """`ids` as a 1-D TOKEN_ID_DTYPE array if all are in the vocabulary
+        (`request.check_token_ids`), else InvalidRequestError. The one conversion of a prompt
+        of ids on the event loop: `SubRequest` keeps the array and packs it for the core."""
+        return check_token_ids(ids, self.vocab_size, "token ids").astype(TOKEN_ID_DTYPE, copy=False)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

