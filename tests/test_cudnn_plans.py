@@ -63,9 +63,10 @@ def test_every_chunk_sent_to_cudnn_has_its_graphs_built() -> None:
     for num_kv_heads, group, head_dim in ((8, 4, 128), (8, 4, 64)):
         backend = _backend(group, head_dim)
         max_tokens, max_prefix = 8448, 600_000
-        lens = cudnn_chunk_lens(
-            lambda c, keys, tiles: backend._dense_is_cheaper(c, keys, num_kv_heads, tiles), max_tokens, max_prefix
-        )
+        def cheaper(c: int, keys: int, tiles: bool, b: KernelBackend = backend, h: int = num_kv_heads) -> bool:
+            return b._dense_is_cheaper(c, keys, h, tiles)
+
+        lens = cudnn_chunk_lens(cheaper, max_tokens, max_prefix)
         assert lens and lens[-1] == max_tokens  # long chunks go to cuDNN
         built = frozenset(reachable_shapes(lens, group, num_kv_heads, max_prefix, SEGMENT, backend.num_sms))
         num_dense = 0
