@@ -275,6 +275,22 @@ def test_choose_chunk_splits():
     assert choose_chunk_splits(1, 1, 1 << 24, 132) == 128  # capped
 
 
+def test_chunk_splits_balance_a_long_prefix_among_short_tiles():
+    # 73 tiles of a 2340-token prompt (3364 keys) beside 2 tiles of a chunk after 408K keys
+    tiles, long_keys = 75, 408_128
+    tile_keys = 73 * 3364 + 2 * long_keys
+    assert choose_chunk_splits(tiles, 8, long_keys, 132, waves=8) == 2  # by the tile count alone
+    balanced = choose_chunk_splits(tiles, 8, long_keys, 132, waves=8, max_splits=64, tile_keys=tile_keys)
+    per_program = -(-tile_keys * 8 // (8 * 132))  # keys of the launch's average program
+    assert -(-long_keys // balanced) <= per_program  # no long program walks more than the average
+    assert choose_chunk_splits(tiles, 8, long_keys, 132, waves=8, max_splits=32, tile_keys=tile_keys) == 32  # capped
+    # uniform tiles: as before
+    for num_tiles, keys in ((1, 1 << 17), (4, 300_000), (40, 50_000), (132, 1 << 20)):
+        assert choose_chunk_splits(num_tiles, 8, keys, 132, tile_keys=num_tiles * keys) == choose_chunk_splits(
+            num_tiles, 8, keys, 132
+        )
+
+
 def test_split_needs_merge_rows():
     q = torch.zeros(2, 2, 16, device=DEVICE)
     cache = torch.zeros(1, 16, 2, 16, device=DEVICE)

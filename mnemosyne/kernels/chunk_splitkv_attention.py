@@ -72,12 +72,23 @@ def choose_chunk_splits(
     waves: int = DEFAULT_WAVES,
     min_split_keys: int = MIN_SPLIT_KEYS,
     max_splits: int = MAX_SPLITS,
+    tile_keys: int | None = None,
 ) -> int:
     """Splits along the keys so that num_tiles * num_kv_heads * splits programs fill about
     `waves` programs per SM, each split keeping >= min_split_keys of the longest sequence's
-    keys; 1 when the tiles alone fill the GPU."""
+    keys; 1 when the tiles alone fill the GPU.
+
+    tile_keys (the keys of every tile's sequence, summed over the tiles) balances uneven
+    launches: the longest sequence gets enough splits that one of its programs walks no
+    more keys than the launch's average program (a sequence uses only the splits its length
+    needs, `min_split_keys`). Without it, a long prefix's few tiles beside many short tiles
+    (a 64-token chunk after 408K keys beside a 2340-token prompt) got 2 splits and made the
+    step 3x its prediction (H200 serving trace, 1B, 2026-11-30)."""
     programs = max(1, num_tiles * num_kv_heads)
     want = -(-waves * num_sms // programs)
+    if tile_keys is not None and max_keys > 0:
+        per_program = max(min_split_keys, -(-tile_keys * num_kv_heads // (waves * num_sms)))
+        want = max(want, -(-max_keys // per_program))
     return max(1, min(want, max_keys // min_split_keys, max_splits))
 
 

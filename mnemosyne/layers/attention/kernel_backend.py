@@ -174,8 +174,9 @@ class KernelBackend:
             plan.tile_seq, plan.tile_q_offset = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             plan.min_split_keys = self.min_split_keys()
             plan.chunk_splits = self.chunk_splits(
-                len(plan.tile_seq), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), plan.page_tiles
-            )
+                len(plan.tile_seq), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), plan.page_tiles,
+                tile_keys=sum(meta.kv_lens_cpu[s] for s in plan.tile_seq),
+            )  # fmt: skip
             qsl = list(itertools.accumulate(meta.query_lens_cpu, initial=0))
             plan.tiled_rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
         return plan
@@ -216,7 +217,9 @@ class KernelBackend:
     def decode_split_budget(self, num_kv_heads: int) -> int:
         return choose_split_budget(num_kv_heads, self.num_sms, head_dim=self.head_dim)
 
-    def chunk_splits(self, num_tiles: int, num_kv_heads: int, max_keys: int, page_tiles: bool) -> int:
+    def chunk_splits(
+        self, num_tiles: int, num_kv_heads: int, max_keys: int, page_tiles: bool, tile_keys: int | None = None
+    ) -> int:
         """The chunk kernel's split count for num_tiles query tiles over at most max_keys keys
         (`choose_chunk_splits` with this backend's waves, split floor and cap)."""
         cfg = self.chunk_config
@@ -225,6 +228,7 @@ class KernelBackend:
             waves=cfg.waves or (PAGE_TILES_WAVES if page_tiles else DEFAULT_WAVES),
             min_split_keys=self.min_split_keys(),
             max_splits=self.max_splits(page_tiles),
+            tile_keys=tile_keys,
         )  # fmt: skip
 
     def max_splits(self, page_tiles: bool) -> int:
