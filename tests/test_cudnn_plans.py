@@ -16,7 +16,7 @@ from mnemosyne.kernels.cudnn_plans import (
     pow2_bucket,
     reachable_shapes,
 )
-from mnemosyne.kernels.cudnn_prefill import DenseChunk, prefix_parts
+from mnemosyne.kernels.cudnn_prefill import DenseChunk, prefix_parts, supports
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
 
 BLOCK = 64
@@ -92,3 +92,16 @@ def test_a_chunk_whose_graph_was_not_built_takes_triton() -> None:
     backend.cudnn_shapes = frozenset({CudnnShape(1, 32, 4096, 4096, True)})  # its own keys only
     plan = backend.host_plan(meta, 8, None, BLOCK)
     assert not plan.dense and plan.tile_seq  # the folded prefix's graph is missing: Triton
+
+
+def test_cudnn_takes_16_bit_models_with_head_dims_up_to_128() -> None:
+    assert supports(torch.bfloat16, 128) and supports(torch.float16, 80) and supports(torch.bfloat16, 64)
+    assert not supports(torch.float32, 64) and not supports(torch.bfloat16, 256) and not supports(torch.bfloat16, 36)
+
+
+def test_warm_up_builds_no_cudnn_graph_for_a_model_cudnn_cannot_take() -> None:
+    """A float32 model never reaches cuDNN: its warm-up must not call it (it would fail)."""
+    backend = KernelBackend(4, 32, torch.float32, torch.device("cpu"), use_cudnn=True)
+    k_cache = torch.randn(4, 16, 2, 32)
+    backend.warm_up(k_cache, torch.randn_like(k_cache), None, 1, max_num_batched_tokens=256, max_prefix_tokens=64)
+    assert backend.cudnn_shapes is None

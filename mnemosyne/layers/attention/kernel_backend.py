@@ -65,6 +65,9 @@ from mnemosyne.kernels.cudnn_prefill import (
     split_prefix_is_batched,
     warm_up_merges,
 )
+from mnemosyne.kernels.cudnn_prefill import (
+    supports as cudnn_supports,
+)
 from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
@@ -283,7 +286,12 @@ class KernelBackend:
         num_heads = num_kv_heads * self.num_heads_per_kv
         if self.use_cudnn:
             warm_up_merges(num_heads, self.head_dim, self.dtype, self.device)
-        if self.use_cudnn and max_num_batched_tokens > 1 and self.cudnn_shapes is None:
+        if (
+            self.use_cudnn
+            and cudnn_supports(self.dtype, self.head_dim)
+            and max_num_batched_tokens > 1
+            and self.cudnn_shapes is None
+        ):
             chunk_lens = cudnn_chunk_lens(
                 lambda c, keys, tiles: self._dense_is_cheaper(c, keys, num_kv_heads, tiles),
                 max_num_batched_tokens, max_prefix_tokens,
