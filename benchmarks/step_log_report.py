@@ -12,7 +12,9 @@ Groups (the prediction is the engine's own, uncorrected, from the profile it ran
               (as online calibration keys them: latency/calibration.py, prefix_bucket)
 
 Per group: steps, median and p95 of measured / predicted, and the share of steps over
-1.5x; then the `--worst` steps by that ratio with their chunks; the host's time before each
+1.5x; the same per execution path (`path`: decode graph, mixed graph, piecewise, eager);
+then the `--worst` steps by that ratio with their chunks (and, with eager attention, the
+chunks on cuDNN and the Triton launch's splits); the host's time before each
 submission (`host_s`: a long prompt's arrival shows here). Last, the chunk-step factor:
 the median over every step with a chunk, which `mnemosyne simulate --chunk-step-factor` (and
 `benchmarks.compare_serving_trace`) takes to replay other runs on this device under a
@@ -70,13 +72,27 @@ def report(steps: list[dict], worst: int) -> dict:
     rows.sort(key=lambda x: -x[0])
     worst_rows = [
         {"ratio": r, "t_s": s["t_s"], "measured_ms": 1e3 * s["measured_s"], "predicted_ms": 1e3 * s["predicted_s"],
-         "decodes": sum(1 for n, _ in s["seqs"] if n == 1), "chunks": [[n, p] for n, p in s["seqs"] if n > 1]}
+         "decodes": sum(1 for n, _ in s["seqs"] if n == 1), "chunks": [[n, p] for n, p in s["seqs"] if n > 1],
+         **{k: s[k] for k in ("path", "cudnn_chunks", "chunk_splits") if k in s}}
         for r, s in rows[:worst]
     ]  # fmt: skip
     with_chunk = [r for r, s in rows if any(n > 1 for n, _ in s["seqs"])]
     factor = statistics.median(with_chunk) if with_chunk else None
-    return {"num_steps": len(rows), "groups": groups, "worst": worst_rows, "chunk_step_factor": factor,
-            "host": host_summary(steps, worst)}  # fmt: skip
+    return {"num_steps": len(rows), "groups": groups, "paths": path_summary(rows), "worst": worst_rows,
+            "chunk_step_factor": factor, "host": host_summary(steps, worst)}  # fmt: skip
+
+
+def path_summary(rows: list[tuple[float, dict]]) -> list[dict]:
+    """Per execution path (`path`, logs written before it have none): steps, median and
+    share over 1.5x of measured / predicted."""
+    by_path: dict[str, list[float]] = defaultdict(list)
+    for r, s in rows:
+        if "path" in s:
+            by_path[s["path"]].append(r)
+    return [
+        {"path": path, "steps": len(rs), "median_ratio": statistics.median(rs), "over_1.5x": sum(r > 1.5 for r in rs) / len(rs)}
+        for path, rs in sorted(by_path.items())
+    ]
 
 
 def host_summary(steps: list[dict], worst: int) -> dict | None:
@@ -110,10 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
     for g in result["groups"]:
         print(f"{g['kind']:10s} {g['prefix']:>10s} {g['steps']:6d} {g['median_ratio']:7.2f} {g['p95_ratio']:6.2f} "
               f"{100 * g['over_1.5x']:5.1f}%")  # fmt: skip
+    for g in result["paths"]:
+        print(f"path {g['path']:12s} {g['steps']:6d} steps, median {g['median_ratio']:.2f}, "
+              f"{100 * g['over_1.5x']:.1f}% over 1.5x")  # fmt: skip
     print("worst steps:")
     for w in result["worst"]:
+        how = f" [{w['path']}" if "path" in w else ""
+        if "chunk_splits" in w:
+            how += f", {w['cudnn_chunks']} on cuDNN, Triton splits {w['chunk_splits']}"
         print(f"  {w['ratio']:5.2f}x  {w['measured_ms']:7.1f} ms (predicted {w['predicted_ms']:.1f})  "
-              f"at {w['t_s']:.1f} s: {w['decodes']} decodes, chunks {w['chunks']}")  # fmt: skip
+              f"at {w['t_s']:.1f} s: {w['decodes']} decodes, chunks {w['chunks']}{how + ']' if how else ''}")  # fmt: skip
     host = result["host"]
     if host is not None:
         print(f"host time before a submission: p50 {host['p50_ms']:.2f} ms, p99 {host['p99_ms']:.2f} ms, "

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TEST_DEVICE
 
 from benchmarks.refit_latency_profile import load_held_out
@@ -18,6 +19,9 @@ from mnemosyne import SamplingParams
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.engine.step_log import STEP_LOG_FORMAT, read_step_log
+from mnemosyne.layers.attention.kernel_plan import KernelPlan
+from mnemosyne.wire.plan import StepPath, StepTrace
+from mnemosyne.worker.worker import step_trace
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -64,6 +68,19 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     assert host is not None and 0 <= host["p50_ms"] <= host["p99_ms"] <= host["max_ms"] and host["worst"]
     chunk_ratios = sorted(s["measured_s"] / s["predicted_s"] for s in steps if any(n > 1 for n, _ in s["seqs"]))
     assert rep["chunk_step_factor"] == pytest.approx(statistics.median(chunk_ratios))
+    # How each step ran: eager on CPU (no graphs), the reference attention (no kernel plan)
+    assert {s["path"] for s in steps} <= {p.value for p in StepPath}
+    if TEST_DEVICE == "cpu":
+        assert all(s["path"] == "eager" and s["cudnn_chunks"] == 0 and s["chunk_splits"] == 0 for s in steps)
+    assert sum(g["steps"] for g in rep["paths"]) == len(steps)
+
+
+def test_step_trace_reads_the_eager_kernel_plan():
+    plan = KernelPlan(tile_seq=torch.zeros(3, dtype=torch.int32), chunk_splits=7, dense=[object()] * 2)
+    assert step_trace(StepPath.PIECEWISE, plan) == StepTrace(StepPath.PIECEWISE, 2, 7)
+    assert step_trace(StepPath.EAGER, KernelPlan(chunk_splits=7)) == StepTrace(StepPath.EAGER, 0, 0)  # no tiles
+    assert step_trace(StepPath.MIXED_GRAPH, plan) == StepTrace(StepPath.MIXED_GRAPH)  # a graph's fixed plan
+    assert step_trace(StepPath.EAGER, None) == StepTrace(StepPath.EAGER)  # the reference backend
 
 
 def test_step_groups_and_prefix_buckets():

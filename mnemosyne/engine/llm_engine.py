@@ -218,7 +218,7 @@ class LLMEngine:
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         if self.step_log is not None:
-            self.step_log.write(now, now - started, predicted_s, sched, host_s)
+            self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace)
         if self.policies.calibration is not None:
             self.policies.calibration.observe(composition, predicted_s, submitted, now)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only

@@ -17,7 +17,12 @@ overrun their prediction.
                                device idles (before this field, a long prompt's arrival on an
                                H200 was inferred from the step after it: 57-90 ms)
                  "seqs":       [[query tokens, keys before them], ...] per chunk, decodes
-                               first: the shape of a profile's samples (`latency/profile_store.py`)}
+                               first: the shape of a profile's samples (`latency/profile_store.py`)
+                 "path":       how the (first) reporting rank ran it (`wire.plan.StepPath`:
+                               decode_graph, mixed_graph, piecewise, eager, idle); with eager
+                               attention also "cudnn_chunks" (chunks on cuDNN) and
+                               "chunk_splits" (the Triton chunk launch's key splits, 0: none);
+                               absent where the executor reports no trace (the simulator)}
 
 Only the engine's policies read the latency model; this changes no schedule. Times in
 seconds, sizes in tokens.
@@ -32,6 +37,7 @@ from typing import TextIO
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.scheduler_output import SchedulerOutput
+from mnemosyne.wire.plan import StepPath, StepTrace
 
 STEP_LOG_FORMAT = "mnemosyne-step-log-1"
 
@@ -54,14 +60,24 @@ class StepLog:
         self._file.write(json.dumps(header) + "\n")
 
     def write(
-        self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput, host_s: float | None
+        self,
+        done_s: float,
+        measured_s: float,
+        predicted_s: float,
+        sched: SchedulerOutput,
+        host_s: float | None,
+        trace: StepTrace | None = None,
     ) -> None:
         if self._file is None:
             return
         seqs = [[c.num_tokens, c.start] for c in sched.chunks]
         line = {"t_s": round(done_s - self._start_s, 6), "measured_s": measured_s, "predicted_s": predicted_s,
-                "host_s": None if host_s is None else round(host_s, 6)}  # fmt: skip
-        self._file.write(json.dumps({**line, "seqs": seqs}) + "\n")
+                "host_s": None if host_s is None else round(host_s, 6), "seqs": seqs}  # fmt: skip
+        if trace is not None:
+            line["path"] = trace.path.value
+            if trace.path in (StepPath.PIECEWISE, StepPath.EAGER):
+                line["cudnn_chunks"], line["chunk_splits"] = trace.num_cudnn_chunks, trace.chunk_splits
+        self._file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
         if self._file is not None:

@@ -7,6 +7,7 @@ block-table deltas mean: `engine/step_plan.py`.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from mnemosyne.request import TokenLogprobs
@@ -82,6 +83,25 @@ class StepPlan:
         return sum(c.num_tokens for c in self.chunks if c.is_shared)
 
 
+class StepPath(enum.Enum):
+    """How a worker ran its part of a micro-batch."""
+
+    DECODE_GRAPH = "decode_graph"  # a CUDA graph of a whole decode step
+    MIXED_GRAPH = "mixed_graph"  # a CUDA graph of a whole step with chunks, attention included
+    PIECEWISE = "piecewise"  # CUDA graphs of everything but attention, attention eager
+    EAGER = "eager"
+    IDLE = "idle"  # no token of the micro-batch on this rank
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """What ran a micro-batch on a reporting rank (the step log records it)."""
+
+    path: StepPath
+    num_cudnn_chunks: int = 0  # chunks of the step on cuDNN (eager attention only)
+    chunk_splits: int = 0  # key splits of the Triton chunk kernel's eager launch (0: none)
+
+
 @dataclass
 class StepResult:
     """Sampled tokens and logprobs of one micro-batch (merged over KVP groups)."""
@@ -91,8 +111,11 @@ class StepResult:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request_id -> (first prompt position p, entries for positions p+1, p+2, ...)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    trace: StepTrace | None = None  # the first reporting rank's (KVP group 0 when merged in order)
 
     def update(self, other: StepResult) -> None:
         self.sampled_token_ids.update(other.sampled_token_ids)
         self.logprobs.update(other.logprobs)
         self.prompt_logprobs.update(other.prompt_logprobs)
+        if self.trace is None:
+            self.trace = other.trace

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.kernels.jit_watch import watch_jit_compiles
+from mnemosyne.layers.attention.kernel_plan import KernelPlan
 from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.logits_processors import TokenHistory
@@ -44,7 +45,7 @@ from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
 from mnemosyne.parallel.groups import ProcessGroups
 from mnemosyne.parallel.messages import SyntheticKVFilled
 from mnemosyne.sampling_params import SamplingParams
-from mnemosyne.wire.plan import StepPlan, StepResult
+from mnemosyne.wire.plan import StepPath, StepPlan, StepResult, StepTrace
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 from mnemosyne.worker.decode_ahead import DecodeAheadTokens
@@ -83,6 +84,15 @@ def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int
         )
         for _ in range(model.num_local_layers)
     ]
+
+
+def step_trace(path: StepPath, backend_plan: object) -> StepTrace:
+    """The step's path and, when its attention ran eagerly on the kernel backend, what the
+    chunks ran on (the plan the first layer built); graph replays keep their fixed plans."""
+    if path in (StepPath.PIECEWISE, StepPath.EAGER) and isinstance(backend_plan, KernelPlan):
+        splits = backend_plan.chunk_splits if backend_plan.tile_seq is not None else 0
+        return StepTrace(path, len(backend_plan.dense), splits)
+    return StepTrace(path)
 
 
 class Worker:
@@ -158,22 +168,27 @@ class Worker:
         result = StepResult(plan.step_id) if self.pg.is_reporting_rank else None
         if batch.num_tokens == 0:
             self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
+            if result is not None:
+                result.trace = StepTrace(StepPath.IDLE)
             return self._finish(result, None)  # the reporting rank's empty result; None elsewhere
 
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         hidden: torch.Tensor | None = None  # [num_tokens, hidden]
+        path = StepPath.EAGER
         if self.graphs is not None and self.graphs.can_run(batch.meta):
-            hidden = self.graphs.run(x, batch.positions, batch.meta)
+            hidden, path = self.graphs.run(x, batch.positions, batch.meta), StepPath.DECODE_GRAPH
         elif self.mixed is not None:
-            hidden = self.mixed.try_run(x, batch.positions, batch.meta)
+            hidden, path = self.mixed.try_run(x, batch.positions, batch.meta), StepPath.MIXED_GRAPH
         if hidden is None:
             if self.piecewise is not None and self.piecewise.can_run(batch.num_tokens):
-                hidden = self.piecewise.run(x, batch.positions, self.kv_caches, batch.meta)
+                hidden, path = self.piecewise.run(x, batch.positions, self.kv_caches, batch.meta), StepPath.PIECEWISE
             else:
-                hidden = self.model(x, batch.positions, self.kv_caches, batch.meta)
+                hidden, path = self.model(x, batch.positions, self.kv_caches, batch.meta), StepPath.EAGER
         if not self.pg.is_last_stage:
             self._send_hidden(hidden)
             return None
+        if result is not None:
+            result.trace = step_trace(path, batch.meta.backend_plan)
         return self._finish(result, self._sample(batch, hidden, result))
 
     def _finish(self, result: StepResult | None, sampled: Sampled | None) -> PendingResult | None:
