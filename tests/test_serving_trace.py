@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_models import build_tiny_model
 
+from benchmarks.compare_serving_trace import paired_ttft
 from benchmarks.serve_gpu import write_tokenizer
 from benchmarks.serving_trace import main
 from benchmarks.serving_trace_data import TraceSpec, analyze, make_trace, trace_id
@@ -148,3 +149,20 @@ def test_long_ttft_decomposition_adds_up(tmp_path: Path) -> None:
         assert parts == pytest.approx(r["ttft_s"], rel=1e-6)
         assert r["with_decodes_tokens"] + r["prefill_only_tokens"] == r["prompt_tokens"]
         assert r["prefill_floor_s"] > 0
+
+
+def test_paired_ttft_compares_request_by_request() -> None:
+    def req(kind: str, arrival: float, ttft: float, deadline: float = 0.5) -> dict:
+        return {"kind": kind, "arrival_s": arrival, "prompt_len": 100, "success": True, "ttft_s": ttft,
+                "deadline_s": deadline}  # fmt: skip
+
+    measured = [req("short", 0.0, 0.1), req("short", 1.0, 0.8), req("short", 2.0, 0.2), req("long", 3.0, 40.0, 30.0)]
+    simulated = [req("short", 0.0, 0.1), req("short", 1.0, 0.4), req("short", 2.0, 0.3), req("long", 3.0, 44.0, 30.0)]
+    pairs = paired_ttft(measured, simulated)
+    assert pairs["short"]["n"] == 3 and pairs["short"]["median_abs_rel_error"] == pytest.approx(0.5)
+    assert pairs["short"]["p90_abs_rel_error"] == pytest.approx(0.5)  # errors 0, 0.5, 0.5
+    assert pairs["short"]["deadline_agreement"] == pytest.approx(2 / 3)  # 0.8 s missed, 0.4 s met
+    assert pairs["long"] == {"n": 1, "median_abs_rel_error": pytest.approx(0.1), "p90_abs_rel_error": pytest.approx(0.1),
+                             "deadline_agreement": 1.0}  # fmt: skip
+    with pytest.raises(SystemExit, match="not the same trace"):
+        paired_ttft(measured, simulated[:3] + [req("long", 9.0, 44.0)])
