@@ -16,7 +16,7 @@ from mnemosyne.kernels.cudnn_plans import (
     pow2_bucket,
     reachable_shapes,
 )
-from mnemosyne.kernels.cudnn_prefill import DenseChunk, prefix_parts, supports
+from mnemosyne.kernels.cudnn_prefill import DenseChunk, fits_model, prefix_parts
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
 
 BLOCK = 64
@@ -95,8 +95,9 @@ def test_a_chunk_whose_graph_was_not_built_takes_triton() -> None:
 
 
 def test_cudnn_takes_16_bit_models_with_head_dims_up_to_128() -> None:
-    assert supports(torch.bfloat16, 128) and supports(torch.float16, 80) and supports(torch.bfloat16, 64)
-    assert not supports(torch.float32, 64) and not supports(torch.bfloat16, 256) and not supports(torch.bfloat16, 36)
+    assert fits_model(torch.bfloat16, 128) and fits_model(torch.float16, 80) and fits_model(torch.bfloat16, 64)
+    assert not fits_model(torch.float32, 64) and not fits_model(torch.bfloat16, 256)
+    assert not fits_model(torch.bfloat16, 36)
 
 
 def test_warm_up_builds_no_cudnn_graph_for_a_model_cudnn_cannot_take() -> None:

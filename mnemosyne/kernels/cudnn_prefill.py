@@ -93,7 +93,7 @@ def prefix_parts(chunk: DenseChunk, block_size: int, segment_tokens: int) -> lis
     return parts
 
 
-def supports(dtype: torch.dtype, head_dim: int) -> bool:
+def fits_model(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether this path takes a model of this dtype and head dim (cuDNN's fused attention)."""
     return dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 128
 
@@ -114,7 +114,7 @@ def fits(
 ) -> DenseChunk | None:
     """Sequence `seq` (rows [row0, row0 + q_len), leading block run `run`) split into
     prefix / own keys, or None when cuDNN cannot take it."""
-    if q_len < min_queries or kv_len < min_keys or sliding_window is not None or not supports(dtype, head_dim):
+    if q_len < min_queries or kv_len < min_keys or sliding_window is not None or not fits_model(dtype, head_dim):
         return None
     kv_end = kv0 + kv_len
     if kv_end <= q0:  # an older KVP piece: every key precedes every query

@@ -62,11 +62,9 @@ from mnemosyne.kernels.cudnn_prefill import (
     choose_prefix_splits,
     dense_chunk_attention,
     fits,
+    fits_model,
     split_prefix_is_batched,
     warm_up_merges,
-)
-from mnemosyne.kernels.cudnn_prefill import (
-    supports as cudnn_supports,
 )
 from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
@@ -288,7 +286,7 @@ class KernelBackend:
             warm_up_merges(num_heads, self.head_dim, self.dtype, self.device)
         if (
             self.use_cudnn
-            and cudnn_supports(self.dtype, self.head_dim)
+            and fits_model(self.dtype, self.head_dim)
             and max_num_batched_tokens > 1
             and self.cudnn_shapes is None
         ):
