@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--chunk-step-factor", type=float, default=1.0,
         help="simulated steps with a chunk take this x more (sustained clocks; from another run's step log)",
     )  # fmt: skip
+    p.add_argument(
+        "--idle-step-factor", type=float, default=1.0,
+        help="the first step after idling, with a chunk, takes this x more (from another run's step log)",
+    )  # fmt: skip
     ns = p.parse_args(argv)
     measured = json.loads(Path(ns.measured).read_text())
     configs = sorted(measured["results"])
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
             *trace_argv(measured), "--latency-profile", ns.latency_profile, "--configs", ",".join(configs),
             "--kv-cache-memory-gb", ns.kv_cache_memory_gb, "--out-json", str(Path(tmp) / "sim.json"),
             *(["--device-latency-profile", ns.device_latency_profile] if ns.device_latency_profile else []),
-            "--chunk-step-factor", str(ns.chunk_step_factor),
+            "--chunk-step-factor", str(ns.chunk_step_factor), "--idle-step-factor", str(ns.idle_step_factor),
         ])  # fmt: skip
     if sim["trace_id"] != measured["trace_id"]:
         raise SystemExit(f"simulated trace {sim['trace_id']} is not the measured {measured['trace_id']}")
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_profile": ns.latency_profile,
         "device_latency_profile": ns.device_latency_profile or ns.latency_profile,
         "chunk_step_factor": ns.chunk_step_factor,
+        "idle_step_factor": ns.idle_step_factor,
         "trace_id": sim["trace_id"],
         "simulate_commands": sim["simulate_commands"],
         "simulated_vs_measured": rows,

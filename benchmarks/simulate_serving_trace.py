@@ -72,6 +72,7 @@ def simulate_argv(
         *(["--kv-cache-memory-gb", str(own.kv_cache_memory_gb)] if own.kv_cache_memory_gb else []),
         *(["--device-latency-profile", own.device_latency_profile] if own.device_latency_profile else []),
         *(["--chunk-step-factor", str(own.chunk_step_factor)] if own.chunk_step_factor != 1.0 else []),
+        *(["--idle-step-factor", str(own.idle_step_factor)] if own.idle_step_factor != 1.0 else []),
         *CONFIGS[name],
     ]  # fmt: skip
 
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     own_ap.add_argument(
         "--chunk-step-factor", type=float, default=1.0,
         help="`mnemosyne simulate --chunk-step-factor`: steps with a chunk take this x more (sustained clocks)",
+    )  # fmt: skip
+    own_ap.add_argument(
+        "--idle-step-factor", type=float, default=1.0,
+        help="`mnemosyne simulate --idle-step-factor`: the first step after idling, with a chunk, takes this x more",
     )  # fmt: skip
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)

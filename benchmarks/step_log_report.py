@@ -19,7 +19,10 @@ submission (`host_s`: a long prompt's arrival shows here). Last, the chunk-step 
 the median over every step with a chunk, which `mnemosyne simulate --chunk-step-factor` (and
 `benchmarks.compare_serving_trace`) takes to replay other runs on this device under a
 sustained serving load (an H200 then holds its power cap at lower clocks than the profile's
-short bursts saw; decode-only steps, bandwidth-bound, stay at the profile's times).
+short bursts saw; decode-only steps, bandwidth-bound, stay at the profile's times); and the
+idle-step factor, the same over the steps submitted with nothing in flight, divided by the
+chunk-step factor (`--idle-step-factor`, applied on top of it: their host launches are not
+hidden behind a step before them).
 """
 
 from __future__ import annotations
@@ -76,10 +79,21 @@ def report(steps: list[dict], worst: int) -> dict:
          **{k: s[k] for k in ("path", "cudnn_chunks", "chunk_splits") if k in s}}
         for r, s in rows[:worst]
     ]  # fmt: skip
-    with_chunk = [r for r, s in rows if any(n > 1 for n, _ in s["seqs"])]
-    factor = statistics.median(with_chunk) if with_chunk else None
+    with_chunk = [(r, s) for r, s in rows if any(n > 1 for n, _ in s["seqs"])]
+    factor = statistics.median(r for r, _ in with_chunk) if with_chunk else None
+    # Steps submitted with nothing in flight (`idle_start`), with a chunk: their launches are
+    # not hidden behind a step before them. Logs written before that field: the steps with no
+    # host_s (submitted before a result since idling: with async scheduling also the second,
+    # usually a decode ahead without a chunk).
+    flagged = any("idle_start" in s for _, s in rows)
+    after_idle = [
+        r for r, s in with_chunk if (s.get("idle_start", False) if flagged else s.get("host_s", 0.0) is None)
+    ]
+    # Over the chunk-step factor: the simulator applies both to such a step.
+    idle_factor = statistics.median(after_idle) / factor if after_idle and factor else None
     return {"num_steps": len(rows), "groups": groups, "paths": path_summary(rows), "worst": worst_rows,
-            "chunk_step_factor": factor, "host": host_summary(steps, worst)}  # fmt: skip
+            "chunk_step_factor": factor, "idle_step_factor": idle_factor, "num_idle_steps": len(after_idle),
+            "host": host_summary(steps, worst)}  # fmt: skip
 
 
 def path_summary(rows: list[tuple[float, dict]]) -> list[dict]:
@@ -142,6 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"max {host['max_ms']:.1f} ms (at {host['worst'][0]['t_s']:.1f} s)")  # fmt: skip
     if result["chunk_step_factor"] is not None:
         print(f"chunk-step factor (median over steps with a chunk): {result['chunk_step_factor']:.3f}")
+    if result["idle_step_factor"] is not None:
+        print(f"idle-step factor (median over {result['num_idle_steps']} steps started on an idle device, with a chunk, "
+              f"over the chunk-step factor): "
+              f"{result['idle_step_factor']:.3f}")  # fmt: skip
     if ns.out is not None:
         ns.out.write_text(json.dumps(result, indent=1))
     return result

@@ -291,6 +291,22 @@ def test_chunk_step_factor_slows_only_steps_with_a_chunk(model_1b, tmp_path):
     assert slow["requests"][0]["tbt_max_s"] == pytest.approx(base["requests"][0]["tbt_max_s"], rel=1e-6)
 
 
+def test_idle_step_factor_slows_the_first_step_after_idling(model_1b, tmp_path):
+    """--idle-step-factor 3: a request arriving at an idle engine gets its prefill step 3x
+    slower (its TTFT), its decode steps are unchanged; one arriving while another prefills
+    in the same busy stretch is not slowed."""
+    p = write_fake_profile(tmp_path / "p.json", model_1b, Layout(1, 1, 1), 1.0)
+    trace = tmp_path / "two.jsonl"
+    lines = [{"arrival_s": 0.0, "prompt_len": 64, "output_len": 4}, {"arrival_s": 100.0, "prompt_len": 64, "output_len": 4}]
+    trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    base = simulate(model_1b, trace, tmp_path / "a.json", "--latency-profile", str(p))
+    slow = simulate(model_1b, trace, tmp_path / "b.json", "--latency-profile", str(p), "--idle-step-factor", "3")
+    assert slow["setup"]["idle_step_factor"] == 3.0
+    for a, b in zip(base["requests"], slow["requests"], strict=True):  # both arrive at an idle engine
+        assert b["ttft_s"] == pytest.approx(3 * a["ttft_s"], rel=1e-6)
+        assert b["tbt_max_s"] == pytest.approx(a["tbt_max_s"], rel=1e-6)
+
+
 def test_device_profile_is_calibrated_against_by_adaptive_chunking(model_1b, tmp_path):
     """Adaptive chunks sized by an engine profile that underpredicts the device 2x: with online
     calibration the engine learns the device's times and keeps its token gaps near the target."""

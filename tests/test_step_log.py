@@ -68,6 +68,13 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     assert host is not None and 0 <= host["p50_ms"] <= host["p99_ms"] <= host["max_ms"] and host["worst"]
     chunk_ratios = sorted(s["measured_s"] / s["predicted_s"] for s in steps if any(n > 1 for n, _ in s["seqs"]))
     assert rep["chunk_step_factor"] == pytest.approx(statistics.median(chunk_ratios))
+    # Submitted with nothing in flight: the first step, and without async scheduling every step
+    idle = [s for s in steps if s.get("idle_start")]
+    assert steps[0].get("idle_start") is True
+    assert len(idle) == len(steps) if not async_scheduling else len(idle) < len(steps) // 2
+    idle_chunks = sorted(s["measured_s"] / s["predicted_s"] for s in idle if any(n > 1 for n, _ in s["seqs"]))
+    assert rep["num_idle_steps"] == len(idle_chunks)
+    assert rep["idle_step_factor"] == pytest.approx(statistics.median(idle_chunks) / rep["chunk_step_factor"])
     # How each step ran: eager on CPU (no graphs), the reference attention (no kernel plan)
     assert {s["path"] for s in steps} <= {p.value for p in StepPath}
     if TEST_DEVICE == "cpu":

@@ -201,7 +201,8 @@ class LLMEngine:
             composition, predicted_s = self.predict_step(sched)
             submitted = time.monotonic()
             host_s = submitted - self._last_result_time if self._busy_since_result else None
-            self._inflight_timing.append((predicted_s, submitted, composition, host_s))
+            idle_start = not self._inflight  # the device has nothing to run before it
+            self._inflight_timing.append((predicted_s, submitted, composition, host_s, idle_start))
             self.executor.submit(self.planner.build(sched))
             self._inflight.append(sched)
         if not self._inflight:
@@ -209,7 +210,7 @@ class LLMEngine:
         result = self.executor.get_result()
         now = time.monotonic()
         sched = self._inflight.popleft()
-        predicted_s, submitted, composition, host_s = self._inflight_timing.popleft()
+        predicted_s, submitted, composition, host_s, idle_start = self._inflight_timing.popleft()
         started = submitted
         if self.config.scheduler.async_scheduling:  # the device began it when the step before ended
             started = max(started, self._last_result_time)
@@ -218,7 +219,7 @@ class LLMEngine:
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         if self.step_log is not None:
-            self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace)
+            self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace, idle_start)
         if self.policies.calibration is not None:
             self.policies.calibration.observe(composition, predicted_s, submitted, now)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only

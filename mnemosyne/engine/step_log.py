@@ -22,7 +22,10 @@ overrun their prediction.
                                decode_graph, mixed_graph, piecewise, eager, idle); with eager
                                attention also "cudnn_chunks" (chunks on cuDNN) and
                                "chunk_splits" (the Triton chunk launch's key splits, 0: none);
-                               absent where the executor reports no trace (the simulator)}
+                               absent where the executor reports no trace (the simulator)
+                 "idle_start": true for a step submitted with nothing in flight (present only
+                               then): the device waited for its launches, which a step in
+                               flight would have hidden}
 
 Only the engine's policies read the latency model; this changes no schedule. Times in
 seconds, sizes in tokens.
@@ -67,12 +70,15 @@ class StepLog:
         sched: SchedulerOutput,
         host_s: float | None,
         trace: StepTrace | None = None,
+        idle_start: bool = False,
     ) -> None:
         if self._file is None:
             return
         seqs = [[c.num_tokens, c.start] for c in sched.chunks]
         line = {"t_s": round(done_s - self._start_s, 6), "measured_s": measured_s, "predicted_s": predicted_s,
                 "host_s": None if host_s is None else round(host_s, 6), "seqs": seqs}  # fmt: skip
+        if idle_start:
+            line["idle_start"] = True
         if trace is not None:
             line["path"] = trace.path.value
             if trace.path in (StepPath.PIECEWISE, StepPath.EAGER):

@@ -36,6 +36,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         "median measured/predicted of such steps in a serving step log, `benchmarks.step_log_report`)",
     )  # fmt: skip
     p.add_argument(
+        "--idle-step-factor", type=float, default=1.0,
+        help="the first step after the engine idled takes this x more when it carries a prefill chunk "
+        "(its host launches are not hidden behind a step before it: the median measured/predicted of "
+        "such steps in a serving step log, `benchmarks.step_log_report`)",
+    )  # fmt: skip
+    p.add_argument(
         "--device-latency-profile", default=None,
         help="the simulated device's step times come from this profile (e.g. one measured in the "
         "engine's conditions), while the engine's policies predict with --latency-profile and "
@@ -102,14 +108,16 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
         )
     config = simulated_engine_config(ns.model, args, spec)
     model, source = latency_model_for(config, spec)
-    for name in ("latency_error_factor", "chunk_step_factor"):
+    for name in ("latency_error_factor", "chunk_step_factor", "idle_step_factor"):
         if getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(ns, name)}")
     device_path = ns.device_latency_profile
     device = model if device_path is None else matching_profile_model(config, device_path, spec)
     timed = device_path is not None or ns.latency_error_factor != 1.0 or ns.chunk_step_factor != 1.0
     timer = scaled_timer(device, ns.latency_error_factor, ns.chunk_step_factor) if timed else None
-    engine = SimulatedEngine(config, model, source, step_timer=timer, record_steps=record_steps)
+    engine = SimulatedEngine(
+        config, model, source, step_timer=timer, record_steps=record_steps, idle_step_factor=ns.idle_step_factor
+    )
     run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel
@@ -127,6 +135,7 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
         "async_scheduling": config.scheduler.async_scheduling,
         "latency_error_factor": ns.latency_error_factor,
         "chunk_step_factor": ns.chunk_step_factor,
+        "idle_step_factor": ns.idle_step_factor,
         "device_latency_model": source if device_path is None else str(device_path),
         "command": "mnemosyne " + " ".join(sys.argv[1:]),
     }
