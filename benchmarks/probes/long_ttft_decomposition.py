@@ -13,7 +13,7 @@ with its tokens and rate in each kind, beside its prefill floor (the trace's flo
 at peak). A prediction, not a measurement.
 
     python -m benchmarks.probes.long_ttft_decomposition --out OUT.json --latency-profile P \
-        [--chunk-step-factor F] [serving_trace options: --shape 8b --rate 0.12 ...]
+        [--chunk-step-factor F] [--idle-step-factor F] [serving_trace options: --shape 8b --rate 0.12 ...]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     own_ap.add_argument("--gpu", default="h200")
     own_ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
     own_ap.add_argument("--chunk-step-factor", type=float, default=1.0)
+    own_ap.add_argument("--idle-step-factor", type=float, default=1.0)
     own_ap.add_argument("--config", default="lars_adaptive")
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)
