@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import simulate_serving_trace
+from mnemosyne.simulator.command import add_step_factor_args, step_factor_argv
 
 TRACE_FLAGS = ("--shape", "--duration-s", "--rate", "--max-long-prompt", "--seed")
 METRICS = {
@@ -89,14 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--kv-cache-memory-gb", default="102")
     p.add_argument("--device-latency-profile", default=None)
-    p.add_argument(
-        "--chunk-step-factor", type=float, default=1.0,
-        help="simulated steps with a chunk take this x more (sustained clocks; from another run's step log)",
-    )  # fmt: skip
-    p.add_argument(
-        "--idle-step-factor", type=float, default=1.0,
-        help="the first step after idling, with a chunk, takes this x more (from another run's step log)",
-    )  # fmt: skip
+    add_step_factor_args(p)  # from another run's step log
     ns = p.parse_args(argv)
     measured = json.loads(Path(ns.measured).read_text())
     configs = sorted(measured["results"])
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             *trace_argv(measured), "--latency-profile", ns.latency_profile, "--configs", ",".join(configs),
             "--kv-cache-memory-gb", ns.kv_cache_memory_gb, "--out-json", str(Path(tmp) / "sim.json"),
             *(["--device-latency-profile", ns.device_latency_profile] if ns.device_latency_profile else []),
-            "--chunk-step-factor", str(ns.chunk_step_factor), "--idle-step-factor", str(ns.idle_step_factor),
+            *step_factor_argv(ns),
         ])  # fmt: skip
     if sim["trace_id"] != measured["trace_id"]:
         raise SystemExit(f"simulated trace {sim['trace_id']} is not the measured {measured['trace_id']}")

@@ -52,7 +52,7 @@ from benchmarks.serving_trace_server import CONFIGS
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 from mnemosyne.bench.metrics import RequestRecord, summarize
 from mnemosyne.cli import build_parser, parse_args
-from mnemosyne.simulator.command import run_simulation
+from mnemosyne.simulator.command import add_step_factor_args, run_simulation, step_factor_argv
 from mnemosyne.simulator.engine import SimulatedEngine
 
 
@@ -71,8 +71,7 @@ def simulate_argv(
         *(["--latency-profile", str(ns.latency_profile)] if ns.latency_profile else []),
         *(["--kv-cache-memory-gb", str(own.kv_cache_memory_gb)] if own.kv_cache_memory_gb else []),
         *(["--device-latency-profile", own.device_latency_profile] if own.device_latency_profile else []),
-        *(["--chunk-step-factor", str(own.chunk_step_factor)] if own.chunk_step_factor != 1.0 else []),
-        *(["--idle-step-factor", str(own.idle_step_factor)] if own.idle_step_factor != 1.0 else []),
+        *step_factor_argv(own),
         *CONFIGS[name],
     ]  # fmt: skip
 
@@ -104,14 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--kv-cache-memory-gb", type=float, default=None, help="KV GiB per GPU (default: the simulator's)"
     )
     own_ap.add_argument("--device-latency-profile", default=None, help="the simulated device's step times")
-    own_ap.add_argument(
-        "--chunk-step-factor", type=float, default=1.0,
-        help="`mnemosyne simulate --chunk-step-factor`: steps with a chunk take this x more (sustained clocks)",
-    )  # fmt: skip
-    own_ap.add_argument(
-        "--idle-step-factor", type=float, default=1.0,
-        help="`mnemosyne simulate --idle-step-factor`: the first step after idling, with a chunk, takes this x more",
-    )  # fmt: skip
+    add_step_factor_args(own_ap)
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)
     with tempfile.TemporaryDirectory(prefix="sim_serving_trace_") as tmp:

@@ -30,7 +30,7 @@ from benchmarks.serving_trace_data import make_trace, ttft_deadlines_s
 from benchmarks.simulate_serving_trace import simulate_argv
 from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.cli import build_parser, parse_args
-from mnemosyne.simulator.command import run_simulation
+from mnemosyne.simulator.command import add_step_factor_args, run_simulation
 from mnemosyne.simulator.engine import SimulatedEngine
 
 
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     own_ap.add_argument("--out", type=Path, required=True)
     own_ap.add_argument("--gpu", default="h200")
     own_ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
-    own_ap.add_argument("--chunk-step-factor", type=float, default=1.0)
-    own_ap.add_argument("--idle-step-factor", type=float, default=1.0)
+    add_step_factor_args(own_ap)
     own_ap.add_argument("--config", default="lars_adaptive")
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.kernels.chunk_splitkv_attention import choose_chunk_splits
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
@@ -71,10 +70,8 @@ def main() -> None:
         )  # fmt: skip
         query = torch.randn(num_tokens, num_kv_heads * group, d, dtype=torch.bfloat16, device=dev)
         host = backend.host_plan(meta, num_kv_heads, None, BLOCK)
-        old = choose_chunk_splits(
-            len(host.tile_seq), num_kv_heads, max(c + p for c, p in chunks), backend.num_sms,
-            waves=8, min_split_keys=backend.min_split_keys(), max_splits=backend.max_splits(host.page_tiles),
-        )  # fmt: skip
+        # the count from the tile count alone: the backend's rule without tile_keys
+        old = backend.chunk_splits(len(host.tile_seq), num_kv_heads, max(c + p for c, p in chunks), host.page_tiles)
         row = {"chunks": chunks, "num_tiles": len(host.tile_seq), "num_dense": len(host.dense)}
         for name, splits in (("balanced", host.chunk_splits), ("tile_count", old)):
             host.chunk_splits = splits

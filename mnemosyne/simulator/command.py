@@ -18,6 +18,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", default="h200", help="h200, h100 (or cpu): the DeviceSpec of the roofline")
 
 
+STEP_FACTORS = ("chunk_step_factor", "idle_step_factor")
+
+
+def add_step_factor_args(p: argparse.ArgumentParser) -> None:
+    """--chunk-step-factor and --idle-step-factor: where the simulated device departs from the
+    latency model, as a serving step log measures it (`benchmarks.step_log_report`); for
+    `mnemosyne simulate` and the benchmarks that drive it (`step_factor_argv` passes them on)."""
+    p.add_argument(
+        "--chunk-step-factor", type=float, default=1.0,
+        help="simulated steps with a prefill chunk take this x more (sustained-load clocks: the "
+        "median measured/predicted of such steps in a serving step log, `benchmarks.step_log_report`)",
+    )  # fmt: skip
+    p.add_argument(
+        "--idle-step-factor", type=float, default=1.0,
+        help="the first step after the engine idled takes this x more when it carries a prefill chunk "
+        "(its host launches are not hidden behind a step before it: the median measured/predicted of "
+        "such steps in a serving step log, `benchmarks.step_log_report`)",
+    )  # fmt: skip
+
+
+def step_factor_argv(ns: argparse.Namespace) -> list[str]:
+    """The factors of `add_step_factor_args` that differ from 1, as command-line arguments."""
+    out: list[str] = []
+    for name in STEP_FACTORS:
+        if getattr(ns, name) != 1.0:
+            out += ["--" + name.replace("_", "-"), str(getattr(ns, name))]
+    return out
+
+
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
     from mnemosyne.cli_args import add_policy_args
 
@@ -30,17 +59,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         "--latency-error-factor", type=float, default=1.0,
         help="simulated steps take this x the latency model's prediction (a known systematic error)",
     )  # fmt: skip
-    p.add_argument(
-        "--chunk-step-factor", type=float, default=1.0,
-        help="simulated steps with a prefill chunk take this x more (sustained-load clocks: the "
-        "median measured/predicted of such steps in a serving step log, `benchmarks.step_log_report`)",
-    )  # fmt: skip
-    p.add_argument(
-        "--idle-step-factor", type=float, default=1.0,
-        help="the first step after the engine idled takes this x more when it carries a prefill chunk "
-        "(its host launches are not hidden behind a step before it: the median measured/predicted of "
-        "such steps in a serving step log, `benchmarks.step_log_report`)",
-    )  # fmt: skip
+    add_step_factor_args(p)
     p.add_argument(
         "--device-latency-profile", default=None,
         help="the simulated device's step times come from this profile (e.g. one measured in the "
@@ -108,7 +127,7 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
         )
     config = simulated_engine_config(ns.model, args, spec)
     model, source = latency_model_for(config, spec)
-    for name in ("latency_error_factor", "chunk_step_factor", "idle_step_factor"):
+    for name in ("latency_error_factor", *STEP_FACTORS):
         if getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(ns, name)}")
     device_path = ns.device_latency_profile
