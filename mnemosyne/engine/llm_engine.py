@@ -101,10 +101,10 @@ class LLMEngine:
         self.executor: Executor = make_executor(config)
         self.max_inflight = config.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
-        # (predicted_s, submitted at time.monotonic(), composition, host_s) of each micro-batch
-        # in flight; host_s: the host's time from the latest result to this submission (None
-        # after idling)
-        self._inflight_timing: deque[tuple[float, float, StepComposition, float | None]] = deque()
+        # (predicted_s, submitted at time.monotonic(), composition, host_s, idle_start) of each
+        # micro-batch in flight; host_s: the host's time from the latest result to this
+        # submission (None after idling); idle_start: nothing was in flight when it was submitted
+        self._inflight_timing: deque[tuple[float, float, StepComposition, float | None, bool]] = deque()
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
         self.step_log = StepLog(config.step_log, config, time.monotonic()) if config.step_log else None
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
