@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mnemosyne.bench.client import send_request
+from mnemosyne.bench.client import build_payload, encode_payload, send_request
 from mnemosyne.bench.datasets import BenchRequest, file_requests, random_requests, random_text_requests
 from mnemosyne.bench.metrics import RequestRecord, format_table, summarize
 from mnemosyne.bench.serve import add_bench_serve_args, run_bench_serve
@@ -303,6 +303,21 @@ def test_client_completions_timing(server_url: str) -> None:
     assert len(rec.itl_s) == 4 and all(GAP_S * 0.5 <= g < GAP_S + 0.5 for g in rec.itl_s)
     assert rec.e2e_s >= rec.ttft_s + sum(rec.itl_s) - 1e-6
     assert rec.start_time > 0
+
+
+def test_client_sends_a_pre_encoded_body_as_is(server_url: str) -> None:
+    """bench serve encodes every body before its clock starts; the client sends those bytes."""
+    req = BenchRequest(list(range(8)), 8, 5)
+    body = encode_payload("completions", "m", req)
+    assert json.loads(body) == build_payload("completions", "m", req, None)
+
+    async def go() -> RequestRecord:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await send_request(client, server_url, "completions", "m", BenchRequest([], -1, 0), body=body)
+
+    rec = asyncio.run(go())
+    assert rec.success, rec.error
+    assert rec.output_len == 5 and rec.prompt_len == 8  # from the body, not from the (empty) request given
 
 
 def test_client_chat_and_usage_prompt_len(server_url: str) -> None:

@@ -1,6 +1,6 @@
 """The cuDNN graphs built at start-up cover every chunk the cost model sends to cuDNN
-(kernels/cudnn_plans.py), and a chunk needing a graph not built takes Triton. Host logic
-only: runs on CPU."""
+(kernels/cudnn_plans.py), and a chunk needing a graph not built takes Triton. Host logic,
+but for the float32 warm-up (its Triton merges run on the test device)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import random
 from types import SimpleNamespace
 
 import torch
+from conftest import TEST_DEVICE
 
 from mnemosyne.kernels.cudnn_plans import (
     CudnnShape,
@@ -102,7 +103,8 @@ def test_cudnn_takes_16_bit_models_with_head_dims_up_to_128() -> None:
 
 def test_warm_up_builds_no_cudnn_graph_for_a_model_cudnn_cannot_take() -> None:
     """A float32 model never reaches cuDNN: its warm-up must not call it (it would fail)."""
-    backend = KernelBackend(4, 32, torch.float32, torch.device("cpu"), use_cudnn=True)
-    k_cache = torch.randn(4, 16, 2, 32)
+    device = torch.device(TEST_DEVICE)  # the warm-up also compiles the Triton merges: on the test device
+    backend = KernelBackend(4, 32, torch.float32, device, use_cudnn=True)
+    k_cache = torch.randn(4, 16, 2, 32, device=device)
     backend.warm_up(k_cache, torch.randn_like(k_cache), None, 1, max_num_batched_tokens=256, max_prefix_tokens=64)
     assert backend.cudnn_shapes is None

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention  # noqa: E402
-from mnemosyne.kernels.merge_attn import merge_attn_states_into  # noqa: E402
+from mnemosyne.kernels.merge_attn import merge_attn_states_into, merge_splits  # noqa: E402
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkPath, PathCost  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
 from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig  # noqa: E402
@@ -177,6 +177,34 @@ def test_fused_merge_matches_torch_merge(dtypes):
     atol = 1e-6 if dtypes == (torch.float32,) * 3 else 2e-2
     torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits,num_heads,head_dim", [(1, 4, 64), (3, 5, 48), (17, 8, 128), (40, 2, 64)])
+def test_split_merge_matches_a_torch_merge(num_splits, num_heads, head_dim):
+    """merge_splits (the chunk kernels' phase 2) against folding merge_attn_states over the
+    splits: empty splits (-inf, their output garbage: never read), rows with no key at all,
+    padding (-1) rows and uncovered rows left untouched, split counts across the 8-split steps."""
+    g = torch.Generator().manual_seed(num_splits)
+    n = 11
+    o_ws = torch.randn(n, num_heads, num_splits, head_dim, generator=g)
+    l_ws = torch.randn(n, num_heads, num_splits, generator=g) * 4
+    empty = torch.rand(n, num_heads, num_splits, generator=g) < 0.4
+    l_ws[empty] = float("-inf")
+    o_ws[empty] = float("nan")  # an empty split's output is never written
+    l_ws[3] = float("-inf")  # a row that sees no key
+    o_ws, l_ws = o_ws.to(DEVICE), l_ws.to(DEVICE)
+    rows = torch.tensor([0, 1, 2, 3, -1, 5, 6, 7, 8, 9], dtype=torch.int32, device=DEVICE)  # row 4: -1, row 10: not covered
+    out = torch.full((n, num_heads, head_dim), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    lse = torch.full((n, num_heads), 7.0, device=DEVICE)
+    merge_splits(o_ws, l_ws, out, lse, rows, num_splits)
+    ref_out, ref_lse = o_ws[:, :, 0], l_ws[:, :, 0]
+    for s in range(1, num_splits):
+        ref_out, ref_lse = merge_attn_states(ref_out, ref_lse, o_ws[:, :, s], l_ws[:, :, s])
+    ref_out = torch.where(torch.isinf(ref_lse)[..., None], 0.0, ref_out)  # no key: out 0
+    covered = [r for r in range(n) if r not in (4, 10)]
+    torch.testing.assert_close(out[covered].float(), ref_out[covered], atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse[covered], ref_lse[covered], atol=1e-5, rtol=0)
+    assert (out[[4, 10]] == 7).all() and (lse[[4, 10]] == 7).all()
 
 
 def test_cost_model_picks_the_cheaper_path():

@@ -35,7 +35,7 @@ from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 
 KERNELS = {
     "chunk": (chunk_splitkv_attention, "_chunk_split_kernel"),
-    "chunk_merge": (chunk_splitkv_attention, "_chunk_merge_kernel"),
+    "chunk_merge": (merge_attn, "_split_rows_merge_kernel"),
     "chunk_page_tiles": (chunk_tma_attention, "_chunk_tma_kernel"),
     "decode": (decode_attention, "_decode_split_kernel"),
     "decode_reduce": (decode_attention, "_decode_reduce_kernel"),

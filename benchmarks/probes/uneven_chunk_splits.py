@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.probes.chunk_launch_kernels import BLOCK, HEADS_PER_KV, NUM_KV_HEADS, random_launch
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
 from mnemosyne.layers.attention.metadata import AttentionMetadata
-
-BLOCK = 64
 
 
 def _median_ms(
@@ -49,26 +48,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    num_kv_heads, group, d = 8, 4, args.head_dim
+    num_kv_heads, group, d = NUM_KV_HEADS, HEADS_PER_KV, args.head_dim
     dev = torch.device(args.device)
     backend = KernelBackend(group, d, torch.bfloat16, dev)
     rows = []
     for case in args.cases.split(","):
         chunks = [tuple(map(int, part.split(":"))) for part in case.split("+")]  # (c, prefix)
-        num_blocks = sum(-(-(c + p) // BLOCK) for c, p in chunks)
-        k_cache = torch.randn(num_blocks, BLOCK, num_kv_heads, d, dtype=torch.bfloat16, device=dev)
-        v_cache = torch.randn_like(k_cache)
-        tables, b0 = [], 0
-        for c, p in chunks:
-            n = -(-(c + p) // BLOCK)
-            tables.append(list(range(b0, b0 + n)))
-            b0 += n
-        num_tokens = sum(c for c, _ in chunks)
-        meta = AttentionMetadata.build(
-            [c for c, _ in chunks], [p for _, p in chunks], [0] * len(chunks), [c + p for c, p in chunks],
-            tables, [-1] * num_tokens, dev,
-        )  # fmt: skip
-        query = torch.randn(num_tokens, num_kv_heads * group, d, dtype=torch.bfloat16, device=dev)
+        query, k_cache, v_cache, meta = random_launch(chunks, d, dev)
         host = backend.host_plan(meta, num_kv_heads, None, BLOCK)
         # the count from the tile count alone: the backend's rule without tile_keys
         old = backend.chunk_splits(len(host.tile_seq), num_kv_heads, max(c + p for c, p in chunks), host.page_tiles)

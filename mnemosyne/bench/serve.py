@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from mnemosyne.bench.client import send_request
+from mnemosyne.bench.client import encode_payload, send_request
 from mnemosyne.bench.datasets import BenchRequest, file_requests, random_requests, random_text_requests
 from mnemosyne.bench.metrics import RequestRecord, format_table, summarize
 
@@ -168,15 +168,17 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
                 raise RuntimeError(f"GET {url} listed no models; pass --model")
             model = str(data[0]["id"])
         reqs = await _load_requests(ns, client, model, headers)
+        bodies = [encode_payload(ns.endpoint, model, r) for r in reqs]  # before the clock (encode_payload)
         sem = asyncio.Semaphore(ns.max_concurrency) if ns.max_concurrency else None
         bar = tqdm(total=len(reqs), disable=ns.no_progress, file=sys.stderr, desc="requests")
 
-        async def one(req: BenchRequest) -> RequestRecord:
+        async def one(i: int) -> RequestRecord:
+            send = send_request(client, ns.base_url, ns.endpoint, model, reqs[i], ns.api_key, body=bodies[i])
             if sem is None:
-                rec = await send_request(client, ns.base_url, ns.endpoint, model, req, ns.api_key)
+                rec = await send
             else:
                 async with sem:
-                    rec = await send_request(client, ns.base_url, ns.endpoint, model, req, ns.api_key)
+                    rec = await send
             bar.update(1)
             return rec
 
@@ -185,7 +187,7 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
             schedule = _trace_arrivals([float(r.arrival_s or 0.0) for r in reqs], start)
         else:
             schedule = _arrivals(len(reqs), ns.request_rate, ns.burstiness, ns.seed)
-        tasks = {i: asyncio.create_task(one(reqs[i])) async for i in schedule}
+        tasks = {i: asyncio.create_task(one(i)) async for i in schedule}
         records = list(await asyncio.gather(*(tasks[i] for i in range(len(reqs)))))  # in dataset order
         duration = time.perf_counter() - start
         bar.close()

@@ -35,7 +35,7 @@ are fixed by the host). Online softmax in float32 with exp2 of log2(e)-scaled sc
 num_splits == 1: phase 1 writes out / lse (natural log) directly. Otherwise it writes
 each split's normalised partial and LSE to a float32 workspace indexed by packed row,
 [num_tokens, num_heads, num_splits, (head_dim)], and phase 2, grid (len(merge_rows),
-num_heads), merges the splits of each covered row exactly (`merge_split_partials`).
+cdiv(num_heads, BLOCK_H)), merges the splits of each covered row exactly (`merge_attn.merge_splits`).
 Rows that see no key get out = 0 and lse = -inf. Rows of sequences not covered by a tile
 are not touched. An empty split writes only its partial LSE (-inf), not its output.
 
@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from mnemosyne.kernels.host_math import next_power_of_2
-from mnemosyne.kernels.merge_attn import merge_split_partials, split_merge_blocks
+from mnemosyne.kernels.merge_attn import merge_splits
 from mnemosyne.kernels.paged_prefill import default_block_q, kv_steps, query_tile, store_tile, tile_step_range
 
 _LOG2E = 1.4426950408889634
@@ -160,33 +160,6 @@ def _chunk_split_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=[
-    "num_splits", "stride_wot", "stride_woh", "stride_wos", "stride_wlt", "stride_wlh",
-    "stride_ot", "stride_oh", "stride_lt", "stride_lh",
-])  # fmt: skip
-def _chunk_merge_kernel(
-    wo_ptr, wl_ptr, o_ptr, l_ptr, rows_ptr, num_splits,
-    stride_wot, stride_woh, stride_wos, stride_wlt, stride_wlh,
-    stride_ot, stride_oh, stride_lt, stride_lh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
-    row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
-    if row >= 0:  # -1: a padding entry of a CUDA graph's fixed grid
-        h = tl.program_id(1)
-        wl_row = wl_ptr + row * stride_wlt + h * stride_wlh
-        wo_row = wo_ptr + row * stride_wot + h * stride_woh
-        out, lse = merge_split_partials(
-            wl_row, wo_row, num_splits, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK
-        )
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.store(
-            o_ptr + row * stride_ot + h * stride_oh + offs_d,
-            out.to(o_ptr.dtype.element_ty),
-            mask=offs_d < HEAD_DIM,
-        )
-        tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
-
-
 def check_chunk_args(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -242,28 +215,6 @@ def split_outputs(
     if o_ws.stride(-1) != 1:
         raise ValueError("the workspace's head dim must be contiguous")
     return o_ws, l_ws, o_ws.stride(), l_ws.stride()
-
-
-def merge_splits(
-    o_ws: torch.Tensor,  # [num_tokens, num_heads, num_splits, head_dim] float32
-    l_ws: torch.Tensor,  # [num_tokens, num_heads, num_splits] float32
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    merge_rows: torch.Tensor,  # [num_covered_rows] int32; -1 entries are skipped (padding)
-    num_splits: int,
-) -> None:
-    """Phase 2: the exact LSE merge of every covered row's splits into out / lse."""
-    if out.stride(-1) != 1:
-        raise ValueError("the last dim of out must be contiguous")
-    head_dim = out.shape[-1]
-    # One compiled merge for every split count (no JIT while serving): masked past num_splits.
-    block_d, block_s, chunk = split_merge_blocks(MAX_SPLITS, head_dim)
-    _chunk_merge_kernel[(merge_rows.shape[0], out.shape[1])](
-        o_ws, l_ws, out, lse, merge_rows, num_splits,
-        o_ws.stride(0), o_ws.stride(1), o_ws.stride(2), l_ws.stride(0), l_ws.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=chunk, num_warps=4,
-    )  # fmt: skip
 
 
 def tile_launch(
@@ -358,7 +309,6 @@ __all__ = [
     "check_chunk_args",
     "choose_chunk_splits",
     "chunk_splitkv_attention",
-    "merge_splits",
     "split_outputs",
     "tile_launch",
 ]

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from mnemosyne.kernels.chunk_splitkv_attention import check_chunk_args, merge_splits, split_outputs
+from mnemosyne.kernels.chunk_splitkv_attention import check_chunk_args, split_outputs
 from mnemosyne.kernels.chunk_tma_launch import (
     MAX_STEP_PAGES,
     default_tma_block_n,
@@ -76,6 +76,7 @@ from mnemosyne.kernels.chunk_tma_launch import (
     tma_tile_launch,
 )
 from mnemosyne.kernels.chunk_tma_steps import tile_steps
+from mnemosyne.kernels.merge_attn import merge_splits
 from mnemosyne.kernels.paged_prefill import query_tile, store_tile, tile_step_range
 
 # Split count: about 33 splits was best on an H200 for chunks of 16 to 256 queries after
