@@ -120,14 +120,24 @@ def test_split_chunks_in_a_mixed_batch(dtype, window):
     h, hkv, d, block = 8, 2, 64, 16
     seqs = [(1, 40, 0, 41), (7, 13, 0, 20), (5, 300, 0, 305), (4, 500, 0, 240), (16, 222, 32, 206)]
     query, k_cache, v_cache, meta = _batch(seqs, h, hkv, d, block, dtype, True, seed=5)
-    backend = KernelBackend(
+    backend = _split_kv_backend(dtype)
+    out, lse = backend.forward(query, k_cache, v_cache, meta, d**-0.5, window)
+    assert meta.backend_plan.chunk_splits > 1
+    _assert_matches_reference(out, lse, query, k_cache, v_cache, meta, window)
+
+
+def _split_kv_backend(dtype: torch.dtype, h: int = 8, hkv: int = 2, d: int = 64) -> KernelBackend:
+    """The Triton chunk kernel for every chunk, split along the keys from 64 keys on."""
+    return KernelBackend(
         h // hkv, d, dtype, DEVICE, chunk_config=ChunkKernelConfig(min_split_keys=64),
         force_path=ChunkPath.TRITON_SPLITKV,
     )  # fmt: skip
-    out, lse = backend.forward(query, k_cache, v_cache, meta, d**-0.5, window)
-    assert meta.backend_plan.chunk_splits > 1
-    ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, d**-0.5, window)
-    atol = 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def _assert_matches_reference(out, lse, query, k_cache, v_cache, meta, window) -> None:
+    scale = query.shape[-1] ** -0.5
+    ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, scale, window)
+    atol = 1e-5 if query.dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=0)
     seen = torch.isfinite(ref_lse)
     assert torch.equal(seen, torch.isfinite(lse))
@@ -151,6 +161,50 @@ def test_cudnn_chunk_segments_and_runs(shuffled):
     ref_out, ref_lse = _reference(query, k_cache, v_cache, meta, d**-0.5, None)
     torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
+def _host_plan(chunks: list[tuple[int, int]], num_sms: int = 132):
+    """The host plan of chunks (c, prefix) on an H200-sized backend (host lists only)."""
+    backend = KernelBackend(4, 64, torch.bfloat16, torch.device("cpu"), use_cudnn=False,
+                            chunk_config=ChunkKernelConfig(min_split_keys=1024))  # fmt: skip
+    backend.num_sms = num_sms
+    meta = AttentionMetadata.build(
+        [c for c, _ in chunks], [p for _, p in chunks], [0] * len(chunks), [c + p for c, p in chunks],
+        [[0] * -(-(c + p) // 64) for c, p in chunks], [-1] * sum(c for c, _ in chunks), torch.device("cpu"),
+    )  # fmt: skip
+    return backend.host_plan(meta, 8, None, 64)
+
+
+def test_a_long_prefix_beside_many_short_tiles_runs_in_its_own_launch():
+    """tile_groups.py: the measured case (a 2340-token prompt beside 64 tokens after 408K keys)
+    takes two launches at their own split counts; every tile in exactly one."""
+    host = _host_plan([(2340, 1024), (64, 408064)])
+    others, solo = host.groups
+    assert solo.splits == host.chunk_splits >= 4 * others.splits
+    assert set(others.tile_seq) == {0} and set(solo.tile_seq) == {1}
+    assert sorted(zip(others.tile_seq + solo.tile_seq, others.tile_q_offset + solo.tile_q_offset)) == sorted(
+        zip(host.tile_seq, host.tile_q_offset)
+    )
+    assert others.rows == list(range(2340)) and solo.rows == list(range(2340, 2404))
+    for chunks in ([(2623, 320), (64, 350176)], [(128, 397664), (1408, 0)], [(1024, 320), (32, 350176)]):
+        assert len(_host_plan(chunks).groups) == 2, chunks  # the session-10 probe's other cases
+    assert not _host_plan([(64, 1024), (64, 408064)]).groups  # the others' few tiles: one launch
+    assert not _host_plan([(2340, 300000), (64, 408064)]).groups  # alike lengths: one launch
+    assert not _host_plan([(64, 408064)]).groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_tile_launches_match_reference(dtype):
+    """A long prefix's chunk in its own launch beside short chunks (CPU: 8 SMs, 64-key splits)."""
+    h, hkv, d, block = 8, 2, 64, 16
+    seqs = [(1, 40, 0, 41), (40, 0, 0, 40), (33, 7, 0, 40), (16, 2000, 0, 2016), (1, 63, 0, 64)]
+    query, k_cache, v_cache, meta = _batch(seqs, h, hkv, d, block, dtype, True, seed=7)
+    backend = _split_kv_backend(dtype)
+    backend.num_sms = 8
+    out, lse = backend.forward(query, k_cache, v_cache, meta, d**-0.5, None)
+    launches = meta.backend_plan.tile_launches
+    assert len(launches) == 2 and launches[1].splits > 1
+    _assert_matches_reference(out, lse, query, k_cache, v_cache, meta, None)
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.float32),

@@ -19,7 +19,7 @@ from mnemosyne import SamplingParams
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.engine.step_log import STEP_LOG_FORMAT, read_step_log
-from mnemosyne.layers.attention.kernel_plan import KernelPlan
+from mnemosyne.layers.attention.kernel_plan import KernelPlan, TileLaunch
 from mnemosyne.wire.plan import StepPath, StepTrace
 from mnemosyne.worker.worker import step_trace
 
@@ -78,14 +78,17 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     # How each step ran: eager on CPU (no graphs), the reference attention (no kernel plan)
     assert {s["path"] for s in steps} <= {p.value for p in StepPath}
     if TEST_DEVICE == "cpu":
-        assert all(s["path"] == "eager" and s["cudnn_chunks"] == 0 and s["chunk_splits"] == 0 for s in steps)
+        assert all(s["path"] == "eager" and s["cudnn_chunks"] == 0 and s["chunk_splits"] == [] for s in steps)
     assert sum(g["steps"] for g in rep["paths"]) == len(steps)
 
 
 def test_step_trace_reads_the_eager_kernel_plan():
-    plan = KernelPlan(tile_seq=torch.zeros(3, dtype=torch.int32), chunk_splits=7, dense=[object()] * 2)
-    assert step_trace(StepPath.PIECEWISE, plan) == StepTrace(StepPath.PIECEWISE, 2, 7)
-    assert step_trace(StepPath.EAGER, KernelPlan(chunk_splits=7)) == StepTrace(StepPath.EAGER, 0, 0)  # no tiles
+    tiles = torch.zeros(3, dtype=torch.int32)
+    plan = KernelPlan(tile_seq=tiles, tile_q_offset=tiles, chunk_splits=7, dense=[object()] * 2)
+    assert step_trace(StepPath.PIECEWISE, plan) == StepTrace(StepPath.PIECEWISE, 2, (7,))
+    assert step_trace(StepPath.EAGER, KernelPlan(chunk_splits=7)) == StepTrace(StepPath.EAGER, 0, ())  # no tiles
+    two = KernelPlan(tile_launches=[TileLaunch(tiles, tiles, None, 1), TileLaunch(tiles, tiles, tiles, 32)])
+    assert step_trace(StepPath.EAGER, two) == StepTrace(StepPath.EAGER, 0, (1, 32))  # a long prefix apart
     assert step_trace(StepPath.MIXED_GRAPH, plan) == StepTrace(StepPath.MIXED_GRAPH)  # a graph's fixed plan
     assert step_trace(StepPath.EAGER, None) == StepTrace(StepPath.EAGER)  # the reference backend
 

@@ -102,7 +102,8 @@ def main() -> None:
                 e.key: round(e.self_device_time_total / 5 / 1e3, 4) for e in prof.key_averages() if e.self_device_time_total
             }  # fmt: skip
             row = {
-                "head_dim": d, "chunks": chunks, "splits": host.chunk_splits, "tiles": len(host.tile_seq),
+                "head_dim": d, "chunks": chunks, "splits": [g.splits for g in host.groups] or host.chunk_splits,
+                "tiles": len(host.tile_seq),
                 "dense": len(host.dense), "event_ms_median": round(ms, 4), "kernels_ms_per_forward": kernels,
                 "device": torch.cuda.get_device_name(),
             }  # fmt: skip

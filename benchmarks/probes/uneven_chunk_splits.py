@@ -3,7 +3,8 @@ a long prompt's small chunk after a huge prefix (one GPU, random cache, the kern
 own plan). The split count of the launch once came from its tile count alone, so the long
 prefix's few tiles got 2 splits and walked it with a handful of programs (1B serving trace,
 2026-11-30: such steps took 3x their prediction). Times the plan with the balanced split
-count (`choose_chunk_splits(tile_keys=...)`) against the same plan forced to the old one:
+count (`choose_chunk_splits(tile_keys=...)`) in one launch against the same launch forced to
+the old count, and, where the backend plans them (`tile_groups.py`), two launches:
 
     python -m benchmarks.probes.uneven_chunk_splits --out OUT.json [--head-dim 64]
 """
@@ -59,10 +60,17 @@ def main() -> None:
         # the count from the tile count alone: the backend's rule without tile_keys
         old = backend.chunk_splits(len(host.tile_seq), num_kv_heads, max(c + p for c, p in chunks), host.page_tiles)
         row = {"chunks": chunks, "num_tiles": len(host.tile_seq), "num_dense": len(host.dense)}
+        groups, host.groups = host.groups, []
         for name, splits in (("balanced", host.chunk_splits), ("tile_count", old)):
-            host.chunk_splits = splits
+            host.chunk_splits = splits  # one launch over every tile
             meta.backend_plan = backend.device_plan(host, num_kv_heads)
             row[name] = {"splits": splits, "ms": _median_ms(backend, query, k_cache, v_cache, meta, 10)}
+        if groups:  # the long prefix in a launch of its own (layers/attention/tile_groups.py)
+            host.groups = groups
+            meta.backend_plan = backend.device_plan(host, num_kv_heads)
+            row["two_launches"] = {
+                "splits": [g.splits for g in groups], "ms": _median_ms(backend, query, k_cache, v_cache, meta, 10)
+            }
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {

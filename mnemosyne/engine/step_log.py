@@ -21,7 +21,8 @@ overrun their prediction.
                  "path":       how the (first) reporting rank ran it (`wire.plan.StepPath`:
                                decode_graph, mixed_graph, piecewise, eager, idle); with eager
                                attention also "cudnn_chunks" (chunks on cuDNN) and
-                               "chunk_splits" (the Triton chunk launch's key splits, 0: none);
+                               "chunk_splits" (the key splits of each Triton chunk launch:
+                               [] none, two when a long prefix runs apart, layers/attention/tile_groups.py);
                                absent where the executor reports no trace (the simulator)
                  "idle_start": true for a step submitted with nothing in flight (present only
                                then): the device waited for its launches, which a step in
@@ -82,7 +83,7 @@ class StepLog:
         if trace is not None:
             line["path"] = trace.path.value
             if trace.path in (StepPath.PIECEWISE, StepPath.EAGER):
-                line["cudnn_chunks"], line["chunk_splits"] = trace.num_cudnn_chunks, trace.chunk_splits
+                line["cudnn_chunks"], line["chunk_splits"] = trace.num_cudnn_chunks, list(trace.chunk_splits)
         self._file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:

@@ -99,7 +99,7 @@ class StepTrace:
 
     path: StepPath
     num_cudnn_chunks: int = 0  # chunks of the step on cuDNN (eager attention only)
-    chunk_splits: int = 0  # key splits of the Triton chunk kernel's eager launch (0: none)
+    chunk_splits: tuple[int, ...] = ()  # key splits of each eager launch of the Triton chunk kernel
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.kernels.jit_watch import watch_jit_compiles
-from mnemosyne.layers.attention.kernel_plan import KernelPlan
+from mnemosyne.layers.attention.kernel_plan import KernelPlan, chunk_launches
 from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.logits_processors import TokenHistory
@@ -90,7 +90,7 @@ def step_trace(path: StepPath, backend_plan: object) -> StepTrace:
     """The step's path and, when its attention ran eagerly on the kernel backend, what the
     chunks ran on (the plan the first layer built); graph replays keep their fixed plans."""
     if path in (StepPath.PIECEWISE, StepPath.EAGER) and isinstance(backend_plan, KernelPlan):
-        splits = backend_plan.chunk_splits if backend_plan.tile_seq is not None else 0
+        splits = tuple(launch.splits for launch in chunk_launches(backend_plan))
         return StepTrace(path, len(backend_plan.dense), splits)
     return StepTrace(path)
 

@@ -14,7 +14,9 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
     graph built while serving stalls the step)
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
     anything else                           -> a split-KV Triton chunk kernel, one launch
-                                               for all its sequences, split along the keys
+                                               for all its sequences (two when a long
+                                               prefix's few tiles sit beside many short
+                                               ones: `tile_groups.py`), split along the keys
                                                until the GPU is full: page-aligned tiles
                                                (kernels/chunk_tma_attention.py, TMA on sm_90)
                                                when the cache's block_size is a multiple of
@@ -70,8 +72,15 @@ from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
-from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig, HostPlan, KernelPlan
+from mnemosyne.layers.attention.kernel_plan import (
+    ChunkKernelConfig,
+    HostPlan,
+    KernelPlan,
+    TileLaunch,
+    chunk_launches,
+)
 from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
+from mnemosyne.layers.attention.tile_groups import tile_group, tile_groups
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +181,16 @@ class KernelBackend:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
             # variants in all, both built by `warm_up`.
             plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
-            plan.tile_seq, plan.tile_q_offset = plan_query_tiles(meta.query_lens_cpu, tiled, plan.block_q)
             plan.min_split_keys = self.min_split_keys()
-            plan.chunk_splits = self.chunk_splits(
-                len(plan.tile_seq), num_kv_heads, max(meta.kv_lens_cpu[i] for i in tiled), plan.page_tiles,
-                tile_keys=sum(meta.kv_lens_cpu[s] for s in plan.tile_seq),
-            )  # fmt: skip
-            qsl = list(itertools.accumulate(meta.query_lens_cpu, initial=0))
-            plan.tiled_rows = [r for i in tiled for r in range(qsl[i], qsl[i + 1])]
+
+            def splits_for(num_tiles: int, max_keys: int, tile_keys: int) -> int:
+                return self.chunk_splits(num_tiles, num_kv_heads, max_keys, page_tiles, tile_keys=tile_keys)
+
+            lens = (meta.query_lens_cpu, meta.kv_lens_cpu)
+            one = tile_group(*lens, tiled, plan.block_q, splits_for)
+            plan.tile_seq, plan.tile_q_offset, plan.tiled_rows = one.tile_seq, one.tile_q_offset, one.rows
+            plan.chunk_splits = one.splits
+            plan.groups = tile_groups(one, *lens, tiled, plan.block_q, num_kv_heads, self.num_sms, splits_for)
         return plan
 
     def plan(
@@ -207,7 +218,14 @@ class KernelBackend:
         if host.decode:
             (plan.decode_seq_ids,) = to_device_packed((host.decode,), torch.int32, self.device)
             plan.split_budget = self.decode_split_budget(num_kv_heads)
-        if host.tile_seq:
+        if host.groups:
+            lists = [(g.tile_seq, g.tile_q_offset, g.rows if g.splits > 1 else []) for g in host.groups]
+            packed = to_device_packed(tuple(itertools.chain(*lists)), torch.int32, self.device)
+            plan.tile_launches = [
+                TileLaunch(packed[3 * k], packed[3 * k + 1], packed[3 * k + 2] if g.splits > 1 else None, g.splits)
+                for k, g in enumerate(host.groups)
+            ]
+        elif host.tile_seq:
             rows = host.tiled_rows if host.chunk_splits > 1 else []
             plan.tile_seq, plan.tile_q_offset, merge_rows = to_device_packed(
                 (host.tile_seq, host.tile_q_offset, rows), torch.int32, self.device
@@ -320,25 +338,16 @@ class KernelBackend:
         page_tiles = self.uses_page_tiles(block)
         for q_len in self.tile_heights():
             meta = AttentionMetadata.build(
-                [q_len],
-                [keys - q_len],
-                [0],
-                [keys],
-                [list(range(-(-keys // block)))],
-                [-1] * q_len,
-                self.device,
+                [q_len], [keys - q_len], [0], [keys], [list(range(-(-keys // block)))], [-1] * q_len, self.device
             )
             seqs, offsets = plan_query_tiles([q_len], [0], q_len)
+            tiles = to_device_packed((seqs, offsets, list(range(q_len))), torch.int32, self.device)
             query = torch.zeros(q_len, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
             for splits in (1, 2):
                 meta.backend_plan = KernelPlan(
-                    page_tiles=page_tiles,
-                    tile_seq=torch.tensor(seqs, dtype=torch.int32, device=self.device),
-                    tile_q_offset=torch.tensor(offsets, dtype=torch.int32, device=self.device),
-                    block_q=q_len,
-                    chunk_splits=splits,
-                    merge_rows=torch.arange(q_len, dtype=torch.int32, device=self.device),
-                )
+                    page_tiles=page_tiles, tile_seq=tiles[0], tile_q_offset=tiles[1], block_q=q_len,
+                    chunk_splits=splits, merge_rows=tiles[2],
+                )  # fmt: skip
                 self.forward(query, k_cache, v_cache, meta, 1.0, sliding_window)
 
     # ---- every layer --------------------------------------------------------------------
@@ -375,12 +384,12 @@ class KernelBackend:
                 query, k_cache, v_cache, *lengths, plan.decode_seq_ids, out, lse, scale, sliding_window,
                 plan.split_budget,
             )  # fmt: skip
-        if plan.tile_seq is not None and plan.tile_q_offset is not None:
-            cfg = self.chunk_config
-            kernel = chunk_tma_attention if plan.page_tiles else chunk_splitkv_attention
+        cfg = self.chunk_config
+        kernel = chunk_tma_attention if plan.page_tiles else chunk_splitkv_attention
+        for launch in chunk_launches(plan):
             kernel(
-                query, k_cache, v_cache, *lengths, plan.tile_seq, plan.tile_q_offset, out, lse, scale,
-                sliding_window, num_splits=plan.chunk_splits, merge_rows=plan.merge_rows, block_q=plan.block_q,
+                query, k_cache, v_cache, *lengths, launch.tile_seq, launch.tile_q_offset, out, lse, scale,
+                sliding_window, num_splits=launch.splits, merge_rows=launch.merge_rows, block_q=plan.block_q,
                 block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 min_split_keys=plan.min_split_keys,
             )  # fmt: skip

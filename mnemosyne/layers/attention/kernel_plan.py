@@ -15,6 +15,27 @@ from mnemosyne.kernels.cudnn_prefill import DenseChunk
 
 
 @dataclass
+class TileGroup:
+    """One launch of the Triton chunk kernel over some of the tiled sequences (host lists;
+    `tile_groups.py` says when a step's tiles take more than one)."""
+
+    tile_seq: list[int]
+    tile_q_offset: list[int]
+    rows: list[int]  # packed rows of its sequences: the split merge's when splits > 1
+    splits: int
+
+
+@dataclass
+class TileLaunch:
+    """`TileGroup` on the device."""
+
+    tile_seq: torch.Tensor  # [num_tiles] int32
+    tile_q_offset: torch.Tensor  # [num_tiles] int32
+    merge_rows: torch.Tensor | None  # [num_rows] int32 when splits > 1
+    splits: int
+
+
+@dataclass
 class KernelPlan:
     """Which kernel runs which sequence of one step (shared by every layer)."""
 
@@ -28,6 +49,18 @@ class KernelPlan:
     merge_rows: torch.Tensor | None = None  # [num_tiled_rows] int32, packed rows of the tiles (splits > 1)
     page_tiles: bool = False  # the tiles walk page-aligned steps (chunk_tma_attention)
     dense: list[DenseChunk] = field(default_factory=list)
+    # Several launches instead of the one above (tile_seq is then None); `tile_groups.py`
+    tile_launches: list[TileLaunch] = field(default_factory=list)
+
+
+def chunk_launches(plan: KernelPlan) -> list[TileLaunch]:
+    """The Triton chunk kernel's launches of a step: its tile launches, else one over its
+    tiles (none without tiles)."""
+    if plan.tile_launches:
+        return plan.tile_launches
+    if plan.tile_seq is None or plan.tile_q_offset is None:
+        return []
+    return [TileLaunch(plan.tile_seq, plan.tile_q_offset, plan.merge_rows, plan.chunk_splits)]
 
 
 @dataclass
@@ -43,6 +76,9 @@ class HostPlan:
     tiled_rows: list[int] = field(default_factory=list)  # packed rows of the tiled sequences
     chunk_splits: int = 1
     min_split_keys: int = 0
+    # The eager plan's launches when the tiles above split into several (`tile_groups.py`);
+    # empty: one launch over them at chunk_splits. A CUDA graph's plan keeps one launch.
+    groups: list[TileGroup] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
