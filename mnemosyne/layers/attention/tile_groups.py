@@ -39,15 +39,19 @@ SOLO_SPLITS_RATIO = 4
 SplitsFor = Callable[[int, int, int], int]
 
 
+def _rows(query_lens: Sequence[int], seqs: list[int]) -> list[int]:
+    """The packed rows of the sequences `seqs`."""
+    qsl = list(itertools.accumulate(query_lens, initial=0))
+    return [r for i in seqs for r in range(qsl[i], qsl[i + 1])]
+
+
 def tile_group(
     query_lens: Sequence[int], kv_lens: Sequence[int], seqs: list[int], block_q: int, splits_for: SplitsFor
 ) -> TileGroup:
     """One launch over the sequences `seqs` (indices into the batch)."""
     tile_seq, tile_q_offset = plan_query_tiles(list(query_lens), seqs, block_q)
-    qsl = list(itertools.accumulate(query_lens, initial=0))
-    rows = [r for i in seqs for r in range(qsl[i], qsl[i + 1])]
     splits = splits_for(len(tile_seq), max(kv_lens[i] for i in seqs), sum(kv_lens[s] for s in tile_seq))
-    return TileGroup(tile_seq, tile_q_offset, rows, splits)
+    return TileGroup(tile_seq, tile_q_offset, _rows(query_lens, seqs), splits)
 
 
 def tile_groups(
@@ -61,11 +65,17 @@ def tile_groups(
     splits_for: SplitsFor,
 ) -> list[TileGroup]:
     """[the others' launch, the longest sequence's] when the longest gets its own instead of
-    the one launch `one` over every tile (module docstring), else []."""
-    if len(tiled) < 2:
+    the one launch `one` over every tile (module docstring), else []. Host time: the cheap
+    tests first (most steps stop at the first line)."""
+    if len(tiled) < 2 or one.splits < SOLO_SPLITS_RATIO:
         return []
     longest = max(tiled, key=kv_lens.__getitem__)
-    others = tile_group(query_lens, kv_lens, [i for i in tiled if i != longest], block_q, splits_for)
-    if len(others.tile_seq) * num_kv_heads < num_sms or one.splits < SOLO_SPLITS_RATIO * others.splits:
+    others = [i for i in tiled if i != longest]
+    tile_seq, tile_q_offset = plan_query_tiles(list(query_lens), others, block_q)
+    if len(tile_seq) * num_kv_heads < num_sms:
         return []
-    return [others, tile_group(query_lens, kv_lens, [longest], block_q, splits_for)]
+    splits = splits_for(len(tile_seq), max(kv_lens[i] for i in others), sum(kv_lens[s] for s in tile_seq))
+    if one.splits < SOLO_SPLITS_RATIO * splits:
+        return []
+    others_group = TileGroup(tile_seq, tile_q_offset, _rows(query_lens, others), splits)
+    return [others_group, tile_group(query_lens, kv_lens, [longest], block_q, splits_for)]
