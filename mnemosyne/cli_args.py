@@ -209,6 +209,11 @@ def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
         "--online-calibration", action=argparse.BooleanOptionalAction, default=d.online_calibration,
         help="adaptive: correct the latency model's predictions from the run's measured step times",
     )  # fmt: skip
+    pol.add_argument(
+        "--tbt-slo-quantile", type=float, default=d.tbt_slo_quantile,
+        help="adaptive, with online calibration: about this fraction of full-budget steps lands within "
+        "--tbt-slo-ms (higher: a shorter TBT tail, smaller chunks, a later first token for long prompts)",
+    )  # fmt: skip
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

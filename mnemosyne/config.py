@@ -295,6 +295,9 @@ class PolicyConfig:
     chunk_granularity_tokens: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
     min_chunk_tokens: int = 32  # progress of the first prefill of a step even over the target
     online_calibration: bool = True  # correct the latency model from measured step times (adaptive)
+    # The quantile of measured / predicted step times the correction applies: about this
+    # fraction of full-budget steps lands within tbt_slo_s (higher: a shorter tail, smaller chunks)
+    tbt_slo_quantile: float = 0.9
 
     def validate(self) -> None:
         for name in ("tbt_slo_s", "prefill_only_step_s", "deadline_factor"):
@@ -302,6 +305,8 @@ class PolicyConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.min_deadline_s < 0:
             raise ConfigError(f"min_deadline_s must be >= 0, got {self.min_deadline_s}")
+        if not 0.5 <= self.tbt_slo_quantile <= 1.0:
+            raise ConfigError(f"tbt_slo_quantile must be in [0.5, 1], got {self.tbt_slo_quantile}")
         for name in ("long_prefill_threshold_tokens", "chunk_granularity_tokens", "min_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

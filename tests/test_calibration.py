@@ -252,6 +252,23 @@ def test_disabled_calibration_leaves_the_model_alone(tmp_path):
     assert math.isclose(CalibrationConfig().min_factor * CalibrationConfig().max_factor, 1.0)
 
 
+def test_tbt_slo_quantile_reaches_the_calibration(tmp_path):
+    """--tbt-slo-quantile sets the quantile the correction applies; outside [0.5, 1] is refused."""
+    from mnemosyne.engine.policies import make_policies
+    from mnemosyne.errors import ConfigError
+    from mnemosyne.kv_cache.manager import KVCacheManager
+
+    model_dir = write_config(tmp_path, "llama32_1b", LLAMA32_1B)
+    spec = device_spec("h200")
+    args = EngineArgs(model=str(model_dir), chunk_policy="adaptive", tbt_slo_quantile=0.98)
+    config = simulated_engine_config(model_dir, args, spec)
+    policies = make_policies(config, KVCacheManager(config.cache), latency_model_for(config, spec))
+    assert policies.calibration is not None and policies.calibration.config.quantile == 0.98
+    assert EngineArgs().tbt_slo_quantile == CalibrationConfig().quantile  # one default
+    with pytest.raises(ConfigError, match="tbt_slo_quantile"):
+        EngineArgs(model=str(model_dir), tbt_slo_quantile=0.2).policy_config("cpu").validate()
+
+
 def test_engine_feeds_calibration_and_tokens_are_unchanged(tiny_model_dir):
     """The real engine observes every processed step; on or off, the greedy tokens are the same."""
     from mnemosyne import LLM, SamplingParams

@@ -22,7 +22,7 @@ from mnemosyne.engine.prefill_time import PrefillTimeTable
 from mnemosyne.engine.priority import FCFSPriority, LARSPriority, PriorityPolicy
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.latency.calibration import CalibratedLatencyModel, OnlineCalibration
+from mnemosyne.latency.calibration import CalibratedLatencyModel, CalibrationConfig, OnlineCalibration
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
 from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
@@ -129,7 +129,9 @@ def make_policies(
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
         sizing_model: LatencyModel = model
         if pc.online_calibration:
-            calibration = OnlineCalibration(serial=config.parallel.spp == 1)
+            calibration = OnlineCalibration(
+                CalibrationConfig(quantile=pc.tbt_slo_quantile), serial=config.parallel.spp == 1
+            )
             sizing_model = CalibratedLatencyModel(model, calibration)
         chunk_policy = AdaptiveChunkPolicy(
             sizing_model,
