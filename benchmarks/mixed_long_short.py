@@ -74,7 +74,7 @@ def scheduling_engine_args(model_dir: Path, ns: argparse.Namespace, **overrides)
     )  # fmt: skip
 
 
-def use_policies(engine, cfg: dict, tbt_slo_ms: float) -> None:
+def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float) -> None:
     """Swap the engine's chunk and priority policies (the engine must be idle)."""
     from mnemosyne.config import ChunkPolicyKind, SchedulingPolicyKind
     from mnemosyne.engine.policies import make_policies
@@ -86,6 +86,7 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float) -> None:
         scheduling_policy=SchedulingPolicyKind(cfg["scheduling_policy"]),
         tbt_slo_s=tbt_slo_ms / 1e3,
         online_calibration=cfg.get("online_calibration", True),
+        tbt_slo_quantile=tbt_slo_quantile,
     )
     scheduler = dataclasses.replace(config.scheduler, chunk_size=cfg["chunk_size"])
     engine.config = dataclasses.replace(config, policy=policy, scheduler=scheduler)
@@ -112,7 +113,7 @@ def step_paths(engine) -> dict[str, int]:
 def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     from mnemosyne import SamplingParams
 
-    use_policies(engine, CONFIGS[name], ns.tbt_slo_ms)
+    use_policies(engine, CONFIGS[name], ns.tbt_slo_ms, ns.tbt_slo_quantile)
     short_params = SamplingParams(temperature=0, max_tokens=ns.short_max_tokens, ignore_eos=True)
     vocab = engine.config.model.vocab_size
     shorts = [
@@ -175,6 +176,7 @@ def main() -> None:
     ap.add_argument("--num-short", type=int, default=32)
     ap.add_argument("--short-max-tokens", type=int, default=8192)
     ap.add_argument("--tbt-slo-ms", type=float, default=30.0)
+    ap.add_argument("--tbt-slo-quantile", type=float, default=0.9, help="adaptive chunks: see `mnemosyne generate --help`")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument(
         "--profile", default=None, help="latency profile JSON (default: measure a quick one first)"
