@@ -39,6 +39,7 @@ from mnemosyne.engine.llm_engine import LLMEngine, load_tokenizer
 from mnemosyne.engine.prefill_progress import PrefillProgressLog
 from mnemosyne.engine.summary import engine_summary
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
+from mnemosyne.gc_heap import prepare_to_serve
 from mnemosyne.outputs import EngineStats, RequestOutput
 from mnemosyne.wire.auth import take_core_secret
 from mnemosyne.wire.codec import MAX_FRAME_BYTES, Codec
@@ -238,6 +239,7 @@ def run_engine_core(address: str, parent_pid: int | None) -> int:
         config = EngineArgs(**start.engine_args).create_engine_config()
         engine = LLMEngine(config, load_tokenizer(config.model_dir), detokenize=False, copy_outputs=False)
         core = EngineCore(engine, start.max_waiting_requests)
+        prepare_to_serve("engine core")
         link.send(CoreReady(core.info(engine_summary(engine, start.model_name, time.perf_counter() - started))))
         _serve(core, link)
         return 0

@@ -33,6 +33,7 @@ from mnemosyne.engine.args import EngineArgs, read_chat_template
 from mnemosyne.engine.llm_engine import load_tokenizer
 from mnemosyne.engine.summary import format_summary
 from mnemosyne.errors import ConfigError
+from mnemosyne.gc_heap import prepare_to_serve
 from mnemosyne.models.default_model import DEFAULT_MODEL_NAME
 from mnemosyne.server.api_server import build_app
 from mnemosyne.server.async_engine import AsyncEngine
@@ -111,6 +112,7 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
         timer.start()
 
     async_engine.on_dead(on_engine_death)
+    prepare_to_serve("API server")
     logger.info("serving on http://%s:%d/v1", server_args.host, server_args.port)
     try:
         server.run(sockets=[sock])

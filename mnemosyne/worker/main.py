@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mnemosyne.gc_heap import prepare_to_serve
 from mnemosyne.parallel.messages import (
     DriverMessage,
     FillSyntheticKV,
@@ -85,6 +86,7 @@ def run_worker(
 
         pg = init_distributed(config.parallel, rank, device, init_method, config.parallel.timeout_s)
         worker = Worker(config, pg, device)
+        prepare_to_serve(f"worker rank {rank}")
         channel.send(WorkerReady(rank))
         pending: PendingResult | None = None  # the reporting rank's latest plan, not yet reported
         while True:
