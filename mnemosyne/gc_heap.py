@@ -10,7 +10,8 @@ in the middle of whatever step, token stream or collective is running at the tim
 server, the engine core, every worker), collects once and moves everything alive into the
 permanent generation (`gc.freeze`). Later collections walk only what serving created: 0.1 ms
 in the same engine after serving requests. `GCPauseLog` warns of any collection that still
-takes long, and counts them.
+takes long, and counts them. `mnemosyne bench serve` freezes its own heap (it imports torch
+too) for the length of a run, so that its timestamps do not pause either.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import socket
 import threading
@@ -364,6 +365,7 @@ def test_run_bench_serve_random(server_url: str, tmp_path, capsys) -> None:
         *("--slo-ttft-ms", "5000", "--slo-tbt-ms", "5000", "--result-json", str(out), "--no-progress"),
     )
     assert run_bench_serve(ns) == 0
+    assert gc.get_freeze_count() == 0  # the heap frozen for the run is thawed after it
     stdout = capsys.readouterr().out
     assert "Serving Benchmark Result" in stdout and "Successful requests:" in stdout
     result = json.loads(out.read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from mnemosyne.bench.client import encode_payload, send_request
 from mnemosyne.bench.datasets import BenchRequest, file_requests, random_requests, random_text_requests
 from mnemosyne.bench.metrics import RequestRecord, format_table, summarize
+from mnemosyne.gc_heap import freeze_startup_heap
 
 # English text whose tokens make the pool of the random dataset (sampled, so only its vocabulary matters).
 POOL_TEXT = (
@@ -182,14 +184,20 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
             bar.update(1)
             return rec
 
-        start = time.perf_counter()
-        if reqs[0].arrival_s is not None:  # a trace: every request has its time
-            schedule = _trace_arrivals([float(r.arrival_s or 0.0) for r in reqs], start)
-        else:
-            schedule = _arrivals(len(reqs), ns.request_rate, ns.burstiness, ns.seed)
-        tasks = {i: asyncio.create_task(one(i)) async for i in schedule}
-        records = list(await asyncio.gather(*(tasks[i] for i in range(len(reqs)))))  # in dataset order
-        duration = time.perf_counter() - start
+        # This process imports torch too: a full garbage collection would pause every stream's
+        # timing ~90 ms (mnemosyne/gc_heap.py); the heap is frozen for the run, thawed after it.
+        freeze_startup_heap()
+        try:
+            start = time.perf_counter()
+            if reqs[0].arrival_s is not None:  # a trace: every request has its time
+                schedule = _trace_arrivals([float(r.arrival_s or 0.0) for r in reqs], start)
+            else:
+                schedule = _arrivals(len(reqs), ns.request_rate, ns.burstiness, ns.seed)
+            tasks = {i: asyncio.create_task(one(i)) async for i in schedule}
+            records = list(await asyncio.gather(*(tasks[i] for i in range(len(reqs)))))  # in dataset order
+            duration = time.perf_counter() - start
+        finally:
+            gc.unfreeze()
         bar.close()
         for rec in records:
             rec.start_time -= start  # seconds since the benchmark started
