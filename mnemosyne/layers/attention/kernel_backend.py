@@ -190,7 +190,7 @@ class KernelBackend:
             one = tile_group(*lens, tiled, plan.block_q, splits_for)
             plan.tile_seq, plan.tile_q_offset, plan.tiled_rows = one.tile_seq, one.tile_q_offset, one.rows
             plan.chunk_splits = one.splits
-            plan.groups = tile_groups(one, *lens, tiled, plan.block_q, num_kv_heads, self.num_sms, splits_for)
+            plan.groups = tile_groups(one, *lens, tiled, num_kv_heads, self.num_sms, splits_for)
         return plan
 
     def plan(

@@ -45,13 +45,33 @@ def _rows(query_lens: Sequence[int], seqs: list[int]) -> list[int]:
     return [r for i in seqs for r in range(qsl[i], qsl[i + 1])]
 
 
+def _launch_splits(
+    kv_lens: Sequence[int], seqs: list[int], tile_seq: list[int], splits_for: SplitsFor
+) -> int:
+    """The split count of one launch over the tiles `tile_seq` of the sequences `seqs`."""
+    return splits_for(len(tile_seq), max(kv_lens[i] for i in seqs), sum(kv_lens[s] for s in tile_seq))
+
+
 def tile_group(
     query_lens: Sequence[int], kv_lens: Sequence[int], seqs: list[int], block_q: int, splits_for: SplitsFor
 ) -> TileGroup:
     """One launch over the sequences `seqs` (indices into the batch)."""
     tile_seq, tile_q_offset = plan_query_tiles(list(query_lens), seqs, block_q)
-    splits = splits_for(len(tile_seq), max(kv_lens[i] for i in seqs), sum(kv_lens[s] for s in tile_seq))
-    return TileGroup(tile_seq, tile_q_offset, _rows(query_lens, seqs), splits)
+    return TileGroup(
+        tile_seq, tile_q_offset, _rows(query_lens, seqs), _launch_splits(kv_lens, seqs, tile_seq, splits_for)
+    )
+
+
+def _subgroup(
+    one: TileGroup, seqs: list[int], query_lens: Sequence[int], kv_lens: Sequence[int], splits_for: SplitsFor
+) -> TileGroup:
+    """The launch over `seqs`, its tiles taken from `one` (a sequence's tiles do not depend on
+    the others'), at its own split count."""
+    keep = set(seqs)
+    tiles = [(s, o) for s, o in zip(one.tile_seq, one.tile_q_offset, strict=True) if s in keep]
+    tile_seq = [s for s, _ in tiles]
+    splits = _launch_splits(kv_lens, seqs, tile_seq, splits_for)
+    return TileGroup(tile_seq, [o for _, o in tiles], _rows(query_lens, seqs), splits)
 
 
 def tile_groups(
@@ -59,7 +79,6 @@ def tile_groups(
     query_lens: Sequence[int],
     kv_lens: Sequence[int],
     tiled: list[int],
-    block_q: int,
     num_kv_heads: int,
     num_sms: int,
     splits_for: SplitsFor,
@@ -70,12 +89,9 @@ def tile_groups(
     if len(tiled) < 2 or one.splits < SOLO_SPLITS_RATIO:
         return []
     longest = max(tiled, key=kv_lens.__getitem__)
-    others = [i for i in tiled if i != longest]
-    tile_seq, tile_q_offset = plan_query_tiles(list(query_lens), others, block_q)
-    if len(tile_seq) * num_kv_heads < num_sms:
+    if sum(s != longest for s in one.tile_seq) * num_kv_heads < num_sms:
         return []
-    splits = splits_for(len(tile_seq), max(kv_lens[i] for i in others), sum(kv_lens[s] for s in tile_seq))
-    if one.splits < SOLO_SPLITS_RATIO * splits:
+    others = _subgroup(one, [i for i in tiled if i != longest], query_lens, kv_lens, splits_for)
+    if one.splits < SOLO_SPLITS_RATIO * others.splits:
         return []
-    others_group = TileGroup(tile_seq, tile_q_offset, _rows(query_lens, others), splits)
-    return [others_group, tile_group(query_lens, kv_lens, [longest], block_q, splits_for)]
+    return [others, _subgroup(one, [longest], query_lens, kv_lens, splits_for)]
