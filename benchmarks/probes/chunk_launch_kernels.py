@@ -67,6 +67,11 @@ def launch(
     return forward, host
 
 
+def launch_splits(host: HostPlan) -> list[int] | int:
+    """The split count of each Triton chunk launch of the plan (`tile_groups.py`), else its one."""
+    return [g.splits for g in host.groups] or host.chunk_splits
+
+
 def event_median_ms(fn: Callable[[], object], iters: int = 10) -> float:
     fn()
     torch.cuda.synchronize()
@@ -102,7 +107,7 @@ def main() -> None:
                 e.key: round(e.self_device_time_total / 5 / 1e3, 4) for e in prof.key_averages() if e.self_device_time_total
             }  # fmt: skip
             row = {
-                "head_dim": d, "chunks": chunks, "splits": [g.splits for g in host.groups] or host.chunk_splits,
+                "head_dim": d, "chunks": chunks, "splits": launch_splits(host),
                 "tiles": len(host.tile_seq),
                 "dense": len(host.dense), "event_ms_median": round(ms, 4), "kernels_ms_per_forward": kernels,
                 "device": torch.cuda.get_device_name(),

@@ -217,21 +217,25 @@ def merge_splits(
     lse: torch.Tensor,  # [num_tokens, num_heads] float32
     merge_rows: torch.Tensor,  # [num_covered_rows] int32; -1 entries are skipped (padding)
     num_splits: int,
+    block_h: int = 2,
+    chunk: int = 8,
+    num_warps: int = 2,
 ) -> None:
     """The chunk kernels' phase 2: the exact LSE merge of every covered row's splits into
-    out / lse. Launch only: no host sync."""
+    out / lse, `block_h` heads per program, `chunk` splits per step. Launch only: no host sync.
+
+    The defaults, 2 heads x 8 splits with 2 warps: the best or within 3% of it of nine
+    variants tried on an H200 for head dims 64 and 128 (`benchmarks/probes/split_merge_variants.py`),
+    over one row's 32 splits after 408K keys, a 2340-token prompt's 2 splits, and both in one
+    launch (2026-11-30, session 10 README)."""
     if out.stride(-1) != 1 or o_ws.stride(-1) != 1:
         raise ValueError("the last dim of out and of the workspace must be contiguous")
     num_heads, head_dim = out.shape[1], out.shape[2]
     block_d = max(16, next_power_of_2(head_dim))
-    # 2 heads x 8 splits per step, 2 warps: the best or within 3% of it of nine (heads, splits,
-    # warps) tried on an H200 for head dims 64 and 128, over one row's 32 splits after 408K keys,
-    # a 2340-token prompt's 2 splits, and both in one launch (2026-11-30, session 10 README).
-    block_h, chunk = 2, 8
     _split_rows_merge_kernel[(merge_rows.shape[0], cdiv(num_heads, block_h))](
         o_ws, l_ws, out, lse, merge_rows, num_heads, num_splits,
         o_ws.stride(0), o_ws.stride(1), o_ws.stride(2), l_ws.stride(0), l_ws.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, CHUNK=chunk,
-        INTERPRET=triton.knobs.runtime.interpret, num_warps=2,
+        INTERPRET=triton.knobs.runtime.interpret, num_warps=num_warps,
     )  # fmt: skip
