@@ -2,14 +2,14 @@
 
 A full (generation 2) collection walks every tracked container object of the process. After
 start-up an engine of the default model holds about 313K of them (torch, transformers, the
-model's modules) and one full collection took 160 ms on the 2-core CI machine; a process that
-only imports the API server, 200K and 116 ms (`benchmarks/probes/gc_pause.py`, 2026-11-30).
+model's modules) and one full collection took 155 ms on the 2-core CI machine; a process that
+only imports the API server, 200K and 92 ms (`benchmarks/probes/gc_pause.py`, 2026-11-30).
 Python runs one whenever enough new long-lived objects have piled up, in the middle of
 whatever step, token stream or collective is running at the time.
 
 `freeze_startup_heap`, called by each of our processes once it is ready to serve (the API
 server, the engine core, every worker), collects once and moves everything alive into the
-permanent generation (`gc.freeze`). Later collections walk only what serving created: 0.015 ms
+permanent generation (`gc.freeze`). Later collections walk only what serving created: 0.014 ms
 in the same engine after serving requests. `GCPauseLog` warns of any collection that still
 takes long, and counts them. `mnemosyne bench serve` freezes its own heap (it imports torch
 too) for the length of a run, so that its timestamps do not pause either.

@@ -5,8 +5,8 @@ start-up heap frozen (`mnemosyne/gc_heap.py`). CPU, the embedded default model::
 
 An engine (the default model on CPU) is built in this process, as the engine core builds its
 own; then: the objects the collector tracks and the median of 3 full collections, before and
-after `freeze_startup_heap`, and again after serving a few requests. First the same for a
-fresh process that only imports the API server (`mnemosyne.server.launch`).
+after `freeze_startup_heap`, and again after serving a few requests. First the same for
+fresh processes that only import the API server or `bench serve` (both import torch).
 """
 
 from __future__ import annotations
@@ -43,21 +43,25 @@ def state(label: str) -> dict:
     return {"when": label, "tracked_objects": len(gc.get_objects()), "full_collection_ms": full_collection_ms()}
 
 
-API_SERVER_PROCESS = """
+IMPORTS_ONLY = """
 import gc, json, time
-import mnemosyne.server.launch
+import {module}
 t0 = time.perf_counter(); gc.collect(2); t1 = time.perf_counter(); gc.collect(2); t2 = time.perf_counter()
-print(json.dumps({"when": "API server imports, a fresh process", "tracked_objects": len(gc.get_objects()),
-                  "full_collection_ms": round(1e3 * min(t1 - t0, t2 - t1), 3)}))
+print(json.dumps({{"when": "{what} imports, a fresh process", "tracked_objects": len(gc.get_objects()),
+                  "full_collection_ms": round(1e3 * min(t1 - t0, t2 - t1), 3)}}))
 """
+IMPORTS = {"API server": "mnemosyne.server.launch", "bench serve": "mnemosyne.bench.serve"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    server = subprocess.run([sys.executable, "-c", API_SERVER_PROCESS], capture_output=True, text=True, check=True)
-    rows = [json.loads(server.stdout.strip().splitlines()[-1])]
+    rows = []
+    for what, module in IMPORTS.items():
+        code = IMPORTS_ONLY.format(module=module, what=what)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     engine = LLMEngine.from_args(EngineArgs(device="cpu"))
     rows.append(state("engine built"))
     rows.append({"when": "frozen", "num_frozen": freeze_startup_heap()} | state("frozen"))

@@ -25,8 +25,11 @@ import torch
 from pydantic import TypeAdapter
 
 from benchmarks.prompt_arrival_stall import long_text_prompt
+from mnemosyne.bench.client import encode_payload
+from mnemosyne.bench.datasets import BenchRequest
 from mnemosyne.engine.llm_engine import load_tokenizer
 from mnemosyne.models.default_model import resolve_default_model
+from mnemosyne.request import check_token_ids
 from mnemosyne.server.protocol import CompletionRequest
 
 
@@ -77,6 +80,10 @@ def main() -> None:
         "validate prompt, old union order": best_ms(lambda: old_union.validate_python(ids)),
         "range check, Python loop (old)": best_ms(lambda: any(not 0 <= t < vocab for t in ids)),
         "range check, min/max (new)": best_ms(lambda: (min(ids), max(ids))),
+        "ids -> checked array (check_token_ids, the server today)": best_ms(lambda: check_token_ids(ids, vocab)),
+        "the load generator's body (bench encode_payload)": best_ms(
+            lambda: encode_payload("completions", "m", BenchRequest(ids, len(ids), 1))
+        ),
         "decode ids (old: always, for echo)": best_ms(lambda: tok.decode(ids), 1),
         "encode text": best_ms(lambda: tok.encode(text), 1),
     }

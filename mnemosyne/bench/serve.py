@@ -185,7 +185,7 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
             return rec
 
         # This process imports torch too: a full garbage collection would pause every stream's
-        # timing ~90 ms (mnemosyne/gc_heap.py); the heap is frozen for the run, thawed after it.
+        # timing ~80 ms (mnemosyne/gc_heap.py); the heap is frozen for the run, thawed after it.
         freeze_startup_heap()
         try:
             start = time.perf_counter()
