@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import pytest
 from test_adaptive_scheduling import FakeLatencyModel, adaptive_sched
@@ -54,10 +55,14 @@ def test_converges_to_a_known_bias_after_warm_up():
     cal = small_cal()
     comp = chunk_at(10_000)
     t = feed(cal, comp, 20 * MS, 3.0, 3)  # the first steps (compiles) are ignored
-    t = feed(cal, comp, 20 * MS, 1.3, 4, t)
-    assert cal.factor(cal.key(comp)) == 1.0  # 4 < min_samples: no correction yet
-    feed(cal, comp, 20 * MS, 1.3, 1, t)
-    assert cal.factor(cal.key(comp)) == pytest.approx(1.3)
+    assert cal.factor(cal.key(comp)) == 1.0  # nothing seen: no correction
+    t = feed(cal, comp, 20 * MS, 1.1, 2, t)
+    t = feed(cal, comp, 20 * MS, 1.3, 1, t)
+    t = feed(cal, comp, 20 * MS, 1.0, 1, t)
+    assert cal.factor(cal.key(comp)) == pytest.approx(1.3)  # 4 < min_samples: its largest so far
+    t = feed(cal, comp, 20 * MS, 1.3, 1, t)
+    assert cal.factor(cal.key(comp)) == pytest.approx(1.1)  # warm: the quantile (the median here)
+    feed(cal, comp, 20 * MS, 1.3, 2, t)
     assert cal.corrected_s(comp, 10 * MS) == pytest.approx(13 * MS)
     assert CalibratedLatencyModel(FakeLatencyModel(), cal).step_time_s(comp) == pytest.approx(
         1.3 * FakeLatencyModel().step_time_s(comp)
@@ -113,6 +118,8 @@ def test_step_kinds_and_prefix_buckets_are_separate_with_nearest_fallback():
     assert cal.key(chunk_at(100)).prefix_bucket == 0
     assert cal.key(chunk_at(4096)).prefix_bucket == 1
     assert cal.key(chunk_at(300_000)).prefix_bucket == 7  # [256K, 512K)
+    buckets = {c: cal.key(chunk_at(1000, c)).chunk_bucket for c in (1, 32, 33, 64, 65, 128, 129)}
+    assert buckets == {1: 0, 32: 0, 33: 1, 64: 1, 65: 2, 128: 2, 129: 3}
     t = feed(cal, DECODES, 10 * MS, 0.9, 6)
     t = feed(cal, chunk_at(1000), 30 * MS, 1.4, 6, t)  # short prefixes: under-predicted
     t = feed(cal, chunk_at(300_000), 30 * MS, 0.8, 6, t)  # long prefixes: over-predicted
@@ -120,7 +127,8 @@ def test_step_kinds_and_prefix_buckets_are_separate_with_nearest_fallback():
     assert cal.factor(cal.key(chunk_at(1000))) == pytest.approx(1.4)
     assert cal.factor(cal.key(chunk_at(8000))) == pytest.approx(1.4)  # nearest warm: bucket 0
     assert cal.factor(cal.key(chunk_at(200_000))) == pytest.approx(0.8)  # nearest warm: bucket 7
-    assert set(cal.snapshot()) == {"decode_only", "with_chunk/0", "with_chunk/7", "host_s", "num_samples",
+    assert cal.factor(cal.key(chunk_at(300_000, 32))) == pytest.approx(0.8)  # nearest: other chunk bucket
+    assert set(cal.snapshot()) == {"decode_only", "with_chunk/0/1", "with_chunk/7/1", "host_s", "num_samples",
                                    "num_observed"}  # fmt: skip
 
 
@@ -145,30 +153,53 @@ def test_host_gap_is_added_and_overlapped_steps_measure_their_own_time():
     assert cal.snapshot()["num_samples"] == 1 and cal.factor(cal.key(DECODES)) == pytest.approx(2.0)
 
 
+def prefill_beside_a_decode(
+    cal: OnlineCalibration, prompt_len: int, device_factor: Callable[[int], float]
+) -> tuple[list[float], list[int], AdaptiveChunkPolicy]:
+    """One request decoding, then a prompt of `prompt_len` tokens prefilled in adaptive chunks
+    (3 ms target) sized by the fake model corrected by `cal`, on a device that takes
+    device_factor(largest chunk's tokens) x the model's time: each step's true seconds and
+    largest chunk, and the policy."""
+    base = FakeLatencyModel()
+    s, policy, _ = adaptive_sched(model=CalibratedLatencyModel(base, cal), budget=4096, max_model_len=16384,
+                                  block_size=8, blocks=(2048,), target_s=3 * MS)  # fmt: skip
+    s.add_request(make_req("d", 8, max_tokens=5000))
+    step(s)
+    s.add_request(make_req("long", prompt_len, max_tokens=1))
+    true_s, sizes, t = [], [], 0.0
+    while s.get_request("long") is not None:
+        sched = s.schedule()
+        comp = step_composition(s.kv_manager, sched)
+        sizes.append(max(c.num_tokens for c in sched.chunks))
+        true_s.append(device_factor(sizes[-1]) * base.step_time_s(comp))
+        cal.observe(comp, base.step_time_s(comp), t, t + true_s[-1])
+        t += true_s[-1]
+        s.update_from_output(sched, {c.request.request_id: 5 for c in sched.chunks if c.sample})
+    return true_s, sizes, policy
+
+
 def test_adaptive_chunks_shrink_under_a_biased_model_once_calibrated():
     """The device runs 1.5x slower than the model: once calibrated, each step's true time
     (1.5 x the model's) fits the target, where the uncorrected chunks overshoot it."""
-    base = FakeLatencyModel()
     cal = OnlineCalibration(CalibrationConfig(window_steps=8, min_samples=4, skip_first_steps=2))
-    s, policy, _ = adaptive_sched(model=CalibratedLatencyModel(base, cal), budget=4096, max_model_len=8192,
-                                  block_size=8, blocks=(1024,), target_s=3 * MS)  # fmt: skip
-    s.add_request(make_req("d", 8, max_tokens=200))
-    step(s)
-    s.add_request(make_req("long", 6000, max_tokens=1))
-    true_s, sizes, t = [], [], 0.0
-    while s.get_request("long") is not None and s.get_request("long").is_prefill:
-        sched = s.schedule()
-        comp = step_composition(s.kv_manager, sched)
-        predicted_s = base.step_time_s(comp)
-        cal.observe(comp, predicted_s, t, t + 1.5 * predicted_s)
-        t += 1.5 * predicted_s
-        true_s.append(1.5 * predicted_s)
-        sizes.append(max(c.num_tokens for c in sched.chunks))
-        s.update_from_output(sched, {c.request.request_id: 5 for c in sched.chunks if c.sample})
+    true_s, sizes, policy = prefill_beside_a_decode(cal, 6000, lambda _: 1.5)
     assert max(true_s[:2]) > 4 * MS  # uncalibrated: 1.5 x a 3 ms prediction
     assert sizes[0] > 2 * sizes[-2]
     assert max(true_s[6:]) <= 3 * MS * (1 + 1e-9)  # calibrated: within the target
     assert policy.num_overshoots == 0
+
+
+def test_chunk_sizes_with_different_errors_do_not_alternate_over_the_target():
+    """The device runs 32-token chunks at 1.1x the model and larger ones at 1.4x (as an H200
+    ran 32- and 64-token chunks after 200K keys at 1.2x and 1.3x). With one window for both,
+    the 32-token steps held the correction down, a larger chunk then fitted its corrected
+    prediction, ran over the target, raised the correction for a while, and again: a chunk
+    in eight over the target. With a window per chunk bucket only the warm-up overshoots."""
+    cal = OnlineCalibration(CalibrationConfig(window_steps=16, min_samples=4, skip_first_steps=2))
+    true_s, sizes, _ = prefill_beside_a_decode(cal, 8000, lambda size: 1.1 if size <= 32 else 1.4)
+    assert max(sizes[40:70]) == 32 and min(sizes[40:70]) == 32  # where one window let 40 through
+    warm = 6  # skip_first_steps + min_samples
+    assert max(true_s[warm:]) <= 3 * MS * (1 + 1e-9)
 
 
 def small_chunk_policy(target_s: float, block_size: int = 16) -> tuple:

@@ -5,10 +5,17 @@ load, real block tables, host time outside the profile), so adaptive chunks size
 miss the TBT target. The engine reports every processed micro-batch; this keeps a
 robust running correction per step kind and adds the host time between steps::
 
-    key(step)        = (kind, prefix bucket)
-                       kind   DECODE_ONLY (no prefill chunk) | WITH_CHUNK
-                       bucket (largest chunk prefix // prefix_bucket_tokens).bit_length():
+    key(step)        = (kind, prefix bucket, chunk bucket)
+                       kind   DECODE_ONLY (no prefill chunk; both buckets 0) | WITH_CHUNK
+                       prefix bucket (largest chunk prefix // prefix_bucket_tokens).bit_length():
                               0 below 4K tokens, 1 for [4K, 8K), 2 for [8K, 16K), ... (doubling)
+                       chunk bucket ((largest chunk's tokens - 1) // chunk_bucket_tokens).bit_length():
+                              0 up to 32 tokens, 1 for 33-64, 2 for 65-128, ... (doubling)
+                       The model's error differs by chunk size as well as by prefix: one
+                       window for 32- and 64-token chunks after 200K keys (8B, H200: 1.2x and
+                       1.3x) let its quantile follow the 32-token steps, under-correct every
+                       64-token step and pass it, so the chunk size flipped between the two
+                       with one step in eight over the target.
     observe(comp, predicted_s, submitted_s, done_s):
         device_s = done_s - max(submitted_s, last done_s)   its own time: a serial device
                    (spp == 1) runs micro-batches in order, so one submitted early waited for
@@ -20,8 +27,12 @@ robust running correction per step kind and adds the host time between steps::
         a ratio outside [1 / MAX_PLAUSIBLE_RATIO, MAX_PLAUSIBLE_RATIO] is dropped (a stall)
     factor(key)      = exp(the `quantile` of the last window_steps log(device_s / predicted_s) of
                        that key), clipped to [min_factor, max_factor]; a key with fewer than
-                       min_samples samples takes its nearest warm bucket of the same kind, else
-                       the quantile over all keys, else 1 (no correction yet)
+                       min_samples samples takes the nearest warm key of the same kind (fewest
+                       bucket steps in all; then the same chunk bucket; then the smaller
+                       buckets), else the quantile over all keys, else 1 (no correction yet),
+                       but never less than the largest ratio of its own first samples (a stand-in
+                       from other steps under-corrected the first chunks of a long prompt on an
+                       H200: 17 steps of 30-34 ms against a 30 ms target)
     host_s           = median of the last window_steps host gaps (0 until min_samples)
     corrected_s      = factor(key) * predicted_s + host_s
 
@@ -56,13 +67,19 @@ class StepKind(enum.Enum):
 class CalibrationKey:
     kind: StepKind
     prefix_bucket: int  # 0 for DECODE_ONLY
+    chunk_bucket: int = 0  # 0 for DECODE_ONLY
 
     def label(self) -> str:
-        return (
-            self.kind.value
-            if self.kind is StepKind.DECODE_ONLY
-            else f"{self.kind.value}/{self.prefix_bucket}"
-        )
+        if self.kind is StepKind.DECODE_ONLY:
+            return self.kind.value
+        return f"{self.kind.value}/{self.prefix_bucket}/{self.chunk_bucket}"
+
+    def distance(self, other: CalibrationKey) -> tuple[int, int, int, int]:
+        """How far `other` is as a stand-in for this key (smaller is nearer; see the module
+        docstring's fallback)."""
+        chunk_steps = abs(other.chunk_bucket - self.chunk_bucket)
+        prefix_steps = abs(other.prefix_bucket - self.prefix_bucket)
+        return prefix_steps + chunk_steps, chunk_steps, other.prefix_bucket, other.chunk_bucket
 
 
 @dataclass(frozen=True)
@@ -74,14 +91,17 @@ class CalibrationConfig:
     min_factor: float = 0.5  # the correction is clipped to [min_factor, max_factor]
     max_factor: float = 2.0
     prefix_bucket_tokens: int = 4096  # bucket 1 starts here; each next bucket doubles
+    chunk_bucket_tokens: int = 32  # chunks up to this are bucket 0; each next bucket doubles
 
     def validate(self) -> None:
         if not 1 <= self.min_samples <= self.window_steps:
             raise ValueError(
                 f"need 1 <= min_samples <= window_steps, got {self.min_samples}, {self.window_steps}"
             )
-        if self.skip_first_steps < 0 or self.prefix_bucket_tokens < 1:
-            raise ValueError("skip_first_steps must be >= 0 and prefix_bucket_tokens >= 1")
+        if self.skip_first_steps < 0 or self.prefix_bucket_tokens < 1 or self.chunk_bucket_tokens < 1:
+            raise ValueError(
+                "skip_first_steps must be >= 0, prefix_bucket_tokens and chunk_bucket_tokens >= 1"
+            )
         if not 0.0 <= self.quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
         if not 0 < self.min_factor <= 1 <= self.max_factor:
@@ -93,6 +113,11 @@ class CalibrationConfig:
 def prefix_bucket(prefix_tokens: int, bucket_tokens: int) -> int:
     """0 below `bucket_tokens`, then one more per doubling (the module docstring's key)."""
     return (prefix_tokens // bucket_tokens).bit_length()
+
+
+def chunk_bucket(chunk_tokens: int, bucket_tokens: int) -> int:
+    """0 up to `bucket_tokens`, then one more per doubling (the module docstring's key)."""
+    return ((max(chunk_tokens, 1) - 1) // bucket_tokens).bit_length()
 
 
 class _Window:
@@ -135,7 +160,12 @@ class OnlineCalibration:
         if not any(g.num_chunks for g in composition.groups):
             return CalibrationKey(StepKind.DECODE_ONLY, 0)
         prefix = max(g.chunk_prefix_tokens for g in composition.groups)
-        return CalibrationKey(StepKind.WITH_CHUNK, prefix_bucket(prefix, self.config.prefix_bucket_tokens))
+        chunk = max(c for g in composition.groups for c, _ in g.chunk_shapes)
+        return CalibrationKey(
+            StepKind.WITH_CHUNK,
+            prefix_bucket(prefix, self.config.prefix_bucket_tokens),
+            chunk_bucket(chunk, self.config.chunk_bucket_tokens),
+        )
 
     def observe(
         self, composition: StepComposition, predicted_s: float, submitted_s: float, done_s: float
@@ -190,23 +220,22 @@ class OnlineCalibration:
 
     def _factor(self, key: CalibrationKey) -> float:
         warm = self.config.min_samples
-        window = self._log_ratios.get(key)
-        if window is None or len(window) < warm:
+        own = self._log_ratios.get(key)
+        if own is not None and len(own) >= warm:
+            log_factor = own.level
+        else:
             same_kind = [k for k, w in self._log_ratios.items() if k.kind is key.kind and len(w) >= warm]
             if same_kind:
-                nearest = min(
-                    same_kind, key=lambda k: (abs(k.prefix_bucket - key.prefix_bucket), k.prefix_bucket)
-                )
-                window = self._log_ratios[nearest]
-            elif len(self._all) >= warm:
-                window = self._all
+                log_factor = self._log_ratios[min(same_kind, key=key.distance)].level
             else:
-                return 1.0
-        return min(max(math.exp(window.level), self.config.min_factor), self.config.max_factor)
+                log_factor = self._all.level if len(self._all) >= warm else 0.0
+            if own is not None:  # its first samples: never below the largest of them
+                log_factor = max(log_factor, max(own.values))
+        return min(max(math.exp(log_factor), self.config.min_factor), self.config.max_factor)
 
 
-def _order(key: CalibrationKey) -> tuple[str, int]:
-    return key.kind.value, key.prefix_bucket
+def _order(key: CalibrationKey) -> tuple[str, int, int]:
+    return key.kind.value, key.prefix_bucket, key.chunk_bucket
 
 
 class CalibratedLatencyModel:
