@@ -10,15 +10,13 @@ functions (cProfile, cumulative) of a few eager steps.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
-import pstats
 import tempfile
 from pathlib import Path
 
 import torch
 
+from benchmarks.probes.host_profile import cprofile_tottime
 from mnemosyne import SamplingParams
 from mnemosyne.bench.long_context.engine import _median_s, synthetic_meta
 from mnemosyne.bench.long_context.run import write_model_dir
@@ -97,15 +95,7 @@ def main() -> None:
                 texts.append(
                     head + " (CUDA)\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=10)
                 )
-                pr = cProfile.Profile()
-                pr.enable()
-                for _ in range(3):
-                    eager()
-                torch.cuda.synchronize()
-                pr.disable()
-                s = io.StringIO()
-                pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
-                texts.append(head + " (cProfile, tottime)\n" + s.getvalue())
+                texts.append(head + " (cProfile, tottime)\n" + cprofile_tottime(eager))
     backend.uses_page_tiles = page_tiles_of
     info = {"shape": ns.shape, "block_size": bs, "kv_fraction": ns.kv_fraction, "max_pos": ns.max_pos,
             "warm_up": ns.warm_up, "max_model_len": engine.config.scheduler.max_model_len}  # fmt: skip

@@ -45,7 +45,11 @@ from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.worker.graph_capture import capture_graph
 
-MAX_PIECEWISE_TOKENS = 1024  # larger steps are GPU-bound: their launch time hides behind the GPU
+# Larger steps launch eagerly. On an H200 the 8B shape is device-bound at every size and the 1B
+# shape from about 2K tokens; graphs above that cost 2-3.5% of device time in the copies into
+# their static buffers. Below it they would save the 1B shape 2.3 ms on a 1.2K-token step.
+# (benchmarks/results/session11_h200x2_2026-11-30/eager_launch_host_*.json)
+MAX_PIECEWISE_TOKENS = 1024
 
 
 def piecewise_sizes(max_tokens: int) -> list[int]:
