@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, dense_chunk_attention  # noqa: E402
 from mnemosyne.kernels.merge_attn import merge_attn_states_into, merge_splits  # noqa: E402
-from mnemosyne.latency.kernel_cost import H200_COST, ChunkPath, PathCost  # noqa: E402
+from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath, PathCost  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
 from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig  # noqa: E402
 from mnemosyne.layers.attention.merge import merge_attn_states  # noqa: E402
@@ -266,6 +266,18 @@ def test_cost_model_picks_the_cheaper_path():
     model.check_integrity()
     assert _LONG_TO_CUDNN.cheaper(300, 400, 8, 64) is ChunkPath.CUDNN
     assert _LONG_TO_CUDNN.cheaper(7, 400, 8, 64) is ChunkPath.TRITON_SPLITKV
+    # cuDNN's host floor inside a step: at head dim 64 (1B heads) a 256-token chunk after
+    # 216K keys costs both paths about 1 ms a layer; the floor timed alone picked cuDNN,
+    # which then ran its steps host-bound (26 against 22 ms on an H200).
+    assert H200_COST.cheaper(256, 216704, 32, 64, True) is ChunkPath.TRITON_SPLITKV
+    alone = dataclasses.replace(H200_COST, cudnn_host_in_step=1.0)
+    assert alone.cheaper(256, 216704, 32, 64, True) is ChunkPath.CUDNN
+    assert H200_COST.cheaper(512, 200000, 32, 128, True) is ChunkPath.CUDNN  # 8B heads: device-bound
+    assert ChunkCostModel.from_dict(H200_COST.to_dict()) == H200_COST
+    older = {k: v for k, v in H200_COST.to_dict().items() if k != "cudnn_host_in_step"}
+    assert ChunkCostModel.from_dict(older).cudnn_host_in_step == 1.0
+    with pytest.raises(ValueError, match="cudnn_host_in_step"):
+        dataclasses.replace(H200_COST, cudnn_host_in_step=0.5).check_integrity()
     # Interpolation between measured lengths and extrapolation beyond them.
     # t = max(fixed, keys * per_key * shape factor)
     cost = PathCost(chunks=(16, 64), fixed_s=(1.0, 3.0), per_key_s=(1.0, 5.0))

@@ -7,7 +7,9 @@ each path (`ChunkPath`)::
 
 the larger of a floor that does not grow with the keys (launches, and for cuDNN about
 1 ms of host work per chunk and layer: its calls, the split merge, the segment merges)
-and the GPU time, which grows linearly with the keys. From one layer's attention timed
+and the GPU time, which grows linearly with the keys. cuDNN's floor was timed on one
+layer's attention alone; inside a whole step the step's other host work runs beside it,
+so `cheaper` scales it by `cudnn_host_in_step` (measured on an H200, below). From one layer's attention timed
 by `benchmarks/chunk_sweep.py` (part "calib", committed under benchmarks/results/
 chunk_sweep/) on the calibration shape H_cal x D_cal: fixed = the time after the
 shortest calibration prefix, per_key = the time after the longest / its keys, for each
@@ -80,12 +82,15 @@ class ChunkCostModel:
     head_dim: int  # D_cal
     source: str  # the committed result the numbers come from
     triton_page_tiles: PathCost | None = None
+    cudnn_host_in_step: float = 1.0  # cuDNN's fixed (host) seconds inside a step / alone
 
     def check_integrity(self) -> None:
         self.triton.check_integrity()
         self.cudnn.check_integrity()
         if self.triton_page_tiles is not None:
             self.triton_page_tiles.check_integrity()
+        if self.cudnn_host_in_step < 1.0:
+            raise ValueError(f"cudnn_host_in_step must be >= 1, got {self.cudnn_host_in_step}")
 
     def path_cost(self, path: ChunkPath, page_tiles: bool = False) -> PathCost:
         if path is ChunkPath.CUDNN:
@@ -99,13 +104,19 @@ class ChunkCostModel:
     def seconds(
         self, path: ChunkPath, chunk: int, keys: int, num_heads: int, head_dim: int, page_tiles: bool = False
     ) -> float:
-        return self.path_cost(path, page_tiles).seconds(chunk, keys, self.shape_factor(num_heads, head_dim))
+        """Per-layer seconds of the chunk on `path` inside a step (cuDNN's host floor scaled)."""
+        cost = self.path_cost(path, page_tiles)
+        fixed, per_key = cost.at(chunk)
+        if path is ChunkPath.CUDNN:
+            fixed *= self.cudnn_host_in_step
+        return max(fixed, keys * per_key * self.shape_factor(num_heads, head_dim))
 
     def to_dict(self) -> dict:
         d = {"triton": self.triton.to_dict(), "cudnn": self.cudnn.to_dict(), "num_heads": self.num_heads,
              "head_dim": self.head_dim, "source": self.source}  # fmt: skip
         if self.triton_page_tiles is not None:
             d["triton_page_tiles"] = self.triton_page_tiles.to_dict()
+        d["cudnn_host_in_step"] = self.cudnn_host_in_step
         return d
 
     @classmethod
@@ -118,6 +129,7 @@ class ChunkCostModel:
             head_dim=int(d["head_dim"]),
             source=str(d["source"]),
             triton_page_tiles=None if tiles is None else PathCost.from_dict(tiles),
+            cudnn_host_in_step=float(d.get("cudnn_host_in_step", 1.0)),  # older profiles: none
         )
 
     def cheaper(
@@ -151,4 +163,11 @@ H200_COST = ChunkCostModel(
         fixed_s=(0.000201, 0.000112, 0.000114, 0.000116, 0.00024),
         per_key_s=(9.88e-10, 1.242e-09, 2.294e-09, 4.34e-09, 9.70e-09),
     ),
+    # Measured 1.31: in the 1B mixed scenario (benchmarks/results/session11_h200x2_2026-11-30/
+    # mixed_long_short_1b*), runs of piecewise steps with a 256-token chunk on cuDNN after
+    # 216-245K keys were host-bound at 26.4 ms a step against 22 ms for the Triton steps
+    # beside them: about 1.38 ms of host per layer against the table's 1.05. At head dim
+    # 64 both paths cost about 1 ms there, so the table picked cuDNN on a tie of its floor.
+    # Rounded up: at a tie the path whose cost is device time, which overlaps host work, wins.
+    cudnn_host_in_step=1.35,
 )
