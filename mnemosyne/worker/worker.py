@@ -52,6 +52,7 @@ from mnemosyne.worker.decode_ahead import DecodeAheadTokens
 from mnemosyne.worker.mixed_graph import MixedGraphs
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
+from mnemosyne.worker.sampling_warm_up import warm_up_sampling
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
 from mnemosyne.worker.synthetic_kv import fill_blocks
 
@@ -120,6 +121,11 @@ class Worker:
         self.mixed = MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)
         self.capture_s = self._capture_graphs()
+        self.sampler = Sampler()
+        if device.type == "cuda" and pg.is_last_stage:
+            seconds = warm_up_sampling(self.model, self.sampler, config.scheduler.max_num_seqs, device)
+            logger.info("rank %d: LM head and sampling warmed up for 1-%d rows in %.2f s",
+                        pg.rank, config.scheduler.max_num_seqs, seconds)  # fmt: skip
         # From here on a Triton compile stalls a step: log it (none is expected).
         self.jit_watch = watch_jit_compiles() if device.type == "cuda" else None
         self.mirror = BlockTableMirror(self.group, num_blocks, device)
@@ -127,7 +133,6 @@ class Worker:
         # Requests with penalties or min_tokens, on reporting ranks only; any group may own a
         # request's next chunk, so every reporting rank follows every such request.
         self.histories: dict[str, TokenHistory] = {}
-        self.sampler = Sampler()
         # Unseeded sampling: one stream per KVP group (each group samples its own requests).
         self.rng = torch.Generator(device=device).manual_seed(config.seed + _SEED_MIX * self.group)
         self._pending_send: tuple[dist.Work, torch.Tensor] | None = None
