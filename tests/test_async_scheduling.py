@@ -250,3 +250,86 @@ def test_worker_takes_the_next_plan_before_it_reports_the_last():
     assert _next_message(Channel(10, "plan n+1"), Pending(2)) is None  # plan n ended first: report it
     assert _next_message(Channel(0, "plan n+1"), Pending(0)) is None  # ready (CPU): report at once
     assert _next_message(Channel(5, "plan"), None) == "plan"  # nothing pending: wait for the driver
+
+
+def test_worker_reports_a_decode_step_before_an_eager_launch():
+    """After a decode-only plan, a plan that launches eagerly goes out after the decode plan's
+    ids (they would otherwise wait for the whole launch); any other plan goes first."""
+    from mnemosyne.parallel.messages import StepDone
+    from mnemosyne.wire.plan import StepPlan, StepResult
+    from mnemosyne.worker.main import _run_plan
+
+    events: list[str] = []
+
+    class Worker:
+        def __init__(self, eager: bool) -> None:
+            self.eager = eager
+
+        def reports_previous_first(self, plan: StepPlan) -> bool:
+            return self.eager
+
+        def execute_async(self, plan: StepPlan) -> str:
+            events.append(f"launch {plan.step_id}")
+            return f"pending {plan.step_id}"
+
+    class Channel:
+        def send(self, msg: StepDone) -> None:
+            events.append(f"report {msg.result.step_id}")
+
+    class Pending:
+        def wait(self) -> StepResult:
+            return StepResult(step_id=1)
+
+    for eager, order in ((False, ["launch 2", "report 1"]), (True, ["report 1", "launch 2"])):
+        events.clear()
+        assert _run_plan(Worker(eager), Channel(), 0, StepPlan(2, ()), Pending()) == "pending 2"
+        assert events == order
+    events.clear()
+    assert _run_plan(Worker(True), Channel(), 0, StepPlan(3, ()), None) == "pending 3"  # nothing to report
+    assert events == ["launch 3"]
+
+
+def test_one_device_keeps_an_eager_launch_until_the_decode_step_is_read(tiny_model_dir):
+    """One device (`UniProcExecutor`): a plan that should wait for the decode step before it
+    (`Worker.reports_previous_first`, true on CUDA only; forced here for every prefill plan
+    after a decode-only one) is launched only once the engine has read that step: later
+    prompts arriving while others decode take that path. Tokens and logprobs are unchanged."""
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2) for _ in LENS]
+    prompts = make_prompts(128, lens=LENS)
+    reference, _ = run_engine(tiny_model_dir(NAME), True, params, prompts=prompts)
+
+    llm = LLM(model=str(tiny_model_dir(NAME)), dtype="float32", device=TEST_DEVICE, chunk_size=8,
+              max_num_batched_tokens=24, block_size=4)  # fmt: skip
+    engine, executor = llm.engine, llm.engine.executor
+    worker = executor.worker
+    worker.reports_previous_first = lambda plan: worker._previous_decode_only and any(
+        c.num_tokens > 1 for c in plan.chunks
+    )
+    events: list[tuple[str, int]] = []
+    launch, read = worker.execute_async, executor.get_result
+
+    def logged_launch(plan):
+        events.append(("launch", plan.step_id))
+        return launch(plan)
+
+    def logged_read():
+        result = read()
+        events.append(("read", result.step_id))
+        return result
+
+    worker.execute_async, executor.get_result = logged_launch, logged_read
+    ids = [engine.add_request(prompts[0], params[0])]
+    last: dict[str, object] = {}
+    while engine.has_unfinished_requests():
+        if len(ids) == 1 and len(getattr(last.get(ids[0]), "token_ids", ())) >= 3:  # it decodes: the others arrive
+            ids += [engine.add_request(p, sp) for p, sp in zip(prompts[1:], params[1:], strict=True)]
+        for out in engine.step():
+            last[out.request_id] = out
+    llm.shutdown()
+    kept = [
+        i for i, (kind, sid) in enumerate(events)
+        if kind == "launch" and i > 0 and events[i - 1] == ("read", sid - 1)
+    ]  # fmt: skip
+    assert kept, events  # some launch waited for the read of the step before it
+    assert [sid for kind, sid in events if kind == "launch"] == sorted(sid for kind, sid in events if kind == "launch")
+    same_outputs([last[rid] for rid in ids], reference)

@@ -11,7 +11,8 @@ The worker connects to the driver, receives the engine config, joins the process
 (NCCL on CUDA, gloo on CPU), loads its model shard and runs plans (and the
 benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop (a
 reporting rank launches plan n+1 before it reports plan n when n+1 arrives while n
-still runs on the device: `_next_message`). Any
+still runs on the device, `_next_message`, unless n+1 launches eagerly after a decode-only
+n: then n's tokens would wait for the whole launch, `Worker.reports_previous_first`). Any
 exception is reported to the driver (`WorkerFailed`) before the process exits, so the
 driver raises instead of waiting forever. From the moment it connects, a heartbeat
 thread (`wire/heartbeat.py`) tells the driver it is alive, and ends the process if the
@@ -48,7 +49,9 @@ from mnemosyne.wire.auth import require_secret
 from mnemosyne.wire.heartbeat import Heartbeater
 
 if TYPE_CHECKING:
+    from mnemosyne.wire.plan import StepPlan
     from mnemosyne.worker.pending_result import PendingResult
+    from mnemosyne.worker.worker import Worker
 
 _TEARDOWN_TIMEOUT_S = 10.0
 _SPIN_S = 20e-6  # between checks for the next plan or the device's end of the last one
@@ -93,10 +96,11 @@ def run_worker(
             msg = _next_message(channel, pending)
             if isinstance(msg, Shutdown):
                 break
-            launched = worker.execute_async(msg.plan) if isinstance(msg, RunStep) else None
-            if pending is not None:  # after plan n+1 is launched (if it came first): report plan n
+            if isinstance(msg, RunStep):
+                pending = _run_plan(worker, channel, rank, msg.plan, pending)
+            elif pending is not None:  # plan n's ids are on the host: report it
                 channel.send(StepDone(rank, pending.wait()))
-            pending = launched
+                pending = None
             if isinstance(msg, FillSyntheticKV):  # benchmark-only, after every earlier plan
                 channel.send(worker.fill_synthetic_kv(msg.request_id, msg.seed))
             elif msg is not None and not isinstance(msg, RunStep):
@@ -110,6 +114,23 @@ def run_worker(
         _teardown()
         beater.stop()
         channel.close()
+
+
+def _run_plan(
+    worker: Worker, channel: WorkerChannel, rank: int, plan: StepPlan, pending: PendingResult | None
+) -> PendingResult | None:
+    """Launch `plan` and report `pending` (the plan before it), in the order that keeps the
+    device busy: plan n+1 first, then plan n's ids, unless plan n+1 launches eagerly after a
+    decode-only plan n (`Worker.reports_previous_first`): then plan n's ids first, so they
+    do not wait for the whole launch. Returns `plan`'s pending result (None off the
+    reporting rank)."""
+    if pending is not None and worker.reports_previous_first(plan):
+        channel.send(StepDone(rank, pending.wait()))
+        pending = None
+    launched = worker.execute_async(plan)
+    if pending is not None:
+        channel.send(StepDone(rank, pending.wait()))
+    return launched
 
 
 def _next_message(channel: WorkerChannel, pending: PendingResult | None) -> DriverMessage | None:

@@ -137,6 +137,7 @@ class Worker:
         self.rng = torch.Generator(device=device).manual_seed(config.seed + _SEED_MIX * self.group)
         self._pending_send: tuple[dist.Work, torch.Tensor] | None = None
         self._previous: PendingResult | None = None  # the last plan's result (decode-ahead inputs)
+        self._previous_decode_only = False  # the last plan had no prefill token
         self._ahead: DecodeAheadTokens | None = None  # the current plan's decode-ahead inputs
 
     @torch.inference_mode()
@@ -145,6 +146,7 @@ class Worker:
         the reporting rank (last stage, tp rank 0), None elsewhere; its sampled ids arrive
         on the host when `PendingResult.wait` returns."""
         self._observe_decode_aheads()
+        self._previous_decode_only = all(c.num_tokens == 1 for c in plan.chunks)
         for rid in plan.finished:
             self.params.pop(rid, None)
             self.histories.pop(rid, None)
@@ -195,6 +197,21 @@ class Worker:
         if result is not None:
             result.trace = step_trace(path, batch.meta.backend_plan)
         return self._finish(result, self._sample(batch, hidden, result))
+
+    def reports_previous_first(self, plan: StepPlan) -> bool:
+        """Whether the result of the plan before `plan` should reach the engine before `plan`
+        is launched: `plan` has prefill tokens, more than the piecewise graphs take (or there
+        are no graphs), so it launches eagerly, layer by layer from Python, which holds the
+        host 7.6-25 ms on an H200 (benchmarks/results/session11_h200x2_2026-11-30/
+        eager_launch_host_*); and the plan before it is decode-only, so it has at most a few
+        ms of device time left. Launched first, the eager plan would hold the decodes' tokens
+        back for its whole launch (the 15-21 ms decode steps of the 1B serving trace).
+        False on CPU, where a plan has run when its launch returns."""
+        if self.device.type != "cuda" or not self._previous_decode_only:
+            return False
+        if all(c.num_tokens == 1 for c in plan.chunks):
+            return False
+        return self.piecewise is None or sum(c.num_tokens for c in plan.chunks) > self.piecewise.max_tokens
 
     def _finish(self, result: StepResult | None, sampled: Sampled | None) -> PendingResult | None:
         """The plan's pending result, kept as the source of the next plan's decode-ahead inputs."""
