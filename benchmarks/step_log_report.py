@@ -12,7 +12,8 @@ Groups (the prediction is the engine's own, uncorrected, from the profile it ran
               (as online calibration keys them: latency/calibration.py, prefix_bucket)
 
 Per group: steps, median and p95 of measured / predicted, and the share of steps over
-1.5x; the same per execution path (`path`: decode graph, mixed graph, piecewise, eager);
+1.5x; the same per execution path (`path`: decode graph, mixed graph, piecewise, eager;
+steps with a chunk on cuDNN apart);
 then the `--worst` steps by that ratio with their chunks (and, with eager attention, the
 chunks on cuDNN and the Triton launch's splits); the host's time before each
 submission (`host_s`: a long prompt's arrival shows here). Last, the chunk-step factor:
@@ -97,12 +98,13 @@ def report(steps: list[dict], worst: int) -> dict:
 
 
 def path_summary(rows: list[tuple[float, dict]]) -> list[dict]:
-    """Per execution path (`path`, logs written before it have none): steps, median and
+    """Per execution path (`path`, logs written before it have none; a step with a chunk on
+    cuDNN apart, as "PATH+cudnn": its host work can make it host-bound): steps, median and
     share over 1.5x of measured / predicted."""
     by_path: dict[str, list[float]] = defaultdict(list)
     for r, s in rows:
         if "path" in s:
-            by_path[s["path"]].append(r)
+            by_path[s["path"] + ("+cudnn" if s.get("cudnn_chunks") else "")].append(r)
     return [
         {"path": path, "steps": len(rs), "median_ratio": statistics.median(rs), "over_1.5x": sum(r > 1.5 for r in rs) / len(rs)}
         for path, rs in sorted(by_path.items())
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{g['kind']:10s} {g['prefix']:>10s} {g['steps']:6d} {g['median_ratio']:7.2f} {g['p95_ratio']:6.2f} "
               f"{100 * g['over_1.5x']:5.1f}%")  # fmt: skip
     for g in result["paths"]:
-        print(f"path {g['path']:12s} {g['steps']:6d} steps, median {g['median_ratio']:.2f}, "
+        print(f"path {g['path']:16s} {g['steps']:6d} steps, median {g['median_ratio']:.2f}, "
               f"{100 * g['over_1.5x']:.1f}% over 1.5x")  # fmt: skip
     print("worst steps:")
     for w in result["worst"]:
