@@ -9,8 +9,8 @@ the larger of a floor that does not grow with the keys (launches, and for cuDNN 
 1 ms of host work per chunk and layer: its calls, the split merge, the segment merges)
 and the GPU time, which grows linearly with the keys. cuDNN's floor was timed on one
 layer's attention alone; inside a whole step the step's other host work runs beside it,
-so `cheaper` scales it by `cudnn_host_in_step` (measured on an H200, below). From one layer's attention timed
-by `benchmarks/chunk_sweep.py` (part "calib", committed under benchmarks/results/
+so `cheaper` scales it by `cudnn_host_in_step` (measured on an H200, below). From one
+layer's attention timed by `benchmarks/chunk_sweep.py` (part "calib", committed under benchmarks/results/
 chunk_sweep/) on the calibration shape H_cal x D_cal: fixed = the time after the
 shortest calibration prefix, per_key = the time after the longest / its keys, for each
 measured chunk length. Between two measured lengths both are interpolated linearly in
@@ -65,9 +65,10 @@ class PathCost:
         fixed = self.fixed_s[i] + w * (self.fixed_s[i + 1] - self.fixed_s[i])
         return fixed, self.per_key_s[i] + w * (self.per_key_s[i + 1] - self.per_key_s[i])
 
-    def seconds(self, chunk: int, keys: int, shape_factor: float) -> float:
+    def seconds(self, chunk: int, keys: int, shape_factor: float, fixed_scale: float = 1.0) -> float:
+        """max(fixed x fixed_scale, keys x per-key cost x shape_factor), per layer."""
         fixed, per_key = self.at(chunk)
-        return max(fixed, keys * per_key * shape_factor)
+        return max(fixed * fixed_scale, keys * per_key * shape_factor)
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,9 @@ class ChunkCostModel:
         self, path: ChunkPath, chunk: int, keys: int, num_heads: int, head_dim: int, page_tiles: bool = False
     ) -> float:
         """Per-layer seconds of the chunk on `path` inside a step (cuDNN's host floor scaled)."""
-        cost = self.path_cost(path, page_tiles)
-        fixed, per_key = cost.at(chunk)
-        if path is ChunkPath.CUDNN:
-            fixed *= self.cudnn_host_in_step
-        return max(fixed, keys * per_key * self.shape_factor(num_heads, head_dim))
+        fixed_scale = self.cudnn_host_in_step if path is ChunkPath.CUDNN else 1.0
+        factor = self.shape_factor(num_heads, head_dim)
+        return self.path_cost(path, page_tiles).seconds(chunk, keys, factor, fixed_scale)
 
     def to_dict(self) -> dict:
         d = {"triton": self.triton.to_dict(), "cudnn": self.cudnn.to_dict(), "num_heads": self.num_heads,
