@@ -16,7 +16,9 @@ Per group: steps, median and p95 of measured / predicted, and the share of steps
 steps with a chunk on cuDNN apart);
 then the `--worst` steps by that ratio with their chunks (and, with eager attention, the
 chunks on cuDNN and the Triton launch's splits); the host's time before each
-submission (`host_s`: a long prompt's arrival shows here). Last, the chunk-step factor:
+submission (`host_s`: a long prompt's arrival shows here); the steps read late because the
+launch of the step after them held the host (`held_back`, by that step's path). Last, the
+chunk-step factor:
 the median over every step with a chunk, which `mnemosyne simulate --chunk-step-factor` (and
 `benchmarks.compare_serving_trace`) takes to replay other runs on this device under a
 sustained serving load (an H200 then holds its power cap at lower clocks than the profile's
@@ -94,7 +96,31 @@ def report(steps: list[dict], worst: int) -> dict:
     idle_factor = statistics.median(after_idle) / factor if after_idle and factor else None
     return {"num_steps": len(rows), "groups": groups, "paths": path_summary(rows), "worst": worst_rows,
             "chunk_step_factor": factor, "idle_step_factor": idle_factor, "num_idle_steps": len(after_idle),
-            "host": host_summary(steps, worst)}  # fmt: skip
+            "host": host_summary(steps, worst), "held_back": held_back_summary(steps)}  # fmt: skip
+
+
+HELD_OVER = 1.3  # a step measured over this x its prediction ...
+HELD_NEXT_UNDER = 0.5  # ... right before one under this x its own
+
+
+def held_back_summary(steps: list[dict]) -> dict:
+    """Steps whose result was read late because the launch of the step after it held the
+    host (with async scheduling the engine reads step n after launching step n + 1). Such a
+    run of host-bound launches shows as steps over HELD_OVER x their prediction ending in one
+    under HELD_NEXT_UNDER x (its device work was mostly done when the step before it was
+    read). Every step of the run is counted, by how the step after it ran ("PATH+cudnn" as in
+    `path_summary`)."""
+    ratio = [s["measured_s"] / s["predicted_s"] if s["predicted_s"] > 0 else 1.0 for s in steps]
+    by_next: dict[str, int] = defaultdict(int)
+    for end in range(1, len(steps)):
+        if ratio[end] >= HELD_NEXT_UNDER:
+            continue
+        i = end - 1
+        while i >= 0 and ratio[i] > HELD_OVER:
+            nxt = steps[i + 1]
+            by_next[nxt.get("path", "?") + ("+cudnn" if nxt.get("cudnn_chunks") else "")] += 1
+            i -= 1
+    return {"steps": sum(by_next.values()), "by_next_path": dict(sorted(by_next.items()))}
 
 
 def path_summary(rows: list[tuple[float, dict]]) -> list[dict]:
@@ -156,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     if host is not None:
         print(f"host time before a submission: p50 {host['p50_ms']:.2f} ms, p99 {host['p99_ms']:.2f} ms, "
               f"max {host['max_ms']:.1f} ms (at {host['worst'][0]['t_s']:.1f} s)")  # fmt: skip
+    held = result["held_back"]
+    print(f"steps read late behind the next step's launch: {held['steps']} {held['by_next_path'] or ''}")
     if result["chunk_step_factor"] is not None:
         print(f"chunk-step factor (median over steps with a chunk): {result['chunk_step_factor']:.3f}")
     if result["idle_step_factor"] is not None:

@@ -13,7 +13,7 @@ import torch
 from conftest import TEST_DEVICE
 
 from benchmarks.refit_latency_profile import load_held_out
-from benchmarks.step_log_report import bucket_label, group_of
+from benchmarks.step_log_report import bucket_label, group_of, held_back_summary
 from benchmarks.step_log_report import main as step_log_report
 from mnemosyne import SamplingParams
 from mnemosyne.engine.args import EngineArgs
@@ -106,3 +106,18 @@ def test_not_a_step_log_is_named(tmp_path: Path):
     with pytest.raises(ValueError, match="not a step log"):
         read_step_log(bad)
     assert load_held_out(str(bad), 0) == {"steps": []}  # the other held-out format
+
+
+def test_held_back_steps_are_the_runs_before_a_step_read_early():
+    """A run of steps over 1.3x their prediction that ends in one under 0.5x: each was read
+    late behind the launch of the step after it (counted by that step's path)."""
+
+    def step(ratio: float, path: str, cudnn: int = 0) -> dict:
+        return {"measured_s": ratio * 0.02, "predicted_s": 0.02, "path": path, "cudnn_chunks": cudnn}
+
+    steps = [step(1.0, "mixed_graph"), step(1.5, "mixed_graph"), step(1.5, "piecewise", 1),
+             step(1.5, "piecewise", 1), step(0.3, "piecewise", 1), step(1.0, "decode_graph"),
+             step(1.6, "decode_graph"), step(0.2, "eager"), step(0.2, "eager")]  # fmt: skip
+    held = held_back_summary(steps)
+    assert held == {"steps": 4, "by_next_path": {"eager": 1, "piecewise+cudnn": 3}}
+    assert held_back_summary(steps[:4])["steps"] == 0  # no early read: nothing held
