@@ -7,8 +7,10 @@ overrun their prediction.
                  "block_size", "async_scheduling"}
     each step   {"t_s":        seconds from the engine's start to the step's result
                  "measured_s": its time: result - max(submitted, previous result) with async
-                               scheduling (the device began it when the step before ended),
-                               result - submitted without
+                               scheduling (the device began it when the step before ended;
+                               an eager step kept until the decode step before it was read,
+                               `executor/uniproc.py`, also counts the host work before its
+                               launch), result - submitted without
                  "predicted_s": the latency model's uncorrected prediction
                  "host_s":     the host's time from the latest result before this step's
                                submission to that submission: output processing, the engine
