@@ -224,3 +224,33 @@ def test_core_arrival_cost_probe_runs(tmp_path) -> None:
     (row,) = res["rows"]
     assert row["tokens"] == 5000 and row["frame_mb"] > 0.02
     assert all(row[k] > 0 for k in ("server_ms", "wire_ms", "add_request_ms", "first_schedule_ms"))
+
+
+def test_bodies_parse_as_json_loads_parses_them(url: str) -> None:
+    """The server decodes bodies with msgspec first and hands what it refuses to json.loads,
+    so every body means what json.loads makes of it: the same values (big integers
+    included), NaN and lone surrogates reach validation as before, malformed JSON is a 400."""
+    import asyncio
+
+    from mnemosyne.server.api_server import _FastJSONRequest
+
+    def parse(body: bytes) -> object:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "headers": [], "path": "/", "query_string": b""}
+        return asyncio.run(_FastJSONRequest(scope, receive).json())
+
+    for body in (b'{"prompt": [1, 2, 3], "seed": 18446744073709551616, "x": [1.5, -0.0, "\\u00e9"]}',
+                 b'{"a": 1, "a": 2}'):  # fmt: skip
+        assert parse(body) == json.loads(body)
+    nan = parse(b'{"temperature": NaN}')["temperature"]
+    assert nan != nan  # json.loads' NaN, for validation to refuse as before
+    assert parse(b'{"prompt": "abc\\ud800"}') == json.loads(b'{"prompt": "abc\\ud800"}')
+    with pytest.raises(json.JSONDecodeError):
+        parse(b"{not json")
+    r = httpx.post(url + "/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
+                   headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
