@@ -99,6 +99,11 @@ def report(steps: list[dict], worst: int) -> dict:
             "host": host_summary(steps, worst), "held_back": held_back_summary(steps)}  # fmt: skip
 
 
+def path_label(step: dict) -> str:
+    """How a logged step ran: its `path`, with "+cudnn" when a chunk ran on cuDNN ("?": no path)."""
+    return step.get("path", "?") + ("+cudnn" if step.get("cudnn_chunks") else "")
+
+
 HELD_OVER = 1.3  # a step measured over this x its prediction ...
 HELD_NEXT_UNDER = 0.5  # ... right before one under this x its own
 
@@ -108,8 +113,7 @@ def held_back_summary(steps: list[dict]) -> dict:
     host (with async scheduling the engine reads step n after launching step n + 1). Such a
     run of host-bound launches shows as steps over HELD_OVER x their prediction ending in one
     under HELD_NEXT_UNDER x (its device work was mostly done when the step before it was
-    read). Every step of the run is counted, by how the step after it ran ("PATH+cudnn" as in
-    `path_summary`)."""
+    read). Every step of the run is counted, by how the step after it ran (`path_label`)."""
     ratio = [s["measured_s"] / s["predicted_s"] if s["predicted_s"] > 0 else 1.0 for s in steps]
     by_next: dict[str, int] = defaultdict(int)
     for end in range(1, len(steps)):
@@ -117,20 +121,19 @@ def held_back_summary(steps: list[dict]) -> dict:
             continue
         i = end - 1
         while i >= 0 and ratio[i] > HELD_OVER:
-            nxt = steps[i + 1]
-            by_next[nxt.get("path", "?") + ("+cudnn" if nxt.get("cudnn_chunks") else "")] += 1
+            by_next[path_label(steps[i + 1])] += 1
             i -= 1
     return {"steps": sum(by_next.values()), "by_next_path": dict(sorted(by_next.items()))}
 
 
 def path_summary(rows: list[tuple[float, dict]]) -> list[dict]:
-    """Per execution path (`path`, logs written before it have none; a step with a chunk on
-    cuDNN apart, as "PATH+cudnn": its host work can make it host-bound): steps, median and
+    """Per execution path (`path_label`; logs written before `path` have none; a step with a
+    chunk on cuDNN apart: its host work can make it host-bound): steps, median and
     share over 1.5x of measured / predicted."""
     by_path: dict[str, list[float]] = defaultdict(list)
     for r, s in rows:
         if "path" in s:
-            by_path[s["path"] + ("+cudnn" if s.get("cudnn_chunks") else "")].append(r)
+            by_path[path_label(s)].append(r)
     return [
         {"path": path, "steps": len(rs), "median_ratio": statistics.median(rs), "over_1.5x": sum(r > 1.5 for r in rs) / len(rs)}
         for path, rs in sorted(by_path.items())

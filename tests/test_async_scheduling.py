@@ -302,9 +302,7 @@ def test_one_device_keeps_an_eager_launch_until_the_decode_step_is_read(tiny_mod
               max_num_batched_tokens=24, block_size=4)  # fmt: skip
     engine, executor = llm.engine, llm.engine.executor
     worker = executor.worker
-    worker.reports_previous_first = lambda plan: worker._previous_decode_only and any(
-        c.num_tokens > 1 for c in plan.chunks
-    )
+    worker.reports_previous_first = lambda plan: worker._previous_decode_only and not plan.is_decode_only
     events: list[tuple[str, int]] = []
     launch, read = worker.execute_async, executor.get_result
 

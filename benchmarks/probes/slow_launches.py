@@ -35,7 +35,7 @@ from mnemosyne.wire.plan import StepPlan
 def plan_summary(plan: StepPlan) -> dict:
     return {
         "step_id": plan.step_id,
-        "num_tokens": sum(c.num_tokens for c in plan.chunks),
+        "num_tokens": plan.num_batched_tokens,
         "num_decodes": sum(1 for c in plan.chunks if c.num_tokens == 1),
         "chunk_tokens": [c.num_tokens for c in plan.chunks if c.num_tokens > 1],
         "samples_a_chunk": any(c.sample and c.num_tokens > 1 for c in plan.chunks),

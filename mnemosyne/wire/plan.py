@@ -78,6 +78,16 @@ class StepPlan:
     finished: tuple[str, ...] = ()
 
     @property
+    def num_batched_tokens(self) -> int:
+        """Query tokens of the step, every group's (as `SchedulerOutput.num_batched_tokens`)."""
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_decode_only(self) -> bool:
+        """No prefill chunk: every chunk is one decode token."""
+        return all(c.num_tokens == 1 for c in self.chunks)
+
+    @property
     def num_shared_tokens(self) -> int:
         """Query tokens whose attention partials are merged across KVP groups this step."""
         return sum(c.num_tokens for c in self.chunks if c.is_shared)

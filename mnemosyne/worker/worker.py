@@ -146,7 +146,7 @@ class Worker:
         the reporting rank (last stage, tp rank 0), None elsewhere; its sampled ids arrive
         on the host when `PendingResult.wait` returns."""
         self._observe_decode_aheads()
-        self._previous_decode_only = all(c.num_tokens == 1 for c in plan.chunks)
+        self._previous_decode_only = plan.is_decode_only
         for rid in plan.finished:
             self.params.pop(rid, None)
             self.histories.pop(rid, None)
@@ -207,11 +207,9 @@ class Worker:
         ms of device time left. Launched first, the eager plan would hold the decodes' tokens
         back for its whole launch (the 15-21 ms decode steps of the 1B serving trace).
         False on CPU, where a plan has run when its launch returns."""
-        if self.device.type != "cuda" or not self._previous_decode_only:
+        if self.device.type != "cuda" or not self._previous_decode_only or plan.is_decode_only:
             return False
-        if all(c.num_tokens == 1 for c in plan.chunks):
-            return False
-        return self.piecewise is None or sum(c.num_tokens for c in plan.chunks) > self.piecewise.max_tokens
+        return self.piecewise is None or plan.num_batched_tokens > self.piecewise.max_tokens
 
     def _finish(self, result: StepResult | None, sampled: Sampled | None) -> PendingResult | None:
         """The plan's pending result, kept as the source of the next plan's decode-ahead inputs."""
