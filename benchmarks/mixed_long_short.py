@@ -116,6 +116,7 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     use_policies(engine, CONFIGS[name], ns.tbt_slo_ms, ns.tbt_slo_quantile)
     short_params = SamplingParams(temperature=0, max_tokens=ns.short_max_tokens, ignore_eos=True)
     vocab = engine.config.model.vocab_size
+    long_prompt = random_prompt(ns.long_len, seed=7, max_id=vocab)  # made before any step: not engine work
     shorts = [
         engine.add_request(random_prompt(ns.short_len, seed=100 + i, max_id=vocab), short_params)
         for i in range(ns.num_short)
@@ -127,9 +128,7 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     engine.take_step_stats()
     paths_before = step_paths(engine)
     t_arrival = time.monotonic()
-    long_id = engine.add_request(
-        random_prompt(ns.long_len, seed=7, max_id=vocab), SamplingParams(temperature=0, max_tokens=1)
-    )
+    long_id = engine.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=1))
     long_out = None
     while long_out is None or not long_out.finished:
         for out in engine.step():

@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--num-short", type=int, default=32)
     ap.add_argument("--short-len", type=int, default=1024)
     ap.add_argument("--long-len", type=int, default=32768)
+    ap.add_argument("--short-max-tokens", type=int, default=4096, help="more than the long prefill's steps")
     ap.add_argument("--slow-ms", type=float, default=10.0)
     ap.add_argument("--out", type=Path, required=True)
     ns = ap.parse_args()
@@ -84,9 +85,7 @@ def main() -> None:
 
     worker.execute_async = timed_launch
     vocab = engine.config.model.vocab_size
-    short = SamplingParams(
-        temperature=0, max_tokens=engine.config.scheduler.max_model_len - ns.short_len, ignore_eos=True
-    )
+    short = SamplingParams(temperature=0, max_tokens=ns.short_max_tokens, ignore_eos=True)
     shorts = [
         engine.add_request(random_prompt(ns.short_len, 100 + i, vocab), short) for i in range(ns.num_short)
     ]

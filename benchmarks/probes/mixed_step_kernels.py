@@ -1,0 +1,203 @@
+"""Where a mixed step's device time goes, beside each part's floor: D decodes at K keys plus
+one prefill chunk of c tokens after P keys, as the mixed scenario's steps hold them, run
+through the worker's own path (the mixed-step graphs when the step fits them, else the
+piecewise graphs) and its LM head over the sampled rows. One GPU, dummy weights.
+
+    python -m benchmarks.probes.mixed_step_kernels --shape llama3-8b \
+        --cases 32x2420+32:196608,32x2420+64:196608,32x1100+224:40960 --out DIR
+
+Per case: the step's median wall time (synchronised), torch.profiler's device time per
+kernel (mean per step), the kernels grouped by part, and the floors (H200 peaks below):
+
+    dense     max(weight bytes / BW, 2 * params * tokens / MATMUL_PEAK)   (LM head included)
+    decode    decode KV bytes / BW
+    chunk     max(chunk KV bytes / BW, 4 * c * (P + c/2) * D * H * L / ATTENTION_PEAK)
+
+Built for the eleventh session's 8B mixed run, whose mixed steps ran at 1.36-1.75x the sum
+of these floors (benchmarks/results/README.md, "Twelfth session").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mnemosyne.bench.long_context.run import write_model_dir
+from mnemosyne.config import ModelConfig
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.layers.attention.metadata import AttentionMetadata
+from mnemosyne.worker.worker import Worker
+
+COPY_BW = 4.2e12  # bytes/s, measured on the H200s lent here
+MATMUL_PEAK = 800e12  # bf16 FLOP/s, measured
+ATTENTION_PEAK = 590e12  # cuDNN attention FLOP/s, measured
+
+# Kernel-name fragments -> part; the first match wins, "other" for the rest.
+PARTS = (
+    ("merge", "chunk_attn"),
+    ("_chunk_", "chunk_attn"),
+    ("decode", "decode_attn"),
+    ("split_kv", "decode_attn"),
+    ("kv_cache", "kv_write"),
+    ("write_kv", "kv_write"),
+    ("gemm", "matmul"),
+    ("nvjet", "matmul"),
+    ("cutlass", "matmul"),
+    ("xmma", "matmul"),
+    ("rms", "norm_rope_act"),
+    ("rotary", "norm_rope_act"),
+    ("silu", "norm_rope_act"),
+    ("copy", "copies"),
+    ("fill", "copies"),
+)
+
+
+@dataclass(frozen=True)
+class MixedCase:
+    num_decodes: int
+    decode_keys: int  # keys each decode reads, its own included
+    chunk_tokens: int
+    chunk_prefix: int
+
+    @classmethod
+    def parse(cls, text: str) -> MixedCase:
+        """'DxK+c:P', e.g. '32x2420+64:196608'."""
+        try:
+            decodes, chunk = text.split("+")
+            d, k = decodes.split("x")
+            c, p = chunk.split(":")
+            return cls(int(d), int(k), int(c), int(p))
+        except ValueError as e:
+            raise ValueError(f"case {text!r}: expected DxK+c:P (decodes x keys + chunk:prefix)") from e
+
+    @property
+    def sequences(self) -> list[tuple[int, int]]:
+        """(query tokens, prefix keys) per sequence: the decodes, then the chunk."""
+        return [(1, self.decode_keys - 1)] * self.num_decodes + [(self.chunk_tokens, self.chunk_prefix)]
+
+    @property
+    def name(self) -> str:
+        return f"{self.num_decodes}x{self.decode_keys}+{self.chunk_tokens}:{self.chunk_prefix}"
+
+
+def case_metadata(case: MixedCase, block_size: int, device: str = "cuda") -> AttentionMetadata:
+    """Decodes first, then the chunk; each sequence on its own run of blocks."""
+    query_lens, q_pos, kv_lens, tables, slots = [], [], [], [], []
+    next_block = 0
+    seqs = case.sequences
+    for n_q, prefix in seqs:
+        total = prefix + n_q
+        nb = -(-total // block_size)
+        table = list(range(next_block, next_block + nb))
+        next_block += nb
+        query_lens.append(n_q)
+        q_pos.append(prefix)
+        kv_lens.append(total)
+        tables.append(table)
+        slots.extend(table[j // block_size] * block_size + j % block_size for j in range(prefix, total))
+    return AttentionMetadata.build(query_lens=query_lens, q_pos_start=q_pos, kv_start=[0] * len(seqs),
+                                   kv_lens=kv_lens, block_tables=tables, slot_mapping=slots, device=device)  # fmt: skip
+
+
+def floors_ms(case: MixedCase, cfg: ModelConfig, num_params: int, weight_bytes: int) -> dict[str, float]:
+    """The parts' floors in ms (module docstring)."""
+    kv_bytes_per_token = cfg.kv_bytes_per_token
+    tokens = case.num_decodes + case.chunk_tokens
+    c, p = case.chunk_tokens, case.chunk_prefix
+    chunk_flops = 4 * c * (p + c / 2) * cfg.head_dim * cfg.num_heads * cfg.num_layers
+    out = {
+        "dense": max(weight_bytes / COPY_BW, 2 * num_params * tokens / MATMUL_PEAK),
+        "decode_attn": case.num_decodes * case.decode_keys * kv_bytes_per_token / COPY_BW,
+        "chunk_attn": max((p + c) * kv_bytes_per_token / COPY_BW, chunk_flops / ATTENTION_PEAK),
+    }
+    return {k: v * 1e3 for k, v in out.items()} | {"total": sum(out.values()) * 1e3}
+
+
+def part_of(kernel: str) -> str:
+    low = kernel.lower()
+    return next((part for frag, part in PARTS if frag in low), "other")
+
+
+def measure_case(worker: Worker, case: MixedCase, block_size: int, iters: int) -> dict:
+    """The step's median wall time and its kernels' device times (module docstring)."""
+    meta = case_metadata(case, block_size)
+    positions = [j for n_q, prefix in case.sequences for j in range(prefix, prefix + n_q)]
+    n = len(positions)
+    ids = torch.ones(n, dtype=torch.long, device="cuda")
+    pos = torch.tensor(positions, dtype=torch.long, device="cuda")
+    sampled = torch.tensor([*range(case.num_decodes), n - 1], device="cuda")  # decodes + the chunk's last row
+    paths: list[str] = []
+
+    def step() -> None:
+        meta.backend_plan = None
+        hidden = worker.mixed.try_run(ids, pos, meta) if worker.mixed is not None else None
+        paths.append("piecewise" if hidden is None else "mixed_graph")
+        if hidden is None:
+            hidden = worker.piecewise.run(ids, pos, worker.kv_caches, meta)
+        worker.model.compute_logits(hidden[sampled])
+
+    walls = []
+    for i in range(iters + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i:  # the first run is a warm-up
+            walls.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        ({"name": e.key, "calls_per_step": e.count / 3, "device_ms": e.self_device_time_total / 3e3}
+         for e in prof.key_averages() if e.self_device_time_total > 0),
+        key=lambda k: -k["device_ms"],
+    )  # fmt: skip
+    parts: dict[str, float] = {}
+    for k in kernels:
+        parts[part_of(k["name"])] = parts.get(part_of(k["name"]), 0.0) + k["device_ms"]
+    return {"case": case.name, "path": paths[-1], "wall_ms": statistics.median(walls) * 1e3,
+            "device_ms": sum(parts.values()), "parts_ms": parts, "kernels": kernels[:40]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--cases", default="32x2420+32:196608,32x2420+64:196608,32x1100+224:40960")
+    p.add_argument("--kv-fraction", type=float, default=0.5)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True)
+    ns = p.parse_args()
+    cases = [MixedCase.parse(c) for c in ns.cases.split(",")]
+    model_dir = write_model_dir(ns.shape, Path(tempfile.mkdtemp()), 1 << 20)
+    args = EngineArgs(model=str(model_dir), load_format="dummy", dtype="bfloat16", chunk_size=2048,
+                      max_num_batched_tokens=2048, max_num_seqs=64, kv_cache_memory_fraction=ns.kv_fraction)  # fmt: skip
+    engine = LLMEngine.from_args(args)
+    worker = engine.executor.worker
+    model, cfg = worker.model, engine.config.model
+    num_params = sum(t.numel() for t in model.parameters())
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    ns.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in cases:
+        row = measure_case(worker, case, engine.config.cache.block_size, ns.iters)
+        row["floors_ms"] = floors_ms(case, cfg, num_params, weight_bytes)
+        print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+        rows.append(row)
+    info = {"shape": ns.shape, "device": torch.cuda.get_device_name(), "num_params": num_params,
+            "weight_bytes": weight_bytes, "torch": torch.__version__}  # fmt: skip
+    (ns.out / f"mixed_step_kernels_{ns.shape}.json").write_text(json.dumps(info | {"rows": rows}, indent=1))
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
