@@ -162,6 +162,28 @@ def test_decode_subset_of_mixed_batch():
         check(out, lse, query, k_cache, v_cache, meta, seq_ids, 0.2, None, 1e-5)
 
 
+def test_decode_single_items_skip_the_workspace():
+    """Sequences of one item each (their keys fill the budget without splitting) are written
+    straight to out / lse: the workspace, poisoned, is never written, and rows stay exact.
+    With one sequence long enough to split, only its items go there."""
+    B, num_kv_heads, group, head_dim = 16, 2, 4, 32
+    equal = [(1, 63, 0, 64)] * 6  # 384 keys / budget 4 -> 96-key items (block_n 16): one per sequence
+    for specs, num_written in ((equal, 0), ([*equal, (1, 900, 0, 901)], None)):
+        query, k_cache, v_cache, meta = make_batch(
+            specs, B, group * num_kv_heads, num_kv_heads, head_dim, torch.float32, seed=len(specs)
+        )
+        seq_ids = list(range(len(specs)))
+        items = decode_workspace_items(len(specs), 4)
+        ws = (
+            torch.full((8, items, head_dim), float("nan"), device=device),
+            torch.full((8, items), float("nan"), device=device),
+        )
+        out, lse = run_decode(query, k_cache, v_cache, meta, seq_ids, 0.3, None, 4, block_n=16, workspace=ws)
+        check(out, lse, query, k_cache, v_cache, meta, seq_ids, 0.3, None, 1e-5)
+        written = int((~torch.isnan(ws[1][0])).sum())
+        assert written == 0 if num_written == 0 else 1 < written <= items
+
+
 @pytest.mark.parametrize("split_budget", [2, 5, 9, 31])
 def test_decode_long_among_short_is_exact(split_budget):
     """One long sequence beside short, empty and KVP-piece ones: the long one takes most of
