@@ -7,6 +7,9 @@ must be set before the kernel modules are imported); with CUDA the same tests ru
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,12 +166,15 @@ def test_decode_subset_of_mixed_batch():
 
 
 def test_decode_single_items_skip_the_workspace():
-    """Sequences of one item each (their keys fill the budget without splitting) are written
-    straight to out / lse: the workspace, poisoned, is never written, and rows stay exact.
-    With one sequence long enough to split, only its items go there."""
+    """Sequences of one item each (their keys fill the budget without splitting, or their
+    tail past one item is under a quarter of it) are written straight to out / lse: the
+    workspace, poisoned, is never written, and rows stay exact. With one sequence long
+    enough to split, only its items go there."""
     B, num_kv_heads, group, head_dim = 16, 2, 4, 32
     equal = [(1, 63, 0, 64)] * 6  # 384 keys / budget 4 -> 96-key items (block_n 16): one per sequence
-    for specs, num_written in ((equal, 0), ([*equal, (1, 900, 0, 901)], None)):
+    # 304 keys / budget 4 -> 80-key items: a 100-key sequence's 20-key tail joins its one item
+    tails = [(1, 99, 0, 100)] * 3 + [(1, 3, 0, 4)]
+    for specs, num_written in ((equal, 0), (tails, 0), ([*equal, (1, 900, 0, 901)], None)):
         query, k_cache, v_cache, meta = make_batch(
             specs, B, group * num_kv_heads, num_kv_heads, head_dim, torch.float32, seed=len(specs)
         )
@@ -291,3 +297,15 @@ def test_decode_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         check(out, lse, query, k_cache, v_cache, new, [0, 1], 0.125, None, 2e-2)
+
+
+def test_decode_kernels_compile_for_sm90():
+    """Both phases compile for an H100/H200 on the CPU (no GPU needed; a child process, as
+    this one runs Triton's interpreter): the interpreter runs the kernels untyped and misses
+    what only compilation checks (a name bound in both branches of a runtime `if` with two
+    types failed on the GPU, 2026-11-30)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.compile_sm90"], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["_decode_split_kernel", "_decode_split_kernel", "_decode_reduce_kernel"]

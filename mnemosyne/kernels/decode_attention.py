@@ -16,17 +16,22 @@ rounded down to BLOCK_N, and S = `split_budget` (items wanted for the whole batc
 
     base_i     = lo_i - lo_i % BLOCK_N
     split_keys = round_up(ceil(sum_i span_i / S), BLOCK_N)         (at least BLOCK_N)
-    n_i        = max(1, ceil(span_i / split_keys))                 items of sequence i
+    n_i        = max(1, ceil((span_i - split_keys // 4) / split_keys))   items of sequence i
     items      = sequence 0's n_0 items, then sequence 1's, ...    (in seq_ids order)
-    item k of sequence i:  keys [base_i + k*split_keys, min(base_i + (k+1)*split_keys, hi_i)) & [lo_i, hi_i)
+    item k of sequence i:  keys [base_i + k*split_keys, base_i + (k+1)*split_keys) & [lo_i, hi_i),
+                           the last one (k = n_i - 1) up to hi_i
 
     seq 0 (long)  |item|item|item|item|item|item|item|item|
     seq 1 (short) |item|
     seq 2 (empty) |item|  (no visible key: lse -inf, out 0)
 
-sum_i n_i <= S + num_decode = max_items, so the grid covers every item; programs past the
-last item exit at once. A seq_ids entry of -1 is padding (a CUDA graph's fixed-length list,
-`worker/mixed_graph.py`): it has no item and no row; padding follows the real entries. Every program derives the layout itself from the length tensors
+A tail of under a quarter of split_keys joins the item before it (the last item holds up
+to 1.25 x split_keys keys) instead of making an item, and a merge, of its own: 32 decodes
+of 1.8K keys at S = 33 get 1,792-key items, and each would otherwise split off 8 keys.
+n_i <= ceil(span_i / split_keys), so sum_i n_i <= S + num_decode = max_items: the grid covers
+every item; programs past the last item exit at once. A seq_ids entry of -1 is padding (a
+CUDA graph's fixed-length list, `worker/mixed_graph.py`): it has no item and no row; padding
+follows the real entries. Every program derives the layout itself from the length tensors
 (a prefix sum over the batch's n_i), so nothing is planned on the host per step: one
 launch serves any lengths and is CUDA-graph capturable (only S and the shapes are fixed).
 One program loads each K/V tile once for the GROUP query heads sharing its KV head (packed
@@ -129,7 +134,7 @@ def _work_items(
     span = tl.where(mask & (hi > lo), hi - base, 0)  # [SEQ_BLOCK] int64
     total = tl.sum(span, 0)
     split_keys = tl.maximum(tl.cdiv(tl.cdiv(total, split_budget), BLOCK_N), 1) * BLOCK_N
-    n = tl.where(mask, tl.maximum(tl.cdiv(span, split_keys), 1), 0).to(tl.int32)
+    n = tl.where(mask, tl.maximum(tl.cdiv(span - split_keys // 4, split_keys), 1), 0).to(tl.int32)
     first = tl.cumsum(n, 0) - n
     return n, first, split_keys
 
@@ -210,7 +215,9 @@ def _decode_split_kernel(
         offs = tl.arange(0, SEQ_BLOCK)
         i = tl.sum((((first + n) <= item) & (offs < num_decode)).to(tl.int32), 0)  # the item's sequence
         k = item - tl.sum(tl.where(offs == i, first, 0), 0)  # its index among that sequence's items
-        single = tl.sum(tl.where(offs == i, n, 0), 0) == 1  # its only item: no merge needed
+        n_i = tl.sum(tl.where(offs == i, n, 0), 0)
+        single = n_i == 1  # its only item: no merge needed
+        last = k == n_i - 1  # it runs to hi (a short tail joins it)
     seq = tl.load(seq_ids_ptr + i, mask=i < num_decode, other=-1).to(tl.int64)
     if seq >= 0:  # else past the last item, or a padding entry
         row = tl.load(qsl_ptr + seq).to(tl.int64)
@@ -220,7 +227,7 @@ def _decode_split_kernel(
             s_hi = hi
         else:
             s_lo = base + k * split_keys
-            s_hi = tl.minimum(s_lo + split_keys, hi)
+            s_hi = tl.where(last, hi, tl.minimum(s_lo + split_keys, hi))
         # Local indices fit in int32 (cheaper index math in the loop).
         lo = lo.to(tl.int32)
         s_lo = s_lo.to(tl.int32)
@@ -267,13 +274,18 @@ def _decode_split_kernel(
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
         mask_md = mask_m[:, None] & mask_d[None, :]
+        # (no name is bound in both branches: Triton needs such names to agree in type)
         if single:  # the sequence's only item is its result: the query row of out / lse
-            o_offs = row * stride_out_t + heads[:, None] * stride_out_h + offs_d[None, :]
-            tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask_md)
+            tl.store(
+                out_ptr + row * stride_out_t + heads[:, None] * stride_out_h + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty), mask=mask_md,
+            )  # fmt: skip
             tl.store(lse_ptr + row * stride_lse_t + heads * stride_lse_h, lse, mask=mask_m)
         else:  # a partial: the item's row of the workspace, merged by phase 2
-            o_offs = item * stride_or + heads[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=mask_md)
+            tl.store(
+                o_ptr + item * stride_or + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(o_ptr.dtype.element_ty), mask=mask_md,
+            )  # fmt: skip
             tl.store(l_ptr + item * stride_lr + heads * stride_lh, lse, mask=mask_m)
 
 
