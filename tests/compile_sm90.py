@@ -1,45 +1,98 @@
-"""Compile Triton kernels for sm_90 (H100 / H200) on a machine without a GPU:
-`python -m tests.compile_sm90` prints each kernel it compiled. Run with
-TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled); the tests call it in
-a child process. Compilation type-checks what the interpreter does not."""
+"""Compile the Triton kernels for sm_90 (H100 / H200) on a machine without a GPU.
+
+Triton's interpreter, which runs the kernels in CI, executes them untyped: a kernel that
+runs there can still fail to compile (a name bound in both branches of a runtime `if` with
+two types did, on the GPU, 2026-11-30). So the tests record every launch a CPU workload
+makes under the interpreter (`LaunchRecorder`: kernel, argument types as Triton mangles
+them, constexprs, num_warps / num_stages) and compile each distinct one for sm_90 in a
+child process without the interpreter::
+
+    parent (TRITON_INTERPRET=1)                child (python -m tests.compile_sm90 SPECS.json)
+    workload -> InterpretedFunction.run        for spec: import module.name (a JITFunction),
+             -> LaunchSpec per launch   ---->      ASTSource(signature, constexprs) -> PTX for sm_90
+                                               prints each compiled kernel
+
+INTERPRET constexprs are compiled as False (the GPU's path). Pointer alignment is not
+specialised, so the code compiled is the generic variant of each launch.
+"""
 
 from __future__ import annotations
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib
+import inspect
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-SM90 = GPUTarget("cuda", 90, 32)
+SM90 = ("cuda", 90, 32)  # backend, capability, warp size
 
 
-def compile_sm90(
-    kernel: triton.JITFunction, pointers: dict[str, str], constexprs: dict, num_warps: int
-) -> None:
-    """Every argument not in `pointers` or `constexprs` is an i32 (fp32 for `qk_scale`)."""
+@dataclass(frozen=True)
+class LaunchSpec:
+    module: str
+    name: str
+    signature: dict[str, str]  # every parameter: a Triton type, or "constexpr"
+    constexprs: dict[str, object]
+    options: dict[str, int]  # num_warps, num_stages, ...
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def launch_spec(fn, args: tuple, kwargs: dict) -> LaunchSpec:
+    """The spec of one launch of the Python kernel `fn` with these arguments."""
+    from triton.runtime.jit import mangle_type
+
+    params = inspect.signature(fn).parameters
+    values = dict(zip(params, args, strict=False)) | {k: v for k, v in kwargs.items() if k in params}
+    options = {k: v for k, v in kwargs.items() if k not in params}
+    signature, constexprs = {}, {}
+    for name, param in params.items():
+        value = values.get(name, param.default)
+        if "constexpr" in str(param.annotation) or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        else:
+            signature[name] = mangle_type(value)
+    return LaunchSpec(fn.__module__, fn.__name__, signature, constexprs, options)
+
+
+@contextmanager
+def LaunchRecorder() -> Iterator[dict[str, LaunchSpec]]:  # noqa: N802 (a context manager)
+    """Record every interpreted kernel launch inside the block: {spec key: spec}."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    specs: dict[str, LaunchSpec] = {}
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        spec = launch_spec(self.fn, args, kwargs)
+        specs.setdefault(spec.key(), spec)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    try:
+        yield specs
+    finally:
+        InterpretedFunction.run = run
+
+
+def compile_spec(spec: LaunchSpec) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(spec.module), spec.name)
     names = kernel.arg_names
-    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    signature |= {n: "fp32" for n in ("qk_scale",) if n in names}
-    src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=SM90, options={"num_warps": num_warps})
-    print(kernel.fn.__name__, flush=True)
-
-
-def compile_decode() -> None:
-    from mnemosyne.kernels.decode_attention import _decode_reduce_kernel, _decode_split_kernel
-
-    lengths = {"qsl_ptr": "*i32", "qpos_ptr": "*i64", "kv_start_ptr": "*i64", "kv_lens_ptr": "*i32",
-               "seq_ids_ptr": "*i32"}  # fmt: skip
-    split = lengths | {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "o_ptr": "*fp32",
-                       "l_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}  # fmt: skip
-    for direct in (False, True):
-        compile_sm90(_decode_split_kernel, split,
-                     dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=64, BLOCK_M=16, BLOCK_N=128, BLOCK_D=128,
-                          SEQ_BLOCK=128, HAS_WINDOW=False, DIRECT=direct, PRECISION="tf32", INTERPRET=False),
-                     num_warps=8)  # fmt: skip
-    compile_sm90(_decode_reduce_kernel, lengths | {"wo_ptr": "*fp32", "wl_ptr": "*fp32", "o_ptr": "*bf16", "l_ptr": "*fp32"},
-                 dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64, CHUNK=16, BLOCK_N=128, SEQ_BLOCK=128, HAS_WINDOW=False),
-                 num_warps=4)  # fmt: skip
+    constexprs = {k: (False if k == "INTERPRET" else v) for k, v in spec.constexprs.items()}
+    src = ASTSource(kernel, spec.signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(src, target=GPUTarget(*SM90), options=spec.options)
 
 
 if __name__ == "__main__":
-    compile_decode()
+    for d in json.loads(Path(sys.argv[1]).read_text()):
+        spec = LaunchSpec(**d)
+        compile_spec(spec)
+        print(spec.name, flush=True)
