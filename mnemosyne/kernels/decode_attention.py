@@ -44,7 +44,7 @@ straight to its query row of out / lse, and phase 2 skips it. Other items go to 
 workspace. (The merge of one item is a copy; done by phase 2 it cost 13 us per layer at
 S = 33: 32 decodes at 1.1K keys, 8B heads, H200.)
 
-Phase 2, grid (num_decode, num_heads): the exact LSE-weighted merge of a sequence's n_i >= 2
+Phase 2, grid (num_decode, num_heads / 2): the exact LSE-weighted merge of a sequence's n_i >= 2
 items (`mnemosyne.layers.attention.merge`): m = max_k lse_k, w_k = exp(lse_k - m),
 out = sum w_k out_k / sum w_k, lse = m + log(sum w_k); all items -inf -> out 0, lse -inf.
 With S == 1 every sequence is one item: phase 2 is not launched.
@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from mnemosyne.kernels.host_math import next_power_of_2
-from mnemosyne.kernels.merge_attn import merge_split_partials, split_merge_blocks
+from mnemosyne.kernels.merge_attn import merge_row_splits
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -75,6 +75,8 @@ DEFAULT_WAVES = 2  # few sequences, head dim > 64; otherwise 4
 DEFAULT_NUM_WARPS = 8  # head dim > 64; otherwise 4
 DEFAULT_NUM_STAGES = 2
 MAX_SPLITS = 256
+REDUCE_BLOCK_H = 2  # phase 2: heads per program
+REDUCE_CHUNK = 8  # phase 2: items per step of its loop
 # Decided when the kernels are decorated, like triton.jit itself.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -292,15 +294,17 @@ def _decode_split_kernel(
 @triton.jit(do_not_specialize=["num_decode", "stride_woh", "stride_wos", "stride_wlh"])
 def _decode_reduce_kernel(
     wo_ptr, wl_ptr, o_ptr, l_ptr, qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr,
-    num_decode, split_budget, window,
+    num_decode, num_heads, split_budget, window,
     stride_woh, stride_wos,
-    stride_wlh,
+    stride_wlh,  # the items of a head are contiguous (stride 1)
     stride_ot, stride_oh, stride_lt, stride_lh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_N: tl.constexpr, SEQ_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEQ_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
+    """Sequence i's n_i >= 2 items for BLOCK_H heads, CHUNK items per step of a runtime loop
+    (`merge_attn.merge_row_splits`, as the chunk kernels' merge): the cost follows n_i, not
+    the budget."""
     i = tl.program_id(0)
-    h = tl.program_id(1)
     n, first, _ = _work_items(
         qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr, num_decode, split_budget, window,
         HAS_WINDOW, BLOCK_N, SEQ_BLOCK,
@@ -311,15 +315,20 @@ def _decode_reduce_kernel(
     seq = tl.load(seq_ids_ptr + i).to(tl.int64)
     if (seq >= 0) & (n_i > 1):  # -1: a padding entry; one item: phase 1 wrote the result
         row = tl.load(qsl_ptr + seq).to(tl.int64)
-        wl_row = wl_ptr + h * stride_wlh + first_i  # lse of item k at wl_row + k
-        wo_row = wo_ptr + h * stride_woh + first_i * stride_wos
-        out, lse = merge_split_partials(wl_row, wo_row, n_i, stride_wos, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-        tl.store(
-            o_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        mask_h = heads < num_heads
+        mask_d = dims < HEAD_DIM
+        wl_row = wl_ptr + heads[None, :] * stride_wlh + first_i  # [1, BLOCK_H]: item k's lse at + k
+        wo_row = wo_ptr + heads[None, :, None] * stride_woh + first_i * stride_wos + dims[None, None, :]
+        out, lse = merge_row_splits(
+            wl_row, wo_row, n_i, stride_wos, mask_h, mask_d, BLOCK_H, BLOCK_D, CHUNK, INTERPRET
         )
-        tl.store(l_ptr + row * stride_lt + h * stride_lh, lse)
+        tl.store(
+            o_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+            out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :],
+        )  # fmt: skip
+        tl.store(l_ptr + row * stride_lt + heads * stride_lh, lse, mask=mask_h)
 
 
 def decode_workspace_items(num_decode: int, split_budget: int) -> int:
@@ -390,6 +399,8 @@ def paged_decode_attention(
                 f"workspace shapes {tuple(o_ws.shape)}, {tuple(l_ws.shape)} do not fit "
                 f"({num_heads}, {max_items}, {head_dim})"
             )
+        if o_ws.stride(2) != 1 or l_ws.stride(1) != 1:
+            raise ValueError("the workspace's head dim and its lse's items must be contiguous")
         o_strides, l_strides = (o_ws.stride(1), o_ws.stride(0)), (l_ws.stride(1), l_ws.stride(0))
 
     has_window = sliding_window is not None
@@ -412,16 +423,16 @@ def paged_decode_attention(
     )  # fmt: skip
     if direct:
         return
-    # A sequence has at most split_budget + 1 items (ceil(span / split_keys) <= S + 1).
-    block_d, block_s, chunk = split_merge_blocks(split_budget + 1, head_dim)
-    _decode_reduce_kernel[(num_decode, num_heads)](
+    # The chunk kernels' merge blocks (`merge_attn.merge_splits`): 2 heads x 8 items per step.
+    _decode_reduce_kernel[(num_decode, triton.cdiv(num_heads, REDUCE_BLOCK_H))](
         o_ws, l_ws, out, lse, query_start_loc, q_pos_start, kv_start, kv_lens, seq_ids,
-        num_decode, split_budget, sliding_window or 0,
+        num_decode, num_heads, split_budget, sliding_window or 0,
         o_ws.stride(0), o_ws.stride(1),
         l_ws.stride(0),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=chunk,
-        BLOCK_N=block_n, SEQ_BLOCK=seq_block(num_decode), HAS_WINDOW=has_window, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=REDUCE_BLOCK_H, CHUNK=REDUCE_CHUNK,
+        BLOCK_N=block_n, SEQ_BLOCK=seq_block(num_decode), HAS_WINDOW=has_window, INTERPRET=_INTERPRET,
+        num_warps=2,
     )  # fmt: skip
 
 

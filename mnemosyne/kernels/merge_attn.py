@@ -1,9 +1,8 @@
 """Fused exact merges of attention partials over disjoint key sets.
 
-`merge_attn_states_into`: two partials (one kernel). `merge_split_partials`: the jitted
-body that merges the num_splits partials of one row and head of a split-KV workspace
-(the decode kernel's phase 2). `merge_splits`: the chunk kernels' phase 2, every covered
-row's splits for a block of heads per program (below).
+`merge_attn_states_into`: two partials (one kernel). `merge_splits`: the chunk kernels'
+phase 2, every covered row's splits for a block of heads per program (below), through the
+jitted `merge_row_splits`, which the decode kernel's phase 2 uses too.
 
 The same math as `mnemosyne.layers.attention.merge` (see its docstring), per row and head::
 
@@ -24,49 +23,6 @@ import triton
 import triton.language as tl
 
 from mnemosyne.kernels.host_math import cdiv, next_power_of_2
-
-
-@triton.jit
-def merge_split_partials(
-    wl_row, wo_row, num_splits, stride_wos,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
-    """(out [BLOCK_D] float32, lse) of one row and head from its split partials: lse_s at
-    wl_row + s, out_s at wo_row + s * stride_wos (contiguous head dim), s < num_splits.
-    The same math as above: all splits -inf -> out 0, lse -inf."""
-    offs_s = tl.arange(0, BLOCK_S)
-    lses = tl.load(wl_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))  # [BLOCK_S]
-    m = tl.max(lses, 0)
-    m_safe = tl.where(m > float("-inf"), m, 0.0)  # all -inf: shift by 0, every weight is 0
-    denom = tl.sum(tl.exp(lses - m_safe), 0)
-
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for c in tl.static_range(BLOCK_S // CHUNK):  # static: no runtime loop bound
-        s = c * CHUNK + offs_c  # [CHUNK]
-        mask_s = s < num_splits
-        w = tl.exp(tl.load(wl_row + s, mask=mask_s, other=float("-inf")) - m_safe)  # [CHUNK]
-        part = tl.load(
-            wo_row + s[:, None] * stride_wos + offs_d[None, :],
-            mask=(w[:, None] > 0) & mask_d[None, :],  # an empty split (lse -inf) is not read
-            other=0.0,
-        )  # [CHUNK, BLOCK_D]
-        acc += tl.sum(tl.where(w[:, None] > 0, w[:, None] * part, 0.0), 0)
-
-    safe_denom = tl.where(denom > 0, denom, 1.0)
-    out = acc / safe_denom
-    lse = tl.where(denom > 0, m_safe + tl.log(safe_denom), float("-inf"))
-    return out, lse
-
-
-def split_merge_blocks(num_splits: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_S, CHUNK) for `merge_split_partials`: CHUNK splits per static step
-    keep the [CHUNK, BLOCK_D] partial tile at about 2048 elements."""
-    block_d = max(16, next_power_of_2(head_dim))
-    block_s = next_power_of_2(num_splits)
-    return block_d, block_s, min(block_s, max(1, 2048 // block_d))
 
 
 # Its inputs are views whose strides and offsets follow the step's lengths (cuDNN's outputs
@@ -146,10 +102,12 @@ def merge_attn_states_into(
 # per layer to merge a 2340-token prompt's 2 splits (1B shape, H200, 2026-11-30), 3.5x the
 # attention itself: its cost grew with rows x heads, whatever the split count.
 @triton.jit
-def _merge_split_chunk(
+def merge_split_chunk(
     m, den, acc, c, wl_row, wo_row, num_splits, stride_wos, mask_h, mask_d, CHUNK: tl.constexpr
 ):  # fmt: skip
-    """Splits [c * CHUNK, (c + 1) * CHUNK) into the running (m, den, acc) of BLOCK_H heads."""
+    """Splits [c * CHUNK, (c + 1) * CHUNK) into the running (m, den, acc) of BLOCK_H heads:
+    split s's lse at wl_row + s ([1, BLOCK_H] pointers), its output at wo_row + s * stride_wos
+    ([1, BLOCK_H, BLOCK_D] pointers)."""
     s = c * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
     ok = (s[:, None] < num_splits) & mask_h[None, :]  # [CHUNK, BLOCK_H]
     lses = tl.load(wl_row + s[:, None], mask=ok, other=float("-inf"))  # [CHUNK, BLOCK_H]
@@ -162,6 +120,34 @@ def _merge_split_chunk(
     )  # [CHUNK, BLOCK_H, BLOCK_D]
     acc = acc * alpha[:, None] + tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * part, 0.0), 0)
     return m_new, den * alpha + tl.sum(w, 0), acc
+
+
+@triton.jit
+def merge_row_splits(
+    wl_row, wo_row, num_splits, stride_wos, mask_h, mask_d,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """(out [BLOCK_H, BLOCK_D] float32, lse [BLOCK_H]) of one row's num_splits partials for
+    BLOCK_H heads (pointers as `merge_split_chunk`), CHUNK splits per step of a runtime loop;
+    no key at all -> 0, -inf."""
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    num_chunks = tl.cdiv(num_splits, CHUNK)
+    if INTERPRET:  # the interpreter (numpy >= 2.4) cannot take a tensor as a range() bound
+        c = 0
+        while c < num_chunks:
+            m, den, acc = merge_split_chunk(
+                m, den, acc, c, wl_row, wo_row, num_splits, stride_wos, mask_h, mask_d, CHUNK
+            )
+            c += 1
+    else:
+        for c in range(0, num_chunks):
+            m, den, acc = merge_split_chunk(
+                m, den, acc, c, wl_row, wo_row, num_splits, stride_wos, mask_h, mask_d, CHUNK
+            )
+    safe = tl.where(den > 0, den, 1.0)
+    return acc / safe[:, None], tl.where(den > 0, m + tl.log(safe), float("-inf"))
 
 
 @triton.jit(do_not_specialize=[
@@ -183,25 +169,9 @@ def _split_rows_merge_kernel(
         mask_d = dims < HEAD_DIM
         wl_row = wl_ptr + row * stride_wlt + heads[None, :] * stride_wlh  # [1, BLOCK_H]
         wo_row = wo_ptr + row * stride_wot + heads[None, :, None] * stride_woh + dims[None, None, :]
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        num_chunks = tl.cdiv(num_splits, CHUNK)
-        if INTERPRET:  # the interpreter (numpy >= 2.4) cannot take a tensor as a range() bound
-            c = 0
-            while c < num_chunks:
-                m, den, acc = _merge_split_chunk(
-                    m, den, acc, c, wl_row, wo_row, num_splits, stride_wos, mask_h, mask_d, CHUNK
-                )
-                c += 1
-        else:
-            for c in range(0, num_chunks):
-                m, den, acc = _merge_split_chunk(
-                    m, den, acc, c, wl_row, wo_row, num_splits, stride_wos, mask_h, mask_d, CHUNK
-                )
-        safe = tl.where(den > 0, den, 1.0)
-        out = acc / safe[:, None]
-        lse = tl.where(den > 0, m + tl.log(safe), float("-inf"))
+        out, lse = merge_row_splits(
+            wl_row, wo_row, num_splits, stride_wos, mask_h, mask_d, BLOCK_H, BLOCK_D, CHUNK, INTERPRET
+        )
         tl.store(
             o_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
             out.to(o_ptr.dtype.element_ty),
