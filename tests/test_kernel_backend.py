@@ -270,12 +270,25 @@ def test_cost_model_picks_the_cheaper_path():
     # 216K keys costs both paths about 1 ms a layer; the floor timed alone picked cuDNN,
     # which then ran its steps host-bound (26 against 22 ms on an H200).
     assert H200_COST.cheaper(256, 216704, 32, 64, True) is ChunkPath.TRITON_SPLITKV
-    alone = dataclasses.replace(H200_COST, cudnn_host_in_step=1.0)
+    alone = dataclasses.replace(H200_COST, cudnn_host_in_step=1.0, cudnn_small_head_max_chunk=0)
     assert alone.cheaper(256, 216704, 32, 64, True) is ChunkPath.CUDNN
     assert H200_COST.cheaper(512, 200000, 32, 128, True) is ChunkPath.CUDNN  # 8B heads: device-bound
+    # At head dim 64 a cuDNN chunk of up to 1024 tokens costs per key what it costs at 128:
+    # the 1B mixed scenario's 384 / 352 tokens after 191K / 209K keys ran 38-41 ms a step on
+    # cuDNN against 29 ms on Triton. The 8B heads' choices there stay cuDNN; long chunks at 64 too.
+    scaled = dataclasses.replace(H200_COST, cudnn_small_head_max_chunk=0)
+    for chunk, keys in ((384, 191072), (352, 209472), (1024, 200000)):
+        assert scaled.cheaper(chunk, keys, 32, 64, True) is ChunkPath.CUDNN
+        assert H200_COST.cheaper(chunk, keys, 32, 64, True) is ChunkPath.TRITON_SPLITKV
+        assert H200_COST.cheaper(chunk, keys, 32, 128, True) is ChunkPath.CUDNN
+    assert H200_COST.cheaper(2048, 100000, 32, 64, True) is ChunkPath.CUDNN
+    assert H200_COST.path_shape_factor(ChunkPath.CUDNN, 384, 32, 64) == 1.0
+    assert H200_COST.path_shape_factor(ChunkPath.TRITON_SPLITKV, 384, 32, 64) == 0.5
     assert ChunkCostModel.from_dict(H200_COST.to_dict()) == H200_COST
     older = {k: v for k, v in H200_COST.to_dict().items() if k != "cudnn_host_in_step"}
     assert ChunkCostModel.from_dict(older).cudnn_host_in_step == 1.0
+    older = {k: v for k, v in H200_COST.to_dict().items() if k != "cudnn_small_head_max_chunk"}
+    assert ChunkCostModel.from_dict(older).cudnn_small_head_max_chunk == 0
     with pytest.raises(ValueError, match="cudnn_host_in_step"):
         dataclasses.replace(H200_COST, cudnn_host_in_step=0.5).check_integrity()
     # Interpolation between measured lengths and extrapolation beyond them.

@@ -71,11 +71,13 @@ class ChunkAttentionCost:
         path `cheaper` picks by fixed + per-key) keeps the feature non-decreasing in c and in
         the keys, which the chunk-size binary search relies on (the picked path's per-key cost
         drops where a long chunk switches to cuDNN)."""
-        m, factor = self.cost_model, self.cost_model.shape_factor(self.num_heads, self.head_dim)
+        m, h, d = self.cost_model, self.num_heads, self.head_dim
         per_layer = 0.0
         triton, cudnn = m.path_cost(ChunkPath.TRITON_SPLITKV, self.page_tiles), m.path_cost(ChunkPath.CUDNN)
-        for num_queries, num_keys in load.chunk_shapes:
-            per_layer += num_keys * min(triton.at(num_queries)[1], cudnn.at(num_queries)[1]) * factor
+        for c, num_keys in load.chunk_shapes:
+            per_key_triton = triton.at(c)[1] * m.path_shape_factor(ChunkPath.TRITON_SPLITKV, c, h, d)
+            per_key_cudnn = cudnn.at(c)[1] * m.path_shape_factor(ChunkPath.CUDNN, c, h, d)
+            per_layer += num_keys * min(per_key_triton, per_key_cudnn)
         return self.num_layers * per_layer
 
     def to_dict(self) -> dict:

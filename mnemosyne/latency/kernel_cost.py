@@ -84,6 +84,9 @@ class ChunkCostModel:
     source: str  # the committed result the numbers come from
     triton_page_tiles: PathCost | None = None
     cudnn_host_in_step: float = 1.0  # cuDNN's fixed (host) seconds inside a step / alone
+    # Up to this chunk length cuDNN's per-key cost at a head dim below D_cal is D_cal's (not
+    # scaled down with the head dim): `path_shape_factor`. 0: always scaled.
+    cudnn_small_head_max_chunk: int = 0
 
     def check_integrity(self) -> None:
         self.triton.check_integrity()
@@ -102,12 +105,19 @@ class ChunkCostModel:
         """Per-key cost relative to the calibration shape."""
         return num_heads * head_dim / (self.num_heads * self.head_dim)
 
+    def path_shape_factor(self, path: ChunkPath, chunk: int, num_heads: int, head_dim: int) -> float:
+        """`shape_factor`, except for cuDNN chunks of at most `cudnn_small_head_max_chunk`
+        tokens at a head dim below the calibration's: those cost per key what they cost at
+        D_cal (see H200_COST)."""
+        small_cudnn = path is ChunkPath.CUDNN and chunk <= self.cudnn_small_head_max_chunk
+        return self.shape_factor(num_heads, max(head_dim, self.head_dim) if small_cudnn else head_dim)
+
     def seconds(
         self, path: ChunkPath, chunk: int, keys: int, num_heads: int, head_dim: int, page_tiles: bool = False
     ) -> float:
         """Per-layer seconds of the chunk on `path` inside a step (cuDNN's host floor scaled)."""
         fixed_scale = self.cudnn_host_in_step if path is ChunkPath.CUDNN else 1.0
-        factor = self.shape_factor(num_heads, head_dim)
+        factor = self.path_shape_factor(path, chunk, num_heads, head_dim)
         return self.path_cost(path, page_tiles).seconds(chunk, keys, factor, fixed_scale)
 
     def to_dict(self) -> dict:
@@ -116,6 +126,7 @@ class ChunkCostModel:
         if self.triton_page_tiles is not None:
             d["triton_page_tiles"] = self.triton_page_tiles.to_dict()
         d["cudnn_host_in_step"] = self.cudnn_host_in_step
+        d["cudnn_small_head_max_chunk"] = self.cudnn_small_head_max_chunk
         return d
 
     @classmethod
@@ -129,6 +140,7 @@ class ChunkCostModel:
             source=str(d["source"]),
             triton_page_tiles=None if tiles is None else PathCost.from_dict(tiles),
             cudnn_host_in_step=float(d.get("cudnn_host_in_step", 1.0)),  # older profiles: none
+            cudnn_small_head_max_chunk=int(d.get("cudnn_small_head_max_chunk", 0)),  # older profiles: none
         )
 
     def cheaper(
@@ -169,4 +181,15 @@ H200_COST = ChunkCostModel(
     # 64 both paths cost about 1 ms there, so the table picked cuDNN on a tie of its floor.
     # Rounded up: at a tie the path whose cost is device time, which overlaps host work, wins.
     cudnn_host_in_step=1.35,
+    # At head dim 64 (1B heads) cuDNN chunks of 352-384 tokens after 191-210K keys cost per
+    # key 0.92-0.96x what the table says at head dim 128, not the 0.5x the head dims' ratio
+    # gives: in the 1B mixed scenario (benchmarks/results/session12_h200x2_2026-11-30/a/
+    # mixed_1b_steps.jsonl.gz) the same chunk ran 28.8 ms a step on Triton and then 38.3 ms
+    # on cuDNN (40.9 ms at 352 after 209K), once the table flipped to cuDNN. So a cuDNN
+    # chunk's per-key work does not halve with the head dim: its few programs (c x heads / 128
+    # query rows: 96 for 384 tokens, under the H200's 132 SMs) run the same number of
+    # exponentials per score. In the 1B serving trace, cuDNN steps with chunks under 1024
+    # tokens ran 1.09-1.27x their prediction and from 2048 tokens 0.92-1.05x (c/1b_trace/),
+    # hence up to 1024.
+    cudnn_small_head_max_chunk=1024,
 )
