@@ -96,6 +96,21 @@ LAYOUT_2X2 = ("--tp", "2", "--kvp", "2", "--spp", "2", "--max-tokens-per-kvp-gro
 POLICY = ("--chunk-policy", "adaptive", "--scheduling-policy", "lars", "--tbt-slo-ms", "20")
 
 
+def test_simulate_plot_without_matplotlib_is_a_clear_error(model_1b, tmp_path, monkeypatch, capsys):
+    """--plot names the missing package before the simulation runs, and writes nothing."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    trace = write_trace(tmp_path / "trace.jsonl")
+    rc = main(["simulate", "--model", str(model_1b), "--trace", str(trace), "--out", str(tmp_path / "a.json"),
+               "--plot", str(tmp_path / "a.png")])  # fmt: skip
+    assert rc == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_simulate_is_deterministic_and_runs_2x2(model_1b, tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl")
     a = simulate(
@@ -246,13 +261,17 @@ def test_simulate_with_a_measured_profile(model_1b, tmp_path, capsys):
     assert rc == 2 and "measured for" in capsys.readouterr().err
 
 
-def write_fake_profile(path: Path, model_dir: Path, layout: Layout, scale: float, token_s: float = 1e-6) -> Path:
+def write_fake_profile(
+    path: Path, model_dir: Path, layout: Layout, scale: float, token_s: float = 1e-6
+) -> Path:
     """A profile of `layout` whose steps take `scale` x (2 ms + token_s per token + 1 ns per decode key)."""
     coef = {"one": 2e-3 * scale, "tokens": token_s * scale, "decode_kv_tokens": 1e-9 * scale}
     model = FittedLatencyModel(
         layout, 256, tuple(coef.get(f, 0.0) for f in GROUP_FEATURES), tuple(0.0 for _ in STEP_FEATURES)
     )
-    key = ProfileKey("NVIDIA H200", ModelShape.from_model_config(load_model_config(model_dir)), layout, "bfloat16")
+    key = ProfileKey(
+        "NVIDIA H200", ModelShape.from_model_config(load_model_config(model_dir)), layout, "bfloat16"
+    )
     save_profile(LatencyProfile(key, model, {}), path)
     return path
 
@@ -285,7 +304,9 @@ def test_chunk_step_factor_slows_only_steps_with_a_chunk(model_1b, tmp_path):
     trace = tmp_path / "one.jsonl"
     trace.write_text(json.dumps({"arrival_s": 0.0, "prompt_len": 64, "output_len": 4}) + "\n")
     base = simulate(model_1b, trace, tmp_path / "a.json", "--latency-profile", str(p))
-    slow = simulate(model_1b, trace, tmp_path / "b.json", "--latency-profile", str(p), "--chunk-step-factor", "2")
+    slow = simulate(
+        model_1b, trace, tmp_path / "b.json", "--latency-profile", str(p), "--chunk-step-factor", "2"
+    )
     assert slow["setup"]["chunk_step_factor"] == 2.0
     assert slow["requests"][0]["ttft_s"] == pytest.approx(2 * base["requests"][0]["ttft_s"], rel=1e-6)
     assert slow["requests"][0]["tbt_max_s"] == pytest.approx(base["requests"][0]["tbt_max_s"], rel=1e-6)
@@ -297,10 +318,15 @@ def test_idle_step_factor_slows_the_first_step_after_idling(model_1b, tmp_path):
     in the same busy stretch is not slowed."""
     p = write_fake_profile(tmp_path / "p.json", model_1b, Layout(1, 1, 1), 1.0)
     trace = tmp_path / "two.jsonl"
-    lines = [{"arrival_s": 0.0, "prompt_len": 64, "output_len": 4}, {"arrival_s": 100.0, "prompt_len": 64, "output_len": 4}]
+    lines = [
+        {"arrival_s": 0.0, "prompt_len": 64, "output_len": 4},
+        {"arrival_s": 100.0, "prompt_len": 64, "output_len": 4},
+    ]
     trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     base = simulate(model_1b, trace, tmp_path / "a.json", "--latency-profile", str(p))
-    slow = simulate(model_1b, trace, tmp_path / "b.json", "--latency-profile", str(p), "--idle-step-factor", "3")
+    slow = simulate(
+        model_1b, trace, tmp_path / "b.json", "--latency-profile", str(p), "--idle-step-factor", "3"
+    )
     assert slow["setup"]["idle_step_factor"] == 3.0
     for a, b in zip(base["requests"], slow["requests"], strict=True):  # both arrive at an idle engine
         assert b["ttft_s"] == pytest.approx(3 * a["ttft_s"], rel=1e-6)
@@ -313,7 +339,10 @@ def test_device_profile_is_calibrated_against_by_adaptive_chunking(model_1b, tmp
     engine_p = write_fake_profile(tmp_path / "engine.json", model_1b, Layout(1, 1, 1), 1.0, 1e-5)
     device_p = write_fake_profile(tmp_path / "device.json", model_1b, Layout(1, 1, 1), 2.0, 1e-5)
     trace = tmp_path / "long.jsonl"
-    lines = [{"arrival_s": 0.0, "prompt_len": 64, "output_len": 400}, {"arrival_s": 0.05, "prompt_len": 60000, "output_len": 2}]
+    lines = [
+        {"arrival_s": 0.0, "prompt_len": 64, "output_len": 400},
+        {"arrival_s": 0.05, "prompt_len": 60000, "output_len": 2},
+    ]
     trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     policy = ("--chunk-policy", "adaptive", "--tbt-slo-ms", "20", "--latency-profile", str(engine_p),
               "--device-latency-profile", str(device_p))  # fmt: skip

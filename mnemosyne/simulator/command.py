@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -164,6 +165,8 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from mnemosyne.simulator.report import plot
 
+    if ns.plot and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
+        raise ConfigError("--plot needs matplotlib: pip install 'mnemosyne[bench]'")
     wall = time.perf_counter()
     _, result = run_simulation(ns)
     Path(ns.out).write_text(json.dumps(result, indent=1))
