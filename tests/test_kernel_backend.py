@@ -277,7 +277,7 @@ def test_cost_model_picks_the_cheaper_path():
     # the 1B mixed scenario's 384 / 352 tokens after 191K / 209K keys ran 38-41 ms a step on
     # cuDNN against 29 ms on Triton. The 8B heads' choices there stay cuDNN; long chunks at 64 too.
     scaled = dataclasses.replace(H200_COST, cudnn_small_head_max_chunk=0)
-    for chunk, keys in ((384, 191072), (352, 209472), (1024, 200000)):
+    for chunk, keys in ((384, 191072 + 384), (352, 209472 + 352), (1024, 200000)):  # keys: prefix + own
         assert scaled.cheaper(chunk, keys, 32, 64, True) is ChunkPath.CUDNN
         assert H200_COST.cheaper(chunk, keys, 32, 64, True) is ChunkPath.TRITON_SPLITKV
         assert H200_COST.cheaper(chunk, keys, 32, 128, True) is ChunkPath.CUDNN

@@ -14,11 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mnemosyne.kernels.decode_attention import (  # noqa: E402
-    choose_split_budget,
-    decode_workspace_items,
-    paged_decode_attention,
-)
+from mnemosyne.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items  # noqa: E402
 from mnemosyne.kernels.kv_write import write_kv_cache  # noqa: E402
 from mnemosyne.layers.attention import AttentionMetadata, TorchReferenceBackend  # noqa: E402
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention
+from mnemosyne.kernels.decode_attention import paged_decode_attention
+from mnemosyne.kernels.decode_items import choose_split_budget
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 

@@ -68,7 +68,8 @@ from mnemosyne.kernels.cudnn_prefill import (
     split_prefix_is_batched,
     warm_up_merges,
 )
-from mnemosyne.kernels.decode_attention import choose_split_budget, paged_decode_attention, seq_block
+from mnemosyne.kernels.decode_attention import paged_decode_attention
+from mnemosyne.kernels.decode_items import choose_split_budget, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
