@@ -3,11 +3,11 @@
 Triton's interpreter, which runs the kernels in CI, executes them untyped: a kernel that
 runs there can still fail to compile (a name bound in both branches of a runtime `if` with
 two types did, on the GPU, 2026-11-30). So the tests record every launch a CPU workload
-makes under the interpreter (`LaunchRecorder`: kernel, argument types as Triton mangles
+makes under the interpreter (`record_launches`: kernel, argument types as Triton mangles
 them, constexprs, num_warps / num_stages) and compile each distinct one for sm_90 in a
 child process without the interpreter::
 
-    parent (TRITON_INTERPRET=1)                child (python -m tests.compile_sm90 SPECS.json)
+    parent (TRITON_INTERPRET=1)                child (python tests/compile_sm90.py SPECS.json)
     workload -> InterpretedFunction.run        for spec: import module.name (a JITFunction),
              -> LaunchSpec per launch   ---->      ASTSource(signature, constexprs) -> PTX for sm_90
                                                prints each compiled kernel
@@ -60,7 +60,7 @@ def launch_spec(fn, args: tuple, kwargs: dict) -> LaunchSpec:
 
 
 @contextmanager
-def LaunchRecorder() -> Iterator[dict[str, LaunchSpec]]:  # noqa: N802 (a context manager)
+def record_launches() -> Iterator[dict[str, LaunchSpec]]:
     """Record every interpreted kernel launch inside the block: {spec key: spec}."""
     from triton.runtime.interpreter import InterpretedFunction
 

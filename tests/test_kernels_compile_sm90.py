@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from compile_sm90 import LaunchRecorder
+from compile_sm90 import record_launches
 from conftest import TEST_DEVICE
 
 from mnemosyne import LLM, SamplingParams
@@ -57,7 +57,7 @@ def run_workload(model_dir: Path, dtype: str, block_size: int) -> None:
 
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="on a GPU the tests compile every kernel themselves")
 def test_every_kernel_launch_compiles_for_sm90(tiny_model_dir, tmp_path):
-    with LaunchRecorder() as specs:
+    with record_launches() as specs:
         for name, dtype, block_size in (
             ("llama", "float32", 32),
             ("llama", "bfloat16", 64),
