@@ -7,14 +7,18 @@ piecewise graphs) and its LM head over the sampled rows. One GPU, dummy weights.
         --cases 32x2420+32:196608,32x2420+64:196608,32x1100+224:40960 --out DIR
 
 Per case: the step's median wall time (synchronised), torch.profiler's device time per
-kernel (mean per step), the kernels grouped by part, and the floors (H200 peaks below):
+kernel (mean per step), the kernels grouped by part, and the floors (the H200 peaks of
+`mnemosyne.bench.long_context.engine`: COPY_BPS, MATMUL_FLOPS, ATTN_FLOPS)::
 
-    dense     max(weight bytes / BW, 2 * params * tokens / MATMUL_PEAK)   (LM head included)
-    decode    decode KV bytes / BW
-    chunk     max(chunk KV bytes / BW, 4 * c * (P + c/2) * D * H * L / ATTENTION_PEAK)
+    dense     max(bytes read / COPY_BPS, (2 * layer params * tokens + 2 * V * h * sampled) / MATMUL_FLOPS)
+              bytes read: every weight but the embedding table, of which a step reads only its
+              rows (the tied LM head reads the matrix: counted); layer params: every parameter
+              but the embedding and LM head; the LM head runs over the sampled rows only
+    decode    decode KV bytes / COPY_BPS
+    chunk     max(chunk KV bytes / COPY_BPS, 4 * c * (P + c/2) * D * H * L / ATTN_FLOPS)
 
-Built for the eleventh session's 8B mixed run, whose mixed steps ran at 1.36-1.75x the sum
-of these floors (benchmarks/results/README.md, "Twelfth session").
+Built to find where the eleventh session's 8B mixed steps spent their time against their
+floors (benchmarks/results/README.md, "Twelfth session").
 """
 
 from __future__ import annotations
@@ -30,16 +34,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mnemosyne.bench.long_context.engine import ATTN_FLOPS, COPY_BPS, MATMUL_FLOPS
 from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.config import ModelConfig
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.worker.worker import Worker
-
-COPY_BW = 4.2e12  # bytes/s, measured on the H200s lent here
-MATMUL_PEAK = 800e12  # bf16 FLOP/s, measured
-ATTENTION_PEAK = 590e12  # cuDNN attention FLOP/s, measured
 
 # Kernel-name fragments -> part; the first match wins, "other" for the rest.
 PARTS = (
@@ -108,16 +109,20 @@ def case_metadata(case: MixedCase, block_size: int, device: str = "cuda") -> Att
                                    kv_lens=kv_lens, block_tables=tables, slot_mapping=slots, device=device)  # fmt: skip
 
 
-def floors_ms(case: MixedCase, cfg: ModelConfig, num_params: int, weight_bytes: int) -> dict[str, float]:
+def floors_ms(case: MixedCase, cfg: ModelConfig) -> dict[str, float]:
     """The parts' floors in ms (module docstring)."""
-    kv_bytes_per_token = cfg.kv_bytes_per_token
-    tokens = case.num_decodes + case.chunk_tokens
+    table = cfg.vocab_size * cfg.hidden_size  # the embedding (and an untied LM head)
+    heads = 1 if cfg.tie_word_embeddings else 2  # matrices of that size
+    tokens, sampled = case.num_decodes + case.chunk_tokens, case.num_decodes + 1
+    bytes_read = cfg.weight_bytes - (heads - 1) * table * cfg.dtype.itemsize
+    dense_flops = 2 * (cfg.num_params - heads * table) * tokens + 2 * table * sampled
     c, p = case.chunk_tokens, case.chunk_prefix
     chunk_flops = 4 * c * (p + c / 2) * cfg.head_dim * cfg.num_heads * cfg.num_layers
+    kv = cfg.kv_bytes_per_token
     out = {
-        "dense": max(weight_bytes / COPY_BW, 2 * num_params * tokens / MATMUL_PEAK),
-        "decode_attn": case.num_decodes * case.decode_keys * kv_bytes_per_token / COPY_BW,
-        "chunk_attn": max((p + c) * kv_bytes_per_token / COPY_BW, chunk_flops / ATTENTION_PEAK),
+        "dense": max(bytes_read / COPY_BPS, dense_flops / MATMUL_FLOPS),
+        "decode_attn": case.num_decodes * case.decode_keys * kv / COPY_BPS,
+        "chunk_attn": max((p + c) * kv / COPY_BPS, chunk_flops / ATTN_FLOPS),
     }
     return {k: v * 1e3 for k, v in out.items()} | {"total": sum(out.values()) * 1e3}
 
@@ -183,18 +188,16 @@ def main() -> None:
                       max_num_batched_tokens=2048, max_num_seqs=64, kv_cache_memory_fraction=ns.kv_fraction)  # fmt: skip
     engine = LLMEngine.from_args(args)
     worker = engine.executor.worker
-    model, cfg = worker.model, engine.config.model
-    num_params = sum(t.numel() for t in model.parameters())
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    cfg = engine.config.model
     ns.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
         row = measure_case(worker, case, engine.config.cache.block_size, ns.iters)
-        row["floors_ms"] = floors_ms(case, cfg, num_params, weight_bytes)
+        row["floors_ms"] = floors_ms(case, cfg)
         print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
         rows.append(row)
-    info = {"shape": ns.shape, "device": torch.cuda.get_device_name(), "num_params": num_params,
-            "weight_bytes": weight_bytes, "torch": torch.__version__}  # fmt: skip
+    info = {"shape": ns.shape, "device": torch.cuda.get_device_name(), "num_params": cfg.num_params,
+            "weight_bytes": cfg.weight_bytes, "torch": torch.__version__}  # fmt: skip
     (ns.out / f"mixed_step_kernels_{ns.shape}.json").write_text(json.dumps(info | {"rows": rows}, indent=1))
     engine.shutdown()
 
