@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from mnemosyne import SamplingParams
-from mnemosyne.bench.long_context.engine import check_graph_fits, decode_contexts, synthetic_meta
+from mnemosyne.bench.long_context.engine import (
+    check_graph_fits,
+    decode_contexts,
+    sequences_meta,
+    synthetic_meta,
+)
 from mnemosyne.bench.long_context.synthetic_kv import SyntheticPrefillExecutor, skip_prefill_compute
 from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
@@ -24,6 +29,20 @@ def _cpu_graphs(max_blocks: int, block_size: int) -> DecodeGraphs:
     cfg = SimpleNamespace(sliding_window=None, hidden_size=8, dtype=torch.float32)
     model = SimpleNamespace(config=cfg, num_local_kv_heads=1, is_first_stage=True)
     return DecodeGraphs(model, [], None, 1, max_blocks, block_size, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_sequences_meta_lays_each_sequence_on_its_own_run() -> None:
+    """Each sequence's slots are its block table's (slot = table[j // B] * B + j % B), its
+    blocks follow the sequence before it, and its run is its whole table."""
+    bs, seqs = 16, [(1, 40), (7, 0), (3, 33)]
+    meta = sequences_meta(seqs, bs, device="cpu")
+    tables = [t[: -(-(q + p) // bs)].tolist() for t, (q, p) in zip(meta.block_tables, seqs, strict=True)]
+    assert tables == [[0, 1, 2], [3], [4, 5, 6]]
+    want = [t[j // bs] * bs + j % bs for t, (q, p) in zip(tables, seqs, strict=True) for j in range(p, p + q)]
+    assert meta.slot_mapping.tolist() == want
+    assert meta.block_runs_cpu == [(0, 3), (3, 1), (4, 3)]
+    one = synthetic_meta(5, 40, bs, device="cpu")
+    assert one.slot_mapping.tolist() == list(range(40, 45)) and one.block_runs_cpu == [(0, 3)]
 
 
 def test_decode_sweep_stays_inside_the_graph_block_table() -> None:

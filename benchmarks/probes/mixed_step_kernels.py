@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mnemosyne.bench.long_context.engine import ATTN_FLOPS, COPY_BPS, MATMUL_FLOPS
+from mnemosyne.bench.long_context.engine import ATTN_FLOPS, COPY_BPS, MATMUL_FLOPS, sequences_meta
 from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.config import ModelConfig
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
-from mnemosyne.layers.attention.metadata import AttentionMetadata
 from mnemosyne.worker.worker import Worker
 
 # Kernel-name fragments -> part; the first match wins, "other" for the rest.
@@ -90,25 +89,6 @@ class MixedCase:
         return f"{self.num_decodes}x{self.decode_keys}+{self.chunk_tokens}:{self.chunk_prefix}"
 
 
-def case_metadata(case: MixedCase, block_size: int, device: str = "cuda") -> AttentionMetadata:
-    """Decodes first, then the chunk; each sequence on its own run of blocks."""
-    query_lens, q_pos, kv_lens, tables, slots = [], [], [], [], []
-    next_block = 0
-    seqs = case.sequences
-    for n_q, prefix in seqs:
-        total = prefix + n_q
-        nb = -(-total // block_size)
-        table = list(range(next_block, next_block + nb))
-        next_block += nb
-        query_lens.append(n_q)
-        q_pos.append(prefix)
-        kv_lens.append(total)
-        tables.append(table)
-        slots.extend(table[j // block_size] * block_size + j % block_size for j in range(prefix, total))
-    return AttentionMetadata.build(query_lens=query_lens, q_pos_start=q_pos, kv_start=[0] * len(seqs),
-                                   kv_lens=kv_lens, block_tables=tables, slot_mapping=slots, device=device)  # fmt: skip
-
-
 def floors_ms(case: MixedCase, cfg: ModelConfig) -> dict[str, float]:
     """The parts' floors in ms (module docstring)."""
     table = cfg.vocab_size * cfg.hidden_size  # the embedding (and an untied LM head)
@@ -134,7 +114,7 @@ def part_of(kernel: str) -> str:
 
 def measure_case(worker: Worker, case: MixedCase, block_size: int, iters: int) -> dict:
     """The step's median wall time and its kernels' device times (module docstring)."""
-    meta = case_metadata(case, block_size)
+    meta = sequences_meta(case.sequences, block_size)
     positions = [j for n_q, prefix in case.sequences for j in range(prefix, prefix + n_q)]
     n = len(positions)
     ids = torch.ones(n, dtype=torch.long, device="cuda")

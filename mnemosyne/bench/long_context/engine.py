@@ -68,17 +68,32 @@ def decode_contexts(capacity: int, max_model_len: int, chunk: int, block_size: i
 
 def synthetic_meta(query_len: int, prefix: int, block_size: int, device: str = "cuda") -> AttentionMetadata:
     """One sequence: query_len queries after `prefix` keys, blocks 0, 1, 2, ... (one run)."""
-    total = prefix + query_len
-    nb = -(-total // block_size)
+    return sequences_meta([(query_len, prefix)], block_size, device)
+
+
+def sequences_meta(
+    sequences: list[tuple[int, int]], block_size: int, device: str = "cuda"
+) -> AttentionMetadata:
+    """Each (query_len, prefix) sequence on its own run of consecutive blocks, the first from
+    block 0 and each next one after the last, as the engine lays out a request's KV::
+
+        seq 0: blocks [0, n_0)   seq 1: blocks [n_0, n_0 + n_1)   ...   n_i = ceil((prefix_i + query_len_i) / B)
+    """
+    tables, slots, b0 = [], [], 0
+    for query_len, prefix in sequences:
+        total = prefix + query_len
+        tables.append(list(range(b0, b0 + -(-total // block_size))))
+        slots.extend(b0 * block_size + j for j in range(prefix, total))  # the run makes slot = b0 * B + j
+        b0 += len(tables[-1])
     return AttentionMetadata.build(
-        query_lens=[query_len],
-        q_pos_start=[prefix],
-        kv_start=[0],
-        kv_lens=[total],
-        block_tables=[list(range(nb))],
-        slot_mapping=list(range(prefix, total)),
+        query_lens=[q for q, _ in sequences],
+        q_pos_start=[p for _, p in sequences],
+        kv_start=[0] * len(sequences),
+        kv_lens=[q + p for q, p in sequences],
+        block_tables=tables,
+        slot_mapping=slots,
         device=device,
-        block_runs=[(0, nb)],
+        block_runs=[(t[0], len(t)) for t in tables],
     )
 
 
