@@ -96,14 +96,14 @@ def _attend_tile(
 ])  # fmt: skip
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, seq_ids_ptr,
-    o_ptr, l_ptr,  # workspace (or out / lse when DIRECT)
+    o_ptr, l_ptr,  # the workspace (unused when DIRECT: every sequence is one item)
     out_ptr, lse_ptr,  # out / lse: a sequence of one item is written here directly
     qk_scale, window, num_decode, split_budget,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
-    stride_or, stride_oh,  # r: the query row of out (DIRECT) or the item of the workspace
+    stride_or, stride_oh,  # r: the item's row of the workspace
     stride_lr, stride_lh,
     stride_out_t, stride_out_h, stride_lse_t, stride_lse_h,  # out / lse (t: the query row)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -287,7 +287,7 @@ def paged_decode_attention(
     max_items = num_decode if direct else decode_workspace_items(num_decode, split_budget)
     if num_warps is None:
         num_warps = DEFAULT_NUM_WARPS if query.shape[2] > 64 or query.dtype == torch.float32 else 4
-    if direct:
+    if direct:  # no workspace (each sequence is one item, written to out / lse): they stand in
         o_ws, l_ws = out, lse
         o_strides, l_strides = out.stride()[:2], lse.stride()  # (row, head)
     else:
