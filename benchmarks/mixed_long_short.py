@@ -38,6 +38,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from mnemosyne.bench.long_context.engine import random_prompt, ttft_floor_s
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 
@@ -116,7 +118,9 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     use_policies(engine, CONFIGS[name], ns.tbt_slo_ms, ns.tbt_slo_quantile)
     short_params = SamplingParams(temperature=0, max_tokens=ns.short_max_tokens, ignore_eos=True)
     vocab = engine.config.model.vocab_size
-    long_prompt = random_prompt(ns.long_len, seed=7, max_id=vocab)  # made before any step: not engine work
+    # Made before any step (not engine work), as the engine core receives a served prompt: an
+    # int32 array (its unpacked frame), not a list of Python ints (`core_arrival_cost`)
+    long_prompt = np.asarray(random_prompt(ns.long_len, seed=7, max_id=vocab), dtype=np.int32)
     shorts = [
         engine.add_request(random_prompt(ns.short_len, seed=100 + i, max_id=vocab), short_params)
         for i in range(ns.num_short)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mnemosyne.request import TokenLogprobs
 
 
@@ -24,7 +26,9 @@ class RequestTiming:
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    # The engine's: its request's read-only int32 array (a multi-million-token prompt is never
+    # copied into a list, not per step, not once); the API server's: the list it tokenized.
+    prompt_token_ids: list[int] | np.ndarray
     token_ids: list[int]
     text: str
     finished: bool

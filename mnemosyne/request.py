@@ -2,7 +2,7 @@
 
 Token bookkeeping of one request (positions are global token indices)::
 
-    all_token_ids = prompt_token_ids + output_token_ids
+    a request's tokens: prompt_token_ids, then output_token_ids
     |<------------------ num_tokens ------------------>|
     [ p0 p1 ... p(P-1) | o0 o1 ... o(k-1) ]
     |<-- num_computed_tokens -->|                         KV written for these
@@ -38,24 +38,46 @@ import numpy as np
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.sampling_params import SamplingParams
 
+TOKEN_ID_DTYPE = np.dtype("<i4")  # a held prompt's ids, and CoreRequest's packed form
+
 
 def check_token_ids(
     token_ids: list[int] | np.ndarray, vocab_size: int, what: str = "prompt token ids"
 ) -> np.ndarray:
-    """The ids as a 1-D integer array; InvalidRequestError unless every one is an integer in
-    [0, vocab_size). In numpy, not a Python loop: a prompt may hold millions of ids (351K:
-    13.6 ms per loop, 3.8 ms here, on a 2-core CPU), and the engine core checks every arriving
-    prompt between two steps."""
+    """The ids as a read-only 1-D TOKEN_ID_DTYPE array; InvalidRequestError unless every one
+    is an integer in [0, vocab_size). In numpy, not a Python loop: a prompt may hold millions
+    of ids (351K: 13.6 ms per loop, 3.8 ms here, on a 2-core CPU), and the engine core checks
+    every arriving prompt between two steps. A read-only array of that dtype (the core's
+    unpacked wire frame) is returned as it is; anything else is copied, so a caller's later
+    writes never reach a request."""
     error = InvalidRequestError(f"{what} must be integers in [0, {vocab_size})")
     try:
         ids = np.asarray(token_ids)  # ints -> an integer dtype; floats, bools, strings, huge ints do not
     except (ValueError, TypeError) as e:  # ragged nesting
         raise error from e
     if ids.size == 0:
-        return np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype=TOKEN_ID_DTYPE)
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab_size:
         raise error
+    if ids.dtype != TOKEN_ID_DTYPE or ids.flags.writeable:
+        ids = ids.astype(TOKEN_ID_DTYPE)  # vocab_size < 2**31: the ids fit
+        ids.flags.writeable = False
     return ids
+
+
+def prompt_array(token_ids: list[int] | np.ndarray) -> np.ndarray:
+    """Ids already checked against the vocabulary as a read-only TOKEN_ID_DTYPE array (the
+    array itself when it is one)."""
+    if (
+        isinstance(token_ids, np.ndarray)
+        and token_ids.dtype == TOKEN_ID_DTYPE
+        and not token_ids.flags.writeable
+    ):
+        return token_ids
+    ids = np.array(token_ids, dtype=TOKEN_ID_DTYPE)
+    ids.flags.writeable = False
+    return ids
+
 
 # One position's log-probabilities: {token_id: logprob}; holds the chosen token plus the top-k.
 TokenLogprobs = dict[int, float]
@@ -92,7 +114,9 @@ _FINISH_REASON = {
 @dataclass
 class Request:
     request_id: str
-    prompt_token_ids: list[int]
+    # [num_prompt_tokens] TOKEN_ID_DTYPE, read-only (a list is converted): a prompt of
+    # millions of ids is held without a Python int per id, and never copied into a list
+    prompt_token_ids: np.ndarray
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
@@ -104,7 +128,7 @@ class Request:
     num_preemptions: int = 0
     # Prompt positions whose prompt logprobs were already produced (not redone after preemption).
     num_prompt_logprobs_done: int = 0
-    # Prefix cache: hashes of the full blocks of all_token_ids (grown as tokens come), and the
+    # Prefix cache: hashes of the full blocks of prompt + outputs (grown as tokens come), and the
     # tokens taken from the cache when first admitted (None until then).
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int | None = None
@@ -113,6 +137,9 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = prompt_array(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -127,10 +154,6 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_pending_tokens(self) -> int:
         """Known tokens not yet dispatched into the model (0 during a decode ahead)."""
         return max(0, self.num_tokens - self.num_dispatched_tokens)
@@ -142,4 +165,10 @@ class Request:
 
     def token_id_at(self, pos: int) -> int:
         p = self.num_prompt_tokens
-        return self.prompt_token_ids[pos] if pos < p else self.output_token_ids[pos - p]
+        return int(self.prompt_token_ids[pos]) if pos < p else self.output_token_ids[pos - p]
+
+    def token_ids_in(self, start: int, end: int) -> tuple[int, ...]:
+        """The ids of positions [start, end) of prompt + outputs, as plain ints."""
+        p = self.num_prompt_tokens
+        prompt = self.prompt_token_ids[start:end].tolist() if start < p else []
+        return (*prompt, *self.output_token_ids[max(start - p, 0) : max(end - p, 0)])

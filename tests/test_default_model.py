@@ -251,7 +251,7 @@ def test_greedy_matches_hf(hf_model, hf_tokenizer, prompts: list[str]) -> None:
     llm = LLM(model=None, dtype="float32", kv_cache_memory_gb=0.1)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS))
     for out, (prompt_ids, new_ids) in zip(outs, expected, strict=True):
-        assert out.prompt_token_ids == prompt_ids
+        assert out.prompt_token_ids.tolist() == prompt_ids
         assert out.token_ids == new_ids  # both include the final eos when generation stopped on it
     eos = hf_tokenizer.eos_token_id
     assert expected[2][1][-1] == eos and eos not in expected[2][1][:-1]  # the chat answer ends on eos

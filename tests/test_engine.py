@@ -73,9 +73,15 @@ def test_bad_requests_are_rejected_while_others_continue(engine):
     out = run_all(engine)
     assert list(out) == [good] and out[good].token_ids == ref
     assert engine.kv_manager.num_free_blocks(0) == engine.config.cache.num_blocks_per_group[0]
-    numpy_ids = engine.add_request([np.int32(t) for t in PROMPT], greedy(12))  # held as plain ints
-    assert all(type(t) is int for t in engine.scheduler.get_request(numpy_ids).prompt_token_ids)
-    assert run_all(engine)[numpy_ids].token_ids == ref
+    numpy_ids = engine.add_request([np.int32(t) for t in PROMPT], greedy(12))
+    caller_array = np.array(PROMPT, dtype=np.int64)
+    array_ids = engine.add_request(caller_array, greedy(12))
+    caller_array[:] = 0  # the request holds its own copy
+    for rid in (numpy_ids, array_ids):
+        held = engine.scheduler.get_request(rid).prompt_token_ids  # one read-only int32 array
+        assert held.dtype == np.int32 and not held.flags.writeable and held.tolist() == PROMPT
+    out = run_all(engine)
+    assert out[numpy_ids].token_ids == ref and out[array_ids].token_ids == ref
 
 
 def test_overlong_prompt_message_names_both_numbers(engine):

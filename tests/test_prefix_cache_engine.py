@@ -9,6 +9,7 @@ conversation (turn 1's prompt + its answer + a question: hits blocks written by 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import TEST_DEVICE
@@ -55,7 +56,8 @@ _HF: dict[tuple[int, ...], tuple[list[int], torch.Tensor]] = {}
 _HF_MODEL: dict[str, object] = {}
 
 
-def hf_reference(model_dir, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+def hf_reference(model_dir, prompt: list[int] | np.ndarray) -> tuple[list[int], torch.Tensor]:
+    prompt = [int(t) for t in prompt]  # an engine output's prompt ids are its request's int32 array
     key = tuple(prompt)
     if key not in _HF:
         if str(model_dir) not in _HF_MODEL:

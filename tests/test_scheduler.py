@@ -49,7 +49,7 @@ def make_req(rid: str, prompt_len: int, max_tokens: int = 4, **sp) -> Request:
 
 def toy_token(req: Request, end: int) -> int:
     """Deterministic next token given the request's tokens [0, end); never EOS."""
-    return 100 + sum(req.all_token_ids[:end]) % 97
+    return 100 + sum(req.token_ids_in(0, end)) % 97
 
 
 def check_step(s: Scheduler, out: SchedulerOutput) -> None:

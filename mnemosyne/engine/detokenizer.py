@@ -13,8 +13,11 @@ A delta ending in U+FFFD (incomplete UTF-8) is held back until the next token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 _PROMPT_CONTEXT_TOKENS = 5
 
@@ -36,10 +39,14 @@ class IncrementalDetokenizer:
 
     @classmethod
     def for_prompt(
-        cls, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool, stop: list[str]
+        cls,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] | np.ndarray,
+        skip_special_tokens: bool,
+        stop: list[str],
     ) -> IncrementalDetokenizer:
-        ctx = prompt_ids[-_PROMPT_CONTEXT_TOKENS:]
-        return cls(tokenizer, skip_special_tokens, stop, list(ctx), 0, len(ctx))
+        ctx = [int(t) for t in prompt_ids[-_PROMPT_CONTEXT_TOKENS:]]  # plain ints, from a list or an array
+        return cls(tokenizer, skip_special_tokens, stop, ctx, 0, len(ctx))
 
     def add_token(self, token_id: int, check_stop: bool = True) -> bool:
         """Append one token to `text`. Returns True when a stop string appeared (looked

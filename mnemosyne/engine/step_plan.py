@@ -47,7 +47,7 @@ def new_request(req: Request) -> NewRequest:
         req.request_id,
         sp,
         num_prompt_tokens=req.num_prompt_tokens,
-        prompt_token_ids=tuple(req.prompt_token_ids) if sp.penalises_repetition else (),
+        prompt_token_ids=tuple(req.prompt_token_ids.tolist()) if sp.penalises_repetition else (),
         min_tokens_banned_ids=(
             tuple(dict.fromkeys((*req.eos_token_ids, *sp.stop_token_ids))) if sp.min_tokens else ()
         ),
@@ -148,10 +148,10 @@ class PlanBuilder:
             sample=chunk.sample,
             token_ids=self._decode_input(req, chunk.start)
             if chunk.num_tokens == 1
-            else tuple(req.token_id_at(p) for p in range(chunk.start, chunk.end)),
+            else req.token_ids_in(chunk.start, chunk.end),
             pieces=tuple(pieces),
             prompt_logprob_start=plp.start,
-            prompt_logprob_targets=tuple(req.prompt_token_ids[plp.start + 1 : plp.stop + 1]),
+            prompt_logprob_targets=tuple(req.prompt_token_ids[plp.start + 1 : plp.stop + 1].tolist()),
         )
 
     @staticmethod

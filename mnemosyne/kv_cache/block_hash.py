@@ -19,6 +19,8 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
+import numpy as np
+
 BlockHash = bytes  # 32-byte SHA-256 digest
 
 _TAG = b"mnemosyne-prefix-cache-v1\0"
@@ -40,7 +42,11 @@ class BlockHasher:
         ).digest()
 
     def extend(
-        self, hashes: list[BlockHash], prompt: Sequence[int], outputs: Sequence[int] = (), max_blocks: int | None = None
+        self,
+        hashes: list[BlockHash],
+        prompt: Sequence[int] | np.ndarray,
+        outputs: Sequence[int] = (),
+        max_blocks: int | None = None,
     ) -> None:
         """Append to `hashes` the hashes of the full blocks of `prompt + outputs` it lacks,
         up to `max_blocks` hashes in all (None: every full block).
@@ -56,8 +62,12 @@ class BlockHasher:
         if end <= first:
             return
         lo, hi = first * b, end * b
-        ids = list(prompt[lo:hi]) + list(outputs[max(lo - p, 0) : max(hi - p, 0)])
-        raw = array("q", ids).tobytes()  # int64 ids of the new blocks; hashes never leave this process
+        # int64 ids of the new blocks (hashes never leave this process); a prompt array's
+        # slice is converted whole, never id by id
+        raw = (
+            np.asarray(prompt[lo:hi], dtype=np.int64).tobytes()
+            + array("q", outputs[max(lo - p, 0) : max(hi - p, 0)]).tobytes()
+        )
         step = 8 * b
         parent = hashes[-1] if hashes else self.root
         for j in range(end - first):

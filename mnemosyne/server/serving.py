@@ -27,7 +27,6 @@ from mnemosyne.request import TokenLogprobs, check_token_ids
 from mnemosyne.server.async_engine import AsyncEngine, RequestHandle
 from mnemosyne.server.errors import APIError
 from mnemosyne.server.prompt_tokenizer import PromptTokenizer
-from mnemosyne.wire.engine_core import TOKEN_ID_DTYPE
 
 T = TypeVar("T")
 
@@ -57,7 +56,7 @@ class ServingContext:
         """`ids` as a 1-D TOKEN_ID_DTYPE array if all are in the vocabulary
         (`request.check_token_ids`), else InvalidRequestError. The one conversion of a prompt
         of ids on the event loop: `SubRequest` keeps the array and packs it for the core."""
-        return check_token_ids(ids, self.vocab_size, "token ids").astype(TOKEN_ID_DTYPE, copy=False)
+        return check_token_ids(ids, self.vocab_size, "token ids")
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

@@ -39,6 +39,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.policies import make_policies
 from mnemosyne.engine.scheduler import Scheduler
@@ -47,7 +49,7 @@ from mnemosyne.engine.step_load import step_composition
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.model import LatencyModel
-from mnemosyne.request import Request
+from mnemosyne.request import TOKEN_ID_DTYPE, Request, prompt_array
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.simulator.pipeline import StagePipeline
 from mnemosyne.simulator.trace import TraceRequest
@@ -123,13 +125,15 @@ class SimulatedEngine:
         self.num_steps = 0
         # (sched, composition, predicted_s, submit_s, done_s)
         self._inflight: deque[tuple[SchedulerOutput, StepComposition, float, float, float]] = deque()
-        self._prompts: dict[int, list[int]] = {}  # one shared token list per prompt length
+        self._prompts: dict[int, np.ndarray] = {}  # one shared read-only id array per prompt length
 
     def add_request(
         self, request_id: str, prompt_len: int, output_len: int, arrival_s: float | None = None
     ) -> None:
         arrival = self.now_s if arrival_s is None else arrival_s
-        prompt = self._prompts.setdefault(prompt_len, [0] * prompt_len)  # never mutated by the engine
+        prompt = self._prompts.get(prompt_len)
+        if prompt is None:
+            prompt = self._prompts[prompt_len] = prompt_array(np.zeros(prompt_len, dtype=TOKEN_ID_DTYPE))
         params = SamplingParams(max_tokens=output_len, ignore_eos=True)
         self.scheduler.add_request(Request(request_id, prompt, params, arrival_time=arrival))
         self.requests[request_id] = SimulatedRequest(request_id, arrival, prompt_len, output_len)

@@ -26,7 +26,7 @@ import msgspec
 import numpy as np
 
 from mnemosyne.outputs import EngineStats, StepStats
-from mnemosyne.request import TokenLogprobs
+from mnemosyne.request import TOKEN_ID_DTYPE, TokenLogprobs
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.heartbeat import Heartbeat
 
@@ -39,9 +39,6 @@ class CoreRequest(msgspec.Struct, frozen=True):
     # frame is checked and decoded in 1.1 ms, against 14 ms as a list of ints, between two of
     # the core's steps (benchmarks/probes/core_arrival_cost.py, CPU)
     params: SamplingParams
-
-
-TOKEN_ID_DTYPE = np.dtype("<i4")
 
 
 def pack_token_ids(token_ids: list[int] | np.ndarray) -> bytes:
