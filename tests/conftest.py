@@ -16,6 +16,10 @@ torch.set_num_threads(2)
 # Without a GPU, Triton kernels run in Triton's interpreter (set before any kernel is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from triton_interpreter import skip_nested_language_patches  # noqa: E402
+
+    skip_nested_language_patches()
 
 # The engine's device in tests: "cpu" in CI; set MNEMOSYNE_TEST_DEVICE=cuda on a GPU machine.
 TEST_DEVICE = os.environ.get("MNEMOSYNE_TEST_DEVICE", "cpu")

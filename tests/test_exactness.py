@@ -17,6 +17,7 @@ from mnemosyne import LLM, SamplingParams
 NUM_NEW = 32
 PROMPT_LENS = (37, 5, 64, 23)
 ATOL = 1e-4
+MAX_NUM_SEQS = 8
 
 
 def make_prompts(vocab: int, seed: int = 1, lens: tuple[int, ...] = PROMPT_LENS) -> list[list[int]]:
@@ -52,6 +53,9 @@ def check_against_hf(
     name: str, model_dir, lens: tuple[int, ...] = PROMPT_LENS, num_new: int = NUM_NEW, **llm_kwargs
 ) -> list:
     refs = hf_reference(name, model_dir, lens, num_new)
+    # At most 4 sequences run at once: on a GPU each engine start then captures the decode
+    # graphs of batch 1-8, not the 35 sizes up to the default 256 (most of a start's time).
+    llm_kwargs.setdefault("max_num_seqs", MAX_NUM_SEQS)
     llm = LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, **llm_kwargs)
     prompts = make_prompts(llm.engine.config.model.vocab_size, lens=lens)
     params = SamplingParams(temperature=0, max_tokens=num_new, ignore_eos=True, logprobs=2, prompt_logprobs=1)
@@ -123,11 +127,10 @@ def test_chunk_sizes_match_hf(chunk_size, tiny_model_dir):
 
 def test_preemption_matches_hf(tiny_model_dir):
     """A KV budget too small for all four requests forces recompute preemption."""
+    from mnemosyne.config import ModelConfig
+
     name = "qwen3"
-    llm_probe = LLM(
-        model=str(tiny_model_dir(name)), dtype="float32", device=TEST_DEVICE, kv_cache_memory_gb=0.01
-    )
-    bytes_per_block = 4 * llm_probe.engine.config.model.kv_bytes_per_token
+    bytes_per_block = 4 * ModelConfig.from_pretrained(tiny_model_dir(name), torch.float32).kv_bytes_per_token
     num_blocks = (max(PROMPT_LENS) + NUM_NEW) // 4 + 2
     outs = check_against_hf(
         name,
@@ -151,7 +154,9 @@ def test_sharded_checkpoint_and_half_precision(tiny_model_dir, tmp_path):
 
     refs = hf_reference("qwen2", tiny_model_dir("qwen2"))
     for dtype in ("bfloat16", "float16"):
-        llm = LLM(model=str(sharded), dtype=dtype, device=TEST_DEVICE, kv_cache_memory_gb=0.01)
+        llm = LLM(
+            model=str(sharded), dtype=dtype, device=TEST_DEVICE, kv_cache_memory_gb=0.01, max_num_seqs=MAX_NUM_SEQS
+        )
         prompts = make_prompts(llm.engine.config.model.vocab_size)
         outs = llm.generate(
             prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
