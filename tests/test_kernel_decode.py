@@ -199,6 +199,20 @@ def test_decode_long_among_short_is_exact(split_budget):
         check(out, lse, query, k_cache, v_cache, meta, seq_ids, 0.3, window, 1e-5)
 
 
+@pytest.mark.parametrize("num_long", [1, 4, 5])  # phase 2: 1 head x 32 items per step up to 4 decodes
+def test_decode_few_sequences_of_many_items(num_long):
+    """A few long decodes split into more items each than one step of phase 2's loop reads
+    (40-budget: ~40 items for one sequence), merged exactly whatever the batch's shape."""
+    B, num_kv_heads, group, head_dim = 16, 2, 4, 32
+    specs = [(1, 1999 - 37 * i, 0, 2000 - 37 * i) for i in range(num_long)]
+    query, k_cache, v_cache, meta = make_batch(
+        specs, B, group * num_kv_heads, num_kv_heads, head_dim, torch.float32, seed=num_long
+    )
+    seq_ids = list(range(num_long))
+    out, lse = run_decode(query, k_cache, v_cache, meta, seq_ids, 0.3, None, 40, block_n=16)
+    check(out, lse, query, k_cache, v_cache, meta, seq_ids, 0.3, None, 1e-5)
+
+
 def test_decode_no_sequences():
     query, k_cache, v_cache, meta = make_batch([(2, 0, 0, 2)], 4, 2, 1, 16, torch.float32, seed=0)
     out, lse = run_decode(query, k_cache, v_cache, meta, [], 1.0, None, 4)
