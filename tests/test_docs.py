@@ -16,9 +16,10 @@ from mnemosyne.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-# Flags of other tools that README's commands use (pip, torchrun, the worker module).
+# Flags of other tools that README's commands use (pip, pytest, torchrun, the worker module).
 OTHER_TOOLS = {
     "--no-deps",
+    "--dist",
     "--nnodes",
     "--nproc-per-node",
     "--node-rank",
