@@ -80,7 +80,10 @@ class Recorder:
         self.keys: dict[str, set[tuple]] = {name: set() for name in KERNELS}
         for name, (module, attr) in KERNELS.items():
             kernel = getattr(module, attr)
-            monkeypatch.setattr(kernel, "run", self._recorder(name, kernel), raising=False)
+            # In the instance's __dict__, removed again afterwards: a setattr would leave the
+            # class's bound method there, hiding later patches of the class's `run`
+            # (tests/compile_sm90.py records launches that way)
+            monkeypatch.setitem(vars(kernel), "run", self._recorder(name, kernel))
 
     def _recorder(self, name: str, kernel):
         def run(*args, grid, warmup, **kwargs) -> None:

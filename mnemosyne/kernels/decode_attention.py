@@ -45,8 +45,9 @@ DEFAULT_NUM_WARPS = 8  # head dim > 64; otherwise 4
 DEFAULT_NUM_STAGES = 2
 # Phase 2: (heads per program, items per step of its loop). A batch of a few sequences gives
 # each many items (one 131K-key decode at head dim 128: 33), which 2-head programs read in
-# 5 dependent steps of 8 (9.2 us a layer, against 6.9 us for the one-step loop before it);
-# one head per program and 32 items per step read them in 2 steps with twice the programs.
+# 5 dependent steps of 8 (9.2 us a layer); one head per program and 32 items per step read
+# them in 2 steps with twice the programs (4.6 us; 32 decodes of 1.1K keys: 2.5 us with the
+# other shape; benchmarks/results/session13_h200x2_2026-11-30/d, H200).
 REDUCE_SHAPE_MANY = (2, 8)
 REDUCE_SHAPE_FEW = (1, 32)
 MAX_FEW_DECODES = 4

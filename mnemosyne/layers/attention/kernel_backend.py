@@ -68,7 +68,7 @@ from mnemosyne.kernels.cudnn_prefill import (
     split_prefix_is_batched,
     warm_up_merges,
 )
-from mnemosyne.kernels.decode_attention import paged_decode_attention
+from mnemosyne.kernels.decode_attention import MAX_FEW_DECODES, paged_decode_attention
 from mnemosyne.kernels.decode_items import choose_split_budget, seq_block
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
@@ -325,17 +325,18 @@ class KernelBackend:
             )  # fmt: skip
         block = k_cache.shape[1]
         keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
-        num_decodes = 1
-        while True:  # one launch per scan width: 128, 256, ... up to max_num_decodes
+        # One launch per scan width (128, 256, ... up to max_num_decodes) and, at the first, one
+        # per shape of phase 2 (one head per program up to MAX_FEW_DECODES decodes).
+        batch_sizes = [1] + ([MAX_FEW_DECODES + 1] if max_num_decodes > MAX_FEW_DECODES else [])
+        while seq_block(batch_sizes[-1]) < max_num_decodes:
+            batch_sizes.append(seq_block(batch_sizes[-1]) * 2)
+        for num_decodes in batch_sizes:
             meta = AttentionMetadata.build(
                 [1] * num_decodes, [keys - 1] * num_decodes, [0] * num_decodes, [keys] * num_decodes,
                 [list(range(-(-keys // block)))] * num_decodes, [-1] * num_decodes, self.device,
             )  # fmt: skip
             query = torch.zeros(num_decodes, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
             self.forward(query, k_cache, v_cache, meta, 1.0, sliding_window)
-            if seq_block(num_decodes) >= max_num_decodes:
-                break
-            num_decodes = seq_block(num_decodes) * 2
         page_tiles = self.uses_page_tiles(block)
         for q_len in self.tile_heights():
             meta = AttentionMetadata.build(
