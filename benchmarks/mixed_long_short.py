@@ -42,6 +42,7 @@ import numpy as np
 
 from mnemosyne.bench.long_context.engine import random_prompt, ttft_floor_s
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
+from mnemosyne.engine.args import EngineArgs
 
 CONFIGS = {
     "fixed64": dict(chunk_policy="fixed", chunk_size=64, scheduling_policy="fcfs"),
@@ -179,7 +180,10 @@ def main() -> None:
     ap.add_argument("--num-short", type=int, default=32)
     ap.add_argument("--short-max-tokens", type=int, default=8192)
     ap.add_argument("--tbt-slo-ms", type=float, default=30.0)
-    ap.add_argument("--tbt-slo-quantile", type=float, default=0.9, help="adaptive chunks: see `mnemosyne generate --help`")
+    ap.add_argument(
+        "--tbt-slo-quantile", type=float, default=EngineArgs.tbt_slo_quantile,
+        help="adaptive chunks: see `mnemosyne generate --help`",
+    )  # fmt: skip
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument(
         "--profile", default=None, help="latency profile JSON (default: measure a quick one first)"

@@ -297,7 +297,7 @@ class PolicyConfig:
     online_calibration: bool = True  # correct the latency model from measured step times (adaptive)
     # The quantile of measured / predicted step times the correction applies: about this
     # fraction of full-budget steps lands within tbt_slo_s (higher: a shorter tail, smaller chunks)
-    tbt_slo_quantile: float = 0.9
+    tbt_slo_quantile: float = 0.98
 
     def validate(self) -> None:
         for name in ("tbt_slo_s", "prefill_only_step_s", "deadline_factor"):

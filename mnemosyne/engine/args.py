@@ -78,7 +78,7 @@ class EngineArgs:
     chunk_granularity: int = 32  # adaptive chunks are multiples of this (or a prompt's remainder)
     min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
     online_calibration: bool = True  # adaptive: correct the latency model from measured step times
-    tbt_slo_quantile: float = 0.9  # adaptive: about this fraction of full-budget steps within tbt_slo_ms
+    tbt_slo_quantile: float = 0.98  # adaptive: about this fraction of full-budget steps within tbt_slo_ms
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
     async_scheduling: bool = True  # prepare step n+1 while step n runs (spp == 1 layouts; a no-op with spp > 1)
     generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
