@@ -68,8 +68,6 @@ def pcts(xs: list[float]) -> dict:
 def scheduling_engine_args(model_dir: Path, ns: argparse.Namespace, **overrides):  # -> EngineArgs
     """The engine this benchmark and `latency_validation` both measure (dummy weights, one
     device, a step budget of 8192 + 256 tokens): the same setup, so the same profile key."""
-    from mnemosyne.engine.args import EngineArgs
-
     return EngineArgs(
         model=str(model_dir), load_format="dummy", dtype=ns.dtype, device=ns.device,
         max_num_batched_tokens=8192 + 256, max_num_seqs=256, kv_cache_memory_fraction=ns.kv_fraction,

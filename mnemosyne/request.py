@@ -56,18 +56,15 @@ def check_token_ids(
     except (ValueError, TypeError) as e:  # ragged nesting
         raise error from e
     if ids.size == 0:
-        return np.empty(0, dtype=TOKEN_ID_DTYPE)
+        return prompt_array(np.empty(0, dtype=TOKEN_ID_DTYPE))
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab_size:
         raise error
-    if ids.dtype != TOKEN_ID_DTYPE or ids.flags.writeable:
-        ids = ids.astype(TOKEN_ID_DTYPE)  # vocab_size < 2**31: the ids fit
-        ids.flags.writeable = False
-    return ids
+    return prompt_array(ids)  # vocab_size < 2**31: the ids fit
 
 
 def prompt_array(token_ids: list[int] | np.ndarray) -> np.ndarray:
-    """Ids already checked against the vocabulary as a read-only TOKEN_ID_DTYPE array (the
-    array itself when it is one)."""
+    """Ids already checked against the vocabulary as a read-only TOKEN_ID_DTYPE array: the
+    array itself when it is one, else a copy (a caller's later writes never reach it)."""
     if (
         isinstance(token_ids, np.ndarray)
         and token_ids.dtype == TOKEN_ID_DTYPE
