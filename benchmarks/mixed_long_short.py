@@ -12,6 +12,8 @@ request's TTFT, for each configuration:
     fixed2048      chunk_policy=fixed, chunk_size=2048, fcfs
     adaptive_fcfs  chunk_policy=adaptive (tbt_slo_ms), fcfs
     adaptive_lars  chunk_policy=adaptive, lars (space sharing)
+    adaptive_lars_eager_steps    adaptive_lars with steps past the largest CUDA graph allowed
+                                 while requests decode (graph_sized_steps=False)
     adaptive_fcfs_uncalibrated   adaptive_fcfs without the online calibration of the latency model
 
 Adaptive runs also report the calibration's corrections at the end (`calibration`) and the
@@ -42,7 +44,7 @@ import numpy as np
 
 from mnemosyne.bench.long_context.engine import random_prompt, ttft_floor_s
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
-from mnemosyne.engine.args import EngineArgs
+from mnemosyne.engine.args import EngineArgs, max_decoding_step_tokens
 
 CONFIGS = {
     "fixed64": dict(chunk_policy="fixed", chunk_size=64, scheduling_policy="fcfs"),
@@ -51,6 +53,9 @@ CONFIGS = {
     "fixed2048": dict(chunk_policy="fixed", chunk_size=2048, scheduling_policy="fcfs"),
     "adaptive_fcfs": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs"),
     "adaptive_lars": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars"),
+    "adaptive_lars_eager_steps": dict(
+        chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars", graph_sized_steps=False
+    ),
     "adaptive_fcfs_uncalibrated": dict(
         chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs", online_calibration=False
     ),
@@ -88,6 +93,10 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float) 
         tbt_slo_s=tbt_slo_ms / 1e3,
         online_calibration=cfg.get("online_calibration", True),
         tbt_slo_quantile=tbt_slo_quantile,
+        max_decoding_step_tokens=max_decoding_step_tokens(
+            config.device, config.enforce_eager, config.scheduler.max_num_batched_tokens,
+            cfg.get("graph_sized_steps", True),
+        ),
     )
     scheduler = dataclasses.replace(config.scheduler, chunk_size=cfg["chunk_size"])
     engine.config = dataclasses.replace(config, policy=policy, scheduler=scheduler)
@@ -150,7 +159,8 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     chunks = [n for s in steps for n in s.chunk_sizes]
     ttft = t_first - t_arrival
     res = {
-        "config": name, **CONFIGS[name], "long_ttft_s": ttft, "short_tbt": pcts(gaps),
+        "config": name, **CONFIGS[name], "max_decoding_step_tokens": engine.config.policy.max_decoding_step_tokens,
+        "long_ttft_s": ttft, "short_tbt": pcts(gaps),
         "num_steps": len(steps), "step_time_ratio_p50": ratios[len(ratios) // 2] if ratios else None,
         "chunk_tokens_min": min(chunks, default=0), "chunk_tokens_max": max(chunks, default=0),
         "num_steps_with_chunks": sum(1 for s in steps if s.chunk_sizes), "step_paths": paths,

@@ -214,6 +214,11 @@ def add_policy_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
         help="adaptive, with online calibration: about this fraction of full-budget steps lands within "
         "--tbt-slo-ms (higher: a shorter TBT tail, smaller chunks, a later first token for long prompts)",
     )  # fmt: skip
+    pol.add_argument(
+        "--graph-sized-steps", action=argparse.BooleanOptionalAction, default=d.graph_sized_steps,
+        help="adaptive, on a GPU: while requests decode, no step holds more tokens than the largest "
+        "CUDA-graph step (larger steps run eagerly and overshoot their predicted time more often)",
+    )  # fmt: skip
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -298,6 +298,9 @@ class PolicyConfig:
     # The quantile of measured / predicted step times the correction applies: about this
     # fraction of full-budget steps lands within tbt_slo_s (higher: a shorter tail, smaller chunks)
     tbt_slo_quantile: float = 0.98
+    # Adaptive: while requests decode, a step holds at most this many tokens (the largest
+    # piecewise CUDA-graph step; larger steps run eagerly, with a long TBT tail). None: no cap
+    max_decoding_step_tokens: int | None = None
 
     def validate(self) -> None:
         for name in ("tbt_slo_s", "prefill_only_step_s", "deadline_factor"):
@@ -310,6 +313,8 @@ class PolicyConfig:
         for name in ("long_prefill_threshold_tokens", "chunk_granularity_tokens", "min_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_decoding_step_tokens is not None and self.max_decoding_step_tokens < 1:
+            raise ConfigError(f"max_decoding_step_tokens must be >= 1, got {self.max_decoding_step_tokens}")
 
 
 class GenerationConfigMode(enum.Enum):

@@ -150,6 +150,55 @@ def test_min_progress_for_the_first_prefill_only():
     assert policy.predicted_step_s() > 3 * MS
 
 
+def test_decoding_steps_stay_within_the_graph_size():
+    """max_decoding_step_tokens caps a step's tokens while any request decodes (decodes
+    included); a step with no decode is not capped; a later prefill gets nothing once the
+    room is under a granule."""
+    s, policy, _ = adaptive_sched(budget=4096, max_model_len=4096, block_size=8, blocks=(1024,), target_s=50 * MS)
+    policy.max_decoding_step_tokens = 100
+    s.add_request(make_req("a", 300, max_tokens=1))
+    out, _ = step(s)  # nobody decodes: the whole prompt fits the 50 ms target, no cap
+    assert [c.num_tokens for c in out.chunks] == [300]
+    s.add_request(make_req("d", 4, max_tokens=20))
+    step(s)  # "d" decodes from here on
+    s.add_request(make_req("p", 500, max_tokens=1))
+    s.add_request(make_req("q", 500, max_tokens=1))
+    out, _ = step(s)
+    # 1 decode + 96 tokens of "p" (a multiple of 8 within the 99 left); "q" finds 3 tokens of room
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 1), ("p", 96)]
+    while s.get_request("p") is not None:  # until its last chunk (max_tokens=1)
+        out, _ = step(s)
+        assert sum(c.num_tokens for c in out.chunks) <= 100
+    run_all(s)
+
+
+def test_decodes_filling_the_graph_leave_the_first_prefill_uncapped():
+    """More decodes than the graph room: the first prefill is sized by time alone, the next gets none."""
+    s, policy, _ = adaptive_sched(budget=4096, max_model_len=4096, block_size=8, blocks=(1024,), target_s=50 * MS)
+    policy.max_decoding_step_tokens = 4
+    for i in range(6):
+        s.add_request(make_req(f"d{i}", 4, max_tokens=20))
+    step(s)
+    s.add_request(make_req("p", 64, max_tokens=1))
+    s.add_request(make_req("q", 64, max_tokens=1))
+    out, _ = step(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks if c.num_tokens > 1] == [("p", 64)]
+    run_all(s)
+
+
+def test_decoding_step_cap_from_the_engine_args():
+    from mnemosyne.engine.args import EngineArgs
+    from mnemosyne.worker.piecewise_graph import MAX_PIECEWISE_TOKENS
+
+    args = EngineArgs(max_num_batched_tokens=8192)
+    assert args.policy_config("cuda").max_decoding_step_tokens == MAX_PIECEWISE_TOKENS
+    assert args.policy_config("simulated").max_decoding_step_tokens == MAX_PIECEWISE_TOKENS
+    assert args.policy_config("cpu").max_decoding_step_tokens is None  # no graphs on CPU
+    assert EngineArgs(enforce_eager=True).policy_config("cuda").max_decoding_step_tokens is None
+    assert EngineArgs(graph_sized_steps=False).policy_config("cuda").max_decoding_step_tokens is None
+    assert EngineArgs(max_num_batched_tokens=300).policy_config("cuda").max_decoding_step_tokens == 304
+
+
 def test_chunks_never_cross_a_kvp_group_boundary():
     s, _, _ = adaptive_sched(budget=4096, block_size=4, blocks=(32, 32, 32), t=40, target_s=50 * MS)
     s.add_request(make_req("a", 100, max_tokens=2))

@@ -344,8 +344,9 @@ def test_device_profile_is_calibrated_against_by_adaptive_chunking(model_1b, tmp
         {"arrival_s": 0.05, "prompt_len": 60000, "output_len": 2},
     ]
     trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    # --no-graph-sized-steps: chunks of up to 20 ms, not of the 1024 tokens a graph step holds
     policy = ("--chunk-policy", "adaptive", "--tbt-slo-ms", "20", "--latency-profile", str(engine_p),
-              "--device-latency-profile", str(device_p))  # fmt: skip
+              "--device-latency-profile", str(device_p), "--no-graph-sized-steps")  # fmt: skip
     on = simulate(model_1b, trace, tmp_path / "on.json", *policy)
     off = simulate(model_1b, trace, tmp_path / "off.json", *policy, "--no-online-calibration")
     # uncalibrated: chunks sized for 20 ms by the engine's profile run 2x as long on the device;
@@ -372,3 +373,16 @@ def test_an_arrival_waits_for_the_step_already_planned(model_1b, async_schedulin
         engine.step()
     first = next(i for i, s in enumerate(engine.steps) if any(rid == "short" for rid, _, _ in s.chunks))
     assert first == (2 if async_scheduling else 1)
+
+
+def test_simulate_takes_the_calibration_quantile_and_the_graph_step_cap(model_1b, tmp_path):
+    """Every policy flag `simulate` parses reaches its engine (the quantile once did not)."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"arrival_s": 0.0, "prompt_len": 64, "output_len": 2}) + "\n")
+    default = simulate(model_1b, trace, tmp_path / "default.json", *POLICY)
+    setup = default["setup"]
+    assert (setup["tbt_slo_quantile"], setup["max_decoding_step_tokens"]) == (0.98, 1024)
+    given = simulate(model_1b, trace, tmp_path / "given.json", *POLICY, "--tbt-slo-quantile", "0.9",
+                     "--no-graph-sized-steps")  # fmt: skip
+    setup = given["setup"]
+    assert (setup["tbt_slo_quantile"], setup["max_decoding_step_tokens"]) == (0.9, None)

@@ -3,7 +3,8 @@
 Per step (the scheduler asks in its order: decodes first, then prefills by priority)::
 
     decode                  always 1 token; its predicted cost joins the step's load
-    prefill chunk           cap  = min(num_pending, budget_left, tokens to the KVP group boundary)
+    prefill chunk           cap  = min(num_pending, budget_left, tokens to the KVP group boundary,
+                                       graph room while any request decodes (below))
                             sizes: multiples of the granularity up to cap, plus cap itself when it
                                    ends the prompt or sits on the group boundary (the remainder)
                             n    = the largest size with step_time(load + chunk(n)) <= allowed_s,
@@ -30,6 +31,17 @@ Per step (the scheduler asks in its order: decodes first, then prefills by prior
                             time is the time to cross all stages, i.e. a per-stage budget of
                             target / spp; with KVP the busiest group's sub-batch sets it
                             (`latency/model.py`).
+    graph room              max_decoding_step_tokens - tokens scheduled so far, while any request
+                            decodes (None: no such cap; the engine sets it to the largest
+                            piecewise CUDA-graph step where graphs run). A step past it runs
+                            eagerly, and those steps made the TBT tail on an H200: in four runs
+                            of the 1B mixed scenario (32 decodes, a 256K prompt; the step logs in
+                            benchmarks/results/session13_h200x2_2026-11-30/), 21 of 106 eager
+                            steps of 1.1K-4.8K tokens took over 30.5 ms (up to 75 ms, 2.5x their
+                            prediction), against 12 of 1883 graph steps. When the room is under
+                            one granule, a later prefill gets nothing, and the step's first
+                            prefill is sized without the cap (the decodes alone fill the graph;
+                            minimum progress as below).
     space sharing (LARS)    a prefill with >= long_prefill_threshold_tokens computed is long: at most
                             one long prefill per KVP group (its owner group) per step, and it may
                             use only share = 1 - min(max(slack fraction, 0), 0.5) of the time left:
@@ -65,9 +77,12 @@ class AdaptiveChunkPolicy:
         min_chunk_tokens: int = 32,
         lars: LARSPriority | None = None,
         long_prefill_threshold_tokens: int = 262144,
+        max_decoding_step_tokens: int | None = None,
     ) -> None:
         if target_step_s <= 0:
             raise ValueError(f"target_step_s must be positive, got {target_step_s}")
+        if max_decoding_step_tokens is not None and max_decoding_step_tokens < 1:
+            raise ValueError(f"max_decoding_step_tokens must be >= 1, got {max_decoding_step_tokens}")
         if granularity_tokens < 1 or min_chunk_tokens < 1:
             raise ValueError(
                 f"granularity and min chunk must be >= 1, got {granularity_tokens}, {min_chunk_tokens}"
@@ -80,7 +95,9 @@ class AdaptiveChunkPolicy:
         self.min_chunk_tokens = min_chunk_tokens
         self.lars = lars  # None: no space sharing
         self.long_prefill_threshold_tokens = long_prefill_threshold_tokens
+        self.max_decoding_step_tokens = max_decoding_step_tokens
         self._now = 0.0
+        self._num_tokens = 0  # scheduled so far this step
         self._load = StepLoadBuilder(kv_manager)
         self._any_prefill = False
         self._num_decoding = 0
@@ -97,9 +114,11 @@ class AdaptiveChunkPolicy:
         self._load = StepLoadBuilder(self.kv_manager)
         self._any_prefill = False
         self._long_groups = set()
+        self._num_tokens = 0
 
     def on_scheduled(self, request: Request, start: int, num_tokens: int, sample: bool) -> None:
         self._load.add(request, start, num_tokens, sample)
+        self._num_tokens += num_tokens
         if request.is_prefill:
             self._any_prefill = True
             if self.is_long(request):
@@ -113,6 +132,12 @@ class AdaptiveChunkPolicy:
             return 0
         if not request.is_prefill:
             return 1  # a decode: always packed
+        if self._num_decoding and self.max_decoding_step_tokens is not None:
+            room = self.max_decoding_step_tokens - self._num_tokens
+            if room >= min(self.granularity_tokens, cap):
+                cap = min(cap, room)
+            elif self._any_prefill:
+                return 0  # the step stays graph-sized: another prefill already progresses
         allowed_s = self.step_target_s()
         if self.lars is not None and self.is_long(request):
             if self._load.owner_group(request, start) in self._long_groups:

@@ -27,7 +27,7 @@ from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
 from mnemosyne.layers.linear import num_kv_heads_per_rank
 from mnemosyne.models.loader import check_model_dir
 from mnemosyne.parallel.groups import stage_layers
-from mnemosyne.worker.piecewise_graph import MAX_PIECEWISE_TOKENS
+from mnemosyne.worker.piecewise_graph import MAX_PIECEWISE_TOKENS, max_piecewise_step_tokens
 
 _DEFAULT_CPU_KV_GB = 2.0
 _CUDA_RESERVE_BYTES = 1 << 30  # allocator fragmentation, CUDA context growth, sampler buffers
@@ -79,6 +79,7 @@ class EngineArgs:
     min_chunk_tokens: int = 32  # the first prefill of a step always gets at least this
     online_calibration: bool = True  # adaptive: correct the latency model from measured step times
     tbt_slo_quantile: float = 0.98  # adaptive: about this fraction of full-budget steps within tbt_slo_ms
+    graph_sized_steps: bool = True  # adaptive: while requests decode, no step larger than the CUDA graphs
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes
     async_scheduling: bool = True  # prepare step n+1 while step n runs (spp == 1 layouts; a no-op with spp > 1)
     generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
@@ -153,6 +154,9 @@ class EngineArgs:
             min_chunk_tokens=self.min_chunk_tokens,
             online_calibration=self.online_calibration,
             tbt_slo_quantile=self.tbt_slo_quantile,
+            max_decoding_step_tokens=max_decoding_step_tokens(
+                device, self.enforce_eager, self.max_num_batched_tokens, self.graph_sized_steps
+            ),
         )
 
     def parallel_config(self) -> ParallelConfig:
@@ -339,6 +343,16 @@ def default_policies(
         chunk_policy = ChunkPolicyKind.FIXED if chunk_size is not None or on_cpu else ChunkPolicyKind.ADAPTIVE
     lars = chunk_policy is ChunkPolicyKind.ADAPTIVE
     return chunk_policy, SchedulingPolicyKind.LARS if lars else SchedulingPolicyKind.FCFS
+
+
+def max_decoding_step_tokens(
+    device: str, enforce_eager: bool, max_num_batched_tokens: int, graph_sized_steps: bool = True
+) -> int | None:
+    """PolicyConfig.max_decoding_step_tokens: the piecewise graphs' largest step where they run
+    (a GPU without enforce_eager, or the simulator's "simulated" GPU), else None (no cap)."""
+    if not graph_sized_steps or enforce_eager or device.startswith("cpu"):
+        return None
+    return max_piecewise_step_tokens(max_num_batched_tokens)
 
 
 def weight_bytes_per_device(model_cfg: ModelConfig, parallel: ParallelConfig) -> int:

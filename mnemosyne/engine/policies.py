@@ -142,6 +142,7 @@ def make_policies(
             min_chunk_tokens=pc.min_chunk_tokens,
             lars=lars,
             long_prefill_threshold_tokens=pc.long_prefill_threshold_tokens,
+            max_decoding_step_tokens=pc.max_decoding_step_tokens,
         )
     else:
         chunk_policy = FixedChunkPolicy(config.scheduler.chunk_size)

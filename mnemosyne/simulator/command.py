@@ -98,7 +98,7 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
         "kv_cache_memory_gb", "tp", "spp", "kvp", "max_tokens_per_kvp_group", "pipeline_depth",
         "chunk_policy", "scheduling_policy", "tbt_slo_ms", "prefill_only_step_ms", "latency_profile", "long_prefill_threshold",
         "deadline_factor", "min_deadline_s", "chunk_granularity", "min_chunk_tokens", "online_calibration",
-        "async_scheduling",
+        "tbt_slo_quantile", "graph_sized_steps", "async_scheduling",
     )  # fmt: skip
     return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
 
@@ -152,6 +152,8 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
         "chunk_policy": config.policy.chunk_policy.value,
         "scheduling_policy": config.policy.scheduling_policy.value,
         "online_calibration": config.policy.online_calibration,
+        "tbt_slo_quantile": config.policy.tbt_slo_quantile,
+        "max_decoding_step_tokens": config.policy.max_decoding_step_tokens,
         "async_scheduling": config.scheduler.async_scheduling,
         "latency_error_factor": ns.latency_error_factor,
         "chunk_step_factor": ns.chunk_step_factor,

@@ -52,6 +52,11 @@ from mnemosyne.worker.graph_capture import capture_graph
 MAX_PIECEWISE_TOKENS = 1024
 
 
+def max_piecewise_step_tokens(max_num_batched_tokens: int) -> int:
+    """The largest step the piecewise graphs replay under this step budget (a multiple of 8)."""
+    return -(-min(max_num_batched_tokens, MAX_PIECEWISE_TOKENS) // 8) * 8
+
+
 def piecewise_sizes(max_tokens: int) -> list[int]:
     """Padded step sizes: 8..64 by 8, 80..256 by 16, 288..512 by 32, 576..1024 by 64, up to
     and including `max_tokens`. A step of n >= 64 tokens pads by under 25% (under 13% from
@@ -98,8 +103,7 @@ class PiecewiseGraphs:
         """Graphs for this worker, or None (CPU or enforce_eager)."""
         if device.type != "cuda" or config.enforce_eager:
             return None
-        max_tokens = min(config.scheduler.max_num_batched_tokens, MAX_PIECEWISE_TOKENS)
-        return cls(model, -(-max_tokens // 8) * 8, device, pool)
+        return cls(model, max_piecewise_step_tokens(config.scheduler.max_num_batched_tokens), device, pool)
 
     def can_run(self, num_tokens: int) -> bool:
         return 0 < num_tokens <= self.max_tokens
