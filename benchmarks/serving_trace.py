@@ -149,7 +149,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     s.add_argument("--min-deadline-s", type=float, default=0.5)
     s.add_argument("--latency-profile", type=Path, default=None, help="for the server (adaptive / lars)")
-    s.add_argument("--server-args", default="", help="more `mnemosyne serve` flags, one string")
+    s.add_argument(
+        "--server-args", default="",
+        help='more `mnemosyne serve` flags, one string; write it --server-args="--flag ..." (argparse takes '
+        "a separate value that starts with a dash for an option)",
+    )  # fmt: skip
     s.add_argument(
         "--step-logs", action="store_true",
         help="each server writes OUT/runs/CONFIG.steps.jsonl (every step; `refit_latency_profile --validation`)",
