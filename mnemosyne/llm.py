@@ -147,6 +147,7 @@ class LLM:
                     finished[out.request_id] = out
                     bar.update(1)
         bar.close()
+        self.engine.check_idle_integrity()
         return [finished[i] for i in ids]
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:

@@ -331,3 +331,24 @@ def test_one_device_keeps_an_eager_launch_until_the_decode_step_is_read(tiny_mod
     assert kept, events  # some launch waited for the read of the step before it
     assert [sid for kind, sid in events if kind == "launch"] == sorted(sid for kind, sid in events if kind == "launch")
     same_outputs([last[rid] for rid in ids], reference)
+
+
+def test_last_outputs_come_before_the_idle_integrity_check(tiny_model_dir, monkeypatch):
+    """The step that finishes the last request returns without checking the KV pools (O(blocks):
+    it held that request's last token back); the check runs once per idle period, on request."""
+    llm = LLM(model=str(tiny_model_dir(NAME)), dtype="float32", device=TEST_DEVICE, block_size=4)
+    engine = llm.engine
+    checks = []
+    monkeypatch.setattr(engine.kv_manager, "check_integrity", lambda: checks.append(len(checks)))
+    engine.add_request([3, 4, 5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert not engine.check_idle_integrity()  # busy: nothing to check
+    finished = False
+    while engine.has_unfinished_requests():
+        finished = any(out.finished for out in engine.step())
+        assert checks == []
+    assert finished and not engine.inflight
+    assert engine.check_idle_integrity() and checks == [0]
+    assert not engine.check_idle_integrity()  # once per idle period
+    llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert checks == [0, 1]  # generate checks once at its end
+    llm.shutdown()

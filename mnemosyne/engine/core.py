@@ -13,6 +13,8 @@ aborting a request here when one matches)::
                               a progress log line while a long prompt prefills
                  :  wait up to 1 s for a message; check the workers' health
         stats changed ?  StepOutputs([], stats, [])
+        no message waiting ?  the KV pools' integrity check, once per idle period (after the
+                              outputs went out: it takes up to tens of ms)
 
 Any exception from the engine (a worker died or froze, a bug) is sent as
 `EngineDead(reason)`, the workers are stopped and the process exits 1. It also
@@ -274,6 +276,8 @@ def _serve(core: EngineCore, link: _Link) -> None:
         if outputs or step_stats or stats != last_stats:
             link.send(StepOutputs(outputs, stats, step_stats, engine.executor.num_rejected_messages))
             last_stats = stats
+        if not link.sock.poll(0):  # the outputs are out and nothing waits: check an idle engine's KV
+            engine.check_idle_integrity()
 
 
 def main(argv: list[str] | None = None) -> int:
