@@ -254,3 +254,36 @@ def test_bodies_parse_as_json_loads_parses_them(url: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
     r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_a_long_prompt_yields_to_other_streams_between_its_parse_steps(url: str, monkeypatch) -> None:
+    """A body of over LARGE_BODY_BYTES and a prompt of over LARGE_PROMPT_IDS ids: the handler
+    yields to the event loop after the body's parse and before the ids' check (each a long
+    C call), and the request is answered as before (here: a 400 naming the context length)."""
+    import asyncio
+
+    from mnemosyne.server.api_server import _FastJSONRequest
+    from mnemosyne.server.serving import LARGE_BODY_BYTES, LARGE_PROMPT_IDS
+
+    turns: list[int] = []
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay: float, *a, **kw):
+        if delay == 0:
+            turns.append(0)
+        return await real_sleep(delay, *a, **kw)
+
+    num_ids = max(LARGE_PROMPT_IDS, LARGE_BODY_BYTES // 3 + 1)  # "7, " per id
+    body = json.dumps({"prompt": [7] * num_ids, "max_tokens": 1}).encode()
+    assert len(body) >= LARGE_BODY_BYTES
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "headers": [], "path": "/", "query_string": b""}
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+    assert asyncio.run(_FastJSONRequest(scope, receive).json()) == json.loads(body)
+    assert turns == [0, 0]  # two turns of the loop after the parse
+    monkeypatch.undo()
+    r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "max_model_len" in r.json()["error"]["message"], r.text

@@ -36,7 +36,7 @@ from mnemosyne.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from mnemosyne.server.serving import ServingContext, now_s
+from mnemosyne.server.serving import LARGE_BODY_BYTES, ServingContext, now_s, yield_to_streams
 from mnemosyne.server.serving_chat import create_chat_completion
 from mnemosyne.server.serving_completions import create_completion
 
@@ -146,6 +146,8 @@ class _FastJSONRequest(Request):
                 self._json = msgspec.json.decode(body)
             except msgspec.DecodeError:
                 self._json = json.loads(body)  # its answer and its errors (json.JSONDecodeError)
+            if len(body) >= LARGE_BODY_BYTES:
+                await yield_to_streams()  # before FastAPI validates it, another long step
         return self._json
 
 

@@ -30,6 +30,19 @@ from mnemosyne.server.prompt_tokenizer import PromptTokenizer
 
 T = TypeVar("T")
 
+# A body or prompt this large takes one C call of 10-30 ms per step on the event loop (parse,
+# validation, the ids' check: benchmarks/results/probes/prompt_parse_cost_*): the handler
+# yields between those steps so that the other streams' pending chunks go out in between.
+LARGE_BODY_BYTES = 1 << 20
+LARGE_PROMPT_IDS = 1 << 17
+
+
+async def yield_to_streams() -> None:
+    """Two turns of the event loop: one runs the io thread's posted outputs (waking the
+    streams' tasks), the next runs those tasks, which write their chunks."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
 
 @dataclass
 class ServingContext:

@@ -14,6 +14,7 @@ from mnemosyne.outputs import RequestOutput
 from mnemosyne.server.async_engine import RequestHandle, SubRequest
 from mnemosyne.server.protocol import CompletionRequest
 from mnemosyne.server.serving import (
+    LARGE_PROMPT_IDS,
     ServingContext,
     collect,
     completion_logprobs,
@@ -24,6 +25,7 @@ from mnemosyne.server.serving import (
     sse_stream,
     sub_request_id,
     usage,
+    yield_to_streams,
 )
 from mnemosyne.server.validation import check_sampling_fields, check_work
 
@@ -103,6 +105,8 @@ async def _tokenize(ctx: ServingContext, prompt: str | list[int], echo: bool) ->
     if isinstance(prompt, str):
         return _Prompt(await ctx.prompts.encode(prompt), prompt)
     ids = list(prompt)
+    if len(ids) >= LARGE_PROMPT_IDS:
+        await yield_to_streams()  # between FastAPI's validation and the ids' check
     checked = ctx.check_token_ids(ids)
     return _Prompt(ids, await ctx.prompts.decode(ids) if echo else "", checked)
 
