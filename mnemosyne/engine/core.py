@@ -276,7 +276,7 @@ def _serve(core: EngineCore, link: _Link) -> None:
         if outputs or step_stats or stats != last_stats:
             link.send(StepOutputs(outputs, stats, step_stats, engine.executor.num_rejected_messages))
             last_stats = stats
-        if not link.sock.poll(0):  # the outputs are out and nothing waits: check an idle engine's KV
+        if not engine.has_unfinished_requests() and not link.sock.poll(0):  # outputs out, nothing waits
             engine.check_idle_integrity()
 
 
