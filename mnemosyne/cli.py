@@ -161,6 +161,7 @@ def _stream_one(engine: LLMEngine, ns: argparse.Namespace, params: SamplingParam
                 sys.stdout.write(out.delta_text)
                 sys.stdout.flush()
     sys.stdout.write("\n")
+    engine.check_idle_integrity()  # after the text is out (it held the last token back inside step())
     return 0
 
 

@@ -46,6 +46,7 @@ def _one(engine: LLMEngine, prompt: list[int], output_len: int) -> RequestOutput
             if out.request_id == rid and out.finished:
                 final = out
     assert final is not None
+    engine.check_idle_integrity()  # outside the request's timing, as the served engine core runs it
     return final
 
 

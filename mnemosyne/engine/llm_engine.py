@@ -243,12 +243,13 @@ class LLMEngine:
     def check_idle_integrity(self) -> bool:
         """Check the KV pools (`KVCacheManager.check_integrity`) once per idle period: when the
         engine went idle since the last check and still has no request. Call it once the step's
-        outputs are delivered (the engine core does, when no message waits; `LLM.generate` at
-        its end). Inside `step()` the check, O(blocks: 74 ms for 58.6K blocks on a 2-core CPU),
-        held back the last token of the last request before every idle period (the 1B serving
-        trace on an H200: that token reached the client a median 29 ms, up to 72 ms, after the
-        one before, against 1-2 ms between the engine's steps; benchmarks/results/README.md,
-        "Fourteenth session"). Returns whether it checked."""
+        outputs are delivered (the engine core does, when no message waits; `LLM.generate`,
+        `mnemosyne generate` and `bench latency` at their ends). Inside `step()` the check
+        (O(blocks): 74 ms for 58.6K blocks on a 2-core CPU) held back the last token of the
+        last request before every idle period (the 1B serving trace on an H200: that token
+        reached the client a median 29 ms, up to 72 ms, after the one before, against 1-2 ms
+        between the engine's steps; benchmarks/results/README.md, "Fourteenth session").
+        Returns whether it checked."""
         if not self._integrity_check_due or self.scheduler.has_unfinished_requests():
             return False
         self._integrity_check_due = False
