@@ -70,3 +70,29 @@ def test_cpu_profile_is_cached_and_used(tiny_model_dir, tmp_path, monkeypatch):
         assert llm.engine.policies.latency_source.startswith("cached profile")
         outs = llm.generate([list(range(3, 40))], GREEDY)
         assert len(outs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_graph_sized_steps_match_hf(tiny_model_dir, tmp_path, monkeypatch):
+    """Adaptive chunks capped at a (forced, small) graph size while requests decode stay exact;
+    every step that carried a decode held at most that many tokens, and some also a prefill."""
+    from mnemosyne.engine import args as engine_args
+    from mnemosyne.engine.adaptive_chunking import AdaptiveChunkPolicy
+
+    cap = 12
+    monkeypatch.setattr(engine_args, "max_decoding_step_tokens", lambda *a, **k: cap)  # CPU has no graphs
+    steps: list[tuple[int, int, bool]] = []  # (decoding, tokens, any prefill) of every finished step
+    begin = AdaptiveChunkPolicy.begin_step
+
+    def recording_begin(self, now: float, num_decoding: int) -> None:
+        steps.append((self._num_decoding, self._num_tokens, self._any_prefill))
+        begin(self, now, num_decoding)
+
+    monkeypatch.setattr(AdaptiveChunkPolicy, "begin_step", recording_begin)
+    model_dir = tiny_model_dir("llama")
+    profile = write_profile(tmp_path / "p.json", model_dir, Layout())
+    check_against_hf(
+        "llama", model_dir, **POLICY, latency_profile=profile, max_num_batched_tokens=64, block_size=4
+    )
+    decoding = [(n, prefill) for d, n, prefill in steps if d]
+    assert decoding and max(n for n, _ in decoding) <= cap
+    assert any(prefill for _, prefill in decoding)

@@ -31,8 +31,10 @@ Per step (the scheduler asks in its order: decodes first, then prefills by prior
                             time is the time to cross all stages, i.e. a per-stage budget of
                             target / spp; with KVP the busiest group's sub-batch sets it
                             (`latency/model.py`).
-    graph room              max_decoding_step_tokens - tokens scheduled so far, while any request
-                            decodes (None: no such cap; the engine sets it to the largest
+    graph room              max_decoding_step_tokens - tokens scheduled so far - decodes still to
+                            come (decode aheads are asked for in priority order among the
+                            prefills, after some of them), while any request decodes
+                            (None: no such cap; the engine sets it to the largest
                             piecewise CUDA-graph step where graphs run). A step past it runs
                             eagerly, and those steps made the TBT tail on an H200: in four runs
                             of the 1B mixed scenario (32 decodes, a 256K prompt; the step logs in
@@ -98,6 +100,7 @@ class AdaptiveChunkPolicy:
         self.max_decoding_step_tokens = max_decoding_step_tokens
         self._now = 0.0
         self._num_tokens = 0  # scheduled so far this step
+        self._num_decodes_scheduled = 0  # of the step's num_decoding (decodes and decode aheads)
         self._load = StepLoadBuilder(kv_manager)
         self._any_prefill = False
         self._num_decoding = 0
@@ -115,10 +118,13 @@ class AdaptiveChunkPolicy:
         self._any_prefill = False
         self._long_groups = set()
         self._num_tokens = 0
+        self._num_decodes_scheduled = 0
 
     def on_scheduled(self, request: Request, start: int, num_tokens: int, sample: bool) -> None:
         self._load.add(request, start, num_tokens, sample)
         self._num_tokens += num_tokens
+        if num_tokens == 1 and start >= request.num_tokens - 1:  # a decode, or a decode ahead
+            self._num_decodes_scheduled += 1
         if request.is_prefill:
             self._any_prefill = True
             if self.is_long(request):
@@ -133,7 +139,8 @@ class AdaptiveChunkPolicy:
         if not request.is_prefill:
             return 1  # a decode: always packed
         if self._num_decoding and self.max_decoding_step_tokens is not None:
-            room = self.max_decoding_step_tokens - self._num_tokens
+            decodes_to_come = max(0, self._num_decoding - self._num_decodes_scheduled)
+            room = self.max_decoding_step_tokens - self._num_tokens - decodes_to_come
             if room >= min(self.granularity_tokens, cap):
                 cap = min(cap, room)
             elif self._any_prefill:
