@@ -100,8 +100,8 @@ def test_token_id_prompts_are_decoded_only_for_echo():
         echoed = asyncio.run(_tokenize(ctx, [3, 1], echo=True))
     finally:
         prompts.close()
-    assert (plain.token_ids, plain.text) == ([3, 1], "")
-    assert (echoed.token_ids, echoed.text) == ([3, 1], "xxx x")
+    assert (plain.id_list(), plain.text) == ([3, 1], "")
+    assert (echoed.id_list(), echoed.text) == ([3, 1], "xxx x")
     assert len(prompts._tokenizer.threads) == 1  # the echo's decode, nothing else
 
 
@@ -115,10 +115,12 @@ def test_token_id_range_check(ids, ok):
             ctx.check_token_ids(ids)
 
 
-def test_token_id_prompt_is_converted_once_and_packed_from_its_checked_array(monkeypatch):
-    """A prompt of ids becomes a numpy array once on the event loop (the vocabulary check):
-    its `n` sub-requests keep that int32 array and pack it for the core as it is, giving the
-    bytes packing the list would."""
+@pytest.mark.parametrize("as_array", [False, True])
+def test_token_id_prompt_is_converted_once_and_packed_from_its_checked_array(monkeypatch, as_array):
+    """A prompt of ids (a list, or the int64 array the body decoder reads from a large body)
+    becomes a checked int32 array once on the event loop (the vocabulary check): its `n`
+    sub-requests share that array and pack it for the core as it is, giving the bytes packing
+    the list would."""
     added: list[list[SubRequest]] = []
 
     class Admitted(Exception):
@@ -131,14 +133,14 @@ def test_token_id_prompt_is_converted_once_and_packed_from_its_checked_array(mon
     ctx = _ctx(PromptTokenizer(None), vocab_size=100)
     ctx.engine = SimpleNamespace(add=add)
     ids = [3, 1, 4, 1, 5, 99, 0]
-    req = CompletionRequest.model_validate({"prompt": ids, "n": 2, "max_tokens": 4})
+    prompt = np.array(ids, dtype=np.int64) if as_array else ids
+    req = CompletionRequest.model_validate({"prompt": prompt, "n": 2, "max_tokens": 4})
     with pytest.raises(Admitted):
         asyncio.run(create_completion(req, ctx, raw=None))
     [subs] = added
-    checked = subs[0].prompt_token_id_array
-    assert checked is not None and checked is subs[1].prompt_token_id_array  # shared by the n samples
+    checked = subs[0].prompt_token_ids
+    assert isinstance(checked, np.ndarray) and checked is subs[1].prompt_token_ids  # shared by the n samples
     assert checked.dtype == TOKEN_ID_DTYPE and checked.flags.c_contiguous and checked.tolist() == ids
-    assert all(s.prompt_token_ids == ids for s in subs)  # the detokenizer and metrics read the list
 
     packed_from: list[object] = []
 
@@ -148,7 +150,7 @@ def test_token_id_prompt_is_converted_once_and_packed_from_its_checked_array(mon
 
     monkeypatch.setattr(async_engine, "pack_token_ids", spy)
     assert [s.packed_prompt() for s in subs] == [pack_token_ids(ids)] * 2
-    assert all(x is checked for x in packed_from)  # the array, never the list again
+    assert all(x is checked for x in packed_from)  # the array, never a list again
     text_prompt = SubRequest("t", [7, 8], subs[0].params)  # text prompts: packed from their list
     assert text_prompt.packed_prompt() == pack_token_ids(np.array([7, 8], dtype=TOKEN_ID_DTYPE))
 

@@ -232,14 +232,14 @@ def test_bodies_parse_as_json_loads_parses_them(url: str) -> None:
     included), NaN and lone surrogates reach validation as before, malformed JSON is a 400."""
     import asyncio
 
-    from mnemosyne.server.api_server import _FastJSONRequest
+    from mnemosyne.server.request_body import _JSONRequest
 
     def parse(body: bytes) -> object:
         async def receive() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
         scope = {"type": "http", "method": "POST", "headers": [], "path": "/", "query_string": b""}
-        return asyncio.run(_FastJSONRequest(scope, receive).json())
+        return asyncio.run(_JSONRequest(scope, receive).json())
 
     for body in (b'{"prompt": [1, 2, 3], "seed": 18446744073709551616, "x": [1.5, -0.0, "\\u00e9"]}',
                  b'{"a": 1, "a": 2}'):  # fmt: skip
@@ -257,13 +257,13 @@ def test_bodies_parse_as_json_loads_parses_them(url: str) -> None:
 
 
 def test_a_long_prompt_yields_to_other_streams_between_its_parse_steps(url: str, monkeypatch) -> None:
-    """A body of over LARGE_BODY_BYTES and a prompt of over LARGE_PROMPT_IDS ids: the handler
-    yields to the event loop after the body's parse and before the ids' check (each a long
-    C call), and the request is answered as before (here: a 400 naming the context length)."""
+    """A /v1/completions body of over LARGE_BODY_BYTES whose prompt is ids: the decoder
+    yields to the event loop after splitting the body and after reading the ids into an
+    array (each a long C call), and the request is answered as before (here: a 400 naming
+    the context length)."""
     import asyncio
 
-    from mnemosyne.server.api_server import _FastJSONRequest
-    from mnemosyne.server.serving import LARGE_BODY_BYTES, LARGE_PROMPT_IDS
+    from mnemosyne.server.request_body import LARGE_BODY_BYTES, decode_completion_body
 
     turns: list[int] = []
     real_sleep = asyncio.sleep
@@ -273,17 +273,34 @@ def test_a_long_prompt_yields_to_other_streams_between_its_parse_steps(url: str,
             turns.append(0)
         return await real_sleep(delay, *a, **kw)
 
-    num_ids = max(LARGE_PROMPT_IDS, LARGE_BODY_BYTES // 3 + 1)  # "7, " per id
+    num_ids = LARGE_BODY_BYTES // 3 + 1  # "7, " per id
     body = json.dumps({"prompt": [7] * num_ids, "max_tokens": 1}).encode()
     assert len(body) >= LARGE_BODY_BYTES
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    scope = {"type": "http", "method": "POST", "headers": [], "path": "/", "query_string": b""}
     monkeypatch.setattr(asyncio, "sleep", counting_sleep)
-    assert asyncio.run(_FastJSONRequest(scope, receive).json()) == json.loads(body)
-    assert turns == [0, 0]  # two turns of the loop after the parse
+    value = asyncio.run(decode_completion_body(body))
+    assert turns == [0, 0, 0, 0]  # two turns of the loop after each of the two steps
     monkeypatch.undo()
+    assert isinstance(value["prompt"], np.ndarray) and value["prompt"].tolist() == [7] * num_ids
+    assert value["max_tokens"] == 1 and len(value) == 2
     r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400 and "max_model_len" in r.json()["error"]["message"], r.text
+
+
+def test_a_large_body_with_a_prompt_of_ids_completes_as_a_small_one(url: str) -> None:
+    """A body over LARGE_BODY_BYTES (here by whitespace in the ids' array) takes the array
+    path through the handler, the check and the wire, and gives what the same ids give in a
+    small body (greedy), echo and usage included."""
+    from mnemosyne.server.request_body import LARGE_BODY_BYTES
+
+    ids = [5, 17, 2, 99, 3, 41]
+    fields = '"max_tokens": 6, "temperature": 0, "echo": true, "logprobs": 1'
+    small = f'{{"prompt": {json.dumps(ids)}, {fields}}}'.encode()
+    padded = ("," + " " * (LARGE_BODY_BYTES // (len(ids) - 1))).join(str(t) for t in ids)
+    large = f'{{"prompt": [{padded}], {fields}}}'.encode()
+    assert len(large) >= LARGE_BODY_BYTES
+    headers = {"content-type": "application/json"}
+    a, b = (httpx.post(url + "/v1/completions", content=body, headers=headers, timeout=60) for body in (small, large))
+    assert a.status_code == b.status_code == 200, (a.text, b.text[:300])
+    ja, jb = a.json(), b.json()
+    assert ja["choices"] == jb["choices"] and ja["usage"] == jb["usage"]
+    assert jb["choices"][0]["logprobs"]["tokens"][: len(ids)]  # the echoed prompt's tokens

@@ -2,7 +2,9 @@
 
 For a `--tokens`-long prompt: the time of each step a request handler takes (JSON parse
 by json.loads and by msgspec, the request model's validation with either order of the prompt union, the id range
-check, decode for echo, encode), and how long a thread doing the tokenizer work holds
+check, decode for echo, encode), the whole path from a body of ids to the checked array as
+the server took it before (msgspec values, a list validated and checked) and as it takes it
+now (`server/request_body.py`: the prompt's span read into an array), and how long a thread doing the tokenizer work holds
 the event-loop thread back (the longest gap of a 1-ms ticker on the main thread while it
 runs): a step that holds the GIL blocks every stream for its whole duration.
 
@@ -12,6 +14,7 @@ runs): a step that holds the GIL blocks every stream for its whole duration.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import threading
@@ -32,6 +35,7 @@ from mnemosyne.engine.llm_engine import load_tokenizer
 from mnemosyne.models.default_model import resolve_default_model
 from mnemosyne.request import check_token_ids
 from mnemosyne.server.protocol import CompletionRequest
+from mnemosyne.server.request_body import decode_completion_body, decode_json, parse_id_array
 
 
 def best_ms(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -74,6 +78,8 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(500, vocab, ns.tokens).tolist()
     text = long_text_prompt(ns.tokens)
     body = json.dumps({"prompt": ids, "max_tokens": 1}).encode()
+    prompt_span = bytes(msgspec.json.decode(body, type=dict[str, msgspec.Raw])["prompt"])
+    array_value = asyncio.run(decode_completion_body(body))
     old_union = TypeAdapter(str | list[str] | list[int] | list[list[int]])
     steps_ms = {
         "json.loads (ids body)": best_ms(lambda: json.loads(body)),
@@ -85,6 +91,20 @@ def main() -> None:
         "ids -> checked array (check_token_ids, the server today)": best_ms(lambda: check_token_ids(ids, vocab)),
         "the load generator's body (bench encode_payload)": best_ms(
             lambda: encode_payload("completions", "m", BenchRequest(ids, len(ids), 1))
+        ),
+        "split the body into spans (msgspec, the array path's first step)": best_ms(
+            lambda: msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+        ),
+        "parse_id_array (the prompt's span -> int64 array)": best_ms(lambda: parse_id_array(prompt_span)),
+        "validate CompletionRequest (array)": best_ms(lambda: CompletionRequest.model_validate(array_value)),
+        "array -> checked array (check_token_ids)": best_ms(lambda: check_token_ids(array_value["prompt"], vocab)),
+        "body -> checked ids, list path (before)": best_ms(
+            lambda: check_token_ids(list(CompletionRequest.model_validate(decode_json(body)).prompt), vocab)
+        ),
+        "body -> checked ids, array path (now; yields included)": best_ms(
+            lambda: check_token_ids(
+                CompletionRequest.model_validate(asyncio.run(decode_completion_body(body))).prompt, vocab
+            )
         ),
         "decode ids (old: always, for echo)": best_ms(lambda: tok.decode(ids), 1),
         "encode text": best_ms(lambda: tok.encode(text), 1),

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,7 +32,8 @@ from mnemosyne.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from mnemosyne.server.serving import LARGE_BODY_BYTES, ServingContext, now_s, yield_to_streams
+from mnemosyne.server.request_body import CompletionRoute, JSONRoute
+from mnemosyne.server.serving import ServingContext, now_s
 from mnemosyne.server.serving_chat import create_chat_completion
 from mnemosyne.server.serving_completions import create_completion
 
@@ -87,7 +84,7 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
                 code="invalid_api_key",
             )
 
-    router = APIRouter(dependencies=[Depends(check_key)], route_class=_FastJSONRoute)
+    router = APIRouter(dependencies=[Depends(check_key)], route_class=JSONRoute)
 
     @router.get("/v1/models")
     async def models() -> dict:
@@ -100,9 +97,12 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
         }
         return {"object": "list", "data": [card]}
 
-    @router.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(body, ctx, raw)
+
+    router.add_api_route(
+        "/v1/completions", completions, methods=["POST"], route_class_override=CompletionRoute
+    )
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
@@ -129,36 +129,6 @@ def _api_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
         return {"prompt": await ctx.prompts.decode(body.tokens)}
 
     return router
-
-
-class _FastJSONRequest(Request):
-    """A request whose JSON body msgspec decodes first: in half json.loads' time on the event
-    loop every stream shares (a 500K-id prompt's 3.6-MB body: 15 against 30 ms on a 2-core
-    CPU, `benchmarks/probes/prompt_parse_cost.py`). For every body msgspec accepts the result
-    is json.loads' (the same values, big integers included); anything it refuses (NaN or
-    Infinity, lone surrogates, UTF-16, malformed JSON) goes to json.loads as before, so every
-    error, and FastAPI's 400 for a body that is not JSON, stays what it was."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            try:
-                self._json = msgspec.json.decode(body)
-            except msgspec.DecodeError:
-                self._json = json.loads(body)  # its answer and its errors (json.JSONDecodeError)
-            if len(body) >= LARGE_BODY_BYTES:
-                await yield_to_streams()  # before FastAPI validates it, another long step
-        return self._json
-
-
-class _FastJSONRoute(APIRoute):
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            return await handler(_FastJSONRequest(request.scope, request.receive))
-
-        return route
 
 
 _MAX_DETAIL_CHARS = 200

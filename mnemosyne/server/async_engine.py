@@ -63,17 +63,15 @@ class SubRequest:
     """One engine request: a prompt of an API call, times `n`."""
 
     request_id: str
-    prompt_token_ids: list[int]  # for the detokenizer, the output and the metrics
+    # A text prompt's ids, or a prompt given as ids as the handler's checked TOKEN_ID_DTYPE
+    # array (`ServingContext.check_token_ids`; the `n` sub-requests share it). For the
+    # detokenizer, the output and the metrics.
+    prompt_token_ids: list[int] | np.ndarray = field(compare=False)
     params: SamplingParams
-    # The same ids as the checked TOKEN_ID_DTYPE array, when the handler made one (prompts
-    # given as ids: `ServingContext.check_token_ids`); the `n` sub-requests share it.
-    prompt_token_id_array: np.ndarray | None = field(default=None, compare=False)
 
     def packed_prompt(self) -> bytes:
-        """The prompt as `CoreRequest` carries it: copied out of the checked array when there
-        is one, so a prompt of ids is converted from its list once, not once more here."""
-        ids = self.prompt_token_id_array
-        return pack_token_ids(self.prompt_token_ids if ids is None else ids)
+        """The prompt as `CoreRequest` carries it: a checked array is copied out as it is."""
+        return pack_token_ids(self.prompt_token_ids)
 
 
 class _Stream:
@@ -90,7 +88,7 @@ class _Accumulated:
     stop strings are matched (the engine core sends token ids only)."""
 
     stream: _Stream
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] | np.ndarray
     detok: IncrementalDetokenizer | None  # None: the model has no tokenizer
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)

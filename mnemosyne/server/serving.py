@@ -30,18 +30,9 @@ from mnemosyne.server.prompt_tokenizer import PromptTokenizer
 
 T = TypeVar("T")
 
-# A body or prompt this large takes one C call of 10-30 ms per step on the event loop (parse,
-# validation, the ids' check: benchmarks/results/probes/prompt_parse_cost_*): the handler
-# yields between those steps so that the other streams' pending chunks go out in between.
-LARGE_BODY_BYTES = 1 << 20
+# A prompt of this many ids in a Python list takes about 8 ms to check on the event loop
+# (benchmarks/results/probes/prompt_parse_cost_*): the handler yields before that check.
 LARGE_PROMPT_IDS = 1 << 17
-
-
-async def yield_to_streams() -> None:
-    """Two turns of the event loop: one runs the io thread's posted outputs (waking the
-    streams' tasks), the next runs those tasks, which write their chunks."""
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
 
 
 @dataclass
@@ -65,7 +56,7 @@ class ServingContext:
                 code="model_not_found",
             )
 
-    def check_token_ids(self, ids: list[int]) -> np.ndarray:
+    def check_token_ids(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """`ids` as a 1-D TOKEN_ID_DTYPE array if all are in the vocabulary
         (`request.check_token_ids`), else InvalidRequestError. The one conversion of a prompt
         of ids on the event loop: `SubRequest` keeps the array and packs it for the core."""

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mnemosyne.outputs import RequestOutput
 from mnemosyne.server.async_engine import RequestHandle, SubRequest
 from mnemosyne.server.protocol import CompletionRequest
+from mnemosyne.server.request_body import yield_to_streams
 from mnemosyne.server.serving import (
     LARGE_PROMPT_IDS,
     ServingContext,
@@ -25,16 +26,21 @@ from mnemosyne.server.serving import (
     sse_stream,
     sub_request_id,
     usage,
-    yield_to_streams,
 )
 from mnemosyne.server.validation import check_sampling_fields, check_work
 
 
 @dataclass
 class _Prompt:
-    token_ids: list[int]
+    # A text prompt's ids, or a prompt given as ids as the checked TOKEN_ID_DTYPE array
+    # (`ServingContext.check_token_ids`), which the `n` sub-requests share and pack as it is.
+    token_ids: list[int] | np.ndarray
     text: str  # for echo; "" without echo (decoding a long prompt's ids costs ~0.1 s per 500K)
-    token_id_array: np.ndarray | None = None  # the checked ids of a prompt given as ids
+
+    def id_list(self) -> list[int]:
+        """The ids as Python ints, for the echoed ids and logprobs of a response."""
+        ids = self.token_ids
+        return ids if isinstance(ids, list) else ids.tolist()
 
 
 @dataclass
@@ -68,7 +74,6 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Re
                 prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
                 i=i,
             ),
-            prompt.token_id_array,
         )
         for p, prompt in enumerate(prompts)
         for i in range(n)
@@ -101,14 +106,13 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext, raw: Re
     return JSONResponse(body)
 
 
-async def _tokenize(ctx: ServingContext, prompt: str | list[int], echo: bool) -> _Prompt:
+async def _tokenize(ctx: ServingContext, prompt: str | list[int] | np.ndarray, echo: bool) -> _Prompt:
     if isinstance(prompt, str):
         return _Prompt(await ctx.prompts.encode(prompt), prompt)
-    ids = list(prompt)
-    if len(ids) >= LARGE_PROMPT_IDS:
+    if isinstance(prompt, list) and len(prompt) >= LARGE_PROMPT_IDS:
         await yield_to_streams()  # between FastAPI's validation and the ids' check
-    checked = ctx.check_token_ids(ids)
-    return _Prompt(ids, await ctx.prompts.decode(ids) if echo else "", checked)
+    checked = ctx.check_token_ids(prompt)  # an array from the body decoder: min and max only
+    return _Prompt(checked, await ctx.prompts.decode(checked.tolist()) if echo else "")
 
 
 def _prompt_entries(out: RequestOutput, prompt: _Prompt) -> list:
@@ -125,13 +129,13 @@ def _final_choice(
     if req.logprobs is not None:
         ids, entries = list(out.token_ids), list(out.logprobs or [])
         if req.echo:
-            ids = prompt.token_ids + ids
+            ids = prompt.id_list() + ids
             entries = _prompt_entries(out, prompt) + entries
         logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, 0)
     choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
     if req.prompt_logprobs is not None:
         entries = _prompt_entries(out, prompt)
-        choice["prompt_logprobs"] = prompt_logprobs(ctx, prompt.token_ids, entries, req.prompt_logprobs)
+        choice["prompt_logprobs"] = prompt_logprobs(ctx, prompt.id_list(), entries, req.prompt_logprobs)
     return choice
 
 
@@ -156,7 +160,7 @@ async def _chunks(
         entries: list = list((out.logprobs or [])[ch.num_tokens_sent :])
         if req.echo and not ch.echoed:  # the first token: prompt logprobs are complete
             text = ch.prompt.text + text
-            new_ids = ch.prompt.token_ids + new_ids
+            new_ids = ch.prompt.id_list() + new_ids
             entries = _prompt_entries(out, ch.prompt) + entries
             ch.echoed = True
         logprobs = None
