@@ -117,7 +117,7 @@ class _JSONRequest(Request):
         return self._json
 
 
-class _CompletionRequestBody(Request):
+class _IdArrayJSONRequest(Request):
     """A request whose JSON body is decoded by `decode_completion_body`."""
 
     async def json(self) -> Any:
@@ -144,4 +144,4 @@ class JSONRoute(APIRoute):
 class CompletionRoute(JSONRoute):
     """/v1/completions: a prompt of ids in a large body is read as an array."""
 
-    request_class = _CompletionRequestBody
+    request_class = _IdArrayJSONRequest
