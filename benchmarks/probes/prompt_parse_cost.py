@@ -88,7 +88,7 @@ def main() -> None:
         "validate prompt, old union order": best_ms(lambda: old_union.validate_python(ids)),
         "range check, Python loop (old)": best_ms(lambda: any(not 0 <= t < vocab for t in ids)),
         "range check, min/max (new)": best_ms(lambda: (min(ids), max(ids))),
-        "ids -> checked array (check_token_ids, the server today)": best_ms(lambda: check_token_ids(ids, vocab)),
+        "ids list -> checked array (check_token_ids, the list path)": best_ms(lambda: check_token_ids(ids, vocab)),
         "the load generator's body (bench encode_payload)": best_ms(
             lambda: encode_payload("completions", "m", BenchRequest(ids, len(ids), 1))
         ),
