@@ -5,7 +5,10 @@ measured) / measured. Runs on CPU (the simulation is `benchmarks.simulate_servin
         --latency-profile P --out OUT.json [--kv-cache-memory-gb G] [--device-latency-profile D]
 
 --latency-profile: the profile the measured server ran with (its policies predict by it);
---device-latency-profile: where the simulated device's step times come from (default: P).
+--device-latency-profile: where the simulated device's step times come from (default: P);
+--device-step-log STEPLOG: or how a measured run's steps departed from P, by kind of step
+(`mnemosyne/simulator/device_log.py`), with --arrival-delay-ms for the time outside the
+engine's steps (`benchmarks.ttft_decomposition`).
 
 The trace options (shape, duration, rate, longest prompt, configs) are taken from the
 measured run's first command, so the simulated trace is the measured one (same `trace_id`,
@@ -122,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device_latency_profile": ns.device_latency_profile or ns.latency_profile,
         "chunk_step_factor": ns.chunk_step_factor,
         "idle_step_factor": ns.idle_step_factor,
+        "device_step_log": ns.device_step_log,
+        "device_seed": ns.device_seed,
+        "arrival_delay_ms": ns.arrival_delay_ms,
         "trace_id": sim["trace_id"],
         "simulate_commands": sim["simulate_commands"],
         "simulated_vs_measured": rows,

@@ -25,7 +25,9 @@ sustained serving load (an H200 then holds its power cap at lower clocks than th
 short bursts saw; decode-only steps, bandwidth-bound, stay at the profile's times); and the
 idle-step factor, the same over the steps submitted with nothing in flight, divided by the
 chunk-step factor (`--idle-step-factor`, applied on top of it: their host launches are not
-hidden behind a step before them).
+hidden behind a step before them). Last, what `mnemosyne simulate --device-step-log` takes
+from the same log (`mnemosyne/simulator/device_log.py`): the chunk factor per prefix bucket,
+the idle-start steps' factor, and the spread of the decode-only steps it draws from.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from mnemosyne.engine.step_log import read_step_log
 from mnemosyne.latency.calibration import CalibrationConfig, prefix_bucket
+from mnemosyne.simulator.device_log import DeviceLog
 
 PREFIX_BUCKET_TOKENS = CalibrationConfig().prefix_bucket_tokens
 
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     ns = ap.parse_args(argv)
     header, steps = read_step_log(ns.step_log)
-    result = {"step_log": str(ns.step_log), "header": header, **report(steps[ns.skip_steps :], ns.worst)}
+    result = {"step_log": str(ns.step_log), "header": header, **report(steps[ns.skip_steps :], ns.worst),
+              "device_log": DeviceLog.from_steps(steps[ns.skip_steps :], str(ns.step_log)).summary()}  # fmt: skip
     print(f"{result['num_steps']} steps of {ns.step_log} ({header['device']}, layout {header['layout']})")
     print(
         f"{'kind':10s} {'prefix':>10s} {'steps':>6s} {'median':>7s} {'p95':>6s} {'>1.5x':>6s}   (measured / predicted)"
@@ -183,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"at {w['t_s']:.1f} s: {w['decodes']} decodes, chunks {w['chunks']}{how + ']' if how else ''}")  # fmt: skip
     host = result["host"]
     if host is not None:
+        at = f" (at {host['worst'][0]['t_s']:.1f} s)" if host["worst"] else ""
         print(f"host time before a submission: p50 {host['p50_ms']:.2f} ms, p99 {host['p99_ms']:.2f} ms, "
-              f"max {host['max_ms']:.1f} ms (at {host['worst'][0]['t_s']:.1f} s)")  # fmt: skip
+              f"max {host['max_ms']:.1f} ms{at}")  # fmt: skip
     held = result["held_back"]
     print(f"steps read late behind the next step's launch: {held['steps']} {held['by_next_path'] or ''}")
     if result["chunk_step_factor"] is not None:
@@ -193,6 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"idle-step factor (median over {result['num_idle_steps']} steps started on an idle device, with a chunk, "
               f"over the chunk-step factor): "
               f"{result['idle_step_factor']:.3f}")  # fmt: skip
+    dev = result["device_log"]
+    factors = ", ".join(f"{bucket_label(int(b))} {f:.3f}" for b, f in dev["chunk_factors_by_prefix_bucket"].items())
+    idle = "-" if dev["idle_factor"] is None else f"{dev['idle_factor']:.3f}"
+    decodes = ", ".join(f"{n}: {' / '.join(f'{x:.3f}' for x in qs)}"
+                        for n, qs in dev["decode_ratio_p10_p50_p90_by_decodes"].items())  # fmt: skip
+    paths = ", ".join(f"{bucket_label(int(k.split('/')[0]))} {k.split('/')[1]} {f:.3f}"
+                      for k, f in dev["chunk_factors_by_prefix_bucket_and_path"].items())  # fmt: skip
+    print(f"--device-step-log: chunk factors by prefix {factors}; by prefix and path {paths}; idle-start {idle} "
+          f"({dev['num_idle_steps']} steps); decode-only p10 / p50 / p90 by decodes {decodes} "
+          f"({dev['num_decode_steps']} steps)")  # fmt: skip
     if ns.out is not None:
         ns.out.write_text(json.dumps(result, indent=1))
     return result

@@ -37,13 +37,32 @@ def add_step_factor_args(p: argparse.ArgumentParser) -> None:
         "(its host launches are not hidden behind a step before it: the median measured/predicted of "
         "such steps in a serving step log, `benchmarks.step_log_report`)",
     )  # fmt: skip
+    p.add_argument(
+        "--device-step-log", default=None,
+        help="time the simulated device's steps by this serving step log, measured with --latency-profile: "
+        "per prefix bucket the median measured/predicted of its steps with a chunk, its idle-start steps' "
+        "median, a draw from its decode-only steps' ratios (simulator/device_log.py; replaces the factors above)",
+    )  # fmt: skip
+    p.add_argument("--device-seed", type=int, default=0, help="seeds --device-step-log's decode-step draws")
+    p.add_argument(
+        "--arrival-delay-ms", type=float, default=0.0,
+        help="each request reaches the scheduler this long after its arrival, its TTFT still counted from the "
+        "arrival: the server's HTTP path, the engine core's input and the first token's way back "
+        "(`benchmarks.ttft_decomposition` measures it from a serving run)",
+    )  # fmt: skip
+
+
+DEVICE_ARGS = ("device_step_log", "device_seed", "arrival_delay_ms")
 
 
 def step_factor_argv(ns: argparse.Namespace) -> list[str]:
-    """The factors of `add_step_factor_args` that differ from 1, as command-line arguments."""
+    """The arguments of `add_step_factor_args` that differ from their defaults, as a command line."""
     out: list[str] = []
     for name in STEP_FACTORS:
         if getattr(ns, name) != 1.0:
+            out += ["--" + name.replace("_", "-"), str(getattr(ns, name))]
+    for name, default in zip(DEVICE_ARGS, (None, 0, 0.0), strict=True):
+        if getattr(ns, name) != default:
             out += ["--" + name.replace("_", "-"), str(getattr(ns, name))]
     return out
 
@@ -107,6 +126,7 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
     """The simulation `mnemosyne simulate` runs for parsed arguments `ns`: the engine after the
     trace (its requests' token times; with `record_steps`, every step in `engine.steps`) and the
     result JSON (requests, summary, setup)."""
+    from mnemosyne.simulator.device_log import DeviceLog, LoggedDevice
     from mnemosyne.simulator.engine import SimulatedEngine, run_trace, scaled_timer
     from mnemosyne.simulator.report import summarize
     from mnemosyne.simulator.setup import (
@@ -131,14 +151,26 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
     for name in ("latency_error_factor", *STEP_FACTORS):
         if getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(ns, name)}")
+    if ns.arrival_delay_ms < 0:
+        raise ConfigError(f"--arrival-delay-ms must be >= 0, got {ns.arrival_delay_ms}")
     device_path = ns.device_latency_profile
-    device = model if device_path is None else matching_profile_model(config, device_path, spec)
     timed = device_path is not None or ns.latency_error_factor != 1.0 or ns.chunk_step_factor != 1.0
+    logged = None
+    if ns.device_step_log is not None:
+        if timed or ns.idle_step_factor != 1.0:
+            raise ConfigError(
+                "--device-step-log times the device itself: not with --device-latency-profile, "
+                "--latency-error-factor, --chunk-step-factor or --idle-step-factor"
+            )
+        logged = LoggedDevice(DeviceLog.from_step_log(ns.device_step_log), ns.device_seed)
+    device = model if device_path is None else matching_profile_model(config, device_path, spec)
     timer = scaled_timer(device, ns.latency_error_factor, ns.chunk_step_factor) if timed else None
     engine = SimulatedEngine(
-        config, model, source, step_timer=timer, record_steps=record_steps, idle_step_factor=ns.idle_step_factor
-    )
-    run_trace(engine, trace)  # a request the engine refuses raises its InvalidRequestError
+        config, model, source, step_timer=timer, record_steps=record_steps,
+        idle_step_factor=ns.idle_step_factor, device=logged,
+    )  # fmt: skip
+    # a request the engine refuses raises its InvalidRequestError
+    run_trace(engine, trace, ns.arrival_delay_ms / 1e3)
     result = summarize(engine, config.policy.tbt_slo_s, ns.ttft_slo_s)
     p = config.parallel
     result["setup"] = {
@@ -158,6 +190,8 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
         "latency_error_factor": ns.latency_error_factor,
         "chunk_step_factor": ns.chunk_step_factor,
         "idle_step_factor": ns.idle_step_factor,
+        "device_step_log": None if logged is None else {**logged.log.summary(), "seed": ns.device_seed},
+        "arrival_delay_ms": ns.arrival_delay_ms,
         "device_latency_model": source if device_path is None else str(device_path),
         "command": "mnemosyne " + " ".join(sys.argv[1:]),
     }

@@ -31,6 +31,15 @@ scheduling), which the device waits for while the host launches it: `idle_step_f
 slows such a step when it carries a prefill chunk (an eager step of 1-4K tokens after idling:
 1.44x its prediction on an H200 for the 1B shape, 1.26x for the 8B; the step log's
 `idle_start` steps, `benchmarks/step_log_report.py`).
+
+A `LoggedDevice` (`device_log.py`, `mnemosyne simulate --device-step-log`) times the steps
+instead, from one measured run's step log: a factor per prefix bucket and path for steps
+with a chunk, one for such steps submitted with nothing in flight, and a draw from the
+measured ratios for each decode-only step. `run_trace`'s `arrival_delay_s` holds every
+request back from the scheduler that long after its arrival (its TTFT still counts from
+the arrival): the server's HTTP path and the engine core's input, and the first token's
+way back, which no step holds (5.5-6.1 ms on H200 hosts for a 1-4K-token prompt:
+`benchmarks/ttft_decomposition.py`).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.request import TOKEN_ID_DTYPE, Request, prompt_array
 from mnemosyne.sampling_params import SamplingParams
+from mnemosyne.simulator.device_log import LoggedDevice
 from mnemosyne.simulator.pipeline import StagePipeline
 from mnemosyne.simulator.trace import TraceRequest
 
@@ -102,9 +112,12 @@ class SimulatedEngine:
         step_timer: StepTimer | None = None,
         record_steps: bool = False,
         idle_step_factor: float = 1.0,
+        device: LoggedDevice | None = None,
     ) -> None:
         if idle_step_factor <= 0:
             raise ValueError(f"the idle step factor must be positive, got {idle_step_factor}")
+        if device is not None and (step_timer is not None or idle_step_factor != 1.0):
+            raise ValueError("a logged device times the steps itself: no step_timer or idle factor with it")
         self.config = config
         self.now_s = 0.0
         self.kv_manager = KVCacheManager(config.cache)
@@ -118,6 +131,7 @@ class SimulatedEngine:
         )
         self.step_timer = step_timer  # None: steps take exactly the predicted time
         self.idle_step_factor = idle_step_factor
+        self.device = device
         self.pipeline = StagePipeline(config.parallel.spp)
         self.max_inflight = config.max_inflight  # as LLMEngine
         self.requests: dict[str, SimulatedRequest] = {}
@@ -150,9 +164,12 @@ class SimulatedEngine:
                 break
             comp = step_composition(self.kv_manager, sched)
             predicted_s = self.policies.latency_model.step_time_s(comp)
-            duration_s = predicted_s if self.step_timer is None else self.step_timer(comp)
-            if not self._inflight and any(g.num_chunks for g in comp.groups):  # an idle device waits for it
-                duration_s *= self.idle_step_factor
+            if self.device is not None:
+                duration_s = self.device.step_time_s(comp, predicted_s, idle=not self._inflight)
+            else:
+                duration_s = predicted_s if self.step_timer is None else self.step_timer(comp)
+                if not self._inflight and any(g.num_chunks for g in comp.groups):
+                    duration_s *= self.idle_step_factor  # an idle device waits for it
             done_s = self.pipeline.submit(self.now_s, duration_s)
             self._inflight.append((sched, comp, predicted_s, self.now_s, done_s))
         if not self._inflight:
@@ -180,20 +197,23 @@ class SimulatedEngine:
             sim.num_preemptions = req.num_preemptions
 
 
-def run_trace(engine: SimulatedEngine, trace: list[TraceRequest]) -> None:
-    """Feed the trace at its arrival times and step until all finish. Request i of the trace is
+def run_trace(engine: SimulatedEngine, trace: list[TraceRequest], arrival_delay_s: float = 0.0) -> None:
+    """Feed the trace at its arrival times (each `arrival_delay_s` later to the scheduler; its
+    TTFT counts from its arrival) and step until all finish. Request i of the trace is
     "req-i"; equal arrivals are added in trace order."""
+    if arrival_delay_s < 0:
+        raise ValueError(f"the arrival delay must be >= 0, got {arrival_delay_s}")
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)
     k, n = 0, len(order)
     while k < n or engine.has_work():
-        while k < n and trace[order[k]].arrival_s <= engine.now_s:
+        while k < n and trace[order[k]].arrival_s + arrival_delay_s <= engine.now_s:
             t = trace[order[k]]
             engine.add_request(f"req-{order[k]}", t.prompt_len, t.output_len, t.arrival_s)
             k += 1
         if engine.step():
             continue
         if k < n:  # idle: jump to the next arrival
-            engine.now_s = max(engine.now_s, trace[order[k]].arrival_s)
+            engine.now_s = max(engine.now_s, trace[order[k]].arrival_s + arrival_delay_s)
             continue
         raise RuntimeError(
             f"simulation stuck at {engine.now_s:.3f} s: {engine.scheduler.num_waiting} waiting requests "

@@ -1,0 +1,226 @@
+"""The simulated device of a serving step log: how one measured run's steps departed from
+the latency model's predictions, by kind of step, so that another trace or configuration
+can be simulated on that device (`mnemosyne simulate --device-step-log STEPLOG`).
+
+From a step log (`engine/step_log.py`; its first `skip_steps` steps left out: warm-up),
+each step's ratio = measured_s / predicted_s, the prediction being the engine's own,
+uncorrected, from the profile the run used; ratios outside the online calibration's
+plausible range are stalls and are dropped, as the calibration drops them::
+
+    chunk factors   per prefix bucket (the calibration's: the chunks' keys before them, 0 under
+                    4K tokens, then one per doubling) and path, the median ratio of the steps
+                    with a prefill chunk submitted while another step was in flight. The path
+                    is the one the worker takes by the step's size: a mixed-step graph up to
+                    MIXED_GRAPH_TOKENS, the piecewise graphs up to PIECEWISE_TOKENS, eager
+                    above (`worker/mixed_graph.py`, `worker/piecewise_graph.py`; a step the
+                    mixed graphs cannot plan runs piecewise on the GPU, and is counted by its
+                    size here as in the simulator). A (bucket, path) with fewer than
+                    MIN_SAMPLES steps takes its bucket's median over every path; a bucket with
+                    fewer than MIN_SAMPLES, the nearest bucket kept (the lower one on a tie)
+    idle factor     the median ratio of the steps with a chunk submitted with nothing in flight
+                    (`idle_start`: the engine had idled, the device waited for the host's
+                    launches); under MIN_SAMPLES such steps, they take the chunk factors
+    decode ratios   the ratios of the decode-only steps, sorted, per decode bucket (the number
+                    of decodes: 1, 2-3, 4-7, ... doubling; a bucket with fewer than MIN_SAMPLES
+                    steps takes the nearest kept): each simulated decode-only step draws one
+                    from its bucket (a seeded generator, linear between order statistics)
+
+    simulated step time = the latency model's prediction x the step's factor or draw
+
+Why per prefix bucket: a single median over every chunk step (`--chunk-step-factor`) is set by
+the long prompts' steps, which are most of a trace's chunk steps. In the 8B serving trace on
+an H200 (benchmarks/results/session14_h200x2_2026-11-30/b/) steps under 4K keys ran at
+0.86-0.95x the profile and steps past 128K keys at 1.12-1.14x, so a short request's prefill
+was simulated 1.12x its prediction: +37% short TTFT p50 under fixed 2048-token chunks.
+Why per path: the engine's calibration sizes a chunk by the window of its own key, and one
+key holds both paths. In the 1B trace (`a/`) steps past 256K keys ran at 1.06x through the
+mixed graphs and 1.09x piecewise; a short prompt's 512-token chunk beside a long prompt's
+192 tokens pushes the step past 512 tokens, so the real engine learned 1.17x for that key
+and gave the short prompt 256 tokens a step, where one factor for the bucket let the
+simulated engine give it 512 (the lowest slow short TTFT, 159 against 270 ms).
+Why draws for decode-only steps: on the 1B shape they are host-bound (p10 / p50 / p90 of
+1.00 / 1.18 / 1.45x the profile in the session-14 trace), and a TBT median over a trace
+where about half the gaps are decode-only steps samples the top of that spread. Why by the
+number of decodes: the host's work grows with the requests a step returns, the profile's
+decode times do not (the same trace on another H200 host: 1.09x with one decode, 1.52x
+with two or three). Steps with a chunk keep one factor per bucket, so a simulation's long
+prefills do not depend on the seed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnemosyne.engine.step_log import read_step_log
+from mnemosyne.latency.calibration import MAX_PLAUSIBLE_RATIO, CalibrationConfig, prefix_bucket
+from mnemosyne.latency.composition import StepComposition
+
+MIN_SAMPLES = 8  # steps a bucket (or the idle class) needs for its own median
+MIXED_GRAPH_TOKENS = 512  # worker/mixed_graph.py MAX_MIXED_GRAPH_TOKENS
+PIECEWISE_TOKENS = 1024  # worker/piecewise_graph.py MAX_PIECEWISE_TOKENS
+SKIP_STEPS = 16  # as benchmarks/step_log_report.py: compiles, graph capture, cold caches
+PREFIX_BUCKET_TOKENS = CalibrationConfig().prefix_bucket_tokens
+
+
+def seqs_prefix_bucket(seqs: list[list[int]]) -> int | None:
+    """The calibration's prefix bucket of a logged step ([query tokens, keys before] per chunk,
+    one KVP group): None for a decode-only step."""
+    prefixes = [p for n, p in seqs if n > 1]
+    return prefix_bucket(sum(prefixes), PREFIX_BUCKET_TOKENS) if prefixes else None
+
+
+def decode_bucket(num_decodes: int) -> int:
+    """0 for one decode, 1 for 2-3, 2 for 4-7, ... (doubling)."""
+    return max(num_decodes, 1).bit_length() - 1
+
+
+def step_path(num_tokens: int) -> str:
+    """The path a step with a chunk takes by its size (the module docstring)."""
+    if num_tokens <= MIXED_GRAPH_TOKENS:
+        return "mixed_graph"
+    return "piecewise" if num_tokens <= PIECEWISE_TOKENS else "eager"
+
+
+def composition_prefix_bucket(composition: StepComposition) -> int | None:
+    """The same bucket of a simulated step (the largest group's chunk prefixes, as the
+    calibration keys it); None for a decode-only step."""
+    if not any(g.num_chunks for g in composition.groups):
+        return None
+    return prefix_bucket(max(g.chunk_prefix_tokens for g in composition.groups), PREFIX_BUCKET_TOKENS)
+
+
+@dataclass(frozen=True)
+class DeviceLog:
+    source: str
+    chunk_factors: dict[int, float]  # prefix bucket -> median ratio over every path
+    path_factors: dict[tuple[int, str], float]  # (prefix bucket, path) -> median ratio
+    idle_factor: float | None
+    decode_ratios: dict[int, tuple[float, ...]]  # decode bucket -> sorted ratios
+    num_chunk_steps: int
+    num_idle_steps: int
+
+    @classmethod
+    def from_steps(cls, steps: list[dict], source: str = "steps") -> DeviceLog:
+        # Logs written before `idle_start` mark such steps by host_s = None (as step_log_report)
+        flagged = any("idle_start" in s for s in steps)
+        by_bucket: dict[int, list[float]] = defaultdict(list)
+        by_path: dict[tuple[int, str], list[float]] = defaultdict(list)
+        idle: list[float] = []
+        decode: dict[int, list[float]] = defaultdict(list)
+        for s in steps:
+            if s["predicted_s"] <= 0 or not s["seqs"]:
+                continue
+            ratio = s["measured_s"] / s["predicted_s"]
+            if not 1 / MAX_PLAUSIBLE_RATIO <= ratio <= MAX_PLAUSIBLE_RATIO:
+                continue
+            bucket = seqs_prefix_bucket(s["seqs"])
+            if bucket is None:
+                decode[decode_bucket(len(s["seqs"]))].append(ratio)
+            elif s.get("idle_start", False) if flagged else s.get("host_s", 0.0) is None:
+                idle.append(ratio)
+            else:
+                by_bucket[bucket].append(ratio)
+                by_path[bucket, step_path(sum(n for n, _ in s["seqs"]))].append(ratio)
+        factors = {b: statistics.median(rs) for b, rs in sorted(by_bucket.items()) if len(rs) >= MIN_SAMPLES}
+        if not factors and by_bucket:  # every bucket sparse: one median over all of them
+            pooled = [r for rs in by_bucket.values() for r in rs]
+            factors = {min(by_bucket): statistics.median(pooled)}
+        return cls(
+            source=source,
+            chunk_factors=factors,
+            path_factors={
+                k: statistics.median(rs) for k, rs in sorted(by_path.items()) if len(rs) >= MIN_SAMPLES
+            },
+            idle_factor=statistics.median(idle) if len(idle) >= MIN_SAMPLES else None,
+            decode_ratios=_kept({b: tuple(sorted(rs)) for b, rs in sorted(decode.items())}),
+            num_chunk_steps=sum(len(rs) for rs in by_bucket.values()),
+            num_idle_steps=len(idle),
+        )
+
+    @classmethod
+    def from_step_log(cls, path: str | Path, skip_steps: int = SKIP_STEPS) -> DeviceLog:
+        _, steps = read_step_log(path)
+        return cls.from_steps(steps[skip_steps:], str(path))
+
+    def chunk_factor(self, bucket: int, path: str | None = None) -> float:
+        """The median ratio of (`bucket`, `path`), else of `bucket` over every path, else of
+        the nearest bucket kept (1 with none)."""
+        if (bucket, path) in self.path_factors:
+            return self.path_factors[bucket, path]
+        if bucket in self.chunk_factors:
+            return self.chunk_factors[bucket]
+        if not self.chunk_factors:
+            return 1.0
+        return self.chunk_factors[_nearest(self.chunk_factors, bucket)]
+
+    def decode_quantile(self, q: float, num_decodes: int = 1) -> float:
+        """The q-quantile of the decode-only ratios of `num_decodes`'s bucket, else of the
+        nearest bucket kept (linear between order statistics; 1 with none)."""
+        if not self.decode_ratios:
+            return 1.0
+        b = decode_bucket(num_decodes)
+        r = self.decode_ratios[b if b in self.decode_ratios else _nearest(self.decode_ratios, b)]
+        pos = q * (len(r) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(r) - 1)
+        return r[lo] + (pos - lo) * (r[hi] - r[lo])
+
+    def summary(self) -> dict:
+        """What a simulation's setup records (and step_log_report prints)."""
+        return {
+            "source": self.source,
+            "chunk_factors_by_prefix_bucket": {str(b): f for b, f in self.chunk_factors.items()},
+            "chunk_factors_by_prefix_bucket_and_path": {
+                f"{b}/{p}": f for (b, p), f in self.path_factors.items()
+            },
+            "idle_factor": self.idle_factor,
+            "decode_ratio_p10_p50_p90_by_decodes": {
+                f"{1 << b}-{(2 << b) - 1}": [self.decode_quantile(q, 1 << b) for q in (0.1, 0.5, 0.9)]
+                for b in self.decode_ratios
+            },
+            "num_decode_steps": sum(len(r) for r in self.decode_ratios.values()),
+            "num_chunk_steps": self.num_chunk_steps,
+            "num_idle_steps": self.num_idle_steps,
+        }
+
+
+def _nearest(buckets: Mapping[int, object], bucket: int) -> int:
+    """The bucket of `buckets` nearest `bucket` (the lower one on a tie)."""
+    return min(buckets, key=lambda b: (abs(b - bucket), b))
+
+
+def _kept(by_bucket: dict[int, tuple[float, ...]]) -> dict[int, tuple[float, ...]]:
+    """The buckets with MIN_SAMPLES ratios or more; all of them pooled into the smallest
+    bucket when none has that many."""
+    kept = {b: r for b, r in by_bucket.items() if len(r) >= MIN_SAMPLES}
+    if kept or not by_bucket:
+        return kept
+    return {min(by_bucket): tuple(sorted(x for r in by_bucket.values() for x in r))}
+
+
+class LoggedDevice:
+    """A simulated device timed by a `DeviceLog`; decode-only steps draw from a generator
+    seeded with `seed`, so a simulation is reproducible."""
+
+    def __init__(self, log: DeviceLog, seed: int = 0) -> None:
+        self.log = log
+        self._rng = np.random.default_rng(seed)
+
+    def ratio(self, composition: StepComposition, idle: bool) -> float:
+        """`idle`: submitted with nothing in flight."""
+        bucket = composition_prefix_bucket(composition)
+        if bucket is None:
+            num_decodes = sum(g.num_sampled for g in composition.groups)
+            return self.log.decode_quantile(float(self._rng.random()), num_decodes)
+        if idle and self.log.idle_factor is not None:
+            return self.log.idle_factor
+        return self.log.chunk_factor(bucket, step_path(sum(g.num_tokens for g in composition.groups)))
+
+    def step_time_s(self, composition: StepComposition, predicted_s: float, idle: bool) -> float:
+        return predicted_s * self.ratio(composition, idle)
