@@ -303,3 +303,30 @@ def _listening_ports(pid: int) -> list[int]:
         if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
             ports.append(int(cols[1].split(":")[1], 16))
     return ports
+
+
+def test_a_send_to_a_rank_without_a_connection_is_a_worker_error() -> None:
+    """A rank whose control connection closed (a killed worker not yet reaped) makes the
+    driver's send raise `PeerUnreachable`, which the executor turns into a `WorkerError`
+    naming the rank and what it was sending, its workers stopped; never a raw ZMQError."""
+    from types import SimpleNamespace
+
+    from mnemosyne.errors import WorkerError
+    from mnemosyne.executor.multiproc import MultiProcExecutor
+    from mnemosyne.parallel.transport import DriverChannel, PeerUnreachable
+    from mnemosyne.wire.plan import StepPlan
+
+    channel = DriverChannel(new_secret())
+    try:
+        with pytest.raises(PeerUnreachable, match="worker rank 3 is unreachable"):
+            channel.broadcast([3], Shutdown())
+        executor = object.__new__(MultiProcExecutor)  # no workers: only the channel's failure path
+        executor.channel, executor.ranks, executor.local, executor._closed = channel, [3], None, False
+        executor._finalizer = SimpleNamespace(detach=lambda: None)
+        with pytest.raises(WorkerError, match=r"worker rank 3 is unreachable.*\(sending step 7\)"):
+            executor.submit(StepPlan(step_id=7, chunks=()))
+        assert executor._closed
+        with pytest.raises(WorkerError, match="stopped"):
+            executor.submit(StepPlan(step_id=8, chunks=()))
+    finally:
+        channel.close()

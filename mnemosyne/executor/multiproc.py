@@ -16,7 +16,9 @@ Liveness: while waiting, the driver polls the channel in short slices; a
 `WorkerFailed` message, a local worker that exited, a worker silent for
 `parallel.heartbeat_timeout_s` (its heartbeat thread beats every second, compute
 or not), or no reply within `parallel.timeout_s` (the collective timeout too)
-raises `WorkerError` (and the workers are stopped) rather than hanging the engine.
+raises `WorkerError` (and the workers are stopped) rather than hanging the engine; so
+does a send to a rank whose connection has closed (`PeerUnreachable`: a killed worker
+whose exit has not been reaped yet).
 `check_health()` does the same checks while the engine is idle.
 
 Security: messages are signed with the control secret (`wire/auth.py`): a fresh one
@@ -35,6 +37,7 @@ from mnemosyne.errors import WorkerError
 from mnemosyne.parallel.groups import rank_of
 from mnemosyne.parallel.launch import LocalWorkers, launch_local_workers
 from mnemosyne.parallel.messages import (
+    DriverMessage,
     FillSyntheticKV,
     InitWorker,
     RunStep,
@@ -46,7 +49,7 @@ from mnemosyne.parallel.messages import (
     WorkerMessage,
     WorkerReady,
 )
-from mnemosyne.parallel.transport import DriverChannel
+from mnemosyne.parallel.transport import DriverChannel, PeerUnreachable
 from mnemosyne.wire.auth import new_secret, require_secret, secret_from_env
 from mnemosyne.wire.plan import StepPlan, StepResult
 
@@ -88,7 +91,7 @@ class MultiProcExecutor:
             if not isinstance(msg, WorkerHello) or not 0 <= msg.rank < self.world_size or msg.rank in hello:
                 raise WorkerError(f"unexpected message while waiting for workers: {msg!r}")
             hello[msg.rank] = msg
-        self.channel.broadcast(self.ranks, InitWorker(self.config))
+        self._broadcast(InitWorker(self.config), "sending the engine config")
         ready: set[int] = set()
         while len(ready) < self.world_size:
             msg = self._recv(f"{len(ready)}/{self.world_size} workers loaded the model")
@@ -100,7 +103,7 @@ class MultiProcExecutor:
 
     def submit(self, plan: StepPlan) -> None:
         self._check_open()
-        self.channel.broadcast(self.ranks, RunStep(plan))
+        self._broadcast(RunStep(plan), f"sending step {plan.step_id}")
         self._inflight.append(plan.step_id)
         self._done[plan.step_id] = {}
 
@@ -124,7 +127,7 @@ class MultiProcExecutor:
         after every plan submitted before it; returns every rank's answer, by rank, once
         all of them are done (results of plans still in flight are kept meanwhile)."""
         self._check_open()
-        self.channel.broadcast(self.ranks, FillSyntheticKV(request_id, seed))
+        self._broadcast(FillSyntheticKV(request_id, seed), f"sending the synthetic KV fill of {request_id!r}")
         filled: dict[int, SyntheticKVFilled] = {}
         while len(filled) < self.world_size:
             msg = self._recv(
@@ -200,6 +203,13 @@ class MultiProcExecutor:
         if not dead:
             return ""
         return "worker process died: " + ", ".join(f"rank {r} (exit code {c})" for r, c in dead) + "; "
+
+    def _broadcast(self, msg: DriverMessage, doing: str) -> None:
+        """Send `msg` to every rank; a rank whose connection is gone fails the engine."""
+        try:
+            self.channel.broadcast(self.ranks, msg)
+        except PeerUnreachable as e:
+            self._fail(self._dead_prefix() + f"{e} ({doing})")
 
     def _fail(self, message: str) -> None:
         self.shutdown(graceful=False)

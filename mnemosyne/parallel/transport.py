@@ -24,6 +24,15 @@ def _identity(rank: int) -> bytes:
     return f"rank-{rank}".encode()
 
 
+class PeerUnreachable(ConnectionError):
+    """A rank the driver sends to has no connection (ROUTER_MANDATORY): its process died or
+    hung up, or it never connected. The executor turns it into a `WorkerError`."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(f"worker rank {rank} is unreachable: its control connection is closed")
+        self.rank = rank
+
+
 def _sender_rank(identity: bytes, msg: WorkerMessage) -> bool:
     """True when the message speaks for the rank that sent it."""
     if isinstance(msg, Heartbeat):
@@ -51,12 +60,20 @@ class DriverChannel:
         self.last_beat: dict[int, float] = {}  # rank -> time.monotonic() of its latest heartbeat
 
     def send(self, rank: int, msg: DriverMessage) -> None:
-        self._sock.send_multipart([_identity(rank), self.codec.encode(msg)])
+        self._send(rank, self.codec.encode(msg))
 
     def broadcast(self, ranks: list[int], msg: DriverMessage) -> None:
         payload = self.codec.encode(msg)
         for r in ranks:
-            self._sock.send_multipart([_identity(r), payload])
+            self._send(r, payload)
+
+    def _send(self, rank: int, payload: bytes) -> None:
+        try:
+            self._sock.send_multipart([_identity(rank), payload])
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                raise PeerUnreachable(rank) from e
+            raise
 
     def stop_heartbeaters(self, ranks: list[int], reason: str) -> None:
         """Tell each rank's heartbeat thread to end its process (it may be stuck in a collective)."""
