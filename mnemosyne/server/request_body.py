@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -60,8 +61,11 @@ def decode_json(body: bytes | msgspec.Raw) -> Any:
 
 def parse_id_array(text: bytes) -> np.ndarray | None:
     """`text`, a JSON array of one or more non-negative integers (`[12, 0, 7]`), as a 1-D
-    int64 array; None for any other text. An integer past int64 reads as int64's maximum,
-    which the vocabulary check refuses as the exact value would be."""
+    int64 array; None for any other text, and always None with a numpy that reads partial
+    text (`_fromstring_refuses_partial_reads`). An integer past int64 reads as int64's
+    maximum, which the vocabulary check refuses as the exact value would be."""
+    if not _ID_ARRAY_FAST_PATH:
+        return None
     text = text.strip(_JSON_WHITESPACE)
     if len(text) < 3 or text[:1] != b"[" or text[-1:] != b"]":
         return None
@@ -80,6 +84,22 @@ def parse_id_array(text: bytes) -> np.ndarray | None:
     except ValueError:
         return None
     return ids if len(ids) == compact.count(b",") + 1 else None
+
+
+def _fromstring_refuses_partial_reads() -> bool:
+    """Whether this numpy raises on text it cannot read to its end. Older ones warn and
+    return what they read: "[1, 2 3]" would read as [1, 2], as many ids as elements, so the
+    fast path is off there and every body goes the general way."""
+    with warnings.catch_warnings():  # at import, before any other thread of the server runs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            np.fromstring(b"1,2 3", dtype=np.int64, sep=",")
+        except ValueError:
+            return True
+    return False
+
+
+_ID_ARRAY_FAST_PATH = _fromstring_refuses_partial_reads()
 
 
 async def decode_completion_body(body: bytes) -> Any:
