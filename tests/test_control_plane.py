@@ -330,3 +330,31 @@ def test_a_send_to_a_rank_without_a_connection_is_a_worker_error() -> None:
             executor.submit(StepPlan(step_id=8, chunks=()))
     finally:
         channel.close()
+
+
+def test_a_core_gone_after_its_hello_is_an_engine_core_error() -> None:
+    """The API server's start-up send to an engine core whose connection has closed raises
+    EngineCoreError saying why (its exit code when it has exited), never a raw ZMQError."""
+    from types import SimpleNamespace
+
+    from mnemosyne.errors import EngineCoreError
+    from mnemosyne.server.core_process import CoreProcess
+    from mnemosyne.wire.codec import Codec
+    from mnemosyne.wire.engine_core import CoreToServer, StopEngine
+
+    core = object.__new__(CoreProcess)  # no process: only the send's failure path
+    core._ctx = zmq.Context()
+    core._sock = core._ctx.socket(zmq.ROUTER)
+    core._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    core.codec = Codec(new_secret(), CoreToServer, "test")
+    core.heartbeat_timeout_s, core.last_beat = 10.0, None
+    try:
+        core.proc = SimpleNamespace(poll=lambda: None)
+        with pytest.raises(EngineCoreError, match="cannot be reached: its control connection is closed"):
+            core._send_now(StopEngine())
+        core.proc = SimpleNamespace(poll=lambda: -9)
+        with pytest.raises(EngineCoreError, match="exited with code -9"):
+            core._send_now(StopEngine())
+    finally:
+        core._sock.close(linger=0)
+        core._ctx.term()

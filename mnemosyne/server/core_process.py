@@ -152,7 +152,13 @@ class CoreProcess:
         return None
 
     def _send_now(self, msg: object) -> None:
-        self._sock.send_multipart([CORE_IDENTITY, self.codec.encode(msg)])
+        """Send at once (start-up, before the io thread): a core whose connection closed
+        (it died after its hello) is an EngineCoreError, not a raw ZMQError."""
+        try:
+            self._sock.send_multipart([CORE_IDENTITY, self.codec.encode(msg)])
+        except zmq.ZMQError as e:
+            reason = self.check_alive() or f"its control connection is closed ({e})"
+            raise EngineCoreError(f"the engine core cannot be reached: {reason}") from e
 
     # ---- running -----------------------------------------------------------------------
 
