@@ -100,8 +100,8 @@ def test_token_id_prompts_are_decoded_only_for_echo():
         echoed = asyncio.run(_tokenize(ctx, [3, 1], echo=True))
     finally:
         prompts.close()
-    assert (plain.id_list(), plain.text) == ([3, 1], "")
-    assert (echoed.id_list(), echoed.text) == ([3, 1], "xxx x")
+    assert (plain.id_list, plain.text) == ([3, 1], "")
+    assert (echoed.id_list, echoed.text) == ([3, 1], "xxx x")
     assert len(prompts._tokenizer.threads) == 1  # the echo's decode, nothing else
 
 

@@ -26,13 +26,14 @@ import asyncio
 import json
 import re
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
 import numpy as np
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.types import Receive, Scope
 
 # A body this large takes one C call of 10-30 ms per step on the event loop (parse,
 # validation, the ids' check: benchmarks/results/probes/prompt_parse_cost_*): the handler
@@ -102,61 +103,64 @@ def _fromstring_refuses_partial_reads() -> bool:
 _ID_ARRAY_FAST_PATH = _fromstring_refuses_partial_reads()
 
 
+async def decode_body(body: bytes) -> Any:
+    """The body's JSON value (`decode_json`); after a large body's parse, two turns of the
+    event loop before FastAPI validates it, another long step."""
+    value = decode_json(body)
+    if len(body) >= LARGE_BODY_BYTES:
+        await yield_to_streams()
+    return value
+
+
 async def decode_completion_body(body: bytes) -> Any:
-    """The body's JSON value; for a large body whose `prompt` is an array of ids, that
-    prompt as an int64 array (module docstring). Yields to the other streams between the
-    long steps of a large body."""
+    """`decode_body`'s value, but for a large body whose `prompt` is an array of ids, that
+    prompt as an int64 array (module docstring), with a yield between the body's split and
+    the ids' parse too."""
     if len(body) < LARGE_BODY_BYTES:
         return decode_json(body)
     try:
         spans = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
     except (msgspec.DecodeError, msgspec.ValidationError):
-        spans = None
-    ids = None
-    if spans is not None and "prompt" in spans:
-        await yield_to_streams()
-        ids = parse_id_array(bytes(spans["prompt"]))
+        return await decode_body(body)
+    if "prompt" not in spans:
+        return await decode_body(body)
+    await yield_to_streams()
+    ids = parse_id_array(bytes(spans["prompt"]))
     if ids is None:
-        value = decode_json(body)
-    else:
-        value = {key: decode_json(span) for key, span in spans.items() if key != "prompt"}
-        value["prompt"] = ids
+        return await decode_body(body)
+    value = {key: decode_json(span) for key, span in spans.items() if key != "prompt"}
+    value["prompt"] = ids
     await yield_to_streams()  # before FastAPI validates it, another long step
     return value
 
 
+BodyDecoder = Callable[[bytes], Awaitable[Any]]
+
+
 class _JSONRequest(Request):
-    """A request whose JSON body is decoded by `decode_json`."""
+    """A request whose JSON body `decode` reads, once."""
+
+    def __init__(self, scope: Scope, receive: Receive, decode: BodyDecoder = decode_body) -> None:
+        super().__init__(scope, receive)
+        self._decode = decode
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            body = await self.body()
-            self._json = decode_json(body)
-            if len(body) >= LARGE_BODY_BYTES:
-                await yield_to_streams()  # before FastAPI validates it, another long step
-        return self._json
-
-
-class _IdArrayJSONRequest(Request):
-    """A request whose JSON body is decoded by `decode_completion_body`."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = await decode_completion_body(await self.body())
+            self._json = await self._decode(await self.body())
         return self._json
 
 
 class JSONRoute(APIRoute):
-    """A route whose handler reads its body through `_JSONRequest`."""
+    """A route whose handler reads its JSON body through `decode`."""
 
-    request_class: type[Request] = _JSONRequest
+    decode: BodyDecoder = staticmethod(decode_body)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        request_class = self.request_class
+        decode = self.decode
 
         async def route(request: Request) -> Response:
-            return await handler(request_class(request.scope, request.receive))
+            return await handler(_JSONRequest(request.scope, request.receive, decode))
 
         return route
 
@@ -164,4 +168,4 @@ class JSONRoute(APIRoute):
 class CompletionRoute(JSONRoute):
     """/v1/completions: a prompt of ids in a large body is read as an array."""
 
-    request_class = _IdArrayJSONRequest
+    decode = staticmethod(decode_completion_body)

@@ -3,6 +3,7 @@ streamed as server-sent events or returned whole."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -37,8 +38,9 @@ class _Prompt:
     token_ids: list[int] | np.ndarray
     text: str  # for echo; "" without echo (decoding a long prompt's ids costs ~0.1 s per 500K)
 
+    @functools.cached_property
     def id_list(self) -> list[int]:
-        """The ids as Python ints, for the echoed ids and logprobs of a response."""
+        """The ids as Python ints, for echo (its text, ids and logprobs): made once."""
         ids = self.token_ids
         return ids if isinstance(ids, list) else ids.tolist()
 
@@ -111,8 +113,10 @@ async def _tokenize(ctx: ServingContext, prompt: str | list[int] | np.ndarray, e
         return _Prompt(await ctx.prompts.encode(prompt), prompt)
     if isinstance(prompt, list) and len(prompt) >= LARGE_PROMPT_IDS:
         await yield_to_streams()  # between FastAPI's validation and the ids' check
-    checked = ctx.check_token_ids(prompt)  # an array from the body decoder: min and max only
-    return _Prompt(checked, await ctx.prompts.decode(checked.tolist()) if echo else "")
+    out = _Prompt(ctx.check_token_ids(prompt), "")  # an array from the body decoder: min and max only
+    if echo:
+        out.text = await ctx.prompts.decode(out.id_list)
+    return out
 
 
 def _prompt_entries(out: RequestOutput, prompt: _Prompt) -> list:
@@ -129,13 +133,13 @@ def _final_choice(
     if req.logprobs is not None:
         ids, entries = list(out.token_ids), list(out.logprobs or [])
         if req.echo:
-            ids = prompt.id_list() + ids
+            ids = prompt.id_list + ids
             entries = _prompt_entries(out, prompt) + entries
         logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, 0)
     choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
     if req.prompt_logprobs is not None:
         entries = _prompt_entries(out, prompt)
-        choice["prompt_logprobs"] = prompt_logprobs(ctx, prompt.id_list(), entries, req.prompt_logprobs)
+        choice["prompt_logprobs"] = prompt_logprobs(ctx, prompt.id_list, entries, req.prompt_logprobs)
     return choice
 
 
@@ -160,7 +164,7 @@ async def _chunks(
         entries: list = list((out.logprobs or [])[ch.num_tokens_sent :])
         if req.echo and not ch.echoed:  # the first token: prompt logprobs are complete
             text = ch.prompt.text + text
-            new_ids = ch.prompt.id_list() + new_ids
+            new_ids = ch.prompt.id_list + new_ids
             entries = _prompt_entries(out, ch.prompt) + entries
             ch.echoed = True
         logprobs = None
