@@ -39,10 +39,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from mnemosyne.engine.step_log import read_step_log
-from mnemosyne.latency.calibration import CalibrationConfig, prefix_bucket
-from mnemosyne.simulator.device_log import DeviceLog
-
-PREFIX_BUCKET_TOKENS = CalibrationConfig().prefix_bucket_tokens
+from mnemosyne.latency.calibration import prefix_bucket
+from mnemosyne.simulator.device_log import PREFIX_BUCKET_TOKENS, SKIP_STEPS, DeviceLog, idle_starts
 
 
 def group_of(seqs: list[list[int]]) -> tuple[str, int]:
@@ -87,13 +85,11 @@ def report(steps: list[dict], worst: int) -> dict:
     ]  # fmt: skip
     with_chunk = [(r, s) for r, s in rows if any(n > 1 for n, _ in s["seqs"])]
     factor = statistics.median(r for r, _ in with_chunk) if with_chunk else None
-    # Steps submitted with nothing in flight (`idle_start`), with a chunk: their launches are
-    # not hidden behind a step before them. Logs written before that field: the steps with no
-    # host_s (submitted before a result since idling: with async scheduling also the second,
-    # usually a decode ahead without a chunk).
-    flagged = any("idle_start" in s for _, s in rows)
+    # Steps submitted with nothing in flight, with a chunk: their launches are not hidden
+    # behind a step before them (`device_log.idle_starts`).
+    flags = idle_starts([s for _, s in rows])
     after_idle = [
-        r for r, s in with_chunk if (s.get("idle_start", False) if flagged else s.get("host_s", 0.0) is None)
+        r for (r, s), idle in zip(rows, flags, strict=True) if idle and any(n > 1 for n, _ in s["seqs"])
     ]
     # Over the chunk-step factor: the simulator applies both to such a step.
     idle_factor = statistics.median(after_idle) / factor if after_idle and factor else None
@@ -161,7 +157,7 @@ def host_summary(steps: list[dict], worst: int) -> dict | None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("step_log", type=Path)
-    ap.add_argument("--skip-steps", type=int, default=16, help="the first steps left out (warm-up)")
+    ap.add_argument("--skip-steps", type=int, default=SKIP_STEPS, help="the first steps left out (warm-up)")
     ap.add_argument("--worst", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None)
     ns = ap.parse_args(argv)

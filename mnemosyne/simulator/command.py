@@ -52,16 +52,12 @@ def add_step_factor_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-DEVICE_ARGS = ("device_step_log", "device_seed", "arrival_delay_ms")
-
-
 def step_factor_argv(ns: argparse.Namespace) -> list[str]:
     """The arguments of `add_step_factor_args` that differ from their defaults, as a command line."""
+    defaults = argparse.ArgumentParser()
+    add_step_factor_args(defaults)
     out: list[str] = []
-    for name in STEP_FACTORS:
-        if getattr(ns, name) != 1.0:
-            out += ["--" + name.replace("_", "-"), str(getattr(ns, name))]
-    for name, default in zip(DEVICE_ARGS, (None, 0, 0.0), strict=True):
+    for name, default in vars(defaults.parse_args([])).items():
         if getattr(ns, name) != default:
             out += ["--" + name.replace("_", "-"), str(getattr(ns, name))]
     return out

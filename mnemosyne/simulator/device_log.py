@@ -75,6 +75,15 @@ def seqs_prefix_bucket(seqs: list[list[int]]) -> int | None:
     return prefix_bucket(sum(prefixes), PREFIX_BUCKET_TOKENS) if prefixes else None
 
 
+def idle_starts(steps: list[dict]) -> list[bool]:
+    """Per logged step, whether it was submitted with nothing in flight (`idle_start`). Logs
+    written before that field: the steps with no host_s (submitted before a result since
+    idling; with async scheduling also the second, usually a decode ahead without a chunk)."""
+    if any("idle_start" in s for s in steps):
+        return [bool(s.get("idle_start", False)) for s in steps]
+    return [s.get("host_s", 0.0) is None for s in steps]
+
+
 def decode_bucket(num_decodes: int) -> int:
     """0 for one decode, 1 for 2-3, 2 for 4-7, ... (doubling)."""
     return max(num_decodes, 1).bit_length() - 1
@@ -107,13 +116,11 @@ class DeviceLog:
 
     @classmethod
     def from_steps(cls, steps: list[dict], source: str = "steps") -> DeviceLog:
-        # Logs written before `idle_start` mark such steps by host_s = None (as step_log_report)
-        flagged = any("idle_start" in s for s in steps)
         by_bucket: dict[int, list[float]] = defaultdict(list)
         by_path: dict[tuple[int, str], list[float]] = defaultdict(list)
         idle: list[float] = []
         decode: dict[int, list[float]] = defaultdict(list)
-        for s in steps:
+        for s, idle_start in zip(steps, idle_starts(steps), strict=True):
             if s["predicted_s"] <= 0 or not s["seqs"]:
                 continue
             ratio = s["measured_s"] / s["predicted_s"]
@@ -122,7 +129,7 @@ class DeviceLog:
             bucket = seqs_prefix_bucket(s["seqs"])
             if bucket is None:
                 decode[decode_bucket(len(s["seqs"]))].append(ratio)
-            elif s.get("idle_start", False) if flagged else s.get("host_s", 0.0) is None:
+            elif idle_start:
                 idle.append(ratio)
             else:
                 by_bucket[bucket].append(ratio)
