@@ -19,6 +19,11 @@ from mnemosyne.bench.long_context.engine import _median_s, synthetic_meta
 from mnemosyne.bench.long_context.run import write_model_dir
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.llm_engine import LLMEngine
+from mnemosyne.worker import mixed_graph
+
+
+class NotFitting(Exception):
+    """The step does not fit the mixed-step graphs."""
 
 
 def _runner(worker, meta, ids, pos, mixed: bool):
@@ -26,7 +31,8 @@ def _runner(worker, meta, ids, pos, mixed: bool):
         meta.backend_plan = None
         if mixed:
             out = worker.mixed.try_run(ids, pos, meta)
-            assert out is not None, "the step does not fit the mixed-step graphs"
+            if out is None:
+                raise NotFitting
         else:
             worker.piecewise.run(ids, pos, worker.kv_caches, meta)
         torch.cuda.synchronize()
@@ -40,7 +46,12 @@ def main() -> None:
     p.add_argument("--cases", default="32:131072", help="chunk:prefix,...")
     p.add_argument("--kv-fraction", type=float, default=0.5)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-mixed-graph-tokens", type=int, default=None,
+                   help="A/B: the mixed-step graphs' largest step instead of the worker's")
+    p.add_argument("--no-profiler", action="store_true", help="wall times only (no torch.profiler pass)")
     ns = p.parse_args()
+    if ns.max_mixed_graph_tokens is not None:
+        mixed_graph.MAX_MIXED_GRAPH_TOKENS = ns.max_mixed_graph_tokens
     model_dir = write_model_dir(ns.shape, Path(tempfile.mkdtemp()))
     args = EngineArgs(model=str(model_dir), load_format="dummy", dtype="bfloat16", chunk_size=2048,
                       max_num_batched_tokens=2048, max_num_seqs=40, kv_cache_memory_fraction=ns.kv_fraction)  # fmt: skip
@@ -56,7 +67,16 @@ def main() -> None:
         for mixed in (False, True):
             step = _runner(worker, meta, ids, pos, mixed)
             name = f"c{c}_p{prefix}_{'mixed' if mixed else 'piecewise'}"
-            wall_s = _median_s(step, 5)
+            try:
+                wall_s = _median_s(step, 5)
+            except NotFitting:
+                rows.append({"case": name, "fits": False})
+                print(rows[-1], flush=True)
+                continue
+            if ns.no_profiler:
+                rows.append({"case": name, "wall_ms": wall_s * 1e3})
+                print(rows[-1], flush=True)
+                continue
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     step()
