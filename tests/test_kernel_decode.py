@@ -142,6 +142,20 @@ def test_decode_matches_reference(dtype, group, head_dim, block_size, split_budg
     )
 
 
+@pytest.mark.parametrize("split_budget", [1, 3, 40])
+def test_decode_padding_entries_are_skipped(split_budget):
+    """A CUDA graph's fixed-length list: the real entries, then -1s (more of them than the
+    budget). The real rows match the reference, nothing else is written."""
+    B, num_kv_heads, group, head_dim = 16, 2, 2, 32
+    specs = [(1, 40, 0, 41), (1, 299, 0, 300), (1, 0, 0, 0), (1, 70, 0, 71)]
+    query, k_cache, v_cache, meta = make_batch(
+        specs, B, group * num_kv_heads, num_kv_heads, head_dim, torch.float32, seed=11
+    )
+    real = [1, 3, 0]
+    out, lse = run_decode(query, k_cache, v_cache, meta, real + [-1] * 45, 0.2, None, split_budget, block_n=16)
+    check(out, lse, query, k_cache, v_cache, meta, real, 0.2, None, 1e-5)
+
+
 def test_decode_subset_of_mixed_batch():
     """Prefill rows (query_len > 1) and unselected decode rows are left untouched."""
     B, num_kv_heads, group, head_dim = 16, 1, 4, 32

@@ -118,6 +118,15 @@ def _decode_split_kernel(
 ):  # fmt: skip
     item = tl.program_id(0)
     kvh = tl.program_id(1)
+    # Past every item, known without the batch scan: there are at most split_budget items
+    # beyond one per real entry, and padding follows the real entries, so a padding entry
+    # at item - split_budget means item >= split_budget + (real entries) >= the item count.
+    # A CUDA graph's padded list (a mixed step of T tokens has T entries, most of them
+    # padding) would otherwise run T scans of T entries per KV head and layer.
+    j = item - split_budget
+    pad = tl.load(seq_ids_ptr + tl.maximum(j, 0), mask=(j >= 0) & (j < num_decode), other=0)
+    if pad < 0:
+        return
     if DIRECT:  # one item per sequence: item = its index in seq_ids
         i = item
         k = 0
@@ -219,6 +228,8 @@ def _decode_reduce_kernel(
     (`merge_attn.merge_row_splits`, as the chunk kernels' merge): the cost follows n_i, not
     the budget."""
     i = tl.program_id(0)
+    if tl.load(seq_ids_ptr + i) < 0:  # a padding entry: no row (and no batch scan)
+        return
     n, first, _ = work_items(
         qpos_ptr, kv_start_ptr, kv_lens_ptr, seq_ids_ptr, num_decode, split_budget, window,
         HAS_WINDOW, BLOCK_N, SEQ_BLOCK,
