@@ -24,20 +24,21 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
-from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig, HostPlan  # noqa: E402
-from mnemosyne.layers.attention.static_plan import EXTRA_TILES, StaticPlans  # noqa: E402
+from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig, HostPlan, TileGroup  # noqa: E402
+from mnemosyne.layers.attention.static_plan import EXTRA_TILES, MAX_SPLIT_GRAPH_TOKENS, StaticPlans  # noqa: E402
 from mnemosyne.worker.mixed_graph import MixedGraphs  # noqa: E402
 
 BLOCK_SIZE = 4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _backend(cfg: ModelConfig, dtype: torch.dtype) -> KernelBackend:
-    # Splits of a single key step and at most 3 of them: short test contexts take the split
-    # path (S = 3 for every size), with empty splits for the shortest sequences.
+def _backend(cfg: ModelConfig, dtype: torch.dtype, min_split_keys: int = 1) -> KernelBackend:
+    # At most 3 splits. Splits of a single key step: short test contexts take the split path
+    # (the S = 3 graphs), with empty splits for the shortest sequences. Of 64 keys: every
+    # eager plan here takes one split (the S = 1 graphs).
     return KernelBackend(
         cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, DEVICE, use_cudnn=False,
-        chunk_config=ChunkKernelConfig(min_split_keys=1, max_splits=3),
+        chunk_config=ChunkKernelConfig(min_split_keys=min_split_keys, max_splits=3),
     )  # fmt: skip
 
 
@@ -57,26 +58,29 @@ def _to(meta: AttentionMetadata) -> AttentionMetadata:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_sliding"])
+@pytest.mark.parametrize(("name", "min_split_keys"), [("llama", 1), ("mistral_sliding", 1), ("llama", 64)])
 @torch.inference_mode()
-def test_mixed_step_matches_eager_forward(name, tiny_model_dir):
+def test_mixed_step_matches_eager_forward(name, min_split_keys, tiny_model_dir):
     model_dir = tiny_model_dir(name)
     dtype = torch.float32
     cfg = ModelConfig.from_pretrained(model_dir, dtype)
     ref_model = load_model(model_dir, cfg, TorchReferenceBackend(), DEVICE)
-    backend = _backend(cfg, dtype)
+    backend = _backend(cfg, dtype, min_split_keys)
     model = load_model(model_dir, cfg, backend, DEVICE)
     eager_caches, graph_caches = _caches(model, cfg, dtype), _caches(model, cfg, dtype)
     graphs = MixedGraphs(model, graph_caches, backend, max_tokens=32, max_blocks=8, block_size=BLOCK_SIZE,
                          device=DEVICE)  # fmt: skip
     graphs.capture_all()
     heights = graphs.plans.tile_heights
-    assert sorted(graphs.metas) == [(s, h) for s in (8, 16, 24, 32) for h in heights]
-    assert graphs.plans.num_splits == 3
-    ran = []
+    assert graphs.plans.num_splits == 3 and graphs.plans.split_counts == [1, 3]
+    assert sorted(graphs.metas) == [(s, h, n) for s in (8, 16, 24, 32) for h in heights for n in (1, 3)]
+    ran, splits = [], []
     for ids, pos, meta in _mixed_steps(cfg.vocab_size):
         ids, pos, meta = ids.to(DEVICE), pos.to(DEVICE), _to(meta)
         want = ref_model(ids, pos, eager_caches, meta)
+        if meta.max_query_len > 1:
+            host = backend.host_plan(meta, model.num_local_kv_heads, cfg.sliding_window, BLOCK_SIZE)
+            splits.append(graphs.plans.splits_for(host))
         got = graphs.try_run(ids, pos, meta)
         ran.append(got is not None)
         if got is None:  # a decode-only step: not this class's
@@ -88,6 +92,7 @@ def test_mixed_step_matches_eager_forward(name, tiny_model_dir):
             torch.testing.assert_close(kg, ke, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(vg, ve, atol=1e-5, rtol=1e-5)
     assert ran == [True, True, False]
+    assert splits == ([3, 3] if min_split_keys == 1 else [1, 1])  # the graphs of either split count ran
 
 
 @torch.inference_mode()
@@ -122,7 +127,7 @@ def test_static_plan_fill_pads_with_minus_one():
                     tile_seq=[1, 1], tile_q_offset=[8, 0], tiled_rows=list(range(3, 14)))  # fmt: skip
     assert plans.fits(16, host)
     plans.fill(16, host)
-    plan = plans.plan_for(16, block_q)
+    plan = plans.plan_for(16, block_q, plans.num_splits)
     assert plan.decode_seq_ids.tolist() == [0, 2] + [-1] * 14
     assert plan.tile_seq.tolist() == [1, 1] + [-1] * (plans.tiles_for(16, block_q) - 2)
     assert plan.tile_q_offset.tolist()[:2] == [8, 0]
@@ -130,3 +135,37 @@ def test_static_plan_fill_pads_with_minus_one():
         assert plan.merge_rows.tolist() == list(range(3, 14)) + [-1] * 5
     host.decode = list(range(17))
     assert not plans.fits(16, host)
+
+
+def test_static_plan_split_count_follows_the_eager_plan():
+    """One split in every eager launch: the graph of one split (no partials, no merge);
+    any launch with more: the graph of the most."""
+    backend = KernelBackend(4, 16, torch.float32, torch.device("cpu"), use_cudnn=False,
+                            chunk_config=ChunkKernelConfig(max_splits=8))  # fmt: skip
+    plans = StaticPlans(backend, max_tokens=64, num_kv_heads=2, block_size=16, device=torch.device("cpu"))
+    assert plans.split_counts == [1, plans.num_splits] and plans.num_splits == 8
+    host = HostPlan(block_q=plans.tile_heights[-1], page_tiles=plans.page_tiles, tile_seq=[0], tile_q_offset=[0],
+                    tiled_rows=list(range(8)), chunk_splits=1)  # fmt: skip
+    assert plans.splits_for(host) == 1
+    assert plans.plan_for(16, host.block_q, 1).merge_rows is None
+    host.chunk_splits = 2
+    assert plans.splits_for(host) == 8
+    host.chunk_splits = 1
+    host.groups = [TileGroup([0], [0], [], 1), TileGroup([1], [0], list(range(8, 12)), 3)]
+    assert plans.splits_for(host) == 8
+
+
+def test_large_graphs_hold_only_the_one_split_plan():
+    """Over MAX_SPLIT_GRAPH_TOKENS a step fits only with one split; a step needing more runs
+    piecewise."""
+    backend = KernelBackend(4, 16, torch.float32, torch.device("cpu"), use_cudnn=False,
+                            chunk_config=ChunkKernelConfig(max_splits=8))  # fmt: skip
+    plans = StaticPlans(backend, max_tokens=1024, num_kv_heads=2, block_size=16, device=torch.device("cpu"))
+    big, small = MAX_SPLIT_GRAPH_TOKENS + 64, MAX_SPLIT_GRAPH_TOKENS
+    assert plans.split_counts_for(big) == [1] and plans.split_counts_for(small) == [1, 8]
+    block_q = plans.tile_heights[0]
+    host = HostPlan(block_q=block_q, page_tiles=plans.page_tiles, decode=[1], tile_seq=[0] * (500 // block_q + 1),
+                    tile_q_offset=list(range(0, 500, block_q)), tiled_rows=list(range(500)), chunk_splits=1)  # fmt: skip
+    assert plans.fits(big, host) and plans.fits(small, host)
+    host.chunk_splits = 3
+    assert not plans.fits(big, host) and plans.fits(small, host)

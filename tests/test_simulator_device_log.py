@@ -96,10 +96,12 @@ def test_chunk_factors_follow_the_path_a_step_takes_by_its_size():
 
 
 def test_path_sizes_are_the_workers():
+    from mnemosyne.layers.attention.static_plan import MAX_SPLIT_GRAPH_TOKENS
     from mnemosyne.worker.mixed_graph import MAX_MIXED_GRAPH_TOKENS
     from mnemosyne.worker.piecewise_graph import MAX_PIECEWISE_TOKENS
 
-    assert (MIXED_GRAPH_TOKENS, PIECEWISE_TOKENS) == (MAX_MIXED_GRAPH_TOKENS, MAX_PIECEWISE_TOKENS)
+    assert (MIXED_GRAPH_TOKENS, PIECEWISE_TOKENS) == (MAX_SPLIT_GRAPH_TOKENS, MAX_PIECEWISE_TOKENS)
+    assert MAX_MIXED_GRAPH_TOKENS == MAX_PIECEWISE_TOKENS
 
 
 def test_decode_draws_follow_the_number_of_decodes():

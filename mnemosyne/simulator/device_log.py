@@ -14,7 +14,8 @@ plausible range are stalls and are dropped, as the calibration drops them::
                     MIXED_GRAPH_TOKENS, the piecewise graphs up to PIECEWISE_TOKENS, eager
                     above (`worker/mixed_graph.py`, `worker/piecewise_graph.py`; a step the
                     mixed graphs cannot plan runs piecewise on the GPU, and is counted by its
-                    size here as in the simulator). A (bucket, path) with fewer than
+                    size here as in the simulator; so is a larger step that replays a mixed
+                    graph of one split, at the piecewise path's device time). A (bucket, path) with fewer than
                     MIN_SAMPLES steps takes its bucket's median over every path; a bucket with
                     fewer than MIN_SAMPLES, the nearest bucket kept (the lower one on a tie)
     idle factor     the median ratio of the steps with a chunk submitted with nothing in flight
@@ -62,7 +63,7 @@ from mnemosyne.latency.calibration import MAX_PLAUSIBLE_RATIO, CalibrationConfig
 from mnemosyne.latency.composition import StepComposition
 
 MIN_SAMPLES = 8  # steps a bucket (or the idle class) needs for its own median
-MIXED_GRAPH_TOKENS = 512  # worker/mixed_graph.py MAX_MIXED_GRAPH_TOKENS
+MIXED_GRAPH_TOKENS = 512  # layers/attention/static_plan.py MAX_SPLIT_GRAPH_TOKENS: any split count
 PIECEWISE_TOKENS = 1024  # worker/piecewise_graph.py MAX_PIECEWISE_TOKENS
 SKIP_STEPS = 16  # as benchmarks/step_log_report.py: compiles, graph capture, cold caches
 PREFIX_BUCKET_TOKENS = CalibrationConfig().prefix_bucket_tokens

@@ -4,8 +4,9 @@ The piecewise graphs (`piecewise_graph.py`) replay everything but attention, whi
 launch eagerly in every layer (KV write, chunk kernel, split merge, decode kernel): ~0.3 ms
 of host time per layer, more than the GPU work of a short step. Here the whole stage's
 forward of a step of n <= T tokens is one graph per padded size T (`piecewise_sizes`), with
-the attention kernels' plan fixed at capture (`layers/attention/static_plan.py`), and one
-more per size with half-height query tiles (steps whose chunks all fit half a tile).
+the attention kernels' plan fixed at capture (`layers/attention/static_plan.py`): one per
+size, tile height (full, or half for steps whose chunks all fit half a tile) and split
+count (the most, or one for steps whose eager plan takes one split).
 
 Static buffers (rows beyond the step's are padding; views [:T] per graph)::
 
@@ -45,7 +46,12 @@ if TYPE_CHECKING:  # the kernels import Triton, which CPU-only installs may lack
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
     from mnemosyne.layers.attention.static_plan import StaticPlans
 
-MAX_MIXED_GRAPH_TOKENS = 512  # larger steps are GPU-bound: eager attention launches hide behind them
+# Larger steps launch piecewise or eagerly. Up to this size a step runs here when its plan
+# fits (over MAX_SPLIT_GRAPH_TOKENS only with one split): a new prompt's 992-token first chunk
+# beside decodes held the 1B shape's host 6-14 ms in the piecewise graphs' eager attention
+# (0.3-0.8 ms per layer, more than the GPU's work) and read the decodes' tokens that late;
+# one replay here takes 2.3-3.3 ms (H200, benchmarks/results/session16_h200_2026-11-30/).
+MAX_MIXED_GRAPH_TOKENS = 1024
 
 
 class MixedGraphs:
@@ -86,10 +92,10 @@ class MixedGraphs:
             self.kv_lens = torch.zeros(max_tokens, dtype=torch.int32)
             self.block_tables = torch.zeros(max_tokens, max_blocks, dtype=torch.int32)
         self.use_graphs = device.type == "cuda"
-        # keyed by (padded size, tile height)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
-        self.metas: dict[tuple[int, int], AttentionMetadata] = {}
+        # keyed by (padded size, tile height, split count)
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.metas: dict[tuple[int, int, int], AttentionMetadata] = {}
         self.num_replays = 0  # steps run here (benchmarks and tests read it)
         self.num_not_fitting = 0  # steps left to the other paths: a chunk on cuDNN, or too many tiles / rows
         self.pool = pool
@@ -125,7 +131,8 @@ class MixedGraphs:
         CPU, only build each size's fixed plan."""
         for size in sorted(self.sizes, reverse=True):
             for block_q in self.plans.tile_heights:
-                self._capture((size, block_q))
+                for splits in self.plans.split_counts_for(size):
+                    self._capture((size, block_q, splits))
 
     # ---- a step -------------------------------------------------------------------------
 
@@ -168,7 +175,7 @@ class MixedGraphs:
             self.slot_mapping[n:size].fill_(-1)
         self.plans.fill(size, host)
         self.num_replays += 1
-        key = (size, host.block_q)
+        key = (size, host.block_q, self.plans.splits_for(host))
         if not self.use_graphs:
             return self._forward(key)[:n]
         self.graphs[key].replay()
@@ -176,8 +183,8 @@ class MixedGraphs:
 
     # ---- capture ------------------------------------------------------------------------
 
-    def _meta(self, key: tuple[int, int]) -> AttentionMetadata:
-        size, block_q = key
+    def _meta(self, key: tuple[int, int, int]) -> AttentionMetadata:
+        size, block_q, splits = key
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             q_pos_start=self.q_pos_start[:size],
@@ -192,15 +199,15 @@ class MixedGraphs:
             max_query_len=size,
             max_kv_len=self.max_blocks * self.block_size,
         )
-        meta.backend_plan = self.plans.plan_for(size, block_q)
+        meta.backend_plan = self.plans.plan_for(size, block_q, splits)
         return meta
 
-    def _forward(self, key: tuple[int, int]) -> torch.Tensor:
+    def _forward(self, key: tuple[int, int, int]) -> torch.Tensor:
         size = key[0]
         inp = (self.input_ids if self.model.is_first_stage else self.hidden)[:size]
         return self.model(inp, self.positions[:size], self.kv_caches, self.metas[key])
 
-    def _capture(self, key: tuple[int, int]) -> None:
+    def _capture(self, key: tuple[int, int, int]) -> None:
         self.metas[key] = self._meta(key)
         if not self.use_graphs:
             return

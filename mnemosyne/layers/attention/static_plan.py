@@ -12,14 +12,22 @@ when it is captured, and each step writes only the *contents* of its lists::
     max_tiles(T, bq) = ceil(T / bq) + EXTRA_TILES   (a step of n <= T tokens cut into tiles of
                        bq tokens has at most n / bq + (number of chunks) tiles; more: no graph)
 
-A plan is fixed per (T, tile height bq), bq one of `KernelBackend.tile_heights`: the full
-height, or half of it when every chunk of the step fits half a tile (as the eager plan
-picks: a short chunk over a long prefix would otherwise do twice its MMA work). Also fixed:
-the decode kernel's split budget (it never depends on the lengths) and the chunk kernel's
-split count S, the most the eager plan ever picks (one tile over a long prefix) whatever
-T, since a step of many tokens may hold one short chunk among decodes. Split sizes follow
-each sequence's length on the device (`min_split_keys`): a short sequence fills only its
-first splits, the others are empty (lse -inf) and the merge does not read them.
+A plan is fixed per (T, tile height bq, split count S):
+- bq is one of `KernelBackend.tile_heights`: the full height, or half of it when every chunk
+  of the step fits half a tile (as the eager plan picks: a short chunk over a long prefix
+  would otherwise do twice its MMA work).
+- S is one of `split_counts`: the most the eager plan ever picks (one tile over a long
+  prefix), whatever T, since a step of many tokens may hold one short chunk among decodes;
+  or 1, for steps whose eager plan takes one split (short prefixes, or tiles enough to fill
+  the GPU). Split sizes follow each sequence's length on the device (`min_split_keys`): a
+  short sequence fills only its first splits, the others are empty (lse -inf) and the merge
+  does not read them. But every empty split is still a program per tile and KV head, and
+  S > 1 writes the partials and merges them: a new prompt's 992-token chunk beside decodes
+  took 10.1 ms on the S graph against 3.9 ms eager with one split (H200, 1B shape,
+  benchmarks/results/session16_h200_2026-11-30/). With S = 1 the chunk kernel writes the
+  output directly and no merge runs. Graphs over MAX_SPLIT_GRAPH_TOKENS hold only S = 1: a
+  step that size whose chunks need split keys runs piecewise (`fits`).
+Also fixed: the decode kernel's split budget (it never depends on the lengths).
 
 All of a graph's lists are views of one int32 device buffer, written by one host copy per
 step. Graphs of every size share the buffer (they never run at once).
@@ -37,6 +45,12 @@ from mnemosyne.layers.attention.kernel_plan import HostPlan, KernelPlan
 # padding tile is a program per KV head and split that the GPU still schedules (H200, 8B,
 # c = 32 after 128K: 8 of them took the chunk kernel from 169 to 285 us per layer).
 EXTRA_TILES = 2
+
+# Graphs over this many tokens hold only the one-split plan. A 992-token step whose chunk
+# needs split keys ran 15-47% slower on the fixed S-split plan than eager (H200: after 4K
+# keys, 1B shape, 8.6 against 5.8 ms; after 32K, 8B, 63.9 against 55.4 ms), and at that size
+# the eager launches hide behind the device. With one split both take the same device time.
+MAX_SPLIT_GRAPH_TOKENS = 512
 
 
 class StaticPlans:
@@ -61,6 +75,7 @@ class StaticPlans:
         # them (`min_split_keys`); an empty split writes only its LSE.
         # (A long prefix: the count is bounded by the GPU, not by the keys.)
         self.num_splits = backend.chunk_splits(1, num_kv_heads, 1 << 40, self.page_tiles)
+        self.split_counts = sorted({1, self.num_splits})  # the graphs' split counts
         # [decode ids: max_tokens | tile_seq: max_tiles | tile_q_offset: max_tiles | merge rows: max_tokens]
         self.buffer = torch.full((2 * max_tokens + 2 * self.max_tiles,), -1, dtype=torch.int32, device=device)
         self.device = device
@@ -75,10 +90,10 @@ class StaticPlans:
         tile_off, rows = buf[t + m : t + m + tiles], buf[t + 2 * m : t + 2 * m + size]
         return decode, tile_seq, tile_off, rows
 
-    def plan_for(self, size: int, block_q: int) -> KernelPlan:
-        """The fixed plan a graph of `size` tokens and tiles of `block_q` is captured with."""
+    def plan_for(self, size: int, block_q: int, splits: int) -> KernelPlan:
+        """The fixed plan a graph of `size` tokens, tiles of `block_q` and `splits` key splits
+        (one of `split_counts`) is captured with."""
         decode, tile_seq, tile_off, rows = self._views(size, block_q)
-        splits = self.num_splits
         return KernelPlan(
             decode_seq_ids=decode,
             split_budget=self.backend.decode_split_budget(self.num_kv_heads),
@@ -100,7 +115,18 @@ class StaticPlans:
             and len(host.decode) <= size
             and len(host.tile_seq) <= self.tiles_for(size, host.block_q)
             and len(host.tiled_rows) <= size
+            and self.splits_for(host) in self.split_counts_for(size)
         )
+
+    def split_counts_for(self, size: int) -> list[int]:
+        """The split counts of the graphs of `size` tokens."""
+        return self.split_counts if size <= MAX_SPLIT_GRAPH_TOKENS else [1]
+
+    def splits_for(self, host: HostPlan) -> int:
+        """The split count of the graph that runs a step planned as `host`: 1 when the eager
+        plan takes one split in every launch, else the most (`num_splits`)."""
+        eager = max([host.chunk_splits, *(g.splits for g in host.groups)])
+        return 1 if eager == 1 else self.num_splits
 
     def fill(self, size: int, host: HostPlan) -> None:
         """Write the step's lists into the graph's views, padded (one host-to-device copy)."""
