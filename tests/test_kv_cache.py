@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from mnemosyne.config import CacheConfig
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.block_pool import BlockPool, KVCacheIntegrityError, NoFreeBlocksError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.kv_cache.pieces import slot_of, slots_of
 
 # ---- BlockPool ------------------------------------------------------------------------------
 
@@ -208,3 +211,18 @@ def test_mirrored_piece_tracks_its_leading_block_run():
     assert piece.run == (5, 4)
     piece.append([21])
     assert piece.run == (5, 4) and piece.table().tolist() == [5, 6, 7, 8, 20, 21]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_slots_of_a_range_match_slot_of_each_token(block_size):
+    """A range's slots, built a block at a time, are `slot_of` of each of its tokens: ranges
+    starting and ending mid-block, inside one block, empty, and a piece starting mid-request."""
+    rng = random.Random(block_size)
+    block_ids = rng.sample(range(1000), 12)
+    token_start = 37
+    end_of_piece = token_start + len(block_ids) * block_size
+    for _ in range(200):
+        start = rng.randrange(token_start, end_of_piece + 1)
+        end = rng.randrange(start, end_of_piece + 1)
+        want = [slot_of(block_ids, token_start, t, block_size) for t in range(start, end)]
+        assert slots_of(block_ids, token_start, start, end, block_size) == want

@@ -11,7 +11,8 @@
     Global token t of the piece sits in slot
         block_ids[(t - token_start) // B] * B + (t - token_start) % B
     of its group's cache: `slot_of`, the one place this formula is written (the driver's
-    `KVPiece` and the worker's `MirroredPiece` both use it).
+    `KVPiece` and the worker's `MirroredPiece` both use it; `slots_of` applies it to a
+    range of tokens a block at a time).
 
 With one KVP group (the default), a request has exactly one piece starting at 0.
 """
@@ -27,6 +28,19 @@ def slot_of(block_ids: Sequence[int], token_start: int, pos: int, block_size: in
     `block_ids` (the layout drawn above)."""
     off = pos - token_start
     return block_ids[off // block_size] * block_size + off % block_size
+
+
+def slots_of(block_ids: Sequence[int], token_start: int, start: int, end: int, block_size: int) -> list[int]:
+    """`slot_of` of every token in [start, end), built one block's run of slots at a time (a
+    step's 8K-token chunk: 128 ranges instead of 8K calls)."""
+    slots: list[int] = []
+    pos = start
+    while pos < end:
+        first = slot_of(block_ids, token_start, pos, block_size)
+        n = min(block_size - (pos - token_start) % block_size, end - pos)  # to the block's end
+        slots.extend(range(first, first + n))
+        pos += n
+    return slots
 
 
 @dataclass

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mnemosyne.kv_cache.block_pool import KVCacheIntegrityError
-from mnemosyne.kv_cache.pieces import slot_of
+from mnemosyne.kv_cache.pieces import slots_of
 from mnemosyne.layers.attention.metadata import leading_run, to_device_packed
 from mnemosyne.wire.plan import PiecePlan
 
@@ -45,8 +45,9 @@ class MirroredPiece:
     _array: torch.Tensor | None = None
     _table: torch.Tensor | None = None  # the view `table()` returns, until the next append
 
-    def slot(self, pos: int, block_size: int) -> int:
-        return slot_of(self.block_ids, self.token_start, pos, block_size)
+    def slots(self, start: int, end: int, block_size: int) -> list[int]:
+        """The cache slots of global tokens [start, end)."""
+        return slots_of(self.block_ids, self.token_start, start, end, block_size)
 
     def append(self, new_ids: list[int]) -> None:
         n0, n1 = len(self.block_ids), len(self.block_ids) + len(new_ids)

@@ -81,7 +81,7 @@ def build_sub_batch(
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.start, chunk.end))
         if is_owner:
-            slots.extend(piece.slot(p, block_size) for p in range(chunk.start, chunk.end))
+            slots.extend(piece.slots(chunk.start, chunk.end, block_size))
         else:
             slots.extend([-1] * chunk.num_tokens)
         kv_start.append(spec.token_start)
