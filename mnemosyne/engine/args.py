@@ -256,7 +256,7 @@ class EngineArgs:
             # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
-            # The CUDA graphs' own pool: activations of the largest piecewise step.
+            # The CUDA graphs' own pool: activations of the largest graph step (piecewise or mixed).
             if not self.enforce_eager:
                 reserve += min(self.max_num_batched_tokens, MAX_PIECEWISE_TOKENS) * per_token
             # Kernel temporaries: a gathered K/V segment of the cuDNN prefill path per layer.
