@@ -48,9 +48,9 @@ if TYPE_CHECKING:  # the kernels import Triton, which CPU-only installs may lack
 
 # Larger steps launch piecewise or eagerly. Up to this size a step runs here when its plan
 # fits (over MAX_SPLIT_GRAPH_TOKENS only with one split): a new prompt's 992-token first chunk
-# beside decodes held the 1B shape's host 6-14 ms in the piecewise graphs' eager attention
-# (0.3-0.8 ms per layer, more than the GPU's work) and read the decodes' tokens that late;
-# one replay here takes 2.3-3.3 ms (H200, benchmarks/results/session16_h200_2026-11-30/).
+# beside decodes held the 1B shape's host 6.6-14 ms (median by lease) in the piecewise graphs'
+# eager attention, more than the GPU's work, and the decodes' tokens were read that late; the
+# call that launches it here takes 2.2-2.7 ms (H200, benchmarks/results/session16_h200_2026-11-30/).
 MAX_MIXED_GRAPH_TOKENS = 1024
 
 

@@ -22,10 +22,10 @@ A plan is fixed per (T, tile height bq, split count S):
   the GPU). Split sizes follow each sequence's length on the device (`min_split_keys`): a
   short sequence fills only its first splits, the others are empty (lse -inf) and the merge
   does not read them. But every empty split is still a program per tile and KV head, and
-  S > 1 writes the partials and merges them: a new prompt's 992-token chunk beside decodes
-  took 10.1 ms on the S graph against 3.9 ms eager with one split (H200, 1B shape,
-  benchmarks/results/session16_h200_2026-11-30/). With S = 1 the chunk kernel writes the
-  output directly and no merge runs. Graphs over MAX_SPLIT_GRAPH_TOKENS hold only S = 1: a
+  S > 1 writes the partials and merges them: a 992-token chunk after 64 keys took 10.1 ms on
+  the S graph against 6.7 ms on the one-split graph (H200, 1B shape, both with the decode
+  kernel's padding then unfixed; benchmarks/results/session16_h200_2026-11-30/). With S = 1
+  the chunk kernel writes the output directly and no merge runs. Graphs over MAX_SPLIT_GRAPH_TOKENS hold only S = 1: a
   step that size whose chunks need split keys runs piecewise (`fits`).
 Also fixed: the decode kernel's split budget (it never depends on the lengths).
 
