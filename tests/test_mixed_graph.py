@@ -68,9 +68,11 @@ def test_mixed_step_matches_eager_forward(name, min_split_keys, tiny_model_dir):
     backend = _backend(cfg, dtype, min_split_keys)
     model = load_model(model_dir, cfg, backend, DEVICE)
     eager_caches, graph_caches = _caches(model, cfg, dtype), _caches(model, cfg, dtype)
+    # Block tables of 3 rows (the steps' sequences) under graphs of up to 32 tokens
     graphs = MixedGraphs(model, graph_caches, backend, max_tokens=32, max_blocks=8, block_size=BLOCK_SIZE,
-                         device=DEVICE)  # fmt: skip
+                         device=DEVICE, max_seqs=3)  # fmt: skip
     graphs.capture_all()
+    assert graphs.block_tables.shape == (3, 8)
     heights = graphs.plans.tile_heights
     assert graphs.plans.num_splits == 3 and graphs.plans.split_counts == [1, 3]
     assert sorted(graphs.metas) == [(s, h, n) for s in (8, 16, 24, 32) for h in heights for n in (1, 3)]
@@ -117,6 +119,20 @@ def test_step_that_does_not_fit_gets_the_eager_plan(tiny_model_dir):
     pos = torch.tensor([0, 1] * num_chunks, device=DEVICE)
     assert graphs.try_run(ids, pos, meta) is None
     assert meta.backend_plan is not None and len(meta.backend_plan.tile_seq) == num_chunks
+
+
+@torch.inference_mode()
+def test_step_of_more_sequences_than_the_block_table_rows_is_left_to_the_other_paths(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
+    backend = _backend(cfg, torch.float32)
+    model = load_model(model_dir, cfg, backend, DEVICE)
+    graphs = MixedGraphs(model, _caches(model, cfg, torch.float32), backend, max_tokens=32, max_blocks=8,
+                         block_size=BLOCK_SIZE, device=DEVICE, max_seqs=2)  # fmt: skip
+    graphs.capture_all()
+    ids, pos, meta = _mixed_steps(cfg.vocab_size)[1]  # 3 sequences
+    assert graphs.try_run(ids.to(DEVICE), pos.to(DEVICE), _to(meta)) is None
+    assert graphs.num_replays == 0
 
 
 def test_static_plan_fill_pads_with_minus_one():

@@ -15,8 +15,12 @@ Static buffers (rows beyond the step's are padding; views [:T] per graph)::
     slot_mapping         [max_tokens]                            rows [n, T) -1: no KV write
     query_start_loc      [max_tokens + 1]  sequences [0, s) as the step's; entries past s are
     q_pos_start, kv_start, kv_lens  [max_tokens]                 never read (no tile, decode
-    block_tables         [max_tokens, max_blocks]                or merge row names them)
+    block_tables         [max_seqs, max_blocks]                  or merge row names them)
     plan lists           StaticPlans.buffer (decode ids, tiles, merge rows; -1 = padding)
+
+max_seqs = min(max_tokens, the scheduler's max_num_seqs): a step never holds more sequences,
+and the block tables are the one large buffer (max_blocks is the cache's whole block count);
+a step of more sequences than max_seqs (none the scheduler makes) is left to the other paths.
 
 A step runs here when it has no row merged across KVP groups (the merge's all-gather varies)
 and its host plan sends no chunk to cuDNN (its plans follow the shapes) and fits the
@@ -65,6 +69,7 @@ class MixedGraphs:
         block_size: int,
         device: torch.device,
         pool: tuple[int, int] | None = None,
+        max_seqs: int | None = None,
     ) -> None:
         from mnemosyne.layers.attention.static_plan import StaticPlans
 
@@ -74,6 +79,7 @@ class MixedGraphs:
         self.backend = backend
         self.max_tokens = max_tokens
         self.max_blocks = max_blocks
+        self.max_seqs = max_tokens if max_seqs is None else min(max_seqs, max_tokens)
         self.block_size = block_size
         self.sizes = piecewise_sizes(max_tokens)
         self.sliding_window = cfg.sliding_window
@@ -90,7 +96,7 @@ class MixedGraphs:
             self.q_pos_start = torch.zeros(max_tokens, dtype=torch.long)
             self.kv_start = torch.zeros(max_tokens, dtype=torch.long)
             self.kv_lens = torch.zeros(max_tokens, dtype=torch.int32)
-            self.block_tables = torch.zeros(max_tokens, max_blocks, dtype=torch.int32)
+            self.block_tables = torch.zeros(self.max_seqs, max_blocks, dtype=torch.int32)
         self.use_graphs = device.type == "cuda"
         # keyed by (padded size, tile height, split count)
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
@@ -124,6 +130,7 @@ class MixedGraphs:
             config.cache.block_size,
             device,
             pool,
+            max_seqs=config.scheduler.max_num_seqs,
         )
 
     def capture_all(self) -> None:
@@ -149,6 +156,7 @@ class MixedGraphs:
         n, num_seqs = meta.num_tokens, meta.num_seqs
         if not (
             0 < n <= self.max_tokens
+            and num_seqs <= self.max_seqs
             and meta.kvp_merge is None
             and meta.max_query_len > 1
             and meta.block_tables.shape[1] <= self.max_blocks
@@ -190,7 +198,7 @@ class MixedGraphs:
             q_pos_start=self.q_pos_start[:size],
             kv_start=self.kv_start[:size],
             kv_lens=self.kv_lens[:size],
-            block_tables=self.block_tables[:size],
+            block_tables=self.block_tables[: min(size, self.max_seqs)],
             slot_mapping=self.slot_mapping[:size],
             query_lens_cpu=[1] * size,  # the host lists are not read: the plan is fixed
             q_pos_start_cpu=[0] * size,
