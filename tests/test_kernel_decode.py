@@ -104,7 +104,7 @@ def check(out, lse, query, k_cache, v_cache, meta, seq_ids, scale, window, atol)
     assert torch.isnan(out[~rows]).all() and (lse[~rows] == POISON_LSE).all()
 
 
-# (dtype, group, head_dim, block_size, split_budget, window, block_n)
+# (dtype, group, head_dim, block_size, split_budget, window, block_n; None: `launch_options`)
 CASES = [
     (torch.float32, 1, 16, 1, 1, None, 16),
     (torch.float32, 4, 64, 5, 3, 7, 16),
@@ -113,6 +113,8 @@ CASES = [
     (torch.bfloat16, 4, 128, 16, 3, None, 32),
     (torch.bfloat16, 8, 64, 5, 1, 50, 16),
     (torch.float16, 1, 32, 16, 4, None, 64),
+    (torch.bfloat16, 4, 64, 64, 5, None, None),  # the engine's launch at head dim 64: 128-key tiles over pages
+    (torch.bfloat16, 4, 64, 5, 2, 50, 128),
 ]
 
 

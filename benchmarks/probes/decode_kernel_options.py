@@ -9,8 +9,9 @@ budget aims at), per batch shape, beside the bytes floor. One GPU::
 A case is 'N:keys' (N decodes of that many keys each), joined by '+' for a mixed batch
 ('1:1048576+16:1024'). Each sequence's keys lie in consecutive blocks of a random bf16
 cache (the engine's placement of a long prompt), or in shuffled blocks with --shuffle.
-Per option: the median of --repeats event-timed launches (each launch alone between two
-events; phase 1 and the merge), the KV bytes read / time, and time / floor, floor = KV
+Per option: the median over --repeats replays of a CUDA graph of 10 launches (phase 1 and
+the merge; the host's launch work is not timed, as in the engine's decode graphs), per
+launch, the KV bytes read / time, and time / floor, floor = KV
 bytes / 4.2 TB/s (the copy ceiling measured on these H200s). Every option's output is
 checked against the engine's default launch (max |diff|). The engine's default for the
 head dim is marked `default`.
@@ -30,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.kernels.decode_attention import paged_decode_attention
-from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items
+from mnemosyne.kernels.decode_attention import launch_options, paged_decode_attention
+from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items, default_waves
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
 COPY_BYTES_PER_S = 4.2e12
+GRAPH_LAUNCHES = 10
 DEFAULT_CASES = "1:1048576,1:131072,1:1048576+16:1024,32:1024"
 
 
@@ -77,26 +79,31 @@ def random_batch(
 
 def default_option(head_dim: int) -> tuple[int, int, int, int]:
     """(block_n, warps, stages, waves) the engine launches at this head dim (bf16)."""
-    from mnemosyne.kernels.decode_attention import DEFAULT_BLOCK_N, DEFAULT_NUM_STAGES, DEFAULT_NUM_WARPS
-    from mnemosyne.kernels.decode_items import DEFAULT_WAVES
-
-    if head_dim > 64:
-        return DEFAULT_BLOCK_N, DEFAULT_NUM_WARPS, DEFAULT_NUM_STAGES, DEFAULT_WAVES
-    return 64, 4, DEFAULT_NUM_STAGES, 4
+    return (*launch_options(head_dim, torch.bfloat16), default_waves(head_dim))
 
 
-def _time_us(run: Callable[[], None], cuda: bool) -> float:
-    """One launch between two CUDA events (host-timed on CPU), in microseconds."""
+def _time_us(run: Callable[[], None], cuda: bool, repeats: int) -> float:
+    """Median time of one launch in microseconds: on CUDA, GRAPH_LAUNCHES launches captured in
+    a CUDA graph, replayed between two events (so the host's launch work is not timed, as in
+    the engine's decode graphs); on CPU, host-timed."""
     if not cuda:
         t0 = time.perf_counter()
         run()
         return (time.perf_counter() - t0) * 1e6
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    run()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_LAUNCHES):
+            run()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / GRAPH_LAUNCHES)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -110,7 +117,7 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--waves", default="2,4,8")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shuffle", action="store_true")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (host-timed)")
     ap.add_argument("--out", type=Path, required=True)
@@ -173,8 +180,7 @@ def main() -> None:
             if ref is None:
                 ref = out.clone()
             diff = (out.float() - ref.float()).abs().max().item()
-            times = [_time_us(run, cuda) for _ in range(args.repeats)]
-            us = statistics.median(times)
+            us = _time_us(run, cuda, args.repeats)
             rows.append({
                 "block_n": block_n, "warps": warps, "stages": stages, "waves": waves, "split_budget": budget,
                 "us": round(us, 2), "tb_per_s": round(kv_bytes / us / 1e6, 3), "x_floor": round(us / floor_us, 3),

@@ -34,15 +34,18 @@ from mnemosyne.kernels.merge_attn import merge_row_splits
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
-# Tuned on H200 (benchmarks/results/probes/decode_tuning_h200_2026-11-21.json; the waves are
-# `decode_items.DEFAULT_WAVES`): within 2% of
-# the best of 96 configurations for 1x128K, 1x1M and 8x128K keys, 32/8 heads, head dim 128.
-# Head dim <= 64 (half the bytes per tile) and many sequences (more programs than SMs before
-# splitting) keep the earlier setting: block_n 64, 4 warps, 4 waves (3.8 / 4.1 TB/s measured
-# for 1x1M keys at head dim 64 and 64x16K keys at head dim 128).
-DEFAULT_BLOCK_N = 128  # 16-bit inputs, head dim > 64; otherwise 64 (fp32: register pressure)
-DEFAULT_NUM_WARPS = 8  # head dim > 64; otherwise 4
-DEFAULT_NUM_STAGES = 2
+# Launch options (block_n, num_warps, num_stages) of phase 1 by input, H200-tuned:
+# - 16-bit, head dim > 64: within 2% of the best of 96 configurations for 1x128K, 1x1M and
+#   8x128K keys, 32/8 heads (benchmarks/results/probes/decode_tuning_h200_2026-11-21.json;
+#   the waves are `decode_items.DEFAULT_WAVES`).
+# - 16-bit, head dim <= 64: 128-key tiles of 4 warps (2 stages: 64 KB of shared memory; 3
+#   measured the same). 1x1M keys, 32/8 heads of 64 (Llama-3.2-1B): 613 -> 545 us a layer
+#   against 64-key tiles (bytes floor 511 us); 1M + 16x1K keys 734 -> 606 us
+#   (benchmarks/results/session17_h200x2_2026-11-30/).
+# - fp32: 64-key tiles (register pressure), 8 warps.
+LAUNCH_16BIT = (128, 8, 2)
+LAUNCH_16BIT_SMALL_HEAD = (128, 4, 2)
+LAUNCH_FP32 = (64, 8, 2)
 # Phase 2: (heads per program, items per step of its loop). A batch of a few sequences gives
 # each many items (one 131K-key decode at head dim 128: 33), which 2-head programs read in
 # 5 dependent steps of 8 (9.2 us a layer); one head per program and 32 items per step read
@@ -256,6 +259,13 @@ def _decode_reduce_kernel(
         tl.store(l_ptr + row * stride_lt + heads * stride_lh, lse, mask=mask_h)
 
 
+def launch_options(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of phase 1 for these inputs (the constants above)."""
+    if dtype == torch.float32:
+        return LAUNCH_FP32
+    return LAUNCH_16BIT if head_dim > 64 else LAUNCH_16BIT_SMALL_HEAD
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -273,15 +283,14 @@ def paged_decode_attention(
     split_budget: int,
     block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = DEFAULT_NUM_STAGES,
+    num_stages: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Split-KV decode attention over ~`split_budget` balanced work items (the docstring);
     `workspace` = (partial out [num_heads, max_items, head_dim] fp32, partial lse
     [num_heads, max_items] fp32), max_items = `decode_workspace_items`, allocated here when
     None (unused when split_budget == 1). Launch only: no host sync, capturable in a CUDA
-    graph. Tunables (sm_90, from ptxas reports: no spills, pipelined cp.async loads; H200
-    sweep): block_n 128 (64 for fp32 inputs), num_stages 2, num_warps 8."""
+    graph. Launch options left None take `launch_options` (H200-tuned)."""
     num_decode = seq_ids.shape[0]
     _, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, kv_dim = k_cache.shape
@@ -289,8 +298,10 @@ def paged_decode_attention(
         raise ValueError(f"bad shapes: query {tuple(query.shape)}, k/v cache {tuple(k_cache.shape)}")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    if block_n is None:
-        block_n = 64 if query.dtype == torch.float32 or query.shape[2] <= 64 else DEFAULT_BLOCK_N
+    default = launch_options(head_dim, query.dtype)
+    block_n = default[0] if block_n is None else block_n
+    num_warps = default[1] if num_warps is None else num_warps
+    num_stages = default[2] if num_stages is None else num_stages
     if split_budget < 1 or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"need split_budget >= 1, block_n a power of two >= 16: {split_budget}, {block_n}")
     for t in (query, k_cache, v_cache, out):
@@ -302,8 +313,6 @@ def paged_decode_attention(
     block_d = max(16, next_power_of_2(head_dim))
     direct = split_budget == 1
     max_items = num_decode if direct else decode_workspace_items(num_decode, split_budget)
-    if num_warps is None:
-        num_warps = DEFAULT_NUM_WARPS if query.shape[2] > 64 or query.dtype == torch.float32 else 4
     if direct:  # no workspace (each sequence is one item, written to out / lse): they stand in
         o_ws, l_ws = out, lse
         o_strides, l_strides = out.stride()[:2], lse.stride()  # (row, head)
@@ -357,4 +366,4 @@ def paged_decode_attention(
     )  # fmt: skip
 
 
-__all__ = ["paged_decode_attention"]
+__all__ = ["launch_options", "paged_decode_attention"]

@@ -10,6 +10,7 @@ query the visible keys form one interval of local indices::
 
     hi = clamp(p - kv_start[i] + 1, 0, kv_lens[i])          (t <= p)
     lo = max(0, p - window + 1 - kv_start[i])  or 0         (p - t < window)
+    (none visible, hi <= lo: hi = base below, an empty key loop)
 
 The batch's visible keys are cut into work items of at most `split_keys` keys each (phase 1
 runs one program per item and KV head). With span_i = hi_i - base_i the keys sequence i
@@ -49,6 +50,11 @@ DEFAULT_WAVES = 2  # few sequences, head dim > 64; otherwise 4 (tuning: decode_a
 MAX_SPLITS = 256
 
 
+def default_waves(head_dim: int) -> int:
+    """Programs per SM the decode split budget aims at (tuning: decode_attention.py)."""
+    return DEFAULT_WAVES if head_dim > 64 else 4
+
+
 def choose_split_budget(
     num_kv_heads: int,
     num_sms: int,
@@ -62,7 +68,7 @@ def choose_split_budget(
     at least BLOCK_N keys), so one compiled variant serves every step: a budget that
     followed the lengths would change the merge's block size, and compile while serving."""
     if waves is None:
-        waves = DEFAULT_WAVES if head_dim > 64 else 4
+        waves = default_waves(head_dim)
     return max(1, min(-(-waves * num_sms // max(1, num_kv_heads)), max_splits))
 
 
@@ -82,7 +88,9 @@ def visible_span(
     qpos_ptr, kv_start_ptr, kv_lens_ptr, seq, window, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr
 ):
     """(lo, hi, base) of the local keys the decode of sequence(s) `seq` sees: [lo, hi), and
-    lo rounded down to BLOCK_N; hi <= lo when it sees none."""
+    lo rounded down to BLOCK_N. When it sees none, hi = base <= lo, so that the key loop
+    [base, hi) is empty: a piece that ends before the window starts (lo > kv_len) may end
+    inside lo's tile, and a tile without a visible key would give m = -inf, exp2(nan)."""
     q_pos = tl.load(qpos_ptr + seq).to(tl.int64)
     kv0 = tl.load(kv_start_ptr + seq).to(tl.int64)
     kv_len = tl.load(kv_lens_ptr + seq).to(tl.int64)
@@ -91,6 +99,7 @@ def visible_span(
     if HAS_WINDOW:
         lo = tl.maximum(q_pos - window + 1 - kv0, 0)
     base = lo - lo % BLOCK_N
+    hi = tl.where(hi > lo, hi, base)
     return lo, hi, base
 
 
