@@ -12,12 +12,16 @@ of blocks in a random order), c in --chunks, P in --prefixes. Kernels and option
            block_n 128 = two pages at block_size 64; "defaults": block_size 64 with every
            option None, i.e. the kernel's own choices and the engine's tiles,
            recorded as resolved_* in the rows); at each point the best
-           TMA config also with the split count aimed at 2 and 8 programs per SM (`waves`)
+           TMA config also with the split count aimed at 2 and 4 programs per SM (`waves`)
            (warp specialization was measured here on 2026-11-29, no gain, and then removed
-           from the kernel)
+           from the kernel); --wide-tiles: instead, 256-row query tiles of 8 warps beside
+           the defaults
 
 Each config is one wrapper call (split phase + merge) with the engine's split count
-(`choose_chunk_splits`), timed with CUDA events over --iters launches after two warm-ups.
+(`choose_chunk_splits` with the kernel's waves and cap, as `KernelBackend.chunk_splits`;
+before the seventeenth session the tma rows took the split-KV kernel's: 4 waves, <= 128,
+and the best config was tried at 2 and 8), timed with CUDA events over --iters launches
+after two warm-ups.
 Effective TFLOP/s = 4 h d (c P + c (c + 1) / 2) / time; floor = max(FLOPs / 590 TFLOP/s,
 K/V bytes / 4.2 TB/s). Per compiled kernel: whether its PTX holds wgmma and TMA
 (cp.async.bulk.tensor), whether its TTGIR was warp-specialized, registers, spills, shared
@@ -116,6 +120,20 @@ def variant_configs(smoke: bool) -> list[dict]:
     return out
 
 
+def wide_tile_configs(smoke: bool) -> list[dict]:
+    """Query tiles of 256 rows (--wide-tiles: 64 tokens at GQA 4) over two warpgroups of 8
+    warps, which share each K/V tile (a 128-row tile reads the prefix once per tile), beside
+    the engine's defaults."""
+    if smoke:
+        return [dict(kernel="tma", page=64, block_n=64, block_m=256, num_warps=8, num_stages=2, use_tma=True),
+                DEFAULTS_CONFIG]  # fmt: skip
+    out = [
+        dict(kernel="tma", page=64, block_n=bn, block_m=256, num_warps=8, num_stages=ns, use_tma=True)
+        for bn, ns in itertools.product((64, 128), (2, 3))
+    ]
+    return [*out, DEFAULTS_CONFIG]
+
+
 def baseline_configs(smoke: bool) -> list[dict]:
     pages = (16,) if smoke else (16, 64, 128)
     return [dict(kernel="splitkv", page=p) for p in pages]
@@ -192,10 +210,15 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     from mnemosyne.bench.long_context.kernels import time_ms
     from mnemosyne.kernels.chunk_splitkv_attention import (
         DEFAULT_WAVES,
+        MAX_SPLITS,
         choose_chunk_splits,
         chunk_splitkv_attention,
     )
-    from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention
+    from mnemosyne.kernels.chunk_tma_attention import (
+        PAGE_TILES_MAX_SPLITS,
+        PAGE_TILES_WAVES,
+        chunk_tma_attention,
+    )
     from mnemosyne.kernels.chunk_tma_launch import default_tma_block_n, tma_tile_launch
     from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
 
@@ -208,8 +231,11 @@ def run_config(pt: Point, cfg: dict, num_sms: int, iters: int) -> dict:
     else:
         block_q = cfg["block_m"] // g
     tile_seq, tile_off = plan_query_tiles([pt.c], [0], block_q)
+    # The engine's split rule for each kernel (`KernelBackend.chunk_splits`); "waves" overrides it
+    tma = cfg["kernel"] == "tma"
     splits = choose_chunk_splits(
-        len(tile_seq), hkv, pt.prefix + pt.c, num_sms, cfg.get("waves", DEFAULT_WAVES)
+        len(tile_seq), hkv, pt.prefix + pt.c, num_sms, cfg.get("waves", PAGE_TILES_WAVES if tma else DEFAULT_WAVES),
+        max_splits=PAGE_TILES_MAX_SPLITS if tma else MAX_SPLITS,
     )
     k, v, bt = pt.cache(cfg["page"])
     out = torch.empty_like(pt.q)
@@ -268,7 +294,8 @@ def run_sweep(args: argparse.Namespace, out_path: Path) -> None:
     heads = Heads.of(args.shape)
     k_flat = torch.randn(max_tokens, heads.num_kv_heads, heads.head_dim, device=device, dtype=torch.bfloat16)
     v_flat = torch.randn_like(k_flat)
-    configs = baseline_configs(args.smoke) + variant_configs(args.smoke)
+    variants = wide_tile_configs if args.wide_tiles else variant_configs
+    configs = baseline_configs(args.smoke) + variants(args.smoke)
     compile_info: dict[str, dict | None] = {}
     failed: dict[str, str] = {}
     seen = {"splitkv": set(), "tma": set()}
@@ -329,7 +356,7 @@ def run_sweep(args: argparse.Namespace, out_path: Path) -> None:
         best = min((r for r in results if (r["chunk"], r["prefix"], r["kernel"]) == (c, prefix, "tma")
                     and "ms" in r and "waves" not in r), key=lambda r: r["ms"], default=None)  # fmt: skip
         if best is not None:
-            for waves in (2, 8):
+            for waves in (2, 4):
                 measure(pt, dict({k: best[k] for k in CONFIG_FIELDS if k in best}, waves=waves))
         del pt
         if device == "cuda":
@@ -371,6 +398,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=260.0, help="wall clock of the sweep")
     ap.add_argument("--shuffled", action="store_true", help="128-token runs of blocks in a random order")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes: checks the script")
+    ap.add_argument("--wide-tiles", action="store_true", help="only 256-row query tiles beside the defaults")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # internal: sweep in this process
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)  # epoch seconds
     args = ap.parse_args()
@@ -388,7 +416,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "benchmarks.chunk_kernel_variants", "--child", "--out", str(sweep_out), "--shape", args.shape,
                "--chunks", *map(str, args.chunks), "--prefixes", *map(str, args.prefixes),
                "--iters", str(args.iters), "--deadline", str(time.time() + args.budget_s - 25)]  # fmt: skip
-        cmd += ["--shuffled"] * args.shuffled + ["--smoke"] * args.smoke
+        cmd += ["--shuffled"] * args.shuffled + ["--smoke"] * args.smoke + ["--wide-tiles"] * args.wide_tiles
         for attempt in range(MAX_RESTARTS + 1):  # a sweep process that died resumes from its rows
             left = args.budget_s - (time.monotonic() - t0)
             try:

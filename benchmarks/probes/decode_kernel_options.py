@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from functools import partial
@@ -137,9 +136,6 @@ def main() -> None:
         + (" --shuffle" if args.shuffle else ""),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)",
         "date": time.strftime("%Y-%m-%d"),
-        "code": subprocess.run(
-            ["git", "log", "-1", "--format=%h"], capture_output=True, text=True
-        ).stdout.strip(),
         "default": dict(zip(("block_n", "warps", "stages", "waves"), default, strict=True)),
         "cases": [],
     }
