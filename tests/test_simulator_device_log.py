@@ -95,6 +95,26 @@ def test_chunk_factors_follow_the_path_a_step_takes_by_its_size():
     ]
 
 
+def test_chunk_factors_follow_the_chunk_size_in_steps_with_decodes():
+    """After 200K keys, beside decodes: 32-token chunks at 1.0x, 64-token at 1.2x, three
+    128-token steps (too few: the bucket and path's median); prompt-only 64-token steps at
+    2.0x count towards that median but get no size factor (their logged times are split
+    unevenly between neighbours)."""
+    steps = [logged(1.0, [[1, 500], [32, 200_000]]) for _ in range(8)]
+    steps += [logged(1.2, [[1, 500], [64, 200_000]]) for _ in range(8)]
+    steps += [logged(1.1, [[1, 500], [128, 200_000]]) for _ in range(3)]
+    steps += [logged(2.0, [[64, 200_000]]) for _ in range(9)]
+    log = DeviceLog.from_steps(steps)
+    bucket = composition_prefix_bucket(StepComposition.single(GroupLoad().plus_chunk(32, 200_000)))
+    assert log.size_factors == {(bucket, "mixed_graph", 0): 1.0, (bucket, "mixed_graph", 1): 1.2}
+    assert log.path_factors == {(bucket, "mixed_graph"): pytest.approx(1.2)}
+    device = LoggedDevice(log)
+    for decodes, tokens, want in ((1, 32, 1.0), (1, 64, 1.2), (1, 128, 1.2), (0, 32, 1.2), (0, 64, 1.2)):
+        load = GroupLoad().plus_decode(501) if decodes else GroupLoad()
+        comp = StepComposition.single(load.plus_chunk(tokens, 200_000))
+        assert device.ratio(comp, idle=False) == pytest.approx(want), (decodes, tokens)
+
+
 def test_path_sizes_are_the_workers():
     from mnemosyne.layers.attention.static_plan import MAX_SPLIT_GRAPH_TOKENS
     from mnemosyne.worker.mixed_graph import MAX_MIXED_GRAPH_TOKENS

@@ -39,9 +39,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   8x128K keys, 32/8 heads (benchmarks/results/probes/decode_tuning_h200_2026-11-21.json;
 #   the waves are `decode_items.DEFAULT_WAVES`).
 # - 16-bit, head dim <= 64: 128-key tiles of 4 warps (2 stages: 64 KB of shared memory; 3
-#   measured the same). 1x1M keys, 32/8 heads of 64 (Llama-3.2-1B): 613 -> 545 us a layer
-#   against 64-key tiles (bytes floor 511 us); 1M + 16x1K keys 734 -> 606 us
-#   (benchmarks/results/session17_h200x2_2026-11-30/).
+#   measured the same). 1x1M keys, 32/8 heads of 64 (Llama-3.2-1B), in CUDA graphs: 576 ->
+#   514 us a layer against 64-key tiles (bytes floor 511 us); 1M + 16x1K keys 643 -> 579 us
+#   (benchmarks/results/session17_h200x2_2026-11-30/c/).
 # - fp32: 64-key tiles (register pressure), 8 warps.
 LAUNCH_16BIT = (128, 8, 2)
 LAUNCH_16BIT_SMALL_HEAD = (128, 4, 2)

@@ -15,9 +15,14 @@ plausible range are stalls and are dropped, as the calibration drops them::
                     above (`worker/mixed_graph.py`, `worker/piecewise_graph.py`; a step the
                     mixed graphs cannot plan runs piecewise on the GPU, and is counted by its
                     size here as in the simulator; so is a larger step that replays a mixed
-                    graph of one split, at the piecewise path's device time). A (bucket, path) with fewer than
-                    MIN_SAMPLES steps takes its bucket's median over every path; a bucket with
-                    fewer than MIN_SAMPLES, the nearest bucket kept (the lower one on a tie)
+                    graph of one split, at the piecewise path's device time), and, for
+                    steps that carry decodes, chunk bucket (the calibration's: the largest
+                    chunk's tokens, 0 up to 32, then one per doubling). A (bucket, path,
+                    chunk bucket) with fewer than MIN_SAMPLES steps, and a step without
+                    decodes, takes its (bucket, path) median over every chunk size;
+                    a (bucket, path) with fewer, its bucket's median over every path; a
+                    bucket with fewer than MIN_SAMPLES, the nearest bucket kept (the lower
+                    one on a tie)
     idle factor     the median ratio of the steps with a chunk submitted with nothing in flight
                     (`idle_start`: the engine had idled, the device waited for the host's
                     launches); under MIN_SAMPLES such steps, they take the chunk factors
@@ -39,6 +44,17 @@ mixed graphs and 1.09x piecewise; a short prompt's 512-token chunk beside a long
 192 tokens pushes the step past 512 tokens, so the real engine learned 1.17x for that key
 and gave the short prompt 256 tokens a step, where one factor for the bucket let the
 simulated engine give it 512 (the lowest slow short TTFT, 159 against 270 ms).
+Why per chunk size: the calibration keys it so (`latency/calibration.py`), and the simulated
+engine sizes chunks by what its device did at each size. In the 8B serving trace on an H200
+(benchmarks/results/session17_h200x2_2026-11-30/b/, steps with decodes) 32-token chunks
+after 128K-512K keys ran at 1.02-1.03x the profile and 64-128-token chunks at 1.08-1.12x;
+with one factor per bucket (about 1.06) the simulated engine fit 64 tokens where the real
+one took 32, and its TBT p50 was 25.4 ms against 16.8 measured. Only steps with decodes:
+the log's time of a step is result - max(submitted, previous result), and between prompt-only
+steps of two long prompts (in turn, 160 and 704 tokens) it splits a pair's time unevenly
+(94 / 55 ms logged against 44 / 86 ms predicted, every pair: the same run), which a median
+per size keeps and one over the sizes averages out; their sizes follow the 100-ms target
+of prompt-only steps, not the token gaps.
 Why draws for decode-only steps: on the 1B shape they are host-bound (p10 / p50 / p90 of
 1.00 / 1.18 / 1.45x the profile in the session-14 trace), and a TBT median over a trace
 where about half the gaps are decode-only steps samples the top of that spread. Why by the
@@ -59,7 +75,7 @@ from pathlib import Path
 import numpy as np
 
 from mnemosyne.engine.step_log import read_step_log
-from mnemosyne.latency.calibration import MAX_PLAUSIBLE_RATIO, CalibrationConfig, prefix_bucket
+from mnemosyne.latency.calibration import MAX_PLAUSIBLE_RATIO, CalibrationConfig, chunk_bucket, prefix_bucket
 from mnemosyne.latency.composition import StepComposition
 
 MIN_SAMPLES = 8  # steps a bucket (or the idle class) needs for its own median
@@ -67,6 +83,7 @@ MIXED_GRAPH_TOKENS = 512  # layers/attention/static_plan.py MAX_SPLIT_GRAPH_TOKE
 PIECEWISE_TOKENS = 1024  # worker/piecewise_graph.py MAX_PIECEWISE_TOKENS
 SKIP_STEPS = 16  # as benchmarks/step_log_report.py: compiles, graph capture, cold caches
 PREFIX_BUCKET_TOKENS = CalibrationConfig().prefix_bucket_tokens
+CHUNK_BUCKET_TOKENS = CalibrationConfig().chunk_bucket_tokens
 
 
 def seqs_prefix_bucket(seqs: list[list[int]]) -> int | None:
@@ -74,6 +91,11 @@ def seqs_prefix_bucket(seqs: list[list[int]]) -> int | None:
     one KVP group): None for a decode-only step."""
     prefixes = [p for n, p in seqs if n > 1]
     return prefix_bucket(sum(prefixes), PREFIX_BUCKET_TOKENS) if prefixes else None
+
+
+def seqs_chunk_bucket(seqs: list[list[int]]) -> int:
+    """The calibration's chunk bucket of a logged step with a chunk (its largest chunk)."""
+    return chunk_bucket(max(n for n, _ in seqs if n > 1), CHUNK_BUCKET_TOKENS)
 
 
 def idle_starts(steps: list[dict]) -> list[bool]:
@@ -105,11 +127,18 @@ def composition_prefix_bucket(composition: StepComposition) -> int | None:
     return prefix_bucket(max(g.chunk_prefix_tokens for g in composition.groups), PREFIX_BUCKET_TOKENS)
 
 
+def composition_chunk_bucket(composition: StepComposition) -> int:
+    """The same bucket of a simulated step with a chunk (its largest chunk)."""
+    return chunk_bucket(max(c for g in composition.groups for c, _ in g.chunk_shapes), CHUNK_BUCKET_TOKENS)
+
+
 @dataclass(frozen=True)
 class DeviceLog:
     source: str
     chunk_factors: dict[int, float]  # prefix bucket -> median ratio over every path
     path_factors: dict[tuple[int, str], float]  # (prefix bucket, path) -> median ratio
+    # (prefix bucket, path, chunk bucket) -> median ratio, over the steps that carry decodes
+    size_factors: dict[tuple[int, str, int], float]
     idle_factor: float | None
     decode_ratios: dict[int, tuple[float, ...]]  # decode bucket -> sorted ratios
     num_chunk_steps: int
@@ -119,6 +148,7 @@ class DeviceLog:
     def from_steps(cls, steps: list[dict], source: str = "steps") -> DeviceLog:
         by_bucket: dict[int, list[float]] = defaultdict(list)
         by_path: dict[tuple[int, str], list[float]] = defaultdict(list)
+        by_size: dict[tuple[int, str, int], list[float]] = defaultdict(list)
         idle: list[float] = []
         decode: dict[int, list[float]] = defaultdict(list)
         for s, idle_start in zip(steps, idle_starts(steps), strict=True):
@@ -133,8 +163,11 @@ class DeviceLog:
             elif idle_start:
                 idle.append(ratio)
             else:
+                path = step_path(sum(n for n, _ in s["seqs"]))
                 by_bucket[bucket].append(ratio)
-                by_path[bucket, step_path(sum(n for n, _ in s["seqs"]))].append(ratio)
+                by_path[bucket, path].append(ratio)
+                if any(n == 1 for n, _ in s["seqs"]):  # carries decodes
+                    by_size[bucket, path, seqs_chunk_bucket(s["seqs"])].append(ratio)
         factors = {b: statistics.median(rs) for b, rs in sorted(by_bucket.items()) if len(rs) >= MIN_SAMPLES}
         if not factors and by_bucket:  # every bucket sparse: one median over all of them
             pooled = [r for rs in by_bucket.values() for r in rs]
@@ -142,9 +175,8 @@ class DeviceLog:
         return cls(
             source=source,
             chunk_factors=factors,
-            path_factors={
-                k: statistics.median(rs) for k, rs in sorted(by_path.items()) if len(rs) >= MIN_SAMPLES
-            },
+            path_factors=_medians(by_path),
+            size_factors=_medians(by_size),
             idle_factor=statistics.median(idle) if len(idle) >= MIN_SAMPLES else None,
             decode_ratios=_kept({b: tuple(sorted(rs)) for b, rs in sorted(decode.items())}),
             num_chunk_steps=sum(len(rs) for rs in by_bucket.values()),
@@ -156,9 +188,11 @@ class DeviceLog:
         _, steps = read_step_log(path)
         return cls.from_steps(steps[skip_steps:], str(path))
 
-    def chunk_factor(self, bucket: int, path: str | None = None) -> float:
-        """The median ratio of (`bucket`, `path`), else of `bucket` over every path, else of
-        the nearest bucket kept (1 with none)."""
+    def chunk_factor(self, bucket: int, path: str | None = None, chunk: int | None = None) -> float:
+        """The median ratio of (`bucket`, `path`, `chunk` bucket), else of (`bucket`, `path`),
+        else of `bucket` over every path, else of the nearest bucket kept (1 with none)."""
+        if (bucket, path, chunk) in self.size_factors:
+            return self.size_factors[bucket, path, chunk]
         if (bucket, path) in self.path_factors:
             return self.path_factors[bucket, path]
         if bucket in self.chunk_factors:
@@ -187,6 +221,9 @@ class DeviceLog:
             "chunk_factors_by_prefix_bucket_and_path": {
                 f"{b}/{p}": f for (b, p), f in self.path_factors.items()
             },
+            "chunk_factors_by_prefix_bucket_path_and_chunk_bucket": {
+                f"{b}/{p}/{c}": f for (b, p, c), f in self.size_factors.items()
+            },
             "idle_factor": self.idle_factor,
             "decode_ratio_p10_p50_p90_by_decodes": {
                 f"{1 << b}-{(2 << b) - 1}": [self.decode_quantile(q, 1 << b) for q in (0.1, 0.5, 0.9)]
@@ -196,6 +233,11 @@ class DeviceLog:
             "num_chunk_steps": self.num_chunk_steps,
             "num_idle_steps": self.num_idle_steps,
         }
+
+
+def _medians(by_key: Mapping) -> dict:
+    """The median of each key's ratios, for the keys with MIN_SAMPLES or more, in key order."""
+    return {k: statistics.median(rs) for k, rs in sorted(by_key.items()) if len(rs) >= MIN_SAMPLES}
 
 
 def _nearest(buckets: Mapping[int, object], bucket: int) -> int:
@@ -228,7 +270,10 @@ class LoggedDevice:
             return self.log.decode_quantile(float(self._rng.random()), num_decodes)
         if idle and self.log.idle_factor is not None:
             return self.log.idle_factor
-        return self.log.chunk_factor(bucket, step_path(sum(g.num_tokens for g in composition.groups)))
+        path = step_path(sum(g.num_tokens for g in composition.groups))
+        with_decodes = any(g.num_decodes for g in composition.groups)
+        chunk = composition_chunk_bucket(composition) if with_decodes else None
+        return self.log.chunk_factor(bucket, path, chunk)
 
     def step_time_s(self, composition: StepComposition, predicted_s: float, idle: bool) -> float:
         return predicted_s * self.ratio(composition, idle)
