@@ -139,6 +139,20 @@ def test_step_kinds_and_prefix_buckets_are_separate_with_nearest_fallback():
                                    "num_observed"}  # fmt: skip
 
 
+def test_prompt_only_steps_are_a_kind_of_their_own():
+    """A prompt-only 64-token step measured 3x (a neighbour's time logged on it) does not
+    raise the factor that sizes 64-token chunks beside decodes, at the 0.98 quantile."""
+    cal = small_cal(skip_first_steps=0, quantile=0.98)
+    alone = StepComposition.single(GroupLoad().plus_chunk(64, 200_000))
+    assert cal.key(alone) == CalibrationKey(StepKind.PREFILL_ONLY, 6, 1)
+    assert cal.key(chunk_at(200_000)) == CalibrationKey(StepKind.WITH_CHUNK, 6, 1)
+    t = feed(cal, chunk_at(200_000), 20 * MS, 1.1, 10)
+    t = feed(cal, alone, 20 * MS, 3.0, 1, t)
+    assert cal.factor(cal.key(chunk_at(200_000))) == pytest.approx(1.1)
+    assert cal.factor(cal.key(alone)) == 2.0  # its first sample, 3x, clipped at max_factor
+    assert "prefill_only/6/1" in cal.snapshot()
+
+
 def test_host_gap_is_added_and_overlapped_steps_measure_their_own_time():
     cal = small_cal(skip_first_steps=0)
     feed(cal, DECODES, 10 * MS, 1.0, 6, host_s=2 * MS)

@@ -7,6 +7,8 @@ robust running correction per step kind and adds the host time between steps::
 
     key(step)        = (kind, prefix bucket, chunk bucket)
                        kind   DECODE_ONLY (no prefill chunk; both buckets 0) | WITH_CHUNK
+                              (chunks and decodes: sized by the TBT target) | PREFILL_ONLY
+                              (chunks, no decode: sized by prefill_only_step_s)
                        prefix bucket (largest chunk prefix // prefix_bucket_tokens).bit_length():
                               0 below 4K tokens, 1 for [4K, 8K), 2 for [8K, 16K), ... (doubling)
                        chunk bucket ((largest chunk's tokens - 1) // chunk_bucket_tokens).bit_length():
@@ -15,7 +17,17 @@ robust running correction per step kind and adds the host time between steps::
                        window for 32- and 64-token chunks after 200K keys (8B, H200: 1.2x and
                        1.3x) let its quantile follow the 32-token steps, under-correct every
                        64-token step and pass it, so the chunk size flipped between the two
-                       with one step in eight over the target.
+                       with one step in eight over the target. The kinds keep prompt-only
+                       steps apart: between two long prompts' prompt-only steps in turn the
+                       measured time of a pair is split unevenly (one of them 1.9-3.4x its
+                       prediction, the other under it), and one such 64-token step in the
+                       window of the 64-token key past 128K keys (8B serving trace, H200,
+                       benchmarks/results/session17_h200x2_2026-11-30/b/) raised that key's
+                       factor to about 1.7: the steps with decodes then took 32 tokens for
+                       the next 10 s where 64 fit, and no 64-token step came to push the
+                       sample out of the window. A step scheduled with a prefill's first
+                       decode ahead after its chunks is sized under PREFILL_ONLY and
+                       observed under WITH_CHUNK (decodes are scheduled first otherwise).
     observe(comp, predicted_s, submitted_s, done_s):
         device_s = done_s - max(submitted_s, last done_s)   its own time: a serial device
                    (spp == 1) runs micro-batches in order, so one submitted early waited for
@@ -40,9 +52,10 @@ The quantile (0.98 by default) sizes chunks so that about that fraction of full-
 steps lands within the target: a median leaves half of them just over it (measured on an
 H200: 8% of a serving trace's token gaps at 30-33 ms against a 30 ms target), and 0.9 left
 the 8B mixed scenario's TBT p99 at 30.02-30.08 ms in three runs, against 29.70 ms at 0.98
-for 1.6% more TTFT (benchmarks/results/session13_h200x2_2026-11-30/e). A window's
-quantile q ignores outliers above it (up to (1 - q) of the window; larger stalls are
-dropped as implausible) and follows a lasting change within (1 - q) of a window.
+for 1.6% more TTFT (benchmarks/results/session13_h200x2_2026-11-30/e). Over a window of 32
+samples the 0.98 quantile lies between the two largest: one stall within MAX_PLAUSIBLE_RATIO
+(larger ones are dropped) raises its key's factor until 32 newer samples of that key push
+it out, and a lasting change shows at once.
 Only chunk sizes change with the correction: the scheduler output, the tokens and the
 logits do not. Times in seconds, sizes in tokens.
 """
@@ -62,7 +75,8 @@ MAX_PLAUSIBLE_RATIO = 8.0  # measured / predicted beyond this (either way) is a 
 
 class StepKind(enum.Enum):
     DECODE_ONLY = "decode_only"
-    WITH_CHUNK = "with_chunk"
+    WITH_CHUNK = "with_chunk"  # prefill chunks beside decodes
+    PREFILL_ONLY = "prefill_only"  # prefill chunks, no decode
 
 
 @dataclass(frozen=True)
@@ -163,8 +177,9 @@ class OnlineCalibration:
             return CalibrationKey(StepKind.DECODE_ONLY, 0)
         prefix = max(g.chunk_prefix_tokens for g in composition.groups)
         chunk = max(c for g in composition.groups for c, _ in g.chunk_shapes)
+        with_decodes = any(g.num_decodes for g in composition.groups)
         return CalibrationKey(
-            StepKind.WITH_CHUNK,
+            StepKind.WITH_CHUNK if with_decodes else StepKind.PREFILL_ONLY,
             prefix_bucket(prefix, self.config.prefix_bucket_tokens),
             chunk_bucket(chunk, self.config.chunk_bucket_tokens),
         )

@@ -47,9 +47,11 @@ simulated engine give it 512 (the lowest slow short TTFT, 159 against 270 ms).
 Why per chunk size: the calibration keys it so (`latency/calibration.py`), and the simulated
 engine sizes chunks by what its device did at each size. In the 8B serving trace on an H200
 (benchmarks/results/session17_h200x2_2026-11-30/b/, steps with decodes) 32-token chunks
-after 128K-512K keys ran at 1.02-1.03x the profile and 64-128-token chunks at 1.08-1.12x;
-with one factor per bucket (about 1.06) the simulated engine fit 64 tokens where the real
-one took 32, and its TBT p50 was 25.4 ms against 16.8 measured. Only steps with decodes:
+after 128K-512K keys ran at 1.02-1.03x the profile and 64-128-token chunks at 1.08-1.12x,
+where one factor per bucket gives about 1.06 to both. (That trace's TBT p50 miss, 25.4 ms
+simulated against 16.8 ms measured, was not this: the real engine was held at 32-token
+chunks where 64 fit by a prompt-only step's sample in the 64-token calibration key, since
+kept apart: `StepKind.PREFILL_ONLY`.) Only steps with decodes:
 the log's time of a step is result - max(submitted, previous result), and between prompt-only
 steps of two long prompts (in turn, 160 and 704 tokens) it splits a pair's time unevenly
 (94 / 55 ms logged against 44 / 86 ms predicted, every pair: the same run), which a median
