@@ -58,6 +58,18 @@ def _to(meta: AttentionMetadata) -> AttentionMetadata:
     )  # fmt: skip
 
 
+def _llama_graphs(tiny_model_dir, max_seqs: int | None = None) -> tuple[ModelConfig, MixedGraphs]:
+    """The tiny float32 Llama's graphs of up to 32 tokens, captured (on CPU: plans only)."""
+    model_dir = tiny_model_dir("llama")
+    cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
+    backend = _backend(cfg, torch.float32)
+    model = load_model(model_dir, cfg, backend, DEVICE)
+    graphs = MixedGraphs(model, _caches(model, cfg, torch.float32), backend, max_tokens=32, max_blocks=8,
+                         block_size=BLOCK_SIZE, device=DEVICE, max_seqs=max_seqs)  # fmt: skip
+    graphs.capture_all()
+    return cfg, graphs
+
+
 @pytest.mark.parametrize(("name", "min_split_keys"), [("llama", 1), ("mistral_sliding", 1), ("llama", 64)])
 @torch.inference_mode()
 def test_mixed_step_matches_eager_forward(name, min_split_keys, tiny_model_dir):
@@ -100,14 +112,7 @@ def test_mixed_step_matches_eager_forward(name, min_split_keys, tiny_model_dir):
 @torch.inference_mode()
 def test_step_that_does_not_fit_gets_the_eager_plan(tiny_model_dir):
     """More chunks than the fixed tile list holds: no graph; the eager plan is left in meta."""
-    model_dir = tiny_model_dir("llama")
-    cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
-    backend = _backend(cfg, torch.float32)
-    model = load_model(model_dir, cfg, backend, DEVICE)
-    caches = _caches(model, cfg, torch.float32)
-    graphs = MixedGraphs(model, caches, backend, max_tokens=32, max_blocks=8, block_size=BLOCK_SIZE,
-                         device=DEVICE)  # fmt: skip
-    graphs.capture_all()
+    _, graphs = _llama_graphs(tiny_model_dir)
     num_chunks = graphs.plans.tiles_for(32, graphs.plans.tile_heights[0]) + 1  # 2 tokens each: a tile each
     assert num_chunks <= 16 and EXTRA_TILES < num_chunks
     meta = AttentionMetadata.build(
@@ -123,13 +128,7 @@ def test_step_that_does_not_fit_gets_the_eager_plan(tiny_model_dir):
 
 @torch.inference_mode()
 def test_step_of_more_sequences_than_the_block_table_rows_is_left_to_the_other_paths(tiny_model_dir):
-    model_dir = tiny_model_dir("llama")
-    cfg = ModelConfig.from_pretrained(model_dir, torch.float32)
-    backend = _backend(cfg, torch.float32)
-    model = load_model(model_dir, cfg, backend, DEVICE)
-    graphs = MixedGraphs(model, _caches(model, cfg, torch.float32), backend, max_tokens=32, max_blocks=8,
-                         block_size=BLOCK_SIZE, device=DEVICE, max_seqs=2)  # fmt: skip
-    graphs.capture_all()
+    cfg, graphs = _llama_graphs(tiny_model_dir, max_seqs=2)
     ids, pos, meta = _mixed_steps(cfg.vocab_size)[1]  # 3 sequences
     assert graphs.try_run(ids.to(DEVICE), pos.to(DEVICE), _to(meta)) is None
     assert graphs.num_replays == 0

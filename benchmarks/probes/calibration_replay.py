@@ -21,21 +21,27 @@ import json
 from pathlib import Path
 
 from mnemosyne.engine.step_log import read_step_log
-from mnemosyne.latency.calibration import CalibrationKey, OnlineCalibration, StepKind
-from mnemosyne.latency.composition import GroupLoad, StepComposition
+from mnemosyne.latency.calibration import (
+    CalibrationConfig,
+    CalibrationKey,
+    OnlineCalibration,
+    StepKind,
+    calibration_key,
+)
+from mnemosyne.latency.composition import StepComposition
+from mnemosyne.simulator.device_log import seqs_composition
 
 DIFF = 1.10  # factor ratio reported as a difference
 
 
 def composition(seqs: list[list[int]], pooled: bool) -> StepComposition:
-    """A logged step's load ([query tokens, keys before] per sequence); `pooled`: a prompt-only
-    step gets a stand-in decode, so it takes the key of a step beside decodes (the old keys)."""
-    load = GroupLoad()
-    for n, p in seqs:
-        load = load.plus_decode(p + 1) if n == 1 else load.plus_chunk(n, p)
+    """A logged step's load; `pooled`: a prompt-only step gets a stand-in decode, so it takes
+    the key of a step beside decodes (the old keys)."""
+    comp = seqs_composition(seqs)
+    (load,) = comp.groups
     if pooled and load.num_chunks and not load.num_decodes:
-        load = load.plus_decode(1)
-    return StepComposition.single(load)
+        return StepComposition.single(load.plus_decode(1))
+    return comp
 
 
 def replay(steps: list[dict], pooled: bool, prefix_bucket: int) -> list[dict[int, float]]:
@@ -61,7 +67,7 @@ def main() -> None:
     _, steps = read_step_log(ns.step_log)
     apart = replay(steps, pooled=False, prefix_bucket=ns.prefix_bucket)
     pooled = replay(steps, pooled=True, prefix_bucket=ns.prefix_bucket)
-    calibration = OnlineCalibration()  # for its keys only
+    config = CalibrationConfig()
     spans: list[dict] = []
     open_spans: dict[int, dict] = {}  # chunk bucket -> its span while the factors differ
     for i, s in enumerate(steps):
@@ -79,7 +85,10 @@ def main() -> None:
                 open_spans.pop(c, None)
         # the sizes taken beside decodes at this prefix bucket while a span is open
         beside = any(n == 1 for n, _ in s["seqs"]) and any(n > 1 for n, _ in s["seqs"])
-        if beside and calibration.key(composition(s["seqs"], False)).prefix_bucket == ns.prefix_bucket:
+        if (
+            beside
+            and calibration_key(composition(s["seqs"], False), config).prefix_bucket == ns.prefix_bucket
+        ):
             for span in open_spans.values():
                 for n, _ in s["seqs"]:
                     if n > 1:

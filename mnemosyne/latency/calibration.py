@@ -136,6 +136,20 @@ def chunk_bucket(chunk_tokens: int, bucket_tokens: int) -> int:
     return ((max(chunk_tokens, 1) - 1) // bucket_tokens).bit_length()
 
 
+def calibration_key(composition: StepComposition, config: CalibrationConfig) -> CalibrationKey:
+    """A step's key (the module docstring)."""
+    if not any(g.num_chunks for g in composition.groups):
+        return CalibrationKey(StepKind.DECODE_ONLY, 0)
+    prefix = max(g.chunk_prefix_tokens for g in composition.groups)
+    chunk = max(c for g in composition.groups for c, _ in g.chunk_shapes)
+    with_decodes = any(g.num_decodes for g in composition.groups)
+    return CalibrationKey(
+        StepKind.WITH_CHUNK if with_decodes else StepKind.PREFILL_ONLY,
+        prefix_bucket(prefix, config.prefix_bucket_tokens),
+        chunk_bucket(chunk, config.chunk_bucket_tokens),
+    )
+
+
 class _Window:
     """The last n values and their q-quantile, kept current on every add; it interpolates
     linearly between the sorted values, so q = 0.5 is the median."""
@@ -173,16 +187,7 @@ class OnlineCalibration:
     # ---- in ----------------------------------------------------------------------------
 
     def key(self, composition: StepComposition) -> CalibrationKey:
-        if not any(g.num_chunks for g in composition.groups):
-            return CalibrationKey(StepKind.DECODE_ONLY, 0)
-        prefix = max(g.chunk_prefix_tokens for g in composition.groups)
-        chunk = max(c for g in composition.groups for c, _ in g.chunk_shapes)
-        with_decodes = any(g.num_decodes for g in composition.groups)
-        return CalibrationKey(
-            StepKind.WITH_CHUNK if with_decodes else StepKind.PREFILL_ONLY,
-            prefix_bucket(prefix, self.config.prefix_bucket_tokens),
-            chunk_bucket(chunk, self.config.chunk_bucket_tokens),
-        )
+        return calibration_key(composition, self.config)
 
     def observe(
         self, composition: StepComposition, predicted_s: float, submitted_s: float, done_s: float

@@ -76,28 +76,38 @@ from pathlib import Path
 
 import numpy as np
 
+from mnemosyne.engine.step_load import add_chunk
 from mnemosyne.engine.step_log import read_step_log
-from mnemosyne.latency.calibration import MAX_PLAUSIBLE_RATIO, CalibrationConfig, chunk_bucket, prefix_bucket
-from mnemosyne.latency.composition import StepComposition
+from mnemosyne.latency.calibration import (
+    MAX_PLAUSIBLE_RATIO,
+    CalibrationConfig,
+    CalibrationKey,
+    StepKind,
+    calibration_key,
+)
+from mnemosyne.latency.composition import GroupLoad, StepComposition
 
 MIN_SAMPLES = 8  # steps a bucket (or the idle class) needs for its own median
 MIXED_GRAPH_TOKENS = 512  # layers/attention/static_plan.py MAX_SPLIT_GRAPH_TOKENS: any split count
 PIECEWISE_TOKENS = 1024  # worker/piecewise_graph.py MAX_PIECEWISE_TOKENS
 SKIP_STEPS = 16  # as benchmarks/step_log_report.py: compiles, graph capture, cold caches
-PREFIX_BUCKET_TOKENS = CalibrationConfig().prefix_bucket_tokens
-CHUNK_BUCKET_TOKENS = CalibrationConfig().chunk_bucket_tokens
+CALIBRATION = CalibrationConfig()  # the engine's keys: its buckets
+PREFIX_BUCKET_TOKENS = CALIBRATION.prefix_bucket_tokens
+CHUNK_BUCKET_TOKENS = CALIBRATION.chunk_bucket_tokens
 
 
-def seqs_prefix_bucket(seqs: list[list[int]]) -> int | None:
-    """The calibration's prefix bucket of a logged step ([query tokens, keys before] per chunk,
-    one KVP group): None for a decode-only step."""
-    prefixes = [p for n, p in seqs if n > 1]
-    return prefix_bucket(sum(prefixes), PREFIX_BUCKET_TOKENS) if prefixes else None
+def seqs_composition(seqs: list[list[int]]) -> StepComposition:
+    """A logged step's load ([query tokens, keys before] per sequence, one KVP group)."""
+    load = GroupLoad()
+    for n, p in seqs:
+        load = add_chunk(load, n, p, owns=True, sample=True)
+    return StepComposition.single(load)
 
 
-def seqs_chunk_bucket(seqs: list[list[int]]) -> int:
-    """The calibration's chunk bucket of a logged step with a chunk (its largest chunk)."""
-    return chunk_bucket(max(n for n, _ in seqs if n > 1), CHUNK_BUCKET_TOKENS)
+def seqs_key(seqs: list[list[int]]) -> CalibrationKey:
+    """The calibration's key of a logged step: its kind, the chunks' prefix bucket and the
+    largest chunk's bucket."""
+    return calibration_key(seqs_composition(seqs), CALIBRATION)
 
 
 def idle_starts(steps: list[dict]) -> list[bool]:
@@ -122,16 +132,9 @@ def step_path(num_tokens: int) -> str:
 
 
 def composition_prefix_bucket(composition: StepComposition) -> int | None:
-    """The same bucket of a simulated step (the largest group's chunk prefixes, as the
-    calibration keys it); None for a decode-only step."""
-    if not any(g.num_chunks for g in composition.groups):
-        return None
-    return prefix_bucket(max(g.chunk_prefix_tokens for g in composition.groups), PREFIX_BUCKET_TOKENS)
-
-
-def composition_chunk_bucket(composition: StepComposition) -> int:
-    """The same bucket of a simulated step with a chunk (its largest chunk)."""
-    return chunk_bucket(max(c for g in composition.groups for c, _ in g.chunk_shapes), CHUNK_BUCKET_TOKENS)
+    """The same bucket of a simulated step (its calibration key's); None for a decode-only step."""
+    key = calibration_key(composition, CALIBRATION)
+    return None if key.kind is StepKind.DECODE_ONLY else key.prefix_bucket
 
 
 @dataclass(frozen=True)
@@ -159,17 +162,17 @@ class DeviceLog:
             ratio = s["measured_s"] / s["predicted_s"]
             if not 1 / MAX_PLAUSIBLE_RATIO <= ratio <= MAX_PLAUSIBLE_RATIO:
                 continue
-            bucket = seqs_prefix_bucket(s["seqs"])
-            if bucket is None:
+            key = seqs_key(s["seqs"])
+            if key.kind is StepKind.DECODE_ONLY:
                 decode[decode_bucket(len(s["seqs"]))].append(ratio)
             elif idle_start:
                 idle.append(ratio)
             else:
-                path = step_path(sum(n for n, _ in s["seqs"]))
+                bucket, path = key.prefix_bucket, step_path(sum(n for n, _ in s["seqs"]))
                 by_bucket[bucket].append(ratio)
                 by_path[bucket, path].append(ratio)
-                if any(n == 1 for n, _ in s["seqs"]):  # carries decodes
-                    by_size[bucket, path, seqs_chunk_bucket(s["seqs"])].append(ratio)
+                if key.kind is StepKind.WITH_CHUNK:  # carries decodes
+                    by_size[bucket, path, key.chunk_bucket].append(ratio)
         factors = {b: statistics.median(rs) for b, rs in sorted(by_bucket.items()) if len(rs) >= MIN_SAMPLES}
         if not factors and by_bucket:  # every bucket sparse: one median over all of them
             pooled = [r for rs in by_bucket.values() for r in rs]
@@ -266,16 +269,15 @@ class LoggedDevice:
 
     def ratio(self, composition: StepComposition, idle: bool) -> float:
         """`idle`: submitted with nothing in flight."""
-        bucket = composition_prefix_bucket(composition)
-        if bucket is None:
+        key = calibration_key(composition, CALIBRATION)
+        if key.kind is StepKind.DECODE_ONLY:
             num_decodes = sum(g.num_sampled for g in composition.groups)
             return self.log.decode_quantile(float(self._rng.random()), num_decodes)
         if idle and self.log.idle_factor is not None:
             return self.log.idle_factor
         path = step_path(sum(g.num_tokens for g in composition.groups))
-        with_decodes = any(g.num_decodes for g in composition.groups)
-        chunk = composition_chunk_bucket(composition) if with_decodes else None
-        return self.log.chunk_factor(bucket, path, chunk)
+        chunk = key.chunk_bucket if key.kind is StepKind.WITH_CHUNK else None  # sizes only beside decodes
+        return self.log.chunk_factor(key.prefix_bucket, path, chunk)
 
     def step_time_s(self, composition: StepComposition, predicted_s: float, idle: bool) -> float:
         return predicted_s * self.ratio(composition, idle)

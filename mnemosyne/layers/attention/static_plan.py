@@ -25,8 +25,9 @@ A plan is fixed per (T, tile height bq, split count S):
   S > 1 writes the partials and merges them: a 992-token chunk after 64 keys took 10.1 ms on
   the S graph against 6.7 ms on the one-split graph (H200, 1B shape, both with the decode
   kernel's padding then unfixed; benchmarks/results/session16_h200_2026-11-30/). With S = 1
-  the chunk kernel writes the output directly and no merge runs. Graphs over MAX_SPLIT_GRAPH_TOKENS hold only S = 1: a
-  step that size whose chunks need split keys runs piecewise (`fits`).
+  the chunk kernel writes the output directly and no merge runs. Graphs over
+  MAX_SPLIT_GRAPH_TOKENS hold only S = 1: a step that size whose chunks need split keys runs
+  piecewise (`fits`).
 Also fixed: the decode kernel's split budget (it never depends on the lengths).
 
 All of a graph's lists are views of one int32 device buffer, written by one host copy per
