@@ -4,7 +4,7 @@ simulator on the same trace, request by request.
     python -m benchmarks.ttft_decomposition RUN_DIR [--config lars_adaptive] [--out OUT.json] \
         [--simulate "SIMULATOR FLAGS" [--latency-profile P]]
 
-RUN_DIR is a `benchmarks.serving_trace --step-logs` output (serving_trace.json, runs/C.bench.json,
+RUN_DIR is a `benchmarks.serving_trace --step-logs` output (serving_trace.json, runs/C.bench.json[.gz],
 runs/C.steps.jsonl.gz). Bench records are in trace order, so request i is the simulator's
 "req-i". Per short request (engine clock)::
 
@@ -35,6 +35,7 @@ falls between the modes, so the table gives each mode's paired medians.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shlex
 import statistics
@@ -67,9 +68,17 @@ def chain(steps: list[dict], prompt_len: int, after_s: float) -> list[int] | Non
     return out[::-1]
 
 
+def read_bench(path: Path) -> dict:
+    """A bench record file, or its gzipped copy (`PATH.gz`: how committed results keep them)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    with gzip.open(path.with_name(path.name + ".gz"), "rt") as f:
+        return json.load(f)
+
+
 def measured_rows(run_dir: Path, config: str) -> tuple[list[dict], dict]:
     trace = json.loads((run_dir / "serving_trace.json").read_text())["results"][config]["requests"]
-    bench = json.loads((run_dir / "runs" / f"{config}.bench.json").read_text())["requests"]
+    bench = read_bench(run_dir / "runs" / f"{config}.bench.json")["requests"]
     _, steps = read_step_log(run_dir / "runs" / f"{config}.steps.jsonl.gz")
     # A first alignment from the requests whose whole prompt ran in one idle-start step
     # (unambiguous), then every short request's chain searched after its arrival.
