@@ -33,6 +33,12 @@ no window). Per (M tile, KV head, split) program::
 Timing: CUDA graphs of 20 launches (split phase + merge), median of 5 replays, beside the
 floor max(FLOPs / 590 TFLOP/s, K/V bytes / 4.2 TB/s) and the engine's kernel on the same
 inputs (which also computes the chunk's own causal part: c more keys, <0.1% at these P).
+
+Measured (H200, benchmarks/results/session18_h200x2_2026-12-01/b-e/): serial and pipelined
+no faster than the engine's TMA kernel; the warp-specialized variants (below) 7-22% faster
+for 8B heads (32-128-token chunks after 128K-512K keys: 1.13-1.25x the floor against
+1.31-1.46x), no faster at head dim 64. `ws_s4` became the engine's opt-in kernel
+(`mnemosyne/kernels/chunk_ws_attention.py`).
 """
 
 from __future__ import annotations
@@ -353,7 +359,7 @@ VARIANTS: dict[str, dict] = {  # name -> kernel and its options
     "serial_w8_s3": {"ws": False, "pipelined": False, "num_warps": 8, "stages": 3},
     "pipelined_w8_s4": {"ws": False, "pipelined": True, "num_warps": 8, "stages": 4},
     "ws_s4": {"ws": True, "pages": 1, "stages": 4, "two_tiles": False},
-    "ws_p2_s2": {"ws": True, "pages": 2, "stages": 2, "two_tiles": False},
+    "ws_p2_s2": {"ws": True, "pages": 2, "stages": 2, "two_tiles": False},  # hung on an H200 (d/)
     "ws2t_s4": {"ws": True, "pages": 1, "stages": 4, "two_tiles": True},
     "ws2t_s3": {"ws": True, "pages": 1, "stages": 3, "two_tiles": True},
 }

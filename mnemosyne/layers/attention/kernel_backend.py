@@ -266,7 +266,7 @@ class KernelBackend:
     def uses_ws_tiles(self, block_size: int) -> bool:
         """Whether page-aligned tiles of this cache run on the warp-specialized kernel: asked
         for (`ChunkKernelConfig.warp_specialized`), served (`ws_supported`) and at head dim
-        128; at head dim 64 (1B heads) it ran no faster than the TMA kernel (0.95-1.07x its
+        128; at head dim 64 (1B heads) it ran no faster than the TMA kernel (0.97-1.08x its
         time, benchmarks/results/session18_h200x2_2026-12-01/c/)."""
         if self._ws_tiles is None:  # asked every layer of every step: decided once
             self._ws_tiles = (
