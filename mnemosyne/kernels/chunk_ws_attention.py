@@ -342,16 +342,6 @@ def ws_supported(head_dim: int, dtype: torch.dtype, block_size: int, num_heads_p
     )
 
 
-_NUM_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
-
-
 def chunk_ws_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
@@ -393,7 +383,8 @@ def chunk_ws_attention(
     layout = gl.NVMMASharedLayout.get_default_for([WS_PAGE, head_dim], gl_dtype)
     k_desc = TensorDescriptor.from_tensor(k_cache.view(-1, num_kv_heads * head_dim), [WS_PAGE, head_dim], layout)
     v_desc = TensorDescriptor.from_tensor(v_cache.view(-1, num_kv_heads * head_dim), [WS_PAGE, head_dim], layout)
-    _chunk_ws_kernel[(_num_sms(query.device),)](
+    num_programs = torch.cuda.get_device_properties(query.device).multi_processor_count  # one wave
+    _chunk_ws_kernel[(num_programs,)](
         query, k_desc, v_desc, o_ws, l_ws,
         query_start_loc, q_pos_start, kv_start, kv_lens, block_tables, tile_seq, tile_q_offset,
         query.stride(0), query.stride(1), o_strides[0], o_strides[1], o_strides[2],
