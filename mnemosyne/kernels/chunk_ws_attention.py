@@ -77,10 +77,12 @@ _STAGES = gl.constexpr(WS_STAGES)
 
 
 @gluon.jit
-def _tile_range(t, tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window,
-                BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):  # fmt: skip
+def _tile_range(w, t, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
     """Tile t's (seq, row0 + q0, n_q, rel0, lo, hi, i_a, i_b, n_steps), or n_steps 0 for a
-    padding tile (`paged_prefill.tile_step_range` with lo aligned down to a page)."""
+    padding tile (`paged_prefill.query_tile` and `tile_step_range` with lo aligned down to a
+    page: Gluon code cannot call those Triton functions)."""
+    (tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window, num_tiles,
+     num_kv_heads, num_splits, min_split_steps) = w  # fmt: skip
     seq_or_pad = gl.load(tile_seq_ptr + t)
     live = seq_or_pad >= 0
     seq = gl.maximum(seq_or_pad, 0)
@@ -103,12 +105,16 @@ def _tile_range(t, tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr,
 
 
 @gluon.jit
-def _splits_of(n_steps, total, live, num_kv_heads, num_splits, min_split_steps):
-    """A live tile's splits: its share of one wave, by its steps, rounded down (so that the
-    items fit the programs), at least 1, at most num_splits and n_steps / min_split_steps."""
+def _tile_splits(w, t, total, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
+    """Tile t's splits (0 for a padding tile): its share of one wave by its steps, rounded
+    down (so that the items fit the programs), at least 1, at most num_splits and its steps /
+    min_split_steps."""
+    (tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window, num_tiles,
+     num_kv_heads, num_splits, min_split_steps) = w  # fmt: skip
+    n_steps = _tile_range(w, t, BLOCK_Q, USE_WINDOW)[8]
     share = (n_steps * gl.num_programs(0)) // gl.maximum(total * num_kv_heads, 1)
     sp = gl.minimum(gl.minimum(share, num_splits), n_steps // min_split_steps)
-    return gl.where(live, gl.maximum(sp, 1), 0)
+    return gl.where(gl.load(tile_seq_ptr + t) >= 0, gl.maximum(sp, 1), 0)
 
 
 @gluon.jit
@@ -118,15 +124,11 @@ def _schedule(w, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
      num_kv_heads, num_splits, min_split_steps) = w  # fmt: skip
     total = num_tiles * 0
     for t in range(num_tiles):
-        r = _tile_range(t, tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window,
-                        BLOCK_Q, USE_WINDOW)  # fmt: skip
+        r = _tile_range(w, t, BLOCK_Q, USE_WINDOW)
         total += r[8]
     items = num_tiles * 0
     for t in range(num_tiles):
-        r = _tile_range(t, tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window,
-                        BLOCK_Q, USE_WINDOW)  # fmt: skip
-        live = gl.load(tile_seq_ptr + t) >= 0
-        items += _splits_of(r[8], total, live, num_kv_heads, num_splits, min_split_steps) * num_kv_heads
+        items += _tile_splits(w, t, total, BLOCK_Q, USE_WINDOW) * num_kv_heads
     return total, items
 
 
@@ -140,10 +142,7 @@ def _find_item(w, idx, total, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
     local = idx * 0
     splits = idx * 0 + 1
     for t in range(num_tiles):
-        r = _tile_range(t, tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window,
-                        BLOCK_Q, USE_WINDOW)  # fmt: skip
-        live = gl.load(tile_seq_ptr + t) >= 0
-        sp = _splits_of(r[8], total, live, num_kv_heads, num_splits, min_split_steps)
+        sp = _tile_splits(w, t, total, BLOCK_Q, USE_WINDOW)
         n = sp * num_kv_heads
         hit = (idx >= first) & (idx < first + n)
         tile = gl.where(hit, t, tile)
@@ -154,28 +153,27 @@ def _find_item(w, idx, total, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
 
 
 @gluon.jit
-def _item_steps(n_steps, split, splits):
-    """The split's steps [s0, s1) of its tile's n_steps."""
+def _item(w, idx, total, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
+    """Item idx: (kv_head, split, splits of its tile, seq, row0 + q0, n_q, rel0, lo, hi, i_a,
+    i_b, s0, s1), its steps [s0, s1) being the split's share of the tile's steps; the loader
+    and both consumers read their items through this one function."""
+    tile, split, kv_head, splits = _find_item(w, idx, total, BLOCK_Q, USE_WINDOW)
+    seq, row0, n_q, rel0, lo, hi, i_a, i_b, n_steps = _tile_range(w, tile, BLOCK_Q, USE_WINDOW)
     each = gl.cdiv(n_steps, splits)
     s0 = gl.minimum(split * each, n_steps)
-    return s0, gl.minimum(s0 + each, n_steps)
+    return kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, s0, gl.minimum(s0 + each, n_steps)
 
 
 @gluon.jit
 def _loader(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, USE_WINDOW: gl.constexpr):
     (w, q_ptr, k_desc, v_desc, o_ptr, l_ptr, bt_ptr, stride_bts, q_smem, k_smem, v_smem, ready, empty,
      strides, qk_scale) = a  # fmt: skip
-    (tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window, num_tiles,
-     num_kv_heads, num_splits, min_split_steps) = w  # fmt: skip
     total, num_items = _schedule(w, BLOCK_Q, USE_WINDOW)
     count = total * 0
     for idx in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        tile, split, kv_head, splits = _find_item(w, idx, total, BLOCK_Q, USE_WINDOW)
-        seq, row0, n_q, rel0, lo, hi, i_a, i_b, n_steps = _tile_range(
-            tile, tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window,
-            BLOCK_Q, USE_WINDOW,
-        )  # fmt: skip
-        s0, s1 = _item_steps(n_steps, split, splits)
+        kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, s0, s1 = _item(
+            w, idx, total, BLOCK_Q, USE_WINDOW
+        )
         bt_row = bt_ptr + seq.to(gl.int64) * stride_bts
         for i in range(s0, s1):
             st = count % _STAGES
@@ -218,12 +216,9 @@ def _consume(a, H: gl.constexpr, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DI
     total, num_items = _schedule(w, BLOCK_Q, USE_WINDOW)
     count = total * 0
     for idx in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        tile, split, kv_head, splits = _find_item(w, idx, total, BLOCK_Q, USE_WINDOW)
-        seq, row0, n_q, rel0, lo, hi, i_a, i_b, n_steps = _tile_range(
-            tile, tile_seq_ptr, tile_off_ptr, qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, window,
-            BLOCK_Q, USE_WINDOW,
-        )  # fmt: skip
-        s0, s1 = _item_steps(n_steps, split, splits)
+        kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, s0, s1 = _item(
+            w, idx, total, BLOCK_Q, USE_WINDOW
+        )
         tok = r_blk // G
         head = kv_head * G + r_blk % G
         valid = tok < n_q
@@ -362,6 +357,7 @@ def chunk_ws_attention(
     block_q: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     min_split_keys: int = 0,
+    num_programs: int | None = None,  # one wave: the device's SM count (None: asked of the device)
 ) -> None:
     """`chunk_tma_attention`'s arguments and outputs on the warp-specialized kernel (module
     docstring); `ws_supported` must hold. Launch only: no host sync."""
@@ -383,7 +379,8 @@ def chunk_ws_attention(
     layout = gl.NVMMASharedLayout.get_default_for([WS_PAGE, head_dim], gl_dtype)
     k_desc = TensorDescriptor.from_tensor(k_cache.view(-1, num_kv_heads * head_dim), [WS_PAGE, head_dim], layout)
     v_desc = TensorDescriptor.from_tensor(v_cache.view(-1, num_kv_heads * head_dim), [WS_PAGE, head_dim], layout)
-    num_programs = torch.cuda.get_device_properties(query.device).multi_processor_count  # one wave
+    if num_programs is None:
+        num_programs = torch.cuda.get_device_properties(query.device).multi_processor_count
     _chunk_ws_kernel[(num_programs,)](
         query, k_desc, v_desc, o_ws, l_ws,
         query_start_loc, q_pos_start, kv_start, kv_lens, block_tables, tile_seq, tile_q_offset,

@@ -416,7 +416,7 @@ class KernelBackend:
                 chunk_ws_attention(
                     query, k_cache, v_cache, *lengths, launch.tile_seq, launch.tile_q_offset, out, lse, scale,
                     sliding_window, num_splits=launch.splits, merge_rows=launch.merge_rows, block_q=plan.block_q,
-                    min_split_keys=plan.min_split_keys,
+                    min_split_keys=plan.min_split_keys, num_programs=self.num_sms,
                 )  # fmt: skip
                 continue
             kernel(
