@@ -40,7 +40,7 @@ def compile_variants() -> None:
                 signature[name] = "constexpr"
             else:
                 signature[name] = "i32"
-        constexprs = {"HEAD_DIM": head_dim, "G": 4, "BLOCK_Q": block_q, "USE_WINDOW": window}
+        constexprs = {"HEAD_DIM": head_dim, "G": 4, "BLOCK_Q": block_q, "USE_WINDOW": window, "STRIDED": False}
         kernel = triton_compile(
             GluonASTSource(_chunk_ws_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
             options={"num_warps": 4, "maxnreg": WS_MAXNREG},

@@ -153,29 +153,40 @@ def _find_item(w, idx, total, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
 
 
 @gluon.jit
-def _item(w, idx, total, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr):
+def _item(w, idx, total, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr, STRIDED: gl.constexpr):
     """Item idx: (kv_head, split, splits of its tile, seq, row0 + q0, n_q, rel0, lo, hi, i_a,
-    i_b, s0, s1), its steps [s0, s1) being the split's share of the tile's steps; the loader
-    and both consumers read their items through this one function."""
+    i_b, first, stride, n), its steps first + j x stride for j in [0, n): the split's share of
+    the tile's steps, one contiguous range (stride 1) or every splits-th step from the
+    split's index (STRIDED); the loader and both consumers read their items through this one
+    function."""
     tile, split, kv_head, splits = _find_item(w, idx, total, BLOCK_Q, USE_WINDOW)
     seq, row0, n_q, rel0, lo, hi, i_a, i_b, n_steps = _tile_range(w, tile, BLOCK_Q, USE_WINDOW)
-    each = gl.cdiv(n_steps, splits)
-    s0 = gl.minimum(split * each, n_steps)
-    return kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, s0, gl.minimum(s0 + each, n_steps)
+    if STRIDED:
+        first = split
+        stride = splits
+        n = gl.cdiv(gl.maximum(n_steps - split, 0), splits)
+    else:
+        each = gl.cdiv(n_steps, splits)
+        first = gl.minimum(split * each, n_steps)
+        stride = splits * 0 + 1
+        n = gl.minimum(first + each, n_steps) - first
+    return kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, first, stride, n
 
 
 @gluon.jit
-def _loader(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, USE_WINDOW: gl.constexpr):
+def _loader(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, USE_WINDOW: gl.constexpr,
+            STRIDED: gl.constexpr):  # fmt: skip
     (w, q_ptr, k_desc, v_desc, o_ptr, l_ptr, bt_ptr, stride_bts, q_smem, k_smem, v_smem, ready, empty,
      strides, qk_scale) = a  # fmt: skip
     total, num_items = _schedule(w, BLOCK_Q, USE_WINDOW)
     count = total * 0
     for idx in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, s0, s1 = _item(
-            w, idx, total, BLOCK_Q, USE_WINDOW
+        kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, first, stride, n = _item(
+            w, idx, total, BLOCK_Q, USE_WINDOW, STRIDED
         )
         bt_row = bt_ptr + seq.to(gl.int64) * stride_bts
-        for i in range(s0, s1):
+        for j in range(0, n):
+            i = first + j * stride
             st = count % _STAGES
             mbarrier.wait(empty.index(st), ((count // _STAGES) & 1) ^ 1)
             page = gl.load(bt_row + (lo // _PAGE + i))
@@ -188,7 +199,7 @@ def _loader(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, U
 
 @gluon.jit
 def _consume(a, H: gl.constexpr, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr,
-             USE_WINDOW: gl.constexpr):  # fmt: skip
+             USE_WINDOW: gl.constexpr, STRIDED: gl.constexpr):  # fmt: skip
     """Consumer H: rows [64 H, 64 H + 64) of every item's tile (module docstring)."""
     (w, q_ptr, k_desc, v_desc, o_ptr, l_ptr, bt_ptr, stride_bts, q_smem, k_smem, v_smem, ready, empty,
      strides, qk_scale) = a  # fmt: skip
@@ -216,8 +227,8 @@ def _consume(a, H: gl.constexpr, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DI
     total, num_items = _schedule(w, BLOCK_Q, USE_WINDOW)
     count = total * 0
     for idx in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, s0, s1 = _item(
-            w, idx, total, BLOCK_Q, USE_WINDOW
+        kv_head, split, splits, seq, row0, n_q, rel0, lo, hi, i_a, i_b, first, stride, n = _item(
+            w, idx, total, BLOCK_Q, USE_WINDOW, STRIDED
         )
         tok = r_blk // G
         head = kv_head * G + r_blk % G
@@ -233,13 +244,14 @@ def _consume(a, H: gl.constexpr, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DI
         l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_s)
         acc = warpgroup_mma_init(gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=mma_o))
         st = count % _STAGES
-        mbarrier.wait(ready.index(st), (count // _STAGES) & 1, pred=s1 > s0)
+        mbarrier.wait(ready.index(st), (count // _STAGES) & 1, pred=n > 0)
         s_cur = warpgroup_mma(q_own, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False)
-        for i in range(s0, s1):
+        for j in range(0, n):
+            i = first + j * stride
             st = count % _STAGES
             nx = count + 1
             nst = nx % _STAGES
-            mbarrier.wait(ready.index(nst), (nx // _STAGES) & 1, pred=i + 1 < s1)
+            mbarrier.wait(ready.index(nst), (nx // _STAGES) & 1, pred=j + 1 < n)
             s_nxt = warpgroup_mma(q_own, k_smem.index(nst).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             if (i < i_a) | (i >= i_b):  # the causal / window mask
                 kk = lo + i * _PAGE + keys
@@ -255,13 +267,13 @@ def _consume(a, H: gl.constexpr, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DI
             m_i = m_new
             p16 = gl.convert_layout(p.to(dtype), p_op)
             acc = warpgroup_mma_wait(1, deps=[acc])  # PV of the step before done: release its stage
-            mbarrier.arrive(empty.index((count + _STAGES - 1) % _STAGES), pred=i > s0)
+            mbarrier.arrive(empty.index((count + _STAGES - 1) % _STAGES), pred=j > 0)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
             s_cur = warpgroup_mma_wait(1, deps=[s_nxt])
             count += 1
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(empty.index((count + _STAGES - 1) % _STAGES), pred=s1 > s0)
+        mbarrier.arrive(empty.index((count + _STAGES - 1) % _STAGES), pred=n > 0)
 
         seen = l_i > 0.0
         l_safe = gl.where(seen, l_i, 1.0)
@@ -278,13 +290,15 @@ def _consume(a, H: gl.constexpr, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DI
 
 
 @gluon.jit
-def _consumer0(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, USE_WINDOW: gl.constexpr):
-    _consume(a, 0, BLOCK_Q, G, HEAD_DIM, USE_WINDOW)
+def _consumer0(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, USE_WINDOW: gl.constexpr,
+               STRIDED: gl.constexpr):  # fmt: skip
+    _consume(a, 0, BLOCK_Q, G, HEAD_DIM, USE_WINDOW, STRIDED)
 
 
 @gluon.jit
-def _consumer1(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, USE_WINDOW: gl.constexpr):
-    _consume(a, 1, BLOCK_Q, G, HEAD_DIM, USE_WINDOW)
+def _consumer1(a, BLOCK_Q: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, USE_WINDOW: gl.constexpr,
+               STRIDED: gl.constexpr):  # fmt: skip
+    _consume(a, 1, BLOCK_Q, G, HEAD_DIM, USE_WINDOW, STRIDED)
 
 
 # Per-step ints are not specialized on (a new variant would compile mid-serving:
@@ -298,7 +312,7 @@ def _chunk_ws_kernel(
     qsl_ptr, q_pos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, tile_seq_ptr, tile_off_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls, stride_bts,
     qk_scale, window, num_tiles, num_kv_heads, num_splits, min_split_steps,
-    HEAD_DIM: gl.constexpr, G: gl.constexpr, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr,
+    HEAD_DIM: gl.constexpr, G: gl.constexpr, BLOCK_Q: gl.constexpr, USE_WINDOW: gl.constexpr, STRIDED: gl.constexpr,
 ):  # fmt: skip
     dtype: gl.constexpr = k_desc.dtype
     q_smem = gl.allocate_shared_memory(
@@ -317,9 +331,9 @@ def _chunk_ws_kernel(
     a = (w, q_ptr, k_desc, v_desc, o_ptr, l_ptr, bt_ptr, stride_bts, q_smem, k_smem, v_smem, ready, empty,
          strides, qk_scale)  # fmt: skip
     gl.warp_specialize([
-        (_consumer0, (a, BLOCK_Q, G, HEAD_DIM, USE_WINDOW)),
-        (_consumer1, (a, BLOCK_Q, G, HEAD_DIM, USE_WINDOW)),
-        (_loader, (a, BLOCK_Q, G, HEAD_DIM, USE_WINDOW)),
+        (_consumer0, (a, BLOCK_Q, G, HEAD_DIM, USE_WINDOW, STRIDED)),
+        (_consumer1, (a, BLOCK_Q, G, HEAD_DIM, USE_WINDOW, STRIDED)),
+        (_loader, (a, BLOCK_Q, G, HEAD_DIM, USE_WINDOW, STRIDED)),
     ], [4, 1], [232, 24])  # fmt: skip
 
 
@@ -358,6 +372,7 @@ def chunk_ws_attention(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     min_split_keys: int = 0,
     num_programs: int | None = None,  # one wave: the device's SM count (None: asked of the device)
+    strided_splits: bool = False,  # a split takes every splits-th step, not one contiguous range
 ) -> None:
     """`chunk_tma_attention`'s arguments and outputs on the warp-specialized kernel (module
     docstring); `ws_supported` must hold. Launch only: no host sync."""
@@ -388,7 +403,7 @@ def chunk_ws_attention(
         l_strides[0], l_strides[1], l_strides[2], block_tables.stride(0),
         scale * _LOG2E, 0 if sliding_window is None else sliding_window, num_tiles, num_kv_heads, num_splits,
         max(1, min_split_keys // WS_PAGE),
-        HEAD_DIM=head_dim, G=g, BLOCK_Q=block_q, USE_WINDOW=sliding_window is not None,
+        HEAD_DIM=head_dim, G=g, BLOCK_Q=block_q, USE_WINDOW=sliding_window is not None, STRIDED=strided_splits,
         num_warps=4, maxnreg=WS_MAXNREG,
     )  # fmt: skip
     if num_splits > 1:
