@@ -144,7 +144,7 @@ def cost_model_from(fit: dict, source: str):
 # ---- 8b / 1b: whole-model steps ----------------------------------------------------------
 
 
-def _engine(model_dir: Path, kv_fraction: float, chunk_kernel: str = "triton"):
+def _engine(model_dir: Path, kv_fraction: float):
     from mnemosyne import SamplingParams
     from mnemosyne.engine.args import EngineArgs
     from mnemosyne.engine.llm_engine import LLMEngine
@@ -152,7 +152,6 @@ def _engine(model_dir: Path, kv_fraction: float, chunk_kernel: str = "triton"):
     args = EngineArgs(
         model=str(model_dir), load_format="dummy", dtype="bfloat16", chunk_size=2048,
         max_num_batched_tokens=2048, max_num_seqs=40, kv_cache_memory_fraction=kv_fraction,
-        chunk_kernel=chunk_kernel,
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     engine.add_request(list(range(1000, 4000)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -192,7 +191,6 @@ def _step_s(
 def part_model(
     key: str, model_dir: Path, calib: dict | None, kv_fraction: float, log: Path | None,
     chunks: tuple[int, ...] = CHUNKS, forced_paths: bool = True, prefixes: tuple[int, ...] | None = None,
-    chunk_kernel: str = "triton",
 ) -> dict:  # fmt: skip
     from mnemosyne.bench.long_context.engine import synthetic_meta
     from mnemosyne.kernels.chunk_tma_attention import fits_page_tiles
@@ -200,7 +198,7 @@ def part_model(
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
     from mnemosyne.layers.attention.metadata import AttentionMetadata
 
-    engine = _engine(model_dir, kv_fraction, chunk_kernel)
+    engine = _engine(model_dir, kv_fraction)
     cfg, cache = engine.config.model, engine.config.cache
     worker = engine.executor.worker
     model, caches, bs = worker.model, worker.kv_caches, cache.block_size
@@ -374,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefixes", default="", help="prefixes of the 8b/1b parts (default: the shape's)")
     ap.add_argument("--auto-path-only", action="store_true",
                     help="8b/1b parts: time only the path the cost model picks (eager and piecewise)")  # fmt: skip
-    ap.add_argument("--chunk-kernel", default="triton", choices=["triton", "warp_specialized"],
-                    help="8b/1b parts: the engine's chunk_kernel (config.ChunkKernelKind)")  # fmt: skip
     ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--calib", type=Path, default=None, help="a calib part's JSON (for the model parts)")
     ap.add_argument("--kv-fraction", type=float, default=0.95)
@@ -399,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 chunks = tuple(int(c) for c in ns.chunks.split(","))
                 prefixes = tuple(int(p) for p in ns.prefixes.split(",") if p) or None
                 res = part_model(
-                    ns.part, model_dir, calib, ns.kv_fraction, ns.log, chunks, not ns.auto_path_only, prefixes,
-                    ns.chunk_kernel,
+                    ns.part, model_dir, calib, ns.kv_fraction, ns.log, chunks, not ns.auto_path_only, prefixes
                 )
         ns.part_out.write_text(json.dumps(res, indent=1))
         return 0
@@ -414,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         part_out = ns.out.with_suffix(f".{part}.json")
         cmd = [sys.executable, "-m", "benchmarks.chunk_sweep", "--part", part, "--part-out", str(part_out),
                "--calib", str(calib_path), "--kv-fraction", str(ns.kv_fraction), "--out", str(ns.out),
-               "--scenario-chunks", ns.scenario_chunks, "--chunks", ns.chunks, "--prefixes", ns.prefixes,
-               "--chunk-kernel", ns.chunk_kernel]  # fmt: skip
+               "--scenario-chunks", ns.scenario_chunks, "--chunks", ns.chunks, "--prefixes", ns.prefixes]  # fmt: skip
         if ns.auto_path_only:
             cmd.append("--auto-path-only")
         if ns.log:

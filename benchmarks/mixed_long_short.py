@@ -205,8 +205,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--step-log", default=None, help="write every step to this JSON-lines file (engine/step_log.py)")
-    ap.add_argument("--chunk-kernel", default="triton", choices=["triton", "warp_specialized"],
-                    help="the engine's chunk_kernel (config.ChunkKernelKind)")  # fmt: skip
     ns = ap.parse_args()
 
     from mnemosyne.engine.llm_engine import LLMEngine
@@ -219,7 +217,7 @@ def main() -> None:
     args = scheduling_engine_args(
         model_dir, ns, chunk_policy="adaptive", tbt_slo_ms=ns.tbt_slo_ms,
         enable_prefix_caching=False,  # every configuration prefills the same prompts from scratch
-        step_log=ns.step_log, chunk_kernel=ns.chunk_kernel,
+        step_log=ns.step_log,
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     freeze_startup_heap()  # as the served engine core does once ready (mnemosyne/gc_heap.py)

@@ -9,7 +9,6 @@ from dataclasses import fields
 
 from mnemosyne.config import (
     AttentionBackendKind,
-    ChunkKernelKind,
     ChunkPolicyKind,
     GenerationConfigMode,
     LoadFormat,
@@ -102,13 +101,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.attention_backend,
         choices=[k.value for k in AttentionBackendKind],
         help="auto: Triton/cuDNN kernels on CUDA, the torch reference on CPU",
-    )
-    g.add_argument(
-        "--chunk-kernel",
-        default=d.chunk_kernel,
-        choices=[k.value for k in ChunkKernelKind],
-        help="triton: the Triton kernels; warp_specialized (opt-in): the warp-specialized Gluon kernel "
-        "for short chunks where it serves (Hopper, head dim 128, 16-bit, block size 64), else Triton",
     )
     g.add_argument(
         "--enforce-eager", action="store_true", help="no CUDA graphs (decode steps and piecewise mixed steps)"

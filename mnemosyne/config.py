@@ -248,20 +248,6 @@ class ParallelConfig:
             )
 
 
-class ChunkKernelKind(enum.Enum):
-    """Which kernel serves the kernel backend's short chunks (tiles) over paged keys.
-    TRITON: the Triton kernels. WARP_SPECIALIZED (opt-in): the warp-specialized Gluon kernel
-    (kernels/chunk_ws_attention.py) where it serves (Hopper, head dim 128, 16-bit, 64-token
-    blocks), Triton elsewhere. Alone, for 8B heads, it ran 32-128-token chunks after
-    128K-512K keys at 1.13-1.25x the attention floor against the TMA kernel's 1.31-1.46x
-    (benchmarks/results/session18_h200x2_2026-12-01/); in the engine it is not yet measured
-    faster (its first run there split the keys into two rounds of programs, since fixed), so
-    it is not the default."""
-
-    TRITON = "triton"
-    WARP_SPECIALIZED = "warp_specialized"
-
-
 class AttentionBackendKind(enum.Enum):
     """AUTO: the kernels (Triton + cuDNN) on CUDA, the torch reference on CPU. KERNELS on
     CPU runs the Triton kernels in the interpreter (TRITON_INTERPRET=1; tests only)."""
@@ -359,7 +345,6 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
-    chunk_kernel: ChunkKernelKind = ChunkKernelKind.TRITON
     enforce_eager: bool = False  # True: no CUDA graphs (decode steps, piecewise mixed steps)
     load_format: LoadFormat = LoadFormat.SAFETENSORS
     policy: PolicyConfig = field(default_factory=PolicyConfig)

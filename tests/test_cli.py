@@ -51,31 +51,6 @@ def test_vllm_spellings_mean_the_same_as_ours() -> None:
         engine_args_from(ns_of("serve", "A", "--model", "B"))
 
 
-def test_chunk_kernel_flag_reaches_the_attention_backend() -> None:
-    """--chunk-kernel is an engine option; the opt-in kernel is asked of the backend, which
-    uses it only where it serves (never on CPU)."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from mnemosyne.config import AttentionBackendKind, ChunkKernelKind
-    from mnemosyne.layers.attention.kernel_backend import KernelBackend
-    from mnemosyne.layers.attention.selector import make_attention_backend
-
-    assert engine_args_from(ns_of("serve", "M")).chunk_kernel == "triton"
-    args = engine_args_from(ns_of("serve", "M", "--chunk-kernel", "warp_specialized"))
-    assert args.chunk_kernel == "warp_specialized"
-    with pytest.raises(ConfigError, match="chunk_kernel"):
-        EngineArgs(model="M", chunk_kernel="fast").validate()
-    cfg = SimpleNamespace(num_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16)  # what it reads
-    backend = make_attention_backend(
-        AttentionBackendKind.KERNELS, cfg, 1, torch.device(TEST_DEVICE), ChunkKernelKind.WARP_SPECIALIZED
-    )
-    assert isinstance(backend, KernelBackend) and backend.chunk_config.warp_specialized
-    if TEST_DEVICE == "cpu":
-        assert not backend.uses_ws_tiles(64)  # the Triton kernels, in the interpreter
-
-
 def test_gpu_memory_utilization_has_vllm_meaning() -> None:
     gib = 2**30
     # 80 GiB device, 70 free, 0.5 -> 40 GiB for everything; 16 GiB of weights + activations.

@@ -384,29 +384,3 @@ def test_warm_up_compiles_the_chunk_variants_read_only():
     backend.warm_up(k_cache, v_cache, None)
     backend.warm_up(k_cache, v_cache, 5)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs sm_90"
-)
-@pytest.mark.parametrize("window", [None, 300])
-def test_warp_specialized_tiles_in_a_mixed_batch(window):
-    """8B heads, 64-key blocks: decodes, short chunks after long prefixes, a prompt and a KVP
-    piece; the tiles on the warp-specialized kernel (splits chosen on the device), against the
-    reference and against the same batch on the TMA kernel."""
-    h, hkv, d, block = 32, 8, 128, 64
-    seqs = [(1, 9000, 0, 9001), (32, 20000, 0, 20032), (64, 6000, 0, 6064), (100, 0, 0, 100), (17, 8000, 3000, 5017)]
-    query, k_cache, v_cache, meta = _batch(seqs, h, hkv, d, block, torch.bfloat16, True, seed=3)
-    ws = KernelBackend(h // hkv, d, torch.bfloat16, DEVICE, use_cudnn=False,
-                       chunk_config=ChunkKernelConfig(warp_specialized=True))  # fmt: skip
-    assert ws.uses_ws_tiles(block) and not ws.uses_ws_tiles(16)
-    out, lse = ws.forward(query, k_cache, v_cache, meta, d**-0.5, window)
-    assert meta.backend_plan.page_tiles and meta.backend_plan.chunk_splits > 1
-    _assert_matches_reference(out, lse, query, k_cache, v_cache, meta, window)
-    meta.backend_plan = None
-    tma = KernelBackend(h // hkv, d, torch.bfloat16, DEVICE, use_cudnn=False)
-    assert not tma.uses_ws_tiles(block)
-    out_tma, lse_tma = tma.forward(query, k_cache, v_cache, meta, d**-0.5, window)
-    torch.testing.assert_close(out.float(), out_tma.float(), atol=2e-2, rtol=0)

@@ -82,13 +82,12 @@ def run_case(
     strided_query: bool = False,
     num_splits: int = 1,
     kernel: Callable[..., None] | None = None,  # None: chunk_splitkv_attention
-    unused_slots: float = float("nan"),  # what cache slots no sequence holds contain
     **kernel_options: object,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     query_lens = [s.query_len for s in seqs]
     num_tokens = sum(query_lens)
-    # Each sequence's held keys in a shuffled set of blocks; unused cache slots are NaN (default).
+    # Each sequence's held keys in a shuffled set of blocks; unused cache slots are NaN.
     blocks_per_seq = [-(-s.kv_len // block_size) for s in seqs]
     num_blocks = sum(blocks_per_seq) + 2
     perm = torch.randperm(num_blocks, generator=gen).tolist()
@@ -97,8 +96,8 @@ def run_case(
         block_tables.append(perm[k0 : k0 + n])
         k0 += n
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(cache_shape, unused_slots, dtype=dtype)
-    v_cache = torch.full(cache_shape, unused_slots, dtype=dtype)
+    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
     for s, blocks in zip(seqs, block_tables):
         j = torch.arange(s.kv_len)
         slots = torch.tensor(blocks, dtype=torch.long)[j // block_size] * block_size + j % block_size

@@ -37,8 +37,12 @@ inputs (which also computes the chunk's own causal part: c more keys, <0.1% at t
 Measured (H200, benchmarks/results/session18_h200x2_2026-12-01/b-e/): serial and pipelined
 no faster than the engine's TMA kernel; the warp-specialized variants (below) 7-22% faster
 for 8B heads (32-128-token chunks after 128K-512K keys: 1.13-1.25x the floor against
-1.31-1.46x), no faster at head dim 64. `ws_s4` became the engine's opt-in kernel
-(`mnemosyne/kernels/chunk_ws_attention.py`).
+1.31-1.46x), no faster at head dim 64. `ws_s4` became an opt-in engine kernel, which in the
+engine ran slower than the TMA kernel in every cell (benchmarks/results/session19_h200_2026-12-01/:
+the TMA baseline here ran 4-7% slower than the engine's backend runs it, and the engine's
+version of the design, with the causal mask, windows and a persistent item loop, 12-17%
+slower than `ws_s4` at the same split count), so it was taken out again; this probe is the
+record of the design.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ import torch
 from mnemosyne.config import (
     AttentionBackendKind,
     CacheConfig,
-    ChunkKernelKind,
     ChunkPolicyKind,
     EngineConfig,
     GenerationConfigMode,
@@ -63,7 +62,6 @@ class EngineArgs:
     worker_timeout_s: float = 600.0  # collectives and one step's reply: above the longest step
     heartbeat_timeout_s: float = 10.0  # a worker silent this long is frozen or lost
     attention_backend: str | AttentionBackendKind = "auto"  # auto | reference | kernels
-    chunk_kernel: str | ChunkKernelKind = "triton"  # triton | warp_specialized (opt-in: config.ChunkKernelKind)
     enforce_eager: bool = False  # no CUDA graphs (decode, piecewise)
     load_format: str | LoadFormat = "safetensors"  # safetensors | dummy (random weights, config.json only)
     # ---- chunk sizing and ordering (PolicyConfig) ----
@@ -120,7 +118,6 @@ class EngineArgs:
             raise ConfigError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
         self.parallel_config().validate()
         parse_enum(AttentionBackendKind, self.attention_backend, "attention_backend")
-        parse_enum(ChunkKernelKind, self.chunk_kernel, "chunk_kernel")
         parse_enum(LoadFormat, self.load_format, "load_format")
         self.policy_config(self.resolve_device()).validate()
         parse_enum(GenerationConfigMode, self.generation_config, "generation_config")
@@ -241,7 +238,6 @@ class EngineArgs:
             device=device,
             seed=self.seed,
             attention_backend=parse_enum(AttentionBackendKind, self.attention_backend, "attention_backend"),
-            chunk_kernel=parse_enum(ChunkKernelKind, self.chunk_kernel, "chunk_kernel"),
             enforce_eager=self.enforce_eager,
             load_format=parse_enum(LoadFormat, self.load_format, "load_format"),
             policy=self.policy_config(device),

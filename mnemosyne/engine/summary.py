@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mnemosyne.config import AttentionBackendKind, ChunkKernelKind, ChunkPolicyKind
+from mnemosyne.config import AttentionBackendKind, ChunkPolicyKind
 from mnemosyne.engine.llm_engine import LLMEngine
 
 
@@ -39,8 +39,6 @@ def _attention(engine: LLMEngine) -> str:
         text = f"auto ({resolved})"
     else:
         text = kind.value
-    if cfg.chunk_kernel is ChunkKernelKind.WARP_SPECIALIZED:
-        text += ", warp-specialized chunk kernel where it serves"
     if cfg.device.startswith("cuda"):
         text += ", eager decode" if cfg.enforce_eager else ", CUDA graphs for decode"
     return text

@@ -104,9 +104,7 @@ class Worker:
         self.group = pg.coords.kvp_rank
         self.block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks_per_group[self.group]
-        backend = make_attention_backend(
-            config.attention_backend, config.model, pg.tp.size, device, config.chunk_kernel
-        )
+        backend = make_attention_backend(config.attention_backend, config.model, pg.tp.size, device)
         self.model = load_model(
             config.model_dir, config.model, backend, device, pg, config.load_format, config.seed
         )

@@ -21,11 +21,7 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
                                                (kernels/chunk_tma_attention.py, TMA on sm_90)
                                                when the cache's block_size is a multiple of
                                                its step (64 keys in 16-bit), else per-key
-                                               gathers (kernels/chunk_splitkv_attention.py);
-                                               page-aligned tiles go to the warp-specialized
-                                               Gluon kernel (kernels/chunk_ws_attention.py:
-                                               each tile's splits picked on the device, one
-                                               wave) where `uses_ws_tiles`
+                                               gathers (kernels/chunk_splitkv_attention.py)
 
 K/V are written by one fused Triton kernel (kernels/kv_write.py). The decode split count
 is fixed by the plan; the decode kernel reads every length from device tensors, so a
@@ -56,7 +52,6 @@ from mnemosyne.kernels.chunk_tma_attention import (
     chunk_tma_attention,
     fits_page_tiles,
 )
-from mnemosyne.kernels.chunk_ws_attention import WS_PAGE, chunk_ws_attention, ws_supported
 from mnemosyne.kernels.cudnn_plans import (
     CudnnShape,
     chunk_call_shapes,
@@ -123,7 +118,6 @@ class KernelBackend:
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         )
-        self._ws_tiles: bool | None = None  # `uses_ws_tiles` for 64-key blocks, once asked
         # The cuDNN graphs `warm_up` built; None (no warm-up): cuDNN takes any shape
         self.cudnn_shapes: frozenset[CudnnShape] | None = None
 
@@ -263,22 +257,6 @@ class KernelBackend:
     def min_split_keys(self) -> int:
         return self.chunk_config.min_split_keys or (MIN_SPLIT_KEYS if self.device.type == "cuda" else 64)
 
-    def uses_ws_tiles(self, block_size: int) -> bool:
-        """Whether page-aligned tiles of this cache run on the warp-specialized kernel: asked
-        for (`ChunkKernelConfig.warp_specialized`), served (`ws_supported`) and at head dim
-        128; at head dim 64 (1B heads) it ran no faster than the TMA kernel (0.97-1.08x its
-        time, benchmarks/results/session18_h200x2_2026-12-01/c/)."""
-        if self._ws_tiles is None:  # asked every layer of every step: decided once
-            self._ws_tiles = (
-                self.chunk_config.warp_specialized
-                and self.head_dim == 128
-                and all(
-                    ws_supported(self.head_dim, self.dtype, WS_PAGE, self.num_heads_per_kv, bq, self.device)
-                    for bq in self.tile_heights()
-                )
-            )
-        return self._ws_tiles and block_size == WS_PAGE
-
     def uses_page_tiles(self, block_size: int | None) -> bool:
         """Whether the chunk kernel can walk page-aligned steps of this cache."""
         return block_size is not None and fits_page_tiles(block_size, self.dtype)
@@ -409,16 +387,8 @@ class KernelBackend:
                 plan.split_budget,
             )  # fmt: skip
         cfg = self.chunk_config
-        ws = plan.page_tiles and self.uses_ws_tiles(k_cache.shape[1])
         kernel = chunk_tma_attention if plan.page_tiles else chunk_splitkv_attention
         for launch in chunk_launches(plan):
-            if ws:
-                chunk_ws_attention(
-                    query, k_cache, v_cache, *lengths, launch.tile_seq, launch.tile_q_offset, out, lse, scale,
-                    sliding_window, num_splits=launch.splits, merge_rows=launch.merge_rows, block_q=plan.block_q,
-                    min_split_keys=plan.min_split_keys, num_programs=self.num_sms,
-                )  # fmt: skip
-                continue
             kernel(
                 query, k_cache, v_cache, *lengths, launch.tile_seq, launch.tile_q_offset, out, lse, scale,
                 sliding_window, num_splits=launch.splits, merge_rows=launch.merge_rows, block_q=plan.block_q,

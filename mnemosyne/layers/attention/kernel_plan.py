@@ -83,7 +83,7 @@ class HostPlan:
 
 @dataclass(frozen=True)
 class ChunkKernelConfig:
-    """Tunables of the chunk kernels; None = the kernel's defaults."""
+    """Tunables of the Triton chunk kernel; None = the kernel's defaults."""
 
     block_n: int | None = None
     num_warps: int | None = None
@@ -92,6 +92,3 @@ class ChunkKernelConfig:
     min_split_keys: int | None = None  # fewest keys per split; None: MIN_SPLIT_KEYS on CUDA, 64 on
     # CPU (the interpreter: tests reach the split path with short contexts)
     max_splits: int | None = None  # None: MAX_SPLITS, or PAGE_TILES_MAX_SPLITS for page-aligned tiles
-    # page-aligned tiles on the warp-specialized Gluon kernel where `KernelBackend.uses_ws_tiles`
-    # (its split count the most a tile takes: the device picks each tile's, one wave)
-    warp_specialized: bool = False

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from mnemosyne.config import AttentionBackendKind, ChunkKernelKind, ModelConfig
+from mnemosyne.config import AttentionBackendKind, ModelConfig
 from mnemosyne.errors import ConfigError
 from mnemosyne.layers.attention.backend import AttentionBackend
 from mnemosyne.layers.attention.reference import TorchReferenceBackend
@@ -14,15 +14,10 @@ from mnemosyne.layers.linear import num_kv_heads_per_rank
 
 
 def make_attention_backend(
-    kind: AttentionBackendKind,
-    cfg: ModelConfig,
-    tp: int,
-    device: torch.device,
-    chunk_kernel: ChunkKernelKind = ChunkKernelKind.TRITON,
+    kind: AttentionBackendKind, cfg: ModelConfig, tp: int, device: torch.device
 ) -> AttentionBackend:
     """AUTO: kernels on CUDA, the reference elsewhere. Kernels on CPU need the Triton
-    interpreter (TRITON_INTERPRET=1 before the kernels are imported). `chunk_kernel`: which
-    kernel serves the kernel backend's tiled chunks (`ChunkKernelKind`)."""
+    interpreter (TRITON_INTERPRET=1 before the kernels are imported)."""
     use_kernels = kind == AttentionBackendKind.KERNELS or (
         kind == AttentionBackendKind.AUTO and device.type == "cuda"
     )
@@ -33,8 +28,6 @@ def make_attention_backend(
             f"attention_backend=kernels on {device.type} needs TRITON_INTERPRET=1 (Triton's interpreter)"
         )
     from mnemosyne.layers.attention.kernel_backend import KernelBackend
-    from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig
 
     num_heads_per_kv = (cfg.num_heads // tp) // num_kv_heads_per_rank(cfg.num_kv_heads, tp)
-    chunk_config = ChunkKernelConfig(warp_specialized=chunk_kernel is ChunkKernelKind.WARP_SPECIALIZED)
-    return KernelBackend(num_heads_per_kv, cfg.head_dim, cfg.dtype, device, chunk_config=chunk_config)
+    return KernelBackend(num_heads_per_kv, cfg.head_dim, cfg.dtype, device)
