@@ -115,6 +115,31 @@ def test_chunk_factors_follow_the_chunk_size_in_steps_with_decodes():
         assert device.ratio(comp, idle=False) == pytest.approx(want), (decodes, tokens)
 
 
+def test_steps_with_a_chunk_beside_decodes_take_their_keys_spread_in_a_fixed_order():
+    """Ten 64-token steps after 200K keys beside decodes at 1.00-1.45x: the simulated steps of
+    that key take those ratios at the golden-ratio sequence's quantiles (the first at the
+    median), so any 32 of them in a row span the spread (the calibration's 0.98 quantile sees
+    its top), the same order for every seed; a prompt-only step of that size takes the
+    median of its bucket and path."""
+    steps = [logged(1.0 + 0.05 * i, [[1, 500], [64, 200_000]]) for i in range(10)]
+    log = DeviceLog.from_steps(steps)
+    bucket = composition_prefix_bucket(StepComposition.single(GroupLoad().plus_chunk(64, 200_000)))
+    assert log.size_ratios == {
+        (bucket, "mixed_graph", 1): tuple(pytest.approx(1.0 + 0.05 * i) for i in range(10))
+    }
+    beside = StepComposition.single(GroupLoad().plus_decode(501).plus_chunk(64, 200_000))
+    device, other = LoggedDevice(log, seed=0), LoggedDevice(log, seed=7)
+    ratios = [device.ratio(beside, idle=False) for _ in range(96)]
+    assert ratios == [other.ratio(beside, idle=False) for _ in range(96)]  # no seed
+    assert ratios[0] == pytest.approx(1.225)  # q = 0.5
+    for k in range(0, 64, 8):
+        window = sorted(ratios[k : k + 32])
+        assert window[0] < 1.05 and window[-2] > 1.38, k
+    assert statistics.mean(ratios) == pytest.approx(1.225, abs=0.01)
+    alone = StepComposition.single(GroupLoad().plus_chunk(64, 200_000))
+    assert device.ratio(alone, idle=False) == pytest.approx(1.225)
+
+
 def test_path_sizes_are_the_workers():
     from mnemosyne.layers.attention.static_plan import MAX_SPLIT_GRAPH_TOKENS
     from mnemosyne.worker.mixed_graph import MAX_MIXED_GRAPH_TOKENS
