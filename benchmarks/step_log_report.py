@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
                         for n, qs in dev["decode_ratio_p10_p50_p90_by_decodes"].items())  # fmt: skip
     paths = ", ".join(f"{bucket_label(int(k.split('/')[0]))} {k.split('/')[1]} {f:.3f}"
                       for k, f in dev["chunk_factors_by_prefix_bucket_and_path"].items())  # fmt: skip
-    sizes = ", ".join(f"{bucket_label(int(b))} {path} <={CHUNK_BUCKET_TOKENS << int(c)} {f:.3f}"
-                      for k, f in dev["chunk_factors_by_prefix_bucket_path_and_chunk_bucket"].items()
+    sizes = ", ".join(f"{bucket_label(int(b))} {path} <={CHUNK_BUCKET_TOKENS << int(c)} {' / '.join(f'{x:.3f}' for x in qs)}"
+                      for k, qs in dev["chunk_ratio_p10_p50_p90_by_prefix_bucket_path_and_chunk_bucket"].items()
                       for b, path, c in [k.split("/")])  # fmt: skip
     print(f"--device-step-log: chunk factors by prefix {factors}; by prefix and path {paths}; "
-          f"by prefix, path and chunk tokens {sizes}; idle-start {idle} "
+          f"beside decodes by prefix, path and chunk tokens (p10 / p50 / p90) {sizes}; idle-start {idle} "
           f"({dev['num_idle_steps']} steps); decode-only p10 / p50 / p90 by decodes {decodes} "
           f"({dev['num_decode_steps']} steps)")  # fmt: skip
     if ns.out is not None:

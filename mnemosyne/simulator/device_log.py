@@ -241,9 +241,10 @@ class DeviceLog:
             "chunk_factors_by_prefix_bucket_and_path": {
                 f"{b}/{p}": f for (b, p), f in self.path_factors.items()
             },
-            "chunk_factors_by_prefix_bucket_path_and_chunk_bucket": {
-                f"{b}/{p}/{c}": f for (b, p, c), f in self.size_factors.items()
-            },
+            "chunk_ratio_p10_p50_p90_by_prefix_bucket_path_and_chunk_bucket": {
+                f"{b}/{p}/{c}": [_at_quantile(r, q) for q in (0.1, 0.5, 0.9)]
+                for (b, p, c), r in self.size_ratios.items()
+            },  # the spread those steps take (LoggedDevice.ratio)
             "idle_factor": self.idle_factor,
             "decode_ratio_p10_p50_p90_by_decodes": {
                 f"{1 << b}-{(2 << b) - 1}": [self.decode_quantile(q, 1 << b) for q in (0.1, 0.5, 0.9)]
