@@ -52,13 +52,12 @@ def random_steps(rng: random.Random, capacity: int, max_seqs: int, n: int, accep
     return steps
 
 
-def profile_timing(source: str, engine_timing: StepTiming) -> tuple[StepTiming, BlockLayout]:
+def profile_timing(info: dict, engine_timing: StepTiming) -> tuple[StepTiming, BlockLayout]:
     """How the latency model's profile timed its steps: the `step_timing` and `block_layout` its
-    file records; the engine's own timing and contiguous blocks for a profile that records none
-    or a source that is no file (the roofline)."""
-    recorded = json.loads(Path(source).read_text()) if Path(source).is_file() else {}
-    timing = StepTiming(recorded.get("step_timing", engine_timing.value))
-    return timing, BlockLayout(recorded.get("block_layout", BlockLayout.CONTIGUOUS.value))
+    record holds (`LatencyProfile.info`); the engine's own timing and contiguous blocks for a
+    profile that records none, or for the roofline (no profile: an empty record)."""
+    timing = StepTiming(info.get("step_timing", engine_timing.value))
+    return timing, BlockLayout(info.get("block_layout", BlockLayout.CONTIGUOUS.value))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ns = ap.parse_args(argv)
 
     from mnemosyne.engine.llm_engine import LLMEngine
+    from mnemosyne.latency.profile_store import load_profile
     from mnemosyne.profiling.profiler import (
         default_step_timing,
         library_versions,
@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = scheduling_engine_args(model_dir, ns, kv_cache_memory_gb=ns.kv_cache_gb)
     engine = LLMEngine.from_args(args)
     model, source = engine.policies.latency_model, engine.policies.latency_source
-    timing, layout = profile_timing(source, default_step_timing(engine.config))
-    pipelined = timing is StepTiming.PIPELINED
-    key, roofline, planner, capacity = synthetic_setup(engine, layout, max_live_plans=2 if pipelined else 1)
+    # source: the profile's path, or "roofline" (no profile)
+    info = load_profile(source).info if Path(source).is_file() else {}
+    timing, layout = profile_timing(info, default_step_timing(engine.config))
+    key, roofline, planner, capacity = synthetic_setup(engine, layout, timing)
     rng = random.Random(ns.seed)
     steps = random_steps(rng, capacity, engine.config.scheduler.max_num_seqs, ns.num_steps,
                          lambda seqs: roofline.step_time_s(planner.composition(seqs)) <= ns.max_step_s)  # fmt: skip
-    samples = measure_all(engine.executor, planner, steps, ns.repeats, pipelined)
+    samples = measure_all(engine.executor, planner, steps, ns.repeats, timing)
     engine.shutdown()
     rows = []
     for m in samples:

@@ -191,13 +191,17 @@ def engine_chunk_attention_cost(config) -> ChunkAttentionCost | None:
 
 
 def synthetic_setup(
-    engine, block_layout: BlockLayout = BlockLayout.CONTIGUOUS, max_live_plans: int = 1
+    engine, block_layout: BlockLayout = BlockLayout.CONTIGUOUS, timing: StepTiming = StepTiming.SERIAL
 ) -> tuple[ProfileKey, RooflineLatencyModel, SyntheticPlanner, int]:
-    """The key, roofline and synthetic planner of an idle engine, and the KV tokens one step may use."""
+    """The key, roofline and synthetic planner of an idle engine, and the KV tokens one step may use.
+    PIPELINED timing (`measure_all`) keeps two plans live and needs async scheduling."""
     config = engine.config
+    if timing is StepTiming.PIPELINED and not config.scheduler.async_scheduling:
+        raise ConfigError("pipelined step timing needs async scheduling (spp = 1)")
     key = profile_key(config)
     cache = config.cache
     roofline = RooflineLatencyModel(key.shape, key.layout, device_spec_for(key.device_name))
+    max_live_plans = 2 if timing is StepTiming.PIPELINED else 1
     planner = SyntheticPlanner(
         cache.block_size, cache.num_blocks_per_group, cache.max_tokens_per_kvp_group, block_layout, max_live_plans
     )
@@ -218,12 +222,9 @@ def profile_engine(
     None: `default_step_timing` of the engine's config."""
     if timing is None:
         timing = default_step_timing(engine.config)
-    if timing is StepTiming.PIPELINED and not engine.config.scheduler.async_scheduling:
-        raise ConfigError("pipelined step timing needs async scheduling (spp = 1)")
     t_start = time.monotonic()
     grid = GRIDS[grid_kind]
-    pipelined = timing is StepTiming.PIPELINED
-    key, roofline, planner, capacity = synthetic_setup(engine, block_layout, max_live_plans=2 if pipelined else 1)
+    key, roofline, planner, capacity = synthetic_setup(engine, block_layout, timing)
     max_seqs = min(engine.config.scheduler.max_num_seqs, max(grid.decode_batches) + 1)
     points = [
         p
@@ -231,7 +232,7 @@ def profile_engine(
         if roofline.step_time_s(planner.composition(list(p))) <= grid.max_step_s
     ]
     log(f"profiling {len(points)} steps on {key.device_name} (KV capacity {capacity} tokens)")
-    samples = measure_all(engine.executor, planner, points, grid.repeats, pipelined)
+    samples = measure_all(engine.executor, planner, points, grid.repeats, timing)
     pairs = [(m.composition, m.measured_s) for m in samples]
     busiest = [max(range(len(c.groups)), key=lambda g, c=c: roofline.stage_time_s(c.groups[g])) for c, _ in pairs]
     spec = roofline.device
@@ -259,9 +260,10 @@ def profile_engine(
 
 
 def measure_all(
-    executor, planner: SyntheticPlanner, points, repeats: int, pipelined: bool = False
+    executor, planner: SyntheticPlanner, points, repeats: int, timing: StepTiming = StepTiming.SERIAL
 ) -> list[Measurement]:
-    timer = measure_pipelined if pipelined else measure
+    """Each point timed by `timing`; the planner must come from `synthetic_setup` with the same timing."""
+    timer = measure_pipelined if timing is StepTiming.PIPELINED else measure
     samples = [timer(executor, planner, list(p), repeats) for p in points]
     executor.submit(planner.retire_plan())
     executor.get_result()
