@@ -158,9 +158,8 @@ class DeviceLog:
     source: str
     chunk_factors: dict[int, float]  # prefix bucket -> median ratio over every path
     path_factors: dict[tuple[int, str], float]  # (prefix bucket, path) -> median ratio
-    # (prefix bucket, path, chunk bucket) -> median ratio, over the steps that carry decodes
-    size_factors: dict[tuple[int, str, int], float]
-    size_ratios: dict[tuple[int, str, int], tuple[float, ...]]  # the same keys' ratios, sorted
+    # (prefix bucket, path, chunk bucket) -> sorted ratios, over the steps that carry decodes
+    size_ratios: dict[tuple[int, str, int], tuple[float, ...]]
     idle_factor: float | None
     decode_ratios: dict[int, tuple[float, ...]]  # decode bucket -> sorted ratios
     num_chunk_steps: int
@@ -198,7 +197,6 @@ class DeviceLog:
             source=source,
             chunk_factors=factors,
             path_factors=_medians(by_path),
-            size_factors=_medians(by_size),
             size_ratios={k: tuple(sorted(rs)) for k, rs in sorted(by_size.items()) if len(rs) >= MIN_SAMPLES},
             idle_factor=statistics.median(idle) if len(idle) >= MIN_SAMPLES else None,
             decode_ratios=_kept({b: tuple(sorted(rs)) for b, rs in sorted(decode.items())}),
@@ -211,11 +209,10 @@ class DeviceLog:
         _, steps = read_step_log(path)
         return cls.from_steps(steps[skip_steps:], str(path))
 
-    def chunk_factor(self, bucket: int, path: str | None = None, chunk: int | None = None) -> float:
-        """The median ratio of (`bucket`, `path`, `chunk` bucket), else of (`bucket`, `path`),
-        else of `bucket` over every path, else of the nearest bucket kept (1 with none)."""
-        if (bucket, path, chunk) in self.size_factors:
-            return self.size_factors[bucket, path, chunk]
+    def chunk_factor(self, bucket: int, path: str | None = None) -> float:
+        """The median ratio of (`bucket`, `path`), else of `bucket` over every path, else of the
+        nearest bucket kept (1 with none); a step beside decodes whose chunk-size key has its own
+        ratios takes those instead (`LoggedDevice.ratio`)."""
         if (bucket, path) in self.path_factors:
             return self.path_factors[bucket, path]
         if bucket in self.chunk_factors:
@@ -305,12 +302,11 @@ class LoggedDevice:
         if idle and self.log.idle_factor is not None:
             return self.log.idle_factor
         path = step_path(sum(g.num_tokens for g in composition.groups))
-        if key.kind is not StepKind.WITH_CHUNK:  # sizes only beside decodes
-            return self.log.chunk_factor(key.prefix_bucket, path)
         size_key = (key.prefix_bucket, path, key.chunk_bucket)
-        ratios = self.log.size_ratios.get(size_key)
+        beside_decodes = key.kind is StepKind.WITH_CHUNK  # chunk sizes only there
+        ratios = self.log.size_ratios.get(size_key) if beside_decodes else None
         if ratios is None:
-            return self.log.chunk_factor(*size_key)
+            return self.log.chunk_factor(key.prefix_bucket, path)
         n = self._num_timed.get(size_key, 0)
         self._num_timed[size_key] = n + 1
         return _at_quantile(ratios, (0.5 + n * GOLDEN) % 1.0)
