@@ -21,11 +21,20 @@ TTFT meets its deadline on both sides or misses it on both. Percentiles of a bim
 distribution are fragile: short TTFTs under load are fast (no long prefill running) or wait
 0.4-1 s, so their median falls between the modes and moves far with one request; the
 pairs say whether the simulator gives each request the wait it got.
+
+TBT percentiles, by rank: where the measured run's bench records lie beside its JSON
+(runs/CONFIG.bench.json[.gz], as `benchmarks.serving_trace` writes them), each simulated TBT
+percentile is also placed in the measured gaps of short requests: the share of them at or
+below it (0.50 for a p50 that is right, 0.99 for a p99). Short requests' gaps fall in two
+modes, decode-only steps and steps beside a long prompt's chunk, and a percentile in the
+valley between them moves far on a small share of gaps; the rank reads the error as that share.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import gzip
 import json
 import shlex
 import tempfile
@@ -86,6 +95,26 @@ def paired_ttft(measured: list[dict], simulated: list[dict]) -> dict:
     return out
 
 
+def measured_short_gaps_s(measured_file: Path, config: str, requests: list[dict]) -> list[float] | None:
+    """The sorted gaps of the short requests of one measured config, from its bench records
+    beside the measured JSON; None when they are not there."""
+    for path in (measured_file.parent / "runs" / f"{config}.bench.json.gz",
+                 measured_file.parent / "runs" / f"{config}.bench.json"):  # fmt: skip
+        if path.exists():
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt") as f:
+                records = json.load(f)["requests"]
+            if [r["prompt_len"] for r in records] != [r["prompt_len"] for r in requests]:
+                raise SystemExit(f"{path}: the bench records are not the measured run's requests")
+            return sorted(g for r, q in zip(records, requests, strict=True) if q["kind"] == "short" for g in r["itl_s"])
+    return None
+
+
+def rank_in(sorted_values: list[float], value: float) -> float:
+    """The share of sorted_values at or below value."""
+    return bisect.bisect_right(sorted_values, value) / len(sorted_values)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measured", required=True)
@@ -114,6 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
             rel = None if m in (None, 0) or s is None else (s - m) / m
             rows[name][metric] = {"measured": m, "simulated": s, "rel_error": rel}
         print(name, {k: (None if v["rel_error"] is None else f"{100 * v['rel_error']:+.1f}%") for k, v in rows[name].items()})  # fmt: skip
+        gaps_s = measured_short_gaps_s(Path(ns.measured), name, measured["results"][name]["requests"])
+        if gaps_s:
+            for metric in ("tbt_short_p50_ms", "tbt_short_p99_ms"):
+                s = rows[name][metric]["simulated"]
+                rows[name][metric]["measured_rank_of_simulated"] = None if s is None else rank_in(gaps_s, s / 1e3)
+            print(name, "simulated TBT p50 / p99 at measured ranks", rows[name]["tbt_short_p50_ms"].get("measured_rank_of_simulated"),
+                  rows[name]["tbt_short_p99_ms"].get("measured_rank_of_simulated"))  # fmt: skip
         pairs = paired_ttft(measured["results"][name]["requests"], sim["results"][name]["requests"])
         rows[name]["paired_ttft"] = pairs
         print(name, "paired TTFT", json.dumps(pairs))

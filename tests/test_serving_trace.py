@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 from tiny_models import build_tiny_model
 
-from benchmarks.compare_serving_trace import paired_ttft
+from benchmarks.compare_serving_trace import measured_short_gaps_s, paired_ttft, rank_in
 from benchmarks.serve_gpu import write_tokenizer
 from benchmarks.serving_trace import main
 from benchmarks.serving_trace_data import TraceSpec, analyze, make_trace, trace_id
@@ -166,3 +167,19 @@ def test_paired_ttft_compares_request_by_request() -> None:
                              "deadline_agreement": 1.0}  # fmt: skip
     with pytest.raises(SystemExit, match="not the same trace"):
         paired_ttft(measured, simulated[:3] + [req("long", 9.0, 44.0)])
+
+
+def test_measured_short_gaps_and_rank(tmp_path: Path) -> None:
+    requests = [{"kind": "short", "prompt_len": 10}, {"kind": "long", "prompt_len": 900}, {"kind": "short", "prompt_len": 20}]
+    records = [{"prompt_len": 10, "itl_s": [0.03, 0.01]}, {"prompt_len": 900, "itl_s": [0.5]},
+               {"prompt_len": 20, "itl_s": [0.02, 0.04]}]  # fmt: skip
+    measured = tmp_path / "serving_trace.json"
+    assert measured_short_gaps_s(measured, "cfg", requests) is None  # no bench records beside it
+    (tmp_path / "runs").mkdir()
+    with gzip.open(tmp_path / "runs" / "cfg.bench.json.gz", "wt") as f:
+        json.dump({"requests": records}, f)
+    gaps = measured_short_gaps_s(measured, "cfg", requests)
+    assert gaps == [0.01, 0.02, 0.03, 0.04]  # the long request's gap left out, sorted
+    assert rank_in(gaps, 0.02) == 0.5 and rank_in(gaps, 0.025) == 0.5 and rank_in(gaps, 0.005) == 0.0
+    with pytest.raises(SystemExit, match="not the measured run"):
+        measured_short_gaps_s(measured, "cfg", requests[:2] + [{"kind": "short", "prompt_len": 21}])
