@@ -53,6 +53,7 @@ CONFIGS = {
     "fixed2048": dict(chunk_policy="fixed", chunk_size=2048, scheduling_policy="fcfs"),
     "adaptive_fcfs": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs"),
     "adaptive_lars": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars"),
+    "adaptive_lars_g16": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars", chunk_granularity=16),
     "adaptive_lars_eager_steps": dict(
         chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars", graph_sized_steps=False
     ),
@@ -92,6 +93,7 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float) 
         scheduling_policy=SchedulingPolicyKind(cfg["scheduling_policy"]),
         tbt_slo_s=tbt_slo_ms / 1e3,
         online_calibration=cfg.get("online_calibration", True),
+        chunk_granularity_tokens=cfg.get("chunk_granularity", EngineArgs.chunk_granularity),
         tbt_slo_quantile=tbt_slo_quantile,
         max_decoding_step_tokens=max_decoding_step_tokens(
             config.device, config.enforce_eager, config.scheduler.max_num_batched_tokens,
