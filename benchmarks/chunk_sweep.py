@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.bench.long_context.engine import COPY_BPS, chunk_floor_s
+from mnemosyne.bench.long_context.engine import COPY_BPS, chunk_bytes_floor_s, chunk_floor_s, mixed_floor_s
 from mnemosyne.bench.long_context.run import device_info, write_model_dir
 
 CHUNKS = (16, 32, 64, 128, 256, 512, 2048)
@@ -217,8 +217,7 @@ def part_model(
                 continue
             meta = synthetic_meta(c, prefix, bs)
             pos = torch.arange(prefix, prefix + c, device="cuda")
-            flop_s = chunk_floor_s(cfg, c, prefix)
-            byte_s = (cfg.weight_bytes + (prefix + c) * cfg.kv_bytes_per_token) / COPY_BPS
+            flop_s, byte_s = chunk_floor_s(cfg, c, prefix), chunk_bytes_floor_s(cfg, c, prefix)
             entry = {"prefix": prefix, "chunk": c, "flop_floor_s": flop_s, "bytes_floor_s": byte_s,
                      "floor_s": max(flop_s, byte_s)}  # fmt: skip
             page_tiles = fits_page_tiles(bs, backend.dtype)
@@ -266,12 +265,7 @@ def part_model(
         )  # fmt: skip
         pos = torch.tensor([ctx - 1] * n_dec + list(range(prefix, prefix + c)), device="cuda")
         tokens = n_dec + c
-        lin = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * tokens / 800e12
-        attn = (
-            4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * (n_dec * ctx + c * prefix + c * (c + 1) / 2)
-        )
-        flop_s = lin + attn / 590e12
-        byte_s = (cfg.weight_bytes + (n_dec * ctx + prefix + c) * cfg.kv_bytes_per_token) / COPY_BPS
+        flop_s, byte_s = mixed_floor_s(cfg, n_dec, ctx, c, prefix)
         entry = {"mixed": f"{n_dec} decodes at {ctx} + chunk {c} after {prefix}", "flop_floor_s": flop_s,
                  "bytes_floor_s": byte_s, "floor_s": max(flop_s, byte_s)}  # fmt: skip
         for path in (None, ChunkPath.CUDNN):

@@ -49,6 +49,24 @@ def chunk_floor_s(cfg: ModelConfig, chunk: int, prefix: int) -> float:
     return linear / MATMUL_FLOPS + attn / ATTN_FLOPS
 
 
+def chunk_bytes_floor_s(cfg: ModelConfig, chunk: int, prefix: int) -> float:
+    """The weights and every key of one chunk step read once, at the copy bandwidth."""
+    return (cfg.weight_bytes + (prefix + chunk) * cfg.kv_bytes_per_token) / COPY_BPS
+
+
+def mixed_floor_s(cfg: ModelConfig, num_decodes: int, ctx: int, chunk: int, prefix: int) -> tuple[float, float]:
+    """(FLOPs floor, bytes floor) of a step of num_decodes decodes at ctx keys each plus one
+    chunk of `chunk` tokens after `prefix` keys."""
+    tokens = num_decodes + chunk
+    linear = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * tokens
+    attn = 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * (
+        num_decodes * ctx + chunk * prefix + chunk * (chunk + 1) / 2
+    )
+    flop_s = linear / MATMUL_FLOPS + attn / ATTN_FLOPS
+    byte_s = (cfg.weight_bytes + (num_decodes * ctx + prefix + chunk) * cfg.kv_bytes_per_token) / COPY_BPS
+    return flop_s, byte_s
+
+
 def ttft_floor_s(cfg: ModelConfig, ctx: int, chunk: int) -> float:
     return sum(chunk_floor_s(cfg, min(chunk, ctx - p), p) for p in range(0, ctx, chunk))
 
