@@ -43,20 +43,10 @@ def decode_floor_s(cfg: ModelConfig, ctx: int) -> float:
     return (cfg.weight_bytes + ctx * cfg.kv_bytes_per_token) / COPY_BPS
 
 
-def chunk_floor_s(cfg: ModelConfig, chunk: int, prefix: int) -> float:
-    linear = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * chunk
-    attn = 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * (chunk * prefix + chunk * (chunk + 1) / 2)
-    return linear / MATMUL_FLOPS + attn / ATTN_FLOPS
-
-
-def chunk_bytes_floor_s(cfg: ModelConfig, chunk: int, prefix: int) -> float:
-    """The weights and every key of one chunk step read once, at the copy bandwidth."""
-    return (cfg.weight_bytes + (prefix + chunk) * cfg.kv_bytes_per_token) / COPY_BPS
-
-
 def mixed_floor_s(cfg: ModelConfig, num_decodes: int, ctx: int, chunk: int, prefix: int) -> tuple[float, float]:
-    """(FLOPs floor, bytes floor) of a step of num_decodes decodes at ctx keys each plus one
-    chunk of `chunk` tokens after `prefix` keys."""
+    """(FLOPs floor, bytes floor) of a step of num_decodes decodes at ctx keys each (0: none)
+    plus one chunk of `chunk` tokens after `prefix` keys: linear FLOPs at MATMUL_FLOPS and
+    attention FLOPs at ATTN_FLOPS; the weights and every key read once at COPY_BPS."""
     tokens = num_decodes + chunk
     linear = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * tokens
     attn = 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * (
@@ -65,6 +55,14 @@ def mixed_floor_s(cfg: ModelConfig, num_decodes: int, ctx: int, chunk: int, pref
     flop_s = linear / MATMUL_FLOPS + attn / ATTN_FLOPS
     byte_s = (cfg.weight_bytes + (num_decodes * ctx + prefix + chunk) * cfg.kv_bytes_per_token) / COPY_BPS
     return flop_s, byte_s
+
+
+def chunk_floor_s(cfg: ModelConfig, chunk: int, prefix: int) -> float:
+    return mixed_floor_s(cfg, 0, 0, chunk, prefix)[0]
+
+
+def chunk_bytes_floor_s(cfg: ModelConfig, chunk: int, prefix: int) -> float:
+    return mixed_floor_s(cfg, 0, 0, chunk, prefix)[1]
 
 
 def ttft_floor_s(cfg: ModelConfig, ctx: int, chunk: int) -> float:
