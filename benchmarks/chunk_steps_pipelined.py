@@ -74,12 +74,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     from mnemosyne.profiling.synthetic import BlockLayout, SyntheticSeq
 
-    model_dir = ns.model_dir or write_model_dir(ns.shape, Path(tempfile.mkdtemp()))
+    prefixes = [int(p) for p in ns.prefixes.split(",")] if ns.prefixes else list(PREFIXES.get(ns.shape, ()))
+    chunks = [int(c) for c in ns.chunks.split(",")]
+    # max_model_len sizes the mixed-step graphs' block tables: a step past it runs on the
+    # piecewise graphs, which a served engine never does (it admits no longer request)
+    max_positions = max(1 << 21, 1 << (max(prefixes, default=0) + max(chunks)).bit_length())
+    model_dir = ns.model_dir or write_model_dir(ns.shape, Path(tempfile.mkdtemp()), max_positions)
     engine = LLMEngine.from_args(scheduling_engine_args(model_dir, ns, kv_cache_memory_gb=ns.kv_cache_gb))
     cfg = engine.config.model
     _, _, planner, capacity = synthetic_setup(engine, BlockLayout.CONTIGUOUS, StepTiming.PIPELINED)
     executor = engine.executor
-    prefixes = [int(p) for p in ns.prefixes.split(",")] if ns.prefixes else PREFIXES.get(ns.shape, (capacity // 2,))
+    prefixes = prefixes or [capacity // 2]
     rows = []
 
     def timed(name: str, seqs: list, floors: tuple[float, float]) -> None:
@@ -88,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(cell(name, [[s.num_tokens, s.start] for s in seqs], *floors, serial, pipelined))
 
     for p in prefixes:
-        for c in (int(x) for x in ns.chunks.split(",")):
-            if p + c > capacity:
+        for c in chunks:
+            if p + c > min(capacity, engine.config.scheduler.max_model_len):
                 continue
             timed(f"c={c} after {p}", [SyntheticSeq(c, p)], (chunk_floor_s(cfg, c, p), chunk_bytes_floor_s(cfg, c, p)))
     n_dec, ctx, c, p = MIXED
