@@ -145,3 +145,49 @@ def test_profiler_cost_table_per_gpu_heads_and_page_tiles():
     tiles = chunk_attention_cost(SHAPE, Layout(tp=2), block_size=64)
     assert (tiles.num_layers, tiles.num_heads, tiles.head_dim, tiles.page_tiles) == (4, 4, 32, True)
     assert not chunk_attention_cost(SHAPE, Layout(), block_size=16).page_tiles
+    assert tiles.tile_tokens == SHAPE.chunk_tile_tokens == 32  # 4 query heads per KV head, 16-bit
+
+
+def test_chunk_tiles_of_the_kernels():
+    from mnemosyne.kernels.host_math import chunk_tile_tokens, padded_chunk_tokens
+
+    # 128 rows (16-bit) or 32 (float32) of tokens x query heads per KV head
+    assert [chunk_tile_tokens(g, 2) for g in (1, 4, 7, 8, 256)] == [128, 32, 18, 16, 1]
+    assert [chunk_tile_tokens(g, 4) for g in (1, 4, 8)] == [32, 8, 4]
+    # one half-height tile up to half a tile, else whole tiles
+    assert [padded_chunk_tokens(c, 32) for c in (1, 16, 17, 32, 33, 48, 64, 65, 300)] == [
+        16, 16, 32, 32, 64, 64, 64, 96, 320,
+    ]  # fmt: skip
+    assert [padded_chunk_tokens(c, 1) for c in (1, 2, 300)] == [1, 2, 300]  # no tiles
+
+
+def test_chunks_cost_whole_query_tiles():
+    """A 48-token chunk costs what a 64-token one does in the attention terms (each row of a
+    tile runs its key loop; measured on an H200), while the dense layers see 48 tokens."""
+    tiled = dataclasses.replace(ATTENTION, tile_tokens=32)
+    attention_only = coefficients(prefix_pairs=1e-10, kernel_chunk_key_s=1.0)
+    model = FittedLatencyModel(Layout(), 64, attention_only, (0.0, 0.0), tiled)
+    plain = FittedLatencyModel(Layout(), 64, attention_only, (0.0, 0.0), ATTENTION)
+
+    def step(m: FittedLatencyModel, c: int, prefix: int = 240000) -> float:
+        return m.step_time_s(StepComposition.single(GroupLoad().plus_chunk(c, prefix)))
+
+    assert step(model, 48) == pytest.approx(step(model, 64), rel=1e-3)
+    assert step(model, 80) == pytest.approx(step(model, 96), rel=1e-3)
+    for c in (16, 32, 64, 96, 512):  # whole tiles (or a half tile): unchanged
+        assert step(model, c) == pytest.approx(step(plain, c), rel=1e-12)
+    assert step(model, 48) > 1.2 * step(plain, 48)
+    t = [step(model, c) for c in range(1, 600)]
+    assert all(x <= y for x, y in zip(t, t[1:], strict=False))  # the binary search's premise
+    dense = coefficients(tokens=1e-6)  # the dense layers: the chunk's own tokens
+    assert step(FittedLatencyModel(Layout(), 64, dense, (0.0, 0.0), tiled), 48) == pytest.approx(48e-6)
+
+
+def test_profiles_without_a_tile_take_their_shapes(tmp_path):
+    model = FittedLatencyModel(Layout(), 64, coefficients(one=1e-3, kernel_chunk_key_s=1.1), (0.0, 0.0), ATTENTION)
+    body = json.loads(_profile(model).to_json())
+    assert body["model"]["chunk_attention"]["tile_tokens"] == 1
+    del body["model"]["chunk_attention"]["tile_tokens"]  # a profile written before tiles
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(body))
+    assert load_profile(path).model.chunk_attention.tile_tokens == SHAPE.chunk_tile_tokens

@@ -18,4 +18,19 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-__all__ = ["cdiv", "next_power_of_2"]
+def chunk_tile_tokens(num_queries_per_kv: int, dtype_bytes: int) -> int:
+    """Query tokens per tile of the chunk kernels: a tile packs tokens x the query heads of one
+    KV head into about 128 rows (16-bit) or 32 (float32)."""
+    return max(1, (128 if dtype_bytes <= 2 else 32) // num_queries_per_kv)
+
+
+def padded_chunk_tokens(num_tokens: int, tile_tokens: int) -> int:
+    """The query tokens a chunk's tiles cover: one half-height tile up to tile_tokens // 2
+    (`KernelBackend.tile_heights`), else whole tiles. Every covered row, padding included,
+    runs the tile's whole key loop: on an H200 (8B, after 240K keys) a 48-token chunk costs
+    what a 64-token one does (benchmarks/results/session20_h200_2026-12-01/a/)."""
+    half = max(1, tile_tokens // 2)
+    return half if num_tokens <= half else cdiv(num_tokens, tile_tokens) * tile_tokens
+
+
+__all__ = ["cdiv", "chunk_tile_tokens", "next_power_of_2", "padded_chunk_tokens"]

@@ -15,12 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
+from mnemosyne.kernels.host_math import chunk_tile_tokens
+
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
 def default_block_q(num_queries_per_kv: int, dtype: torch.dtype) -> int:
     """Query tokens per tile: M = block_q * heads-per-KV-head about 128 (16-bit) or 32 (fp32)."""
-    return max(1, (128 if dtype.itemsize <= 2 else 32) // num_queries_per_kv)
+    return chunk_tile_tokens(num_queries_per_kv, dtype.itemsize)
 
 
 def plan_query_tiles(query_lens: list[int], seq_ids: list[int], block_q: int) -> tuple[list[int], list[int]]:

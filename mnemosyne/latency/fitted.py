@@ -5,8 +5,9 @@ Per KVP group, with c = chunk size and P = prefix keys of each chunk (see `compo
     t_group = a                                      fixed cost of a non-empty step
             + b * num_tokens + b' * max(num_tokens, knee)   dense layers: weight-bound up to the
                                                      knee (ridge point of the device), FLOP-bound past it
-            + g * sum P + d * sum c*P + e * sum c(c+1)/2 + k * num_chunks   chunk attention
-            + r * L * sum keys * per_key(c)          chunk attention per key, as the kernels scale with c
+            + g * sum P + d * sum c'*P + e * sum c(c+1)/2 + k * num_chunks
+                                                     chunk attention
+            + r * L * sum keys * per_key(c')         chunk attention per key, as the kernels scale with c
             + u * sum decode keys + v * max decode keys + w * num_decodes   decode attention
             + s * num_sampled                        LM head rows
     step    = max over groups of t_group + m * shared tokens + m0 * [any shared]   (KVP merge)
@@ -20,9 +21,14 @@ cache's page-tile choice), kernel_chunk_key_s = L * sum over chunks of keys * pe
 per_key(c) the lower of the two paths' (keys = P + own keys), is one more feature; r is
 about 1 when the table is right (0.90 on the H200 quick profile). The table's fixed costs
 are left to a and k: they are measured after long prefixes and overstate short ones.
-Profiles without the table (format 1, CPU) have r = 0. The fit minimises
-the relative error (rows weighted by 1 / measured), with every coefficient >= 0 so
-predictions grow with work, which the chunk-size binary search relies on.
+Profiles without the table (format 1, CPU) have r = 0.
+c' = the chunk padded to whole query tiles of the Triton path (`ChunkAttentionCost.padded_tokens`,
+the table's tile; c' = c without a table): each row of a tile runs its whole key loop, so on an
+H200 48 tokens after 240K keys cost what 64 do, and a model linear in c under-predicted chunks
+of 48 / 80 / 112 tokens by 13-18% (benchmarks/results/session20_h200_2026-12-01/).
+
+The fit minimises the relative error (rows weighted by 1 / measured), with every coefficient
+>= 0 so predictions grow with work, which the chunk-size binary search relies on.
 Coefficients are seconds per unit of their feature.
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mnemosyne.kernels.host_math import padded_chunk_tokens
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.kernel_cost import ChunkCostModel, ChunkPath
 from mnemosyne.latency.shape import Layout
@@ -63,6 +70,21 @@ class ChunkAttentionCost:
     num_heads: int  # per GPU
     head_dim: int
     page_tiles: bool  # the cache's block size allows the page-aligned Triton kernel
+    tile_tokens: int = 1  # query tokens per tile of the Triton path (`kernels/host_math.py`); 1: none
+
+    def padded_tokens(self, num_tokens: int) -> int:
+        """The query rows a chunk of num_tokens costs on the Triton path: whole tiles (each
+        row of a tile runs its key loop). Per chunk: the backend sizes one step's tiles by its
+        longest chunk, which this leaves out (a short chunk beside a long one is a whole tile)."""
+        return padded_chunk_tokens(num_tokens, self.tile_tokens)
+
+    def padding_pairs(self, load: GroupLoad) -> int:
+        """sum over chunks of (padded - c) x (keys - c): the prefix pairs the tiles' padding
+        rows add to chunk_prefix_pairs, so that a chunk counts padded x P of them. keys - c is
+        P where the group owns the chunk (keys = P + c); where it does not (keys = P) it is c
+        short per padding row, against a prefix that is a whole KVP piece there. Monotone in
+        c, as the chunk-size search needs (padded x keys would dip inside a tile)."""
+        return sum((self.padded_tokens(c) - c) * max(num_keys - c, 0) for c, num_keys in load.chunk_shapes)
 
     def key_seconds(self, load: GroupLoad) -> float:
         """kernel_chunk_key_s: sum over chunks of keys * the lower of the two paths' per-key
@@ -70,24 +92,29 @@ class ChunkAttentionCost:
         path that is cheaper per key, so this is its per-key time; the lower envelope (not the
         path `cheaper` picks by fixed + per-key) keeps the feature non-decreasing in c and in
         the keys, which the chunk-size binary search relies on (the picked path's per-key cost
-        drops where a long chunk switches to cuDNN)."""
+        drops where a long chunk switches to cuDNN). The Triton path's cost is at the chunk's
+        padded length (`padded_tokens`)."""
         m, h, d = self.cost_model, self.num_heads, self.head_dim
         per_layer = 0.0
         triton, cudnn = m.path_cost(ChunkPath.TRITON_SPLITKV, self.page_tiles), m.path_cost(ChunkPath.CUDNN)
         for c, num_keys in load.chunk_shapes:
-            per_key_triton = triton.at(c)[1] * m.path_shape_factor(ChunkPath.TRITON_SPLITKV, c, h, d)
+            c_tiles = self.padded_tokens(c)
+            per_key_triton = triton.at(c_tiles)[1] * m.path_shape_factor(ChunkPath.TRITON_SPLITKV, c_tiles, h, d)
             per_key_cudnn = cudnn.at(c)[1] * m.path_shape_factor(ChunkPath.CUDNN, c, h, d)
             per_layer += num_keys * min(per_key_triton, per_key_cudnn)
         return self.num_layers * per_layer
 
     def to_dict(self) -> dict:
         return {"cost_model": self.cost_model.to_dict(), "num_layers": self.num_layers,
-                "num_heads": self.num_heads, "head_dim": self.head_dim, "page_tiles": self.page_tiles}  # fmt: skip
+                "num_heads": self.num_heads, "head_dim": self.head_dim, "page_tiles": self.page_tiles,
+                "tile_tokens": self.tile_tokens}  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict) -> ChunkAttentionCost:
+    def from_dict(cls, d: dict, default_tile_tokens: int = 1) -> ChunkAttentionCost:
+        """default_tile_tokens: for a record written before tiles were (`load_profile` gives
+        the one its key's shape implies)."""
         return cls(ChunkCostModel.from_dict(d["cost_model"]), int(d["num_layers"]), int(d["num_heads"]),
-                   int(d["head_dim"]), bool(d["page_tiles"]))  # fmt: skip
+                   int(d["head_dim"]), bool(d["page_tiles"]), int(d.get("tile_tokens", default_tile_tokens)))  # fmt: skip
 
 
 def group_features(load: GroupLoad, knee_tokens: int, attention: ChunkAttentionCost | None = None) -> list[float]:
@@ -98,7 +125,7 @@ def group_features(load: GroupLoad, knee_tokens: int, attention: ChunkAttentionC
         float(load.num_tokens),
         float(max(load.num_tokens, knee_tokens)),
         float(load.chunk_prefix_tokens),
-        float(load.chunk_prefix_pairs),
+        float(load.chunk_prefix_pairs + (attention.padding_pairs(load) if attention is not None else 0)),
         float(load.chunk_causal_pairs),
         float(load.num_chunks),
         float(load.decode_kv_tokens),
@@ -142,8 +169,9 @@ class FittedLatencyModel:
         return d
 
     @classmethod
-    def from_dict(cls, layout: Layout, d: dict) -> FittedLatencyModel:
-        """Format 1 (no kernel feature) and 2. Raises KeyError/ValueError naming what is wrong."""
+    def from_dict(cls, layout: Layout, d: dict, default_tile_tokens: int = 1) -> FittedLatencyModel:
+        """Format 1 (no kernel feature) and 2. Raises KeyError/ValueError naming what is wrong.
+        default_tile_tokens: the chunk kernels' tile where the record holds none."""
         g, s = d["group_features"], d["step_features"]
         unknown = set(g) - set(GROUP_FEATURES) | set(s) - set(STEP_FEATURES)
         if unknown:
@@ -157,7 +185,7 @@ class FittedLatencyModel:
             knee_tokens=int(d["knee_tokens"]),
             group_coefficients_s=tuple(float(g.get(name, 0.0)) for name in GROUP_FEATURES),
             step_coefficients_s=tuple(float(s[name]) for name in STEP_FEATURES),
-            chunk_attention=None if attention is None else ChunkAttentionCost.from_dict(attention),
+            chunk_attention=None if attention is None else ChunkAttentionCost.from_dict(attention, default_tile_tokens),
         )
         if model.chunk_attention is None and g.get("kernel_chunk_key_s", 0.0):
             raise ValueError("kernel_chunk_key_s has a coefficient but there is no chunk_attention cost table")

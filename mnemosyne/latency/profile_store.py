@@ -91,7 +91,7 @@ def load_profile(path: str | Path) -> LatencyProfile:
         )
     try:
         key = ProfileKey.from_dict(d["key"])
-        model = FittedLatencyModel.from_dict(key.layout, d["model"])
+        model = FittedLatencyModel.from_dict(key.layout, d["model"], key.shape.chunk_tile_tokens)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"latency profile {p} is malformed ({type(e).__name__}: {e})") from None
     info = {k: v for k, v in d.items() if k not in ("format", "key", "model")}

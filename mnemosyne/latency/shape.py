@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mnemosyne.kernels.host_math import chunk_tile_tokens
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -38,6 +40,11 @@ class ModelShape:
         h, d = self.hidden_size, self.head_dim
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
         return attn + 3 * h * self.intermediate_size
+
+    @property
+    def chunk_tile_tokens(self) -> int:
+        """Query tokens per tile of the CUDA chunk kernels for these heads and dtype."""
+        return chunk_tile_tokens(self.num_heads // self.num_kv_heads, self.dtype_bytes)
 
     @property
     def kv_bytes_per_token_per_layer(self) -> int:

@@ -174,7 +174,7 @@ def chunk_attention_cost(
     `page_tiles_keys` (`kernels/chunk_tma_attention.fits_page_tiles`: 64 keys in 16-bit)."""
     return ChunkAttentionCost(
         H200_COST, shape.num_layers, shape.num_heads // layout.tp, shape.head_dim,
-        page_tiles=block_size % page_tiles_keys == 0,
+        page_tiles=block_size % page_tiles_keys == 0, tile_tokens=shape.chunk_tile_tokens,
     )  # fmt: skip
 
 
