@@ -294,8 +294,9 @@ class PolicyConfig:
     min_deadline_s: float = 0.5
     # Adaptive chunks are multiples of this (or a prompt's remainder). 32 tokens = one 128-row
     # query tile of the chunk kernel at GQA 4: on an H200 (8B, after 240K keys) 48 tokens cost
-    # what 64 do, and 16-token granules took 70.0 s against 68.9 s for the 256K prompt of the
-    # mixed scenario (benchmarks/results/session20_h200_2026-12-01/a/)
+    # what 64 do, and with a model linear in c 16-token granules took 70.0 s against 68.9 s for
+    # the mixed scenario's 256K prompt (benchmarks/results/session20_h200_2026-12-01/a/); the
+    # model now prices chunks by whole tiles (latency/fitted.py), so finer granules gain nothing
     chunk_granularity_tokens: int = 32
     min_chunk_tokens: int = 32  # progress of the first prefill of a step even over the target
     online_calibration: bool = True  # correct the latency model from measured step times (adaptive)
