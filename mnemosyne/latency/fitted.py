@@ -82,8 +82,11 @@ class ChunkAttentionCost:
         """sum over chunks of (padded - c) x (keys - c): the prefix pairs the tiles' padding
         rows add to chunk_prefix_pairs, so that a chunk counts padded x P of them. keys - c is
         P where the group owns the chunk (keys = P + c); where it does not (keys = P) it is c
-        short per padding row, against a prefix that is a whole KVP piece there. Monotone in
-        c, as the chunk-size search needs (padded x keys would dip inside a tile)."""
+        short per padding row, against a prefix that is a whole KVP piece there. Chunks the
+        backend sends to cuDNN are counted padded too (under a tile's rows more, a few percent
+        of a chunk long enough to take that path): the term stays monotone in c, as the
+        chunk-size search needs (it would drop where a chunk switches path, and padded x keys
+        would dip inside a tile)."""
         return sum((self.padded_tokens(c) - c) * max(num_keys - c, 0) for c, num_keys in load.chunk_shapes)
 
     def key_seconds(self, load: GroupLoad) -> float:
