@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
 import json
 import shlex
 import tempfile
 from pathlib import Path
 
 from benchmarks import simulate_serving_trace
+from benchmarks.serving_trace_data import read_bench
 from mnemosyne.simulator.command import add_step_factor_args, step_factor_argv
 
 TRACE_FLAGS = ("--shape", "--duration-s", "--rate", "--max-long-prompt", "--seed")
@@ -98,16 +98,13 @@ def paired_ttft(measured: list[dict], simulated: list[dict]) -> dict:
 def measured_short_gaps_s(measured_file: Path, config: str, requests: list[dict]) -> list[float] | None:
     """The sorted gaps of the short requests of one measured config, from its bench records
     beside the measured JSON; None when they are not there."""
-    for path in (measured_file.parent / "runs" / f"{config}.bench.json.gz",
-                 measured_file.parent / "runs" / f"{config}.bench.json"):  # fmt: skip
-        if path.exists():
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt") as f:
-                records = json.load(f)["requests"]
-            if [r["prompt_len"] for r in records] != [r["prompt_len"] for r in requests]:
-                raise SystemExit(f"{path}: the bench records are not the measured run's requests")
-            return sorted(g for r, q in zip(records, requests, strict=True) if q["kind"] == "short" for g in r["itl_s"])
-    return None
+    path = measured_file.parent / "runs" / f"{config}.bench.json"
+    if not (path.exists() or path.with_name(path.name + ".gz").exists()):
+        return None
+    records = read_bench(path)["requests"]
+    if [r["prompt_len"] for r in records] != [r["prompt_len"] for r in requests]:
+        raise SystemExit(f"{path}: the bench records are not the measured run's requests")
+    return sorted(g for r, q in zip(records, requests, strict=True) if q["kind"] == "short" for g in r["itl_s"])
 
 
 def rank_in(sorted_values: list[float], value: float) -> float:

@@ -4,6 +4,7 @@ See benchmarks/serving_trace.py."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -183,6 +184,14 @@ def analyze(trace: list[dict], deadlines: list[tuple[float, float]], run: dict, 
                 "server_command"):  # fmt: skip
         res[key] = run.get(key)
     return res
+
+
+def read_bench(path: Path) -> dict:
+    """A bench record file, or its gzipped copy (`PATH.gz`: how committed results keep them)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    with gzip.open(path.with_name(path.name + ".gz"), "rt") as f:
+        return json.load(f)
 
 
 def trace_stats(trace: list[dict]) -> dict:

@@ -35,13 +35,13 @@ falls between the modes, so the table gives each mode's paired medians.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shlex
 import statistics
 import tempfile
 from pathlib import Path
 
+from benchmarks.serving_trace_data import read_bench
 from mnemosyne.engine.step_log import read_step_log
 
 
@@ -66,14 +66,6 @@ def chain(steps: list[dict], prompt_len: int, after_s: float) -> list[int] | Non
         end = next(p for n, p in steps[i]["seqs"] if n > 1 and p + n == end)
         i -= 1
     return out[::-1]
-
-
-def read_bench(path: Path) -> dict:
-    """A bench record file, or its gzipped copy (`PATH.gz`: how committed results keep them)."""
-    if path.exists():
-        return json.loads(path.read_text())
-    with gzip.open(path.with_name(path.name + ".gz"), "rt") as f:
-        return json.load(f)
 
 
 def measured_rows(run_dir: Path, config: str) -> tuple[list[dict], dict]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from mnemosyne.engine.step_log import read_step_log
 from mnemosyne.latency.profile_store import load_profile
 from mnemosyne.simulator.device_log import seqs_composition
 
@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     if padded.chunk_attention is None:
         raise SystemExit(f"{ns.profile} has no chunk cost table: no tiles to pad to")
     unpadded = dataclasses.replace(padded, chunk_attention=dataclasses.replace(padded.chunk_attention, tile_tokens=1))
-    opener = gzip.open if ns.step_log.suffix == ".gz" else open
-    with opener(ns.step_log, "rt") as f:
-        steps = [json.loads(line) for line in f][1:]  # the first line is the log's header
+    _, steps = read_step_log(ns.step_log)
     ratios: dict[tuple[int, int], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for step in steps:
         composition = seqs_composition(step["seqs"])
