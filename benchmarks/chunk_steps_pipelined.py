@@ -30,11 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.mixed_long_short import scheduling_engine_args
-from mnemosyne.bench.long_context.engine import chunk_bytes_floor_s, chunk_floor_s, mixed_floor_s
+from mnemosyne.bench.long_context.engine import MIXED_STEP, chunk_bytes_floor_s, chunk_floor_s, mixed_floor_s
 from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 
 PREFIXES = {"llama3-8b": (131072, 524288, 870000), "llama3.2-1b": (131072, 1048576, 3000000)}
-MIXED = (32, 1024, 128, 262144)  # decodes, their keys, chunk, its prefix (the 8B mixed step)
 
 
 def cell(name: str, seqs: list, flop_s: float, byte_s: float, serial, pipelined) -> dict:
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             if p + c > min(capacity, engine.config.scheduler.max_model_len):
                 continue
             timed(f"c={c} after {p}", [SyntheticSeq(c, p)], (chunk_floor_s(cfg, c, p), chunk_bytes_floor_s(cfg, c, p)))
-    n_dec, ctx, c, p = MIXED
+    n_dec, ctx, c, p = MIXED_STEP
     if (ns.mixed if ns.mixed is not None else ns.shape == "llama3-8b") and n_dec * ctx + p + c <= capacity:
         seqs = [SyntheticSeq(1, ctx) for _ in range(n_dec)] + [SyntheticSeq(c, p)]
         timed(f"{n_dec} decodes at {ctx} + c={c} after {p}", seqs, mixed_floor_s(cfg, n_dec, ctx, c, p))

@@ -38,7 +38,13 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.bench.long_context.engine import COPY_BPS, chunk_bytes_floor_s, chunk_floor_s, mixed_floor_s
+from mnemosyne.bench.long_context.engine import (
+    COPY_BPS,
+    MIXED_STEP,
+    chunk_bytes_floor_s,
+    chunk_floor_s,
+    mixed_floor_s,
+)
 from mnemosyne.bench.long_context.run import device_info, write_model_dir
 
 CHUNKS = (16, 32, 64, 128, 256, 512, 2048)
@@ -252,7 +258,7 @@ def part_model(
             torch.cuda.empty_cache()
     if key == "8b":
         # Mixed step: 32 decodes at 1K context + one 128-token chunk after 256K keys.
-        n_dec, ctx, c, prefix = 32, 1024, 128, 1 << 18
+        n_dec, ctx, c, prefix = MIXED_STEP
         blocks_dec = -(-ctx // bs)
         blocks_long = -(-(prefix + c) // bs)
         tables = [list(range(i * blocks_dec, (i + 1) * blocks_dec)) for i in range(n_dec)]

@@ -43,6 +43,11 @@ def decode_floor_s(cfg: ModelConfig, ctx: int) -> float:
     return (cfg.weight_bytes + ctx * cfg.kv_bytes_per_token) / COPY_BPS
 
 
+# The mixed step of the kernel issue's targets (8B shape): decodes, the keys each reads, one
+# prefill chunk's tokens, and the keys before it.
+MIXED_STEP = (32, 1024, 128, 1 << 18)
+
+
 def mixed_floor_s(cfg: ModelConfig, num_decodes: int, ctx: int, chunk: int, prefix: int) -> tuple[float, float]:
     """(FLOPs floor, bytes floor) of a step of num_decodes decodes at ctx keys each (0: none)
     plus one chunk of `chunk` tokens after `prefix` keys: linear FLOPs at MATMUL_FLOPS and
