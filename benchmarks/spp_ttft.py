@@ -80,13 +80,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--layout-timeout-s", type=float, default=900.0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--step-log-dir", type=Path, default=None,
+        help="each layout writes DIR/LAYOUT.steps.jsonl (the engine's step log: every step's host time, path, cuDNN chunks)",
+    )  # fmt: skip
     ap.add_argument("--one-layout", help=argparse.SUPPRESS)
     ap.add_argument("--one-out", type=Path, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
-def run_layout(ns: argparse.Namespace, model_dir: Path, layout: dict[str, int | None]) -> dict:
+def run_layout(ns: argparse.Namespace, model_dir: Path, name: str) -> dict:
     """Startup, warm-up and the long prompt's TTFT on one engine of this layout."""
+    layout = parse_layout(name)
+    step_log = None
+    if ns.step_log_dir is not None:
+        ns.step_log_dir.mkdir(parents=True, exist_ok=True)
+        step_log = str(ns.step_log_dir / f"{name}.steps.jsonl")
     t0 = time.perf_counter()
     kvp = layout["kvp"] or 1
     block = EngineArgs().block_size
@@ -97,6 +106,7 @@ def run_layout(ns: argparse.Namespace, model_dir: Path, layout: dict[str, int | 
         max_model_len=ns.context + 64, enable_prefix_caching=False,
         chunk_policy="fixed", scheduling_policy="fcfs", max_tokens_per_kvp_group=per_group,
         tp=layout["tp"], spp=layout["spp"], kvp=kvp, pipeline_depth=layout["pipeline_depth"],
+        step_log=step_log,
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     try:
@@ -118,6 +128,7 @@ def run_layout(ns: argparse.Namespace, model_dir: Path, layout: dict[str, int | 
     return {
         "startup_s": startup_s, "ttft_s": ttft_s, "num_steps": len(gaps),
         "step_gap_s": {"first": gaps[0], "median": statistics.median(gaps), "max": max(gaps)},
+        "step_gaps_s": [round(g, 6) for g in gaps],  # every step's return after the one before, in order
     }  # fmt: skip
 
 
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="spp_ttft_"))
     model_dir = write_model_dir(ns.shape, root, LONG_MAX_POSITIONS)
     if ns.one_layout is not None:
-        ns.one_out.write_text(json.dumps(run_layout(ns, model_dir, parse_layout(ns.one_layout))))
+        ns.one_out.write_text(json.dumps(run_layout(ns, model_dir, ns.one_layout)))
         return 0
     device = EngineArgs(device=ns.device).resolve_device()
     cfg = ModelConfig.from_pretrained(model_dir, EngineArgs(dtype=ns.dtype).resolve_dtype(device))
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             if base is not None:
                 row["efficiency"] = base["ttft_s"] * base["world_size"] / (world * row["ttft_s"])
                 row["bubbles_s"] = row["ttft_s"] - base["ttft_s"] * base["world_size"] / world
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "step_gaps_s"}), flush=True)
         rows.append(row)
         result = {
             "benchmark": "spp_ttft", "date": datetime.date.today().isoformat(), "device": device_info(),

@@ -289,6 +289,36 @@ def test_worker_reports_a_decode_step_before_an_eager_launch():
     assert events == ["launch 3"]
 
 
+def test_report_first_rule_of_a_worker():
+    """`Worker.reports_previous_first` without a model: on CUDA a later pipeline stage always
+    reports first (its launch can wait for the stage before, which needs the next plan the
+    driver sends on this report); the first stage only before an eager launch after a
+    decode-only plan; on CPU never (a plan has run when its launch returns)."""
+    from types import SimpleNamespace
+
+    from mnemosyne.wire.plan import ChunkPlan, StepPlan
+    from mnemosyne.worker.worker import Worker
+
+    def plan(step_id: int, start: int, num_tokens: int) -> StepPlan:
+        chunk = ChunkPlan("r", start, num_tokens, True, tuple(range(num_tokens)), (), 0, ())
+        return StepPlan(step_id, (chunk,))
+
+    decode, prefill = plan(1, 7, 1), plan(2, 0, 64)
+
+    def worker(device: str, first_stage: bool, previous_decode_only: bool) -> Worker:
+        w = Worker.__new__(Worker)  # the rule reads only these
+        w.device, w.pg = torch.device(device), SimpleNamespace(is_first_stage=first_stage)
+        w._previous_decode_only, w.piecewise = previous_decode_only, SimpleNamespace(max_tokens=32)
+        return w
+
+    for plan in (decode, prefill):
+        for previous_decode_only in (False, True):
+            assert worker("cuda", False, previous_decode_only).reports_previous_first(plan)
+            assert not worker("cpu", False, previous_decode_only).reports_previous_first(plan)
+            first = worker("cuda", True, previous_decode_only).reports_previous_first(plan)
+            assert first is (previous_decode_only and plan is prefill)
+
+
 def test_one_device_keeps_an_eager_launch_until_the_decode_step_is_read(tiny_model_dir):
     """One device (`UniProcExecutor`): a plan that should wait for the decode step before it
     (`Worker.reports_previous_first`, true on CUDA only; forced here for every prefill plan

@@ -3,6 +3,7 @@ terms, and the engine, simulator and planner taking it where the layout differs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -117,8 +118,22 @@ def test_simulate_and_plan_with_a_one_gpu_profile(model_1b, tmp_path):
     assert ttft[2] < 0.75 * ttft[1]  # two stages overlap the chunks
 
     result = plan(
-        load_model_config(model_1b), 4, 65536, H200, 0.03, profile=LatencyProfile(key, fitted(Layout()), {})
+        load_model_config(model_1b), 4, 65536, H200, 0.03, profiles=[LatencyProfile(key, fitted(Layout()), {})]
     )
     sources = {(p["tp"], p["spp"], p["kvp"]): p["latency_model"] for p in result["layouts"]}
     assert sources[(1, 1, 1)] == "profile" and sources[(1, 2, 2)] == "profile (transferred)"
     assert sources[(2, 1, 1)] == "roofline"
+    # A tp2 profile too (`--latency-profile` repeated): the tp2 layouts take it, tp1 keeps its own.
+    key2 = replace(key, layout=Layout(2))
+    path2 = tmp_path / "profile_tp2.json"
+    save_profile(LatencyProfile(key2, fitted(Layout(2)), {}), path2)
+    out = tmp_path / "plan.json"
+    args = ["--num-gpus", "4", "--context-len", "65536", "--format", "json"]
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert main(["plan", "--model", str(model_1b), *args, "--latency-profile", str(path),
+                     "--latency-profile", str(path2)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    sources = {(p["tp"], p["spp"], p["kvp"]): p["latency_model"] for p in result["layouts"]}
+    assert sources[(1, 1, 1)] == sources[(2, 1, 1)] == "profile"
+    assert sources[(2, 2, 1)] == sources[(1, 2, 2)] == "profile (transferred)"
+    assert result["latency_model"].count("profile measured at") == 2

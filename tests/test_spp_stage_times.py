@@ -61,6 +61,7 @@ def test_spp_stage_times_cpu_smoke(tmp_path) -> None:
 def test_spp_ttft_layouts_and_cpu_smoke(tmp_path) -> None:
     """benchmarks/spp_ttft.py: layout parsing, and one prompt through spp1 and spp2@3 on gloo."""
     from benchmarks.spp_ttft import main, parse_layout
+    from mnemosyne.engine.step_log import read_step_log
 
     assert parse_layout("spp2xkvp2@4") == {"tp": 1, "spp": 2, "kvp": 2, "pipeline_depth": 4}
     assert parse_layout("tp2") == {"tp": 2, "spp": 1, "kvp": 1, "pipeline_depth": None}
@@ -79,9 +80,13 @@ def test_spp_ttft_layouts_and_cpu_smoke(tmp_path) -> None:
         "--layouts",
         "spp1,spp2@3",
     ]
-    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out), "--step-log-dir", str(tmp_path / "logs")]) == 0
     res = json.loads(out.read_text())
     base, spp2 = res["layouts"]
+    for row in (base, spp2):  # every step's gap, and the engine's step log of each layout
+        assert len(row["step_gaps_s"]) == row["num_steps"]
+        _, steps = read_step_log(tmp_path / "logs" / f"{row['layout']}.steps.jsonl")
+        assert len(steps) >= row["num_steps"] and all(s["host_s"] is None or s["host_s"] >= 0 for s in steps)
     assert res["num_chunks"] == 7 and base["world_size"] == 1 and spp2["world_size"] == 2
     assert base["ttft_s"] > 0 and base["num_steps"] >= 7 and "efficiency" not in base
     assert spp2["pipeline_depth"] == 3 and spp2["efficiency"] == pytest.approx(

@@ -225,7 +225,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--ttft-slo-s", type=float, default=None)
     p.add_argument("--block-size", type=int, default=EngineArgs().block_size)
-    p.add_argument("--latency-profile", default=None, help="measured profile (used for its own layout)")
+    p.add_argument(
+        "--latency-profile", action="append", default=[],
+        help="a measured profile, for its own layout and those it transfers to (repeat: one per TP degree)",
+    )  # fmt: skip
     p.add_argument("--format", choices=["table", "json"], default="table")
 
 
@@ -244,7 +247,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         ns.tbt_slo_ms / 1000.0,
         ns.ttft_slo_s,
         ns.block_size,
-        load_profile(ns.latency_profile) if ns.latency_profile else None,
+        [load_profile(path) for path in ns.latency_profile],
         ns.prefill_only_step_ms / 1000.0,
     )
     print(json.dumps(result, indent=1) if ns.format == "json" else format_table(result))

@@ -12,15 +12,17 @@ TTFT        one L-token prompt alone with adaptive chunks (the engine's `Prefill
             decode, `prefill_only_step_s`), pipelined: with spp stages one chunk leaves the
             pipeline per stage time, so
             ttft = T_alone(L) / spp + (spp - 1) / spp * t_last,  t_last = the last chunk's step time
-latency     the roofline of the GPU; a measured profile (`--latency-profile`) for the
-            layout it was measured on, and for the layouts of the same tp with more stages
-            or KVP groups when it was measured without (`latency/transfer.py`)
+latency     the roofline of the GPU; measured profiles (`--latency-profile`, one per TP
+            degree measured): each for the layout it was measured on, and for the layouts of
+            the same tp with more stages or KVP groups when it was measured without
+            (`latency/transfer.py`); a layout's own profile before a transferred one
 best        among layouts meeting both SLOs: the lowest TTFT, then fewer GPUs, then lower TBT;
             none meeting: the fitting layout with the lowest TBT
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from mnemosyne.config import ModelConfig, ParallelConfig, PolicyConfig
@@ -149,6 +151,17 @@ def choose_best(
     return None, "no layout fits the weights and the KV of one context in GPU memory"
 
 
+def latency_model_for(
+    profiles: Sequence[LatencyProfile], shape: ModelShape, layout: Layout, spec: DeviceSpec
+) -> LatencyModel | None:
+    """The measured model for `layout`: a profile of this shape measured on `layout` itself,
+    else one that transfers to it (`model_for_layout`); None: the roofline."""
+    models = [model_for_layout(p.model, shape, layout, spec) for p in profiles if p.key.shape == shape]
+    models = [m for m in models if m is not None]
+    own = [m for m in models if not isinstance(m, TransferredLatencyModel)]
+    return (own or models or [None])[0]
+
+
 def plan(
     model_cfg: ModelConfig,
     num_gpus: int,
@@ -157,7 +170,7 @@ def plan(
     tbt_slo_s: float,
     ttft_slo_s: float | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    profile: LatencyProfile | None = None,
+    profiles: Sequence[LatencyProfile] = (),
     prefill_only_step_s: float = PolicyConfig.prefill_only_step_s,
 ) -> dict:
     if num_gpus < 1 or context_len < 2:
@@ -165,9 +178,7 @@ def plan(
     shape = ModelShape.from_model_config(model_cfg)
     plans = []
     for layout in candidate_layouts(model_cfg, num_gpus):
-        model = None
-        if profile is not None and profile.key.shape == shape:
-            model = model_for_layout(profile.model, shape, layout, spec)
+        model = latency_model_for(profiles, shape, layout, spec)
         plans.append(
             plan_layout(
                 model_cfg,
@@ -189,11 +200,7 @@ def plan(
         "tbt_slo_s": tbt_slo_s,
         "ttft_slo_s": ttft_slo_s,
         "latency_model": f"roofline {spec.name}"
-        + (
-            f"; profile measured at {profile.key.layout} (tp {profile.key.layout.tp} layouts)"
-            if profile
-            else ""
-        ),
+        + "".join(f"; profile measured at {p.key.layout} (tp {p.key.layout.tp} layouts)" for p in profiles),
         "layouts": [asdict(p) for p in plans],
         "best": (asdict(best) | {"reason": reason}) if best else {"reason": reason},
     }

@@ -12,7 +12,8 @@ The worker connects to the driver, receives the engine config, joins the process
 benchmark-only synthetic KV fill, `FillSyntheticKV`) in order until told to stop (a
 reporting rank launches plan n+1 before it reports plan n when n+1 arrives while n
 still runs on the device, `_next_message`, unless n+1 launches eagerly after a decode-only
-n: then n's tokens would wait for the whole launch, `Worker.reports_previous_first`). Any
+n, when n's tokens would wait for the whole launch, or the rank is a later pipeline stage,
+whose launch can wait for the stage before: `Worker.reports_previous_first`). Any
 exception is reported to the driver (`WorkerFailed`) before the process exits, so the
 driver raises instead of waiting forever. From the moment it connects, a heartbeat
 thread (`wire/heartbeat.py`) tells the driver it is alive, and ends the process if the
@@ -120,10 +121,10 @@ def _run_plan(
     worker: Worker, channel: WorkerChannel, rank: int, plan: StepPlan, pending: PendingResult | None
 ) -> PendingResult | None:
     """Launch `plan` and report `pending` (the plan before it), in the order that keeps the
-    device busy: plan n+1 first, then plan n's ids, unless plan n+1 launches eagerly after a
-    decode-only plan n (`Worker.reports_previous_first`): then plan n's ids first, so they
-    do not wait for the whole launch. Returns `plan`'s pending result (None off the
-    reporting rank)."""
+    device busy: plan n+1 first, then plan n's ids, unless `Worker.reports_previous_first`
+    (plan n+1 launches eagerly after a decode-only plan n, or this is a later pipeline
+    stage): then plan n's ids first, so they wait for no launch. Returns `plan`'s pending
+    result (None off the reporting rank)."""
     if pending is not None and worker.reports_previous_first(plan):
         channel.send(StepDone(rank, pending.wait()))
         pending = None

@@ -206,8 +206,20 @@ class Worker:
         eager_launch_host_*); and the plan before it is decode-only, so it has at most a few
         ms of device time left. Launched first, the eager plan would hold the decodes' tokens
         back for its whole launch (the 15-21 ms decode steps of the 1B serving trace).
+        Always on a later pipeline stage (spp > 1): its launch of `plan` can hold the host
+        until the stage before has run `plan` (what holds it was not isolated; the effect was
+        measured), and with spp micro-batches in flight the driver
+        submits the stage before's next plan only on this report, so the stages took turns
+        instead of overlapping (8B, one 512K prompt in 4096-token chunks on two H200s: spp2
+        above 110 s, against 74 s with 4 micro-batches in flight; benchmarks/results/README.md,
+        "Twenty-first session").
+
         False on CPU, where a plan has run when its launch returns."""
-        if self.device.type != "cuda" or not self._previous_decode_only or plan.is_decode_only:
+        if self.device.type != "cuda":
+            return False
+        if not self.pg.is_first_stage:
+            return True
+        if not self._previous_decode_only or plan.is_decode_only:
             return False
         return self.piecewise is None or plan.num_batched_tokens > self.piecewise.max_tokens
 
