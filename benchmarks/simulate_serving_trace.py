@@ -11,7 +11,7 @@ measurement; runs on CPU in minutes.
 engine's policies predict with --latency-profile (the profile the server ran with) and
 calibrate against D's times online, as the server calibrates against the GPU.
 
-Every option other than --out-json, --plot, --gpu, --kv-cache-memory-gb and
+Every option other than --out-json, --plot, --gpu, --kv-cache-memory-gb, --layout and
 --device-latency-profile is
 `benchmarks.serving_trace`'s, with its defaults: the same trace (`serving_trace --dry-run`
 writes it, seeded) and the same server flags per configuration (`CONFIGS` of
@@ -49,7 +49,7 @@ from benchmarks.serving_trace_data import (
     ttft_deadlines_s,
 )
 from benchmarks.serving_trace_server import CONFIGS
-from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
+from mnemosyne.bench.long_context.run import SHAPES, parse_layout, write_model_dir
 from mnemosyne.bench.metrics import RequestRecord, summarize
 from mnemosyne.cli import build_parser, parse_args
 from mnemosyne.simulator.command import add_step_factor_args, run_simulation, step_factor_argv
@@ -57,9 +57,10 @@ from mnemosyne.simulator.engine import SimulatedEngine
 
 
 def simulate_argv(
-    ns: argparse.Namespace, own: argparse.Namespace, name: str, model_dir: Path, trace: Path
+    ns: argparse.Namespace, own: argparse.Namespace, name: str, model_dir: Path, trace: Path, layout: str = "tp1"
 ) -> list[str]:
-    """`mnemosyne simulate` arguments matching the server flags of `serving_trace` for config `name`."""
+    """`mnemosyne simulate` arguments matching the server flags of `serving_trace` for config
+    `name`, on `layout` (`parse_layout`: tp4, spp2xkvp2, ...)."""
     if ns.server_args:
         raise SystemExit(f"--server-args {ns.server_args!r}: not translated to `mnemosyne simulate`")
     return [
@@ -72,6 +73,7 @@ def simulate_argv(
         *(["--kv-cache-memory-gb", str(own.kv_cache_memory_gb)] if own.kv_cache_memory_gb else []),
         *(["--device-latency-profile", own.device_latency_profile] if own.device_latency_profile else []),
         *step_factor_argv(own),
+        *(f"--{k}={v}" for k, v in parse_layout(layout).items()),
         *CONFIGS[name],
     ]  # fmt: skip
 
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--kv-cache-memory-gb", type=float, default=None, help="KV GiB per GPU (default: the simulator's)"
     )
     own_ap.add_argument("--device-latency-profile", default=None, help="the simulated device's step times")
+    own_ap.add_argument(
+        "--layout", default="tp1",
+        help="the simulated GPUs' layout, e.g. tp4, spp4, spp2xkvp2 (a KVP group holds its whole KV "
+        "capacity before the next); give --latency-profile of its tp (transferred to its stages and groups)",
+    )  # fmt: skip
     add_step_factor_args(own_ap)
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = own_ap.parse_known_args(argv)
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         deadlines = ttft_deadlines_s(model_dir, trace, ns.deadline_factor, ns.min_deadline_s)
         results, commands = {}, {}
         for name in ns.configs:
-            sim_argv = simulate_argv(ns, own, name, model_dir, Path(tmp) / "trace.jsonl")
+            sim_argv = simulate_argv(ns, own, name, model_dir, Path(tmp) / "trace.jsonl", own.layout)
             wall = time.perf_counter()
             engine, sim = run_simulation(parse_args(build_parser(), sim_argv))
             wall_s = time.perf_counter() - wall

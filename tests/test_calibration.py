@@ -167,11 +167,15 @@ def test_host_gap_is_added_and_overlapped_steps_measure_their_own_time():
         t += 10 * MS
     assert cal.factor(cal.key(DECODES)) == pytest.approx(1.0)
     assert cal.host_s == 0.0
-    # a pipeline (spp > 1): a micro-batch submitted before the previous result is not measured
-    cal = OnlineCalibration(CalibrationConfig(min_samples=1, skip_first_steps=0), serial=False)
+    # a pipeline of 2 stages: the first micro-batch crosses an empty pipeline (20 ms for a 10-ms
+    # prediction: 2x); one submitted before the previous result is measured by the result gap,
+    # one stage time, against half the prediction (10 ms gap, 5 ms share: 2x)
+    cal = OnlineCalibration(CalibrationConfig(min_samples=1, skip_first_steps=0), num_stages=2)
     cal.observe(DECODES, 10 * MS, 0.0, 20 * MS)
-    cal.observe(DECODES, 10 * MS, 5 * MS, 30 * MS)  # overlapped: skipped
-    assert cal.snapshot()["num_samples"] == 1 and cal.factor(cal.key(DECODES)) == pytest.approx(2.0)
+    cal.observe(DECODES, 10 * MS, 5 * MS, 30 * MS)  # overlapped: the 10-ms gap
+    assert cal.snapshot()["num_samples"] == 2 and cal.factor(cal.key(DECODES)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="num_stages"):
+        OnlineCalibration(num_stages=0)
 
 
 def prefill_beside_a_decode(

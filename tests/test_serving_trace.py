@@ -137,6 +137,20 @@ def test_simulated_serving_trace_cpu(tmp_path: Path) -> None:
     assert first == second
 
 
+def test_simulated_serving_trace_on_a_layout(tmp_path: Path) -> None:
+    """--layout: the same trace simulated on spp2 x kvp2 (four GPUs), the layout in its setup."""
+    from benchmarks.simulate_serving_trace import main as simulate_main
+
+    out = tmp_path / "sim.json"
+    args = ["--out-json", str(out), "--layout", "spp2xkvp2", "--shape", "1b", *TRACE_ARGS]
+    combined = simulate_main([*args, "--configs", "lars_adaptive"])
+    res = combined["results"]["lars_adaptive"]
+    layout = res["simulation"]["setup"]["layout"]
+    assert (layout["tp"], layout["spp"], layout["kvp"]) == (1, 2, 2)
+    assert "--spp=2" in res["simulation"]["setup"]["command"]
+    assert res["ttft"]["short"]["n"] + res["ttft"]["long"]["n"] == combined["trace"]["num_requests"]
+
+
 def test_long_ttft_decomposition_adds_up(tmp_path: Path) -> None:
     """benchmarks/probes/long_ttft_decomposition.py: each long request's steps with decodes,
     alone and without it add up to its simulated TTFT, and its chunks to its prompt."""

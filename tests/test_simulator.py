@@ -222,7 +222,10 @@ def test_plan_llama32_1b_10m_on_4_gpus(model_1b, capsys):
 def test_plan_ttft_matches_simulating_the_prompt(model_1b, layout, prefill_only_step_ms, rel):
     """The planner's closed form (prefill table / spp + pipeline fill) against the real scheduler
     with adaptive chunks running the L-token prompt alone: within 2% with many small chunks
-    (a 20 ms target), 8% with ~13 large ones (250 ms: the pipeline's discrete fill and drain)."""
+    (a 20 ms target), 8% with ~13 large ones (250 ms: the pipeline's discrete fill and drain).
+    Online calibration off, as the planner has none: the simulated device is the model itself,
+    and a pipeline's result gaps put 1-2% on some micro-batches (a neighbour's chunk of another
+    size), whose quantile the calibration would take (3.9% more TTFT at spp4)."""
     tp, spp, kvp = layout
     context_len, spec = 100_000, device_spec("h200")
     planned = plan_layout(load_model_config(model_1b), Layout(tp, spp, kvp), context_len, spec, 0.02, None,
@@ -231,7 +234,7 @@ def test_plan_ttft_matches_simulating_the_prompt(model_1b, layout, prefill_only_
         model=str(model_1b), tp=tp, spp=spp, kvp=kvp, max_model_len=context_len,
         max_tokens_per_kvp_group=planned.max_tokens_per_kvp_group if kvp > 1 else None,
         chunk_policy="adaptive", tbt_slo_ms=20, prefill_only_step_ms=prefill_only_step_ms,
-        max_num_batched_tokens=8192, enable_prefix_caching=False,
+        max_num_batched_tokens=8192, enable_prefix_caching=False, online_calibration=False,
     )  # fmt: skip
     config = simulated_engine_config(model_1b, args, spec)
     engine = SimulatedEngine(config, *latency_model_for(config, spec))

@@ -130,7 +130,7 @@ def make_policies(
         sizing_model: LatencyModel = model
         if pc.online_calibration:
             calibration = OnlineCalibration(
-                CalibrationConfig(quantile=pc.tbt_slo_quantile), serial=config.parallel.spp == 1
+                CalibrationConfig(quantile=pc.tbt_slo_quantile), num_stages=config.parallel.spp
             )
             sizing_model = CalibratedLatencyModel(model, calibration)
         chunk_policy = AdaptiveChunkPolicy(
