@@ -211,8 +211,8 @@ class Worker:
         measured), and with spp micro-batches in flight the driver
         submits the stage before's next plan only on this report, so the stages took turns
         instead of overlapping (8B, one 512K prompt in 4096-token chunks on two H200s: spp2
-        above 110 s, against 74 s with 4 micro-batches in flight; benchmarks/results/README.md,
-        "Twenty-first session").
+        95 s, and over 120 s on a second try, against 74 s with 4 micro-batches in flight and
+        72.7 s reporting first; benchmarks/results/README.md, "Twenty-first session").
 
         False on CPU, where a plan has run when its launch returns."""
         if self.device.type != "cuda":
