@@ -151,7 +151,7 @@ def choose_best(
     return None, "no layout fits the weights and the KV of one context in GPU memory"
 
 
-def latency_model_for(
+def profiled_model_for(
     profiles: Sequence[LatencyProfile], shape: ModelShape, layout: Layout, spec: DeviceSpec
 ) -> LatencyModel | None:
     """The measured model for `layout`: a profile of this shape measured on `layout` itself,
@@ -178,7 +178,7 @@ def plan(
     shape = ModelShape.from_model_config(model_cfg)
     plans = []
     for layout in candidate_layouts(model_cfg, num_gpus):
-        model = latency_model_for(profiles, shape, layout, spec)
+        model = profiled_model_for(profiles, shape, layout, spec)
         plans.append(
             plan_layout(
                 model_cfg,

@@ -208,11 +208,11 @@ class Worker:
         back for its whole launch (the 15-21 ms decode steps of the 1B serving trace).
         Always on a later pipeline stage (spp > 1): its launch of `plan` can hold the host
         until the stage before has run `plan` (what holds it was not isolated; the effect was
-        measured), and with spp micro-batches in flight the driver
-        submits the stage before's next plan only on this report, so the stages took turns
-        instead of overlapping (8B, one 512K prompt in 4096-token chunks on two H200s: spp2
-        95 s, and over 120 s on a second try, against 74 s with 4 micro-batches in flight and
-        72.7 s reporting first; benchmarks/results/README.md, "Twenty-first session").
+        measured), and with spp micro-batches in flight the driver submits the stage before's
+        next plan only on this report, so the stages took turns instead of overlapping (8B,
+        one 512K prompt in 4096-token chunks on two H200s: spp2 95 s, and over 120 s on a
+        second try, against 74 s with 4 micro-batches in flight and 72.7 s reporting first;
+        benchmarks/results/README.md, "Twenty-first session").
 
         False on CPU, where a plan has run when its launch returns."""
         if self.device.type != "cuda":
