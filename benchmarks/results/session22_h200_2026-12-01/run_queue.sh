@@ -22,3 +22,7 @@ python -m benchmarks.probes.two_lane_overlap --prefixes "" --chunks 4096 --decod
 # d/: a heavier decode lane (64 decodes of 4096 keys) against 4096-token chunks after 224K keys
 python -m benchmarks.probes.two_lane_overlap --prefixes 229376 --chunks 4096 --decode-sms 16,24,32,48 --decodes 64 \
     --decode-keys 4096 --no-priority-stream --out d/two_lane_overlap_8b_64x4k.json
+# f/ (a later lease, the next session, on the probe's launcher-thread revision): the whole prompt again, every
+# cuDNN graph bucket warmed on the one long-lived launching thread before the timed runs
+python -m benchmarks.probes.two_lane_overlap --prefixes "" --chunks 4096 --decode-sms 16,24 --whole-prompt 262144 \
+    --no-priority-stream --out f/two_lane_prompt_256k_c4096_warm.json
