@@ -15,6 +15,9 @@ request's TTFT, for each configuration:
     adaptive_lars_eager_steps    adaptive_lars with steps past the largest CUDA graph allowed
                                  while requests decode (graph_sized_steps=False)
     adaptive_fcfs_uncalibrated   adaptive_fcfs without the online calibration of the latency model
+    adaptive_lars_lane           adaptive_lars with the prefill lane (engine/prefill_lane.py): the
+                                 long prompt in --prefill-lane-chunk-tokens chunks on all but
+                                 --prefill-lane-free-sms SMs, beside the decodes' steps
 
 Adaptive runs also report the calibration's corrections at the end (`calibration`) and the
 steps whose first prefill took a 16-token chunk or overshot the target (`min_progress`).
@@ -60,6 +63,7 @@ CONFIGS = {
     "adaptive_fcfs_uncalibrated": dict(
         chunk_policy="adaptive", chunk_size=None, scheduling_policy="fcfs", online_calibration=False
     ),
+    "adaptive_lars_lane": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars", prefill_lane=True),
 }
 
 
@@ -81,8 +85,10 @@ def scheduling_engine_args(model_dir: Path, ns: argparse.Namespace, **overrides)
     )  # fmt: skip
 
 
-def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float) -> None:
-    """Swap the engine's chunk and priority policies (the engine must be idle)."""
+def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float, lane=None) -> None:
+    """Swap the engine's chunk and priority policies, and the prefill lane (`lane`, a
+    PrefillLaneConfig, for configurations with prefill_lane; the engine must have been started
+    with one). The engine must be idle."""
     from mnemosyne.config import ChunkPolicyKind, SchedulingPolicyKind
     from mnemosyne.engine.policies import make_policies
 
@@ -100,8 +106,13 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float) 
             cfg.get("graph_sized_steps", True),
         ),
     )
-    scheduler = dataclasses.replace(config.scheduler, chunk_size=cfg["chunk_size"])
+    if cfg.get("prefill_lane") and engine.lane_executor is None:
+        raise SystemExit(f"{cfg}: start the benchmark with --prefill-lane-free-sms N")
+    scheduler = dataclasses.replace(
+        config.scheduler, chunk_size=cfg["chunk_size"], prefill_lane=lane if cfg.get("prefill_lane") else None
+    )
     engine.config = dataclasses.replace(config, policy=policy, scheduler=scheduler)
+    engine.scheduler.config = scheduler
     engine.policies = make_policies(engine.config, engine.kv_manager)
     engine.scheduler.chunk_policy = engine.policies.chunk_policy
     engine.scheduler.priority = engine.policies.priority
@@ -124,8 +135,10 @@ def step_paths(engine) -> dict[str, int]:
 
 def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     from mnemosyne import SamplingParams
+    from mnemosyne.config import PrefillLaneConfig
 
-    use_policies(engine, CONFIGS[name], ns.tbt_slo_ms, ns.tbt_slo_quantile)
+    lane = PrefillLaneConfig(ns.prefill_lane_free_sms, EngineArgs.prefill_lane_min_tokens, ns.prefill_lane_chunk_tokens)
+    use_policies(engine, CONFIGS[name], ns.tbt_slo_ms, ns.tbt_slo_quantile, lane)
     short_params = SamplingParams(temperature=0, max_tokens=ns.short_max_tokens, ignore_eos=True)
     vocab = engine.config.model.vocab_size
     # Made before any step (not engine work), as the engine core receives a served prompt: an
@@ -172,6 +185,9 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     }  # fmt: skip
     if engine.policies.calibration is not None:
         res["calibration"] = engine.policies.calibration.snapshot()
+    if CONFIGS[name].get("prefill_lane"):
+        res["lane_chunks"] = engine.scheduler.num_lane_chunks
+        res["lane_free_sms"] = ns.prefill_lane_free_sms
     policy = engine.policies.chunk_policy
     if hasattr(policy, "num_overshoots"):
         res["min_progress"] = {
@@ -198,6 +214,11 @@ def main() -> None:
     ap.add_argument(
         "--profile", default=None, help="latency profile JSON (default: measure a quick one first)"
     )
+    ap.add_argument(
+        "--prefill-lane-free-sms", type=int, default=0,
+        help="start the engine with a prefill lane leaving N SMs free (for adaptive_lars_lane)",
+    )  # fmt: skip
+    ap.add_argument("--prefill-lane-chunk-tokens", type=int, default=EngineArgs.prefill_lane_chunk_tokens)
     ap.add_argument("--kv-fraction", type=float, default=0.9)
     ap.add_argument(
         "--model-dir", type=Path, default=None, help="use this model instead of --shape (smoke tests)"
@@ -219,7 +240,8 @@ def main() -> None:
     args = scheduling_engine_args(
         model_dir, ns, chunk_policy="adaptive", tbt_slo_ms=ns.tbt_slo_ms,
         enable_prefix_caching=False,  # every configuration prefills the same prompts from scratch
-        step_log=ns.step_log,
+        step_log=ns.step_log, prefill_lane_free_sms=ns.prefill_lane_free_sms,
+        prefill_lane_chunk_tokens=ns.prefill_lane_chunk_tokens,
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     freeze_startup_heap()  # as the served engine core does once ready (mnemosyne/gc_heap.py)

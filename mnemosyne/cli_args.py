@@ -112,6 +112,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="dummy: random weights from config.json alone (benchmarks)",
     )
     add_policy_args(p, d)
+    lane = p.add_argument_group("prefill lane (one device)")
+    lane.add_argument(
+        "--prefill-lane-free-sms", type=int, default=d.prefill_lane_free_sms, metavar="N",
+        help="N > 0 (a multiple of 8): a long prompt prefills in large chunks in a lane of its own, on "
+        "all but N SMs, beside the steps of every other request (which take the N SMs and any the lane "
+        "leaves idle); 0: every chunk runs in the engine's steps",
+    )  # fmt: skip
+    lane.add_argument(
+        "--prefill-lane-min-tokens", type=int, default=d.prefill_lane_min_tokens,
+        help="prompt tokens left to prefill for a request to enter the lane",
+    )  # fmt: skip
+    lane.add_argument(
+        "--prefill-lane-chunk-tokens", type=int, default=d.prefill_lane_chunk_tokens,
+        help="the lane's chunk size",
+    )  # fmt: skip
     g.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,

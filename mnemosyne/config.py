@@ -191,6 +191,28 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class PrefillLaneConfig:
+    """A long prompt's prefill in a lane of its own, beside the engine's steps (one device;
+    engine/prefill_lane.py draws it). Sizes in tokens.
+
+    On CUDA the lane's kernels run on a green context of all but `free_sms` SMs, so the other
+    requests' steps (decodes, short prompts) always find `free_sms` SMs idle and take any
+    other SM the lane leaves free. On CPU the lane is a thread sharing the cores (tests)."""
+
+    free_sms: int = 16  # SMs the lane never takes: a multiple of 8 (the driver's split granule)
+    min_prompt_tokens: int = 65536  # prompt tokens left to prefill for a request to enter the lane
+    chunk_tokens: int = 4096  # the lane's chunk size (large chunks run near their floor)
+
+    def validate(self) -> None:
+        if self.free_sms < 8 or self.free_sms % 8:
+            raise ConfigError(f"prefill_lane_free_sms must be a positive multiple of 8, got {self.free_sms}")
+        if self.chunk_tokens < 1:
+            raise ConfigError(f"prefill_lane_chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.min_prompt_tokens < 2:
+            raise ConfigError(f"prefill_lane_min_tokens must be >= 2, got {self.min_prompt_tokens}")
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     max_model_len: int
     max_num_batched_tokens: int
@@ -199,6 +221,7 @@ class SchedulerConfig:
     # Schedule step n+1 while step n runs (a decode whose input token is still on the device;
     # see engine/scheduler.py). Only with spp == 1 (any tp, kvp); `EngineArgs` turns it off with stages.
     async_scheduling: bool = False
+    prefill_lane: PrefillLaneConfig | None = None  # None: every chunk runs in the engine's steps
 
 
 @dataclass(frozen=True)
@@ -358,7 +381,13 @@ class EngineConfig:
     step_log: str | None = None  # write every step's chunks and times here (engine/step_log.py)
 
     def __post_init__(self) -> None:
-        """One KVP count: the cache has one block pool per KVP group of the layout."""
+        """One KVP count: the cache has one block pool per KVP group of the layout. A prefill
+        lane only on one device."""
+        if self.scheduler.prefill_lane is not None and self.parallel.world_size != 1:
+            raise ConfigError(
+                f"the prefill lane runs on one device; this layout has {self.parallel.world_size} "
+                f"(tp={self.parallel.tp}, spp={self.parallel.spp}, kvp={self.parallel.kvp})"
+            )
         if len(self.cache.num_blocks_per_group) != self.parallel.kvp:
             raise ConfigError(
                 f"the KV cache has {len(self.cache.num_blocks_per_group)} group pools, "

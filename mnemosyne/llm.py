@@ -59,6 +59,9 @@ class LLM:
         generation_config: str = "auto",
         chat_template: str | None = None,
         step_log: str | None = None,
+        prefill_lane_free_sms: int = 0,
+        prefill_lane_min_tokens: int = 65536,
+        prefill_lane_chunk_tokens: int = 4096,
     ) -> None:
         """See `EngineArgs` for every option. Sampling fields a SamplingParams leaves out take
         the model's generation_config.json defaults (generation_config="auto"). With tp * spp * kvp > 1, one worker process
@@ -103,6 +106,9 @@ class LLM:
             generation_config=generation_config,
             chat_template=chat_template,
             step_log=step_log,
+            prefill_lane_free_sms=prefill_lane_free_sms,
+            prefill_lane_min_tokens=prefill_lane_min_tokens,
+            prefill_lane_chunk_tokens=prefill_lane_chunk_tokens,
         )
         self.engine = LLMEngine.from_args(args)
 

@@ -64,6 +64,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks.probes.decode_kernel_options import random_batch
 from mnemosyne.kernels.decode_attention import paged_decode_attention
 from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items
+from mnemosyne.worker.green_context import split_sms
 
 # one cuDNN graph for every key count of BSHD inputs (as the engine sets it: kernels/cudnn_prefill.py)
 os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
@@ -221,26 +222,8 @@ def green_streams(
     device: torch.device, decode_sms: int
 ) -> tuple[torch.cuda.Stream, torch.cuda.Stream, int, int]:
     """(decode stream, chunk stream, their SM counts): two green contexts on disjoint SMs."""
-    from cuda.bindings import driver
-
-    def ok(result):  # cuda-bindings returns (CUresult, *values)
-        if result[0] != driver.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"CUDA driver error {result[0]}")
-        return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
-
-    dev = ok(driver.cuDeviceGet(device.index or 0))
-    whole = ok(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    groups, _, rest = ok(driver.cuDevSmResourceSplitByCount(1, whole, 0, decode_sms))
-    streams = []
-    for res in (groups[0], rest):
-        desc = ok(driver.cuDevResourceGenerateDesc([res], 1))
-        ctx = ok(
-            driver.cuGreenCtxCreate(desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM)
-        )
-        raw = ok(driver.cuGreenCtxStreamCreate(ctx, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
-        ptr = int(raw)  # the handle (getPtr() is the address of the wrapper's copy)
-        streams.append(torch.cuda.get_stream_from_external(ptr, device))
-    return streams[0], streams[1], int(groups[0].sm.smCount), int(rest.sm.smCount)
+    split = split_sms(device, decode_sms)
+    return split.first, split.rest, split.first_sms, split.rest_sms
 
 
 def eager_on(step: Callable[[], None], stream: torch.cuda.Stream) -> Callable[[], None]:
@@ -361,6 +344,12 @@ def main() -> None:
         default=True,
         help="also run the decode lane on a high-priority stream, SMs not partitioned",
     )
+    ap.add_argument(
+        "--unrestricted-decodes",
+        action="store_true",
+        help="also run each split with the decode lane on a plain stream (all SMs) and only the chunk lane "
+        "confined to its green context (rows with decode_sms = the GPU's SM count)",
+    )
     ap.add_argument("--prefixes", default="131072,229376")
     ap.add_argument("--decodes", type=int, default=32)
     ap.add_argument("--decode-keys", type=int, default=1536)
@@ -385,6 +374,10 @@ def main() -> None:
     carveouts = args.carveout and hasattr(torch._C, "_set_sm_carveout_experimental")
     result["cublas_sm_carveout_available"] = hasattr(torch._C, "_set_sm_carveout_experimental")
     lanes = [green_streams(device, want) for want in map(int, args.decode_sms.split(","))]
+    if args.unrestricted_decodes:
+        lanes += [
+            (torch.cuda.Stream(device), cs, props.multi_processor_count, c_sms) for _, cs, _, c_sms in lanes
+        ]
     decodes = {props.multi_processor_count: None} | {d_sms: None for _, _, d_sms, _ in lanes}
     prefixes = [int(p) for p in args.prefixes.split(",") if p]
     for prefix, chunk_tokens in itertools.product(prefixes, map(int, args.chunks.split(","))):

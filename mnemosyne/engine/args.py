@@ -17,6 +17,7 @@ from mnemosyne.config import (
     ModelConfig,
     ParallelConfig,
     PolicyConfig,
+    PrefillLaneConfig,
     SchedulerConfig,
     SchedulingPolicyKind,
     parse_dtype,
@@ -85,6 +86,10 @@ class EngineArgs:
     generation_config: str | GenerationConfigMode = "auto"  # auto: the model's sampling defaults | none
     chat_template: str | None = None  # a Jinja file (or the template itself) instead of the tokenizer's
     step_log: str | None = None  # a JSON-lines file: every step's chunks, predicted and measured time
+    # ---- the prefill lane (PrefillLaneConfig; one device) ----
+    prefill_lane_free_sms: int = 0  # > 0: long prompts prefill in a lane leaving this many SMs free; 0: off
+    prefill_lane_min_tokens: int = 65536  # prompt tokens left for a request to enter the lane
+    prefill_lane_chunk_tokens: int = 4096  # the lane's chunk size
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -128,6 +133,11 @@ class EngineArgs:
                 )
             if self.kv_cache_memory_gb is not None:
                 raise ConfigError("give gpu_memory_utilization or kv_cache_memory_gb, not both")
+        lane = self.prefill_lane_config()
+        if lane is not None:
+            lane.validate()
+            if self.parallel_config().world_size != 1:
+                raise ConfigError("the prefill lane (--prefill-lane-free-sms) runs on one device: tp = spp = kvp = 1")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
@@ -233,6 +243,7 @@ class EngineArgs:
                 # Any tp x kvp, local or torchrun workers (decode-ahead inputs: one all-reduce
                 # per plan, worker/decode_ahead.py); a pipeline keeps its micro-batches in flight.
                 async_scheduling=self.async_scheduling and parallel.spp == 1,
+                prefill_lane=self.prefill_lane_config(),
             ),
             parallel=parallel,
             device=device,
@@ -246,6 +257,13 @@ class EngineArgs:
             step_log=self.step_log,
         )
 
+    def prefill_lane_config(self) -> PrefillLaneConfig | None:
+        if self.prefill_lane_free_sms == 0:
+            return None
+        return PrefillLaneConfig(
+            self.prefill_lane_free_sms, self.prefill_lane_min_tokens, self.prefill_lane_chunk_tokens
+        )
+
     def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig, parallel: ParallelConfig) -> float:
         if self.kv_cache_memory_gb is not None:
             return self.kv_cache_memory_gb * 2**30
@@ -256,6 +274,8 @@ class EngineArgs:
             # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
+            if self.prefill_lane_free_sms:  # the lane's activations, in its stream's pool
+                reserve += self.prefill_lane_chunk_tokens * per_token
             # The CUDA graphs' own pool: activations of the largest graph step (piecewise or mixed).
             if not self.enforce_eager:
                 reserve += min(self.max_num_batched_tokens, MAX_PIECEWISE_TOKENS) * per_token

@@ -14,6 +14,7 @@ import itertools
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from mnemosyne.config import EngineConfig, GenerationConfigMode
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.policies import make_policies
+from mnemosyne.engine.prefill_lane import LANE_POLL_S
 from mnemosyne.engine.priority import ttft_deadline_s
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
@@ -36,6 +38,9 @@ from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepSta
 from mnemosyne.request import Request, RequestStatus, check_token_ids
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepResult
+
+if TYPE_CHECKING:
+    from mnemosyne.executor.uniproc import UniProcExecutor
 
 
 def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):  # -> PreTrainedTokenizerBase | None
@@ -99,6 +104,13 @@ class LLMEngine:
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
+        self.lane_executor: UniProcExecutor | None = None  # the prefill lane's (engine/prefill_lane.py)
+        if config.scheduler.prefill_lane is not None:
+            from mnemosyne.executor.uniproc import UniProcExecutor
+
+            assert isinstance(self.executor, UniProcExecutor)  # one device (EngineConfig checks)
+            self.lane_executor = self.executor
+        self._lane_scheds: deque[SchedulerOutput] = deque()  # the lane's chunks in flight, oldest first
         self.max_inflight = config.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         # (predicted_s, submitted at time.monotonic(), composition, host_s, idle_start) of each
@@ -194,8 +206,12 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Fill the pipeline with newly scheduled micro-batches, then finish the oldest."""
+        """Fill the pipeline with newly scheduled micro-batches, then finish the oldest (and
+        advance the prefill lane, if any)."""
+        outputs = self._advance_lane(0.0)
         while len(self._inflight) < self.max_inflight:
+            if self.policies.beside_lane is not None:
+                self.policies.beside_lane.active = self.scheduler.lane_busy
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
@@ -207,7 +223,9 @@ class LLMEngine:
             self.executor.submit(self.planner.build(sched))
             self._inflight.append(sched)
         if not self._inflight:
-            return []
+            if self.scheduler.lane_busy:
+                outputs += self._advance_lane(LANE_POLL_S)
+            return outputs
         result = self.executor.get_result()
         now = time.monotonic()
         sched = self._inflight.popleft()
@@ -221,12 +239,33 @@ class LLMEngine:
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         if self.step_log is not None:
             self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace, idle_start)
-        if self.policies.calibration is not None:
+        if self.scheduler.lane_busy and self.lane_executor is not None:
+            if self.policies.beside_lane is not None:
+                self.policies.beside_lane.observe(predicted_s, now - started)
+        elif self.policies.calibration is not None:
             self.policies.calibration.observe(composition, predicted_s, submitted, now)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only
-        outputs = self._process(sched, result)
+        outputs += self._process(sched, result)
         if not self.scheduler.has_unfinished_requests():
             self._go_idle()
+        return outputs
+
+    def _advance_lane(self, timeout_s: float) -> list[RequestOutput]:
+        """The prefill lane (engine/prefill_lane.py): process its chunk if done within
+        `timeout_s`, then launch its next one if any."""
+        if self.lane_executor is None:
+            return []
+        outputs: list[RequestOutput] = []
+        while self._lane_scheds:
+            result = self.lane_executor.lane_result(timeout_s)
+            if result is None:
+                break
+            outputs += self._process(self._lane_scheds.popleft(), result)
+            self.scheduler.lane_done()
+            timeout_s = 0.0
+        while (sched := self.scheduler.schedule_lane()) is not None:
+            self._lane_scheds.append(sched)
+            self.lane_executor.submit_lane(self.planner.build(sched))
         return outputs
 
     def _go_idle(self) -> None:
@@ -237,6 +276,11 @@ class LLMEngine:
             self.executor.get_result()
             self._inflight.popleft()
             self._inflight_timing.popleft()
+        while self._lane_scheds:  # an aborted request's chunks: its KV is freed when done
+            assert self.lane_executor is not None
+            self.lane_executor.lane_result(None)
+            self._lane_scheds.popleft()
+            self.scheduler.lane_done()
         self._busy_since_result = False
         self._integrity_check_due = True
 

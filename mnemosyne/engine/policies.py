@@ -18,6 +18,7 @@ from pathlib import Path
 from mnemosyne.config import ChunkPolicyKind, EngineConfig, SchedulingPolicyKind
 from mnemosyne.engine.adaptive_chunking import AdaptiveChunkPolicy
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
+from mnemosyne.engine.prefill_lane import BesideLaneLatencyModel
 from mnemosyne.engine.prefill_time import PrefillTimeTable
 from mnemosyne.engine.priority import FCFSPriority, LARSPriority, PriorityPolicy
 from mnemosyne.errors import ConfigError
@@ -40,6 +41,7 @@ class SchedulingPolicies:
     latency_source: str  # "roofline" or the profile's path
     prefill_time: PrefillTimeTable
     calibration: OnlineCalibration | None = None  # fed every processed step; None: no correction
+    beside_lane: BesideLaneLatencyModel | None = None  # adaptive chunks with a prefill lane
 
 
 def device_name(device: str) -> str:
@@ -126,6 +128,7 @@ def make_policies(
         priority = lars
     chunk_policy: ChunkPolicy
     calibration: OnlineCalibration | None = None
+    beside_lane: BesideLaneLatencyModel | None = None
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
         sizing_model: LatencyModel = model
         if pc.online_calibration:
@@ -133,6 +136,8 @@ def make_policies(
                 CalibrationConfig(quantile=pc.tbt_slo_quantile), num_stages=config.parallel.spp
             )
             sizing_model = CalibratedLatencyModel(model, calibration)
+        if config.scheduler.prefill_lane is not None:
+            beside_lane = sizing_model = BesideLaneLatencyModel(sizing_model, model)
         chunk_policy = AdaptiveChunkPolicy(
             sizing_model,
             kv_manager,
@@ -146,4 +151,4 @@ def make_policies(
         )
     else:
         chunk_policy = FixedChunkPolicy(config.scheduler.chunk_size)
-    return SchedulingPolicies(chunk_policy, priority, model, source, prefill_time, calibration)
+    return SchedulingPolicies(chunk_policy, priority, model, source, prefill_time, calibration, beside_lane)

@@ -58,6 +58,17 @@ any later owner of the block writes). A request with work in flight may be preem
 like any request not scheduled in the current step: its in-flight chunks are then
 dropped as stale (epoch), and their tokens recomputed.
 
+The prefill lane (`config.prefill_lane`, one device; engine/prefill_lane.py runs it): a
+running prefill with at least `min_prompt_tokens` prompt tokens left becomes the lane's
+*owner*, and the steps skip it from then on. Once its chunks in the steps' flight are done,
+`schedule_lane` gives it chunks of `chunk_tokens` (no token budget, no chunk policy), two in
+flight at most (engine/lane_state.py), up to its last prompt token, which the steps schedule
+(it samples)::
+
+    owner:  [0 .. a)  steps (admission)   [a .. T-1)  lane, chunk by chunk   [T-1, T)  a step
+    in flight in the lane: never a preemption victim; finished or aborted meanwhile, its KV
+    is freed only when the lane's chunk is done (the lane may still write it)
+
 Invariants between calls:
     * every known request is in exactly one of waiting / running; finished ones are
       dropped (the caller keeps the Request object);
@@ -81,6 +92,7 @@ from collections.abc import Callable, Iterable
 
 from mnemosyne.config import SchedulerConfig
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
+from mnemosyne.engine.lane_state import LaneState
 from mnemosyne.engine.prefix_lookup import cache_computed_blocks, can_hold_whole_prompt, find_cached_prefix
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput, StepUpdate
@@ -109,6 +121,7 @@ class Scheduler:
         self._admission_seq: dict[str, int] = {}
         self._seq_counter = itertools.count()
         self._num_preemptions = 0
+        self._lane = LaneState()  # the prefill lane's owner and chunks (engine/lane_state.py)
 
     # ---- requests in ------------------------------------------------------------------------
 
@@ -143,7 +156,7 @@ class Scheduler:
         scheduled: set[str] = set()
         budget = self.config.max_num_batched_tokens
         now = self._clock()
-        running = self._sorted(self._running.values(), now)
+        running = self._sorted((r for r in self._running.values() if r is not self._lane.owner), now)
         decodes = [r for r in running if not r.is_prefill]
         prefills = [r for r in running if r.is_prefill]
         # A prefill whose sampling chunk is in flight decodes (ahead) in this step too: its
@@ -247,6 +260,34 @@ class Scheduler:
             and chunk.start == req.num_computed_tokens
         )
 
+    def schedule_lane(self) -> SchedulerOutput | None:
+        """The prefill lane's next chunk (module docstring); None when the lane is off or full,
+        nothing qualifies, or the KV cache cannot take the chunk now (asked again next step)."""
+        lane = self.config.prefill_lane
+        if lane is None or self._lane.is_full:
+            return None
+        running = self._sorted(self._running.values(), self._clock()) if self._lane.owner is None else []
+        chunk = self._lane.next_chunk(lane, running, self.kv_manager)
+        if chunk is None:
+            return None
+        out = SchedulerOutput()
+        out.chunks.append(chunk)
+        return out
+
+    def lane_done(self) -> None:
+        """The lane's oldest chunk ran (after `update_from_output` of its output)."""
+        freed = self._lane.pop_done()
+        if freed is not None:
+            self.kv_manager.free(freed)
+
+    @property
+    def lane_busy(self) -> bool:
+        return bool(self._lane.in_flight)
+
+    @property
+    def num_lane_chunks(self) -> int:
+        return self._lane.num_chunks
+
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish from outside (abort, stop string): frees its KV. Unknown ids return None."""
         if not status.finished:
@@ -329,7 +370,10 @@ class Scheduler:
         """The lowest-priority running request not scheduled this step that holds blocks on a
         KVP group `req` needs (`groups_to_grow`); `req` itself when none ranks below it.
         Never a request of higher priority than `req`. With one group every victim helps."""
-        candidates = self._sorted([r for r in self._running.values() if r.request_id not in scheduled], now)
+        candidates = self._sorted(
+            [r for r in self._running.values() if r.request_id not in scheduled and not self._lane.has_chunks_of(r)],
+            now,
+        )
         needed = self.kv_manager.groups_to_grow(req.request_id)
         for victim in reversed(candidates):
             if victim is req or self.kv_manager.groups_of(victim.request_id) & needed:
@@ -337,6 +381,8 @@ class Scheduler:
         return req
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        if req is self._lane.owner:  # nothing in flight in the lane (never a victim then)
+            self._lane.owner = None
         self.kv_manager.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_dispatched_tokens = 0
@@ -365,5 +411,10 @@ class Scheduler:
         self._running.pop(rid, None)
         self._requests.pop(rid, None)
         self._admission_seq.pop(rid, None)
-        self.kv_manager.free(rid)
+        if req is self._lane.owner:
+            self._lane.owner = None
+        if self._lane.has_chunks_of(req):
+            self._lane.deferred_free.add(rid)  # the lane may still write its blocks
+        else:
+            self.kv_manager.free(rid)
         req.status = status

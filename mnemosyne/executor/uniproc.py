@@ -21,6 +21,7 @@ overlaps the device time of the step before it).
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future
 
 import torch
 
@@ -37,6 +38,7 @@ class UniProcExecutor:
         self.worker = Worker(config, ProcessGroups.single(), torch.device(config.device))
         self._results: deque[PendingResult] = deque()
         self._kept: StepPlan | None = None  # submitted, launched at the next call (see above)
+        self._lane: deque[Future[StepResult]] = deque()  # the prefill lane's chunks in flight
 
     def submit(self, plan: StepPlan) -> None:
         self._launch_kept()
@@ -49,6 +51,24 @@ class UniProcExecutor:
         if not self._results:  # only a kept plan in flight
             self._launch_kept()
         return self._results.popleft().wait()
+
+    def submit_lane(self, plan: StepPlan) -> None:
+        """Launch a prefill lane chunk (worker/prefill_lane.py) after those in flight. A kept
+        plan is launched first: it was built before `plan`, whose block-table deltas follow it."""
+        self._launch_kept()
+        self._lane.append(self.worker.execute_lane_async(plan))
+
+    def lane_result(self, timeout_s: float | None) -> StepResult | None:
+        """The oldest lane chunk's result once its kernels are done; None while it still runs
+        after `timeout_s` (0: a poll; None: wait)."""
+        if not self._lane:
+            raise RuntimeError("no prefill lane chunk in flight")
+        try:
+            result = self._lane[0].result(timeout=timeout_s)
+        except TimeoutError:
+            return None
+        self._lane.popleft()
+        return result
 
     def _launch(self, plan: StepPlan) -> None:
         pending = self.worker.execute_async(plan)
@@ -72,6 +92,9 @@ class UniProcExecutor:
         pass  # the device runs in this process
 
     def shutdown(self) -> None:
+        for chunk in self._lane:
+            chunk.exception()  # its kernels write the cache: let them end first
+        self._lane.clear()
         self._results.clear()
         self._kept = None
         self.worker.shutdown()

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
+from mnemosyne.kernels.cudnn_plans import warm_up_cudnn
 from mnemosyne.kernels.jit_watch import watch_jit_compiles
+from mnemosyne.layers.attention.kernel_backend import KernelBackend
 from mnemosyne.layers.attention.kernel_plan import KernelPlan, chunk_launches
 from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.attention.selector import make_attention_backend
@@ -52,6 +55,7 @@ from mnemosyne.worker.decode_ahead import DecodeAheadTokens
 from mnemosyne.worker.mixed_graph import MixedGraphs
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
+from mnemosyne.worker.prefill_lane import PrefillLane
 from mnemosyne.worker.sampling_warm_up import warm_up_sampling
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
 from mnemosyne.worker.synthetic_kv import fill_blocks
@@ -109,12 +113,15 @@ class Worker:
             config.model_dir, config.model, backend, device, pg, config.load_format, config.seed
         )
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
-        if device.type == "cuda" and self.kv_caches:  # JIT and cuDNN plans before serving, not on the first steps
+        lane = config.scheduler.prefill_lane
+        # JIT and cuDNN plans before serving, not on the first steps
+        if device.type == "cuda" and self.kv_caches:
             sched = config.scheduler
             max_prefix_tokens = min(num_blocks * self.block_size, sched.max_model_len)
+            max_chunk_tokens = max(sched.max_num_batched_tokens, lane.chunk_tokens if lane is not None else 0)
             for window in {None, config.model.sliding_window}:
                 backend.warm_up(
-                    *self.kv_caches[0], window, sched.max_num_seqs, sched.max_num_batched_tokens, max_prefix_tokens
+                    *self.kv_caches[0], window, sched.max_num_seqs, max_chunk_tokens, max_prefix_tokens
                 )
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # shared by all graphs
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
@@ -139,6 +146,12 @@ class Worker:
         self._previous: PendingResult | None = None  # the last plan's result (decode-ahead inputs)
         self._previous_decode_only = False  # the last plan had no prefill token
         self._ahead: DecodeAheadTokens | None = None  # the current plan's decode-ahead inputs
+        self.lane: PrefillLane | None = None
+        if lane is not None:
+            # torch keeps cuDNN's attention graphs per thread: the lane's thread builds its own
+            shapes = backend.cudnn_shapes if isinstance(backend, KernelBackend) else None
+            warm_up = (lambda: warm_up_cudnn(shapes, *self.kv_caches[0])) if shapes else (lambda: None)
+            self.lane = PrefillLane(device, lane.free_sms, warm_up)
 
     @torch.inference_mode()
     def execute_async(self, plan: StepPlan) -> PendingResult | None:
@@ -147,23 +160,7 @@ class Worker:
         on the host when `PendingResult.wait` returns."""
         self._observe_decode_aheads()
         self._previous_decode_only = plan.is_decode_only
-        for rid in plan.finished:
-            self.params.pop(rid, None)
-            self.histories.pop(rid, None)
-            self.mirror.drop(rid)
-        for rid in plan.freed_kv:
-            self.mirror.drop(rid)
-        for new in plan.new_requests:
-            self.params[new.request_id] = new.sampling_params
-            if self.pg.is_reporting_rank and new.sampling_params.needs_history:
-                self.histories[new.request_id] = TokenHistory(
-                    new.num_prompt_tokens, new.prompt_token_ids, new.min_tokens_banned_ids
-                )
-        if self.histories:
-            for chunk in plan.chunks:
-                history = self.histories.get(chunk.request_id)
-                if history is not None and not chunk.is_decode_ahead:  # else seen from self._ahead
-                    history.observe(chunk.start, chunk.token_ids)
+        self._apply_updates(plan)
         batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
         # Every rank, idle or not, whenever the plan has decode aheads (a world collective).
         needs_host = bool(self.histories) and any(
@@ -188,7 +185,10 @@ class Worker:
             hidden, path = self.mixed.try_run(x, batch.positions, batch.meta), StepPath.MIXED_GRAPH
         if hidden is None:
             if self.piecewise is not None and self.piecewise.can_run(batch.num_tokens):
-                hidden, path = self.piecewise.run(x, batch.positions, self.kv_caches, batch.meta), StepPath.PIECEWISE
+                hidden, path = (
+                    self.piecewise.run(x, batch.positions, self.kv_caches, batch.meta),
+                    StepPath.PIECEWISE,
+                )
             else:
                 hidden, path = self.model(x, batch.positions, self.kv_caches, batch.meta), StepPath.EAGER
         if not self.pg.is_last_stage:
@@ -197,6 +197,41 @@ class Worker:
         if result is not None:
             result.trace = step_trace(path, batch.meta.backend_plan)
         return self._finish(result, self._sample(batch, hidden, result))
+
+    @torch.inference_mode()
+    def execute_lane_async(self, plan: StepPlan) -> Future[StepResult]:
+        """Launch `plan`, the prefill lane's chunk (no sampling, no decode aheads; one device),
+        on the lane (worker/prefill_lane.py). Its updates are applied here, in plan order with
+        the steps' plans; the Future's result comes when its kernels are done."""
+        assert self.lane is not None and self.pg.world.size == 1
+        assert not any(c.sample or c.is_decode_ahead for c in plan.chunks), "a lane chunk never samples"
+        self._apply_updates(plan)
+        batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
+        result = StepResult(plan.step_id)
+        result.trace = StepTrace(StepPath.EAGER)
+        forward = lambda: self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)  # noqa: E731
+        return self.lane.launch(forward, keep=batch, result=result)
+
+    def _apply_updates(self, plan: StepPlan) -> None:
+        """Forget finished requests, drop freed KV, remember new sampling params; feed the
+        chunks' tokens to the histories of requests with penalties."""
+        for rid in plan.finished:
+            self.params.pop(rid, None)
+            self.histories.pop(rid, None)
+            self.mirror.drop(rid)
+        for rid in plan.freed_kv:
+            self.mirror.drop(rid)
+        for new in plan.new_requests:
+            self.params[new.request_id] = new.sampling_params
+            if self.pg.is_reporting_rank and new.sampling_params.needs_history:
+                self.histories[new.request_id] = TokenHistory(
+                    new.num_prompt_tokens, new.prompt_token_ids, new.min_tokens_banned_ids
+                )
+        if self.histories:
+            for chunk in plan.chunks:
+                history = self.histories.get(chunk.request_id)
+                if history is not None and not chunk.is_decode_ahead:  # else seen from self._ahead
+                    history.observe(chunk.start, chunk.token_ids)
 
     def reports_previous_first(self, plan: StepPlan) -> bool:
         """Whether the result of the plan before `plan` should reach the engine before `plan`
@@ -374,6 +409,9 @@ class Worker:
 
     def shutdown(self) -> None:
         self._wait_pending_send()
+        if self.lane is not None:
+            self.lane.shutdown()
+            self.lane = None
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None

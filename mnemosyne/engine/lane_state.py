@@ -1,0 +1,82 @@
+"""The scheduler's view of the prefill lane: its owner, its chunks in flight, and the KV it
+must not free yet (engine/scheduler.py draws the lane; engine/prefill_lane.py runs it).
+
+    owner          the running request whose prompt the lane prefills; the steps skip it
+    in_flight      its lane chunks launched and not yet processed, oldest first (at most
+                   MAX_LANE_CHUNKS_IN_FLIGHT: the next chunk is queued on the lane's stream
+                   while one runs, so the lane never idles between chunks)
+    deferred_free  requests finished (done, aborted) with lane chunks in flight: their KV is
+                   freed when the last of those chunks is processed, since the lane may still
+                   write it; no lane chunk's request is ever a preemption victim
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mnemosyne.config import PrefillLaneConfig
+from mnemosyne.engine.scheduler_output import ScheduledChunk
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.request import Request
+
+MAX_LANE_CHUNKS_IN_FLIGHT = 2
+
+
+@dataclass
+class LaneState:
+    owner: Request | None = None
+    in_flight: deque[ScheduledChunk] = field(default_factory=deque)
+    deferred_free: set[str] = field(default_factory=set)
+    num_chunks: int = 0  # lane chunks scheduled since start
+
+    def has_chunks_of(self, req: Request) -> bool:
+        return any(chunk.request is req for chunk in self.in_flight)
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.in_flight) >= MAX_LANE_CHUNKS_IN_FLIGHT
+
+    def next_chunk(
+        self, lane: PrefillLaneConfig, running_by_priority: list[Request], kv_manager: KVCacheManager
+    ) -> ScheduledChunk | None:
+        """The owner's next chunk, its KV allocated and its tokens dispatched; with no owner,
+        the first of `running_by_priority` with `min_prompt_tokens` left becomes it. None
+        while the owner's chunks in the steps' flight are not done, at its last prompt token
+        (the steps sample it), or when the cache cannot take the chunk now."""
+        if self.owner is None:
+            self.owner = next(
+                (
+                    r for r in running_by_priority
+                    if r.num_tokens - r.num_dispatched_tokens >= lane.min_prompt_tokens
+                    and r.sampling_params.prompt_logprobs is None  # the lane computes no logits
+                ),
+                None,
+            )  # fmt: skip
+        req = self.owner
+        if req is None or (not self.in_flight and req.num_computed_tokens < req.num_dispatched_tokens):
+            return None
+        n = min(lane.chunk_tokens, req.num_tokens - 1 - req.num_dispatched_tokens)
+        if n <= 0 or not kv_manager.allocate_slots(
+            req.request_id, req.num_dispatched_tokens + n, num_known_tokens=req.num_tokens
+        ):
+            return None
+        chunk = ScheduledChunk(req, req.num_dispatched_tokens, n, sample=False, epoch=req.num_preemptions)
+        self.in_flight.append(chunk)
+        self.num_chunks += 1
+        req.num_dispatched_tokens += n
+        return chunk
+
+    def pop_done(self) -> str | None:
+        """Forget the oldest chunk in flight, which ran; the request whose KV may be freed now
+        (finished meanwhile, no chunk of it left in flight), if any. The owner goes back to the
+        steps at its last prompt token."""
+        req = self.in_flight.popleft().request
+        freed = None
+        if req.request_id in self.deferred_free and not self.has_chunks_of(req):
+            self.deferred_free.discard(req.request_id)
+            freed = req.request_id
+        owner = self.owner
+        if owner is not None and not self.in_flight and owner.num_tokens - owner.num_dispatched_tokens <= 1:
+            self.owner = None
+        return freed

@@ -1,0 +1,190 @@
+"""The prefill lane (engine/prefill_lane.py): who enters it and when, its chunks, the hand-back
+of a prompt's last token, preemption and aborts while its chunk runs (scheduler, on a real KV
+manager); and the whole engine with the lane against HF transformers (on CPU the lane is a
+thread sharing the cores; on a GPU a green context)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TEST_DEVICE
+from test_exactness import ATOL, make_prompts
+from test_scheduler import make_req
+
+from mnemosyne import LLM, SamplingParams
+from mnemosyne.config import CacheConfig, PrefillLaneConfig, SchedulerConfig
+from mnemosyne.engine.prefill_lane import BesideLaneLatencyModel
+from mnemosyne.engine.scheduler import Scheduler
+from mnemosyne.errors import ConfigError
+from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.shape import Layout
+from mnemosyne.request import RequestStatus
+
+LANE = PrefillLaneConfig(free_sms=16, min_prompt_tokens=40, chunk_tokens=16)
+
+
+def lane_sched(
+    budget: int, chunk: int, num_blocks: int, block_size: int = 4
+) -> tuple[Scheduler, KVCacheManager]:
+    kv = KVCacheManager(CacheConfig(block_size, (num_blocks,), None))
+    return Scheduler(SchedulerConfig(256, budget, 16, chunk, prefill_lane=LANE), kv), kv
+
+
+def req(rid: str, prompt_len: int, **sp):
+    return make_req(rid, prompt_len, **sp)
+
+
+def run_main(s, sampled=None):
+    out = s.schedule()
+    s.update_from_output(out, sampled or {c.request.request_id: 7 for c in out.chunks if c.sample})
+    return out
+
+
+def test_long_prompt_enters_the_lane_and_hands_back_its_last_token():
+    s, kv = lane_sched(budget=8, chunk=8, num_blocks=64)
+    long, short = req("long", 60), req("short", 5)
+    s.add_request(long)
+    s.add_request(short)
+    first = run_main(s)  # admission: the steps run the first chunks
+    assert [(c.request.request_id, c.num_tokens) for c in first.chunks] == [("long", 8)]
+    a = s.schedule_lane()  # 52 left >= 40: the lane takes it
+    b = s.schedule_lane()  # a second chunk queues behind the first
+    assert a is not None and b is not None and s.schedule_lane() is None  # two in flight at most
+    assert [(c.start, c.num_tokens) for c in (*a.chunks, *b.chunks)] == [(8, 16), (24, 16)]
+    step = s.schedule()  # the steps skip the lane's owner meanwhile
+    assert [c.request.request_id for c in step.chunks] == ["short"]
+    s.update_from_output(step, {"short": 7})
+    sizes = [16, 16]
+    for out in (a, b):
+        s.update_from_output(out, {})
+        s.lane_done()
+    while (out := s.schedule_lane()) is not None:
+        sizes.append(out.chunks[0].num_tokens)
+        assert not out.chunks[0].sample
+        s.update_from_output(out, {})
+        s.lane_done()
+    assert sizes == [16, 16, 16, 3] and long.num_computed_tokens == 59  # all but the last token
+    last = s.schedule()  # the steps take the owner back: its last token samples
+    chunk = next(c for c in last.chunks if c.request is long)
+    assert (chunk.start, chunk.num_tokens, chunk.sample) == (59, 1, True)
+    assert s.num_lane_chunks == 4 and not s.lane_busy
+
+
+def test_short_prompts_and_prompt_logprobs_stay_out_of_the_lane():
+    s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
+    s.add_request(req("short", 39))
+    s.add_request(req("plp", 60, prompt_logprobs=1))
+    run_main(s)
+    run_main(s)
+    assert s.schedule_lane() is None
+
+
+def test_abort_while_the_lane_runs_frees_the_kv_when_its_chunk_is_done():
+    s, kv = lane_sched(budget=8, chunk=8, num_blocks=64)
+    long = req("long", 60)
+    s.add_request(long)
+    run_main(s)
+    outs = [s.schedule_lane(), s.schedule_lane()]
+    s.finish_request("long", RequestStatus.FINISHED_ABORTED)
+    assert kv.has_request("long")  # the lane may still write its blocks
+    for out in outs:
+        assert kv.has_request("long")  # until its last chunk in flight is done
+        s.update_from_output(out, {})  # a stale chunk: dropped
+        s.lane_done()
+    assert not kv.has_request("long") and not s.lane_busy
+    kv.check_integrity()
+
+
+def test_the_lane_request_is_never_preempted_while_its_chunks_run():
+    s, kv = lane_sched(budget=16, chunk=16, num_blocks=19, block_size=4)  # 76 tokens of KV
+    other, long = req("other", 8, max_tokens=60), req("long", 60)
+    s.add_request(other)
+    s.add_request(long)
+    run_main(s)  # other's prompt and long's first 8 tokens
+    assert s.schedule_lane() is not None and s.schedule_lane() is not None  # long: 40 tokens, 10 blocks
+    for _ in range(40):  # other decodes until the pool runs dry; long (in the lane) is never the victim
+        out = s.schedule()
+        s.update_from_output(out, {c.request.request_id: 7 for c in out.chunks if c.sample})
+        assert long.status is RequestStatus.RUNNING and kv.has_request("long")
+    assert other.num_preemptions >= 1
+    kv.check_integrity()
+
+
+def test_beside_lane_model_scales_and_learns():
+    class Fixed:
+        layout = Layout()
+
+        def __init__(self, s):
+            self.s = s
+
+        def step_time_s(self, composition):
+            return self.s
+
+    m = BesideLaneLatencyModel(Fixed(0.02), Fixed(0.01))
+    assert m.step_time_s(None) == 0.02  # the calibrated model while the GPU is the steps' own
+    m.active = True
+    assert m.step_time_s(None) == pytest.approx(0.03)  # the prior 3x of the base
+    for _ in range(200):
+        m.observe(0.01, 0.02)
+    assert m.step_time_s(None) == pytest.approx(0.02, rel=1e-3)
+
+
+def test_lane_config_errors():
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        PrefillLaneConfig(free_sms=12).validate()
+    from mnemosyne.engine.args import EngineArgs
+
+    with pytest.raises(ConfigError, match="one device"):
+        EngineArgs(prefill_lane_free_sms=16, tp=2).validate()
+
+
+LENS = (90, 5, 57, 23)  # two prompts enter the lane (>= 40 tokens left after admission)
+
+
+def test_engine_with_the_lane_matches_hf(tiny_model_dir):
+    """Greedy tokens identical to HF and sampled-token logprobs within 1e-4, with two long
+    prompts in the lane (one after the other) beside the short ones' steps."""
+    from test_exactness import hf_reference
+
+    model_dir = tiny_model_dir("llama")
+    refs = hf_reference("llama", model_dir, LENS, 12)
+    with LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, block_size=4, max_num_seqs=8,
+             chunk_size=8, max_num_batched_tokens=16, prefill_lane_free_sms=16, prefill_lane_min_tokens=40,
+             prefill_lane_chunk_tokens=16) as llm:  # fmt: skip
+        prompts = make_prompts(llm.engine.config.model.vocab_size, lens=LENS)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+        outs = llm.generate(prompts, params)
+        assert llm.engine.scheduler.num_lane_chunks >= 5
+        llm.engine.kv_manager.check_integrity()
+    for prompt, out, (ref_new, ref_logp) in zip(prompts, outs, refs, strict=True):
+        assert out.token_ids == ref_new
+        for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+            assert abs(entry[tok] - ref_logp[len(prompt) + i - 1][tok].item()) < ATOL
+
+
+def test_abort_in_the_lane_loses_no_other_request(tiny_model_dir):
+    """A long prompt aborted while its lane chunks run: the engine drains them, frees its KV
+    once they are done, and the other requests finish with HF's tokens."""
+    from test_exactness import hf_reference
+
+    model_dir = tiny_model_dir("llama")
+    lens = (5, 23)
+    refs = hf_reference("llama", model_dir, lens, 12)
+    with LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, block_size=4, max_num_seqs=8,
+             chunk_size=8, max_num_batched_tokens=16, prefill_lane_free_sms=16, prefill_lane_min_tokens=40,
+             prefill_lane_chunk_tokens=16) as llm:  # fmt: skip
+        engine = llm.engine
+        vocab = engine.config.model.vocab_size
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        short_ids = [engine.add_request(p, params) for p in make_prompts(vocab, lens=lens)]
+        long_id = engine.add_request(make_prompts(vocab, seed=5, lens=(200,))[0], params)
+        while not engine.scheduler.lane_busy:
+            engine.step()
+        engine.abort(long_id)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done[out.request_id] = out
+        assert not engine.scheduler.lane_busy and not engine.kv_manager.has_request(long_id)
+        assert engine.check_idle_integrity()
+    for rid, (ref_new, _) in zip(short_ids, refs, strict=True):
+        assert done[rid].token_ids == ref_new
