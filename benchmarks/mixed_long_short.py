@@ -106,7 +106,7 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float, 
             cfg.get("graph_sized_steps", True),
         ),
     )
-    if cfg.get("prefill_lane") and engine.lane_executor is None:
+    if cfg.get("prefill_lane") and engine.lane is None:
         raise SystemExit(f"{cfg}: start the benchmark with --prefill-lane-free-sms N")
     scheduler = dataclasses.replace(
         config.scheduler, chunk_size=cfg["chunk_size"], prefill_lane=lane if cfg.get("prefill_lane") else None
@@ -137,7 +137,7 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     from mnemosyne import SamplingParams
     from mnemosyne.config import PrefillLaneConfig
 
-    lane = PrefillLaneConfig(ns.prefill_lane_free_sms, EngineArgs.prefill_lane_min_tokens, ns.prefill_lane_chunk_tokens)
+    lane = PrefillLaneConfig(ns.prefill_lane_free_sms, ns.prefill_lane_min_tokens, ns.prefill_lane_chunk_tokens)
     use_policies(engine, CONFIGS[name], ns.tbt_slo_ms, ns.tbt_slo_quantile, lane)
     short_params = SamplingParams(temperature=0, max_tokens=ns.short_max_tokens, ignore_eos=True)
     vocab = engine.config.model.vocab_size
@@ -219,6 +219,7 @@ def main() -> None:
         help="start the engine with a prefill lane leaving N SMs free (for adaptive_lars_lane)",
     )  # fmt: skip
     ap.add_argument("--prefill-lane-chunk-tokens", type=int, default=EngineArgs.prefill_lane_chunk_tokens)
+    ap.add_argument("--prefill-lane-min-tokens", type=int, default=EngineArgs.prefill_lane_min_tokens)
     ap.add_argument("--kv-fraction", type=float, default=0.9)
     ap.add_argument(
         "--model-dir", type=Path, default=None, help="use this model instead of --shape (smoke tests)"

@@ -27,7 +27,9 @@ idle-step factor, the same over the steps submitted with nothing in flight, divi
 chunk-step factor (`--idle-step-factor`, applied on top of it: their host launches are not
 hidden behind a step before them). Last, what `mnemosyne simulate --device-step-log` takes
 from the same log (`mnemosyne/simulator/device_log.py`): the chunk factor per prefix bucket,
-the idle-start steps' factor, and the spread of the decode-only steps it draws from.
+the idle-start steps' factor, and the spread of the decode-only steps it draws from. With a
+prefill lane, its chunks and the steps beside them are left out of all of that and summed
+up apart (`lane`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from mnemosyne.engine.step_log import read_step_log
+from mnemosyne.engine.step_log import read_lane_log, read_step_log
 from mnemosyne.latency.calibration import prefix_bucket
 from mnemosyne.simulator.device_log import (
     CHUNK_BUCKET_TOKENS,
@@ -214,9 +216,32 @@ def main(argv: list[str] | None = None) -> dict:
           f"beside decodes by prefix, path and chunk tokens (p10 / p50 / p90) {sizes}; idle-start {idle} "
           f"({dev['num_idle_steps']} steps); decode-only p10 / p50 / p90 by decodes {decodes} "
           f"({dev['num_decode_steps']} steps)")  # fmt: skip
+    lane = lane_report(*read_lane_log(ns.step_log))
+    if lane is not None:
+        result["lane"] = lane
+        print(f"prefill lane: {lane['chunks']} chunks, measured / predicted (alone) p50 {lane['chunk_ratio_p50']:.2f}; "
+              f"{lane['steps_beside']} steps beside them (left out above): p50 / p99 / max "
+              f"{lane['beside_p50_ms']:.1f} / {lane['beside_p99_ms']:.1f} / {lane['beside_max_ms']:.1f} ms")  # fmt: skip
     if ns.out is not None:
         ns.out.write_text(json.dumps(result, indent=1))
     return result
+
+
+def lane_report(chunks: list[dict], beside: list[dict]) -> dict | None:
+    """The prefill lane's chunks (measured / their prediction alone) and the steps that ran
+    beside them (measured ms); None without a lane."""
+    if not chunks and not beside:
+        return None
+    ratios = sorted(c["measured_s"] / c["predicted_s"] for c in chunks if c["predicted_s"] > 0)
+    times = sorted(1e3 * s["measured_s"] for s in beside) or [0.0]
+    return {
+        "chunks": len(chunks),
+        "chunk_ratio_p50": statistics.median(ratios) if ratios else 0.0,
+        "steps_beside": len(beside),
+        "beside_p50_ms": statistics.median(times),
+        "beside_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))],
+        "beside_max_ms": times[-1],
+    }
 
 
 if __name__ == "__main__":

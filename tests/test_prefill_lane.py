@@ -140,16 +140,20 @@ def test_lane_config_errors():
 LENS = (90, 5, 57, 23)  # two prompts enter the lane (>= 40 tokens left after admission)
 
 
-def test_engine_with_the_lane_matches_hf(tiny_model_dir):
+def test_engine_with_the_lane_matches_hf(tiny_model_dir, tmp_path):
     """Greedy tokens identical to HF and sampled-token logprobs within 1e-4, with two long
-    prompts in the lane (one after the other) beside the short ones' steps."""
+    prompts in the lane (one after the other) beside the short ones' steps; the step log
+    keeps the lane's chunks and the steps beside them apart."""
     from test_exactness import hf_reference
+
+    from mnemosyne.engine.step_log import read_lane_log, read_step_log
 
     model_dir = tiny_model_dir("llama")
     refs = hf_reference("llama", model_dir, LENS, 12)
+    log = tmp_path / "steps.jsonl"
     with LLM(model=str(model_dir), dtype="float32", device=TEST_DEVICE, block_size=4, max_num_seqs=8,
              chunk_size=8, max_num_batched_tokens=16, prefill_lane_free_sms=16, prefill_lane_min_tokens=40,
-             prefill_lane_chunk_tokens=16) as llm:  # fmt: skip
+             prefill_lane_chunk_tokens=16, step_log=str(log)) as llm:  # fmt: skip
         prompts = make_prompts(llm.engine.config.model.vocab_size, lens=LENS)
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
         outs = llm.generate(prompts, params)
@@ -159,6 +163,10 @@ def test_engine_with_the_lane_matches_hf(tiny_model_dir):
         assert out.token_ids == ref_new
         for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
             assert abs(entry[tok] - ref_logp[len(prompt) + i - 1][tok].item()) < ATOL
+    chunks, beside = read_lane_log(log)
+    _, steps = read_step_log(log)
+    assert len(chunks) >= 5 and all(c["seqs"][0][0] <= 16 and c["measured_s"] > 0 for c in chunks)
+    assert beside and not any(s.get("lane") or s.get("beside_lane") for s in steps)
 
 
 def test_abort_in_the_lane_loses_no_other_request(tiny_model_dir):

@@ -14,7 +14,6 @@ import itertools
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from mnemosyne.config import EngineConfig, GenerationConfigMode
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.engine.detokenizer import IncrementalDetokenizer
 from mnemosyne.engine.policies import make_policies
-from mnemosyne.engine.prefill_lane import LANE_POLL_S
+from mnemosyne.engine.prefill_lane import LANE_POLL_S, LaneDriver
 from mnemosyne.engine.priority import ttft_deadline_s
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
@@ -38,9 +37,6 @@ from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepSta
 from mnemosyne.request import Request, RequestStatus, check_token_ids
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.wire.plan import StepResult
-
-if TYPE_CHECKING:
-    from mnemosyne.executor.uniproc import UniProcExecutor
 
 
 def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):  # -> PreTrainedTokenizerBase | None
@@ -104,13 +100,12 @@ class LLMEngine:
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
-        self.lane_executor: UniProcExecutor | None = None  # the prefill lane's (engine/prefill_lane.py)
+        self.lane: LaneDriver | None = None  # the prefill lane (engine/prefill_lane.py)
         if config.scheduler.prefill_lane is not None:
             from mnemosyne.executor.uniproc import UniProcExecutor
 
             assert isinstance(self.executor, UniProcExecutor)  # one device (EngineConfig checks)
-            self.lane_executor = self.executor
-        self._lane_scheds: deque[SchedulerOutput] = deque()  # the lane's chunks in flight, oldest first
+            self.lane = LaneDriver(self.scheduler, self.planner, self.executor)
         self.max_inflight = config.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         # (predicted_s, submitted at time.monotonic(), composition, host_s, idle_start) of each
@@ -238,8 +233,9 @@ class LLMEngine:
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         if self.step_log is not None:
-            self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace, idle_start)
-        if self.scheduler.lane_busy and self.lane_executor is not None:
+            beside_lane = self.scheduler.lane_busy
+            self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace, idle_start, beside_lane)
+        if self.scheduler.lane_busy:
             if self.policies.beside_lane is not None:
                 self.policies.beside_lane.observe(predicted_s, now - started)
         elif self.policies.calibration is not None:
@@ -251,22 +247,10 @@ class LLMEngine:
         return outputs
 
     def _advance_lane(self, timeout_s: float) -> list[RequestOutput]:
-        """The prefill lane (engine/prefill_lane.py): process its chunk if done within
-        `timeout_s`, then launch its next one if any."""
-        if self.lane_executor is None:
+        """Process the prefill lane's chunks done within `timeout_s`, launch its next ones."""
+        if self.lane is None:
             return []
-        outputs: list[RequestOutput] = []
-        while self._lane_scheds:
-            result = self.lane_executor.lane_result(timeout_s)
-            if result is None:
-                break
-            outputs += self._process(self._lane_scheds.popleft(), result)
-            self.scheduler.lane_done()
-            timeout_s = 0.0
-        while (sched := self.scheduler.schedule_lane()) is not None:
-            self._lane_scheds.append(sched)
-            self.lane_executor.submit_lane(self.planner.build(sched))
-        return outputs
+        return self.lane.advance(timeout_s, self._process, lambda sched: self.predict_step(sched)[1], self.step_log)
 
     def _go_idle(self) -> None:
         """No request left: finish the micro-batches still in flight (all their chunks are
@@ -276,11 +260,8 @@ class LLMEngine:
             self.executor.get_result()
             self._inflight.popleft()
             self._inflight_timing.popleft()
-        while self._lane_scheds:  # an aborted request's chunks: its KV is freed when done
-            assert self.lane_executor is not None
-            self.lane_executor.lane_result(None)
-            self._lane_scheds.popleft()
-            self.scheduler.lane_done()
+        if self.lane is not None:
+            self.lane.drain()  # an aborted request's chunks: its KV is freed when they are done
         self._busy_since_result = False
         self._integrity_check_due = True
 

@@ -25,8 +25,22 @@ ratio of such steps (a running mean), and online calibration does not learn from
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mnemosyne.engine.scheduler import Scheduler
+from mnemosyne.engine.scheduler_output import SchedulerOutput
+from mnemosyne.engine.step_log import StepLog
+from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.model import LatencyModel
+from mnemosyne.outputs import RequestOutput
+from mnemosyne.wire.plan import StepResult
+
+if TYPE_CHECKING:
+    from mnemosyne.executor.uniproc import UniProcExecutor
 
 LANE_POLL_S = 0.005  # how long step() waits for the lane when the steps have nothing to run
 # The steps' slowdown beside the lane before any is measured: the 8B mixed scenario's decode
@@ -59,3 +73,50 @@ class BesideLaneLatencyModel:
         """A step that ran beside the lane: `base` predicted `predicted_s`, it took `measured_s`."""
         if predicted_s > 0 and measured_s > 0:
             self.factor += FACTOR_WEIGHT * (measured_s / predicted_s - self.factor)
+
+
+class LaneDriver:
+    """The engine's side of the lane: launch the chunks `Scheduler.schedule_lane` gives, take
+    their results oldest first, hand them to the engine's output processing, log them."""
+
+    def __init__(self, scheduler: Scheduler, planner: PlanBuilder, executor: UniProcExecutor) -> None:
+        self.scheduler = scheduler
+        self.planner = planner
+        self.executor = executor
+        # the chunks in flight, oldest first: (chunk, submitted at time.monotonic(), predicted_s)
+        self._in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
+        self._last_done = 0.0  # time.monotonic() when the latest chunk was processed
+
+    def advance(
+        self,
+        timeout_s: float,
+        process: Callable[[SchedulerOutput, StepResult], list[RequestOutput]],
+        predict_s: Callable[[SchedulerOutput], float],
+        step_log: StepLog | None,
+    ) -> list[RequestOutput]:
+        """Process the chunks done within `timeout_s` (the oldest may take that long, the rest
+        are polled), then launch as many as the scheduler gives."""
+        outputs: list[RequestOutput] = []
+        while self._in_flight:
+            result = self.executor.lane_result(timeout_s)
+            if result is None:
+                break
+            sched, submitted, predicted_s = self._in_flight.popleft()
+            now = time.monotonic()
+            if step_log is not None:
+                step_log.write_lane_chunk(now, now - max(submitted, self._last_done), predicted_s, sched)
+            self._last_done = now
+            outputs += process(sched, result)
+            self.scheduler.lane_done()
+            timeout_s = 0.0
+        while (sched := self.scheduler.schedule_lane()) is not None:
+            self._in_flight.append((sched, time.monotonic(), predict_s(sched)))
+            self.executor.submit_lane(self.planner.build(sched))
+        return outputs
+
+    def drain(self) -> None:
+        """Wait for every chunk in flight; their results are stale (the engine has no request)."""
+        while self._in_flight:
+            self.executor.lane_result(None)
+            self._in_flight.popleft()
+            self.scheduler.lane_done()

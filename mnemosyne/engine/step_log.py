@@ -28,7 +28,18 @@ overrun their prediction.
                                absent where the executor reports no trace (the simulator)
                  "idle_start": true for a step submitted with nothing in flight (present only
                                then): the device waited for its launches, which a step in
-                               flight would have hidden}
+                               flight would have hidden
+                 "beside_lane": true for a step processed while prefill lane chunks were in
+                               flight (present only then): it shared the GPU with them}
+    each prefill lane chunk (engine/prefill_lane.py)
+                {"t_s", "lane": true, "seqs": [[chunk tokens, keys before them]],
+                 "measured_s": processed - max(submitted, the lane's previous chunk processed):
+                               the engine sees a chunk done when it next polls, at the start
+                               of a step (a step's time of resolution)
+                 "predicted_s": the latency model's prediction of the chunk alone on the GPU}
+
+`read_step_log` returns the steps that had the GPU to themselves (what a latency profile
+predicts); `read_lane_log` the lane's chunks and the steps beside them.
 
 Only the engine's policies read the latency model; this changes no schedule. Times in
 seconds, sizes in tokens.
@@ -74,6 +85,7 @@ class StepLog:
         host_s: float | None,
         trace: StepTrace | None = None,
         idle_start: bool = False,
+        beside_lane: bool = False,
     ) -> None:
         if self._file is None:
             return
@@ -82,10 +94,21 @@ class StepLog:
                 "host_s": None if host_s is None else round(host_s, 6), "seqs": seqs}  # fmt: skip
         if idle_start:
             line["idle_start"] = True
+        if beside_lane:
+            line["beside_lane"] = True
         if trace is not None:
             line["path"] = trace.path.value
             if trace.path in (StepPath.PIECEWISE, StepPath.EAGER):
                 line["cudnn_chunks"], line["chunk_splits"] = trace.num_cudnn_chunks, list(trace.chunk_splits)
+        self._file.write(json.dumps(line) + "\n")
+
+    def write_lane_chunk(
+        self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput
+    ) -> None:
+        if self._file is None:
+            return
+        line = {"t_s": round(done_s - self._start_s, 6), "lane": True, "measured_s": measured_s,
+                "predicted_s": predicted_s, "seqs": [[c.num_tokens, c.start] for c in sched.chunks]}  # fmt: skip
         self._file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
@@ -96,7 +119,19 @@ class StepLog:
 
 def read_step_log(path: str | Path) -> tuple[dict, list[dict]]:
     """(header, steps) of a step log, or of one gzipped (`.gz`, as benchmarks/results keeps
-    them); a truncated last line (a killed engine) is skipped."""
+    them): the steps that had the GPU to themselves (no lane chunk, no step beside one); a
+    truncated last line (a killed engine) is skipped."""
+    header, lines = _read_lines(path)
+    return header, [line for line in lines if not line.get("lane") and not line.get("beside_lane")]
+
+
+def read_lane_log(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(the prefill lane's chunks, the steps beside them) of a step log."""
+    _, lines = _read_lines(path)
+    return [line for line in lines if line.get("lane")], [line for line in lines if line.get("beside_lane")]
+
+
+def _read_lines(path: str | Path) -> tuple[dict, list[dict]]:
     path = Path(path)
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     lines = raw.decode("utf-8").splitlines()

@@ -7,11 +7,13 @@ P8B=benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/l
 # g/: the probe with the decode lane on a plain stream (all SMs), only the chunk lane on a green context
 python -m benchmarks.probes.two_lane_overlap --prefixes "" --chunks 4096 --decode-sms 16,24 --whole-prompt 262144 \
     --no-priority-stream --unrestricted-decodes --out g/two_lane_prompt_256k_unrestricted.json
-# h/: the engine's prefill lane (one chunk in flight, 16 SMs free): GPU tests, then the mixed scenario beside mixed batching
+# h/: the engine's prefill lane (one chunk in flight, 16 SMs free): its tests (on the host's CPU: no
+# MNEMOSYNE_TEST_DEVICE=cuda), then the mixed scenario beside mixed batching
 python -m pytest -q -x tests/test_prefill_lane.py > h/gpu_tests_prefill_lane.log
 python -m benchmarks.mixed_long_short --shape llama3-8b --long-len 262144 --configs adaptive_lars_lane,adaptive_lars \
     --prefill-lane-free-sms 16 --profile $P8B --out h/mixed_long_short_8b_lane.json --step-log h/mixed_8b_lane_steps.jsonl --plot
-# i/: with a per-chunk SM split chosen from the steps' times (16-64 SMs free; taken out after), GPU tests first
+# i/: with a per-chunk SM split chosen from the steps' times (16-64 SMs free; taken out after), its tests first
+# (on the host's CPU, as in h/)
 python -m pytest -q -x tests/test_prefill_lane.py > i/gpu_tests_prefill_lane.log
 python -m benchmarks.mixed_long_short --shape llama3-8b --long-len 262144 --configs adaptive_lars_lane \
     --prefill-lane-free-sms 16 --profile $P8B --out i/mixed_long_short_8b_lane_split.json --step-log i/mixed_8b_lane_split_steps.jsonl --plot
