@@ -55,6 +55,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # of those, tokens found cached
     num_cached_blocks: int = 0  # blocks holding reusable prefix KV now, every group
+    num_lane_chunks: int = 0  # prefill lane chunks scheduled since start (engine/prefill_lane.py)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,22 @@ def test_long_prompt_enters_the_lane_and_hands_back_its_last_token():
     assert s.num_lane_chunks == 4 and not s.lane_busy
 
 
+def test_the_steps_stop_at_the_claim_even_with_a_chunk_in_flight():
+    """Async scheduling plans a step before the last one is processed: the owner is claimed at
+    the start of that step, so the steps give it no second chunk, and the lane starts once
+    the steps' chunk is done."""
+    s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
+    long = req("long", 60)
+    s.add_request(long)
+    first = s.schedule()  # admission: [0, 8) in flight
+    second = s.schedule()  # claimed at its start: nothing of long
+    assert [c.num_tokens for c in first.chunks] == [8] and second.is_empty
+    assert s.schedule_lane() is None  # [0, 8) still in flight in the steps
+    s.update_from_output(first, {})
+    out = s.schedule_lane()
+    assert out is not None and (out.chunks[0].start, out.chunks[0].num_tokens) == (8, 16)
+
+
 def test_short_prompts_and_prompt_logprobs_stay_out_of_the_lane():
     s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
     s.add_request(req("short", 39))

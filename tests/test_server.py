@@ -439,3 +439,17 @@ def test_bench_serve_prints_the_table(server: BackgroundServer, tmp_path: Path, 
     assert summary["completed"] == 12 and summary["failed"] == 0
     assert summary["total_output_tokens"] == 12 * 8
     wait_idle(server)
+
+
+def test_prefill_lane_serves_the_same_text_and_counts_its_chunks(chat_model: Path, llm: LLM) -> None:
+    """`serve` with a prefill lane: a long prompt's text is the engine's without the lane, and
+    /metrics counts the lane's chunks."""
+    prompt = " ".join(PROMPTS * 8)
+    expected = llm.generate([prompt], greedy(8, ignore_eos=True))[0].text
+    lane = dict(prefill_lane_free_sms=16, prefill_lane_min_tokens=32, prefill_lane_chunk_tokens=16)
+    with BackgroundServer(engine_args(chat_model, **lane)) as srv:
+        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["text"] == expected
+        wait_idle(srv)
+        assert scrape(srv)["mnemosyne:prefill_lane_chunks_total"] >= 2

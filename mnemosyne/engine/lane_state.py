@@ -37,22 +37,23 @@ class LaneState:
     def is_full(self) -> bool:
         return len(self.in_flight) >= MAX_LANE_CHUNKS_IN_FLIGHT
 
-    def next_chunk(
-        self, lane: PrefillLaneConfig, running_by_priority: list[Request], kv_manager: KVCacheManager
-    ) -> ScheduledChunk | None:
-        """The owner's next chunk, its KV allocated and its tokens dispatched; with no owner,
-        the first of `running_by_priority` with `min_prompt_tokens` left becomes it. None
-        while the owner's chunks in the steps' flight are not done, at its last prompt token
-        (the steps sample it), or when the cache cannot take the chunk now."""
+    def claim(self, lane: PrefillLaneConfig, running_by_priority: list[Request]) -> None:
+        """With no owner, the first of `running_by_priority` with `min_prompt_tokens` left to
+        dispatch (and no prompt logprobs: the lane computes no logits) becomes it."""
         if self.owner is None:
             self.owner = next(
                 (
                     r for r in running_by_priority
                     if r.num_tokens - r.num_dispatched_tokens >= lane.min_prompt_tokens
-                    and r.sampling_params.prompt_logprobs is None  # the lane computes no logits
+                    and r.sampling_params.prompt_logprobs is None
                 ),
                 None,
             )  # fmt: skip
+
+    def next_chunk(self, lane: PrefillLaneConfig, kv_manager: KVCacheManager) -> ScheduledChunk | None:
+        """The owner's next chunk, its KV allocated and its tokens dispatched; None without an
+        owner, while the owner's chunks in the steps' flight are not done, at its last prompt
+        token (the steps sample it), or when the cache cannot take the chunk now."""
         req = self.owner
         if req is None or (not self.in_flight and req.num_computed_tokens < req.num_dispatched_tokens):
             return None

@@ -196,6 +196,7 @@ class LLMEngine:
             prefix_cache_queries=self.kv_manager.prefix_cache_stats.num_query_tokens,
             prefix_cache_hits=self.kv_manager.prefix_cache_stats.num_hit_tokens,
             num_cached_blocks=self.kv_manager.num_cached_blocks,
+            num_lane_chunks=self.scheduler.num_lane_chunks,
         )
 
     # ---- the step ---------------------------------------------------------------------

@@ -59,8 +59,9 @@ like any request not scheduled in the current step: its in-flight chunks are the
 dropped as stale (epoch), and their tokens recomputed.
 
 The prefill lane (`config.prefill_lane`, one device; engine/prefill_lane.py runs it): a
-running prefill with at least `min_prompt_tokens` prompt tokens left becomes the lane's
-*owner*, and the steps skip it from then on. Once its chunks in the steps' flight are done,
+running prefill with at least `min_prompt_tokens` prompt tokens left to dispatch becomes the
+lane's *owner* (claimed at the start of `schedule` or `schedule_lane`), and the steps skip it
+from then on. Once its chunks in the steps' flight are done,
 `schedule_lane` gives it chunks of `chunk_tokens` (no token budget, no chunk policy), two in
 flight at most (engine/lane_state.py), up to its last prompt token, which the steps schedule
 (it samples)::
@@ -156,7 +157,10 @@ class Scheduler:
         scheduled: set[str] = set()
         budget = self.config.max_num_batched_tokens
         now = self._clock()
-        running = self._sorted((r for r in self._running.values() if r is not self._lane.owner), now)
+        running = self._sorted(self._running.values(), now)
+        if self.config.prefill_lane is not None:  # the lane's owner runs there, not in the steps
+            self._lane.claim(self.config.prefill_lane, running)
+            running = [r for r in running if r is not self._lane.owner]
         decodes = [r for r in running if not r.is_prefill]
         prefills = [r for r in running if r.is_prefill]
         # A prefill whose sampling chunk is in flight decodes (ahead) in this step too: its
@@ -266,8 +270,9 @@ class Scheduler:
         lane = self.config.prefill_lane
         if lane is None or self._lane.is_full:
             return None
-        running = self._sorted(self._running.values(), self._clock()) if self._lane.owner is None else []
-        chunk = self._lane.next_chunk(lane, running, self.kv_manager)
+        if self._lane.owner is None:
+            self._lane.claim(lane, self._sorted(self._running.values(), self._clock()))
+        chunk = self._lane.next_chunk(lane, self.kv_manager)
         if chunk is None:
             return None
         out = SchedulerOutput()

@@ -87,6 +87,10 @@ class ServerMetrics:
             PREFIX + "prefix_cache_blocks", "KV blocks holding reusable prefix content, all KVP groups.",
             labels, registry=r,
         ).labels(**labels)  # fmt: skip
+        self.lane_chunks = counter(
+            "prefill_lane_chunks", "Prompt chunks run in the prefill lane (--prefill-lane-free-sms)."
+        ).labels(**labels)
+        self._num_lane_chunks = 0
         self._num_preemptions = 0
         self._prefix_cache_queries = 0
         self._prefix_cache_hits = 0
@@ -173,6 +177,8 @@ class ServerMetrics:
         self.prefix_cache_hits.inc(stats.prefix_cache_hits - self._prefix_cache_hits)
         self._prefix_cache_hits = stats.prefix_cache_hits
         self.cached_blocks.set(stats.num_cached_blocks)
+        self.lane_chunks.inc(stats.num_lane_chunks - self._num_lane_chunks)
+        self._num_lane_chunks = stats.num_lane_chunks
 
     # ---- HTTP -------------------------------------------------------------------------
 
