@@ -20,7 +20,8 @@ python -m benchmarks.mixed_long_short --shape llama3-8b --long-len 262144 --conf
 # j/: the same with sys.setswitchinterval(0.2 ms) while the lane exists (taken out after)
 python -m benchmarks.mixed_long_short --shape llama3-8b --long-len 262144 --configs adaptive_lars_lane \
     --prefill-lane-free-sms 16 --profile $P8B --out j/mixed_long_short_8b_lane_switch.json --step-log j/mixed_8b_lane_switch_steps.jsonl --plot
-# k/: the committed lane (two chunks in flight, one split), 16 and 24 SMs free
+# k/: the committed lane (two chunks in flight, one split; the owner claimed only by schedule_lane then),
+# 16 and 24 SMs free
 for F in 16 24; do
 python -m benchmarks.mixed_long_short --shape llama3-8b --long-len 262144 --configs adaptive_lars_lane \
     --prefill-lane-free-sms $F --profile $P8B --out k/mixed_long_short_8b_lane2_free$F.json --step-log k/mixed_8b_lane2_free${F}_steps.jsonl --plot
