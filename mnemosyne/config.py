@@ -211,6 +211,15 @@ class PrefillLaneConfig:
         if self.min_prompt_tokens < 2:
             raise ConfigError(f"prefill_lane_min_tokens must be >= 2, got {self.min_prompt_tokens}")
 
+    @staticmethod
+    def check_layout(tp: int, spp: int, kvp: int) -> None:
+        """The lane runs on one device."""
+        if tp * spp * kvp != 1:
+            raise ConfigError(
+                f"the prefill lane (--prefill-lane-free-sms) runs on one device; this layout has "
+                f"{tp * spp * kvp} (tp={tp}, spp={spp}, kvp={kvp})"
+            )
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -383,11 +392,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         """One KVP count: the cache has one block pool per KVP group of the layout. A prefill
         lane only on one device."""
-        if self.scheduler.prefill_lane is not None and self.parallel.world_size != 1:
-            raise ConfigError(
-                f"the prefill lane runs on one device; this layout has {self.parallel.world_size} "
-                f"(tp={self.parallel.tp}, spp={self.parallel.spp}, kvp={self.parallel.kvp})"
-            )
+        if self.scheduler.prefill_lane is not None:
+            PrefillLaneConfig.check_layout(self.parallel.tp, self.parallel.spp, self.parallel.kvp)
         if len(self.cache.num_blocks_per_group) != self.parallel.kvp:
             raise ConfigError(
                 f"the KV cache has {len(self.cache.num_blocks_per_group)} group pools, "

@@ -136,8 +136,7 @@ class EngineArgs:
         lane = self.prefill_lane_config()
         if lane is not None:
             lane.validate()
-            if self.parallel_config().world_size != 1:
-                raise ConfigError("the prefill lane (--prefill-lane-free-sms) runs on one device: tp = spp = kvp = 1")
+            lane.check_layout(self.tp, self.spp, self.kvp)
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"

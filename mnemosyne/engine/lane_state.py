@@ -37,18 +37,18 @@ class LaneState:
     def is_full(self) -> bool:
         return len(self.in_flight) >= MAX_LANE_CHUNKS_IN_FLIGHT
 
+    @staticmethod
+    def qualifies(lane: PrefillLaneConfig, req: Request) -> bool:
+        """`min_prompt_tokens` left to dispatch, and no prompt logprobs (the lane computes no logits)."""
+        return (
+            req.num_tokens - req.num_dispatched_tokens >= lane.min_prompt_tokens
+            and req.sampling_params.prompt_logprobs is None
+        )
+
     def claim(self, lane: PrefillLaneConfig, running_by_priority: list[Request]) -> None:
-        """With no owner, the first of `running_by_priority` with `min_prompt_tokens` left to
-        dispatch (and no prompt logprobs: the lane computes no logits) becomes it."""
+        """With no owner, the first of `running_by_priority` that `qualifies` becomes it."""
         if self.owner is None:
-            self.owner = next(
-                (
-                    r for r in running_by_priority
-                    if r.num_tokens - r.num_dispatched_tokens >= lane.min_prompt_tokens
-                    and r.sampling_params.prompt_logprobs is None
-                ),
-                None,
-            )  # fmt: skip
+            self.owner = next((r for r in running_by_priority if self.qualifies(lane, r)), None)
 
     def next_chunk(self, lane: PrefillLaneConfig, kv_manager: KVCacheManager) -> ScheduledChunk | None:
         """The owner's next chunk, its KV allocated and its tokens dispatched; None without an

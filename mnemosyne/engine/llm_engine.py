@@ -100,12 +100,6 @@ class LLMEngine:
         )
         self.planner = PlanBuilder(self.scheduler, self.kv_manager)
         self.executor: Executor = make_executor(config)
-        self.lane: LaneDriver | None = None  # the prefill lane (engine/prefill_lane.py)
-        if config.scheduler.prefill_lane is not None:
-            from mnemosyne.executor.uniproc import UniProcExecutor
-
-            assert isinstance(self.executor, UniProcExecutor)  # one device (EngineConfig checks)
-            self.lane = LaneDriver(self.scheduler, self.planner, self.executor)
         self.max_inflight = config.max_inflight
         self._inflight: deque[SchedulerOutput] = deque()
         # (predicted_s, submitted at time.monotonic(), composition, host_s, idle_start) of each
@@ -114,6 +108,15 @@ class LLMEngine:
         self._inflight_timing: deque[tuple[float, float, StepComposition, float | None, bool]] = deque()
         self._step_stats: list[StepStats] = []  # processed steps not yet taken by take_step_stats
         self.step_log = StepLog(config.step_log, config, time.monotonic()) if config.step_log else None
+        self.lane: LaneDriver | None = None  # the prefill lane (engine/prefill_lane.py)
+        if config.scheduler.prefill_lane is not None:
+            from mnemosyne.executor.uniproc import UniProcExecutor
+
+            assert isinstance(self.executor, UniProcExecutor)  # one device (EngineConfig checks)
+            self.lane = LaneDriver(
+                self.scheduler, self.planner, self.executor, self._process,
+                lambda sched: self.predict_step(sched)[1], self.step_log,
+            )  # fmt: skip
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._busy_since_result = False  # a result arrived and the engine has not idled since
         self._integrity_check_due = False  # went idle since the KV pools were last checked
@@ -233,10 +236,10 @@ class LLMEngine:
         self._busy_since_result = True
         chunk_sizes = tuple(c.num_tokens for c in sched.chunks if c.num_tokens > 1)
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
+        beside_lane = self.scheduler.lane_busy
         if self.step_log is not None:
-            beside_lane = self.scheduler.lane_busy
             self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace, idle_start, beside_lane)
-        if self.scheduler.lane_busy:
+        if beside_lane:
             if self.policies.beside_lane is not None:
                 self.policies.beside_lane.observe(predicted_s, now - started)
         elif self.policies.calibration is not None:
@@ -251,7 +254,7 @@ class LLMEngine:
         """Process the prefill lane's chunks done within `timeout_s`, launch its next ones."""
         if self.lane is None:
             return []
-        return self.lane.advance(timeout_s, self._process, lambda sched: self.predict_step(sched)[1], self.step_log)
+        return self.lane.advance(timeout_s)
 
     def _go_idle(self) -> None:
         """No request left: finish the micro-batches still in flight (all their chunks are

@@ -79,21 +79,28 @@ class LaneDriver:
     """The engine's side of the lane: launch the chunks `Scheduler.schedule_lane` gives, take
     their results oldest first, hand them to the engine's output processing, log them."""
 
-    def __init__(self, scheduler: Scheduler, planner: PlanBuilder, executor: UniProcExecutor) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        planner: PlanBuilder,
+        executor: UniProcExecutor,
+        process: Callable[[SchedulerOutput, StepResult], list[RequestOutput]],
+        predict_s: Callable[[SchedulerOutput], float],
+        step_log: StepLog | None,
+    ) -> None:
+        """`process`: the engine's output processing of a result; `predict_s`: the latency
+        model's prediction of a chunk alone (for the step log)."""
         self.scheduler = scheduler
         self.planner = planner
         self.executor = executor
+        self.process = process
+        self.predict_s = predict_s
+        self.step_log = step_log
         # the chunks in flight, oldest first: (chunk, submitted at time.monotonic(), predicted_s)
         self._in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
         self._last_done = 0.0  # time.monotonic() when the latest chunk was processed
 
-    def advance(
-        self,
-        timeout_s: float,
-        process: Callable[[SchedulerOutput, StepResult], list[RequestOutput]],
-        predict_s: Callable[[SchedulerOutput], float],
-        step_log: StepLog | None,
-    ) -> list[RequestOutput]:
+    def advance(self, timeout_s: float) -> list[RequestOutput]:
         """Process the chunks done within `timeout_s` (the oldest may take that long, the rest
         are polled), then launch as many as the scheduler gives."""
         outputs: list[RequestOutput] = []
@@ -103,14 +110,14 @@ class LaneDriver:
                 break
             sched, submitted, predicted_s = self._in_flight.popleft()
             now = time.monotonic()
-            if step_log is not None:
-                step_log.write_lane_chunk(now, now - max(submitted, self._last_done), predicted_s, sched)
+            if self.step_log is not None:
+                self.step_log.write_lane_chunk(now, now - max(submitted, self._last_done), predicted_s, sched)
             self._last_done = now
-            outputs += process(sched, result)
+            outputs += self.process(sched, result)
             self.scheduler.lane_done()
             timeout_s = 0.0
         while (sched := self.scheduler.schedule_lane()) is not None:
-            self._in_flight.append((sched, time.monotonic(), predict_s(sched)))
+            self._in_flight.append((sched, time.monotonic(), self.predict_s(sched)))
             self.executor.submit_lane(self.planner.build(sched))
         return outputs
 

@@ -270,8 +270,9 @@ class Scheduler:
         lane = self.config.prefill_lane
         if lane is None or self._lane.is_full:
             return None
-        if self._lane.owner is None:
-            self._lane.claim(lane, self._sorted(self._running.values(), self._clock()))
+        if self._lane.owner is None:  # (only the candidates are ordered: this runs every step)
+            candidates = [r for r in self._running.values() if self._lane.qualifies(lane, r)]
+            self._lane.claim(lane, self._sorted(candidates, self._clock()))
         chunk = self._lane.next_chunk(lane, self.kv_manager)
         if chunk is None:
             return None

@@ -89,9 +89,8 @@ class StepLog:
     ) -> None:
         if self._file is None:
             return
-        seqs = [[c.num_tokens, c.start] for c in sched.chunks]
         line = {"t_s": round(done_s - self._start_s, 6), "measured_s": measured_s, "predicted_s": predicted_s,
-                "host_s": None if host_s is None else round(host_s, 6), "seqs": seqs}  # fmt: skip
+                "host_s": None if host_s is None else round(host_s, 6), "seqs": _seqs(sched)}  # fmt: skip
         if idle_start:
             line["idle_start"] = True
         if beside_lane:
@@ -108,13 +107,18 @@ class StepLog:
         if self._file is None:
             return
         line = {"t_s": round(done_s - self._start_s, 6), "lane": True, "measured_s": measured_s,
-                "predicted_s": predicted_s, "seqs": [[c.num_tokens, c.start] for c in sched.chunks]}  # fmt: skip
+                "predicted_s": predicted_s, "seqs": _seqs(sched)}  # fmt: skip
         self._file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _seqs(sched: SchedulerOutput) -> list[list[int]]:
+    """[[query tokens, keys before them], ...] per chunk, in schedule order."""
+    return [[c.num_tokens, c.start] for c in sched.chunks]
 
 
 def read_step_log(path: str | Path) -> tuple[dict, list[dict]]:
