@@ -16,8 +16,9 @@ request's TTFT, for each configuration:
                                  while requests decode (graph_sized_steps=False)
     adaptive_fcfs_uncalibrated   adaptive_fcfs without the online calibration of the latency model
     adaptive_lars_lane           adaptive_lars with the prefill lane (engine/prefill_lane.py): the
-                                 long prompt in --prefill-lane-chunk-tokens chunks on all but
-                                 --prefill-lane-free-sms SMs, beside the decodes' steps
+                                 long prompt in --prefill-lane-chunk-tokens chunks beside the
+                                 decodes' steps, which each chunk leaves --prefill-lane-free-sms
+                                 to --prefill-lane-max-free-sms SMs
 
 Adaptive runs also report the calibration's corrections at the end (`calibration`) and the
 steps whose first prefill took a 16-token chunk or overshot the target (`min_progress`).
@@ -116,6 +117,8 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float, 
     engine.policies = make_policies(engine.config, engine.kv_manager)
     engine.scheduler.chunk_policy = engine.policies.chunk_policy
     engine.scheduler.priority = engine.policies.priority
+    if engine.lane is not None and engine.policies.beside_lane is not None:
+        engine.lane.beside, engine.lane.target_s = engine.policies.beside_lane, policy.tbt_slo_s
 
 
 def step_paths(engine) -> dict[str, int]:
@@ -137,7 +140,9 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
     from mnemosyne import SamplingParams
     from mnemosyne.config import PrefillLaneConfig
 
-    lane = PrefillLaneConfig(ns.prefill_lane_free_sms, ns.prefill_lane_min_tokens, ns.prefill_lane_chunk_tokens)
+    lane = PrefillLaneConfig(
+        ns.prefill_lane_free_sms, ns.prefill_lane_min_tokens, ns.prefill_lane_chunk_tokens, ns.prefill_lane_max_free_sms
+    )
     use_policies(engine, CONFIGS[name], ns.tbt_slo_ms, ns.tbt_slo_quantile, lane)
     short_params = SamplingParams(temperature=0, max_tokens=ns.short_max_tokens, ignore_eos=True)
     vocab = engine.config.model.vocab_size
@@ -187,7 +192,9 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
         res["calibration"] = engine.policies.calibration.snapshot()
     if CONFIGS[name].get("prefill_lane"):
         res["lane_chunks"] = engine.scheduler.num_lane_chunks
-        res["lane_free_sms"] = ns.prefill_lane_free_sms
+        res["lane_steps_sms_choices"] = list(engine.lane.choices)
+        res["lane_chunks_by_steps_sms"] = {str(k): v for k, v in sorted(engine.lane.num_chunks_by_steps_sms.items())}
+        res["lane_sm_efficiency"] = engine.lane.beside.efficiency
     policy = engine.policies.chunk_policy
     if hasattr(policy, "num_overshoots"):
         res["min_progress"] = {
@@ -220,6 +227,7 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--prefill-lane-chunk-tokens", type=int, default=EngineArgs.prefill_lane_chunk_tokens)
     ap.add_argument("--prefill-lane-min-tokens", type=int, default=EngineArgs.prefill_lane_min_tokens)
+    ap.add_argument("--prefill-lane-max-free-sms", type=int, default=None, help="default: 2 x --prefill-lane-free-sms")
     ap.add_argument("--kv-fraction", type=float, default=0.9)
     ap.add_argument(
         "--model-dir", type=Path, default=None, help="use this model instead of --shape (smoke tests)"
@@ -242,7 +250,7 @@ def main() -> None:
         model_dir, ns, chunk_policy="adaptive", tbt_slo_ms=ns.tbt_slo_ms,
         enable_prefix_caching=False,  # every configuration prefills the same prompts from scratch
         step_log=ns.step_log, prefill_lane_free_sms=ns.prefill_lane_free_sms,
-        prefill_lane_chunk_tokens=ns.prefill_lane_chunk_tokens,
+        prefill_lane_chunk_tokens=ns.prefill_lane_chunk_tokens, prefill_lane_max_free_sms=ns.prefill_lane_max_free_sms,
     )  # fmt: skip
     engine = LLMEngine.from_args(args)
     freeze_startup_heap()  # as the served engine core does once ready (mnemosyne/gc_heap.py)

@@ -229,15 +229,28 @@ def main(argv: list[str] | None = None) -> dict:
 
 def lane_report(chunks: list[dict], beside: list[dict]) -> dict | None:
     """The prefill lane's chunks (measured / their prediction alone) and the steps that ran
-    beside them (measured ms); None without a lane."""
+    beside them (measured ms), all of them and by the SMs they were confined to
+    (`by_steps_sms`: chunks leaving the steps that many SMs, steps run on them); None
+    without a lane."""
     if not chunks and not beside:
         return None
     ratios = sorted(c["measured_s"] / c["predicted_s"] for c in chunks if c["predicted_s"] > 0)
-    times = sorted(1e3 * s["measured_s"] for s in beside) or [0.0]
+    result = {"chunks": len(chunks), "chunk_ratio_p50": statistics.median(ratios) if ratios else 0.0,
+              "steps_beside": len(beside), **_beside_ms(beside)}  # fmt: skip
+    sms = sorted({c["steps_sms"] for c in chunks if "steps_sms" in c} | {s["steps_sms"] for s in beside if "steps_sms" in s})
+    if sms:
+        result["by_steps_sms"] = {
+            str(n): {"chunks": sum(1 for c in chunks if c.get("steps_sms") == n),
+                     "steps": sum(1 for s in beside if s.get("steps_sms") == n),
+                     **_beside_ms([s for s in beside if s.get("steps_sms") == n])}
+            for n in sms
+        }  # fmt: skip
+    return result
+
+
+def _beside_ms(steps: list[dict]) -> dict:
+    times = sorted(1e3 * s["measured_s"] for s in steps) or [0.0]
     return {
-        "chunks": len(chunks),
-        "chunk_ratio_p50": statistics.median(ratios) if ratios else 0.0,
-        "steps_beside": len(beside),
         "beside_p50_ms": statistics.median(times),
         "beside_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))],
         "beside_max_ms": times[-1],

@@ -115,9 +115,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     lane = p.add_argument_group("prefill lane (one device)")
     lane.add_argument(
         "--prefill-lane-free-sms", type=int, default=d.prefill_lane_free_sms, metavar="N",
-        help="N > 0 (a multiple of 8): a long prompt prefills in large chunks in a lane of its own, on "
-        "all but N SMs, beside the steps of every other request (which take the N SMs and any the lane "
-        "leaves idle); 0: every chunk runs in the engine's steps",
+        help="N > 0 (a multiple of 8): a long prompt prefills in large chunks in a lane of its own, "
+        "beside the steps of every other request, which each chunk leaves N to --prefill-lane-max-free-sms "
+        "SMs (chosen from their predicted time); 0: every chunk runs in the engine's steps",
+    )  # fmt: skip
+    lane.add_argument(
+        "--prefill-lane-max-free-sms", type=int, default=d.prefill_lane_max_free_sms, metavar="M",
+        help="the most SMs a lane chunk leaves the steps (a multiple of 8; default 2 x N)",
     )  # fmt: skip
     lane.add_argument(
         "--prefill-lane-min-tokens", type=int, default=d.prefill_lane_min_tokens,

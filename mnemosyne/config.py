@@ -190,22 +190,40 @@ class CacheConfig:
     prefix_cache_salt: str = ""
 
 
+SM_SPLIT_GRANULE = 8  # green contexts split a Hopper GPU in multiples of 8 SMs
+
+
 @dataclass(frozen=True)
 class PrefillLaneConfig:
     """A long prompt's prefill in a lane of its own, beside the engine's steps (one device;
-    engine/prefill_lane.py draws it). Sizes in tokens.
+    engine/prefill_lane.py draws it). Sizes in tokens and SMs.
 
-    On CUDA the lane's kernels run on a green context of all but `free_sms` SMs, so the other
-    requests' steps (decodes, short prompts) always find `free_sms` SMs idle and take any
-    other SM the lane leaves free. On CPU the lane is a thread sharing the cores (tests)."""
+    On CUDA each lane chunk runs on a green context of all but S SMs, and the steps (decodes,
+    short prompts) launched while it runs are confined to the S it leaves them, so neither
+    waits for the other's thread blocks. S is chosen per chunk from the steps' predicted time
+    (`BesideLaneLatencyModel.fewest_sms`): the fewest of `free_sms`, `free_sms` + 8, ..., `max_free_sms` whose
+    decode step fits the TBT target. On CPU the lane is a thread sharing the cores (tests)."""
 
-    free_sms: int = 16  # SMs the lane never takes: a multiple of 8 (the driver's split granule)
+    free_sms: int = 16  # the fewest SMs the lane leaves the steps: a multiple of 8 (the driver's split granule)
     min_prompt_tokens: int = 65536  # prompt tokens left to prefill for a request to enter the lane
     chunk_tokens: int = 4096  # the lane's chunk size (large chunks run near their floor)
+    max_free_sms: int | None = None  # the most SMs the lane leaves the steps; None: 2 x free_sms
+
+    @property
+    def steps_sms_choices(self) -> tuple[int, ...]:
+        """The SM counts a lane chunk may leave the steps: multiples of 8 from `free_sms` up."""
+        top = self.max_free_sms if self.max_free_sms is not None else 2 * self.free_sms
+        return tuple(range(self.free_sms, top + 1, SM_SPLIT_GRANULE))
 
     def validate(self) -> None:
-        if self.free_sms < 8 or self.free_sms % 8:
+        if self.free_sms < SM_SPLIT_GRANULE or self.free_sms % SM_SPLIT_GRANULE:
             raise ConfigError(f"prefill_lane_free_sms must be a positive multiple of 8, got {self.free_sms}")
+        top = self.max_free_sms
+        if top is not None and (top < self.free_sms or top % SM_SPLIT_GRANULE):
+            raise ConfigError(
+                f"prefill_lane_max_free_sms must be a multiple of 8 and at least prefill_lane_free_sms "
+                f"({self.free_sms}), got {top}"
+            )
         if self.chunk_tokens < 1:
             raise ConfigError(f"prefill_lane_chunk_tokens must be >= 1, got {self.chunk_tokens}")
         if self.min_prompt_tokens < 2:

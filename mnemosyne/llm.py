@@ -62,6 +62,7 @@ class LLM:
         prefill_lane_free_sms: int = 0,
         prefill_lane_min_tokens: int = 65536,
         prefill_lane_chunk_tokens: int = 4096,
+        prefill_lane_max_free_sms: int | None = None,
     ) -> None:
         """See `EngineArgs` for every option. Sampling fields a SamplingParams leaves out take
         the model's generation_config.json defaults (generation_config="auto"). With tp * spp * kvp > 1, one worker process
@@ -109,6 +110,7 @@ class LLM:
             prefill_lane_free_sms=prefill_lane_free_sms,
             prefill_lane_min_tokens=prefill_lane_min_tokens,
             prefill_lane_chunk_tokens=prefill_lane_chunk_tokens,
+            prefill_lane_max_free_sms=prefill_lane_max_free_sms,
         )
         self.engine = LLMEngine.from_args(args)
 

@@ -12,12 +12,19 @@ from test_scheduler import make_req
 
 from mnemosyne import LLM, SamplingParams
 from mnemosyne.config import CacheConfig, PrefillLaneConfig, SchedulerConfig
-from mnemosyne.engine.prefill_lane import BesideLaneLatencyModel
+from mnemosyne.engine.prefill_lane import (
+    EFFICIENCY_WEIGHT,
+    LANE_STEP_HEADROOM,
+    PRIOR_SM_EFFICIENCY,
+    BesideLaneLatencyModel,
+)
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.shape import Layout
 from mnemosyne.request import RequestStatus
+from mnemosyne.wire.plan import StepResult
 
 LANE = PrefillLaneConfig(free_sms=16, min_prompt_tokens=40, chunk_tokens=16)
 
@@ -125,28 +132,129 @@ def test_the_lane_request_is_never_preempted_while_its_chunks_run():
     kv.check_integrity()
 
 
-def test_beside_lane_model_scales_and_learns():
-    class Fixed:
-        layout = Layout()
+MS = 1e-3  # seconds
 
-        def __init__(self, s):
-            self.s = s
 
-        def step_time_s(self, composition):
-            return self.s
+class KeysModel:
+    """A fake latency model (seconds): 2 ms + 1 us per decode key + 0.1 ms per chunk token."""
 
-    m = BesideLaneLatencyModel(Fixed(0.02), Fixed(0.01))
-    assert m.step_time_s(None) == 0.02  # the calibrated model while the GPU is the steps' own
-    m.active = True
-    assert m.step_time_s(None) == pytest.approx(0.03)  # the prior 3x of the base
-    for _ in range(200):
-        m.observe(0.01, 0.02)
-    assert m.step_time_s(None) == pytest.approx(0.02, rel=1e-3)
+    layout = Layout()
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def step_time_s(self, composition: StepComposition) -> float:
+        g = composition.groups[0]
+        chunk_tokens = g.num_tokens - g.num_decodes
+        return self.scale * (2 * MS + 1e-3 * MS * g.decode_kv_tokens + 0.1 * MS * chunk_tokens)
+
+
+def decodes(num: int, keys: int) -> StepComposition:
+    load = GroupLoad()
+    for _ in range(num):
+        load = load.plus_decode(keys)
+    return StepComposition.single(load)
+
+
+def test_beside_lane_model_scales_with_the_steps_sms():
+    inner, base = KeysModel(scale=1.5), KeysModel()
+    m = BesideLaneLatencyModel(inner, base)
+    d = decodes(32, 1000)  # base: 2 + 32 = 34 ms
+    assert m.step_time_s(d) == pytest.approx(51 * MS)  # every SM: the (calibrated) inner model
+    m.steps_share = 16 / 128
+    # the decodes SM-bound on 16 of 128 SMs: 34 ms x 128 / (16 x e)
+    assert m.step_time_s(d) == pytest.approx(34 * MS * 8 / PRIOR_SM_EFFICIENCY)
+    with_chunk = StepComposition.single(d.groups[0].plus_chunk(100, 500))  # + 10 ms of chunk compute
+    assert m.step_time_s(with_chunk) == pytest.approx(34 * MS * 8 / PRIOR_SM_EFFICIENCY + 10 * MS * 8)
+    assert m.confined_s(d, 0.75) == pytest.approx(34 * MS)  # 0.75 x e > 1: as on the whole device
+
+
+def test_beside_lane_model_learns_the_sm_efficiency_from_decode_steps():
+    m = BesideLaneLatencyModel(KeysModel(), KeysModel())
+    d = decodes(32, 1000)
+    share = 16 / 128
+    for _ in range(200):  # the device: e = 1.6
+        m.observe(d, share, 34 * MS * 8 / 1.6)
+    assert m.efficiency == pytest.approx(1.6, rel=1e-3)
+    before = m.efficiency
+    m.observe(StepComposition.single(d.groups[0].plus_chunk(100, 500)), share, 1.0)  # a chunk: not learned
+    m.observe(d, 1.0, 20 * MS)  # faster than the base on the whole device: not SM-bound, not learned
+    assert m.efficiency == before
+
+
+def test_fewest_sms_that_fit_the_target():
+    m = BesideLaneLatencyModel(KeysModel(), KeysModel())
+    m.efficiency = 2.0
+    choices, num_sms, target = (16, 24, 32), 128, 30 * MS
+    # 4 ms alone: 16 ms on 16 SMs (x 128 / (16 x 2)), within 0.9 x 30 ms
+    assert m.fewest_sms(decodes(2, 1000), num_sms, choices, target) == 16
+    # 7 ms alone: 28 ms on 16, 18.7 on 24
+    assert m.fewest_sms(decodes(5, 1000), num_sms, choices, target) == 24
+    # 40 ms alone fits nowhere: the most SMs
+    assert m.fewest_sms(decodes(38, 1000), num_sms, choices, target) == 32
+    assert LANE_STEP_HEADROOM * target < 28 * MS
+
+
+class FakeLaneExecutor:
+    """The executor's lane surface: records each chunk's SMs; every chunk done at once."""
+
+    lane_steps_sms_choices = (16, 24, 32)
+    device_num_sms = 128
+
+    def __init__(self) -> None:
+        self.submitted: list[int | None] = []
+        self.pending = 0
+
+    def submit_lane(self, plan, steps_sms):
+        self.submitted.append(steps_sms)
+        self.pending += 1
+
+    def lane_result(self, timeout_s):
+        if not self.pending:
+            return None
+        self.pending -= 1
+        return StepResult(0)
+
+
+def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
+    """The driver sizes each chunk's split from the running decodes (the owner aside), keeps
+    the steps' model at the running chunk's share, and learns from the confined steps."""
+    from mnemosyne.engine.prefill_lane import LaneDriver
+    from mnemosyne.engine.step_plan import PlanBuilder
+    from mnemosyne.wire.plan import StepPath, StepTrace
+
+    s, kv = lane_sched(budget=64, chunk=64, num_blocks=512)
+    shorts = [req(f"s{i}", 8, max_tokens=100) for i in range(3)]
+    for r in shorts:
+        s.add_request(r)
+    run_main(s)  # the short prompts prefill: they decode from now on
+    long = req("long", 200)
+    s.add_request(long)
+    run_main(s)  # the long prompt's first chunk in the steps
+    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=5.0))  # 5x: (2 + 0.027 ms) x 5 x 8 / 2.1
+    ex = FakeLaneExecutor()
+    driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03)
+    load = s.decode_load().groups[0]
+    assert (load.num_decodes, load.decode_kv_tokens) == (3, 3 * 10)  # 8 prompt + 1 sampled + its own
+    driver.advance(0.0)
+    assert ex.submitted == [24, 24]  # 10.1 ms x 8 / 2.1 = 38.6 ms on 16 SMs; 25.7 on 24
+    assert beside.steps_share == 24 / 128
+    d = s.decode_load()
+    measured_s = beside.base.step_time_s(d) * 128 / (24 * 1.5)  # as if e were 1.5
+    driver.observe_step(d, StepTrace(StepPath.DECODE_GRAPH, steps_sms=24), measured_s)
+    driver.observe_step(d, StepTrace(StepPath.DECODE_GRAPH), 1.0)  # every SM: not learned
+    assert beside.efficiency == pytest.approx(PRIOR_SM_EFFICIENCY + EFFICIENCY_WEIGHT * (1.5 - PRIOR_SM_EFFICIENCY))
+    driver.drain()
+    assert beside.steps_share is None and not s.lane_busy
 
 
 def test_lane_config_errors():
     with pytest.raises(ConfigError, match="multiple of 8"):
         PrefillLaneConfig(free_sms=12).validate()
+    with pytest.raises(ConfigError, match="max_free_sms"):
+        PrefillLaneConfig(free_sms=16, max_free_sms=8).validate()
+    assert PrefillLaneConfig(free_sms=16).steps_sms_choices == (16, 24, 32)
+    assert PrefillLaneConfig(free_sms=16, max_free_sms=16).steps_sms_choices == (16,)
     from mnemosyne.engine.args import EngineArgs
 
     with pytest.raises(ConfigError, match="one device"):
@@ -212,3 +320,31 @@ def test_abort_in_the_lane_loses_no_other_request(tiny_model_dir):
         assert engine.check_idle_integrity()
     for rid, (ref_new, _) in zip(short_ids, refs, strict=True):
         assert done[rid].token_ids == ref_new
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="green contexts need a GPU (MNEMOSYNE_TEST_DEVICE=cuda)")
+def test_steps_run_on_the_sms_a_lane_chunk_leaves_them():
+    """While a chunk runs the steps launch on its split's first SMs, in order with the steps
+    before; once it is done, back on the worker's stream."""
+    import torch
+
+    from mnemosyne.worker.prefill_lane import PrefillLane
+
+    base = torch.cuda.current_stream()
+    lane = PrefillLane(torch.device("cuda"), (16, 24), lambda: None)
+    try:
+        with pytest.raises(ValueError, match="no lane split"):
+            lane.launch(lambda: None, None, 0, steps_sms=8)
+        x = torch.zeros(1 << 20, device="cuda")
+        x += 1  # a step on the worker's stream
+        chunk = lane.launch(lambda: torch.cuda._sleep(200_000_000), None, 7, steps_sms=24)  # ~0.1 s
+        with lane.steps_stream():
+            assert lane.steps_sms == 24 and torch.cuda.current_stream() != base
+            x *= 3  # after the step before it, on the 24 SMs
+        assert chunk.result() == 7
+        with lane.steps_stream():
+            assert lane.steps_sms is None and torch.cuda.current_stream() == base
+            assert torch.all(x == 3)  # (back on the worker's stream, after the confined step)
+    finally:
+        lane.shutdown()

@@ -91,6 +91,8 @@ def test_step_trace_reads_the_eager_kernel_plan():
     assert step_trace(StepPath.EAGER, two) == StepTrace(StepPath.EAGER, 0, (1, 32))  # a long prefix apart
     assert step_trace(StepPath.MIXED_GRAPH, plan) == StepTrace(StepPath.MIXED_GRAPH)  # a graph's fixed plan
     assert step_trace(StepPath.EAGER, None) == StepTrace(StepPath.EAGER)  # the reference backend
+    confined = step_trace(StepPath.DECODE_GRAPH, None, steps_sms=24)  # beside a prefill lane chunk
+    assert confined == StepTrace(StepPath.DECODE_GRAPH, steps_sms=24)
 
 
 def test_step_groups_and_prefix_buckets():

@@ -87,9 +87,10 @@ class EngineArgs:
     chat_template: str | None = None  # a Jinja file (or the template itself) instead of the tokenizer's
     step_log: str | None = None  # a JSON-lines file: every step's chunks, predicted and measured time
     # ---- the prefill lane (PrefillLaneConfig; one device) ----
-    prefill_lane_free_sms: int = 0  # > 0: long prompts prefill in a lane leaving this many SMs free; 0: off
+    prefill_lane_free_sms: int = 0  # > 0: long prompts prefill in a lane leaving the steps at least this many SMs; 0: off
     prefill_lane_min_tokens: int = 65536  # prompt tokens left for a request to enter the lane
     prefill_lane_chunk_tokens: int = 4096  # the lane's chunk size
+    prefill_lane_max_free_sms: int | None = None  # the most SMs a lane chunk leaves the steps; None: 2 x free
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -260,7 +261,10 @@ class EngineArgs:
         if self.prefill_lane_free_sms == 0:
             return None
         return PrefillLaneConfig(
-            self.prefill_lane_free_sms, self.prefill_lane_min_tokens, self.prefill_lane_chunk_tokens
+            self.prefill_lane_free_sms,
+            self.prefill_lane_min_tokens,
+            self.prefill_lane_chunk_tokens,
+            self.prefill_lane_max_free_sms,
         )
 
     def _kv_budget_bytes(self, device: str, model_cfg: ModelConfig, parallel: ParallelConfig) -> float:
@@ -273,8 +277,10 @@ class EngineArgs:
             # Activations of one step: a few hidden-sized buffers, the MLP, float32 logits rows.
             per_token = 4 * (4 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size)
             reserve = self.max_num_batched_tokens * per_token + _CUDA_RESERVE_BYTES
-            if self.prefill_lane_free_sms:  # the lane's activations, in its stream's pool
-                reserve += self.prefill_lane_chunk_tokens * per_token
+            lane = self.prefill_lane_config()
+            if lane is not None:  # each split's lane stream and steps' stream keep a pool
+                lane_step_tokens = self.prefill_lane_chunk_tokens + self.max_num_batched_tokens
+                reserve += len(lane.steps_sms_choices) * lane_step_tokens * per_token
             # The CUDA graphs' own pool: activations of the largest graph step (piecewise or mixed).
             if not self.enforce_eager:
                 reserve += min(self.max_num_batched_tokens, MAX_PIECEWISE_TOKENS) * per_token

@@ -113,9 +113,11 @@ class LLMEngine:
             from mnemosyne.executor.uniproc import UniProcExecutor
 
             assert isinstance(self.executor, UniProcExecutor)  # one device (EngineConfig checks)
+            assert self.policies.beside_lane is not None  # made with every lane
             self.lane = LaneDriver(
                 self.scheduler, self.planner, self.executor, self._process,
                 lambda sched: self.predict_step(sched)[1], self.step_log,
+                self.policies.beside_lane, config.policy.tbt_slo_s,
             )  # fmt: skip
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._busy_since_result = False  # a result arrived and the engine has not idled since
@@ -209,8 +211,6 @@ class LLMEngine:
         advance the prefill lane, if any)."""
         outputs = self._advance_lane(0.0)
         while len(self._inflight) < self.max_inflight:
-            if self.policies.beside_lane is not None:
-                self.policies.beside_lane.active = self.scheduler.lane_busy
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
@@ -240,8 +240,8 @@ class LLMEngine:
         if self.step_log is not None:
             self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace, idle_start, beside_lane)
         if beside_lane:
-            if self.policies.beside_lane is not None:
-                self.policies.beside_lane.observe(predicted_s, now - started)
+            if self.lane is not None:
+                self.lane.observe_step(composition, result.trace, now - started)
         elif self.policies.calibration is not None:
             self.policies.calibration.observe(composition, predicted_s, submitted, now)
         del self._step_stats[:-1024]  # nobody reading: keep the newest only

@@ -41,7 +41,7 @@ class SchedulingPolicies:
     latency_source: str  # "roofline" or the profile's path
     prefill_time: PrefillTimeTable
     calibration: OnlineCalibration | None = None  # fed every processed step; None: no correction
-    beside_lane: BesideLaneLatencyModel | None = None  # adaptive chunks with a prefill lane
+    beside_lane: BesideLaneLatencyModel | None = None  # the steps beside a prefill lane (with a lane)
 
 
 def device_name(device: str) -> str:
@@ -128,16 +128,14 @@ def make_policies(
         priority = lars
     chunk_policy: ChunkPolicy
     calibration: OnlineCalibration | None = None
+    sizing_model: LatencyModel = model
+    if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE and pc.online_calibration:
+        calibration = OnlineCalibration(CalibrationConfig(quantile=pc.tbt_slo_quantile), num_stages=config.parallel.spp)
+        sizing_model = CalibratedLatencyModel(model, calibration)
     beside_lane: BesideLaneLatencyModel | None = None
+    if config.scheduler.prefill_lane is not None:  # (it chooses the lane's SM split under any policy)
+        beside_lane = sizing_model = BesideLaneLatencyModel(sizing_model, model)
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
-        sizing_model: LatencyModel = model
-        if pc.online_calibration:
-            calibration = OnlineCalibration(
-                CalibrationConfig(quantile=pc.tbt_slo_quantile), num_stages=config.parallel.spp
-            )
-            sizing_model = CalibratedLatencyModel(model, calibration)
-        if config.scheduler.prefill_lane is not None:
-            beside_lane = sizing_model = BesideLaneLatencyModel(sizing_model, model)
         chunk_policy = AdaptiveChunkPolicy(
             sizing_model,
             kv_manager,

@@ -6,78 +6,128 @@ prefills at about 1.9x its floor (8B, 256K tokens beside 32 decodes on an H200).
 `SchedulerConfig.prefill_lane` the prompt instead runs in a lane of its own::
 
     engine step()   lane: a chunk done? -> process it (update_from_output, lane_done)
-                          idle?         -> schedule_lane() -> plan -> executor.submit_lane
+                          idle?         -> schedule_lane() -> plan; choose S -> executor.submit_lane
                     steps: as before (decodes, short prompts, the owner's first and last chunks)
-                    nothing in the steps but the lane busy -> wait for the lane up to LANE_POLL_S
+                    nothing in the steps but the lane in flight -> wait for it up to LANE_POLL_S
 
-    device          steps   |== n ==|== n+1 ==|== n+2 ==|== n+3 ==|...  (worker's stream, all SMs)
-                    lane    |======== chunk k ========|===== chunk k+1 ...  (green context)
+    device          steps   |== n ==|== n+1 ==|== n+2 ==|== n+3 ==|...  (S SMs: first(S))
+                    lane    |======== chunk k ========|===== chunk k+1 ...  (the rest: rest(S))
 
 The scheduler decides who is in the lane (engine/scheduler.py); the worker runs its chunks
-(worker/prefill_lane.py). Exactness is unchanged: the lane runs the same model on the same
-cache; only which kernels and when differ.
+and confines the steps beside each to the S SMs it leaves them (worker/prefill_lane.py).
+Exactness is unchanged: the lane runs the same model on the same cache; only which kernels
+and when differ.
 
-While the lane runs, the steps share the GPU and take longer than the latency model says
-(32 decodes of 1.5K keys: 6.4 ms alone, 20.7 ms beside the lane on an H200). Adaptive
-chunking sizes them by `BesideLaneLatencyModel`: the model's prediction times the measured
-ratio of such steps (a running mean), and online calibration does not learn from them.
+S per chunk (`BesideLaneLatencyModel.fewest_sms`): the fewest SMs of the choices whose
+predicted step of the running decodes fits LANE_STEP_HEADROOM x the TBT target, the most
+when none does. On S of the device's N SMs a step's time is modelled as::
+
+    D = base(the step's decodes alone)   SM-bound there: D * max(1, N / (S * e))
+    C = base(the step) - D               the chunks' compute: C * N / S
+    e: how much more a confined SM moves than an average SM of the whole device (which waits
+       on memory); learned from the decode-only steps beside the lane (a running mean)
+
+Measured on an H200 (8B, benchmarks/results/README.md, "Twenty-second session"): 32 decodes
+of 1.5K keys take 6.5 ms on 132 SMs and 22.0 / 16.1 / 12.5 ms on 16 / 24 / 32 (e = 2.4 /
+2.2 / 2.1), 64 of 4K keys 13.1 ms and 64.9 / 45.7 / 34.2 / 25.1 ms on 16 / 24 / 32 / 48
+(e = 1.7 / 1.6 / 1.6 / 1.4); beside a chunk 10-15% more. In the engine (the 8B mixed
+scenario, "Twenty-fourth session") e settled at 1.79, and the splits moved from 16 to 24 SMs
+at ~15 s and to 32 at ~45 s of the prompt's 51 s, each 10-s window's steps within a p99 of
+28.4 ms (always 16 SMs: 33.2 ms by the end). Adaptive chunking sizes the steps by this model
+while a chunk runs; online calibration learns only from steps with the GPU to themselves.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
 from mnemosyne.engine.step_log import StepLog
 from mnemosyne.engine.step_plan import PlanBuilder
-from mnemosyne.latency.composition import StepComposition
+from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.outputs import RequestOutput
-from mnemosyne.wire.plan import StepResult
+from mnemosyne.wire.plan import StepResult, StepTrace
 
 if TYPE_CHECKING:
     from mnemosyne.executor.uniproc import UniProcExecutor
 
 LANE_POLL_S = 0.005  # how long step() waits for the lane when the steps have nothing to run
-# The steps' slowdown beside the lane before any is measured: the 8B mixed scenario's decode
-# steps beside 4096-token chunks (16 SMs free) ran at a median 3.1x their prediction on an H200
-# (benchmarks/results/README.md, "Twenty-third session": step_time_ratio_p50 0.32)
-PRIOR_BESIDE_LANE_FACTOR = 3.0
-FACTOR_WEIGHT = 0.1  # the running mean's weight of each new step
+LANE_STEP_HEADROOM = 0.9  # a lane chunk leaves the steps SMs for this fraction of the TBT target
+# e before any step is measured: 32 decodes of 1.5K keys on 16 SMs beside a chunk (the 8B
+# mixed scenario's start), 22.0 ms x 1.12 against 6.5 ms on all 132 SMs (see above)
+PRIOR_SM_EFFICIENCY = 2.1
+EFFICIENCY_WEIGHT = 0.1  # the running mean's weight of each new step
+
+
+def decodes_only(composition: StepComposition) -> StepComposition:
+    """The decodes of a (one-group) step without its chunks."""
+    (g,) = composition.groups
+    return StepComposition.single(
+        GroupLoad(
+            num_tokens=g.num_decodes,
+            num_decodes=g.num_decodes,
+            decode_kv_tokens=g.decode_kv_tokens,
+            max_decode_kv_tokens=g.max_decode_kv_tokens,
+            num_sampled=min(g.num_sampled, g.num_decodes),
+        )
+    )
 
 
 class BesideLaneLatencyModel:
-    """`inner`'s prediction; `base`'s times `factor` while the lane runs (`active`).
-
-    `factor` follows measured / `base`-predicted seconds of the steps that ran beside the
-    lane (`observe`); `base` is the model before online calibration, which learns only from
-    steps with the GPU to themselves."""
+    """`inner`'s prediction while the steps have every SM; beside a lane chunk, on a share of
+    them (`steps_share` = S / N, set by the driver), `base`'s scaled as the module docstring
+    draws. `base` is the model before online calibration, which learns only from steps with
+    the GPU to themselves."""
 
     def __init__(self, inner: LatencyModel, base: LatencyModel) -> None:
         self.inner = inner
         self.base = base
         self.layout = inner.layout
-        self.active = False  # the lane has chunks in flight (set by the engine each step)
-        self.factor = PRIOR_BESIDE_LANE_FACTOR
+        self.steps_share: float | None = None  # the steps' share of the SMs now; None: all of them
+        self.efficiency = PRIOR_SM_EFFICIENCY  # e
 
     def step_time_s(self, composition: StepComposition) -> float:
-        if self.active:
-            return self.factor * self.base.step_time_s(composition)
-        return self.inner.step_time_s(composition)
+        if self.steps_share is None:
+            return self.inner.step_time_s(composition)
+        return self.confined_s(composition, self.steps_share)
 
-    def observe(self, predicted_s: float, measured_s: float) -> None:
-        """A step that ran beside the lane: `base` predicted `predicted_s`, it took `measured_s`."""
-        if predicted_s > 0 and measured_s > 0:
-            self.factor += FACTOR_WEIGHT * (measured_s / predicted_s - self.factor)
+    def confined_s(self, composition: StepComposition, steps_share: float) -> float:
+        """Predicted seconds of a step on `steps_share` of the SMs beside a lane chunk."""
+        whole_s = self.base.step_time_s(composition)
+        decodes_s = self.base.step_time_s(decodes_only(composition)) if composition.groups[0].num_chunks else whole_s
+        chunks_s = max(0.0, whole_s - decodes_s)
+        return decodes_s * max(1.0, 1.0 / (steps_share * self.efficiency)) + chunks_s / steps_share
+
+    def observe(self, composition: StepComposition, steps_share: float, measured_s: float) -> None:
+        """A step that ran on `steps_share` of the SMs beside a lane chunk took `measured_s`;
+        decode-only steps teach e (others hold chunks whose own scaling is assumed)."""
+        g = composition.groups[0]
+        if g.num_chunks or not g.num_decodes or measured_s <= 0:
+            return
+        decodes_s = self.base.step_time_s(composition)
+        seen = decodes_s / (steps_share * measured_s)  # e, were the step SM-bound
+        if seen * steps_share < 1.0:  # slower than on the whole device: SM-bound
+            self.efficiency += EFFICIENCY_WEIGHT * (seen - self.efficiency)
+
+    def fewest_sms(self, decodes: StepComposition, num_sms: int, choices: Sequence[int], target_s: float) -> int:
+        """The fewest SMs of `choices` on which a step of `decodes` is predicted to fit
+        LANE_STEP_HEADROOM x `target_s`; the most of them when none fits."""
+        for steps_sms in sorted(choices):
+            if self.confined_s(decodes, steps_sms / num_sms) <= LANE_STEP_HEADROOM * target_s:
+                return steps_sms
+        return max(choices)
 
 
 class LaneDriver:
-    """The engine's side of the lane: launch the chunks `Scheduler.schedule_lane` gives, take
-    their results oldest first, hand them to the engine's output processing, log them."""
+    """The engine's side of the lane: launch the chunks `Scheduler.schedule_lane` gives, each
+    with the SMs it leaves the steps, take their results oldest first, hand them to the
+    engine's output processing, log them; keep `beside`'s share of the SMs current and teach
+    it from the steps beside the chunks."""
 
     def __init__(
         self,
@@ -87,18 +137,26 @@ class LaneDriver:
         process: Callable[[SchedulerOutput, StepResult], list[RequestOutput]],
         predict_s: Callable[[SchedulerOutput], float],
         step_log: StepLog | None,
+        beside: BesideLaneLatencyModel,
+        target_s: float,
     ) -> None:
         """`process`: the engine's output processing of a result; `predict_s`: the latency
-        model's prediction of a chunk alone (for the step log)."""
+        model's prediction of a chunk alone (for the step log); `beside`: the steps' model
+        while a chunk runs; `target_s`: the TBT target the steps beside a chunk must fit."""
         self.scheduler = scheduler
         self.planner = planner
         self.executor = executor
         self.process = process
         self.predict_s = predict_s
         self.step_log = step_log
-        # the chunks in flight, oldest first: (chunk, submitted at time.monotonic(), predicted_s)
-        self._in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
+        self.beside = beside
+        self.target_s = target_s
+        self.choices = executor.lane_steps_sms_choices  # empty on CPU: the steps keep every SM
+        self.num_sms = executor.device_num_sms
+        # the chunks in flight, oldest first: (chunk, submitted at time.monotonic(), predicted_s, steps_sms)
+        self._in_flight: deque[tuple[SchedulerOutput, float, float, int | None]] = deque()
         self._last_done = 0.0  # time.monotonic() when the latest chunk was processed
+        self.num_chunks_by_steps_sms: Counter[int | None] = Counter()  # chunks launched, by the SMs they left
 
     def advance(self, timeout_s: float) -> list[RequestOutput]:
         """Process the chunks done within `timeout_s` (the oldest may take that long, the rest
@@ -108,18 +166,27 @@ class LaneDriver:
             result = self.executor.lane_result(timeout_s)
             if result is None:
                 break
-            sched, submitted, predicted_s = self._in_flight.popleft()
+            sched, submitted, predicted_s, steps_sms = self._in_flight.popleft()
             now = time.monotonic()
             if self.step_log is not None:
-                self.step_log.write_lane_chunk(now, now - max(submitted, self._last_done), predicted_s, sched)
+                measured_s = now - max(submitted, self._last_done)
+                self.step_log.write_lane_chunk(now, measured_s, predicted_s, sched, steps_sms)
             self._last_done = now
             outputs += self.process(sched, result)
             self.scheduler.lane_done()
             timeout_s = 0.0
         while (sched := self.scheduler.schedule_lane()) is not None:
-            self._in_flight.append((sched, time.monotonic(), self.predict_s(sched)))
-            self.executor.submit_lane(self.planner.build(sched))
+            steps_sms = self._choose_steps_sms()
+            self.num_chunks_by_steps_sms[steps_sms] += 1
+            self._in_flight.append((sched, time.monotonic(), self.predict_s(sched), steps_sms))
+            self.executor.submit_lane(self.planner.build(sched), steps_sms)
+        self._update_share()
         return outputs
+
+    def observe_step(self, composition: StepComposition, trace: StepTrace | None, measured_s: float) -> None:
+        """A step processed while lane chunks were in flight took `measured_s`."""
+        if trace is not None and trace.steps_sms is not None:
+            self.beside.observe(composition, trace.steps_sms / self.num_sms, measured_s)
 
     def drain(self) -> None:
         """Wait for every chunk in flight; their results are stale (the engine has no request)."""
@@ -127,3 +194,14 @@ class LaneDriver:
             self.executor.lane_result(None)
             self._in_flight.popleft()
             self.scheduler.lane_done()
+        self._update_share()
+
+    def _choose_steps_sms(self) -> int | None:
+        if not self.choices:
+            return None
+        return self.beside.fewest_sms(self.scheduler.decode_load(), self.num_sms, self.choices, self.target_s)
+
+    def _update_share(self) -> None:
+        """The steps' share of the SMs from now on: the oldest chunk's (the one running)."""
+        steps_sms = self._in_flight[0][3] if self._in_flight else None
+        self.beside.steps_share = None if steps_sms is None else steps_sms / self.num_sms

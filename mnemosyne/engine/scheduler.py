@@ -97,8 +97,10 @@ from mnemosyne.engine.lane_state import LaneState
 from mnemosyne.engine.prefix_lookup import cache_computed_blocks, can_hold_whole_prompt, find_cached_prefix
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput, StepUpdate
+from mnemosyne.engine.step_load import StepLoadBuilder
 from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.composition import StepComposition
 from mnemosyne.request import Request, RequestStatus
 
 
@@ -285,6 +287,15 @@ class Scheduler:
         freed = self._lane.pop_done()
         if freed is not None:
             self.kv_manager.free(freed)
+
+    def decode_load(self) -> StepComposition:
+        """The running decodes (the lane's owner aside) as one step: what every step beside
+        the lane must fit."""
+        load = StepLoadBuilder(self.kv_manager)
+        for req in self._running.values():
+            if not req.is_prefill and req is not self._lane.owner:
+                load.add(req, req.num_computed_tokens, 1, sample=True)
+        return load.composition()
 
     @property
     def lane_busy(self) -> bool:

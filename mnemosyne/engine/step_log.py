@@ -30,13 +30,16 @@ overrun their prediction.
                                then): the device waited for its launches, which a step in
                                flight would have hidden
                  "beside_lane": true for a step processed while prefill lane chunks were in
-                               flight (present only then): it shared the GPU with them}
+                               flight (present only then): it shared the GPU with them
+                 "steps_sms":  the SMs it was confined to beside a lane chunk (CUDA only;
+                               absent: every SM)}
     each prefill lane chunk (engine/prefill_lane.py)
                 {"t_s", "lane": true, "seqs": [[chunk tokens, keys before them]],
                  "measured_s": processed - max(submitted, the lane's previous chunk processed):
                                the engine sees a chunk done when it next polls, at the start
                                of a step (a step's time of resolution)
-                 "predicted_s": the latency model's prediction of the chunk alone on the GPU}
+                 "predicted_s": the latency model's prediction of the chunk alone on the GPU
+                 "steps_sms":  the SMs it left the steps (CUDA only)}
 
 `read_step_log` returns the steps that had the GPU to themselves (what a latency profile
 predicts); `read_lane_log` the lane's chunks and the steps beside them.
@@ -99,15 +102,19 @@ class StepLog:
             line["path"] = trace.path.value
             if trace.path in (StepPath.PIECEWISE, StepPath.EAGER):
                 line["cudnn_chunks"], line["chunk_splits"] = trace.num_cudnn_chunks, list(trace.chunk_splits)
+            if trace.steps_sms is not None:
+                line["steps_sms"] = trace.steps_sms
         self._file.write(json.dumps(line) + "\n")
 
     def write_lane_chunk(
-        self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput
+        self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput, steps_sms: int | None
     ) -> None:
         if self._file is None:
             return
         line = {"t_s": round(done_s - self._start_s, 6), "lane": True, "measured_s": measured_s,
                 "predicted_s": predicted_s, "seqs": _seqs(sched)}  # fmt: skip
+        if steps_sms is not None:
+            line["steps_sms"] = steps_sms
         self._file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:

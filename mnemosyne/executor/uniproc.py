@@ -52,11 +52,24 @@ class UniProcExecutor:
             self._launch_kept()
         return self._results.popleft().wait()
 
-    def submit_lane(self, plan: StepPlan) -> None:
-        """Launch a prefill lane chunk (worker/prefill_lane.py) after those in flight. A kept
-        plan is launched first: it was built before `plan`, whose block-table deltas follow it."""
+    @property
+    def device_num_sms(self) -> int:
+        """The device's SMs (0 on CPU)."""
+        device = self.worker.device
+        return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+    @property
+    def lane_steps_sms_choices(self) -> tuple[int, ...]:
+        """The SM counts a prefill lane chunk may leave the steps; empty without a split (CPU)."""
+        lane = self.worker.lane
+        return lane.steps_sms_choices if lane is not None else ()
+
+    def submit_lane(self, plan: StepPlan, steps_sms: int | None) -> None:
+        """Launch a prefill lane chunk (worker/prefill_lane.py) after those in flight, leaving
+        the steps `steps_sms` SMs (one of `lane_steps_sms_choices`; None without). A kept plan
+        is launched first: it was built before `plan`, whose block-table deltas follow it."""
         self._launch_kept()
-        self._lane.append(self.worker.execute_lane_async(plan))
+        self._lane.append(self.worker.execute_lane_async(plan, steps_sms))
 
     def lane_result(self, timeout_s: float | None) -> StepResult | None:
         """The oldest lane chunk's result once its kernels are done; None while it still runs

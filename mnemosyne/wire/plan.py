@@ -110,6 +110,7 @@ class StepTrace:
     path: StepPath
     num_cudnn_chunks: int = 0  # chunks of the step on cuDNN (eager attention only)
     chunk_splits: tuple[int, ...] = ()  # key splits of each eager launch of the Triton chunk kernel
+    steps_sms: int | None = None  # the SMs it was confined to beside a prefill lane chunk; None: every SM
 
 
 @dataclass

@@ -76,7 +76,9 @@ class DecodeGraphs:
         device: torch.device,
         kvp: int = 1,
         pool: tuple[int, int] | None = None,
+        capture_stream: torch.cuda.Stream | None = None,
     ) -> None:
+        """`capture_stream`: the stream to capture on, whose SMs the graphs keep (None: every SM)."""
         cfg = model.config
         self.model = model
         self.kv_caches = kv_caches
@@ -109,6 +111,7 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.metas: dict[tuple[int, int], AttentionMetadata] = {}
         self.pool = pool
+        self.capture_stream = capture_stream
 
     @classmethod
     def create(
@@ -119,6 +122,7 @@ class DecodeGraphs:
         backend: object,
         device: torch.device,
         pool: tuple[int, int] | None = None,
+        capture_stream: torch.cuda.Stream | None = None,
     ) -> DecodeGraphs | None:
         """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
         max_blocks = attention_graph_blocks(config, kv_caches, backend, device)
@@ -127,8 +131,9 @@ class DecodeGraphs:
         max_batch = min(config.scheduler.max_num_seqs, _MAX_GRAPH_BATCH)
         block_size = config.cache.block_size
         return cls(
-            model, kv_caches, backend, max_batch, max_blocks, block_size, device, config.parallel.kvp, pool
-        )
+            model, kv_caches, backend, max_batch, max_blocks, block_size, device, config.parallel.kvp, pool,
+            capture_stream,
+        )  # fmt: skip
 
     def capture_all(self) -> None:
         """Capture every (padded size, shared size), largest first (the pool reaches its peak at
@@ -204,7 +209,7 @@ class DecodeGraphs:
         inp = (self.input_ids if self.model.is_first_stage else self.hidden)[:bs]
         positions = self.positions[:bs]
         graph, self.outputs[bs, shared] = capture_graph(
-            lambda: self.model(inp, positions, self.kv_caches, meta), self.pool
+            lambda: self.model(inp, positions, self.kv_caches, meta), self.pool, self.capture_stream
         )
         self.pool = graph.pool()
         self.graphs[bs, shared] = graph

@@ -15,14 +15,19 @@ from mnemosyne.models.llama import KVCache
 T = TypeVar("T")
 
 
-def capture_graph(fn: Callable[[], T], pool: tuple[int, int] | None) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture_graph(
+    fn: Callable[[], T], pool: tuple[int, int] | None, stream: torch.cuda.Stream | None = None
+) -> tuple[torch.cuda.CUDAGraph, T]:
     """(graph, output of the captured call): `fn` runs once eagerly first (Triton's JIT,
     cuBLAS handles; its outputs are overwritten by every replay), then is captured into
-    `pool` (the caller keeps `graph.pool()` for the next capture)."""
+    `pool` (the caller keeps `graph.pool()` for the next capture) on `stream` (None: torch's
+    side stream). A graph's kernels keep the SMs of the stream it was captured on, whatever
+    stream replays it: one captured on a green context's stream stays on that context's SMs
+    (worker/prefill_lane.py), one captured on a plain stream takes every SM."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = fn()
     return graph, out
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +92,14 @@ def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int
     ]
 
 
-def step_trace(path: StepPath, backend_plan: object) -> StepTrace:
-    """The step's path and, when its attention ran eagerly on the kernel backend, what the
-    chunks ran on (the plan the first layer built); graph replays keep their fixed plans."""
+def step_trace(path: StepPath, backend_plan: object, steps_sms: int | None = None) -> StepTrace:
+    """The step's path, its SMs (`StepTrace.steps_sms`) and, when its attention ran eagerly on
+    the kernel backend, what the chunks ran on (the plan the first layer built); graph replays
+    keep their fixed plans."""
     if path in (StepPath.PIECEWISE, StepPath.EAGER) and isinstance(backend_plan, KernelPlan):
         splits = tuple(launch.splits for launch in chunk_launches(backend_plan))
-        return StepTrace(path, len(backend_plan.dense), splits)
-    return StepTrace(path)
+        return StepTrace(path, len(backend_plan.dense), splits, steps_sms)
+    return StepTrace(path, steps_sms=steps_sms)
 
 
 class Worker:
@@ -127,6 +129,17 @@ class Worker:
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.mixed = MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)
+        self.lane: PrefillLane | None = None
+        if lane is not None:
+            # torch keeps cuDNN's attention graphs per thread: the lane's thread builds its own
+            shapes = backend.cudnn_shapes if isinstance(backend, KernelBackend) else None
+            warm_up = (lambda: warm_up_cudnn(shapes, *self.kv_caches[0])) if shapes else (lambda: None)
+            self.lane = PrefillLane(device, lane.steps_sms_choices, warm_up)
+            self.lane.pace(self.model.layers)
+            if self.graphs is not None:  # the decode graphs once more per split, on its steps' SMs
+                self.lane.add_decode_graphs(
+                    lambda stream: DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool, stream)
+                )
         self.capture_s = self._capture_graphs()
         self.sampler = Sampler()
         if device.type == "cuda" and pg.is_last_stage:
@@ -146,18 +159,22 @@ class Worker:
         self._previous: PendingResult | None = None  # the last plan's result (decode-ahead inputs)
         self._previous_decode_only = False  # the last plan had no prefill token
         self._ahead: DecodeAheadTokens | None = None  # the current plan's decode-ahead inputs
-        self.lane: PrefillLane | None = None
-        if lane is not None:
-            # torch keeps cuDNN's attention graphs per thread: the lane's thread builds its own
-            shapes = backend.cudnn_shapes if isinstance(backend, KernelBackend) else None
-            warm_up = (lambda: warm_up_cudnn(shapes, *self.kv_caches[0])) if shapes else (lambda: None)
-            self.lane = PrefillLane(device, lane.free_sms, warm_up)
+
+    def steps_stream(self) -> AbstractContextManager:
+        """The stream a step launches on: beside a prefill lane chunk, the SMs the chunk leaves
+        it (worker/prefill_lane.py); else the current one."""
+        return self.lane.steps_stream() if self.lane is not None else nullcontext()
 
     @torch.inference_mode()
     def execute_async(self, plan: StepPlan) -> PendingResult | None:
         """Run (launch, on CUDA) this rank's part of `plan`. Returns the group's result on
         the reporting rank (last stage, tp rank 0), None elsewhere; its sampled ids arrive
         on the host when `PendingResult.wait` returns."""
+        with self.steps_stream():
+            return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> PendingResult | None:
+        steps_sms = self.lane.steps_sms if self.lane is not None else None
         self._observe_decode_aheads()
         self._previous_decode_only = plan.is_decode_only
         self._apply_updates(plan)
@@ -173,14 +190,15 @@ class Worker:
         if batch.num_tokens == 0:
             self.model.run_idle(plan.num_shared_tokens)  # a no-op without shared tokens
             if result is not None:
-                result.trace = StepTrace(StepPath.IDLE)
+                result.trace = StepTrace(StepPath.IDLE, steps_sms=steps_sms)
             return self._finish(result, None)  # the reporting rank's empty result; None elsewhere
 
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         hidden: torch.Tensor | None = None  # [num_tokens, hidden]
         path = StepPath.EAGER
-        if self.graphs is not None and self.graphs.can_run(batch.meta):
-            hidden, path = self.graphs.run(x, batch.positions, batch.meta), StepPath.DECODE_GRAPH
+        graphs = self.graphs if steps_sms is None or self.lane is None else self.lane.decode_graphs.get(steps_sms)
+        if graphs is not None and graphs.can_run(batch.meta):
+            hidden, path = graphs.run(x, batch.positions, batch.meta), StepPath.DECODE_GRAPH
         elif self.mixed is not None:
             hidden, path = self.mixed.try_run(x, batch.positions, batch.meta), StepPath.MIXED_GRAPH
         if hidden is None:
@@ -195,22 +213,24 @@ class Worker:
             self._send_hidden(hidden)
             return None
         if result is not None:
-            result.trace = step_trace(path, batch.meta.backend_plan)
+            result.trace = step_trace(path, batch.meta.backend_plan, steps_sms)
         return self._finish(result, self._sample(batch, hidden, result))
 
     @torch.inference_mode()
-    def execute_lane_async(self, plan: StepPlan) -> Future[StepResult]:
+    def execute_lane_async(self, plan: StepPlan, steps_sms: int | None) -> Future[StepResult]:
         """Launch `plan`, the prefill lane's chunk (no sampling, no decode aheads; one device),
-        on the lane (worker/prefill_lane.py). Its updates are applied here, in plan order with
-        the steps' plans; the Future's result comes when its kernels are done."""
+        on the lane (worker/prefill_lane.py), leaving the steps `steps_sms` SMs meanwhile (None
+        on CPU). Its updates are applied here, in plan order with the steps' plans, and its
+        inputs built on the steps' stream; the Future's result comes when its kernels are done."""
         assert self.lane is not None and self.pg.world.size == 1
         assert not any(c.sample or c.is_decode_ahead for c in plan.chunks), "a lane chunk never samples"
-        self._apply_updates(plan)
-        batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
-        result = StepResult(plan.step_id)
-        result.trace = StepTrace(StepPath.EAGER)
-        forward = lambda: self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)  # noqa: E731
-        return self.lane.launch(forward, keep=batch, result=result)
+        with self.steps_stream():
+            self._apply_updates(plan)
+            batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
+            result = StepResult(plan.step_id)
+            result.trace = StepTrace(StepPath.EAGER)
+            forward = lambda: self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)  # noqa: E731
+            return self.lane.launch(forward, keep=batch, result=result, steps_sms=steps_sms)
 
     def _apply_updates(self, plan: StepPlan) -> None:
         """Forget finished requests, drop freed KV, remember new sampling params; feed the
@@ -285,14 +305,15 @@ class Worker:
         the seconds it took."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for graphs in (self.graphs, self.mixed, self.piecewise):
+            lane_graphs = list(self.lane.decode_graphs.values()) if self.lane is not None else []
+            for graphs in (self.graphs, self.mixed, self.piecewise, *lane_graphs):
                 if graphs is not None:
                     graphs.capture_all()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         if self.graphs is not None or self.mixed is not None or self.piecewise is not None:
-            num_decode = len(self.graphs.graphs) if self.graphs is not None else 0
+            num_decode = len(self.graphs.graphs) * (1 + len(lane_graphs)) if self.graphs is not None else 0
             num_mixed = len(self.mixed.graphs) if self.mixed is not None else 0
             num_piecewise = len(self.piecewise.pieces) if self.piecewise is not None else 0
             logger.info(
@@ -397,7 +418,8 @@ class Worker:
         (worker/synthetic_kv.py); nothing if the request has no piece on this group."""
         block_ids = self.mirror.get(request_id).block_ids if request_id in self.mirror else []
         rank_seed = (seed * _SEED_MIX + self.pg.rank) % (1 << 63)
-        num_bytes, mean_square = fill_blocks(self.kv_caches, block_ids, rank_seed)
+        with self.steps_stream():  # after the steps launched so far
+            num_bytes, mean_square = fill_blocks(self.kv_caches, block_ids, rank_seed)
         return SyntheticKVFilled(self.pg.rank, self.group, len(block_ids), num_bytes, mean_square)
 
     def _generator(self, params: SamplingParams, position: int) -> torch.Generator | None:
