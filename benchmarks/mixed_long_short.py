@@ -123,16 +123,18 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float, 
 
 def step_paths(engine) -> dict[str, int]:
     """How many steps the worker ran through each graph kind so far (one in-process device;
-    steps that none of these took ran eagerly)."""
+    steps that none of these took ran eagerly); mixed-step graphs with those of the prefill
+    lane's splits."""
     worker = getattr(engine.executor, "worker", None)
     if worker is None:
         return {}
+    lane_mixed = list(worker.lane.mixed_graphs.values()) if worker.lane is not None else []
     out = {}
     for name, graphs, field in (("mixed_graph", worker.mixed, "num_replays"),
                                 ("mixed_not_fitting", worker.mixed, "num_not_fitting"),
                                 ("piecewise", worker.piecewise, "num_replays")):  # fmt: skip
         if graphs is not None:
-            out[name] = getattr(graphs, field)
+            out[name] = getattr(graphs, field) + sum(getattr(g, field) for g in lane_mixed if name != "piecewise")
     return out
 
 

@@ -70,7 +70,9 @@ class MixedGraphs:
         device: torch.device,
         pool: tuple[int, int] | None = None,
         max_seqs: int | None = None,
+        capture_stream: torch.cuda.Stream | None = None,
     ) -> None:
+        """`capture_stream`: the stream to capture on, whose SMs the graphs keep (None: every SM)."""
         from mnemosyne.layers.attention.static_plan import StaticPlans
 
         cfg = model.config
@@ -105,6 +107,7 @@ class MixedGraphs:
         self.num_replays = 0  # steps run here (benchmarks and tests read it)
         self.num_not_fitting = 0  # steps left to the other paths: a chunk on cuDNN, or too many tiles / rows
         self.pool = pool
+        self.capture_stream = capture_stream
 
     @classmethod
     def create(
@@ -115,6 +118,7 @@ class MixedGraphs:
         backend: object,
         device: torch.device,
         pool: tuple[int, int] | None = None,
+        capture_stream: torch.cuda.Stream | None = None,
     ) -> MixedGraphs | None:
         """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
         max_blocks = attention_graph_blocks(config, kv_caches, backend, device)
@@ -131,6 +135,7 @@ class MixedGraphs:
             device,
             pool,
             max_seqs=config.scheduler.max_num_seqs,
+            capture_stream=capture_stream,
         )
 
     def capture_all(self) -> None:
@@ -219,7 +224,7 @@ class MixedGraphs:
         self.metas[key] = self._meta(key)
         if not self.use_graphs:
             return
-        graph, self.outputs[key] = capture_graph(lambda: self._forward(key), self.pool)
+        graph, self.outputs[key] = capture_graph(lambda: self._forward(key), self.pool, self.capture_stream)
         self.pool = graph.pool()
         self.graphs[key] = graph
 

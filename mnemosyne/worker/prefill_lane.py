@@ -19,7 +19,8 @@ their own, beside the engine's steps, which are confined to the SMs the chunk le
     first(16) is inside first(24) (the driver hands out the same SMs first; measured with
     %smid, benchmarks/probes/green_context_sms.py), and first and rest are disjoint
 
-    the steps' decode graphs: captured once more per split, on first(S) (`add_decode_graphs`):
+    the steps' decode and mixed-step graphs: captured once more per split, on first(S)
+    (`add_step_graphs`; the piecewise graphs are not, and run on every SM beside a chunk):
     a graph's kernels keep the SMs of the stream it was captured on, whichever stream replays
     it (a copy graph captured on a plain stream: 1.58 ms replayed on first(16), as on the
     whole GPU; captured on first(16): 10.0 ms)
@@ -58,6 +59,7 @@ import torch
 
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 from mnemosyne.worker.green_context import SmSplit, split_sms
+from mnemosyne.worker.mixed_graph import MixedGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,9 @@ class PrefillLane:
             for steps_sms in steps_sms_choices:
                 self._splits[steps_sms] = split = split_sms(device, steps_sms)
                 logger.info("prefill lane split: %d SMs for the lane, %d for the steps", split.rest_sms, split.first_sms)
-        self.decode_graphs: dict[int, DecodeGraphs] = {}  # per split: captured on its first(S) stream
+        # per split: the steps' graphs captured on its first(S) stream
+        self.decode_graphs: dict[int, DecodeGraphs] = {}
+        self.mixed_graphs: dict[int, MixedGraphs] = {}
         # the chunks launched and not yet seen done, oldest first: (Future, steps_sms)
         self._in_flight: deque[tuple[Future, int]] = deque()
         self._layer_done: deque[torch.cuda.Event] = deque()  # the current chunk's latest layers (`pace`)
@@ -108,13 +112,24 @@ class PrefillLane:
         done_so_far.record()  # on the lane stream: the layers launched before this one
         self._layer_done.append(done_so_far)
 
-    def add_decode_graphs(self, make: Callable[[torch.cuda.Stream], DecodeGraphs | None]) -> None:
-        """The steps' decode graphs of each split, from `make(its first(S) stream)`, to be
-        captured with the worker's: a graph keeps the SMs of the stream it was captured on."""
+    def add_step_graphs(
+        self,
+        make_decode: Callable[[torch.cuda.Stream], DecodeGraphs | None],
+        make_mixed: Callable[[torch.cuda.Stream], MixedGraphs | None],
+    ) -> None:
+        """The steps' decode and mixed-step graphs of each split, from `make_*(its first(S)
+        stream)`, to be captured with the worker's: a graph keeps the SMs of the stream it was
+        captured on."""
         for steps_sms, split in self._splits.items():
-            graphs = make(split.first)
-            if graphs is not None:
-                self.decode_graphs[steps_sms] = graphs
+            decode, mixed = make_decode(split.first), make_mixed(split.first)
+            if decode is not None:
+                self.decode_graphs[steps_sms] = decode
+            if mixed is not None:
+                self.mixed_graphs[steps_sms] = mixed
+
+    @property
+    def step_graphs(self) -> list[DecodeGraphs | MixedGraphs]:
+        return [*self.decode_graphs.values(), *self.mixed_graphs.values()]
 
     @property
     def steps_sms_choices(self) -> tuple[int, ...]:
@@ -183,6 +198,7 @@ class PrefillLane:
         self._thread.shutdown(wait=True)
         for hook in self._hooks:
             hook.remove()
-        for graphs in self.decode_graphs.values():
+        for graphs in self.step_graphs:
             graphs.close()
         self.decode_graphs.clear()
+        self.mixed_graphs.clear()

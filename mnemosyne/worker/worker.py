@@ -136,10 +136,11 @@ class Worker:
             warm_up = (lambda: warm_up_cudnn(shapes, *self.kv_caches[0])) if shapes else (lambda: None)
             self.lane = PrefillLane(device, lane.steps_sms_choices, warm_up)
             self.lane.pace(self.model.layers)
-            if self.graphs is not None:  # the decode graphs once more per split, on its steps' SMs
-                self.lane.add_decode_graphs(
-                    lambda stream: DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool, stream)
-                )
+            # the steps' graphs once more per split, on its steps' SMs
+            self.lane.add_step_graphs(
+                lambda stream: DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool, stream),
+                lambda stream: MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool, stream),
+            )
         self.capture_s = self._capture_graphs()
         self.sampler = Sampler()
         if device.type == "cuda" and pg.is_last_stage:
@@ -196,11 +197,13 @@ class Worker:
         x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
         hidden: torch.Tensor | None = None  # [num_tokens, hidden]
         path = StepPath.EAGER
-        graphs = self.graphs if steps_sms is None or self.lane is None else self.lane.decode_graphs.get(steps_sms)
+        graphs, mixed = self.graphs, self.mixed
+        if steps_sms is not None and self.lane is not None:  # beside a lane chunk: its split's
+            graphs, mixed = self.lane.decode_graphs.get(steps_sms), self.lane.mixed_graphs.get(steps_sms)
         if graphs is not None and graphs.can_run(batch.meta):
             hidden, path = graphs.run(x, batch.positions, batch.meta), StepPath.DECODE_GRAPH
-        elif self.mixed is not None:
-            hidden, path = self.mixed.try_run(x, batch.positions, batch.meta), StepPath.MIXED_GRAPH
+        elif mixed is not None:
+            hidden, path = mixed.try_run(x, batch.positions, batch.meta), StepPath.MIXED_GRAPH
         if hidden is None:
             if self.piecewise is not None and self.piecewise.can_run(batch.num_tokens):
                 hidden, path = (
@@ -305,7 +308,7 @@ class Worker:
         the seconds it took."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            lane_graphs = list(self.lane.decode_graphs.values()) if self.lane is not None else []
+            lane_graphs = self.lane.step_graphs if self.lane is not None else []
             for graphs in (self.graphs, self.mixed, self.piecewise, *lane_graphs):
                 if graphs is not None:
                     graphs.capture_all()
@@ -313,8 +316,8 @@ class Worker:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         if self.graphs is not None or self.mixed is not None or self.piecewise is not None:
-            num_decode = len(self.graphs.graphs) * (1 + len(lane_graphs)) if self.graphs is not None else 0
-            num_mixed = len(self.mixed.graphs) if self.mixed is not None else 0
+            num_decode = sum(len(g.graphs) for g in (self.graphs, *lane_graphs) if isinstance(g, DecodeGraphs))
+            num_mixed = sum(len(g.graphs) for g in (self.mixed, *lane_graphs) if isinstance(g, MixedGraphs))
             num_piecewise = len(self.piecewise.pieces) if self.piecewise is not None else 0
             logger.info(
                 "rank %d: captured %d decode graphs, %d mixed-step graphs and %d piecewise step sizes in %.1f s",

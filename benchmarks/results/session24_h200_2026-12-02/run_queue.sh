@@ -52,3 +52,7 @@ timeout 300 python -m benchmarks.mixed_long_short --shape llama3-8b --long-len 2
     --step-log $D/mixed_8b_lane_16_steps.jsonl --plot > $D/mixed8b_16.log 2>&1; tail -4 $D/mixed8b_16.log
 python -m benchmarks.step_log_report $D/mixed_8b_lane_16_steps.jsonl --out $D/step_log_report.json 2>&1 | tail -1
 gzip $D/*.jsonl
+
+# e/: after d/, the steps' mixed-step graphs captured per split too: the lane's and the graphs' GPU tests
+source .dev_lead/prelude.sh; mkdir -p $OUT/e
+MNEMOSYNE_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x tests/test_prefill_lane.py tests/test_cuda_graphs.py > $OUT/e/gpu_tests_prefill_lane_graphs.log 2>&1
