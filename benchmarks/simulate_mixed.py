@@ -48,18 +48,24 @@ METRICS = ("long_ttft_s", "p50_ms", "p99_ms", "max_ms")
 def simulate_config(model_dir: Path, name: str, m: dict, ns: argparse.Namespace, step_timer=None,
                     online_calibration: bool = True) -> dict:  # fmt: skip
     """`step_timer(model)`: builds the simulated device's StepTimer (None: steps take the prediction)."""
-    cfg = CONFIGS[name]
+    cfg = CONFIGS[name]  # (adaptive_lars_lane: the prefill lane, simulator/lane.py)
     args = EngineArgs(
         model=str(model_dir), max_num_batched_tokens=8192 + 256, max_num_seqs=256, enable_prefix_caching=False,
         chunk_policy=cfg["chunk_policy"], chunk_size=cfg["chunk_size"], scheduling_policy=cfg["scheduling_policy"],
         tbt_slo_ms=m["tbt_slo_ms"], latency_profile=ns.profile,
         online_calibration=online_calibration and cfg.get("online_calibration", True),
         tbt_slo_quantile=m.get("tbt_slo_quantile", 0.9),  # older runs predate the option: its default then
+        prefill_lane_free_sms=m.get("prefill_lane_free_sms", 0) if cfg.get("prefill_lane") else 0,
+        prefill_lane_max_free_sms=m.get("prefill_lane_max_free_sms"),
+        prefill_lane_chunk_tokens=m.get("prefill_lane_chunk_tokens", EngineArgs.prefill_lane_chunk_tokens),
+        prefill_lane_min_tokens=m.get("prefill_lane_min_tokens", EngineArgs.prefill_lane_min_tokens),
     )  # fmt: skip
     spec = device_spec(ns.gpu)
     config = simulated_engine_config(model_dir, args, spec)
     model, source = latency_model_for(config, spec)
-    sim = SimulatedEngine(config, model, source, step_timer=None if step_timer is None else step_timer(model))
+    sim = SimulatedEngine(
+        config, model, source, step_timer=None if step_timer is None else step_timer(model), num_sms=spec.num_sms
+    )
     shorts = [f"short-{i}" for i in range(m["num_short"])]
     for rid in shorts:
         sim.add_request(rid, m["short_len"], m["short_max_tokens"])

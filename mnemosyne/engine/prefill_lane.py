@@ -42,7 +42,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
@@ -51,10 +51,7 @@ from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.outputs import RequestOutput
-from mnemosyne.wire.plan import StepResult, StepTrace
-
-if TYPE_CHECKING:
-    from mnemosyne.executor.uniproc import UniProcExecutor
+from mnemosyne.wire.plan import StepPlan, StepResult, StepTrace
 
 LANE_POLL_S = 0.005  # how long step() waits for the lane when the steps have nothing to run
 LANE_STEP_HEADROOM = 0.9  # a lane chunk leaves the steps SMs for this fraction of the TBT target
@@ -123,6 +120,21 @@ class BesideLaneLatencyModel:
         return max(choices)
 
 
+class LaneExecutor(Protocol):
+    """What runs the lane's chunks: `UniProcExecutor` on a device, `simulator/lane.py`'s
+    `VirtualLane` on the simulator's clock."""
+
+    @property
+    def lane_steps_sms_choices(self) -> tuple[int, ...]: ...  # empty: the steps keep every SM
+
+    @property
+    def device_num_sms(self) -> int: ...
+
+    def submit_lane(self, plan: StepPlan, steps_sms: int | None) -> None: ...
+
+    def lane_result(self, timeout_s: float | None) -> StepResult | None: ...
+
+
 class LaneDriver:
     """The engine's side of the lane: launch the chunks `Scheduler.schedule_lane` gives, each
     with the SMs it leaves the steps, take their results oldest first, hand them to the
@@ -133,7 +145,7 @@ class LaneDriver:
         self,
         scheduler: Scheduler,
         planner: PlanBuilder,
-        executor: UniProcExecutor,
+        executor: LaneExecutor,
         process: Callable[[SchedulerOutput, StepResult], list[RequestOutput]],
         predict_s: Callable[[SchedulerOutput], float],
         step_log: StepLog | None,

@@ -35,6 +35,7 @@ class DeviceSpec:
     step_overhead_s: float  # per step: host scheduling, launches, sampling
     layer_overhead_s: float  # per layer: kernel launches not hidden by the GPU's work
     memory_capacity_bytes: float = 0.0  # device memory (planning: do weights and KV fit)
+    num_sms: int = 0  # streaming multiprocessors (the prefill lane's splits); 0: none (CPU)
 
 
 H200 = DeviceSpec(
@@ -47,6 +48,7 @@ H200 = DeviceSpec(
     step_overhead_s=0.8e-3,
     layer_overhead_s=5e-6,
     memory_capacity_bytes=143771 * 2**20,
+    num_sms=132,
 )
 H100 = DeviceSpec(  # SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 peak (about 700 achievable)
     name="NVIDIA H100",
@@ -58,6 +60,7 @@ H100 = DeviceSpec(  # SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 peak (about 70
     step_overhead_s=0.8e-3,
     layer_overhead_s=5e-6,
     memory_capacity_bytes=81559 * 2**20,
+    num_sms=132,
 )
 CPU = DeviceSpec(
     name="cpu",

@@ -104,6 +104,14 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         "--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
         help="two steps in flight with spp == 1, as the engine runs (arrivals wait for the planned step)",
     )  # fmt: skip
+    g.add_argument(
+        "--prefill-lane-free-sms", type=int, default=d.prefill_lane_free_sms, metavar="N",
+        help="simulate the prefill lane (one GPU; simulator/lane.py), each chunk leaving the steps N to "
+        "--prefill-lane-max-free-sms SMs; 0: off",
+    )  # fmt: skip
+    g.add_argument("--prefill-lane-max-free-sms", type=int, default=d.prefill_lane_max_free_sms, metavar="M")
+    g.add_argument("--prefill-lane-min-tokens", type=int, default=d.prefill_lane_min_tokens)
+    g.add_argument("--prefill-lane-chunk-tokens", type=int, default=d.prefill_lane_chunk_tokens)
     add_policy_args(p, d)
 
 
@@ -113,7 +121,8 @@ def simulate_engine_args(ns: argparse.Namespace) -> EngineArgs:
         "kv_cache_memory_gb", "tp", "spp", "kvp", "max_tokens_per_kvp_group", "pipeline_depth",
         "chunk_policy", "scheduling_policy", "tbt_slo_ms", "prefill_only_step_ms", "latency_profile", "long_prefill_threshold",
         "deadline_factor", "min_deadline_s", "chunk_granularity", "min_chunk_tokens", "online_calibration",
-        "tbt_slo_quantile", "graph_sized_steps", "async_scheduling",
+        "tbt_slo_quantile", "graph_sized_steps", "async_scheduling", "prefill_lane_free_sms",
+        "prefill_lane_max_free_sms", "prefill_lane_min_tokens", "prefill_lane_chunk_tokens",
     )  # fmt: skip
     return EngineArgs(model=ns.model, enable_prefix_caching=False, **{n: getattr(ns, n) for n in names})
 
@@ -163,7 +172,7 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
     timer = scaled_timer(device, ns.latency_error_factor, ns.chunk_step_factor) if timed else None
     engine = SimulatedEngine(
         config, model, source, step_timer=timer, record_steps=record_steps,
-        idle_step_factor=ns.idle_step_factor, device=logged,
+        idle_step_factor=ns.idle_step_factor, device=logged, num_sms=spec.num_sms,
     )  # fmt: skip
     # a request the engine refuses raises its InvalidRequestError
     run_trace(engine, trace, ns.arrival_delay_ms / 1e3)
@@ -183,6 +192,10 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
         "tbt_slo_quantile": config.policy.tbt_slo_quantile,
         "max_decoding_step_tokens": config.policy.max_decoding_step_tokens,
         "async_scheduling": config.scheduler.async_scheduling,
+        "prefill_lane": None if engine.lane is None else {
+            "steps_sms_choices": list(engine.lane.choices), "num_sms": spec.num_sms,
+            "chunks_by_steps_sms": {str(k): v for k, v in sorted(engine.lane.num_chunks_by_steps_sms.items())},
+        },
         "latency_error_factor": ns.latency_error_factor,
         "chunk_step_factor": ns.chunk_step_factor,
         "idle_step_factor": ns.idle_step_factor,

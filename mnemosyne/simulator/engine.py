@@ -32,6 +32,12 @@ slows such a step when it carries a prefill chunk (an eager step of 1-4K tokens 
 1.44x its prediction on an H200 for the 1B shape, 1.26x for the 8B; the step log's
 `idle_start` steps, `benchmarks/step_log_report.py`).
 
+With a prefill lane (`SchedulerConfig.prefill_lane`, one device) the engine's `LaneDriver`
+runs it against `lane.py`'s `VirtualLane`: each step first processes the chunks whose end
+the clock has reached and launches the next, as `LLMEngine.step`; a step beside a chunk takes
+`BesideLaneLatencyModel.confined_s` (its decodes on the split's SMs); with nothing but the
+lane in flight the clock jumps to the oldest chunk's end. `num_sms` is the GPU's SM count.
+
 A `LoggedDevice` (`device_log.py`, `mnemosyne simulate --device-step-log`) times the steps
 instead, from one measured run's step log: a factor per prefix bucket and path for steps
 with a chunk, one for such steps submitted with nothing in flight, and a draw from the
@@ -52,15 +58,19 @@ import numpy as np
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.engine.policies import make_policies
+from mnemosyne.engine.prefill_lane import LaneDriver
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
 from mnemosyne.engine.step_load import step_composition
+from mnemosyne.engine.step_plan import PlanBuilder
+from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.request import TOKEN_ID_DTYPE, Request, prompt_array
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.simulator.device_log import LoggedDevice
+from mnemosyne.simulator.lane import VirtualLane
 from mnemosyne.simulator.pipeline import StagePipeline
 from mnemosyne.simulator.trace import TraceRequest
 
@@ -113,6 +123,7 @@ class SimulatedEngine:
         record_steps: bool = False,
         idle_step_factor: float = 1.0,
         device: LoggedDevice | None = None,
+        num_sms: int = 0,
     ) -> None:
         if idle_step_factor <= 0:
             raise ValueError(f"the idle step factor must be positive, got {idle_step_factor}")
@@ -140,6 +151,19 @@ class SimulatedEngine:
         # (sched, composition, predicted_s, submit_s, done_s)
         self._inflight: deque[tuple[SchedulerOutput, StepComposition, float, float, float]] = deque()
         self._prompts: dict[int, np.ndarray] = {}  # one shared read-only id array per prompt length
+        self.virtual_lane: VirtualLane | None = None
+        self.lane: LaneDriver | None = None
+        lane = config.scheduler.prefill_lane
+        if lane is not None:
+            if num_sms <= 0:
+                raise ConfigError("simulating the prefill lane needs the GPU's SM count (a --gpu that has one)")
+            assert self.policies.beside_lane is not None  # made with every lane
+            self.virtual_lane = VirtualLane(latency_model, num_sms, lane.steps_sms_choices, lambda: self.now_s)
+            self.lane = LaneDriver(
+                self.scheduler, PlanBuilder(self.scheduler, self.kv_manager), self.virtual_lane,
+                lambda sched, result: self._process_lane(sched), lambda sched: 0.0, None,
+                self.policies.beside_lane, config.policy.tbt_slo_s,
+            )  # fmt: skip
 
     def add_request(
         self, request_id: str, prompt_len: int, output_len: int, arrival_s: float | None = None
@@ -153,18 +177,23 @@ class SimulatedEngine:
         self.requests[request_id] = SimulatedRequest(request_id, arrival, prompt_len, output_len)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._inflight)
+        return self.scheduler.has_unfinished_requests() or bool(self._inflight) or self.scheduler.lane_busy
 
     def step(self) -> bool:
         """One `LLMEngine.step`: fill the pipeline, finish the oldest micro-batch. False when
         nothing was in flight or could be scheduled."""
+        if self.lane is not None:
+            self.lane.advance(0.0)
+        beside = self.policies.beside_lane
         while len(self._inflight) < self.max_inflight:
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 break
             comp = step_composition(self.kv_manager, sched)
             predicted_s = self.policies.latency_model.step_time_s(comp)
-            if self.device is not None:
+            if beside is not None and beside.steps_share is not None:  # beside a lane chunk
+                duration_s = beside.confined_s(comp, beside.steps_share)
+            elif self.device is not None:
                 duration_s = self.device.step_time_s(comp, predicted_s, idle=not self._inflight)
             else:
                 duration_s = predicted_s if self.step_timer is None else self.step_timer(comp)
@@ -173,13 +202,25 @@ class SimulatedEngine:
             done_s = self.pipeline.submit(self.now_s, duration_s)
             self._inflight.append((sched, comp, predicted_s, self.now_s, done_s))
         if not self._inflight:
-            return False
+            if self.lane is None or self.virtual_lane is None or not self.scheduler.lane_busy:
+                return False
+            end_s = self.virtual_lane.next_end_s
+            assert end_s is not None  # the scheduler's lane chunks are the virtual lane's
+            self.now_s = max(self.now_s, end_s)  # nothing else to run: the lane's next chunk ends
+            self.lane.advance(0.0)
+            return True
         sched, comp, predicted_s, submit_s, done_s = self._inflight.popleft()
         self.now_s = max(self.now_s, done_s)
-        if self.policies.calibration is not None:
+        # (beside the lane the calibration does not learn: as LLMEngine, only from steps with the device alone)
+        if self.policies.calibration is not None and not self.scheduler.lane_busy:
             self.policies.calibration.observe(comp, predicted_s, submit_s, self.now_s)
         self._process(sched, submit_s)
         return True
+
+    def _process_lane(self, sched: SchedulerOutput) -> list:
+        """A lane chunk ended: its tokens are computed (it samples nothing)."""
+        self.scheduler.update_from_output(sched, {})
+        return []
 
     def _process(self, sched: SchedulerOutput, submit_s: float) -> None:
         self.num_steps += 1

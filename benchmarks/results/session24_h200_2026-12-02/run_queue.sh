@@ -56,3 +56,10 @@ gzip $D/*.jsonl
 # e/: after d/, the steps' mixed-step graphs captured per split too: the lane's and the graphs' GPU tests
 source .dev_lead/prelude.sh; mkdir -p $OUT/e
 MNEMOSYNE_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x tests/test_prefill_lane.py tests/test_cuda_graphs.py > $OUT/e/gpu_tests_prefill_lane_graphs.log 2>&1
+
+# simulated/ (on CPU, after e/): the lane in the simulator against c/ and d/
+P8B=benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/latency_profile_quick_8b.json
+R=benchmarks/results/session24_h200_2026-12-02
+for r in c/mixed_long_short_8b_lane_split d/mixed_long_short_8b_lane_16; do
+python -m benchmarks.simulate_mixed --measured $R/$r.json --profile $P8B --out $R/simulated/$(dirname $r)_$(basename $r).json
+done

@@ -1,0 +1,104 @@
+"""The prefill lane in the simulator (simulator/lane.py): the engine's LaneDriver on the
+virtual clock, the 8B shape's mixed scenario scaled down (32 decodes, then a 128K-token
+prompt) on the H200 roofline; config.json only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_simulator import LLAMA3_8B, write_config, write_trace
+
+from mnemosyne.cli import main
+from mnemosyne.engine.args import EngineArgs
+from mnemosyne.latency.composition import GroupLoad, StepComposition
+from mnemosyne.simulator.engine import SimulatedEngine, run_trace
+from mnemosyne.simulator.lane import LANE_CHUNK_OVERHEAD
+from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config
+from mnemosyne.simulator.trace import TraceRequest
+from mnemosyne.wire.plan import ChunkPlan, StepPlan
+
+LONG_LEN = 131072
+TRACE = [TraceRequest(0.0, 1000, 600) for _ in range(32)] + [TraceRequest(1.0, LONG_LEN, 1)]
+
+
+@pytest.fixture(scope="module")
+def model_8b(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("shapes"), "llama3_8b", LLAMA3_8B)
+
+
+def run(model_dir, free_sms: int) -> SimulatedEngine:
+    args = EngineArgs(
+        model=str(model_dir), max_model_len=LONG_LEN + 8, chunk_policy="adaptive", scheduling_policy="lars",
+        tbt_slo_ms=30, enable_prefix_caching=False, prefill_lane_free_sms=free_sms,
+    )  # fmt: skip
+    spec = device_spec("h200")
+    config = simulated_engine_config(model_dir, args, spec)
+    engine = SimulatedEngine(config, *latency_model_for(config, spec), num_sms=spec.num_sms)
+    run_trace(engine, TRACE)
+    return engine
+
+
+def gaps_during_long_prefill(engine: SimulatedEngine) -> list[float]:
+    long = engine.requests[f"req-{len(TRACE) - 1}"]
+    first = long.token_times_s[0]
+    return [
+        b - a
+        for rid, sim in engine.requests.items()
+        if sim is not long
+        for a, b in zip(sim.token_times_s, sim.token_times_s[1:], strict=False)
+        if long.arrival_s <= a and b <= first
+    ]
+
+
+def test_the_lane_runs_the_prompt_and_keeps_the_steps_within_the_target(model_8b):
+    """The prompt's chunks run one after the other in the lane, its first token follows the
+    last within a few steps, the decodes' steps beside them fit the target, and the run is
+    deterministic. (Which of lane and mixed batching is faster depends on the latency model:
+    the H200 roofline is optimistic for small chunks; benchmarks/simulate_mixed.py compares
+    the lane with a measured profile against its H200 runs.)"""
+    engine = run(model_8b, 16)
+    assert engine.lane is not None and engine.virtual_lane is not None
+    spans = engine.virtual_lane.spans_s
+    assert len(spans) == engine.scheduler.num_lane_chunks >= 30
+    assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:], strict=False))  # one lane
+    assert {s for _, _, s in spans} <= {16, 24, 32}
+    assert sum(engine.lane.num_chunks_by_steps_sms.values()) == len(spans)
+    long = engine.requests[f"req-{len(TRACE) - 1}"]
+    assert 0 < long.token_times_s[0] - spans[-1][1] < 0.1
+    gaps = gaps_during_long_prefill(engine)
+    assert gaps and max(gaps) <= 0.030  # every step beside a chunk fits its split's prediction
+    assert all(len(sim.token_times_s) == sim.output_len for sim in engine.requests.values())
+    again = run(model_8b, 16)
+    assert [s.token_times_s for s in again.requests.values()] == [s.token_times_s for s in engine.requests.values()]
+
+
+def test_a_chunk_takes_its_time_alone_over_its_share_of_the_sms(model_8b):
+    spec = device_spec("h200")
+    args = EngineArgs(model=str(model_8b), max_model_len=LONG_LEN, prefill_lane_free_sms=16, enable_prefix_caching=False)
+    config = simulated_engine_config(model_8b, args, spec)
+    engine = SimulatedEngine(config, *latency_model_for(config, spec), num_sms=spec.num_sms)
+    lane = engine.virtual_lane
+    assert lane is not None
+    plan = StepPlan(step_id=0, chunks=(ChunkPlan("r", 8192, 4096, False, (), (), 0, ()),))
+    alone = lane.model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(4096, 8192)))
+    assert lane.chunk_s(plan, 24) == pytest.approx(alone * 132 / 108 * LANE_CHUNK_OVERHEAD)
+    lane.submit_lane(plan, 24)
+    lane.submit_lane(plan, 16)  # after the first: one lane
+    assert lane.next_end_s == pytest.approx(lane.chunk_s(plan, 24))
+    assert lane.lane_result(0.0) is None  # the clock has not moved
+    engine.now_s = 1e3
+    assert lane.lane_result(0.0) is not None and lane.lane_result(0.0) is not None
+
+
+def test_simulating_the_lane_needs_a_gpu_with_sms(model_8b, tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    trace = write_trace(tmp_path / "trace.jsonl")
+    argv = ["simulate", "--model", str(model_8b), "--trace", str(trace), "--out", str(out),
+            "--max-model-len", "16384", "--prefill-lane-free-sms", "16", "--prefill-lane-min-tokens", "4096"]  # fmt: skip
+    assert main([*argv, "--gpu", "cpu", "--kv-cache-memory-gb", "4"]) != 0
+    assert "SM count" in capsys.readouterr().err
+    assert main(argv) == 0
+    setup = json.loads(out.read_text())["setup"]
+    assert setup["prefill_lane"]["steps_sms_choices"] == [16, 24, 32]
+    assert sum(setup["prefill_lane"]["chunks_by_steps_sms"].values()) >= 1
