@@ -38,6 +38,8 @@ Configurations (`--configs`, comma-separated), each on a fresh server:
     fcfs_fixed2048   --chunk-policy fixed --chunk-size 2048 --scheduling-policy fcfs
     lars_adaptive    --chunk-policy adaptive --scheduling-policy lars (space sharing included)
     fcfs_adaptive    --chunk-policy adaptive --scheduling-policy fcfs (only when named)
+    lars_adaptive_lane  lars_adaptive with --prefill-lane-free-sms 16: prompts with 64K+ tokens
+                     left prefill in the prefill lane (one GPU, cuda-bindings; only when named)
 
 all with `--load-format dummy --no-enable-prefix-caching --tbt-slo-ms --max-num-batched-tokens`
 (and `--latency-profile` when given). Per configuration: start the server, wait for /health

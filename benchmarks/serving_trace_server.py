@@ -21,6 +21,8 @@ CONFIGS: dict[str, list[str]] = {
     "fcfs_fixed2048": ["--chunk-policy", "fixed", "--chunk-size", "2048", "--scheduling-policy", "fcfs"],
     "lars_adaptive": ["--chunk-policy", "adaptive", "--scheduling-policy", "lars"],
     "fcfs_adaptive": ["--chunk-policy", "adaptive", "--scheduling-policy", "fcfs"],  # adaptive without LARS
+    # lars_adaptive with the prefill lane (one GPU; needs cuda-bindings): the steps keep 16-32 SMs
+    "lars_adaptive_lane": ["--chunk-policy", "adaptive", "--scheduling-policy", "lars", "--prefill-lane-free-sms", "16"],
 }
 DEFAULT_CONFIGS = ("fcfs_fixed512", "fcfs_fixed2048", "lars_adaptive")  # the scheduling issue's three
 SERVER_METRICS = ("mnemosyne:tbt_slo_total", "mnemosyne:ttft_slo_total", "mnemosyne:num_preemptions_total")
