@@ -33,8 +33,9 @@ of 1.5K keys take 6.5 ms on 132 SMs and 22.0 / 16.1 / 12.5 ms on 16 / 24 / 32 (e
 (e = 1.7 / 1.6 / 1.6 / 1.4); beside a chunk 10-15% more. In the engine (the 8B mixed
 scenario, "Twenty-fourth session") e settled at 1.79, and the splits moved from 16 to 24 SMs
 at ~15 s and to 32 at ~45 s of the prompt's 51 s, each 10-s window's steps within a p99 of
-28.4 ms (always 16 SMs: 33.2 ms by the end). Adaptive chunking sizes the steps by this model
-while a chunk runs; online calibration learns only from steps with the GPU to themselves.
+28.4 ms (always 16 SMs: p50 33.7 ms in the last 10 s). Adaptive chunking sizes the steps by
+this model while a chunk runs; online calibration learns only from steps with the GPU to
+themselves.
 """
 
 from __future__ import annotations
