@@ -56,6 +56,7 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens found cached
     num_cached_blocks: int = 0  # blocks holding reusable prefix KV now, every group
     num_lane_chunks: int = 0  # prefill lane chunks scheduled since start (engine/prefill_lane.py)
+    lane_steps_sms: int = 0  # SMs the steps are confined to beside the running lane chunk; 0: every SM
 
 
 @dataclass(frozen=True)

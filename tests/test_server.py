@@ -452,4 +452,6 @@ def test_prefill_lane_serves_the_same_text_and_counts_its_chunks(chat_model: Pat
         reply = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
         assert reply["choices"][0]["text"] == expected
         wait_idle(srv)
-        assert scrape(srv)["mnemosyne:prefill_lane_chunks_total"] >= 2
+        metrics = scrape(srv)
+        assert metrics["mnemosyne:prefill_lane_chunks_total"] >= 2
+        assert metrics["mnemosyne:prefill_lane_steps_sms"] == 0  # no chunk running (and on CPU, no split)

@@ -202,6 +202,7 @@ class LLMEngine:
             prefix_cache_hits=self.kv_manager.prefix_cache_stats.num_hit_tokens,
             num_cached_blocks=self.kv_manager.num_cached_blocks,
             num_lane_chunks=self.scheduler.num_lane_chunks,
+            lane_steps_sms=(self.lane.steps_sms or 0) if self.lane is not None else 0,
         )
 
     # ---- the step ---------------------------------------------------------------------

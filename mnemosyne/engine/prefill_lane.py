@@ -214,7 +214,12 @@ class LaneDriver:
             return None
         return self.beside.fewest_sms(self.scheduler.decode_load(), self.num_sms, self.choices, self.target_s)
 
+    @property
+    def steps_sms(self) -> int | None:
+        """The SMs the running chunk (the oldest in flight) leaves the steps; None: every SM."""
+        return self._in_flight[0][3] if self._in_flight else None
+
     def _update_share(self) -> None:
-        """The steps' share of the SMs from now on: the oldest chunk's (the one running)."""
-        steps_sms = self._in_flight[0][3] if self._in_flight else None
+        """The steps' share of the SMs from now on: the running chunk's."""
+        steps_sms = self.steps_sms
         self.beside.steps_share = None if steps_sms is None else steps_sms / self.num_sms

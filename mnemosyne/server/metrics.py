@@ -91,6 +91,11 @@ class ServerMetrics:
             "prefill_lane_chunks", "Prompt chunks run in the prefill lane (--prefill-lane-free-sms)."
         ).labels(**labels)
         self._num_lane_chunks = 0
+        self.lane_steps_sms = Gauge(
+            PREFIX + "prefill_lane_steps_sms",
+            "SMs the steps are confined to beside the running prefill lane chunk (0: every SM).",
+            labels, registry=r,
+        ).labels(**labels)  # fmt: skip
         self._num_preemptions = 0
         self._prefix_cache_queries = 0
         self._prefix_cache_hits = 0
@@ -179,6 +184,7 @@ class ServerMetrics:
         self.cached_blocks.set(stats.num_cached_blocks)
         self.lane_chunks.inc(stats.num_lane_chunks - self._num_lane_chunks)
         self._num_lane_chunks = stats.num_lane_chunks
+        self.lane_steps_sms.set(stats.lane_steps_sms)
 
     # ---- HTTP -------------------------------------------------------------------------
 
