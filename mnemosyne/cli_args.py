@@ -112,25 +112,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="dummy: random weights from config.json alone (benchmarks)",
     )
     add_policy_args(p, d)
-    lane = p.add_argument_group("prefill lane (one device)")
-    lane.add_argument(
-        "--prefill-lane-free-sms", type=int, default=d.prefill_lane_free_sms, metavar="N",
-        help="N > 0 (a multiple of 8): a long prompt prefills in large chunks in a lane of its own, "
-        "beside the steps of every other request, which each chunk leaves N to --prefill-lane-max-free-sms "
-        "SMs (chosen from their predicted time); 0: every chunk runs in the engine's steps",
-    )  # fmt: skip
-    lane.add_argument(
-        "--prefill-lane-max-free-sms", type=int, default=d.prefill_lane_max_free_sms, metavar="M",
-        help="the most SMs a lane chunk leaves the steps (a multiple of 8; default 2 x N)",
-    )  # fmt: skip
-    lane.add_argument(
-        "--prefill-lane-min-tokens", type=int, default=d.prefill_lane_min_tokens,
-        help="prompt tokens left to prefill for a request to enter the lane",
-    )  # fmt: skip
-    lane.add_argument(
-        "--prefill-lane-chunk-tokens", type=int, default=d.prefill_lane_chunk_tokens,
-        help="the lane's chunk size",
-    )  # fmt: skip
+    add_prefill_lane_args(p, d)
     g.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -187,6 +169,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     par.add_argument(
         "--heartbeat-timeout-s", type=float, default=d.heartbeat_timeout_s,
         help="a worker or engine core silent this long is dead",
+    )  # fmt: skip
+
+
+def add_prefill_lane_args(p: argparse.ArgumentParser, d: EngineArgs) -> None:
+    """The prefill lane's options (`serve`, `generate`, `simulate`)."""
+    lane = p.add_argument_group("prefill lane (one device)")
+    lane.add_argument(
+        "--prefill-lane-free-sms", type=int, default=d.prefill_lane_free_sms, metavar="N",
+        help="N > 0 (a multiple of 8): a long prompt prefills in large chunks in a lane of its own, "
+        "beside the steps of every other request, which each chunk leaves N to --prefill-lane-max-free-sms "
+        "SMs (chosen from their predicted time); 0: every chunk runs in the engine's steps",
+    )  # fmt: skip
+    lane.add_argument(
+        "--prefill-lane-max-free-sms", type=int, default=d.prefill_lane_max_free_sms, metavar="M",
+        help="the most SMs a lane chunk leaves the steps (a multiple of 8; default 2 x N)",
+    )  # fmt: skip
+    lane.add_argument(
+        "--prefill-lane-min-tokens", type=int, default=d.prefill_lane_min_tokens,
+        help="prompt tokens left to prefill for a request to enter the lane",
+    )  # fmt: skip
+    lane.add_argument(
+        "--prefill-lane-chunk-tokens", type=int, default=d.prefill_lane_chunk_tokens,
+        help="the lane's chunk size",
     )  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def step_factor_argv(ns: argparse.Namespace) -> list[str]:
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
-    from mnemosyne.cli_args import add_policy_args
+    from mnemosyne.cli_args import add_policy_args, add_prefill_lane_args
 
     _add_model_args(p)
     p.add_argument("--trace", required=True, help='JSONL: {"arrival_s", "prompt_len", "output_len"} per line')
@@ -104,14 +104,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         "--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
         help="two steps in flight with spp == 1, as the engine runs (arrivals wait for the planned step)",
     )  # fmt: skip
-    g.add_argument(
-        "--prefill-lane-free-sms", type=int, default=d.prefill_lane_free_sms, metavar="N",
-        help="simulate the prefill lane (one GPU; simulator/lane.py), each chunk leaving the steps N to "
-        "--prefill-lane-max-free-sms SMs; 0: off",
-    )  # fmt: skip
-    g.add_argument("--prefill-lane-max-free-sms", type=int, default=d.prefill_lane_max_free_sms, metavar="M")
-    g.add_argument("--prefill-lane-min-tokens", type=int, default=d.prefill_lane_min_tokens)
-    g.add_argument("--prefill-lane-chunk-tokens", type=int, default=d.prefill_lane_chunk_tokens)
+    add_prefill_lane_args(p, d)  # (the lane on the virtual clock: simulator/lane.py)
     add_policy_args(p, d)
 
 
