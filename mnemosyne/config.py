@@ -202,7 +202,8 @@ class PrefillLaneConfig:
     short prompts) launched while it runs are confined to the S it leaves them, so neither
     waits for the other's thread blocks. S is chosen per chunk from the steps' predicted time
     (`BesideLaneLatencyModel.fewest_sms`): the fewest of `free_sms`, `free_sms` + 8, ..., `max_free_sms` whose
-    decode step fits the TBT target. On CPU the lane is a thread sharing the cores (tests)."""
+    decode step fits the TBT target; when none does but every SM would, the lane holds (its prompt
+    prefills in the steps meanwhile). On CPU the lane is a thread sharing the cores (tests)."""
 
     free_sms: int = 16  # the fewest SMs the lane leaves the steps: a multiple of 8 (the driver's split granule)
     min_prompt_tokens: int = 65536  # prompt tokens left to prefill for a request to enter the lane

@@ -92,6 +92,58 @@ def test_the_steps_stop_at_the_claim_even_with_a_chunk_in_flight():
     assert out is not None and (out.chunks[0].start, out.chunks[0].num_tokens) == (8, 16)
 
 
+def test_a_second_long_prompt_waits_for_the_lane_and_then_owns_it():
+    """While the lane has an owner, another prompt that would qualify gets nothing from the
+    steps after its admission chunk; it owns the lane once the first hands back its last token."""
+    s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
+    first, second, short = req("first", 60), req("second", 56), req("short", 5)
+    s.add_request(first)
+    run_main(s)  # first's admission chunk
+    lane_outs = [s.schedule_lane(), s.schedule_lane()]
+    s.add_request(second)
+    s.add_request(short)
+    ids = [c.request.request_id for c in run_main(s).chunks]
+    assert "second" in ids  # its admission chunk (48 left afterwards: it qualifies)
+    for _ in range(5):  # the steps give it nothing more while first owns the lane
+        assert [c.request.request_id for c in run_main(s).chunks if c.request.is_prefill] == []
+    assert second.num_computed_tokens == 8
+    owners = []
+    while lane_outs:
+        out = lane_outs.pop(0)
+        s.update_from_output(out, {})
+        s.lane_done()
+        if (nxt := s.schedule_lane()) is not None:
+            owners.append(nxt.chunks[0].request.request_id)
+            lane_outs.append(nxt)
+        if owners[-1:] == ["second"]:
+            break
+    assert owners == ["first", "first", "second"] and first.num_computed_tokens == 59
+    assert lane_outs[0].chunks[0].start == 8  # second's lane chunks follow its admission chunk
+    last = run_main(s)  # first's last token samples in the steps; second stays in the lane
+    assert [(c.request.request_id, c.start) for c in last.chunks if c.request is not short] == [("first", 59)]
+
+
+def test_a_new_owner_waits_for_its_steps_chunk_behind_an_aborted_owners_lane_chunk():
+    """The lane's stream does not wait for the steps': a new owner gets no lane chunk while
+    its own chunk is in the steps' flight, even when the lane's flight still holds a chunk of
+    the aborted owner before it."""
+    s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
+    first, second = req("first", 60), req("second", 56)
+    s.add_request(first)
+    run_main(s)
+    lane_out = s.schedule_lane()
+    s.add_request(second)
+    admission = s.schedule()  # second's first chunk, in the steps' flight
+    assert [c.request.request_id for c in admission.chunks] == ["second"]
+    s.finish_request("first", RequestStatus.FINISHED_ABORTED)  # its lane chunk is still in flight
+    assert s.schedule_lane() is None  # second owns the lane now, but [0, 8) is not computed yet
+    s.update_from_output(admission, {})
+    out = s.schedule_lane()
+    assert out is not None and out.chunks[0].request is second and out.chunks[0].start == 8
+    s.update_from_output(lane_out, {})
+    s.lane_done()
+
+
 def test_short_prompts_and_prompt_logprobs_stay_out_of_the_lane():
     s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
     s.add_request(req("short", 39))
@@ -190,8 +242,11 @@ def test_fewest_sms_that_fit_the_target():
     assert m.fewest_sms(decodes(2, 1000), num_sms, choices, target) == 16
     # 7 ms alone: 28 ms on 16, 18.7 on 24
     assert m.fewest_sms(decodes(5, 1000), num_sms, choices, target) == 24
+    # 20 ms alone: 40 ms on 32 SMs, but every SM would fit: the lane holds
+    assert m.fewest_sms(decodes(18, 1000), num_sms, choices, target) is None
     # 40 ms alone fits nowhere: the most SMs
     assert m.fewest_sms(decodes(38, 1000), num_sms, choices, target) == 32
+    assert m.fewest_sms(decodes(0, 0), num_sms, choices, target) == 16  # no decode: no gap to keep
     assert LANE_STEP_HEADROOM * target < 28 * MS
 
 
@@ -246,6 +301,35 @@ def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
     assert beside.efficiency == pytest.approx(PRIOR_SM_EFFICIENCY + EFFICIENCY_WEIGHT * (1.5 - PRIOR_SM_EFFICIENCY))
     driver.drain()
     assert beside.steps_share is None and not s.lane_busy
+
+
+def test_the_lane_holds_while_the_decodes_need_every_sm():
+    """When no split leaves the decodes enough SMs but the whole device would, the driver
+    launches nothing and the owner prefills in the steps; the lane resumes once a split fits."""
+    from mnemosyne.engine.prefill_lane import LaneDriver
+    from mnemosyne.engine.step_plan import PlanBuilder
+
+    s, kv = lane_sched(budget=64, chunk=64, num_blocks=512)
+    shorts = [req(f"s{i}", 8, max_tokens=100) for i in range(3)]
+    for r in shorts:
+        s.add_request(r)
+    run_main(s)
+    long = req("long", 200)
+    s.add_request(long)
+    run_main(s)  # the long prompt's first chunk in the steps
+    # alone (2 + 0.03 ms) x 10 = 20.3 ms; on 32 of 128 SMs x 128 / (32 x 2.1): 38.7 ms > 27
+    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=10.0))
+    ex = FakeLaneExecutor()
+    driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03)
+    driver.advance(0.0)
+    assert ex.submitted == [] and not s.lane_busy  # held
+    step = run_main(s)  # the owner is the steps' again: mixed batching on every SM
+    assert any(c.request is long for c in step.chunks)
+    for r in shorts:
+        s.finish_request(r.request_id, RequestStatus.FINISHED_ABORTED)
+    driver.advance(0.0)  # no decode left: a split fits, the lane resumes after the steps' chunks
+    assert ex.submitted == [16, 16] and s.lane_busy
+    assert [c.request.request_id for c in run_main(s).chunks] == []  # the steps skip the owner again
 
 
 def test_lane_config_errors():

@@ -8,6 +8,15 @@ must not free yet (engine/scheduler.py draws the lane; engine/prefill_lane.py ru
     deferred_free  requests finished (done, aborted) with lane chunks in flight: their KV is
                    freed when the last of those chunks is processed, since the lane may still
                    write it; no lane chunk's request is ever a preemption victim
+
+While the lane has an owner and does not hold, every other running prompt that `qualifies`
+waits for the lane (`waits_for_lane`): the steps give it nothing, and it becomes the owner, by priority, when
+the lane is free. Prefilled in the steps instead, beside a lane chunk and on the few SMs the
+chunk leaves them, its chunks over a long prefix make the steps miss the TBT target (the
+minimum progress alone: 32 tokens after 200K keys on 16 SMs is ~25 ms of the step) while it
+prefills at a fraction of the lane's rate (measured on an H200: the 8B serving trace with a
+210K-token prompt beside a 351K-token owner, benchmarks/results/README.md, "Twenty-fifth
+session").
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ class LaneState:
     in_flight: deque[ScheduledChunk] = field(default_factory=deque)
     deferred_free: set[str] = field(default_factory=set)
     num_chunks: int = 0  # lane chunks scheduled since start
+    held: bool = False  # the steps need every SM: no chunk launches; owner and queue are the steps'
 
     def has_chunks_of(self, req: Request) -> bool:
         return any(chunk.request is req for chunk in self.in_flight)
@@ -45,18 +55,28 @@ class LaneState:
             and req.sampling_params.prompt_logprobs is None
         )
 
+    def waits_for_lane(self, lane: PrefillLaneConfig, req: Request) -> bool:
+        """Whether the steps skip `req`: its lane chunks are in flight; or, unless the lane
+        holds, it is the owner or a prompt that qualifies while the lane has one."""
+        if self.has_chunks_of(req):
+            return True
+        return not self.held and self.owner is not None and (req is self.owner or self.qualifies(lane, req))
+
     def claim(self, lane: PrefillLaneConfig, running_by_priority: list[Request]) -> None:
         """With no owner, the first of `running_by_priority` that `qualifies` becomes it."""
         if self.owner is None:
             self.owner = next((r for r in running_by_priority if self.qualifies(lane, r)), None)
 
     def next_chunk(self, lane: PrefillLaneConfig, kv_manager: KVCacheManager) -> ScheduledChunk | None:
-        """The owner's next chunk, its KV allocated and its tokens dispatched; None without an
-        owner, while the owner's chunks in the steps' flight are not done, at its last prompt
+        """The owner's next chunk, its KV allocated and its tokens dispatched; None while the
+        lane holds, without an owner, while the owner's chunks in the steps' flight are not
+        done (the chunks in the lane's flight may be an aborted owner's), at its last prompt
         token (the steps sample it), or when the cache cannot take the chunk now."""
         req = self.owner
-        if req is None or (not self.in_flight and req.num_computed_tokens < req.num_dispatched_tokens):
+        if self.held or req is None:
             return None
+        if not self.has_chunks_of(req) and req.num_computed_tokens < req.num_dispatched_tokens:
+            return None  # its chunks in the steps' flight first (the lane's stream does not wait for them)
         n = min(lane.chunk_tokens, req.num_tokens - 1 - req.num_dispatched_tokens)
         if n <= 0 or not kv_manager.allocate_slots(
             req.request_id, req.num_dispatched_tokens + n, num_known_tokens=req.num_tokens

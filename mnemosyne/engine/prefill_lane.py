@@ -19,8 +19,10 @@ Exactness is unchanged: the lane runs the same model on the same cache; only whi
 and when differ.
 
 S per chunk (`BesideLaneLatencyModel.fewest_sms`): the fewest SMs of the choices whose
-predicted step of the running decodes fits LANE_STEP_HEADROOM x the TBT target, the most
-when none does. On S of the device's N SMs a step's time is modelled as::
+predicted step of the running decodes fits LANE_STEP_HEADROOM x the TBT target. When none
+does but the whole device would (a decode of a long context), the lane *holds*: it launches
+nothing, and its owner and queue go back to the steps (mixed batching on every SM, within the
+target) until a split fits again. When not even the whole device would, the most SMs. On S of the device's N SMs a step's time is modelled as::
 
     D = base(the step's decodes alone)   SM-bound there: D * max(1, N / (S * e))
     C = base(the step) - D               the chunks' compute: C * N / S
@@ -112,13 +114,21 @@ class BesideLaneLatencyModel:
         if seen * steps_share < 1.0:  # slower than on the whole device: SM-bound
             self.efficiency += EFFICIENCY_WEIGHT * (seen - self.efficiency)
 
-    def fewest_sms(self, decodes: StepComposition, num_sms: int, choices: Sequence[int], target_s: float) -> int:
+    def fewest_sms(
+        self, decodes: StepComposition, num_sms: int, choices: Sequence[int], target_s: float
+    ) -> int | None:
         """The fewest SMs of `choices` on which a step of `decodes` is predicted to fit
-        LANE_STEP_HEADROOM x `target_s`; the most of them when none fits."""
+        LANE_STEP_HEADROOM x `target_s`. None when none does but every SM would: the lane
+        holds (the decodes need the whole device: one of 351K keys took 54 ms on 32 SMs
+        beside a chunk, 16 ms alone). The most of them when not even every SM would fit; the
+        fewest with no decode."""
+        if not decodes.groups[0].num_decodes:  # no token gap to keep
+            return min(choices)
+        bound_s = LANE_STEP_HEADROOM * target_s
         for steps_sms in sorted(choices):
-            if self.confined_s(decodes, steps_sms / num_sms) <= LANE_STEP_HEADROOM * target_s:
+            if self.confined_s(decodes, steps_sms / num_sms) <= bound_s:
                 return steps_sms
-        return max(choices)
+        return None if self.base.step_time_s(decodes) <= bound_s else max(choices)
 
 
 class LaneExecutor(Protocol):
@@ -188,8 +198,11 @@ class LaneDriver:
             outputs += self.process(sched, result)
             self.scheduler.lane_done()
             timeout_s = 0.0
+        steps_sms = None  # the next chunk's S (`fewest_sms`); asked only when a chunk may launch
+        if self.choices and not self.scheduler.lane_full:
+            steps_sms = self.beside.fewest_sms(self.scheduler.decode_load(), self.num_sms, self.choices, self.target_s)
+            self.scheduler.hold_lane(steps_sms is None)
         while (sched := self.scheduler.schedule_lane()) is not None:
-            steps_sms = self._choose_steps_sms()
             self.num_chunks_by_steps_sms[steps_sms] += 1
             self._in_flight.append((sched, time.monotonic(), self.predict_s(sched), steps_sms))
             self.executor.submit_lane(self.planner.build(sched), steps_sms)
@@ -208,11 +221,6 @@ class LaneDriver:
             self._in_flight.popleft()
             self.scheduler.lane_done()
         self._update_share()
-
-    def _choose_steps_sms(self) -> int | None:
-        if not self.choices:
-            return None
-        return self.beside.fewest_sms(self.scheduler.decode_load(), self.num_sms, self.choices, self.target_s)
 
     @property
     def steps_sms(self) -> int | None:

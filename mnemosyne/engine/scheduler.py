@@ -60,8 +60,11 @@ dropped as stale (epoch), and their tokens recomputed.
 
 The prefill lane (`config.prefill_lane`, one device; engine/prefill_lane.py runs it): a
 running prefill with at least `min_prompt_tokens` prompt tokens left to dispatch becomes the
-lane's *owner* (claimed at the start of `schedule` or `schedule_lane`), and the steps skip it
-from then on. Once its chunks in the steps' flight are done,
+lane's *owner* (claimed at the start of `schedule` or `schedule_lane`, by priority), and the
+steps skip it from then on, and every other prompt that would qualify meanwhile: those wait
+for the lane (engine/lane_state.py says why). While the lane *holds* (`hold_lane`: the
+decodes need every SM), owner and queue are the steps' again, once no lane chunk of theirs
+is in flight. Once its chunks in the steps' flight are done,
 `schedule_lane` gives it chunks of `chunk_tokens` (no token budget, no chunk policy), two in
 flight at most (engine/lane_state.py), up to its last prompt token, which the steps schedule
 (it samples)::
@@ -160,9 +163,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         now = self._clock()
         running = self._sorted(self._running.values(), now)
-        if self.config.prefill_lane is not None:  # the lane's owner runs there, not in the steps
-            self._lane.claim(self.config.prefill_lane, running)
-            running = [r for r in running if r is not self._lane.owner]
+        if (lane := self.config.prefill_lane) is not None:  # the lane's owner and queue: not in the steps
+            self._lane.claim(lane, running)
+            running = [r for r in running if not self._lane.waits_for_lane(lane, r)]
         decodes = [r for r in running if not r.is_prefill]
         prefills = [r for r in running if r.is_prefill]
         # A prefill whose sampling chunk is in flight decodes (ahead) in this step too: its
@@ -296,6 +299,14 @@ class Scheduler:
             if not req.is_prefill and req is not self._lane.owner:
                 load.add(req, req.num_computed_tokens, 1, sample=True)
         return load.composition()
+
+    def hold_lane(self, held: bool) -> None:
+        """Hold the lane (no chunk launches; its owner and queue go to the steps) or release it."""
+        self._lane.held = held
+
+    @property
+    def lane_full(self) -> bool:
+        return self._lane.is_full
 
     @property
     def lane_busy(self) -> bool:
