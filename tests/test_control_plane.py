@@ -145,11 +145,11 @@ def expected_text(chat_model: Path) -> str:
 class Serve:
     """`mnemosyne serve MODEL -tp 2` in a subprocess, up and answering /health."""
 
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, *extra_args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "mnemosyne.cli", "serve", str(model), "--port", str(self.port)]  # vLLM's spelling
-        cmd += ["--device", TEST_DEVICE, "-tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log"]
+        cmd += ["--device", TEST_DEVICE, "-tp", "2", "--kv-cache-memory-gb", "0.05", "--no-access-log", *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 180
         while True:
@@ -237,7 +237,8 @@ def test_control_ports_drop_forged_messages_and_serve_on(
 
 
 def test_sigstopped_worker_fails_the_stream_within_15_s(chat_model: Path) -> None:
-    srv = Serve(chat_model)
+    # a 5-s heartbeat timeout (10 s by default) leaves the detection 10 s on a loaded 2-core CI
+    srv = Serve(chat_model, "--heartbeat-timeout-s", "5")
     try:
         body = {"prompt": "x", "stream": True, "max_tokens": 900, "ignore_eos": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:

@@ -12,7 +12,8 @@ def test_freeze_moves_the_live_heap_out_of_full_collections() -> None:
     try:
         startup = [{"i": i} for i in range(20000)]  # long-lived containers of a "start-up"
         num_frozen = freeze_startup_heap()
-        assert num_frozen >= len(startup) and gc.get_freeze_count() == num_frozen
+        # >=: a thread of an earlier test (an engine's) may freeze its own heap meanwhile
+        assert num_frozen >= len(startup) and gc.get_freeze_count() >= num_frozen
         assert not any(obj is startup for obj in gc.get_objects(2))  # not walked any more
     finally:
         gc.unfreeze()

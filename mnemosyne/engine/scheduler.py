@@ -58,20 +58,19 @@ any later owner of the block writes). A request with work in flight may be preem
 like any request not scheduled in the current step: its in-flight chunks are then
 dropped as stale (epoch), and their tokens recomputed.
 
-The prefill lane (`config.prefill_lane`, one device; engine/prefill_lane.py runs it): a
-running prefill with at least `min_prompt_tokens` prompt tokens left to dispatch becomes the
-lane's *owner* (claimed at the start of `schedule` or `schedule_lane`, by priority), and the
-steps skip it from then on, and every other prompt that would qualify meanwhile: those wait
-for the lane (engine/lane_state.py says why). While the lane *holds* (`hold_lane`: the
-decodes need every SM), owner and queue are the steps' again, once no lane chunk of theirs
-is in flight. Once its chunks in the steps' flight are done,
-`schedule_lane` gives it chunks of `chunk_tokens` (no token budget, no chunk policy), two in
-flight at most (engine/lane_state.py), up to its last prompt token, which the steps schedule
-(it samples)::
+The prefill lane (`config.prefill_lane`, one device; engine/prefill_lane.py runs it,
+engine/lane_state.py holds its state): a running prefill with at least `min_prompt_tokens`
+prompt tokens left becomes the lane's *owner* (claimed by priority at the start of `schedule`
+or `schedule_lane`). The steps skip it, and every other such prompt, which queues for the lane.
+Once the owner's chunks in the steps' flight are done, `schedule_lane` gives it chunks of
+`chunk_tokens` (no budget, no chunk policy), two in flight at most, up to its last prompt
+token, which the steps schedule (it samples)::
 
     owner:  [0 .. a)  steps (admission)   [a .. T-1)  lane, chunk by chunk   [T-1, T)  a step
     in flight in the lane: never a preemption victim; finished or aborted meanwhile, its KV
     is freed only when the lane's chunk is done (the lane may still write it)
+    held (`hold_lane`: the decodes need every SM): owner and queue are the steps' again,
+    each once no lane chunk of its own is in flight
 
 Invariants between calls:
     * every known request is in exactly one of waiting / running; finished ones are

@@ -32,7 +32,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from mnemosyne.config import EngineConfig
 from mnemosyne.kernels.cudnn_plans import warm_up_cudnn
@@ -43,9 +42,7 @@ from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.logits_processors import TokenHistory
 from mnemosyne.layers.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
-from mnemosyne.models.llama import KVCache, LlamaForCausalLM
 from mnemosyne.models.loader import load_model
-from mnemosyne.parallel.comm import all_gather, recv_from_stage, send_to_stage
 from mnemosyne.parallel.groups import ProcessGroups
 from mnemosyne.parallel.messages import SyntheticKVFilled
 from mnemosyne.sampling_params import SamplingParams
@@ -53,11 +50,13 @@ from mnemosyne.wire.plan import StepPath, StepPlan, StepResult, StepTrace
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 from mnemosyne.worker.decode_ahead import DecodeAheadTokens
+from mnemosyne.worker.kv_caches import allocate_kv_caches
 from mnemosyne.worker.mixed_graph import MixedGraphs
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
 from mnemosyne.worker.prefill_lane import PrefillLane
 from mnemosyne.worker.sampling_warm_up import warm_up_sampling
+from mnemosyne.worker.stage_link import StageLink
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
 from mnemosyne.worker.synthetic_kv import fill_blocks
 
@@ -76,20 +75,6 @@ def sampling_generator(seed: int, position: int, device: torch.device) -> torch.
 class Sampled:
     request_ids: list[str]  # of the output's rows
     output: SamplerOutput
-
-
-def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[KVCache]:
-    """One (K, V) pair per local layer: 2 x [num_blocks, block_size, num_local_kv_heads, head_dim]."""
-    cfg = model.config
-    shape = (num_blocks, block_size, model.num_local_kv_heads, cfg.head_dim)
-    device = next(model.parameters()).device
-    return [
-        (
-            torch.zeros(shape, dtype=cfg.dtype, device=device),
-            torch.zeros(shape, dtype=cfg.dtype, device=device),
-        )
-        for _ in range(model.num_local_layers)
-    ]
 
 
 def step_trace(path: StepPath, backend_plan: object, steps_sms: int | None = None) -> StepTrace:
@@ -156,7 +141,7 @@ class Worker:
         self.histories: dict[str, TokenHistory] = {}
         # Unseeded sampling: one stream per KVP group (each group samples its own requests).
         self.rng = torch.Generator(device=device).manual_seed(config.seed + _SEED_MIX * self.group)
-        self._pending_send: tuple[dist.Work, torch.Tensor] | None = None
+        self.stage = StageLink(pg, config.model.hidden_size, config.model.dtype, device)
         self._previous: PendingResult | None = None  # the last plan's result (decode-ahead inputs)
         self._previous_decode_only = False  # the last plan had no prefill token
         self._ahead: DecodeAheadTokens | None = None  # the current plan's decode-ahead inputs
@@ -194,7 +179,7 @@ class Worker:
                 result.trace = StepTrace(StepPath.IDLE, steps_sms=steps_sms)
             return self._finish(result, None)  # the reporting rank's empty result; None elsewhere
 
-        x = batch.input_ids if self.pg.is_first_stage else self._recv_hidden(batch.num_tokens)
+        x = batch.input_ids if self.pg.is_first_stage else self.stage.recv(batch.num_tokens)
         hidden: torch.Tensor | None = None  # [num_tokens, hidden]
         path = StepPath.EAGER
         graphs, mixed = self.graphs, self.mixed
@@ -213,7 +198,7 @@ class Worker:
             else:
                 hidden, path = self.model(x, batch.positions, self.kv_caches, batch.meta), StepPath.EAGER
         if not self.pg.is_last_stage:
-            self._send_hidden(hidden)
+            self.stage.send(hidden)
             return None
         if result is not None:
             result.trace = step_trace(path, batch.meta.backend_plan, steps_sms)
@@ -325,45 +310,6 @@ class Worker:
             )  # fmt: skip
         return seconds
 
-    # ---- stage to stage ---------------------------------------------------------------------
-    # The residual stream is identical on the TP ranks of a stage, so each TP rank sends only
-    # its 1/tp slice of the hidden dim to its peer in the next stage, which all-gathers it
-    # over TP: P2P bytes per stage boundary fall by tp.
-
-    def _hidden_slice(self) -> tuple[int, int]:
-        h, tp = self.config.model.hidden_size, self.pg.tp.size
-        if h % tp:
-            return 0, h
-        return self.pg.tp.rank_in_group * (h // tp), h // tp
-
-    def _send_hidden(self, hidden: torch.Tensor) -> None:
-        assert self.pg.next_stage_rank is not None
-        self._wait_pending_send()
-        start, size = self._hidden_slice()
-        # A copy, never a view: `hidden` may be a graph's static buffer, which the next step
-        # overwrites while this send may still be in flight.
-        part = hidden.narrow(1, start, size).clone(memory_format=torch.contiguous_format)
-        # part: [num_tokens, hidden / tp]
-        work = send_to_stage(part, self.pg.next_stage_rank, self.pg.next_stage_group)
-        self._pending_send = (work, part) if work is not None else None
-
-    def _recv_hidden(self, num_tokens: int) -> torch.Tensor:
-        assert self.pg.prev_stage_rank is not None
-        h = self.config.model.hidden_size
-        _, size = self._hidden_slice()
-        src, process_group = self.pg.prev_stage_rank, self.pg.prev_stage_group
-        part = recv_from_stage((num_tokens, size), self.config.model.dtype, self.device, src, process_group)
-        if size == h:
-            return part  # the whole hidden state was sent (hidden_size % tp != 0)
-        if num_tokens == 0:
-            return part.new_empty(0, h)  # nothing to gather (every TP rank skips it alike)
-        return all_gather(part, self.pg.tp, dim=1)  # [num_tokens, hidden]
-
-    def _wait_pending_send(self) -> None:
-        if self._pending_send is not None:
-            self._pending_send[0].wait()
-            self._pending_send = None
-
     def _sample(self, batch: SubBatch, hidden: torch.Tensor, result: StepResult | None) -> Sampled | None:
         """Logits of the owned rows (prompt-logprob rows, then sample rows) and sampling:
         what was sampled, still on the device (None if nothing); `result`'s prompt logprobs
@@ -433,7 +379,7 @@ class Worker:
         return sampling_generator(params.seed, position, self.device)
 
     def shutdown(self) -> None:
-        self._wait_pending_send()
+        self.stage.wait()
         if self.lane is not None:
             self.lane.shutdown()
             self.lane = None
