@@ -196,7 +196,7 @@ def run_config(engine, name: str, ns: argparse.Namespace) -> dict:
         res["lane_chunks"] = engine.scheduler.num_lane_chunks
         res["lane_steps_sms_choices"] = list(engine.lane.choices)
         res["lane_chunks_by_steps_sms"] = {str(k): v for k, v in sorted(engine.lane.num_chunks_by_steps_sms.items())}
-        res["lane_sm_efficiency"] = engine.lane.beside.efficiency
+        res["lane_steps_scale"] = engine.lane.beside.scale
     policy = engine.policies.chunk_policy
     if hasattr(policy, "num_overshoots"):
         res["min_progress"] = {

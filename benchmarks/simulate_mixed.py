@@ -64,7 +64,7 @@ def simulate_config(model_dir: Path, name: str, m: dict, ns: argparse.Namespace,
     config = simulated_engine_config(model_dir, args, spec)
     model, source = latency_model_for(config, spec)
     sim = SimulatedEngine(
-        config, model, source, step_timer=None if step_timer is None else step_timer(model), num_sms=spec.num_sms
+        config, model, source, step_timer=None if step_timer is None else step_timer(model), gpu=spec
     )
     shorts = [f"short-{i}" for i in range(m["num_short"])]
     for rid in shorts:

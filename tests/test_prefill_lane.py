@@ -12,15 +12,10 @@ from test_scheduler import make_req
 
 from mnemosyne import LLM, SamplingParams
 from mnemosyne.config import CacheConfig, PrefillLaneConfig, SchedulerConfig
-from mnemosyne.engine.prefill_lane import (
-    EFFICIENCY_WEIGHT,
-    LANE_STEP_HEADROOM,
-    PRIOR_SM_EFFICIENCY,
-    BesideLaneLatencyModel,
-)
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.beside_lane import SCALE_WEIGHT, BesideLaneLatencyModel
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.shape import Layout
 from mnemosyne.request import RequestStatus
@@ -208,48 +203,6 @@ def decodes(num: int, keys: int) -> StepComposition:
     return StepComposition.single(load)
 
 
-def test_beside_lane_model_scales_with_the_steps_sms():
-    inner, base = KeysModel(scale=1.5), KeysModel()
-    m = BesideLaneLatencyModel(inner, base)
-    d = decodes(32, 1000)  # base: 2 + 32 = 34 ms
-    assert m.step_time_s(d) == pytest.approx(51 * MS)  # every SM: the (calibrated) inner model
-    m.steps_share = 16 / 128
-    # the decodes SM-bound on 16 of 128 SMs: 34 ms x 128 / (16 x e)
-    assert m.step_time_s(d) == pytest.approx(34 * MS * 8 / PRIOR_SM_EFFICIENCY)
-    with_chunk = StepComposition.single(d.groups[0].plus_chunk(100, 500))  # + 10 ms of chunk compute
-    assert m.step_time_s(with_chunk) == pytest.approx(34 * MS * 8 / PRIOR_SM_EFFICIENCY + 10 * MS * 8)
-    assert m.confined_s(d, 0.75) == pytest.approx(34 * MS)  # 0.75 x e > 1: as on the whole device
-
-
-def test_beside_lane_model_learns_the_sm_efficiency_from_decode_steps():
-    m = BesideLaneLatencyModel(KeysModel(), KeysModel())
-    d = decodes(32, 1000)
-    share = 16 / 128
-    for _ in range(200):  # the device: e = 1.6
-        m.observe(d, share, 34 * MS * 8 / 1.6)
-    assert m.efficiency == pytest.approx(1.6, rel=1e-3)
-    before = m.efficiency
-    m.observe(StepComposition.single(d.groups[0].plus_chunk(100, 500)), share, 1.0)  # a chunk: not learned
-    m.observe(d, 1.0, 20 * MS)  # faster than the base on the whole device: not SM-bound, not learned
-    assert m.efficiency == before
-
-
-def test_fewest_sms_that_fit_the_target():
-    m = BesideLaneLatencyModel(KeysModel(), KeysModel())
-    m.efficiency = 2.0
-    choices, num_sms, target = (16, 24, 32), 128, 30 * MS
-    # 4 ms alone: 16 ms on 16 SMs (x 128 / (16 x 2)), within 0.9 x 30 ms
-    assert m.fewest_sms(decodes(2, 1000), num_sms, choices, target) == 16
-    # 7 ms alone: 28 ms on 16, 18.7 on 24
-    assert m.fewest_sms(decodes(5, 1000), num_sms, choices, target) == 24
-    # 20 ms alone: 40 ms on 32 SMs, but every SM would fit: the lane holds
-    assert m.fewest_sms(decodes(18, 1000), num_sms, choices, target) is None
-    # 40 ms alone fits nowhere: the most SMs
-    assert m.fewest_sms(decodes(38, 1000), num_sms, choices, target) == 32
-    assert m.fewest_sms(decodes(0, 0), num_sms, choices, target) == 16  # no decode: no gap to keep
-    assert LANE_STEP_HEADROOM * target < 28 * MS
-
-
 class FakeLaneExecutor:
     """The executor's lane surface: records each chunk's SMs; every chunk done at once."""
 
@@ -286,19 +239,20 @@ def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
     long = req("long", 200)
     s.add_request(long)
     run_main(s)  # the long prompt's first chunk in the steps
-    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=5.0))  # 5x: (2 + 0.027 ms) x 5 x 8 / 2.1
+    # base 5x: (2 + 0.03 ms) x 5, all but the keys' 0.15 ms weights: 33.1 ms on 16 of 128 SMs, 22.1 on 24
+    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=5.0), weights_s=10 * MS)
     ex = FakeLaneExecutor()
     driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03)
     load = s.decode_load().groups[0]
     assert (load.num_decodes, load.decode_kv_tokens) == (3, 3 * 10)  # 8 prompt + 1 sampled + its own
     driver.advance(0.0)
-    assert ex.submitted == [24, 24]  # 10.1 ms x 8 / 2.1 = 38.6 ms on 16 SMs; 25.7 on 24
+    assert ex.submitted == [24, 24]
     assert beside.steps_share == 24 / 128
     d = s.decode_load()
-    measured_s = beside.base.step_time_s(d) * 128 / (24 * 1.5)  # as if e were 1.5
+    measured_s = beside.confined_s(d, 24 / 128) * 1.2  # the device 20% slower than modelled
     driver.observe_step(d, StepTrace(StepPath.DECODE_GRAPH, steps_sms=24), measured_s)
     driver.observe_step(d, StepTrace(StepPath.DECODE_GRAPH), 1.0)  # every SM: not learned
-    assert beside.efficiency == pytest.approx(PRIOR_SM_EFFICIENCY + EFFICIENCY_WEIGHT * (1.5 - PRIOR_SM_EFFICIENCY))
+    assert beside.scale == pytest.approx(1 + SCALE_WEIGHT * 0.2)
     driver.drain()
     assert beside.steps_share is None and not s.lane_busy
 
@@ -317,8 +271,8 @@ def test_the_lane_holds_while_the_decodes_need_every_sm():
     long = req("long", 200)
     s.add_request(long)
     run_main(s)  # the long prompt's first chunk in the steps
-    # alone (2 + 0.03 ms) x 10 = 20.3 ms; on 32 of 128 SMs x 128 / (32 x 2.1): 38.7 ms > 27
-    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=10.0))
+    # alone (2 + 0.03 ms) x 10 = 20.3 ms, 20 of it weights: 33.1 ms on 32 of 128 SMs, over 27
+    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=10.0), weights_s=20 * MS)
     ex = FakeLaneExecutor()
     driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03)
     driver.advance(0.0)

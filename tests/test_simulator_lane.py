@@ -34,7 +34,7 @@ def run(model_dir, free_sms: int) -> SimulatedEngine:
     )  # fmt: skip
     spec = device_spec("h200")
     config = simulated_engine_config(model_dir, args, spec)
-    engine = SimulatedEngine(config, *latency_model_for(config, spec), num_sms=spec.num_sms)
+    engine = SimulatedEngine(config, *latency_model_for(config, spec), gpu=spec)
     run_trace(engine, TRACE)
     return engine
 
@@ -77,7 +77,7 @@ def test_a_chunk_takes_its_time_alone_over_its_share_of_the_sms(model_8b):
     spec = device_spec("h200")
     args = EngineArgs(model=str(model_8b), max_model_len=LONG_LEN, prefill_lane_free_sms=16, enable_prefix_caching=False)
     config = simulated_engine_config(model_8b, args, spec)
-    engine = SimulatedEngine(config, *latency_model_for(config, spec), num_sms=spec.num_sms)
+    engine = SimulatedEngine(config, *latency_model_for(config, spec), gpu=spec)
     lane = engine.virtual_lane
     assert lane is not None
     plan = StepPlan(step_id=0, chunks=(ChunkPlan("r", 8192, 4096, False, (), (), 0, ()),))

@@ -18,15 +18,15 @@ from pathlib import Path
 from mnemosyne.config import ChunkPolicyKind, EngineConfig, SchedulingPolicyKind
 from mnemosyne.engine.adaptive_chunking import AdaptiveChunkPolicy
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
-from mnemosyne.engine.prefill_lane import BesideLaneLatencyModel
 from mnemosyne.engine.prefill_time import PrefillTimeTable
 from mnemosyne.engine.priority import FCFSPriority, LARSPriority, PriorityPolicy
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.beside_lane import BesideLaneLatencyModel
 from mnemosyne.latency.calibration import CalibratedLatencyModel, CalibrationConfig, OnlineCalibration
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
-from mnemosyne.latency.roofline import RooflineLatencyModel, device_spec_for
+from mnemosyne.latency.roofline import DeviceSpec, RooflineLatencyModel, device_spec_for, weights_read_s
 from mnemosyne.latency.shape import Layout, ModelShape
 from mnemosyne.latency.transfer import can_transfer, model_for_layout
 
@@ -107,9 +107,13 @@ def resolve_latency_model(config: EngineConfig, cache_dir: Path | None = None) -
 
 
 def make_policies(
-    config: EngineConfig, kv_manager: KVCacheManager, latency: tuple[LatencyModel, str] | None = None
+    config: EngineConfig,
+    kv_manager: KVCacheManager,
+    latency: tuple[LatencyModel, str] | None = None,
+    gpu: DeviceSpec | None = None,
 ) -> SchedulingPolicies:
-    """`latency`: (model, source) to use instead of resolving one for this machine (the simulator)."""
+    """`latency`: (model, source) and `gpu`: the device, to use instead of resolving them for
+    this machine (the simulator)."""
     pc = config.policy
     model, source = latency if latency is not None else resolve_latency_model(config)
     prefill_time = PrefillTimeTable(  # a prefill alone: steps with no decode
@@ -134,7 +138,9 @@ def make_policies(
         sizing_model = CalibratedLatencyModel(model, calibration)
     beside_lane: BesideLaneLatencyModel | None = None
     if config.scheduler.prefill_lane is not None:  # (it chooses the lane's SM split under any policy)
-        beside_lane = sizing_model = BesideLaneLatencyModel(sizing_model, model)
+        spec = gpu if gpu is not None else device_spec_for(device_name(config.device))
+        weights_s = weights_read_s(ModelShape.from_model_config(config.model), config.parallel.tp, spec)
+        beside_lane = sizing_model = BesideLaneLatencyModel(sizing_model, model, weights_s)
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
         chunk_policy = AdaptiveChunkPolicy(
             sizing_model,

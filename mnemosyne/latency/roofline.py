@@ -86,6 +86,13 @@ def device_spec_for(device_name: str) -> DeviceSpec:
     return H200
 
 
+def weights_read_s(shape: ModelShape, tp: int, device: DeviceSpec) -> float:
+    """One rank's read of the weights a decode step streams (every layer's, the LM head; the
+    embedding only in the rows it looks up) at the device's full bandwidth."""
+    params = shape.num_layers * shape.params_per_layer + shape.vocab_size * shape.hidden_size
+    return params * shape.dtype_bytes / tp / device.memory_bytes_per_s
+
+
 class RooflineLatencyModel:
     def __init__(self, shape: ModelShape, layout: Layout, device: DeviceSpec) -> None:
         self.shape = shape

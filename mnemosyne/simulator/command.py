@@ -165,7 +165,7 @@ def run_simulation(ns: argparse.Namespace, record_steps: bool = False):  # -> tu
     timer = scaled_timer(device, ns.latency_error_factor, ns.chunk_step_factor) if timed else None
     engine = SimulatedEngine(
         config, model, source, step_timer=timer, record_steps=record_steps,
-        idle_step_factor=ns.idle_step_factor, device=logged, num_sms=spec.num_sms,
+        idle_step_factor=ns.idle_step_factor, device=logged, gpu=spec,
     )  # fmt: skip
     # a request the engine refuses raises its InvalidRequestError
     run_trace(engine, trace, ns.arrival_delay_ms / 1e3)

@@ -36,7 +36,8 @@ With a prefill lane (`SchedulerConfig.prefill_lane`, one device) the engine's `L
 runs it against `lane.py`'s `VirtualLane`: each step first processes the chunks whose end
 the clock has reached and launches the next, as `LLMEngine.step`; a step beside a chunk takes
 `BesideLaneLatencyModel.confined_s` (its decodes on the split's SMs); with nothing but the
-lane in flight the clock jumps to the oldest chunk's end. `num_sms` is the GPU's SM count.
+lane in flight the clock jumps to the oldest chunk's end. `gpu` is the simulated device (its
+SM count, and its bandwidth for the steps beside the lane).
 
 A `LoggedDevice` (`device_log.py`, `mnemosyne simulate --device-step-log`) times the steps
 instead, from one measured run's step log: a factor per prefix bucket and path for steps
@@ -67,6 +68,7 @@ from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.model import LatencyModel
+from mnemosyne.latency.roofline import DeviceSpec
 from mnemosyne.request import TOKEN_ID_DTYPE, Request, prompt_array
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.simulator.device_log import LoggedDevice
@@ -123,7 +125,7 @@ class SimulatedEngine:
         record_steps: bool = False,
         idle_step_factor: float = 1.0,
         device: LoggedDevice | None = None,
-        num_sms: int = 0,
+        gpu: DeviceSpec | None = None,
     ) -> None:
         if idle_step_factor <= 0:
             raise ValueError(f"the idle step factor must be positive, got {idle_step_factor}")
@@ -132,7 +134,7 @@ class SimulatedEngine:
         self.config = config
         self.now_s = 0.0
         self.kv_manager = KVCacheManager(config.cache)
-        self.policies = make_policies(config, self.kv_manager, (latency_model, latency_source))
+        self.policies = make_policies(config, self.kv_manager, (latency_model, latency_source), gpu)
         self.scheduler = Scheduler(
             config.scheduler,
             self.kv_manager,
@@ -155,6 +157,7 @@ class SimulatedEngine:
         self.lane: LaneDriver | None = None
         lane = config.scheduler.prefill_lane
         if lane is not None:
+            num_sms = gpu.num_sms if gpu is not None else 0
             if num_sms <= 0:
                 raise ConfigError("simulating the prefill lane needs the GPU's SM count (a --gpu that has one)")
             assert self.policies.beside_lane is not None  # made with every lane

@@ -30,7 +30,7 @@ and launched from the engine's thread it would hold the decodes' tokens that lon
 chunks confined: without a partition the decodes' kernels wait for the chunk kernels'
 long-running thread blocks (45-69-ms tokens on an H200). Why the steps confined too: their
 time is then a function of S, which the driver chooses per chunk as the decodes' context
-grows (engine/prefill_lane.py, `BesideLaneLatencyModel.fewest_sms`; on an H200, 8B, a
+grows (engine/prefill_lane.py, latency/beside_lane.py `fewest_sms`; on an H200, 8B, a
 256K-token prompt beside 32 decodes: each 10-s window's p99 within 28.4 ms). Not measured:
 paced launches with the steps on every SM. Why paced (`pace`): unpaced, the token gaps had
 a p99 of 40-43 ms whatever the split, paced 28.0 ms (benchmarks/results/README.md,

@@ -40,3 +40,14 @@ gzip -f $C/*.jsonl
 # d/: the lane's tests on the GPU on this session's code (the engine against HF through the lane, an abort, the steps' stream switch)
 source .dev_lead/prelude.sh; mkdir -p $OUT/d
 MNEMOSYNE_TEST_DEVICE=cuda timeout 190 python -m pytest -q -x tests/test_prefill_lane.py > $OUT/d/gpu_tests_prefill_lane.log 2>&1
+
+# fit/ and simulated/ (CPU, after d/): the steps' model beside a lane chunk fitted on the step logs, and the simulator
+python -m benchmarks.beside_lane_fit --out benchmarks/results/session25_h200_2026-12-02/fit/beside_lane_fit.json
+P8B=benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/latency_profile_quick_8b.json
+R=benchmarks/results/session25_h200_2026-12-02
+python -m benchmarks.compare_serving_trace --measured $R/b/serving_trace.json --latency-profile $P8B --out $R/simulated/serving_trace_8b_b_vs_simulated_hold.json
+for r in c/mixed_long_short_8b_lane_split d/mixed_long_short_8b_lane_16; do
+python -m benchmarks.simulate_mixed --measured benchmarks/results/session24_h200_2026-12-02/$r.json --profile $P8B --out $R/simulated/session24_$(dirname $r)_...json
+done
+# the *_rule_of_b / *_rule_of_d files: the same with `fewest_sms` returning max(choices) where it returns None (no hold);
+# the *_requests_* files: `mnemosyne simulate` with the command in each file, on the trace compare_serving_trace writes

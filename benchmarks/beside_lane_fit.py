@@ -1,0 +1,120 @@
+"""The steps' latency model beside a prefill lane chunk (`mnemosyne/latency/beside_lane.py`)
+against the steps a GPU ran beside one: the decode-only steps of lane runs' step logs, each
+with the SMs it was confined to.
+
+    python -m benchmarks.beside_lane_fit --out OUT.json [--run NAME=STEPLOG:PROFILE ...]
+
+For each run and split: measured, the model's prediction (E_WEIGHTS, E_KEYS, m = 1) and the
+one-rate model it replaced (base x max(1, N / (S x 2.1))); the relative errors' median and p90.
+Then the grid of (E_WEIGHTS, E_KEYS) pairs that minimise the sum over runs of median +
+p90 / 2, the fit the model's constants come from. Runs on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from mnemosyne.latency.beside_lane import E_KEYS, E_WEIGHTS, BesideLaneLatencyModel
+from mnemosyne.latency.profile_store import load_profile
+from mnemosyne.latency.roofline import H200, weights_read_s
+from mnemosyne.simulator.device_log import seqs_composition
+
+P8B = "benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/latency_profile_quick_8b.json"
+P1B = "benchmarks/results/serving_trace_session8_h200_2026-11-29/before/latency_profile_quick_1b.json"
+R = "benchmarks/results"
+RUNS = {  # name: (step log, the profile the run predicted with)
+    "session25_b_8b_serving_trace": (f"{R}/session25_h200_2026-12-02/b/runs/lars_adaptive_lane.steps.jsonl.gz", P8B),
+    "session24_c_8b_mixed": (f"{R}/session24_h200_2026-12-02/c/mixed_8b_lane_split_steps.jsonl.gz", P8B),
+    "session24_b_8b_mixed_unpaced": (f"{R}/session24_h200_2026-12-02/b/mixed_8b_lane_split_steps.jsonl.gz", P8B),
+    "session25_c_1b_mixed": (f"{R}/session25_h200_2026-12-02/c/mixed_1b_lane_steps.jsonl.gz", P1B),
+}
+ONE_RATE = 2.1  # the model before: one rate for the whole decode step
+
+
+def decode_steps(step_log: str) -> list[dict]:
+    """The decode-only steps beside a lane chunk, with the SMs they ran on."""
+    opener = gzip.open if step_log.endswith(".gz") else open
+    with opener(step_log, "rt") as f:
+        lines = [json.loads(line) for line in f][1:]
+    return [
+        s for s in lines
+        if s.get("beside_lane") and s.get("steps_sms") and all(n == 1 for n, _ in s["seqs"])
+    ]  # fmt: skip
+
+
+def errors(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median and p90 of |predicted / measured - 1|."""
+    e = sorted(abs(p / m - 1) for m, p in pairs)
+    return e[len(e) // 2], e[int(len(e) * 0.9)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--run", action="append", default=[], help="NAME=STEPLOG:PROFILE (default: the committed runs)")
+    ns = ap.parse_args(argv)
+    runs = dict(RUNS)
+    for spec in ns.run:
+        name, _, rest = spec.partition("=")
+        log, _, profile = rest.rpartition(":")
+        runs[name] = (log, profile)
+    num_sms = H200.num_sms
+    data: dict[str, list[tuple[int, float, object, BesideLaneLatencyModel]]] = {}
+    for name, (log, path) in runs.items():
+        profile = load_profile(path)
+        model = BesideLaneLatencyModel(profile.model, profile.model, weights_read_s(profile.key.shape, 1, H200))
+        data[name] = [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"]), model) for s in decode_steps(log)]
+
+    def table(name: str) -> dict:
+        rows = data[name]
+        new = [(m, model.confined_s(c, sms / num_sms)) for sms, m, c, model in rows]
+        old = [(m, model.base.step_time_s(c) * max(1.0, num_sms / (sms * ONE_RATE))) for sms, m, c, model in rows]
+        by_sms: dict[int, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            by_sms[row[0]].append(i)
+        return {
+            "steps": len(rows),
+            "model_median_p90": errors(new),
+            "one_rate_median_p90": errors(old),
+            "by_steps_sms": {
+                sms: {
+                    "steps": len(ix),
+                    "measured_p50_ms": 1e3 * statistics.median(new[i][0] for i in ix),
+                    "model_p50_ms": 1e3 * statistics.median(new[i][1] for i in ix),
+                    "one_rate_p50_ms": 1e3 * statistics.median(old[i][1] for i in ix),
+                }
+                for sms, ix in sorted(by_sms.items())
+            },
+        }
+
+    result: dict = {"constants": {"E_WEIGHTS": E_WEIGHTS, "E_KEYS": E_KEYS}, "runs": {}}
+    for name in runs:
+        result["runs"][name] = table(name)
+        r = result["runs"][name]
+        print(f"{name}: {r['steps']} steps, median / p90 error {r['model_median_p90']} (one rate: {r['one_rate_median_p90']})")
+    grid = []
+    for ew in [x / 10 for x in range(15, 41)]:
+        for ek in [x / 100 for x in range(70, 201, 5)]:
+            score = 0.0
+            for name in runs:
+                pairs = []
+                for sms, m, c, model in data[name]:
+                    fitted = BesideLaneLatencyModel(model.inner, model.base, model.weights_s, ew, ek)
+                    pairs.append((m, fitted.confined_s(c, sms / num_sms)))
+                med, p90 = errors(pairs)
+                score += med + p90 / 2
+            grid.append((score, ew, ek))
+    best = min(grid)
+    result["best_fit"] = {"score": best[0], "E_WEIGHTS": best[1], "E_KEYS": best[2]}
+    print(f"best fit: E_WEIGHTS {best[1]}, E_KEYS {best[2]} (score {best[0]:.3f})")
+    ns.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

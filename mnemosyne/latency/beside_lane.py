@@ -1,0 +1,127 @@
+"""A step's time on the S of a device's N SMs that a prefill lane chunk leaves it
+(engine/prefill_lane.py draws the lane), from the base model's time of it on every SM::
+
+    C = base(the step) - base(its decodes)      the chunks: compute-bound, C * N / S
+    D = base(its decodes), split in three:
+        keys    = D - base(the decodes without their keys)     K/V reads of the decode kernel
+        weights = min(the weights' read at full bandwidth, D - keys)   the GEMMs' weight reads
+        fixed   = the rest                                      launches and latency: no faster on more SMs
+    on S SMs:  m * (fixed + weights * f(E_WEIGHTS) + keys * f(E_KEYS)) + C * N / S
+    f(e) = max(1, N / (S * e)): a confined SM moves e times an average SM's share of the
+           whole device's bandwidth (which it cannot fill on its own)
+    m: measured / modelled, a running mean over the decode-only steps beside the lane (prior 1)
+
+The two rates are fitted (`benchmarks/beside_lane_fit.py`) on the H200 step logs of the lane:
+the decode-only steps beside a chunk on 16, 24 or 32 SMs of three 8B runs (the mixed scenario
+twice, the serving trace) and the 1B mixed scenario (benchmarks/results/README.md,
+"Twenty-fifth session"). The weights stream at 2.5x an average SM's share of the device's
+bandwidth, and the decode kernel's keys at 1.05x. Median errors per run are 1.5-11%; one
+rate for the whole step (the model before) was off by 9-63%. A step of a few short decodes (mostly
+weights) took 13.9 ms on 16 SMs, and one over 351K keys (mostly keys) took 54 ms on 32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mnemosyne.latency.composition import GroupLoad, StepComposition
+from mnemosyne.latency.model import LatencyModel
+
+LANE_STEP_HEADROOM = 0.9  # a lane chunk leaves the steps SMs for this fraction of the TBT target
+E_WEIGHTS = 2.5  # the weights' reads on a confined SM, against an average SM of the whole device
+E_KEYS = 1.05  # the decode kernel's K/V reads, likewise
+SCALE_WEIGHT = 0.1  # the running mean's weight of each measured step
+
+
+def decodes_only(composition: StepComposition, with_keys: bool = True) -> StepComposition:
+    """The decodes of a (one-group) step without its chunks (and without their keys)."""
+    (g,) = composition.groups
+    return StepComposition.single(
+        GroupLoad(
+            num_tokens=g.num_decodes,
+            num_decodes=g.num_decodes,
+            decode_kv_tokens=g.decode_kv_tokens if with_keys else 0,
+            max_decode_kv_tokens=g.max_decode_kv_tokens if with_keys else 0,
+            num_sampled=min(g.num_sampled, g.num_decodes),
+        )
+    )
+
+
+def _slowdown(steps_share: float, rate: float) -> float:
+    return max(1.0, 1.0 / (steps_share * rate))
+
+
+class BesideLaneLatencyModel:
+    """`inner`'s prediction while the steps have every SM; beside a lane chunk, on a share of
+    them (`steps_share` = S / N, set by the lane's driver), `base`'s split and scaled as the
+    module docstring draws. `base` is the model before online calibration, which learns only
+    from steps with the GPU to themselves; `weights_s` is the weights' read at the device's
+    full bandwidth (`roofline.weights_read_s`); the rates are E_WEIGHTS and E_KEYS unless
+    given (`benchmarks/beside_lane_fit.py` fits them)."""
+
+    def __init__(
+        self,
+        inner: LatencyModel,
+        base: LatencyModel,
+        weights_s: float,
+        weights_rate: float = E_WEIGHTS,
+        keys_rate: float = E_KEYS,
+    ) -> None:
+        self.inner = inner
+        self.base = base
+        self.weights_s = weights_s
+        self.weights_rate = weights_rate
+        self.keys_rate = keys_rate
+        self.layout = inner.layout
+        self.steps_share: float | None = None  # the steps' share of the SMs now; None: all of them
+        self.scale = 1.0  # m
+
+    def step_time_s(self, composition: StepComposition) -> float:
+        if self.steps_share is None:
+            return self.inner.step_time_s(composition)
+        return self.confined_s(composition, self.steps_share)
+
+    def confined_s(self, composition: StepComposition, steps_share: float) -> float:
+        """Predicted seconds of a step on `steps_share` of the SMs beside a lane chunk."""
+        whole_s = self.base.step_time_s(composition)
+        if not composition.groups[0].num_chunks:
+            return self.scale * self._decodes_s(composition, whole_s, steps_share)
+        decodes = decodes_only(composition)
+        decodes_s = self.base.step_time_s(decodes)
+        chunks_s = max(0.0, whole_s - decodes_s)
+        return self.scale * self._decodes_s(decodes, decodes_s, steps_share) + chunks_s / steps_share
+
+    def _decodes_s(self, decodes: StepComposition, decodes_s: float, steps_share: float) -> float:
+        """The decodes' step (`decodes_s` on every SM) on `steps_share` of the SMs, before m."""
+        keyless_s = min(decodes_s, self.base.step_time_s(decodes_only(decodes, with_keys=False)))
+        keys_s = decodes_s - keyless_s
+        weights_s = min(self.weights_s, keyless_s)
+        fixed_s = keyless_s - weights_s
+        weights_s *= _slowdown(steps_share, self.weights_rate)
+        return fixed_s + weights_s + keys_s * _slowdown(steps_share, self.keys_rate)
+
+    def observe(self, composition: StepComposition, steps_share: float, measured_s: float) -> None:
+        """A step that ran on `steps_share` of the SMs beside a lane chunk took `measured_s`;
+        decode-only steps teach m (others hold chunks whose own scaling is assumed)."""
+        g = composition.groups[0]
+        if g.num_chunks or not g.num_decodes or measured_s <= 0:
+            return
+        modelled_s = self._decodes_s(composition, self.base.step_time_s(composition), steps_share)
+        if modelled_s > 0:
+            self.scale += SCALE_WEIGHT * (measured_s / modelled_s - self.scale)
+
+    def fewest_sms(
+        self, decodes: StepComposition, num_sms: int, choices: Sequence[int], target_s: float
+    ) -> int | None:
+        """The fewest SMs of `choices` on which a step of `decodes` is predicted to fit
+        LANE_STEP_HEADROOM x `target_s`. None when none does but every SM would: the lane
+        holds (the decodes need the whole device: one of 351K keys took 54 ms on 32 SMs
+        beside a chunk, 16 ms alone). The most of them when not even every SM would fit; the
+        fewest with no decode."""
+        if not decodes.groups[0].num_decodes:  # no token gap to keep
+            return min(choices)
+        bound_s = LANE_STEP_HEADROOM * target_s
+        for steps_sms in sorted(choices):
+            if self.confined_s(decodes, steps_sms / num_sms) <= bound_s:
+                return steps_sms
+        return None if self.base.step_time_s(decodes) <= bound_s else max(choices)

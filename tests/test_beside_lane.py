@@ -1,0 +1,72 @@
+"""The steps' latency model beside a prefill lane chunk (latency/beside_lane.py): the chunks'
+compute, the decodes' weight and key reads each scaled by the SMs left, the learned scale,
+and the split a chunk leaves the steps, or the hold, against a fake base model."""
+
+from __future__ import annotations
+
+import pytest
+from test_prefill_lane import MS, KeysModel, decodes
+
+from mnemosyne.latency.beside_lane import (
+    E_KEYS,
+    E_WEIGHTS,
+    LANE_STEP_HEADROOM,
+    SCALE_WEIGHT,
+    BesideLaneLatencyModel,
+)
+from mnemosyne.latency.composition import StepComposition
+
+# KeysModel: 2 ms + 1 us per decode key + 0.1 ms per chunk token; of the 2 ms, 1.5 weights
+WEIGHTS_S = 1.5 * MS
+
+
+def model() -> BesideLaneLatencyModel:
+    return BesideLaneLatencyModel(KeysModel(scale=1.5), KeysModel(), WEIGHTS_S)
+
+
+def test_each_part_scales_at_its_own_rate():
+    m = model()
+    d = decodes(32, 1000)  # base: 0.5 fixed + 1.5 weights + 32 keys = 34 ms
+    assert m.step_time_s(d) == pytest.approx(51 * MS)  # every SM: the (calibrated) inner model
+    m.steps_share = 16 / 128
+    confined = 0.5 * MS + 1.5 * MS * 8 / E_WEIGHTS + 32 * MS * 8 / E_KEYS
+    assert m.step_time_s(d) == pytest.approx(confined)
+    with_chunk = StepComposition.single(d.groups[0].plus_chunk(100, 500))  # + 10 ms of chunk compute
+    assert m.step_time_s(with_chunk) == pytest.approx(confined + 10 * MS * 8)
+    # on 3/4 of the SMs the weights stream as fast as on all of them, the keys do not
+    assert m.confined_s(d, 0.75) == pytest.approx(2 * MS + 32 * MS / (0.75 * E_KEYS))
+
+
+def test_weights_beyond_the_keyless_step_are_capped():
+    m = BesideLaneLatencyModel(KeysModel(), KeysModel(), weights_s=5 * MS)  # more than the 2 ms keyless step
+    assert m.confined_s(decodes(1, 0), 16 / 128) == pytest.approx(2 * MS * 8 / E_WEIGHTS)
+
+
+def test_the_scale_is_learned_from_decode_steps_only():
+    m = model()
+    d = decodes(32, 1000)
+    share = 16 / 128
+    for _ in range(200):  # the device: 1.3x the model
+        m.observe(d, share, 1.3 * m.confined_s(d, share) / m.scale)
+    assert m.scale == pytest.approx(1.3, rel=1e-3)
+    before = m.scale
+    m.observe(StepComposition.single(d.groups[0].plus_chunk(100, 500)), share, 1.0)  # a chunk: not learned
+    m.observe(decodes(0, 0), share, 1.0)  # no decode: not learned
+    assert m.scale == before
+    m.observe(d, share, m.confined_s(d, share) * 1.1 / 1.3)  # 1.1x the unscaled model
+    assert m.scale == pytest.approx(before + SCALE_WEIGHT * (1.1 - before))
+
+
+def test_fewest_sms_that_fit_the_target_or_the_hold():
+    m = model()
+    choices, num_sms, target = (16, 24, 32), 128, 30 * MS
+    assert LANE_STEP_HEADROOM * target == pytest.approx(27 * MS)
+    # 2 decodes of 1000 keys: 0.5 + 1.5 x 8 / 2.5 + 2 x 8 / 1.05 = 20.5 ms on 16 SMs
+    assert m.fewest_sms(decodes(2, 1000), num_sms, choices, target) == 16
+    # 4 of them: 35.8 ms on 16, 24.0 on 24
+    assert m.fewest_sms(decodes(4, 1000), num_sms, choices, target) == 24
+    # 8: 33.4 ms on 32 SMs, but 10 ms on every SM: the lane holds
+    assert m.fewest_sms(decodes(8, 1000), num_sms, choices, target) is None
+    # 38: 40 ms even on every SM: the most SMs
+    assert m.fewest_sms(decodes(38, 1000), num_sms, choices, target) == 32
+    assert m.fewest_sms(decodes(0, 0), num_sms, choices, target) == 16  # no decode: no gap to keep
