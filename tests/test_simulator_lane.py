@@ -102,3 +102,31 @@ def test_simulating_the_lane_needs_a_gpu_with_sms(model_8b, tmp_path, capsys):
     setup = json.loads(out.read_text())["setup"]
     assert setup["prefill_lane"]["steps_sms_choices"] == [16, 24, 32]
     assert sum(setup["prefill_lane"]["chunks_by_steps_sms"].values()) >= 1
+
+
+def test_a_second_long_prompt_queues_and_the_lane_holds_for_the_first_ones_decodes(model_8b):
+    """Two 300K-token prompts: the second waits for the lane (its lane chunks start after the
+    first's last), and while the first decodes over 300K keys, which no split can serve within
+    the target but every SM can, the lane holds: every one of its token gaps fits the target."""
+    long_len = 300_000
+    trace = [TraceRequest(0.0, 1000, 400) for _ in range(4)]
+    trace += [TraceRequest(0.5, long_len, 24), TraceRequest(1.0, long_len, 1)]
+    args = EngineArgs(
+        model=str(model_8b), max_model_len=long_len + 32, chunk_policy="adaptive", scheduling_policy="lars",
+        tbt_slo_ms=30, enable_prefix_caching=False, prefill_lane_free_sms=16,
+    )  # fmt: skip
+    spec = device_spec("h200")
+    config = simulated_engine_config(model_8b, args, spec)
+    engine = SimulatedEngine(config, *latency_model_for(config, spec), gpu=spec)
+    run_trace(engine, trace)
+    first, second = engine.requests["req-4"], engine.requests["req-5"]
+    assert len(first.token_times_s) == 24 and len(second.token_times_s) == 1
+    gaps = [b - a for a, b in zip(first.token_times_s, first.token_times_s[1:], strict=False)]
+    assert max(gaps) <= 0.030  # the lane held: its decodes had every SM
+    spans = engine.virtual_lane.spans_s
+    t0, t1 = first.token_times_s[1], first.token_times_s[-1]
+    assert not [span for span in spans if t0 <= span[0] < t1]  # no chunk launched while it decoded
+    # the second queued: only the first's chunks until the first's prompt was done
+    before = [span for span in spans if span[1] <= first.token_times_s[0]]
+    assert len(before) >= (long_len - 8448) // 4096 and len(spans) > len(before)
+    assert second.token_times_s[0] > t1
