@@ -169,3 +169,13 @@ class Request:
         p = self.num_prompt_tokens
         prompt = self.prompt_token_ids[start:end].tolist() if start < p else []
         return (*prompt, *self.output_token_ids[max(start - p, 0) : max(end - p, 0)])
+
+    def stop_status(self, token: int, max_model_len: int) -> RequestStatus | None:
+        """How the request ends with `token` just appended (eos unless ignored, a stop id,
+        max_tokens, max_model_len), or None if it goes on. Stop strings are the detokenizer's."""
+        sp = self.sampling_params
+        if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= sp.max_tokens or self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

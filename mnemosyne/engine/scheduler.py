@@ -253,7 +253,7 @@ class Scheduler:
                 continue
             token = sampled_token_ids[rid]
             req.output_token_ids.append(token)
-            status = self._stop_status(req, token)
+            status = req.stop_status(token, self.config.max_model_len)
             if status is not None:
                 self._finish(req, status)
                 update.finished.append(req)
@@ -419,18 +419,6 @@ class Scheduler:
         del self._running[req.request_id]
         self._waiting[req.request_id] = req
         out.preempted_ids.append(req.request_id)
-
-    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
-        sp = req.sampling_params
-        if token in req.eos_token_ids and not sp.ignore_eos:
-            return RequestStatus.FINISHED_STOPPED
-        if token in sp.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= sp.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         rid = req.request_id
