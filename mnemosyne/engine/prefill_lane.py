@@ -122,8 +122,11 @@ class LaneDriver:
             timeout_s = 0.0
         steps_sms = None  # the next chunk's S (`fewest_sms`); asked only when a chunk may launch
         if self.choices and not self.scheduler.lane_full:
-            steps_sms = self.beside.fewest_sms(self.scheduler.decode_load(), self.num_sms, self.choices, self.target_s)
-            self.scheduler.hold_lane(steps_sms is None)
+            has_owner = self.scheduler.claim_lane()
+            if has_owner:
+                decodes = self.scheduler.decode_load()
+                steps_sms = self.beside.fewest_sms(decodes, self.num_sms, self.choices, self.target_s)
+            self.scheduler.hold_lane(has_owner and steps_sms is None)
         while (sched := self.scheduler.schedule_lane()) is not None:
             self.num_chunks_by_steps_sms[steps_sms] += 1
             self._in_flight.append((sched, time.monotonic(), self.predict_s(sched), steps_sms))

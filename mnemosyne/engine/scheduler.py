@@ -272,17 +272,23 @@ class Scheduler:
         """The prefill lane's next chunk (module docstring); None when the lane is off or full,
         nothing qualifies, or the KV cache cannot take the chunk now (asked again next step)."""
         lane = self.config.prefill_lane
-        if lane is None or self._lane.is_full:
+        if lane is None or self._lane.is_full or not self.claim_lane():
             return None
-        if self._lane.owner is None:  # (only the candidates are ordered: this runs every step)
-            candidates = [r for r in self._running.values() if self._lane.qualifies(lane, r)]
-            self._lane.claim(lane, self._sorted(candidates, self._clock()))
         chunk = self._lane.next_chunk(lane, self.kv_manager)
         if chunk is None:
             return None
         out = SchedulerOutput()
         out.chunks.append(chunk)
         return out
+
+    def claim_lane(self) -> bool:
+        """Whether the lane has an owner, claiming the first qualifying running request by
+        priority when it has none (only the candidates are ordered: this runs every step)."""
+        lane = self.config.prefill_lane
+        if lane is not None and self._lane.owner is None:
+            candidates = [r for r in self._running.values() if self._lane.qualifies(lane, r)]
+            self._lane.claim(lane, self._sorted(candidates, self._clock()))
+        return self._lane.owner is not None
 
     def lane_done(self) -> None:
         """The lane's oldest chunk ran (after `update_from_output` of its output)."""
