@@ -224,12 +224,11 @@ class FakeLaneExecutor:
         return StepResult(0)
 
 
-def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
-    """The driver sizes each chunk's split from the running decodes (the owner aside), keeps
-    the steps' model at the running chunk's share, and learns from the confined steps."""
+def three_decodes_and_a_long_prompt(beside: BesideLaneLatencyModel):
+    """3 short requests decoding (10 keys each) and a 200-token prompt after its first chunk in
+    the steps, with a LaneDriver over `beside` and a FakeLaneExecutor (128 SMs, 16-32 free)."""
     from mnemosyne.engine.prefill_lane import LaneDriver
     from mnemosyne.engine.step_plan import PlanBuilder
-    from mnemosyne.wire.plan import StepPath, StepTrace
 
     s, kv = lane_sched(budget=64, chunk=64, num_blocks=512)
     shorts = [req(f"s{i}", 8, max_tokens=100) for i in range(3)]
@@ -239,10 +238,19 @@ def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
     long = req("long", 200)
     s.add_request(long)
     run_main(s)  # the long prompt's first chunk in the steps
-    # base 5x: (2 + 0.03 ms) x 5, all but the keys' 0.15 ms weights: 33.1 ms on 16 of 128 SMs, 22.1 on 24
-    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=5.0), weights_s=10 * MS)
     ex = FakeLaneExecutor()
     driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03)
+    return s, shorts, long, ex, driver
+
+
+def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
+    """The driver sizes each chunk's split from the running decodes (the owner aside), keeps
+    the steps' model at the running chunk's share, and learns from the confined steps."""
+    from mnemosyne.wire.plan import StepPath, StepTrace
+
+    # base 5x: (2 + 0.03 ms) x 5, all but the keys' 0.15 ms weights: 33.1 ms on 16 of 128 SMs, 22.1 on 24
+    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=5.0), weights_s=10 * MS)
+    s, _, _, ex, driver = three_decodes_and_a_long_prompt(beside)
     load = s.decode_load().groups[0]
     assert (load.num_decodes, load.decode_kv_tokens) == (3, 3 * 10)  # 8 prompt + 1 sampled + its own
     driver.advance(0.0)
@@ -260,21 +268,9 @@ def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
 def test_the_lane_holds_while_the_decodes_need_every_sm():
     """When no split leaves the decodes enough SMs but the whole device would, the driver
     launches nothing and the owner prefills in the steps; the lane resumes once a split fits."""
-    from mnemosyne.engine.prefill_lane import LaneDriver
-    from mnemosyne.engine.step_plan import PlanBuilder
-
-    s, kv = lane_sched(budget=64, chunk=64, num_blocks=512)
-    shorts = [req(f"s{i}", 8, max_tokens=100) for i in range(3)]
-    for r in shorts:
-        s.add_request(r)
-    run_main(s)
-    long = req("long", 200)
-    s.add_request(long)
-    run_main(s)  # the long prompt's first chunk in the steps
     # alone (2 + 0.03 ms) x 10 = 20.3 ms, 20 of it weights: 33.1 ms on 32 of 128 SMs, over 27
     beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=10.0), weights_s=20 * MS)
-    ex = FakeLaneExecutor()
-    driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03)
+    s, shorts, long, ex, driver = three_decodes_and_a_long_prompt(beside)
     driver.advance(0.0)
     assert ex.submitted == [] and not s.lane_busy  # held
     step = run_main(s)  # the owner is the steps' again: mixed batching on every SM
