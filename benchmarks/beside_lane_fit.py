@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mnemosyne.latency.beside_lane import E_KEYS, E_WEIGHTS, BesideLaneLatencyModel
+from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.profile_store import load_profile
 from mnemosyne.latency.roofline import H200, weights_read_s
 from mnemosyne.simulator.device_log import seqs_composition
@@ -64,16 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
         log, _, profile = rest.rpartition(":")
         runs[name] = (log, profile)
     num_sms = H200.num_sms
-    data: dict[str, list[tuple[int, float, object, BesideLaneLatencyModel]]] = {}
+    # per run: its model (the constants' rates) and its steps (SMs, measured seconds, composition)
+    data: dict[str, tuple[BesideLaneLatencyModel, list[tuple[int, float, StepComposition]]]] = {}
     for name, (log, path) in runs.items():
         profile = load_profile(path)
         model = BesideLaneLatencyModel(profile.model, profile.model, weights_read_s(profile.key.shape, 1, H200))
-        data[name] = [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"]), model) for s in decode_steps(log)]
+        data[name] = model, [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in decode_steps(log)]
 
     def table(name: str) -> dict:
-        rows = data[name]
-        new = [(m, model.confined_s(c, sms / num_sms)) for sms, m, c, model in rows]
-        old = [(m, model.base.step_time_s(c) * max(1.0, num_sms / (sms * ONE_RATE))) for sms, m, c, model in rows]
+        model, rows = data[name]
+        new = [(m, model.confined_s(c, sms / num_sms)) for sms, m, c in rows]
+        old = [(m, model.base.step_time_s(c) * max(1.0, num_sms / (sms * ONE_RATE))) for sms, m, c in rows]
         by_sms: dict[int, list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             by_sms[row[0]].append(i)
@@ -101,12 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     for ew in [x / 10 for x in range(15, 41)]:
         for ek in [x / 100 for x in range(70, 201, 5)]:
             score = 0.0
-            for name in runs:
-                pairs = []
-                for sms, m, c, model in data[name]:
-                    fitted = BesideLaneLatencyModel(model.inner, model.base, model.weights_s, ew, ek)
-                    pairs.append((m, fitted.confined_s(c, sms / num_sms)))
-                med, p90 = errors(pairs)
+            for model, rows in data.values():
+                fitted = BesideLaneLatencyModel(model.inner, model.base, model.weights_s, ew, ek)
+                med, p90 = errors([(m, fitted.confined_s(c, sms / num_sms)) for sms, m, c in rows])
                 score += med + p90 / 2
             grid.append((score, ew, ek))
     best = min(grid)
