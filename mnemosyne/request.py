@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mnemosyne.errors import InvalidRequestError
+from mnemosyne.errors import ContextLengthError, InvalidRequestError
 from mnemosyne.sampling_params import SamplingParams
 
 TOKEN_ID_DTYPE = np.dtype("<i4")  # a held prompt's ids, and CoreRequest's packed form
@@ -169,6 +169,22 @@ class Request:
         p = self.num_prompt_tokens
         prompt = self.prompt_token_ids[start:end].tolist() if start < p else []
         return (*prompt, *self.output_token_ids[max(start - p, 0) : max(end - p, 0)])
+
+    def check_servable(self, max_model_len: int, capacity_tokens: int) -> None:
+        """Raise InvalidRequestError / ContextLengthError if this request can never be served:
+        an empty prompt, or prompt + max_tokens over max_model_len or over what the KV cache
+        holds for one request (`capacity_tokens`)."""
+        p, m = self.num_prompt_tokens, self.sampling_params.max_tokens
+        if p == 0:
+            raise InvalidRequestError(f"request {self.request_id!r}: prompt is empty (0 tokens, need >= 1)")
+        total = p + m
+        limits = {"max_model_len": max_model_len, "the KV cache capacity for one request": capacity_tokens}
+        for what, limit in limits.items():
+            if total > limit:
+                raise ContextLengthError(
+                    f"request {self.request_id!r}: prompt ({p} tokens) + max_tokens ({m}) = {total} "
+                    f"exceeds {what} ({limit} tokens)"
+                )
 
     def stop_status(self, token: int, max_model_len: int) -> RequestStatus | None:
         """How the request ends with `token` just appended (eos unless ignored, a stop id,

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import pytest
 from conftest import TEST_DEVICE
+from test_adaptive_scheduling import MS, Clock, FakeLatencyModel
 from test_exactness import ATOL, make_prompts
 from test_scheduler import make_req
 
 from mnemosyne import LLM, SamplingParams
 from mnemosyne.config import CacheConfig, PrefillLaneConfig, SchedulerConfig
+from mnemosyne.engine.prefill_time import PrefillTimeTable
+from mnemosyne.engine.priority import LARSPriority
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
@@ -89,7 +92,8 @@ def test_the_steps_stop_at_the_claim_even_with_a_chunk_in_flight():
 
 def test_a_second_long_prompt_waits_for_the_lane_and_then_owns_it():
     """While the lane has an owner, another prompt that would qualify gets nothing from the
-    steps after its admission chunk; it owns the lane once the first hands back its last token."""
+    steps after its admission chunk; it owns the lane once the first has no lane chunk left to
+    launch, while the first's last one still runs (the lane keeps two in flight)."""
     s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
     first, second, short = req("first", 60), req("second", 56), req("short", 5)
     s.add_request(first)
@@ -112,11 +116,57 @@ def test_a_second_long_prompt_waits_for_the_lane_and_then_owns_it():
             lane_outs.append(nxt)
         if owners[-1:] == ["second"]:
             break
-    assert owners == ["first", "first", "second"] and first.num_computed_tokens == 59
-    assert lane_outs[0].chunks[0].start == 8  # second's lane chunks follow its admission chunk
+    assert owners == ["first", "first", "second"] and first.num_computed_tokens == 56
+    assert [(o.chunks[0].request.request_id, o.chunks[0].start) for o in lane_outs] == [("first", 56), ("second", 8)]
+    assert [c.request for c in run_main(s).chunks if c.request.is_prefill] == []  # first's [56, 59) still runs
+    s.update_from_output(lane_outs[0], {})
+    s.lane_done()
     last = run_main(s)  # first's last token samples in the steps; second stays in the lane
     assert [(c.request.request_id, c.start) for c in last.chunks if c.request is not short] == [("first", 59)]
 
+
+def test_a_long_prompt_that_would_miss_its_deadline_overtakes_an_owner_that_can_spare_it():
+    """LARS: a prompt queued behind the lane's owner takes the lane at the next chunk when
+    waiting would make it miss its TTFT deadline and the owner can still meet its own behind
+    it; it keeps the lane to its end (no swap back, no processor sharing), the owner resumes
+    where it stopped, and no token is computed twice."""
+    clock = Clock()
+    s, _ = lane_sched(budget=8, chunk=8, num_blocks=96)
+    s._clock = clock
+    table = PrefillTimeTable(FakeLatencyModel(), 3 * MS, granularity_tokens=8, resolution_tokens=64)
+    lars = LARSPriority(table, 1.5, 0.0)  # deadlines: 1.5 x 3.4 ms (200 tokens), 1.5 x 1.1 ms (64)
+    s.priority = lars
+    big, small = req("big", 200), req("small", 64)
+    big.arrival_time = 0.0
+    s.add_request(big)
+    run_main(s)  # big's admission chunk
+    owners, spans = [], []
+
+    def lane_chunk() -> bool:
+        if (out := s.schedule_lane()) is None:
+            return False
+        chunk = out.chunks[0]
+        owners.append(chunk.request.request_id)
+        spans.append((chunk.request.request_id, chunk.start, chunk.end))
+        clock.now += 0.2 * MS
+        s.update_from_output(out, {})
+        s.lane_done()
+        return True
+
+    for _ in range(3):
+        lane_chunk()
+    small.arrival_time = clock.now
+    s.add_request(small)
+    run_main(s)  # small's admission chunk: it queues behind big
+    assert lars.overtakes(small, big, clock.now) and not lars.overtakes(big, small, clock.now)
+    while lane_chunk():
+        pass
+    assert owners == ["big"] * 3 + ["small"] * 4 + ["big"] * 9
+    for r in (big, small):  # each prompt's lane chunks tile [8, num_tokens - 1) in order
+        mine = [(a, b) for rid, a, b in spans if rid == r.request_id]
+        assert mine[0][0] == 8 and mine[-1][1] == r.num_tokens - 1
+        assert all(b0 == a1 for (_, b0), (a1, _) in zip(mine, mine[1:], strict=False))
+    assert s.num_preemptions == 0
 
 def test_a_new_owner_waits_for_its_steps_chunk_behind_an_aborted_owners_lane_chunk():
     """The lane's stream does not wait for the steps': a new owner gets no lane chunk while
@@ -179,7 +229,6 @@ def test_the_lane_request_is_never_preempted_while_its_chunks_run():
     kv.check_integrity()
 
 
-MS = 1e-3  # seconds
 
 
 class KeysModel:

@@ -92,7 +92,7 @@ def test_rejections_name_both_numbers():
     with pytest.raises(InvalidRequestError, match="empty"):
         s.add_request(make_req("e", 0))
     with pytest.raises(
-        InvalidRequestError, match=r"prompt \(90 tokens\) \+ max_tokens \(20\) = 110.*\(100\)"
+        InvalidRequestError, match=r"prompt \(90 tokens\) \+ max_tokens \(20\) = 110.*max_model_len \(100 tokens\)"
     ):
         s.add_request(make_req("long", 90, 20))
     with pytest.raises(InvalidRequestError, match=r"= 40 exceeds the KV cache.*\(32 tokens\)"):

@@ -2,6 +2,9 @@
 must not free yet (engine/scheduler.py draws the lane; engine/prefill_lane.py runs it).
 
     owner          the running request whose prompt the lane prefills; the steps skip it
+    started        the requests that have had a lane chunk: each stays a lane candidate while
+                   it has lane work left, also below `min_prompt_tokens` (displaced by a more
+                   urgent prompt, it queues instead of prefilling beside the lane)
     in_flight      its lane chunks launched and not yet processed, oldest first (at most
                    MAX_LANE_CHUNKS_IN_FLIGHT: the next chunk is queued on the lane's stream
                    while one runs, so the lane never idles between chunks)
@@ -9,9 +12,24 @@ must not free yet (engine/scheduler.py draws the lane; engine/prefill_lane.py ru
                    freed when the last of those chunks is processed, since the lane may still
                    write it; no lane chunk's request is ever a preemption victim
 
+A lane request's tokens (T = num_tokens), by who computes them::
+
+    [0 .. a)  the steps (its admission chunk)   [a .. T-1)  the lane, chunk by chunk   [T-1, T)  a step
+    (it samples); with chunks in flight in the lane it is never a preemption victim; finished
+    or aborted meanwhile, its KV is freed only when the last is done (the lane may still write it)
+
 While the lane has an owner and does not hold, every other running prompt that `qualifies`
-waits for the lane (`waits_for_lane`): the steps give it nothing, and it becomes the owner, by priority, when
-the lane is free. Prefilled in the steps instead, beside a lane chunk and on the few SMs the
+waits for the lane (`waits_for_lane`): the steps give it nothing. The owner keeps the lane
+until its prompt is done, unless a queued prompt `overtakes` it (`claim`, asked at every step
+and before every lane chunk; under LARS: when waiting would make the queued prompt miss its
+TTFT deadline and the owner can still meet its own behind it). The owner then queues; nothing
+is recomputed (its chunks in flight run on, its KV stays). Measured on an H200 (the 8B
+serving trace, benchmarks/results/README.md, "Twenty-sixth session"): a 211K-token prompt
+arriving behind a 351K-token owner took 3.14x its floor without the swap and 1.29x with it
+(the owner 1.26x and 1.77x; mean long TTFT 53.0 -> 49.0 s). Sharing the lane by relative
+slack instead (each chunk to the most urgent) is processor sharing: SIMULATED, two 300K-token
+prompts 0.5 s apart both got their first token after ~122 s, where one after the other they
+took 62 s and 123 s. Prefilled in the steps instead, beside a lane chunk and on the few SMs the
 chunk leaves them, its chunks over a long prefix make the steps miss the TBT target (the
 minimum progress alone: 32 tokens after 200K keys on 16 SMs is ~25 ms of the step) while it
 prefills at a fraction of the lane's rate (measured on an H200: the 8B serving trace with a
@@ -22,11 +40,14 @@ session").
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mnemosyne.config import PrefillLaneConfig
 from mnemosyne.engine.scheduler_output import ScheduledChunk
+from mnemosyne.engine.step_load import StepLoadBuilder
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.composition import StepComposition
 from mnemosyne.request import Request
 
 MAX_LANE_CHUNKS_IN_FLIGHT = 2
@@ -37,6 +58,7 @@ class LaneState:
     owner: Request | None = None
     in_flight: deque[ScheduledChunk] = field(default_factory=deque)
     deferred_free: set[str] = field(default_factory=set)
+    started: set[str] = field(default_factory=set)
     num_chunks: int = 0  # lane chunks scheduled since start
     held: bool = False  # the steps need every SM: no chunk launches; owner and queue are the steps'
 
@@ -60,12 +82,33 @@ class LaneState:
         holds, it is the owner or a prompt that qualifies while the lane has one."""
         if self.has_chunks_of(req):
             return True
-        return not self.held and self.owner is not None and (req is self.owner or self.qualifies(lane, req))
+        return not self.held and self.owner is not None and self.may_own(lane, req)
 
-    def claim(self, lane: PrefillLaneConfig, running_by_priority: list[Request]) -> None:
-        """With no owner, the first of `running_by_priority` that `qualifies` becomes it."""
-        if self.owner is None:
-            self.owner = next((r for r in running_by_priority if self.qualifies(lane, r)), None)
+    def may_own(self, lane: PrefillLaneConfig, req: Request) -> bool:
+        """A candidate for the lane: the owner or a started request while it has prompt tokens
+        left for lane chunks (all but its last), any other prompt once it `qualifies`."""
+        if req is self.owner or req.request_id in self.started:
+            return req.num_tokens - 1 - req.num_dispatched_tokens > 0
+        return self.qualifies(lane, req)
+
+    def forget(self, req: Request) -> None:
+        """`req` left the running requests (finished, aborted or preempted)."""
+        if req is self.owner:
+            self.owner = None
+        self.started.discard(req.request_id)
+
+    def claim(
+        self, lane: PrefillLaneConfig, running_by_priority: list[Request], overtakes: Callable[[Request, Request], bool]
+    ) -> None:  # fmt: skip
+        """The owner from now on: the owner while it may own the lane, unless a candidate
+        (`may_own`) `overtakes(candidate, owner)` (the first such of `running_by_priority`);
+        without one, the first candidate, or none."""
+        candidates = [r for r in running_by_priority if self.may_own(lane, r)]
+        owner = self.owner
+        if owner is None or not any(r is owner for r in candidates):
+            self.owner = candidates[0] if candidates else None
+        else:
+            self.owner = next((r for r in candidates if r is not owner and overtakes(r, owner)), owner)
 
     def next_chunk(self, lane: PrefillLaneConfig, kv_manager: KVCacheManager) -> ScheduledChunk | None:
         """The owner's next chunk, its KV allocated and its tokens dispatched; None while the
@@ -84,20 +127,28 @@ class LaneState:
             return None
         chunk = ScheduledChunk(req, req.num_dispatched_tokens, n, sample=False, epoch=req.num_preemptions)
         self.in_flight.append(chunk)
+        self.started.add(req.request_id)
         self.num_chunks += 1
         req.num_dispatched_tokens += n
         return chunk
 
+    @staticmethod
+    def decode_load(running: Iterable[Request], kv_manager: KVCacheManager) -> StepComposition:
+        """The requests that decode, or will once their chunks in flight are done (every
+        prompt token but the last dispatched: an owner's last lane chunk may still run while
+        the next owner's chunk is launched, and its decodes then run beside that chunk), as
+        one step."""
+        load = StepLoadBuilder(kv_manager)
+        for req in running:
+            if req.num_tokens - req.num_dispatched_tokens <= 1:
+                load.add(req, req.num_tokens - 1, 1, sample=True)
+        return load.composition()
+
     def pop_done(self) -> str | None:
         """Forget the oldest chunk in flight, which ran; the request whose KV may be freed now
-        (finished meanwhile, no chunk of it left in flight), if any. The owner goes back to the
-        steps at its last prompt token."""
+        (finished meanwhile, no chunk of it left in flight), if any."""
         req = self.in_flight.popleft().request
-        freed = None
         if req.request_id in self.deferred_free and not self.has_chunks_of(req):
             self.deferred_free.discard(req.request_id)
-            freed = req.request_id
-        owner = self.owner
-        if owner is not None and not self.in_flight and owner.num_tokens - owner.num_dispatched_tokens <= 1:
-            self.owner = None
-        return freed
+            return req.request_id
+        return None

@@ -24,6 +24,11 @@ class PriorityPolicy(Protocol):
         """Sort key of `request` at time `now`; smaller = more urgent."""
         ...
 
+    def overtakes(self, challenger: Request, holder: Request, now: float) -> bool:
+        """Whether `challenger`, queued for what `holder` has (the prefill lane), should take
+        it at `now` (the holder then queues; no work is lost)."""
+        ...
+
 
 class FCFSPriority:
     """First come, first served: by arrival_time (ties: admission order, added by the scheduler).
@@ -33,6 +38,9 @@ class FCFSPriority:
 
     def key(self, request: Request, now: float) -> tuple:
         return (request.arrival_time,)
+
+    def overtakes(self, challenger: Request, holder: Request, now: float) -> bool:
+        return False  # first come, first served
 
 
 def ttft_deadline_s(
@@ -83,3 +91,18 @@ class LARSPriority:
 
     def key(self, request: Request, now: float) -> tuple:
         return (int(request.is_prefill), self.slack_fraction(request, now))
+
+    def overtakes(self, challenger: Request, holder: Request, now: float) -> bool:
+        """A swap that saves a deadline the holder can spare: both prefills, one after the
+        other, end at end = now + remaining(holder) + remaining(challenger) either way round;
+        the challenger overtakes iff waiting makes it miss its deadline (end > its due time)
+        and the holder still meets its own behind it (end <= its due time). So the holder is
+        never made late, a request that would be late either way never displaces one, and
+        no swap is ever undone (after it the holder, now queued, is not the one that misses).
+
+            due(r) = r.arrival + deadline(r);   overtakes iff due(challenger) < end <= due(holder)
+        """
+        end = now + self.remaining_prefill_s(holder) + self.remaining_prefill_s(challenger)
+        due_challenger = challenger.arrival_time + self.deadline_s(challenger)
+        due_holder = holder.arrival_time + self.deadline_s(holder)
+        return due_challenger < end <= due_holder

@@ -58,19 +58,9 @@ any later owner of the block writes). A request with work in flight may be preem
 like any request not scheduled in the current step: its in-flight chunks are then
 dropped as stale (epoch), and their tokens recomputed.
 
-The prefill lane (`config.prefill_lane`, one device; engine/prefill_lane.py runs it,
-engine/lane_state.py holds its state): a running prefill with at least `min_prompt_tokens`
-prompt tokens left becomes the lane's *owner* (claimed by priority at the start of `schedule`
-or `schedule_lane`). The steps skip it, and every other such prompt, which queues for the lane.
-Once the owner's chunks in the steps' flight are done, `schedule_lane` gives it chunks of
-`chunk_tokens` (no budget, no chunk policy), two in flight at most, up to its last prompt
-token, which the steps schedule (it samples)::
-
-    owner:  [0 .. a)  steps (admission)   [a .. T-1)  lane, chunk by chunk   [T-1, T)  a step
-    in flight in the lane: never a preemption victim; finished or aborted meanwhile, its KV
-    is freed only when the lane's chunk is done (the lane may still write it)
-    held (`hold_lane`: the decodes need every SM): owner and queue are the steps' again,
-    each once no lane chunk of its own is in flight
+The prefill lane (`config.prefill_lane`, one device): a running prompt with at least
+`min_prompt_tokens` left becomes its owner, which the steps skip, with every other such
+prompt (the lane's queue); its tokens per place are drawn in engine/lane_state.py.
 
 Invariants between calls:
     * every known request is in exactly one of waiting / running; finished ones are
@@ -99,8 +89,7 @@ from mnemosyne.engine.lane_state import LaneState
 from mnemosyne.engine.prefix_lookup import cache_computed_blocks, can_hold_whole_prompt, find_cached_prefix
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput, StepUpdate
-from mnemosyne.engine.step_load import StepLoadBuilder
-from mnemosyne.errors import ContextLengthError, InvalidRequestError
+from mnemosyne.errors import InvalidRequestError
 from mnemosyne.kv_cache.manager import KVCacheManager
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.request import Request, RequestStatus
@@ -132,21 +121,7 @@ class Scheduler:
 
     def add_request(self, req: Request) -> None:
         """Validate and enqueue as WAITING; raises InvalidRequestError if it can never be served."""
-        p, m = req.num_prompt_tokens, req.sampling_params.max_tokens
-        if p == 0:
-            raise InvalidRequestError(f"request {req.request_id!r}: prompt is empty (0 tokens, need >= 1)")
-        total = p + m
-        if total > self.config.max_model_len:
-            raise ContextLengthError(
-                f"request {req.request_id!r}: prompt ({p} tokens) + max_tokens ({m}) = {total} "
-                f"exceeds max_model_len ({self.config.max_model_len})"
-            )
-        capacity = self.kv_manager.capacity_tokens_per_request
-        if total > capacity:
-            raise ContextLengthError(
-                f"request {req.request_id!r}: prompt ({p} tokens) + max_tokens ({m}) = {total} "
-                f"exceeds the KV cache capacity for one request ({capacity} tokens)"
-            )
+        req.check_servable(self.config.max_model_len, self.kv_manager.capacity_tokens_per_request)
         if req.request_id in self._requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
         req.status = RequestStatus.WAITING
@@ -163,7 +138,7 @@ class Scheduler:
         now = self._clock()
         running = self._sorted(self._running.values(), now)
         if (lane := self.config.prefill_lane) is not None:  # the lane's owner and queue: not in the steps
-            self._lane.claim(lane, running)
+            self._lane.claim(lane, running, lambda other, owner: self.priority.overtakes(other, owner, now))
             running = [r for r in running if not self._lane.waits_for_lane(lane, r)]
         decodes = [r for r in running if not r.is_prefill]
         prefills = [r for r in running if r.is_prefill]
@@ -282,12 +257,14 @@ class Scheduler:
         return out
 
     def claim_lane(self) -> bool:
-        """Whether the lane has an owner, claiming the first qualifying running request by
-        priority when it has none (only the candidates are ordered: this runs every step)."""
+        """Whether the lane has an owner (`LaneState.claim`: the first candidate by priority
+        when it has none, or one that overtakes it; only the candidates are ordered: this
+        runs every step)."""
         lane = self.config.prefill_lane
-        if lane is not None and self._lane.owner is None:
-            candidates = [r for r in self._running.values() if self._lane.qualifies(lane, r)]
-            self._lane.claim(lane, self._sorted(candidates, self._clock()))
+        if lane is not None:
+            now = self._clock()
+            candidates = self._sorted([r for r in self._running.values() if self._lane.may_own(lane, r)], now)
+            self._lane.claim(lane, candidates, lambda other, owner: self.priority.overtakes(other, owner, now))
         return self._lane.owner is not None
 
     def lane_done(self) -> None:
@@ -297,13 +274,8 @@ class Scheduler:
             self.kv_manager.free(freed)
 
     def decode_load(self) -> StepComposition:
-        """The running decodes (the lane's owner aside) as one step: what every step beside
-        the lane must fit."""
-        load = StepLoadBuilder(self.kv_manager)
-        for req in self._running.values():
-            if not req.is_prefill and req is not self._lane.owner:
-                load.add(req, req.num_computed_tokens, 1, sample=True)
-        return load.composition()
+        """The decodes as one step: what every step beside the next lane chunk must fit."""
+        return LaneState.decode_load(self._running.values(), self.kv_manager)
 
     def hold_lane(self, held: bool) -> None:
         """Hold the lane (no chunk launches; its owner and queue go to the steps) or release it."""
@@ -414,8 +386,7 @@ class Scheduler:
         return req
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        if req is self._lane.owner:  # nothing in flight in the lane (never a victim then)
-            self._lane.owner = None
+        self._lane.forget(req)  # nothing of it in flight in the lane (never a victim then)
         self.kv_manager.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_dispatched_tokens = 0
@@ -432,8 +403,7 @@ class Scheduler:
         self._running.pop(rid, None)
         self._requests.pop(rid, None)
         self._admission_seq.pop(rid, None)
-        if req is self._lane.owner:
-            self._lane.owner = None
+        self._lane.forget(req)
         if self._lane.has_chunks_of(req):
             self._lane.deferred_free.add(rid)  # the lane may still write its blocks
         else:
