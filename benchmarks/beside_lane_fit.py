@@ -28,10 +28,11 @@ from mnemosyne.simulator.device_log import seqs_composition
 P8B = "benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/latency_profile_quick_8b.json"
 P1B = "benchmarks/results/serving_trace_session8_h200_2026-11-29/before/latency_profile_quick_1b.json"
 R = "benchmarks/results"
-RUNS = {  # name: (step log, the profile the run predicted with)
+RUNS = {  # name: (step log, the profile the run predicted with); the 8B decode kernel on a split as now
+    # (LAUNCH_16BIT_CONFINED) in the mixed run; the serving traces' steps beside a chunk are mostly weight reads
     "session25_b_8b_serving_trace": (f"{R}/session25_h200_2026-12-02/b/runs/lars_adaptive_lane.steps.jsonl.gz", P8B),
-    "session24_c_8b_mixed": (f"{R}/session24_h200_2026-12-02/c/mixed_8b_lane_split_steps.jsonl.gz", P8B),
-    "session24_b_8b_mixed_unpaced": (f"{R}/session24_h200_2026-12-02/b/mixed_8b_lane_split_steps.jsonl.gz", P8B),
+    "session26_c_8b_serving_trace": (f"{R}/session26_h200_2026-12-02/c/runs/lars_adaptive_lane.steps.jsonl.gz", P8B),
+    "session26_e_8b_mixed": (f"{R}/session26_h200_2026-12-02/e/mixed_8b_lane_steps.jsonl.gz", P8B),
     "session25_c_1b_mixed": (f"{R}/session25_h200_2026-12-02/c/mixed_1b_lane_steps.jsonl.gz", P1B),
 }
 ONE_RATE = 2.1  # the model before: one rate for the whole decode step

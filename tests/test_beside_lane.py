@@ -20,8 +20,8 @@ from mnemosyne.latency.composition import StepComposition
 WEIGHTS_S = 1.5 * MS
 
 
-def model() -> BesideLaneLatencyModel:
-    return BesideLaneLatencyModel(KeysModel(scale=1.5), KeysModel(), WEIGHTS_S)
+def model(weights_rate: float = E_WEIGHTS, keys_rate: float = E_KEYS) -> BesideLaneLatencyModel:
+    return BesideLaneLatencyModel(KeysModel(scale=1.5), KeysModel(), WEIGHTS_S, weights_rate, keys_rate)
 
 
 def test_each_part_scales_at_its_own_rate():
@@ -58,7 +58,7 @@ def test_the_scale_is_learned_from_decode_steps_only():
 
 
 def test_fewest_sms_that_fit_the_target_or_the_hold():
-    m = model()
+    m = model(2.5, 1.05)  # the rates of the arithmetic below
     choices, num_sms, target = (16, 24, 32), 128, 30 * MS
     assert LANE_STEP_HEADROOM * target == pytest.approx(27 * MS)
     # 2 decodes of 1000 keys: 0.5 + 1.5 x 8 / 2.5 + 2 x 8 / 1.05 = 20.5 ms on 16 SMs

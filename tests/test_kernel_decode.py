@@ -14,7 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mnemosyne.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from mnemosyne.kernels.decode_attention import (  # noqa: E402
+    LAUNCH_16BIT,
+    LAUNCH_16BIT_CONFINED,
+    launch_options,
+    paged_decode_attention,
+)
 from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items  # noqa: E402
 from mnemosyne.kernels.kv_write import write_kv_cache  # noqa: E402
 from mnemosyne.layers.attention import AttentionMetadata, TorchReferenceBackend  # noqa: E402
@@ -142,6 +147,23 @@ def test_decode_matches_reference(dtype, group, head_dim, block_size, split_budg
         window,
         1e-5 if dtype == torch.float32 else 2e-2,
     )
+
+
+def test_decode_confined_launch_matches_reference():
+    """The launch options of the steps' graphs on a lane split's few SMs (64-key tiles over
+    64-key pages, 33 items): exact as the default ones; fp32 and head dim 64 keep theirs."""
+    assert launch_options(128, torch.bfloat16, confined=True) == LAUNCH_16BIT_CONFINED != LAUNCH_16BIT
+    assert launch_options(64, torch.bfloat16, confined=True) == launch_options(64, torch.bfloat16)
+    assert launch_options(128, torch.float32, confined=True) == launch_options(128, torch.float32)
+    specs = decode_specs(64, None) + [(1, n - 1, 0, n) for n in (129, 700)]
+    query, k_cache, v_cache, meta = make_batch(specs, 64, 8, 2, 128, torch.bfloat16, seed=3)
+    seq_ids = list(range(len(specs)))
+    block_n, num_warps, num_stages = LAUNCH_16BIT_CONFINED
+    out, lse = run_decode(
+        query, k_cache, v_cache, meta, seq_ids, 128**-0.5, None, 33,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    check(out, lse, query, k_cache, v_cache, meta, seq_ids, 128**-0.5, None, 2e-2)
 
 
 @pytest.mark.parametrize("split_budget", [1, 3, 40])

@@ -43,7 +43,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   514 us a layer against 64-key tiles (bytes floor 511 us); 1M + 16x1K keys 643 -> 579 us
 #   (benchmarks/results/session17_h200x2_2026-11-30/c/).
 # - fp32: 64-key tiles (register pressure), 8 warps.
+# - 16-bit, head dim > 64, on a few SMs (the steps' green context beside a prefill lane chunk,
+#   `KernelPlan.decode_confined`): 64-key tiles of 4 warps, 3 stages. There each SM must keep
+#   several times its whole-GPU share of bytes in flight; 32 decodes of 1K / 3K keys on 16
+#   SMs: 232 -> 196 / 614 -> 531 us a layer (41 -> 47 GB/s per SM), 24 SMs 444 -> 380 us;
+#   on every SM the same as the above (benchmarks/results/session26_h200_2026-12-02/d/).
 LAUNCH_16BIT = (128, 8, 2)
+LAUNCH_16BIT_CONFINED = (64, 4, 3)
 LAUNCH_16BIT_SMALL_HEAD = (128, 4, 2)
 LAUNCH_FP32 = (64, 8, 2)
 # Phase 2: (heads per program, items per step of its loop). A batch of a few sequences gives
@@ -259,11 +265,14 @@ def _decode_reduce_kernel(
         tl.store(l_ptr + row * stride_lt + heads * stride_lh, lse, mask=mask_h)
 
 
-def launch_options(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of phase 1 for these inputs (the constants above)."""
+def launch_options(head_dim: int, dtype: torch.dtype, confined: bool = False) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of phase 1 for these inputs (the constants above);
+    `confined`: the kernel runs on a few of the device's SMs."""
     if dtype == torch.float32:
         return LAUNCH_FP32
-    return LAUNCH_16BIT if head_dim > 64 else LAUNCH_16BIT_SMALL_HEAD
+    if head_dim <= 64:
+        return LAUNCH_16BIT_SMALL_HEAD
+    return LAUNCH_16BIT_CONFINED if confined else LAUNCH_16BIT
 
 
 def paged_decode_attention(

@@ -12,12 +12,14 @@
     m: measured / modelled, a running mean over the decode-only steps beside the lane (prior 1)
 
 The two rates are fitted (`benchmarks/beside_lane_fit.py`) on the H200 step logs of the lane:
-the decode-only steps beside a chunk on 16, 24 or 32 SMs of three 8B runs (the mixed scenario
-twice, the serving trace) and the 1B mixed scenario (benchmarks/results/README.md,
-"Twenty-fifth session"). The weights stream at 2.5x an average SM's share of the device's
-bandwidth, and the decode kernel's keys at 1.05x. Median errors per run are 1.5-11%; one
-rate for the whole step (the model before) was off by 9-63%. A step of a few short decodes (mostly
-weights) took 13.9 ms on 16 SMs, and one over 351K keys (mostly keys) took 54 ms on 32.
+the decode-only steps beside a chunk on 16, 24 or 32 SMs of three 8B runs (the serving trace
+twice, the mixed scenario with the decode kernel's launch options for a split) and the 1B
+mixed scenario (benchmarks/results/README.md, "Twenty-fifth session", "Twenty-sixth
+session"). The weights stream at 2.5x an average SM's share of the device's bandwidth, and
+the decode kernel's keys at 1.2x (1.05x with the whole-GPU launch options). Median errors
+per run are 1.2-5.3%; one rate for the whole step (the model before) was off by 5-63%. A step
+of a few short decodes (mostly weights) took 13.9 ms on 16 SMs, and one over 351K keys
+(mostly keys) took 54 ms on 32.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mnemosyne.latency.model import LatencyModel
 
 LANE_STEP_HEADROOM = 0.9  # a lane chunk leaves the steps SMs for this fraction of the TBT target
 E_WEIGHTS = 2.5  # the weights' reads on a confined SM, against an average SM of the whole device
-E_KEYS = 1.05  # the decode kernel's K/V reads, likewise
+E_KEYS = 1.2  # the decode kernel's K/V reads, likewise (`decode_attention.LAUNCH_16BIT_CONFINED`)
 SCALE_WEIGHT = 0.1  # the running mean's weight of each measured step
 
 

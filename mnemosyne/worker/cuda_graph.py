@@ -201,7 +201,8 @@ class DecodeGraphs:
         if shared:
             self.merge_slots[:bs].fill_(merge_buffer_rows(shared) - 1)
             meta.kvp_merge = KVPMergeIndex(num_shared_tokens=shared, slots=self.merge_slots[:bs])
-        meta.backend_plan = self.backend.plan(meta, self.num_kv_heads, self.sliding_window)
+        meta.backend_plan = plan = self.backend.plan(meta, self.num_kv_heads, self.sliding_window)
+        plan.decode_confined = self.capture_stream is not None  # a lane split's few SMs
         return meta
 
     def _capture(self, bs: int, shared: int) -> None:

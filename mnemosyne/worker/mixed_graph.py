@@ -212,7 +212,8 @@ class MixedGraphs:
             max_query_len=size,
             max_kv_len=self.max_blocks * self.block_size,
         )
-        meta.backend_plan = self.plans.plan_for(size, block_q, splits)
+        meta.backend_plan = plan = self.plans.plan_for(size, block_q, splits)
+        plan.decode_confined = self.capture_stream is not None  # a lane split's few SMs
         return meta
 
     def _forward(self, key: tuple[int, int, int]) -> torch.Tensor:

@@ -20,7 +20,8 @@ their own, beside the engine's steps, which are confined to the SMs the chunk le
     %smid, benchmarks/probes/green_context_sms.py), and first and rest are disjoint
 
     the steps' decode and mixed-step graphs: captured once more per split, on first(S)
-    (`add_step_graphs`; the piecewise graphs are not, and run on every SM beside a chunk):
+    (`add_step_graphs`; the piecewise graphs are not, and run on every SM beside a chunk),
+    their decode kernel with launch options for a few SMs (`KernelPlan.decode_confined`):
     a graph's kernels keep the SMs of the stream it was captured on, whichever stream replays
     it (a copy graph captured on a plain stream: 1.58 ms replayed on first(16), as on the
     whole GPU; captured on first(16): 10.0 ms)

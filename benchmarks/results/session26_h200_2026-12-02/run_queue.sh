@@ -28,6 +28,30 @@ timeout 560 python -m benchmarks.serving_trace --shape 8b --rate 0.12 --duration
 kill $SMI; cp $W/8b_trace/serving_trace.* $C/
 cd $W/8b_trace && gzip -f runs/*.jsonl runs/*.bench.json; tar cf $C/runs.tar runs; gzip -f $C/smi.csv
 
+# d/: the split-KV decode kernel on 16 / 24 confined SMs (green contexts) and on every SM, under launch
+# options and split budgets, in CUDA graphs captured on the confined stream (32 decodes of 1K / 3K keys, 8B heads).
+# From here on the carried dependencies were cut to what each call needs (the tree had outgrown the carry):
+# d/ the cuda-bindings zip only; e/, f/ also msgspec, pyzmq and sortedcontainers from .dev_lead/minwhl
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -c "import zipfile; zipfile.ZipFile('.dev_lead/cuda_bindings_driver_only.zip').extractall('/tmp/site')"
+export PYTHONPATH=$PWD:/tmp/site
+D=$OUT/d; mkdir -p $D
+timeout 240 python -m benchmarks.probes.confined_decode --out $D/confined_decode.json > $D/probe.log 2>&1
+
+# e/: after d/, the steps' graphs captured on a lane split run the decode kernel with LAUNCH_16BIT_CONFINED;
+# the 8B mixed scenario with the lane (16-32 SMs left to the steps)
+python3 -m pip install -q --no-deps --target /tmp/site .dev_lead/minwhl/*.whl
+P8B=benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/latency_profile_quick_8b.json
+E=$OUT/e; mkdir -p $E
+timeout 400 python -m benchmarks.mixed_long_short --shape llama3-8b --long-len 262144 --configs adaptive_lars_lane \
+    --prefill-lane-free-sms 16 --prefill-lane-max-free-sms 32 --profile $P8B --out $E/mixed_long_short_8b_lane.json \
+    --step-log $E/mixed_8b_lane_steps.jsonl > $E/mixed8b_lane.log 2>&1
+gzip -f $E/*.jsonl
+
+# f/: the lane's and the decode kernel's GPU tests on the final code
+F=$OUT/f; mkdir -p $F
+MNEMOSYNE_TEST_DEVICE=cuda timeout 200 python -m pytest -q tests/test_prefill_lane.py tests/test_kernel_decode.py > $F/gpu_tests_lane_decode.log 2>&1
+
 # CPU, after c/: the step log report and the simulator against c/ (SIMULATED)
 R=benchmarks/results/session26_h200_2026-12-02
 python -m benchmarks.step_log_report $R/c/runs/lars_adaptive_lane.steps.jsonl.gz --out $R/c/step_log_report.json
@@ -38,3 +62,4 @@ python -m benchmarks.compare_serving_trace --measured $R/c/serving_trace.json --
 # variant not kept (LaneState.claim choosing the first candidate by priority at every step and chunk)
 python -m benchmarks.compare_serving_trace --measured benchmarks/results/session25_h200_2026-12-02/b/serving_trace.json \
     --latency-profile $P8B --out $R/simulated/serving_trace_8b_session25b_vs_simulated_{no_swap,overtaking,processor_sharing}.json
+python -m benchmarks.beside_lane_fit --out $R/fit/beside_lane_fit.json  # after e/: E_KEYS 1.05 -> 1.2

@@ -41,6 +41,9 @@ class KernelPlan:
 
     decode_seq_ids: torch.Tensor | None = None  # [num_decode] int32
     split_budget: int = 1  # work items of the decode kernel, for the whole batch
+    # the step runs on a few SMs (a green context beside a prefill lane chunk; set by the
+    # graphs captured there): the decode kernel's launch options for it (`launch_options`)
+    decode_confined: bool = False
     tile_seq: torch.Tensor | None = None  # [num_tiles] int32, Triton prefill tiles
     tile_q_offset: torch.Tensor | None = None  # [num_tiles] int32
     block_q: int = 16
