@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from mnemosyne.latency.beside_lane import E_KEYS, E_WEIGHTS, BesideLaneLatencyModel
+from mnemosyne.latency.beside_lane import E_CHUNKS, E_KEYS, E_WEIGHTS, BesideLaneLatencyModel
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.profile_store import load_profile
 from mnemosyne.latency.roofline import H200, weights_read_s
@@ -38,14 +38,14 @@ RUNS = {  # name: (step log, the profile the run predicted with); the 8B decode 
 ONE_RATE = 2.1  # the model before: one rate for the whole decode step
 
 
-def decode_steps(step_log: str) -> list[dict]:
-    """The decode-only steps beside a lane chunk, with the SMs they ran on."""
+def beside_steps(step_log: str, with_chunks: bool) -> list[dict]:
+    """The steps beside a lane chunk, with the SMs they ran on: decode-only, or with a chunk."""
     opener = gzip.open if step_log.endswith(".gz") else open
     with opener(step_log, "rt") as f:
         lines = [json.loads(line) for line in f][1:]
     return [
         s for s in lines
-        if s.get("beside_lane") and s.get("steps_sms") and all(n == 1 for n, _ in s["seqs"])
+        if s.get("beside_lane") and s.get("steps_sms") and any(n > 1 for n, _ in s["seqs"]) == with_chunks
     ]  # fmt: skip
 
 
@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     num_sms = H200.num_sms
     # per run: its model (the constants' rates) and its steps (SMs, measured seconds, composition)
     data: dict[str, tuple[BesideLaneLatencyModel, list[tuple[int, float, StepComposition]]]] = {}
+    chunk_data: dict[str, list[tuple[int, float, StepComposition]]] = {}  # the steps with a chunk
     for name, (log, path) in runs.items():
         profile = load_profile(path)
         model = BesideLaneLatencyModel(profile.model, profile.model, weights_read_s(profile.key.shape, 1, H200))
-        data[name] = model, [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in decode_steps(log)]
+        data[name] = model, [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in beside_steps(log, False)]
+        chunk_data[name] = [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in beside_steps(log, True)]
 
     def table(name: str) -> dict:
         model, rows = data[name]
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
         }
 
-    result: dict = {"constants": {"E_WEIGHTS": E_WEIGHTS, "E_KEYS": E_KEYS}, "runs": {}}
+    result: dict = {"constants": {"E_WEIGHTS": E_WEIGHTS, "E_KEYS": E_KEYS, "E_CHUNKS": E_CHUNKS}, "runs": {}}
     for name in runs:
         result["runs"][name] = table(name)
         r = result["runs"][name]
@@ -112,6 +114,28 @@ def main(argv: list[str] | None = None) -> dict:
     best = min(grid)
     result["best_fit"] = {"score": best[0], "E_WEIGHTS": best[1], "E_KEYS": best[2]}
     print(f"best fit: E_WEIGHTS {best[1]}, E_KEYS {best[2]} (score {best[0]:.3f})")
+    # the chunks' rate, on the steps with a chunk (the two rates above as the model has them)
+    chunk_grid = []
+    for ec in [x / 100 for x in range(50, 401, 5)]:
+        score, per_run = 0.0, {}
+        for name, rows in chunk_data.items():
+            if not rows:
+                continue
+            model = data[name][0]
+            fitted = BesideLaneLatencyModel(model.inner, model.base, model.weights_s, chunks_rate=ec)
+            per_run[name] = errors([(m, fitted.confined_s(c, sms / num_sms)) for sms, m, c in rows])
+            score += per_run[name][0] + per_run[name][1] / 2
+        chunk_grid.append((score, ec, per_run))
+    for name, rows in chunk_data.items():
+        if rows:
+            model = data[name][0]
+            now = errors([(m, model.confined_s(c, sms / num_sms)) for sms, m, c in rows])
+            result["runs"][name]["chunk_steps"] = {"steps": len(rows), "model_median_p90": now}
+            print(f"{name}: {len(rows)} steps with a chunk, median / p90 error {now}")
+    score, ec, per_run = min(chunk_grid, key=lambda g: g[0])
+    result["best_fit"]["E_CHUNKS"] = ec
+    result["best_fit"]["chunk_steps_median_p90"] = per_run
+    print(f"best fit: E_CHUNKS {ec} (score {score:.3f}): {per_run}")
     ns.out.write_text(json.dumps(result, indent=1))
     return result
 

@@ -8,13 +8,14 @@ import pytest
 from test_prefill_lane import MS, KeysModel, decodes
 
 from mnemosyne.latency.beside_lane import (
+    E_CHUNKS,
     E_KEYS,
     E_WEIGHTS,
     LANE_STEP_HEADROOM,
     SCALE_WEIGHT,
     BesideLaneLatencyModel,
 )
-from mnemosyne.latency.composition import StepComposition
+from mnemosyne.latency.composition import GroupLoad, StepComposition
 
 # KeysModel: 2 ms + 1 us per decode key + 0.1 ms per chunk token; of the 2 ms, 1.5 weights
 WEIGHTS_S = 1.5 * MS
@@ -40,6 +41,17 @@ def test_each_part_scales_at_its_own_rate():
 def test_weights_beyond_the_keyless_step_are_capped():
     m = BesideLaneLatencyModel(KeysModel(), KeysModel(), weights_s=5 * MS)  # more than the 2 ms keyless step
     assert m.confined_s(decodes(1, 0), 16 / 128) == pytest.approx(2 * MS * 8 / E_WEIGHTS)
+
+
+def test_a_chunk_without_decodes_reads_the_weights_as_a_decode_step_does():
+    """A step of chunks only still reads the weights and pays the fixed costs (its frame: one
+    row without keys), at their rates; only the chunks' own work scales at E_CHUNKS, or at a
+    rate given (the simulator's device)."""
+    m = model()
+    chunk_only = StepComposition.single(GroupLoad().plus_chunk(100, 500))  # base: 2 ms + 10 ms of chunk
+    frame = 0.5 * MS + 1.5 * MS * 8 / E_WEIGHTS  # on 16 of 128 SMs
+    assert m.confined_s(chunk_only, 16 / 128) == pytest.approx(frame + 10 * MS * 8 / E_CHUNKS)
+    assert m.confined_s(chunk_only, 16 / 128, chunks_rate=2.0) == pytest.approx(frame + 10 * MS * 4)
 
 
 def test_the_scale_is_learned_from_decode_steps_only():

@@ -13,7 +13,7 @@ from mnemosyne.cli import main
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.simulator.engine import SimulatedEngine, run_trace
-from mnemosyne.simulator.lane import LANE_CHUNK_OVERHEAD
+from mnemosyne.simulator.lane import LANE_CHUNK_BUSY, LANE_CHUNK_IDLE
 from mnemosyne.simulator.setup import device_spec, latency_model_for, simulated_engine_config
 from mnemosyne.simulator.trace import TraceRequest
 from mnemosyne.wire.plan import ChunkPlan, StepPlan
@@ -73,7 +73,7 @@ def test_the_lane_runs_the_prompt_and_keeps_the_steps_within_the_target(model_8b
     assert [s.token_times_s for s in again.requests.values()] == [s.token_times_s for s in engine.requests.values()]
 
 
-def test_a_chunk_takes_its_time_alone_over_its_share_of_the_sms(model_8b):
+def test_a_chunk_takes_its_time_alone_over_its_share_of_the_sms_and_longer_beside_steps(model_8b):
     spec = device_spec("h200")
     args = EngineArgs(model=str(model_8b), max_model_len=LONG_LEN, prefill_lane_free_sms=16, enable_prefix_caching=False)
     config = simulated_engine_config(model_8b, args, spec)
@@ -82,13 +82,25 @@ def test_a_chunk_takes_its_time_alone_over_its_share_of_the_sms(model_8b):
     assert lane is not None
     plan = StepPlan(step_id=0, chunks=(ChunkPlan("r", 8192, 4096, False, (), (), 0, ()),))
     alone = lane.model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(4096, 8192)))
-    assert lane.chunk_s(plan, 24) == pytest.approx(alone * 132 / 108 * LANE_CHUNK_OVERHEAD)
+    work = lane.work_s(plan, 24)
+    assert work == pytest.approx(alone * 132 / 108 * LANE_CHUNK_IDLE)
     lane.submit_lane(plan, 24)
     lane.submit_lane(plan, 16)  # after the first: one lane
-    assert lane.next_end_s == pytest.approx(lane.chunk_s(plan, 24))
+    assert lane.next_end_s == pytest.approx(work)  # no step beside it
+    slow = LANE_CHUNK_BUSY / LANE_CHUNK_IDLE
+    lane.note_step(0.25 * work, 0.5 * work)  # a quarter of its time with a step beside it
+    assert lane.next_end_s == pytest.approx(work + 0.25 * work * (1 - 1 / slow))
+    lane.note_step(0.9 * work, 10 * work)  # a step to past its end: the rest at the busy rate
+    end = 0.9 * work + (0.1 * work + 0.25 * work * (1 - 1 / slow)) * slow
+    assert lane.next_end_s == pytest.approx(end)
     assert lane.lane_result(0.0) is None  # the clock has not moved
+    engine.now_s = end
+    assert lane.lane_result(0.0) is not None
+    assert lane.spans_s == [(0.0, pytest.approx(end), 24)]
+    second = lane.work_s(plan, 16)  # the second starts at the first's end, under the same step
+    assert lane.next_end_s == pytest.approx(end + second * slow)
     engine.now_s = 1e3
-    assert lane.lane_result(0.0) is not None and lane.lane_result(0.0) is not None
+    assert lane.lane_result(0.0) is not None and lane.spans_s[1][0] == pytest.approx(end)
 
 
 def test_simulating_the_lane_needs_a_gpu_with_sms(model_8b, tmp_path, capsys):

@@ -1,12 +1,14 @@
 """A step's time on the S of a device's N SMs that a prefill lane chunk leaves it
 (engine/prefill_lane.py draws the lane), from the base model's time of it on every SM::
 
-    C = base(the step) - base(its decodes)      the chunks: compute-bound, C * N / S
-    D = base(its decodes), split in three:
-        keys    = D - base(the decodes without their keys)     K/V reads of the decode kernel
+    F = the step's frame: its decodes, or with none one row without keys (every step reads
+        the weights and pays its fixed costs, chunks or not)
+    C = base(the step) - base(F)                the chunks' own work: C * f(E_CHUNKS)
+    D = base(F), split in three:
+        keys    = D - base(F without its keys)                 K/V reads of the decode kernel
         weights = min(the weights' read at full bandwidth, D - keys)   the GEMMs' weight reads
         fixed   = the rest                                      launches and latency: no faster on more SMs
-    on S SMs:  m * (fixed + weights * f(E_WEIGHTS) + keys * f(E_KEYS)) + C * N / S
+    on S SMs:  m * (fixed + weights * f(E_WEIGHTS) + keys * f(E_KEYS)) + C * f(E_CHUNKS)
     f(e) = max(1, N / (S * e)): a confined SM moves e times an average SM's share of the
            whole device's bandwidth (which it cannot fill on its own)
     m: measured / modelled, a running mean over the decode-only steps beside the lane (prior 1)
@@ -32,19 +34,28 @@ from mnemosyne.latency.model import LatencyModel
 LANE_STEP_HEADROOM = 0.9  # a lane chunk leaves the steps SMs for this fraction of the TBT target
 E_WEIGHTS = 2.5  # the weights' reads on a confined SM, against an average SM of the whole device
 E_KEYS = 1.2  # the decode kernel's K/V reads, likewise (`decode_attention.LAUNCH_16BIT_CONFINED`)
+# The chunks' own work, likewise. Fitted on the steps with a chunk beside a lane chunk (the 8B
+# serving traces' short prompts, 32-256 tokens) it is 2.65 (median error 7-9%, p90 18-27%);
+# the engine keeps 1 (its FLOPs at an SM's share, an over-prediction of those steps by about
+# half), so that the steps beside a chunk keep their margin to the TBT target until a
+# GPU run measures the fitted rate; the simulator times them at the fitted rate
+# (`simulator/lane.py` STEPS_CHUNKS_RATE).
+E_CHUNKS = 1.0
 SCALE_WEIGHT = 0.1  # the running mean's weight of each measured step
 
 
 def decodes_only(composition: StepComposition, with_keys: bool = True) -> StepComposition:
-    """The decodes of a (one-group) step without its chunks (and without their keys)."""
+    """The frame of a (one-group) step (module docstring): its decodes without its chunks
+    (and without their keys), or one row without keys when it has no decode."""
     (g,) = composition.groups
+    num_rows = max(1, g.num_decodes)
     return StepComposition.single(
         GroupLoad(
-            num_tokens=g.num_decodes,
-            num_decodes=g.num_decodes,
+            num_tokens=num_rows,
+            num_decodes=num_rows,
             decode_kv_tokens=g.decode_kv_tokens if with_keys else 0,
             max_decode_kv_tokens=g.max_decode_kv_tokens if with_keys else 0,
-            num_sampled=min(g.num_sampled, g.num_decodes),
+            num_sampled=max(1, min(g.num_sampled, g.num_decodes)),
         )
     )
 
@@ -58,8 +69,8 @@ class BesideLaneLatencyModel:
     them (`steps_share` = S / N, set by the lane's driver), `base`'s split and scaled as the
     module docstring draws. `base` is the model before online calibration, which learns only
     from steps with the GPU to themselves; `weights_s` is the weights' read at the device's
-    full bandwidth (`roofline.weights_read_s`); the rates are E_WEIGHTS and E_KEYS unless
-    given (`benchmarks/beside_lane_fit.py` fits them)."""
+    full bandwidth (`roofline.weights_read_s`); the rates are E_WEIGHTS, E_KEYS and E_CHUNKS
+    unless given (`benchmarks/beside_lane_fit.py` fits them)."""
 
     def __init__(
         self,
@@ -68,12 +79,14 @@ class BesideLaneLatencyModel:
         weights_s: float,
         weights_rate: float = E_WEIGHTS,
         keys_rate: float = E_KEYS,
+        chunks_rate: float = E_CHUNKS,
     ) -> None:
         self.inner = inner
         self.base = base
         self.weights_s = weights_s
         self.weights_rate = weights_rate
         self.keys_rate = keys_rate
+        self.chunks_rate = chunks_rate
         self.layout = inner.layout
         self.steps_share: float | None = None  # the steps' share of the SMs now; None: all of them
         self.scale = 1.0  # m
@@ -83,15 +96,19 @@ class BesideLaneLatencyModel:
             return self.inner.step_time_s(composition)
         return self.confined_s(composition, self.steps_share)
 
-    def confined_s(self, composition: StepComposition, steps_share: float) -> float:
-        """Predicted seconds of a step on `steps_share` of the SMs beside a lane chunk."""
+    def confined_s(
+        self, composition: StepComposition, steps_share: float, chunks_rate: float | None = None
+    ) -> float:
+        """Predicted seconds of a step on `steps_share` of the SMs beside a lane chunk (its
+        chunks at `chunks_rate`, default the model's)."""
         whole_s = self.base.step_time_s(composition)
         if not composition.groups[0].num_chunks:
             return self.scale * self._decodes_s(composition, whole_s, steps_share)
-        decodes = decodes_only(composition)
-        decodes_s = self.base.step_time_s(decodes)
-        chunks_s = max(0.0, whole_s - decodes_s)
-        return self.scale * self._decodes_s(decodes, decodes_s, steps_share) + chunks_s / steps_share
+        frame = decodes_only(composition)
+        frame_s = self.base.step_time_s(frame)
+        chunks_s = max(0.0, whole_s - frame_s)
+        rate = self.chunks_rate if chunks_rate is None else chunks_rate
+        return self.scale * self._decodes_s(frame, frame_s, steps_share) + chunks_s * _slowdown(steps_share, rate)
 
     def _decodes_s(self, decodes: StepComposition, decodes_s: float, steps_share: float) -> float:
         """The decodes' step (`decodes_s` on every SM) on `steps_share` of the SMs, before m."""

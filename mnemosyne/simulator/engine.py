@@ -72,7 +72,7 @@ from mnemosyne.latency.roofline import DeviceSpec
 from mnemosyne.request import TOKEN_ID_DTYPE, Request, prompt_array
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.simulator.device_log import LoggedDevice
-from mnemosyne.simulator.lane import VirtualLane
+from mnemosyne.simulator.lane import STEPS_CHUNKS_RATE, VirtualLane
 from mnemosyne.simulator.pipeline import StagePipeline
 from mnemosyne.simulator.trace import TraceRequest
 
@@ -195,7 +195,7 @@ class SimulatedEngine:
             comp = step_composition(self.kv_manager, sched)
             predicted_s = self.policies.latency_model.step_time_s(comp)
             if beside is not None and beside.steps_share is not None:  # beside a lane chunk
-                duration_s = beside.confined_s(comp, beside.steps_share)
+                duration_s = beside.confined_s(comp, beside.steps_share, STEPS_CHUNKS_RATE)
             elif self.device is not None:
                 duration_s = self.device.step_time_s(comp, predicted_s, idle=not self._inflight)
             else:
@@ -203,6 +203,8 @@ class SimulatedEngine:
                 if not self._inflight and any(g.num_chunks for g in comp.groups):
                     duration_s *= self.idle_step_factor  # an idle device waits for it
             done_s = self.pipeline.submit(self.now_s, duration_s)
+            if self.virtual_lane is not None:  # one device: the steps run one after the other
+                self.virtual_lane.note_step(done_s - duration_s, done_s)
             self._inflight.append((sched, comp, predicted_s, self.now_s, done_s))
         if not self._inflight:
             if self.lane is None or self.virtual_lane is None or not self.scheduler.lane_busy:

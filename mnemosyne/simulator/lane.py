@@ -3,13 +3,21 @@ chunks in flight, output processing) against `VirtualLane`, a lane executor whos
 modelled time instead of running.
 
     a chunk of c tokens after P keys, submitted at t, leaving the steps S of N SMs:
-        start  = max(t, the previous chunk's end)          (one lane: chunks run in order)
-        end    = start + alone x N / (N - S) x LANE_CHUNK_OVERHEAD
+        work   = alone x N / (N - S) x LANE_CHUNK_IDLE       (seconds with the steps idle)
         alone  = the latency model's time of the chunk by itself on the whole device
-    its result is there once the clock reaches its end
+        start  = max(t, the previous chunk's end)           (one lane: chunks run in order)
+        end    = when the work is done: it progresses 1 s a second while no step runs, and
+                 LANE_CHUNK_IDLE / LANE_CHUNK_BUSY s a second while one does (`note_step`)
+
+    lane    |=== chunk k ========|=== chunk k+1 =====...
+    steps      |s|s|s|   |s|s|       (each step beside it slows it; an idle gap does not)
+
+A chunk's end moves later while steps are noted that overlap it, so it is known for good
+only once the clock has passed it: `next_end_s` is the end given the steps noted so far
+(the engine notes each step as it submits it, before the clock reaches it).
 
 The steps beside a chunk take `BesideLaneLatencyModel.confined_s` (the decodes on S SMs), the
-engine's own prediction of them (`engine.py`). Not modelled: the lane's wait for the steps
+engine's own prediction of them (`engine.py`), but with their chunks at STEPS_CHUNKS_RATE. Not modelled: the lane's wait for the steps
 launched before each chunk, and the steps' host time.
 """
 
@@ -17,16 +25,30 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.wire.plan import StepPlan, StepResult
 
-# A lane chunk's time over its SM share's alone: on an H200 (8B, 4096-token chunks after up
-# to 256K keys beside 32 decodes) the chunks took 1.34x their alone-prediction with 116 SMs and
-# 1.46x mostly with 108 (1.14x and 1.22x from the SMs alone): 1.18 and 1.20 past the SMs
-# (benchmarks/results/README.md, "Twenty-fourth session", d/ and c/)
-LANE_CHUNK_OVERHEAD = 1.19
+# A lane chunk's time over its SM share's alone (N / (N - S)), measured on an H200 (8B,
+# 4096-token chunks; benchmarks/results/README.md, "Twenty-sixth session"): with no step
+# beside, 1.03-1.07 (the lane's own path; the 8B serving trace's chunks with the steps idle:
+# 1.17 / 1.22x their alone-prediction on 116 SMs); with steps beside it, 1.17-1.24 (their
+# weight and K/V reads share the memory system: 1.28-1.38x on 116 SMs, 1.48-1.52x on 108,
+# with one decode or 32 alike).
+LANE_CHUNK_IDLE = 1.06
+LANE_CHUNK_BUSY = 1.21
+# The steps beside a chunk: the chunks in them (short prompts' prefills) at the rate fitted on
+# an H200's steps (`latency/beside_lane.py` E_CHUNKS: the engine plans them at 1, a margin)
+STEPS_CHUNKS_RATE = 2.65
+
+
+@dataclass
+class _Chunk:
+    submit_s: float
+    work_s: float  # at the idle rate
+    steps_sms: int
 
 
 class VirtualLane:
@@ -41,9 +63,10 @@ class VirtualLane:
         self.clock = clock
         self._choices = steps_sms_choices
         self._num_sms = num_sms
-        self._ends_s: deque[float] = deque()  # the chunks in flight, oldest first
-        self._free_at_s = 0.0  # when the lane's latest chunk ends
-        self.spans_s: list[tuple[float, float, int]] = []  # (start, end, steps_sms) of every chunk so far
+        self._chunks: deque[_Chunk] = deque()  # in flight, oldest first
+        self._origin_s = 0.0  # when the latest chunk done ended (the next cannot start before)
+        self._steps: list[tuple[float, float]] = []  # the steps noted since then: (start, end), in order
+        self.spans_s: list[tuple[float, float, int]] = []  # (start, end, steps_sms) of every chunk done
 
     @property
     def lane_steps_sms_choices(self) -> tuple[int, ...]:
@@ -55,29 +78,65 @@ class VirtualLane:
 
     @property
     def next_end_s(self) -> float | None:
-        """When the oldest chunk in flight ends; None with none."""
-        return self._ends_s[0] if self._ends_s else None
+        """When the oldest chunk in flight ends, given the steps noted so far; None with none."""
+        spans = self._spans()
+        return spans[0][1] if spans else None
 
-    def chunk_s(self, plan: StepPlan, steps_sms: int) -> float:
+    def work_s(self, plan: StepPlan, steps_sms: int) -> float:
+        """The chunk's time with no step beside it."""
         load = GroupLoad()
         for chunk in plan.chunks:
             load = load.plus_chunk(chunk.num_tokens, chunk.start)
         alone_s = self.model.step_time_s(StepComposition.single(load))
-        return alone_s * self._num_sms / (self._num_sms - steps_sms) * LANE_CHUNK_OVERHEAD
+        return alone_s * self._num_sms / (self._num_sms - steps_sms) * LANE_CHUNK_IDLE
+
+    def note_step(self, start_s: float, end_s: float) -> None:
+        """A step runs on the device over [start_s, end_s) (steps are noted in order)."""
+        if self._chunks and end_s > start_s:
+            self._steps.append((start_s, end_s))
 
     def submit_lane(self, plan: StepPlan, steps_sms: int | None) -> None:
         assert steps_sms is not None  # the driver picks one of the choices
-        start_s = max(self.clock(), self._free_at_s)
-        self._free_at_s = start_s + self.chunk_s(plan, steps_sms)
-        self._ends_s.append(self._free_at_s)
-        self.spans_s.append((start_s, self._free_at_s, steps_sms))
+        self._chunks.append(_Chunk(self.clock(), self.work_s(plan, steps_sms), steps_sms))
 
     def lane_result(self, timeout_s: float | None) -> StepResult | None:
         """The oldest chunk's (empty) result once the clock has reached its end; None before
         (the simulator moves the clock, never this)."""
-        if not self._ends_s:
+        if not self._chunks:
             raise RuntimeError("no prefill lane chunk in flight")
-        if self._ends_s[0] > self.clock():
+        start_s, end_s = self._spans()[0]
+        if end_s > self.clock():
             return None
-        self._ends_s.popleft()
+        self.spans_s.append((start_s, end_s, self._chunks.popleft().steps_sms))
+        self._origin_s = end_s
+        self._steps = [s for s in self._steps if s[1] > end_s] if self._chunks else []
         return StepResult(0)
+
+    def _spans(self) -> list[tuple[float, float]]:
+        """(start, end) of each chunk in flight: their work, in order, over the noted steps."""
+        slow = LANE_CHUNK_BUSY / LANE_CHUNK_IDLE  # seconds per idle-rate second while a step runs
+        spans, t, k = [], self._origin_s, 0
+        for chunk in self._chunks:
+            t = max(t, chunk.submit_s)
+            start_s, work = t, chunk.work_s
+            while k < len(self._steps) and self._steps[k][1] <= t:
+                k += 1
+            while work > 0:
+                if k == len(self._steps):  # no more steps: the rest at the idle rate
+                    t += work
+                    break
+                a, b = self._steps[k]
+                if t < a:  # idle until the next step
+                    if work <= a - t:
+                        t += work
+                        break
+                    work -= a - t
+                    t = a
+                if work * slow <= b - t:  # ends inside this step
+                    t += work * slow
+                    break
+                work -= (b - t) / slow
+                t = b
+                k += 1
+            spans.append((start_s, t))
+        return spans

@@ -63,3 +63,14 @@ python -m benchmarks.compare_serving_trace --measured $R/c/serving_trace.json --
 python -m benchmarks.compare_serving_trace --measured benchmarks/results/session25_h200_2026-12-02/b/serving_trace.json \
     --latency-profile $P8B --out $R/simulated/serving_trace_8b_session25b_vs_simulated_{no_swap,overtaking,processor_sharing}.json
 python -m benchmarks.beside_lane_fit --out $R/fit/beside_lane_fit.json  # after e/: E_KEYS 1.05 -> 1.2
+# after the simulator's lane was remodelled (chunks slower only beside steps; the steps' frame and E_CHUNKS):
+python -m benchmarks.beside_lane_fit --out $R/fit/beside_lane_fit.json
+python -m benchmarks.compare_serving_trace --measured $R/c/serving_trace.json --latency-profile $P8B \
+    --out $R/simulated/serving_trace_8b_c_vs_simulated.json
+python -m benchmarks.simulate_mixed --measured $R/e/mixed_long_short_8b_lane.json --profile $P8B \
+    --out $R/simulated/mixed_8b_lane_e_vs_simulated.json
+python -m benchmarks.simulate_mixed --measured benchmarks/results/session24_h200_2026-12-02/c/mixed_long_short_8b_lane_split.json \
+    --profile $P8B --out $R/simulated/session24_c_mixed_8b_lane_vs_simulated.json
+P1B=benchmarks/results/serving_trace_session8_h200_2026-11-29/before/latency_profile_quick_1b.json
+python -m benchmarks.simulate_mixed --measured benchmarks/results/session25_h200_2026-12-02/c/mixed_long_short_1b_lane.json \
+    --profile $P1B --out $R/simulated/session25_c_mixed_1b_lane_vs_simulated.json
