@@ -35,7 +35,8 @@ slows such a step when it carries a prefill chunk (an eager step of 1-4K tokens 
 With a prefill lane (`SchedulerConfig.prefill_lane`, one device) the engine's `LaneDriver`
 runs it against `lane.py`'s `VirtualLane`: each step first processes the chunks whose end
 the clock has reached and launches the next, as `LLMEngine.step`; a step beside a chunk takes
-`BesideLaneLatencyModel.confined_s` (its decodes on the split's SMs); with nothing but the
+`BesideLaneLatencyModel.confined_s` (its decodes on the split's SMs, its chunks at
+`lane.STEPS_CHUNKS_RATE`) and is noted to the lane (it slows the chunk); with nothing but the
 lane in flight the clock jumps to the oldest chunk's end. `gpu` is the simulated device (its
 SM count, and its bandwidth for the steps beside the lane).
 
