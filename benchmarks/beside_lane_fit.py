@@ -38,15 +38,14 @@ RUNS = {  # name: (step log, the profile the run predicted with); the 8B decode 
 ONE_RATE = 2.1  # the model before: one rate for the whole decode step
 
 
-def beside_steps(step_log: str, with_chunks: bool) -> list[dict]:
-    """The steps beside a lane chunk, with the SMs they ran on: decode-only, or with a chunk."""
+def beside_steps(step_log: str) -> tuple[list[dict], list[dict]]:
+    """The steps beside a lane chunk, with the SMs they ran on: (decode-only, with a chunk)."""
     opener = gzip.open if step_log.endswith(".gz") else open
     with opener(step_log, "rt") as f:
         lines = [json.loads(line) for line in f][1:]
-    return [
-        s for s in lines
-        if s.get("beside_lane") and s.get("steps_sms") and any(n > 1 for n, _ in s["seqs"]) == with_chunks
-    ]  # fmt: skip
+    beside = [s for s in lines if s.get("beside_lane") and s.get("steps_sms")]
+    with_chunk = [any(n > 1 for n, _ in s["seqs"]) for s in beside]
+    return [s for s, c in zip(beside, with_chunk) if not c], [s for s, c in zip(beside, with_chunk) if c]
 
 
 def errors(pairs: list[tuple[float, float]]) -> tuple[float, float]:
@@ -72,8 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (log, path) in runs.items():
         profile = load_profile(path)
         model = BesideLaneLatencyModel(profile.model, profile.model, weights_read_s(profile.key.shape, 1, H200))
-        data[name] = model, [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in beside_steps(log, False)]
-        chunk_data[name] = [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in beside_steps(log, True)]
+        decode_only, with_chunk = beside_steps(log)
+        data[name] = model, [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in decode_only]
+        chunk_data[name] = [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in with_chunk]
 
     def table(name: str) -> dict:
         model, rows = data[name]

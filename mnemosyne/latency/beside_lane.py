@@ -44,7 +44,7 @@ E_CHUNKS = 1.0
 SCALE_WEIGHT = 0.1  # the running mean's weight of each measured step
 
 
-def decodes_only(composition: StepComposition, with_keys: bool = True) -> StepComposition:
+def step_frame(composition: StepComposition, with_keys: bool = True) -> StepComposition:
     """The frame of a (one-group) step (module docstring): its decodes without its chunks
     (and without their keys), or one row without keys when it has no decode."""
     (g,) = composition.groups
@@ -104,7 +104,7 @@ class BesideLaneLatencyModel:
         whole_s = self.base.step_time_s(composition)
         if not composition.groups[0].num_chunks:
             return self.scale * self._decodes_s(composition, whole_s, steps_share)
-        frame = decodes_only(composition)
+        frame = step_frame(composition)
         frame_s = self.base.step_time_s(frame)
         chunks_s = max(0.0, whole_s - frame_s)
         rate = self.chunks_rate if chunks_rate is None else chunks_rate
@@ -112,7 +112,7 @@ class BesideLaneLatencyModel:
 
     def _decodes_s(self, decodes: StepComposition, decodes_s: float, steps_share: float) -> float:
         """The decodes' step (`decodes_s` on every SM) on `steps_share` of the SMs, before m."""
-        keyless_s = min(decodes_s, self.base.step_time_s(decodes_only(decodes, with_keys=False)))
+        keyless_s = min(decodes_s, self.base.step_time_s(step_frame(decodes, with_keys=False)))
         keys_s = decodes_s - keyless_s
         weights_s = min(self.weights_s, keyless_s)
         fixed_s = keyless_s - weights_s

@@ -17,8 +17,9 @@ only once the clock has passed it: `next_end_s` is the end given the steps noted
 (the engine notes each step as it submits it, before the clock reaches it).
 
 The steps beside a chunk take `BesideLaneLatencyModel.confined_s` (the decodes on S SMs), the
-engine's own prediction of them (`engine.py`), but with their chunks at STEPS_CHUNKS_RATE. Not modelled: the lane's wait for the steps
-launched before each chunk, and the steps' host time.
+engine's own prediction of them (`engine.py`), but with their chunks at STEPS_CHUNKS_RATE.
+Not modelled: the lane's wait for the steps launched before each chunk, and the steps' host
+time.
 """
 
 from __future__ import annotations
