@@ -7,12 +7,15 @@ with the SMs it was confined to.
 For each run and split: measured, the model's prediction (E_WEIGHTS, E_KEYS, m = 1) and the
 one-rate model it replaced (base x max(1, N / (S x 2.1))); the relative errors' median and p90.
 Then the grid of (E_WEIGHTS, E_KEYS) pairs that minimise the sum over runs of median +
-p90 / 2, the fit the model's constants come from. Runs on CPU.
+p90 / 2, the fit the model's constants come from; then, on the steps with a chunk, the
+E_CHUNKS (the chunks' FLOPs against an average SM's share of the peak) that minimises the
+same. Runs on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import statistics
@@ -22,16 +25,24 @@ from pathlib import Path
 from mnemosyne.latency.beside_lane import E_CHUNKS, E_KEYS, E_WEIGHTS, BesideLaneLatencyModel
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.profile_store import load_profile
-from mnemosyne.latency.roofline import H200, weights_read_s
+from mnemosyne.latency.roofline import H200, compute_s, weights_read_s
 from mnemosyne.simulator.device_log import seqs_composition
 
-P8B = "benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/latency_profile_quick_8b.json"
+P8B = (
+    "benchmarks/results/serving_trace_session9_h200_2026-11-30/run1_8b_1b_mixed/latency_profile_quick_8b.json"
+)
 P1B = "benchmarks/results/serving_trace_session8_h200_2026-11-29/before/latency_profile_quick_1b.json"
 R = "benchmarks/results"
 RUNS = {  # name: (step log, the profile the run predicted with); the 8B decode kernel on a split as now
     # (LAUNCH_16BIT_CONFINED) in the mixed run; the serving traces' steps beside a chunk are mostly weight reads
-    "session25_b_8b_serving_trace": (f"{R}/session25_h200_2026-12-02/b/runs/lars_adaptive_lane.steps.jsonl.gz", P8B),
-    "session26_c_8b_serving_trace": (f"{R}/session26_h200_2026-12-02/c/runs/lars_adaptive_lane.steps.jsonl.gz", P8B),
+    "session25_b_8b_serving_trace": (
+        f"{R}/session25_h200_2026-12-02/b/runs/lars_adaptive_lane.steps.jsonl.gz",
+        P8B,
+    ),
+    "session26_c_8b_serving_trace": (
+        f"{R}/session26_h200_2026-12-02/c/runs/lars_adaptive_lane.steps.jsonl.gz",
+        P8B,
+    ),
     "session26_e_8b_mixed": (f"{R}/session26_h200_2026-12-02/e/mixed_8b_lane_steps.jsonl.gz", P8B),
     "session25_c_1b_mixed": (f"{R}/session25_h200_2026-12-02/c/mixed_1b_lane_steps.jsonl.gz", P1B),
 }
@@ -57,7 +68,9 @@ def errors(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--run", action="append", default=[], help="NAME=STEPLOG:PROFILE (default: the committed runs)")
+    ap.add_argument(
+        "--run", action="append", default=[], help="NAME=STEPLOG:PROFILE (default: the committed runs)"
+    )
     ns = ap.parse_args(argv)
     runs = dict(RUNS)
     for spec in ns.run:
@@ -70,10 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
     chunk_data: dict[str, list[tuple[int, float, StepComposition]]] = {}  # the steps with a chunk
     for name, (log, path) in runs.items():
         profile = load_profile(path)
-        model = BesideLaneLatencyModel(profile.model, profile.model, weights_read_s(profile.key.shape, 1, H200))
+        shape = profile.key.shape
+        model = BesideLaneLatencyModel(
+            profile.model,
+            profile.model,
+            weights_read_s(shape, 1, H200),
+            functools.partial(compute_s, shape, 1, H200),
+        )
         decode_only, with_chunk = beside_steps(log)
-        data[name] = model, [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in decode_only]
-        chunk_data[name] = [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in with_chunk]
+        data[name] = (
+            model,
+            [(s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in decode_only],
+        )
+        chunk_data[name] = [
+            (s["steps_sms"], s["measured_s"], seqs_composition(s["seqs"])) for s in with_chunk
+        ]
 
     def table(name: str) -> dict:
         model, rows = data[name]
@@ -101,13 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
     for name in runs:
         result["runs"][name] = table(name)
         r = result["runs"][name]
-        print(f"{name}: {r['steps']} steps, median / p90 error {r['model_median_p90']} (one rate: {r['one_rate_median_p90']})")
+        print(
+            f"{name}: {r['steps']} steps, median / p90 error {r['model_median_p90']} (one rate: {r['one_rate_median_p90']})"
+        )
     grid = []
     for ew in [x / 10 for x in range(15, 41)]:
         for ek in [x / 100 for x in range(70, 201, 5)]:
             score = 0.0
             for model, rows in data.values():
-                fitted = BesideLaneLatencyModel(model.inner, model.base, model.weights_s, ew, ek)
+                fitted = BesideLaneLatencyModel(
+                    model.inner, model.base, model.weights_s, model.compute_s, ew, ek
+                )
                 med, p90 = errors([(m, fitted.confined_s(c, sms / num_sms)) for sms, m, c in rows])
                 score += med + p90 / 2
             grid.append((score, ew, ek))
@@ -122,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
             if not rows:
                 continue
             model = data[name][0]
-            fitted = BesideLaneLatencyModel(model.inner, model.base, model.weights_s, chunks_rate=ec)
+            fitted = BesideLaneLatencyModel(
+                model.inner, model.base, model.weights_s, model.compute_s, chunks_rate=ec
+            )
             per_run[name] = errors([(m, fitted.confined_s(c, sms / num_sms)) for sms, m, c in rows])
             score += per_run[name][0] + per_run[name][1] / 2
         chunk_grid.append((score, ec, per_run))

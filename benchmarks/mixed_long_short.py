@@ -90,7 +90,7 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float, 
     """Swap the engine's chunk and priority policies, and the prefill lane (`lane`, a
     PrefillLaneConfig, for configurations with prefill_lane; the engine must have been started
     with one). The engine must be idle."""
-    from mnemosyne.config import ChunkPolicyKind, SchedulingPolicyKind
+    from mnemosyne.config_policy import ChunkPolicyKind, SchedulingPolicyKind
     from mnemosyne.engine.policies import make_policies
 
     config = engine.config

@@ -7,13 +7,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from mnemosyne.config import (
-    AttentionBackendKind,
-    ChunkPolicyKind,
-    GenerationConfigMode,
-    LoadFormat,
-    SchedulingPolicyKind,
-)
+from mnemosyne.config import AttentionBackendKind, GenerationConfigMode, LoadFormat
+from mnemosyne.config_policy import ChunkPolicyKind, SchedulingPolicyKind
 from mnemosyne.engine.args import EngineArgs
 from mnemosyne.errors import ConfigError
 from mnemosyne.sampling_params import SamplingParams

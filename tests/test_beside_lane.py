@@ -5,7 +5,7 @@ and the split a chunk leaves the steps, or the hold, against a fake base model."
 from __future__ import annotations
 
 import pytest
-from test_prefill_lane import MS, KeysModel, decodes
+from test_prefill_lane import MS, KeysModel, decodes, keys_compute_s
 
 from mnemosyne.latency.beside_lane import (
     E_CHUNKS,
@@ -22,7 +22,9 @@ WEIGHTS_S = 1.5 * MS
 
 
 def model(weights_rate: float = E_WEIGHTS, keys_rate: float = E_KEYS) -> BesideLaneLatencyModel:
-    return BesideLaneLatencyModel(KeysModel(scale=1.5), KeysModel(), WEIGHTS_S, weights_rate, keys_rate)
+    return BesideLaneLatencyModel(
+        KeysModel(scale=1.5), KeysModel(), WEIGHTS_S, keys_compute_s, weights_rate, keys_rate
+    )
 
 
 def test_each_part_scales_at_its_own_rate():
@@ -31,27 +33,33 @@ def test_each_part_scales_at_its_own_rate():
     assert m.step_time_s(d) == pytest.approx(51 * MS)  # every SM: the (calibrated) inner model
     m.steps_share = 16 / 128
     confined = 0.5 * MS + 1.5 * MS * 8 / E_WEIGHTS + 32 * MS * 8 / E_KEYS
-    assert m.step_time_s(d) == pytest.approx(confined)
-    with_chunk = StepComposition.single(d.groups[0].plus_chunk(100, 500))  # + 10 ms of chunk compute
-    assert m.step_time_s(with_chunk) == pytest.approx(confined + 10 * MS * 8)
+    assert m.confined_s(d, 16 / 128) == pytest.approx(confined)
+    assert m.step_time_s(d) == pytest.approx(confined / LANE_STEP_HEADROOM)  # planned with headroom
+    with_chunk = StepComposition.single(d.groups[0].plus_chunk(100, 500))  # + 8 ms of FLOPs at the peaks
+    assert m.confined_s(with_chunk, 16 / 128) == pytest.approx(confined + 8 * MS * 8 / E_CHUNKS)
     # on 3/4 of the SMs the weights stream as fast as on all of them, the keys do not
     assert m.confined_s(d, 0.75) == pytest.approx(2 * MS + 32 * MS / (0.75 * E_KEYS))
 
 
 def test_weights_beyond_the_keyless_step_are_capped():
-    m = BesideLaneLatencyModel(KeysModel(), KeysModel(), weights_s=5 * MS)  # more than the 2 ms keyless step
+    m = BesideLaneLatencyModel(
+        KeysModel(), KeysModel(), 5 * MS, keys_compute_s
+    )  # more than the 2 ms keyless step
     assert m.confined_s(decodes(1, 0), 16 / 128) == pytest.approx(2 * MS * 8 / E_WEIGHTS)
 
 
 def test_a_chunk_without_decodes_reads_the_weights_as_a_decode_step_does():
     """A step of chunks only still reads the weights and pays the fixed costs (its frame: one
-    row without keys), at their rates; only the chunks' own work scales at E_CHUNKS, or at a
-    rate given (the simulator's device)."""
+    row without keys), at their rates; the chunks take their FLOPs at E_CHUNKS times the SMs'
+    share of the peaks, or their time on every SM where that is longer (launches, latency)."""
     m = model()
     chunk_only = StepComposition.single(GroupLoad().plus_chunk(100, 500))  # base: 2 ms + 10 ms of chunk
     frame = 0.5 * MS + 1.5 * MS * 8 / E_WEIGHTS  # on 16 of 128 SMs
-    assert m.confined_s(chunk_only, 16 / 128) == pytest.approx(frame + 10 * MS * 8 / E_CHUNKS)
-    assert m.confined_s(chunk_only, 16 / 128, chunks_rate=2.0) == pytest.approx(frame + 10 * MS * 4)
+    assert m.confined_s(chunk_only, 16 / 128) == pytest.approx(frame + 8 * MS * 8 / E_CHUNKS)  # 8 ms of FLOPs
+    # on 120 of 128 SMs the FLOPs take 8.1 ms, less than the chunk's 10 ms on every SM
+    assert m.confined_s(chunk_only, 120 / 128) == pytest.approx(2 * MS + 10 * MS)
+    rated = BesideLaneLatencyModel(KeysModel(), KeysModel(), WEIGHTS_S, keys_compute_s, chunks_rate=2.0)
+    assert rated.confined_s(chunk_only, 16 / 128) == pytest.approx(frame + 8 * MS * 4)
 
 
 def test_the_scale_is_learned_from_decode_steps_only():

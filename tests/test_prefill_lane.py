@@ -117,8 +117,13 @@ def test_a_second_long_prompt_waits_for_the_lane_and_then_owns_it():
         if owners[-1:] == ["second"]:
             break
     assert owners == ["first", "first", "second"] and first.num_computed_tokens == 56
-    assert [(o.chunks[0].request.request_id, o.chunks[0].start) for o in lane_outs] == [("first", 56), ("second", 8)]
-    assert [c.request for c in run_main(s).chunks if c.request.is_prefill] == []  # first's [56, 59) still runs
+    assert [(o.chunks[0].request.request_id, o.chunks[0].start) for o in lane_outs] == [
+        ("first", 56),
+        ("second", 8),
+    ]
+    assert [
+        c.request for c in run_main(s).chunks if c.request.is_prefill
+    ] == []  # first's [56, 59) still runs
     s.update_from_output(lane_outs[0], {})
     s.lane_done()
     last = run_main(s)  # first's last token samples in the steps; second stays in the lane
@@ -167,6 +172,7 @@ def test_a_long_prompt_that_would_miss_its_deadline_overtakes_an_owner_that_can_
         assert mine[0][0] == 8 and mine[-1][1] == r.num_tokens - 1
         assert all(b0 == a1 for (_, b0), (a1, _) in zip(mine, mine[1:], strict=False))
     assert s.num_preemptions == 0
+
 
 def test_a_new_owner_waits_for_its_steps_chunk_behind_an_aborted_owners_lane_chunk():
     """The lane's stream does not wait for the steps': a new owner gets no lane chunk while
@@ -229,8 +235,6 @@ def test_the_lane_request_is_never_preempted_while_its_chunks_run():
     kv.check_integrity()
 
 
-
-
 class KeysModel:
     """A fake latency model (seconds): 2 ms + 1 us per decode key + 0.1 ms per chunk token."""
 
@@ -243,6 +247,11 @@ class KeysModel:
         g = composition.groups[0]
         chunk_tokens = g.num_tokens - g.num_decodes
         return self.scale * (2 * MS + 1e-3 * MS * g.decode_kv_tokens + 0.1 * MS * chunk_tokens)
+
+
+def keys_compute_s(load: GroupLoad) -> float:
+    """KeysModel's FLOPs at the peaks (seconds): 0.08 ms of each chunk token's 0.1 ms."""
+    return 0.08 * MS * (load.num_tokens - load.num_decodes)
 
 
 def decodes(num: int, keys: int) -> StepComposition:
@@ -288,7 +297,9 @@ def three_decodes_and_a_long_prompt(beside: BesideLaneLatencyModel):
     s.add_request(long)
     run_main(s)  # the long prompt's first chunk in the steps
     ex = FakeLaneExecutor()
-    driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03)
+    driver = LaneDriver(
+        s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03
+    )
     return s, shorts, long, ex, driver
 
 
@@ -298,7 +309,7 @@ def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
     from mnemosyne.wire.plan import StepPath, StepTrace
 
     # base 5x: (2 + 0.03 ms) x 5, all but the keys' 0.15 ms weights: 33.1 ms on 16 of 128 SMs, 22.1 on 24
-    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=5.0), weights_s=10 * MS)
+    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=5.0), 10 * MS, keys_compute_s)
     s, _, _, ex, driver = three_decodes_and_a_long_prompt(beside)
     load = s.decode_load().groups[0]
     assert (load.num_decodes, load.decode_kv_tokens) == (3, 3 * 10)  # 8 prompt + 1 sampled + its own
@@ -318,7 +329,7 @@ def test_the_lane_holds_while_the_decodes_need_every_sm():
     """When no split leaves the decodes enough SMs but the whole device would, the driver
     launches nothing and the owner prefills in the steps; the lane resumes once a split fits."""
     # alone (2 + 0.03 ms) x 10 = 20.3 ms, 20 of it weights: 33.1 ms on 32 of 128 SMs, over 27
-    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=10.0), weights_s=20 * MS)
+    beside = BesideLaneLatencyModel(KeysModel(), KeysModel(scale=10.0), 20 * MS, keys_compute_s)
     s, shorts, long, ex, driver = three_decodes_and_a_long_prompt(beside)
     driver.advance(0.0)
     assert ex.submitted == [] and not s.lane_busy  # held
@@ -329,6 +340,33 @@ def test_the_lane_holds_while_the_decodes_need_every_sm():
     driver.advance(0.0)  # no decode left: a split fits, the lane resumes after the steps' chunks
     assert ex.submitted == [16, 16] and s.lane_busy
     assert [c.request.request_id for c in run_main(s).chunks] == []  # the steps skip the owner again
+
+
+def test_a_held_lane_keeps_its_prompts_out_of_the_steps_until_its_chunks_are_done():
+    """Held while the previous owner's last chunk runs, the steps are still on the few SMs it
+    leaves them: the new owner prefills in the steps only once that chunk is done (then on
+    every SM)."""
+    s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
+    first, second = req("first", 60), req("second", 56)
+    s.add_request(first)
+    run_main(s)  # first's admission chunk
+    s.add_request(second)
+    run_main(s)  # second's admission chunk
+    in_flight = []
+    while first.num_dispatched_tokens < first.num_tokens - 1:  # first's chunks, the last stays in flight
+        if (out := s.schedule_lane()) is not None:
+            in_flight.append(out)
+            continue
+        s.update_from_output(in_flight.pop(0), {})
+        s.lane_done()
+    assert s.claim_lane() and s.lane_busy  # second owns the lane; first's last chunk runs
+    s.hold_lane(True)  # the decodes need every SM
+    for _ in range(3):
+        assert "second" not in [c.request.request_id for c in run_main(s).chunks]
+    for out in in_flight:
+        s.update_from_output(out, {})
+        s.lane_done()
+    assert "second" in [c.request.request_id for c in run_main(s).chunks]  # every SM: the steps' again
 
 
 def test_lane_config_errors():

@@ -27,16 +27,21 @@ def model_8b(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("shapes"), "llama3_8b", LLAMA3_8B)
 
 
-def run(model_dir, free_sms: int) -> SimulatedEngine:
+def run_lane(model_dir, trace: list[TraceRequest], max_model_len: int, free_sms: int = 16) -> SimulatedEngine:
+    """The trace simulated on the H200 roofline, LARS with adaptive chunks and the lane."""
     args = EngineArgs(
-        model=str(model_dir), max_model_len=LONG_LEN + 8, chunk_policy="adaptive", scheduling_policy="lars",
+        model=str(model_dir), max_model_len=max_model_len, chunk_policy="adaptive", scheduling_policy="lars",
         tbt_slo_ms=30, enable_prefix_caching=False, prefill_lane_free_sms=free_sms,
     )  # fmt: skip
     spec = device_spec("h200")
     config = simulated_engine_config(model_dir, args, spec)
     engine = SimulatedEngine(config, *latency_model_for(config, spec), gpu=spec)
-    run_trace(engine, TRACE)
+    run_trace(engine, trace)
     return engine
+
+
+def run(model_dir, free_sms: int) -> SimulatedEngine:
+    return run_lane(model_dir, TRACE, LONG_LEN + 8, free_sms)
 
 
 def gaps_during_long_prefill(engine: SimulatedEngine) -> list[float]:
@@ -70,12 +75,16 @@ def test_the_lane_runs_the_prompt_and_keeps_the_steps_within_the_target(model_8b
     assert gaps and max(gaps) <= 0.030  # every step beside a chunk fits its split's prediction
     assert all(len(sim.token_times_s) == sim.output_len for sim in engine.requests.values())
     again = run(model_8b, 16)
-    assert [s.token_times_s for s in again.requests.values()] == [s.token_times_s for s in engine.requests.values()]
+    assert [s.token_times_s for s in again.requests.values()] == [
+        s.token_times_s for s in engine.requests.values()
+    ]
 
 
 def test_a_chunk_takes_its_time_alone_over_its_share_of_the_sms_and_longer_beside_steps(model_8b):
     spec = device_spec("h200")
-    args = EngineArgs(model=str(model_8b), max_model_len=LONG_LEN, prefill_lane_free_sms=16, enable_prefix_caching=False)
+    args = EngineArgs(
+        model=str(model_8b), max_model_len=LONG_LEN, prefill_lane_free_sms=16, enable_prefix_caching=False
+    )
     config = simulated_engine_config(model_8b, args, spec)
     engine = SimulatedEngine(config, *latency_model_for(config, spec), gpu=spec)
     lane = engine.virtual_lane
@@ -123,14 +132,7 @@ def test_a_second_long_prompt_queues_and_the_lane_holds_for_the_first_ones_decod
     long_len = 300_000
     trace = [TraceRequest(0.0, 1000, 400) for _ in range(4)]
     trace += [TraceRequest(0.5, long_len, 24), TraceRequest(1.0, long_len, 1)]
-    args = EngineArgs(
-        model=str(model_8b), max_model_len=long_len + 32, chunk_policy="adaptive", scheduling_policy="lars",
-        tbt_slo_ms=30, enable_prefix_caching=False, prefill_lane_free_sms=16,
-    )  # fmt: skip
-    spec = device_spec("h200")
-    config = simulated_engine_config(model_8b, args, spec)
-    engine = SimulatedEngine(config, *latency_model_for(config, spec), gpu=spec)
-    run_trace(engine, trace)
+    engine = run_lane(model_8b, trace, long_len + 32)
     first, second = engine.requests["req-4"], engine.requests["req-5"]
     assert len(first.token_times_s) == 24 and len(second.token_times_s) == 1
     gaps = [b - a for a, b in zip(first.token_times_s, first.token_times_s[1:], strict=False)]
@@ -142,3 +144,14 @@ def test_a_second_long_prompt_queues_and_the_lane_holds_for_the_first_ones_decod
     before = [span for span in spans if span[1] <= first.token_times_s[0]]
     assert len(before) >= (long_len - 8448) // 4096 and len(spans) > len(before)
     assert second.token_times_s[0] > t1
+
+
+def test_a_request_arriving_while_only_the_lane_runs_starts_before_the_chunk_ends(model_8b):
+    """Nothing but a lane chunk in flight: the clock moves to the next arrival, not past it to
+    the chunk's end (the engine's loop takes a new request at once)."""
+    trace = [TraceRequest(0.0, 200_000, 1), TraceRequest(20.0, 1000, 4)]
+    engine = run_lane(model_8b, trace, 200_032)
+    short = engine.requests["req-1"]
+    (chunk,) = [s for s in engine.virtual_lane.spans_s if s[0] <= short.arrival_s < s[1]]
+    assert chunk[1] - short.arrival_s > 0.1  # arrived early in a chunk of a few hundred ms
+    assert short.token_times_s[0] < chunk[1]  # its prefill ran beside that chunk

@@ -14,7 +14,10 @@ it; on 16 SMs each SM must keep ~8x its whole-GPU share in flight.
 
 Per (SMs, keys, config, split budget): one layer's decode attention, replayed in a CUDA
 graph captured on the confined stream (as the engine's per-split graphs), median time, and
-the K/V bytes over it (GB/s per SM). Needs a GPU and cuda-bindings.
+the K/V bytes over it (GB/s per SM). With --tma-configs, the same decodes as one-token
+chunks of the page-aligned chunk kernel (`chunk_tma_attention`: K/V pages by TMA boxes,
+block_q 1 so each program's M tile is the G query heads of one KV head), per (block_n,
+warps, stages) and split count (--tma-splits). Needs a GPU and cuda-bindings.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mnemosyne.kernels.chunk_tma_attention import chunk_tma_attention
 from mnemosyne.kernels.decode_attention import paged_decode_attention
 from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items
 from mnemosyne.worker.green_context import split_sms
@@ -63,6 +67,8 @@ def main() -> None:
     ap.add_argument("--keys", default="1024,3072")
     ap.add_argument("--configs", default="128:8:2,128:8:3,128:4:2,128:4:3,64:4:2,64:4:3,64:4:4,64:8:4,32:4:4,32:2:4")
     ap.add_argument("--budgets", default="auto,x2,x4")
+    ap.add_argument("--tma-configs", default="", help="block_n:warps:stages of the chunk kernel; empty: none")
+    ap.add_argument("--tma-splits", default="1,2")
     ap.add_argument("--out", type=Path, required=True)
     ns = ap.parse_args()
     dev = torch.device("cuda")
@@ -109,6 +115,27 @@ def main() -> None:
                         continue
                     row = {"sms": sms, "keys": keys, "config": cfg, "budget": name, "split_budget": budget, "us": 1e3 * ms,
                            "gbps_per_sm": kv_bytes / (ms * 1e-3) / 1e9 / num_sms}  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            ref = out.clone()  # the decode kernel's last result: the chunk kernel's must match it
+            tiles = torch.arange(n, device=dev, dtype=torch.int32)
+            offsets = torch.zeros(n, device=dev, dtype=torch.int32)
+            for cfg in filter(None, ns.tma_configs.split(",")):
+                block_n, warps, stages = (int(x) for x in cfg.split(":"))
+                for splits in (int(x) for x in ns.tma_splits.split(",")):
+                    run = functools.partial(
+                        chunk_tma_attention, query, k_cache, v_cache, qsl, q_pos, kv_start, kv_lens, block_tables,
+                        tiles, offsets, out, lse, HEAD_DIM**-0.5, None, splits, tiles, 1, block_n, warps, stages,
+                    )  # fmt: skip
+                    name = f"tma:{cfg}"
+                    try:
+                        ms = graph_ms(stream, run)
+                    except Exception as e:
+                        rows.append({"sms": sms, "keys": keys, "config": name, "splits": splits, "error": str(e)[:200]})
+                        continue
+                    row = {"sms": sms, "keys": keys, "config": name, "splits": splits, "us": 1e3 * ms,
+                           "gbps_per_sm": kv_bytes / (ms * 1e-3) / 1e9 / num_sms,
+                           "max_abs_diff": (out.float() - ref.float()).abs().max().item()}  # fmt: skip
                     rows.append(row)
                     print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     ns.out.write_text(json.dumps({

@@ -10,19 +10,17 @@ import torch
 from mnemosyne.config import (
     AttentionBackendKind,
     CacheConfig,
-    ChunkPolicyKind,
     EngineConfig,
     GenerationConfigMode,
     LoadFormat,
     ModelConfig,
     ParallelConfig,
-    PolicyConfig,
     PrefillLaneConfig,
     SchedulerConfig,
-    SchedulingPolicyKind,
     parse_dtype,
     parse_enum,
 )
+from mnemosyne.config_policy import ChunkPolicyKind, PolicyConfig, SchedulingPolicyKind
 from mnemosyne.errors import ConfigError
 from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
 from mnemosyne.layers.linear import num_kv_heads_per_rank

@@ -19,7 +19,8 @@ A lane request's tokens (T = num_tokens), by who computes them::
     or aborted meanwhile, its KV is freed only when the last is done (the lane may still write it)
 
 While the lane has an owner and does not hold, every other running prompt that `qualifies`
-waits for the lane (`waits_for_lane`): the steps give it nothing. The owner keeps the lane
+waits for the lane (`waits_for_lane`): the steps give it nothing. When it holds, they wait
+until its last chunk in flight is done, and then prefill in the steps on every SM. The owner keeps the lane
 until its prompt is done, unless a queued prompt `overtakes` it (`claim`, asked at every step
 and before every lane chunk; under LARS: when waiting would make the queued prompt miss its
 TTFT deadline and the owner can still meet its own behind it). The owner then queues; nothing
@@ -60,7 +61,8 @@ class LaneState:
     deferred_free: set[str] = field(default_factory=set)
     started: set[str] = field(default_factory=set)
     num_chunks: int = 0  # lane chunks scheduled since start
-    held: bool = False  # the steps need every SM: no chunk launches; owner and queue are the steps'
+    held: bool = False  # the steps need every SM: no chunk launches; owner and queue go to the
+    # steps once no lane chunk is in flight (`waits_for_lane`)
 
     def has_chunks_of(self, req: Request) -> bool:
         return any(chunk.request is req for chunk in self.in_flight)
@@ -78,11 +80,18 @@ class LaneState:
         )
 
     def waits_for_lane(self, lane: PrefillLaneConfig, req: Request) -> bool:
-        """Whether the steps skip `req`: its lane chunks are in flight; or, unless the lane
-        holds, it is the owner or a prompt that qualifies while the lane has one."""
+        """Whether the steps skip `req`: its lane chunks are in flight; or it is the owner or
+        a prompt that qualifies while the lane has one, unless the lane holds with no chunk in
+        flight (held, the steps take the lane's prompts once they have every SM again: on
+        the few a chunk leaves them, a chunk over a long prefix, even the minimum progress,
+        holds the decodes' tokens 3x the TBT target; measured on an H200, 32 tokens after
+        234K keys on 16 SMs: 84-94-ms steps, benchmarks/results/README.md, "Twenty-seventh
+        session")."""
         if self.has_chunks_of(req):
             return True
-        return not self.held and self.owner is not None and self.may_own(lane, req)
+        if self.owner is None or not self.may_own(lane, req):
+            return False
+        return not self.held or bool(self.in_flight)
 
     def may_own(self, lane: PrefillLaneConfig, req: Request) -> bool:
         """A candidate for the lane: the owner or a started request while it has prompt tokens

@@ -71,8 +71,8 @@ class LLMEngine:
         host    | schedule n+1 | plan n+1 | launch n+1 | wait n | process n | schedule n+2 | ...
         device  | ............ step n ................ | step n+1 ....................... | ...
 
-    Step n+1 may hold decode aheads, whose input tokens step n samples (the scheduler's
-    docstring draws it); what step n finishes, step n+1's chunks of it are dropped.
+    Step n+1 may hold decode aheads, whose input tokens step n samples (engine/decode_ahead.py
+    draws it); what step n finishes, step n+1's chunks of it are dropped.
     """
 
     def __init__(

@@ -11,11 +11,13 @@ priority:       FCFS -> FCFSPriority; LARS -> LARSPriority (+ space sharing when
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mnemosyne.config import ChunkPolicyKind, EngineConfig, SchedulingPolicyKind
+from mnemosyne.config import EngineConfig
+from mnemosyne.config_policy import ChunkPolicyKind, SchedulingPolicyKind
 from mnemosyne.engine.adaptive_chunking import AdaptiveChunkPolicy
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
 from mnemosyne.engine.prefill_time import PrefillTimeTable
@@ -26,7 +28,13 @@ from mnemosyne.latency.beside_lane import BesideLaneLatencyModel
 from mnemosyne.latency.calibration import CalibratedLatencyModel, CalibrationConfig, OnlineCalibration
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
-from mnemosyne.latency.roofline import DeviceSpec, RooflineLatencyModel, device_spec_for, weights_read_s
+from mnemosyne.latency.roofline import (
+    DeviceSpec,
+    RooflineLatencyModel,
+    compute_s,
+    device_spec_for,
+    weights_read_s,
+)
 from mnemosyne.latency.shape import Layout, ModelShape
 from mnemosyne.latency.transfer import can_transfer, model_for_layout
 
@@ -134,13 +142,20 @@ def make_policies(
     calibration: OnlineCalibration | None = None
     sizing_model: LatencyModel = model
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE and pc.online_calibration:
-        calibration = OnlineCalibration(CalibrationConfig(quantile=pc.tbt_slo_quantile), num_stages=config.parallel.spp)
+        calibration = OnlineCalibration(
+            CalibrationConfig(quantile=pc.tbt_slo_quantile), num_stages=config.parallel.spp
+        )
         sizing_model = CalibratedLatencyModel(model, calibration)
     beside_lane: BesideLaneLatencyModel | None = None
     if config.scheduler.prefill_lane is not None:  # (it chooses the lane's SM split under any policy)
         spec = gpu if gpu is not None else device_spec_for(device_name(config.device))
-        weights_s = weights_read_s(ModelShape.from_model_config(config.model), config.parallel.tp, spec)
-        beside_lane = sizing_model = BesideLaneLatencyModel(sizing_model, model, weights_s)
+        shape, tp = ModelShape.from_model_config(config.model), config.parallel.tp
+        beside_lane = sizing_model = BesideLaneLatencyModel(
+            sizing_model,
+            model,
+            weights_read_s(shape, tp, spec),
+            functools.partial(compute_s, shape, tp, spec),
+        )
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
         chunk_policy = AdaptiveChunkPolicy(
             sizing_model,

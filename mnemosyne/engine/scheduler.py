@@ -33,30 +33,10 @@ One step, with budget = max_num_batched_tokens::
 newly computed full blocks to the prefix cache, appends the sampled token of every
 sampling chunk and applies the stop rules.
 
-Async scheduling (`config.async_scheduling`, layouts with spp == 1: one device or tp x kvp
-worker processes): the engine schedules step n+1 before it has processed step n. A
-running request whose sampling chunk is in step n has every token dispatched
-(num_pending == 0) and may still get a *decode ahead* in step n+1: the chunk
-[num_tokens, num_tokens + 1), whose input token is the one step n samples, taken on the
-device (wire/plan.py UNRESOLVED_TOKEN_ID; with several ranks the sampling group's
-reporting rank shares it through one all-reduce, worker/decode_ahead.py, as the decode
-ahead may sit on another KVP group)::
-
-    (num_tokens = T: positions 0..T-1 known; tok@p = the token at position p)
-    step n   (in flight)   chunk [T-1, T)   samples tok@T       num_computed = T-1, dispatched = T
-    step n+1 (scheduled)   chunk [T, T+1)   input tok@T (?)  -> dispatched = T+1 = num_tokens + 1
-    process n              append tok@T: num_tokens = T+1, num_computed = T (dispatched == num_tokens)
-    step n+2 (scheduled)   chunk [T+1, T+2) input tok@T+1 (?)  ...
-
-A decode ahead is scheduled only if tok@T cannot end the request by length
-(num_output + 1 < max_tokens and num_tokens + 1 < max_model_len), so no decode past
-those limits is ever run. When step n ends the request otherwise (eos, stop ids, a
-stop string, abort), step n+1's chunk is stale: `update_from_output` drops it (its
-request is no longer running), its token is never emitted, and the KV slot it wrote
-went with the request's freed blocks (plans run in order, so that write lands before
-any later owner of the block writes). A request with work in flight may be preempted
-like any request not scheduled in the current step: its in-flight chunks are then
-dropped as stale (epoch), and their tokens recomputed.
+Async scheduling (`config.async_scheduling`, layouts with spp == 1): the engine schedules
+step n+1 before it has processed step n, and a running request whose sampling chunk is in
+step n may get a *decode ahead* in step n+1 (drawn in engine/decode_ahead.py, with when
+one is scheduled and how its chunk is dropped once stale).
 
 The prefill lane (`config.prefill_lane`, one device): a running prompt with at least
 `min_prompt_tokens` left becomes its owner, which the steps skip, with every other such
@@ -85,6 +65,7 @@ from collections.abc import Callable, Iterable
 
 from mnemosyne.config import SchedulerConfig
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
+from mnemosyne.engine.decode_ahead import can_decode_ahead
 from mnemosyne.engine.lane_state import LaneState
 from mnemosyne.engine.prefix_lookup import cache_computed_blocks, can_hold_whole_prompt, find_cached_prefix
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
@@ -144,7 +125,7 @@ class Scheduler:
         prefills = [r for r in running if r.is_prefill]
         # A prefill whose sampling chunk is in flight decodes (ahead) in this step too: its
         # first token gap is this step's time (H200 8B trace: 93 ms gaps when it was left out).
-        num_decoding = len(decodes) + sum(1 for r in prefills if self._can_decode_ahead(r))
+        num_decoding = len(decodes) + sum(1 for r in prefills if can_decode_ahead(r, self.config))
         self.chunk_policy.begin_step(now, num_decoding)
         waiting = self._sorted(self._waiting.values(), now)
         if self.priority.interleaves_waiting:  # one order: a waiting request may overtake a prefill
@@ -331,22 +312,7 @@ class Scheduler:
 
     def _num_schedulable(self, req: Request) -> int:
         """Tokens `req` may dispatch now: its pending ones, or 1 for a decode ahead."""
-        return req.num_pending_tokens or int(self._can_decode_ahead(req))
-
-    def _can_decode_ahead(self, req: Request) -> bool:
-        """With async scheduling: may `req` decode the token its in-flight chunk samples?
-
-        Only when that token is unknown here (every token dispatched, some not yet
-        computed: the last dispatched chunk samples and is in flight), at most one such
-        token per request, and only if that token cannot finish the request by length:
-        a decode is never scheduled past max_tokens or max_model_len."""
-        return (
-            self.config.async_scheduling
-            and req.num_dispatched_tokens == req.num_tokens
-            and req.num_computed_tokens < req.num_dispatched_tokens
-            and req.num_output_tokens + 1 < req.sampling_params.max_tokens
-            and req.num_tokens + 1 < self.config.max_model_len
-        )
+        return req.num_pending_tokens or int(can_decode_ahead(req, self.config))
 
     def _chunk_len(self, req: Request, budget: int) -> int:
         if req.num_pending_tokens == 0:  # a decode ahead (or nothing): one token, no policy

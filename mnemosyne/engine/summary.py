@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from mnemosyne.config import AttentionBackendKind, ChunkPolicyKind
+from mnemosyne.config import AttentionBackendKind
+from mnemosyne.config_policy import ChunkPolicyKind
 from mnemosyne.engine.llm_engine import LLMEngine
 
 

@@ -3,15 +3,28 @@
 
     F = the step's frame: its decodes, or with none one row without keys (every step reads
         the weights and pays its fixed costs, chunks or not)
-    C = base(the step) - base(F)                the chunks' own work: C * f(E_CHUNKS)
+    C = base(the step) - base(F)                the chunks' own work on every SM
+    X = compute(the step) - compute(F)          the chunks' FLOPs at the device's peaks
+                                                (`roofline.compute_s`)
     D = base(F), split in three:
         keys    = D - base(F without its keys)                 K/V reads of the decode kernel
         weights = min(the weights' read at full bandwidth, D - keys)   the GEMMs' weight reads
         fixed   = the rest                                      launches and latency: no faster on more SMs
-    on S SMs:  m * (fixed + weights * f(E_WEIGHTS) + keys * f(E_KEYS)) + C * f(E_CHUNKS)
+    on S SMs:  m * (fixed + weights * f(E_WEIGHTS) + keys * f(E_KEYS)) + max(C, X * f(E_CHUNKS))
     f(e) = max(1, N / (S * e)): a confined SM moves e times an average SM's share of the
-           whole device's bandwidth (which it cannot fill on its own)
+           whole device's bandwidth (which it cannot fill on its own), or computes at e times
+           an average SM's share of its peak FLOPs
     m: measured / modelled, a running mean over the decode-only steps beside the lane (prior 1)
+
+The chunks' time on S SMs is their FLOPs there, not their time on every SM scaled: a short
+chunk's time on every SM is mostly launches and latency (32 tokens: 1.8 ms of which 0.7 are
+FLOPs, 8B), which do not grow on fewer SMs, and a long one's is its FLOPs. Their prefix
+reads are not scaled (the chunks beside a lane chunk are short prompts' prefills).
+
+Beside a lane chunk the chunk policy plans a step within LANE_STEP_HEADROOM of its target
+(`step_time_s` is the prediction over it): the steps with decodes and a chunk beside a chunk
+took up to 1.10x the prediction at p98 (8B serving trace, twenty-sixth session), and m learns
+a mean, where the whole-GPU model is calibrated at the target's quantile.
 
 The two rates are fitted (`benchmarks/beside_lane_fit.py`) on the H200 step logs of the lane:
 the decode-only steps beside a chunk on 16, 24 or 32 SMs of three 8B runs (the serving trace
@@ -21,26 +34,23 @@ session"). The weights stream at 2.5x an average SM's share of the device's band
 the decode kernel's keys at 1.2x (1.05x with the whole-GPU launch options). Median errors
 per run are 1.2-5.3%; one rate for the whole step (the model before) was off by 5-63%. A step
 of a few short decodes (mostly weights) took 13.9 ms on 16 SMs, and one over 351K keys
-(mostly keys) took 54 ms on 32.
+(mostly keys) took 54 ms on 32. The chunks compute at 1.05x an average SM's share of the
+peak FLOPs (the 8B serving traces' steps with a short prompt's chunk of 7-256 tokens beside a
+lane chunk: median error 4.4-6.0%, p90 10-13%; their time on every SM scaled at one rate, the
+model before, was off by 7-9% at the median and 18-27% at p90 with the best rate).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.model import LatencyModel
 
-LANE_STEP_HEADROOM = 0.9  # a lane chunk leaves the steps SMs for this fraction of the TBT target
+LANE_STEP_HEADROOM = 0.9  # a step beside a lane chunk is planned within this fraction of its target
 E_WEIGHTS = 2.5  # the weights' reads on a confined SM, against an average SM of the whole device
 E_KEYS = 1.2  # the decode kernel's K/V reads, likewise (`decode_attention.LAUNCH_16BIT_CONFINED`)
-# The chunks' own work, likewise. Fitted on the steps with a chunk beside a lane chunk (the 8B
-# serving traces' short prompts, 32-256 tokens) it is 2.65 (median error 7-9%, p90 18-27%);
-# the engine keeps 1 (its FLOPs at an SM's share, an over-prediction of those steps by about
-# half), so that the steps beside a chunk keep their margin to the TBT target until a
-# GPU run measures the fitted rate; the simulator times them at the fitted rate
-# (`simulator/lane.py` STEPS_CHUNKS_RATE).
-E_CHUNKS = 1.0
+E_CHUNKS = 1.05  # the chunks' FLOPs, against an average SM's share of the device's peak
 SCALE_WEIGHT = 0.1  # the running mean's weight of each measured step
 
 
@@ -69,14 +79,16 @@ class BesideLaneLatencyModel:
     them (`steps_share` = S / N, set by the lane's driver), `base`'s split and scaled as the
     module docstring draws. `base` is the model before online calibration, which learns only
     from steps with the GPU to themselves; `weights_s` is the weights' read at the device's
-    full bandwidth (`roofline.weights_read_s`); the rates are E_WEIGHTS, E_KEYS and E_CHUNKS
-    unless given (`benchmarks/beside_lane_fit.py` fits them)."""
+    full bandwidth (`roofline.weights_read_s`) and `compute_s` a load's FLOPs at its peaks
+    (`roofline.compute_s`); the rates are E_WEIGHTS, E_KEYS and E_CHUNKS unless given
+    (`benchmarks/beside_lane_fit.py` fits them)."""
 
     def __init__(
         self,
         inner: LatencyModel,
         base: LatencyModel,
         weights_s: float,
+        compute_s: Callable[[GroupLoad], float],
         weights_rate: float = E_WEIGHTS,
         keys_rate: float = E_KEYS,
         chunks_rate: float = E_CHUNKS,
@@ -84,6 +96,7 @@ class BesideLaneLatencyModel:
         self.inner = inner
         self.base = base
         self.weights_s = weights_s
+        self.compute_s = compute_s
         self.weights_rate = weights_rate
         self.keys_rate = keys_rate
         self.chunks_rate = chunks_rate
@@ -92,23 +105,23 @@ class BesideLaneLatencyModel:
         self.scale = 1.0  # m
 
     def step_time_s(self, composition: StepComposition) -> float:
+        """The time to plan a step against: `inner`'s on every SM; beside a lane chunk the
+        prediction over LANE_STEP_HEADROOM (module docstring)."""
         if self.steps_share is None:
             return self.inner.step_time_s(composition)
-        return self.confined_s(composition, self.steps_share)
+        return self.confined_s(composition, self.steps_share) / LANE_STEP_HEADROOM
 
-    def confined_s(
-        self, composition: StepComposition, steps_share: float, chunks_rate: float | None = None
-    ) -> float:
-        """Predicted seconds of a step on `steps_share` of the SMs beside a lane chunk (its
-        chunks at `chunks_rate`, default the model's)."""
+    def confined_s(self, composition: StepComposition, steps_share: float) -> float:
+        """Predicted seconds of a step on `steps_share` of the SMs beside a lane chunk."""
         whole_s = self.base.step_time_s(composition)
         if not composition.groups[0].num_chunks:
             return self.scale * self._decodes_s(composition, whole_s, steps_share)
         frame = step_frame(composition)
         frame_s = self.base.step_time_s(frame)
         chunks_s = max(0.0, whole_s - frame_s)
-        rate = self.chunks_rate if chunks_rate is None else chunks_rate
-        return self.scale * self._decodes_s(frame, frame_s, steps_share) + chunks_s * _slowdown(steps_share, rate)
+        flops_s = max(0.0, self.compute_s(composition.groups[0]) - self.compute_s(frame.groups[0]))
+        chunks_s = max(chunks_s, flops_s * _slowdown(steps_share, self.chunks_rate))
+        return self.scale * self._decodes_s(frame, frame_s, steps_share) + chunks_s
 
     def _decodes_s(self, decodes: StepComposition, decodes_s: float, steps_share: float) -> float:
         """The decodes' step (`decodes_s` on every SM) on `steps_share` of the SMs, before m."""

@@ -93,6 +93,27 @@ def weights_read_s(shape: ModelShape, tp: int, device: DeviceSpec) -> float:
     return params * shape.dtype_bytes / tp / device.memory_bytes_per_s
 
 
+def compute_s(shape: ModelShape, tp: int, device: DeviceSpec, load: GroupLoad) -> float:
+    """One rank's FLOPs of a one-stage load at the device's peaks on every SM (its compute
+    floor): every layer's dense and attention FLOPs, and the LM head's sampled rows."""
+    dense_flops, attn_flops = layer_flops(shape, tp, load)
+    head_flops = 2 * shape.vocab_size * shape.hidden_size / tp * load.num_sampled
+    return (
+        shape.num_layers
+        * (dense_flops / device.matmul_flops_per_s + attn_flops / device.attention_flops_per_s)
+        + head_flops / device.matmul_flops_per_s
+    )
+
+
+def layer_flops(shape: ModelShape, tp: int, load: GroupLoad) -> tuple[float, float]:
+    """One layer's (dense, attention) FLOPs of a load on one of tp ranks."""
+    pairs = load.chunk_prefix_pairs + load.chunk_causal_pairs + load.decode_kv_tokens
+    return (
+        2 * shape.params_per_layer / tp * load.num_tokens,
+        4 * shape.num_heads / tp * shape.head_dim * pairs,
+    )
+
+
 class RooflineLatencyModel:
     def __init__(self, shape: ModelShape, layout: Layout, device: DeviceSpec) -> None:
         self.shape = shape
@@ -112,10 +133,8 @@ class RooflineLatencyModel:
             return 0.0
         s, dev, tp, n_layers = self.shape, self.device, self.layout.tp, self.num_stage_layers
         weight_bytes = s.params_per_layer * s.dtype_bytes / tp
-        dense_flops = 2 * s.params_per_layer / tp * load.num_tokens
+        dense_flops, attn_flops = layer_flops(s, tp, load)
         dense = max(weight_bytes / dev.memory_bytes_per_s, dense_flops / dev.matmul_flops_per_s)
-        pairs = load.chunk_prefix_pairs + load.chunk_causal_pairs + load.decode_kv_tokens
-        attn_flops = 4 * s.num_heads / tp * s.head_dim * pairs
         keys = load.chunk_prefix_tokens + load.decode_kv_tokens + load.num_tokens
         attn_bytes = keys * s.kv_bytes_per_token_per_layer / tp
         attn = max(attn_flops / dev.attention_flops_per_s, attn_bytes / dev.memory_bytes_per_s)

@@ -35,9 +35,10 @@ slows such a step when it carries a prefill chunk (an eager step of 1-4K tokens 
 With a prefill lane (`SchedulerConfig.prefill_lane`, one device) the engine's `LaneDriver`
 runs it against `lane.py`'s `VirtualLane`: each step first processes the chunks whose end
 the clock has reached and launches the next, as `LLMEngine.step`; a step beside a chunk takes
-`BesideLaneLatencyModel.confined_s` (its decodes on the split's SMs, its chunks at
-`lane.STEPS_CHUNKS_RATE`) and is noted to the lane (it slows the chunk); with nothing but the
-lane in flight the clock jumps to the oldest chunk's end. `gpu` is the simulated device (its
+`BesideLaneLatencyModel.confined_s` (on the split's SMs: the engine plans it within
+LANE_STEP_HEADROOM of its target, the device takes the prediction itself) and is noted to the
+lane (it slows the chunk); with nothing but the lane in flight the clock moves to the oldest
+chunk's end or to the next arrival, whichever is first. `gpu` is the simulated device (its
 SM count, and its bandwidth for the steps beside the lane).
 
 A `LoggedDevice` (`device_log.py`, `mnemosyne simulate --device-step-log`) times the steps
@@ -52,6 +53,7 @@ way back, which no step holds (5.5-6.1 ms on H200 hosts for a 1-4K-token prompt:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +75,7 @@ from mnemosyne.latency.roofline import DeviceSpec
 from mnemosyne.request import TOKEN_ID_DTYPE, Request, prompt_array
 from mnemosyne.sampling_params import SamplingParams
 from mnemosyne.simulator.device_log import LoggedDevice
-from mnemosyne.simulator.lane import STEPS_CHUNKS_RATE, VirtualLane
+from mnemosyne.simulator.lane import VirtualLane
 from mnemosyne.simulator.pipeline import StagePipeline
 from mnemosyne.simulator.trace import TraceRequest
 
@@ -160,9 +162,13 @@ class SimulatedEngine:
         if lane is not None:
             num_sms = gpu.num_sms if gpu is not None else 0
             if num_sms <= 0:
-                raise ConfigError("simulating the prefill lane needs the GPU's SM count (a --gpu that has one)")
+                raise ConfigError(
+                    "simulating the prefill lane needs the GPU's SM count (a --gpu that has one)"
+                )
             assert self.policies.beside_lane is not None  # made with every lane
-            self.virtual_lane = VirtualLane(latency_model, num_sms, lane.steps_sms_choices, lambda: self.now_s)
+            self.virtual_lane = VirtualLane(
+                latency_model, num_sms, lane.steps_sms_choices, lambda: self.now_s
+            )
             self.lane = LaneDriver(
                 self.scheduler, PlanBuilder(self.scheduler, self.kv_manager), self.virtual_lane,
                 lambda sched, result: self._process_lane(sched), lambda sched: 0.0, None,
@@ -183,9 +189,12 @@ class SimulatedEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._inflight) or self.scheduler.lane_busy
 
-    def step(self) -> bool:
+    def step(self, next_arrival_s: float = math.inf) -> bool:
         """One `LLMEngine.step`: fill the pipeline, finish the oldest micro-batch. False when
-        nothing was in flight or could be scheduled."""
+        nothing was in flight or could be scheduled. With only lane chunks in flight the
+        clock moves to the oldest one's end or to `next_arrival_s` (the next request's time
+        at the scheduler), whichever is first: the engine's loop takes a request that
+        arrives while the lane runs at once, not at the chunk's end."""
         if self.lane is not None:
             self.lane.advance(0.0)
         beside = self.policies.beside_lane
@@ -196,7 +205,7 @@ class SimulatedEngine:
             comp = step_composition(self.kv_manager, sched)
             predicted_s = self.policies.latency_model.step_time_s(comp)
             if beside is not None and beside.steps_share is not None:  # beside a lane chunk
-                duration_s = beside.confined_s(comp, beside.steps_share, STEPS_CHUNKS_RATE)
+                duration_s = beside.confined_s(comp, beside.steps_share)
             elif self.device is not None:
                 duration_s = self.device.step_time_s(comp, predicted_s, idle=not self._inflight)
             else:
@@ -212,7 +221,8 @@ class SimulatedEngine:
                 return False
             end_s = self.virtual_lane.next_end_s
             assert end_s is not None  # the scheduler's lane chunks are the virtual lane's
-            self.now_s = max(self.now_s, end_s)  # nothing else to run: the lane's next chunk ends
+            # nothing else to run: the lane's next chunk ends, or a request arrives first
+            self.now_s = max(self.now_s, min(end_s, next_arrival_s))
             self.lane.advance(0.0)
             return True
         sched, comp, predicted_s, submit_s, done_s = self._inflight.popleft()
@@ -257,7 +267,8 @@ def run_trace(engine: SimulatedEngine, trace: list[TraceRequest], arrival_delay_
             t = trace[order[k]]
             engine.add_request(f"req-{order[k]}", t.prompt_len, t.output_len, t.arrival_s)
             k += 1
-        if engine.step():
+        next_arrival_s = trace[order[k]].arrival_s + arrival_delay_s if k < n else math.inf
+        if engine.step(next_arrival_s):
             continue
         if k < n:  # idle: jump to the next arrival
             engine.now_s = max(engine.now_s, trace[order[k]].arrival_s + arrival_delay_s)

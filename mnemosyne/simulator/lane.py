@@ -16,9 +16,8 @@ A chunk's end moves later while steps are noted that overlap it, so it is known 
 only once the clock has passed it: `next_end_s` is the end given the steps noted so far
 (the engine notes each step as it submits it, before the clock reaches it).
 
-The steps beside a chunk take `BesideLaneLatencyModel.confined_s` (the decodes on S SMs), the
-engine's own prediction of them (`engine.py`), but with their chunks at STEPS_CHUNKS_RATE.
-Not modelled: the lane's wait for the steps launched before each chunk, and the steps' host
+The steps beside a chunk take `BesideLaneLatencyModel.confined_s` (on S SMs), the engine's own
+prediction of them (`engine.py`). Not modelled: the lane's wait for the steps launched before each chunk, and the steps' host
 time.
 """
 
@@ -40,9 +39,6 @@ from mnemosyne.wire.plan import StepPlan, StepResult
 # with one decode or 32 alike).
 LANE_CHUNK_IDLE = 1.06
 LANE_CHUNK_BUSY = 1.21
-# The steps beside a chunk: the chunks in them (short prompts' prefills) at the rate fitted on
-# an H200's steps (`latency/beside_lane.py` E_CHUNKS: the engine plans them at 1, a margin)
-STEPS_CHUNKS_RATE = 2.65
 
 
 @dataclass
@@ -56,7 +52,11 @@ class VirtualLane:
     """`engine/prefill_lane.py`'s `LaneExecutor` on a virtual clock (`clock()`: now, in s)."""
 
     def __init__(
-        self, model: LatencyModel, num_sms: int, steps_sms_choices: tuple[int, ...], clock: Callable[[], float]
+        self,
+        model: LatencyModel,
+        num_sms: int,
+        steps_sms_choices: tuple[int, ...],
+        clock: Callable[[], float],
     ) -> None:
         if not steps_sms_choices or max(steps_sms_choices) >= num_sms:
             raise ValueError(f"lane splits {steps_sms_choices} need fewer SMs than the device's {num_sms}")

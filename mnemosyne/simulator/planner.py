@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from mnemosyne.config import ModelConfig, ParallelConfig, PolicyConfig
+from mnemosyne.config import ModelConfig, ParallelConfig
+from mnemosyne.config_policy import PolicyConfig
 from mnemosyne.engine.args import DEFAULT_BLOCK_SIZE, kv_bytes_per_token_per_device, weight_bytes_per_device
 from mnemosyne.engine.prefill_time import PrefillTimeTable, lone_chunk_composition
 from mnemosyne.errors import ConfigError
