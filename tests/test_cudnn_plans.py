@@ -19,6 +19,7 @@ from mnemosyne.kernels.cudnn_plans import (
 )
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, fits_model, prefix_parts
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
+from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels
 
 BLOCK = 64
 SEGMENT = 1 << 17
@@ -65,7 +66,7 @@ def test_every_chunk_sent_to_cudnn_has_its_graphs_built() -> None:
         backend = _backend(group, head_dim)
         max_tokens, max_prefix = 8448, 600_000
         def cheaper(c: int, keys: int, tiles: bool, b: KernelBackend = backend, h: int = num_kv_heads) -> bool:
-            return b._dense_is_cheaper(c, keys, h, tiles)
+            return b.dense_is_cheaper(c, keys, h, tiles)
 
         lens = cudnn_chunk_lens(cheaper, max_tokens, max_prefix)
         assert lens and lens[-1] == max_tokens  # long chunks go to cuDNN
@@ -106,5 +107,5 @@ def test_warm_up_builds_no_cudnn_graph_for_a_model_cudnn_cannot_take() -> None:
     device = torch.device(TEST_DEVICE)  # the warm-up also compiles the Triton merges: on the test device
     backend = KernelBackend(4, 32, torch.float32, device, use_cudnn=True)
     k_cache = torch.randn(4, 16, 2, 32, device=device)
-    backend.warm_up(k_cache, torch.randn_like(k_cache), None, 1, max_num_batched_tokens=256, max_prefix_tokens=64)
+    warm_up_kernels(backend, k_cache, torch.randn_like(k_cache), None, 1, max_num_batched_tokens=256, max_prefix_tokens=64)
     assert backend.cudnn_shapes is None

@@ -21,6 +21,7 @@ from mnemosyne.kernels.merge_attn import merge_attn_states_into, merge_splits  #
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath, PathCost  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
 from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig  # noqa: E402
+from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels  # noqa: E402
 from mnemosyne.layers.attention.merge import merge_attn_states  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 from mnemosyne.layers.attention.reference import TorchReferenceBackend  # noqa: E402
@@ -163,16 +164,33 @@ def test_cudnn_chunk_segments_and_runs(shuffled):
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
 
 
-def _host_plan(chunks: list[tuple[int, int]], num_sms: int = 132):
-    """The host plan of chunks (c, prefix) on an H200-sized backend (host lists only)."""
+def _h200_backend() -> KernelBackend:
     backend = KernelBackend(4, 64, torch.bfloat16, torch.device("cpu"), use_cudnn=False,
                             chunk_config=ChunkKernelConfig(min_split_keys=1024))  # fmt: skip
-    backend.num_sms = num_sms
+    backend.num_sms = 132
+    return backend
+
+
+def _host_plan(chunks: list[tuple[int, int]], num_sms: int | None = None):
+    """The host plan of chunks (c, prefix) on an H200-sized backend (host lists only), for
+    num_sms of its SMs (None: all)."""
     meta = AttentionMetadata.build(
         [c for c, _ in chunks], [p for _, p in chunks], [0] * len(chunks), [c + p for c, p in chunks],
         [[0] * -(-(c + p) // 64) for c, p in chunks], [-1] * sum(c for c, _ in chunks), torch.device("cpu"),
     )  # fmt: skip
-    return backend.host_plan(meta, 8, None, 64)
+    return _h200_backend().host_plan(meta, 8, None, 64, num_sms)
+
+
+def test_splits_are_planned_for_the_sms_the_step_runs_on():
+    """A 512-token chunk after 1568 keys: 2 splits to fill an H200's 132 SMs, 1 on the 16 a
+    prefill lane split leaves the steps (its tiles fill them already); the graphs of such a
+    split hold fewer splits at most."""
+    from mnemosyne.layers.attention.static_plan import StaticPlans
+
+    assert _host_plan([(512, 1568)]).chunk_splits == 2
+    assert _host_plan([(512, 1568)], num_sms=16).chunk_splits == 1
+    backend, cpu = _h200_backend(), torch.device("cpu")
+    assert StaticPlans(backend, 1024, 8, 64, cpu, 16).num_splits < StaticPlans(backend, 1024, 8, 64, cpu).num_splits
 
 
 def test_a_long_prefix_beside_many_short_tiles_runs_in_its_own_launch():
@@ -381,6 +399,6 @@ def test_warm_up_compiles_the_chunk_variants_read_only():
     k_cache = torch.randn(4, 16, hkv, d, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
     before = (k_cache.clone(), v_cache.clone())
-    backend.warm_up(k_cache, v_cache, None)
-    backend.warm_up(k_cache, v_cache, 5)
+    warm_up_kernels(backend, k_cache, v_cache, None)
+    warm_up_kernels(backend, k_cache, v_cache, 5)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])

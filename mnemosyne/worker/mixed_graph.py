@@ -71,8 +71,10 @@ class MixedGraphs:
         pool: tuple[int, int] | None = None,
         max_seqs: int | None = None,
         capture_stream: torch.cuda.Stream | None = None,
+        num_sms: int | None = None,
     ) -> None:
-        """`capture_stream`: the stream to capture on, whose SMs the graphs keep (None: every SM)."""
+        """`capture_stream`: the stream to capture on, whose SMs the graphs keep (None: every
+        SM); `num_sms`: how many those are (the steps' key splits are planned for them)."""
         from mnemosyne.layers.attention.static_plan import StaticPlans
 
         cfg = model.config
@@ -86,7 +88,8 @@ class MixedGraphs:
         self.sizes = piecewise_sizes(max_tokens)
         self.sliding_window = cfg.sliding_window
         self.num_kv_heads = model.num_local_kv_heads
-        self.plans: StaticPlans = StaticPlans(backend, max_tokens, self.num_kv_heads, block_size, device)
+        self.num_sms = num_sms
+        self.plans: StaticPlans = StaticPlans(backend, max_tokens, self.num_kv_heads, block_size, device, num_sms)
         with torch.device(device):
             if model.is_first_stage:
                 self.input_ids = torch.zeros(max_tokens, dtype=torch.long)
@@ -119,8 +122,10 @@ class MixedGraphs:
         device: torch.device,
         pool: tuple[int, int] | None = None,
         capture_stream: torch.cuda.Stream | None = None,
+        num_sms: int | None = None,
     ) -> MixedGraphs | None:
-        """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager)."""
+        """Graphs for this worker, or None (CPU, the reference backend, or enforce_eager);
+        `capture_stream` and `num_sms` as in `__init__`."""
         max_blocks = attention_graph_blocks(config, kv_caches, backend, device)
         if max_blocks is None:
             return None
@@ -136,6 +141,7 @@ class MixedGraphs:
             pool,
             max_seqs=config.scheduler.max_num_seqs,
             capture_stream=capture_stream,
+            num_sms=num_sms,
         )
 
     def capture_all(self) -> None:
@@ -168,7 +174,7 @@ class MixedGraphs:
         ):
             return None
         size = next(s for s in self.sizes if s >= n)
-        host = self.backend.host_plan(meta, self.num_kv_heads, self.sliding_window, self.block_size)
+        host = self.backend.host_plan(meta, self.num_kv_heads, self.sliding_window, self.block_size, self.num_sms)
         if not self.plans.fits(size, host):
             self.num_not_fitting += 1
             meta.backend_plan = self.backend.device_plan(host, self.num_kv_heads)

@@ -116,13 +116,13 @@ class PrefillLane:
     def add_step_graphs(
         self,
         make_decode: Callable[[torch.cuda.Stream], DecodeGraphs | None],
-        make_mixed: Callable[[torch.cuda.Stream], MixedGraphs | None],
+        make_mixed: Callable[[torch.cuda.Stream, int], MixedGraphs | None],
     ) -> None:
-        """The steps' decode and mixed-step graphs of each split, from `make_*(its first(S)
-        stream)`, to be captured with the worker's: a graph keeps the SMs of the stream it was
-        captured on."""
+        """The steps' decode and mixed-step graphs of each split, from `make_decode(its
+        first(S) stream)` and `make_mixed(that stream, S)`, to be captured with the worker's: a
+        graph keeps the SMs of the stream it was captured on."""
         for steps_sms, split in self._splits.items():
-            decode, mixed = make_decode(split.first), make_mixed(split.first)
+            decode, mixed = make_decode(split.first), make_mixed(split.first, steps_sms)
             if decode is not None:
                 self.decode_graphs[steps_sms] = decode
             if mixed is not None:

@@ -10,7 +10,7 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
     wants lie in the sequence's leading run of consecutive blocks (the cost model measured
     the batched split call; a fragmented prefix runs segment by segment with too few
     programs: 1.7-2x the model on an H200 serving trace, 256-512-token chunks after 256K+),
-    and every cuDNN graph its calls need was built by `warm_up` (kernels/cudnn_plans.py: a
+    and every cuDNN graph its calls need was built by `warm_up_kernels` (kernels/cudnn_plans.py: a
     graph built while serving stalls the step)
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
     anything else                           -> a split-KV Triton chunk kernel, one launch
@@ -55,23 +55,18 @@ from mnemosyne.kernels.chunk_tma_attention import (
 from mnemosyne.kernels.cudnn_plans import (
     CudnnShape,
     chunk_call_shapes,
-    cudnn_chunk_lens,
-    reachable_shapes,
-    warm_up_cudnn,
 )
 from mnemosyne.kernels.cudnn_prefill import (
     DenseChunk,
     choose_prefix_splits,
     dense_chunk_attention,
     fits,
-    fits_model,
     split_prefix_is_batched,
-    warm_up_merges,
 )
-from mnemosyne.kernels.decode_attention import MAX_FEW_DECODES, launch_options, paged_decode_attention
-from mnemosyne.kernels.decode_items import choose_split_budget, seq_block
+from mnemosyne.kernels.decode_attention import launch_options, paged_decode_attention
+from mnemosyne.kernels.decode_items import choose_split_budget
 from mnemosyne.kernels.kv_write import write_kv_cache
-from mnemosyne.kernels.paged_prefill import default_block_q, plan_query_tiles
+from mnemosyne.kernels.paged_prefill import default_block_q
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
 from mnemosyne.layers.attention.kernel_plan import (
     ChunkKernelConfig,
@@ -118,7 +113,7 @@ class KernelBackend:
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         )
-        # The cuDNN graphs `warm_up` built; None (no warm-up): cuDNN takes any shape
+        # The cuDNN graphs `warm_up_kernels` built; None (no warm-up): cuDNN takes any shape
         self.cudnn_shapes: frozenset[CudnnShape] | None = None
 
     # ---- once per step ------------------------------------------------------------------
@@ -129,8 +124,12 @@ class KernelBackend:
         num_kv_heads: int,
         sliding_window: int | None,
         block_size: int | None = None,
+        num_sms: int | None = None,
     ) -> HostPlan:
-        """Assign every sequence to a kernel, from the host lists alone (no device work)."""
+        """Assign every sequence to a kernel, from the host lists alone (no device work).
+        num_sms: the SMs the step runs on (a prefill lane split's graphs: its few); None:
+        every SM of the device. Key splits are sized to fill them."""
+        sms = self.num_sms if num_sms is None else num_sms
         page_tiles = self.uses_page_tiles(block_size)
         plan = HostPlan(block_q=self.block_q, page_tiles=page_tiles)
         row = 0
@@ -152,13 +151,13 @@ class KernelBackend:
                     sliding_window,
                     min_queries=2,
                 )
-                if chunk is not None and not self._dense_is_cheaper(
+                if chunk is not None and not self.dense_is_cheaper(
                     q_len, meta.kv_lens_cpu[i], num_kv_heads, plan.page_tiles
                 ):
                     chunk = None
                 if chunk is not None:  # few queries: split the prefix so that cuDNN fills the GPU
                     splits = choose_prefix_splits(
-                        q_len, self.num_heads_per_kv, num_kv_heads, chunk.num_prefix, self.num_sms
+                        q_len, self.num_heads_per_kv, num_kv_heads, chunk.num_prefix, sms
                     )
                     chunk = dataclasses.replace(chunk, prefix_splits=splits)
                     if (
@@ -180,18 +179,18 @@ class KernelBackend:
             row += q_len
         if tiled:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
-            # variants in all, both built by `warm_up`.
+            # variants in all, both built by `warm_up_kernels`.
             plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
             plan.min_split_keys = self.min_split_keys()
 
             def splits_for(num_tiles: int, max_keys: int, tile_keys: int) -> int:
-                return self.chunk_splits(num_tiles, num_kv_heads, max_keys, page_tiles, tile_keys=tile_keys)
+                return self.chunk_splits(num_tiles, num_kv_heads, max_keys, page_tiles, tile_keys, sms)
 
             lens = (meta.query_lens_cpu, meta.kv_lens_cpu)
             one = tile_group(*lens, tiled, plan.block_q, splits_for)
             plan.tile_seq, plan.tile_q_offset, plan.tiled_rows = one.tile_seq, one.tile_q_offset, one.rows
             plan.chunk_splits = one.splits
-            plan.groups = tile_groups(one, *lens, tiled, num_kv_heads, self.num_sms, splits_for)
+            plan.groups = tile_groups(one, *lens, tiled, num_kv_heads, sms, splits_for)
         return plan
 
     def plan(
@@ -238,13 +237,20 @@ class KernelBackend:
         return choose_split_budget(num_kv_heads, self.num_sms, head_dim=self.head_dim)
 
     def chunk_splits(
-        self, num_tiles: int, num_kv_heads: int, max_keys: int, page_tiles: bool, tile_keys: int | None = None
+        self,
+        num_tiles: int,
+        num_kv_heads: int,
+        max_keys: int,
+        page_tiles: bool,
+        tile_keys: int | None = None,
+        num_sms: int | None = None,
     ) -> int:
         """The chunk kernel's split count for num_tiles query tiles over at most max_keys keys
-        (`choose_chunk_splits` with this backend's waves, split floor and cap)."""
+        on num_sms SMs (None: every SM; `choose_chunk_splits` with this backend's waves, split
+        floor and cap)."""
         cfg = self.chunk_config
         return choose_chunk_splits(
-            num_tiles, num_kv_heads, max_keys, self.num_sms,
+            num_tiles, num_kv_heads, max_keys, self.num_sms if num_sms is None else num_sms,
             waves=cfg.waves or (PAGE_TILES_WAVES if page_tiles else DEFAULT_WAVES),
             min_split_keys=self.min_split_keys(),
             max_splits=self.max_splits(page_tiles),
@@ -270,7 +276,7 @@ class KernelBackend:
         heights = self.tile_heights()
         return heights[0] if longest_chunk <= heights[0] else heights[-1]
 
-    def _dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int, page_tiles: bool) -> bool:
+    def dense_is_cheaper(self, num_queries: int, num_keys: int, num_kv_heads: int, page_tiles: bool) -> bool:
         if self.force_path is not None:
             return self.force_path is ChunkPath.CUDNN
         num_heads = num_kv_heads * self.num_heads_per_kv
@@ -282,75 +288,6 @@ class KernelBackend:
             return True
         shapes = chunk_call_shapes(chunk, self.num_heads_per_kv, num_kv_heads, block_size, self.dense_segment_tokens)
         return all(shape in self.cudnn_shapes for shape in shapes)
-
-    def warm_up(
-        self,
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], one layer's
-        v_cache: torch.Tensor,
-        sliding_window: int | None,
-        max_num_decodes: int = 1,
-        max_num_batched_tokens: int = 0,
-        max_prefix_tokens: int = 0,
-    ) -> None:
-        """Compile every Triton variant a step can launch, on a few keys of the cache (read
-        only), so that serving never waits for the JIT: the chunk path (both tile heights,
-        direct and split with its merge), the decode kernel at every batch-scan width up to
-        `max_num_decodes` decodes (`seq_block`; its split budget is fixed per engine) and, with
-        cuDNN, the merges of its partials (`warm_up_merges`) and, given the longest chunk
-        (`max_num_batched_tokens`) and prefix, every cuDNN graph a chunk can need
-        (`cudnn_plans`; from then on a chunk needing another one takes Triton)."""
-        num_kv_heads = k_cache.shape[2]
-        num_heads = num_kv_heads * self.num_heads_per_kv
-        if self.use_cudnn:
-            warm_up_merges(num_heads, self.head_dim, self.dtype, self.device)
-        if (
-            self.use_cudnn
-            and fits_model(self.dtype, self.head_dim)
-            and max_num_batched_tokens > 1
-            and self.cudnn_shapes is None
-        ):
-            chunk_lens = cudnn_chunk_lens(
-                lambda c, keys, tiles: self._dense_is_cheaper(c, keys, num_kv_heads, tiles),
-                max_num_batched_tokens, max_prefix_tokens,
-            )  # fmt: skip
-            shapes = reachable_shapes(
-                chunk_lens, self.num_heads_per_kv, num_kv_heads, max_prefix_tokens, self.dense_segment_tokens,
-                self.num_sms,
-            )  # fmt: skip
-            seconds = warm_up_cudnn(shapes, k_cache, v_cache) if shapes else 0.0
-            self.cudnn_shapes = frozenset(shapes)
-            logger.info(
-                "built %d cuDNN attention graphs in %.1f s (chunks of %s queries, prefixes up to %d keys)",
-                len(shapes), seconds, f"{chunk_lens[0]}-{chunk_lens[-1]}" if chunk_lens else "no", max_prefix_tokens,
-            )  # fmt: skip
-        block = k_cache.shape[1]
-        keys = min(k_cache.shape[0] * block, 2 * self.block_q + 8)
-        # One launch per scan width (128, 256, ... up to max_num_decodes) and, at the first, one
-        # per shape of phase 2 (one head per program up to MAX_FEW_DECODES decodes).
-        batch_sizes = [1] + ([MAX_FEW_DECODES + 1] if max_num_decodes > MAX_FEW_DECODES else [])
-        while seq_block(batch_sizes[-1]) < max_num_decodes:
-            batch_sizes.append(seq_block(batch_sizes[-1]) * 2)
-        for num_decodes in batch_sizes:
-            meta = AttentionMetadata.build(
-                [1] * num_decodes, [keys - 1] * num_decodes, [0] * num_decodes, [keys] * num_decodes,
-                [list(range(-(-keys // block)))] * num_decodes, [-1] * num_decodes, self.device,
-            )  # fmt: skip
-            query = torch.zeros(num_decodes, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
-            self.forward(query, k_cache, v_cache, meta, 1.0, sliding_window)
-        page_tiles = self.uses_page_tiles(block)
-        for q_len in self.tile_heights():
-            meta = AttentionMetadata.build(
-                [q_len], [keys - q_len], [0], [keys], [list(range(-(-keys // block)))], [-1] * q_len, self.device
-            )
-            seqs, offsets = plan_query_tiles([q_len], [0], q_len)
-            tiles = to_device_packed((seqs, offsets, list(range(q_len))), torch.int32, self.device)
-            query = torch.zeros(q_len, num_heads, self.head_dim, dtype=self.dtype, device=self.device)
-            for splits in (1, 2):
-                meta.backend_plan = KernelPlan(
-                    page_tiles=page_tiles, tile_seq=tiles[0], tile_q_offset=tiles[1], block_q=q_len,
-                    chunk_splits=splits, merge_rows=tiles[2],
-                )  # fmt: skip
-                self.forward(query, k_cache, v_cache, meta, 1.0, sliding_window)
 
     # ---- every layer --------------------------------------------------------------------
 

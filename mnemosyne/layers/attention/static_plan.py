@@ -64,8 +64,11 @@ class StaticPlans:
         num_kv_heads: int,
         block_size: int,
         device: torch.device,
+        num_sms: int | None = None,
     ) -> None:
+        """num_sms: the SMs the graphs run on (a prefill lane split's few); None: every SM."""
         self.backend = backend
+        self.num_sms = num_sms
         self.num_kv_heads = num_kv_heads
         self.page_tiles = backend.uses_page_tiles(block_size)
         self.tile_heights = backend.tile_heights()
@@ -75,7 +78,7 @@ class StaticPlans:
         # a graph's step may be one short chunk among decodes. Shorter sequences use fewer of
         # them (`min_split_keys`); an empty split writes only its LSE.
         # (A long prefix: the count is bounded by the GPU, not by the keys.)
-        self.num_splits = backend.chunk_splits(1, num_kv_heads, 1 << 40, self.page_tiles)
+        self.num_splits = backend.chunk_splits(1, num_kv_heads, 1 << 40, self.page_tiles, num_sms=num_sms)
         self.split_counts = sorted({1, self.num_splits})  # the graphs' split counts
         # [decode ids: max_tokens | tile_seq: max_tiles | tile_q_offset: max_tiles | merge rows: max_tokens]
         self.buffer = torch.full((2 * max_tokens + 2 * self.max_tiles,), -1, dtype=torch.int32, device=device)
