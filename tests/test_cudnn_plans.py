@@ -19,7 +19,6 @@ from mnemosyne.kernels.cudnn_plans import (
 )
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, fits_model, prefix_parts
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
-from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels
 
 BLOCK = 64
 SEGMENT = 1 << 17
@@ -107,5 +106,5 @@ def test_warm_up_builds_no_cudnn_graph_for_a_model_cudnn_cannot_take() -> None:
     device = torch.device(TEST_DEVICE)  # the warm-up also compiles the Triton merges: on the test device
     backend = KernelBackend(4, 32, torch.float32, device, use_cudnn=True)
     k_cache = torch.randn(4, 16, 2, 32, device=device)
-    warm_up_kernels(backend, k_cache, torch.randn_like(k_cache), None, 1, max_num_batched_tokens=256, max_prefix_tokens=64)
+    backend.warm_up(k_cache, torch.randn_like(k_cache), None, 1, max_num_batched_tokens=256, max_prefix_tokens=64)
     assert backend.cudnn_shapes is None

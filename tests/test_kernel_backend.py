@@ -21,7 +21,6 @@ from mnemosyne.kernels.merge_attn import merge_attn_states_into, merge_splits  #
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath, PathCost  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
 from mnemosyne.layers.attention.kernel_plan import ChunkKernelConfig  # noqa: E402
-from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels  # noqa: E402
 from mnemosyne.layers.attention.merge import merge_attn_states  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 from mnemosyne.layers.attention.reference import TorchReferenceBackend  # noqa: E402
@@ -399,6 +398,6 @@ def test_warm_up_compiles_the_chunk_variants_read_only():
     k_cache = torch.randn(4, 16, hkv, d, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
     before = (k_cache.clone(), v_cache.clone())
-    warm_up_kernels(backend, k_cache, v_cache, None)
-    warm_up_kernels(backend, k_cache, v_cache, 5)
+    backend.warm_up(k_cache, v_cache, None)
+    backend.warm_up(k_cache, v_cache, 5)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])

@@ -8,7 +8,7 @@ therefore compiles new variants mid-serving: 5-6 s stalls of every request, meas
 H200 (benchmarks/results/serving_trace/).
 
 Here every launch of the attention kernels is recorded instead of run, its key computed with
-Triton's own rule (`native_specialize_impl`), first for `warm_up_kernels` and then for
+Triton's own rule (`native_specialize_impl`), first for `KernelBackend.warm_up` and then for
 steps of every kind (decode batches of 1 to 64, chunks of 1 to 300 tokens after 0 to 20K
 keys, split counts from 1 to 64, mixed batches, KVP pieces); every key of the steps must be
 one warm-up produced.
@@ -31,7 +31,6 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 from mnemosyne.kernels import chunk_splitkv_attention, chunk_tma_attention, decode_attention, merge_attn  # noqa: E402
 from mnemosyne.layers.attention.kernel_backend import KernelBackend  # noqa: E402
-from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels  # noqa: E402
 from mnemosyne.layers.attention.metadata import AttentionMetadata  # noqa: E402
 
 KERNELS = {
@@ -120,7 +119,7 @@ def test_serving_steps_launch_only_warmed_variants(monkeypatch: pytest.MonkeyPat
     num_blocks = 21_000 // block_size
     caches = tuple(torch.zeros(num_blocks, block_size, HKV, D, dtype=torch.bfloat16) for _ in range(2))
     recorder = Recorder(monkeypatch)
-    warm_up_kernels(backend, *caches, None, max_num_decodes)
+    backend.warm_up(*caches, None, max_num_decodes)
     warmed = recorder.take()
     chunk_kernel = "chunk_page_tiles" if block_size % 64 == 0 else "chunk"
     assert warmed[chunk_kernel] and warmed["decode"] and warmed["chunk_merge"], warmed
@@ -178,7 +177,7 @@ def test_cudnn_path_merges_are_warmed(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = KernelBackend(H // HKV, D, torch.bfloat16, torch.device("cpu"), use_cudnn=True)
     caches = tuple(torch.zeros(8, 64, HKV, D, dtype=torch.bfloat16) for _ in range(2))
     monkeypatch.setattr(backend, "forward", lambda *a, **k: None)  # only the merges here
-    warm_up_kernels(backend, *caches, None, 1)
+    backend.warm_up(*caches, None, 1)
     assert calls == [(H, D, torch.bfloat16, torch.device("cpu"))]
 
     recorder = Recorder(monkeypatch)

@@ -74,7 +74,7 @@ def choose_split_budget(
 
 def seq_block(num_decode: int) -> int:
     """The kernels' SEQ_BLOCK (a compile-time width of the batch scan): 128 up to 128
-    decodes, then powers of two, so that few variants exist (`kernel_warm_up.warm_up_kernels`)."""
+    decodes, then powers of two, so that few variants exist (`KernelBackend.warm_up`)."""
     return max(128, next_power_of_2(num_decode))
 
 

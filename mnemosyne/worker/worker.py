@@ -38,7 +38,6 @@ from mnemosyne.kernels.cudnn_plans import warm_up_cudnn
 from mnemosyne.kernels.jit_watch import watch_jit_compiles
 from mnemosyne.layers.attention.kernel_backend import KernelBackend
 from mnemosyne.layers.attention.kernel_plan import KernelPlan, chunk_launches
-from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels
 from mnemosyne.layers.attention.metadata import to_device_packed
 from mnemosyne.layers.attention.selector import make_attention_backend
 from mnemosyne.layers.logits_processors import TokenHistory
@@ -108,8 +107,8 @@ class Worker:
             max_prefix_tokens = min(num_blocks * self.block_size, sched.max_model_len)
             max_chunk_tokens = max(sched.max_num_batched_tokens, lane.chunk_tokens if lane is not None else 0)
             for window in {None, config.model.sliding_window}:
-                warm_up_kernels(
-                    backend, *self.kv_caches[0], window, sched.max_num_seqs, max_chunk_tokens, max_prefix_tokens
+                backend.warm_up(
+                    *self.kv_caches[0], window, sched.max_num_seqs, max_chunk_tokens, max_prefix_tokens
                 )
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # shared by all graphs
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)

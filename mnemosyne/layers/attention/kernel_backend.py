@@ -75,6 +75,7 @@ from mnemosyne.layers.attention.kernel_plan import (
     TileLaunch,
     chunk_launches,
 )
+from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels
 from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
 from mnemosyne.layers.attention.tile_groups import tile_group, tile_groups
 
@@ -288,6 +289,20 @@ class KernelBackend:
             return True
         shapes = chunk_call_shapes(chunk, self.num_heads_per_kv, num_kv_heads, block_size, self.dense_segment_tokens)
         return all(shape in self.cudnn_shapes for shape in shapes)
+
+    def warm_up(
+        self,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], one layer's
+        v_cache: torch.Tensor,
+        sliding_window: int | None,
+        max_num_decodes: int = 1,
+        max_num_batched_tokens: int = 0,
+        max_prefix_tokens: int = 0,
+    ) -> None:
+        """`AttentionBackend.warm_up`: `kernel_warm_up.warm_up_kernels`."""
+        warm_up_kernels(
+            self, k_cache, v_cache, sliding_window, max_num_decodes, max_num_batched_tokens, max_prefix_tokens
+        )
 
     # ---- every layer --------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""Start-up compilation of every attention kernel a step can launch (`warm_up_kernels`), so
+"""Start-up compilation of every attention kernel a step can launch (`warm_up_kernels`, the
+`KernelBackend.warm_up` of the `AttentionBackend` interface), so
 that serving never waits for Triton's JIT or a cuDNN graph build (the stalls a step must not
 take while serving: a compile in the middle of a trace took one step to 2976 ms)."""
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,9 +15,11 @@ from mnemosyne.kernels.cudnn_prefill import fits_model, warm_up_merges
 from mnemosyne.kernels.decode_attention import MAX_FEW_DECODES
 from mnemosyne.kernels.decode_items import seq_block
 from mnemosyne.kernels.paged_prefill import plan_query_tiles
-from mnemosyne.layers.attention.kernel_backend import KernelBackend
 from mnemosyne.layers.attention.kernel_plan import KernelPlan
 from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
+
+if TYPE_CHECKING:  # (kernel_backend.py calls this module: `KernelBackend.warm_up`)
+    from mnemosyne.layers.attention.kernel_backend import KernelBackend
 
 logger = logging.getLogger(__name__)
 
