@@ -20,10 +20,10 @@ A lane request's tokens (T = num_tokens), by who computes them::
 
 While the lane has an owner and does not hold, every other running prompt that `qualifies`
 waits for the lane (`waits_for_lane`): the steps give it nothing. When it holds, they wait
-until its last chunk in flight is done, and then prefill in the steps on every SM. The owner keeps the lane
-until its prompt is done, unless a queued prompt `overtakes` it (`claim`, asked at every step
-and before every lane chunk; under LARS: when waiting would make the queued prompt miss its
-TTFT deadline and the owner can still meet its own behind it). The owner then queues; nothing
+until its last chunk in flight is done, and then prefill in the steps on every SM. The owner
+keeps the lane until its prompt is done, unless a queued prompt `overtakes` it (`claim`,
+asked at every step and before every lane chunk; under LARS: when waiting would make the
+queued prompt miss its TTFT deadline and the owner can still meet its own behind it). The owner then queues; nothing
 is recomputed (its chunks in flight run on, its KV stays). Measured on an H200 (the 8B
 serving trace, benchmarks/results/README.md, "Twenty-sixth session"): a 211K-token prompt
 arriving behind a 351K-token owner took 3.14x its floor without the swap and 1.29x with it
