@@ -172,7 +172,7 @@ def test_cudnn_path_merges_are_warmed(monkeypatch: pytest.MonkeyPatch) -> None:
 
     calls: list[tuple] = []
     monkeypatch.setattr(
-        "mnemosyne.layers.attention.kernel_warm_up.warm_up_merges", lambda *a: calls.append(a)
+        "mnemosyne.layers.attention.kernel_backend.warm_up_merges", lambda *a: calls.append(a)
     )
     backend = KernelBackend(H // HKV, D, torch.bfloat16, torch.device("cpu"), use_cudnn=True)
     caches = tuple(torch.zeros(8, 64, HKV, D, dtype=torch.bfloat16) for _ in range(2))

@@ -10,7 +10,7 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
     wants lie in the sequence's leading run of consecutive blocks (the cost model measured
     the batched split call; a fragmented prefix runs segment by segment with too few
     programs: 1.7-2x the model on an H200 serving trace, 256-512-token chunks after 256K+),
-    and every cuDNN graph its calls need was built by `warm_up_kernels` (kernels/cudnn_plans.py: a
+    and every cuDNN graph its calls need was built by `warm_up` (`build_cudnn_graphs`) (kernels/cudnn_plans.py: a
     graph built while serving stalls the step)
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
     anything else                           -> a split-KV Triton chunk kernel, one launch
@@ -61,7 +61,9 @@ from mnemosyne.kernels.cudnn_prefill import (
     choose_prefix_splits,
     dense_chunk_attention,
     fits,
+    fits_model,
     split_prefix_is_batched,
+    warm_up_merges,
 )
 from mnemosyne.kernels.decode_attention import launch_options, paged_decode_attention
 from mnemosyne.kernels.decode_items import choose_split_budget
@@ -75,7 +77,7 @@ from mnemosyne.layers.attention.kernel_plan import (
     TileLaunch,
     chunk_launches,
 )
-from mnemosyne.layers.attention.kernel_warm_up import warm_up_kernels
+from mnemosyne.layers.attention.kernel_warm_up import build_cudnn_graphs, compile_triton_variants
 from mnemosyne.layers.attention.metadata import AttentionMetadata, to_device_packed
 from mnemosyne.layers.attention.tile_groups import tile_group, tile_groups
 
@@ -114,7 +116,7 @@ class KernelBackend:
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         )
-        # The cuDNN graphs `warm_up_kernels` built; None (no warm-up): cuDNN takes any shape
+        # The cuDNN graphs `warm_up` built; None (no warm-up): cuDNN takes any shape
         self.cudnn_shapes: frozenset[CudnnShape] | None = None
 
     # ---- once per step ------------------------------------------------------------------
@@ -180,7 +182,7 @@ class KernelBackend:
             row += q_len
         if tiled:
             # Half-height tiles when every chunk fits one (fewer padded rows); two compiled
-            # variants in all, both built by `warm_up_kernels`.
+            # variants in all, both built by `warm_up`.
             plan.block_q = self._tile_height(max(meta.query_lens_cpu[i] for i in tiled))
             plan.min_split_keys = self.min_split_keys()
 
@@ -299,10 +301,24 @@ class KernelBackend:
         max_num_batched_tokens: int = 0,
         max_prefix_tokens: int = 0,
     ) -> None:
-        """`AttentionBackend.warm_up`: `kernel_warm_up.warm_up_kernels`."""
-        warm_up_kernels(
-            self, k_cache, v_cache, sliding_window, max_num_decodes, max_num_batched_tokens, max_prefix_tokens
-        )
+        """Compile every kernel a step can launch (`kernel_warm_up.py`), so that serving never
+        waits for the JIT: every Triton variant and, with cuDNN, the merges of its partials
+        (`warm_up_merges`) and, given the longest chunk (`max_num_batched_tokens`) and
+        prefix, every cuDNN graph a chunk can need (`build_cudnn_graphs`)."""
+        num_kv_heads = k_cache.shape[2]
+        num_heads = num_kv_heads * self.num_heads_per_kv
+        if self.use_cudnn:
+            warm_up_merges(num_heads, self.head_dim, self.dtype, self.device)
+            if fits_model(self.dtype, self.head_dim) and max_num_batched_tokens > 1 and self.cudnn_shapes is None:
+                self.cudnn_shapes = build_cudnn_graphs(
+                    k_cache, v_cache, self.num_heads_per_kv,
+                    lambda c, keys, tiles: self.dense_is_cheaper(c, keys, num_kv_heads, tiles),
+                    max_num_batched_tokens, max_prefix_tokens, self.dense_segment_tokens, self.num_sms,
+                )  # fmt: skip
+        compile_triton_variants(
+            self.forward, k_cache, v_cache, sliding_window, num_heads, self.dtype, max_num_decodes, self.block_q,
+            self.uses_page_tiles(k_cache.shape[1]), self.tile_heights(),
+        )  # fmt: skip
 
     # ---- every layer --------------------------------------------------------------------
 
