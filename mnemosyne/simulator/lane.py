@@ -17,8 +17,8 @@ only once the clock has passed it: `next_end_s` is the end given the steps noted
 (the engine notes each step as it submits it, before the clock reaches it).
 
 The steps beside a chunk take `BesideLaneLatencyModel.confined_s` (on S SMs), the engine's own
-prediction of them (`engine.py`). Not modelled: the lane's wait for the steps launched before each chunk, and the steps' host
-time.
+prediction of them (`engine.py`). Not modelled: the lane's wait for the steps launched before
+each chunk, and the steps' host time.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
     wants lie in the sequence's leading run of consecutive blocks (the cost model measured
     the batched split call; a fragmented prefix runs segment by segment with too few
     programs: 1.7-2x the model on an H200 serving trace, 256-512-token chunks after 256K+),
-    and every cuDNN graph its calls need was built by `warm_up` (`build_cudnn_graphs`) (kernels/cudnn_plans.py: a
-    graph built while serving stalls the step)
+    and every cuDNN graph its calls need was built by `warm_up` (kernel_warm_up.py,
+    kernels/cudnn_plans.py: a graph built while serving stalls the step)
                                             -> cuDNN fused attention (kernels/cudnn_prefill.py)
     anything else                           -> a split-KV Triton chunk kernel, one launch
                                                for all its sequences (two when a long

@@ -68,7 +68,6 @@ class StaticPlans:
     ) -> None:
         """num_sms: the SMs the graphs run on (a prefill lane split's few); None: every SM."""
         self.backend = backend
-        self.num_sms = num_sms
         self.num_kv_heads = num_kv_heads
         self.page_tiles = backend.uses_page_tiles(block_size)
         self.tile_heights = backend.tile_heights()
