@@ -245,7 +245,33 @@ def lane_report(chunks: list[dict], beside: list[dict]) -> dict | None:
                      **_beside_ms([s for s in beside if s.get("steps_sms") == n])}
             for n in sms
         }  # fmt: skip
+    timed = [c for c in chunks if "lane_timing" in c]
+    if timed:
+        result["timing"] = _lane_timing(timed)
     return result
+
+
+def _lane_timing(chunks: list[dict]) -> dict:
+    """Where the lane chunks' time went (`lane_timing`, `wire.plan.LaneChunkTiming`): the
+    lane stream's time against the chunk's measured time, the lane thread's launching outside
+    its waits for the device, and the chunks during which the caching allocator called
+    cudaMalloc / cudaFree or retried (with their seqs)."""
+    t = [c["lane_timing"] for c in chunks]
+    device = sorted(x["device_s"] / c["measured_s"] for x, c in zip(t, chunks, strict=True) if c["measured_s"] > 0)
+    active = sorted(1e3 * (x["launch_s"] - x["paced_s"]) for x in t)
+    allocating = [
+        {"t_s": c["t_s"], "seqs": c["seqs"], "allocs": x["num_device_allocs"], "frees": x["num_device_frees"],
+         "retries": x["num_alloc_retries"], "measured_ms": 1e3 * c["measured_s"], "device_ms": 1e3 * x["device_s"]}
+        for x, c in zip(t, chunks, strict=True)
+        if x["num_device_allocs"] or x["num_device_frees"] or x["num_alloc_retries"]
+    ]  # fmt: skip
+    return {
+        "device_over_measured_p50": statistics.median(device) if device else 0.0,
+        "device_over_measured_min": device[0] if device else 0.0,
+        "launch_active_ms_p50": statistics.median(active),
+        "launch_active_ms_max": active[-1],
+        "chunks_allocating": allocating,
+    }
 
 
 def _beside_ms(steps: list[dict]) -> dict:

@@ -387,8 +387,9 @@ LENS = (90, 5, 57, 23)  # two prompts enter the lane (>= 40 tokens left after ad
 
 def test_engine_with_the_lane_matches_hf(tiny_model_dir, tmp_path):
     """Greedy tokens identical to HF and sampled-token logprobs within 1e-4, with two long
-    prompts in the lane (one after the other) beside the short ones' steps; the step log
-    keeps the lane's chunks and the steps beside them apart."""
+    prompts in the lane (one after the other; their last, shorter chunks padded to the lane's
+    chunk size) beside the short ones' steps; the step log keeps the lane's chunks and the
+    steps beside them apart."""
     from test_exactness import hf_reference
 
     from mnemosyne.engine.step_log import read_lane_log, read_step_log
@@ -411,6 +412,9 @@ def test_engine_with_the_lane_matches_hf(tiny_model_dir, tmp_path):
     chunks, beside = read_lane_log(log)
     _, steps = read_step_log(log)
     assert len(chunks) >= 5 and all(c["seqs"][0][0] <= 16 and c["measured_s"] > 0 for c in chunks)
+    assert all(c["lane_timing"]["launch_s"] > 0 and "cudnn_chunks" in c for c in chunks)
+    # a prompt's last lane chunk is short: it ran padded to the lane's 16 rows (the tokens above match)
+    assert any(c["seqs"][0][0] < 16 for c in chunks)
     assert beside and not any(s.get("lane") or s.get("beside_lane") for s in steps)
 
 
@@ -456,14 +460,15 @@ def test_steps_run_on_the_sms_a_lane_chunk_leaves_them():
     lane = PrefillLane(torch.device("cuda"), (16, 24), lambda: None)
     try:
         with pytest.raises(ValueError, match="no lane split"):
-            lane.launch(lambda: None, None, 0, steps_sms=8)
+            lane.launch(lambda: None, None, lambda timing: 0, steps_sms=8)
         x = torch.zeros(1 << 20, device="cuda")
         x += 1  # a step on the worker's stream
-        chunk = lane.launch(lambda: torch.cuda._sleep(200_000_000), None, 7, steps_sms=24)  # ~0.1 s
+        chunk = lane.launch(lambda: torch.cuda._sleep(200_000_000), None, lambda timing: timing, steps_sms=24)  # ~0.1 s
         with lane.steps_stream():
             assert lane.steps_sms == 24 and torch.cuda.current_stream() != base
             x *= 3  # after the step before it, on the 24 SMs
-        assert chunk.result() == 7
+        timing = chunk.result()  # the chunk's timing, from the lane thread once it ran
+        assert timing.device_s > 0.05 and 0 <= timing.paced_s <= timing.launch_s
         with lane.steps_stream():
             assert lane.steps_sms is None and torch.cuda.current_stream() == base
             assert torch.all(x == 3)  # (back on the worker's stream, after the confined step)

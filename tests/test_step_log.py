@@ -13,7 +13,7 @@ import torch
 from conftest import TEST_DEVICE
 
 from benchmarks.refit_latency_profile import load_held_out
-from benchmarks.step_log_report import bucket_label, group_of, held_back_summary
+from benchmarks.step_log_report import bucket_label, group_of, held_back_summary, lane_report
 from benchmarks.step_log_report import main as step_log_report
 from mnemosyne import SamplingParams
 from mnemosyne.engine.args import EngineArgs
@@ -47,6 +47,7 @@ def test_step_log_holds_every_scheduled_token(tiny_model_dir, tmp_path: Path, as
     # The host's time before each submission: none for the first step (the engine was idle),
     # then the time from the latest result, never negative.
     assert steps[0]["host_s"] is None
+    assert all(0 <= s["wait_s"] <= s["measured_s"] + 1e-3 for s in steps)  # (the wait is inside the step)
     assert all(s["host_s"] is not None and s["host_s"] >= 0 for s in steps[max(1, len(steps) // 2) :])
     # Every token position of each request was computed once: prompt chunks of at most 8
     # tokens, then one decode per output token but the last (sampled, never fed back).
@@ -123,3 +124,20 @@ def test_held_back_steps_are_the_runs_before_a_step_read_early():
     held = held_back_summary(steps)
     assert held == {"steps": 4, "by_next_path": {"eager": 1, "piecewise+cudnn": 3}}
     assert held_back_summary(steps[:4])["steps"] == 0  # no early read: nothing held
+
+
+def test_lane_report_shows_where_the_chunks_time_went():
+    """The lane chunks' timing in the report: the lane stream's share of each chunk's measured
+    time, the lane thread's launching outside its waits, the chunks that allocated."""
+    def chunk(t_s: float, measured_s: float, device_s: float, allocs: int) -> dict:
+        timing = {"launch_s": 0.05, "paced_s": 0.04, "device_s": device_s, "num_device_allocs": allocs,
+                  "num_device_frees": 0, "num_alloc_retries": 0}  # fmt: skip
+        return {"t_s": t_s, "lane": True, "measured_s": measured_s, "predicted_s": 0.1, "seqs": [[4096, 0]],
+                "steps_sms": 16, "lane_timing": timing}  # fmt: skip
+
+    rep = lane_report([chunk(1.0, 0.2, 0.18, 0), chunk(2.0, 0.4, 0.2, 3)], [])
+    assert rep is not None
+    timing = rep["timing"]
+    assert timing["device_over_measured_p50"] == pytest.approx(0.7) and timing["device_over_measured_min"] == 0.5
+    assert timing["launch_active_ms_p50"] == pytest.approx(10.0)
+    assert [c["t_s"] for c in timing["chunks_allocating"]] == [2.0] and timing["chunks_allocating"][0]["allocs"] == 3

@@ -226,6 +226,7 @@ class LLMEngine:
             if self.scheduler.lane_busy:
                 outputs += self._advance_lane(LANE_POLL_S)
             return outputs
+        waited_from = time.monotonic()
         result = self.executor.get_result()
         now = time.monotonic()
         sched = self._inflight.popleft()
@@ -239,7 +240,9 @@ class LLMEngine:
         self._step_stats.append(StepStats(predicted_s, now - started, chunk_sizes))
         beside_lane = self.scheduler.lane_busy
         if self.step_log is not None:
-            self.step_log.write(now, now - started, predicted_s, sched, host_s, result.trace, idle_start, beside_lane)
+            self.step_log.write(
+                now, now - started, predicted_s, sched, host_s, result.trace, idle_start, beside_lane, now - waited_from
+            )
         if beside_lane:
             if self.lane is not None:
                 self.lane.observe_step(composition, result.trace, now - started)

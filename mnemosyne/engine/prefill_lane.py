@@ -115,7 +115,7 @@ class LaneDriver:
             now = time.monotonic()
             if self.step_log is not None:
                 measured_s = now - max(submitted, self._last_done)
-                self.step_log.write_lane_chunk(now, measured_s, predicted_s, sched, steps_sms)
+                self.step_log.write_lane_chunk(now, measured_s, predicted_s, sched, steps_sms, result.trace)
             self._last_done = now
             outputs += self.process(sched, result)
             self.scheduler.lane_done()

@@ -18,6 +18,10 @@ overrun their prediction.
                                first step after idling. Longer than the step in flight, the
                                device idles (before this field, a long prompt's arrival on an
                                H200 was inferred from the step after it: 57-90 ms)
+                 "wait_s":     the host's time in the executor's get_result for it: a long
+                               step with wait_s ~ measured_s came late from the device (or
+                               the GIL was held as it came); with a short wait_s, the host
+                               asked late (output processing, the lane's launches, the GIL)
                  "seqs":       [[query tokens, keys before them], ...] per chunk, decodes
                                first: the shape of a profile's samples (`latency/profile_store.py`)
                  "path":       how the (first) reporting rank ran it (`wire.plan.StepPath`:
@@ -39,7 +43,13 @@ overrun their prediction.
                                the engine sees a chunk done when it next polls, at the start
                                of a step (a step's time of resolution)
                  "predicted_s": the latency model's prediction of the chunk alone on the GPU
-                 "steps_sms":  the SMs it left the steps (CUDA only)}
+                 "steps_sms":  the SMs it left the steps (CUDA only)
+                 "cudnn_chunks", "chunk_splits": as for a step (absent in the simulator)
+                 "lane_timing": `wire.plan.LaneChunkTiming`: launch_s (the lane thread's
+                               launching), paced_s (of which waiting for the chunk's earlier
+                               layers), device_s (the lane stream's), the caching allocator's
+                               num_device_allocs / num_device_frees / num_alloc_retries over
+                               the chunk (the device's, the steps' included)}
 
 `read_step_log` returns the steps that had the GPU to themselves (what a latency profile
 predicts); `read_lane_log` the lane's chunks and the steps beside them.
@@ -50,6 +60,7 @@ seconds, sizes in tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -89,11 +100,14 @@ class StepLog:
         trace: StepTrace | None = None,
         idle_start: bool = False,
         beside_lane: bool = False,
+        wait_s: float | None = None,
     ) -> None:
         if self._file is None:
             return
         line = {"t_s": round(done_s - self._start_s, 6), "measured_s": measured_s, "predicted_s": predicted_s,
                 "host_s": None if host_s is None else round(host_s, 6), "seqs": _seqs(sched)}  # fmt: skip
+        if wait_s is not None:
+            line["wait_s"] = round(wait_s, 6)
         if idle_start:
             line["idle_start"] = True
         if beside_lane:
@@ -107,7 +121,13 @@ class StepLog:
         self._file.write(json.dumps(line) + "\n")
 
     def write_lane_chunk(
-        self, done_s: float, measured_s: float, predicted_s: float, sched: SchedulerOutput, steps_sms: int | None
+        self,
+        done_s: float,
+        measured_s: float,
+        predicted_s: float,
+        sched: SchedulerOutput,
+        steps_sms: int | None,
+        trace: StepTrace | None = None,
     ) -> None:
         if self._file is None:
             return
@@ -115,6 +135,10 @@ class StepLog:
                 "predicted_s": predicted_s, "seqs": _seqs(sched)}  # fmt: skip
         if steps_sms is not None:
             line["steps_sms"] = steps_sms
+        if trace is not None:
+            line["cudnn_chunks"], line["chunk_splits"] = trace.num_cudnn_chunks, list(trace.chunk_splits)
+            if trace.lane is not None:
+                line["lane_timing"] = dataclasses.asdict(trace.lane)
         self._file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:

@@ -104,6 +104,19 @@ class StepPath(enum.Enum):
 
 
 @dataclass(frozen=True)
+class LaneChunkTiming:
+    """Where a prefill lane chunk's time went (worker/prefill_lane.py; the step log records
+    it). The allocator counts are the device's, over the chunk: the steps' allocations too."""
+
+    launch_s: float  # the lane thread, from starting the chunk's launch to its last launch
+    paced_s: float  # of which waiting (the GIL released) for the chunk's earlier layers (`pace`)
+    device_s: float  # the lane stream, from the steps' work the chunk waited for to its end
+    num_device_allocs: int = 0  # cudaMalloc calls of torch's caching allocator
+    num_device_frees: int = 0  # cudaFree calls (each synchronizes the device)
+    num_alloc_retries: int = 0  # allocations that freed the cache and tried again
+
+
+@dataclass(frozen=True)
 class StepTrace:
     """What ran a micro-batch on a reporting rank (the step log records it)."""
 
@@ -111,6 +124,7 @@ class StepTrace:
     num_cudnn_chunks: int = 0  # chunks of the step on cuDNN (eager attention only)
     chunk_splits: tuple[int, ...] = ()  # key splits of each eager launch of the Triton chunk kernel
     steps_sms: int | None = None  # the SMs it was confined to beside a prefill lane chunk; None: every SM
+    lane: LaneChunkTiming | None = None  # a prefill lane chunk's: its timing
 
 
 @dataclass

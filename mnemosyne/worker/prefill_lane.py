@@ -38,7 +38,14 @@ a p99 of 40-43 ms whatever the split, paced 28.0 ms (benchmarks/results/README.m
 "Twenty-second session" to "Twenty-fourth session").
 
 torch keeps cuDNN's attention graphs per thread: `warm_up` runs on the lane thread before
-serving, so the lane never builds one mid-run (0.6-s stalls in the probe otherwise).
+serving, so the lane never builds one mid-run (0.6-s stalls in the probe otherwise). Every
+chunk has the same row count: the worker pads a shorter one (a prompt's last) to the lane's
+chunk size (`build_sub_batch(pad_to=)`), and `warm_up_stream` runs the model's linear shapes at
+that count on each split's stream. A chunk of a new row count costs the thread host time in
+the calls that meet it first (cuBLAS's choice and set-up of a kernel per shape, with the GIL
+held): a prompt's last, odd-sized chunk took ~120 ms more launching than the others, and two
+of the decodes' token gaps 45-50 ms as it started (benchmarks/results/README.md,
+"Twenty-eighth session").
 
 Memory: the sub-batch's tensors were allocated on the steps' stream; the Future holds them
 until the lane's kernels are done, so the allocator cannot hand them to the steps early.
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +66,8 @@ from typing import TypeVar
 
 import torch
 
+from mnemosyne.layers.linear import Linear
+from mnemosyne.wire.plan import LaneChunkTiming
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 from mnemosyne.worker.green_context import SmSplit, split_sms
 from mnemosyne.worker.mixed_graph import MixedGraphs
@@ -70,9 +80,15 @@ LANE_LAYERS_AHEAD = 2  # layers of a chunk launched ahead of the lane's device w
 
 class PrefillLane:
     def __init__(
-        self, device: torch.device, steps_sms_choices: Sequence[int], warm_up: Callable[[], None]
+        self,
+        device: torch.device,
+        steps_sms_choices: Sequence[int],
+        warm_up: Callable[[], None],
+        warm_up_stream: Callable[[], None] = lambda: None,
     ) -> None:
-        """`steps_sms_choices`: the SM counts a chunk may leave the steps (one split each)."""
+        """`steps_sms_choices`: the SM counts a chunk may leave the steps (one split each).
+        On the lane thread before serving: `warm_up` once, `warm_up_stream` on each split's
+        lane stream (module docstring)."""
         self.device = device
         self._splits: dict[int, SmSplit] = {}  # empty on CPU: the thread shares the cores
         self._steps: torch.cuda.Stream | None = None  # the stream of the steps' latest launch
@@ -90,9 +106,12 @@ class PrefillLane:
         self._in_flight: deque[tuple[Future, int]] = deque()
         self._layer_done: deque[torch.cuda.Event] = deque()  # the current chunk's latest layers (`pace`)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._paced_s = 0.0  # the current chunk's waits in `pace` (lane thread only)
         self._thread_id = 0  # the lane thread's (threading.get_ident), known after the warm-up
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-lane")
         self._thread.submit(self._on_lane, None, warm_up).result()  # cuDNN's graphs are per thread
+        for split in self._splits.values():  # (cuBLAS keeps a workspace per stream)
+            self._thread.submit(self._on_lane, split.rest, warm_up_stream).result()
 
     def pace(self, layers: Sequence[torch.nn.Module]) -> None:
         """Launch a chunk at most LANE_LAYERS_AHEAD of `layers` ahead of the device: before each
@@ -108,7 +127,9 @@ class PrefillLane:
         if threading.get_ident() != self._thread_id:
             return
         while len(self._layer_done) >= LANE_LAYERS_AHEAD:
+            t0 = time.perf_counter()
             self._layer_done.popleft().synchronize()  # (releases the GIL)
+            self._paced_s += time.perf_counter() - t0
         done_so_far = torch.cuda.Event()
         done_so_far.record()  # on the lane stream: the layers launched before this one
         self._layer_done.append(done_so_far)
@@ -152,11 +173,17 @@ class PrefillLane:
             self._steps = stream
         return torch.cuda.stream(stream)
 
-    def launch(self, forward: Callable[[], object], keep: object, result: T, steps_sms: int | None) -> Future[T]:
+    def launch(
+        self,
+        forward: Callable[[], object],
+        keep: object,
+        finish: Callable[[LaneChunkTiming], T],
+        steps_sms: int | None,
+    ) -> Future[T]:
         """Run `forward` on the lane, leaving the steps `steps_sms` SMs meanwhile (one of
         `steps_sms_choices`; None on CPU), after everything launched so far on the current
-        stream (the steps'); the Future gives `result` once its kernels are done. `keep`:
-        inputs to hold until then."""
+        stream (the steps'); the Future gives `finish(the chunk's timing)`, called on the lane
+        thread once its kernels are done. `keep`: inputs to hold until then."""
         ready: torch.cuda.Event | None = None
         stream: torch.cuda.Stream | None = None
         if self._splits:
@@ -165,7 +192,7 @@ class PrefillLane:
             stream = self._splits[steps_sms].rest
             ready = torch.cuda.Event()
             ready.record()
-        future = self._thread.submit(self._run, stream, forward, ready, keep, result)
+        future = self._thread.submit(self._run, stream, forward, ready, keep, finish)
         if stream is not None:
             self._in_flight.append((future, steps_sms))
         return future
@@ -176,19 +203,30 @@ class PrefillLane:
         forward: Callable[[], object],
         ready: torch.cuda.Event | None,
         keep: object,
-        result: T,
+        finish: Callable[[LaneChunkTiming], T],
     ) -> T:
+        t0 = time.perf_counter()
         if stream is None or ready is None:
             self._on_lane(None, forward)
-            return result
+            return finish(LaneChunkTiming(launch_s=time.perf_counter() - t0, paced_s=0.0, device_s=0.0))
+        allocator_before = _allocator_counts(self.device)
         stream.wait_event(ready)
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
         self._layer_done.clear()
+        self._paced_s = 0.0
         self._on_lane(stream, forward)
-        done = torch.cuda.Event()
+        launch_s = time.perf_counter() - t0
+        done = torch.cuda.Event(enable_timing=True)
         done.record(stream)
         done.synchronize()  # (releases the GIL); the next chunk launches only after this one ran
         del keep  # held until the kernels that read it are done
-        return result
+        allocs, frees, retries = (a - b for a, b in zip(_allocator_counts(self.device), allocator_before))
+        timing = LaneChunkTiming(
+            launch_s=launch_s, paced_s=self._paced_s, device_s=start.elapsed_time(done) / 1e3,
+            num_device_allocs=allocs, num_device_frees=frees, num_alloc_retries=retries,
+        )  # fmt: skip
+        return finish(timing)
 
     def _on_lane(self, stream: torch.cuda.Stream | None, fn: Callable[[], object]) -> None:
         self._thread_id = threading.get_ident()
@@ -203,3 +241,21 @@ class PrefillLane:
             graphs.close()
         self.decode_graphs.clear()
         self.mixed_graphs.clear()
+
+
+def _allocator_counts(device: torch.device) -> tuple[int, int, int]:
+    """(cudaMalloc calls, cudaFree calls, retried allocations) of torch's caching allocator
+    on `device` so far."""
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0), stats.get("num_alloc_retries", 0)
+
+
+def warm_up_linears(model: torch.nn.Module, num_rows: int) -> None:
+    """Run each distinct weight shape of `model`'s linear layers once at `num_rows` rows, on
+    the current thread and stream (`PrefillLane`'s `warm_up_stream`)."""
+    seen: set[tuple[int, ...]] = set()
+    for module in model.modules():
+        if isinstance(module, Linear) and tuple(module.weight.shape) not in seen:
+            seen.add(tuple(module.weight.shape))
+            x = torch.zeros(num_rows, module.weight.shape[1], dtype=module.weight.dtype, device=module.weight.device)
+            torch.nn.functional.linear(x, module.weight)

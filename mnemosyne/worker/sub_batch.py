@@ -44,9 +44,11 @@ class SubBatch:
 
 
 def build_sub_batch(
-    plan: StepPlan, mirror: BlockTableMirror, block_size: int, device: torch.device
+    plan: StepPlan, mirror: BlockTableMirror, block_size: int, device: torch.device, pad_to: int = 0
 ) -> SubBatch:
-    """Apply this group's block-table updates from `plan` and build its sub-batch."""
+    """Apply this group's block-table updates from `plan` and build its sub-batch. `pad_to`:
+    at least this many rows, the rows after the chunks' padding (token 0 at position 0, no
+    K/V write, in no sequence: row-wise ops keep them apart, attention never reads them)."""
     group = mirror.group
     chunks: list[ChunkPlan] = []
     owned: list[bool] = []
@@ -90,6 +92,10 @@ def build_sub_batch(
         block_runs.append(piece.run)
         if chunk.is_shared:
             shared_runs.append((row, shared_base, chunk.num_tokens))
+    num_padding = max(0, pad_to - len(token_ids))
+    token_ids.extend([0] * num_padding)
+    positions.extend([0] * num_padding)
+    slots.extend([-1] * num_padding)
     merge = None
     if num_shared:
         merge_slots = [merge_buffer_rows(num_shared) - 1] * len(token_ids)  # unshared rows: the trash slot

@@ -25,6 +25,7 @@ since the collective needs every group.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from concurrent.futures import Future
@@ -46,7 +47,7 @@ from mnemosyne.models.loader import load_model
 from mnemosyne.parallel.groups import ProcessGroups
 from mnemosyne.parallel.messages import SyntheticKVFilled
 from mnemosyne.sampling_params import SamplingParams
-from mnemosyne.wire.plan import StepPath, StepPlan, StepResult, StepTrace
+from mnemosyne.wire.plan import LaneChunkTiming, StepPath, StepPlan, StepResult, StepTrace
 from mnemosyne.worker.block_table import BlockTableMirror
 from mnemosyne.worker.cuda_graph import DecodeGraphs
 from mnemosyne.worker.decode_ahead import DecodeAheadTokens
@@ -54,7 +55,7 @@ from mnemosyne.worker.kv_caches import allocate_kv_caches
 from mnemosyne.worker.mixed_graph import MixedGraphs
 from mnemosyne.worker.pending_result import PendingResult
 from mnemosyne.worker.piecewise_graph import PiecewiseGraphs
-from mnemosyne.worker.prefill_lane import PrefillLane
+from mnemosyne.worker.prefill_lane import PrefillLane, warm_up_linears
 from mnemosyne.worker.sampling_warm_up import warm_up_sampling
 from mnemosyne.worker.stage_link import StageLink
 from mnemosyne.worker.sub_batch import SubBatch, build_sub_batch
@@ -115,11 +116,14 @@ class Worker:
         self.mixed = MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)
         self.lane: PrefillLane | None = None
+        self.lane_chunk_tokens = lane.chunk_tokens if lane is not None else 0
         if lane is not None:
             # torch keeps cuDNN's attention graphs per thread: the lane's thread builds its own
             shapes = backend.cudnn_shapes if isinstance(backend, KernelBackend) else None
             warm_up = (lambda: warm_up_cudnn(shapes, *self.kv_caches[0])) if shapes else (lambda: None)
-            self.lane = PrefillLane(device, lane.steps_sms_choices, warm_up)
+            self.lane = PrefillLane(
+                device, lane.steps_sms_choices, warm_up, lambda: warm_up_linears(self.model, lane.chunk_tokens)
+            )
             self.lane.pace(self.model.layers)
             # the steps' graphs once more per split, on its steps' SMs
             self.lane.add_step_graphs(
@@ -216,11 +220,15 @@ class Worker:
         assert not any(c.sample or c.is_decode_ahead for c in plan.chunks), "a lane chunk never samples"
         with self.steps_stream():
             self._apply_updates(plan)
-            batch = build_sub_batch(plan, self.mirror, self.block_size, self.device)
-            result = StepResult(plan.step_id)
-            result.trace = StepTrace(StepPath.EAGER)
+            # one row count for every chunk (a shorter one padded): worker/prefill_lane.py
+            batch = build_sub_batch(plan, self.mirror, self.block_size, self.device, pad_to=self.lane_chunk_tokens)
             forward = lambda: self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)  # noqa: E731
-            return self.lane.launch(forward, keep=batch, result=result, steps_sms=steps_sms)
+
+            def finish(timing: LaneChunkTiming) -> StepResult:
+                trace = step_trace(StepPath.EAGER, batch.meta.backend_plan)
+                return StepResult(plan.step_id, trace=dataclasses.replace(trace, lane=timing))
+
+            return self.lane.launch(forward, keep=batch, finish=finish, steps_sms=steps_sms)
 
     def _apply_updates(self, plan: StepPlan) -> None:
         """Forget finished requests, drop freed KV, remember new sampling params; feed the
