@@ -110,6 +110,13 @@ def test_a_chunk_takes_its_time_alone_over_its_share_of_the_sms_and_longer_besid
     assert lane.next_end_s == pytest.approx(end + second * slow)
     engine.now_s = 1e3
     assert lane.lane_result(0.0) is not None and lane.spans_s[1][0] == pytest.approx(end)
+    # a prompt's last, shorter chunk runs padded to the lane's 4096 rows: its row-wise work is
+    # that of 4096 rows, its attention that of its own 663
+    last = StepPlan(step_id=1, chunks=(ChunkPlan("r", 88736, 663, False, (), (), 0, ()),))
+    time_of = lambda c, p: lane.model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(c, p)))  # noqa: E731
+    padded = time_of(663, 88736) + time_of(4096, 0) - time_of(663, 0)
+    assert lane.work_s(last, 16) == pytest.approx(padded * 132 / 116 * LANE_CHUNK_IDLE)
+    assert time_of(663, 88736) < padded < time_of(4096, 88736)
 
 
 def test_simulating_the_lane_needs_a_gpu_with_sms(model_8b, tmp_path, capsys):

@@ -167,7 +167,7 @@ class SimulatedEngine:
                 )
             assert self.policies.beside_lane is not None  # made with every lane
             self.virtual_lane = VirtualLane(
-                latency_model, num_sms, lane.steps_sms_choices, lambda: self.now_s
+                latency_model, num_sms, lane.steps_sms_choices, lambda: self.now_s, lane.chunk_tokens
             )
             self.lane = LaneDriver(
                 self.scheduler, PlanBuilder(self.scheduler, self.kv_manager), self.virtual_lane,

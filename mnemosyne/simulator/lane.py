@@ -4,7 +4,9 @@ modelled time instead of running.
 
     a chunk of c tokens after P keys, submitted at t, leaving the steps S of N SMs:
         work   = alone x N / (N - S) x LANE_CHUNK_IDLE       (seconds with the steps idle)
-        alone  = the latency model's time of the chunk by itself on the whole device
+        alone  = the latency model's time of the chunk by itself on the whole device, plus
+                 for a chunk shorter than the lane's T rows (the worker pads it to T,
+                 worker/prefill_lane.py) the padding rows: time(T after 0) - time(c after 0)
         start  = max(t, the previous chunk's end)           (one lane: chunks run in order)
         end    = when the work is done: it progresses 1 s a second while no step runs, and
                  LANE_CHUNK_IDLE / LANE_CHUNK_BUSY s a second while one does (`note_step`)
@@ -57,12 +59,15 @@ class VirtualLane:
         num_sms: int,
         steps_sms_choices: tuple[int, ...],
         clock: Callable[[], float],
+        chunk_tokens: int = 0,
     ) -> None:
+        """`chunk_tokens`: the rows every lane chunk runs with (a shorter one is padded)."""
         if not steps_sms_choices or max(steps_sms_choices) >= num_sms:
             raise ValueError(f"lane splits {steps_sms_choices} need fewer SMs than the device's {num_sms}")
         self.model = model
         self.clock = clock
         self._choices = steps_sms_choices
+        self._chunk_tokens = chunk_tokens
         self._num_sms = num_sms
         self._chunks: deque[_Chunk] = deque()  # in flight, oldest first
         self._origin_s = 0.0  # when the latest chunk done ended (the next cannot start before)
@@ -89,6 +94,11 @@ class VirtualLane:
         for chunk in plan.chunks:
             load = load.plus_chunk(chunk.num_tokens, chunk.start)
         alone_s = self.model.step_time_s(StepComposition.single(load))
+        num_rows = sum(chunk.num_tokens for chunk in plan.chunks)
+        if num_rows < self._chunk_tokens:  # the padding rows: row-wise work, no attention of their own
+            padded = self.model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(self._chunk_tokens, 0)))
+            unpadded = self.model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(num_rows, 0)))
+            alone_s += max(0.0, padded - unpadded)
         return alone_s * self._num_sms / (self._num_sms - steps_sms) * LANE_CHUNK_IDLE
 
     def note_step(self, start_s: float, end_s: float) -> None:

@@ -41,4 +41,5 @@ MNEMOSYNE_TEST_DEVICE=cuda timeout 150 python -m pytest -q tests/test_prefill_la
 
 # CPU, after the runs
 R=benchmarks/results/session28_h200_2026-12-03
+for x in a d; do python -m benchmarks.simulate_mixed --measured $R/$x/mixed_long_short_8b_lane.json --profile $P8B --out $R/simulated/${x}_mixed_long_short_8b_lane.json; done
 for x in a d; do python -m benchmarks.step_log_report $R/$x/mixed_8b_lane_steps.jsonl.gz --out $R/$x/step_log_report.json; done
