@@ -43,3 +43,8 @@ MNEMOSYNE_TEST_DEVICE=cuda timeout 150 python -m pytest -q tests/test_prefill_la
 R=benchmarks/results/session28_h200_2026-12-03
 for x in a d; do python -m benchmarks.simulate_mixed --measured $R/$x/mixed_long_short_8b_lane.json --profile $P8B --out $R/simulated/${x}_mixed_long_short_8b_lane.json; done
 for x in a d; do python -m benchmarks.step_log_report $R/$x/mixed_8b_lane_steps.jsonl.gz --out $R/$x/step_log_report.json; done
+
+# e/: the mixed-step graph and no-recompile GPU tests on 73755e1 (the last session's call ran out of time in them)
+source .dev_lead/prelude.sh
+E=$OUT/e; mkdir -p $E
+MNEMOSYNE_TEST_DEVICE=cuda timeout 230 python -m pytest -q tests/test_mixed_graph.py tests/test_no_recompile.py -p no:cacheprovider > $E/gpu_tests_mixed_graph.log 2>&1
