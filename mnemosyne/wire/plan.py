@@ -110,7 +110,7 @@ class LaneChunkTiming:
 
     launch_s: float  # the lane thread, from starting the chunk's launch to its last launch
     paced_s: float  # of which waiting (the GIL released) for the chunk's earlier layers (`pace`)
-    device_s: float  # the lane stream, from the steps' work the chunk waited for to its end
+    device_s: float  # the lane stream, from when it could start the chunk (the work it waited for done) to its end
     num_device_allocs: int = 0  # cudaMalloc calls of torch's caching allocator
     num_device_frees: int = 0  # cudaFree calls (each synchronizes the device)
     num_alloc_retries: int = 0  # allocations that freed the cache and tried again

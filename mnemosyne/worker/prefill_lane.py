@@ -43,9 +43,10 @@ chunk has the same row count: the worker pads a shorter one (a prompt's last) to
 chunk size (`build_sub_batch(pad_to=)`), and `warm_up_stream` runs the model's linear shapes at
 that count on each split's stream. A chunk of a new row count costs the thread host time in
 the calls that meet it first (cuBLAS's choice and set-up of a kernel per shape, with the GIL
-held): a prompt's last, odd-sized chunk took ~120 ms more launching than the others, and two
-of the decodes' token gaps 45-50 ms as it started (benchmarks/results/README.md,
-"Twenty-eighth session").
+held; 2-4 ms a shape on the engine's thread, 19-28 ms on this one, why is not known): a
+prompt's last, odd-sized chunk took ~120 ms more launching than the others, and two of the
+decodes' token gaps 45-50 ms as it started (benchmarks/results/README.md, "Twenty-eighth
+session").
 
 Memory: the sub-batch's tensors were allocated on the steps' stream; the Future holds them
 until the lane's kernels are done, so the allocator cannot hand them to the steps early.
