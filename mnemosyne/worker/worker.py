@@ -116,7 +116,6 @@ class Worker:
         self.mixed = MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.piecewise = PiecewiseGraphs.create(config, self.model, device, pool)
         self.lane: PrefillLane | None = None
-        self.lane_chunk_tokens = lane.chunk_tokens if lane is not None else 0
         if lane is not None:
             # torch keeps cuDNN's attention graphs per thread: the lane's thread builds its own
             shapes = backend.cudnn_shapes if isinstance(backend, KernelBackend) else None
@@ -216,12 +215,13 @@ class Worker:
         on the lane (worker/prefill_lane.py), leaving the steps `steps_sms` SMs meanwhile (None
         on CPU). Its updates are applied here, in plan order with the steps' plans, and its
         inputs built on the steps' stream; the Future's result comes when its kernels are done."""
-        assert self.lane is not None and self.pg.world.size == 1
+        lane = self.config.scheduler.prefill_lane
+        assert self.lane is not None and lane is not None and self.pg.world.size == 1
         assert not any(c.sample or c.is_decode_ahead for c in plan.chunks), "a lane chunk never samples"
         with self.steps_stream():
             self._apply_updates(plan)
             # one row count for every chunk (a shorter one padded): worker/prefill_lane.py
-            batch = build_sub_batch(plan, self.mirror, self.block_size, self.device, pad_to=self.lane_chunk_tokens)
+            batch = build_sub_batch(plan, self.mirror, self.block_size, self.device, pad_to=lane.chunk_tokens)
             forward = lambda: self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)  # noqa: E731
 
             def finish(timing: LaneChunkTiming) -> StepResult:
