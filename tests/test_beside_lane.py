@@ -14,6 +14,7 @@ from mnemosyne.latency.beside_lane import (
     LANE_STEP_HEADROOM,
     SCALE_WEIGHT,
     BesideLaneLatencyModel,
+    lane_chunk_alone_s,
 )
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 
@@ -90,3 +91,13 @@ def test_fewest_sms_that_fit_the_target_or_the_hold():
     # 38: 40 ms even on every SM: the most SMs
     assert m.fewest_sms(decodes(38, 1000), num_sms, choices, target) == 32
     assert m.fewest_sms(decodes(0, 0), num_sms, choices, target) == 16  # no decode: no gap to keep
+
+
+def test_a_short_lane_chunk_is_timed_with_its_padding_rows():
+    """The worker pads a prompt's last, shorter lane chunk to the lane's rows: the engine's step
+    log and the simulator time it as its own attention plus the padding rows' row-wise work."""
+    base = KeysModel()  # 2 ms + 0.1 ms per chunk token
+    short = StepComposition.single(GroupLoad().plus_chunk(100, 500))
+    assert lane_chunk_alone_s(base, short, 160) == pytest.approx(12 * MS + 6 * MS)  # + 60 rows' 0.1 ms
+    assert lane_chunk_alone_s(base, short, 100) == pytest.approx(12 * MS)  # a whole chunk: no padding
+    assert lane_chunk_alone_s(base, short, 0) == pytest.approx(12 * MS)  # no lane size: as scheduled

@@ -31,6 +31,7 @@ from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.errors import InvalidRequestError
 from mnemosyne.executor import Executor, make_executor
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.beside_lane import lane_chunk_alone_s
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.models.generation_config import load_generation_defaults
 from mnemosyne.outputs import EngineStats, RequestOutput, RequestTiming, StepStats
@@ -114,10 +115,12 @@ class LLMEngine:
 
             assert isinstance(self.executor, UniProcExecutor)  # one device (EngineConfig checks)
             assert self.policies.beside_lane is not None  # made with every lane
+            chunk_tokens = config.scheduler.prefill_lane.chunk_tokens
             self.lane = LaneDriver(
                 self.scheduler, self.planner, self.executor, self._process,
-                lambda sched: self.predict_step(sched)[1], self.step_log,
-                self.policies.beside_lane, config.policy.tbt_slo_s,
+                lambda sched: lane_chunk_alone_s(
+                    self.policies.latency_model, self.predict_step(sched)[0], chunk_tokens
+                ), self.step_log, self.policies.beside_lane, config.policy.tbt_slo_s,
             )  # fmt: skip
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._busy_since_result = False  # a result arrived and the engine has not idled since

@@ -86,7 +86,8 @@ class LaneDriver:
         target_s: float,
     ) -> None:
         """`process`: the engine's output processing of a result; `predict_s`: the latency
-        model's prediction of a chunk alone (for the step log); `beside`: the steps' model
+        model's prediction of a chunk alone, its padding rows included (for the step log,
+        `beside_lane.lane_chunk_alone_s`); `beside`: the steps' model
         while a chunk runs; `target_s`: the TBT target the steps beside a chunk must fit."""
         self.scheduler = scheduler
         self.planner = planner

@@ -157,3 +157,18 @@ class BesideLaneLatencyModel:
             if self.confined_s(decodes, steps_sms / num_sms) <= bound_s:
                 return steps_sms
         return None if self.base.step_time_s(decodes) <= bound_s else max(choices)
+
+
+def lane_chunk_alone_s(model: LatencyModel, composition: StepComposition, chunk_tokens: int) -> float:
+    """A prefill lane chunk's predicted seconds by itself on every SM of its one device: its
+    composition's time, plus for one of fewer rows than the lane's `chunk_tokens` (the worker
+    pads it to them, worker/prefill_lane.py) the padding rows' row-wise work, time(T rows
+    after no key) - time(its rows after no key): they attend to nothing of their own.
+    The engine's step log and the simulator's virtual lane both time lane chunks by it."""
+    alone_s = model.step_time_s(composition)
+    (g,) = composition.groups
+    if g.num_tokens < chunk_tokens:
+        padded_s = model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(chunk_tokens, 0)))
+        unpadded_s = model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(g.num_tokens, 0)))
+        alone_s += max(0.0, padded_s - unpadded_s)
+    return alone_s

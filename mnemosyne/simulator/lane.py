@@ -4,9 +4,9 @@ modelled time instead of running.
 
     a chunk of c tokens after P keys, submitted at t, leaving the steps S of N SMs:
         work   = alone x N / (N - S) x LANE_CHUNK_IDLE       (seconds with the steps idle)
-        alone  = the latency model's time of the chunk by itself on the whole device, plus
-                 for a chunk shorter than the lane's T rows (the worker pads it to T,
-                 worker/prefill_lane.py) the padding rows: time(T after 0) - time(c after 0)
+        alone  = the latency model's time of the chunk by itself on the whole device, its
+                 padding rows included (`beside_lane.lane_chunk_alone_s`, as the engine's
+                 step log times it)
         start  = max(t, the previous chunk's end)           (one lane: chunks run in order)
         end    = when the work is done: it progresses 1 s a second while no step runs, and
                  LANE_CHUNK_IDLE / LANE_CHUNK_BUSY s a second while one does (`note_step`)
@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mnemosyne.latency.beside_lane import lane_chunk_alone_s
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.wire.plan import StepPlan, StepResult
@@ -93,12 +94,7 @@ class VirtualLane:
         load = GroupLoad()
         for chunk in plan.chunks:
             load = load.plus_chunk(chunk.num_tokens, chunk.start)
-        alone_s = self.model.step_time_s(StepComposition.single(load))
-        num_rows = sum(chunk.num_tokens for chunk in plan.chunks)
-        if num_rows < self._chunk_tokens:  # the padding rows: row-wise work, no attention of their own
-            padded = self.model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(self._chunk_tokens, 0)))
-            unpadded = self.model.step_time_s(StepComposition.single(GroupLoad().plus_chunk(num_rows, 0)))
-            alone_s += max(0.0, padded - unpadded)
+        alone_s = lane_chunk_alone_s(self.model, StepComposition.single(load), self._chunk_tokens)
         return alone_s * self._num_sms / (self._num_sms - steps_sms) * LANE_CHUNK_IDLE
 
     def note_step(self, start_s: float, end_s: float) -> None:
