@@ -10,10 +10,12 @@ from test_prefill_lane import MS, KeysModel, decodes, keys_compute_s
 from mnemosyne.latency.beside_lane import (
     E_CHUNKS,
     E_KEYS,
+    E_KEYS_BOXES,
     E_WEIGHTS,
     LANE_STEP_HEADROOM,
     SCALE_WEIGHT,
     BesideLaneLatencyModel,
+    confined_keys_rate,
     lane_chunk_alone_s,
 )
 from mnemosyne.latency.composition import GroupLoad, StepComposition
@@ -101,3 +103,13 @@ def test_a_short_lane_chunk_is_timed_with_its_padding_rows():
     assert lane_chunk_alone_s(base, short, 160) == pytest.approx(12 * MS + 6 * MS)  # + 60 rows' 0.1 ms
     assert lane_chunk_alone_s(base, short, 100) == pytest.approx(12 * MS)  # a whole chunk: no padding
     assert lane_chunk_alone_s(base, short, 0) == pytest.approx(12 * MS)  # no lane size: as scheduled
+
+
+def test_the_keys_rate_follows_the_decode_launch_on_a_split():
+    """TMA boxes (16-bit, head dim over 64 a power of two, pages of whole 64-key boxes) read
+    the keys faster per confined SM than pointer gathers (decode_launch.launch_options)."""
+    assert confined_keys_rate(128, 2, 64) == confined_keys_rate(128, 2, 256) == E_KEYS_BOXES > E_KEYS
+    assert confined_keys_rate(64, 2, 64) == E_KEYS  # head dim 64: its own launch
+    assert confined_keys_rate(128, 4, 64) == E_KEYS  # float32
+    assert confined_keys_rate(128, 2, 16) == E_KEYS  # pages smaller than a box
+    assert confined_keys_rate(96, 2, 64) == E_KEYS  # no box of a head dim of 96

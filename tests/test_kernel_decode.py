@@ -6,6 +6,7 @@ must be set before the kernel modules are imported); with CUDA the same tests ru
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -14,13 +15,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mnemosyne.kernels.decode_attention import (  # noqa: E402
+from mnemosyne.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items  # noqa: E402
+from mnemosyne.kernels.decode_launch import (  # noqa: E402
     LAUNCH_16BIT,
     LAUNCH_16BIT_CONFINED,
+    LAUNCH_16BIT_CONFINED_POINTERS,
     launch_options,
-    paged_decode_attention,
 )
-from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items  # noqa: E402
+from mnemosyne.kernels.host_math import confined_decode_boxes  # noqa: E402
 from mnemosyne.kernels.kv_write import write_kv_cache  # noqa: E402
 from mnemosyne.layers.attention import AttentionMetadata, TorchReferenceBackend  # noqa: E402
 
@@ -149,21 +152,47 @@ def test_decode_matches_reference(dtype, group, head_dim, block_size, split_budg
     )
 
 
-def test_decode_confined_launch_matches_reference():
-    """The launch options of the steps' graphs on a lane split's few SMs (64-key tiles over
-    64-key pages, 33 items): exact as the default ones; fp32 and head dim 64 keep theirs."""
-    assert launch_options(128, torch.bfloat16, confined=True) == LAUNCH_16BIT_CONFINED != LAUNCH_16BIT
-    assert launch_options(64, torch.bfloat16, confined=True) == launch_options(64, torch.bfloat16)
-    assert launch_options(128, torch.float32, confined=True) == launch_options(128, torch.float32)
-    specs = decode_specs(64, None) + [(1, n - 1, 0, n) for n in (129, 700)]
-    query, k_cache, v_cache, meta = make_batch(specs, 64, 8, 2, 128, torch.bfloat16, seed=3)
+def test_decode_confined_launch_options():
+    """A lane split's few SMs: TMA boxes of one warp where the pages take 64-key boxes, else
+    pointer gathers of 4 warps; fp32, head dim 64 and every SM keep their options."""
+    dev = torch.device(device)
+    assert launch_options(128, torch.bfloat16, True, 64, dev) == LAUNCH_16BIT_CONFINED
+    assert LAUNCH_16BIT_CONFINED.use_tma and not LAUNCH_16BIT.use_tma
+    assert launch_options(128, torch.bfloat16, True, 128, dev) == LAUNCH_16BIT_CONFINED
+    assert launch_options(128, torch.bfloat16, True, 16, dev) == LAUNCH_16BIT_CONFINED_POINTERS
+    assert launch_options(128, torch.bfloat16, True) == LAUNCH_16BIT_CONFINED_POINTERS
+    assert launch_options(96, torch.bfloat16, True, 64, dev) == LAUNCH_16BIT_CONFINED_POINTERS  # no box of 96
+    assert launch_options(128, torch.bfloat16, False, 64, dev) == LAUNCH_16BIT
+    assert launch_options(64, torch.bfloat16, True, 64, dev) == launch_options(64, torch.bfloat16)
+    assert launch_options(128, torch.float32, True, 64, dev) == launch_options(128, torch.float32)
+    for head_dim, dtype, block_size in itertools.product((64, 96, 128, 256), (torch.bfloat16, torch.float32), (16, 64)):
+        boxes = confined_decode_boxes(head_dim, dtype.itemsize, block_size)  # what the steps' model assumes
+        assert launch_options(head_dim, dtype, True, block_size, dev).use_tma == boxes
+
+
+@pytest.mark.parametrize("launch", [LAUNCH_16BIT_CONFINED, LAUNCH_16BIT_CONFINED_POINTERS])
+@pytest.mark.parametrize("block_size,split_budget,window", [(64, 33, None), (128, 5, None), (64, 1, 100)])
+def test_decode_confined_launch_matches_reference(launch, block_size, split_budget, window):
+    """The steps' decode launch on a lane split: exact as the default one, over pages of 64 and
+    128 slots (TMA boxes inside a page; slots past a sequence's keys hold NaN), KVP pieces
+    (kv_start > 0), empty ranges, one or many items per sequence and a sliding window."""
+    specs = decode_specs(block_size, window) + [(1, n - 1, 0, n) for n in (129, 700)]
+    specs.append((1, 1000 + 300 - 1, 1000, 300))  # a KVP piece of 300 keys after 1000
+    query, k_cache, v_cache, meta = make_batch(specs, block_size, 8, 2, 128, torch.bfloat16, seed=3)
     seq_ids = list(range(len(specs)))
-    block_n, num_warps, num_stages = LAUNCH_16BIT_CONFINED
     out, lse = run_decode(
-        query, k_cache, v_cache, meta, seq_ids, 128**-0.5, None, 33,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        query, k_cache, v_cache, meta, seq_ids, 128**-0.5, window, split_budget,
+        block_n=launch.block_n, num_warps=launch.num_warps, num_stages=launch.num_stages, use_tma=launch.use_tma,
     )  # fmt: skip
-    check(out, lse, query, k_cache, v_cache, meta, seq_ids, 128**-0.5, None, 2e-2)
+    check(out, lse, query, k_cache, v_cache, meta, seq_ids, 128**-0.5, window, 2e-2)
+
+
+def test_decode_tma_boxes_need_whole_page_runs():
+    """TMA boxes that would cross a page (block_n not dividing block_size) are refused."""
+    specs = [(1, 99, 0, 100)]
+    query, k_cache, v_cache, meta = make_batch(specs, 48, 8, 2, 128, torch.bfloat16, seed=5)
+    with pytest.raises(ValueError, match="TMA K/V boxes"):
+        run_decode(query, k_cache, v_cache, meta, [0], 0.1, None, 1, block_n=32, use_tma=True)
 
 
 @pytest.mark.parametrize("split_budget", [1, 3, 40])

@@ -10,12 +10,12 @@ options are tuned for the whole GPU, where bandwidth, not bytes in flight per SM
 it; on 16 SMs each SM must keep ~8x its whole-GPU share in flight.
 
     python -m benchmarks.probes.confined_decode --out OUT.json [--sms 16,24] [--decodes 32] \
-        [--keys 1024,3072] [--configs 128:8:2,128:8:3,64:4:3,64:4:4,...]
+        [--keys 1024,3072] [--configs 128:8:2,128:8:3,64:4:3,64:1:3:tma,...]
 
 Per (SMs, keys, config, split budget): one layer's decode attention, replayed in a CUDA
 graph captured on the confined stream (as the engine's per-split graphs), median time, and
-the K/V bytes over it (GB/s per SM). With --tma-configs, the same decodes as one-token
-chunks of the page-aligned chunk kernel (`chunk_tma_attention`: K/V pages by TMA boxes,
+the K/V bytes over it (GB/s per SM); a config ending in `:tma` loads its tiles as TMA boxes.
+With --tma-configs, the same decodes as one-token chunks of the page-aligned chunk kernel (`chunk_tma_attention`: K/V pages by TMA boxes,
 block_q 1 so each program's M tile is the G query heads of one KV head), per (block_n,
 warps, stages) and split count (--tma-splits). Needs a GPU and cuda-bindings.
 """
@@ -98,7 +98,8 @@ def main() -> None:
             whole = choose_split_budget(NUM_KV_HEADS, num_sms_device, head_dim=HEAD_DIM)
             budgets = {"auto": auto, "x2": 2 * auto, "x4": 4 * auto, "whole": whole}
             for cfg in ns.configs.split(","):
-                block_n, warps, stages = (int(x) for x in cfg.split(":"))
+                block_n, warps, stages = (int(x) for x in cfg.split(":")[:3])
+                use_tma = cfg.endswith(":tma")
                 for name in ns.budgets.split(",") + (["whole"] if sms else []):
                     budget = budgets[name]
                     items = decode_workspace_items(n, budget)
@@ -106,7 +107,7 @@ def main() -> None:
 
                     run = functools.partial(
                         paged_decode_attention, query, k_cache, v_cache, qsl, q_pos, kv_start, kv_lens, block_tables,
-                        seq_ids, out, lse, HEAD_DIM**-0.5, None, budget, block_n, warps, stages, ws,
+                        seq_ids, out, lse, HEAD_DIM**-0.5, None, budget, block_n, warps, stages, use_tma, ws,
                     )  # fmt: skip
                     try:
                         ms = graph_ms(stream, run)

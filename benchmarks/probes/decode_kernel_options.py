@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne.kernels.decode_attention import launch_options, paged_decode_attention
+from mnemosyne.kernels.decode_attention import paged_decode_attention
 from mnemosyne.kernels.decode_items import choose_split_budget, decode_workspace_items, default_waves
+from mnemosyne.kernels.decode_launch import launch_options
 from mnemosyne.layers.attention.metadata import AttentionMetadata
 
 COPY_BYTES_PER_S = 4.2e12

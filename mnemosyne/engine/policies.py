@@ -24,7 +24,7 @@ from mnemosyne.engine.prefill_time import PrefillTimeTable
 from mnemosyne.engine.priority import FCFSPriority, LARSPriority, PriorityPolicy
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
-from mnemosyne.latency.beside_lane import BesideLaneLatencyModel
+from mnemosyne.latency.beside_lane import BesideLaneLatencyModel, confined_keys_rate
 from mnemosyne.latency.calibration import CalibratedLatencyModel, CalibrationConfig, OnlineCalibration
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.profile_store import ProfileKey, find_cached_profile, load_profile
@@ -155,6 +155,7 @@ def make_policies(
             model,
             weights_read_s(shape, tp, spec),
             functools.partial(compute_s, shape, tp, spec),
+            keys_rate=confined_keys_rate(shape.head_dim, shape.dtype_bytes, config.cache.block_size),
         )
     if pc.chunk_policy is ChunkPolicyKind.ADAPTIVE:
         chunk_policy = AdaptiveChunkPolicy(

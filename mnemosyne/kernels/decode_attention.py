@@ -17,6 +17,13 @@ items (`mnemosyne.layers.attention.merge`): m = max_k lse_k, w_k = exp(lse_k - m
 out = sum w_k out_k / sum w_k, lse = m + log(sum w_k); all items -inf -> out 0, lse -inf.
 With S == 1 every sequence is one item: phase 2 is not launched.
 
+K/V tiles are gathered by pointers from each key's page, or (`use_tma`: every tile one run of
+BLOCK_N slots inside one page, BLOCK_N dividing block_size) loaded as TMA boxes of the 2-D
+cache view [num_blocks * block_size, num_kv_heads * head_dim] at (page * block_size + start %
+block_size, kv_head * head_dim): tile starts are multiples of BLOCK_N (`decode_items`), so a
+tile never crosses a page. A box also reads the page's slots outside [lo, hi); their scores
+are masked and their V rows zeroed (unused slots may hold NaN).
+
 Under TRITON_INTERPRET (CPU tests) the tile loop is a while loop (the interpreter cannot
 take tensor bounds in range() with numpy 2) and the dot operands are upcast to fp32 (its
 tl.dot multiplies the raw bits of bf16); the GPU path keeps a pipelined for loop.
@@ -27,31 +34,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mnemosyne.kernels.decode_items import decode_workspace_items, seq_block, visible_span, work_items
+from mnemosyne.kernels.decode_launch import fits_boxes, launch_options
+from mnemosyne.kernels.decode_tiles import attend_range
 from mnemosyne.kernels.host_math import next_power_of_2
 from mnemosyne.kernels.merge_attn import merge_row_splits
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
-# Launch options (block_n, num_warps, num_stages) of phase 1 by input, H200-tuned:
-# - 16-bit, head dim > 64: within 2% of the best of 96 configurations for 1x128K, 1x1M and
-#   8x128K keys, 32/8 heads (benchmarks/results/probes/decode_tuning_h200_2026-11-21.json;
-#   the waves are `decode_items.DEFAULT_WAVES`).
-# - 16-bit, head dim <= 64: 128-key tiles of 4 warps (2 stages: 64 KB of shared memory; 3
-#   measured the same). 1x1M keys, 32/8 heads of 64 (Llama-3.2-1B), in CUDA graphs: 576 ->
-#   514 us a layer against 64-key tiles (bytes floor 511 us); 1M + 16x1K keys 643 -> 579 us
-#   (benchmarks/results/session17_h200x2_2026-11-30/c/).
-# - fp32: 64-key tiles (register pressure), 8 warps.
-# - 16-bit, head dim > 64, on a few SMs (the steps' green context beside a prefill lane chunk,
-#   `KernelPlan.decode_confined`): 64-key tiles of 4 warps, 3 stages. There each SM must keep
-#   several times its whole-GPU share of bytes in flight; 32 decodes of 1K / 3K keys on 16
-#   SMs: 232 -> 196 / 614 -> 531 us a layer (41 -> 47 GB/s per SM), 24 SMs 444 -> 380 us;
-#   on every SM the same as the above (benchmarks/results/session26_h200_2026-12-02/d/).
-LAUNCH_16BIT = (128, 8, 2)
-LAUNCH_16BIT_CONFINED = (64, 4, 3)
-LAUNCH_16BIT_SMALL_HEAD = (128, 4, 2)
-LAUNCH_FP32 = (64, 8, 2)
+
+
 # Phase 2: (heads per program, items per step of its loop). A batch of a few sequences gives
 # each many items (one 131K-key decode at head dim 128: 33), which 2-head programs read in
 # 5 dependent steps of 8 (9.2 us a layer); one head per program and 32 items per step read
@@ -64,53 +58,14 @@ MAX_FEW_DECODES = 4
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
-@triton.jit
-def _attend_tile(
-    start, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, qk_scale,
-    stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d,
-    BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    """Online-softmax update of (m_i, l_i, acc) with the keys [start, start + BLOCK_N) inside [lo, s_hi)."""
-    idx = start + offs_n  # [BLOCK_N] local key indices
-    mask_n = (idx >= lo) & (idx < s_hi)
-    page = tl.load(bt_row + idx // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    in_page = idx % BLOCK_SIZE
-    mask_kv = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(
-        k_head + (page * stride_kb + in_page * stride_ks)[:, None] + offs_d[None, :],
-        mask=mask_kv,
-        other=0.0,
-    )  # [BLOCK_N, BLOCK_D]
-    if UPCAST:  # the interpreter's tl.dot multiplies the raw bits of bf16
-        k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N], log2 units
-    # Every tile holds >= 1 visible key, so m_new is finite.
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_head + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
-        mask=mask_kv,
-        other=0.0,
-    )  # [BLOCK_N, BLOCK_D]
-    p = p.to(v.dtype)  # the precision of the P @ V MMA (fp32 for fp32 inputs)
-    if UPCAST:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    pv = tl.dot(p, v, input_precision=PRECISION)
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
-
-
 # The decode count, the block table's width and the workspace strides (its rows follow the
 # decode count) change from step to step (tests/test_no_recompile.py).
 @triton.jit(do_not_specialize=[
     "num_decode", "stride_bt", "stride_or", "stride_oh", "stride_lr", "stride_lh", "stride_out_t", "stride_lse_t",
 ])  # fmt: skip
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, seq_ids_ptr,
+    q_ptr, k_src, v_src,  # the caches, or (USE_TMA) TMA descriptors of their 2-D views
+    qsl_ptr, qpos_ptr, kv_start_ptr, kv_lens_ptr, bt_ptr, seq_ids_ptr,
     o_ptr, l_ptr,  # the workspace (unused when DIRECT: every sequence is one item)
     out_ptr, lse_ptr,  # out / lse: a sequence of one item is written here directly
     qk_scale, window, num_decode, split_budget,
@@ -124,6 +79,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BLOCK: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     item = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -185,24 +141,39 @@ def _decode_split_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         bt_row = bt_ptr + seq * stride_bt
-        k_head = k_ptr + kvh * stride_kh
-        v_head = v_ptr + kvh * stride_vh
-        if INTERPRET:  # the interpreter (numpy 2) cannot take tensor bounds in range()
-            start = s_lo
-            while start < s_hi:
-                m_i, l_i, acc = _attend_tile(
-                    start, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, qk_scale,
-                    stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d, BLOCK_SIZE, PRECISION,
-                    INTERPRET,
-                )  # fmt: skip
-                start += BLOCK_N
+        if USE_TMA:  # this head's columns of the descriptors' 2-D views
+            k_head = k_src
+            v_head = v_src
         else:
-            for start in range(s_lo, s_hi, BLOCK_N):
-                m_i, l_i, acc = _attend_tile(
-                    start, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, qk_scale,
-                    stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d, BLOCK_SIZE, PRECISION,
-                    INTERPRET,
-                )  # fmt: skip
+            k_head = k_src + kvh * stride_kh
+            v_head = v_src + kvh * stride_vh
+        col0 = kvh * HEAD_DIM
+        if USE_TMA:
+            # A box needs no mask inside [lo, s_hi): [s_lo, a) the head tile (keys before lo),
+            # [a, b) whole tiles, [b, s_hi) the tail tile; at most one tile each end.
+            a = tl.where(s_lo < lo, tl.minimum(s_lo + BLOCK_N, s_hi), s_lo)
+            b = tl.maximum(a, s_hi - s_hi % BLOCK_N)
+            m_i, l_i, acc = attend_range(
+                s_lo, a, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, col0, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d,
+                BLOCK_N, BLOCK_SIZE, PRECISION, INTERPRET, USE_TMA, True,
+            )  # fmt: skip
+            m_i, l_i, acc = attend_range(
+                a, b, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, col0, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d,
+                BLOCK_N, BLOCK_SIZE, PRECISION, INTERPRET, USE_TMA, False,
+            )  # fmt: skip
+            m_i, l_i, acc = attend_range(
+                b, s_hi, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, col0, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d,
+                BLOCK_N, BLOCK_SIZE, PRECISION, INTERPRET, USE_TMA, True,
+            )  # fmt: skip
+        else:  # pointer gathers: every tile masked
+            m_i, l_i, acc = attend_range(
+                s_lo, s_hi, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, col0, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d,
+                BLOCK_N, BLOCK_SIZE, PRECISION, INTERPRET, USE_TMA, True,
+            )  # fmt: skip
 
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -265,16 +236,6 @@ def _decode_reduce_kernel(
         tl.store(l_ptr + row * stride_lt + heads * stride_lh, lse, mask=mask_h)
 
 
-def launch_options(head_dim: int, dtype: torch.dtype, confined: bool = False) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of phase 1 for these inputs (the constants above);
-    `confined`: the kernel runs on a few of the device's SMs."""
-    if dtype == torch.float32:
-        return LAUNCH_FP32
-    if head_dim <= 64:
-        return LAUNCH_16BIT_SMALL_HEAD
-    return LAUNCH_16BIT_CONFINED if confined else LAUNCH_16BIT
-
-
 def paged_decode_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -293,9 +254,11 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    use_tma: bool = False,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Split-KV decode attention over ~`split_budget` balanced work items (the docstring);
+    `use_tma`: K/V tiles as TMA boxes (`fits_boxes` must hold, the caches contiguous);
     `workspace` = (partial out [num_heads, max_items, head_dim] fp32, partial lse
     [num_heads, max_items] fp32), max_items = `decode_workspace_items`, allocated here when
     None (unused when split_budget == 1). Launch only: no host sync, capturable in a CUDA
@@ -316,6 +279,13 @@ def paged_decode_attention(
     for t in (query, k_cache, v_cache, out):
         if t.stride(-1) != 1:
             raise ValueError("the last dim of query / caches / out must be contiguous")
+    if use_tma and not (
+        fits_boxes(block_size, block_n, head_dim, query.device) and k_cache.is_contiguous() and v_cache.is_contiguous()
+    ):
+        raise ValueError(
+            f"TMA K/V boxes need contiguous caches, block_n {block_n} dividing block_size {block_size}, a "
+            f"power-of-two head_dim (got {head_dim}) and sm_90+"
+        )
     if num_decode == 0:
         return
     num_heads_per_kv = num_heads // num_kv_heads
@@ -343,8 +313,14 @@ def paged_decode_attention(
 
     has_window = sliding_window is not None
     lengths = (query_start_loc, q_pos_start, kv_start, kv_lens, block_tables, seq_ids)
+    k_src, v_src = k_cache, v_cache
+    if use_tma:  # [num_blocks * block_size, num_kv_heads * head_dim]: one row per slot
+        k_src, v_src = (
+            TensorDescriptor.from_tensor(c.view(-1, num_kv_heads * head_dim), [block_n, head_dim])
+            for c in (k_cache, v_cache)
+        )
     _decode_split_kernel[(max_items, num_kv_heads)](
-        query, k_cache, v_cache, *lengths,
+        query, k_src, v_src, *lengths,
         o_ws, l_ws, out, lse,
         scale * LOG2E, sliding_window or 0, num_decode, split_budget,
         query.stride(0), query.stride(1),
@@ -357,7 +333,7 @@ def paged_decode_attention(
         BLOCK_M=max(16, next_power_of_2(num_heads_per_kv)), BLOCK_N=block_n, BLOCK_D=block_d,
         SEQ_BLOCK=seq_block(num_decode), HAS_WINDOW=has_window, DIRECT=direct, INTERPRET=_INTERPRET,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # no TF32 for fp32 inputs
-        num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if direct:
         return
@@ -375,4 +351,4 @@ def paged_decode_attention(
     )  # fmt: skip
 
 
-__all__ = ["launch_options", "paged_decode_attention"]
+__all__ = ["paged_decode_attention"]

@@ -33,4 +33,23 @@ def padded_chunk_tokens(num_tokens: int, tile_tokens: int) -> int:
     return half if num_tokens <= half else cdiv(num_tokens, tile_tokens) * tile_tokens
 
 
-__all__ = ["cdiv", "chunk_tile_tokens", "next_power_of_2", "padded_chunk_tokens"]
+CONFINED_BOX_KEYS = 64  # keys per TMA box of the decode launch on a lane split
+
+
+def confined_decode_boxes(head_dim: int, dtype_bytes: int, block_size: int) -> bool:
+    """Whether the decode kernel on a lane split's few SMs loads its K/V tiles as TMA boxes
+    (`decode_launch.launch_options`, on sm_90+): 16-bit, a power-of-two head dim over 64,
+    and pages of whole 64-key boxes. The steps' latency model beside a lane chunk reads the
+    keys' rate by it (`latency/beside_lane.py`)."""
+    power_of_two = head_dim & (head_dim - 1) == 0
+    return dtype_bytes == 2 and head_dim > 64 and power_of_two and block_size % CONFINED_BOX_KEYS == 0
+
+
+__all__ = [
+    "CONFINED_BOX_KEYS",
+    "cdiv",
+    "chunk_tile_tokens",
+    "confined_decode_boxes",
+    "next_power_of_2",
+    "padded_chunk_tokens",
+]

@@ -31,7 +31,9 @@ the decode-only steps beside a chunk on 16, 24 or 32 SMs of three 8B runs (the s
 twice, the mixed scenario with the decode kernel's launch options for a split) and the 1B
 mixed scenario (benchmarks/results/README.md, "Twenty-fifth session", "Twenty-sixth
 session"). The weights stream at 2.5x an average SM's share of the device's bandwidth, and
-the decode kernel's keys at 1.2x (1.05x with the whole-GPU launch options). Median errors
+the decode kernel's keys at 1.2x (1.05x with the whole-GPU launch options) where it gathers
+them by pointers, and at 1.7x where it loads them as TMA boxes (`E_KEYS_BOXES`: the 8B mixed
+scenario on that launch, twenty-ninth session, median / p90 error 2.0% / 4.4%). Median errors
 per run are 1.2-5.3%; one rate for the whole step (the model before) was off by 5-63%. A step
 of a few short decodes (mostly weights) took 13.9 ms on 16 SMs, and one over 351K keys
 (mostly keys) took 54 ms on 32. The chunks compute at 1.05x an average SM's share of the
@@ -44,12 +46,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from mnemosyne.kernels.host_math import confined_decode_boxes
 from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.model import LatencyModel
 
 LANE_STEP_HEADROOM = 0.9  # a step beside a lane chunk is planned within this fraction of its target
 E_WEIGHTS = 2.5  # the weights' reads on a confined SM, against an average SM of the whole device
-E_KEYS = 1.2  # the decode kernel's K/V reads, likewise (`decode_attention.LAUNCH_16BIT_CONFINED`)
+E_KEYS = 1.2  # the decode kernel's K/V reads by pointers, likewise (`LAUNCH_16BIT_CONFINED_POINTERS`)
+E_KEYS_BOXES = 1.7  # ... as TMA boxes (`decode_launch.LAUNCH_16BIT_CONFINED`)
 E_CHUNKS = 1.05  # the chunks' FLOPs, against an average SM's share of the device's peak
 SCALE_WEIGHT = 0.1  # the running mean's weight of each measured step
 
@@ -68,6 +72,12 @@ def step_frame(composition: StepComposition, with_keys: bool = True) -> StepComp
             num_sampled=max(1, min(g.num_sampled, g.num_decodes)),
         )
     )
+
+
+def confined_keys_rate(head_dim: int, dtype_bytes: int, block_size: int) -> float:
+    """The decode kernel's K/V rate on a lane split for this model and cache: E_KEYS_BOXES
+    where its launch there loads TMA boxes (`host_math.confined_decode_boxes`), else E_KEYS."""
+    return E_KEYS_BOXES if confined_decode_boxes(head_dim, dtype_bytes, block_size) else E_KEYS
 
 
 def _slowdown(steps_share: float, rate: float) -> float:

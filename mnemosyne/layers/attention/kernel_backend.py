@@ -65,8 +65,9 @@ from mnemosyne.kernels.cudnn_prefill import (
     split_prefix_is_batched,
     warm_up_merges,
 )
-from mnemosyne.kernels.decode_attention import launch_options, paged_decode_attention
+from mnemosyne.kernels.decode_attention import paged_decode_attention
 from mnemosyne.kernels.decode_items import choose_split_budget
+from mnemosyne.kernels.decode_launch import launch_options
 from mnemosyne.kernels.kv_write import write_kv_cache
 from mnemosyne.kernels.paged_prefill import default_block_q
 from mnemosyne.latency.kernel_cost import H200_COST, ChunkCostModel, ChunkPath
@@ -352,7 +353,8 @@ class KernelBackend:
         if plan.decode_seq_ids is not None:
             paged_decode_attention(
                 query, k_cache, v_cache, *lengths, plan.decode_seq_ids, out, lse, scale, sliding_window,
-                plan.split_budget, *launch_options(self.head_dim, query.dtype, plan.decode_confined),
+                plan.split_budget,
+                *launch_options(self.head_dim, query.dtype, plan.decode_confined, k_cache.shape[1], query.device),
             )  # fmt: skip
         cfg = self.chunk_config
         kernel = chunk_tma_attention if plan.page_tiles else chunk_splitkv_attention
