@@ -21,8 +21,13 @@ K/V tiles are gathered by pointers from each key's page, or (`use_tma`: every ti
 BLOCK_N slots inside one page, BLOCK_N dividing block_size) loaded as TMA boxes of the 2-D
 cache view [num_blocks * block_size, num_kv_heads * head_dim] at (page * block_size + start %
 block_size, kv_head * head_dim): tile starts are multiples of BLOCK_N (`decode_items`), so a
-tile never crosses a page. A box also reads the page's slots outside [lo, hi); their scores
-are masked and their V rows zeroed (unused slots may hold NaN).
+tile never crosses a page. A box also reads the page's slots outside [lo, hi); only a work
+item's first and last tiles can hold such slots, and only they are masked: their scores set
+to -inf and their V rows zeroed (unused slots may hold NaN). Pointer gathers mask every tile.
+
+    item's keys          lo                                       s_hi
+    tiles        |head tile|  whole tiles (no mask)  ...  |tail tile|
+                 s_lo      a                                b
 
 Under TRITON_INTERPRET (CPU tests) the tile loop is a while loop (the interpreter cannot
 take tensor bounds in range() with numpy 2) and the dot operands are upcast to fp32 (its
