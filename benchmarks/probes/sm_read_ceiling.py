@@ -6,8 +6,9 @@ at ~90 (benchmarks/results/README.md, "Twenty-sixth session"). Late in the 8B mi
 the decodes' K/V then need 24 SMs, and the lane's chunks run at ~1.5x instead of ~1.3x their
 floor. Is 47 GB/s per SM a property of the kernel (its access pattern, its bytes in flight)
 or of the hardware? This probe reads bf16 rows with the decode kernel's inner step (a tile
-into shared memory, a tl.dot against 16 query rows), one persistent program range per
-program, on S confined SMs and on every SM, in these patterns:
+into shared memory, a tl.dot against 16 query rows), a fixed number of programs per SM
+each reading every num_programs-th tile, on S confined SMs and on every SM, in these
+patterns:
 
     contig      rows of 2 KB (all 8 KV heads of a slot, as the cache holds them), contiguous
     head        one KV head's 256 B of each slot, 2 KB apart (what one decode program reads)
@@ -79,8 +80,9 @@ def main() -> None:
     dev = torch.device("cuda")
     num_sms_device = torch.cuda.get_device_properties(dev).multi_processor_count
     slot_bytes = NUM_KV_HEADS * HEAD_DIM * 2
-    num_slots = ns.mib * 2**20 // slot_bytes  # rows of all heads: `head` reads 1/8 of them... x8 slots
-    cache = torch.randn(8 * num_slots, NUM_KV_HEADS * HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    num_slots = ns.mib * 2**20 // slot_bytes  # slots of all heads holding --mib bytes
+    # [slots, kv_heads x head_dim]: 8x that many slots, since one head's patterns read 1/8 of each
+    cache = torch.randn(NUM_KV_HEADS * num_slots, NUM_KV_HEADS * HEAD_DIM, device=dev, dtype=torch.bfloat16)
     num_pages = cache.shape[0] // PAGE
     bt = torch.randperm(num_pages, device=dev).to(torch.int32)  # scattered pages, as served
     desc = TensorDescriptor.from_tensor(cache, [PAGE, HEAD_DIM])
