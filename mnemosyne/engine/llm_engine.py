@@ -119,7 +119,7 @@ class LLMEngine:
             self.lane = LaneDriver(
                 self.scheduler, self.planner, self.executor, self._process,
                 lambda sched: lane_chunk_alone_s(
-                    self.policies.latency_model, self.predict_step(sched)[0], chunk_tokens
+                    self.policies.latency_model, step_composition(self.kv_manager, sched), chunk_tokens
                 ), self.step_log, self.policies.beside_lane, config.policy.tbt_slo_s,
             )  # fmt: skip
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived

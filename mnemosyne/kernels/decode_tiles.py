@@ -71,7 +71,7 @@ def attend_range(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     USE_TMA: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """`_attend_tile` over the tiles starting at s0, s0 + BLOCK_N, ... below s1."""
+    """`attend_tile` over the tiles starting at s0, s0 + BLOCK_N, ... below s1."""
     if INTERPRET:  # the interpreter (numpy 2) cannot take tensor bounds in range()
         start = s0
         while start < s1:
