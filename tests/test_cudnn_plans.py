@@ -51,9 +51,9 @@ def test_prefix_parts_cover_the_keys_once() -> None:
         chunk = DenseChunk(0, 0, 77, num_prefix, own, (0, 10_000), splits)
         parts = prefix_parts(chunk, BLOCK, SEGMENT)
         first = splits * (num_prefix // splits) if splits > 1 else 0
-        keys = list(range(first)) + [k for k0, k1, _ in parts for k in range(k0, k1)]
+        keys = list(range(first)) + [k for part in parts for k in range(part.k0, part.k1)]
         assert keys == list(range(num_prefix + (77 if own else 0)))
-        assert all(k1 - k0 <= SEGMENT for k0, k1, causal in parts if not causal)
+        assert all(part.k1 - part.k0 <= SEGMENT and not part.exact for part in parts if not part.causal)
 
 
 def test_every_chunk_sent_to_cudnn_has_its_graphs_built() -> None:

@@ -50,6 +50,12 @@ def flops(c: int, p: int) -> float:
     return 4.0 * c * (p + (c + 1) / 2) * NUM_HEADS * HEAD_DIM
 
 
+def random_caches(num_keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """K / V caches of random bf16 values holding num_keys keys: [num_blocks, BLOCK, Hkv, D] each."""
+    k_cache = torch.randn(-(-num_keys // BLOCK), BLOCK, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    return k_cache, torch.randn_like(k_cache)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prefixes", default="65536,135168,229376,491520")
@@ -62,9 +68,8 @@ def main() -> None:
     prefixes = [int(x) for x in ns.prefixes.split(",")]
     chunks = [int(x) for x in ns.chunks.split(",")]
     segments = [int(x) for x in ns.segments.split(",")]
-    num_blocks = -(-(max(prefixes) + max(chunks)) // BLOCK)
-    k_cache = torch.randn(num_blocks, BLOCK, NUM_KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
+    k_cache, v_cache = random_caches(max(prefixes) + max(chunks), dev)
+    num_blocks = k_cache.shape[0]
     table = torch.arange(num_blocks, device=dev, dtype=torch.int32)
     scale = HEAD_DIM**-0.5
     rows = []

@@ -23,11 +23,15 @@ and times, per SM split (decode SMs + the rest, `cuDevSmResourceSplitByCount`):
   - with --whole-prompt N: one N-token prompt in chunk steps of --chunks[0] tokens (every key
     before a step's end unmasked), alone on the whole GPU, then beside the decode lane on each
     split: the prompt's time (a TTFT without the engine's host work) and the decode lane's
-    token periods (its TBT).
+    token periods (its TBT);
+  - with --decode-periods-ms: the together runs and the whole prompt again with each decode step
+    starting no sooner than that period after the one before (0: back to back), the engine's
+    question of whether pacing the steps beside a chunk to the TBT target speeds the chunk up
+    (fewer weight reads a second beside it, at the power cap).
 
     python -m benchmarks.probes.two_lane_overlap --out OUT.json \
         [--decode-sms 16,24,32] [--chunks 2048] [--prefixes 131072,229376] [--decodes 32 --decode-keys 1536] \
-        [--carveout] [--whole-prompt 262144 --prefixes ""]
+        [--carveout] [--whole-prompt 262144 --prefixes ""] [--decode-periods-ms 0,27]
 
 Measured on an H200 (benchmarks/results/README.md, "Twenty-second session"): a 256K-token
 prompt in 4096-token steps beside 32 decodes on 16 SMs took 42.4 s (1.20x the 35.45-s floor
@@ -186,6 +190,7 @@ def time_prompt(
     steps: list[Callable[[], None]],
     cs: torch.cuda.Stream,
     launcher: ThreadPoolExecutor,
+    period_s: float = 0.0,
 ) -> tuple[list[float], float]:
     """(the decode lane's token periods while the prompt ran, the prompt's seconds). The
     chunk steps are launched from a thread of their own: launched from the decode lane's
@@ -194,7 +199,8 @@ def time_prompt(
     neither lane), so an engine would give each lane its own launching thread too. The
     periods run completion to completion. `launcher` is one long-lived thread, the one the
     steps were warmed up on: torch keeps cuDNN's attention graphs per thread, so a fresh
-    thread would build them again mid-run."""
+    thread would build them again mid-run. `period_s`: each decode step starts no sooner than
+    that after the one before (`pace`)."""
     done = threading.Event()
 
     def feed() -> None:
@@ -207,7 +213,9 @@ def time_prompt(
     last_done = None
     t_start = time.perf_counter()
     feeder = launcher.submit(feed)
+    last_start = 0.0
     while decode is not None and not done.is_set():
+        last_start = pace(last_start, period_s)
         decode()
         ds.synchronize()
         now = time.perf_counter()
@@ -216,6 +224,14 @@ def time_prompt(
         last_done = now
     feeder.result()
     return periods, time.perf_counter() - t_start
+
+
+def pace(last_start: float, period_s: float) -> float:
+    """Sleep until `period_s` after `last_start` (perf_counter seconds); the new start."""
+    wait_s = last_start + period_s - time.perf_counter()
+    if wait_s > 0:
+        time.sleep(wait_s)
+    return time.perf_counter()
 
 
 def green_streams(
@@ -305,14 +321,17 @@ def time_together(
     chunk: Callable[[], None],
     cs: torch.cuda.Stream,
     num_chunks: int,
+    period_s: float = 0.0,
 ) -> tuple[list[float], float]:
-    """(decode step times while the chunk steps ran, seconds per chunk step)."""
+    """(decode step times while the chunk steps ran, seconds per chunk step); each decode step
+    starts no sooner than `period_s` after the one before."""
     decode_s: list[float] = []
     t_start = time.perf_counter()
     for _ in range(num_chunks):
         chunk()
+    t0 = 0.0
     while not cs.query():
-        t0 = time.perf_counter()
+        t0 = pace(t0, period_s)
         decode()
         ds.synchronize()
         if not cs.query():  # finished beside a chunk step (the last may end alone)
@@ -360,6 +379,11 @@ def main() -> None:
         help="N > 0: also run one N-token prompt in --chunks[0]-token steps, alone and beside decodes",
     )
     ap.add_argument("--num-chunks", type=int, default=3, help="chunk steps per together-run")
+    ap.add_argument(
+        "--decode-periods-ms",
+        default="0",
+        help="p,...: decode steps start at least p ms apart in the together runs and the whole prompt (0: back to back)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -380,6 +404,7 @@ def main() -> None:
         ]
     decodes = {props.multi_processor_count: None} | {d_sms: None for _, _, d_sms, _ in lanes}
     prefixes = [int(p) for p in args.prefixes.split(",") if p]
+    periods_s = [float(p) / 1e3 for p in args.decode_periods_ms.split(",")]
     for prefix, chunk_tokens in itertools.product(prefixes, map(int, args.chunks.split(","))):
         chunk_step = chunk_lane(weights, chunk_tokens, prefix, device)
         chunk_full = eager_on(chunk_step, full)
@@ -399,11 +424,12 @@ def main() -> None:
                     decode_lane(weights, args.decodes, args.decode_keys, d_sms, device), ds
                 )
             decode = decodes[d_sms]
-            for carveout in sorted({0, props.multi_processor_count - c_sms if carveouts else 0}):
+            carveouts_here = sorted({0, props.multi_processor_count - c_sms if carveouts else 0})
+            for carveout, period_s in itertools.product(carveouts_here, periods_s):
                 chunk = eager_on(with_carveout(chunk_step, carveout), cs)
-                decode_together, chunk_s = time_together(decode, ds, chunk, cs, args.num_chunks)
+                decode_together, chunk_s = time_together(decode, ds, chunk, cs, args.num_chunks, period_s)
                 row = {"prefix": prefix, "chunk": chunk_tokens, "decode_sms": d_sms, "chunk_sms": c_sms,
-                       "cublas_sm_carveout": carveout,
+                       "cublas_sm_carveout": carveout, "decode_period_ms": period_s * 1e3,
                        "decode_alone": summary(time_alone(decode, ds, 30)),
                        "chunk_alone": summary(time_alone(chunk, cs, 3)),
                        "decode_together": summary(decode_together), "chunk_together_ms": round(chunk_s * 1e3, 2)}  # fmt: skip
@@ -439,16 +465,16 @@ def main() -> None:
         }
         print(json.dumps(row), flush=True)
         result["runs"].append(row)
-        for ds, cs, d_sms, c_sms in lanes:
+        for (ds, cs, d_sms, c_sms), period_s in itertools.product(lanes, periods_s):
             if decodes[d_sms] is None:
                 decodes[d_sms] = as_graph(
                     decode_lane(weights, args.decodes, args.decode_keys, d_sms, device), ds
                 )
             periods, prompt_s = time_prompt(
-                decodes[d_sms], ds, [eager_on_lazy(s, cs) for s in steps], cs, launcher
+                decodes[d_sms], ds, [eager_on_lazy(s, cs) for s in steps], cs, launcher, period_s
             )
             row = {"whole_prompt": args.whole_prompt, "chunk": chunk_tokens, "decode_sms": d_sms, "chunk_sms": c_sms,
-                   "prompt_s": round(prompt_s, 3), "prompt_vs_alone": round(prompt_s / alone_s, 4),
+                   "decode_period_ms": period_s * 1e3, "prompt_s": round(prompt_s, 3), "prompt_vs_alone": round(prompt_s / alone_s, 4),
                    "decode_periods": summary(periods)}  # fmt: skip
             print(json.dumps(row), flush=True)
             result["runs"].append(row)

@@ -8,6 +8,10 @@ from types import ModuleType
 # Prefix keys per cuDNN call of the long-chunk path (`cudnn_prefill.py`): bounds its
 # gathered K/V temporaries, which the engine reserves memory for (`engine/args.py`).
 DENSE_SEGMENT_TOKENS = 1 << 17
+# The key granule of its exact graphs (`cudnn_prefill.py`): an exact prefix segment holds a
+# multiple of it, so a chunk length has DENSE_SEGMENT_TOKENS / EXACT_SEGMENT_KEYS of them
+# (8), and the keys past the last multiple take a ragged graph.
+EXACT_SEGMENT_KEYS = 1 << 14
 
 
 @functools.cache

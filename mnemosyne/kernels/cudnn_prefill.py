@@ -14,16 +14,34 @@ in segments of at most `segment_tokens` keys. A segment inside the sequence's le
 run of consecutive blocks (`AttentionMetadata.block_runs_cpu`) is a strided view of the
 cache (no copy); any other segment is gathered block by block first.
 
+Two kinds of cuDNN graph serve the calls (PyTorch's `MHA.cpp` picks by the layout):
+
+    ragged   q, k, v in BSHD memory: one graph per power-of-two bucket of lengths serves
+             every length (`TORCH_CUDNN_SDPA_AVOID_RECOMPILE` below), at 7-15% less throughput
+    exact    q in BHSD memory (k, v still views of the cache): a graph per exact length
+
+A chunk with `exact_keys` = g > 0 (the planner gives it to query lengths whose graphs were
+built at start-up: a prefill lane's chunks) takes exact graphs for the keys they can serve
+from a fixed set of lengths (`prefix_parts`), the rest ragged::
+
+    keys  |<- segment_tokens ->| ... |<- k g <= segment_tokens ->|<- P mod g ->|<- c, causal ->|
+          exact                       exact                        ragged         exact
+
+Measured on an H200 (benchmarks/results/README.md, "Thirtieth session"; one layer, 32 query /
+8 KV heads, head dim 128, a 4096-token chunk after 128K / 224K keys): one ragged call over the
+prefix ran at 570-576 TFLOP/s, one exact call at 609-642, and this function 561-577 with ragged
+graphs only, 598 with exact ones. An exact graph over a length that is not a multiple of the
+granule (230000 keys) ran no faster than a ragged one (563).
+
 Only bf16/fp16 on CUDA, without a sliding window, with enough keys (`fits`); everything
-else goes to the Triton kernels. Inputs are in BSHD memory so cuDNN's ragged path serves
-every length with one graph (see `TORCH_CUDNN_SDPA_AVOID_RECOMPILE` below). Measured on H200 (benchmarks/results/probes): 640 TFLOP/s for a 4096-token
-chunk after a 128K prefix, 32 query / 8 KV heads, head dim 128, strided view or copy alike.
+else goes to the Triton kernels.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +68,8 @@ class DenseChunk:
     has_own_keys: bool  # keys [q0, q0 + c) are held here too (kv_end == q0 + c)
     run: tuple[int, int]  # (first block id, leading run length in blocks)
     prefix_splits: int = 1  # the prefix's key splits run as one batched call (see split_prefix)
+    exact_keys: int = 0  # g > 0: exact graphs for prefix segments of multiples of g keys and
+    # the own keys (`prefix_parts`); 0: every call ragged. Only with prefix_splits == 1
 
 
 def choose_prefix_splits(
@@ -77,19 +97,36 @@ def split_prefix_is_batched(chunk: DenseChunk, block_size: int) -> bool:
     return chunk.prefix_splits > 1 and -(-chunk.prefix_splits * per // block_size) <= chunk.run[1]
 
 
-def prefix_parts(chunk: DenseChunk, block_size: int, segment_tokens: int) -> list[tuple[int, int, bool]]:
-    """The chunk's key ranges (first local key, end, causal) other than a batched split
-    prefix [0, S * per), one cuDNN call each: the prefix's segments of at most
-    `segment_tokens` keys (after the batched splits, when `split_prefix_is_batched`), then
-    the own keys [num_prefix, num_prefix + c), causal."""
+class Part(NamedTuple):
+    """One cuDNN call's local keys [k0, k1) of a chunk."""
+
+    k0: int
+    k1: int
+    causal: bool  # the own keys
+    exact: bool  # an exact graph (q in BHSD memory); else the ragged one
+
+
+def prefix_parts(chunk: DenseChunk, block_size: int, segment_tokens: int) -> list[Part]:
+    """The chunk's calls other than a batched split prefix [0, S * per): the prefix's
+    segments of at most `segment_tokens` keys (after the batched splits, when
+    `split_prefix_is_batched`), then the own keys [num_prefix, num_prefix + c), causal.
+    With `exact_keys` = g the first P - P mod g prefix keys and the own keys are exact (the
+    module docstring), so an exact prefix segment holds a multiple of g keys, at most
+    `segment_tokens`: segment_tokens / g lengths in all."""
+    p, g = chunk.num_prefix, chunk.exact_keys
     first = 0
     if split_prefix_is_batched(chunk, block_size):
-        first = chunk.prefix_splits * (chunk.num_prefix // chunk.prefix_splits)
-    parts = [
-        (s0, min(chunk.num_prefix, s0 + segment_tokens), False) for s0 in range(first, chunk.num_prefix, segment_tokens)
-    ]
+        first = chunk.prefix_splits * (p // chunk.prefix_splits)
+    exact_end = 0
+    if g > 0:
+        if chunk.prefix_splits != 1 or segment_tokens % g:
+            raise ValueError(f"exact keys {g}: need one prefix split and segments of a multiple of it")
+        exact_end = p - p % g
+    parts = [Part(k0, min(exact_end, k0 + segment_tokens), False, True) for k0 in range(0, exact_end, segment_tokens)]
+    start = max(first, exact_end)
+    parts += [Part(k0, min(p, k0 + segment_tokens), False, False) for k0 in range(start, p, segment_tokens)]
     if chunk.has_own_keys:
-        parts.append((chunk.num_prefix, chunk.num_prefix + chunk.num_queries, True))
+        parts.append(Part(p, p + chunk.num_queries, True, g > 0))
     return parts
 
 
@@ -128,6 +165,26 @@ def _bshd(t: torch.Tensor) -> torch.Tensor:
     """[B, S, H, D] memory seen as [B, H, S, D]: the layout cuDNN's ragged path takes, so one
     compiled graph serves every sequence length (`TORCH_CUDNN_SDPA_AVOID_RECOMPILE`)."""
     return t.transpose(1, 2)
+
+
+def _fold(query: torch.Tensor, num_kv_heads: int, exact: bool) -> torch.Tensor:
+    """[c, Hkv*G, D] -> [1, Hkv, G*c, D] (row g*c + i is query i of head kv*G + g), a copy in
+    BSHD memory for the ragged graphs or BHSD for the exact ones."""
+    c, num_heads, d = query.shape
+    q = query.view(c, num_kv_heads, num_heads // num_kv_heads, d)
+    if exact:
+        return q.permute(1, 2, 0, 3).reshape(1, num_kv_heads, num_heads // num_kv_heads * c, d)
+    return _bshd(q.permute(2, 0, 1, 3).reshape(1, num_heads // num_kv_heads * c, num_kv_heads, d))
+
+
+def _unfold(o: torch.Tensor, s: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's folded out [1, Hkv, G*c, D], lse [1, Hkv, G*c] -> [c, H, D], [c, H] (a view
+    where the memory allows: an exact graph's BHSD output)."""
+    num_kv_heads, rows, d = o.shape[1:]
+    group = rows // c
+    o = o[0].unflatten(1, (group, c)).permute(2, 0, 1, 3).reshape(c, num_kv_heads * group, d)
+    s = s[0].unflatten(1, (group, c)).permute(2, 0, 1).reshape(c, num_kv_heads * group)
+    return o, s
 
 
 def _keys(
@@ -218,22 +275,17 @@ def dense_chunk_attention(
     batched = split_prefix_is_batched(chunk, bs)
     parts = prefix_parts(chunk, bs, segment_tokens)
     if batched:
-        parts.insert(0, (0, splits * per, False))
+        parts.insert(0, Part(0, splits * per, False, False))
     if not parts:  # no key at all
         out.zero_()
         lse.fill_(float("-inf"))
         return
-    q_fold = None
-    if chunk.num_prefix > 0:  # [c, Hkv*G, D] -> [1, Hkv, G*c, D]: row g*c + i is query i of head kv*G + g
-        q_fold = query.view(c, hkv, num_heads_per_kv, d).permute(2, 0, 1, 3)
-        q_fold = _bshd(q_fold.reshape(1, num_heads_per_kv * c, hkv, d))
+    q_folds: dict[bool, torch.Tensor] = {}  # by exact: the folded queries in each layout asked for
     acc: tuple[torch.Tensor, torch.Tensor] | None = None
-    for n, (k0, k1, causal) in enumerate(parts):
+    for n, (k0, k1, causal, exact) in enumerate(parts):
         if batched and n == 0:
-            assert q_fold is not None
-            o, s = _split_prefix(q_fold, k_cache, v_cache, chunk.run[0], splits, per, scale)
-            o = o[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
-            s = s[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1).reshape(c, num_heads)
+            q_fold = q_folds.setdefault(False, _fold(query, hkv, False))
+            o, s = _unfold(*_split_prefix(q_fold, k_cache, v_cache, chunk.run[0], splits, per, scale), c)
             acc = (o, s)  # float32
             if len(parts) == 1:
                 out.copy_(o)
@@ -243,13 +295,13 @@ def dense_chunk_attention(
         v = _keys(v_cache, block_table, chunk.run, k0, k1)
         if causal:  # the own keys: square causal, KV heads repeated for the query heads
             k, v = _repeat_heads(k, num_heads_per_kv), _repeat_heads(v, num_heads_per_kv)
-            o, s = _cudnn(_bshd(query.contiguous().unsqueeze(0)), k, v, True, scale)
+            q = query.transpose(0, 1).contiguous().unsqueeze(0) if exact else _bshd(query.contiguous().unsqueeze(0))
+            o, s = _cudnn(q, k, v, True, scale)  # q: [1, H, c, D] in BHSD (exact) / BSHD (ragged) memory
             o, s = o[0].transpose(0, 1), s[0].transpose(0, 1)  # [c, H, D], [c, H] (views)
         else:
-            assert q_fold is not None
-            o, s = _cudnn(q_fold, k, v, False, scale)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
-            o = o[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1, 3).reshape(c, num_heads, d)
-            s = s[0].unflatten(1, (num_heads_per_kv, c)).permute(2, 0, 1).reshape(c, num_heads)
+            if exact not in q_folds:
+                q_folds[exact] = _fold(query, hkv, exact)
+            o, s = _unfold(*_cudnn(q_folds[exact], k, v, False, scale), c)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
         if acc is None:  # the first partial
             if n == len(parts) - 1:
                 out.copy_(o)

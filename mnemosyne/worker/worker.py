@@ -107,10 +107,12 @@ class Worker:
             sched = config.scheduler
             max_prefix_tokens = min(num_blocks * self.block_size, sched.max_model_len)
             max_chunk_tokens = max(sched.max_num_batched_tokens, lane.chunk_tokens if lane is not None else 0)
+            exact_query_lens = (lane.chunk_tokens,) if lane is not None else ()  # every lane chunk's
             for window in {None, config.model.sliding_window}:
                 backend.warm_up(
-                    *self.kv_caches[0], window, sched.max_num_seqs, max_chunk_tokens, max_prefix_tokens
-                )
+                    *self.kv_caches[0], window, sched.max_num_seqs, max_chunk_tokens, max_prefix_tokens,
+                    exact_query_lens,
+                )  # fmt: skip
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # shared by all graphs
         self.graphs = DecodeGraphs.create(config, self.model, self.kv_caches, backend, device, pool)
         self.mixed = MixedGraphs.create(config, self.model, self.kv_caches, backend, device, pool)

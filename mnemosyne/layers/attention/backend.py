@@ -27,10 +27,13 @@ class AttentionBackend(Protocol):
         max_num_decodes: int = 1,
         max_num_batched_tokens: int = 0,
         max_prefix_tokens: int = 0,
+        exact_query_lens: tuple[int, ...] = (),
     ) -> None:
         """Compile / plan what serving would otherwise do on its first steps (cache read only),
         for steps of up to `max_num_decodes` decodes and `max_num_batched_tokens` tokens, after
-        prefixes of up to `max_prefix_tokens` keys (0: the chunk paths' plans are not built)."""
+        prefixes of up to `max_prefix_tokens` keys (0: the chunk paths' plans are not built);
+        `exact_query_lens`: chunk lengths that serving will meet often (a prefill lane's), worth
+        plans for their exact shapes where a backend has such (the kernel backend's cuDNN)."""
         ...
 
     def forward(

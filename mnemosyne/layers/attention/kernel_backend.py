@@ -12,7 +12,10 @@ goes to exactly one kernel, and every kernel writes only its own rows of one sha
     programs: 1.7-2x the model on an H200 serving trace, 256-512-token chunks after 256K+),
     and every cuDNN graph its calls need was built by `warm_up` (kernel_warm_up.py,
     kernels/cudnn_plans.py: a graph built while serving stalls the step)
-                                            -> cuDNN fused attention (kernels/cudnn_prefill.py)
+                                            -> cuDNN fused attention (kernels/cudnn_prefill.py);
+                                               exact-length graphs for a chunk whose length
+                                               `warm_up` built them for (`exact_query_lens`: a
+                                               prefill lane's chunks) and whose prefix is one split
     anything else                           -> a split-KV Triton chunk kernel, one launch
                                                for all its sequences (two when a long
                                                prefix's few tiles sit beside many short
@@ -38,7 +41,7 @@ import logging
 
 import torch
 
-from mnemosyne.kernels import DENSE_SEGMENT_TOKENS
+from mnemosyne.kernels import DENSE_SEGMENT_TOKENS, EXACT_SEGMENT_KEYS
 from mnemosyne.kernels.chunk_splitkv_attention import (
     DEFAULT_WAVES,
     MAX_SPLITS,
@@ -96,6 +99,7 @@ class KernelBackend:
         dtype: torch.dtype,
         device: torch.device,
         dense_segment_tokens: int = DENSE_SEGMENT_TOKENS,
+        exact_segment_keys: int = EXACT_SEGMENT_KEYS,
         use_cudnn: bool | None = None,
         cost_model: ChunkCostModel = H200_COST,
         force_path: ChunkPath | None = None,
@@ -109,6 +113,7 @@ class KernelBackend:
         self.device = device
         self.block_q = default_block_q(num_heads_per_kv, dtype)
         self.dense_segment_tokens = dense_segment_tokens
+        self.exact_segment_keys = exact_segment_keys
         self.use_cudnn = device.type == "cuda" if use_cudnn is None else use_cudnn
         cost_model.check_integrity()
         self.cost_model = cost_model
@@ -119,6 +124,8 @@ class KernelBackend:
         )
         # The cuDNN graphs `warm_up` built; None (no warm-up): cuDNN takes any shape
         self.cudnn_shapes: frozenset[CudnnShape] | None = None
+        # Chunk lengths whose exact cuDNN graphs `warm_up` built (`cudnn_prefill.DenseChunk.exact_keys`)
+        self.exact_query_lens: frozenset[int] = frozenset()
 
     # ---- once per step ------------------------------------------------------------------
 
@@ -164,6 +171,10 @@ class KernelBackend:
                         q_len, self.num_heads_per_kv, num_kv_heads, chunk.num_prefix, sms
                     )
                     chunk = dataclasses.replace(chunk, prefix_splits=splits)
+                    if splits == 1 and q_len in self.exact_query_lens:
+                        exact = dataclasses.replace(chunk, exact_keys=self.exact_segment_keys)
+                        if block_size is None or self._cudnn_is_built(exact, num_kv_heads, block_size):
+                            chunk = exact  # else its ragged graphs, if built
                     if (
                         splits > 1
                         and block_size is not None
@@ -301,11 +312,13 @@ class KernelBackend:
         max_num_decodes: int = 1,
         max_num_batched_tokens: int = 0,
         max_prefix_tokens: int = 0,
+        exact_query_lens: tuple[int, ...] = (),
     ) -> None:
         """Compile every kernel a step can launch (`kernel_warm_up.py`), so that serving never
         waits for the JIT: every Triton variant and, with cuDNN, the merges of its partials
         (`warm_up_merges`) and, given the longest chunk (`max_num_batched_tokens`) and
-        prefix, every cuDNN graph a chunk can need (`build_cudnn_graphs`)."""
+        prefix, every cuDNN graph a chunk can need (`build_cudnn_graphs`), with the exact
+        graphs of chunks of `exact_query_lens` queries (each at most the longest chunk)."""
         num_kv_heads = k_cache.shape[2]
         num_heads = num_kv_heads * self.num_heads_per_kv
         if self.use_cudnn:
@@ -315,7 +328,9 @@ class KernelBackend:
                     k_cache, v_cache, self.num_heads_per_kv,
                     lambda c, keys, tiles: self.dense_is_cheaper(c, keys, num_kv_heads, tiles),
                     max_num_batched_tokens, max_prefix_tokens, self.dense_segment_tokens, self.num_sms,
+                    exact_query_lens, self.exact_segment_keys,
                 )  # fmt: skip
+                self.exact_query_lens = frozenset(exact_query_lens)
         compile_triton_variants(
             self.forward, k_cache, v_cache, sliding_window, num_heads, self.dtype, max_num_decodes, self.block_q,
             self.uses_page_tiles(k_cache.shape[1]), self.tile_heights(),

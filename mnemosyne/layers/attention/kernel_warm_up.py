@@ -36,15 +36,19 @@ def build_cudnn_graphs(
     max_prefix_tokens: int,
     dense_segment_tokens: int,
     num_sms: int,
+    exact_query_lens: tuple[int, ...] = (),
+    exact_segment_keys: int = 0,
 ) -> frozenset[CudnnShape]:
     """Build every cuDNN graph a chunk can need (`cudnn_plans`: the chunk lengths the cost
-    model may send to cuDNN up to the longest chunk, prefixes up to `max_prefix_tokens`) and
-    return their shapes: from then on a chunk needing another one takes Triton."""
+    model may send to cuDNN up to the longest chunk, prefixes up to `max_prefix_tokens`,
+    and the exact graphs of chunks of `exact_query_lens` queries) and return their shapes:
+    from then on a chunk needing another one takes Triton."""
     num_kv_heads = k_cache.shape[2]
     chunk_lens = cudnn_chunk_lens(dense_is_cheaper, max_num_batched_tokens, max_prefix_tokens)
     shapes = reachable_shapes(
-        chunk_lens, num_heads_per_kv, num_kv_heads, max_prefix_tokens, dense_segment_tokens, num_sms
-    )
+        chunk_lens, num_heads_per_kv, num_kv_heads, max_prefix_tokens, dense_segment_tokens, num_sms,
+        [c for c in exact_query_lens if c in chunk_lens], exact_segment_keys,
+    )  # fmt: skip
     seconds = warm_up_cudnn(shapes, k_cache, v_cache) if shapes else 0.0
     logger.info(
         "built %d cuDNN attention graphs in %.1f s (chunks of %s queries, prefixes up to %d keys)",

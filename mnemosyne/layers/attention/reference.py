@@ -29,6 +29,7 @@ class TorchReferenceBackend:
         max_num_decodes: int = 1,
         max_num_batched_tokens: int = 0,
         max_prefix_tokens: int = 0,
+        exact_query_lens: tuple[int, ...] = (),
     ) -> None:
         """Nothing to compile."""
 
