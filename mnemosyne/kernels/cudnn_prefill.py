@@ -281,11 +281,16 @@ def dense_chunk_attention(
         lse.fill_(float("-inf"))
         return
     q_folds: dict[bool, torch.Tensor] = {}  # by exact: the folded queries in each layout asked for
+
+    def folded(exact: bool) -> torch.Tensor:
+        if exact not in q_folds:
+            q_folds[exact] = _fold(query, hkv, exact)
+        return q_folds[exact]
+
     acc: tuple[torch.Tensor, torch.Tensor] | None = None
     for n, (k0, k1, causal, exact) in enumerate(parts):
         if batched and n == 0:
-            q_fold = q_folds.setdefault(False, _fold(query, hkv, False))
-            o, s = _unfold(*_split_prefix(q_fold, k_cache, v_cache, chunk.run[0], splits, per, scale), c)
+            o, s = _unfold(*_split_prefix(folded(False), k_cache, v_cache, chunk.run[0], splits, per, scale), c)
             acc = (o, s)  # float32
             if len(parts) == 1:
                 out.copy_(o)
@@ -299,9 +304,7 @@ def dense_chunk_attention(
             o, s = _cudnn(q, k, v, True, scale)  # q: [1, H, c, D] in BHSD (exact) / BSHD (ragged) memory
             o, s = o[0].transpose(0, 1), s[0].transpose(0, 1)  # [c, H, D], [c, H] (views)
         else:
-            if exact not in q_folds:
-                q_folds[exact] = _fold(query, hkv, exact)
-            o, s = _unfold(*_cudnn(q_folds[exact], k, v, False, scale), c)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
+            o, s = _unfold(*_cudnn(folded(exact), k, v, False, scale), c)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
         if acc is None:  # the first partial
             if n == len(parts) - 1:
                 out.copy_(o)

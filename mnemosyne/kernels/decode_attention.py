@@ -146,14 +146,10 @@ def _decode_split_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         bt_row = bt_ptr + seq * stride_bt
-        if USE_TMA:  # this head's columns of the descriptors' 2-D views
+        col0 = kvh * HEAD_DIM  # this head's columns of the descriptors' 2-D views (USE_TMA)
+        if USE_TMA:
             k_head = k_src
             v_head = v_src
-        else:
-            k_head = k_src + kvh * stride_kh
-            v_head = v_src + kvh * stride_vh
-        col0 = kvh * HEAD_DIM
-        if USE_TMA:
             # A box needs no mask inside [lo, s_hi): [s_lo, a) the head tile (keys before lo),
             # [a, b) whole tiles, [b, s_hi) the tail tile; at most one tile each end.
             a = tl.where(s_lo < lo, tl.minimum(s_lo + BLOCK_N, s_hi), s_lo)
@@ -174,6 +170,8 @@ def _decode_split_kernel(
                 BLOCK_N, BLOCK_SIZE, PRECISION, INTERPRET, USE_TMA, True,
             )  # fmt: skip
         else:  # pointer gathers: every tile masked
+            k_head = k_src + kvh * stride_kh
+            v_head = v_src + kvh * stride_vh
             m_i, l_i, acc = attend_range(
                 s_lo, s_hi, lo, s_hi, q, m_i, l_i, acc, bt_row, k_head, v_head, col0, qk_scale,
                 stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d, mask_d,

@@ -171,20 +171,17 @@ class KernelBackend:
                         q_len, self.num_heads_per_kv, num_kv_heads, chunk.num_prefix, sms
                     )
                     chunk = dataclasses.replace(chunk, prefix_splits=splits)
-                    if splits == 1 and q_len in self.exact_query_lens:
-                        exact = dataclasses.replace(chunk, exact_keys=self.exact_segment_keys)
-                        if block_size is None or self._cudnn_is_built(exact, num_kv_heads, block_size):
-                            chunk = exact  # else its ragged graphs, if built
-                    if (
-                        splits > 1
-                        and block_size is not None
-                        and not split_prefix_is_batched(chunk, block_size)
-                    ):
+                    if splits > 1 and block_size is not None and not split_prefix_is_batched(chunk, block_size):
                         chunk = None  # fragmented prefix: the Triton kernel walks any block table
-                    if chunk is not None and block_size is not None and not self._cudnn_is_built(
-                        chunk, num_kv_heads, block_size
-                    ):
-                        chunk = None  # a graph not built at start-up: Triton, never a build while serving
+                    else:  # its exact graphs if built, else its ragged ones; neither: Triton, never a
+                        # build while serving
+                        exact = splits == 1 and q_len in self.exact_query_lens
+                        candidates = [dataclasses.replace(chunk, exact_keys=self.exact_segment_keys)] if exact else []
+                        chunk = next(
+                            (c for c in [*candidates, chunk]
+                             if block_size is None or self._cudnn_is_built(c, num_kv_heads, block_size)),
+                            None,
+                        )  # fmt: skip
             if q_len == 1:
                 plan.decode.append(i)
             elif chunk is not None:
