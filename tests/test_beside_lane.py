@@ -12,6 +12,7 @@ from mnemosyne.latency.beside_lane import (
     E_KEYS,
     E_KEYS_BOXES,
     E_WEIGHTS,
+    LANE_DECODES_HEADROOM,
     LANE_STEP_HEADROOM,
     SCALE_WEIGHT,
     BesideLaneLatencyModel,
@@ -83,9 +84,12 @@ def test_the_scale_is_learned_from_decode_steps_only():
 def test_fewest_sms_that_fit_the_target_or_the_hold():
     m = model(2.5, 1.05)  # the rates of the arithmetic below
     choices, num_sms, target = (16, 24, 32), 128, 30 * MS
-    assert LANE_STEP_HEADROOM * target == pytest.approx(27 * MS)
+    assert LANE_DECODES_HEADROOM * target == pytest.approx(28.5 * MS)
     # 2 decodes of 1000 keys: 0.5 + 1.5 x 8 / 2.5 + 2 x 8 / 1.05 = 20.5 ms on 16 SMs
     assert m.fewest_sms(decodes(2, 1000), num_sms, choices, target) == 16
+    # 3: 28.2 ms on 16 SMs, within the decodes' headroom (not within a step's with chunks, 27 ms)
+    assert m.confined_s(decodes(3, 1000), 16 / num_sms) > LANE_STEP_HEADROOM * target
+    assert m.fewest_sms(decodes(3, 1000), num_sms, choices, target) == 16
     # 4 of them: 35.8 ms on 16, 24.0 on 24
     assert m.fewest_sms(decodes(4, 1000), num_sms, choices, target) == 24
     # 8: 33.4 ms on 32 SMs, but 10 ms on every SM: the lane holds

@@ -18,34 +18,46 @@ def _breaks(block_ids: list[int]) -> int:
 def test_growth_in_place_spills_and_claims():
     pool = BlockPool(20)
     a = pool.allocate(3)
-    assert a == [0, 1, 2]  # the start of the largest run; >= 2 blocks: a claims [3, 20) strongly
-    assert pool.allocate(2) == [18, 19]  # every run is claimed: the end of the largest
-    pool.allocate(0, after=a[-1])  # a grows inside its last block (a decode): its claim is weak
-    c = pool.allocate(2)
-    assert c == [3, 4]  # packs right after a
-    assert pool.allocate(1, after=c[-1]) == [5]  # in place
-    assert pool.allocate(1, after=a[-1]) == [17]  # a decode whose successor is taken: the highest id
-    assert pool.allocate(4, after=5) == [6, 7, 8, 9]  # in place; claims [10, 17) strongly
-    assert pool.allocate(2, after=19) == [15, 16]  # past the pool's end: the end of the claimed run
-    pool.free([8, 9])
-    assert pool.allocate(3, after=7) == [8, 9, 10]
-    assert pool.allocate(3, after=c[-1]) == [12, 13, 14]  # 5 is taken; [11, 15) is claimed by 10
+    assert a == [0, 1, 2]  # best fit: the only run
+    b = pool.allocate(2)
+    assert b == [3, 4]  # packs right after a, which claims nothing (no blocks ahead)
+    assert pool.allocate(1, after=b[-1]) == [5]  # in place
+    assert pool.allocate(1, after=a[-1]) == [19]  # a decode whose successor is taken: no hole, the highest id
+    p = pool.allocate(2, num_blocks_ahead=6)
+    assert p == [6, 7]  # a prompt's first chunk, claiming [8, 14)
+    assert pool.allocate(3) == [14, 15, 16]  # a new piece keeps off the claim
+    assert pool.allocate(4, after=p[-1], num_blocks_ahead=2) == [8, 9, 10, 11]  # in place, claims [12, 14)
     pool.check_integrity()
     with pytest.raises(KVCacheIntegrityError, match="nobody references"):
-        pool.allocate(1, after=11)
+        pool.allocate(1, after=12)
     with pytest.raises(KVCacheIntegrityError, match="out of range"):
         pool.allocate(1, after=20)
 
 
+def test_a_decode_spills_into_a_hole_before_the_top():
+    pool = BlockPool(12)
+    x, y, z = pool.allocate(2), pool.allocate(2), pool.allocate(2)
+    assert (x, y, z) == ([0, 1], [2, 3], [4, 5])
+    pool.free(y)  # a hole [2, 4) and the top run [6, 12)
+    assert pool.allocate(1, after=z[-1]) == [6]  # in place
+    w = pool.allocate(3)
+    assert w == [7, 8, 9]  # best fit: the smallest run that holds 3
+    assert pool.allocate(1, after=6) == [3]  # z's successor is taken: the end of the hole
+    assert pool.allocate(1, after=w[-1]) == [10]  # in place
+    assert pool.allocate(1, after=3) == [2]  # z again: what is left of the hole, not the top
+    assert pool.allocate(1, after=2) == [11]  # no hole left: the highest id
+    pool.check_integrity()
+
+
 def test_a_new_piece_keeps_off_a_run_that_a_prefill_grows_into():
     pool = BlockPool(40)
-    long_prompt = pool.allocate(8)
-    long_prompt += pool.allocate(8, after=long_prompt[-1])  # a prefill chunk: a strong claim
+    long_prompt = pool.allocate(8, num_blocks_ahead=16)  # claims [8, 24)
+    long_prompt += pool.allocate(8, after=long_prompt[-1], num_blocks_ahead=8)  # claims [16, 24)
     assert long_prompt == list(range(16))
-    assert pool.allocate(4) == [36, 37, 38, 39]  # a new request: not at 16
+    assert pool.allocate(4) == [24, 25, 26, 27]  # a new request: past the claim
     assert pool.allocate(8, after=long_prompt[-1]) == list(range(16, 24))
     pool.allocate(0, after=23)  # the prompt is done, it decodes inside its last block
-    assert pool.allocate(4) == [24, 25, 26, 27]
+    assert pool.allocate(4) == [28, 29, 30, 31]  # packs behind the last
     pool.check_integrity()
 
 
@@ -176,16 +188,43 @@ def test_a_prompt_growing_in_small_chunks_keeps_one_run():
 def test_two_prompts_growing_at_once_split_the_largest_run():
     pool = BlockPool(40)
     a = pool.allocate(2, num_blocks_ahead=100)
-    assert a == [0, 1]  # claims [2, 40)
+    assert a == [0, 1]  # no run holds its room: the largest, claiming [2, 40)
     b = pool.allocate(2, num_blocks_ahead=10)
-    assert b == [21, 22]  # every run is claimed: from the middle of the largest, room for 10 more
+    assert b == [21, 22]  # a's claim leaves no room: the middle of the largest, room for 10 more
     short = pool.allocate(2)
-    assert short == [19, 20]  # not growing: the end of the largest ([2, 21), a keeps the rest)
+    assert short == [33, 34]  # best fit: past b's claim [23, 33) in the smallest run
     for _ in range(10):
         a += pool.allocate(1, after=a[-1], num_blocks_ahead=5)
         b += pool.allocate(1, after=b[-1], num_blocks_ahead=5)
     assert _breaks(a) == 0 and _breaks(b) == 0
     pool.check_integrity()
+
+
+def test_long_prompt_after_short_prompts_prefilled_in_chunks_is_one_run():
+    """32 short prompts whose first chunks arrive a few per step (each a prompt with blocks
+    ahead) and then decode; a 256K-token prompt arrives and grows 64 blocks a chunk while they
+    decode. Best fit packs the short ones, so the long one finds a run for all its blocks (when
+    growers took the middle of the largest run, the shorts cut the pool into 32 runs of ~440
+    blocks and the long prompt took 7 runs: its cuDNN chunks gathered every prefix segment)."""
+    m = KVCacheManager(CacheConfig(block_size=64, num_blocks_per_group=(14259,)))
+    tokens: dict[str, int] = {}
+    for step in range(8):
+        for i in range(4):  # 4 prompts' first chunks a step, then their rest
+            rid = f"short-{4 * step + i}"
+            assert m.allocate_slots(rid, 384, num_known_tokens=1024)
+            tokens[rid] = 1024
+        for rid in list(tokens)[-4:]:
+            assert m.allocate_slots(rid, 1024, num_known_tokens=1024)
+    long_len = 262144
+    for end in range(4096, long_len + 1, 4096):
+        assert m.allocate_slots("long", end, num_known_tokens=long_len)
+        for _ in range(45):  # the decode steps beside one chunk
+            for rid in tokens:
+                tokens[rid] += 1
+                assert m.allocate_slots(rid, tokens[rid], num_known_tokens=tokens[rid])
+    m.check_integrity()
+    (piece,) = m.pieces("long")
+    assert len(piece.block_ids) == 4096 and _breaks(piece.block_ids) == 0
 
 
 def test_manager_grows_pieces_in_place_across_kvp_groups():

@@ -13,7 +13,8 @@ over the traced chunks, every CUDA stream's kernel time by kind (GEMM, attention
 other), its busy time (the union of its kernels) and its idle gaps, and the top kernels.
 
     python -m benchmarks.probes.lane_chunk_profile --out OUT.json [--shape llama3-8b] \
-        [--long-len 245760] [--traced-chunks 3] [--free-sms 16] [--phases whole,lane_alone,lane_beside]
+        [--long-len 245760] [--traced-chunks 3] [--free-sms 16] [--max-free-sms 32]
+        [--phases whole,lane_alone,lane_beside]
 
 Needs a GPU and `cuda-bindings` (green contexts) for the lane phases.
 """
@@ -39,7 +40,9 @@ from mnemosyne.bench.long_context.run import SHAPES, write_model_dir
 PHASES = {
     "whole": dict(chunk_policy="fixed", chunk_size=4096, scheduling_policy="fcfs"),
     "lane_alone": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars", prefill_lane=True),
-    "lane_beside": dict(chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars", prefill_lane=True),
+    "lane_beside": dict(
+        chunk_policy="adaptive", chunk_size=None, scheduling_policy="lars", prefill_lane=True
+    ),
 }
 KINDS = (("attention", ("fmha", "cudnn", "flash", "attn", "sdpa")), ("gemm", ("gemm", "cutlass", "nvjet", "xmma")),
          ("merge", ("merge",)))  # fmt: skip
@@ -90,7 +93,9 @@ def kernel_events(prof: torch.profiler.profile) -> list[tuple[int, str, int, int
     return [e for e in events if "memcpy" not in e[1].lower() and "memset" not in e[1].lower()]
 
 
-ACTIVITY = torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
+ACTIVITY = (
+    torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
+)
 
 
 def sync() -> None:
@@ -102,7 +107,7 @@ def run_phase(engine, phase: str, ns: argparse.Namespace) -> dict:
     from mnemosyne import SamplingParams
     from mnemosyne.config import PrefillLaneConfig
 
-    lane = PrefillLaneConfig(ns.free_sms, 65536, 4096, ns.free_sms)
+    lane = PrefillLaneConfig(ns.free_sms, 65536, 4096, ns.max_free_sms or ns.free_sms)
     use_policies(engine, PHASES[phase], 30.0, 0.5, lane)
     vocab = engine.config.model.vocab_size
     shorts = []
@@ -155,6 +160,9 @@ def main() -> None:
     ap.add_argument("--num-short", type=int, default=32)
     ap.add_argument("--short-len", type=int, default=1024)
     ap.add_argument("--free-sms", type=int, default=16)
+    ap.add_argument(
+        "--max-free-sms", type=int, default=0, help="the most SMs a chunk leaves the steps (0: --free-sms)"
+    )
     ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--profile", default=None, help="latency profile JSON")
     ap.add_argument("--kv-fraction", type=float, default=0.9)
@@ -169,7 +177,7 @@ def main() -> None:
     model_dir = write_model_dir(ns.shape, Path(tempfile.mkdtemp()))
     args = scheduling_engine_args(
         model_dir, ns, chunk_policy="adaptive", enable_prefix_caching=False,
-        prefill_lane_free_sms=ns.free_sms, prefill_lane_max_free_sms=ns.free_sms,
+        prefill_lane_free_sms=ns.free_sms, prefill_lane_max_free_sms=ns.max_free_sms or ns.free_sms,
     )  # fmt: skip
     t = time.monotonic()
     engine = LLMEngine.from_args(args)

@@ -19,7 +19,7 @@ Exactness is unchanged: the lane runs the same model on the same cache; only whi
 and when differ.
 
 S per chunk (`BesideLaneLatencyModel.fewest_sms`): the fewest SMs of the choices whose
-predicted step of the running decodes fits LANE_STEP_HEADROOM x the TBT target. When none
+predicted step of the running decodes fits LANE_DECODES_HEADROOM x the TBT target. When none
 does but the whole device would (a decode of a long context), the lane *holds*: it launches
 nothing, and its owner and queue go back to the steps (mixed batching on every SM, within the
 target) until a split fits again. When not even the whole device would, the most SMs.

@@ -11,43 +11,47 @@
 
 Placement: a request's blocks should be one run of consecutive ids, because the chunk
 prefill reads the leading run of a sequence's blocks in place and gathers the rest
-(`AttentionMetadata.block_runs_cpu`). The free list is kept as maximal runs of free ids
-(`free_runs.py`), and the pool remembers each piece's tail (the last block of its newest
-allocation) with its claim on the run right after it: strong while the piece grows on
-(`num_blocks_ahead` > 0: the manager's word that its request has known tokens left to
-place there, also when this step took one block or none) or when the allocation took >= 2 blocks; weak after
-any other 1-block step or a step inside the last block (`allocate(0, after=tail)`, which
-the manager makes for every decode step), i.e. once the piece decodes. Who goes where::
+(`AttentionMetadata.block_runs_cpu`: cuDNN's path, chunks of hundreds of queries after
+thousands of keys, i.e. long prompts; decodes read any block table at the same cost). The free
+list is kept as maximal runs of free ids (`free_runs.py`), and the pool remembers each piece's
+tail (the last block of its newest allocation) with its claim: the blocks the piece is known
+to take next (`num_blocks_ahead`, the manager's word that its request has known tokens left
+to place: a prompt's later chunks, also when this step took one block or none), 0 once it
+decodes. A claim reserves the first ids of the free run after the tail. Who goes where::
 
-    ids:  0 ....................................................................... N-1
-          [ A ][ B ][ L: a prompt in prefill --->  |      free run      |[ x ][ B'][ A']
-                                              tail ^ strongly claimed      spills <-
+    ids:  0 ........................................................................ N-1
+          [A][B][C][ L: a prompt in prefill --> |<- L's claim ->|  free  ...  |[x][B'][A']
+          short prompts packed                                                   spills <-
 
     allocate(n, after=tail)   1. in place: tail+1, tail+2, ... while on the free list;
                               2. the rest: a 1-block step of a piece not growing on (a
-                                 decode): the highest free id (a spill); else as a new
-                                 piece (a prefill moves once, then grows in place again).
-    allocate(n)  (new piece)  the start of the largest run (of the 8 largest that fit)
-                              not strongly claimed, if it has room for the blocks ahead;
-                              else, for a piece growing on, the middle of the largest
-                              if claimed and its upper half has that room (each grower
-                              keeps half); else the start of the largest unclaimed run;
-                              if all are claimed, in the largest: its middle (growing)
-                              or its end (its grower keeps the rest); if none fits, the
-                              lowest free ids.
+                                 decode): a spill to the last id of the smallest run with an
+                                 unclaimed id (of the 8 smallest), else the highest free id;
+                                 else as a new piece (a prefill moves once, then grows in
+                                 place again).
+    allocate(n)  (new piece)  best fit, room = n + its blocks ahead: past the claim at the start
+                              of the smallest run (of the 8 smallest that hold the room) whose
+                              unclaimed part holds it, else of the largest such (of the 8
+                              largest); for a piece growing on, the middle of the largest run
+                              if claims leave no room anywhere and its upper half has it (each
+                              grower keeps half); past the claim of the largest run whose
+                              unclaimed part holds n; in the largest run: its middle (growing)
+                              or its end; if no run holds n, the lowest free ids.
+
+Best fit packs short requests into the smallest runs that hold them and keeps the large runs
+whole for long prompts. Before it (a new piece took the start or, growing, the middle of the
+largest run), 32 short prompts prefilled in chunks halved the pool into 32 runs of ~440 blocks,
+and a 256K-token prompt arriving next (4096 blocks) took 7 runs, so its cuDNN chunks gathered
+every prefix segment (benchmarks/results/README.md, "Thirty-first session").
 
 So a prompt growing chunk by chunk keeps one run, also in chunks of one block or less
-(late adaptive chunks of a long prompt). Without `num_blocks_ahead`, each such chunk that
-found its successor taken spilled to the top, and its growth upward met the spills
-coming down: in the simulated 8B serving trace (benchmarks/results/README.md, "Eighth
-session") a 351K-token prompt held 1257 runs and a 493K one (1B) 107; with it, one each.
-Decodes whose successor is taken spill down from the top, and new requests start where
-nobody is growing. A new request is placed with the most room after it (for its blocks
-ahead, when the manager knows them), and requests arriving later pack behind it once it
-decodes. Requests admitted in one step all claim strongly: each but the first goes to the
-end of the largest run, or, when it has blocks ahead (a long prompt), to its middle. The
-claims steer placement only: they change no content and no invariant. Each call adds at
-most one break after its in-place part (the rest is one run where one fits). Cost:
+(late adaptive chunks of a long prompt): its claim keeps the others off the run after it.
+Without `num_blocks_ahead`, each such chunk that found its successor taken spilled to the top,
+and its growth upward met the spills coming down: in the simulated 8B serving trace
+(benchmarks/results/README.md, "Eighth session") a 351K-token prompt held 1257 runs and a 493K
+one (1B) 107; with it, one each. Decodes whose successor is taken fill holes or spill down from
+the top. The claims steer placement only: they change no content and no invariant. Each call
+adds at most one break after its in-place part (the rest is one run where one fits). Cost:
 O(n + log R) per call (R free runs), never a scan of the pool.
 
 Eviction is unchanged: never-hashed free blocks first, then the evictable list, least
@@ -99,7 +103,7 @@ class BlockPool:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free = FreeRuns(num_blocks)  # never-hashed free ids, as maximal runs
-        self._tails: dict[int, bool] = {}  # each piece's last block -> its claim on the next is strong
+        self._tails: dict[int, int] = {}  # each piece's last block -> its claim: the blocks it takes next
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._ref_counts: list[int] = [0] * num_blocks
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
@@ -145,8 +149,8 @@ class BlockPool:
 
         `after`: the last block of the piece being grown (referenced); without it, a new
         piece. `num_blocks_ahead`: the blocks the piece is known to take after these (a
-        prompt with tokens left); while > 0 it keeps a strong claim, and a move looks for
-        room for them too. Placement as in the module docstring; then cached blocks are evicted,
+        prompt with tokens left): its claim on the run after it, and a move looks for room
+        for them too. Placement as in the module docstring; then cached blocks are evicted,
         least recently freed first (their content is dropped). The ids after the
         in-place part ascend. Raises NoFreeBlocksError, changing nothing, when fewer
         are free.
@@ -166,7 +170,7 @@ class BlockPool:
         growing = num_blocks_ahead > 0
         if num_blocks == 0:
             if after in self._tails:
-                self._tails[after] = growing  # inside its last block: a decode, or a small chunk
+                self._tails[after] = num_blocks_ahead  # inside its last block: a decode, or a small chunk
             return []
         in_place: list[int] = []
         if after is not None:
@@ -177,8 +181,7 @@ class BlockPool:
         rest = min(num_blocks - len(in_place), len(self._free))
         placed: list[int] = []
         if rest and after is not None and num_blocks == 1 and not growing:
-            s, e = self._free.highest()
-            placed = self._free.take(s, e - 1, e)  # a decode's spill
+            placed = self._spill()
         elif rest:
             placed = self._place_room(rest, num_blocks_ahead)
         while len(in_place) + len(placed) < num_blocks:
@@ -191,35 +194,49 @@ class BlockPool:
         block_ids = in_place + placed
         for b in block_ids:
             self._ref_counts[b] = 1
-        self._tails[block_ids[-1]] = growing or num_blocks >= 2
+        self._tails[block_ids[-1]] = num_blocks_ahead
         return block_ids
 
-    def _strongly_claimed(self, run_start: int) -> bool:
-        return self._tails.get(run_start - 1, False)
+    def _claim(self, run_start: int) -> int:
+        """The blocks at the start of the free run at `run_start` that its predecessor claims."""
+        return self._tails.get(run_start - 1, 0)
+
+    def _spill(self) -> list[int]:
+        """One block for a decode whose successor is taken: the last id of the smallest run
+        with an unclaimed id (a hole), else the highest free id."""
+        for s, e in self._free.smallest_at_least(1, PLACEMENT_SCAN_RUNS):
+            if s + self._claim(s) < e:
+                return self._free.take(s, e - 1, e)
+        s, e = self._free.highest()
+        return self._free.take(s, e - 1, e)
 
     def _place_room(self, num_blocks: int, num_blocks_ahead: int) -> list[int]:
-        """A new run of num_blocks, among the 8 largest free runs that fit, in this order:
-        the start of the largest not strongly claimed if it has room for the blocks ahead
-        too; for a piece growing on, from the middle of the largest if it is claimed and
-        its upper half has that room (each grower keeps half); the start of the largest
-        not claimed; in the largest: from its middle (growing) or at its end (its grower
-        keeps the rest). If no run fits, the lowest ids."""
+        """A new run of num_blocks (the module docstring's order): best fit for the room of
+        num_blocks + num_blocks_ahead past the claims, then the fallbacks."""
         room = num_blocks + num_blocks_ahead
-        runs = [(s, e) for s, e in self._free.largest(PLACEMENT_SCAN_RUNS) if e - s >= num_blocks]
-        free = [(s, e) for s, e in runs if not self._strongly_claimed(s)]
-        if free and free[0][1] - free[0][0] >= room:
-            s, _ = free[0]
-            return self._free.take(s, s, s + num_blocks)
+        for s, e in self._free.smallest_at_least(room, PLACEMENT_SCAN_RUNS):
+            lo = s + self._claim(s)
+            if e - lo >= room:
+                return self._free.take(s, lo, lo + num_blocks)
+        runs = [
+            (s, s + self._claim(s), e)
+            for s, e in self._free.largest(PLACEMENT_SCAN_RUNS)
+            if e - s >= num_blocks
+        ]
+        for s, lo, e in runs:
+            if e - lo >= room:
+                return self._free.take(s, lo, lo + num_blocks)
         if runs:
-            s, e = runs[0]
+            s, lo, e = runs[0]
             mid = min(s + (e - s) // 2, e - num_blocks)
-            if num_blocks_ahead and self._strongly_claimed(s) and e - mid >= room:
+            if num_blocks_ahead and lo > s and e - mid >= room:
                 return self._free.take(s, mid, mid + num_blocks)
-        if free:
-            s, _ = free[0]
-            return self._free.take(s, s, s + num_blocks)
+        for s, lo, e in runs:
+            if e - lo >= num_blocks:
+                return self._free.take(s, lo, lo + num_blocks)
         if runs:
-            lo = mid if num_blocks_ahead else e - num_blocks
+            s, _, e = runs[0]
+            lo = min(s + (e - s) // 2, e - num_blocks) if num_blocks_ahead else e - num_blocks
             return self._free.take(s, lo, lo + num_blocks)
         chosen: list[tuple[int, int]] = []
         need = num_blocks

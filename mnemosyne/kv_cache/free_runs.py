@@ -45,6 +45,11 @@ class FreeRuns:
         """Up to k runs as (start, end), largest first (ties: higher start first)."""
         return [(s, s + n) for n, s in islice(reversed(self._by_size), k)]
 
+    def smallest_at_least(self, n: int, k: int) -> list[tuple[int, int]]:
+        """Up to k runs of at least n ids as (start, end), smallest first (ties: lower start
+        first): O(log R + k)."""
+        return [(s, s + m) for m, s in islice(self._by_size.irange((n, -1)), k)]
+
     def highest(self) -> tuple[int, int]:
         s = self._by_start[-1]
         return s, self._end_of[s]

@@ -24,7 +24,11 @@ reads are not scaled (the chunks beside a lane chunk are short prompts' prefills
 Beside a lane chunk the chunk policy plans a step within LANE_STEP_HEADROOM of its target
 (`step_time_s` is the prediction over it): the steps with decodes and a chunk beside a chunk
 took up to 1.10x the prediction at p98 (8B serving trace, twenty-sixth session), and m learns
-a mean, where the whole-GPU model is calibrated at the target's quantile.
+a mean, where the whole-GPU model is calibrated at the target's quantile. The split is chosen
+for the decodes alone within LANE_DECODES_HEADROOM: decode-only steps beside a chunk vary
+less, their p99 within 1.03-1.045x their p50 at each context (8B mixed scenario, 16 SMs,
+thirty-first session), and every SM more for the steps is one fewer for the lane (its chunks
+took ~8% longer with 24 SMs left to the steps than with 16).
 
 The two rates are fitted (`benchmarks/beside_lane_fit.py`) on the H200 step logs of the lane:
 the decode-only steps beside a chunk on 16, 24 or 32 SMs of three 8B runs (the serving trace
@@ -51,6 +55,7 @@ from mnemosyne.latency.composition import GroupLoad, StepComposition
 from mnemosyne.latency.model import LatencyModel
 
 LANE_STEP_HEADROOM = 0.9  # a step beside a lane chunk is planned within this fraction of its target
+LANE_DECODES_HEADROOM = 0.95  # ... and the decodes alone fit this fraction on the split `fewest_sms` picks
 E_WEIGHTS = 2.5  # the weights' reads on a confined SM, against an average SM of the whole device
 E_KEYS = 1.2  # the decode kernel's K/V reads by pointers, likewise (`LAUNCH_16BIT_CONFINED_POINTERS`)
 E_KEYS_BOXES = 1.7  # ... as TMA boxes (`decode_launch.LAUNCH_16BIT_CONFINED`)
@@ -156,13 +161,13 @@ class BesideLaneLatencyModel:
         self, decodes: StepComposition, num_sms: int, choices: Sequence[int], target_s: float
     ) -> int | None:
         """The fewest SMs of `choices` on which a step of `decodes` is predicted to fit
-        LANE_STEP_HEADROOM x `target_s`. None when none does but every SM would: the lane
+        LANE_DECODES_HEADROOM x `target_s`. None when none does but every SM would: the lane
         holds (the decodes need the whole device: one of 351K keys took 54 ms on 32 SMs
         beside a chunk, 16 ms alone). The most of them when not even every SM would fit; the
         fewest with no decode."""
         if not decodes.groups[0].num_decodes:  # no token gap to keep
             return min(choices)
-        bound_s = LANE_STEP_HEADROOM * target_s
+        bound_s = LANE_DECODES_HEADROOM * target_s
         for steps_sms in sorted(choices):
             if self.confined_s(decodes, steps_sms / num_sms) <= bound_s:
                 return steps_sms
