@@ -181,7 +181,9 @@ def trace_spec(ns: argparse.Namespace) -> TraceSpec:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # `timeout`'s SIGTERM: stop the server on the way out
+    # `timeout`'s SIGTERM: stop the server on the way out; during the trace the client writes what it
+    # measured and that run is analysed and kept, marked "interrupted" (`serving_trace_server.run_config`)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
             summary = analyze(trace, deadlines, run, ns.tbt_slo_ms)
             (ns.out / "runs" / f"{name}.json").write_text(json.dumps({"trace_id": tid, **summary}, indent=1))
             print(json.dumps({k: summary[k] for k in ("ttft", "tbt", "slo", "throughput")}), flush=True)
+            if run.get("interrupted"):  # cut short (a time limit): what it measured, no further configs
+                failed[name] = "interrupted: partial results"
+                break
     combined = write_combined(ns, spec, trace, tid, floors)
     if failed:
         raise SystemExit(f"configurations that failed: {failed}")

@@ -181,7 +181,7 @@ def analyze(trace: list[dict], deadlines: list[tuple[float, float]], run: dict, 
         for t, r, d, f in zip(trace, recs, deadlines, first, strict=True)
     ]  # fmt: skip
     for key in ("device", "date", "invocation", "libraries", "startup_s", "warmup_s", "bench_s", "server_exit_code", "server_summary", "server_metrics",
-                "server_command"):  # fmt: skip
+                "server_command", "interrupted"):  # fmt: skip
         res[key] = run.get(key)
     return res
 

@@ -27,6 +27,7 @@ CONFIGS: dict[str, list[str]] = {
 DEFAULT_CONFIGS = ("fcfs_fixed512", "fcfs_fixed2048", "lars_adaptive")  # the scheduling issue's three
 SERVER_METRICS = ("mnemosyne:tbt_slo_total", "mnemosyne:ttft_slo_total", "mnemosyne:num_preemptions_total")
 SERVER_HISTOGRAMS = ("mnemosyne:step_time_predicted_over_actual", "mnemosyne:prefill_chunk_tokens")
+BENCH_GRACE_S = 30.0  # an interrupted `bench serve`'s time to write what arrived
 
 
 def server_command(
@@ -63,8 +64,9 @@ def engine_summary(log: Path) -> list[str]:
 
 
 def _wait_logging(proc: subprocess.Popen, what: str, limit_s: float, log: Path) -> int:
-    """Wait for `proc` (killed past limit_s or on an interrupt), printing progress and the server
-    log's last line every 30 s; its exit code."""
+    """Wait for `proc` (killed past limit_s), printing progress and the server log's last line
+    every 30 s; its exit code. Interrupted (KeyboardInterrupt, re-raised), `proc` first gets
+    SIGTERM and BENCH_GRACE_S to stop: `bench serve` then writes what arrived."""
     t0 = time.monotonic()
     try:
         while True:
@@ -75,6 +77,14 @@ def _wait_logging(proc: subprocess.Popen, what: str, limit_s: float, log: Path) 
                 print(f"  {what}: {elapsed:.0f} s | server: {_last_line(log)}", flush=True)
                 if elapsed > limit_s:
                     raise RuntimeError(f"{what} ran past {limit_s:.0f} s") from None
+    except KeyboardInterrupt:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=BENCH_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -193,12 +203,20 @@ def run_config(
         with bench_log.open("w") as bench_f:
             proc = subprocess.Popen(bench, stdout=bench_f, stderr=subprocess.STDOUT)
             limit = ns.duration_s + ns.request_timeout_s + 120
-            rc = _wait_logging(proc, f"{name} trace", limit, log)
+            try:
+                rc = _wait_logging(proc, f"{name} trace", limit, log)
+            except KeyboardInterrupt:  # a time limit's SIGTERM: keep what the client measured
+                if not result_path.exists():
+                    raise
+                out["interrupted"] = True
+                rc = proc.returncode
+                print(f"== {name}: interrupted; the client's partial results are kept", flush=True)
         out["bench_s"] = time.monotonic() - t1
         print(bench_log.read_text()[-3000:], flush=True)
         if rc != 0 and not result_path.exists():
             raise RuntimeError(f"bench serve failed (exit {rc}); see {bench_log}")
-        out["server_metrics"] = read_server_metrics(url)
+        if not out.get("interrupted"):  # (interrupted, the server may be stopping too)
+            out["server_metrics"] = read_server_metrics(url)
         out["bench"] = json.loads(result_path.read_text())
     except BaseException:
         print(f"  server log tail ({log}):\n" + log.read_text(errors="replace")[-3000:], flush=True)

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import gc
 import json
+import signal
 import socket
 import threading
 import time
@@ -28,6 +29,7 @@ from mnemosyne.bench.serve import add_bench_serve_args, run_bench_serve
 FIRST_DELAY_S = 0.05  # the fake server's time to first token
 GAP_S = 0.02  # and between tokens
 MAX_MODEL_LEN = 64
+INTERRUPT_PROMPT_ID = 63  # a completion of this one-token prompt sends this process SIGINT after it
 
 
 # ----------------------------------------------------------------------------- fake server
@@ -76,6 +78,8 @@ def _fake_app() -> FastAPI:
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
         yield f"data: {json.dumps({**base, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
+        if body.get("prompt") == [INTERRUPT_PROMPT_ID]:  # the client's Ctrl-C, once this request is done
+            threading.Timer(0.05, signal.raise_signal, (signal.SIGINT,)).start()
 
     async def generate(request: Request, chat: bool) -> Any:
         body = await request.json()
@@ -421,3 +425,29 @@ def test_run_bench_serve_errors(server_url: str, capsys) -> None:
     ns.input_len, ns.output_len = 5, 2
     assert run_bench_serve(ns) == 1
     assert "refuses model 'bad'" in capsys.readouterr().err
+
+
+def test_run_bench_serve_interrupted_reports_what_arrived(server_url: str, tmp_path, capsys) -> None:
+    """SIGINT (or SIGTERM, a time limit's) mid-run: the requests in flight are cancelled and keep
+    their first token and gaps so far, the ones not sent say so, the finished ones are as
+    always, and the result file is written. The signal comes once the short request is done."""
+    path = tmp_path / "trace.jsonl"
+    lines = [([1], 50, 0.0), ([2], 50, 0.0), ([3], 50, 30.0), ([INTERRUPT_PROMPT_ID], 2, 0.1)]
+    path.write_text("".join(f'{{"prompt": {p}, "output_len": {n}, "arrival_s": {a}}}\n' for p, n, a in lines))
+    out = tmp_path / "result.json"
+    ns = _parse("--base-url", server_url, "--dataset", "file", "--dataset-path", str(path), "--no-progress")
+    ns.result_json = str(out)
+    t0 = time.monotonic()
+    assert run_bench_serve(ns) == 1
+    assert time.monotonic() - t0 < 10  # not the third request's 30 s
+    result = json.loads(out.read_text())
+    assert result["interrupted"] is True and result["summary"]["completed"] == 1
+    sent, not_sent, finished = result["requests"][:2], result["requests"][2], result["requests"][3]
+    for rec in sent:  # 50 tokens take ~1 s on the fake server: cut mid-stream
+        assert not rec["success"] and rec["error"] == "interrupted"
+        assert rec["ttft_s"] > 0 and 0 < len(rec["itl_s"]) < 49 and rec["output_len"] == len(rec["itl_s"]) + 1
+        assert rec["start_time"] >= 0
+    assert not not_sent["success"] and not_sent["error"].startswith("not sent") and not_sent["ttft_s"] == 0
+    assert finished["success"] and finished["error"] == "" and finished["output_len"] == 2
+    assert finished["start_time"] >= 0.1
+    assert "interrupted after" in capsys.readouterr().err

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from benchmarks.compare_serving_trace import measured_short_gaps_s, paired_ttft,
 from benchmarks.serve_gpu import write_tokenizer
 from benchmarks.serving_trace import main
 from benchmarks.serving_trace_data import TraceSpec, analyze, make_trace, trace_id
+from benchmarks.serving_trace_server import _wait_logging
 
 TRACE_ARGS = (
     *("--duration-s", "3", "--rate", "3", "--long-fraction", "0.3", "--seed", "1"),
@@ -197,3 +202,30 @@ def test_measured_short_gaps_and_rank(tmp_path: Path) -> None:
     assert rank_in(gaps, 0.02) == 0.5 and rank_in(gaps, 0.025) == 0.5 and rank_in(gaps, 0.005) == 0.0
     with pytest.raises(SystemExit, match="not the measured run"):
         measured_short_gaps_s(measured, "cfg", requests[:2] + [{"kind": "short", "prompt_len": 21}])
+
+
+def test_an_interrupted_wait_lets_the_client_write_what_it_measured(tmp_path) -> None:
+    """A time limit's signal while the trace runs: the client gets SIGTERM and time to write its
+    partial results (`bench serve` does, mnemosyne/bench/serve.py) before the interrupt goes on."""
+    done = tmp_path / "partial.json"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        f"def stop(*_): pathlib.Path({str(done)!r}).write_text('{{}}'); sys.exit(1)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    log = tmp_path / "server.log"
+    log.write_text("")
+    timer = threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _wait_logging(proc, "trace", 120.0, log)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    assert done.exists() and proc.returncode == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -83,15 +84,19 @@ async def send_request(
     api_key: str | None = None,
     extra: dict[str, Any] | None = None,
     body: bytes | None = None,
+    record: RequestRecord | None = None,
 ) -> RequestRecord:
-    """Send one streamed request and time it; never raises (failures become unsuccessful records).
-    `body`: the request already encoded (`encode_payload`), else it is encoded here.
+    """Send one streamed request and time it; never raises (failures become unsuccessful records)
+    but for cancellation. `body`: the request already encoded (`encode_payload`), else it is
+    encoded here. `record`: the record to fill as the stream arrives, else a new one; cancelled,
+    the task leaves it with what arrived so far and the error "interrupted".
 
     TTFT is the time from sending to the first chunk with generated text; `itl_s` holds the gaps
     between later text chunks; E2E ends at `data: [DONE]`. Token counts come from the final
     usage chunk (`stream_options.include_usage`).
     """
-    rec = RequestRecord(success=False, prompt_len=req.prompt_len)
+    rec = record if record is not None else RequestRecord(success=False)
+    rec.success, rec.error, rec.prompt_len = False, "", req.prompt_len
     url = base_url.rstrip("/") + ENDPOINTS.get(endpoint, "")
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -107,6 +112,10 @@ async def send_request(
     except Exception as e:  # network errors, timeouts, bad JSON: a failed request, not a crash
         rec.success = False
         rec.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    except asyncio.CancelledError:
+        rec.success = False
+        rec.error = "interrupted"
+        raise
     return rec
 
 
@@ -140,6 +149,7 @@ async def _read_stream(resp: httpx.Response, endpoint: str, rec: RequestRecord, 
                 rec.itl_s.append(now - last)
             last = now
             chunks += 1
+            rec.output_len = chunks  # so far (an interrupted stream keeps it); the usage's count below
     rec.e2e_s = time.perf_counter() - start
     if not done:
         rec.error = "the stream ended before data: [DONE]"

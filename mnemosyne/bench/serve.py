@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
 import os
+import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -156,8 +158,11 @@ async def _trace_arrivals(arrivals_s: list[float], start: float) -> AsyncIterato
         yield i
 
 
-async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float, str]:
-    """Send all requests on their arrival schedule; (records, duration in seconds, model name)."""
+async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float, str, bool]:
+    """Send all requests on their arrival schedule; (records in dataset order, duration in
+    seconds, model name, whether SIGINT / SIGTERM stopped it). Stopped, the requests in flight
+    are cancelled and keep what arrived (error "interrupted"), the ones not yet sent say so:
+    the caller reports and writes what was measured (a benchmark cut short by a time limit)."""
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
     timeout = httpx.Timeout(ns.timeout_s, connect=min(ns.timeout_s, 30.0))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -171,37 +176,82 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
             model = str(data[0]["id"])
         reqs = await _load_requests(ns, client, model, headers)
         bodies = [encode_payload(ns.endpoint, model, r) for r in reqs]  # before the clock (encode_payload)
+        records = [RequestRecord(success=False, error=NOT_SENT, prompt_len=r.prompt_len) for r in reqs]
         sem = asyncio.Semaphore(ns.max_concurrency) if ns.max_concurrency else None
         bar = tqdm(total=len(reqs), disable=ns.no_progress, file=sys.stderr, desc="requests")
 
-        async def one(i: int) -> RequestRecord:
-            send = send_request(client, ns.base_url, ns.endpoint, model, reqs[i], ns.api_key, body=bodies[i])
+        async def one(i: int) -> None:
+            send = send_request(
+                client, ns.base_url, ns.endpoint, model, reqs[i], ns.api_key, body=bodies[i], record=records[i]
+            )
             if sem is None:
-                rec = await send
+                await send
             else:
                 async with sem:
-                    rec = await send
+                    await send
             bar.update(1)
-            return rec
 
         # This process imports torch too: a full garbage collection would pause every stream's
         # timing ~80 ms (mnemosyne/gc_heap.py); the heap is frozen for the run, thawed after it.
         freeze_startup_heap()
-        try:
-            start = time.perf_counter()
-            if reqs[0].arrival_s is not None:  # a trace: every request has its time
-                schedule = _trace_arrivals([float(r.arrival_s or 0.0) for r in reqs], start)
-            else:
-                schedule = _arrivals(len(reqs), ns.request_rate, ns.burstiness, ns.seed)
-            tasks = {i: asyncio.create_task(one(i)) async for i in schedule}
-            records = list(await asyncio.gather(*(tasks[i] for i in range(len(reqs)))))  # in dataset order
-            duration = time.perf_counter() - start
-        finally:
-            gc.unfreeze()
+        tasks: list[asyncio.Task] = []
+        with _stopped_by_signals() as stopped:
+            try:
+                start = time.perf_counter()
+                if reqs[0].arrival_s is not None:  # a trace: every request has its time
+                    schedule = _trace_arrivals([float(r.arrival_s or 0.0) for r in reqs], start)
+                else:
+                    schedule = _arrivals(len(reqs), ns.request_rate, ns.burstiness, ns.seed)
+                async for i in schedule:
+                    tasks.append(asyncio.create_task(one(i)))
+                await asyncio.gather(*tasks)
+            except asyncio.CancelledError:
+                if not stopped.is_set():
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]  # handled: the run goes on
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                duration = time.perf_counter() - start
+                gc.unfreeze()
         bar.close()
         for rec in records:
-            rec.start_time -= start  # seconds since the benchmark started
-    return records, duration, model
+            if rec.error != NOT_SENT:
+                rec.start_time -= start  # seconds since the benchmark started
+    return records, duration, model, stopped.is_set()
+
+
+NOT_SENT = "not sent: the benchmark was interrupted"
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[asyncio.Event]:
+    """While inside: SIGINT or SIGTERM sets the event and cancels the current task (once;
+    the handlers are removed on the way out). Where the loop cannot take signal handlers (not
+    the main thread), nothing is installed."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    stopped = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def stop() -> None:
+        if not stopped.is_set() and task is not None:
+            stopped.set()
+            task.cancel()
+
+    installed = []
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, stop)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no Unix signals
+            pass
+    try:
+        yield stopped
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def _jsonable(value: Any) -> Any:
@@ -213,10 +263,12 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _write_result(path: str, ns: argparse.Namespace, model: str, summary: dict, records: list) -> None:
+def _write_result(
+    path: str, ns: argparse.Namespace, model: str, summary: dict, records: list, interrupted: bool
+) -> None:
     args = {k: _jsonable(v) for k, v in vars(ns).items() if k != "api_key" and not callable(v)}
     args["model"] = model
-    result = {"args": args, "summary": summary, "requests": [asdict(r) for r in records]}
+    result = {"args": args, "interrupted": interrupted, "summary": summary, "requests": [asdict(r) for r in records]}
     Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
@@ -224,14 +276,22 @@ def run_bench_serve(ns: argparse.Namespace) -> int:
     """Run the benchmark described by `ns`; print the table. 0 if any request succeeded, else 1."""
     try:
         _validate(ns)
-        records, duration, model = asyncio.run(_benchmark(ns))
+        records, duration, model, interrupted = asyncio.run(_benchmark(ns))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = summarize(records, duration, ns.slo_ttft_ms, ns.slo_tbt_ms)
     print(format_table(summary))
     if ns.result_json:
-        _write_result(ns.result_json, ns, model, summary, records)
+        _write_result(ns.result_json, ns, model, summary, records, interrupted)
+    if interrupted:
+        num_sent = sum(r.error != NOT_SENT for r in records)
+        print(
+            f"interrupted after {duration:.1f} s: {sum(r.success for r in records)} of {len(records)} requests "
+            f"finished, {num_sent} sent; what arrived is reported" + (f" in {ns.result_json}" if ns.result_json else ""),
+            file=sys.stderr,
+        )
+        return 1
     failed = [r for r in records if not r.success]
     if failed:
         print(
