@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.probes.cudnn_segments import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, flops, random_caches, timed_ms
-from benchmarks.probes.two_lane_overlap import as_graph, decode_lane, make_weights
+from benchmarks.probes.two_lane_overlap import as_graph, decode_lane, make_weights, with_carveout
 from mnemosyne.kernels import DENSE_SEGMENT_TOKENS, EXACT_SEGMENT_KEYS
 from mnemosyne.kernels.cudnn_prefill import DenseChunk, _bshd, _cudnn, dense_chunk_attention
 from mnemosyne.worker.green_context import split_sms
@@ -60,19 +60,15 @@ GEMMS = {
 }  # fmt: skip  (in, out)
 
 
-def with_carveout(fn: Callable[[], object], num_sms: int, lt: bool) -> Callable[[], object]:
-    """`fn` with cuBLAS sizing its GEMMs for the device less `num_sms` SMs (on cuBLASLt if
-    `lt`); both settings are torch's process-wide ones, restored after the call."""
+def on_cublaslt(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` with torch's process-wide BLAS backend set to cuBLASLt, restored after the call."""
 
     def run() -> object:
         backend = torch.backends.cuda.preferred_blas_library()
-        torch._C._set_sm_carveout_experimental(num_sms)
-        if lt:
-            torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch.backends.cuda.preferred_blas_library("cublaslt")
         try:
             return fn()
         finally:
-            torch._C._set_sm_carveout_experimental(None)
             torch.backends.cuda.preferred_blas_library(backend)
 
     return run
@@ -109,11 +105,9 @@ def ops(c: int, p: int, device: torch.device, carveout: int) -> dict[str, tuple[
         x = torch.randn(c, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         table_ops[name] = (lambda x=x, w=w: F.linear(x, w), 2.0 * c * k * n)
-        table_ops[f"{name}_carveout"] = (with_carveout(table_ops[name][0], carveout, False), 2.0 * c * k * n)
-        table_ops[f"{name}_lt_carveout"] = (
-            with_carveout(table_ops[name][0], carveout, True),
-            2.0 * c * k * n,
-        )
+        carved = with_carveout(table_ops[name][0], carveout)
+        table_ops[f"{name}_carveout"] = (carved, 2.0 * c * k * n)
+        table_ops[f"{name}_lt_carveout"] = (on_cublaslt(carved), 2.0 * c * k * n)
     return table_ops
 
 

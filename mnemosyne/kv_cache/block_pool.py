@@ -214,29 +214,21 @@ class BlockPool:
         """A new run of num_blocks (the module docstring's order): best fit for the room of
         num_blocks + num_blocks_ahead past the claims, then the fallbacks."""
         room = num_blocks + num_blocks_ahead
-        for s, e in self._free.smallest_at_least(room, PLACEMENT_SCAN_RUNS):
-            lo = s + self._claim(s)
-            if e - lo >= room:
-                return self._free.take(s, lo, lo + num_blocks)
-        runs = [
-            (s, s + self._claim(s), e)
-            for s, e in self._free.largest(PLACEMENT_SCAN_RUNS)
-            if e - s >= num_blocks
-        ]
-        for s, lo, e in runs:
-            if e - lo >= room:
-                return self._free.take(s, lo, lo + num_blocks)
+        runs = [(s, e) for s, e in self._free.largest(PLACEMENT_SCAN_RUNS) if e - s >= num_blocks]
+        placed = self._past_claim(self._free.smallest_at_least(room, PLACEMENT_SCAN_RUNS), room, num_blocks)
+        if placed is None:
+            placed = self._past_claim(runs, room, num_blocks)
+        if placed is not None:
+            return placed
         if runs:
-            s, lo, e = runs[0]
+            s, e = runs[0]
             mid = min(s + (e - s) // 2, e - num_blocks)
-            if num_blocks_ahead and lo > s and e - mid >= room:
+            if num_blocks_ahead and self._claim(s) and e - mid >= room:
                 return self._free.take(s, mid, mid + num_blocks)
-        for s, lo, e in runs:
-            if e - lo >= num_blocks:
-                return self._free.take(s, lo, lo + num_blocks)
-        if runs:
-            s, _, e = runs[0]
-            lo = min(s + (e - s) // 2, e - num_blocks) if num_blocks_ahead else e - num_blocks
+            placed = self._past_claim(runs, num_blocks, num_blocks)
+            if placed is not None:
+                return placed
+            lo = mid if num_blocks_ahead else e - num_blocks
             return self._free.take(s, lo, lo + num_blocks)
         chosen: list[tuple[int, int]] = []
         need = num_blocks
@@ -246,6 +238,15 @@ class BlockPool:
             if not need:
                 break
         return [b for s, k in chosen for b in self._free.take(s, s, s + k)]
+
+    def _past_claim(self, runs: list[tuple[int, int]], need: int, num_blocks: int) -> list[int] | None:
+        """num_blocks right past the claim of the first of `runs` whose unclaimed part holds
+        `need` blocks, or None."""
+        for s, e in runs:
+            lo = s + self._claim(s)
+            if e - lo >= need:
+                return self._free.take(s, lo, lo + num_blocks)
+        return None
 
     def incref(self, block_ids: Iterable[int]) -> None:
         """Add one reference to each (already referenced) block."""
