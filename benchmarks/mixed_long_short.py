@@ -117,8 +117,8 @@ def use_policies(engine, cfg: dict, tbt_slo_ms: float, tbt_slo_quantile: float, 
     engine.policies = make_policies(engine.config, engine.kv_manager)
     engine.scheduler.chunk_policy = engine.policies.chunk_policy
     engine.scheduler.priority = engine.policies.priority
-    if engine.lane is not None and engine.policies.beside_lane is not None:
-        engine.lane.beside, engine.lane.target_s = engine.policies.beside_lane, policy.tbt_slo_s
+    if engine.lane is not None and engine.policies.lane_split is not None:
+        engine.lane.split, engine.lane.beside = engine.policies.lane_split, engine.policies.lane_split.beside
 
 
 def step_paths(engine) -> dict[str, int]:

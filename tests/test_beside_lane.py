@@ -74,11 +74,33 @@ def test_the_scale_is_learned_from_decode_steps_only():
         m.observe(d, share, 1.3 * m.confined_s(d, share) / m.scale)
     assert m.scale == pytest.approx(1.3, rel=1e-3)
     before = m.scale
-    m.observe(StepComposition.single(d.groups[0].plus_chunk(100, 500)), share, 1.0)  # a chunk: not learned
+    m.observe(StepComposition.single(d.groups[0].plus_chunk(100, 500)), share, 1.0)  # a chunk: k's, not m's
     m.observe(decodes(0, 0), share, 1.0)  # no decode: not learned
     assert m.scale == before
     m.observe(d, share, m.confined_s(d, share) * 1.1 / 1.3)  # 1.1x the unscaled model
     assert m.scale == pytest.approx(before + SCALE_WEIGHT * (1.1 - before))
+
+
+def test_steps_with_decodes_and_chunks_learn_a_scale_per_split():
+    """k(S): steps with decodes and a chunk on 24 SMs that run 1.2x the model scale the
+    predictions of such steps on 24 SMs only: not on 16, not decode-only steps, not steps of
+    chunks alone (which are not learned from)."""
+    m = model()
+    d = decodes(32, 1000)
+    mixed = StepComposition.single(d.groups[0].plus_chunk(100, 500))
+    chunk_only = StepComposition.single(GroupLoad().plus_chunk(100, 500))
+    on16, on24 = 16 / 128, 24 / 128
+    before = {(c, s): m.confined_s(c, s) for c in (d, mixed, chunk_only) for s in (on16, on24)}
+    m.observe(mixed, on24, 1.2 * before[mixed, on24])
+    assert m.chunk_scales == {on24: pytest.approx(1 + SCALE_WEIGHT * 0.2)}
+    for _ in range(200):
+        m.observe(mixed, on24, 1.2 * before[mixed, on24])
+        m.observe(chunk_only, on16, 5.0)  # no decode: no token waits, not learned
+    assert m.confined_s(mixed, on24) == pytest.approx(1.2 * before[mixed, on24], rel=1e-3)
+    assert m.confined_s(mixed, on16) == pytest.approx(before[mixed, on16])
+    assert m.confined_s(d, on24) == pytest.approx(before[d, on24])  # the decodes' split is m's alone
+    assert m.confined_s(chunk_only, on24) == pytest.approx(before[chunk_only, on24])
+    assert m.scale == 1.0
 
 
 def test_fewest_sms_that_fit_the_target_or_the_hold():

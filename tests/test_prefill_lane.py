@@ -285,6 +285,7 @@ class FakeLaneExecutor:
 def three_decodes_and_a_long_prompt(beside: BesideLaneLatencyModel):
     """3 short requests decoding (10 keys each) and a 200-token prompt after its first chunk in
     the steps, with a LaneDriver over `beside` and a FakeLaneExecutor (128 SMs, 16-32 free)."""
+    from mnemosyne.engine.lane_split import LaneSplitChooser
     from mnemosyne.engine.prefill_lane import LaneDriver
     from mnemosyne.engine.step_plan import PlanBuilder
 
@@ -298,7 +299,7 @@ def three_decodes_and_a_long_prompt(beside: BesideLaneLatencyModel):
     run_main(s)  # the long prompt's first chunk in the steps
     ex = FakeLaneExecutor()
     driver = LaneDriver(
-        s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, beside, 0.03
+        s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, LaneSplitChooser(beside, 0.03)
     )
     return s, shorts, long, ex, driver
 
@@ -314,7 +315,7 @@ def test_lane_driver_gives_each_chunk_the_sms_the_decodes_need():
     load = s.decode_load().groups[0]
     assert (load.num_decodes, load.decode_kv_tokens) == (3, 3 * 10)  # 8 prompt + 1 sampled + its own
     driver.advance(0.0)
-    assert ex.submitted == [24, 24]
+    assert ex.submitted == [24]  # one at a time: the next once this one nears its end
     assert beside.steps_share == 24 / 128
     d = s.decode_load()
     measured_s = beside.confined_s(d, 24 / 128) * 1.2  # the device 20% slower than modelled
@@ -338,7 +339,7 @@ def test_the_lane_holds_while_the_decodes_need_every_sm():
     for r in shorts:
         s.finish_request(r.request_id, RequestStatus.FINISHED_ABORTED)
     driver.advance(0.0)  # no decode left: a split fits, the lane resumes after the steps' chunks
-    assert ex.submitted == [16, 16] and s.lane_busy
+    assert ex.submitted == [16] and s.lane_busy
     assert [c.request.request_id for c in run_main(s).chunks] == []  # the steps skip the owner again
 
 

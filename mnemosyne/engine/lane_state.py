@@ -6,8 +6,9 @@ must not free yet (engine/scheduler.py draws the lane; engine/prefill_lane.py ru
                    it has lane work left, also below `min_prompt_tokens` (displaced by a more
                    urgent prompt, it queues instead of prefilling beside the lane)
     in_flight      its lane chunks launched and not yet processed, oldest first (at most
-                   MAX_LANE_CHUNKS_IN_FLIGHT: the next chunk is queued on the lane's stream
-                   while one runs, so the lane never idles between chunks)
+                   MAX_LANE_CHUNKS_IN_FLIGHT: the driver queues the next chunk on the lane's
+                   stream shortly before the running one ends, so the lane does not idle
+                   between chunks, engine/prefill_lane.py)
     deferred_free  requests finished (done, aborted) with lane chunks in flight: their KV is
                    freed when the last of those chunks is processed, since the lane may still
                    write it; no lane chunk's request is ever a preemption victim

@@ -114,13 +114,13 @@ class LLMEngine:
             from mnemosyne.executor.uniproc import UniProcExecutor
 
             assert isinstance(self.executor, UniProcExecutor)  # one device (EngineConfig checks)
-            assert self.policies.beside_lane is not None  # made with every lane
+            assert self.policies.lane_split is not None  # made with every lane
             chunk_tokens = config.scheduler.prefill_lane.chunk_tokens
             self.lane = LaneDriver(
                 self.scheduler, self.planner, self.executor, self._process,
                 lambda sched: lane_chunk_alone_s(
                     self.policies.latency_model, step_composition(self.kv_manager, sched), chunk_tokens
-                ), self.step_log, self.policies.beside_lane, config.policy.tbt_slo_s,
+                ), self.step_log, self.policies.lane_split,
             )  # fmt: skip
         self._last_result_time = 0.0  # time.monotonic() when the latest step's result arrived
         self._busy_since_result = False  # a result arrived and the engine has not idled since

@@ -20,6 +20,7 @@ from mnemosyne.config import EngineConfig
 from mnemosyne.config_policy import ChunkPolicyKind, SchedulingPolicyKind
 from mnemosyne.engine.adaptive_chunking import AdaptiveChunkPolicy
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
+from mnemosyne.engine.lane_split import LaneSplitChooser, StepChunks
 from mnemosyne.engine.prefill_time import PrefillTimeTable
 from mnemosyne.engine.priority import FCFSPriority, LARSPriority, PriorityPolicy
 from mnemosyne.errors import ConfigError
@@ -50,6 +51,7 @@ class SchedulingPolicies:
     prefill_time: PrefillTimeTable
     calibration: OnlineCalibration | None = None  # fed every processed step; None: no correction
     beside_lane: BesideLaneLatencyModel | None = None  # the steps beside a prefill lane (with a lane)
+    lane_split: LaneSplitChooser | None = None  # each lane chunk's split of the SMs (with a lane)
 
 
 def device_name(device: str) -> str:
@@ -169,6 +171,15 @@ def make_policies(
             long_prefill_threshold_tokens=pc.long_prefill_threshold_tokens,
             max_decoding_step_tokens=pc.max_decoding_step_tokens,
         )
+        chunks = StepChunks(
+            pc.chunk_granularity_tokens,
+            pc.min_chunk_tokens,
+            pc.max_decoding_step_tokens or config.scheduler.max_num_batched_tokens,
+        )
     else:
         chunk_policy = FixedChunkPolicy(config.scheduler.chunk_size)
-    return SchedulingPolicies(chunk_policy, priority, model, source, prefill_time, calibration, beside_lane)
+        chunks = StepChunks(*(config.scheduler.chunk_size,) * 3)
+    lane_split = LaneSplitChooser(beside_lane, pc.tbt_slo_s, lars, chunks) if beside_lane is not None else None
+    return SchedulingPolicies(
+        chunk_policy, priority, model, source, prefill_time, calibration, beside_lane, lane_split
+    )

@@ -258,6 +258,24 @@ class Scheduler:
         """The decodes as one step: what every step beside the next lane chunk must fit."""
         return LaneState.decode_load(self._running.values(), self.kv_manager)
 
+    def steps_prompts(self) -> list[Request]:
+        """The prompts the steps prefill beside the lane, most urgent first: the running ones
+        with tokens to dispatch that are not the lane's (`LaneState.may_own`), and the
+        waiting ones that will not queue for it."""
+        lane = self.config.prefill_lane
+        if lane is None:
+            return []
+        prompts = [
+            r for r in self._running.values()
+            if r.is_prefill and r.num_tokens > r.num_dispatched_tokens and not self._lane.may_own(lane, r)
+        ]  # fmt: skip
+        prompts += [r for r in self._waiting.values() if not LaneState.qualifies(lane, r)]
+        return self._sorted(prompts, self._clock())
+
+    @property
+    def lane_owner(self) -> Request | None:
+        return self._lane.owner
+
     def hold_lane(self, held: bool) -> None:
         """Hold the lane (no chunk launches; its owner and queue go to the steps) or release it."""
         self._lane.held = held

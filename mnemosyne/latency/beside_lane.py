@@ -15,6 +15,8 @@
            whole device's bandwidth (which it cannot fill on its own), or computes at e times
            an average SM's share of its peak FLOPs
     m: measured / modelled, a running mean over the decode-only steps beside the lane (prior 1)
+    k(S): measured / modelled of the steps with decodes and chunks on S SMs, a running mean per
+          split (prior 1), times the whole prediction of such a step
 
 The chunks' time on S SMs is their FLOPs there, not their time on every SM scaled: a short
 chunk's time on every SM is mostly launches and latency (32 tokens: 1.8 ms of which 0.7 are
@@ -29,6 +31,11 @@ for the decodes alone within LANE_DECODES_HEADROOM: decode-only steps beside a c
 less, their p99 within 1.03-1.045x their p50 at each context (8B mixed scenario, 16 SMs,
 thirty-first session), and every SM more for the steps is one fewer for the lane (its chunks
 took ~8% longer with 24 SMs left to the steps than with 16).
+
+k(S) because the chunks' rate is not one number: in the 8B serving trace (thirty-second
+session) the steps with decodes and a short prompt's chunk took a median 1.00x the model on 16
+SMs, 1.17x (p90 1.42x) on 24 and 1.08x on 32; the few on 24, planned within 27 ms, took up to
+37.8 ms.
 
 The two rates are fitted (`benchmarks/beside_lane_fit.py`) on the H200 step logs of the lane:
 the decode-only steps beside a chunk on 16, 24 or 32 SMs of three 8B runs (the serving trace
@@ -118,6 +125,7 @@ class BesideLaneLatencyModel:
         self.layout = inner.layout
         self.steps_share: float | None = None  # the steps' share of the SMs now; None: all of them
         self.scale = 1.0  # m
+        self.chunk_scales: dict[float, float] = {}  # k(S), by the steps' share S / N
 
     def step_time_s(self, composition: StepComposition) -> float:
         """The time to plan a step against: `inner`'s on every SM; beside a lane chunk the
@@ -136,7 +144,10 @@ class BesideLaneLatencyModel:
         chunks_s = max(0.0, whole_s - frame_s)
         flops_s = max(0.0, self.compute_s(composition.groups[0]) - self.compute_s(frame.groups[0]))
         chunks_s = max(chunks_s, flops_s * _slowdown(steps_share, self.chunks_rate))
-        return self.scale * self._decodes_s(frame, frame_s, steps_share) + chunks_s
+        step_s = self.scale * self._decodes_s(frame, frame_s, steps_share) + chunks_s
+        if composition.groups[0].num_decodes:
+            step_s *= self.chunk_scales.get(steps_share, 1.0)
+        return step_s
 
     def _decodes_s(self, decodes: StepComposition, decodes_s: float, steps_share: float) -> float:
         """The decodes' step (`decodes_s` on every SM) on `steps_share` of the SMs, before m."""
@@ -148,10 +159,16 @@ class BesideLaneLatencyModel:
         return fixed_s + weights_s + keys_s * _slowdown(steps_share, self.keys_rate)
 
     def observe(self, composition: StepComposition, steps_share: float, measured_s: float) -> None:
-        """A step that ran on `steps_share` of the SMs beside a lane chunk took `measured_s`;
-        decode-only steps teach m (others hold chunks whose own scaling is assumed)."""
+        """A step that ran on `steps_share` of the SMs beside a lane chunk took `measured_s`:
+        a decode-only step teaches m, one with decodes and chunks k(its share) (steps of chunks
+        alone keep no token waiting, and are not learned from)."""
         g = composition.groups[0]
-        if g.num_chunks or not g.num_decodes or measured_s <= 0:
+        if not g.num_decodes or measured_s <= 0:
+            return
+        if g.num_chunks:
+            k = self.chunk_scales.get(steps_share, 1.0)
+            modelled_s = self.confined_s(composition, steps_share) / k
+            self.chunk_scales[steps_share] = k + SCALE_WEIGHT * (measured_s / modelled_s - k)
             return
         modelled_s = self._decodes_s(composition, self.base.step_time_s(composition), steps_share)
         if modelled_s > 0:

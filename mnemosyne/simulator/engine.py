@@ -69,6 +69,7 @@ from mnemosyne.engine.step_load import step_composition
 from mnemosyne.engine.step_plan import PlanBuilder
 from mnemosyne.errors import ConfigError
 from mnemosyne.kv_cache.manager import KVCacheManager
+from mnemosyne.latency.beside_lane import lane_chunk_alone_s
 from mnemosyne.latency.composition import StepComposition
 from mnemosyne.latency.model import LatencyModel
 from mnemosyne.latency.roofline import DeviceSpec
@@ -165,14 +166,16 @@ class SimulatedEngine:
                 raise ConfigError(
                     "simulating the prefill lane needs the GPU's SM count (a --gpu that has one)"
                 )
-            assert self.policies.beside_lane is not None  # made with every lane
+            assert self.policies.lane_split is not None  # made with every lane
             self.virtual_lane = VirtualLane(
                 latency_model, num_sms, lane.steps_sms_choices, lambda: self.now_s, lane.chunk_tokens
             )
             self.lane = LaneDriver(
                 self.scheduler, PlanBuilder(self.scheduler, self.kv_manager), self.virtual_lane,
-                lambda sched, result: self._process_lane(sched), lambda sched: 0.0, None,
-                self.policies.beside_lane, config.policy.tbt_slo_s,
+                lambda sched, result: self._process_lane(sched),
+                lambda sched: lane_chunk_alone_s(
+                    latency_model, step_composition(self.kv_manager, sched), lane.chunk_tokens
+                ), None, self.policies.lane_split, clock=lambda: self.now_s,
             )  # fmt: skip
 
     def add_request(
