@@ -11,6 +11,7 @@ from test_scheduler import make_req
 
 from mnemosyne.config import CacheConfig, SchedulerConfig
 from mnemosyne.engine.lane_split import LaneSplitChooser, StepChunks
+from mnemosyne.engine.lane_state import LaneHold
 from mnemosyne.engine.prefill_lane import (
     LANE_CHUNK_RUN_SCALE,
     LANE_LAUNCH_LEAD_FRACTION,
@@ -96,10 +97,11 @@ def test_without_lars_or_prompts_the_split_is_the_decodes_fewest():
     for dec, fewest in ((D0, 32), (decodes(1, 7000), 64), (decodes(1, 20000), None)):
         assert chooser().beside.fewest_sms(dec, N, CHOICES, TARGET_S) == fewest
         late = prompt("q", 100, 1.0)  # late on every split
-        assert choose(chooser(with_lars=False), [late], owner(1000), dec=dec) == fewest
-        assert choose(chooser(), [], owner(1000), dec=dec) == fewest
+        expected = LaneHold.FOR_DECODES if fewest is None else fewest
+        assert choose(chooser(with_lars=False), [late], owner(1000), dec=dec) == expected
+        assert choose(chooser(), [], owner(1000), dec=dec) == expected
     c = chooser()  # the decodes need every SM: a hold whatever the prompts, not one for them
-    assert choose(c, [late], owner(1000), dec=decodes(1, 20000)) is None
+    assert choose(c, [late], owner(1000), dec=decodes(1, 20000)) is LaneHold.FOR_DECODES
     assert c.num_holds_for_prompts == 0
 
 
@@ -123,7 +125,7 @@ def test_a_late_prompt_holds_the_lane_when_held_is_sooner_and_the_owner_spares_i
     5 + 60 = 65 ms, + the 14 ms idle = 79 <= 90: hold. A 15-ms drain: 29 > 26.7, no sooner
     held: the decodes' split."""
     c = chooser()
-    assert choose(c, [prompt("q", 100, 10)], owner(90), drain_ms=5) is None
+    assert choose(c, [prompt("q", 100, 10)], owner(90), drain_ms=5) is LaneHold.FOR_PROMPTS
     assert c.num_holds_for_prompts == 1
     assert choose(c, [prompt("q", 100, 10)], owner(90), drain_ms=15) == 32
     assert c.num_holds_for_prompts == 1
@@ -145,7 +147,7 @@ def test_an_owner_late_either_way_yields_only_to_a_prompt_with_less_relative_sla
     q = prompt("q", 100, 10)
     assert c.lars.slack_fraction(q, NOW) == pytest.approx(-0.02)
     assert c.lars.slack_fraction(owner(62), NOW) == pytest.approx(0.02)
-    assert choose(c, [q], owner(62)) is None
+    assert choose(c, [q], owner(62)) is LaneHold.FOR_PROMPTS
     assert c.lars.slack_fraction(owner(50), NOW) == pytest.approx(-0.1)
     assert choose(c, [q], owner(50)) == 32
     assert c.num_holds_for_prompts == 1
@@ -184,6 +186,20 @@ def test_steps_prompts_are_the_short_prefills_most_urgent_first():
     plain = Scheduler(SchedulerConfig(256, 16, 16, 8), KVCacheManager(CacheConfig(4, (64,), None)))
     plain.add_request(req("w", 10))
     assert plain.steps_prompts() == []
+
+
+def test_a_waiting_prompt_that_cannot_be_admitted_is_not_a_steps_prompt():
+    """A waiting prompt whose whole prompt the free blocks cannot hold (the owner holds them)
+    is not counted: holding the lane for it would stall the owner that must free them."""
+    s, kv = lane_sched(budget=8, chunk=8, num_blocks=16)  # 64 tokens of KV, 4 a block
+    s.add_request(req("long", 60))
+    run_main(s)  # its first 8 tokens
+    for _ in range(2):  # two 16-token lane chunks in flight: 40 tokens, 10 blocks
+        assert s.schedule_lane() is not None
+    s.add_request(req("small", 12))  # 3 blocks: admissible
+    s.add_request(big := req("big", 30))  # 8 blocks: more than the 6 the owner leaves free
+    assert kv.num_free_blocks_total == 6
+    assert [r.request_id for r in s.steps_prompts()] == ["small"] and big not in s.steps_prompts()
 
 
 class GatedLaneExecutor(FakeLaneExecutor):
@@ -273,3 +289,23 @@ def test_the_driver_learns_a_chunks_run_from_its_device_time_else_its_clock_time
     clock.now = 1.66  # 0.16 s since it was launched: ratio 0.16 / 0.1143 = 1.4
     driver.advance(0.0)
     assert driver.run_scale == pytest.approx(scale + SCALE_WEIGHT * (1.4 - scale))  # 1.2128
+
+
+def test_a_hold_for_prompts_keeps_the_owner_out_of_the_steps():
+    """Held for the steps' prompts, the lane launches nothing and its owner still waits, so the
+    prompts have the steps; held for the decodes, with no chunk in flight, the owner prefills
+    in the steps (mixed batching on every SM)."""
+    s, _ = lane_sched(budget=8, chunk=8, num_blocks=64)
+    long = req("long", 60)
+    s.add_request(long)
+    run_main(s)  # its admission chunk in the steps
+    assert s.claim_lane() and s.lane_owner is long
+    s.hold_lane(LaneHold.FOR_PROMPTS)
+    s.add_request(req("short", 20))  # under LANE's 40 tokens: never the lane's
+    for _ in range(2):
+        assert [c.request.request_id for c in run_main(s).chunks] == ["short"]
+        assert s.schedule_lane() is None
+    s.hold_lane(LaneHold.FOR_DECODES)
+    assert "long" in [c.request.request_id for c in run_main(s).chunks]
+    s.hold_lane(LaneHold.NONE)
+    assert s.schedule_lane() is not None  # the lane resumes once the owner's steps chunk is done

@@ -13,6 +13,7 @@ from test_scheduler import make_req
 
 from mnemosyne import LLM, SamplingParams
 from mnemosyne.config import CacheConfig, PrefillLaneConfig, SchedulerConfig
+from mnemosyne.engine.lane_state import LaneHold
 from mnemosyne.engine.prefill_time import PrefillTimeTable
 from mnemosyne.engine.priority import LARSPriority
 from mnemosyne.engine.scheduler import Scheduler
@@ -298,9 +299,8 @@ def three_decodes_and_a_long_prompt(beside: BesideLaneLatencyModel):
     s.add_request(long)
     run_main(s)  # the long prompt's first chunk in the steps
     ex = FakeLaneExecutor()
-    driver = LaneDriver(
-        s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, LaneSplitChooser(beside, 0.03)
-    )
+    split = LaneSplitChooser(beside, 0.03)
+    driver = LaneDriver(s, PlanBuilder(s, kv), ex, lambda sched, result: [], lambda sched: 0.0, None, split)
     return s, shorts, long, ex, driver
 
 
@@ -361,7 +361,7 @@ def test_a_held_lane_keeps_its_prompts_out_of_the_steps_until_its_chunks_are_don
         s.update_from_output(in_flight.pop(0), {})
         s.lane_done()
     assert s.claim_lane() and s.lane_busy  # second owns the lane; first's last chunk runs
-    s.hold_lane(True)  # the decodes need every SM
+    s.hold_lane(LaneHold.FOR_DECODES)
     for _ in range(3):
         assert "second" not in [c.request.request_id for c in run_main(s).chunks]
     for out in in_flight:

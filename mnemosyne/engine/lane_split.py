@@ -3,7 +3,7 @@
 
     D        the decodes, as one step (`Scheduler.decode_load`)
     S_0      the fewest SMs of the choices on which D fits (`BesideLaneLatencyModel.fewest_sms`);
-             none (D needs every SM): hold
+             none (D needs every SM): hold for the decodes (`LaneHold.FOR_DECODES`)
     Q        the prompts the steps prefill beside the lane, most urgent first
              (`Scheduler.steps_prompts`): q_1 .. q_k with r_i tokens left, due_i = arrival +
              TTFT deadline (LARS; without deadlines, FCFS, the split is S_0)
@@ -15,7 +15,8 @@
     end_i(held)    = now + drain + (r_1 + .. + r_i) / rate(every SM)  the chunks in flight end first
 
     the split = the fewest S >= S_0 of the choices with every end_i(S) <= due_i
-    else hold   iff a q_i late on the widest split ends sooner held (the first such: q), and the
+    else hold for the prompts (`LaneHold.FOR_PROMPTS`: the owner waits, the prompts have the steps)
+                iff a q_i late on the widest split ends sooner held (the first such: q), and the
                 owner can spare the lane's idle time I = (r_1 + .. + r_k) / rate(every SM):
                     end = now + drain + remaining(owner)     (LARS's prediction, as `overtakes`)
                     end + I <= due(owner)                    it still meets its deadline, or
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from mnemosyne.engine.lane_state import LaneHold
 from mnemosyne.engine.priority import LARSPriority
 from mnemosyne.latency.beside_lane import LANE_STEP_HEADROOM, BesideLaneLatencyModel
 from mnemosyne.latency.composition import StepComposition
@@ -53,7 +55,7 @@ class StepChunks:
 
 class LaneSplitChooser:
     """The next lane chunk's split (module docstring): `choose` gives the SMs it leaves the
-    steps, or None for a hold. `beside` times the steps on a split, `beside.inner` on every
+    steps, or a hold. `beside` times the steps on a split, `beside.inner` on every
     SM; `lars`: the deadlines (None: the decodes alone decide)."""
 
     def __init__(
@@ -78,12 +80,14 @@ class LaneSplitChooser:
         choices: Sequence[int],
         now: float,
         drain_s: float,
-    ) -> int | None:
-        """The SMs of `choices` (of `num_sms`) the next chunk of `owner` leaves the steps, or
-        None: hold. `prompts`: the steps' prompts, most urgent first; `drain_s`: seconds until
-        the lane's chunks in flight are done."""
+    ) -> int | LaneHold:
+        """The SMs of `choices` (of `num_sms`) the next chunk of `owner` leaves the steps, or a
+        hold (never `LaneHold.NONE`). `prompts`: the steps' prompts, most urgent first;
+        `drain_s`: seconds until the lane's chunks in flight are done."""
         fewest = self.beside.fewest_sms(decodes, num_sms, choices, self.target_s)
-        if fewest is None or self.lars is None or not prompts:
+        if fewest is None:
+            return LaneHold.FOR_DECODES
+        if self.lars is None or not prompts:
             return fewest
         lars = self.lars
         dues = [p.arrival_time + lars.deadline_s(p) for p in prompts]
@@ -103,7 +107,7 @@ class LaneSplitChooser:
         ]  # fmt: skip
         if saved and self._owner_spares(owner, saved[0], now + drain_s, ahead[-1] / rate_held, now):
             self.num_holds_for_prompts += 1
-            return None
+            return LaneHold.FOR_PROMPTS
         return fewest
 
     def _owner_spares(

@@ -20,9 +20,15 @@ A lane request's tokens (T = num_tokens), by who computes them::
     or aborted meanwhile, its KV is freed only when the last is done (the lane may still write it)
 
 While the lane has an owner and does not hold, every other running prompt that `qualifies`
-waits for the lane (`waits_for_lane`): the steps give it nothing. When it holds, they wait
-until its last chunk in flight is done, and then prefill in the steps on every SM. The owner
-keeps the lane until its prompt is done, unless a queued prompt `overtakes` it (`claim`,
+waits for the lane (`waits_for_lane`): the steps give it nothing. When it holds for the
+decodes (`LaneHold.FOR_DECODES`), they wait until its last chunk in flight is done, and then
+prefill in the steps on every SM; when it holds for the steps' own late prompts
+(`LaneHold.FOR_PROMPTS`, engine/lane_split.py) they keep waiting: the lane yields its time to
+those prompts, and in the steps the owner's chunks would go first whenever its relative slack
+is the lower (at its minimum progress beside a long decode, over the TBT target: 32.7-34.8-ms
+steps in the 8B serving trace, benchmarks/results/README.md, "Thirty-second session").
+
+The owner keeps the lane until its prompt is done, unless a queued prompt `overtakes` it (`claim`,
 asked at every step and before every lane chunk; under LARS: when waiting would make the
 queued prompt miss its TTFT deadline and the owner can still meet its own behind it). The owner then queues; nothing
 is recomputed (its chunks in flight run on, its KV stays). Measured on an H200 (the 8B
@@ -41,6 +47,7 @@ session").
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,6 +62,15 @@ from mnemosyne.request import Request
 MAX_LANE_CHUNKS_IN_FLIGHT = 2
 
 
+class LaneHold(enum.Enum):
+    """Whether the lane launches chunks, and where its owner and queue prefill meanwhile."""
+
+    NONE = enum.auto()  # chunks launch
+    FOR_DECODES = enum.auto()  # the decodes need every SM: owner and queue go to the steps once
+    # no lane chunk is in flight (`waits_for_lane`)
+    FOR_PROMPTS = enum.auto()  # the steps' late prompts get every SM: owner and queue wait
+
+
 @dataclass
 class LaneState:
     owner: Request | None = None
@@ -62,8 +78,7 @@ class LaneState:
     deferred_free: set[str] = field(default_factory=set)
     started: set[str] = field(default_factory=set)
     num_chunks: int = 0  # lane chunks scheduled since start
-    held: bool = False  # the steps need every SM: no chunk launches; owner and queue go to the
-    # steps once no lane chunk is in flight (`waits_for_lane`)
+    hold: LaneHold = LaneHold.NONE
 
     def has_chunks_of(self, req: Request) -> bool:
         return any(chunk.request is req for chunk in self.in_flight)
@@ -82,8 +97,8 @@ class LaneState:
 
     def waits_for_lane(self, lane: PrefillLaneConfig, req: Request) -> bool:
         """Whether the steps skip `req`: its lane chunks are in flight; or it is the owner or
-        a prompt that qualifies while the lane has one, unless the lane holds with no chunk in
-        flight (held, the steps take the lane's prompts once they have every SM again: on
+        a prompt that qualifies while the lane has one, unless the lane holds for the decodes
+        with no chunk in flight (the steps take the lane's prompts once they have every SM again: on
         the few a chunk leaves them, a chunk over a long prefix, even the minimum progress,
         holds the decodes' tokens 3x the TBT target; measured on an H200, 32 tokens after
         234K keys on 16 SMs: 84-94-ms steps, benchmarks/results/README.md, "Twenty-seventh
@@ -92,7 +107,7 @@ class LaneState:
             return True
         if self.owner is None or not self.may_own(lane, req):
             return False
-        return not self.held or bool(self.in_flight)
+        return self.hold is not LaneHold.FOR_DECODES or bool(self.in_flight)
 
     def may_own(self, lane: PrefillLaneConfig, req: Request) -> bool:
         """A candidate for the lane: the owner or a started request while it has prompt tokens
@@ -126,7 +141,7 @@ class LaneState:
         done (the chunks in the lane's flight may be an aborted owner's), at its last prompt
         token (the steps sample it), or when the cache cannot take the chunk now."""
         req = self.owner
-        if self.held or req is None:
+        if self.hold is not LaneHold.NONE or req is None:
             return None
         if not self.has_chunks_of(req) and req.num_computed_tokens < req.num_dispatched_tokens:
             return None  # its chunks in the steps' flight first (the lane's stream does not wait for them)

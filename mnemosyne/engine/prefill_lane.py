@@ -21,11 +21,12 @@ and when differ.
 S per chunk (`LaneSplitChooser`, engine/lane_split.py): the fewest SMs of the choices whose
 predicted step of the running decodes fits LANE_DECODES_HEADROOM x the TBT target
 (`BesideLaneLatencyModel.fewest_sms`), and on which the prompts the steps prefill meet their
-TTFT deadlines. When none does but the whole device would (a decode of a long context, or a
-short prompt that would crawl beside the chunk while the owner can spare the time), the lane
-*holds*: it launches nothing, and its owner and queue go back to the steps (mixed batching on
-every SM, within the target) until a split fits again. When not even the whole device would,
-the most SMs.
+TTFT deadlines. When none does but the whole device would, the lane *holds*: it launches
+nothing (`LaneHold`, engine/lane_state.py). For a decode of a long context its owner and queue
+go back to the steps (mixed batching on every SM, within the target) until a split fits again;
+for a short prompt that would crawl beside the chunk, while the owner can spare the time, they
+wait and the prompt has the steps. When not even the whole device would fit the decodes, the
+most SMs.
 
 When: a chunk launches once the lane's chunks in flight are predicted to end within the
 launch lead, LANE_LAUNCH_LEAD_STEPS TBT targets + LANE_LAUNCH_LEAD_FRACTION of the newest
@@ -63,6 +64,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mnemosyne.engine.lane_split import LaneSplitChooser
+from mnemosyne.engine.lane_state import LaneHold
 from mnemosyne.engine.scheduler import Scheduler
 from mnemosyne.engine.scheduler_output import SchedulerOutput
 from mnemosyne.engine.step_log import StepLog
@@ -199,17 +201,17 @@ class LaneDriver:
         return self.drain_s() <= lead_s
 
     def _choose_split(self) -> int | None:
-        """The next chunk's split, holding the lane when the split chooser says so."""
-        steps_sms = None
-        if has_owner := self.scheduler.claim_lane():
+        """The next chunk's split; None while the lane holds (the split chooser's hold)."""
+        choice: int | LaneHold = LaneHold.NONE
+        if self.scheduler.claim_lane():
             owner = self.scheduler.lane_owner
             assert owner is not None
-            steps_sms = self.split.choose(
+            choice = self.split.choose(
                 self.scheduler.decode_load(), self.scheduler.steps_prompts(), owner, self.num_sms,
                 self.choices, self.clock(), self.drain_s(),
             )  # fmt: skip
-        self.scheduler.hold_lane(has_owner and steps_sms is None)
-        return steps_sms
+        self.scheduler.hold_lane(choice if isinstance(choice, LaneHold) else LaneHold.NONE)
+        return None if isinstance(choice, LaneHold) else choice
 
     def _launch(self, sched: SchedulerOutput, steps_sms: int | None) -> None:
         predicted_s = self.predict_s(sched)

@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterable
 from mnemosyne.config import SchedulerConfig
 from mnemosyne.engine.chunking import ChunkPolicy, FixedChunkPolicy
 from mnemosyne.engine.decode_ahead import can_decode_ahead
-from mnemosyne.engine.lane_state import LaneState
+from mnemosyne.engine.lane_state import LaneHold, LaneState
 from mnemosyne.engine.prefix_lookup import cache_computed_blocks, can_hold_whole_prompt, find_cached_prefix
 from mnemosyne.engine.priority import FCFSPriority, PriorityPolicy
 from mnemosyne.engine.scheduler_output import ScheduledChunk, SchedulerOutput, StepUpdate
@@ -261,7 +261,9 @@ class Scheduler:
     def steps_prompts(self) -> list[Request]:
         """The prompts the steps prefill beside the lane, most urgent first: the running ones
         with tokens to dispatch that are not the lane's (`LaneState.may_own`), and the
-        waiting ones that will not queue for it."""
+        waiting ones that will not queue for it and could be admitted now (a seat, and free
+        blocks for the whole prompt: one that must wait for the lane's owner to free its KV
+        never holds the lane for itself)."""
         lane = self.config.prefill_lane
         if lane is None:
             return []
@@ -269,16 +271,20 @@ class Scheduler:
             r for r in self._running.values()
             if r.is_prefill and r.num_tokens > r.num_dispatched_tokens and not self._lane.may_own(lane, r)
         ]  # fmt: skip
-        prompts += [r for r in self._waiting.values() if not LaneState.qualifies(lane, r)]
+        if len(self._running) < self.config.max_num_seqs:
+            prompts += [
+                r for r in self._waiting.values()
+                if not LaneState.qualifies(lane, r) and can_hold_whole_prompt(self.kv_manager, r, None)
+            ]  # fmt: skip
         return self._sorted(prompts, self._clock())
 
     @property
     def lane_owner(self) -> Request | None:
         return self._lane.owner
 
-    def hold_lane(self, held: bool) -> None:
-        """Hold the lane (no chunk launches; its owner and queue go to the steps) or release it."""
-        self._lane.held = held
+    def hold_lane(self, hold: LaneHold) -> None:
+        """Hold the lane (no chunk launches; engine/lane_state.py `LaneHold`) or release it (NONE)."""
+        self._lane.hold = hold
 
     @property
     def lane_full(self) -> bool:

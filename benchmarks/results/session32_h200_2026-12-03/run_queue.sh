@@ -3,7 +3,8 @@
 # only the wheels each call needed: msgspec, pyzmq, sortedcontainers, gguf for a/; the server's
 # for b/ and c/, the openai client left out, to stay within the 64 MiB carry limit)
 # a/ and b/ ran on this session's code without the per-split scale k(S) of the steps with
-# chunks (latency/beside_lane.py `chunk_scales`); c/ on the committed code.
+# chunks (latency/beside_lane.py `chunk_scales`); c/ with it, before the prompt hold kept the
+# owner out of the steps (`LaneHold.FOR_PROMPTS`); d/ on the final code.
 
 # a/: the 8B mixed scenario with the lazy lane launch and the split chooser, then the GPU lane tests
 source .dev_lead/prelude.sh
@@ -35,7 +36,13 @@ tail -5 $B/st8b.log
 
 # c/: the same trace on the committed code (with k(S)): b/'s block with B=$OUT/c and W=/tmp/s32c
 
-# On CPU, afterwards (R=benchmarks/results/session32_h200_2026-12-03; b/ and c/'s runs.tar unpacked in /tmp/s32b, /tmp/s32c):
+# d/: the GPU tests on the final code (the prompt hold keeps the owner out of the steps)
+source .dev_lead/prelude.sh
+D=$OUT/d; mkdir -p $D
+MNEMOSYNE_TEST_DEVICE=cuda timeout 200 python -m pytest -q tests/test_prefill_lane.py tests/test_lane_split.py \
+    tests/test_beside_lane.py tests/test_block_pool_placement.py -p no:cacheprovider > $D/gpu_tests_lane.log 2>&1
+
+# On CPU, afterwards (the simulated JSONs on the final code) (R=benchmarks/results/session32_h200_2026-12-03; b/ and c/'s runs.tar unpacked in /tmp/s32b, /tmp/s32c):
 python -m benchmarks.step_log_report $R/a/mixed_8b_lane_steps.jsonl.gz --out $R/a/step_log_report.json
 python -m benchmarks.step_log_report /tmp/s32b/runs/lars_adaptive_lane.steps.jsonl.gz --out $R/b/step_log_report.json
 python -m benchmarks.step_log_report /tmp/s32c/runs/lars_adaptive_lane.steps.jsonl.gz --out $R/c/step_log_report.json
