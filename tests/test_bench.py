@@ -446,8 +446,9 @@ def test_run_bench_serve_interrupted_reports_what_arrived(server_url: str, tmp_p
     for rec in sent:  # 50 tokens take ~1 s on the fake server: cut mid-stream
         assert not rec["success"] and rec["error"] == "interrupted"
         assert rec["ttft_s"] > 0 and 0 < len(rec["itl_s"]) < 49 and rec["output_len"] == len(rec["itl_s"]) + 1
-        assert rec["start_time"] >= 0
-    assert not not_sent["success"] and not_sent["error"].startswith("not sent") and not_sent["ttft_s"] == 0
+        assert rec["start_time"] >= 0 and rec["sent"]
+    assert not not_sent["success"] and not not_sent["sent"] and not_sent["error"].startswith("not sent")
+    assert not_sent["ttft_s"] == 0
     assert finished["success"] and finished["error"] == "" and finished["output_len"] == 2
     assert finished["start_time"] >= 0.1
     assert "interrupted after" in capsys.readouterr().err

@@ -96,7 +96,7 @@ async def send_request(
     usage chunk (`stream_options.include_usage`).
     """
     rec = record if record is not None else RequestRecord(success=False)
-    rec.success, rec.error, rec.prompt_len = False, "", req.prompt_len
+    rec.success, rec.error, rec.prompt_len, rec.sent = False, "", req.prompt_len, True
     url = base_url.rstrip("/") + ENDPOINTS.get(endpoint, "")
     headers = {"Content-Type": "application/json"}
     if api_key:

@@ -23,7 +23,8 @@ class RequestRecord:
 
     `prompt_len` is -1 when unknown; `output_len` is the server's `usage.completion_tokens`
     (or the number of content chunks when the server sent no usage). `itl_s` holds the gaps
-    between successive content chunks after the first; `start_time` is when it was sent.
+    between successive content chunks after the first; `start_time` is when it was sent;
+    `sent` is False for a request the benchmark never sent (stopped before its arrival).
     """
 
     success: bool
@@ -34,6 +35,7 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     e2e_s: float = 0.0
     start_time: float = 0.0
+    sent: bool = True
 
     def tpot_s(self) -> float | None:
         """Mean time per output token after the first, or None with fewer than 2 output tokens."""

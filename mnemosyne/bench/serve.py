@@ -176,7 +176,7 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
             model = str(data[0]["id"])
         reqs = await _load_requests(ns, client, model, headers)
         bodies = [encode_payload(ns.endpoint, model, r) for r in reqs]  # before the clock (encode_payload)
-        records = [RequestRecord(success=False, error=NOT_SENT, prompt_len=r.prompt_len) for r in reqs]
+        records = [RequestRecord(False, NOT_SENT, r.prompt_len, sent=False) for r in reqs]
         sem = asyncio.Semaphore(ns.max_concurrency) if ns.max_concurrency else None
         bar = tqdm(total=len(reqs), disable=ns.no_progress, file=sys.stderr, desc="requests")
 
@@ -217,12 +217,12 @@ async def _benchmark(ns: argparse.Namespace) -> tuple[list[RequestRecord], float
                 gc.unfreeze()
         bar.close()
         for rec in records:
-            if rec.error != NOT_SENT:
+            if rec.sent:
                 rec.start_time -= start  # seconds since the benchmark started
     return records, duration, model, stopped.is_set()
 
 
-NOT_SENT = "not sent: the benchmark was interrupted"
+NOT_SENT = "not sent: the benchmark was interrupted"  # the error text of a record never sent
 
 
 @contextlib.contextmanager
@@ -285,7 +285,7 @@ def run_bench_serve(ns: argparse.Namespace) -> int:
     if ns.result_json:
         _write_result(ns.result_json, ns, model, summary, records, interrupted)
     if interrupted:
-        num_sent = sum(r.error != NOT_SENT for r in records)
+        num_sent = sum(r.sent for r in records)
         print(
             f"interrupted after {duration:.1f} s: {sum(r.success for r in records)} of {len(records)} requests "
             f"finished, {num_sent} sent; what arrived is reported" + (f" in {ns.result_json}" if ns.result_json else ""),
