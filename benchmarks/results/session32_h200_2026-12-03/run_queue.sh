@@ -52,3 +52,6 @@ python -m benchmarks.compare_serving_trace --measured $R/c/serving_trace.json --
     --out $R/simulated/serving_trace_8b_c_vs_simulated.json
 python -m benchmarks.compare_serving_trace --measured benchmarks/results/session30_h200_2026-12-03/d/serving_trace.json \
     --latency-profile $P8B --out $R/simulated/serving_trace_8b_session30d_vs_simulated_split_chooser.json
+python -m benchmarks.compare_serving_trace --measured $R/c/serving_trace.json --latency-profile $P8B \
+    --device-step-log /tmp/s32c/runs/lars_adaptive_lane.steps.jsonl.gz \
+    --out $R/simulated/serving_trace_8b_c_vs_simulated_device_log.json
