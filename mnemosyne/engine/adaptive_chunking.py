@@ -55,6 +55,7 @@ The policy only predicts and counts; the scheduler still owns the KV allocation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from mnemosyne.engine.priority import LARSPriority
 from mnemosyne.engine.step_load import StepLoadBuilder
@@ -213,11 +214,19 @@ class AdaptiveChunkPolicy:
         g = granularity or self.granularity_tokens
         if ends_piece and cap % g and self._fits(request, start, cap, num_pending, allowed_s):
             return cap  # the remainder (or the piece's tail) is the largest size
-        lo, hi = 0, cap // g  # granules; lo always fits (0 tokens = nothing added)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._fits(request, start, mid * g, num_pending, allowed_s):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo * g
+        return largest_fitting_multiple(
+            lambda n: self._fits(request, start, n, num_pending, allowed_s), cap, g
+        )
+
+
+def largest_fitting_multiple(fits: Callable[[int], bool], cap: int, granularity: int) -> int:
+    """The largest multiple of `granularity` up to `cap` tokens that `fits`, 0 when none does,
+    by binary search (a step's time grows with its chunk, so `fits` holds up to a size)."""
+    lo, hi = 0, cap // granularity  # granules; lo always fits (0 tokens = nothing added)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * granularity):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * granularity

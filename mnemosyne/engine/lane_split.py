@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from mnemosyne.engine.adaptive_chunking import largest_fitting_multiple
 from mnemosyne.engine.lane_state import LaneHold
 from mnemosyne.engine.priority import LARSPriority
 from mnemosyne.latency.beside_lane import LANE_STEP_HEADROOM, BesideLaneLatencyModel
@@ -93,13 +94,11 @@ class LaneSplitChooser:
         dues = [p.arrival_time + lars.deadline_s(p) for p in prompts]
         ahead = list(accumulate(p.num_tokens - p.num_dispatched_tokens for p in prompts))  # r_1 + .. + r_i
         prefix = prompts[0].num_dispatched_tokens
-        widest = fewest
+        rate_widest = 0.0  # of the last split tried, the widest
         for steps_sms in sorted(s for s in choices if s >= fewest):
-            rate = self._rate(decodes, prefix, steps_sms / num_sms)
-            if all(now + n / rate <= due for n, due in zip(ahead, dues)):
+            rate_widest = self._rate(decodes, prefix, steps_sms / num_sms)
+            if all(now + n / rate_widest <= due for n, due in zip(ahead, dues)):
                 return steps_sms
-            widest = steps_sms
-        rate_widest = self._rate(decodes, prefix, widest / num_sms)
         rate_held = self._rate(decodes, prefix, None)
         saved = [  # the prompts late on the widest split that a hold brings forward
             p for p, n, due in zip(prompts, ahead, dues, strict=True)
@@ -135,12 +134,8 @@ class LaneSplitChooser:
                 return self.beside.inner.step_time_s(step)
             return self.beside.confined_s(step, steps_share) / LANE_STEP_HEADROOM
 
-        lo, hi = 0, c.max_tokens // c.granularity_tokens  # granules; 0 always "fits"
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if step_s(mid * c.granularity_tokens) <= self.target_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        n = lo * c.granularity_tokens or c.min_tokens
+        fitting = largest_fitting_multiple(
+            lambda k: step_s(k) <= self.target_s, c.max_tokens, c.granularity_tokens
+        )
+        n = fitting or c.min_tokens
         return n / step_s(n)

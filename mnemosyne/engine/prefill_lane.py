@@ -215,9 +215,7 @@ class LaneDriver:
 
     def _launch(self, sched: SchedulerOutput, steps_sms: int | None) -> None:
         predicted_s = self.predict_s(sched)
-        run_s = predicted_s * self.run_scale
-        if steps_sms is not None:
-            run_s *= self.num_sms / (self.num_sms - steps_sms)
+        run_s = self._on_lane_s(predicted_s, steps_sms) * self.run_scale
         self._in_flight.append(_LaneChunk(sched, self.clock(), predicted_s, steps_sms, run_s))
         self.num_chunks_by_steps_sms[steps_sms] += 1
         self.executor.submit_lane(self.planner.build(sched), steps_sms)
@@ -228,8 +226,12 @@ class LaneDriver:
             return
         timing = result.trace.lane if result.trace is not None else None
         run_s = timing.device_s if timing is not None and timing.device_s > 0 else measured_s
-        ratio = run_s / (chunk.predicted_s * self.num_sms / (self.num_sms - chunk.steps_sms))
+        ratio = run_s / self._on_lane_s(chunk.predicted_s, chunk.steps_sms)
         self.run_scale += SCALE_WEIGHT * (ratio - self.run_scale)
+
+    def _on_lane_s(self, alone_s: float, steps_sms: int | None) -> float:
+        """A chunk's time alone on every SM, scaled to the SMs its split leaves the lane (N / (N - S))."""
+        return alone_s if steps_sms is None else alone_s * self.num_sms / (self.num_sms - steps_sms)
 
     def _update_share(self) -> None:
         """The steps' share of the SMs from now on: the running chunk's."""
